@@ -1,0 +1,49 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+/// Compute kernels are plain pointer loops: in release builds they are compiled without
+/// bounds checks and for the haswell level (AVX2 + FMA, what every x86-64-v3 machine has) so that `.addingProduct`
+/// becomes a hardware FMA instead of a software `fmaf` call (see DESIGN.md).
+let fast: [SwiftSetting] = [
+    .unsafeFlags(["-Ounchecked", "-wmo", "-target-cpu", "haswell"], .when(configuration: .release)),
+    .unsafeFlags(["-target-cpu", "haswell"], .when(configuration: .debug)),
+]
+
+let package = Package(
+    name: "qat",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "qat", targets: ["qat"]),
+        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+    ],
+    targets: [
+        // System libraries (Debian: libopenblas-dev, libhdf5-dev, libjson-c-dev).
+        .systemLibrary(name: "CBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CHDF5", pkgConfig: "hdf5", providers: [.apt(["libhdf5-dev"])]),
+        .systemLibrary(name: "CJSONC", pkgConfig: "json-c", providers: [.apt(["libjson-c-dev"])]),
+
+        .target(name: "QATCore", dependencies: ["CBLAS"], swiftSettings: fast),
+        .target(name: "QATIO", dependencies: ["QATCore", "CJSONC"], swiftSettings: fast),
+        .target(name: "QATData", dependencies: ["QATCore", "QATIO", "CHDF5"], swiftSettings: fast),
+        .target(name: "QATModels", dependencies: ["QATCore", "QATIO"], swiftSettings: fast),
+        .target(name: "QATQuant", dependencies: ["QATCore", "QATIO", "QATModels", "Yams"], swiftSettings: fast),
+        .executableTarget(
+            name: "qat",
+            dependencies: [
+                "QATCore", "QATIO", "QATData", "QATModels", "QATQuant",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: fast),
+
+        .target(name: "TestSupport", dependencies: ["QATCore", "QATIO"], path: "Tests/TestSupport"),
+        .testTarget(name: "QATCoreTests", dependencies: ["QATCore", "TestSupport"]),
+        .testTarget(name: "QATIOTests", dependencies: ["QATIO", "TestSupport"]),
+        .testTarget(name: "QATDataTests", dependencies: ["QATData", "TestSupport"]),
+        .testTarget(name: "QATModelsTests", dependencies: ["QATModels", "QATData", "TestSupport"]),
+        .testTarget(name: "QATQuantTests", dependencies: ["QATQuant", "TestSupport"]),
+    ]
+)

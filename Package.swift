@@ -14,7 +14,7 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "qat", targets: ["qat"]),
-        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant"]),
+        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -31,10 +31,11 @@ let package = Package(
         .target(name: "QATData", dependencies: ["QATCore", "QATIO", "CHDF5"], swiftSettings: fast),
         .target(name: "QATModels", dependencies: ["QATCore", "QATIO"], swiftSettings: fast),
         .target(name: "QATQuant", dependencies: ["QATCore", "QATIO", "QATModels", "Yams"], swiftSettings: fast),
+        .target(name: "QATTrain", dependencies: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "Yams"], swiftSettings: fast),
         .executableTarget(
             name: "qat",
             dependencies: [
-                "QATCore", "QATIO", "QATData", "QATModels", "QATQuant",
+                "QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: fast),
@@ -45,5 +46,6 @@ let package = Package(
         .testTarget(name: "QATDataTests", dependencies: ["QATData", "TestSupport"]),
         .testTarget(name: "QATModelsTests", dependencies: ["QATModels", "QATData", "TestSupport"]),
         .testTarget(name: "QATQuantTests", dependencies: ["QATQuant", "TestSupport"]),
+        .testTarget(name: "QATTrainTests", dependencies: ["QATTrain", "TestSupport"]),
     ]
 )

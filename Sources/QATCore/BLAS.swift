@@ -4,22 +4,19 @@ import CBLAS
 public enum BLAS {
     /// C[M,N] = alpha * op(A) * op(B) + beta * C, row-major.
     /// op(A) is [M,K] (A stored [M,K], or [K,M] when transA); op(B) is [K,N] (B stored
-    /// [K,N], or [N,K] when transB — the HF `[out, in]` weight layout).
+    /// [K,N], or [N,K] when transB — the HF `[out, in]` weight layout). Leading dimensions
+    /// default to contiguous rows; pass them to address a column block (one attention head).
     @inline(__always)
     public static func gemm(
         transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int,
-        alpha: Float = 1, a: UnsafePointer<Float>, b: UnsafePointer<Float>,
-        beta: Float = 0, c: UnsafeMutablePointer<Float>
+        alpha: Float = 1, a: UnsafePointer<Float>, lda: Int? = nil, b: UnsafePointer<Float>, ldb: Int? = nil,
+        beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int? = nil
     ) {
-        guard m > 0, n > 0 else { return }
-        if k == 0 {
-            if beta == 0 { c.update(repeating: 0, count: m * n) } else if beta != 1 { for i in 0..<(m * n) { c[i] *= beta } }
-            return
-        }
+        guard m > 0, n > 0, k > 0 else { return }
         cblas_sgemm(
             CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
             Int32(m), Int32(n), Int32(k), alpha,
-            a, Int32(transA ? m : k), b, Int32(transB ? k : n), beta, c, Int32(n))
+            a, Int32(lda ?? (transA ? m : k)), b, Int32(ldb ?? (transB ? k : n)), beta, c, Int32(ldc ?? n))
     }
 
     /// Sets OpenBLAS's thread count (0 leaves it as configured).

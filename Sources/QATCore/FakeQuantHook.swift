@@ -1,0 +1,18 @@
+/// What a model layer needs from a fake quantizer. Declared here, implemented by
+/// `QATQuant.TensorQuantizer`, so that model code does not depend on the quantization
+/// module (which in turn needs the model to place its quantizers by module name).
+public protocol FakeQuantHook: AnyObject {
+    /// The quantizer's full name, e.g. `model.layers.0.self_attn.q_proj.input_quantizer`.
+    var name: String { get }
+    /// True when `forward` changes values (enabled and calibrated). While calibrating, or
+    /// when disabled, `forward` copies its input and layers may skip it.
+    var isQuantizing: Bool { get }
+    /// True while collecting amax statistics.
+    var isCalibrating: Bool { get }
+    /// Fake-quantizes `x` ([rows, cols], blocks along `cols`) into `out` (may equal `x`).
+    /// While calibrating it records the running max |x| and copies `x`.
+    func forward(_ x: UnsafePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows: Int, cols: Int) throws
+    /// Straight-through estimator: `gradIn = gradOut`, or zero where |x| > amax when the
+    /// quantizer's STE is clipped. `gradIn` may equal `gradOut`.
+    func backward(x: UnsafePointer<Float>, gradOut: UnsafePointer<Float>, gradIn: UnsafeMutablePointer<Float>, count: Int)
+}

@@ -1,0 +1,303 @@
+import Foundation
+import QATCore
+import QATIO
+
+/// A Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3) over fp32 master weights, with
+/// a hand-written forward and backward (llm.c style) and fake-quant hooks on every Linear
+/// and on the KV states.
+///
+/// `forward` returns the final normalised hidden states [B·T, C]; the lm_head and the loss
+/// are applied by a loss head (plain or fused chunked) so that the full logits need not
+/// exist. `backward` takes d loss / d hidden and accumulates every parameter gradient.
+public final class CausalLM: @unchecked Sendable {
+    public let config: ModelConfig
+    /// Every parameter, in HF order, once (a tied lm_head shares the embedding).
+    public let parameters: [Parameter]
+    public let embed: Parameter
+    public let layers: [DecoderLayer]
+    public let finalNorm: Parameter
+    public let lmHead: Linear
+    let rope: RoPE
+
+    // Activation state of the last forward.
+    private var shape: (batch: Int, seqLen: Int, saved: Bool)?
+    private var tokens: [Int32] = []
+    private var residuals: [Tensor] = []          // saved: L+1 buffers [N, C]; else 1
+    private var acts: [LayerActivations] = []     // saved: L; else 1 reused
+    private var finalHidden: Tensor?
+    private var finalRstd: Tensor?
+    private var grads: BackwardBuffers?
+
+    public var parameterByName: [String: Parameter] { Dictionary(uniqueKeysWithValues: parameters.map { ($0.name, $0) }) }
+    public var linears: [Linear] { layers.flatMap(\.linears) + [lmHead] }
+
+    /// Builds the model around parameters (names and shapes are checked).
+    public init(config: ModelConfig, parameters params: [String: Tensor]) throws {
+        self.config = config
+        var ordered: [Parameter] = []
+        func take(_ name: String, _ shape: [Int]) throws -> Parameter {
+            guard let t = params[name] else { throw QATError("missing tensor \(name) (expected shape \(shape) for this \(config.family.rawValue) config)") }
+            guard t.shape == shape else { throw QATError("tensor \(name) has shape \(t.shape), but config.json implies \(shape)") }
+            let p = Parameter(name: name, value: t)
+            ordered.append(p)
+            return p
+        }
+        func linear(_ name: String, out: Int, inp: Int, bias: Bool) throws -> Linear {
+            let w = try take(name + ".weight", [out, inp])
+            let b = bias ? try take(name + ".bias", [out]) : nil
+            return Linear(name: name, weight: w, bias: b)
+        }
+        let c = config, C = c.hiddenSize, D = c.headDim
+        embed = try take("model.embed_tokens.weight", [c.vocabSize, C])
+        var layers: [DecoderLayer] = []
+        for i in 0..<c.numLayers {
+            let p = "model.layers.\(i)"
+            let inNorm = try take("\(p).input_layernorm.weight", [C])
+            let q = try linear("\(p).self_attn.q_proj", out: c.numHeads * D, inp: C, bias: c.attentionBias)
+            let k = try linear("\(p).self_attn.k_proj", out: c.numKVHeads * D, inp: C, bias: c.attentionBias)
+            let v = try linear("\(p).self_attn.v_proj", out: c.numKVHeads * D, inp: C, bias: c.attentionBias)
+            let o = try linear("\(p).self_attn.o_proj", out: C, inp: c.numHeads * D, bias: c.outputBias)
+            let qn = c.qkNorm ? try take("\(p).self_attn.q_norm.weight", [D]) : nil
+            let kn = c.qkNorm ? try take("\(p).self_attn.k_norm.weight", [D]) : nil
+            let post = try take("\(p).post_attention_layernorm.weight", [C])
+            let g = try linear("\(p).mlp.gate_proj", out: c.intermediateSize, inp: C, bias: c.mlpBias)
+            let u = try linear("\(p).mlp.up_proj", out: c.intermediateSize, inp: C, bias: c.mlpBias)
+            let d = try linear("\(p).mlp.down_proj", out: C, inp: c.intermediateSize, bias: c.mlpBias)
+            layers.append(DecoderLayer(index: i, inputNorm: inNorm, q: q, k: k, v: v, o: o, qNorm: qn, kNorm: kn,
+                                       postNorm: post, gate: g, up: u, down: d))
+        }
+        self.layers = layers
+        finalNorm = try take("model.norm.weight", [C])
+        if c.tieWordEmbeddings {
+            lmHead = Linear(name: "lm_head", weight: embed, bias: nil)
+        } else {
+            lmHead = try linear("lm_head", out: c.vocabSize, inp: C, bias: false)
+        }
+        let known = Set(ordered.map(\.name))
+        let extra = params.keys.filter { !known.contains($0) && !(c.tieWordEmbeddings && $0 == "lm_head.weight") }.sorted()
+        if !extra.isEmpty {
+            throw QATError("unexpected tensors for this \(c.family.rawValue) config: \(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "")")
+        }
+        parameters = ordered
+        rope = RoPE(invFreq: c.ropeInvFreq, headDim: D, maxPositions: max(c.maxPositionEmbeddings, 1))
+    }
+
+    /// Loads config.json and the safetensors weights of an HF model directory (bf16/f16/f32
+    /// converted to fp32).
+    public convenience init(directory: String) throws {
+        let config = try ModelConfig.load(directory: directory)
+        let ckpt = try Checkpoint(path: directory)
+        var params: [String: Tensor] = [:]
+        for name in ckpt.names { params[name] = try ckpt.floats(name) }
+        try self.init(config: config, parameters: params)
+    }
+
+    /// Random N(0, std²) weights and unit norms, for benchmarks on a model shape.
+    public convenience init(config: ModelConfig, seed: UInt64, std: Float = 0.02) throws {
+        var rng = SplitMix64(seed: seed)
+        var params: [String: Tensor] = [:]
+        for (name, shape) in CausalLM.parameterShapes(config) {
+            let t = Tensor(shape: shape, zeroed: false)
+            if name.hasSuffix("norm.weight") {
+                t.buffer.update(repeating: 1)
+            } else if name.hasSuffix(".bias") {
+                t.zero()
+            } else {
+                for i in 0..<t.count { t[i] = rng.nextGaussian() * std }
+            }
+            params[name] = t
+        }
+        try self.init(config: config, parameters: params)
+    }
+
+    /// The HF parameter names and shapes a config implies, in model order.
+    public static func parameterShapes(_ c: ModelConfig) -> [(String, [Int])] {
+        let C = c.hiddenSize, D = c.headDim
+        var out: [(String, [Int])] = [("model.embed_tokens.weight", [c.vocabSize, C])]
+        for i in 0..<c.numLayers {
+            let p = "model.layers.\(i)"
+            out.append(("\(p).input_layernorm.weight", [C]))
+            for (n, o, inp, b) in [("q_proj", c.numHeads * D, C, c.attentionBias), ("k_proj", c.numKVHeads * D, C, c.attentionBias),
+                                   ("v_proj", c.numKVHeads * D, C, c.attentionBias), ("o_proj", C, c.numHeads * D, c.outputBias)] {
+                out.append(("\(p).self_attn.\(n).weight", [o, inp]))
+                if b { out.append(("\(p).self_attn.\(n).bias", [o])) }
+            }
+            if c.qkNorm { out += [("\(p).self_attn.q_norm.weight", [D]), ("\(p).self_attn.k_norm.weight", [D])] }
+            out.append(("\(p).post_attention_layernorm.weight", [C]))
+            for (n, o, inp) in [("gate_proj", c.intermediateSize, C), ("up_proj", c.intermediateSize, C), ("down_proj", C, c.intermediateSize)] {
+                out.append(("\(p).mlp.\(n).weight", [o, inp]))
+                if c.mlpBias { out.append(("\(p).mlp.\(n).bias", [o])) }
+            }
+        }
+        out.append(("model.norm.weight", [C]))
+        if !c.tieWordEmbeddings { out.append(("lm_head.weight", [c.vocabSize, C])) }
+        return out
+    }
+
+    /// Marks every fake-quant weight stale (call after an optimizer step or a quantizer change).
+    public func markWeightsChanged() { for l in linears { l.markWeightChanged() } }
+
+    // MARK: - Forward
+
+    /// tokens: [B, T] row-major. With `saveForBackward` every layer's activations are kept
+    /// (training); without, one layer's buffers are reused (evaluation, the QAD teacher).
+    /// Returns the final normalised hidden states [B·T, C], valid until the next forward.
+    public func forward(tokens: [Int32], batch: Int, seqLen: Int, saveForBackward: Bool) throws -> UnsafeMutablePointer<Float> {
+        let c = config, C = c.hiddenSize, N = batch * seqLen
+        guard tokens.count == N else { throw QATError("forward: \(tokens.count) tokens for batch \(batch) × seq_len \(seqLen)") }
+        guard seqLen <= rope.maxPositions else {
+            throw QATError("sequence length \(seqLen) exceeds max_position_embeddings (\(rope.maxPositions)) of this model")
+        }
+        for (i, t) in tokens.enumerated() where t < 0 || Int(t) >= c.vocabSize {
+            throw QATError("token id \(t) at position \(i) is outside the vocabulary (size \(c.vocabSize))")
+        }
+        ensureBuffers(batch: batch, seqLen: seqLen, saved: saveForBackward)
+        self.tokens = tokens
+        let x0 = residuals[0].data
+        tokens.withUnsafeBufferPointer { Embedding.forward(out: x0, tokens: $0.baseAddress!, table: embed.value.data, n: N, c: C) }
+        for (l, layer) in layers.enumerated() {
+            let a = saveForBackward ? acts[l] : acts[0]
+            let xin = saveForBackward ? residuals[l].data : x0
+            let xout = saveForBackward ? residuals[l + 1].data : x0
+            try layerForward(layer, a, xin: xin, xout: xout, batch: batch, seqLen: seqLen)
+        }
+        let last = residuals[saveForBackward ? layers.count : 0].data
+        RMSNorm.forward(out: finalHidden!.data, rstd: finalRstd!.data, inp: last, weight: finalNorm.value.data, n: N, c: C, eps: c.rmsNormEps)
+        return finalHidden!.data
+    }
+
+    private func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, xout: UnsafeMutablePointer<Float>,
+                              batch: Int, seqLen: Int) throws {
+        let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
+        let eps = c.rmsNormEps
+        RMSNorm.forward(out: a.ln1.data, rstd: a.rstd1.data, inp: xin, weight: L.inputNorm.value.data, n: N, c: C, eps: eps)
+        a.qUsed = try L.qProj.forward(a.ln1.data, out: c.qkNorm ? a.qRaw.data : a.q.data, n: N)
+        a.kUsed = try L.kProj.forward(a.ln1.data, out: c.qkNorm ? a.kRaw.data : a.kRope.data, n: N)
+        a.vUsed = try L.vProj.forward(a.ln1.data, out: a.vRaw.data, n: N)
+        if let qn = L.qNorm, let kn = L.kNorm {
+            RMSNorm.forward(out: a.q.data, rstd: a.qRstd.data, inp: a.qRaw.data, weight: qn.value.data, n: N * H, c: D, eps: eps)
+            RMSNorm.forward(out: a.kRope.data, rstd: a.kRstd.data, inp: a.kRaw.data, weight: kn.value.data, n: N * Hkv, c: D, eps: eps)
+        }
+        rope.forward(a.q.data, batch: batch, seqLen: seqLen, heads: H)
+        rope.forward(a.kRope.data, batch: batch, seqLen: seqLen, heads: Hkv)
+        try applyKV(L.kQuantizer, a.kRope, a.k, rows: N * Hkv, cols: D)
+        try applyKV(L.vQuantizer, a.vRaw, a.v, rows: N * Hkv, cols: D)
+        let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: H, kvHeads: Hkv, headDim: D, window: c.slidingWindow)
+        Attention.forward(out: a.attnOut.data, probs: a.probs.data, q: a.q.data, k: a.k.data, v: a.v.data, shape: shape)
+        a.oUsed = try L.oProj.forward(a.attnOut.data, out: a.mid.data, n: N)
+        Kernels.addParallel(a.mid.data, xin, N * C)   // mid = x + attn
+        RMSNorm.forward(out: a.ln2.data, rstd: a.rstd2.data, inp: a.mid.data, weight: L.postNorm.value.data, n: N, c: C, eps: eps)
+        a.gateUsed = try L.gateProj.forward(a.ln2.data, out: a.gate.data, n: N)
+        a.upUsed = try L.upProj.forward(a.ln2.data, out: a.up.data, n: N)
+        SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize)
+        a.downUsed = try L.downProj.forward(a.h.data, out: xout, n: N)
+        Kernels.addParallel(xout, a.mid.data, N * C)   // out = mid + mlp
+    }
+
+    /// KV states pass through their quantizer (FP8 KV cache) or are copied unchanged.
+    private func applyKV(_ q: FakeQuantHook?, _ x: Tensor, _ out: Tensor, rows: Int, cols: Int) throws {
+        if let q, q.isQuantizing || q.isCalibrating {
+            try q.forward(x.data, out.data, rows: rows, cols: cols)
+        } else {
+            out.copy(from: x)
+        }
+    }
+
+    // MARK: - Backward
+
+    /// dHidden: d loss / d final hidden [B·T, C] (as returned by the loss head). Accumulates
+    /// into every trainable parameter's gradient. Requires a forward with saveForBackward.
+    public func backward(dHidden: UnsafePointer<Float>) throws {
+        guard let s = shape, s.saved, let g = grads else { throw QATError("backward needs a forward with saveForBackward") }
+        let c = config, C = c.hiddenSize, N = s.batch * s.seqLen
+        RMSNorm.backward(dinp: g.dres.data, dweight: finalNorm.grad?.data, dout: dHidden, inp: residuals[layers.count].data,
+                         weight: finalNorm.value.data, rstd: finalRstd!.data, n: N, c: C, accumulate: false)
+        for l in stride(from: layers.count - 1, through: 0, by: -1) {
+            layerBackward(layers[l], acts[l], xin: residuals[l].data, g: g, batch: s.batch, seqLen: s.seqLen)
+        }
+        if let de = embed.grad {
+            tokens.withUnsafeBufferPointer { Embedding.backward(dtable: de.data, dout: g.dres.data, tokens: $0.baseAddress!, n: N, c: C) }
+        }
+    }
+
+    private func layerBackward(_ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, g: BackwardBuffers, batch: Int, seqLen: Int) {
+        let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
+        let dres = g.dres.data
+        // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
+        L.downProj.backward(dy: dres, x: a.h.data, xUsed: a.downUsed!, n: N, dx: g.dh.data, accumulateDx: false)
+        SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize)
+        L.gateProj.backward(dy: g.dgate.data, x: a.ln2.data, xUsed: a.gateUsed!, n: N, dx: g.dln.data, accumulateDx: false)
+        L.upProj.backward(dy: g.dup.data, x: a.ln2.data, xUsed: a.upUsed!, n: N, dx: g.dln.data, accumulateDx: true)
+        RMSNorm.backward(dinp: dres, dweight: L.postNorm.grad?.data, dout: g.dln.data, inp: a.mid.data, weight: L.postNorm.value.data,
+                         rstd: a.rstd2.data, n: N, c: C, accumulate: true)
+        // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
+        L.oProj.backward(dy: dres, x: a.attnOut.data, xUsed: a.oUsed!, n: N, dx: g.dattn.data, accumulateDx: false)
+        let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: H, kvHeads: Hkv, headDim: D, window: c.slidingWindow)
+        Attention.backward(dq: g.dq.data, dk: g.dk.data, dv: g.dv.data, dout: g.dattn.data, q: a.q.data, k: a.k.data, v: a.v.data,
+                           probs: a.probs.data, scratch: g.scratch.data, shape: shape)
+        if let kq = L.kQuantizer, kq.isQuantizing { kq.backward(x: a.kRope.data, gradOut: g.dk.data, gradIn: g.dk.data, count: N * Hkv * D) }
+        if let vq = L.vQuantizer, vq.isQuantizing { vq.backward(x: a.vRaw.data, gradOut: g.dv.data, gradIn: g.dv.data, count: N * Hkv * D) }
+        rope.backward(g.dq.data, batch: batch, seqLen: seqLen, heads: H)
+        rope.backward(g.dk.data, batch: batch, seqLen: seqLen, heads: Hkv)
+        var dqIn = g.dq.data, dkIn = g.dk.data
+        if let qn = L.qNorm, let kn = L.kNorm {
+            RMSNorm.backward(dinp: g.dqRaw.data, dweight: qn.grad?.data, dout: g.dq.data, inp: a.qRaw.data, weight: qn.value.data,
+                             rstd: a.qRstd.data, n: N * H, c: D, accumulate: false)
+            RMSNorm.backward(dinp: g.dkRaw.data, dweight: kn.grad?.data, dout: g.dk.data, inp: a.kRaw.data, weight: kn.value.data,
+                             rstd: a.kRstd.data, n: N * Hkv, c: D, accumulate: false)
+            dqIn = g.dqRaw.data; dkIn = g.dkRaw.data
+        }
+        L.qProj.backward(dy: dqIn, x: a.ln1.data, xUsed: a.qUsed!, n: N, dx: g.dln.data, accumulateDx: false)
+        L.kProj.backward(dy: dkIn, x: a.ln1.data, xUsed: a.kUsed!, n: N, dx: g.dln.data, accumulateDx: true)
+        L.vProj.backward(dy: g.dv.data, x: a.ln1.data, xUsed: a.vUsed!, n: N, dx: g.dln.data, accumulateDx: true)
+        RMSNorm.backward(dinp: dres, dweight: L.inputNorm.grad?.data, dout: g.dln.data, inp: xin, weight: L.inputNorm.value.data,
+                         rstd: a.rstd1.data, n: N, c: C, accumulate: true)
+    }
+
+    // MARK: - Buffers
+
+    private func ensureBuffers(batch: Int, seqLen: Int, saved: Bool) {
+        if let s = shape, s.batch == batch, s.seqLen == seqLen, s.saved == saved { return }
+        let c = config, N = batch * seqLen
+        let lc = LayerActivations.Config(batch: batch, seqLen: seqLen, hidden: c.hiddenSize, heads: c.numHeads,
+                                         kvHeads: c.numKVHeads, headDim: c.headDim, inter: c.intermediateSize)
+        // Release the old set first so peak memory is one set, not two.
+        residuals = []; acts = []; grads = nil
+        residuals = (0..<(saved ? layers.count + 1 : 1)).map { _ in Tensor(shape: [N, c.hiddenSize]) }
+        acts = (0..<(saved ? layers.count : 1)).map { _ in LayerActivations(n: N, c: lc) }
+        finalHidden = Tensor(shape: [N, c.hiddenSize])
+        finalRstd = Tensor(shape: [N])
+        grads = saved ? BackwardBuffers(n: N, c: lc) : nil
+        shape = (batch, seqLen, saved)
+    }
+}
+
+/// Gradient buffers shared by all layers during backward.
+final class BackwardBuffers {
+    let dres, dln, dh, dgate, dup, dattn, dq, dqRaw, dk, dkRaw, dv, scratch: Tensor
+    init(n: Int, c: LayerActivations.Config) {
+        dres = Tensor(shape: [n, c.hidden]); dln = Tensor(shape: [n, c.hidden])
+        dh = Tensor(shape: [n, c.inter]); dgate = Tensor(shape: [n, c.inter]); dup = Tensor(shape: [n, c.inter])
+        dattn = Tensor(shape: [n, c.qDim]); dq = Tensor(shape: [n, c.qDim]); dqRaw = Tensor(shape: [n, c.qDim])
+        dk = Tensor(shape: [n, c.kvDim]); dkRaw = Tensor(shape: [n, c.kvDim]); dv = Tensor(shape: [n, c.kvDim])
+        scratch = Tensor(shape: [c.seqLen * c.seqLen])
+    }
+}
+
+/// A small, fast, seedable generator (SplitMix64) so that runs are reproducible.
+public struct SplitMix64: RandomNumberGenerator, Sendable {
+    public var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Standard normal (Box–Muller).
+    public mutating func nextGaussian() -> Float {
+        let u1 = max(Double(next() >> 11) / Double(1 << 53), 1e-300), u2 = Double(next() >> 11) / Double(1 << 53)
+        return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
+    }
+}

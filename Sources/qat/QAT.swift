@@ -1,9 +1,56 @@
 import ArgumentParser
+import Foundation
+import QATCore
 
 @main
 struct QAT: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qat",
         abstract: "Quantization-aware training and NVFP4 export of Hugging Face causal LMs, on a CPU.",
-        subcommands: [])
+        discussion: """
+        Typical flow: `qat eval` a model, then `qat inspect` its checkpoint.
+        The embedded default model is models/fortune-lm (with its tokens.h5).
+        """,
+        subcommands: [Eval.self, Inspect.self])
+
+    /// Runs a command body, turning project errors into one clear line on stderr and exit
+    /// code 1 instead of a stack trace.
+    static func guarded(_ body: () throws -> Void) throws {
+        do {
+            try body()
+        } catch let e as QATError {
+            FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// Options every model-reading command shares.
+struct ModelOptions: ParsableArguments {
+    @Option(name: .long, help: "Hugging Face model directory (config.json + *.safetensors).")
+    var model: String = "models/fortune-lm"
+
+    @Option(name: .long, help: "Worker threads for OpenBLAS and the kernels (default: all cores).")
+    var threads: Int?
+
+    func applyThreads() {
+        if let t = threads, t > 0 {
+            setenv("QAT_THREADS", String(t), 1)
+            BLAS.setThreads(t)
+        }
+    }
+}
+
+func printJSON(_ object: [(String, Any)]) {
+    let body = object.map { key, value -> String in
+        let v: String
+        switch value {
+        case let d as Double: v = d.isFinite ? String(format: "%.6f", d) : "null"
+        case let i as Int: v = String(i)
+        case let s as String: v = "\"\(s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\""))\""
+        default: v = "\(value)"
+        }
+        return "\"\(key)\": \(v)"
+    }
+    print("{" + body.joined(separator: ", ") + "}")
 }

@@ -1,0 +1,52 @@
+import Foundation
+import QATCore
+
+/// Validation loss as the project (and the fixtures' PyTorch protocol) defines it.
+public struct EvalResult: Sendable, Equatable {
+    /// Mean cross-entropy over all predicted tokens (nats).
+    public var loss: Double
+    public var perplexity: Double { exp(loss) }
+    public var sequences: Int
+    /// Predicted tokens: sequences × (seq_len − 1).
+    public var tokens: Int
+    public var seconds: Double
+    public var tokensPerSecond: Double { seconds > 0 ? Double(sequences * (tokens / max(sequences, 1) + 1)) / seconds : 0 }
+
+    public init(loss: Double, sequences: Int, tokens: Int, seconds: Double) {
+        self.loss = loss; self.sequences = sequences; self.tokens = tokens; self.seconds = seconds
+    }
+}
+
+public enum Evaluation {
+    /// Cuts `stream` into ⌊(N−1)/seqLen⌋ non-overlapping sequences of seqLen tokens (at most
+    /// `maxSequences`), each predicting its own tokens 2…seqLen, and returns the mean CE.
+    public static func evaluate(
+        model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int = 8, maxSequences: Int? = nil,
+        progress: ((_ done: Int, _ total: Int) -> Void)? = nil
+    ) throws -> EvalResult {
+        guard seqLen >= 2 else { throw QATError("seq_len must be at least 2 (got \(seqLen))") }
+        guard batchSize >= 1 else { throw QATError("batch size must be at least 1") }
+        var count = stream.count > 0 ? (stream.count - 1) / seqLen : 0
+        if let m = maxSequences { count = min(count, m) }
+        guard count > 0 else {
+            throw QATError("the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + 1; use a smaller --seq-len or more data")
+        }
+        let start = Date()
+        let head = ChunkedCrossEntropy(vocab: model.config.vocabSize)
+        var total = 0.0, valid = 0, done = 0
+        while done < count {
+            let b = min(batchSize, count - done)
+            let tokens = Array(stream[(done * seqLen)..<((done + b) * seqLen)])
+            let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: b, seqLen: seqLen)
+            let hidden = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+            let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
+            total += r.sum
+            valid += r.valid
+            done += b
+            progress?(done, count)
+        }
+        let loss = total / Double(valid)
+        guard loss.isFinite else { throw QATError("evaluation loss is not finite (\(loss)): the model produces NaN/Inf logits") }
+        return EvalResult(loss: loss, sequences: count, tokens: valid, seconds: Date().timeIntervalSince(start))
+    }
+}

@@ -1,0 +1,58 @@
+import ArgumentParser
+import Foundation
+import QATCore
+import QATData
+import QATModels
+
+struct Eval: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Validation loss and perplexity of a model on a token stream.",
+        discussion: """
+        The stream is cut into ⌊(N−1)/seq_len⌋ non-overlapping sequences of seq_len tokens;
+        each predicts its own tokens 2…seq_len, and the mean cross-entropy over all predicted
+        tokens is reported (the protocol of the fixtures' PyTorch figures).
+
+        Example: qat eval --model models/fortune-lm --data models/fortune-lm/tokens.h5 --split validation --json
+        """)
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(help: "Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines (tokenized with the model's tokenizer.json).")
+    var data: String = "models/fortune-lm/tokens.h5"
+
+    @Option(help: "Split (HDF5 group) to evaluate.")
+    var split: String = "validation"
+
+    @Option(name: .customLong("seq-len"), help: "Tokens per sequence.")
+    var seqLen: Int = 256
+
+    @Option(name: .customLong("batch-size"), help: "Sequences per forward pass.")
+    var batchSize: Int = 8
+
+    @Option(name: .customLong("max-sequences"), help: "Evaluate at most this many sequences.")
+    var maxSequences: Int?
+
+    @Flag(help: "Print one JSON object instead of text.")
+    var json = false
+
+    func run() throws {
+        try QAT.guarded {
+            modelOptions.applyThreads()
+            let model = try CausalLM(directory: modelOptions.model)
+            let tokenizer = data.hasSuffix(".jsonl") ? try Tokenizer(path: modelOptions.model) : nil
+            let stream = try TokenData.load(path: data, split: split, tokenizer: tokenizer)
+            let bar = ProgressBar(total: max(1, (stream.count - 1) / max(seqLen, 1)), label: "eval", unit: "seq", enabled: !json)
+            let r = try Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize,
+                                            maxSequences: maxSequences) { done, _ in bar.update(done) }
+            bar.finish()
+            let tokensPerSecond = Double(r.sequences * seqLen) / max(r.seconds, 1e-9)
+            if json {
+                printJSON([("loss", r.loss), ("perplexity", r.perplexity), ("sequences", r.sequences), ("tokens", r.tokens),
+                           ("seconds", r.seconds), ("tokens_per_second", tokensPerSecond)])
+            } else {
+                print(String(format: "loss %.4f  perplexity %.2f  (%d sequences × %d, %d predicted tokens, %.1f s, %.0f tokens/s)",
+                             r.loss, r.perplexity, r.sequences, seqLen, r.tokens, r.seconds, tokensPerSecond))
+            }
+        }
+    }
+}

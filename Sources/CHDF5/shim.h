@@ -13,3 +13,31 @@ static inline hid_t qat_h5p_link_create(void) { return H5P_LINK_CREATE; }
 static inline unsigned qat_h5f_acc_rdonly(void) { return H5F_ACC_RDONLY; }
 static inline unsigned qat_h5f_acc_trunc(void) { return H5F_ACC_TRUNC; }
 static inline unsigned qat_h5f_acc_rdwr(void) { return H5F_ACC_RDWR; }
+
+/* Added for QATData's HDF5File: error-stack default, standard (file) types with a fixed
+   byte order so files written here read the same everywhere, the C string type for
+   attributes, and the unlimited-extent / variable-length size sentinels. */
+static inline hid_t qat_h5e_default(void) { return H5E_DEFAULT; }
+static inline hid_t qat_h5t_std_i32le(void) { return H5T_STD_I32LE; }
+static inline hid_t qat_h5t_std_i64le(void) { return H5T_STD_I64LE; }
+static inline hid_t qat_h5t_std_u8le(void) { return H5T_STD_U8LE; }
+static inline hid_t qat_h5t_ieee_f32le(void) { return H5T_IEEE_F32LE; }
+static inline hid_t qat_h5t_ieee_f64le(void) { return H5T_IEEE_F64LE; }
+static inline hid_t qat_h5t_native_double(void) { return H5T_NATIVE_DOUBLE; }
+static inline hid_t qat_h5t_c_s1(void) { return H5T_C_S1; }
+static inline hid_t qat_h5p_dataset_xfer(void) { return H5P_DATASET_XFER; }
+static inline hsize_t qat_h5s_unlimited(void) { return H5S_UNLIMITED; }
+static inline size_t qat_h5t_variable(void) { return H5T_VARIABLE; }
+
+/* A conversion-exception handler that makes an out-of-range integer conversion (e.g. an
+   int64 token id above Int32.max read into an int32 buffer) fail the read instead of
+   HDF5's default of silently saturating. */
+static inline H5T_conv_ret_t qat_h5t_abort_on_range(H5T_conv_except_t kind, hid_t src, hid_t dst,
+                                                    void *src_buf, void *dst_buf, void *user) {
+    (void)src; (void)dst; (void)src_buf; (void)dst_buf; (void)user;
+    if (kind == H5T_CONV_EXCEPT_RANGE_HI || kind == H5T_CONV_EXCEPT_RANGE_LOW) return H5T_CONV_ABORT;
+    return H5T_CONV_UNHANDLED;
+}
+static inline herr_t qat_h5p_set_abort_on_range(hid_t dxpl) {
+    return H5Pset_type_conv_cb(dxpl, qat_h5t_abort_on_range, NULL);
+}

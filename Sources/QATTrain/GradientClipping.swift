@@ -1,0 +1,102 @@
+/// Gradient clipping by global L2 norm, as `torch.nn.utils.clip_grad_norm_` (norm_type 2):
+/// `total = sqrt(sum over tensors of sum g^2)`, `coef = max_norm / (total + 1e-6)`,
+/// gradients scaled by `min(coef, 1)`.
+///
+/// Differences from PyTorch, on purpose: the sum of squares is accumulated in Double (PyTorch
+/// reduces each tensor in fp32), over fixed 16k-element blocks whose partial sums are added in
+/// order, so the norm does not depend on the thread count; a non-finite norm leaves the
+/// gradients untouched (PyTorch would multiply them by NaN/0) so that the caller can report
+/// `firstNonFinite` and skip the step.
+public enum GradientClipping {
+    static let block = 16_384
+
+    /// Sum of squares of one tensor, in Double, deterministic for any thread count.
+    public static func sumOfSquares(_ t: Tensor) -> Double {
+        let n = t.count
+        if n == 0 { return 0 }
+        let nBlocks = (n + block - 1) / block
+        return withUnsafeTemporaryAllocation(of: Double.self, capacity: nBlocks) { partials in
+            let out = SendablePointer(partials.baseAddress!)
+            let src = SendablePointer(t.data)
+            Parallel.forRange(nBlocks, costPerItem: block) { b0, b1 in
+                for b in b0..<b1 {
+                    let start = b * block, end = min(n, start + block)
+                    out.p[b] = blockSumOfSquares(UnsafePointer(src.p) + start, end - start)
+                }
+            }
+            var total = 0.0
+            for b in 0..<nBlocks { total += partials[b] }
+            return total
+        }
+    }
+
+    /// SIMD sum of x² in Double over `count` floats (8 lanes, fixed order).
+    @inline(__always)
+    static func blockSumOfSquares(_ x: UnsafePointer<Float>, _ count: Int) -> Double {
+        var acc = SIMD8<Double>(repeating: 0)
+        var i = 0
+        let raw = UnsafeRawPointer(x)
+        while i + 8 <= count {
+            let f = raw.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self)
+            let d = SIMD8<Double>(f)
+            acc = acc + d * d
+            i += 8
+        }
+        var tail = 0.0
+        while i < count {
+            let d = Double(x[i])
+            tail += d * d
+            i += 1
+        }
+        return acc.sum() + tail
+    }
+
+    /// Global L2 norm of `grads` (Double accumulation).
+    public static func globalNorm<S: Sequence>(_ grads: S) -> Double where S.Element == Tensor {
+        var total = 0.0
+        for g in grads { total += sumOfSquares(g) }
+        return total.squareRoot()
+    }
+
+    /// Scales `grads` in place so that their global L2 norm is at most `maxNorm`; returns the
+    /// norm before clipping. A non-finite norm leaves them as they are.
+    @discardableResult
+    public static func clipByGlobalNorm<S: Collection>(_ grads: S, maxNorm: Double) -> Double where S.Element == Tensor {
+        let norm = globalNorm(grads)
+        guard norm.isFinite else { return norm }
+        let coef = maxNorm / (norm + 1e-6)
+        if coef < 1 {
+            let c = Float(coef)
+            for g in grads {
+                let p = SendablePointer(g.data)
+                Parallel.forRange(g.count, costPerItem: 1) { s, e in
+                    for i in s..<e { p.p[i] *= c }
+                }
+            }
+        }
+        return norm
+    }
+
+    /// Whether every element of `t` is finite (x*0 is 0 for finite x, NaN otherwise; the
+    /// sum vectorizes where a per-element `isFinite` branch would not).
+    public static func isFinite(_ t: Tensor) -> Bool {
+        let n = t.count
+        var acc = SIMD8<Float>(repeating: 0)
+        var i = 0
+        let raw = UnsafeRawPointer(t.data)
+        while i + 8 <= n {
+            acc = acc + raw.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self) * 0
+            i += 8
+        }
+        var tail: Float = 0
+        while i < n { tail += t.data[i] * 0; i += 1 }
+        return (acc.sum() + tail) == 0
+    }
+
+    /// Name of the first tensor (in the given order) holding a NaN or an infinity, for fault
+    /// reports ("non-finite gradient in model.layers.3.mlp.down_proj.weight at step 120").
+    public static func firstNonFinite<S: Sequence>(_ named: S) -> String? where S.Element == (name: String, grad: Tensor) {
+        for (name, g) in named where !isFinite(g) { return name }
+        return nil
+    }
+}

@@ -1,0 +1,285 @@
+import Foundation
+import QATCore
+import QATIO
+import QATModels
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One line of metrics.jsonl.
+public struct StepMetrics: Sendable, Equatable {
+    public var step: Int
+    public var loss: Double
+    public var ce: Double?
+    public var kd: Double?
+    public var lr: Double
+    public var gradNorm: Double
+    public var tokensPerSecond: Double
+    public var peakRSSMB: Double
+    public var validationLoss: Double?
+    public var skipped = false
+
+    public var json: String {
+        var o = JSONObject()
+        o.set("step", .int(Int64(step)))
+        o.set("loss", .double(loss))
+        if let ce { o.set("ce", .double(ce)) }
+        if let kd { o.set("kd", .double(kd)) }
+        o.set("lr", .double(lr))
+        o.set("grad_norm", .double(gradNorm))
+        o.set("tokens_per_s", .double((tokensPerSecond * 10).rounded() / 10))
+        o.set("peak_rss_mb", .double((peakRSSMB * 10).rounded() / 10))
+        if let validationLoss { o.set("val_loss", .double(validationLoss)) }
+        if skipped { o.set("skipped", .bool(true)) }
+        return JSONValue.object(o).serialized(indent: nil)
+    }
+}
+
+/// Peak resident set size of this process in MiB (getrusage).
+public func peakRSSMegabytes() -> Double {
+    var u = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &u)
+    return Double(u.ru_maxrss) / 1024
+}
+
+/// Set by SIGINT (Ctrl-C): the trainer finishes the current step, writes a checkpoint and
+/// returns. A second Ctrl-C kills the process as usual.
+nonisolated(unsafe) public var trainingStopRequested: Int32 = 0
+
+public func installStopHandler() {
+    signal(SIGINT) { _ in
+        if trainingStopRequested != 0 { signal(SIGINT, SIG_DFL); raise(SIGINT) }
+        trainingStopRequested = 1
+    }
+}
+
+/// The base trainer (ModelOpt's `ModelOptHFTrainer` role): data, optimizer, schedule, loop,
+/// evaluation, metrics, checkpoints and resume. QAT and QAD are thin specialisations that
+/// prepare the model (calibration) and choose the loss.
+open class Trainer {
+    public struct Options {
+        /// metrics.jsonl is written here.
+        public var outputDir: String
+        public var checkpointDir: String
+        public var resume = false
+        /// Identifies the recipe; a checkpoint written under another hash is refused on resume.
+        public var recipeHash = ""
+        public var forceResume = false
+        public var quiet = false
+        /// Called with each human-readable log line.
+        public var log: (String) -> Void = { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
+        public init(outputDir: String, checkpointDir: String) { self.outputDir = outputDir; self.checkpointDir = checkpointDir }
+    }
+
+    public struct Result: Sendable {
+        public var steps: Int
+        public var finalValidation: EvalResult?
+        public var interrupted: Bool
+        public var seconds: Double
+        public var resumedFrom: Int?
+    }
+
+    public let model: CausalLM
+    public let spec: Recipe.TrainSpec
+    public let seqLen: Int
+    public let loader: DataLoader
+    public let validationStream: [Int32]
+    public let validationSequences: Int?
+    public let optimizer: AdamW
+    public let schedule: LRSchedule
+    public let totalSteps: Int
+    public var options: Options
+    public var loss: TrainingLoss
+    public private(set) var step = 0
+    public private(set) var history: [StepMetrics] = []
+    private let dHidden: Tensor
+
+    public init(model: CausalLM, spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
+                validationSequences: Int?, options: Options) throws {
+        self.model = model; self.spec = spec; self.seqLen = seqLen; self.options = options
+        self.validationStream = validationStream; self.validationSequences = validationSequences
+        loader = try DataLoader(stream: trainStream, seqLen: seqLen, batchSize: spec.batchSize, seed: spec.seed)
+        if let e = spec.epochs {
+            totalSteps = max(1, Int((e * Double(loader.sequenceCount) / Double(spec.batchSize * spec.gradAccum)).rounded(.up)))
+        } else {
+            totalSteps = spec.steps
+        }
+        // Parameter selection and groups, then gradients only for trainable parameters.
+        let lrConfig = try spec.lrConfigYAML.map { try LRConfig.parse(yaml: $0, source: spec.lrConfigSource ?? "lr_config") }
+        let config = OptimizerConfig(
+            defaults: AdamWHyperparameters(lr: spec.lr, weightDecay: spec.weightDecay, beta1: spec.betas[0], beta2: spec.betas[1], eps: spec.eps),
+            selection: try ParameterSelection(trainable: spec.trainableParams, frozen: spec.frozenParams), lrConfig: lrConfig)
+        let plan = try ParamGroupPlan.build(names: model.parameters.map(\.name), config: config)
+        let trainable = Set(plan.groups.flatMap(\.parameterNames))
+        guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
+        for p in model.parameters { p.setRequiresGrad(trainable.contains(p.name)) }
+        optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan)
+        schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
+                                  warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
+        loss = CrossEntropyLoss(vocab: model.config.vocabSize)
+        dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
+    }
+
+    /// Called once before the first step of a fresh (not resumed) run. QAT calibrates here.
+    open func prepare() throws {}
+
+    /// Extra state to checkpoint (QAT: quantizer amax) and its restore.
+    open func extraState() -> [(name: String, tensor: Tensor)] { [] }
+    open func restoreExtraState(_ tensors: [String: Tensor]) throws {}
+
+    public func log(_ s: String) { if !options.quiet { options.log(s) } }
+
+    public func evaluate() throws -> EvalResult {
+        try Evaluation.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
+                                maxSequences: validationSequences)
+    }
+
+    /// Trains to `totalSteps` (or until Ctrl-C), evaluating and checkpointing on schedule.
+    public func run() throws -> Result {
+        let start = Date()
+        var resumedFrom: Int? = nil
+        try FileManager.default.createDirectory(atPath: options.outputDir, withIntermediateDirectories: true)
+        AtomicDirectory.cleanLeftovers(in: options.checkpointDir)
+        if options.resume, let latest = TrainingCheckpoint.latest(in: options.checkpointDir) {
+            try restore(from: latest)
+            resumedFrom = step
+            log("resumed from \(latest) at step \(step)")
+        } else {
+            if options.resume { log("no checkpoint in \(options.checkpointDir): starting from the beginning") }
+            try prepare()
+            try resetMetricsFile(keepingThrough: 0)
+        }
+        let metricsPath = options.outputDir + "/metrics.jsonl"
+        let bar = ProgressBar(total: totalSteps, label: "train", unit: "tok", enabled: !options.quiet)
+        var interrupted = false
+        var lastSaved = step
+        var tokensDone = 0
+        let loopStart = Date()
+        while step < totalSteps {
+            if trainingStopRequested != 0 { interrupted = true; break }
+            let t0 = Date()
+            var record = try trainStep()
+            tokensDone += spec.batchSize * spec.gradAccum * seqLen
+            record.tokensPerSecond = Double(spec.batchSize * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
+            if spec.evalEvery > 0, step % spec.evalEvery == 0, step < totalSteps {
+                bar.finish()
+                record.validationLoss = try evaluate().loss
+            }
+            history.append(record)
+            try appendLine(metricsPath, record.json)
+            let rate = Double(tokensDone) / max(Date().timeIntervalSince(loopStart), 1e-9)
+            bar.update(step, units: tokensDone, extra: String(format: "loss %.4f", record.loss))
+            if !ProgressBar.stderrIsTerminal && (step % spec.logEvery == 0 || step == totalSteps || record.validationLoss != nil) {
+                var line = String(format: "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s", step, totalSteps, record.loss, record.lr,
+                                  record.gradNorm, rate)
+                if let v = record.validationLoss { line += String(format: "  val_loss %.4f", v) }
+                if record.skipped { line += "  (batch skipped: non-finite)" }
+                log(line)
+            } else if let v = record.validationLoss {
+                log(String(format: "step %d/%d  val_loss %.4f", step, totalSteps, v))
+            }
+            if spec.saveEvery > 0, step % spec.saveEvery == 0, step < totalSteps {
+                try saveCheckpoint(); lastSaved = step
+            }
+        }
+        bar.finish()
+        if interrupted {
+            if step != lastSaved || TrainingCheckpoint.latest(in: options.checkpointDir) == nil { try saveCheckpoint() }
+            log("interrupted at step \(step): checkpoint written; continue with --resume")
+            return Result(steps: step, finalValidation: nil, interrupted: true, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
+        }
+        if step != lastSaved || spec.saveEvery > 0 { try saveCheckpoint() }
+        let final = try evaluate()
+        return Result(steps: step, finalValidation: final, interrupted: false, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
+    }
+
+    /// One optimizer step over grad_accum micro-batches. The loss is the sum over every valid
+    /// token of the step divided once by their count.
+    func trainStep() throws -> StepMetrics {
+        optimizer.zeroGrad()
+        let B = spec.batchSize, T = seqLen
+        let batches = (0..<spec.gradAccum).map { _ in loader.next() }
+        let targets = batches.map { CrossEntropy.shiftedTargets(labels: $0, batch: B, seqLen: T) }
+        let valid = targets.reduce(0) { $0 + $1.filter { $0 != CrossEntropy.ignoreIndex }.count }
+        let scale = 1 / Float(max(valid, 1))
+        var parts = LossParts()
+        for (tokens, tgt) in zip(batches, targets) {
+            let hidden = try model.forward(tokens: tokens, batch: B, seqLen: T, saveForBackward: true)
+            parts += try loss.run(model: model, hidden: hidden, tokens: tokens, targets: tgt, batch: B, seqLen: T,
+                                  gradScale: scale, dHidden: dHidden.data)
+            try model.backward(dHidden: dHidden.data)
+        }
+        let n = Double(max(valid, 1))
+        let lr = spec.lr * schedule.factor(step: optimizer.stepCount)
+        var record = StepMetrics(step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
+                                 kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
+                                 peakRSSMB: peakRSSMegabytes())
+        let badTensor = parts.total.isFinite ? optimizer.firstNonFiniteGradient() : "loss"
+        if let bad = badTensor {
+            if spec.onNonFinite == "skip" {
+                log("step \(step + 1): non-finite \(bad == "loss" ? "loss" : "gradient of \(bad)"); batch skipped (on_nonfinite: skip)")
+                optimizer.zeroGrad()
+                record.skipped = true
+                record.gradNorm = .nan
+                step += 1
+                return record
+            }
+            throw QATError("step \(step + 1): non-finite \(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set train.on_nonfinite: skip")
+        }
+        record.gradNorm = spec.maxGradNorm.map { optimizer.clipGradNorm(maxNorm: $0) } ?? GradientClipping.globalNorm(optimizer.gradients)
+        optimizer.step(lrFactor: schedule.factor(step: optimizer.stepCount))
+        model.markWeightsChanged()
+        step += 1
+        return record
+    }
+
+    // MARK: - Checkpoints
+
+    public func saveCheckpoint() throws {
+        let state = TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
+                                             recipeHash: options.recipeHash, optimizer: optimizer.stateMetadata())
+        try TrainingCheckpoint.write(directory: options.checkpointDir, state: state, parameters: model.parameters,
+                                     optimizer: optimizer.stateTensors(), extra: extraState(), keep: spec.keepCheckpoints)
+    }
+
+    func restore(from path: String) throws {
+        let c = try TrainingCheckpoint.read(path)
+        if !options.recipeHash.isEmpty, c.state.recipeHash != options.recipeHash, !options.forceResume {
+            throw QATError("\(path) was written by a different recipe (hash \(c.state.recipeHash), this one \(options.recipeHash)); use the same recipe, or --force-resume to continue anyway")
+        }
+        guard c.state.seed == spec.seed else {
+            throw QATError("\(path) was trained with seed \(c.state.seed), the recipe says \(spec.seed)")
+        }
+        for p in model.parameters {
+            guard let t = c.parameters[p.name] else { throw QATError("\(path): checkpoint lacks parameter \(p.name)") }
+            guard t.count == p.count else { throw QATError("\(path): parameter \(p.name) has \(t.count) elements, the model \(p.count)") }
+            p.value.copy(from: t)
+        }
+        try optimizer.loadState(tensors: c.optimizer, metadata: c.state.optimizer)
+        try restoreExtraState(c.extra)
+        try loader.seek(epoch: c.state.epoch, cursor: c.state.cursor)
+        step = c.state.step
+        model.markWeightsChanged()
+        try resetMetricsFile(keepingThrough: step)
+    }
+
+    /// Keeps metrics.jsonl lines up to `step` (a resumed run rewrites what follows).
+    func resetMetricsFile(keepingThrough last: Int) throws {
+        let path = options.outputDir + "/metrics.jsonl"
+        var kept: [String] = []
+        if last > 0, let text = try? String(contentsOfFile: path, encoding: .utf8) {
+            for line in text.split(separator: "\n") {
+                if let v = try? JSONValue.parse(String(line)), let s = v["step"]?.intValue, s <= last { kept.append(String(line)) }
+            }
+        }
+        let body = kept.isEmpty ? "" : kept.joined(separator: "\n") + "\n"
+        try atomicWrite(path: path) { try $0.write(Array(body.utf8)) }
+    }
+
+    func appendLine(_ path: String, _ line: String) throws {
+        guard let h = FileHandle(forWritingAtPath: path) else { throw QATError("cannot append to \(path)") }
+        defer { try? h.close() }
+        h.seekToEndOfFile()
+        h.write(Data((line + "\n").utf8))
+    }
+}

@@ -8,6 +8,7 @@ import Yams
 /// naming the key and the line. Relative paths are relative to the working directory.
 public struct Recipe: Sendable {
     public struct DataSpec: Sendable, Equatable {
+        public init() {}
         /// `.h5` token file (dataset `<split>/input_ids`) or `.jsonl` text.
         public var train = "models/fortune-lm/tokens.h5"
         public var validation = "models/fortune-lm/tokens.h5"
@@ -19,6 +20,7 @@ public struct Recipe: Sendable {
     }
 
     public struct CalibrationSpec: Sendable, Equatable {
+        public init() {}
         public var samples = 64
         public var batchSize = 8
         public var algorithm = "max"
@@ -28,6 +30,7 @@ public struct Recipe: Sendable {
     public enum KDLoss: String, Sendable, CaseIterable { case forwardKL = "forward_kl", reverseKL = "reverse_kl", jsd }
 
     public struct DistillSpec: Sendable, Equatable {
+        public init() {}
         /// Teacher model directory; nil: the unquantized original model.
         public var teacher: String? = nil
         /// Weight of the KD term: loss = (1 − kd_ratio)·CE + kd_ratio·KD.
@@ -41,6 +44,7 @@ public struct Recipe: Sendable {
     }
 
     public struct TrainSpec: Sendable, Equatable {
+        public init() {}
         public var mode: Mode = .qat
         public var steps = 100
         public var epochs: Double? = nil
@@ -71,6 +75,7 @@ public struct Recipe: Sendable {
     }
 
     public struct ExportSpec: Sendable, Equatable {
+        public init() {}
         public var dir = "export/fortune-lm-nvfp4"
         /// bfloat16 / float16 / float32, or nil to keep the model's dtype.
         public var saveDtype: String? = nil

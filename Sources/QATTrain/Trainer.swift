@@ -68,6 +68,8 @@ open class Trainer {
         public var quiet = false
         /// Called with each human-readable log line.
         public var log: (String) -> Void = { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
+        /// Called after every optimizer step with its metrics (progress reporting, tests).
+        public var onStep: ((StepMetrics) -> Void)? = nil
         public init(outputDir: String, checkpointDir: String) { self.outputDir = outputDir; self.checkpointDir = checkpointDir }
     }
 
@@ -166,6 +168,7 @@ open class Trainer {
                 record.validationLoss = try evaluate().loss
             }
             history.append(record)
+            options.onStep?(record)
             try appendLine(metricsPath, record.json)
             let rate = Double(tokensDone) / max(Date().timeIntervalSince(loopStart), 1e-9)
             bar.update(step, units: tokensDone, extra: String(format: "loss %.4f", record.loss))

@@ -1,0 +1,94 @@
+import XCTest
+import QATCore
+import QATModels
+import QATTrain
+import TestSupport
+
+final class TrainerTests: XCTestCase {
+    /// A deterministic synthetic stream over tiny-llama's vocabulary.
+    func stream(_ n: Int, seed: UInt64 = 11) -> [Int32] {
+        var rng = SplitMix64(seed: seed)
+        return (0..<n).map { _ in Int32(rng.next() % 512) }
+    }
+
+    func makeTrainer(_ dir: URL, configure: (inout Recipe.TrainSpec) -> Void = { _ in }) throws -> Trainer {
+        let model = try CausalLM(directory: Fixtures.path("tiny-llama"))
+        var spec = Recipe.TrainSpec()
+        spec.steps = 4; spec.batchSize = 2; spec.lr = 1e-3; spec.evalEvery = 0; spec.saveEvery = 0; spec.schedule = "cosine"
+        spec.warmupSteps = 1
+        configure(&spec)
+        var opts = Trainer.Options(outputDir: dir.path, checkpointDir: dir.appendingPathComponent("checkpoints").path)
+        opts.quiet = true
+        return try Trainer(model: model, spec: spec, seqLen: 16, trainStream: stream(16 * 40 + 1), validationStream: stream(16 * 4 + 1, seed: 5),
+                           validationSequences: nil, options: opts)
+    }
+
+    func weights(_ t: Trainer) -> [String: [Float]] { Dictionary(uniqueKeysWithValues: t.model.parameters.map { ($0.name, $0.value.array) }) }
+
+    /// (batch 4, accumulation 1) and (batch 1, accumulation 4) see the same sequences; the
+    /// step's loss is Σ over its valid tokens / their count, so loss and update agree.
+    func testLossNormalisationIndependentOfMicroBatching() throws {
+        let a = try makeTrainer(Fixtures.tempDir()) { $0.batchSize = 4; $0.gradAccum = 1; $0.steps = 1 }
+        let b = try makeTrainer(Fixtures.tempDir()) { $0.batchSize = 1; $0.gradAccum = 4; $0.steps = 1 }
+        _ = try a.run(); _ = try b.run()
+        XCTAssertEqual(a.history[0].loss, b.history[0].loss, accuracy: 1e-6)
+        XCTAssertEqual(a.history[0].gradNorm, b.history[0].gradNorm, accuracy: 1e-5 * a.history[0].gradNorm)
+        let wa = weights(a), wb = weights(b)
+        for (name, va) in wa {
+            let vb = wb[name]!
+            let err = zip(va, vb).map { abs($0 - $1) }.max()!
+            XCTAssertLessThan(err, 1e-5, name)
+        }
+    }
+
+    func testFrozenParametersUnchangedAndTrainableMove() throws {
+        let t = try makeTrainer(Fixtures.tempDir()) { $0.frozenParams = ["*embed_tokens*", "*layers.0.*"]; $0.steps = 2 }
+        let before = weights(t)
+        _ = try t.run()
+        let after = weights(t)
+        for (name, v) in before {
+            let frozen = name.contains("embed_tokens") || name.contains("layers.0.")
+            if frozen {
+                XCTAssertEqual(after[name]!, v, "\(name) is frozen")
+                XCTAssertNil(t.model.parameterByName[name]!.grad, "\(name): frozen parameters get no gradient buffer")
+            } else {
+                XCTAssertNotEqual(after[name]!, v, "\(name) should train")
+            }
+        }
+        XCTAssertFalse(t.optimizer.slots.contains { $0.name.contains("embed_tokens") })
+    }
+
+    func testLossDecreasesAndMetricsAreWritten() throws {
+        let dir = Fixtures.tempDir()
+        let t = try makeTrainer(dir) { $0.steps = 8; $0.lr = 3e-3; $0.evalEvery = 4 }
+        let r = try t.run()
+        XCTAssertEqual(r.steps, 8)
+        XCTAssertLessThan(t.history.last!.loss, t.history.first!.loss)
+        let lines = try String(contentsOfFile: dir.appendingPathComponent("metrics.jsonl").path, encoding: .utf8).split(separator: "\n")
+        XCTAssertEqual(lines.count, 8)
+        XCTAssertTrue(lines[3].contains("\"val_loss\""))
+        XCTAssertTrue(lines[0].contains("\"grad_norm\"") && lines[0].contains("\"peak_rss_mb\"") && lines[0].contains("\"tokens_per_s\""))
+        XCTAssertNotNil(r.finalValidation)
+    }
+
+    /// Stopping after 2 steps (checkpoint) and resuming in a fresh trainer gives weights
+    /// bit-identical to 4 uninterrupted steps.
+    func testResumeIsBitIdentical() throws {
+        let straight = try makeTrainer(Fixtures.tempDir())
+        _ = try straight.run()
+
+        let dir = Fixtures.tempDir()
+        // Interrupt after step 2, as Ctrl-C would: the trainer writes a checkpoint and returns.
+        let first = try makeTrainer(dir)
+        first.options.onStep = { if $0.step == 2 { trainingStopRequested = 1 } }
+        let partial = try first.run()
+        trainingStopRequested = 0
+        XCTAssertTrue(partial.interrupted)
+        XCTAssertEqual(partial.steps, 2)
+        let resumed = try makeTrainer(dir) { $0.saveEvery = 2 }
+        resumed.options.resume = true
+        let r = try resumed.run()
+        XCTAssertEqual(r.resumedFrom, 2)
+        XCTAssertEqual(weights(resumed), weights(straight))
+    }
+}

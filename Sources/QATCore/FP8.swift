@@ -68,3 +68,20 @@
     if code > 0x7B { return sign | 0x7B }
     return sign | UInt8(truncatingIfNeeded: code)
 }
+
+/// Rounds `f` to the nearest E4M3FN value and returns it as a Float, i.e.
+/// `e4m3ToFloat(floatToE4M3(f))` without the byte round trip (what fake-quant kernels need):
+/// round half to even, saturate to ±448, NaN stays NaN, the sign of zero is kept.
+@inline(__always) public func e4m3Round(_ f: Float) -> Float {
+    let bits = f.bitPattern
+    let sign = bits & 0x8000_0000
+    let abits = bits & 0x7FFF_FFFF
+    if abits >= 0x43E0_0000 {
+        return abits > 0x7F80_0000 ? Float.nan : Float(bitPattern: sign | 0x43E0_0000)
+    }
+    if abits < 0x3C80_0000 {
+        let q = (Float(bitPattern: abits) * 512).rounded(.toNearestOrEven) * 0.001953125
+        return Float(bitPattern: q.bitPattern | sign)
+    }
+    return Float(bitPattern: sign | ((abits &+ 0x7_FFFF &+ ((abits >> 20) & 1)) & 0xFFF0_0000))
+}

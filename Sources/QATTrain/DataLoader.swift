@@ -12,6 +12,9 @@ public final class DataLoader {
     public let sequenceCount: Int
     public private(set) var epoch = 0
     public private(set) var cursor = 0
+    /// Indices (into the packed sequences) of the batch `next()` returned last, so that a
+    /// loss can look up per-sequence data such as an offline teacher cache.
+    public private(set) var lastIndices: [Int] = []
     private let stream: [Int32]
     private var order: [Int] = []
 
@@ -32,11 +35,13 @@ public final class DataLoader {
     public func next() -> [Int32] {
         var out = [Int32]()
         out.reserveCapacity(batchSize * seqLen)
+        lastIndices.removeAll(keepingCapacity: true)
         for _ in 0..<batchSize {
             if cursor == sequenceCount {
                 epoch += 1; cursor = 0
                 order = DataLoader.permutation(sequenceCount, seed: seed, epoch: epoch)
             }
+            lastIndices.append(order[cursor])
             let s = order[cursor] * seqLen
             out.append(contentsOf: stream[s..<(s + seqLen)])
             cursor += 1

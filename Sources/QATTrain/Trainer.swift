@@ -201,15 +201,17 @@ open class Trainer {
     func trainStep() throws -> StepMetrics {
         optimizer.zeroGrad()
         let B = spec.batchSize, T = seqLen
-        let batches = (0..<spec.gradAccum).map { _ in loader.next() }
-        let targets = batches.map { CrossEntropy.shiftedTargets(labels: $0, batch: B, seqLen: T) }
-        let valid = targets.reduce(0) { $0 + $1.filter { $0 != CrossEntropy.ignoreIndex }.count }
+        let batches = (0..<spec.gradAccum).map { _ -> MicroBatch in
+            let tokens = loader.next()
+            return MicroBatch(tokens: tokens, targets: CrossEntropy.shiftedTargets(labels: tokens, batch: B, seqLen: T),
+                              batch: B, seqLen: T, sequenceIndices: loader.lastIndices)
+        }
+        let valid = batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count }
         let scale = 1 / Float(max(valid, 1))
         var parts = LossParts()
-        for (tokens, tgt) in zip(batches, targets) {
-            let hidden = try model.forward(tokens: tokens, batch: B, seqLen: T, saveForBackward: true)
-            parts += try loss.run(model: model, hidden: hidden, tokens: tokens, targets: tgt, batch: B, seqLen: T,
-                                  gradScale: scale, dHidden: dHidden.data)
+        for mb in batches {
+            let hidden = try model.forward(tokens: mb.tokens, batch: B, seqLen: T, saveForBackward: true)
+            parts += try loss.run(model: model, hidden: hidden, batch: mb, gradScale: scale, dHidden: dHidden.data)
             try model.backward(dHidden: dHidden.data)
         }
         let n = Double(max(valid, 1))

@@ -21,12 +21,26 @@ public struct LossParts: Sendable, Equatable {
     }
 }
 
+/// The micro-batch a loss is computing: its tokens [batch, seqLen], the shifted targets, and
+/// which packed sequences of the training stream they are (for offline teacher caches).
+public struct MicroBatch: Sendable {
+    public var tokens: [Int32]
+    public var targets: [Int32]
+    public var batch: Int
+    public var seqLen: Int
+    public var sequenceIndices: [Int]
+    public init(tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int, sequenceIndices: [Int] = []) {
+        self.tokens = tokens; self.targets = targets; self.batch = batch; self.seqLen = seqLen; self.sequenceIndices = sequenceIndices
+    }
+    public var rows: Int { batch * seqLen }
+}
+
 /// What the trainer asks of a loss: given the student's final hidden states of a micro-batch,
 /// return the loss sums, write d(Σ loss · gradScale)/d hidden into `dHidden`, and accumulate
 /// the lm_head gradient. QAT uses cross-entropy; QAD plugs in a distillation loss.
 public protocol TrainingLoss: AnyObject {
     var description: String { get }
-    func run(model: CausalLM, hidden: UnsafePointer<Float>, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
+    func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
              gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts
 }
 
@@ -39,9 +53,9 @@ public final class CrossEntropyLoss: TrainingLoss {
         head = ChunkedCrossEntropy(vocab: vocab, budgetBytes: budgetBytes)
     }
 
-    public func run(model: CausalLM, hidden: UnsafePointer<Float>, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
+    public func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
                     gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
-        let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: batch * seqLen, gradScale: gradScale, dHidden: dHidden)
+        let r = try head.run(head: model.lmHead, hidden: hidden, targets: batch.targets, n: batch.rows, gradScale: gradScale, dHidden: dHidden)
         return LossParts(total: r.sum, ce: r.sum, kd: 0, valid: r.valid)
     }
 }

@@ -73,6 +73,9 @@ extension JSONValue {
             throw QATError("\(source): invalid JSON at \(position(in: bytes, offset: at)): \(desc)")
         }
         defer { json_object_put(obj) }
+        if let (at, why) = strictViolation(bytes) {
+            throw QATError("\(source): invalid JSON at \(position(in: bytes, offset: at)): \(why)")
+        }
         // json-c stops after the first complete value; anything but whitespace after it is an error.
         var i = end
         while i < bytes.count {
@@ -83,6 +86,31 @@ extension JSONValue {
             i += 1
         }
         return convert(obj)
+    }
+
+    /// json-c's strict mode still accepts a few things Python's `json.loads` rejects:
+    /// single-quoted strings, `1.` without fraction digits and raw control characters inside
+    /// strings. One linear pass over already-parsed text finds them, so files we accept are
+    /// files transformers can read.
+    static func strictViolation(_ b: UnsafeRawBufferPointer) -> (Int, String)? {
+        var inString = false
+        var i = 0
+        let n = b.count
+        while i < n {
+            let c = b[i]
+            if inString {
+                if c == 0x5C { i += 2; continue }
+                if c == 0x22 { inString = false } else if c < 0x20 { return (i, "unescaped control character in a string") }
+            } else if c == 0x22 {
+                inString = true
+            } else if c == 0x27 {
+                return (i, "single-quoted strings are not JSON")
+            } else if c == 0x2E && (i + 1 >= n || b[i + 1] < 0x30 || b[i + 1] > 0x39) {
+                return (i, "a digit must follow the decimal point")
+            }
+            i += 1
+        }
+        return nil
     }
 
     /// "line L, column C (byte B)" with 1-based line and column, for editors.

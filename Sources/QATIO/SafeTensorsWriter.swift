@@ -95,9 +95,12 @@ public struct SafeTensorsWriter {
 
     /// The header bytes (compact JSON + space padding to a multiple of 8) for `entries`.
     static func header(for entries: ArraySlice<Entry>, metadata: [(String, String)]) -> [UInt8] {
-        var root = JSONObject()
+        // Built as one list: names are already unique, and `JSONObject.set` would make a
+        // header of n tensors cost O(n²) lookups.
+        var members: [(key: String, value: JSONValue)] = []
+        members.reserveCapacity(entries.count + 1)
         if !metadata.isEmpty {
-            root.set("__metadata__", .object(JSONObject(metadata.map { (key: $0.0, value: JSONValue.string($0.1)) })))
+            members.append((key: "__metadata__", value: .object(JSONObject(metadata.map { (key: $0.0, value: JSONValue.string($0.1)) }))))
         }
         var offset = 0
         for e in entries {
@@ -109,9 +112,10 @@ public struct SafeTensorsWriter {
                 (key: "shape", value: .array(shape)),
                 (key: "data_offsets", value: .array(offsets)),
             ])
-            root.set(e.name, .object(entry))
+            members.append((key: e.name, value: .object(entry)))
             offset = end
         }
+        let root = JSONObject(members)
         var bytes = JSONValue.object(root).serializedBytes(indent: nil, asciiOnly: false)
         let pad = (8 - bytes.count % 8) % 8
         bytes.append(contentsOf: repeatElement(0x20, count: pad))

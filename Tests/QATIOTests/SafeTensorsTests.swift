@@ -343,6 +343,19 @@ final class SafeTensorsTests: XCTestCase {
         XCTAssertEqual(Array(d), expected)
     }
 
+    func testManyTensorsHeaderIsFast() throws {
+        // Headers of real checkpoints list thousands of tensors; nothing may be quadratic.
+        var w = SafeTensorsWriter()
+        for i in 0..<20_000 { try w.add(name: "model.layers.\(i / 10).t\(i % 10).weight", dtype: .u8, shape: [1], bytes: [UInt8(i & 255)]) }
+        let p = path("many.safetensors")
+        let start = Date()
+        try w.write(to: p)
+        let f = try SafeTensorsFile(path: p)
+        XCTAssertEqual(f.tensors.count, 20_000)
+        XCTAssertEqual(try f.integers("model.layers.1999.t9.weight"), [Int64(19_999 & 255)])
+        XCTAssertLessThan(Date().timeIntervalSince(start), 2.0)
+    }
+
     func testConversionSpeed() throws {
         // 4M bf16 elements: a plain pointer loop converts this in a few ms; a per-element
         // allocation would take seconds.

@@ -34,7 +34,7 @@ public enum AtomicDirectory {
         }
         guard rename(tmp, finalPath) == 0 else {
             let e = errnoString()
-            if let a = aside { rename(a, finalPath) }
+            if let a = aside { _ = rename(a, finalPath) }
             try? fm.removeItem(atPath: tmp)
             throw QATError("\(finalPath): cannot rename the finished directory into place: \(e)")
         }

@@ -99,8 +99,7 @@ public final class AdamW {
     /// Per-step scalars of one group, rounded as ATen rounds them.
     @usableFromInline
     struct Coefficients {
-        var applyDecay: Bool
-        var decay: Float        // 1 - lr*wd
+        var decay: Float        // 1 - lr*wd, or exactly 1 when wd == 0 (PyTorch skips the multiply; x*1 == x)
         var lerpSmall: Bool     // |1 - beta1| < 0.5
         var lerpWeight: Float   // 1 - beta1 (or its complement - 1 for the large branch)
         var beta2: Float
@@ -118,8 +117,7 @@ public final class AdamW {
         let w = Float(1 - h.beta1)
         let small = abs(w) < 0.5
         return Coefficients(
-            applyDecay: h.weightDecay != 0,
-            decay: Float(1 - lr * h.weightDecay),
+            decay: h.weightDecay != 0 ? Float(1 - lr * h.weightDecay) : 1,
             lerpSmall: small,
             lerpWeight: small ? w : w - 1,
             beta2: Float(h.beta2),
@@ -129,24 +127,47 @@ public final class AdamW {
             negStepSize: Float(-(lr / bc1)))
     }
 
-    /// The fused update over elements [start, end).
+    /// The fused update over elements [start, end): SIMD8 body, scalar tail with the same
+    /// per-lane operations (all correctly rounded IEEE ops, so both give identical bits).
+    ///
+    /// Written with explicit SIMD because the plain loop does not vectorize: on Linux
+    /// `Float.squareRoot()` lowers to `sqrtf` with an errno slow path, a call that blocks the
+    /// loop vectorizer. Here only the square roots stay per-lane; the rest is 8-wide
+    /// (measured 1.7 vs 3.5 ns/element on one core).
     @inline(__always)
     static func update(_ p: UnsafeMutablePointer<Float>, _ g: UnsafePointer<Float>, _ m: UnsafeMutablePointer<Float>,
                        _ v: UnsafeMutablePointer<Float>, _ start: Int, _ end: Int, _ c: Coefficients) {
-        // Branches on per-step constants are hoisted by the optimizer (loop unswitching).
-        for i in start..<end {
-            var pi = p[i]
-            if c.applyDecay { pi = pi * c.decay }
+        typealias V = SIMD8<Float>
+        let pr = UnsafeMutableRawPointer(p), gr = UnsafeRawPointer(g)
+        let mr = UnsafeMutableRawPointer(m), vr = UnsafeMutableRawPointer(v)
+        let decay = V(repeating: c.decay), w = V(repeating: c.lerpWeight), beta2 = V(repeating: c.beta2)
+        let omb2 = V(repeating: c.oneMinusBeta2), bc2 = V(repeating: c.bc2Sqrt), eps = V(repeating: c.eps)
+        let negStep = V(repeating: c.negStepSize)
+        var i = start
+        while i + 8 <= end {
+            let o = i * 4
+            let pi = pr.loadUnaligned(fromByteOffset: o, as: V.self) * decay
+            let gi = gr.loadUnaligned(fromByteOffset: o, as: V.self)
+            let mi0 = mr.loadUnaligned(fromByteOffset: o, as: V.self)
+            let mi = (c.lerpSmall ? mi0 : gi).addingProduct(w, gi - mi0)
+            let vi = vr.loadUnaligned(fromByteOffset: o, as: V.self) * beta2 + (omb2 * gi) * gi
+            let denom = vi.squareRoot() / bc2 + eps
+            pr.storeBytes(of: pi + (negStep * mi) / denom, toByteOffset: o, as: V.self)
+            mr.storeBytes(of: mi, toByteOffset: o, as: V.self)
+            vr.storeBytes(of: vi, toByteOffset: o, as: V.self)
+            i += 8
+        }
+        while i < end {
+            let pi = p[i] * c.decay
             let gi = g[i]
             let mi0 = m[i]
-            // lerp as ATen's lerp_vec: fmadd(weight, end - start, start) or fmadd(weight - 1, end - start, end).
-            let mi = c.lerpSmall ? mi0.addingProduct(c.lerpWeight, gi - mi0) : gi.addingProduct(c.lerpWeight, gi - mi0)
+            let mi = (c.lerpSmall ? mi0 : gi).addingProduct(c.lerpWeight, gi - mi0)
             let vi = v[i] * c.beta2 + (c.oneMinusBeta2 * gi) * gi
             let denom = vi.squareRoot() / c.bc2Sqrt + c.eps
-            pi = pi + (c.negStepSize * mi) / denom
-            p[i] = pi
+            p[i] = pi + (c.negStepSize * mi) / denom
             m[i] = mi
             v[i] = vi
+            i += 1
         }
     }
 

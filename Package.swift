@@ -14,7 +14,7 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "qat", targets: ["qat"]),
-        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain"]),
+        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -32,10 +32,11 @@ let package = Package(
         .target(name: "QATModels", dependencies: ["QATCore", "QATIO"], swiftSettings: fast),
         .target(name: "QATQuant", dependencies: ["QATCore", "QATIO", "QATModels", "Yams"], swiftSettings: fast),
         .target(name: "QATTrain", dependencies: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "Yams"], swiftSettings: fast),
+        .target(name: "QATExport", dependencies: ["QATCore", "QATIO", "QATModels", "QATQuant"], swiftSettings: fast),
         .executableTarget(
             name: "qat",
             dependencies: [
-                "QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain",
+                "QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: fast),
@@ -47,5 +48,6 @@ let package = Package(
         .testTarget(name: "QATModelsTests", dependencies: ["QATModels", "QATData", "TestSupport"]),
         .testTarget(name: "QATQuantTests", dependencies: ["QATQuant", "TestSupport"]),
         .testTarget(name: "QATTrainTests", dependencies: ["QATTrain", "TestSupport"]),
+        .testTarget(name: "QATExportTests", dependencies: ["QATExport", "QATTrain", "TestSupport"]),
     ]
 )

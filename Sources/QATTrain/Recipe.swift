@@ -86,11 +86,13 @@ public struct Recipe: Sendable {
     public var source = "recipe"
     public var model = "models/fortune-lm"
     public var data = DataSpec()
-    /// The `quantize:` section as written (preset name or ModelOpt quant_cfg), parsed by QATQuant.
-    public var quantizeYAML: String? = nil
-    public var quantizePreset: String? = "nvfp4_default-kv_fp8"
+    /// The `quantize:` section (a preset name, ModelOpt's quant_cfg, or both), nil for none.
+    public var quantize: QuantConfig? = try? QuantConfig.preset("nvfp4_default-kv_fp8")
+    /// How the quantize section was given, for summaries: a preset name, "quant_cfg" or "none".
+    public var quantizeDescription = "nvfp4_default-kv_fp8"
     /// STE flavour for every quantizer: pass_through (default) or clipped.
     public var ste = "pass_through"
+    public var steMode: STEMode { ste == "clipped" ? .clipped : .passThrough }
     public var calibration = CalibrationSpec()
     public var train = TrainSpec()
     public var export = ExportSpec()
@@ -132,22 +134,24 @@ public struct Recipe: Sendable {
         }
         if top.has("quantize") {
             if let q = top.node("quantize") {
-                let qm = try YAMLMap(q, path: "quantize", source: source)
-                if let preset = try qm.string("preset") {
-                    r.quantizePreset = preset
-                    r.quantizeYAML = nil
-                    if qm.has("quant_cfg") { throw qm.fail("quant_cfg", "give either preset or quant_cfg, not both") }
+                // `ste` is ours; everything else is ModelOpt's schema, parsed by QuantConfig
+                // from the original nodes so its errors keep their line numbers.
+                var inner = q
+                if case .mapping(var m) = q {
+                    let qm = try YAMLMap(q, path: "quantize", source: source)
+                    r.ste = try qm.choice("ste", ["pass_through", "clipped"]) ?? r.ste
+                    m[Node("ste")] = nil
+                    inner = .mapping(m)
+                    if let p = try qm.string("preset") { r.quantizeDescription = p } else { r.quantizeDescription = "quant_cfg" }
+                } else if let name = q.string {
+                    r.quantizeDescription = name
                 } else {
-                    guard qm.has("quant_cfg") else { throw qm.fail("preset", "the quantize section needs preset: NAME or quant_cfg: […]") }
-                    _ = qm.node("quant_cfg")
-                    r.quantizePreset = nil
-                    r.quantizeYAML = try Yams.serialize(node: q)
+                    r.quantizeDescription = "quant_cfg"
                 }
-                _ = try qm.choice("algorithm", ["max"])
-                r.ste = try qm.choice("ste", ["pass_through", "clipped"]) ?? r.ste
-                try qm.finish()
+                do { r.quantize = try QuantConfig(node: inner) } catch let e as QATError { throw QATError("\(source): \(e.message)") }
             } else {
-                r.quantizePreset = nil  // quantize: null → no quantization
+                r.quantize = nil  // quantize: null → no quantization
+                r.quantizeDescription = "none"
             }
         }
         if let c = try top.map("calibration") {

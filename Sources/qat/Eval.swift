@@ -3,6 +3,8 @@ import Foundation
 import QATCore
 import QATData
 import QATModels
+import QATQuant
+import QATTrain
 
 struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -32,6 +34,15 @@ struct Eval: ParsableCommand {
     @Option(name: .customLong("max-sequences"), help: "Evaluate at most this many sequences.")
     var maxSequences: Int?
 
+    @Option(help: "Evaluate post-training quantization: insert this recipe's quantizers, calibrate them on its train data, then evaluate.")
+    var recipe: String?
+
+    @Option(name: .customLong("set"), help: "Override a recipe key (repeatable), e.g. --set calibration.samples=32.")
+    var overrides: [String] = []
+
+    @Flag(name: .customLong("quant-summary"), help: "Print every quantizer with its state (with --recipe).")
+    var quantSummary = false
+
     @Flag(help: "Print one JSON object instead of text.")
     var json = false
 
@@ -39,8 +50,15 @@ struct Eval: ParsableCommand {
         try QAT.guarded {
             modelOptions.applyThreads()
             let model = try CausalLM(directory: modelOptions.model)
-            let tokenizer = data.hasSuffix(".jsonl") ? try Tokenizer(path: modelOptions.model) : nil
-            let stream = try TokenData.load(path: data, split: split, tokenizer: tokenizer)
+            let stream = try Pipeline.tokens(path: data, split: split, modelDirectory: modelOptions.model, vocabSize: model.config.vocabSize)
+            if let recipePath = recipe {
+                var r = try Recipe.load(path: recipePath, overrides: overrides)
+                r.data.seqLen = seqLen
+                let calib = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: modelOptions.model,
+                                                vocabSize: model.config.vocabSize)
+                let set = try Pipeline.quantize(model: model, recipe: r, calibrationStream: calib, quiet: json)
+                if quantSummary, let set { FileHandle.standardError.write(Data((QATQuant.quantSummary(set.all) + "\n").utf8)) }
+            }
             let bar = ProgressBar(total: max(1, (stream.count - 1) / max(seqLen, 1)), label: "eval", unit: "seq", enabled: !json)
             let r = try Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize,
                                             maxSequences: maxSequences) { done, _ in bar.update(done) }

@@ -1,0 +1,115 @@
+import QATCore
+import QATModels
+
+extension TensorQuantizer: FakeQuantHook {
+    /// Quantizes (not just observes) once enabled, calibrated and out of calibration.
+    public var isQuantizing: Bool { enabled && !isCalibrating && amax != nil }
+}
+
+/// The quantizers of a model, in model order, with ModelOpt's names: every Linear gets
+/// `<module>.weight_quantizer` and `<module>.input_quantizer`; every attention gets
+/// `<layer>.self_attn.k_bmm_quantizer` / `v_bmm_quantizer` on the key/value states after
+/// RoPE (the FP8 KV cache). A glob in quant_cfg therefore means what it means in ModelOpt.
+public final class QuantizerSet {
+    public let all: [TensorQuantizer]
+    public let byName: [String: TensorQuantizer]
+    /// Quantizers that must share one amax (q/k/v and gate/up, weights and inputs apart):
+    /// inference engines fuse them into one GEMM with one scale.
+    public let fusedGroups: [[TensorQuantizer]]
+
+    public var enabled: [TensorQuantizer] { all.filter(\.enabled) }
+
+    /// Creates the quantizers `config` resolves and attaches the enabled ones to `model`.
+    public init(model: CausalLM, config: QuantConfig, ste: STEMode? = nil) {
+        let names = QuantizerSet.names(model)
+        let qs = config.makeQuantizers(names)
+        if let ste { for q in qs { q.ste = ste } }
+        var by: [String: TensorQuantizer] = [:]
+        for q in qs { by[q.name] = q }
+        all = qs
+        byName = by
+        func hook(_ name: String) -> TensorQuantizer? { by[name].flatMap { $0.enabled ? $0 : nil } }
+        for l in model.linears {
+            l.weightQuantizer = hook(l.name + ".weight_quantizer")
+            l.inputQuantizer = hook(l.name + ".input_quantizer")
+        }
+        for layer in model.layers {
+            layer.kQuantizer = hook("\(layer.prefix).self_attn.k_bmm_quantizer")
+            layer.vQuantizer = hook("\(layer.prefix).self_attn.v_bmm_quantizer")
+        }
+        var groups: [[TensorQuantizer]] = []
+        for layer in model.layers {
+            for modules in [[layer.qProj, layer.kProj, layer.vProj], [layer.gateProj, layer.upProj]] {
+                for kind in ["weight_quantizer", "input_quantizer"] {
+                    let g = modules.compactMap { by[$0.name + "." + kind] }.filter(\.enabled)
+                    if g.count > 1 { groups.append(g) }
+                }
+            }
+        }
+        fusedGroups = groups
+        model.markWeightsChanged()
+    }
+
+    /// Every quantizer name the model has, in module order.
+    public static func names(_ model: CausalLM) -> [String] {
+        var out: [String] = []
+        for layer in model.layers {
+            for l in layer.linears { out += [l.name + ".weight_quantizer", l.name + ".input_quantizer"] }
+            out += ["\(layer.prefix).self_attn.k_bmm_quantizer", "\(layer.prefix).self_attn.v_bmm_quantizer"]
+        }
+        out += [model.lmHead.name + ".weight_quantizer", model.lmHead.name + ".input_quantizer"]
+        return out
+    }
+
+    /// amax of every enabled quantizer as 1-element tensors named `<quantizer>.amax`, for checkpoints.
+    public func stateTensors() -> [(name: String, tensor: Tensor)] {
+        enabled.compactMap { q in q.amax.map { (q.name + ".amax", Tensor(shape: [1], values: [$0])) } }
+    }
+
+    /// Restores amax values written by `stateTensors`; every enabled quantizer must be present.
+    public func restore(_ tensors: [String: Tensor], model: CausalLM) throws {
+        for q in enabled {
+            guard let t = tensors[q.name + ".amax"], t.count == 1 else {
+                throw QATError("checkpoint has no amax for quantizer \(q.name): it was written with a different quantize section")
+            }
+            q.amax = t[0]
+        }
+        model.markWeightsChanged()
+    }
+}
+
+/// Max calibration (ModelOpt `algorithm: max`): every enabled quantizer observes while the
+/// model runs unquantized over the calibration batches; amax = running max |x|; fused groups
+/// then share their largest amax; from then on amax is frozen.
+public enum Calibration {
+    public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
+                           progress: ((Int, Int) -> Void)? = nil) throws {
+        guard !sequences.isEmpty else { throw QATError("calibration needs at least one sequence") }
+        let active = quantizers.enabled
+        for q in active { q.startCalibration() }
+        model.markWeightsChanged()  // weight quantizers observe their weight on the next forward
+        var done = 0
+        while done < sequences.count {
+            let b = min(batchSize, sequences.count - done)
+            let tokens = Array(sequences[done..<(done + b)].joined())
+            _ = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+            done += b
+            progress?(done, sequences.count)
+        }
+        // A weight quantizer whose Linear never ran (none here, but a tied head without a
+        // forward) still needs its weight observed.
+        for l in model.linears where l.weightQuantizer?.isCalibrating == true {
+            if let q = l.weightQuantizer as? TensorQuantizer, q.calibCalls == 0 { try l.refreshQuantizedWeight() }
+        }
+        for q in active { try q.finishCalibration() }
+        for g in quantizers.fusedGroups { TensorQuantizer.shareAmax(g) }
+        model.markWeightsChanged()
+    }
+
+    /// The first `count` packed sequences of a stream (the calibration set).
+    public static func sequences(from stream: [Int32], seqLen: Int, count: Int) throws -> [[Int32]] {
+        let available = stream.count > 0 ? (stream.count - 1) / seqLen : 0
+        guard available > 0 else { throw QATError("calibration data has \(stream.count) tokens: not one sequence of \(seqLen)") }
+        return (0..<min(count, available)).map { Array(stream[($0 * seqLen)..<(($0 + 1) * seqLen)]) }
+    }
+}

@@ -1,0 +1,140 @@
+import Foundation
+import QATCore
+import QATModels
+
+/// QAD from an offline top-k teacher cache (`TopKCache`, written by `qat teacher-logprobs`):
+/// no teacher in memory, the student's lm_head fused and chunked as in `DistillationLoss`.
+///
+/// Per valid row, with the cache's ids id_k and T = 1 log-probabilities ℓ_k (k = 1…K) and
+/// the student logits s over the full vocabulary V:
+///
+///     p_k      = softmax_k(ℓ_k / T)                 teacher, renormalised over its top-k
+///     log q_k  = s[id_k]/T − logsumexp_V(s/T)       student, full-vocabulary log-softmax
+///     KD       = Σ_k p_k (log p_k − log q_k)        = −Σ p log q + Σ p log p
+///     loss     = (1 − kd_ratio)·CE(s, target) + kd_ratio·T²·KD
+///
+/// with CE at T = 1 (not computed when kd_ratio = 1) and the causal shift / ignore rule of
+/// every KD path. With K = V, p is exactly softmax(u/T) (log_softmax is shift-invariant), so
+/// this equals the full forward KL. Only forward KL is defined on a top-k support: reverse
+/// KL and JSD need the teacher's probability of every token the student puts mass on.
+///
+/// Compared with axolotl's chunked top-k logprob KD (`integrations/kd`: `topk_logprob/
+/// forward_kl.py` and `kernels/liger.py`): we agree on the student side (full-vocabulary
+/// log_softmax of s/T gathered at the teacher's ids, not renormalised over the top-k — its
+/// liger kernel's `normalize_topk` option, on by default there, renormalises the student
+/// too; we do not), on the teacher side (axolotl rescales stored T₁ log-probs to the KD
+/// temperature as p ∝ p₁^(T₁/T), renormalised over the k entries — the same as softmax(ℓ/T)
+/// for T₁ = 1), and on T² scaling of the KD sum. We differ in (1) normalisation: axolotl's
+/// chunked loss divides by the number of valid (position, k) *entries* (its mask is per
+/// entry), we return sums that the trainer divides once by valid *tokens*, the same
+/// normaliser as CE; (2) the shift: axolotl stores a token's own logprobs and shifts in the
+/// trainer, our cache row t already holds the prediction of token t+1, like MicroBatch
+/// targets; (3) the cache is validated against the batch (seq_len, vocabulary, sequence
+/// count and the tokens themselves), so a cache built from other data is an error, not a
+/// silently wrong target.
+public final class TopKDistillationLoss: TrainingLoss {
+    public let reader: TopKCacheReader
+    public let spec: Recipe.DistillSpec
+    public let constants: DistillationConstants
+    public let studentVocab: Int
+    public let seqLen: Int
+    public let maskExtraVocab: Bool
+    public let chunkRows: Int
+    private let logits: Tensor
+
+    public var description: String {
+        "top-k distillation (k=\(reader.header.topK) from \(reader.path), T=\(constants.temperature), kd_ratio=\(constants.kdRatio), fused lm_head, \(chunkRows)-row chunks)"
+    }
+
+    /// Opens and validates the cache: its seq_len must be the run's, its vocabulary the
+    /// student's (or larger with `maskExtraVocab`: ids ≥ the student's vocabulary are then
+    /// dropped and the teacher renormalised over the rest), and, when `sequenceCount` (the
+    /// trainer's ⌊(N−1)/L⌋) is given, it must hold that many sequences.
+    public init(cache path: String, studentVocab: Int, seqLen: Int, spec: Recipe.DistillSpec, sequenceCount: Int? = nil,
+                maskExtraVocab: Bool = false, budgetBytes: Int = 16 << 20) throws {
+        constants = try DistillationConstants(spec: spec)
+        guard constants.divergence == .forwardKL else {
+            throw QATError("an offline top-k teacher cache supports forward_kl only (got \(spec.loss.rawValue)\(spec.loss == .jsd ? " with beta \(spec.beta)" : "")): reverse KL and JSD need the teacher's full distribution; run the teacher live instead")
+        }
+        let r = try TopKCacheReader(path: path)
+        let h = r.header
+        guard h.seqLen == seqLen else {
+            throw QATError("\(path): the cache was written with seq_len \(h.seqLen), but this run uses seq_len \(seqLen); rewrite it with `qat teacher-logprobs --seq-len \(seqLen)`")
+        }
+        do { try DistillationLoss.checkVocab(student: studentVocab, teacher: h.vocabSize, maskExtraVocab: maskExtraVocab) } catch let e as QATError {
+            throw QATError("\(path): \(e.message)")
+        }
+        if let n = sequenceCount, n != h.sequences {
+            throw QATError("\(path): the cache holds \(h.sequences) sequences, but the training data has \(n) sequences of \(seqLen) (data \(h.data.isEmpty ? "?" : h.data), split \(h.split.isEmpty ? "?" : h.split) when written); rewrite the cache for this data")
+        }
+        reader = r; self.spec = spec; self.studentVocab = studentVocab; self.seqLen = seqLen; self.maskExtraVocab = maskExtraVocab
+        chunkRows = max(1, budgetBytes / max(1, studentVocab * 4))
+        logits = Tensor(shape: [chunkRows * studentVocab], zeroed: false)
+    }
+
+    /// Reads the cache rows of the batch's sequences, [B·L·K] each, validating tokens and ids.
+    public func teacherRows(for batch: MicroBatch) throws -> (ids: [Int32], logprobs: [Float]) {
+        let K = reader.header.topK, L = seqLen
+        guard batch.seqLen == L else { throw QATError("batch seq_len \(batch.seqLen) differs from the cache's \(L)") }
+        guard batch.sequenceIndices.count == batch.batch else {
+            throw QATError("top-k distillation needs the batch's sequence indices (got \(batch.sequenceIndices.count) for \(batch.batch) sequences)")
+        }
+        var ids = [Int32](), lps = [Float]()
+        ids.reserveCapacity(batch.rows * K); lps.reserveCapacity(batch.rows * K)
+        for (b, index) in batch.sequenceIndices.enumerated() {
+            let row = try reader.sequence(index)
+            guard row.tokens.elementsEqual(batch.tokens[(b * L)..<((b + 1) * L)]) else {
+                throw QATError("\(reader.path): the cached tokens of sequence \(index) differ from the batch's: the cache was written from other data (\(reader.header.data) \(reader.header.split))")
+            }
+            ids += row.ids; lps += row.logprobs
+        }
+        for i in ids.indices where ids[i] < 0 || Int(ids[i]) >= studentVocab {
+            if maskExtraVocab, ids[i] >= 0, Int(ids[i]) < reader.header.vocabSize { ids[i] = -1; continue }
+            throw QATError("\(reader.path): token id \(ids[i]) in the cache is outside the vocabulary (size \(studentVocab))")
+        }
+        return (ids, lps)
+    }
+
+    public func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
+                    gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+        let t = try teacherRows(for: batch)
+        return try fused(student: model.lmHead, hidden: hidden, ids: t.ids, logprobs: t.logprobs, targets: batch.targets,
+                         n: batch.rows, gradScale: gradScale, dHidden: dHidden)
+    }
+
+    /// The fused chunked pass given the teacher rows ([n·K] ids, id −1 = absent, and T = 1
+    /// log-probabilities).
+    public func fused(student head: Linear, hidden: UnsafePointer<Float>, ids: [Int32], logprobs: [Float], targets: [Int32],
+                      n: Int, gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+        let K = reader.header.topK, V = studentVocab, C = head.inFeatures
+        guard head.outFeatures == V else { throw QATError("student lm_head has \(head.outFeatures) outputs, expected \(V)") }
+        guard targets.count == n, ids.count == n * K, logprobs.count == n * K else {
+            throw QATError("top-k distillation: \(targets.count) targets, \(ids.count) ids, \(logprobs.count) logprobs for \(n) rows of k = \(K)")
+        }
+        for t in targets where t != CrossEntropy.ignoreIndex && (t < 0 || Int(t) >= V) {
+            throw QATError("target id \(t) is outside the student vocabulary (size \(V))")
+        }
+        var ce = 0.0, kd = 0.0, valid = 0
+        try targets.withUnsafeBufferPointer { tb in
+            try ids.withUnsafeBufferPointer { ib in
+                try logprobs.withUnsafeBufferPointer { lb in
+                    var start = 0
+                    while start < n {
+                        let rows = min(chunkRows, n - start)
+                        let h = hidden + start * C
+                        let used = try head.forward(h, out: logits.data, n: rows)
+                        let r = DistillationKernels.topKRows(student: logits.data, n: rows, vocab: V, ids: ib.baseAddress! + start * K,
+                                                             logprobs: lb.baseAddress! + start * K, topK: K, targets: tb.baseAddress! + start,
+                                                             k: constants, gradScale: gradScale)
+                        ce += r.ce; kd += r.kd
+                        head.backward(dy: logits.data, x: h, xUsed: used, n: rows, dx: dHidden + start * C, accumulateDx: false)
+                        start += rows
+                    }
+                }
+            }
+        }
+        for t in targets where t != CrossEntropy.ignoreIndex { valid += 1 }
+        let k = constants.kdRatio
+        return LossParts(total: (1 - k) * ce + k * kd, ce: ce, kd: kd, valid: valid)
+    }
+}

@@ -1,0 +1,74 @@
+import ArgumentParser
+import Foundation
+import QATCore
+import QATData
+import QATModels
+import QATTrain
+
+struct TeacherLogprobs: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "teacher-logprobs",
+        abstract: "Write an offline top-k teacher cache (HDF5) for QAD without a live teacher.",
+        discussion: """
+        The stream is cut into ⌊(N−1)/seq_len⌋ packed sequences exactly like the trainer's data
+        loader (sequence i = tokens [i·seq_len, (i+1)·seq_len)). The teacher runs forward-only;
+        for every position t it stores the top-k token ids of its prediction of token t+1 and
+        their log-probabilities at temperature 1 (log_softmax over the full vocabulary).
+        Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data
+        must match the cache's (checked).
+
+        Example: qat teacher-logprobs --model models/fortune-lm --data models/fortune-lm/tokens.h5 --top-k 64 --out teacher-top64.h5
+        """)
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(help: "Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines (tokenized with the model's tokenizer.json).")
+    var data: String = "models/fortune-lm/tokens.h5"
+
+    @Option(help: "Split (HDF5 group) to read.")
+    var split: String = "train"
+
+    @Option(name: .customLong("seq-len"), help: "Tokens per sequence (must equal the training run's data.seq_len).")
+    var seqLen: Int = 256
+
+    @Option(name: .customLong("top-k"), help: "Teacher entries kept per position.")
+    var topK: Int = 64
+
+    @Option(help: "Output HDF5 file.")
+    var out: String
+
+    @Option(name: .customLong("batch-size"), help: "Sequences per teacher forward pass.")
+    var batchSize: Int = 8
+
+    @Option(name: .customLong("max-sequences"), help: "Write at most this many sequences (the trainer then checks the count).")
+    var maxSequences: Int?
+
+    @Flag(help: "Print one JSON object instead of text.")
+    var json = false
+
+    func run() throws {
+        try QAT.guarded {
+            modelOptions.applyThreads()
+            let teacher = try CausalLM(directory: modelOptions.model)
+            let tokenizer = data.hasSuffix(".jsonl") ? try Tokenizer(path: modelOptions.model) : nil
+            let stream = try TokenData.load(path: data, split: split, tokenizer: tokenizer, vocabSize: teacher.config.vocabSize)
+            let total = min(max(1, (stream.count - 1) / max(seqLen, 1)), maxSequences ?? Int.max)
+            let bar = ProgressBar(total: total, label: "teacher", unit: "seq", enabled: !json)
+            let start = Date()
+            let h = try TopKCache.write(teacher: teacher, stream: stream, seqLen: seqLen, topK: topK, to: out, batchSize: batchSize,
+                                        maxSequences: maxSequences, dataPath: data, split: split, modelPath: modelOptions.model) { done, _ in
+                bar.update(done)
+            }
+            bar.finish()
+            let seconds = Date().timeIntervalSince(start)
+            let bytes = (try? FileManager.default.attributesOfItem(atPath: out)[.size] as? Int) ?? 0
+            if json {
+                printJSON([("out", out), ("sequences", h.sequences), ("seq_len", h.seqLen), ("top_k", h.topK), ("vocab_size", h.vocabSize),
+                           ("bytes", bytes), ("seconds", seconds)])
+            } else {
+                print(String(format: "wrote %@: %d sequences × %d positions × top-%d of %d (%.1f MiB, %.1f s)",
+                             out, h.sequences, h.seqLen, h.topK, h.vocabSize, Double(bytes) / 1_048_576, seconds))
+            }
+        }
+    }
+}

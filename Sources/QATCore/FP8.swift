@@ -6,7 +6,7 @@
 /// NaN encodes to 0x7F for both formats (a NaN in each).
 
 /// E4M3FN byte → Float. 0x7F / 0xFF decode to NaN; subnormals are m · 2⁻⁹.
-@inline(__always) public func e4m3ToFloat(_ b: UInt8) -> Float {
+@inlinable @inline(__always) public func e4m3ToFloat(_ b: UInt8) -> Float {
     let sign: UInt32 = UInt32(b & 0x80) << 24
     let e = UInt32((b >> 3) & 0xF), m = UInt32(b & 0x7)
     if e == 0 {
@@ -20,7 +20,7 @@
 }
 
 /// Float → E4M3FN byte: round half to even, saturate to ±448, NaN → 0x7F.
-@inline(__always) public func floatToE4M3(_ f: Float) -> UInt8 {
+@inlinable @inline(__always) public func floatToE4M3(_ f: Float) -> UInt8 {
     let bits = f.bitPattern
     let sign = UInt8(truncatingIfNeeded: (bits >> 24) & 0x80)
     let abits = bits & 0x7FFF_FFFF
@@ -40,7 +40,7 @@
 }
 
 /// E5M2 byte → Float (IEEE semantics: 0x7C = inf, 0x7D...0x7F = NaN).
-@inline(__always) public func e5m2ToFloat(_ b: UInt8) -> Float {
+@inlinable @inline(__always) public func e5m2ToFloat(_ b: UInt8) -> Float {
     let sign: UInt32 = UInt32(b & 0x80) << 24
     let e = UInt32((b >> 2) & 0x1F), m = UInt32(b & 0x3)
     if e == 0 {
@@ -52,7 +52,7 @@
 }
 
 /// Float → E5M2 byte: round half to even, saturate to ±57344 (inf included), NaN → 0x7F.
-@inline(__always) public func floatToE5M2(_ f: Float) -> UInt8 {
+@inlinable @inline(__always) public func floatToE5M2(_ f: Float) -> UInt8 {
     let bits = f.bitPattern
     let sign = UInt8(truncatingIfNeeded: (bits >> 24) & 0x80)
     let abits = bits & 0x7FFF_FFFF
@@ -72,7 +72,7 @@
 /// Rounds `f` to the nearest E4M3FN value and returns it as a Float, i.e.
 /// `e4m3ToFloat(floatToE4M3(f))` without the byte round trip (what fake-quant kernels need):
 /// round half to even, saturate to ±448, NaN stays NaN, the sign of zero is kept.
-@inline(__always) public func e4m3Round(_ f: Float) -> Float {
+@inlinable @inline(__always) public func e4m3Round(_ f: Float) -> Float {
     let bits = f.bitPattern
     let sign = bits & 0x8000_0000
     let abits = bits & 0x7FFF_FFFF

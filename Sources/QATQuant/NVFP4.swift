@@ -232,70 +232,50 @@ public enum NVFP4 {
         }
     }
 
-    @inline(__always) static func fakeOne(_ v: Float, _ S: Float, _ mode: FakeQuantMode) -> Float {
-        let q = roundE2M1(abs(v) / S) * S
-        let signed = v < 0 ? -q : q
-        // export: dequantize maps the code of ±0 to +0; adding +0 turns −0 into +0.
-        return mode == .export ? signed + 0 : signed
+    /// One element: E2M1 round trip of `v` with dequantized block scale `S`, the sign applied
+    /// by flipping the sign bit where v < 0 (ModelOpt's `where(x >= 0, q, -q)`), then
+    /// `+ zeroFix`: +0 in export mode (turns −0 into +0, as dequantize does), −0 otherwise
+    /// (an identity). Branch-free so the 16-wide loops vectorize; the division is a true
+    /// division because ties (0.25, 0.75, …, 5) must be decided exactly as ModelOpt does.
+    @inline(__always) static func fakeElem(_ v: Float, _ S: Float, _ zeroFix: Float) -> Float {
+        let bits = v.bitPattern
+        let a = Float(bitPattern: bits & 0x7FFF_FFFF) / S
+        let c = a < 6 ? a : 6                       // saturate (NaN → 6, as the kernel's where-chain)
+        let inv: Float = c < 2 ? 2 : (c < 4 ? 1 : 0.5)
+        let step: Float = c < 2 ? 0.5 : (c < 4 ? 1 : 2)
+        let y = c * inv                              // 0 ≤ y ≤ 4: round half to even via 2^23
+        let r = ((y + 8_388_608) - 8_388_608) * step * S
+        let neg: UInt32 = v < 0 ? 0x8000_0000 : 0
+        return Float(bitPattern: r.bitPattern ^ neg) + zeroFix
     }
 
     @inline(__always) static func fakeQuantBlock16(
         _ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>, gs: Float, mode: FakeQuantMode
     ) {
-        let lo = UnsafeRawPointer(src).loadUnaligned(as: SIMD8<Float>.self)
-        let hi = UnsafeRawPointer(src + 8).loadUnaligned(as: SIMD8<Float>.self)
-        let mask = SIMD8<UInt32>(repeating: 0x7FFF_FFFF)
-        let alo = unsafeBitCast(unsafeBitCast(lo, to: SIMD8<UInt32>.self) & mask, to: SIMD8<Float>.self)
-        let ahi = unsafeBitCast(unsafeBitCast(hi, to: SIMD8<UInt32>.self) & mask, to: SIMD8<Float>.self)
-        let bmax = pointwiseMax(alo, ahi).max()
-        let S = blockScale(bmax, gs: gs, mode: mode)
+        // Block max as an integer max over sign-cleared bit patterns: exact and vectorizes.
+        var m: UInt32 = 0
+        for i in 0..<16 { m = max(m, src[i].bitPattern & 0x7FFF_FFFF) }
+        let S = blockScale(Float(bitPattern: m), gs: gs, mode: mode)
         if mode == .export && S == 0 {
-            UnsafeMutableRawPointer(dst).storeBytes(of: SIMD8<Float>(), as: SIMD8<Float>.self)
-            UnsafeMutableRawPointer(dst + 8).storeBytes(of: SIMD8<Float>(), as: SIMD8<Float>.self)
+            for i in 0..<16 { dst[i] = 0 }
             return
         }
-        let rlo = e2m1Vector(alo, lo, S, mode)
-        let rhi = e2m1Vector(ahi, hi, S, mode)
-        UnsafeMutableRawPointer(dst).storeBytes(of: rlo, as: SIMD8<Float>.self)
-        UnsafeMutableRawPointer(dst + 8).storeBytes(of: rhi, as: SIMD8<Float>.self)
-    }
-
-    /// E2M1 round-trip of 8 lanes: `a` = |x|, `x` for the sign, `S` the block scale.
-    @inline(__always) static func e2m1Vector(
-        _ a: SIMD8<Float>, _ x: SIMD8<Float>, _ S: Float, _ mode: FakeQuantMode
-    ) -> SIMD8<Float> {
-        let sv = SIMD8<Float>(repeating: S)
-        let c = pointwiseMin(a / sv, SIMD8<Float>(repeating: 6))
-        let two = SIMD8<Float>(repeating: 2), four = SIMD8<Float>(repeating: 4)
-        var inv = SIMD8<Float>(repeating: 0.5), step = SIMD8<Float>(repeating: 2)
-        inv.replace(with: 1, where: c .< four)
-        step.replace(with: 1, where: c .< four)
-        inv.replace(with: 2, where: c .< two)
-        step.replace(with: 0.5, where: c .< two)
-        // Round half to even via the 2^23 trick (exact for 0 ≤ y ≤ 12, default rounding).
-        let magic = SIMD8<Float>(repeating: 8_388_608)
-        let y = c * inv
-        let rq = ((y + magic) - magic) * step * sv
-        // Negate by flipping the sign bit where x < 0 (SIMD prefix minus is 0 - v, which
-        // would give +0 where the kernel gives −0).
-        var sign = SIMD8<UInt32>(repeating: 0)
-        sign.replace(with: 0x8000_0000, where: x .< SIMD8<Float>())
-        var out = unsafeBitCast(unsafeBitCast(rq, to: SIMD8<UInt32>.self) ^ sign, to: SIMD8<Float>.self)
-        if mode == .export { out = out + SIMD8<Float>() }
-        return out
+        let zeroFix: Float = mode == .export ? 0 : -0.0
+        for i in 0..<16 { dst[i] = fakeElem(src[i], S, zeroFix) }
     }
 
     static func fakeQuantPartial(
         _ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>, count w: Int, gs: Float, mode: FakeQuantMode
     ) {
-        var bmax: Float = 0
-        for i in 0..<w { bmax = max(bmax, abs(src[i])) }
-        let S = blockScale(bmax, gs: gs, mode: mode)
+        var m: UInt32 = 0
+        for i in 0..<w { m = max(m, src[i].bitPattern & 0x7FFF_FFFF) }
+        let S = blockScale(Float(bitPattern: m), gs: gs, mode: mode)
         if mode == .export && S == 0 {
             for i in 0..<w { dst[i] = 0 }
             return
         }
-        for i in 0..<w { dst[i] = fakeOne(src[i], S, mode) }
+        let zeroFix: Float = mode == .export ? 0 : -0.0
+        for i in 0..<w { dst[i] = fakeElem(src[i], S, zeroFix) }
     }
 
     /// max |x| over `count` values (parallel; NaN-ignoring, like a max reduction on floats).
@@ -328,18 +308,10 @@ public enum Reduce {
     }
 
     @inline(__always) static func absMaxSerial(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD8<UInt32>(repeating: 0)
-        var i = 0
-        // For non-negative floats (sign cleared) the bit patterns order like the values, and
-        // NaN patterns sort above +inf: an integer max keeps NaN visible.
-        let mask = SIMD8<UInt32>(repeating: 0x7FFF_FFFF)
-        while i + 8 <= n {
-            let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<UInt32>.self) & mask
-            acc = pointwiseMax(acc, v)
-            i += 8
-        }
-        var m = acc.max()
-        while i < n { m = max(m, x[i].bitPattern & 0x7FFF_FFFF); i += 1 }
+        // For sign-cleared floats the bit patterns order like the values and NaN patterns
+        // sort above +inf, so an integer max (which vectorizes) keeps NaN visible.
+        var m: UInt32 = 0
+        for i in 0..<n { m = max(m, x[i].bitPattern & 0x7FFF_FFFF) }
         return Float(bitPattern: m)
     }
 }

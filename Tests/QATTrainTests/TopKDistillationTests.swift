@@ -1,0 +1,187 @@
+import Foundation
+import XCTest
+import QATCore
+import QATData
+import QATModels
+import QATTrain
+import TestSupport
+
+final class TopKDistillationTests: XCTestCase {
+    let V = 64, L = 8
+
+    func stream(_ n: Int, seed: UInt64 = 7) -> [Int32] {
+        var rng = SplitMix64(seed: seed)
+        return (0..<n).map { _ in Int32(rng.next() % 64) }
+    }
+
+    /// Teacher logits of one packed sequence in Double, [L, V].
+    func teacherLogits(_ teacher: CausalLM, _ tokens: [Int32]) throws -> [Double] {
+        let h = try teacher.forward(tokens: tokens, batch: 1, seqLen: tokens.count, saveForBackward: false)
+        let out = Tensor(shape: [tokens.count, teacher.config.vocabSize])
+        try teacher.lmHead.forward(h, out: out.data, n: tokens.count)
+        return out.array.map(Double.init)
+    }
+
+    func writeCache(_ teacher: CausalLM, topK: Int, stream s: [Int32], maxSequences: Int? = nil) throws -> String {
+        let path = Fixtures.tempDir("topk").appendingPathComponent("cache.h5").path
+        try TopKCache.write(teacher: teacher, stream: s, seqLen: L, topK: topK, to: path, batchSize: 3, maxSequences: maxSequences,
+                            dataPath: "mem", split: "train", modelPath: "tiny", budgetBytes: 5 * V * 4)
+        return path
+    }
+
+    /// The cache holds ⌊(N−1)/L⌋ sequences (DataLoader packing), the right attributes, the
+    /// tokens, and per position the teacher's k largest logits by decreasing value with
+    /// log_softmax over the full vocabulary — checked against a direct teacher forward.
+    func testCacheContents() throws {
+        let teacher = try tinyModel(seed: 2)
+        let s = stream(L * 5 + 1 + 3)     // 5 sequences (+1 and 3 spare tokens), batches of 3: 3 + 2
+        let path = try writeCache(teacher, topK: 6, stream: s)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path + ".partial"))
+        let r = try TopKCacheReader(path: path)
+        XCTAssertEqual(r.header, TopKCache.Header(seqLen: L, topK: 6, vocabSize: V, sequences: 5, data: "mem", split: "train", model: "tiny"))
+        let f = try HDF5File(path: path)
+        XCTAssertEqual(try f.info("topk_ids").shape, [5, L, 6])
+        XCTAssertEqual(try f.info("topk_logprobs").typeName, "float32")
+        for i in 0..<5 {
+            let seq = Array(s[(i * L)..<((i + 1) * L)])
+            let row = try r.sequence(i)
+            XCTAssertEqual(row.tokens, seq)
+            let z = try teacherLogits(teacher, seq)
+            for t in 0..<L {
+                let zr = Array(z[(t * V)..<((t + 1) * V)])
+                let lsm = DirectKD.logSoftmax(ArraySlice(zr))
+                let order = (0..<V).sorted { zr[$0] > zr[$1] || (zr[$0] == zr[$1] && $0 < $1) }
+                for k in 0..<6 {
+                    XCTAssertEqual(Int(row.ids[t * 6 + k]), order[k], "sequence \(i) position \(t) rank \(k)")
+                    XCTAssertEqual(Double(row.logprobs[t * 6 + k]), lsm[order[k]], accuracy: 2e-5)
+                }
+            }
+        }
+        XCTAssertThrowsError(try r.sequence(5))
+        // max-sequences limits the count.
+        let p2 = try writeCache(teacher, topK: 2, stream: s, maxSequences: 2)
+        XCTAssertEqual(try TopKCacheReader(path: p2).header.sequences, 2)
+    }
+
+    /// The top-k loss against the Double formula on cached rows (teacher renormalised over
+    /// its k entries at T, student full-vocabulary log_softmax at T), gradients against
+    /// finite differences, CE mixing, ignored rows.
+    func testTopKLossAgainstDoubleReference() throws {
+        let teacher = try tinyModel(seed: 2)
+        let s = stream(L * 6 + 1)
+        let K = 5
+        let path = try writeCache(teacher, topK: K, stream: s)
+        let C = 8
+        let n = 2 * L
+        let indices = [4, 1]
+        let tokens = indices.flatMap { Array(s[($0 * L)..<(($0 + 1) * L)]) }
+        var targets = CrossEntropy.shiftedTargets(labels: tokens, batch: 2, seqLen: L)
+        targets[3] = -100
+        let valid = targets.filter { $0 != -100 }.count
+        for (T, r) in [(1.0, 1.0), (2.0, 0.5), (0.8, 0.0)] {
+            let d = spec(.forwardKL, temperature: T, kdRatio: r)
+            let loss = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: d, sequenceCount: 6, budgetBytes: 3 * V * 4)
+            let mb = MicroBatch(tokens: tokens, targets: targets, batch: 2, seqLen: L, sequenceIndices: indices)
+            let rows = try loss.teacherRows(for: mb)
+            // A standalone student head over random hidden states.
+            let w = Parameter(name: "lm_head.weight", value: Tensor(shape: [V, C], values: gaussians(V * C, std: 0.7, seed: 11)))
+            w.setRequiresGrad(true)
+            let head = Linear(name: "lm_head", weight: w, bias: nil)
+            let hidden = gaussians(n * C, std: 1, seed: 12)
+            var dH = [Float](repeating: .nan, count: n * C)
+            let parts = try hidden.withUnsafeBufferPointer { h in
+                try dH.withUnsafeMutableBufferPointer {
+                    try loss.fused(student: head, hidden: h.baseAddress!, ids: rows.ids, logprobs: rows.logprobs, targets: targets, n: n,
+                                   gradScale: 1 / Float(valid), dHidden: $0.baseAddress!)
+                }
+            }
+            func direct(_ h: [Double], _ wd: [Double]) -> (total: Double, ce: Double, kd: Double) {
+                let sl = DirectKD.matmulT(h, wd, n: n, C: C, V: V)
+                var total = 0.0, ce = 0.0, kd = 0.0
+                for i in 0..<n where targets[i] != -100 {
+                    let row = sl[(i * V)..<((i + 1) * V)]
+                    let lq = DirectKD.logSoftmax(ArraySlice(row.map { $0 / T }))
+                    let lp = DirectKD.logSoftmax(ArraySlice((0..<K).map { Double(rows.logprobs[i * K + $0]) / T }))
+                    var kl = 0.0
+                    for k in 0..<K { kl += exp(lp[k]) * (lp[k] - lq[Int(rows.ids[i * K + k])]) }
+                    let c = r < 1 ? -DirectKD.logSoftmax(row)[Int(targets[i])] : 0
+                    total += (1 - r) * c + r * T * T * kl; ce += c; kd += T * T * kl
+                }
+                return (total, ce, kd)
+            }
+            let hD = hidden.map(Double.init), wD = w.value.array.map(Double.init)
+            let want = direct(hD, wD)
+            let label = "top-k T \(T) kd_ratio \(r)"
+            assertClose(parts.total, want.total, rel: 1e-5, "\(label) total")
+            assertClose(parts.kd, want.kd, rel: 1e-5, "\(label) kd")
+            if r == 1 { XCTAssertEqual(parts.ce, 0) } else { assertClose(parts.ce, want.ce, rel: 1e-5, "\(label) ce") }
+            XCTAssertEqual(parts.valid, valid)
+            let gs = 1 / Double(valid)
+            assertClose(dH, finiteDifferences(hD) { direct($0, wD).total * gs }, rel: 2e-4, abs: 1e-7, "\(label) d hidden")
+            assertClose(w.grad!.array, finiteDifferences(wD) { direct(hD, $0).total * gs }, rel: 2e-4, abs: 1e-7, "\(label) d lm_head")
+        }
+    }
+
+    /// With k = V the top-k KD is the full forward KL: the cached path (no teacher) and the
+    /// live-teacher fused path agree on loss and every student gradient.
+    func testFullVocabTopKEqualsForwardKL() throws {
+        let student = try tinyModel(seed: 1), teacher = try tinyModel(seed: 2)
+        for p in student.parameters { p.setRequiresGrad(true) }
+        let s = stream(L * 4 + 1, seed: 3)
+        let path = try writeCache(teacher, topK: V, stream: s)
+        let indices = [2, 0, 3]
+        let B = indices.count
+        let tokens = indices.flatMap { Array(s[($0 * L)..<(($0 + 1) * L)]) }
+        var targets = CrossEntropy.shiftedTargets(labels: tokens, batch: B, seqLen: L)
+        targets[5] = -100
+        let valid = targets.filter { $0 != -100 }.count
+        let mb = MicroBatch(tokens: tokens, targets: targets, batch: B, seqLen: L, sequenceIndices: indices)
+        for (T, r) in [(1.0, 1.0), (2.0, 0.5)] {
+            let d = spec(.forwardKL, temperature: T, kdRatio: r)
+            let live = try DistillationLoss(teacher: teacher, studentVocab: V, spec: d, budgetBytes: 5 * 2 * V * 4)
+            let cached = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: d, sequenceCount: 4, budgetBytes: 7 * V * 4)
+            func pass(_ loss: TrainingLoss) throws -> (LossParts, [String: [Float]]) {
+                for p in student.parameters { p.grad?.zero() }
+                let h = try student.forward(tokens: tokens, batch: B, seqLen: L, saveForBackward: true)
+                let dH = Tensor(shape: [B * L, student.config.hiddenSize])
+                let parts = try loss.run(model: student, hidden: h, batch: mb, gradScale: 1 / Float(valid), dHidden: dH.data)
+                try student.backward(dHidden: dH.data)
+                return (parts, Dictionary(uniqueKeysWithValues: student.parameters.map { ($0.name, $0.grad!.array) }))
+            }
+            let a = try pass(cached), b = try pass(live)
+            XCTAssertGreaterThan(b.0.kd, 0.05 * Double(valid))
+            assertClose(a.0.kd, b.0.kd, rel: 2e-5, "k = V kd at T \(T)")
+            assertClose(a.0.total, b.0.total, rel: 2e-5, "k = V total at T \(T)")
+            XCTAssertEqual(a.0.ce, b.0.ce, accuracy: 1e-6 * max(1, b.0.ce))
+            for (name, g) in b.1 { assertClose(a.1[name]!, g.map(Double.init), rel: 1e-4, abs: 1e-9, "k = V grad \(name) at T \(T)") }
+        }
+    }
+
+    /// A cache that does not fit the run is refused with a message saying why.
+    func testCacheValidation() throws {
+        let teacher = try tinyModel(seed: 2)
+        let s = stream(L * 3 + 1)
+        let path = try writeCache(teacher, topK: 4, stream: s)
+        func message(_ body: () throws -> Void) -> String {
+            do { try body(); return "" } catch { return (error as? QATError)?.message ?? "\(error)" }
+        }
+        var m = message { _ = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: 16, spec: spec(.forwardKL)) }
+        XCTAssertTrue(m.contains("seq_len 8") && m.contains("16"), m)
+        m = message { _ = try TopKDistillationLoss(cache: path, studentVocab: 60, seqLen: L, spec: spec(.forwardKL)) }
+        XCTAssertTrue(m.contains("64") && m.contains("60"), m)
+        m = message { _ = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: spec(.forwardKL), sequenceCount: 9) }
+        XCTAssertTrue(m.contains("3 sequences") && m.contains("9"), m)
+        m = message { _ = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: spec(.reverseKL)) }
+        XCTAssertTrue(m.contains("forward_kl"), m)
+        m = message { _ = try TopKDistillationLoss(cache: Fixtures.tempDir().appendingPathComponent("none.h5").path, studentVocab: V, seqLen: L, spec: spec(.forwardKL)) }
+        XCTAssertTrue(m.contains("not found"), m)
+        // Tokens that are not the cached sequence's.
+        let loss = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: spec(.forwardKL), sequenceCount: 3)
+        var tokens = Array(s[(1 * L)..<(2 * L)])
+        tokens[3] = (tokens[3] + 1) % 64
+        m = message { _ = try loss.teacherRows(for: MicroBatch(tokens: tokens, targets: [Int32](repeating: 1, count: L), batch: 1, seqLen: L, sequenceIndices: [1])) }
+        XCTAssertTrue(m.contains("differ"), m)
+        m = message { _ = try loss.teacherRows(for: MicroBatch(tokens: tokens, targets: [Int32](repeating: 1, count: L), batch: 1, seqLen: L)) }
+        XCTAssertTrue(m.contains("sequence indices"), m)
+    }
+}

@@ -20,9 +20,16 @@ public final class QuantizerSet {
     public var enabled: [TensorQuantizer] { all.filter(\.enabled) }
 
     /// Creates the quantizers `config` resolves and attaches the enabled ones to `model`.
-    public init(model: CausalLM, config: QuantConfig, ste: STEMode? = nil) {
+    ///
+    /// NVFP4 fake quant defaults to the export math (`.export`: block scales clamped to
+    /// [2^-9, 448], zero blocks scale 1), so the trained model is bit for bit what the
+    /// exported checkpoint computes. `.modelOpt` reproduces ModelOpt's Triton training
+    /// kernel instead (no lower clamp; a block whose scale·gs < 1e-5 becomes zero), which
+    /// can differ from its own export in those corner blocks.
+    public init(model: CausalLM, config: QuantConfig, ste: STEMode? = nil, nvfp4Mode: NVFP4.FakeQuantMode = .export) {
         let names = QuantizerSet.names(model)
         let qs = config.makeQuantizers(names)
+        for q in qs { q.nvfp4Mode = nvfp4Mode }
         if let ste { for q in qs { q.ste = ste } }
         var by: [String: TensorQuantizer] = [:]
         for q in qs { by[q.name] = q }

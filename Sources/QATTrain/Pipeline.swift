@@ -19,7 +19,7 @@ public enum Pipeline {
     /// quantizes nothing.
     public static func quantize(model: CausalLM, recipe: Recipe, calibrationStream: [Int32], quiet: Bool = false) throws -> QuantizerSet? {
         guard let config = recipe.quantize else { return nil }
-        let set = QuantizerSet(model: model, config: config, ste: recipe.steMode)
+        let set = QuantizerSet(model: model, config: config, ste: recipe.steMode, nvfp4Mode: recipe.nvfp4Mode)
         guard !set.enabled.isEmpty else { return set }
         let seqs = try Calibration.sequences(from: calibrationStream, seqLen: recipe.data.seqLen, count: recipe.calibration.samples)
         let bar = ProgressBar(total: seqs.count, label: "calibrate", unit: "seq", enabled: !quiet)

@@ -93,6 +93,10 @@ public struct Recipe: Sendable {
     /// STE flavour for every quantizer: pass_through (default) or clipped.
     public var ste = "pass_through"
     public var steMode: STEMode { ste == "clipped" ? .clipped : .passThrough }
+    /// NVFP4 fake-quant math: `export` (bit-identical to the exported checkpoint, default)
+    /// or `modelopt` (ModelOpt's Triton training kernel).
+    public var fakeQuant = "export"
+    public var nvfp4Mode: NVFP4.FakeQuantMode { fakeQuant == "modelopt" ? .modelOpt : .export }
     public var calibration = CalibrationSpec()
     public var train = TrainSpec()
     public var export = ExportSpec()
@@ -140,7 +144,9 @@ public struct Recipe: Sendable {
                 if case .mapping(var m) = q {
                     let qm = try YAMLMap(q, path: "quantize", source: source)
                     r.ste = try qm.choice("ste", ["pass_through", "clipped"]) ?? r.ste
+                    r.fakeQuant = try qm.choice("fake_quant", ["export", "modelopt"]) ?? r.fakeQuant
                     m[Node("ste")] = nil
+                    m[Node("fake_quant")] = nil
                     inner = .mapping(m)
                     if let p = try qm.string("preset") { r.quantizeDescription = p } else { r.quantizeDescription = "quant_cfg" }
                 } else if let name = q.string {

@@ -1,0 +1,152 @@
+import Foundation
+import QATCore
+import QATIO
+import QATModels
+import QATQuant
+import QATTrain
+
+/// One `qat apply` run, step by step. Each step logs one line; figures land in the summary.
+final class ApplyRun {
+    let recipe: Recipe
+    let recipePath: String
+    let overrides: [String]
+    let resume: Bool
+    let forceResume: Bool
+    let quiet: Bool
+    let start = Date()
+
+    init(recipe: Recipe, recipePath: String, overrides: [String], resume: Bool, forceResume: Bool, quiet: Bool) {
+        self.recipe = recipe; self.recipePath = recipePath; self.overrides = overrides
+        self.resume = resume; self.forceResume = forceResume; self.quiet = quiet
+    }
+
+    func log(_ s: String) { if !quiet { FileHandle.standardError.write(Data((s + "\n").utf8)) } }
+
+    /// Where checkpoints and metrics live while training (the export directory itself is
+    /// replaced atomically at export time).
+    var workDir: String { recipe.train.checkpointDir.map { ($0 as NSString).deletingLastPathComponent } ?? recipe.export.dir + ".work" }
+    var checkpointDir: String { recipe.train.checkpointDir ?? workDir + "/checkpoints" }
+
+    /// FNV-1a of the recipe file and overrides: identifies the run for --resume.
+    var recipeHash: String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        let text = (try? String(contentsOfFile: recipePath, encoding: .utf8)) ?? recipePath
+        for b in (text + "\u{0}" + overrides.joined(separator: "\u{0}")).utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        return String(format: "%016llx", h)
+    }
+
+    func execute() throws -> ApplySummary {
+        var summary = ApplySummary()
+        summary.mode = recipe.train.mode.rawValue
+        summary.quantize = recipe.quantizeDescription
+        let r = recipe
+        log("recipe \(recipePath): model \(r.model), quantize \(r.quantizeDescription), mode \(r.train.mode.rawValue)")
+
+        let model = try CausalLM(directory: r.model)
+        let vocab = model.config.vocabSize
+        let trainStream = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: r.model, vocabSize: vocab)
+        let valStream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: r.model, vocabSize: vocab)
+        log("data: \(trainStream.count) train tokens (\(r.data.trainSplit)), \(valStream.count) validation tokens (\(r.data.validationSplit)), seq_len \(r.data.seqLen)")
+
+        func evaluate(_ m: CausalLM, _ label: String) throws -> Double {
+            let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
+            let bar = ProgressBar(total: total, label: "eval \(label)", unit: "seq", enabled: !quiet)
+            let e = try Evaluation.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                            maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
+            bar.finish()
+            log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, e.loss, e.perplexity, e.sequences))
+            return e.loss
+        }
+
+        summary.rows.append(.init(name: "unquantized", loss: try evaluate(model, "unquantized")))
+
+        // Quantize + calibrate (PTQ).
+        let calibration = try Calibration.sequences(from: trainStream, seqLen: r.data.seqLen, count: r.calibration.samples)
+        var quantizers: QuantizerSet? = nil
+        if let config = r.quantize {
+            let set = QuantizerSet(model: model, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
+            log("quantizers: \(set.enabled.count) enabled of \(set.all.count); calibrating (max) on \(calibration.count) sequences")
+            let bar = ProgressBar(total: calibration.count, label: "calibrate", unit: "seq", enabled: !quiet)
+            try Calibration.run(model: model, quantizers: set, sequences: calibration, seqLen: r.data.seqLen,
+                                batchSize: r.calibration.batchSize) { d, _ in bar.update(d) }
+            bar.finish()
+            quantizers = set
+            summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
+        }
+
+        // Train.
+        if r.train.mode != .none {
+            try FileManager.default.createDirectory(atPath: workDir, withIntermediateDirectories: true)
+            var opts = Trainer.Options(outputDir: workDir, checkpointDir: checkpointDir)
+            opts.resume = resume; opts.forceResume = forceResume; opts.recipeHash = recipeHash; opts.quiet = quiet
+            let set = quantizers ?? QuantizerSet(model: model, config: QuantConfig(entries: []))
+            let trainer: Trainer
+            switch r.train.mode {
+            case .qat:
+                trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calibration, calibrationBatchSize: r.calibration.batchSize,
+                                         spec: r.train, seqLen: r.data.seqLen, trainStream: trainStream, validationStream: valStream,
+                                         validationSequences: r.data.validationSequences, options: opts)
+            case .qad:
+                var teacher: CausalLM? = nil
+                if r.train.distill.teacherLogprobs == nil {
+                    let dir = r.train.distill.teacher ?? r.model
+                    guard FileManager.default.fileExists(atPath: dir) else { throw QATError("teacher not found: \(dir) (train.distill.teacher)") }
+                    teacher = try CausalLM(directory: dir)
+                    log("teacher: \(dir) (unquantized, forward-only)")
+                }
+                trainer = try QADTrainer(model: model, teacher: teacher, quantizers: set, calibrationSequences: calibration,
+                                         calibrationBatchSize: r.calibration.batchSize, spec: r.train, seqLen: r.data.seqLen,
+                                         trainStream: trainStream, validationStream: valStream,
+                                         validationSequences: r.data.validationSequences, options: opts)
+            case .none:
+                fatalError("unreachable")
+            }
+            log("training: \(trainer.totalSteps) steps × \(r.train.batchSize)×\(r.train.gradAccum) sequences of \(r.data.seqLen), lr \(r.train.lr) (\(r.train.schedule)), loss: \(trainer.loss.description)")
+            installStopHandler()
+            let result = try trainer.run()
+            summary.steps = result.steps
+            if result.interrupted {
+                summary.interrupted = true
+                summary.seconds = Date().timeIntervalSince(start)
+                return summary
+            }
+            let label = r.train.mode == .qat ? "after QAT" : "after QAD"
+            if let v = result.finalValidation {
+                log(String(format: "%@: validation loss %.4f (perplexity %.2f)", label, v.loss, v.perplexity))
+                summary.rows.append(.init(name: label, loss: v.loss))
+            }
+        }
+
+        try exportAndVerify(model: model, quantizers: quantizers, summary: &summary)
+        summary.seconds = Date().timeIntervalSince(start)
+        try writeReport(summary)
+        return summary
+    }
+
+    /// Export, verify, evaluate the export (added with the exporter).
+    func exportAndVerify(model: CausalLM, quantizers: QuantizerSet?, summary: inout ApplySummary) throws {
+        summary.exportDir = recipe.export.dir
+    }
+
+    /// qat_summary.json, metrics.jsonl and loss_curve.svg beside the exported model.
+    func writeReport(_ summary: ApplySummary) throws {
+        let dir = recipe.export.dir
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try atomicWrite(path: dir + "/qat_summary.json") { try $0.write(Array(summary.json.utf8)) }
+        let metricsPath = workDir + "/metrics.jsonl"
+        var train: [(step: Int, loss: Double)] = [], val: [(step: Int, loss: Double)] = []
+        if let text = try? String(contentsOfFile: metricsPath, encoding: .utf8) {
+            try atomicWrite(path: dir + "/metrics.jsonl") { try $0.write(Array(text.utf8)) }
+            for line in text.split(separator: "\n") {
+                guard let v = try? JSONValue.parse(String(line)), let s = v["step"]?.intValue else { continue }
+                if let l = v["loss"]?.doubleValue { train.append((s, l)) }
+                if let l = v["val_loss"]?.doubleValue { val.append((s, l)) }
+            }
+        }
+        if let last = summary.rows.last(where: { $0.name.hasPrefix("after") })?.loss, summary.steps > 0 { val.append((summary.steps, last)) }
+        let refs = summary.rows.filter { $0.name == "unquantized" || $0.name == "PTQ" }.compactMap { row in row.loss.map { (label: row.name, loss: $0) } }
+        let svg = LossCurve.svg(train: train, validation: val, reference: refs,
+                                title: "\(recipe.train.mode.rawValue.uppercased()) of \((recipe.model as NSString).lastPathComponent) — \(recipe.quantizeDescription)")
+        try atomicWrite(path: dir + "/loss_curve.svg") { try $0.write(Array(svg.utf8)) }
+    }
+}

@@ -129,7 +129,8 @@ public final class YAMLMap {
     }
 
     public static func isNull(_ n: Node) -> Bool {
-        if case .scalar(let s) = n { return n.null != nil && (s.style == .plain) }
+        // A quoted 'null' is a string; a plain (or constructed) null is null.
+        if case .scalar(let s) = n { return n.null != nil && s.style != .singleQuoted && s.style != .doubleQuoted }
         return false
     }
 

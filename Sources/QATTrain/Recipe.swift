@@ -247,19 +247,19 @@ public struct Recipe: Sendable {
         guard !keyPath.isEmpty, keyPath.allSatisfy({ !$0.isEmpty }) else { throw QATError("--set \(assignment): empty key") }
         let valueText = String(assignment[assignment.index(after: eq)...])
         let value: Node
-        do { value = try Yams.compose(yaml: valueText) ?? Node("null", Tag(.null)) } catch {
+        do { value = try Yams.compose(yaml: valueText.isEmpty ? "null" : valueText) ?? Node("") } catch {
             throw QATError("--set \(assignment): the value is not valid YAML: \(error)")
         }
-        func set(_ node: Node, _ path: ArraySlice<String>) throws -> Node {
+        func set(_ node: Node?, _ path: ArraySlice<String>) throws -> Node {
             guard let key = path.first else { return value }
             var mapping: Node.Mapping
             switch node {
-            case .mapping(let m): mapping = m
-            case .scalar where YAMLMap.isNull(node): mapping = Node.Mapping([])
-            default: throw QATError("--set \(assignment): \(key)'s parent is not a mapping")
+            case .mapping(let m)?: mapping = m
+            case nil: mapping = Node.Mapping([])
+            case let n? where YAMLMap.isNull(n): mapping = Node.Mapping([])
+            default: throw QATError("--set \(assignment): cannot set \(key) inside a value that is not a mapping")
             }
-            let child = mapping[Node(key)] ?? Node("null", Tag(.null))
-            mapping[Node(key)] = try set(child, path.dropFirst())
+            mapping[Node(key)] = try set(mapping[Node(key)], path.dropFirst())
             return .mapping(mapping)
         }
         return try set(root, keyPath[...])

@@ -189,12 +189,27 @@ public struct ExportedModel {
                              directory: directory)
     }
 
-    /// An amax whose `amax / bound` is exactly `scale` (see the type's doc).
-    static func invert(_ scale: Float, _ bound: Float) -> Float {
-        let a = scale * bound
-        for c in [a, a.nextDown, a.nextUp, a.nextDown.nextDown, a.nextUp.nextUp] where c / bound == scale { return c }
-        return a
+    /// The amax the loader re-creates from a stored scale: the smallest float whose
+    /// `amax / bound` is exactly `scale` (see the type's doc). Deterministic, so that
+    /// `Exporter.snapScales` can give the live model the very same amax before export.
+    public static func amaxForScale(_ scale: Float, bound: Float) -> Float {
+        var c = scale * bound
+        if c / bound != scale {
+            var lo = c, hi = c
+            var found: Float? = nil
+            for _ in 0..<4 {
+                lo = lo.nextDown; hi = hi.nextUp
+                if lo / bound == scale { found = lo; break }
+                if hi / bound == scale { found = hi; break }
+            }
+            guard let f = found else { return c }
+            c = f
+        }
+        while c.nextDown / bound == scale { c = c.nextDown }
+        return c
     }
+
+    static func invert(_ scale: Float, _ bound: Float) -> Float { amaxForScale(scale, bound: bound) }
 }
 
 /// The model `qat eval --model DIR` should evaluate: an export's fake-quant model when DIR

@@ -20,19 +20,21 @@ public struct LogitComparison: Sendable {
 
 /// Checks that an export reproduces the fake-quant model it came from.
 ///
-/// Exact equality is reachable, with two adjustments to the reference that make it compute
-/// what the checkpoint encodes, neither of which changes an ordinary model:
+/// Exact equality is reachable, with three adjustments to the reference that make it compute
+/// what the checkpoint encodes, none of which changes an ordinary model beyond an ulp:
 /// 1. NVFP4 weight quantizers switch to `FakeQuantMode.export`, i.e. exactly
 ///    `dequantize(quantize(w))`. ModelOpt's Triton fake quant (the training default) differs
 ///    only on blocks whose dequantized scale is below 1e-5 or whose block scale falls below
 ///    2^-9 (`NVFP4`'s doc); `ExportSummary.weightMismatches` counts such elements.
 /// 2. Every tensor the export stores unquantized is rounded to the dtype it was stored in
 ///    (an fp32-trained embedding written as bf16 is a different model otherwise).
+/// 3. Every quantizer's amax is snapped to the value the export stores exactly
+///    (`Exporter.snapScales`, ≤ 1 ulp; a no-op when the model was snapped before export).
 /// Input and KV quantizers keep their mode: the loader re-creates them with the same scale.
 /// FP8 *weights* cannot be bit-exact (ModelOpt's fake quant multiplies by 448/amax, the
 /// export divides by amax/448); their differences are last-bit.
 public enum Verification {
-    /// Applies the two adjustments above to the in-memory reference model.
+    /// Applies the three adjustments above to the in-memory reference model.
     public static func alignReference(model: CausalLM, quantizers: QuantizerSet, exportDirectory: String) throws {
         let ckpt = try Checkpoint(path: exportDirectory)
         var quantizedWeights = Set<String>()
@@ -47,6 +49,7 @@ public enum Verification {
             try bytes.withUnsafeMutableBytes { try DTypeConversion.fromFloat(p.value.data, count: p.count, as: d, into: $0.baseAddress!) }
             try bytes.withUnsafeBytes { try DTypeConversion.toFloat($0.baseAddress!, dtype: d, count: p.count, into: p.value.data) }
         }
+        Exporter.snapScales(model: model, quantizers: quantizers)
         model.markWeightsChanged()
     }
 

@@ -68,6 +68,8 @@ open class Trainer {
         public var quiet = false
         /// Called with each human-readable log line.
         public var log: (String) -> Void = { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
+        /// Evaluate on the validation split after the last step (benchmarks turn it off).
+        public var finalEvaluation = true
         /// Called after every optimizer step with its metrics (progress reporting, tests).
         public var onStep: ((StepMetrics) -> Void)? = nil
         public init(outputDir: String, checkpointDir: String) { self.outputDir = outputDir; self.checkpointDir = checkpointDir }
@@ -191,8 +193,10 @@ open class Trainer {
             log("interrupted at step \(step): checkpoint written; continue with --resume")
             return Result(steps: step, finalValidation: nil, interrupted: true, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
         }
-        if step != lastSaved || spec.saveEvery > 0 { try saveCheckpoint() }
-        let final = try evaluate()
+        // The final state is checkpointed whenever checkpoints are on, so `qat export --checkpoint`
+        // and a later --resume with more steps can start from it.
+        if spec.saveEvery > 0 && step != lastSaved { try saveCheckpoint() }
+        let final = options.finalEvaluation ? try evaluate() : nil
         return Result(steps: step, finalValidation: final, interrupted: false, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
     }
 

@@ -1,0 +1,154 @@
+import ArgumentParser
+import Foundation
+import QATCore
+import QATExport
+import QATIO
+import QATModels
+import QATQuant
+import QATTrain
+
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Export a quantized model as a ModelOpt-format Hugging Face checkpoint (NVFP4 / FP8) for TensorRT-LLM, vLLM, SGLang.",
+        discussion: """
+        Without --checkpoint: post-training quantization — the recipe's quantizers are inserted
+        and max-calibrated on its train data, then exported. With --checkpoint (a training
+        checkpoint directory, or a directory of them: the latest is taken): its weights and
+        quantizer amax are exported. The export is built in a temporary directory and renamed
+        into place only when complete, then (unless --no-verify or export.verify: false) read
+        back and checked against the fake-quant model on validation sequences.
+
+        Example: qat export --model models/fortune-lm --recipe recipes/default.yaml --out export/fortune-lm-nvfp4
+        """)
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(help: "Recipe YAML: quantize, calibration, data and export sections are used.")
+    var recipe: String
+
+    @Option(name: .customLong("set"), help: "Override a recipe key (repeatable), e.g. --set calibration.samples=32.")
+    var overrides: [String] = []
+
+    @Option(help: "Training checkpoint (checkpoint-NNNNNN directory, or the directory holding them) to export instead of calibrating.")
+    var checkpoint: String?
+
+    @Option(help: "Output directory (default: the recipe's export.dir).")
+    var out: String?
+
+    @Option(name: .customLong("save-dtype"), help: "dtype of the unquantized tensors: bfloat16, float16, float32, or keep (each tensor's source dtype). Default: the recipe's export.save_dtype.")
+    var saveDtype: String?
+
+    @Option(name: .customLong("max-shard-bytes"), help: "Shard the safetensors above this size (default: the recipe's export.max_shard_bytes).")
+    var maxShardBytes: Int?
+
+    @Flag(name: .customLong("no-verify"), help: "Skip reading the export back and comparing logits.")
+    var noVerify = false
+
+    @Option(name: .customLong("verify-sequences"), help: "Validation sequences for the verification.")
+    var verifySequences: Int = 8
+
+    @Flag(help: "Print one JSON object instead of text.")
+    var json = false
+
+    func run() throws {
+        try QAT.guarded {
+            modelOptions.applyThreads()
+            let r = try Recipe.load(path: recipe, overrides: overrides)
+            var options = ExportOptions(maxShardBytes: maxShardBytes ?? r.export.maxShardBytes)
+            options.saveDtype = try resolveSaveDtype(saveDtype, recipeValue: r.export.saveDtype)
+            let outDir = out ?? r.export.dir
+            let source = try QuantizedSource.build(modelDirectory: modelOptions.model, recipe: r, checkpoint: checkpoint, quiet: json)
+            let summary = try Exporter.export(model: source.model, quantizers: source.quantizers, sourceDirectory: modelOptions.model,
+                                              to: outDir, options: options)
+            for w in summary.weightMismatches where !json {
+                FileHandle.standardError.write(Data("note: \(w.name): \(w.elements) elements of the exported weight differ from the training fake quant (corner-case blocks, see NVFP4.FakeQuantMode)\n".utf8))
+            }
+            for name in summary.unrecoverableScales where !json {
+                FileHandle.standardError.write(Data("note: \(name): amax is not exactly recoverable from its exported scale (1 ulp)\n".utf8))
+            }
+            let sourceBytes = (try? Checkpoint(path: modelOptions.model).totalBytes) ?? 0
+            let factor = summary.tensorBytes > 0 ? Double(sourceBytes) / Double(summary.tensorBytes) : 0
+            var verification: LogitComparison? = nil
+            if !noVerify && r.export.verify {
+                verification = try QuantizedSource.verify(exportDirectory: outDir, reference: source, recipe: r,
+                                                          modelDirectory: modelOptions.model, sequences: verifySequences)
+            }
+            if json {
+                var fields: [(String, Any)] = [("out", outDir), ("quant_algo", summary.plan.quantAlgo ?? "none"),
+                                               ("kv_cache_quant_algo", summary.plan.kvCacheQuantAlgo ?? "none"),
+                                               ("source", source.description), ("tensor_bytes", summary.tensorBytes),
+                                               ("total_bytes", summary.totalBytes), ("source_tensor_bytes", sourceBytes),
+                                               ("compression", factor), ("files", summary.files.joined(separator: ","))]
+                if let v = verification {
+                    fields += [("verify_max_abs_logit_diff", Double(v.maxAbsDiff)), ("verify_reference_loss", v.referenceLoss),
+                               ("verify_export_loss", v.candidateLoss), ("verify_sequences", v.sequences)]
+                }
+                printJSON(fields)
+            } else {
+                print("exported \(source.description) to \(outDir): quant_algo \(summary.plan.quantAlgo ?? "none"), kv_cache \(summary.plan.kvCacheQuantAlgo ?? "none"), exclude \(summary.plan.excludeModules)")
+                print(String(format: "  %@ of tensors (source %@, %.2fx smaller), %d files: %@", formatBytes(summary.tensorBytes),
+                             formatBytes(sourceBytes), factor, summary.files.count, summary.files.joined(separator: ", ")))
+                if let v = verification { print(verificationLine(v)) }
+            }
+        }
+    }
+}
+
+func resolveSaveDtype(_ flag: String?, recipeValue: String?) throws -> DType? {
+    let s = flag ?? recipeValue
+    guard let s, s.lowercased() != "keep", s.lowercased() != "null" else { return nil }
+    guard let d = DType(torchName: s) else { throw QATError("--save-dtype \(s): expected bfloat16, float16, float32 or keep") }
+    return d
+}
+
+func verificationLine(_ v: LogitComparison) -> String {
+    String(format: "verify: max |Δlogit| %g (mean %.3g, %d of %d logits bit-identical) on %d sequences; loss fake-quant %.6f, export %.6f",
+           Double(v.maxAbsDiff), v.meanAbsDiff, v.identical, v.count, v.sequences, v.referenceLoss, v.candidateLoss)
+}
+
+/// The fake-quant model an export is made from (and verified against): a calibrated PTQ
+/// model, or a training checkpoint's weights with its quantizer amax restored.
+struct QuantizedSource {
+    var model: CausalLM
+    var quantizers: QuantizerSet
+    var description: String
+
+    static func build(modelDirectory: String, recipe r: Recipe, checkpoint: String?, quiet: Bool) throws -> QuantizedSource {
+        guard let qc = r.quantize else { throw QATError("\(r.source): the recipe has no quantize section: there is nothing to export") }
+        if let checkpoint {
+            let path = try resolveCheckpoint(checkpoint)
+            let loaded = try TrainingCheckpoint.read(path)
+            let model = try CausalLM(config: try ModelConfig.load(directory: modelDirectory), parameters: loaded.parameters)
+            let set = QuantizerSet(model: model, config: qc, ste: r.steMode)
+            try set.restore(loaded.extra, model: model)
+            return QuantizedSource(model: model, quantizers: set, description: "\(path) (step \(loaded.state.step))")
+        }
+        let model = try CausalLM(directory: modelDirectory)
+        let calib = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: modelDirectory, vocabSize: model.config.vocabSize)
+        guard let set = try Pipeline.quantize(model: model, recipe: r, calibrationStream: calib, quiet: quiet) else {
+            throw QATError("\(r.source): the recipe quantizes nothing")
+        }
+        // Give every amax the value its exported scale encodes exactly (≤ 1 ulp): the PTQ
+        // model and its export are then the same model.
+        Exporter.snapScales(model: model, quantizers: set)
+        return QuantizedSource(model: model, quantizers: set, description: "PTQ of \(modelDirectory) (\(r.quantizeDescription), \(r.calibration.samples) calibration sequences)")
+    }
+
+    static func resolveCheckpoint(_ path: String) throws -> String {
+        if FileManager.default.fileExists(atPath: "\(path)/trainer_state.json") { return path }
+        if let latest = TrainingCheckpoint.latest(in: path) { return latest }
+        throw QATError("\(path): not a training checkpoint (no trainer_state.json) and holds no checkpoint-* directories")
+    }
+
+    /// Reads the export back and compares its logits with this (aligned) reference.
+    static func verify(exportDirectory: String, reference: QuantizedSource, recipe r: Recipe, modelDirectory: String,
+                       sequences: Int) throws -> LogitComparison {
+        let exported = try ExportedModel.load(directory: exportDirectory)
+        try Verification.alignReference(model: reference.model, quantizers: reference.quantizers, exportDirectory: exportDirectory)
+        let stream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: modelDirectory,
+                                         vocabSize: reference.model.config.vocabSize)
+        let seqLen = min(r.data.seqLen, reference.model.config.maxPositionEmbeddings)
+        let seqs = try Calibration.sequences(from: stream, seqLen: seqLen, count: max(1, sequences))
+        return try Verification.compare(reference: reference.model, candidate: exported.model, sequences: seqs)
+    }
+}

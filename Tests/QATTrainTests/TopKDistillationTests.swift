@@ -63,6 +63,16 @@ final class TopKDistillationTests: XCTestCase {
         XCTAssertEqual(try TopKCacheReader(path: p2).header.sequences, 2)
     }
 
+    /// Selection order: decreasing value, ties to the lower id; log-probabilities over all V.
+    func testSelectTopKTiesAndOrder() {
+        let z: [Float] = [3, 1, 3, 1, 3, 1, -2, 0.5]
+        var ids = [Int32](repeating: 0, count: 4), lps = [Float](repeating: 0, count: 4)
+        TopKCache.selectTopK(logits: z, n: 1, vocab: z.count, topK: 4, ids: &ids, logprobs: &lps)
+        XCTAssertEqual(ids, [0, 2, 4, 1])
+        let lse = log(z.reduce(0.0) { $0 + exp(Double($1)) })
+        for (k, id) in ids.enumerated() { XCTAssertEqual(Double(lps[k]), Double(z[Int(id)]) - lse, accuracy: 1e-6) }
+    }
+
     /// The top-k loss against the Double formula on cached rows (teacher renormalised over
     /// its k entries at T, student full-vocabulary log_softmax at T), gradients against
     /// finite differences, CE mixing, ignored rows.

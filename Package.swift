@@ -49,5 +49,7 @@ let package = Package(
         .testTarget(name: "QATQuantTests", dependencies: ["QATQuant", "TestSupport"]),
         .testTarget(name: "QATTrainTests", dependencies: ["QATTrain", "TestSupport"]),
         .testTarget(name: "QATExportTests", dependencies: ["QATExport", "QATTrain", "TestSupport"]),
+        // Runs the built `qat` binary as a user would (apply, kill, resume, eval of the export).
+        .testTarget(name: "QATEndToEndTests", dependencies: ["QATIO", "TestSupport"]),
     ]
 )

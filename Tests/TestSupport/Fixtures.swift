@@ -19,3 +19,43 @@ public enum Fixtures {
         return url
     }
 }
+
+extension Fixtures {
+    /// The `qat` executable built beside the running test bundle (same build folder).
+    public static var qatBinary: String? {
+        var candidates: [URL] = []
+        if let exe = Bundle.main.executableURL { candidates.append(exe.deletingLastPathComponent()) }
+        for b in Bundle.allBundles { candidates.append(b.bundleURL.deletingLastPathComponent()) }
+        candidates.append(repoRoot.appendingPathComponent(".build/release"))
+        for dir in candidates {
+            let p = dir.appendingPathComponent("qat").path
+            if FileManager.default.isExecutableFile(atPath: p) { return p }
+        }
+        return nil
+    }
+
+    /// Runs `qat` with arguments from the repository root; returns (exit code, stdout, stderr).
+    @discardableResult
+    public static func runQAT(_ args: [String], environment: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
+        guard let bin = qatBinary else { throw NSError(domain: "qat-tests", code: 1, userInfo: [NSLocalizedDescriptionKey: "qat binary not built"]) }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: bin)
+        p.arguments = args
+        p.currentDirectoryURL = repoRoot
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        p.environment = env
+        // Output goes to files, so a chatty child can never block on a full pipe.
+        let tmp = tempDir("qat-run")
+        let outURL = tmp.appendingPathComponent("out"), errURL = tmp.appendingPathComponent("err")
+        FileManager.default.createFile(atPath: outURL.path, contents: nil)
+        FileManager.default.createFile(atPath: errURL.path, contents: nil)
+        p.standardOutput = try FileHandle(forWritingTo: outURL)
+        p.standardError = try FileHandle(forWritingTo: errURL)
+        try p.run()
+        p.waitUntilExit()
+        let outData = (try? Data(contentsOf: outURL)) ?? Data(), errData = (try? Data(contentsOf: errURL)) ?? Data()
+        try? FileManager.default.removeItem(at: tmp)
+        return (p.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+    }
+}

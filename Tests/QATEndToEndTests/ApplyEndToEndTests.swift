@@ -1,0 +1,103 @@
+import Foundation
+import XCTest
+import QATIO
+import TestSupport
+
+/// `qat apply` as a user runs it: a short QAT of the embedded fortune-lm (short sequences,
+/// a few steps) so the whole pipeline runs in seconds.
+final class ApplyEndToEndTests: XCTestCase {
+    func recipe(_ dir: URL, steps: Int = 8, extra: String = "") throws -> String {
+        let text = """
+        model: models/fortune-lm
+        data:
+          train: models/fortune-lm/tokens.h5
+          validation: models/fortune-lm/tokens.h5
+          seq_len: 32
+          validation_sequences: 4
+        quantize:
+          preset: nvfp4_default-kv_fp8
+        calibration:
+          samples: 4
+          batch_size: 4
+        train:
+          mode: qat
+          steps: \(steps)
+          batch_size: 2
+          lr: 1.0e-4
+          warmup_steps: 1
+          eval_every: 4
+          save_every: 2
+          log_every: 1
+        export:
+          dir: \(dir.appendingPathComponent("export").path)
+        \(extra)
+        """
+        let path = dir.appendingPathComponent("recipe.yaml").path
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    func requireBinary() throws {
+        if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
+    }
+
+    /// A run SIGKILLed mid-training and resumed ends with weights bit-identical to an
+    /// uninterrupted run of the same recipe.
+    func testKilledRunResumesBitIdentical() throws {
+        try requireBinary()
+        let straightDir = Fixtures.tempDir("qat-straight")
+        let straight = try Fixtures.runQAT(["apply", try recipe(straightDir, steps: 12), "--quiet"])
+        XCTAssertEqual(straight.status, 0, straight.err)
+        let final = "checkpoint-000012/model.safetensors"
+        let reference = try Data(contentsOf: straightDir.appendingPathComponent("export.work/checkpoints/\(final)"))
+
+        let dir = Fixtures.tempDir("qat-killed")
+        let path = try recipe(dir, steps: 12)
+        let ckpts = dir.appendingPathComponent("export.work/checkpoints")
+        // Kill at a few points: right after the first checkpoint appears, then later.
+        for killAfter in ["checkpoint-000002", "checkpoint-000006"] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: Fixtures.qatBinary!)
+            p.arguments = ["apply", path, "--quiet", "--resume"]
+            p.currentDirectoryURL = Fixtures.repoRoot
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            let deadline = Date().addingTimeInterval(120)
+            while !FileManager.default.fileExists(atPath: ckpts.appendingPathComponent(killAfter).path), p.isRunning, Date() < deadline {
+                usleep(2_000)
+            }
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            XCTAssertEqual(p.terminationReason, .uncaughtSignal, "the run should have been killed before finishing (\(killAfter))")
+        }
+        let resumed = try Fixtures.runQAT(["apply", path, "--resume"])
+        XCTAssertEqual(resumed.status, 0, resumed.err)
+        XCTAssertTrue(resumed.err.contains("resumed from"), resumed.err)
+        let mine = try Data(contentsOf: ckpts.appendingPathComponent(final))
+        XCTAssertEqual(mine, reference, "weights after kill + resume differ from the uninterrupted run")
+        // metrics.jsonl has each step once.
+        let metrics = try String(contentsOf: dir.appendingPathComponent("export.work/metrics.jsonl"), encoding: .utf8)
+        let steps = metrics.split(separator: "\n").compactMap { try? JSONValue.parse(String($0))["step"]?.intValue }
+        XCTAssertEqual(steps, Array(1...12))
+    }
+
+    func testBadInputsGiveClearErrors() throws {
+        try requireBinary()
+        let missing = try Fixtures.runQAT(["apply", "/nonexistent/recipe.yaml"])
+        XCTAssertEqual(missing.status, 1)
+        XCTAssertTrue(missing.err.contains("recipe not found: /nonexistent/recipe.yaml"), missing.err)
+
+        let dir = Fixtures.tempDir("qat-bad")
+        let bad = dir.appendingPathComponent("bad.yaml").path
+        try "model: models/fortune-lm\ntrain:\n  mode: qat\n  stepz: 3\n".write(toFile: bad, atomically: true, encoding: .utf8)
+        let r = try Fixtures.runQAT(["apply", bad])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.err.contains("line 4") && r.err.contains("train.stepz") && r.err.contains("did you mean \"steps\""), r.err)
+        XCTAssertFalse(r.err.contains("Fatal error"), r.err)
+
+        let noModel = try Fixtures.runQAT(["eval", "--model", dir.path])
+        XCTAssertEqual(noModel.status, 1)
+        XCTAssertTrue(noModel.err.contains("no config.json"), noModel.err)
+    }
+}

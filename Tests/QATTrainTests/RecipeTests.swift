@@ -90,3 +90,23 @@ final class RecipeTests: XCTestCase {
         }
     }
 }
+
+final class RecipeRenderTests: XCTestCase {
+    /// `recipe show` output reads back to the same recipe.
+    func testShowRoundTrips() throws {
+        let original = try Recipe.parse("""
+        model: m
+        quantize: {preset: nvfp4_default-kv_fp8, ste: clipped}
+        train: {mode: qad, steps: 3, frozen_params: ["*norm*"], distill: {loss: reverse_kl, temperature: 2.0}}
+        export: {save_dtype: bfloat16}
+        """, source: "r.yaml")
+        let again = try Recipe.parse(original.yaml, source: "shown.yaml")
+        XCTAssertEqual(again.data, original.data)
+        XCTAssertEqual(again.train, original.train)
+        XCTAssertEqual(again.export, original.export)
+        XCTAssertEqual(again.calibration, original.calibration)
+        XCTAssertEqual(again.ste, original.ste)
+        XCTAssertEqual(again.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] },
+                       original.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] })
+    }
+}

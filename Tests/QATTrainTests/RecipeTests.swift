@@ -1,6 +1,7 @@
 import XCTest
 import QATQuant
 import QATTrain
+import TestSupport
 
 final class RecipeTests: XCTestCase {
     func testDefaultsAndFullRecipe() throws {
@@ -108,5 +109,18 @@ final class RecipeRenderTests: XCTestCase {
         XCTAssertEqual(again.ste, original.ste)
         XCTAssertEqual(again.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] },
                        original.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] })
+    }
+}
+
+final class ShippedRecipeTests: XCTestCase {
+    /// Every recipe in recipes/ parses (keys, types, quant_cfg).
+    func testShippedRecipesParse() throws {
+        let dir = Fixtures.repoRoot.appendingPathComponent("recipes")
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".yaml") }
+        XCTAssertGreaterThanOrEqual(files.count, 5)
+        for f in files {
+            let r = try Recipe.load(path: dir.appendingPathComponent(f).path)
+            XCTAssertNotNil(r.quantize, f)
+        }
     }
 }

@@ -371,7 +371,6 @@ final class FortuneLMExportTests: XCTestCase {
         var recipe = Recipe()
         recipe.data.train = "\(dir)/tokens.h5"
         recipe.data.validation = "\(dir)/tokens.h5"
-        recipe.calibration.samples = 32
         let model = try CausalLM(directory: dir)
         let calib = try Pipeline.tokens(path: recipe.data.train, split: "train", modelDirectory: dir, vocabSize: model.config.vocabSize)
         let set = try XCTUnwrap(try Pipeline.quantize(model: model, recipe: recipe, calibrationStream: calib, quiet: true))
@@ -390,13 +389,13 @@ final class FortuneLMExportTests: XCTestCase {
                                        "tokenizer.json", "tokenizer_config.json"])
 
         let stream = try Pipeline.tokens(path: recipe.data.validation, split: "validation", modelDirectory: dir, vocabSize: model.config.vocabSize)
-        let ref = try Evaluation.evaluate(model: model, stream: stream, seqLen: 256, maxSequences: 12)
+        let ref = try Evaluation.evaluate(model: model, stream: stream, seqLen: 256, maxSequences: 16)
         let exported = try loadModelForEval(directory: out)
         let reread = try ExportedModel.load(directory: out)
         for (name, q) in reread.quantizers.byName where q.enabled {
             XCTAssertEqual(q.amax, set.byName[name]?.amax, "\(name): the loader recovers the snapped amax exactly")
         }
-        let exp = try Evaluation.evaluate(model: exported, stream: stream, seqLen: 256, maxSequences: 12)
+        let exp = try Evaluation.evaluate(model: exported, stream: stream, seqLen: 256, maxSequences: 16)
         XCTAssertEqual(exp.loss, ref.loss, accuracy: 1e-4)
         let seqs = try Calibration.sequences(from: stream, seqLen: 256, count: 4)
         let cmp = try Verification.compare(reference: model, candidate: exported, sequences: seqs)

@@ -189,25 +189,8 @@ public struct ExportedModel {
                              directory: directory)
     }
 
-    /// The amax the loader re-creates from a stored scale: the smallest float whose
-    /// `amax / bound` is exactly `scale` (see the type's doc). Deterministic, so that
-    /// `Exporter.snapScales` can give the live model the very same amax before export.
-    public static func amaxForScale(_ scale: Float, bound: Float) -> Float {
-        var c = scale * bound
-        if c / bound != scale {
-            var lo = c, hi = c
-            var found: Float? = nil
-            for _ in 0..<4 {
-                lo = lo.nextDown; hi = hi.nextUp
-                if lo / bound == scale { found = lo; break }
-                if hi / bound == scale { found = hi; break }
-            }
-            guard let f = found else { return c }
-            c = f
-        }
-        while c.nextDown / bound == scale { c = c.nextDown }
-        return c
-    }
+    /// The amax the loader re-creates from a stored scale (see `StoredScale`).
+    public static func amaxForScale(_ scale: Float, bound: Float) -> Float { StoredScale.amax(forScale: scale, bound: bound) }
 
     static func invert(_ scale: Float, _ bound: Float) -> Float { amaxForScale(scale, bound: bound) }
 }

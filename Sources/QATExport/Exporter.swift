@@ -174,41 +174,11 @@ public enum Exporter {
                              unrecoverableScales: unrecoverableScales(quantizers))
     }
 
-    /// One amax moved by `snapScales`.
-    public struct ScaleSnap: Sendable, Equatable {
-        public var quantizer: String
-        public var from: Float
-        public var to: Float
-    }
-
-    /// Gives every enabled NVFP4/FP8 quantizer the amax the export stores exactly.
-    ///
-    /// The checkpoint keeps `amax/2688` (NVFP4) or `amax/448` (FP8) in fp32, and division by
-    /// 448 = 7·64 is not injective: two adjacent amax values can share a scale, so the loader
-    /// cannot always recover the calibrated amax (`ExportedModel.amaxForScale` takes the
-    /// smallest). FP8 fake quant multiplies by `448/amax`, so a 1-ulp amax difference moves
-    /// every KV value by an ulp, and NVFP4 activation rounding downstream amplifies such
-    /// ulps into visible logit changes (0.15 max |Δlogit| on fortune-lm). Snapping right
-    /// after calibration (≤ 1 ulp per amax) makes the fake-quant model and its export the
-    /// same model bit for bit. NVFP4 quantizers only use `amax/2688`, so their snap never
-    /// changes a result; it is applied for uniformity. Returns what moved.
+    /// Gives every enabled NVFP4/FP8 quantizer the amax the export stores exactly (see
+    /// `QuantizerSet.snapToStoredScales`; calibration already does this). Returns what moved.
     @discardableResult
     public static func snapScales(model: CausalLM, quantizers: QuantizerSet) -> [ScaleSnap] {
-        var moved: [ScaleSnap] = []
-        for q in quantizers.all where q.enabled {
-            guard let a = q.amax, a.isFinite, a > 0 else { continue }
-            let bound: Float
-            switch q.format {
-            case .nvfp4: bound = 2688
-            case .fp8PerTensor: bound = FP8.maxE4M3
-            case .int8PerTensor: continue
-            }
-            let s = ExportedModel.amaxForScale(a / bound, bound: bound)
-            if s != a {
-                q.amax = s
-                moved.append(ScaleSnap(quantizer: q.name, from: a, to: s))
-            }
-        }
+        let moved = quantizers.snapToStoredScales()
         model.markWeightsChanged()
         return moved
     }

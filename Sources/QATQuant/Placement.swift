@@ -85,9 +85,73 @@ public final class QuantizerSet {
     }
 }
 
+/// The scale an export stores for an amax, and back. The checkpoint keeps `amax/2688`
+/// (NVFP4) or `amax/448` (FP8) in fp32, and division by 448 = 7·64 is not injective: two
+/// adjacent amax values can share a scale, so a loader cannot always recover the calibrated
+/// amax. FP8 fake quant multiplies by `448/amax`, so a 1-ulp amax difference moves every KV
+/// value by an ulp, and NVFP4 activation rounding downstream amplifies such ulps into visible
+/// logit changes (0.15 max |Δlogit| on fortune-lm). Calibration therefore snaps every amax
+/// (≤ 2 ulp) to the value the export's scale encodes, making the fake-quant model and its
+/// export the same model bit for bit.
+public enum StoredScale {
+    /// amax / bound is the stored scale.
+    public static func bound(_ format: QuantFormat) -> Float? {
+        switch format {
+        case .nvfp4: return 6 * FP8.maxE4M3
+        case .fp8PerTensor: return FP8.maxE4M3
+        case .int8PerTensor: return nil
+        }
+    }
+
+    /// The smallest float whose `amax / bound` is exactly `scale` (deterministic, so a
+    /// loader and the snapping below agree).
+    public static func amax(forScale scale: Float, bound: Float) -> Float {
+        var c = scale * bound
+        if c / bound != scale {
+            var lo = c, hi = c
+            var found: Float? = nil
+            for _ in 0..<4 {
+                lo = lo.nextDown; hi = hi.nextUp
+                if lo / bound == scale { found = lo; break }
+                if hi / bound == scale { found = hi; break }
+            }
+            guard let f = found else { return c }
+            c = f
+        }
+        while c.nextDown / bound == scale { c = c.nextDown }
+        return c
+    }
+}
+
+/// One amax moved by `QuantizerSet.snapToStoredScales`.
+public struct ScaleSnap: Sendable, Equatable {
+    public var quantizer: String
+    public var from: Float
+    public var to: Float
+}
+
+extension QuantizerSet {
+    /// Sets every enabled quantizer's amax to the value its exported scale encodes (see
+    /// `StoredScale`). Returns what moved.
+    @discardableResult
+    public func snapToStoredScales() -> [ScaleSnap] {
+        var moved: [ScaleSnap] = []
+        for q in all where q.enabled {
+            guard let a = q.amax, a.isFinite, a > 0, let bound = StoredScale.bound(q.format) else { continue }
+            let s = StoredScale.amax(forScale: a / bound, bound: bound)
+            if s != a {
+                q.amax = s
+                moved.append(ScaleSnap(quantizer: q.name, from: a, to: s))
+            }
+        }
+        return moved
+    }
+}
+
 /// Max calibration (ModelOpt `algorithm: max`): every enabled quantizer observes while the
 /// model runs unquantized over the calibration batches; amax = running max |x|; fused groups
-/// then share their largest amax; from then on amax is frozen.
+/// then share their largest amax, every amax is snapped to the value its exported scale
+/// encodes (`StoredScale`), and from then on amax is frozen.
 public enum Calibration {
     public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
                            progress: ((Int, Int) -> Void)? = nil) throws {
@@ -110,6 +174,7 @@ public enum Calibration {
         }
         for q in active { try q.finishCalibration() }
         for g in quantizers.fusedGroups { TensorQuantizer.shareAmax(g) }
+        quantizers.snapToStoredScales()
         model.markWeightsChanged()
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import QATCore
+import QATExport
 import QATIO
 import QATModels
 import QATQuant
@@ -123,9 +124,45 @@ final class ApplyRun {
         return summary
     }
 
-    /// Export, verify, evaluate the export (added with the exporter).
+    /// Export (ModelOpt HF format, atomically), read the export back, check that it
+    /// reproduces the fake-quant model's logits, and evaluate it.
     func exportAndVerify(model: CausalLM, quantizers: QuantizerSet?, summary: inout ApplySummary) throws {
-        summary.exportDir = recipe.export.dir
+        let r = recipe
+        summary.exportDir = r.export.dir
+        guard let quantizers, !quantizers.enabled.isEmpty else {
+            log("export: skipped (the recipe quantizes nothing)")
+            return
+        }
+        let dtype = try r.export.saveDtype.map { s -> DType in
+            guard let d = DType(torchName: s) else { throw QATError("export.save_dtype \(s): expected bfloat16, float16, float32 or null") }
+            return d
+        }
+        let es = try Exporter.export(model: model, quantizers: quantizers, sourceDirectory: r.model, to: r.export.dir,
+                                     options: ExportOptions(saveDtype: dtype, maxShardBytes: r.export.maxShardBytes))
+        summary.exportBytes = es.tensorBytes
+        summary.sourceBytes = (try? Checkpoint(path: r.model).totalBytes) ?? 0
+        log("export: \(r.export.dir) (\(es.hfQuantConfig["quantization"]?["quant_algo"]?.stringValue ?? "?"), \(formatBytes(es.tensorBytes)) of tensors, \(es.files.count) files)")
+        guard r.export.verify else { return }
+        let exported = try ExportedModel.load(directory: r.export.dir)
+        // The reference is the trained fake-quant model with its unquantized tensors rounded
+        // to the dtype they were saved in (what the export holds by construction).
+        try Verification.alignReference(model: model, quantizers: quantizers, exportDirectory: r.export.dir)
+        let valStream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: r.model,
+                                            vocabSize: model.config.vocabSize)
+        let seqs = try Calibration.sequences(from: valStream, seqLen: r.data.seqLen, count: min(8, r.data.validationSequences ?? 8))
+        let cmp = try Verification.compare(reference: model, candidate: exported.model, sequences: seqs)
+        summary.verifyMaxAbsDiff = Double(cmp.maxAbsDiff)
+        log(verificationLine(cmp))
+        if cmp.maxAbsDiff > 1e-3 {
+            log("warning: the export does not reproduce the fake-quant model (max |Δlogit| \(cmp.maxAbsDiff)); check `qat verify`")
+        }
+        let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
+        let bar = ProgressBar(total: total, label: "eval exported", unit: "seq", enabled: !quiet)
+        let e = try Evaluation.evaluate(model: exported.model, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                        maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
+        bar.finish()
+        log(String(format: "exported: validation loss %.4f (perplexity %.2f)", e.loss, e.perplexity))
+        summary.rows.append(.init(name: "exported", loss: e.loss))
     }
 
     /// qat_summary.json, metrics.jsonl and loss_curve.svg beside the exported model.

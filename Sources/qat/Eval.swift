@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import QATCore
 import QATData
+import QATExport
 import QATModels
 import QATQuant
 import QATTrain
@@ -49,7 +50,7 @@ struct Eval: ParsableCommand {
     func run() throws {
         try QAT.guarded {
             modelOptions.applyThreads()
-            let model = try CausalLM(directory: modelOptions.model)
+            let model = try loadModelForEval(directory: modelOptions.model)
             let stream = try Pipeline.tokens(path: data, split: split, modelDirectory: modelOptions.model, vocabSize: model.config.vocabSize)
             if let recipePath = recipe {
                 var r = try Recipe.load(path: recipePath, overrides: overrides)

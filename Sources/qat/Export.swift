@@ -128,9 +128,8 @@ struct QuantizedSource {
         guard let set = try Pipeline.quantize(model: model, recipe: r, calibrationStream: calib, quiet: quiet) else {
             throw QATError("\(r.source): the recipe quantizes nothing")
         }
-        // Give every amax the value its exported scale encodes exactly (≤ 1 ulp): the PTQ
-        // model and its export are then the same model.
-        Exporter.snapScales(model: model, quantizers: set)
+        // Calibration already snapped every amax to the value its exported scale encodes,
+        // so the PTQ model and its export are the same model.
         return QuantizedSource(model: model, quantizers: set, description: "PTQ of \(modelDirectory) (\(r.quantizeDescription), \(r.calibration.samples) calibration sequences)")
     }
 

@@ -11,7 +11,7 @@ struct QAT: ParsableCommand {
         Typical flow: `qat eval` a model, then `qat inspect` its checkpoint.
         The embedded default model is models/fortune-lm (with its tokens.h5).
         """,
-        subcommands: [Apply.self, Eval.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self])
+        subcommands: [Apply.self, Eval.self, Export.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self])
 
     /// Runs a command body, turning project errors into one clear line on stderr and exit
     /// code 1 instead of a stack trace.

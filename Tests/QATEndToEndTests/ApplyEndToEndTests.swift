@@ -82,6 +82,55 @@ final class ApplyEndToEndTests: XCTestCase {
         XCTAssertEqual(steps, Array(1...12))
     }
 
+    /// A short apply writes every output file; the summary's exported figure equals
+    /// `qat eval` of the export; the exported config.json carries the save dtype.
+    func testApplyWritesEverythingAndSummaryMatchesEvalOfExport() throws {
+        try requireBinary()
+        let dir = Fixtures.tempDir("qat-e2e")
+        let path = try recipe(dir, steps: 4, extra: "")
+        let r = try Fixtures.runQAT(["apply", path, "--set", "export.save_dtype=float16", "--json"])
+        XCTAssertEqual(r.status, 0, r.err)
+        let export = dir.appendingPathComponent("export")
+        let files = Set(try FileManager.default.contentsOfDirectory(atPath: export.path))
+        for f in ["model.safetensors", "config.json", "hf_quant_config.json", "generation_config.json", "tokenizer.json",
+                  "qat_summary.json", "metrics.jsonl", "loss_curve.svg"] {
+            XCTAssertTrue(files.contains(f), "missing \(f) in \(files.sorted())")
+        }
+        XCTAssertFalse(files.contains { $0.contains(".tmp") }, "leftover temporary files: \(files.sorted())")
+
+        // The summary (also printed on stdout with --json).
+        let summary = try JSONValue.parse(file: export.appendingPathComponent("qat_summary.json").path)
+        XCTAssertEqual(try JSONValue.parse(r.out), summary)
+        let exportedLoss = try XCTUnwrap(summary["exported"]?["val_loss"]?.doubleValue)
+        for key in ["unquantized", "ptq", "after_qat"] { XCTAssertNotNil(summary[key]?["val_loss"]?.doubleValue, key) }
+        XCTAssertEqual(summary["verify_max_abs_logit_diff"]?.doubleValue, 0)
+        XCTAssertEqual(summary["steps"]?.intValue, 4)
+        XCTAssertGreaterThan(summary["source_bytes"]?.intValue ?? 0, 2 * (summary["export_bytes"]?.intValue ?? .max) - 1)
+
+        // qat eval of the export, same protocol, reproduces the summary's figure.
+        let e = try Fixtures.runQAT(["eval", "--model", export.path, "--data", "models/fortune-lm/tokens.h5", "--split", "validation",
+                                     "--seq-len", "32", "--batch-size", "2", "--max-sequences", "4", "--json"])
+        XCTAssertEqual(e.status, 0, e.err)
+        let evalLoss = try XCTUnwrap(try JSONValue.parse(e.out)["loss"]?.doubleValue)
+        XCTAssertEqual(evalLoss, exportedLoss, accuracy: 1e-6)
+
+        // dtype rewrite and the quantization block in config.json.
+        let config = try JSONValue.parseObject(file: export.appendingPathComponent("config.json").path)
+        XCTAssertEqual(try config.string("dtype"), "float16")
+        XCTAssertEqual(try config.object("quantization_config").string("quant_method"), "modelopt")
+        XCTAssertEqual(config.keys.last, "quantization_config")
+        let st = try SafeTensorsFile(path: export.appendingPathComponent("model.safetensors").path)
+        XCTAssertEqual(st.info("model.norm.weight")?.dtype, .f16)
+        XCTAssertEqual(st.info("model.layers.0.mlp.up_proj.weight")?.dtype, .u8)
+        XCTAssertEqual(st.info("model.layers.0.mlp.up_proj.weight_scale_2")?.shape, [])
+
+        // metrics.jsonl: one line per step; the SVG is an SVG.
+        let metrics = try String(contentsOf: export.appendingPathComponent("metrics.jsonl"), encoding: .utf8)
+        XCTAssertEqual(metrics.split(separator: "\n").count, 4)
+        let svg = try String(contentsOf: export.appendingPathComponent("loss_curve.svg"), encoding: .utf8)
+        XCTAssertTrue(svg.hasPrefix("<svg") && svg.contains("polyline"))
+    }
+
     func testBadInputsGiveClearErrors() throws {
         try requireBinary()
         let missing = try Fixtures.runQAT(["apply", "/nonexistent/recipe.yaml"])

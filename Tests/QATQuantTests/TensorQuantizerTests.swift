@@ -107,31 +107,4 @@ final class TensorQuantizerTests: XCTestCase {
     }
 
     /// A benchmark, not an assertion: fused NVFP4 fake quant on 4096×4096 vs memcpy.
-    func testBenchmarkFakeQuantBandwidth() {
-        let rows = 4096, cols = 4096, n = rows * cols
-        let x = UnsafeMutablePointer<Float>.allocate(capacity: n)
-        let y = UnsafeMutablePointer<Float>.allocate(capacity: n)
-        defer { x.deallocate(); y.deallocate() }
-        for i in 0..<n { x[i] = Float(sin(Double(i) * 0.001)) }
-        y.initialize(repeating: 0, count: n)
-        func time(_ body: () -> Void) -> Double {
-            var best = Double.infinity
-            for _ in 0..<5 {
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                body()
-                best = min(best, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-            }
-            return best
-        }
-        let bytes = Double(n * 8)  // read + write
-        let tCopy = time { y.update(from: x, count: n) }
-        let tFQ = time { NVFP4.fakeQuant(x, y, rows: rows, cols: cols, globalAmax: 1) }
-        let tFQE = time { NVFP4.fakeQuant(x, y, rows: rows, cols: cols, globalAmax: 1, mode: .export) }
-        let tFP8 = time { FP8.fakeQuant(x, y, count: n, amax: 1) }
-        func gbs(_ t: Double) -> String { String(format: "%.1f GB/s (%.1f ms)", bytes / t / 1e9, t * 1e3) }
-        print("BENCH 4096x4096 memcpy: \(gbs(tCopy))")
-        print("BENCH 4096x4096 NVFP4.fakeQuant modelOpt: \(gbs(tFQ)) = \(String(format: "%.0f", tCopy / tFQ * 100))% of memcpy")
-        print("BENCH 4096x4096 NVFP4.fakeQuant export: \(gbs(tFQE)) = \(String(format: "%.0f", tCopy / tFQE * 100))% of memcpy")
-        print("BENCH 4096x4096 FP8.fakeQuant: \(gbs(tFP8)) = \(String(format: "%.0f", tCopy / tFP8 * 100))% of memcpy")
-    }
 }

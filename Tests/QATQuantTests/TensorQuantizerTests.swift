@@ -105,6 +105,4 @@ final class TensorQuantizerTests: XCTestCase {
         XCTAssertTrue(s.contains("nvfp4"))
         XCTAssertTrue(s.contains("4 quantizers, 3 enabled, 1 disabled"), s)
     }
-
-    /// A benchmark, not an assertion: fused NVFP4 fake quant on 4096×4096 vs memcpy.
 }

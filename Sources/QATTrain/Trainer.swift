@@ -70,7 +70,7 @@ open class Trainer {
         public var log: (String) -> Void = { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
         /// Evaluate on the validation split after the last step (benchmarks turn it off).
         public var finalEvaluation = true
-        /// Called after every optimizer step with its metrics (progress reporting, tests).
+        /// Called after every optimizer step (and its checkpoint) with its metrics.
         public var onStep: ((StepMetrics) -> Void)? = nil
         public init(outputDir: String, checkpointDir: String) { self.outputDir = outputDir; self.checkpointDir = checkpointDir }
     }
@@ -170,7 +170,6 @@ open class Trainer {
                 record.validationLoss = try evaluate().loss
             }
             history.append(record)
-            options.onStep?(record)
             try appendLine(metricsPath, record.json)
             let rate = Double(tokensDone) / max(Date().timeIntervalSince(loopStart), 1e-9)
             bar.update(step, units: tokensDone, extra: String(format: "loss %.4f", record.loss))
@@ -186,6 +185,7 @@ open class Trainer {
             if spec.saveEvery > 0, step % spec.saveEvery == 0, step < totalSteps {
                 try saveCheckpoint(); lastSaved = step
             }
+            options.onStep?(record)
         }
         bar.finish()
         if interrupted {

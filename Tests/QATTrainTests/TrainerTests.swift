@@ -1,3 +1,4 @@
+import Foundation
 import XCTest
 import QATCore
 import QATModels
@@ -90,5 +91,45 @@ final class TrainerTests: XCTestCase {
         let r = try resumed.run()
         XCTAssertEqual(r.resumedFrom, 2)
         XCTAssertEqual(weights(resumed), weights(straight))
+    }
+}
+
+final class NonFiniteTests: XCTestCase {
+    func trainer(_ dir: URL, onNonFinite: String) throws -> Trainer {
+        let model = try CausalLM(directory: Fixtures.path("tiny-llama"))
+        var spec = Recipe.TrainSpec()
+        spec.steps = 3; spec.batchSize = 1; spec.evalEvery = 0; spec.saveEvery = 1; spec.onNonFinite = onNonFinite
+        var opts = Trainer.Options(outputDir: dir.path, checkpointDir: dir.appendingPathComponent("ckpt").path)
+        opts.quiet = true
+        var rng = SplitMix64(seed: 1)
+        let stream = (0..<(16 * 8 + 1)).map { _ in Int32(rng.next() % 512) }
+        return try Trainer(model: model, spec: spec, seqLen: 16, trainStream: stream, validationStream: stream,
+                           validationSequences: 1, options: opts)
+    }
+
+    /// A NaN appearing mid-run stops with the step named; the last good checkpoint is intact.
+    func testNaNStopsAndKeepsLastCheckpoint() throws {
+        let dir = Fixtures.tempDir()
+        let t = try trainer(dir, onNonFinite: "stop")
+        t.options.onStep = { m in if m.step == 1 { t.model.parameterByName["model.norm.weight"]!.value[0] = .nan } }
+        XCTAssertThrowsError(try t.run()) { e in
+            let m = "\(e)"
+            XCTAssertTrue(m.contains("step 2") && m.contains("non-finite") && m.contains("checkpoint"), m)
+        }
+        let ckpts = TrainingCheckpoint.list(in: dir.appendingPathComponent("ckpt").path)
+        XCTAssertEqual(ckpts.map { ($0 as NSString).lastPathComponent }, ["checkpoint-000001"])
+        let saved = try TrainingCheckpoint.read(ckpts[0])
+        XCTAssertTrue(saved.parameters["model.norm.weight"]!.array.allSatisfy(\.isFinite))
+    }
+
+    func testSkipModeSkipsTheBatch() throws {
+        let dir = Fixtures.tempDir()
+        let t = try trainer(dir, onNonFinite: "skip")
+        t.options.finalEvaluation = false
+        let embed = t.model.parameterByName["model.embed_tokens.weight"]!
+        t.options.onStep = { m in if m.step == 1 { embed.value.buffer.update(repeating: .infinity) } }
+        let r = try t.run()
+        XCTAssertEqual(r.steps, 3)
+        XCTAssertTrue(t.history[1].skipped && t.history[2].skipped)
     }
 }

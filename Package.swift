@@ -49,6 +49,8 @@ let package = Package(
         .testTarget(name: "QATQuantTests", dependencies: ["QATQuant", "TestSupport"]),
         .testTarget(name: "QATTrainTests", dependencies: ["QATTrain", "TestSupport"]),
         .testTarget(name: "QATExportTests", dependencies: ["QATExport", "QATTrain", "TestSupport"]),
+        // Seeded mutation fuzzing of every parser that reads user files (bounded time).
+        .testTarget(name: "QATFuzzTests", dependencies: ["QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport", "TestSupport"]),
         // Runs the built `qat` binary as a user would (apply, kill, resume, eval of the export).
         .testTarget(name: "QATEndToEndTests", dependencies: ["QATIO", "TestSupport"]),
     ]

@@ -8,8 +8,11 @@ struct QAT: ParsableCommand {
         commandName: "qat",
         abstract: "Quantization-aware training and NVFP4 export of Hugging Face causal LMs, on a CPU.",
         discussion: """
-        Typical flow: `qat eval` a model, then `qat inspect` its checkpoint.
-        The embedded default model is models/fortune-lm (with its tokens.h5).
+        Start with `qat apply recipes/default.yaml`: QAT of the embedded fortune-lm to NVFP4 \
+        (W4A4, FP8 KV cache), then a ModelOpt-format export that is read back and verified.
+
+        Then: `qat eval` a model, a PTQ recipe or an export; `qat inspect` a checkpoint; \
+        `qat recipe show` a recipe with every default filled in.
         """,
         subcommands: [Apply.self, Eval.self, Export.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self])
 

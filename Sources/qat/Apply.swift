@@ -10,9 +10,9 @@ struct Apply: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a recipe end to end: quantize, calibrate, train (QAT/QAD), export, verify.",
         discussion: """
-        load → insert quantizers → calibrate → evaluate the unquantized and PTQ model → train
-        (train.mode none | qat | qad) with periodic evaluation and checkpoints → export →
-        verify → evaluate the export. Ends with a table and writes qat_summary.json,
+        load → insert quantizers → calibrate → evaluate the unquantized and PTQ model → train \
+        (train.mode none | qat | qad) with periodic evaluation and checkpoints → export → \
+        verify → evaluate the export. Ends with a table and writes qat_summary.json, \
         metrics.jsonl and loss_curve.svg into the export directory.
 
         Ctrl-C writes a checkpoint and exits; run the same command with --resume to continue.

@@ -11,12 +11,12 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure speed and memory of the real code paths, next to plain sgemm and memcpy (and the PyTorch peer).",
         discussion: """
-        Shapes: fortune (the embedded fortune-lm, real weights and data) and smollm (a
-        SmolLM2-135M-shaped model with random weights: hidden 576, 30 layers, 9 heads, 3 KV
-        heads, intermediate 1536, vocab 49152). For each: forward tokens/s, QAT and QAD step
-        time (NVFP4 weights+inputs, FP8 KV, fwd+bwd+AdamW), achieved GFLOP/s of the QAT step,
-        peak RSS. Plus sgemm GFLOP/s of the model's MLP shape, memcpy GB/s and NVFP4 fake-quant
-        GB/s measured in the same run. With --peer PYTHON, the PyTorch peer
+        Shapes: fortune (the embedded fortune-lm, real weights and data) and smollm (a \
+        SmolLM2-135M-shaped model with random weights: hidden 576, 30 layers, 9 heads, 3 KV \
+        heads, intermediate 1536, vocab 49152). For each: forward tokens/s, QAT and QAD step \
+        time (NVFP4 weights+inputs, FP8 KV, fwd+bwd+AdamW), achieved GFLOP/s of the QAT step, \
+        peak RSS. Plus sgemm GFLOP/s of the model's MLP shape, memcpy GB/s and NVFP4 fake-quant \
+        GB/s measured in the same run. With --peer PYTHON, the PyTorch peer \
         (../shared/peer/torch_qat_step.py) runs in the same session for ours/peer ratios.
 
         Example: qat bench --shapes fortune --peer /tmp/peer/bin/python --json

@@ -11,8 +11,8 @@ struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Validation loss and perplexity of a model on a token stream.",
         discussion: """
-        The stream is cut into ⌊(N−1)/seq_len⌋ non-overlapping sequences of seq_len tokens;
-        each predicts its own tokens 2…seq_len, and the mean cross-entropy over all predicted
+        The stream is cut into ⌊(N−1)/seq_len⌋ non-overlapping sequences of seq_len tokens; \
+        each predicts its own tokens 2…seq_len, and the mean cross-entropy over all predicted \
         tokens is reported (the protocol of the fixtures' PyTorch figures).
 
         Example: qat eval --model models/fortune-lm --data models/fortune-lm/tokens.h5 --split validation --json

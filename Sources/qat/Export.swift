@@ -11,11 +11,11 @@ struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Export a quantized model as a ModelOpt-format Hugging Face checkpoint (NVFP4 / FP8) for TensorRT-LLM, vLLM, SGLang.",
         discussion: """
-        Without --checkpoint: post-training quantization — the recipe's quantizers are inserted
-        and max-calibrated on its train data, then exported. With --checkpoint (a training
-        checkpoint directory, or a directory of them: the latest is taken): its weights and
-        quantizer amax are exported. The export is built in a temporary directory and renamed
-        into place only when complete, then (unless --no-verify or export.verify: false) read
+        Without --checkpoint: post-training quantization — the recipe's quantizers are inserted \
+        and max-calibrated on its train data, then exported. With --checkpoint (a training \
+        checkpoint directory, or a directory of them: the latest is taken): its weights and \
+        quantizer amax are exported. The export is built in a temporary directory and renamed \
+        into place only when complete, then (unless --no-verify or export.verify: false) read \
         back and checked against the fake-quant model on validation sequences.
 
         Example: qat export --model models/fortune-lm --recipe recipes/default.yaml --out export/fortune-lm-nvfp4

@@ -10,11 +10,11 @@ struct TeacherLogprobs: ParsableCommand {
         commandName: "teacher-logprobs",
         abstract: "Write an offline top-k teacher cache (HDF5) for QAD without a live teacher.",
         discussion: """
-        The stream is cut into ⌊(N−1)/seq_len⌋ packed sequences exactly like the trainer's data
-        loader (sequence i = tokens [i·seq_len, (i+1)·seq_len)). The teacher runs forward-only;
-        for every position t it stores the top-k token ids of its prediction of token t+1 and
-        their log-probabilities at temperature 1 (log_softmax over the full vocabulary).
-        Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data
+        The stream is cut into ⌊(N−1)/seq_len⌋ packed sequences exactly like the trainer's data \
+        loader (sequence i = tokens [i·seq_len, (i+1)·seq_len)). The teacher runs forward-only; \
+        for every position t it stores the top-k token ids of its prediction of token t+1 and \
+        their log-probabilities at temperature 1 (log_softmax over the full vocabulary). \
+        Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data \
         must match the cache's (checked).
 
         Example: qat teacher-logprobs --model models/fortune-lm --data models/fortune-lm/tokens.h5 --top-k 64 --out teacher-top64.h5

@@ -8,12 +8,12 @@ struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check that a ModelOpt-format export reproduces its fake-quant model's logits.",
         discussion: """
-        Rebuilds the fake-quant model from --against (a model directory: PTQ with the recipe's
-        calibration, snapped to the exported scales; or a training checkpoint: its weights and
-        amax) and compares full logits with the export read back, on the first --sequences
-        validation sequences of the recipe's data. The reference uses the export-exact NVFP4
-        weight fake quant and the export's dtype for unquantized tensors (see
-        Verification in QATExport), so a faithful export gives max |Δlogit| = 0.
+        Rebuilds the fake-quant model from --against (a model directory: PTQ with the recipe's \
+        calibration, snapped to the exported scales; or a training checkpoint: its weights and \
+        amax) and compares full logits with the export read back, on the first --sequences \
+        validation sequences of the recipe's data. The reference uses the export-exact NVFP4 \
+        weight fake quant and the export's dtype for unquantized tensors (see \
+        Verification in QATExport), so a faithful export gives max |Δlogit| = 0. \
         Exits 1 when max |Δlogit| exceeds --tolerance.
 
         Example: qat verify export/fortune-lm-nvfp4 --against models/fortune-lm --recipe recipes/default.yaml

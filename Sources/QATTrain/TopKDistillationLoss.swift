@@ -49,9 +49,11 @@ public final class TopKDistillationLoss: TrainingLoss {
     /// Opens and validates the cache: its seq_len must be the run's, its vocabulary the
     /// student's (or larger with `maskExtraVocab`: ids ≥ the student's vocabulary are then
     /// dropped and the teacher renormalised over the rest), and, when `sequenceCount` (the
-    /// trainer's ⌊(N−1)/L⌋) is given, it must hold that many sequences.
+    /// trainer's ⌊(N−1)/L⌋) is given, it must hold that many sequences. `budgetBytes` bounds
+    /// the student's chunk logits (default 128 MiB: large chunks keep the lm_head backward,
+    /// which sweeps the whole weight gradient per chunk, compute-bound; see DistillationLoss).
     public init(cache path: String, studentVocab: Int, seqLen: Int, spec: Recipe.DistillSpec, sequenceCount: Int? = nil,
-                maskExtraVocab: Bool = false, budgetBytes: Int = 16 << 20) throws {
+                maskExtraVocab: Bool = false, budgetBytes: Int = 128 << 20) throws {
         constants = try DistillationConstants(spec: spec)
         guard constants.divergence == .forwardKL else {
             throw QATError("an offline top-k teacher cache supports forward_kl only (got \(spec.loss.rawValue)\(spec.loss == .jsd ? " with beta \(spec.beta)" : "")): reverse KL and JSD need the teacher's full distribution; run the teacher live instead")

@@ -10,28 +10,55 @@ public struct SendablePointer<T>: @unchecked Sendable {
     public init(_ p: UnsafeMutablePointer<T>) { self.p = p }
 }
 
+/// The one place that decides how many threads compute.
+///
+/// Threading model: OpenBLAS is kept single-threaded (see `BLAS`), and every parallel loop,
+/// large matrix products included, is split here into `threads` fixed contiguous chunks run
+/// by `DispatchQueue.concurrentPerform`. So there is exactly one set of workers (no
+/// OpenBLAS pthreads spinning in `sched_yield` next to ours), and the split of every loop
+/// depends only on its size and `threads`, never on timing: results are run-to-run
+/// deterministic.
 public enum Parallel {
-    /// Worker count: QAT_THREADS, else the number of online cores.
-    public static let threads: Int = {
+    /// Worker count: QAT_THREADS, else the number of online cores. `BLAS.setThreads` (the
+    /// CLI's `--threads`) overrides it; set it before the work starts.
+    nonisolated(unsafe) public static var threads: Int = {
         if let s = getenv("QAT_THREADS"), let n = Int(String(cString: s)), n > 0 { return n }
         return max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
     }()
 
     /// Runs `body(start, end)` over `n` items split into contiguous chunks, one per worker,
     /// in parallel when the work is large enough (`n * costPerItem` ≥ ~32k operations).
-    /// Never call sgemm inside `body`: OpenBLAS has its own threads.
+    /// `body` may call `BLAS.gemm` with `parallel: false` (OpenBLAS is single-threaded).
     public static func forRange(_ n: Int, costPerItem: Int = 1, _ body: (Int, Int) -> Void) {
-        let workers = min(threads, n)
+        forWorkers(n, costPerItem: costPerItem) { _, s, e in body(s, e) }
+    }
+
+    /// As `forRange`, also passing the chunk's worker index (0 ..< min(threads, n)), for
+    /// per-worker scratch buffers. `maxWorkers` caps the split.
+    public static func forWorkers(_ n: Int, costPerItem: Int = 1, maxWorkers: Int = .max, _ body: (Int, Int, Int) -> Void) {
+        let workers = min(threads, n, maxWorkers)
         if workers <= 1 || n * costPerItem < 32_768 {
-            if n > 0 { body(0, n) }
+            if n > 0 { body(0, 0, n) }
             return
         }
         withoutActuallyEscaping(body) { b in
             let box = UncheckedBox(b)
             DispatchQueue.concurrentPerform(iterations: workers) { w in
                 let start = n * w / workers, end = n * (w + 1) / workers
-                if end > start { box.value(start, end) }
+                if end > start { box.value(w, start, end) }
             }
+        }
+    }
+
+    /// Runs `body(w)` for w in 0..<count concurrently (count small: one task per worker).
+    public static func tasks(_ count: Int, _ body: (Int) -> Void) {
+        if count <= 1 || threads <= 1 {
+            for w in 0..<count { body(w) }
+            return
+        }
+        withoutActuallyEscaping(body) { b in
+            let box = UncheckedBox(b)
+            DispatchQueue.concurrentPerform(iterations: count) { w in box.value(w) }
         }
     }
 }

@@ -154,7 +154,9 @@ public final class CausalLM: @unchecked Sendable {
         ensureBuffers(batch: batch, seqLen: seqLen, saved: saveForBackward)
         self.tokens = tokens
         let x0 = residuals[0].data
-        tokens.withUnsafeBufferPointer { Embedding.forward(out: x0, tokens: $0.baseAddress!, table: embed.value.data, n: N, c: C) }
+        StepProfiler.measure("fwd.embedding") {
+            tokens.withUnsafeBufferPointer { Embedding.forward(out: x0, tokens: $0.baseAddress!, table: embed.value.data, n: N, c: C) }
+        }
         for (l, layer) in layers.enumerated() {
             let a = saveForBackward ? acts[l] : acts[0]
             let xin = saveForBackward ? residuals[l].data : x0
@@ -162,7 +164,9 @@ public final class CausalLM: @unchecked Sendable {
             try layerForward(layer, a, xin: xin, xout: xout, batch: batch, seqLen: seqLen)
         }
         let last = residuals[saveForBackward ? layers.count : 0].data
-        RMSNorm.forward(out: finalHidden!.data, rstd: finalRstd!.data, inp: last, weight: finalNorm.value.data, n: N, c: C, eps: c.rmsNormEps)
+        StepProfiler.measure("fwd.rmsnorm") {
+            RMSNorm.forward(out: finalHidden!.data, rstd: finalRstd!.data, inp: last, weight: finalNorm.value.data, n: N, c: C, eps: c.rmsNormEps)
+        }
         return finalHidden!.data
     }
 
@@ -170,28 +174,28 @@ public final class CausalLM: @unchecked Sendable {
                               batch: Int, seqLen: Int) throws {
         let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
         let eps = c.rmsNormEps
-        RMSNorm.forward(out: a.ln1.data, rstd: a.rstd1.data, inp: xin, weight: L.inputNorm.value.data, n: N, c: C, eps: eps)
+        StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.ln1.data, rstd: a.rstd1.data, inp: xin, weight: L.inputNorm.value.data, n: N, c: C, eps: eps) }
         a.qUsed = try L.qProj.forward(a.ln1.data, out: c.qkNorm ? a.qRaw.data : a.q.data, n: N)
         a.kUsed = try L.kProj.forward(a.ln1.data, out: c.qkNorm ? a.kRaw.data : a.kRope.data, n: N)
         a.vUsed = try L.vProj.forward(a.ln1.data, out: a.vRaw.data, n: N)
         if let qn = L.qNorm, let kn = L.kNorm {
-            RMSNorm.forward(out: a.q.data, rstd: a.qRstd.data, inp: a.qRaw.data, weight: qn.value.data, n: N * H, c: D, eps: eps)
-            RMSNorm.forward(out: a.kRope.data, rstd: a.kRstd.data, inp: a.kRaw.data, weight: kn.value.data, n: N * Hkv, c: D, eps: eps)
+            StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.q.data, rstd: a.qRstd.data, inp: a.qRaw.data, weight: qn.value.data, n: N * H, c: D, eps: eps) }
+            StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.kRope.data, rstd: a.kRstd.data, inp: a.kRaw.data, weight: kn.value.data, n: N * Hkv, c: D, eps: eps) }
         }
-        rope.forward(a.q.data, batch: batch, seqLen: seqLen, heads: H)
-        rope.forward(a.kRope.data, batch: batch, seqLen: seqLen, heads: Hkv)
-        try applyKV(L.kQuantizer, a.kRope, a.k, rows: N * Hkv, cols: D)
-        try applyKV(L.vQuantizer, a.vRaw, a.v, rows: N * Hkv, cols: D)
+        StepProfiler.measure("fwd.rope") { rope.forward(a.q.data, batch: batch, seqLen: seqLen, heads: H) }
+        StepProfiler.measure("fwd.rope") { rope.forward(a.kRope.data, batch: batch, seqLen: seqLen, heads: Hkv) }
+        try StepProfiler.measure("fwd.kvquant") { try applyKV(L.kQuantizer, a.kRope, a.k, rows: N * Hkv, cols: D) }
+        try StepProfiler.measure("fwd.kvquant") { try applyKV(L.vQuantizer, a.vRaw, a.v, rows: N * Hkv, cols: D) }
         let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: H, kvHeads: Hkv, headDim: D, window: c.slidingWindow)
-        Attention.forward(out: a.attnOut.data, probs: a.probs.data, q: a.q.data, k: a.k.data, v: a.v.data, shape: shape)
+        StepProfiler.measure("fwd.attention") { Attention.forward(out: a.attnOut.data, probs: a.probs.data, q: a.q.data, k: a.k.data, v: a.v.data, shape: shape) }
         a.oUsed = try L.oProj.forward(a.attnOut.data, out: a.mid.data, n: N)
-        Kernels.addParallel(a.mid.data, xin, N * C)   // mid = x + attn
-        RMSNorm.forward(out: a.ln2.data, rstd: a.rstd2.data, inp: a.mid.data, weight: L.postNorm.value.data, n: N, c: C, eps: eps)
+        StepProfiler.measure("fwd.residual") { Kernels.addParallel(a.mid.data, xin, N * C) }   // mid = x + attn
+        StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.ln2.data, rstd: a.rstd2.data, inp: a.mid.data, weight: L.postNorm.value.data, n: N, c: C, eps: eps) }
         a.gateUsed = try L.gateProj.forward(a.ln2.data, out: a.gate.data, n: N)
         a.upUsed = try L.upProj.forward(a.ln2.data, out: a.up.data, n: N)
-        SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize)
+        StepProfiler.measure("fwd.swiglu") { SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize) }
         a.downUsed = try L.downProj.forward(a.h.data, out: xout, n: N)
-        Kernels.addParallel(xout, a.mid.data, N * C)   // out = mid + mlp
+        StepProfiler.measure("fwd.residual") { Kernels.addParallel(xout, a.mid.data, N * C) }   // out = mid + mlp
     }
 
     /// KV states pass through their quantizer (FP8 KV cache) or are copied unchanged.
@@ -210,13 +214,15 @@ public final class CausalLM: @unchecked Sendable {
     public func backward(dHidden: UnsafePointer<Float>) throws {
         guard let s = shape, s.saved, let g = grads else { throw QATError("backward needs a forward with saveForBackward") }
         let c = config, C = c.hiddenSize, N = s.batch * s.seqLen
-        RMSNorm.backward(dinp: g.dres.data, dweight: finalNorm.grad?.data, dout: dHidden, inp: residuals[layers.count].data,
-                         weight: finalNorm.value.data, rstd: finalRstd!.data, n: N, c: C, accumulate: false)
+        StepProfiler.measure("bwd.rmsnorm") {
+            RMSNorm.backward(dinp: g.dres.data, dweight: finalNorm.grad?.data, dout: dHidden, inp: residuals[layers.count].data,
+                             weight: finalNorm.value.data, rstd: finalRstd!.data, n: N, c: C, accumulate: false)
+        }
         for l in stride(from: layers.count - 1, through: 0, by: -1) {
             layerBackward(layers[l], acts[l], xin: residuals[l].data, g: g, batch: s.batch, seqLen: s.seqLen)
         }
         if let de = embed.grad {
-            tokens.withUnsafeBufferPointer { Embedding.backward(dtable: de.data, dout: g.dres.data, tokens: $0.baseAddress!, n: N, c: C) }
+            StepProfiler.measure("bwd.embedding") { tokens.withUnsafeBufferPointer { Embedding.backward(dtable: de.data, dout: g.dres.data, tokens: $0.baseAddress!, n: N, c: C) } }
         }
     }
 
@@ -225,33 +231,43 @@ public final class CausalLM: @unchecked Sendable {
         let dres = g.dres.data
         // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
         L.downProj.backward(dy: dres, x: a.h.data, xUsed: a.downUsed!, n: N, dx: g.dh.data, accumulateDx: false)
-        SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize)
+        StepProfiler.measure("bwd.swiglu") { SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize) }
         L.gateProj.backward(dy: g.dgate.data, x: a.ln2.data, xUsed: a.gateUsed!, n: N, dx: g.dln.data, accumulateDx: false)
         L.upProj.backward(dy: g.dup.data, x: a.ln2.data, xUsed: a.upUsed!, n: N, dx: g.dln.data, accumulateDx: true)
+        StepProfiler.measure("bwd.rmsnorm") {
         RMSNorm.backward(dinp: dres, dweight: L.postNorm.grad?.data, dout: g.dln.data, inp: a.mid.data, weight: L.postNorm.value.data,
                          rstd: a.rstd2.data, n: N, c: C, accumulate: true)
+        }
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
         L.oProj.backward(dy: dres, x: a.attnOut.data, xUsed: a.oUsed!, n: N, dx: g.dattn.data, accumulateDx: false)
         let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: H, kvHeads: Hkv, headDim: D, window: c.slidingWindow)
+        StepProfiler.measure("bwd.attention") {
         Attention.backward(dq: g.dq.data, dk: g.dk.data, dv: g.dv.data, dout: g.dattn.data, q: a.q.data, k: a.k.data, v: a.v.data,
-                           probs: a.probs.data, scratch: g.scratch.data, shape: shape)
-        if let kq = L.kQuantizer, kq.isQuantizing { kq.backward(x: a.kRope.data, gradOut: g.dk.data, gradIn: g.dk.data, count: N * Hkv * D) }
-        if let vq = L.vQuantizer, vq.isQuantizing { vq.backward(x: a.vRaw.data, gradOut: g.dv.data, gradIn: g.dv.data, count: N * Hkv * D) }
-        rope.backward(g.dq.data, batch: batch, seqLen: seqLen, heads: H)
-        rope.backward(g.dk.data, batch: batch, seqLen: seqLen, heads: Hkv)
+                           probs: a.probs.data, scratch: g.scratch.data, scratchSlots: g.scratchSlots, shape: shape)
+        }
+        StepProfiler.measure("bwd.kvste") { if let kq = L.kQuantizer, kq.isQuantizing { kq.backward(x: a.kRope.data, gradOut: g.dk.data, gradIn: g.dk.data, count: N * Hkv * D) } }
+        StepProfiler.measure("bwd.kvste") { if let vq = L.vQuantizer, vq.isQuantizing { vq.backward(x: a.vRaw.data, gradOut: g.dv.data, gradIn: g.dv.data, count: N * Hkv * D) } }
+        StepProfiler.measure("bwd.rope") { rope.backward(g.dq.data, batch: batch, seqLen: seqLen, heads: H) }
+        StepProfiler.measure("bwd.rope") { rope.backward(g.dk.data, batch: batch, seqLen: seqLen, heads: Hkv) }
         var dqIn = g.dq.data, dkIn = g.dk.data
         if let qn = L.qNorm, let kn = L.kNorm {
+            StepProfiler.measure("bwd.rmsnorm") {
             RMSNorm.backward(dinp: g.dqRaw.data, dweight: qn.grad?.data, dout: g.dq.data, inp: a.qRaw.data, weight: qn.value.data,
                              rstd: a.qRstd.data, n: N * H, c: D, accumulate: false)
+            }
+            StepProfiler.measure("bwd.rmsnorm") {
             RMSNorm.backward(dinp: g.dkRaw.data, dweight: kn.grad?.data, dout: g.dk.data, inp: a.kRaw.data, weight: kn.value.data,
                              rstd: a.kRstd.data, n: N * Hkv, c: D, accumulate: false)
+            }
             dqIn = g.dqRaw.data; dkIn = g.dkRaw.data
         }
         L.qProj.backward(dy: dqIn, x: a.ln1.data, xUsed: a.qUsed!, n: N, dx: g.dln.data, accumulateDx: false)
         L.kProj.backward(dy: dkIn, x: a.ln1.data, xUsed: a.kUsed!, n: N, dx: g.dln.data, accumulateDx: true)
         L.vProj.backward(dy: g.dv.data, x: a.ln1.data, xUsed: a.vUsed!, n: N, dx: g.dln.data, accumulateDx: true)
+        StepProfiler.measure("bwd.rmsnorm") {
         RMSNorm.backward(dinp: dres, dweight: L.inputNorm.grad?.data, dout: g.dln.data, inp: xin, weight: L.inputNorm.value.data,
                          rstd: a.rstd1.data, n: N, c: C, accumulate: true)
+        }
     }
 
     // MARK: - Buffers
@@ -275,12 +291,15 @@ public final class CausalLM: @unchecked Sendable {
 /// Gradient buffers shared by all layers during backward.
 final class BackwardBuffers {
     let dres, dln, dh, dgate, dup, dattn, dq, dqRaw, dk, dkRaw, dv, scratch: Tensor
+    /// [T, T] attention scratch matrices in `scratch`, one per worker.
+    let scratchSlots: Int
     init(n: Int, c: LayerActivations.Config) {
         dres = Tensor(shape: [n, c.hidden]); dln = Tensor(shape: [n, c.hidden])
         dh = Tensor(shape: [n, c.inter]); dgate = Tensor(shape: [n, c.inter]); dup = Tensor(shape: [n, c.inter])
         dattn = Tensor(shape: [n, c.qDim]); dq = Tensor(shape: [n, c.qDim]); dqRaw = Tensor(shape: [n, c.qDim])
         dk = Tensor(shape: [n, c.kvDim]); dkRaw = Tensor(shape: [n, c.kvDim]); dv = Tensor(shape: [n, c.kvDim])
-        scratch = Tensor(shape: [c.seqLen * c.seqLen])
+        scratchSlots = max(1, Parallel.threads)
+        scratch = Tensor(shape: [scratchSlots * c.seqLen * c.seqLen], zeroed: false)
     }
 }
 

@@ -5,7 +5,13 @@ import QATCore
 ///
 /// q: [B, T, H, D]; k, v: [B, T, Hkv, D]; out: [B, T, H, D]; probs: [B, H, T, T] (saved
 /// for backward; entries above the diagonal are zero). Query head h reads kv head
-/// h / (H / Hkv). Each head's scores are one sgemm; OpenBLAS threads inside it.
+/// h / (H / Hkv).
+///
+/// Work is split over (batch, head) pairs — (batch, kv head) in backward, so that the dK/dV
+/// accumulation over a group's heads stays on one worker, in head order — and each pair's
+/// products are single-threaded sgemms over causal blocks of `blockRows` query rows: block
+/// r only multiplies the keys 0 ..< its last row + 1, skipping most of the masked upper
+/// triangle (about 40% of the attention FLOPs at T = 256).
 public enum Attention {
     public struct Shape: Sendable {
         public let batch, seqLen, heads, kvHeads, headDim: Int
@@ -19,79 +25,113 @@ public enum Attention {
         var group: Int { heads / kvHeads }
     }
 
+    /// Query rows per causal block.
+    static let blockRows = 64
+
     public static func forward(
         out: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>,
         q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>, shape s: Shape
     ) {
         let T = s.seqLen, D = s.headDim, qs = s.heads * D, ks = s.kvHeads * D
-        for b in 0..<s.batch {
-            for h in 0..<s.heads {
-                let g = h / s.group
-                let qh = q + b * T * qs + h * D, kh = k + b * T * ks + g * D, vh = v + b * T * ks + g * D
-                let p = probs + (b * s.heads + h) * T * T
-                BLAS.gemm(transB: true, m: T, n: T, k: D, alpha: s.scale, a: qh, lda: qs, b: kh, ldb: ks, c: p)
-                softmaxCausal(p, T: T, window: s.window)
-                BLAS.gemm(m: T, n: D, k: T, a: p, b: vh, ldb: ks, c: out + b * T * qs + h * D, ldc: qs)
+        let op = SendablePointer(out), pp = SendablePointer(probs)
+        let qp = UncheckedBox(q), kp = UncheckedBox(k), vp = UncheckedBox(v)
+        Parallel.forRange(s.batch * s.heads, costPerItem: T * T * D * 2) { start, end in
+            for bh in start..<end {
+                let b = bh / s.heads, h = bh - b * s.heads, g = h / s.group
+                let qh = qp.value + b * T * qs + h * D, kh = kp.value + b * T * ks + g * D, vh = vp.value + b * T * ks + g * D
+                let p = pp.p + bh * T * T, o = op.p + b * T * qs + h * D
+                var r0 = 0
+                while r0 < T {
+                    let r1 = min(T, r0 + blockRows)
+                    BLAS.gemm(transB: true, m: r1 - r0, n: r1, k: D, alpha: s.scale, a: qh + r0 * qs, lda: qs, b: kh, ldb: ks,
+                              c: p + r0 * T, ldc: T, parallel: false)
+                    for i in r0..<r1 { softmaxRow(p + i * T, i: i, T: T, window: s.window) }
+                    BLAS.gemm(m: r1 - r0, n: D, k: r1, a: p + r0 * T, lda: T, b: vh, ldb: ks, c: o + r0 * qs, ldc: qs, parallel: false)
+                    r0 = r1
+                }
             }
         }
     }
 
-    /// Row-wise softmax over keys j ≤ i (and i − j < window); masked entries become 0.
+    /// Softmax of row i over keys j ≤ i (and i − j < window); every other entry becomes 0.
+    @inline(__always)
+    static func softmaxRow(_ row: UnsafeMutablePointer<Float>, i: Int, T: Int, window: Int?) {
+        let lo = window.map { max(0, i - $0 + 1) } ?? 0
+        let n = i + 1 - lo, x = row + lo
+        let m = Kernels.max(x, n)
+        let sum = Kernels.expSubtract(x, n, m)
+        Kernels.scale(x, n, 1 / sum)
+        if lo > 0 { row.update(repeating: 0, count: lo) }
+        if i + 1 < T { (row + i + 1).update(repeating: 0, count: T - i - 1) }
+    }
+
+    /// Row-wise softmax over keys j ≤ i (and i − j < window) of a [T, T] matrix.
     static func softmaxCausal(_ p: UnsafeMutablePointer<Float>, T: Int, window: Int?) {
-        let pp = SendablePointer(p)
-        Parallel.forRange(T, costPerItem: T * 2) { start, end in
-            for i in start..<end {
-                let row = pp.p + i * T
-                let lo = window.map { max(0, i - $0 + 1) } ?? 0
-                var m = -Float.infinity
-                for j in lo...i { m = max(m, row[j]) }
-                var sum: Float = 0
-                for j in lo...i { let e = expf(row[j] - m); row[j] = e; sum += e }
-                let inv = 1 / sum
-                for j in 0..<lo { row[j] = 0 }
-                for j in lo...i { row[j] *= inv }
-                for j in (i + 1)..<T { row[j] = 0 }
-            }
-        }
+        for i in 0..<T { softmaxRow(p + i * T, i: i, T: T, window: window) }
     }
 
     /// dq is written; dk and dv are written (zeroed here, then accumulated over the heads of
-    /// a group). scratch: [T, T].
+    /// a group). scratch: `scratchSlots` × [T, T] (one per worker; 1 runs serially).
     public static func backward(
         dq: UnsafeMutablePointer<Float>, dk: UnsafeMutablePointer<Float>, dv: UnsafeMutablePointer<Float>,
         dout: UnsafePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
-        probs: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>, shape s: Shape
+        probs: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>, scratchSlots: Int = 1, shape s: Shape
     ) {
         let T = s.seqLen, D = s.headDim, qs = s.heads * D, ks = s.kvHeads * D
-        dk.update(repeating: 0, count: s.batch * T * ks)
-        dv.update(repeating: 0, count: s.batch * T * ks)
-        for b in 0..<s.batch {
-            for h in 0..<s.heads {
-                let g = h / s.group
-                let qo = b * T * qs + h * D, ko = b * T * ks + g * D
-                let p = probs + (b * s.heads + h) * T * T
-                // dV_g += Pᵀ dO
-                BLAS.gemm(transA: true, m: T, n: D, k: T, a: p, b: dout + qo, ldb: qs, beta: 1, c: dv + ko, ldc: ks)
-                // dP = dO Vᵀ
-                BLAS.gemm(transB: true, m: T, n: T, k: D, a: dout + qo, lda: qs, b: v + ko, ldb: ks, c: scratch)
-                softmaxBackward(scratch, p, T: T)
-                // dQ = dS K · scale ; dK_g += dSᵀ Q · scale
-                BLAS.gemm(m: T, n: D, k: T, alpha: s.scale, a: scratch, b: k + ko, ldb: ks, c: dq + qo, ldc: qs)
-                BLAS.gemm(transA: true, m: T, n: D, k: T, alpha: s.scale, a: scratch, b: q + qo, ldb: qs, beta: 1, c: dk + ko, ldc: ks)
+        let dqp = SendablePointer(dq), dkp = SendablePointer(dk), dvp = SendablePointer(dv), sp = SendablePointer(scratch)
+        let dop = UncheckedBox(dout), qp = UncheckedBox(q), kp = UncheckedBox(k), vp = UncheckedBox(v), pp = UncheckedBox(probs)
+        Parallel.forWorkers(s.batch * s.kvHeads, costPerItem: T * T * D * 4 * s.group, maxWorkers: max(1, scratchSlots)) { w, start, end in
+            let ds = sp.p + w * T * T
+            for bg in start..<end {
+                let b = bg / s.kvHeads, g = bg - b * s.kvHeads
+                let ko = b * T * ks + g * D
+                let dkg = dkp.p + ko, dvg = dvp.p + ko, kg = kp.value + ko, vg = vp.value + ko
+                for t in 0..<T {
+                    (dkg + t * ks).update(repeating: 0, count: D)
+                    (dvg + t * ks).update(repeating: 0, count: D)
+                }
+                for h in (g * s.group)..<((g + 1) * s.group) {
+                    let qo = b * T * qs + h * D
+                    let p = pp.value + (b * s.heads + h) * T * T
+                    let doh = dop.value + qo, qh = qp.value + qo, dqh = dqp.p + qo
+                    var r0 = 0
+                    while r0 < T {
+                        let r1 = min(T, r0 + blockRows)
+                        // dV_g[r0..<r1] += P[r0..<T, r0..<r1]ᵀ dO[r0..<T]   (P is zero above the diagonal)
+                        BLAS.gemm(transA: true, m: r1 - r0, n: D, k: T - r0, a: p + r0 * T + r0, lda: T, b: doh + r0 * qs, ldb: qs,
+                                  beta: 1, c: dvg + r0 * ks, ldc: ks, parallel: false)
+                        // dP[r0..<r1, 0..<r1] = dO Vᵀ, then dS = P ∘ (dP − Σ_j dP∘P) in place
+                        BLAS.gemm(transB: true, m: r1 - r0, n: r1, k: D, a: doh + r0 * qs, lda: qs, b: vg, ldb: ks,
+                                  c: ds + r0 * T, ldc: T, parallel: false)
+                        for i in r0..<r1 { softmaxBackwardRow(ds + i * T, p + i * T, i: i, width: r1) }
+                        // dQ[r0..<r1] = scale · dS K
+                        BLAS.gemm(m: r1 - r0, n: D, k: r1, alpha: s.scale, a: ds + r0 * T, lda: T, b: kg, ldb: ks,
+                                  c: dqh + r0 * qs, ldc: qs, parallel: false)
+                        r0 = r1
+                    }
+                    // dK_g[c0..<c1] += scale · dS[c0..<T, c0..<c1]ᵀ Q[c0..<T]
+                    var c0 = 0
+                    while c0 < T {
+                        let c1 = min(T, c0 + blockRows)
+                        BLAS.gemm(transA: true, m: c1 - c0, n: D, k: T - c0, alpha: s.scale, a: ds + c0 * T + c0, lda: T,
+                                  b: qh + c0 * qs, ldb: qs, beta: 1, c: dkg + c0 * ks, ldc: ks, parallel: false)
+                        c0 = c1
+                    }
+                }
             }
         }
     }
 
-    /// In place: dP → dS = P ∘ (dP − Σ_j dP∘P).
+    /// One row in place: dP → dS = P ∘ (dP − Σ_j dP∘P) over j < width (P is 0 for j > i).
+    @inline(__always)
+    static func softmaxBackwardRow(_ dr: UnsafeMutablePointer<Float>, _ pr: UnsafePointer<Float>, i: Int, width: Int) {
+        let dot = Kernels.dot(dr, pr, i + 1)
+        Kernels.softmaxGrad(dr, pr, i + 1, dot)
+        if i + 1 < width { (dr + i + 1).update(repeating: 0, count: width - i - 1) }
+    }
+
+    /// In place: dP → dS = P ∘ (dP − Σ_j dP∘P) for a full [T, T] matrix.
     static func softmaxBackward(_ dp: UnsafeMutablePointer<Float>, _ p: UnsafePointer<Float>, T: Int) {
-        let d = SendablePointer(dp), pp = SendablePointer(UnsafeMutablePointer(mutating: p))
-        Parallel.forRange(T, costPerItem: T * 3) { start, end in
-            for i in start..<end {
-                let dr = d.p + i * T, pr = pp.p + i * T
-                var dot: Float = 0
-                for j in 0...i { dot += dr[j] * pr[j] }
-                for j in 0..<T { dr[j] = pr[j] * (dr[j] - dot) }
-            }
-        }
+        for i in 0..<T { softmaxBackwardRow(dp + i * T, p + i * T, i: i, width: T) }
     }
 }

@@ -25,17 +25,16 @@ public enum CrossEntropy {
             if gradScale != nil { z.update(repeating: 0, count: vocab) }
             return 0
         }
-        var m = -Float.infinity
-        for j in 0..<vocab { m = max(m, z[j]) }
-        var s: Float = 0
-        for j in 0..<vocab { s += expf(z[j] - m) }
-        let lse = Double(m) + log(Double(s))
-        let loss = lse - Double(z[Int(target)])
+        let m = Kernels.max(z, vocab)
+        let zt = Double(z[Int(target)])
         if let scale = gradScale {
-            let inv = scale / s
-            for j in 0..<vocab { z[j] = expf(z[j] - m) * inv }
+            let s = Kernels.expSubtract(z, vocab, m)
+            Kernels.scale(z, vocab, scale / s)
             z[Int(target)] -= scale
+            return Double(m) + log(Double(s)) - zt
         }
+        let s = Kernels.expSum(z, vocab, m)
+        let loss = Double(m) + log(Double(s)) - zt
         return loss
     }
 
@@ -44,16 +43,18 @@ public enum CrossEntropy {
     public static func forward(
         logits: UnsafeMutablePointer<Float>, targets: UnsafePointer<Int32>, n: Int, vocab: Int, gradScale: Float?
     ) -> (sum: Double, valid: Int) {
-        var losses = [Double](repeating: 0, count: n)
         let lp = SendablePointer(logits), tp = SendablePointer(UnsafeMutablePointer(mutating: targets))
-        losses.withUnsafeMutableBufferPointer { lb in
+        let sum = withUnsafeTemporaryAllocation(of: Double.self, capacity: Swift.max(n, 1)) { lb -> Double in
             let out = SendablePointer(lb.baseAddress!)
             Parallel.forRange(n, costPerItem: vocab * 4) { s, e in
                 for i in s..<e { out.p[i] = row(lp.p + i * vocab, vocab: vocab, target: tp.p[i], gradScale: gradScale) }
             }
+            var t = 0.0
+            for i in 0..<n { t += lb[i] }
+            return t
         }
         var valid = 0
         for i in 0..<n where targets[i] != ignoreIndex { valid += 1 }
-        return (losses.reduce(0, +), valid)
+        return (sum, valid)
     }
 }

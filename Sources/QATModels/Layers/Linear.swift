@@ -19,6 +19,8 @@ public final class Linear: @unchecked Sendable {
     private var quantizedWeightStale = true
     private var quantizedInput: Tensor?
     private var scratch: Tensor?
+    /// Profiler phase names ("lm_head." or "linear." + what).
+    private let pFQIn, pFQW, pGemmF, pGemmDW, pGemmDX, pSTE: String
 
     public init(name: String, weight: Parameter, bias: Parameter?) {
         self.name = name
@@ -26,6 +28,9 @@ public final class Linear: @unchecked Sendable {
         self.bias = bias
         outFeatures = weight.shape[0]
         inFeatures = weight.shape[1]
+        let tag = name == "lm_head" ? "lm_head." : "linear."
+        pFQIn = tag + "fq.input"; pFQW = tag + "fq.weight"; pGemmF = tag + "gemm.fwd"
+        pGemmDW = tag + "gemm.dW"; pGemmDX = tag + "gemm.dX"; pSTE = tag + "ste+acc"
     }
 
     /// The weight the matmul uses: the fake-quant copy when the weight quantizer quantizes.
@@ -56,20 +61,20 @@ public final class Linear: @unchecked Sendable {
     /// (the fake-quant copy when the input quantizer quantizes), which backward needs.
     @discardableResult
     public func forward(_ x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, n: Int) throws -> UnsafePointer<Float> {
-        if quantizedWeightStale, weightQuantizer != nil { try refreshQuantizedWeight() }
+        if quantizedWeightStale, weightQuantizer != nil { try StepProfiler.measure(pFQW) { try refreshQuantizedWeight() } }
         var xin = x
         if let iq = inputQuantizer {
             if iq.isQuantizing {
                 if quantizedInput == nil || quantizedInput!.count < n * inFeatures {
                     quantizedInput = Tensor(shape: [n * inFeatures], zeroed: false)
                 }
-                try iq.forward(x, quantizedInput!.data, rows: n, cols: inFeatures)
+                try StepProfiler.measure(pFQIn) { try iq.forward(x, quantizedInput!.data, rows: n, cols: inFeatures) }
                 xin = UnsafePointer(quantizedInput!.data)
             } else if iq.isCalibrating {
                 try iq.forward(x, scratchBuffer(n * inFeatures), rows: n, cols: inFeatures)
             }
         }
-        BLAS.gemm(transB: true, m: n, n: outFeatures, k: inFeatures, a: xin, b: effectiveWeight, c: out)
+        StepProfiler.measure(pGemmF) { BLAS.gemm(transB: true, m: n, n: outFeatures, k: inFeatures, a: xin, b: effectiveWeight, c: out) }
         if let b = bias {
             let o = SendablePointer(out), bp = SendablePointer(b.value.data), cols = outFeatures
             Parallel.forRange(n, costPerItem: cols) { s, e in
@@ -88,11 +93,13 @@ public final class Linear: @unchecked Sendable {
         if let g = weight.grad {
             if let wq = weightQuantizer, wq.isQuantizing {
                 let tmp = scratchBuffer(weight.count)
-                BLAS.gemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dy, b: xUsed, c: tmp)
-                wq.backward(x: weight.value.data, gradOut: tmp, gradIn: tmp, count: weight.count)
-                Kernels.addParallel(g.data, tmp, weight.count)
+                StepProfiler.measure(pGemmDW) { BLAS.gemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dy, b: xUsed, c: tmp) }
+                StepProfiler.measure(pSTE) {
+                    wq.backward(x: weight.value.data, gradOut: tmp, gradIn: tmp, count: weight.count)
+                    Kernels.addParallel(g.data, tmp, weight.count)
+                }
             } else {
-                BLAS.gemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dy, b: xUsed, beta: 1, c: g.data)
+                StepProfiler.measure(pGemmDW) { BLAS.gemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dy, b: xUsed, beta: 1, c: g.data) }
             }
         }
         if let b = bias, let g = b.grad {
@@ -101,15 +108,17 @@ public final class Linear: @unchecked Sendable {
         guard let dx else { return }
         if let iq = inputQuantizer, iq.isQuantizing {
             let tmp = scratchBuffer(n * inFeatures)
-            BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, c: tmp)
+            StepProfiler.measure(pGemmDX) { BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, c: tmp) }
+            StepProfiler.measure(pSTE) {
             if accumulateDx {
                 iq.backward(x: x, gradOut: tmp, gradIn: tmp, count: n * inFeatures)
                 Kernels.addParallel(dx, tmp, n * inFeatures)
             } else {
                 iq.backward(x: x, gradOut: tmp, gradIn: dx, count: n * inFeatures)
             }
+            }
         } else {
-            BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, beta: accumulateDx ? 1 : 0, c: dx)
+            StepProfiler.measure(pGemmDX) { BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, beta: accumulateDx ? 1 : 0, c: dx) }
         }
     }
 

@@ -28,10 +28,18 @@ public enum RMSNorm {
         rstd: UnsafePointer<Float>, n: Int, c: Int, accumulate: Bool
     ) {
         if let dweight {
-            // Weight gradient: a reduction over rows, done serially per column block to stay deterministic.
-            for i in 0..<n {
-                let xi = inp + i * c, gi = dout + i * c, rs = rstd[i]
-                for j in 0..<c { dweight[j] += gi[j] * (xi[j] * rs) }
+            // Weight gradient: a reduction over rows, split over column blocks (each column
+            // summed serially in row order, so the result does not depend on the threads).
+            let dw = SendablePointer(dweight)
+            let x = SendablePointer(UnsafeMutablePointer(mutating: inp)), g = SendablePointer(UnsafeMutablePointer(mutating: dout))
+            let r = SendablePointer(UnsafeMutablePointer(mutating: rstd))
+            let colBlocks = (c + 63) / 64
+            Parallel.forRange(colBlocks, costPerItem: n * 64 * 2) { b0, b1 in
+                let j0 = b0 * 64, j1 = min(c, b1 * 64)
+                for i in 0..<n {
+                    let xi = x.p + i * c, gi = g.p + i * c, rs = r.p[i]
+                    for j in j0..<j1 { dw.p[j] += gi[j] * (xi[j] * rs) }
+                }
             }
         }
         let dx = SendablePointer(dinp), g = SendablePointer(UnsafeMutablePointer(mutating: dout))
@@ -40,8 +48,15 @@ public enum RMSNorm {
         Parallel.forRange(n, costPerItem: c * 4) { start, end in
             for i in start..<end {
                 let xi = x.p + i * c, gi = g.p + i * c, di = dx.p + i * c, rs = r.p[i]
-                var dot: Float = 0
-                for j in 0..<c { dot += w.p[j] * gi[j] * xi[j] }
+                // dot = Σ w·g·x, 8-wide.
+                var acc = Kernels.V8()
+                var j = 0
+                while j + 8 <= c {
+                    acc.addProduct(Kernels.load(w.p + j) * Kernels.load(gi + j), Kernels.load(xi + j))
+                    j += 8
+                }
+                var dot = acc.sum()
+                while j < c { dot += w.p[j] * gi[j] * xi[j]; j += 1 }
                 let k = dot * rs * rs / Float(c)
                 if accumulate {
                     for j in 0..<c { di[j] += rs * (w.p[j] * gi[j] - xi[j] * k) }

@@ -241,21 +241,34 @@ public enum NVFP4 {
         let bits = v.bitPattern
         let a = Float(bitPattern: bits & 0x7FFF_FFFF) / S
         let c = a < 6 ? a : 6                       // saturate (NaN → 6, as the kernel's where-chain)
-        let inv: Float = c < 2 ? 2 : (c < 4 ? 1 : 0.5)
-        let step: Float = c < 2 ? 0.5 : (c < 4 ? 1 : 2)
-        let y = c * inv                              // 0 ≤ y ≤ 4: round half to even via 2^23
-        let r = ((y + 8_388_608) - 8_388_608) * step * S
+        // Round half to even onto the E2M1 grid (steps 0.5 / 1 / 2 below 2 / 4 / 6) in one
+        // add-subtract: 2^22, 2^23 and 2^24 have exactly those ulps. Bit-identical to
+        // rounding c/step to an integer and multiplying back (both are exact but the rounding).
+        let magic: Float = c < 2 ? 4_194_304 : (c < 4 ? 8_388_608 : 16_777_216)
+        let r = ((c + magic) - magic) * S
         let neg: UInt32 = v < 0 ? 0x8000_0000 : 0
         return Float(bitPattern: r.bitPattern ^ neg) + zeroFix
+    }
+
+    /// max over 16 sign-cleared bit patterns, as a balanced tree of independent maxes (which
+    /// the SLP vectorizer turns into three vector max steps instead of a 16-step chain).
+    @inline(__always) static func blockMaxBits16(_ src: UnsafePointer<Float>) -> UInt32 {
+        let p = UnsafeRawPointer(src).assumingMemoryBound(to: UInt32.self)
+        let k: UInt32 = 0x7FFF_FFFF
+        var t0 = max(p[0] & k, p[8] & k), t1 = max(p[1] & k, p[9] & k), t2 = max(p[2] & k, p[10] & k)
+        var t3 = max(p[3] & k, p[11] & k)
+        let t4 = max(p[4] & k, p[12] & k), t5 = max(p[5] & k, p[13] & k), t6 = max(p[6] & k, p[14] & k)
+        let t7 = max(p[7] & k, p[15] & k)
+        t0 = max(t0, t4); t1 = max(t1, t5); t2 = max(t2, t6); t3 = max(t3, t7)
+        t0 = max(t0, t2); t1 = max(t1, t3)
+        return max(t0, t1)
     }
 
     @inline(__always) static func fakeQuantBlock16(
         _ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>, gs: Float, mode: FakeQuantMode
     ) {
         // Block max as an integer max over sign-cleared bit patterns: exact and vectorizes.
-        var m: UInt32 = 0
-        for i in 0..<16 { m = max(m, src[i].bitPattern & 0x7FFF_FFFF) }
-        let S = blockScale(Float(bitPattern: m), gs: gs, mode: mode)
+        let S = blockScale(Float(bitPattern: blockMaxBits16(src)), gs: gs, mode: mode)
         if mode == .export && S == 0 {
             for i in 0..<16 { dst[i] = 0 }
             return

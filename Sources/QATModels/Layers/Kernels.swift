@@ -54,7 +54,7 @@ public enum Kernels {
         if n >= 8 {
             var v = load(x)
             j = 8
-            while j + 8 <= n { v = pointwiseMax(v, load(x + j)); j += 8 }
+            while j + 8 <= n { let w = load(x + j); v = v.replacing(with: w, where: w .> v); j += 8 }
             m = v.max()
         }
         while j < n { m = Swift.max(m, x[j]); j += 1 }

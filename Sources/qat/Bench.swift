@@ -40,6 +40,9 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("peer-script"), help: "Path of the peer script.")
     var peerScript: String = "../shared/peer/torch_qat_step.py"
 
+    @Option(name: .customLong("loss-tokens"), help: "Token counts for the fused vs unfused KD loss benchmark (vocab 151,936, hidden 1,024), e.g. 1024,4096,16384; empty to skip.")
+    var lossTokens: String = ""
+
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
@@ -64,6 +67,12 @@ struct Bench: ParsableCommand {
                 lines += r.lines
             }
             out.set("shapes", .array(shapeResults))
+            let counts = lossTokens.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+            if !counts.isEmpty {
+                let lm = try LossMemoryBench.run(tokens: counts, say: say)
+                out.set("kd_loss_memory", .array(lm.json))
+                lines += lm.lines
+            }
             if json { print(JSONValue.object(out).fileText, terminator: "") } else { print(lines.joined(separator: "\n")) }
         }
     }
@@ -231,5 +240,76 @@ enum Microbench {
         }
         for key in ["median_step_s", "seconds_per_step", "step_s", "median_s"] { if let s = v[key]?.doubleValue { return s } }
         throw QATError("the peer's JSON has no step time: \(line)")
+    }
+}
+
+/// Peak memory and time of the fused chunked KD loss against the unfused one (full
+/// [tokens × vocab] logits of student and teacher) at Qwen3's vocabulary. Peak RSS is reset
+/// between runs through /proc/self/clear_refs, so each figure is that run's own high-water
+/// mark above the weights and hidden states.
+enum LossMemoryBench {
+    static let vocab = 151_936, hidden = 1_024
+
+    static func rss() -> (current: Double, peak: Double) {
+        guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return (0, 0) }
+        func field(_ k: String) -> Double {
+            guard let line = s.split(separator: "\n").first(where: { $0.hasPrefix(k) }) else { return 0 }
+            return Double(line.split(separator: " ").compactMap { Double($0) }.first ?? 0) / 1024  // kB → MiB
+        }
+        return (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    static func resetPeak() { try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8) }
+
+    static func run(tokens counts: [Int], say: (String) -> Void) throws -> (json: [JSONValue], lines: [String]) {
+        // One layer, tied heads: the lm_head weights (151,936 × 1,024, 594 MiB each) dominate.
+        let c = ModelConfig(family: .llama, vocabSize: vocab, hiddenSize: hidden, intermediateSize: 64, numLayers: 1, numHeads: 8,
+                            numKVHeads: 8, tieWordEmbeddings: true)
+        let student = try CausalLM(config: c, seed: 1), teacher = try CausalLM(config: c, seed: 2)
+        student.lmHead.weight.setRequiresGrad(true)
+        var spec = Recipe.DistillSpec()
+        spec.kdRatio = 0.5
+        let loss = try DistillationLoss(teacher: teacher, studentVocab: vocab, spec: spec)
+        var json: [JSONValue] = [], lines: [String] = []
+        for n in counts {
+            var rng = SplitMix64(seed: UInt64(n))
+            let h = Tensor(shape: [n, hidden], zeroed: false), th = Tensor(shape: [n, hidden], zeroed: false), dh = Tensor(shape: [n, hidden])
+            for i in 0..<h.count { h[i] = rng.nextGaussian(); th[i] = rng.nextGaussian() }
+            let targets = (0..<n).map { i in i % 17 == 16 ? CrossEntropy.ignoreIndex : Int32(rng.next() % UInt64(vocab)) }
+            let hiddenMiB = Double(3 * n * hidden * 4) / 1_048_576
+            var row = JSONObject()
+            row.set("tokens", .int(Int64(n)))
+            row.set("hidden_states_MiB", .double(hiddenMiB))
+            for fused in [true, false] {
+                let name = fused ? "fused" : "unfused"
+                // The unfused path holds student and teacher logits (and the gradient in place).
+                let paperMiB = Double(2 * n * vocab * 4) / 1_048_576
+                if !fused, paperMiB > 0.6 * Double(ProcessInfo.processInfo.physicalMemory) / 1_048_576 {
+                    row.set("unfused_paper_MiB", .double(paperMiB))
+                    lines.append(String(format: "[kd loss] %d tokens: unfused skipped (its logits alone need %.0f MiB on paper, more than this machine can hold)", n, paperMiB))
+                    say(lines.last!)
+                    continue
+                }
+                let base = rss().current
+                resetPeak()
+                let t0 = Date()
+                if fused {
+                    _ = try loss.fused(student: student.lmHead, hidden: h.data, teacherHidden: th.data, targets: targets, n: n,
+                                       gradScale: 1 / Float(n), dHidden: dh.data)
+                } else {
+                    _ = try loss.reference(student: student.lmHead, hidden: h.data, teacherHidden: th.data, targets: targets, n: n,
+                                           gradScale: 1 / Float(n), dHidden: dh.data)
+                }
+                let seconds = Date().timeIntervalSince(t0)
+                let extra = max(0, rss().peak - base)
+                row.set("\(name)_peak_extra_MiB", .double((extra * 10).rounded() / 10))
+                row.set("\(name)_seconds", .double(seconds))
+                lines.append(String(format: "[kd loss] %d tokens: %@ peak +%.0f MiB over weights and hidden states (hidden states %.0f MiB), %.2f s",
+                                    n, name, extra, hiddenMiB, seconds))
+                say(lines.last!)
+            }
+            json.append(.object(row))
+        }
+        return (json, lines)
     }
 }

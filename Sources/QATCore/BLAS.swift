@@ -34,11 +34,14 @@ public enum BLAS {
             raw(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
             return
         }
-        // Split the larger output dimension into `workers` chunks, multiples of 16.
+        // Split the larger output dimension into chunks of whole 16-blocks: two per worker
+        // when each still has ≥ 128 rows/columns (so a worker slowed by other load is picked
+        // up by the others), else one. Chunk boundaries depend only on the shape and thread
+        // count; which worker computes a chunk does not change its values.
         let splitM = m >= n
         let dim = splitM ? m : n
         let blocks = (dim + 15) / 16
-        let parts = min(workers, blocks)
+        let parts = min(blocks, dim / (2 * workers) >= 128 ? 2 * workers : workers)
         let ap = UncheckedBox(a), bp = UncheckedBox(b), cp = SendablePointer(c)
         Parallel.tasks(parts) { w in
             let s = min(dim, blocks * w / parts * 16), e = min(dim, blocks * (w + 1) / parts * 16)

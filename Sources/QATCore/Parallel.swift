@@ -1,4 +1,5 @@
 import Dispatch
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -50,6 +51,29 @@ public enum Parallel {
         }
     }
 
+    /// Runs `body(worker, item)` for every item in 0..<n, items handed out one at a time to
+    /// `min(threads, n, maxWorkers)` workers as they become free (load balance under other
+    /// load). Which worker runs an item varies from run to run, so `body` must compute each
+    /// item independently of the worker (the worker index is only for scratch buffers).
+    public static func forEachDynamic(_ n: Int, maxWorkers: Int = .max, _ body: (Int, Int) -> Void) {
+        let workers = min(threads, n, maxWorkers)
+        if workers <= 1 {
+            for i in 0..<n { body(0, i) }
+            return
+        }
+        let counter = AtomicCounter()
+        withoutActuallyEscaping(body) { b in
+            let box = UncheckedBox(b)
+            DispatchQueue.concurrentPerform(iterations: workers) { w in
+                while true {
+                    let i = counter.next()
+                    if i >= n { break }
+                    box.value(w, i)
+                }
+            }
+        }
+    }
+
     /// Runs `body(w)` for w in 0..<count concurrently (count small: one task per worker).
     public static func tasks(_ count: Int, _ body: (Int) -> Void) {
         if count <= 1 || threads <= 1 {
@@ -61,6 +85,11 @@ public enum Parallel {
             DispatchQueue.concurrentPerform(iterations: count) { w in box.value(w) }
         }
     }
+}
+
+final class AtomicCounter: Sendable {
+    private let value = Atomic<Int>(0)
+    func next() -> Int { value.wrappingAdd(1, ordering: .relaxed).oldValue }
 }
 
 public struct UncheckedBox<T>: @unchecked Sendable {

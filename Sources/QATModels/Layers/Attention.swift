@@ -35,8 +35,8 @@ public enum Attention {
         let T = s.seqLen, D = s.headDim, qs = s.heads * D, ks = s.kvHeads * D
         let op = SendablePointer(out), pp = SendablePointer(probs)
         let qp = UncheckedBox(q), kp = UncheckedBox(k), vp = UncheckedBox(v)
-        Parallel.forRange(s.batch * s.heads, costPerItem: T * T * D * 2) { start, end in
-            for bh in start..<end {
+        Parallel.forEachDynamic(s.batch * s.heads) { _, bh in
+            do {
                 let b = bh / s.heads, h = bh - b * s.heads, g = h / s.group
                 let qh = qp.value + b * T * qs + h * D, kh = kp.value + b * T * ks + g * D, vh = vp.value + b * T * ks + g * D
                 let p = pp.p + bh * T * T, o = op.p + b * T * qs + h * D
@@ -80,9 +80,9 @@ public enum Attention {
         let T = s.seqLen, D = s.headDim, qs = s.heads * D, ks = s.kvHeads * D
         let dqp = SendablePointer(dq), dkp = SendablePointer(dk), dvp = SendablePointer(dv), sp = SendablePointer(scratch)
         let dop = UncheckedBox(dout), qp = UncheckedBox(q), kp = UncheckedBox(k), vp = UncheckedBox(v), pp = UncheckedBox(probs)
-        Parallel.forWorkers(s.batch * s.kvHeads, costPerItem: T * T * D * 4 * s.group, maxWorkers: max(1, scratchSlots)) { w, start, end in
+        Parallel.forEachDynamic(s.batch * s.kvHeads, maxWorkers: max(1, scratchSlots)) { w, bg in
             let ds = sp.p + w * T * T
-            for bg in start..<end {
+            do {
                 let b = bg / s.kvHeads, g = bg - b * s.kvHeads
                 let ko = b * T * ks + g * D
                 let dkg = dkp.p + ko, dvg = dvp.p + ko, kg = kp.value + ko, vg = vp.value + ko

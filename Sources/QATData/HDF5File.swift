@@ -164,6 +164,7 @@ public final class HDF5File {
         defer { H5Dclose(d) }
         let inf = try info(of: d, name: name)
         try checkConvertible(inf, to: T.self, name: name)
+        try checkReadable(d, inf, name: name, elements: inf.count, as: T.self)
         let values: [T] = try readSelection(d, name: name, count: inf.count, memSpace: qat_h5s_all(), fileSpace: qat_h5s_all())
         return (values, inf.shape)
     }
@@ -190,6 +191,7 @@ public final class HDF5File {
         }
         let rowSize = inf.shape.dropFirst().reduce(1, *)
         if rows.isEmpty || rowSize == 0 { return [] }
+        try checkReadable(d, inf, name: name, elements: rows.count * rowSize, as: T.self)
         let fileSpace = H5Dget_space(d)
         guard fileSpace >= 0 else { throw QATError("\(path): cannot get dataspace of '\(name)'") }
         defer { H5Sclose(fileSpace) }
@@ -362,6 +364,9 @@ public final class HDF5File {
             return p.map { String(cString: $0) } ?? ""
         }
         let size = H5Tget_size(ft)
+        guard size > 0, size <= HDF5File.maxAttributeBytes else {
+            throw QATError("\(path): attribute '\(attr)' on '\(object)' declares a string of \(size) bytes (limit \(HDF5File.maxAttributeBytes)): corrupt file")
+        }
         var buf = [UInt8](repeating: 0, count: size + 1)
         guard H5Aread(a, ft, &buf) >= 0 else { throw QATError("\(path): cannot read attribute '\(attr)'") }
         let end = buf.firstIndex(of: 0) ?? size
@@ -369,6 +374,9 @@ public final class HDF5File {
     }
 
     // MARK: - Internals
+
+    /// Largest fixed-length string attribute read (ours are a few hundred bytes).
+    public static let maxAttributeBytes = 1 << 20
 
     private func requireWritable() throws {
         guard mode != .readOnly else { throw QATError("\(path) is open read-only") }
@@ -392,6 +400,15 @@ public final class HDF5File {
         guard rank >= 0 else { throw QATError("\(path): dataset '\(name)' has no simple dataspace") }
         var dims = [hsize_t](repeating: 0, count: rank)
         H5Sget_simple_extent_dims(space, &dims, nil)
+        // A corrupt or hostile file may declare any 64-bit dims: refuse those whose element
+        // count does not even fit an Int, so `count` and every size derived from it are safe.
+        var total = 1
+        for d in dims {
+            guard d <= UInt64(Int.max) else { throw QATError("\(path): dataset '\(name)' has an impossible dimension \(d) (dims \(dims)): corrupt file") }
+            let (t, o) = total.multipliedReportingOverflow(by: Int(d))
+            guard !o else { throw QATError("\(path): dataset '\(name)' dims \(dims) have more elements than can be addressed: corrupt file") }
+            total = t
+        }
         let t = H5Dget_type(d)
         guard t >= 0 else { throw QATError("\(path): cannot get type of '\(name)'") }
         defer { H5Tclose(t) }
@@ -414,6 +431,27 @@ public final class HDF5File {
             guard inf.isInteger || inf.kind == .float else {
                 throw QATError("\(path): dataset '\(name)' holds \(inf.typeName); cannot read it as \(T.h5Name)")
             }
+        }
+    }
+
+    /// Largest read accepted in one call: physical memory (a larger dataset cannot be
+    /// loaded whole anyway, and failing here gives a message instead of an OOM kill).
+    static var maxReadBytes: Int { Int(clamping: ProcessInfo.processInfo.physicalMemory) }
+
+    /// Before allocating `elements` values of `T` for dataset `d`: the byte count must be
+    /// addressable and fit in memory, and the dataset must plausibly store what its dims
+    /// declare (gzip cannot shrink data more than ~1000×, so a dataset declaring 10^12
+    /// elements over a few kilobytes of chunks is a corrupt or hostile file).
+    private func checkReadable<T: HDF5Scalar>(_ d: hid_t, _ inf: HDF5DatasetInfo, name: String, elements: Int, as: T.Type) throws {
+        let (bytes, o) = elements.multipliedReportingOverflow(by: MemoryLayout<T>.size)
+        guard !o, bytes <= HDF5File.maxReadBytes else {
+            throw QATError("\(path): dataset '\(name)' \(inf) is too large to read (\(elements) elements of \(T.h5Name), more than this machine's memory)")
+        }
+        let declared = inf.count.multipliedReportingOverflow(by: max(1, inf.elementSize))
+        let stored = Int(clamping: H5Dget_storage_size(d))
+        let (plausible, o2) = stored.multipliedReportingOverflow(by: 1100)
+        if declared.overflow || (!o2 && declared.partialValue > plausible + (1 << 20)) {
+            throw QATError("\(path): dataset '\(name)' declares \(inf) but stores only \(stored) bytes: the file is corrupt or truncated")
         }
     }
 

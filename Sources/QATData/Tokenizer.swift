@@ -52,6 +52,11 @@ public final class Tokenizer: @unchecked Sendable {
     /// Pieces longer than this are not cached: they are rare and would bloat the cache.
     private static let cacheMaxPieceBytes = 256
 
+    /// Largest tokenizer.json read (large vocabularies are ~10–30 MB).
+    public static let maxFileBytes = 256 << 20
+    /// One past the largest token id accepted (the largest vocabularies are ~260k).
+    public static let maxVocabSize = 1 << 24
+
     /// Reads `path`: a tokenizer.json file, or a model directory holding one.
     public init(path: String) throws {
         var isDir: ObjCBool = false
@@ -66,6 +71,9 @@ public final class Tokenizer: @unchecked Sendable {
         let root: [String: Any]
         do {
             let data = try Data(contentsOf: URL(fileURLWithPath: file))
+            guard data.count <= Tokenizer.maxFileBytes else {
+                throw QATError("\(file): \(data.count) bytes is larger than the \(Tokenizer.maxFileBytes)-byte limit for tokenizer.json")
+            }
             guard let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
                 throw QATError("\(file): top level is not a JSON object")
             }
@@ -131,6 +139,11 @@ public final class Tokenizer: @unchecked Sendable {
             }
         }
         added = AddedTokenMatcher(addedSpecs)
+        // The id tables below have one slot per id: a file naming id 2^31 − 1 would have
+        // them take tens of gigabytes. Real vocabularies stay far below the limit.
+        guard Int(maxId) < Tokenizer.maxVocabSize else {
+            throw QATError("\(file): token id \(maxId) is above the \(Tokenizer.maxVocabSize - 1) limit (\(tokenToId.count) tokens in all): corrupt tokenizer.json")
+        }
         vocabSize = Int(maxId) + 1
         self.tokenToId = tokenToId
 

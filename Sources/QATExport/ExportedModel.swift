@@ -94,6 +94,9 @@ public struct ExportedModel {
         }
 
         let ckpt = try Checkpoint(path: directory)
+        // Before anything is built from the config's sizes: its layer count must be the
+        // checkpoint's (the shapes are checked tensor by tensor below, before allocation).
+        try config.checkLayerCount(against: ckpt.names, source: directory)
         var consumed = Set<String>()
         func has(_ n: String) -> Bool { ckpt.info(n) != nil }
         func scalar(_ n: String) throws -> Float {
@@ -116,7 +119,7 @@ public struct ExportedModel {
             let w = ckpt.info(name)
             if name.hasSuffix(".weight"), shape.count == 2, let w, w.dtype == .u8 || w.dtype == .f8e4m3, has("\(module).weight_scale") {
                 let rows = shape[0], cols = shape[1]
-                let t = Tensor(shape: shape, zeroed: false)
+                let t: Tensor
                 let format: LinearExportFormat
                 if w.dtype == .u8 {
                     let nb = NVFP4.blocksPerRow(cols)
@@ -124,6 +127,7 @@ public struct ExportedModel {
                         throw QATError("\(directory): \(module): NVFP4 weight \(w.shape) / weight_scale \(ckpt.info("\(module).weight_scale")?.shape ?? []) do not fit [\(rows), \(cols)] (expected [\(rows), \(nb * 8)] U8 and [\(rows), \(nb)] F8_E4M3)")
                     }
                     let gs = try scalar("\(module).weight_scale_2")
+                    t = Tensor(shape: shape, zeroed: false)  // only now: the stored shapes back it
                     let packed = try ckpt.bytes(name), scales = try ckpt.bytes("\(module).weight_scale")
                     NVFP4.dequantize(packed: packed.baseAddress!.assumingMemoryBound(to: UInt8.self),
                                      scales: scales.baseAddress!.assumingMemoryBound(to: UInt8.self),
@@ -132,6 +136,7 @@ public struct ExportedModel {
                 } else {
                     guard w.shape == shape else { throw QATError("\(directory): \(name) has shape \(w.shape), config.json implies \(shape)") }
                     let s = try scalar("\(module).weight_scale")
+                    t = Tensor(shape: shape, zeroed: false)
                     let codes = try ckpt.bytes(name)
                     for i in 0..<(rows * cols) { t[i] = e4m3ToFloat(codes[i]) * s }
                     format = .fp8

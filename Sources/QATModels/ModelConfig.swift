@@ -133,7 +133,44 @@ public struct ModelConfig: Sendable, Equatable {
         if numHeads % numKVHeads != 0 { throw bad("num_attention_heads (\(numHeads)) must be a multiple of num_key_value_heads (\(numKVHeads))") }
         if headDim % 2 != 0 { throw bad("head_dim (\(headDim)) must be even for RoPE") }
         if !(rmsNormEps > 0) { throw bad("rms_norm_eps must be positive") }
-        if !(ropeTheta > 0) { throw bad("rope_theta must be positive") }
+        if !(ropeTheta > 0) || !ropeTheta.isFinite { throw bad("rope_theta must be positive and finite") }
+        // The RoPE tables hold max_position_embeddings × head_dim/2 entries each: bound them
+        // (1 << 28 entries is 1 GiB per table, far above any supported model's need).
+        if maxPositionEmbeddings < 1 || maxPositionEmbeddings > 1 << 24 {
+            throw bad("max_position_embeddings = \(maxPositionEmbeddings) is out of range (1…\(1 << 24))")
+        }
+        if maxPositionEmbeddings * (headDim / 2) > 1 << 28 {
+            throw bad("max_position_embeddings × head_dim/2 = \(maxPositionEmbeddings) × \(headDim / 2) is above \(1 << 28): the RoPE tables would not fit in memory")
+        }
+        // Attention masks keys at distance ≥ window: a window below 1 masks every key
+        // (and a negative one would index before the row).
+        if let w = slidingWindow, w < 1 { throw bad("sliding_window = \(w) must be at least 1 (or null for full attention)") }
+        switch ropeScaling {
+        case .none: break
+        case .linear(let factor):
+            if !(factor > 0) || !factor.isFinite { throw bad("rope scaling factor = \(factor) must be positive and finite") }
+        case let .llama3(factor, low, high, original):
+            if !(factor > 0) || !factor.isFinite { throw bad("rope scaling factor = \(factor) must be positive and finite") }
+            if !(low > 0) || !(high > low) || !high.isFinite {
+                throw bad("llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor (got \(low), \(high))")
+            }
+            if original < 1 { throw bad("llama3 rope scaling original_max_position_embeddings = \(original) must be at least 1") }
+        }
+    }
+
+    /// Checks the layer count against the tensor names of a checkpoint before anything is
+    /// built from the config: a config.json claiming 10^6 layers over a 2-layer checkpoint
+    /// fails here with the counts, instead of materialising a million layers' worth of
+    /// names and shapes. `names` are the checkpoint's tensor names.
+    public func checkLayerCount<S: Sequence>(against names: S, source: String) throws where S.Element == String {
+        var maxIndex = -1
+        for n in names where n.hasPrefix("model.layers.") {
+            let rest = n.dropFirst("model.layers.".count)
+            if let dot = rest.firstIndex(of: "."), let i = Int(rest[..<dot]), i >= 0 { maxIndex = max(maxIndex, i) }
+        }
+        guard maxIndex + 1 == numLayers else {
+            throw QATError("\(source): config.json says num_hidden_layers = \(numLayers) but the checkpoint holds \(maxIndex + 1) layer(s) (model.layers.0…\(maxIndex)): shape mismatch between config and checkpoint")
+        }
     }
 
     /// RoPE inverse frequencies [headDim/2] in fp32, as HF computes them (including scaling).

@@ -168,7 +168,9 @@ public struct QuantConfig: Sendable {
     /// Parses YAML text holding a `quantize:`-style mapping (see `init(node:)`).
     public init(yaml: String) throws {
         let node: Node?
-        do { node = try Yams.compose(yaml: yaml) } catch { throw QATError("quant config: invalid YAML: \(error)") }
+        do { node = try SafeYAML.compose(yaml, source: "quant config") } catch let e as QATError { throw e } catch {
+            throw QATError("quant config: invalid YAML: \(error)")
+        }
         guard let node else { throw QATError("quant config: empty YAML") }
         try self.init(node: node)
     }
@@ -340,7 +342,7 @@ public struct QuantConfig: Sendable {
     static func parseNumBits(_ v: Node, path: String) throws -> NumBits {
         switch v {
         case .scalar:
-            if let i = v.int {
+            if let i = v.safeInt {
                 if i == 8 { return .int8 }
                 throw err(path, v, "num_bits \(i) is not supported (supported: e2m1 / [2, 1] for NVFP4, e4m3 / [4, 3] for FP8, 8 for INT8)")
             }
@@ -352,7 +354,7 @@ public struct QuantConfig: Sendable {
                 throw err(path, v, "num_bits '\(v.string ?? "")' is not supported (supported: e2m1 / [2, 1], e4m3 / [4, 3], 8)")
             }
         case .sequence(let seq):
-            let ints = seq.map(\.int)
+            let ints = seq.map(\.safeInt)
             if ints.count == 2, let e = ints[0], let m = ints[1] {
                 if (e, m) == (2, 1) { return .e2m1 }
                 if (e, m) == (4, 3) { return .e4m3 }
@@ -365,7 +367,7 @@ public struct QuantConfig: Sendable {
     }
 
     static func parseScaleBits(_ v: Node, path: String) throws -> Bool {
-        if case .sequence(let seq) = v, seq.count == 2, seq[0].int == 4, seq[1].int == 3 { return true }
+        if case .sequence(let seq) = v, seq.count == 2, seq[0].safeInt == 4, seq[1].safeInt == 3 { return true }
         if let s = v.string?.lowercased(), s == "e4m3" { return true }
         throw err(path, v, "scale_bits '\(describe(v))' is not supported (NVFP4 needs e4m3 / [4, 3] block scales)")
     }
@@ -443,9 +445,9 @@ public struct QuantConfig: Sendable {
             var size: Int? = nil, dynamic = false, scaleOK = false
             for (k, v) in bm {
                 let bp = "\(path).block_sizes.\(k.string ?? "?")"
-                if let d = k.int {
+                if let d = k.safeInt {
                     guard d == -1 else { throw err(bp, k, "blocking along dim \(d) is not supported (only the last dim, -1)") }
-                    guard let s = v.int else { throw err(bp, v, "expected an integer block size") }
+                    guard let s = v.safeInt else { throw err(bp, v, "expected an integer block size") }
                     guard s == 16 else { throw err(bp, v, "NVFP4 block size \(s) is not supported (only 16)") }
                     size = s
                     continue

@@ -1,6 +1,111 @@
+import CYaml
 import Foundation
 import QATCore
 import Yams
+
+/// Composing YAML from untrusted text with bounded cost.
+///
+/// Yams builds its node tree recursively (a deeply nested document overflows the stack)
+/// and shares aliased nodes, so a "billion laughs" document is small in memory but
+/// exponential for anything that walks it (key hashing, validation, re-serialising). One
+/// linear pass over libyaml's events first bounds the nesting depth and the size of the
+/// document with every alias expanded; only then is it handed to Yams.
+public enum SafeYAML {
+    /// Deepest nesting accepted (recipes nest 4–5 levels).
+    public static let maxDepth = 64
+    /// Most nodes accepted, counting every alias expanded (recipes have a few hundred).
+    public static let maxNodes = 200_000
+    /// Largest text accepted.
+    public static let maxBytes = 16 << 20
+
+    /// Checks `text` against the limits; throws a `QATError` naming `source` when it breaks
+    /// one. Syntax errors are left for Yams, which reports them with more context.
+    public static func check(_ text: String, source: String) throws {
+        var t = text
+        try t.withUTF8 { buf in
+            guard buf.count <= maxBytes else {
+                throw QATError("\(source): YAML text of \(buf.count) bytes is larger than the \(maxBytes)-byte limit")
+            }
+            var parser = yaml_parser_t()
+            guard yaml_parser_initialize(&parser) == 1 else { throw QATError("\(source): cannot initialise the YAML parser") }
+            defer { yaml_parser_delete(&parser) }
+            yaml_parser_set_input_string(&parser, buf.baseAddress, buf.count)
+            yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING)
+            var anchors: [String: Int] = [:]
+            // Per open collection: node count when it started, and its anchor.
+            var open: [(start: Int, anchor: String?)] = []
+            var nodes = 0
+            func anchorName(_ p: UnsafeMutablePointer<yaml_char_t>?) -> String? {
+                p.map { String(cString: UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self)) }
+            }
+            func add(_ n: Int, line: Int) throws {
+                nodes += n
+                if nodes > maxNodes {
+                    throw QATError("\(source), line \(line): the YAML document expands to more than \(maxNodes) nodes (aliases that reference aliases?); refusing it")
+                }
+            }
+            while true {
+                var event = yaml_event_t()
+                guard yaml_parser_parse(&parser, &event) == 1 else { return }  // Yams reports the syntax error
+                defer { yaml_event_delete(&event) }
+                let line = Int(event.start_mark.line) + 1
+                switch event.type {
+                case YAML_STREAM_END_EVENT:
+                    return
+                case YAML_SCALAR_EVENT:
+                    try add(1, line: line)
+                    if let a = anchorName(event.data.scalar.anchor) { anchors[a] = 1 }
+                case YAML_ALIAS_EVENT:
+                    guard let a = anchorName(event.data.alias.anchor), let size = anchors[a] else { continue }
+                    try add(size, line: line)
+                case YAML_SEQUENCE_START_EVENT, YAML_MAPPING_START_EVENT:
+                    try add(1, line: line)
+                    guard open.count < maxDepth else {
+                        throw QATError("\(source), line \(line): YAML nesting deeper than \(maxDepth) levels; refusing it")
+                    }
+                    let anchor = event.type == YAML_SEQUENCE_START_EVENT
+                        ? anchorName(event.data.sequence_start.anchor) : anchorName(event.data.mapping_start.anchor)
+                    open.append((nodes - 1, anchor))
+                case YAML_SEQUENCE_END_EVENT, YAML_MAPPING_END_EVENT:
+                    if let o = open.popLast(), let a = o.anchor { anchors[a] = nodes - o.start }
+                default:
+                    break
+                }
+            }
+        }
+    }
+
+    /// `Yams.compose` after `check`.
+    public static func compose(_ text: String, source: String) throws -> Node? {
+        try check(text, source: source)
+        return try Yams.compose(yaml: text)
+    }
+}
+
+extension Node {
+    /// `int` without Yams' trap: Yams reads YAML 1.1 base-60 integers (`1:30` = 90) with
+    /// unchecked multiplication, so `9223372036854775807:0` kills the process. Base-60
+    /// scalars are evaluated here with overflow checks; everything else goes to Yams.
+    public var safeInt: Int? {
+        guard case .scalar(let s) = self else { return nil }
+        let text = s.string
+        guard text.contains(":") else { return int }
+        var body = Substring(text)
+        var negative = false
+        if body.hasPrefix("-") { negative = true; body = body.dropFirst() } else if body.hasPrefix("+") { body = body.dropFirst() }
+        // Yams reads a leading 0 as a radix prefix (no value with a colon); keep that.
+        guard !body.isEmpty, !body.hasPrefix("0"), body.allSatisfy({ $0 == ":" || ("0"..."9").contains($0) }) else { return nil }
+        var value = 0
+        for part in body.split(separator: ":", omittingEmptySubsequences: false) {
+            guard let d = Int(part, radix: 10), d >= 0 else { return nil }
+            let (m, o1) = value.multipliedReportingOverflow(by: 60)
+            let (a, o2) = m.addingReportingOverflow(d)
+            if o1 || o2 { return nil }
+            value = a
+        }
+        return negative ? -value : value
+    }
+}
 
 /// Typed, strict access to a YAML mapping with errors that name the file, the key path and
 /// the line. Every key read is recorded, so `finish()` can reject keys nobody read (typos).
@@ -21,7 +126,7 @@ public final class YAMLMap {
     /// Parses YAML text whose top level must be a mapping.
     public static func parse(_ text: String, source: String) throws -> YAMLMap {
         let node: Node?
-        do { node = try Yams.compose(yaml: text) } catch {
+        do { node = try SafeYAML.compose(text, source: source) } catch let e as QATError { throw e } catch {
             throw QATError("\(source): not valid YAML: \(error)")
         }
         guard let node else { throw QATError("\(source): the file is empty") }
@@ -57,7 +162,7 @@ public final class YAMLMap {
 
     public func int(_ key: String, min lo: Int? = nil, max hi: Int? = nil) throws -> Int? {
         guard let v = take(key) else { return nil }
-        guard case .scalar = v, let i = v.int else { throw fail(key, "expected an integer, found \(YAMLMap.describe(v))") }
+        guard case .scalar = v, let i = v.safeInt else { throw fail(key, "expected an integer, found \(YAMLMap.describe(v))") }
         if let lo, i < lo { throw fail(key, "must be ≥ \(lo) (got \(i))") }
         if let hi, i > hi { throw fail(key, "must be ≤ \(hi) (got \(i))") }
         return i
@@ -65,7 +170,7 @@ public final class YAMLMap {
 
     public func double(_ key: String, min lo: Double? = nil, max hi: Double? = nil) throws -> Double? {
         guard let v = take(key) else { return nil }
-        guard case .scalar = v, let d = v.float ?? v.int.map(Double.init) else {
+        guard case .scalar = v, let d = v.float ?? v.safeInt.map(Double.init) else {
             throw fail(key, "expected a number, found \(YAMLMap.describe(v))")
         }
         if !d.isFinite { throw fail(key, "must be finite (got \(d))") }
@@ -100,7 +205,7 @@ public final class YAMLMap {
         guard let v = take(key) else { return nil }
         guard case .sequence(let seq) = v else { throw fail(key, "expected a list of numbers, found \(YAMLMap.describe(v))") }
         return try seq.map { item in
-            guard let d = item.float ?? item.int.map(Double.init) else {
+            guard let d = item.float ?? item.safeInt.map(Double.init) else {
                 throw YAMLMap.error(source, full(key), item, "expected a number, found \(YAMLMap.describe(item))")
             }
             return d

@@ -116,7 +116,7 @@ public struct Recipe: Sendable {
     public static func parse(_ text: String, source: String, overrides: [String] = []) throws -> Recipe {
         var node: Node
         do {
-            guard let n = try Yams.compose(yaml: text) else { throw QATError("\(source): the recipe is empty") }
+            guard let n = try SafeYAML.compose(text, source: source) else { throw QATError("\(source): the recipe is empty") }
             node = n
         } catch let e as QATError { throw e } catch {
             throw QATError("\(source): not valid YAML: \(error)")
@@ -195,6 +195,7 @@ public struct Recipe: Sendable {
                     guard let d = FileManager.default.contents(atPath: p), let txt = String(data: d, encoding: .utf8) else {
                         throw YAMLMap.error(source, "train.lr_config", lc, "lr_config file not found or unreadable: \(p)")
                     }
+                    try SafeYAML.check(txt, source: p)  // parsed later by ParameterGroups; bound its cost now
                     s.lrConfigYAML = txt; s.lrConfigSource = p
                 } else {
                     s.lrConfigYAML = try Yams.serialize(node: lc); s.lrConfigSource = "\(source) (train.lr_config)"
@@ -247,7 +248,9 @@ public struct Recipe: Sendable {
         guard !keyPath.isEmpty, keyPath.allSatisfy({ !$0.isEmpty }) else { throw QATError("--set \(assignment): empty key") }
         let valueText = String(assignment[assignment.index(after: eq)...])
         let value: Node
-        do { value = try Yams.compose(yaml: valueText.isEmpty ? "null" : valueText) ?? Node("") } catch {
+        do { value = try SafeYAML.compose(valueText.isEmpty ? "null" : valueText, source: "--set \(assignment)") ?? Node("") } catch let e as QATError {
+            throw e
+        } catch {
             throw QATError("--set \(assignment): the value is not valid YAML: \(error)")
         }
         func set(_ node: Node?, _ path: ArraySlice<String>) throws -> Node {

@@ -11,8 +11,11 @@ import QATIO
 /// exist. `backward` takes d loss / d hidden and accumulates every parameter gradient.
 public final class CausalLM: @unchecked Sendable {
     public let config: ModelConfig
-    /// Every parameter, in HF order, once (a tied lm_head shares the embedding).
-    public let parameters: [Parameter]
+    /// Every parameter, in HF order, once (a tied lm_head shares the embedding), then any
+    /// added with `addParameters` (LoRA adapters).
+    public private(set) var parameters: [Parameter]
+    /// True during a forward with saveForBackward (training); LoRA dropout is applied only then.
+    public private(set) var isTrainingForward = false
     public let embed: Parameter
     public let layers: [DecoderLayer]
     public let finalNorm: Parameter
@@ -134,6 +137,14 @@ public final class CausalLM: @unchecked Sendable {
         return out
     }
 
+    /// Appends parameters that are not in the HF checkpoint (LoRA adapters): training,
+    /// checkpoints and `parameterByName` then see them.
+    public func addParameters(_ extra: [Parameter]) { parameters += extra }
+
+    /// Drops parameters from `parameters` (QLoRA: base weights held compressed elsewhere are
+    /// neither trained nor checkpointed). Layers keep their references.
+    public func removeParameters(named names: Set<String>) { parameters.removeAll { names.contains($0.name) } }
+
     /// Marks every fake-quant weight stale (call after an optimizer step or a quantizer change).
     public func markWeightsChanged() { for l in linears { l.markWeightChanged() } }
 
@@ -152,6 +163,7 @@ public final class CausalLM: @unchecked Sendable {
             throw QATError("token id \(t) at position \(i) is outside the vocabulary (size \(c.vocabSize))")
         }
         ensureBuffers(batch: batch, seqLen: seqLen, saved: saveForBackward)
+        isTrainingForward = saveForBackward
         self.tokens = tokens
         let x0 = residuals[0].data
         StepProfiler.measure("fwd.embedding") {

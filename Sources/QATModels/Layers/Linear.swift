@@ -14,6 +14,12 @@ public final class Linear: @unchecked Sendable {
     public let bias: Parameter?
     public var weightQuantizer: FakeQuantHook?
     public var inputQuantizer: FakeQuantHook?
+    /// A side path added to the output (LoRA, see `LinearAdapter`): forward adds it to `out`
+    /// from the original input; backward accumulates its gradients and adds its dx.
+    public var adapter: LinearAdapter?
+    /// Supplies the weight the matmuls use instead of the master weight or its fake-quant copy
+    /// (QLoRA: a frozen NVFP4 base decoded on demand, see `LinearWeightSource`).
+    public var weightSource: LinearWeightSource?
 
     private var quantizedWeight: Tensor?
     private var quantizedWeightStale = true
@@ -35,6 +41,7 @@ public final class Linear: @unchecked Sendable {
 
     /// The weight the matmul uses: the fake-quant copy when the weight quantizer quantizes.
     public var effectiveWeight: UnsafePointer<Float> {
+        if let s = weightSource { return s.weight(for: self) }
         if let q = quantizedWeight, weightQuantizer?.isQuantizing == true { return UnsafePointer(q.data) }
         return UnsafePointer(weight.value.data)
     }
@@ -81,6 +88,7 @@ public final class Linear: @unchecked Sendable {
                 for i in s..<e { Kernels.add(o.p + i * cols, bp.p, cols) }
             }
         }
+        if let a = adapter { try a.forward(x, out: out, n: n) }
         return xin
     }
 
@@ -90,6 +98,7 @@ public final class Linear: @unchecked Sendable {
         dy: UnsafePointer<Float>, x: UnsafePointer<Float>, xUsed: UnsafePointer<Float>, n: Int,
         dx: UnsafeMutablePointer<Float>?, accumulateDx: Bool
     ) {
+        defer { adapter?.backward(dy: dy, x: x, n: n, dx: dx) }   // after dx is written
         if let g = weight.grad {
             if let wq = weightQuantizer, wq.isQuantizing {
                 let tmp = scratchBuffer(weight.count)

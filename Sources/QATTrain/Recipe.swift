@@ -72,6 +72,8 @@ public struct Recipe: Sendable {
         /// What to do with a non-finite loss or gradient: stop (default) or skip the batch.
         public var onNonFinite = "stop"
         public var distill = DistillSpec()
+        /// LoRA / QLoRA adapters (`train.lora`); nil: full-weight training.
+        public var lora: LoRASpec? = nil
     }
 
     public struct ExportSpec: Sendable, Equatable {
@@ -217,6 +219,7 @@ public struct Recipe: Sendable {
                 s.distill.teacherLogprobs = try d.string("teacher_logprobs")
                 try d.finish()
             }
+            if let l = try t.map("lora") { s.lora = try LoRASpec.parse(l) }
             try t.finish()
             r.train = s
         }

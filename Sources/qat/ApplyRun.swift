@@ -43,7 +43,7 @@ final class ApplyRun {
         let r = recipe
         log("recipe \(recipePath): model \(r.model), quantize \(r.quantizeDescription), mode \(r.train.mode.rawValue)")
 
-        let model = try CausalLM(directory: r.model)
+        var model = try CausalLM(directory: r.model)
         let vocab = model.config.vocabSize
         let trainStream = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: r.model, vocabSize: vocab)
         let valStream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: r.model, vocabSize: vocab)
@@ -75,6 +75,26 @@ final class ApplyRun {
             summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
         }
 
+        // LoRA / QLoRA: adapters on the frozen base (QLoRA: a new model over the NVFP4 base;
+        // the fp32 model is dropped here).
+        var lora: LoRA? = nil
+        var trainSpec = r.train
+        if let ls = r.train.lora {
+            guard r.train.mode != .none else { throw QATError("train.lora needs train.mode qat or qad") }
+            if ls.qlora {
+                guard let config = r.quantize, let set = quantizers else { throw QATError("train.lora.qlora needs a quantize section with NVFP4 weights") }
+                let l = try LoRA.qlora(source: model, quantizers: set, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode, spec: ls, seed: r.train.seed)
+                model = l.model; quantizers = l.quantizers; lora = l
+                let b = l.base!
+                log("QLoRA: base of \(b.tensors.count) Linears held in NVFP4: \(formatBytes(b.bytes)) (fp32 \(formatBytes(b.fp32Bytes)) released; decode buffer \(formatBytes(b.scratchBytes)))")
+            } else {
+                lora = try LoRA.attach(to: model, quantizers: quantizers, spec: ls, seed: r.train.seed)
+            }
+            if trainSpec.trainableParams == nil && trainSpec.frozenParams == nil { trainSpec.trainableParams = LoRA.trainableGlobs }
+            let n = lora!.adapters.reduce(0) { $0 + $1.A.count + $1.B.count }
+            log("LoRA: \(lora!.adapters.count) adapters, rank \(ls.rank), alpha \(ls.alpha), dropout \(ls.dropout), \(n) adapter parameters (fp32)")
+        }
+
         // Train.
         if r.train.mode != .none {
             try FileManager.default.createDirectory(atPath: workDir, withIntermediateDirectories: true)
@@ -85,7 +105,7 @@ final class ApplyRun {
             switch r.train.mode {
             case .qat:
                 trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calibration, calibrationBatchSize: r.calibration.batchSize,
-                                         spec: r.train, seqLen: r.data.seqLen, trainStream: trainStream, validationStream: valStream,
+                                         spec: trainSpec, seqLen: r.data.seqLen, trainStream: trainStream, validationStream: valStream,
                                          validationSequences: r.data.validationSequences, options: opts)
             case .qad:
                 var teacher: CausalLM? = nil
@@ -96,13 +116,14 @@ final class ApplyRun {
                     log("teacher: \(dir) (unquantized, forward-only)")
                 }
                 trainer = try QADTrainer(model: model, teacher: teacher, quantizers: set, calibrationSequences: calibration,
-                                         calibrationBatchSize: r.calibration.batchSize, spec: r.train, seqLen: r.data.seqLen,
+                                         calibrationBatchSize: r.calibration.batchSize, spec: trainSpec, seqLen: r.data.seqLen,
                                          trainStream: trainStream, validationStream: valStream,
                                          validationSequences: r.data.validationSequences, options: opts)
             case .none:
                 fatalError("unreachable")
             }
             log("training: \(trainer.totalSteps) steps × \(r.train.batchSize)×\(r.train.gradAccum) sequences of \(r.data.seqLen), lr \(r.train.lr) (\(r.train.schedule)), loss: \(trainer.loss.description)")
+            lora?.bind(to: trainer)
             installStopHandler()
             let result = try trainer.run()
             summary.steps = result.steps
@@ -118,7 +139,19 @@ final class ApplyRun {
             }
         }
 
-        try exportAndVerify(model: model, quantizers: quantizers, summary: &summary)
+        if let lora, lora.spec.export == .adapters {
+            let dtype = r.export.saveDtype.flatMap { DType(torchName: $0) } ?? .f32
+            let bytes = try lora.exportAdapters(to: r.export.dir, baseModel: r.model, dtype: dtype)
+            summary.exportDir = r.export.dir
+            summary.exportBytes = bytes
+            log("export: \(r.export.dir) (PEFT LoRA adapters, \(formatBytes(bytes)) of tensors)")
+        } else if let lora {
+            let merged = try lora.mergedModel(config: r.quantize, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
+            log("LoRA: adapters merged into the base (fp32), weight amax re-calibrated on the merged weights")
+            try exportAndVerify(model: merged.model, quantizers: merged.quantizers, summary: &summary)
+        } else {
+            try exportAndVerify(model: model, quantizers: quantizers, summary: &summary)
+        }
         summary.seconds = Date().timeIntervalSince(start)
         try writeReport(summary)
         return summary

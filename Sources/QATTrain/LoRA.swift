@@ -158,7 +158,7 @@ public final class LoRA: @unchecked Sendable {
         return LoRA(spec: spec, context: ctx, adapters: adapters, model: model, quantizers: quantizers, base: nil)
     }
 
-    /// QLoRA: a new model whose NVFP4-quantized Linears hold their weights as `QLoRABase`
+    /// QLoRA: a new model whose NVFP4-quantized decoder-layer Linears hold their weights as `QLoRABase`
     /// (NVFP4.quantize with the calibrated weight amax) and no fp32 copy, with `quantizers`'
     /// calibrated amax values copied onto a fresh quantizer set, and adapters attached. Every
     /// other tensor (embeddings, norms, lm_head, unquantized Linears) is shared with `source`,
@@ -166,7 +166,9 @@ public final class LoRA: @unchecked Sendable {
     public static func qlora(source: CausalLM, quantizers: QuantizerSet, config: QuantConfig, ste: STEMode, nvfp4Mode: NVFP4.FakeQuantMode,
                              spec: Recipe.LoRASpec, seed: UInt64) throws -> LoRA {
         var compressed: [Linear] = []
-        for l in source.linears {
+        // Decoder-layer Linears only: lm_head (possibly tied to the embedding) keeps its fp32
+        // weight and, when enabled, its usual fake quant.
+        for l in source.layers.flatMap(\.linears) {
             guard let q = l.weightQuantizer as? TensorQuantizer, q.enabled, q.format == .nvfp4(blockSize: NVFP4.blockSize) else { continue }
             guard q.amax != nil else { throw QATError("QLoRA: weight quantizer \(q.name) is not calibrated") }
             compressed.append(l)

@@ -127,7 +127,11 @@ final class LoRATests: XCTestCase {
     /// (base in NVFP4, no fp32 copy) computes bit for bit what the fake-quant model with the
     /// same adapters computes.
     func testQLoRAForwardEqualsFakeQuantForwardBitForBit() throws {
-        let (model, set, config) = try calibrated()
+        for fixture in ["tiny-llama", "tiny-qwen3"] { try checkQLoRABitExact(Fixtures.path(fixture)) }
+    }
+
+    func checkQLoRABitExact(_ dir: String) throws {
+        let (model, set, config) = try calibrated(dir)
         var spec = Recipe.LoRASpec(); spec.rank = 4; spec.alpha = 8; spec.qlora = true
         let q = try LoRA.qlora(source: model, quantizers: set, config: config, ste: .passThrough, nvfp4Mode: .export, spec: spec, seed: 5)
         let base = q.base!

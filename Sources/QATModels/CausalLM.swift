@@ -90,6 +90,16 @@ public final class CausalLM: @unchecked Sendable {
     public convenience init(directory: String) throws {
         let config = try ModelConfig.load(directory: directory)
         let ckpt = try Checkpoint(path: directory)
+        // Shapes are checked against the config before any tensor is converted, so a
+        // mismatched or hostile checkpoint fails fast and allocates nothing big.
+        for (name, shape) in CausalLM.parameterShapes(config) {
+            guard let info = ckpt.info(name) else {
+                throw QATError("\(directory): missing tensor \(name) (expected shape \(shape) for this \(config.family.rawValue) config)")
+            }
+            guard info.shape == shape else {
+                throw QATError("\(directory): tensor \(name) has shape \(info.shape), but config.json implies \(shape)")
+            }
+        }
         var params: [String: Tensor] = [:]
         for name in ckpt.names { params[name] = try ckpt.floats(name) }
         try self.init(config: config, parameters: params)

@@ -36,12 +36,29 @@ final class ApplyRun {
         return String(format: "%016llx", h)
     }
 
+    /// Inputs that would otherwise fail only after minutes of evaluation and calibration.
+    func preflight() throws {
+        let t = recipe.train
+        guard t.mode == .qad else { return }
+        if let cache = t.distill.teacherLogprobs {
+            guard FileManager.default.fileExists(atPath: cache) else {
+                throw QATError("teacher cache not found: \(cache) (train.distill.teacher_logprobs); write it with `qat teacher-logprobs --out \(cache)`")
+            }
+        } else {
+            let dir = t.distill.teacher ?? recipe.model
+            guard FileManager.default.fileExists(atPath: dir + "/config.json") else {
+                throw QATError("teacher not found: \(dir) (train.distill.teacher) has no config.json")
+            }
+        }
+    }
+
     func execute() throws -> ApplySummary {
         var summary = ApplySummary()
         summary.mode = recipe.train.mode.rawValue
         summary.quantize = recipe.quantizeDescription
         let r = recipe
         log("recipe \(recipePath): model \(r.model), quantize \(r.quantizeDescription), mode \(r.train.mode.rawValue)")
+        try preflight()
 
         var model = try CausalLM(directory: r.model)
         let vocab = model.config.vocabSize

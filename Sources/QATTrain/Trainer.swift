@@ -96,6 +96,8 @@ open class Trainer {
     public var loss: TrainingLoss
     public private(set) var step = 0
     public private(set) var history: [StepMetrics] = []
+    /// Memory the run holds on paper (checked against MemAvailable before training).
+    public private(set) var memoryEstimate = MemoryEstimate()
     private let dHidden: Tensor
 
     public init(model: CausalLM, spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
@@ -121,6 +123,13 @@ open class Trainer {
         schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
                                   warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
         loss = CrossEntropyLoss(vocab: model.config.vocabSize)
+        // Stop before the big allocations when the run cannot fit (estimate in the message).
+        let quantized = model.linears.filter { $0.weightQuantizer != nil }.reduce(0) { $0 + $1.weight.count }
+        memoryEstimate = MemoryEstimate.training(
+            config: model.config, batch: spec.batchSize, seqLen: seqLen, parameterCount: model.parameters.reduce(0) { $0 + $1.count },
+            trainableCount: optimizer.slots.reduce(0) { $0 + $1.value.count }, quantizedWeightCount: quantized,
+            liveTeacher: spec.mode == .qad && spec.distill.teacherLogprobs == nil, lossBufferBytes: 256 << 20)
+        try memoryEstimate.check(what: "training \(model.config.family.rawValue) (batch \(spec.batchSize) × \(seqLen))")
         dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
     }
 

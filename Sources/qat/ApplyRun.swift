@@ -139,6 +139,7 @@ final class ApplyRun {
             case .none:
                 fatalError("unreachable")
             }
+            log("memory on paper: \(trainer.memoryEstimate)")
             log("training: \(trainer.totalSteps) steps × \(r.train.batchSize)×\(r.train.gradAccum) sequences of \(r.data.seqLen), lr \(r.train.lr) (\(r.train.schedule)), loss: \(trainer.loss.description)")
             lora?.bind(to: trainer)
             installStopHandler()

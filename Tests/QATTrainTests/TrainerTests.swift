@@ -133,3 +133,34 @@ final class NonFiniteTests: XCTestCase {
         XCTAssertTrue(t.history[1].skipped && t.history[2].skipped)
     }
 }
+
+final class MemoryEstimateTests: XCTestCase {
+    /// A run that cannot fit stops before allocating, with the estimate in the message.
+    func testTooLargeRunIsRefusedBeforeStarting() throws {
+        let model = try CausalLM(directory: Fixtures.path("tiny-llama"))
+        var spec = Recipe.TrainSpec()
+        spec.batchSize = 1 << 20
+        let stream = [Int32](repeating: 1, count: 4097)
+        var opts = Trainer.Options(outputDir: Fixtures.tempDir().path, checkpointDir: Fixtures.tempDir().path)
+        opts.quiet = true
+        XCTAssertThrowsError(try Trainer(model: model, spec: spec, seqLen: 256, trainStream: stream, validationStream: stream,
+                                         validationSequences: 1, options: opts)) { e in
+            let m = "\(e)"
+            XCTAssertTrue(m.contains("needs about") && m.contains("activations") && m.contains("batch_size"), m)
+        }
+    }
+
+    /// The paper figure for the SmolLM2-135M shape (QAT, batch 8×256): weights, gradients
+    /// and AdamW are 16 bytes per parameter.
+    func testPaperFigureForSmolLMShape() {
+        let c = ModelConfig(family: .llama, vocabSize: 49152, hiddenSize: 576, intermediateSize: 1536, numLayers: 30, numHeads: 9,
+                            numKVHeads: 3, tieWordEmbeddings: true)
+        let params = CausalLM.parameterShapes(c).reduce(0) { $0 + $1.1.reduce(1, *) }
+        XCTAssertEqual(params, 134_515_008)
+        let e = MemoryEstimate.training(config: c, batch: 8, seqLen: 256, parameterCount: params, trainableCount: params,
+                                        quantizedWeightCount: params - 49152 * 576, liveTeacher: false, lossBufferBytes: 0)
+        XCTAssertEqual(e.weights + e.gradients + e.optimizer, 16 * Double(params))
+        XCTAssertGreaterThan(e.activations, 1e9)
+        XCTAssertLessThan(e.total, 8e9)
+    }
+}

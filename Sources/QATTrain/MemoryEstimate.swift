@@ -1,0 +1,58 @@
+import Foundation
+import QATCore
+import QATModels
+
+/// What a training run will hold in memory, computed on paper from the model shape, so a run
+/// that cannot fit stops before it starts (with the estimate) instead of being killed by the
+/// OOM killer halfway through.
+public struct MemoryEstimate: Sendable, CustomStringConvertible {
+    public var weights = 0.0, gradients = 0.0, optimizer = 0.0, fakeQuantWeights = 0.0
+    public var activations = 0.0, teacher = 0.0, lossBuffers = 0.0
+
+    public var total: Double { weights + gradients + optimizer + fakeQuantWeights + activations + teacher + lossBuffers }
+
+    static func gib(_ b: Double) -> String { String(format: "%.2f GiB", b / 1_073_741_824) }
+
+    public var description: String {
+        "\(MemoryEstimate.gib(total)) (weights \(MemoryEstimate.gib(weights)), gradients \(MemoryEstimate.gib(gradients)), AdamW \(MemoryEstimate.gib(optimizer)), fake-quant weights \(MemoryEstimate.gib(fakeQuantWeights)), activations \(MemoryEstimate.gib(activations)), teacher \(MemoryEstimate.gib(teacher)), loss buffers \(MemoryEstimate.gib(lossBuffers)))"
+    }
+
+    /// fp32 everywhere: weights (+ the fake-quant copy of each quantized weight), gradients
+    /// and two AdamW moments for trainable parameters, every layer's saved activations for
+    /// [batch × seqLen] tokens, and with a live teacher its weights plus one layer.
+    public static func training(config c: ModelConfig, batch: Int, seqLen: Int, parameterCount: Int, trainableCount: Int,
+                                quantizedWeightCount: Int, liveTeacher: Bool, lossBufferBytes: Int) -> MemoryEstimate {
+        let n = Double(batch * seqLen), C = Double(c.hiddenSize), I = Double(c.intermediateSize)
+        let qd = Double(c.numHeads * c.headDim), kvd = Double(c.numKVHeads * c.headDim)
+        let probs = Double(batch * c.numHeads) * Double(seqLen) * Double(seqLen)
+        // LayerActivations: ln1, mid, ln2 [n, C]; q/qRaw/attnOut [n, qd]; kRaw/kRope/k/vRaw/v [n, kvd];
+        // gate/up/h [n, I]; probs; the quantized input copies of the 7 Linears.
+        let perLayer = n * (3 * C + 3 * qd + 5 * kvd + 3 * I) + probs + n * (2 * C + qd + I)
+        let backward = n * (2 * C + 3 * I + 3 * qd + 3 * kvd)
+        var e = MemoryEstimate()
+        e.weights = 4 * Double(parameterCount)
+        e.gradients = 4 * Double(trainableCount)
+        e.optimizer = 8 * Double(trainableCount)
+        e.fakeQuantWeights = 4 * Double(quantizedWeightCount)
+        e.activations = 4 * (Double(c.numLayers) * perLayer + Double(c.numLayers + 1) * n * C + backward)
+        if liveTeacher { e.teacher = 4 * (Double(parameterCount) + perLayer + 2 * n * C) }
+        e.lossBuffers = Double(lossBufferBytes)
+        return e
+    }
+
+    /// Memory the system can still give this process (MemAvailable), nil where unknown.
+    public static func availableBytes() -> Double? {
+        guard let s = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+              let line = s.split(separator: "\n").first(where: { $0.hasPrefix("MemAvailable:") }),
+              let kb = line.split(separator: " ").compactMap({ Double($0) }).first else { return nil }
+        return kb * 1024
+    }
+
+    /// Throws when the estimate does not fit in the available memory.
+    public func check(what: String) throws {
+        guard let avail = MemoryEstimate.availableBytes() else { return }
+        if total > avail {
+            throw QATError("\(what) needs about \(description), but only \(MemoryEstimate.gib(avail)) is available: lower train.batch_size or data.seq_len (and raise train.grad_accum to keep the batch), freeze parameters, or use a machine with more memory")
+        }
+    }
+}

@@ -13,6 +13,7 @@ public enum AtomicDirectory {
         let fm = FileManager.default
         let parent = directoryName(finalPath)
         try fm.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        removeStaleLeftovers(of: fileName(finalPath), in: parent)
         let tmp = "\(parent)/.\(fileName(finalPath)).tmp-\(getpid())"
         try? fm.removeItem(atPath: tmp)
         try fm.createDirectory(atPath: tmp, withIntermediateDirectories: false)
@@ -40,6 +41,18 @@ public enum AtomicDirectory {
         }
         fsyncPath(parent, directory: true)
         if let a = aside { try? fm.removeItem(atPath: a) }
+    }
+
+    /// Removes `.NAME.tmp-PID` / `.NAME.old-PID` left by writers of NAME that no longer run
+    /// (a process killed mid-write).
+    static func removeStaleLeftovers(of name: String, in dir: String) {
+        guard let items = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
+        for prefix in [".\(name).tmp-", ".\(name).old-"] {
+            for i in items where i.hasPrefix(prefix) {
+                guard let pid = Int32(i.dropFirst(prefix.count)), pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
+                try? FileManager.default.removeItem(atPath: "\(dir)/\(i)")
+            }
+        }
     }
 
     /// Removes leftovers of interrupted writes (`.NAME.tmp-PID`, `.NAME.old-PID`) in a directory.

@@ -41,8 +41,9 @@ final class ApplyEndToEndTests: XCTestCase {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
     }
 
-    /// A run SIGKILLed mid-training and resumed ends with weights bit-identical to an
-    /// uninterrupted run of the same recipe.
+    /// A run SIGKILLed at several points — mid-training, while a checkpoint is being
+    /// written, while the export is being written — and resumed each time ends with weights
+    /// and an export byte-identical to an uninterrupted run of the same recipe.
     func testKilledRunResumesBitIdentical() throws {
         try requireBinary()
         let straightDir = Fixtures.tempDir("qat-straight")
@@ -54,8 +55,18 @@ final class ApplyEndToEndTests: XCTestCase {
         let dir = Fixtures.tempDir("qat-killed")
         let path = try recipe(dir, steps: 12)
         let ckpts = dir.appendingPathComponent("export.work/checkpoints")
-        // Kill at a few points: right after the first checkpoint appears, then later.
-        for killAfter in ["checkpoint-000002", "checkpoint-000006"] {
+        func exists(_ d: URL, prefix: String) -> Bool {
+            ((try? FileManager.default.contentsOfDirectory(atPath: d.path)) ?? []).contains { $0.hasPrefix(prefix) }
+        }
+        // Each trigger: the moment to kill. Temporary directories only exist while a
+        // checkpoint or the export is being written.
+        let triggers: [(String, () -> Bool)] = [
+            ("after checkpoint 2", { exists(ckpts, prefix: "checkpoint-000002") }),
+            ("while writing checkpoint 6", { exists(ckpts, prefix: ".checkpoint-000006.tmp") }),
+            ("while writing the export", { exists(dir, prefix: ".export.tmp") }),
+        ]
+        var kills = 0
+        for (label, trigger) in triggers {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: Fixtures.qatBinary!)
             p.arguments = ["apply", path, "--quiet", "--resume"]
@@ -64,22 +75,46 @@ final class ApplyEndToEndTests: XCTestCase {
             p.standardError = FileHandle.nullDevice
             try p.run()
             let deadline = Date().addingTimeInterval(120)
-            while !FileManager.default.fileExists(atPath: ckpts.appendingPathComponent(killAfter).path), p.isRunning, Date() < deadline {
-                usleep(2_000)
+            while !trigger(), p.isRunning, Date() < deadline { usleep(200) }
+            if p.isRunning {
+                kill(p.processIdentifier, SIGKILL)
+                kills += 1
             }
-            kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
-            XCTAssertEqual(p.terminationReason, .uncaughtSignal, "the run should have been killed before finishing (\(killAfter))")
+            // Whatever was interrupted, a complete checkpoint (or none) is what remains.
+            for c in (try? FileManager.default.contentsOfDirectory(atPath: ckpts.path)) ?? [] where c.hasPrefix("checkpoint-") {
+                XCTAssertTrue(FileManager.default.fileExists(atPath: ckpts.appendingPathComponent(c + "/trainer_state.json").path), "\(label): \(c) incomplete")
+            }
         }
+        XCTAssertGreaterThanOrEqual(kills, 2, "the runs should have been killed before finishing")
         let resumed = try Fixtures.runQAT(["apply", path, "--resume"])
         XCTAssertEqual(resumed.status, 0, resumed.err)
         XCTAssertTrue(resumed.err.contains("resumed from"), resumed.err)
         let mine = try Data(contentsOf: ckpts.appendingPathComponent(final))
         XCTAssertEqual(mine, reference, "weights after kill + resume differ from the uninterrupted run")
+        for file in ["model.safetensors", "config.json", "hf_quant_config.json"] {
+            let a = try Data(contentsOf: straightDir.appendingPathComponent("export/" + file))
+            let b = try Data(contentsOf: dir.appendingPathComponent("export/" + file))
+            XCTAssertEqual(a, b, "exported \(file) differs from the uninterrupted run's")
+        }
+        XCTAssertFalse(exists(dir, prefix: ".export.tmp"), "a temporary export directory was left behind")
         // metrics.jsonl has each step once.
         let metrics = try String(contentsOf: dir.appendingPathComponent("export.work/metrics.jsonl"), encoding: .utf8)
         let steps = metrics.split(separator: "\n").compactMap { try? JSONValue.parse(String($0))["step"]?.intValue }
         XCTAssertEqual(steps, Array(1...12))
+    }
+
+    /// --resume refuses a checkpoint written by a different recipe unless forced.
+    func testResumeRefusesADifferentRecipe() throws {
+        try requireBinary()
+        let dir = Fixtures.tempDir("qat-hash")
+        let path = try recipe(dir, steps: 4)
+        XCTAssertEqual(try Fixtures.runQAT(["apply", path, "--quiet"]).status, 0)
+        let changed = try Fixtures.runQAT(["apply", path, "--resume", "--set", "train.lr=3e-4"])
+        XCTAssertEqual(changed.status, 1)
+        XCTAssertTrue(changed.err.contains("different recipe") && changed.err.contains("--force-resume"), changed.err)
+        let forced = try Fixtures.runQAT(["apply", path, "--resume", "--force-resume", "--set", "train.lr=3e-4", "--quiet"])
+        XCTAssertEqual(forced.status, 0, forced.err)
     }
 
     /// A short apply writes every output file; the summary's exported figure equals

@@ -104,6 +104,36 @@ final class ApplyEndToEndTests: XCTestCase {
         XCTAssertEqual(steps, Array(1...12))
     }
 
+    /// Ctrl-C (SIGINT) finishes the step, writes a checkpoint and exits 130; --resume continues.
+    func testCtrlCCheckpointsAndResumeContinues() throws {
+        try requireBinary()
+        let dir = Fixtures.tempDir("qat-sigint")
+        let path = try recipe(dir, steps: 400, extra: "")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Fixtures.qatBinary!)
+        p.arguments = ["apply", path, "--set", "train.save_every=0"]
+        p.currentDirectoryURL = Fixtures.repoRoot
+        let errURL = dir.appendingPathComponent("stderr")
+        FileManager.default.createFile(atPath: errURL.path, contents: nil)
+        p.standardError = try FileHandle(forWritingTo: errURL)
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        let metrics = dir.appendingPathComponent("export.work/metrics.jsonl")
+        let deadline = Date().addingTimeInterval(120)
+        while p.isRunning, Date() < deadline,
+              ((try? String(contentsOf: metrics, encoding: .utf8)) ?? "").split(separator: "\n").count < 3 { usleep(2_000) }
+        kill(p.processIdentifier, SIGINT)
+        p.waitUntilExit()
+        let err = try String(contentsOf: errURL, encoding: .utf8)
+        XCTAssertEqual(p.terminationStatus, 130, err)
+        XCTAssertTrue(err.contains("interrupted at step") && err.contains("--resume"), err)
+        let ckpts = dir.appendingPathComponent("export.work/checkpoints")
+        let saved = try FileManager.default.contentsOfDirectory(atPath: ckpts.path).filter { $0.hasPrefix("checkpoint-") }
+        XCTAssertEqual(saved.count, 1, "one checkpoint written on Ctrl-C: \(saved)")
+        let resumed = try Fixtures.runQAT(["apply", path, "--set", "train.save_every=0", "--set", "train.steps=6", "--resume", "--force-resume"])
+        XCTAssertTrue(resumed.err.contains("resumed from"), resumed.err)
+    }
+
     /// --resume refuses a checkpoint written by a different recipe unless forced.
     func testResumeRefusesADifferentRecipe() throws {
         try requireBinary()

@@ -91,7 +91,9 @@ public final class CausalLM: @unchecked Sendable {
         let config = try ModelConfig.load(directory: directory)
         let ckpt = try Checkpoint(path: directory)
         // Shapes are checked against the config before any tensor is converted, so a
-        // mismatched or hostile checkpoint fails fast and allocates nothing big.
+        // mismatched or hostile checkpoint fails fast and allocates nothing big (the layer
+        // count first: a config claiming millions of layers must not build their name list).
+        try config.checkLayerCount(against: ckpt.names, source: directory)
         for (name, shape) in CausalLM.parameterShapes(config) {
             guard let info = ckpt.info(name) else {
                 throw QATError("\(directory): missing tensor \(name) (expected shape \(shape) for this \(config.family.rawValue) config)")

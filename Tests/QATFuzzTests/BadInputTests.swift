@@ -127,9 +127,12 @@ final class BadInputTests: XCTestCase {
         XCTAssertTrue(m.contains("num_hidden_layers = 1000000000 is out of range"), m)
         m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["hidden_size"] = .int(1_000_000_000) }) }
         XCTAssertTrue(m.contains("hidden_size = 1000000000 is out of range"), m)
-        // In range but not what the checkpoint holds: the first missing tensor is named.
+        // In range but not what the checkpoint holds: refused from the checkpoint's layer count,
+        // before the 2^24 layers' tensor list is built.
         m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["num_hidden_layers"] = .int(1 << 24) }) }
-        XCTAssertTrue(m.contains("missing tensor model.layers.2.input_layernorm.weight"), m)
+        XCTAssertTrue(m.contains("num_hidden_layers = 16777216") && m.contains("holds 2 layer(s)"), m)
+        m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["num_hidden_layers"] = .int(3) }) }
+        XCTAssertTrue(m.contains("num_hidden_layers = 3") && m.contains("holds 2 layer(s)"), m)
         m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["max_position_embeddings"] = .int(1 << 40) }) }
         XCTAssertTrue(m.contains("max_position_embeddings = 1099511627776 is out of range"), m)
         m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["model_type"] = "mistral"; $0["sliding_window"] = -1000 }) }

@@ -35,7 +35,10 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
         e.optimizer = 8 * Double(trainableCount)
         e.fakeQuantWeights = 4 * Double(quantizedWeightCount)
         e.activations = 4 * (Double(c.numLayers) * perLayer + Double(c.numLayers + 1) * n * C + backward)
-        if liveTeacher { e.teacher = 4 * (Double(parameterCount) + perLayer + 2 * n * C) }
+        // The teacher is the full model in fp32 (also under QLoRA, where the student's own
+        // parameter list lacks the compressed base).
+        let fullModel = CausalLM.parameterShapes(c).reduce(0.0) { $0 + Double($1.1.reduce(1, *)) }
+        if liveTeacher { e.teacher = 4 * (fullModel + perLayer + 2 * n * C) }
         e.lossBuffers = Double(lossBufferBytes)
         return e
     }

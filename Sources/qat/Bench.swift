@@ -140,6 +140,14 @@ struct Bench: ParsableCommand {
             last = Date()
             _ = try trainer.run()
             try? FileManager.default.removeItem(atPath: dir)
+            if mode == "qat" {
+                // Peak RSS so far (model, forward, one QAT run) against the paper figure.
+                let paper = trainer.memoryEstimate.total / 1_048_576
+                res.json.set("qat_peak_rss_MB", .double(peakRSSMegabytes()))
+                res.json.set("qat_paper_MB", .double(paper))
+                res.lines.append(String(format: "[%@] QAT peak RSS %.0f MB vs %.0f MB on paper (%.2f×): %@", name, peakRSSMegabytes(), paper,
+                                        peakRSSMegabytes() / paper, trainer.memoryEstimate.description))
+            }
             let measured = Array(times.dropFirst()).sorted()
             let median = measured.isEmpty ? times.last ?? 0 : measured[measured.count / 2]
             stepSeconds[mode] = median

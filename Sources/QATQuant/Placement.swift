@@ -154,7 +154,8 @@ extension QuantizerSet {
 /// encodes (`StoredScale`), and from then on amax is frozen.
 public enum Calibration {
     public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
-                           progress: ((Int, Int) -> Void)? = nil) throws {
+                           progress: ((Int, Int) -> Void)? = nil,
+                           reduceMax: ((inout [Float]) throws -> Void)? = nil) throws {
         guard !sequences.isEmpty else { throw QATError("calibration needs at least one sequence") }
         let active = quantizers.enabled
         for q in active { q.startCalibration() }
@@ -172,7 +173,14 @@ public enum Calibration {
         for l in model.linears where l.weightQuantizer?.isCalibrating == true {
             if let q = l.weightQuantizer as? TensorQuantizer, q.calibCalls == 0 { try l.refreshQuantizedWeight() }
         }
+        // Data parallel: each rank observed its shard; the global amax is the max over ranks
+        // (exact), taken before fused groups share and scales are snapped.
         for q in active { try q.finishCalibration() }
+        if let reduceMax {
+            var m = active.map { $0.amax ?? 0 }
+            try reduceMax(&m)
+            for (q, v) in zip(active, m) { q.amax = v }
+        }
         for g in quantizers.fusedGroups { TensorQuantizer.shareAmax(g) }
         quantizers.snapToStoredScales()
         model.markWeightsChanged()

@@ -104,9 +104,12 @@ open class Trainer {
                 validationSequences: Int?, options: Options) throws {
         self.model = model; self.spec = spec; self.seqLen = seqLen; self.options = options
         self.validationStream = validationStream; self.validationSequences = validationSequences
-        loader = try DataLoader(stream: trainStream, seqLen: seqLen, batchSize: spec.batchSize, seed: spec.seed)
+        // Data parallel: the loader draws the global batch (world size × batch_size) and each
+        // rank keeps its own rows (see `trainStep`).
+        let world = worldCommunicator.size
+        loader = try DataLoader(stream: trainStream, seqLen: seqLen, batchSize: spec.batchSize * world, seed: spec.seed)
         if let e = spec.epochs {
-            totalSteps = max(1, Int((e * Double(loader.sequenceCount) / Double(spec.batchSize * spec.gradAccum)).rounded(.up)))
+            totalSteps = max(1, Int((e * Double(loader.sequenceCount) / Double(spec.batchSize * world * spec.gradAccum)).rounded(.up)))
         } else {
             totalSteps = spec.steps
         }
@@ -140,7 +143,10 @@ open class Trainer {
     open func extraState() -> [(name: String, tensor: Tensor)] { [] }
     open func restoreExtraState(_ tensors: [String: Tensor]) throws {}
 
-    public func log(_ s: String) { if !options.quiet { options.log(s) } }
+    public func log(_ s: String) { if !options.quiet && comm.isRoot { options.log(s) } }
+
+    /// The data-parallel group (single process unless started by mpirun). Only rank 0 writes files.
+    public var comm: Communicator { worldCommunicator }
 
     public func evaluate() throws -> EvalResult {
         try Evaluation.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
@@ -152,7 +158,8 @@ open class Trainer {
         let start = Date()
         var resumedFrom: Int? = nil
         try FileManager.default.createDirectory(atPath: options.outputDir, withIntermediateDirectories: true)
-        AtomicDirectory.cleanLeftovers(in: options.checkpointDir)
+        if comm.isRoot { AtomicDirectory.cleanLeftovers(in: options.checkpointDir) }
+        try comm.barrier()
         if options.resume, let latest = TrainingCheckpoint.latest(in: options.checkpointDir) {
             try restore(from: latest)
             resumedFrom = step
@@ -163,23 +170,28 @@ open class Trainer {
             try resetMetricsFile(keepingThrough: 0)
         }
         let metricsPath = options.outputDir + "/metrics.jsonl"
-        let bar = ProgressBar(total: totalSteps, label: "train", unit: "tok", enabled: !options.quiet)
+        let bar = ProgressBar(total: totalSteps, label: "train", unit: "tok", enabled: !options.quiet && comm.isRoot)
         var interrupted = false
         var lastSaved = step
         var tokensDone = 0
         let loopStart = Date()
         while step < totalSteps {
+            if comm.isDistributed {  // every rank stops at the same step
+                var stop = [Double(trainingStopRequested)]
+                try comm.allReduceSum(&stop)
+                if stop[0] != 0 { interrupted = true; break }
+            }
             if trainingStopRequested != 0 { interrupted = true; break }
             let t0 = Date()
             var record = try trainStep()
-            tokensDone += spec.batchSize * spec.gradAccum * seqLen
-            record.tokensPerSecond = Double(spec.batchSize * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
+            tokensDone += spec.batchSize * comm.size * spec.gradAccum * seqLen
+            record.tokensPerSecond = Double(spec.batchSize * comm.size * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
             if spec.evalEvery > 0, step % spec.evalEvery == 0, step < totalSteps {
                 bar.finish()
                 record.validationLoss = try evaluate().loss
             }
             history.append(record)
-            try appendLine(metricsPath, record.json)
+            if comm.isRoot { try appendLine(metricsPath, record.json) }
             let rate = Double(tokensDone) / max(Date().timeIntervalSince(loopStart), 1e-9)
             bar.update(step, units: tokensDone, extra: String(format: "loss %.4f", record.loss))
             if !ProgressBar.stderrIsTerminal && (step % spec.logEvery == 0 || step == totalSteps || record.validationLoss != nil) {
@@ -215,17 +227,34 @@ open class Trainer {
         optimizer.zeroGrad()
         let B = spec.batchSize, T = seqLen
         let batches = (0..<spec.gradAccum).map { _ -> MicroBatch in
-            let tokens = loader.next()
+            var tokens = loader.next()
+            var indices = loader.lastIndices
+            if comm.isDistributed {  // this rank's rows of the global batch
+                let r = comm.rank
+                tokens = Array(tokens[(r * B * T)..<((r + 1) * B * T)])
+                indices = Array(indices[(r * B)..<((r + 1) * B)])
+            }
             return MicroBatch(tokens: tokens, targets: CrossEntropy.shiftedTargets(labels: tokens, batch: B, seqLen: T),
-                              batch: B, seqLen: T, sequenceIndices: loader.lastIndices)
+                              batch: B, seqLen: T, sequenceIndices: indices)
         }
-        let valid = batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count }
+        var valid = batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count }
+        if comm.isDistributed {  // the loss is normalised by the global step's valid-token count
+            var v = [Double(valid)]
+            try comm.allReduceSum(&v)
+            valid = Int(v[0])
+        }
         let scale = 1 / Float(max(valid, 1))
         var parts = LossParts()
         for mb in batches {
             let hidden = try model.forward(tokens: mb.tokens, batch: B, seqLen: T, saveForBackward: true)
             parts += try loss.run(model: model, hidden: hidden, batch: mb, gradScale: scale, dHidden: dHidden.data)
             try model.backward(dHidden: dHidden.data)
+        }
+        if comm.isDistributed {  // gradients and loss sums of the global step (bucketed SUM)
+            try comm.allReduceSum(tensors: Array(optimizer.gradients))
+            var sums = [parts.total, parts.ce, parts.kd]
+            try comm.allReduceSum(&sums)
+            parts.total = sums[0]; parts.ce = sums[1]; parts.kd = sums[2]
         }
         let n = Double(max(valid, 1))
         let lr = spec.lr * schedule.factor(step: optimizer.stepCount)
@@ -254,6 +283,7 @@ open class Trainer {
     // MARK: - Checkpoints
 
     public func saveCheckpoint() throws {
+        guard comm.isRoot else { return }
         let state = TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
                                              recipeHash: options.recipeHash, optimizer: optimizer.stateMetadata())
         try TrainingCheckpoint.write(directory: options.checkpointDir, state: state, parameters: model.parameters,
@@ -283,6 +313,7 @@ open class Trainer {
 
     /// Keeps metrics.jsonl lines up to `step` (a resumed run rewrites what follows).
     func resetMetricsFile(keepingThrough last: Int) throws {
+        guard comm.isRoot else { return }
         let path = options.outputDir + "/metrics.jsonl"
         var kept: [String] = []
         if last > 0, let text = try? String(contentsOfFile: path, encoding: .utf8) {

@@ -45,9 +45,22 @@ struct Apply: ParsableCommand {
         try QAT.guarded {
             if let t = threads, t > 0 { setenv("QAT_THREADS", String(t), 1); BLAS.setThreads(t) }
             let r = try Recipe.load(path: recipe, overrides: overrides)
+            // Under mpirun (more than one rank): data-parallel over Open MPI; rank 0 alone
+            // prints and writes, and a failing rank aborts the job instead of leaving the
+            // others waiting in a collective.
+            let comm = try Distributed.initialize()
             let run = ApplyRun(recipe: r, recipePath: recipe, overrides: overrides, resume: resume, forceResume: forceResume,
-                               quiet: quiet || json)
-            let summary = try run.execute()
+                               quiet: quiet || json || !comm.isRoot)
+            let summary: ApplySummary
+            do { summary = try run.execute() } catch {
+                if comm.isDistributed {
+                    FileHandle.standardError.write(Data("error (rank \(comm.rank)): \((error as? QATError)?.message ?? "\(error)")\n".utf8))
+                    comm.abort(code: 1)
+                }
+                throw error
+            }
+            if comm.isDistributed { try? comm.barrier(); comm.finalize() }
+            guard comm.isRoot else { if summary.interrupted { throw ExitCode(130) }; return }
             if json { print(summary.json) } else { print(summary.table) }
             if summary.interrupted { throw ExitCode(130) }
         }

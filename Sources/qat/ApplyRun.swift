@@ -85,8 +85,13 @@ final class ApplyRun {
             let set = QuantizerSet(model: model, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
             log("quantizers: \(set.enabled.count) enabled of \(set.all.count); calibrating (max) on \(calibration.count) sequences")
             let bar = ProgressBar(total: calibration.count, label: "calibrate", unit: "seq", enabled: !quiet)
-            try Calibration.run(model: model, quantizers: set, sequences: calibration, seqLen: r.data.seqLen,
-                                batchSize: r.calibration.batchSize) { d, _ in bar.update(d) }
+            // Data parallel: each rank observes its share of the sequences; amax is MAX-reduced.
+            let comm = worldCommunicator
+            let shard = comm.isDistributed && calibration.count >= comm.size
+                ? calibration.enumerated().filter { $0.offset % comm.size == comm.rank }.map(\.element) : calibration
+            try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: r.data.seqLen,
+                                batchSize: r.calibration.batchSize, progress: { d, _ in bar.update(d) },
+                                reduceMax: comm.isDistributed ? { try comm.allReduceMax(&$0) } : nil)
             bar.finish()
             quantizers = set
             summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
@@ -150,6 +155,8 @@ final class ApplyRun {
                 summary.seconds = Date().timeIntervalSince(start)
                 return summary
             }
+            // Data parallel: rank 0 alone exports and writes the summary.
+            if !worldCommunicator.isRoot { summary.seconds = Date().timeIntervalSince(start); return summary }
             let label = r.train.mode == .qat ? "after QAT" : "after QAD"
             if let v = result.finalValidation {
                 log(String(format: "%@: validation loss %.4f (perplexity %.2f)", label, v.loss, v.perplexity))

@@ -1,0 +1,178 @@
+import Foundation
+import QATCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The collectives data-parallel training needs. `SingleProcessCommunicator` (size 1, every
+/// collective a no-op) keeps single-process runs bit for bit what they were; `MPICommunicator`
+/// runs them over Open MPI, loaded with dlopen only when the process was started by mpirun
+/// (so the binary has no link-time MPI dependency).
+public protocol Communicator: AnyObject {
+    var rank: Int { get }
+    var size: Int { get }
+    func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws
+    func allReduceSum(_ buf: UnsafeMutablePointer<Double>, count: Int) throws
+    func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws
+    func barrier() throws
+    func finalize()
+    func abort(code: Int32) -> Never
+}
+
+extension Communicator {
+    public var isRoot: Bool { rank == 0 }
+    public var isDistributed: Bool { size > 1 }
+
+    public func allReduceSum(_ values: inout [Double]) throws {
+        let n = values.count
+        try values.withUnsafeMutableBufferPointer { try allReduceSum($0.baseAddress!, count: n) }
+    }
+
+    public func allReduceMax(_ values: inout [Float]) throws {
+        let n = values.count
+        guard n > 0 else { return }
+        try values.withUnsafeMutableBufferPointer { try allReduceMax($0.baseAddress!, count: n) }
+    }
+
+    /// Sums tensors across ranks, several per MPI call: tensors are packed into a staging
+    /// buffer of at most `bucketElements` floats (a tensor larger than that is reduced in place).
+    public func allReduceSum(tensors: [Tensor], bucketElements: Int = 1 << 22) throws {
+        guard isDistributed else { return }
+        var staging = [Float](repeating: 0, count: min(bucketElements, tensors.reduce(0) { $0 + $1.count }))
+        var pending: [Tensor] = []
+        var filled = 0
+        func flush() throws {
+            guard !pending.isEmpty else { return }
+            try staging.withUnsafeMutableBufferPointer { s in
+                var o = 0
+                for t in pending { (s.baseAddress! + o).update(from: t.data, count: t.count); o += t.count }
+                try allReduceSum(s.baseAddress!, count: o)
+                o = 0
+                for t in pending { t.data.update(from: s.baseAddress! + o, count: t.count); o += t.count }
+            }
+            pending.removeAll(keepingCapacity: true); filled = 0
+        }
+        for t in tensors where t.count > 0 {
+            if t.count >= bucketElements { try allReduceSum(t.data, count: t.count); continue }
+            if filled + t.count > staging.count { try flush() }
+            pending.append(t); filled += t.count
+        }
+        try flush()
+    }
+}
+
+public final class SingleProcessCommunicator: Communicator {
+    public init() {}
+    public var rank: Int { 0 }
+    public var size: Int { 1 }
+    public func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws {}
+    public func allReduceSum(_ buf: UnsafeMutablePointer<Double>, count: Int) throws {}
+    public func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws {}
+    public func barrier() throws {}
+    public func finalize() {}
+    public func abort(code: Int32) -> Never { exit(code) }
+}
+
+/// The process-wide communicator (single process unless `Distributed.initialize` found mpirun).
+nonisolated(unsafe) public var worldCommunicator: Communicator = SingleProcessCommunicator()
+
+public enum Distributed {
+    /// World size mpirun announced (Open MPI's `OMPI_COMM_WORLD_SIZE`, or PMIx/Slurm's), 1 otherwise.
+    public static var launcherWorldSize: Int {
+        let env = ProcessInfo.processInfo.environment
+        for k in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"] { if let v = env[k].flatMap(Int.init) { return v } }
+        return 1
+    }
+
+    /// Starts MPI when launched by mpirun with more than one rank (or when `force`), and makes
+    /// it `worldCommunicator`. Without mpirun nothing is loaded.
+    @discardableResult
+    public static func initialize(force: Bool = false) throws -> Communicator {
+        guard force || launcherWorldSize > 1 else { return worldCommunicator }
+        let c = try MPICommunicator()
+        worldCommunicator = c
+        return c
+    }
+}
+
+/// Open MPI through dlopen/dlsym. MPI_COMM_WORLD, MPI_FLOAT, MPI_DOUBLE, MPI_SUM and MPI_MAX
+/// are the addresses of Open MPI's `ompi_mpi_*` objects; MPI_IN_PLACE is `(void *) 1`.
+public final class MPICommunicator: Communicator {
+    typealias InitThread = @convention(c) (UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>?, Int32, UnsafeMutablePointer<Int32>) -> Int32
+    typealias Initialized = @convention(c) (UnsafeMutablePointer<Int32>) -> Int32
+    typealias CommQuery = @convention(c) (UnsafeMutableRawPointer, UnsafeMutablePointer<Int32>) -> Int32
+    typealias Allreduce = @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer, UnsafeMutableRawPointer) -> Int32
+    typealias Barrier = @convention(c) (UnsafeMutableRawPointer) -> Int32
+    typealias Finalize = @convention(c) () -> Int32
+    typealias Abort = @convention(c) (UnsafeMutableRawPointer, Int32) -> Int32
+
+    public let rank: Int
+    public let size: Int
+    private let comm, float, double, sum, maxOp: UnsafeMutableRawPointer
+    private let allreduce: Allreduce
+    private let barrierFn: Barrier
+    private let finalizeFn: Finalize
+    private let abortFn: Abort
+    private var finalized = false
+
+    public init() throws {
+        var handle: UnsafeMutableRawPointer? = nil
+        for name in ["libmpi.so.40", "libmpi.so"] {
+            handle = dlopen(name, RTLD_NOW | RTLD_GLOBAL)
+            if handle != nil { break }
+        }
+        guard let h = handle else {
+            let why = dlerror().map { String(cString: $0) } ?? "not found"
+            throw QATError("launched by mpirun (\(Distributed.launcherWorldSize) ranks) but Open MPI cannot be loaded (\(why)); install it: apt-get install libopenmpi-dev openmpi-bin")
+        }
+        func sym(_ s: String) throws -> UnsafeMutableRawPointer {
+            guard let p = dlsym(h, s) else { throw QATError("libmpi has no symbol \(s): Open MPI is needed (apt-get install libopenmpi-dev openmpi-bin)") }
+            return p
+        }
+        let initThread = unsafeBitCast(try sym("MPI_Init_thread"), to: InitThread.self)
+        let initialized = unsafeBitCast(try sym("MPI_Initialized"), to: Initialized.self)
+        let commRank = unsafeBitCast(try sym("MPI_Comm_rank"), to: CommQuery.self)
+        let commSize = unsafeBitCast(try sym("MPI_Comm_size"), to: CommQuery.self)
+        allreduce = unsafeBitCast(try sym("MPI_Allreduce"), to: Allreduce.self)
+        barrierFn = unsafeBitCast(try sym("MPI_Barrier"), to: Barrier.self)
+        finalizeFn = unsafeBitCast(try sym("MPI_Finalize"), to: Finalize.self)
+        abortFn = unsafeBitCast(try sym("MPI_Abort"), to: Abort.self)
+        comm = try sym("ompi_mpi_comm_world"); float = try sym("ompi_mpi_float"); double = try sym("ompi_mpi_double")
+        sum = try sym("ompi_mpi_op_sum"); maxOp = try sym("ompi_mpi_op_max")
+        var flag: Int32 = 0
+        _ = initialized(&flag)
+        if flag == 0 {
+            var provided: Int32 = 0
+            // MPI_THREAD_FUNNELED (1): only the main thread calls MPI; workers compute.
+            let rc = initThread(nil, nil, 1, &provided)
+            guard rc == 0 else { throw QATError("MPI_Init_thread failed (error \(rc))") }
+        }
+        var r: Int32 = 0, s: Int32 = 0
+        _ = commRank(comm, &r); _ = commSize(comm, &s)
+        rank = Int(r); size = Int(s)
+    }
+
+    private var inPlace: UnsafeRawPointer? { UnsafeRawPointer(bitPattern: 1) }
+
+    private func check(_ rc: Int32, _ what: String) throws {
+        if rc != 0 { throw QATError("\(what) failed (MPI error \(rc)) on rank \(rank)") }
+    }
+
+    private func reduce(_ buf: UnsafeMutableRawPointer, count: Int, type: UnsafeMutableRawPointer, op: UnsafeMutableRawPointer) throws {
+        var done = 0
+        let chunk = Int(Int32.max / 8)
+        while done < count {
+            let n = min(chunk, count - done)
+            let elem = type == double ? 8 : 4
+            try check(allreduce(inPlace, buf + done * elem, Int32(n), type, op, comm), "MPI_Allreduce")
+            done += n
+        }
+    }
+
+    public func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: sum) }
+    public func allReduceSum(_ buf: UnsafeMutablePointer<Double>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: double, op: sum) }
+    public func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: maxOp) }
+    public func barrier() throws { try check(barrierFn(comm), "MPI_Barrier") }
+    public func finalize() { if !finalized { finalized = true; _ = finalizeFn() } }
+    public func abort(code: Int32) -> Never { _ = abortFn(comm, code); exit(code) }
+}

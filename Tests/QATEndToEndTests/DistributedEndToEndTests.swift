@@ -87,7 +87,8 @@ final class DistributedEndToEndTests: XCTestCase {
     /// gradients summed over ranks. Only the fp32 summation order of the weight gradients
     /// differs (each rank's GEMM sums 64 rows, then MPI adds the two halves), so the weights
     /// agree to round-off: asserted |Δw| ≤ 1e-6 + 1e-4·|w| after 6 AdamW steps at lr 1e-4
-    /// (measured: max |Δw| ~1e-8), with the same step count and per-step losses within 1e-6.
+    /// (measured: max |Δw| = 4.3e-7; AdamW's m/√v turns round-off in near-zero gradients into
+    /// steps of up to lr, hence the relative term), same step count, per-step losses within 1e-6.
     func testTwoRanksMatchOneRankWithDoubledBatch() throws {
         let (mpirun, qat) = try prerequisites()
         let dir = Fixtures.tempDir("qat-dp")

@@ -6,36 +6,7 @@ import TestSupport
 /// `qat apply` as a user runs it: a short QAT of the embedded fortune-lm (short sequences,
 /// a few steps) so the whole pipeline runs in seconds.
 final class ApplyEndToEndTests: XCTestCase {
-    func recipe(_ dir: URL, steps: Int = 8, extra: String = "") throws -> String {
-        let text = """
-        model: models/fortune-lm
-        data:
-          train: models/fortune-lm/tokens.h5
-          validation: models/fortune-lm/tokens.h5
-          seq_len: 32
-          validation_sequences: 4
-        quantize:
-          preset: nvfp4_default-kv_fp8
-        calibration:
-          samples: 4
-          batch_size: 4
-        train:
-          mode: qat
-          steps: \(steps)
-          batch_size: 2
-          lr: 1.0e-4
-          warmup_steps: 1
-          eval_every: 4
-          save_every: 2
-          log_every: 1
-        export:
-          dir: \(dir.appendingPathComponent("export").path)
-        \(extra)
-        """
-        let path = dir.appendingPathComponent("recipe.yaml").path
-        try text.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
-    }
+    func recipe(_ dir: URL, steps: Int = 8) throws -> String { try Fixtures.shortRecipe(in: dir, steps: steps) }
 
     func requireBinary() throws {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
@@ -108,7 +79,7 @@ final class ApplyEndToEndTests: XCTestCase {
     func testCtrlCCheckpointsAndResumeContinues() throws {
         try requireBinary()
         let dir = Fixtures.tempDir("qat-sigint")
-        let path = try recipe(dir, steps: 400, extra: "")
+        let path = try recipe(dir, steps: 400)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Fixtures.qatBinary!)
         p.arguments = ["apply", path, "--set", "train.save_every=0"]
@@ -152,7 +123,7 @@ final class ApplyEndToEndTests: XCTestCase {
     func testApplyWritesEverythingAndSummaryMatchesEvalOfExport() throws {
         try requireBinary()
         let dir = Fixtures.tempDir("qat-e2e")
-        let path = try recipe(dir, steps: 4, extra: "")
+        let path = try recipe(dir, steps: 4)
         let r = try Fixtures.runQAT(["apply", path, "--set", "export.save_dtype=float16", "--json"])
         XCTAssertEqual(r.status, 0, r.err)
         let export = dir.appendingPathComponent("export")

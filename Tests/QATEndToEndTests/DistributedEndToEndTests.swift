@@ -18,34 +18,7 @@ final class DistributedEndToEndTests: XCTestCase {
     }
 
     func recipe(_ dir: URL, steps: Int, batch: Int, saveEvery: Int = 3) throws -> String {
-        let text = """
-        model: models/fortune-lm
-        data:
-          train: models/fortune-lm/tokens.h5
-          validation: models/fortune-lm/tokens.h5
-          seq_len: 32
-          validation_sequences: 4
-        quantize:
-          preset: nvfp4_default-kv_fp8
-        calibration:
-          samples: 4
-          batch_size: 4
-        train:
-          mode: qat
-          steps: \(steps)
-          batch_size: \(batch)
-          lr: 1.0e-4
-          warmup_steps: 1
-          eval_every: 0
-          save_every: \(saveEvery)
-          log_every: 1
-        export:
-          dir: \(dir.appendingPathComponent("export").path)
-          verify: false
-        """
-        let path = dir.appendingPathComponent("recipe.yaml").path
-        try text.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
+        try Fixtures.shortRecipe(in: dir, steps: steps, batch: batch, evalEvery: 0, saveEvery: saveEvery, exportExtra: ["verify: false"])
     }
 
     func prerequisites() throws -> (mpirun: String, qat: String) {

@@ -59,3 +59,41 @@ extension Fixtures {
         return (p.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
     }
 }
+
+extension Fixtures {
+    /// Writes `<dir>/recipe.yaml`: a short QAT of the embedded fortune-lm (sequences of 32
+    /// tokens, a few steps) that runs the whole pipeline in seconds. `trainExtra` and
+    /// `exportExtra` are extra YAML lines (indented two spaces) for those sections.
+    public static func shortRecipe(in dir: URL, steps: Int, batch: Int = 2, evalEvery: Int = 4, saveEvery: Int = 2,
+                                   trainExtra: [String] = [], exportExtra: [String] = []) throws -> String {
+        var text = """
+        model: models/fortune-lm
+        data:
+          train: models/fortune-lm/tokens.h5
+          validation: models/fortune-lm/tokens.h5
+          seq_len: 32
+          validation_sequences: 4
+        quantize:
+          preset: nvfp4_default-kv_fp8
+        calibration:
+          samples: 4
+          batch_size: 4
+        train:
+          mode: qat
+          steps: \(steps)
+          batch_size: \(batch)
+          lr: 1.0e-4
+          warmup_steps: 1
+          eval_every: \(evalEvery)
+          save_every: \(saveEvery)
+          log_every: 1
+
+        """
+        for l in trainExtra { text += "  \(l)\n" }
+        text += "export:\n  dir: \(dir.appendingPathComponent("export").path)\n"
+        for l in exportExtra { text += "  \(l)\n" }
+        let path = dir.appendingPathComponent("recipe.yaml").path
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+}

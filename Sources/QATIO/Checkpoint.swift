@@ -22,26 +22,25 @@ public final class Checkpoint: @unchecked Sendable {
     public var names: [String] { order }
 
     public init(path: String) throws {
+        // A single file: the path itself, or a directory's model.safetensors when it has no index.
+        var single: String? = nil
+        let indexPath = joinPath(path, "model.safetensors.index.json")
         if !isDirectory(path) {
             guard fileExists(path) else { throw QATError("\(path): no such file or directory") }
-            let f = try SafeTensorsFile(path: path)
             directory = directoryName(path)
-            files = [f]
-            indexMetadata = nil
-            order = f.names
-            var loc: [String: (file: Int, info: SafeTensorInfo)] = [:]
-            for t in f.tensors { loc[t.name] = (0, t) }
-            location = loc
-            return
-        }
-        directory = path
-        let indexPath = joinPath(path, "model.safetensors.index.json")
-        let singlePath = joinPath(path, "model.safetensors")
-        if !fileExists(indexPath) {
-            guard fileExists(singlePath) else {
-                throw QATError("\(path): no model.safetensors or model.safetensors.index.json in this directory")
+            single = path
+        } else {
+            directory = path
+            if !fileExists(indexPath) {
+                let singlePath = joinPath(path, "model.safetensors")
+                guard fileExists(singlePath) else {
+                    throw QATError("\(path): no model.safetensors or model.safetensors.index.json in this directory")
+                }
+                single = singlePath
             }
-            let f = try SafeTensorsFile(path: singlePath)
+        }
+        if let single {
+            let f = try SafeTensorsFile(path: single)
             files = [f]
             indexMetadata = nil
             order = f.names

@@ -124,12 +124,11 @@ final class ApplyRun {
             opts.resume = resume; opts.forceResume = forceResume; opts.recipeHash = recipeHash; opts.quiet = quiet
             let set = quantizers ?? QuantizerSet(model: model, config: QuantConfig(entries: []))
             let trainer: Trainer
-            switch r.train.mode {
-            case .qat:
+            if r.train.mode == .qat {
                 trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calibration, calibrationBatchSize: r.calibration.batchSize,
                                          spec: trainSpec, seqLen: r.data.seqLen, trainStream: trainStream, validationStream: valStream,
                                          validationSequences: r.data.validationSequences, options: opts)
-            case .qad:
+            } else {  // .qad
                 var teacher: CausalLM? = nil
                 if r.train.distill.teacherLogprobs == nil {
                     let dir = r.train.distill.teacher ?? r.model
@@ -141,8 +140,6 @@ final class ApplyRun {
                                          calibrationBatchSize: r.calibration.batchSize, spec: trainSpec, seqLen: r.data.seqLen,
                                          trainStream: trainStream, validationStream: valStream,
                                          validationSequences: r.data.validationSequences, options: opts)
-            case .none:
-                fatalError("unreachable")
             }
             log("memory on paper: \(trainer.memoryEstimate)")
             log("training: \(trainer.totalSteps) steps × \(r.train.batchSize)×\(r.train.gradAccum) sequences of \(r.data.seqLen), lr \(r.train.lr) (\(r.train.schedule)), loss: \(trainer.loss.description)")

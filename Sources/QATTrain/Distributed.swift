@@ -14,9 +14,41 @@ public protocol Communicator: AnyObject {
     func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws
     func allReduceSum(_ buf: UnsafeMutablePointer<Double>, count: Int) throws
     func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws
+    /// Point-to-point (pipeline stages, gathers to rank 0): blocking, matched by (peer, tag).
+    func send(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws
+    func recv(_ buf: UnsafeMutablePointer<Float>, count: Int, from peer: Int, tag: Int) throws
+    func broadcast(_ buf: UnsafeMutablePointer<Float>, count: Int, root: Int) throws
+    /// Non-blocking send: `buf` must stay untouched until `wait` returns for the request.
+    func isend(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws -> SendRequest
+    func wait(_ request: SendRequest) throws
+    /// Payload bytes this rank has handed to each kind of call so far.
+    var traffic: CommTraffic { get }
     func barrier() throws
     func finalize()
     func abort(code: Int32) -> Never
+}
+
+/// An in-flight `isend` (one MPI request per ≤ 2^28-element piece).
+public final class SendRequest {
+    var handles: [UnsafeMutableRawPointer?]
+    init(_ handles: [UnsafeMutableRawPointer?]) { self.handles = handles }
+}
+
+/// Payload bytes per kind of call (a ring all-reduce moves about 2·(N−1)/N times its payload
+/// over each rank's link; point-to-point moves exactly its payload).
+public struct CommTraffic: Sendable, Equatable {
+    public var allReduceBytes = 0
+    public var sendBytes = 0
+    public var recvBytes = 0
+    public var broadcastBytes = 0
+    public var calls = 0
+    public init() {}
+    public static func - (a: CommTraffic, b: CommTraffic) -> CommTraffic {
+        var d = CommTraffic()
+        d.allReduceBytes = a.allReduceBytes - b.allReduceBytes; d.sendBytes = a.sendBytes - b.sendBytes
+        d.recvBytes = a.recvBytes - b.recvBytes; d.broadcastBytes = a.broadcastBytes - b.broadcastBytes; d.calls = a.calls - b.calls
+        return d
+    }
 }
 
 extension Communicator {
@@ -68,6 +100,18 @@ public final class SingleProcessCommunicator: Communicator {
     public func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws {}
     public func allReduceSum(_ buf: UnsafeMutablePointer<Double>, count: Int) throws {}
     public func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws {}
+    public func send(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws {
+        throw QATError("send to rank \(peer): a single process has no peers (start the run with mpirun -np N)")
+    }
+    public func recv(_ buf: UnsafeMutablePointer<Float>, count: Int, from peer: Int, tag: Int) throws {
+        throw QATError("receive from rank \(peer): a single process has no peers (start the run with mpirun -np N)")
+    }
+    public func broadcast(_ buf: UnsafeMutablePointer<Float>, count: Int, root: Int) throws {}
+    public func isend(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws -> SendRequest {
+        throw QATError("send to rank \(peer): a single process has no peers (start the run with mpirun -np N)")
+    }
+    public func wait(_ request: SendRequest) throws {}
+    public var traffic: CommTraffic { CommTraffic() }
     public func barrier() throws {}
     public func finalize() {}
     public func abort(code: Int32) -> Never { exit(code) }
@@ -103,6 +147,11 @@ public final class MPICommunicator: Communicator {
     typealias CommQuery = @convention(c) (UnsafeMutableRawPointer, UnsafeMutablePointer<Int32>) -> Int32
     typealias Allreduce = @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer, UnsafeMutableRawPointer) -> Int32
     typealias Barrier = @convention(c) (UnsafeMutableRawPointer) -> Int32
+    typealias Send = @convention(c) (UnsafeRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer) -> Int32
+    typealias Recv = @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer?) -> Int32
+    typealias Isend = @convention(c) (UnsafeRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> Int32
+    typealias Waitall = @convention(c) (Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>, UnsafeMutableRawPointer?) -> Int32
+    typealias Bcast = @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafeMutableRawPointer, Int32, UnsafeMutableRawPointer) -> Int32
     typealias Finalize = @convention(c) () -> Int32
     typealias Abort = @convention(c) (UnsafeMutableRawPointer, Int32) -> Int32
 
@@ -110,6 +159,12 @@ public final class MPICommunicator: Communicator {
     public let size: Int
     private let comm, float, double, sum, maxOp: UnsafeMutableRawPointer
     private let allreduce: Allreduce
+    private let sendFn: Send
+    private let recvFn: Recv
+    private let bcastFn: Bcast
+    private let isendFn: Isend
+    private let waitallFn: Waitall
+    public private(set) var traffic = CommTraffic()
     private let barrierFn: Barrier
     private let finalizeFn: Finalize
     private let abortFn: Abort
@@ -135,6 +190,11 @@ public final class MPICommunicator: Communicator {
         let commSize = unsafeBitCast(try sym("MPI_Comm_size"), to: CommQuery.self)
         allreduce = unsafeBitCast(try sym("MPI_Allreduce"), to: Allreduce.self)
         barrierFn = unsafeBitCast(try sym("MPI_Barrier"), to: Barrier.self)
+        sendFn = unsafeBitCast(try sym("MPI_Send"), to: Send.self)
+        recvFn = unsafeBitCast(try sym("MPI_Recv"), to: Recv.self)
+        bcastFn = unsafeBitCast(try sym("MPI_Bcast"), to: Bcast.self)
+        isendFn = unsafeBitCast(try sym("MPI_Isend"), to: Isend.self)
+        waitallFn = unsafeBitCast(try sym("MPI_Waitall"), to: Waitall.self)
         finalizeFn = unsafeBitCast(try sym("MPI_Finalize"), to: Finalize.self)
         abortFn = unsafeBitCast(try sym("MPI_Abort"), to: Abort.self)
         comm = try sym("ompi_mpi_comm_world"); float = try sym("ompi_mpi_float"); double = try sym("ompi_mpi_double")
@@ -158,15 +218,57 @@ public final class MPICommunicator: Communicator {
         if rc != 0 { throw QATError("\(what) failed (MPI error \(rc)) on rank \(rank)") }
     }
 
-    private func reduce(_ buf: UnsafeMutableRawPointer, count: Int, type: UnsafeMutableRawPointer, op: UnsafeMutableRawPointer) throws {
+    /// MPI counts are Int32: larger buffers go in pieces of at most 2^28 elements.
+    private func chunked(_ count: Int, _ body: (_ offset: Int, _ n: Int32) throws -> Void) rethrows {
         var done = 0
-        let chunk = Int(Int32.max / 8)
+        let chunk = 1 << 28
         while done < count {
             let n = min(chunk, count - done)
-            let elem = type == double ? 8 : 4
-            try check(allreduce(inPlace, buf + done * elem, Int32(n), type, op, comm), "MPI_Allreduce")
+            try body(done, Int32(n))
             done += n
         }
+        traffic.calls += 1
+    }
+
+    private func reduce(_ buf: UnsafeMutableRawPointer, count: Int, type: UnsafeMutableRawPointer, op: UnsafeMutableRawPointer) throws {
+        let elem = type == double ? 8 : 4
+        try chunked(count) { o, n in try check(allreduce(inPlace, buf + o * elem, n, type, op, comm), "MPI_Allreduce") }
+        traffic.allReduceBytes += count * elem
+    }
+
+    public func send(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws {
+        try chunked(count) { o, n in try check(sendFn(buf + o, n, float, Int32(peer), Int32(tag), comm), "MPI_Send to rank \(peer)") }
+        traffic.sendBytes += count * 4
+    }
+
+    public func recv(_ buf: UnsafeMutablePointer<Float>, count: Int, from peer: Int, tag: Int) throws {
+        // MPI_STATUS_IGNORE is a null pointer in Open MPI.
+        try chunked(count) { o, n in try check(recvFn(buf + o, n, float, Int32(peer), Int32(tag), comm, nil), "MPI_Recv from rank \(peer)") }
+        traffic.recvBytes += count * 4
+    }
+
+    public func isend(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws -> SendRequest {
+        var handles: [UnsafeMutableRawPointer?] = []
+        try chunked(count) { o, n in
+            var h: UnsafeMutableRawPointer? = nil
+            try check(isendFn(buf + o, n, float, Int32(peer), Int32(tag), comm, &h), "MPI_Isend to rank \(peer)")
+            handles.append(h)
+        }
+        traffic.sendBytes += count * 4
+        return SendRequest(handles)
+    }
+
+    public func wait(_ request: SendRequest) throws {
+        guard !request.handles.isEmpty else { return }
+        let n = Int32(request.handles.count)
+        // MPI_STATUSES_IGNORE is a null pointer in Open MPI.
+        try request.handles.withUnsafeMutableBufferPointer { try check(waitallFn(n, $0.baseAddress!, nil), "MPI_Waitall") }
+        request.handles = []
+    }
+
+    public func broadcast(_ buf: UnsafeMutablePointer<Float>, count: Int, root: Int) throws {
+        try chunked(count) { o, n in try check(bcastFn(buf + o, n, float, Int32(root), comm), "MPI_Bcast from rank \(root)") }
+        traffic.broadcastBytes += count * 4
     }
 
     public func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: sum) }

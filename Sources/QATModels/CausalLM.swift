@@ -32,12 +32,43 @@ public final class CausalLM: @unchecked Sendable {
     private var grads: BackwardBuffers?
 
     public var parameterByName: [String: Parameter] { Dictionary(uniqueKeysWithValues: parameters.map { ($0.name, $0) }) }
-    public var linears: [Linear] { layers.flatMap(\.linears) + [lmHead] }
+    /// The Linears this model (stage) runs: its layers', then the lm_head on the last stage.
+    public var linears: [Linear] { layers.flatMap(\.linears) + (isLastStage ? [lmHead] : []) }
 
-    /// Builds the model around parameters (names and shapes are checked).
-    public init(config: ModelConfig, parameters params: [String: Tensor]) throws {
+    /// The decoder layers this model holds: all of them, or one pipeline stage's contiguous
+    /// range. A stage holds the embedding only if it is the first (or the last, with tied
+    /// embeddings) and the final norm and lm_head only if it is the last; the pieces it does
+    /// not hold are empty placeholders, absent from `parameters` and `linears`.
+    public let layerRange: Range<Int>
+    public var isFirstStage: Bool { layerRange.lowerBound == 0 }
+    public var isLastStage: Bool { layerRange.upperBound == config.numLayers }
+    public var isStage: Bool { layerRange != 0..<config.numLayers }
+
+    /// Whether a parameter name belongs to the layers in `range` (with the embedding on the
+    /// first stage and the final norm / lm_head on the last; a tied embedding on both).
+    public static func belongs(_ name: String, to range: Range<Int>, config: ModelConfig) -> Bool {
+        if name.hasPrefix("model.layers.") {
+            let rest = name.dropFirst("model.layers.".count)
+            guard let i = Int(rest.prefix { $0.isNumber }) else { return false }
+            return range.contains(i)
+        }
+        let last = range.upperBound == config.numLayers
+        if name.hasPrefix("model.embed_tokens") { return range.lowerBound == 0 || (last && config.tieWordEmbeddings) }
+        return last
+    }
+
+    /// Builds the model around parameters (names and shapes are checked). With `layerRange`,
+    /// a pipeline stage: `params` needs only the tensors that `belongs` to it.
+    public init(config: ModelConfig, parameters params: [String: Tensor], layerRange: Range<Int>? = nil) throws {
         self.config = config
+        let range = layerRange ?? 0..<config.numLayers
+        guard range.lowerBound >= 0, range.upperBound <= config.numLayers, !range.isEmpty else {
+            throw QATError("pipeline stage layers \(range) are outside the model's \(config.numLayers) layers")
+        }
+        self.layerRange = range
+        let first = range.lowerBound == 0, last = range.upperBound == config.numLayers
         var ordered: [Parameter] = []
+        func placeholder(_ name: String) -> Parameter { Parameter(name: name, value: Tensor(shape: [0, config.hiddenSize])) }
         func take(_ name: String, _ shape: [Int]) throws -> Parameter {
             guard let t = params[name] else { throw QATError("missing tensor \(name) (expected shape \(shape) for this \(config.family.rawValue) config)") }
             guard t.shape == shape else { throw QATError("tensor \(name) has shape \(t.shape), but config.json implies \(shape)") }
@@ -51,9 +82,9 @@ public final class CausalLM: @unchecked Sendable {
             return Linear(name: name, weight: w, bias: b)
         }
         let c = config, C = c.hiddenSize, D = c.headDim
-        embed = try take("model.embed_tokens.weight", [c.vocabSize, C])
+        embed = first || (last && c.tieWordEmbeddings) ? try take("model.embed_tokens.weight", [c.vocabSize, C]) : placeholder("model.embed_tokens.weight")
         var layers: [DecoderLayer] = []
-        for i in 0..<c.numLayers {
+        for i in range {
             let p = "model.layers.\(i)"
             let inNorm = try take("\(p).input_layernorm.weight", [C])
             let q = try linear("\(p).self_attn.q_proj", out: c.numHeads * D, inp: C, bias: c.attentionBias)
@@ -70,14 +101,16 @@ public final class CausalLM: @unchecked Sendable {
                                        postNorm: post, gate: g, up: u, down: d))
         }
         self.layers = layers
-        finalNorm = try take("model.norm.weight", [C])
+        finalNorm = last ? try take("model.norm.weight", [C]) : placeholder("model.norm.weight")
         if c.tieWordEmbeddings {
             lmHead = Linear(name: "lm_head", weight: embed, bias: nil)
         } else {
-            lmHead = try linear("lm_head", out: c.vocabSize, inp: C, bias: false)
+            lmHead = last ? try linear("lm_head", out: c.vocabSize, inp: C, bias: false) : Linear(name: "lm_head", weight: placeholder("lm_head.weight"), bias: nil)
         }
         let known = Set(ordered.map(\.name))
-        let extra = params.keys.filter { !known.contains($0) && !(c.tieWordEmbeddings && $0 == "lm_head.weight") }.sorted()
+        let extra = params.keys.filter {
+            !known.contains($0) && !(c.tieWordEmbeddings && $0 == "lm_head.weight") && (layerRange == nil || CausalLM.belongs($0, to: range, config: c))
+        }.sorted()
         if !extra.isEmpty {
             throw QATError("unexpected tensors for this \(c.family.rawValue) config: \(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "")")
         }
@@ -87,14 +120,15 @@ public final class CausalLM: @unchecked Sendable {
 
     /// Loads config.json and the safetensors weights of an HF model directory (bf16/f16/f32
     /// converted to fp32).
-    public convenience init(directory: String) throws {
+    public convenience init(directory: String, layerRange: Range<Int>? = nil) throws {
         let config = try ModelConfig.load(directory: directory)
+        let range = layerRange ?? 0..<config.numLayers
         let ckpt = try Checkpoint(path: directory)
         // Shapes are checked against the config before any tensor is converted, so a
         // mismatched or hostile checkpoint fails fast and allocates nothing big (the layer
         // count first: a config claiming millions of layers must not build their name list).
         try config.checkLayerCount(against: ckpt.names, source: directory)
-        for (name, shape) in CausalLM.parameterShapes(config) {
+        for (name, shape) in CausalLM.parameterShapes(config) where CausalLM.belongs(name, to: range, config: config) {
             guard let info = ckpt.info(name) else {
                 throw QATError("\(directory): missing tensor \(name) (expected shape \(shape) for this \(config.family.rawValue) config)")
             }
@@ -103,8 +137,8 @@ public final class CausalLM: @unchecked Sendable {
             }
         }
         var params: [String: Tensor] = [:]
-        for name in ckpt.names { params[name] = try ckpt.floats(name) }
-        try self.init(config: config, parameters: params)
+        for name in ckpt.names where CausalLM.belongs(name, to: range, config: config) { params[name] = try ckpt.floats(name) }
+        try self.init(config: config, parameters: params, layerRange: layerRange)
     }
 
     /// Random N(0, std²) weights and unit norms, for benchmarks on a model shape.
@@ -166,7 +200,16 @@ public final class CausalLM: @unchecked Sendable {
     /// (training); without, one layer's buffers are reused (evaluation, the QAD teacher).
     /// Returns the final normalised hidden states [B·T, C], valid until the next forward.
     public func forward(tokens: [Int32], batch: Int, seqLen: Int, saveForBackward: Bool) throws -> UnsafeMutablePointer<Float> {
+        try forward(tokens: tokens, input: nil, batch: batch, seqLen: seqLen, saveForBackward: saveForBackward)
+    }
+
+    /// A pipeline stage's forward: the first stage embeds `tokens`, a later one starts from
+    /// `input` (the previous stage's output [B·T, C]); the last stage returns the final
+    /// normalised hidden states, an earlier one the residual stream after its last layer
+    /// (to send on). `tokens` are needed on every stage (the embedding backward uses them).
+    public func forward(tokens: [Int32], input: UnsafePointer<Float>?, batch: Int, seqLen: Int, saveForBackward: Bool) throws -> UnsafeMutablePointer<Float> {
         let c = config, C = c.hiddenSize, N = batch * seqLen
+        guard isFirstStage || input != nil else { throw QATError("pipeline stage \(layerRange) needs the previous stage's hidden states") }
         guard tokens.count == N else { throw QATError("forward: \(tokens.count) tokens for batch \(batch) × seq_len \(seqLen)") }
         guard seqLen <= rope.maxPositions else {
             throw QATError("sequence length \(seqLen) exceeds max_position_embeddings (\(rope.maxPositions)) of this model")
@@ -178,8 +221,12 @@ public final class CausalLM: @unchecked Sendable {
         isTrainingForward = saveForBackward
         self.tokens = tokens
         let x0 = residuals[0].data
-        StepProfiler.measure("fwd.embedding") {
-            tokens.withUnsafeBufferPointer { Embedding.forward(out: x0, tokens: $0.baseAddress!, table: embed.value.data, n: N, c: C) }
+        if let input, !isFirstStage {
+            x0.update(from: input, count: N * C)
+        } else {
+            StepProfiler.measure("fwd.embedding") {
+                tokens.withUnsafeBufferPointer { Embedding.forward(out: x0, tokens: $0.baseAddress!, table: embed.value.data, n: N, c: C) }
+            }
         }
         for (l, layer) in layers.enumerated() {
             let a = saveForBackward ? acts[l] : acts[0]
@@ -188,6 +235,7 @@ public final class CausalLM: @unchecked Sendable {
             try layerForward(layer, a, xin: xin, xout: xout, batch: batch, seqLen: seqLen)
         }
         let last = residuals[saveForBackward ? layers.count : 0].data
+        guard isLastStage else { return last }
         StepProfiler.measure("fwd.rmsnorm") {
             RMSNorm.forward(out: finalHidden!.data, rstd: finalRstd!.data, inp: last, weight: finalNorm.value.data, n: N, c: C, eps: c.rmsNormEps)
         }
@@ -235,19 +283,30 @@ public final class CausalLM: @unchecked Sendable {
 
     /// dHidden: d loss / d final hidden [B·T, C] (as returned by the loss head). Accumulates
     /// into every trainable parameter's gradient. Requires a forward with saveForBackward.
-    public func backward(dHidden: UnsafePointer<Float>) throws {
+    ///
+    /// On a pipeline stage `dHidden` is d loss / d this stage's output (the next stage's
+    /// input gradient); the result is d loss / d this stage's input [B·T, C] to send back
+    /// (valid until the next backward), nil on the first stage.
+    @discardableResult
+    public func backward(dHidden: UnsafePointer<Float>) throws -> UnsafePointer<Float>? {
         guard let s = shape, s.saved, let g = grads else { throw QATError("backward needs a forward with saveForBackward") }
         let c = config, C = c.hiddenSize, N = s.batch * s.seqLen
-        StepProfiler.measure("bwd.rmsnorm") {
-            RMSNorm.backward(dinp: g.dres.data, dweight: finalNorm.grad?.data, dout: dHidden, inp: residuals[layers.count].data,
-                             weight: finalNorm.value.data, rstd: finalRstd!.data, n: N, c: C, accumulate: false)
+        if isLastStage {
+            StepProfiler.measure("bwd.rmsnorm") {
+                RMSNorm.backward(dinp: g.dres.data, dweight: finalNorm.grad?.data, dout: dHidden, inp: residuals[layers.count].data,
+                                 weight: finalNorm.value.data, rstd: finalRstd!.data, n: N, c: C, accumulate: false)
+            }
+        } else {
+            g.dres.data.update(from: dHidden, count: N * C)
         }
         for l in stride(from: layers.count - 1, through: 0, by: -1) {
             layerBackward(layers[l], acts[l], xin: residuals[l].data, g: g, batch: s.batch, seqLen: s.seqLen)
         }
+        guard isFirstStage else { return UnsafePointer(g.dres.data) }
         if let de = embed.grad {
             StepProfiler.measure("bwd.embedding") { tokens.withUnsafeBufferPointer { Embedding.backward(dtable: de.data, dout: g.dres.data, tokens: $0.baseAddress!, n: N, c: C) } }
         }
+        return nil
     }
 
     private func layerBackward(_ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, g: BackwardBuffers, batch: Int, seqLen: Int) {

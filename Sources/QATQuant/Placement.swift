@@ -155,7 +155,8 @@ extension QuantizerSet {
 public enum Calibration {
     public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
                            progress: ((Int, Int) -> Void)? = nil,
-                           reduceMax: ((inout [Float]) throws -> Void)? = nil) throws {
+                           reduceMax: ((inout [Float]) throws -> Void)? = nil,
+                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> Void)? = nil) throws {
         guard !sequences.isEmpty else { throw QATError("calibration needs at least one sequence") }
         let active = quantizers.enabled
         for q in active { q.startCalibration() }
@@ -164,7 +165,11 @@ public enum Calibration {
         while done < sequences.count {
             let b = min(batchSize, sequences.count - done)
             let tokens = Array(sequences[done..<(done + b)].joined())
-            _ = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+            if let forward {  // a pipeline stage: the pipelined forward runs this stage's layers
+                try forward(tokens, b)
+            } else {
+                _ = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+            }
             done += b
             progress?(done, sequences.count)
         }

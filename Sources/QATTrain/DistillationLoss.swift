@@ -28,8 +28,9 @@ public final class DistillationLoss: TrainingLoss {
     public let teacherVocab: Int
     /// Rows per chunk: the student [rows, V_s] and teacher [rows, V_t] logits fit the budget.
     public let chunkRows: Int
-    private let studentLogits: Tensor
-    private let teacherLogits: Tensor
+    // Allocated on first use (a pipeline stage before the last never computes the loss).
+    private lazy var studentLogits = Tensor(shape: [chunkRows * studentVocab], zeroed: false)
+    private lazy var teacherLogits = Tensor(shape: [chunkRows * teacherVocab], zeroed: false)
 
     public var description: String {
         let kind: String
@@ -52,13 +53,11 @@ public final class DistillationLoss: TrainingLoss {
     public init(teacher: CausalLM, studentVocab: Int, spec: Recipe.DistillSpec, maskExtraVocab: Bool = false,
                 budgetBytes: Int = 256 << 20) throws {
         constants = try DistillationConstants(spec: spec)
-        let tv = teacher.lmHead.outFeatures
+        let tv = teacher.config.vocabSize  // (a pipeline stage before the last holds no lm_head)
         try DistillationLoss.checkVocab(student: studentVocab, teacher: tv, maskExtraVocab: maskExtraVocab)
         self.teacher = teacher; self.spec = spec; self.maskExtraVocab = maskExtraVocab
         self.studentVocab = studentVocab; teacherVocab = tv
         chunkRows = max(1, budgetBytes / max(1, (studentVocab + tv) * 4))
-        studentLogits = Tensor(shape: [chunkRows * studentVocab], zeroed: false)
-        teacherLogits = Tensor(shape: [chunkRows * tv], zeroed: false)
     }
 
     /// The vocabulary rule (see the type's doc comment), as an error naming both sizes.

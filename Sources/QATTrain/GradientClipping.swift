@@ -63,7 +63,14 @@ public enum GradientClipping {
     @discardableResult
     public static func clipByGlobalNorm<S: Collection>(_ grads: S, maxNorm: Double) -> Double where S.Element == Tensor {
         let norm = globalNorm(grads)
-        guard norm.isFinite else { return norm }
+        scale(grads, norm: norm, maxNorm: maxNorm)
+        return norm
+    }
+
+    /// The scaling half of `clipByGlobalNorm`, for a norm computed elsewhere (across pipeline
+    /// stages): gradients × min(maxNorm / (norm + 1e-6), 1); a non-finite norm changes nothing.
+    public static func scale<S: Collection>(_ grads: S, norm: Double, maxNorm: Double) where S.Element == Tensor {
+        guard norm.isFinite else { return }
         let coef = maxNorm / (norm + 1e-6)
         if coef < 1 {
             let c = Float(coef)
@@ -74,7 +81,6 @@ public enum GradientClipping {
                 }
             }
         }
-        return norm
     }
 
     /// Whether every element of `t` is finite (x*0 is 0 for finite x, NaN otherwise; the

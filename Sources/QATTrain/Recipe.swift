@@ -71,6 +71,9 @@ public struct Recipe: Sendable {
         public var keepCheckpoints = 2
         /// What to do with a non-finite loss or gradient: stop (default) or skip the batch.
         public var onNonFinite = "stop"
+        /// Pipeline parallelism: the model (and a live teacher) split into this many stages,
+        /// one per rank (`mpirun -np <stages>`); 1: off.
+        public var pipelineStages = 1
         public var distill = DistillSpec()
         /// LoRA / QLoRA adapters (`train.lora`); nil: full-weight training.
         public var lora: LoRASpec? = nil
@@ -210,6 +213,7 @@ public struct Recipe: Sendable {
             s.checkpointDir = try t.string("checkpoint_dir")
             s.keepCheckpoints = try t.int("keep_checkpoints", min: 1) ?? s.keepCheckpoints
             s.onNonFinite = try t.choice("on_nonfinite", ["stop", "skip"]) ?? s.onNonFinite
+            s.pipelineStages = try t.int("pipeline_stages", min: 1) ?? s.pipelineStages
             if let d = try t.map("distill") {
                 s.distill.teacher = try d.string("teacher")
                 s.distill.kdRatio = try d.double("kd_ratio", min: 0, max: 1) ?? s.distill.kdRatio

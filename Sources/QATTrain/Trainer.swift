@@ -72,6 +72,9 @@ open class Trainer {
         public var finalEvaluation = true
         /// Called after every optimizer step (and its checkpoint) with its metrics.
         public var onStep: ((StepMetrics) -> Void)? = nil
+        /// Pipeline parallelism: this rank runs one stage of the model (see `PipelineEngine`);
+        /// nil: every rank holds the whole model (single process or data parallel).
+        public var pipeline: PipelineEngine? = nil
         public init(outputDir: String, checkpointDir: String) { self.outputDir = outputDir; self.checkpointDir = checkpointDir }
     }
 
@@ -99,6 +102,11 @@ open class Trainer {
     /// Memory the run holds on paper (checked against MemAvailable before training).
     public private(set) var memoryEstimate = MemoryEstimate()
     private let dHidden: Tensor
+    /// Pipeline parallel: the trainable parameters of the whole model in optimizer order.
+    private var globalSlotOrder: [String] = []
+    /// Data-parallel ranks sharing each step's batch (1 under pipeline parallelism, where
+    /// every rank sees the whole batch).
+    public var dataParallelSize: Int { options.pipeline == nil ? comm.size : 1 }
 
     public init(model: CausalLM, spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
                 validationSequences: Int?, options: Options) throws {
@@ -106,7 +114,7 @@ open class Trainer {
         self.validationStream = validationStream; self.validationSequences = validationSequences
         // Data parallel: the loader draws the global batch (world size × batch_size) and each
         // rank keeps its own rows (see `trainStep`).
-        let world = worldCommunicator.size
+        let world = options.pipeline == nil ? worldCommunicator.size : 1
         loader = try DataLoader(stream: trainStream, seqLen: seqLen, batchSize: spec.batchSize * world, seed: spec.seed)
         if let e = spec.epochs {
             totalSteps = max(1, Int((e * Double(loader.sequenceCount) / Double(spec.batchSize * world * spec.gradAccum)).rounded(.up)))
@@ -120,7 +128,13 @@ open class Trainer {
             selection: try ParameterSelection(trainable: spec.trainableParams, frozen: spec.frozenParams), lrConfig: lrConfig)
         let plan = try ParamGroupPlan.build(names: model.parameters.map(\.name), config: config)
         let trainable = Set(plan.groups.flatMap(\.parameterNames))
-        guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
+        if options.pipeline != nil {  // the whole model's slot order (for the exact clipping norm)
+            let whole = try ParamGroupPlan.build(names: CausalLM.parameterShapes(model.config).map(\.0), config: config)
+            globalSlotOrder = whole.groups.flatMap(\.parameterNames)
+            guard !globalSlotOrder.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
+        } else {
+            guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
+        }
         for p in model.parameters { p.setRequiresGrad(trainable.contains(p.name)) }
         optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan)
         schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
@@ -128,8 +142,10 @@ open class Trainer {
         loss = CrossEntropyLoss(vocab: model.config.vocabSize)
         // Stop before the big allocations when the run cannot fit (estimate in the message).
         let quantized = model.linears.filter { $0.weightQuantizer != nil }.reduce(0) { $0 + $1.weight.count }
+        var stageConfig = model.config  // a pipeline stage holds its own layers' activations
+        stageConfig.numLayers = model.layers.count
         memoryEstimate = MemoryEstimate.training(
-            config: model.config, batch: spec.batchSize, seqLen: seqLen, parameterCount: model.parameters.reduce(0) { $0 + $1.count },
+            config: stageConfig, batch: spec.batchSize, seqLen: seqLen, parameterCount: model.parameters.reduce(0) { $0 + $1.count },
             trainableCount: optimizer.slots.reduce(0) { $0 + $1.value.count }, quantizedWeightCount: quantized,
             liveTeacher: spec.mode == .qad && spec.distill.teacherLogprobs == nil, lossBufferBytes: 256 << 20)
         try memoryEstimate.check(what: "training \(model.config.family.rawValue) (batch \(spec.batchSize) × \(seqLen))")
@@ -149,7 +165,10 @@ open class Trainer {
     public var comm: Communicator { worldCommunicator }
 
     public func evaluate() throws -> EvalResult {
-        try Evaluation.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
+        if let pp = options.pipeline {
+            return try pp.evaluate(model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize, maxSequences: validationSequences)
+        }
+        return try Evaluation.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
                                 maxSequences: validationSequences)
     }
 
@@ -184,8 +203,8 @@ open class Trainer {
             if trainingStopRequested != 0 { interrupted = true; break }
             let t0 = Date()
             var record = try trainStep()
-            tokensDone += spec.batchSize * comm.size * spec.gradAccum * seqLen
-            record.tokensPerSecond = Double(spec.batchSize * comm.size * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
+            tokensDone += spec.batchSize * dataParallelSize * spec.gradAccum * seqLen
+            record.tokensPerSecond = Double(spec.batchSize * dataParallelSize * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
             if spec.evalEvery > 0, step % spec.evalEvery == 0, step < totalSteps {
                 bar.finish()
                 record.validationLoss = try evaluate().loss
@@ -229,7 +248,7 @@ open class Trainer {
         let batches = (0..<spec.gradAccum).map { _ -> MicroBatch in
             var tokens = loader.next()
             var indices = loader.lastIndices
-            if comm.isDistributed {  // this rank's rows of the global batch
+            if dataParallelSize > 1 {  // this rank's rows of the global batch
                 let r = comm.rank
                 tokens = Array(tokens[(r * B * T)..<((r + 1) * B * T)])
                 indices = Array(indices[(r * B)..<((r + 1) * B)])
@@ -238,19 +257,23 @@ open class Trainer {
                               batch: B, seqLen: T, sequenceIndices: indices)
         }
         var valid = batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count }
-        if comm.isDistributed {  // the loss is normalised by the global step's valid-token count
+        if dataParallelSize > 1 {  // the loss is normalised by the global step's valid-token count
             var v = [Double(valid)]
             try comm.allReduceSum(&v)
             valid = Int(v[0])
         }
         let scale = 1 / Float(max(valid, 1))
         var parts = LossParts()
-        for mb in batches {
-            let hidden = try model.forward(tokens: mb.tokens, batch: B, seqLen: T, saveForBackward: true)
-            parts += try loss.run(model: model, hidden: hidden, batch: mb, gradScale: scale, dHidden: dHidden.data)
-            try model.backward(dHidden: dHidden.data)
+        if let pp = options.pipeline {
+            parts = try pp.forwardBackward(student: model, loss: loss, batches: batches, gradScale: scale, dHidden: dHidden)
+        } else {
+            for mb in batches {
+                let hidden = try model.forward(tokens: mb.tokens, batch: B, seqLen: T, saveForBackward: true)
+                parts += try loss.run(model: model, hidden: hidden, batch: mb, gradScale: scale, dHidden: dHidden.data)
+                try model.backward(dHidden: dHidden.data)
+            }
         }
-        if comm.isDistributed {  // gradients and loss sums of the global step (bucketed SUM)
+        if dataParallelSize > 1 {  // gradients and loss sums of the global step (bucketed SUM)
             try comm.allReduceSum(tensors: Array(optimizer.gradients))
             var sums = [parts.total, parts.ce, parts.kd]
             try comm.allReduceSum(&sums)
@@ -261,7 +284,8 @@ open class Trainer {
         var record = StepMetrics(step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
                                  kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
                                  peakRSSMB: peakRSSMegabytes())
-        let badTensor = parts.total.isFinite ? optimizer.firstNonFiniteGradient() : "loss"
+        let badTensor = parts.total.isFinite
+            ? try options.pipeline.map { try $0.firstNonFiniteGradient(optimizer: optimizer) } ?? optimizer.firstNonFiniteGradient() : "loss"
         if let bad = badTensor {
             if spec.onNonFinite == "skip" {
                 log("step \(step + 1): non-finite \(bad == "loss" ? "loss" : "gradient of \(bad)"); batch skipped (on_nonfinite: skip)")
@@ -273,7 +297,12 @@ open class Trainer {
             }
             throw QATError("step \(step + 1): non-finite \(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set train.on_nonfinite: skip")
         }
-        record.gradNorm = spec.maxGradNorm.map { optimizer.clipGradNorm(maxNorm: $0) } ?? GradientClipping.globalNorm(optimizer.gradients)
+        if let pp = options.pipeline {
+            record.gradNorm = try pp.globalGradNorm(optimizer: optimizer, order: globalSlotOrder)
+            if let m = spec.maxGradNorm { GradientClipping.scale(optimizer.gradients, norm: record.gradNorm, maxNorm: m) }
+        } else {
+            record.gradNorm = spec.maxGradNorm.map { optimizer.clipGradNorm(maxNorm: $0) } ?? GradientClipping.globalNorm(optimizer.gradients)
+        }
         optimizer.step(lrFactor: schedule.factor(step: optimizer.stepCount))
         model.markWeightsChanged()
         step += 1
@@ -283,11 +312,21 @@ open class Trainer {
     // MARK: - Checkpoints
 
     public func saveCheckpoint() throws {
+        var parameters = model.parameters, moments = optimizer.stateTensors(), extra = extraState()
+        var metadata = optimizer.stateMetadata()
+        if let pp = options.pipeline {  // rank 0 writes every stage's state, as one process would
+            let p = try pp.gather(parameters.map { ($0.name, $0.value) }), o = try pp.gather(moments), e = try pp.gather(extra)
+            guard let p, let o, let e else { return }
+            let order = Dictionary(uniqueKeysWithValues: CausalLM.parameterShapes(model.config).enumerated().map { ($1.0, $0) })
+            parameters = p.sorted { order[$0.name, default: .max] < order[$1.name, default: .max] }.map { Parameter(name: $0.name, value: $0.tensor) }
+            moments = o; extra = e
+            metadata.parameters = globalSlotOrder
+        }
         guard comm.isRoot else { return }
         let state = TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
-                                             recipeHash: options.recipeHash, optimizer: optimizer.stateMetadata())
-        try TrainingCheckpoint.write(directory: options.checkpointDir, state: state, parameters: model.parameters,
-                                     optimizer: optimizer.stateTensors(), extra: extraState(), keep: spec.keepCheckpoints)
+                                             recipeHash: options.recipeHash, optimizer: metadata)
+        try TrainingCheckpoint.write(directory: options.checkpointDir, state: state, parameters: parameters,
+                                     optimizer: moments, extra: extra, keep: spec.keepCheckpoints)
     }
 
     func restore(from path: String) throws {
@@ -303,7 +342,11 @@ open class Trainer {
             guard t.count == p.count else { throw QATError("\(path): parameter \(p.name) has \(t.count) elements, the model \(p.count)") }
             p.value.copy(from: t)
         }
-        try optimizer.loadState(tensors: c.optimizer, metadata: c.state.optimizer)
+        var metadata = c.state.optimizer
+        if options.pipeline != nil {  // this stage's share of the whole model's optimizer state
+            metadata.parameters = metadata.parameters.filter { CausalLM.belongs($0, to: model.layerRange, config: model.config) }
+        }
+        try optimizer.loadState(tensors: c.optimizer, metadata: metadata)
         try restoreExtraState(c.extra)
         try loader.seek(epoch: c.state.epoch, cursor: c.state.cursor)
         step = c.state.step

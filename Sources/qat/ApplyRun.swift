@@ -60,7 +60,17 @@ final class ApplyRun {
         log("recipe \(recipePath): model \(r.model), quantize \(r.quantizeDescription), mode \(r.train.mode.rawValue)")
         try preflight()
 
-        var model = try CausalLM(directory: r.model)
+        // Pipeline parallel: this rank loads and runs one stage's layers (student and teacher).
+        let comm = worldCommunicator
+        var pipeline: PipelineEngine? = nil
+        if r.train.pipelineStages > 1 {
+            guard r.train.mode != .none else { throw QATError("train.pipeline_stages needs train.mode qat or qad") }
+            guard r.train.lora == nil else { throw QATError("train.pipeline_stages with train.lora is not supported: use data parallelism for LoRA") }
+            let layers = try ModelConfig.load(directory: r.model).numLayers
+            pipeline = try PipelineEngine(comm: comm, layout: try PipelineLayout(layers: layers, stages: r.train.pipelineStages, stage: comm.rank))
+            log("pipeline parallel: \(r.train.pipelineStages) stages, layers \(pipeline!.layout.ranges.map { "\($0.lowerBound)…\($0.upperBound - 1)" }.joined(separator: " | "))")
+        }
+        var model = try CausalLM(directory: r.model, layerRange: pipeline?.layout.range)
         let vocab = model.config.vocabSize
         let trainStream = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: r.model, vocabSize: vocab)
         let valStream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: r.model, vocabSize: vocab)
@@ -69,8 +79,10 @@ final class ApplyRun {
         func evaluate(_ m: CausalLM, _ label: String) throws -> Double {
             let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
             let bar = ProgressBar(total: total, label: "eval \(label)", unit: "seq", enabled: !quiet)
-            let e = try Evaluation.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                            maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
+            let e = try pipeline.map { try $0.evaluate(m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                                      maxSequences: r.data.validationSequences) { d, _ in bar.update(d) } }
+                ?? Evaluation.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                       maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
             bar.finish()
             log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, e.loss, e.perplexity, e.sequences))
             return e.loss
@@ -86,12 +98,15 @@ final class ApplyRun {
             log("quantizers: \(set.enabled.count) enabled of \(set.all.count); calibrating (max) on \(calibration.count) sequences")
             let bar = ProgressBar(total: calibration.count, label: "calibrate", unit: "seq", enabled: !quiet)
             // Data parallel: each rank observes its share of the sequences; amax is MAX-reduced.
-            let comm = worldCommunicator
-            let shard = comm.isDistributed && calibration.count >= comm.size
+            // Pipeline parallel: every stage observes every sequence through its own layers.
+            let dataParallel = comm.isDistributed && pipeline == nil
+            let shard = dataParallel && calibration.count >= comm.size
                 ? calibration.enumerated().filter { $0.offset % comm.size == comm.rank }.map(\.element) : calibration
-            try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: r.data.seqLen,
+            let m = model, seqLen = r.data.seqLen
+            try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: seqLen,
                                 batchSize: r.calibration.batchSize, progress: { d, _ in bar.update(d) },
-                                reduceMax: comm.isDistributed ? { try comm.allReduceMax(&$0) } : nil)
+                                reduceMax: dataParallel ? { try comm.allReduceMax(&$0) } : nil,
+                                forward: pipeline.map { pp in { tokens, b in _ = try pp.forward(m, tokens: tokens, batch: b, seqLen: seqLen) } })
             bar.finish()
             quantizers = set
             summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
@@ -122,6 +137,7 @@ final class ApplyRun {
             try FileManager.default.createDirectory(atPath: workDir, withIntermediateDirectories: true)
             var opts = Trainer.Options(outputDir: workDir, checkpointDir: checkpointDir)
             opts.resume = resume; opts.forceResume = forceResume; opts.recipeHash = recipeHash; opts.quiet = quiet
+            opts.pipeline = pipeline
             let set = quantizers ?? QuantizerSet(model: model, config: QuantConfig(entries: []))
             let trainer: Trainer
             if r.train.mode == .qat {
@@ -133,8 +149,11 @@ final class ApplyRun {
                 if r.train.distill.teacherLogprobs == nil {
                     let dir = r.train.distill.teacher ?? r.model
                     guard FileManager.default.fileExists(atPath: dir) else { throw QATError("teacher not found: \(dir) (train.distill.teacher)") }
-                    teacher = try CausalLM(directory: dir)
-                    log("teacher: \(dir) (unquantized, forward-only)")
+                    let range = try pipeline.map { pp in
+                        try PipelineLayout(layers: try ModelConfig.load(directory: dir).numLayers, stages: pp.layout.stages, stage: pp.layout.stage).range
+                    }
+                    teacher = try CausalLM(directory: dir, layerRange: range)
+                    log("teacher: \(dir) (unquantized, forward-only\(range.map { ", layers \($0.lowerBound)…\($0.upperBound - 1) on this stage" } ?? ""))")
                 }
                 trainer = try QADTrainer(model: model, teacher: teacher, quantizers: set, calibrationSequences: calibration,
                                          calibrationBatchSize: r.calibration.batchSize, spec: trainSpec, seqLen: r.data.seqLen,
@@ -152,8 +171,27 @@ final class ApplyRun {
                 summary.seconds = Date().timeIntervalSince(start)
                 return summary
             }
+            // Pipeline parallel: rank 0 assembles the whole trained model from every stage.
+            if let pp = pipeline {
+                let params = try pp.gather(model.parameters.map { ($0.name, $0.value) })
+                let amax = try pp.gather(quantizers?.stateTensors() ?? [])
+                if let params, let amax {
+                    let whole = try CausalLM(directory: r.model)
+                    let byName = Dictionary(params, uniquingKeysWith: { a, _ in a })
+                    for p in whole.parameters {
+                        guard let t = byName[p.name], t.count == p.count else { throw QATError("pipeline: no trained \(p.name) came back from the stages") }
+                        p.value.copy(from: t)
+                    }
+                    if let config = r.quantize {
+                        let set = QuantizerSet(model: whole, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
+                        try set.restore(Dictionary(amax, uniquingKeysWith: { a, _ in a }), model: whole)
+                        quantizers = set
+                    }
+                    model = whole
+                }
+            }
             // Data parallel: rank 0 alone exports and writes the summary.
-            if !worldCommunicator.isRoot { summary.seconds = Date().timeIntervalSince(start); return summary }
+            if !comm.isRoot { summary.seconds = Date().timeIntervalSince(start); return summary }
             let label = r.train.mode == .qat ? "after QAT" : "after QAD"
             if let v = result.finalValidation {
                 log(String(format: "%@: validation loss %.4f (perplexity %.2f)", label, v.loss, v.perplexity))

@@ -52,6 +52,6 @@ let package = Package(
         // Seeded mutation fuzzing of every parser that reads user files (bounded time).
         .testTarget(name: "QATFuzzTests", dependencies: ["QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport", "TestSupport"]),
         // Runs the built `qat` binary as a user would (apply, kill, resume, eval of the export).
-        .testTarget(name: "QATEndToEndTests", dependencies: ["QATIO", "TestSupport"]),
+        .testTarget(name: "QATEndToEndTests", dependencies: ["QATIO", "QATData", "TestSupport"]),
     ]
 )

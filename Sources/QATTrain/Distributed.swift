@@ -135,6 +135,12 @@ public enum Distributed {
         guard force || launcherWorldSize > 1 else { return worldCommunicator }
         let c = try MPICommunicator()
         worldCommunicator = c
+        // Ranks sharing a machine share its cores: each takes its part unless told otherwise
+        // (QAT_THREADS or --threads), so that N ranks do not run N × cores threads.
+        let env = ProcessInfo.processInfo.environment
+        if env["QAT_THREADS"] == nil, let local = env["OMPI_COMM_WORLD_LOCAL_SIZE"].flatMap(Int.init), local > 1 {
+            BLAS.setThreads(max(1, Parallel.threads / local))
+        }
         return c
     }
 }

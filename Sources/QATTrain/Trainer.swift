@@ -102,8 +102,10 @@ open class Trainer {
     /// Memory the run holds on paper (checked against MemAvailable before training).
     public private(set) var memoryEstimate = MemoryEstimate()
     private let dHidden: Tensor
-    /// Pipeline parallel: the trainable parameters of the whole model in optimizer order.
-    private var globalSlotOrder: [String] = []
+    /// Pipeline parallel: the whole model's parameter groups (what one process would have).
+    private var wholeModelGroups: [ParamGroup] = []
+    /// The trainable parameters of the whole model in optimizer order.
+    private var globalSlotOrder: [String] { wholeModelGroups.flatMap(\.parameterNames) }
     /// Data-parallel ranks sharing each step's batch (1 under pipeline parallelism, where
     /// every rank sees the whole batch).
     public var dataParallelSize: Int { options.pipeline == nil ? comm.size : 1 }
@@ -130,8 +132,8 @@ open class Trainer {
         let trainable = Set(plan.groups.flatMap(\.parameterNames))
         if options.pipeline != nil {  // the whole model's slot order (for the exact clipping norm)
             let whole = try ParamGroupPlan.build(names: CausalLM.parameterShapes(model.config).map(\.0), config: config)
-            globalSlotOrder = whole.groups.flatMap(\.parameterNames)
-            guard !globalSlotOrder.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
+            wholeModelGroups = whole.groups
+            guard whole.groups.contains(where: { !$0.parameterNames.isEmpty }) || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
         } else {
             guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
         }
@@ -319,8 +321,14 @@ open class Trainer {
             guard let p, let o, let e else { return }
             let order = Dictionary(uniqueKeysWithValues: CausalLM.parameterShapes(model.config).enumerated().map { ($1.0, $0) })
             parameters = p.sorted { order[$0.name, default: .max] < order[$1.name, default: .max] }.map { Parameter(name: $0.name, value: $0.tensor) }
-            moments = o; extra = e
+            // In the order one process writes them: parameters in model order, moments in
+            // optimizer slot order (the checkpoint is then byte-identical to one process's).
+            let slot = Dictionary(uniqueKeysWithValues: globalSlotOrder.enumerated().flatMap { i, n in
+                [(AdamW.expAvgName(n), 2 * i), (AdamW.expAvgSqName(n), 2 * i + 1)] })
+            moments = o.sorted { slot[$0.name, default: .max] < slot[$1.name, default: .max] }
+            extra = e
             metadata.parameters = globalSlotOrder
+            metadata.groups = wholeModelGroups.map { .init(hyper: $0.hyper, pattern: $0.pattern, decays: $0.decays, parameters: $0.parameterNames) }
         }
         guard comm.isRoot else { return }
         let state = TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,

@@ -1,0 +1,192 @@
+import Foundation
+import XCTest
+import QATData
+import QATIO
+import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Pipeline-parallel `qat apply` (train.pipeline_stages: 2) under `mpirun -np 2`, against the
+/// same recipe run by one process. Reuses the MPI helpers of `DistributedEndToEndTests`.
+extension DistributedEndToEndTests {
+    func pipelineRecipe(_ dir: URL, mode: String, stages: Int, steps: Int = 4, gradAccum: Int = 3, saveEvery: Int = 2,
+                        model: String = "models/fortune-lm", data: String? = nil) throws -> String {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let tokens = data ?? "\(model)/tokens.h5"
+        let text = """
+        model: \(model)
+        data:
+          train: \(tokens)
+          validation: \(tokens)
+          seq_len: 32
+          validation_sequences: 4
+        quantize:
+          preset: nvfp4_default-kv_fp8
+        calibration:
+          samples: 4
+          batch_size: 4
+        train:
+          mode: \(mode)
+          steps: \(steps)
+          batch_size: 2
+          grad_accum: \(gradAccum)
+          lr: 1.0e-4
+          warmup_steps: 1
+          eval_every: 2
+          save_every: \(saveEvery)
+          log_every: 1
+          pipeline_stages: \(stages)
+        export:
+          dir: \(dir.appendingPathComponent("export").path)
+
+        """
+        let path = dir.appendingPathComponent("recipe.yaml").path
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    /// Per-step figures of metrics.jsonl without the timing ones.
+    func stepFigures(_ path: String) throws -> [[String: Double]] {
+        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map { line in
+            let v = try JSONValue.parse(String(line))
+            var out: [String: Double] = [:]
+            for k in ["step", "loss", "kd", "ce", "lr", "grad_norm", "val_loss"] { if let x = v[k]?.doubleValue { out[k] = x } }
+            return out
+        }
+    }
+
+    /// 2 pipeline stages = 1 process, bit for bit (untied embeddings): the same loss curve
+    /// (every loss, KD/CE term, grad norm and validation loss of metrics.jsonl equal), the
+    /// same checkpoints byte for byte (weights, AdamW moments, quantizer amax) and the same
+    /// exported NVFP4 checkpoint. QAD with 3 micro-batches per step (gradient accumulation),
+    /// so the teacher's hidden states of every micro-batch must be kept and used; and QAT.
+    func testTwoStagePipelineMatchesSingleProcessBitForBit() throws {
+        let (mpirun, qat) = try prerequisites()
+        let dir = Fixtures.tempDir("qat-pp")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        for mode in ["qad", "qat"] {
+            let d1 = dir.appendingPathComponent("\(mode)-one"), d2 = dir.appendingPathComponent("\(mode)-two")
+            let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: mode, stages: 1), "--quiet"])
+            XCTAssertEqual(r1.status, 0, r1.err)
+            let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(d2, mode: mode, stages: 2), "--quiet"], dir: dir)
+            XCTAssertEqual(r2.status, 0, r2.log)
+            XCTAssertEqual(r2.log.components(separatedBy: "after \(mode.uppercased())").count - 1, 1, r2.log)
+
+            let m1 = try stepFigures(d1.path + "/export.work/metrics.jsonl"), m2 = try stepFigures(d2.path + "/export.work/metrics.jsonl")
+            XCTAssertEqual(m1.count, 4)
+            XCTAssertEqual(m1, m2, "\(mode): loss curves differ")
+            XCTAssertNotNil(m1[1]["val_loss"])
+            for step in ["000002", "000004"] {
+                for file in ["model.safetensors", "optimizer.safetensors", "state.safetensors"] {
+                    let a = "\(d1.path)/export.work/checkpoints/checkpoint-\(step)/\(file)", b = "\(d2.path)/export.work/checkpoints/checkpoint-\(step)/\(file)"
+                    XCTAssertEqual(FileManager.default.contents(atPath: a), FileManager.default.contents(atPath: b), "\(mode): \(step)/\(file) differs")
+                }
+            }
+            let e1 = FileManager.default.contents(atPath: d1.path + "/export/model.safetensors")
+            XCTAssertNotNil(e1)
+            XCTAssertEqual(e1, FileManager.default.contents(atPath: d2.path + "/export/model.safetensors"), "\(mode): exports differ")
+            let s1 = try JSONValue.parse(String(contentsOfFile: d1.path + "/export/qat_summary.json", encoding: .utf8))
+            let s2 = try JSONValue.parse(String(contentsOfFile: d2.path + "/export/qat_summary.json", encoding: .utf8))
+            XCTAssertEqual(s1["verify_max_abs_logit_diff"]?.doubleValue, 0)
+            XCTAssertEqual(s2["verify_max_abs_logit_diff"]?.doubleValue, 0)
+        }
+    }
+
+    /// A tied embedding lives on both the first and the last stage; its gradient is the sum
+    /// of the two stages' halves, taken in another order than one process accumulates it,
+    /// so the runs agree to fp32 round-off: asserted |Δw| ≤ 1e-6 + 1e-4·|w| and per-step
+    /// losses within 1e-6 (tiny-qwen3: tied, q/k norms, 2 layers; token ids folded into its
+    /// 512-token vocabulary).
+    func testTwoStagePipelineWithTiedEmbeddingsMatchesToRoundOff() throws {
+        let (mpirun, qat) = try prerequisites()
+        let dir = Fixtures.tempDir("qat-pp-tied")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let tokens = dir.appendingPathComponent("tokens.h5").path
+        let source = try TokenData.readHDF5(path: Fixtures.fortuneLM + "/tokens.h5", split: "validation")
+        do {  // closed at the end of the block, before the runs open it
+            let h5 = try HDF5File(path: tokens, mode: .create)
+            for split in ["train", "validation"] {
+                try h5.write("\(split)/input_ids", values: source.prefix(20_000).map { $0 % 512 })
+            }
+        }
+        let model = Fixtures.path("tiny-qwen3")
+        let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
+        let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: "qad", stages: 1, model: model, data: tokens), "--quiet"])
+        XCTAssertEqual(r1.status, 0, r1.err)
+        let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(d2, mode: "qad", stages: 2, model: model, data: tokens), "--quiet"], dir: dir)
+        XCTAssertEqual(r2.status, 0, r2.log)
+        let w1 = try weights(d1.path + "/export.work/checkpoints/checkpoint-000004"), w2 = try weights(d2.path + "/export.work/checkpoints/checkpoint-000004")
+        XCTAssertEqual(Set(w1.keys), Set(w2.keys))
+        XCTAssertNil(w1["lm_head.weight"])
+        var maxDiff: Float = 0
+        for (n, a) in w1 {
+            guard let b = w2[n], b.count == a.count else { XCTFail("\(n) missing or resized"); continue }
+            for i in 0..<a.count {
+                let d = abs(a[i] - b[i])
+                maxDiff = max(maxDiff, d)
+                if d > 1e-6 + 1e-4 * abs(a[i]) { XCTFail("\(n)[\(i)]: \(a[i]) vs \(b[i])"); return }
+            }
+        }
+        print("tied embeddings, 2 stages vs 1 process: max |Δw| = \(maxDiff)")
+        let m1 = try stepFigures(d1.path + "/export.work/metrics.jsonl"), m2 = try stepFigures(d2.path + "/export.work/metrics.jsonl")
+        XCTAssertEqual(m1.count, 4); XCTAssertEqual(m2.count, 4)
+        for (a, b) in zip(m1, m2) { XCTAssertEqual(a["loss"]!, b["loss"]!, accuracy: 1e-6) }
+    }
+
+    /// Killing a pipeline stage mid-run ends the job with rank 0's last gathered checkpoint
+    /// complete; `--resume` under mpirun finishes, and the result is bit-identical to one
+    /// uninterrupted process.
+    func testPipelineStageKilledLeavesResumableCheckpoint() throws {
+        let (mpirun, qat) = try prerequisites()
+        let dir = Fixtures.tempDir("qat-pp-kill")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let steps = 60
+        let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
+        let path = try pipelineRecipe(d2, mode: "qad", stages: 2, steps: steps, gradAccum: 2, saveEvery: 2)
+        let ckpts = d2.path + "/export.work/checkpoints"
+        let p = try mpiProcess(mpirun, qat, ranks: 2, args: ["apply", path, "--quiet"], log: dir.appendingPathComponent("run1.log"))
+        try p.run()
+        let deadline = Date().addingTimeInterval(120)
+        func hasCheckpoint() -> Bool {
+            ((try? FileManager.default.contentsOfDirectory(atPath: ckpts)) ?? []).contains { $0.hasPrefix("checkpoint-") && !$0.contains(".tmp") }
+        }
+        while !hasCheckpoint() && p.isRunning && Date() < deadline { usleep(20_000) }
+        XCTAssertTrue(p.isRunning, "the run ended before it could be killed")
+        let children = try childPIDs(of: p.processIdentifier)
+        XCTAssertFalse(children.isEmpty)
+        if let victim = children.last { kill(victim, SIGKILL) }
+        p.waitUntilExit()
+        XCTAssertNotEqual(p.terminationStatus, 0)
+        XCTAssertTrue(hasCheckpoint())
+        XCTAssertFalse(FileManager.default.fileExists(atPath: String(format: "%@/checkpoint-%06d", ckpts, steps)), "killed too late")
+
+        let r = try runMPI(mpirun, qat, ranks: 2, args: ["apply", path, "--resume", "--quiet"], dir: dir)
+        XCTAssertEqual(r.status, 0, r.log)
+        let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: "qad", stages: 1, steps: steps, gradAccum: 2, saveEvery: 2), "--quiet"])
+        XCTAssertEqual(r1.status, 0, r1.err)
+        let last = String(format: "checkpoint-%06d/model.safetensors", steps)
+        let a = FileManager.default.contents(atPath: d1.path + "/export.work/checkpoints/" + last)
+        XCTAssertNotNil(a)
+        XCTAssertEqual(a, FileManager.default.contents(atPath: ckpts + "/" + last), "resumed pipeline run differs from one uninterrupted process")
+        XCTAssertEqual(try stepFigures(d2.path + "/export.work/metrics.jsonl").map { $0["loss"]! },
+                       try stepFigures(d1.path + "/export.work/metrics.jsonl").map { $0["loss"]! })
+    }
+
+    /// Misconfigurations fail at once with the fix in the message.
+    func testPipelineConfigurationErrors() throws {
+        let dir = Fixtures.tempDir("qat-pp-errors")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // Two stages in one process: needs mpirun.
+        let r = try Fixtures.runQAT(["apply", try pipelineRecipe(dir, mode: "qad", stages: 2), "--quiet"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.err.contains("mpirun -np 2"), r.err)
+        // More stages than layers.
+        let r2 = try Fixtures.runQAT(["apply", try pipelineRecipe(dir, mode: "qad", stages: 5), "--quiet"])
+        XCTAssertNotEqual(r2.status, 0)
+        XCTAssertTrue(r2.err.contains("5 stages need at least 5 decoder layers"), r2.err)
+        let r3 = try Fixtures.runQAT(["recipe", "validate", try pipelineRecipe(dir, mode: "qad", stages: 0)])
+        XCTAssertNotEqual(r3.status, 0)
+        XCTAssertTrue(r3.err.contains("pipeline_stages"), r3.err)
+    }
+}

@@ -43,6 +43,8 @@ public struct CommTraffic: Sendable, Equatable {
     public var broadcastBytes = 0
     public var calls = 0
     public init() {}
+    /// Bytes sent: all-reduce payloads, point-to-point sends and broadcasts.
+    public var payloadBytes: Int { allReduceBytes + sendBytes + broadcastBytes }
     public static func - (a: CommTraffic, b: CommTraffic) -> CommTraffic {
         var d = CommTraffic()
         d.allReduceBytes = a.allReduceBytes - b.allReduceBytes; d.sendBytes = a.sendBytes - b.sendBytes

@@ -18,6 +18,8 @@ public struct StepMetrics: Sendable, Equatable {
     public var peakRSSMB: Double
     public var validationLoss: Double?
     public var skipped = false
+    /// Bytes this rank handed to MPI during the step (distributed runs only).
+    public var commBytes: Int? = nil
 
     public var json: String {
         var o = JSONObject()
@@ -31,6 +33,7 @@ public struct StepMetrics: Sendable, Equatable {
         o.set("peak_rss_mb", .double((peakRSSMB * 10).rounded() / 10))
         if let validationLoss { o.set("val_loss", .double(validationLoss)) }
         if skipped { o.set("skipped", .bool(true)) }
+        if let commBytes { o.set("comm_mb", .double((Double(commBytes) / 1e5).rounded() / 10)) }
         return JSONValue.object(o).serialized(indent: nil)
     }
 }
@@ -203,8 +206,9 @@ open class Trainer {
                 if stop[0] != 0 { interrupted = true; break }
             }
             if trainingStopRequested != 0 { interrupted = true; break }
-            let t0 = Date()
+            let t0 = Date(), traffic0 = comm.traffic
             var record = try trainStep()
+            if comm.isDistributed { record.commBytes = (comm.traffic - traffic0).payloadBytes }
             tokensDone += spec.batchSize * dataParallelSize * spec.gradAccum * seqLen
             record.tokensPerSecond = Double(spec.batchSize * dataParallelSize * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
             if spec.evalEvery > 0, step % spec.evalEvery == 0, step < totalSteps {

@@ -170,8 +170,11 @@ open class Trainer {
         if let pp = options.pipeline {
             return try pp.evaluate(model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize, maxSequences: validationSequences)
         }
+        // Data parallel: each rank evaluates its share of the sequences; the sums are all-reduced.
+        let comm = comm
         return try Evaluation.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
-                                maxSequences: validationSequences)
+                                maxSequences: validationSequences, shard: comm.isDistributed ? (comm.rank, comm.size) : nil,
+                                reduce: comm.isDistributed ? { try comm.allReduceSum(&$0) } : nil)
     }
 
     /// Trains to `totalSteps` (or until Ctrl-C), evaluating and checkpointing on schedule.

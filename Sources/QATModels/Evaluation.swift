@@ -20,9 +20,16 @@ public struct EvalResult: Sendable, Equatable {
 public enum Evaluation {
     /// Cuts `stream` into ⌊(N−1)/seqLen⌋ non-overlapping sequences of seqLen tokens (at most
     /// `maxSequences`), each predicting its own tokens 2…seqLen, and returns the mean CE.
+    ///
+    /// Sharded (data parallel): with `shard` (rank r of `count`) this process evaluates the
+    /// contiguous share [⌊r·S/count⌋, ⌊(r+1)·S/count⌋) of the S sequences, and `reduce` sums
+    /// [loss sum, valid tokens] over the group in place (an all-reduce), so every rank returns
+    /// the whole split's figure: the one-process loss up to the order of the fp64 additions.
+    /// `progress` then counts this rank's share.
     public static func evaluate(
         model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int = 8, maxSequences: Int? = nil,
-        progress: ((_ done: Int, _ total: Int) -> Void)? = nil
+        progress: ((_ done: Int, _ total: Int) -> Void)? = nil,
+        shard: (rank: Int, count: Int)? = nil, reduce: ((inout [Double]) throws -> Void)? = nil
     ) throws -> EvalResult {
         guard seqLen >= 2 else { throw QATError("seq_len must be at least 2 (got \(seqLen))") }
         guard batchSize >= 1 else { throw QATError("batch size must be at least 1") }
@@ -31,22 +38,36 @@ public enum Evaluation {
         guard count > 0 else {
             throw QATError("the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + 1; use a smaller --seq-len or more data")
         }
+        if let s = shard { guard s.count >= 1, (0..<s.count).contains(s.rank) else { throw QATError("evaluation shard \(s.rank) of \(s.count) is out of range") } }
         let start = Date()
         let head = ChunkedCrossEntropy(vocab: model.config.vocabSize)
+        let mine = shard.map { shardRange(count, $0) } ?? 0..<count
+        let first = mine.lowerBound, end = mine.upperBound
         var total = 0.0, valid = 0, done = 0
-        while done < count {
-            let b = min(batchSize, count - done)
-            let tokens = Array(stream[(done * seqLen)..<((done + b) * seqLen)])
+        while done < end - first {
+            let b = min(batchSize, end - first - done)
+            let tokens = Array(stream[((first + done) * seqLen)..<((first + done + b) * seqLen)])
             let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: b, seqLen: seqLen)
             let hidden = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
             let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
             total += r.sum
             valid += r.valid
             done += b
-            progress?(done, count)
+            progress?(done, end - first)
+        }
+        if let reduce {
+            var sums = [total, Double(valid)]
+            try reduce(&sums)
+            total = sums[0]; valid = Int(sums[1])
         }
         let loss = total / Double(valid)
         guard loss.isFinite else { throw QATError("evaluation loss is not finite (\(loss)): the model produces NaN/Inf logits") }
         return EvalResult(loss: loss, sequences: count, tokens: valid, seconds: Date().timeIntervalSince(start))
+    }
+
+    /// The sequences rank r of `count` evaluates out of `total`: a contiguous ⌊total/count⌋ or
+    /// ⌈total/count⌉ of them.
+    public static func shardRange(_ total: Int, _ shard: (rank: Int, count: Int)) -> Range<Int> {
+        (total * shard.rank / shard.count)..<(total * (shard.rank + 1) / shard.count)
     }
 }

@@ -49,6 +49,11 @@ public final class AdamW {
     public internal(set) var stepCount: Int = 0
     /// lr_config patterns that no trainable parameter uses (see `ParamGroupPlan`).
     public let unusedLRConfigPatterns: [String]
+    /// ZeRO-1 (see `ZeROPartition`): which rank holds and steps each slot's state; nil when
+    /// every slot is local. A slot this rank does not own has empty m and v.
+    public let partition: ZeROPartition?
+    /// Slot index by parameter name.
+    let slotIndex: [String: Int]
 
     /// Groups `parameters` with `config` (trainable/frozen selection, lr_config, no-decay
     /// rule) and allocates zeroed state for the trainable ones.
@@ -58,9 +63,13 @@ public final class AdamW {
     }
 
     /// Uses a prepared plan; every trainable parameter must have a gradient buffer of its size.
-    public init(parameters: [(name: String, value: Tensor, grad: Tensor?)], plan: ParamGroupPlan) throws {
+    /// With `shardOver` (a data-parallel group of more than one rank) the state is sharded
+    /// ZeRO-1 style: this rank allocates m and v only for the slots it owns.
+    public init(parameters: [(name: String, value: Tensor, grad: Tensor?)], plan: ParamGroupPlan, shardOver comm: Communicator? = nil) throws {
         var byName: [String: (value: Tensor, grad: Tensor?)] = [:]
         for p in parameters { byName[p.name] = (p.value, p.grad) }
+        let counts = plan.groups.flatMap(\.parameterNames).map { byName[$0]?.value.count ?? 0 }
+        let partition = comm.flatMap { $0.size > 1 ? ZeROPartition(comm: $0, counts: counts) : nil }
         var slots: [Slot] = []
         for (gi, group) in plan.groups.enumerated() {
             try group.hyper.validate("param group \(gi)")
@@ -72,12 +81,15 @@ public final class AdamW {
                 guard g.count == p.value.count else {
                     throw QATError("parameter '\(name)': gradient has \(g.count) elements, value has \(p.value.count)")
                 }
-                slots.append(Slot(name: name, value: p.value, grad: g,
-                                  m: Tensor(shape: p.value.shape), v: Tensor(shape: p.value.shape), group: gi))
+                let local = partition?.owns(slots.count) ?? true
+                slots.append(Slot(name: name, value: p.value, grad: g, m: Tensor(shape: local ? p.value.shape : [0]),
+                                  v: Tensor(shape: local ? p.value.shape : [0]), group: gi))
             }
         }
         self.groups = plan.groups
         self.slots = slots
+        self.partition = partition
+        self.slotIndex = Dictionary(slots.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         self.frozen = plan.frozen
         self.unusedLRConfigPatterns = plan.unusedLRConfigPatterns
     }
@@ -174,16 +186,25 @@ public final class AdamW {
     /// One optimizer step over all trainable parameters. `lrFactor` multiplies every group's
     /// lr, as `LambdaLR` does (`lr = base_lr * lambda(step)`; pass `schedule.factor(step:
     /// stepCount)` before the step). Gradients are read, not cleared.
+    ///
+    /// Sharded (ZeRO-1): this rank updates the slots it owns, then every parameter is
+    /// broadcast from its owner; a failed broadcast aborts the job (as any failing rank does).
     public func step(lrFactor: Double = 1) {
         stepCount += 1
         let t = stepCount
-        for s in slots {
+        for (i, s) in slots.enumerated() where partition?.owns(i) ?? true {
             let h = groups[s.group].hyper
             let c = AdamW.coefficients(h, lr: h.lr * lrFactor, step: t)
             let p = SendablePointer(s.value.data), g = SendablePointer(s.grad.data)
             let m = SendablePointer(s.m.data), v = SendablePointer(s.v.data)
             Parallel.forRange(s.value.count, costPerItem: 8) { start, end in
                 AdamW.update(p.p, UnsafePointer(g.p), m.p, v.p, start, end, c)
+            }
+        }
+        if let z = partition {
+            do { try z.broadcastParameters(slots.map(\.value)) } catch {
+                FileHandle.standardError.write(Data("error (rank \(z.rank)): optimizer step: \((error as? QATError)?.message ?? "\(error)")\n".utf8))
+                z.comm.abort(code: 1)
             }
         }
     }

@@ -18,9 +18,11 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
     }
 
     /// fp32 everywhere: weights (+ the fake-quant copy of each quantized weight), gradients
-    /// and two AdamW moments for trainable parameters, every layer's saved activations for
+    /// and two AdamW moments for trainable parameters (for `optimizerStateCount` of them when
+    /// ZeRO-1 shards the state: this rank's share), every layer's saved activations for
     /// [batch × seqLen] tokens, and with a live teacher its weights plus one layer.
     public static func training(config c: ModelConfig, batch: Int, seqLen: Int, parameterCount: Int, trainableCount: Int,
+                                optimizerStateCount: Int? = nil,
                                 quantizedWeightCount: Int, liveTeacher: Bool, lossBufferBytes: Int) -> MemoryEstimate {
         let n = Double(batch * seqLen), C = Double(c.hiddenSize), I = Double(c.intermediateSize)
         let qd = Double(c.numHeads * c.headDim), kvd = Double(c.numKVHeads * c.headDim)
@@ -32,7 +34,7 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
         var e = MemoryEstimate()
         e.weights = 4 * Double(parameterCount)
         e.gradients = 4 * Double(trainableCount)
-        e.optimizer = 8 * Double(trainableCount)
+        e.optimizer = 8 * Double(optimizerStateCount ?? trainableCount)
         e.fakeQuantWeights = 4 * Double(quantizedWeightCount)
         e.activations = 4 * (Double(c.numLayers) * perLayer + Double(c.numLayers + 1) * n * C + backward)
         // The teacher is the full model in fp32 (also under QLoRA, where the student's own

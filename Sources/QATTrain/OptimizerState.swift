@@ -49,13 +49,14 @@ extension AdamW {
     public static func expAvgName(_ parameter: String) -> String { parameter + ".exp_avg" }
     public static func expAvgSqName(_ parameter: String) -> String { parameter + ".exp_avg_sq" }
 
-    /// The moments of every trainable parameter. The tensors ARE the live state (no copy, so
+    /// The moments of every trainable parameter (sharded: of the slots this rank owns; see
+    /// `forEachGatheredMoment` for all of them). The tensors ARE the live state (no copy, so
     /// a checkpoint of a large model does not double optimizer memory): write them out before
     /// the next `step`.
     public func stateTensors() -> [(name: String, tensor: Tensor)] {
         var out: [(name: String, tensor: Tensor)] = []
         out.reserveCapacity(slots.count * 2)
-        for s in slots {
+        for (i, s) in slots.enumerated() where ownsSlot(i) {
             out.append((AdamW.expAvgName(s.name), s.m))
             out.append((AdamW.expAvgSqName(s.name), s.v))
         }
@@ -70,6 +71,7 @@ extension AdamW {
 
     /// Loads state saved by `stateTensors` / `stateMetadata`. The trainable parameter set must
     /// be the same (checked by name, both ways); group settings come from the current config.
+    /// Sharded, only this rank's slots are read (`tensors` may hold just those).
     public func loadState(tensors: [(name: String, tensor: Tensor)], metadata: AdamWStateMetadata) throws {
         var byName: [String: Tensor] = [:]
         for t in tensors { byName[t.name] = t.tensor }
@@ -91,7 +93,7 @@ extension AdamW {
         }
         // Validate everything before touching any state, so a failed load leaves it intact.
         var pairs: [(dst: Tensor, src: Tensor)] = []
-        for s in slots {
+        for (i, s) in slots.enumerated() where ownsSlot(i) {
             for (dst, key) in [(s.m, AdamW.expAvgName(s.name)), (s.v, AdamW.expAvgSqName(s.name))] {
                 guard let src = tensors[key] else { throw QATError("optimizer state: tensor '\(key)' missing") }
                 guard src.count == dst.count else {

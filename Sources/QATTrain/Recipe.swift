@@ -71,6 +71,9 @@ public struct Recipe: Sendable {
         public var keepCheckpoints = 2
         /// What to do with a non-finite loss or gradient: stop (default) or skip the batch.
         public var onNonFinite = "stop"
+        /// ZeRO-1 under data parallelism: each rank keeps AdamW state for its share of the
+        /// parameters only (see `ZeROPartition`); a no-op with one process.
+        public var shardOptimizerState = false
         /// Pipeline parallelism: the model (and a live teacher) split into this many stages,
         /// one per rank (`mpirun -np <stages>`); 1: off.
         public var pipelineStages = 1
@@ -213,6 +216,7 @@ public struct Recipe: Sendable {
             s.checkpointDir = try t.string("checkpoint_dir")
             s.keepCheckpoints = try t.int("keep_checkpoints", min: 1) ?? s.keepCheckpoints
             s.onNonFinite = try t.choice("on_nonfinite", ["stop", "skip"]) ?? s.onNonFinite
+            s.shardOptimizerState = try t.bool("shard_optimizer_state") ?? s.shardOptimizerState
             s.pipelineStages = try t.int("pipeline_stages", min: 1) ?? s.pipelineStages
             if let d = try t.map("distill") {
                 s.distill.teacher = try d.string("teacher")

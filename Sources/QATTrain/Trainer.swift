@@ -141,7 +141,8 @@ open class Trainer {
             guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
         }
         for p in model.parameters { p.setRequiresGrad(trainable.contains(p.name)) }
-        optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan)
+        let zero = spec.shardOptimizerState && world > 1  // ZeRO-1 (ZeRO.swift)
+        optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan, shardOver: zero ? worldCommunicator : nil)
         schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
                                   warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
         loss = CrossEntropyLoss(vocab: model.config.vocabSize)
@@ -151,10 +152,11 @@ open class Trainer {
         stageConfig.numLayers = model.layers.count
         memoryEstimate = MemoryEstimate.training(
             config: stageConfig, batch: spec.batchSize, seqLen: seqLen, parameterCount: model.parameters.reduce(0) { $0 + $1.count },
-            trainableCount: optimizer.slots.reduce(0) { $0 + $1.value.count }, quantizedWeightCount: quantized,
+            trainableCount: optimizer.slots.reduce(0) { $0 + $1.value.count }, optimizerStateCount: optimizer.stateElementCount, quantizedWeightCount: quantized,
             liveTeacher: spec.mode == .qad && spec.distill.teacherLogprobs == nil, lossBufferBytes: 256 << 20)
         try memoryEstimate.check(what: "training \(model.config.family.rawValue) (batch \(spec.batchSize) × \(seqLen))")
         dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
+        if spec.shardOptimizerState { log(zero ? "optimizer state sharded over \(world) ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(optimizer.slots.reduce(0) { $0 + $1.value.count }) elements" : "train.shard_optimizer_state: nothing to shard with one data-parallel rank; ignored") }
     }
 
     /// Called once before the first step of a fresh (not resumed) run. QAT calibrates here.
@@ -173,8 +175,11 @@ open class Trainer {
         if let pp = options.pipeline {
             return try pp.evaluate(model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize, maxSequences: validationSequences)
         }
+        // Data parallel: each rank evaluates its share of the sequences; the sums are all-reduced.
+        let comm = comm
         return try Evaluation.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
-                                maxSequences: validationSequences)
+                                maxSequences: validationSequences, shard: comm.isDistributed ? (comm.rank, comm.size) : nil,
+                                reduce: comm.isDistributed ? { try comm.allReduceSum(&$0) } : nil)
     }
 
     /// Trains to `totalSteps` (or until Ctrl-C), evaluating and checkpointing on schedule.
@@ -318,6 +323,7 @@ open class Trainer {
     // MARK: - Checkpoints
 
     public func saveCheckpoint() throws {
+        if optimizer.partition != nil { return try saveShardedCheckpoint() }  // ZeRO-1: rank 0 gathers the moments
         var parameters = model.parameters, moments = optimizer.stateTensors(), extra = extraState()
         var metadata = optimizer.stateMetadata()
         if let pp = options.pipeline {  // rank 0 writes every stage's state, as one process would
@@ -342,7 +348,7 @@ open class Trainer {
     }
 
     func restore(from path: String) throws {
-        let c = try TrainingCheckpoint.read(path)
+        let c = try TrainingCheckpoint.read(path, optimizerTensors: optimizer.ownsStateTensor)  // ZeRO-1: this rank's moments
         if !options.recipeHash.isEmpty, c.state.recipeHash != options.recipeHash, !options.forceResume {
             throw QATError("\(path) was written by a different recipe (hash \(c.state.recipeHash), this one \(options.recipeHash)); use the same recipe, or --force-resume to continue anyway")
         }

@@ -37,6 +37,16 @@ public enum TrainingCheckpoint {
 
     public static func write(directory: String, state: State, parameters: [Parameter], optimizer: [(name: String, tensor: Tensor)],
                              extra: [(name: String, tensor: Tensor)], keep: Int) throws {
+        try write(directory: directory, state: state, parameters: parameters, optimizer: { body in
+            for t in optimizer { try body(t.name, t.tensor.shape, UnsafeBufferPointer(start: t.tensor.data, count: t.tensor.count)) }
+        }, extra: extra, keep: keep)
+    }
+
+    /// The optimizer tensors come from `optimizer`, which calls its argument once per tensor
+    /// (ZeRO-1: `AdamW.forEachGatheredMoment`, receiving other ranks' moments as it goes).
+    public static func write(directory: String, state: State, parameters: [Parameter],
+                             optimizer: ((_ name: String, _ shape: [Int], _ values: UnsafeBufferPointer<Float>) throws -> Void) throws -> Void,
+                             extra: [(name: String, tensor: Tensor)], keep: Int) throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let path = "\(directory)/\(name(step: state.step))"
         try AtomicDirectory.write(path) { tmp in
@@ -44,7 +54,7 @@ public enum TrainingCheckpoint {
             for p in parameters { try w.add(name: p.name, tensor: p.value, as: .f32) }
             try w.write(to: "\(tmp)/model.safetensors", metadata: [("format", "pt")])
             var o = SafeTensorsWriter()
-            for t in optimizer { try o.add(name: t.name, tensor: t.tensor, as: .f32) }
+            try optimizer { name, shape, values in try o.add(name: name, floats: values, shape: shape, as: .f32) }
             try o.write(to: "\(tmp)/optimizer.safetensors")
             var e = SafeTensorsWriter()
             for t in extra { try e.add(name: t.name, tensor: t.tensor, as: .f32) }
@@ -72,7 +82,8 @@ public enum TrainingCheckpoint {
 
     public static func latest(in directory: String) -> String? { list(in: directory).last }
 
-    public static func read(_ path: String) throws -> Loaded {
+    /// `optimizerTensors`: which optimizer tensors to load (ZeRO-1: this rank's); nil: all.
+    public static func read(_ path: String, optimizerTensors keepOptimizer: ((String) -> Bool)? = nil) throws -> Loaded {
         guard let data = FileManager.default.contents(atPath: "\(path)/trainer_state.json") else {
             throw QATError("\(path): not a qat checkpoint (no trainer_state.json)")
         }
@@ -81,13 +92,13 @@ public enum TrainingCheckpoint {
             throw QATError("\(path)/trainer_state.json is not valid: \(error)")
         }
         guard state.format == format else { throw QATError("\(path): checkpoint format \(state.format), expected \(format)") }
-        func load(_ file: String) throws -> [String: Tensor] {
+        func load(_ file: String, _ keep: (String) -> Bool = { _ in true }) throws -> [String: Tensor] {
             let f = try SafeTensorsFile(path: "\(path)/\(file)")
             var out: [String: Tensor] = [:]
-            for n in f.names { out[n] = try f.floats(n) }
+            for n in f.names where keep(n) { out[n] = try f.floats(n) }
             return out
         }
-        return Loaded(state: state, parameters: try load("model.safetensors"), optimizer: try load("optimizer.safetensors"),
+        return Loaded(state: state, parameters: try load("model.safetensors"), optimizer: try load("optimizer.safetensors", keepOptimizer ?? { _ in true }),
                       extra: try load("state.safetensors"))
     }
 }

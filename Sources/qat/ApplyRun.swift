@@ -78,11 +78,14 @@ final class ApplyRun {
 
         func evaluate(_ m: CausalLM, _ label: String) throws -> Double {
             let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
-            let bar = ProgressBar(total: total, label: "eval \(label)", unit: "seq", enabled: !quiet)
+            // Data parallel: each rank evaluates its share of the sequences; the sums are all-reduced.
+            let shard = comm.isDistributed && pipeline == nil ? (rank: comm.rank, count: comm.size) : nil
+            let bar = ProgressBar(total: shard.map { Evaluation.shardRange(total, $0).count } ?? total, label: "eval \(label)", unit: "seq", enabled: !quiet)
             let e = try pipeline.map { try $0.evaluate(m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
                                                       maxSequences: r.data.validationSequences) { d, _ in bar.update(d) } }
                 ?? Evaluation.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                       maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
+                                       maxSequences: r.data.validationSequences, progress: { d, _ in bar.update(d) },
+                                       shard: shard, reduce: shard == nil ? nil : { try comm.allReduceSum(&$0) })
             bar.finish()
             log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, e.loss, e.perplexity, e.sequences))
             return e.loss

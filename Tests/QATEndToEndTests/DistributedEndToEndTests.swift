@@ -5,57 +5,7 @@ import TestSupport
 
 /// Data-parallel `qat apply` under `mpirun -np 2` (Open MPI, loopback). Skipped when mpirun
 /// is not installed (CI installs openmpi-bin through scripts/deps.sh).
-final class DistributedEndToEndTests: XCTestCase {
-    static let mpiEnv = ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                         "OMPI_MCA_btl": "self,vader,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"]
-
-    var mpirun: String? {
-        for d in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") + ["/usr/bin"] {
-            let p = "\(d)/mpirun"
-            if FileManager.default.isExecutableFile(atPath: p) { return p }
-        }
-        return nil
-    }
-
-    func recipe(_ dir: URL, steps: Int, batch: Int, saveEvery: Int = 3) throws -> String {
-        try Fixtures.shortRecipe(in: dir, steps: steps, batch: batch, evalEvery: 0, saveEvery: saveEvery, exportExtra: ["verify: false"])
-    }
-
-    func prerequisites() throws -> (mpirun: String, qat: String) {
-        guard let m = mpirun else { throw XCTSkip("mpirun not installed (apt-get install libopenmpi-dev openmpi-bin)") }
-        guard let q = Fixtures.qatBinary else { throw XCTSkip("qat binary not built") }
-        return (m, q)
-    }
-
-    func mpiProcess(_ mpirun: String, _ qat: String, ranks: Int, args: [String], log: URL) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: mpirun)
-        p.arguments = ["-np", "\(ranks)", "--oversubscribe", "--allow-run-as-root", "--bind-to", "none", qat] + args
-        p.currentDirectoryURL = Fixtures.repoRoot
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in Self.mpiEnv { env[k] = v }
-        p.environment = env
-        FileManager.default.createFile(atPath: log.path, contents: nil)
-        let h = try FileHandle(forWritingTo: log)
-        p.standardOutput = h; p.standardError = h
-        return p
-    }
-
-    func runMPI(_ mpirun: String, _ qat: String, ranks: Int, args: [String], dir: URL) throws -> (status: Int32, log: String) {
-        let log = dir.appendingPathComponent("mpirun-\(UUID().uuidString).log")
-        let p = try mpiProcess(mpirun, qat, ranks: ranks, args: args, log: log)
-        try p.run()
-        p.waitUntilExit()
-        return (p.terminationStatus, (try? String(contentsOf: log, encoding: .utf8)) ?? "")
-    }
-
-    func weights(_ checkpoint: String) throws -> [String: [Float]] {
-        let f = try SafeTensorsFile(path: checkpoint + "/model.safetensors")
-        var out: [String: [Float]] = [:]
-        for n in f.names { let t = try f.floats(n); out[n] = Array(UnsafeBufferPointer(start: t.data, count: t.count)) }
-        return out
-    }
-
+final class DistributedEndToEndTests: XCTestCase, MPITesting {
     /// 2 ranks × batch 2 = 1 rank × batch 4: same sequences, same global valid-token count,
     /// gradients summed over ranks. Only the fp32 summation order of the weight gradients
     /// differs (each rank's GEMM sums 64 rows, then MPI adds the two halves), so the weights
@@ -94,10 +44,6 @@ final class DistributedEndToEndTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: d2.path + "/export/qat_summary.json"))
     }
 
-    func metricsLosses(_ path: String) throws -> [Double] {
-        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap { try JSONValue.parse(String($0))["loss"]?.doubleValue }
-    }
-
     /// Killing one rank mid-training ends the job; rank 0's last checkpoint is complete and
     /// `--resume` under mpirun finishes the run.
     func testRankKilledMidRunLeavesResumableCheckpoint() throws {
@@ -132,8 +78,4 @@ final class DistributedEndToEndTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: dir.path + "/export/model.safetensors"))
     }
 
-    func childPIDs(of pid: Int32) throws -> [Int32] {
-        let text = (try? String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)) ?? ""
-        return text.split(separator: " ").compactMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-    }
 }

@@ -45,14 +45,22 @@ public func peakRSSMegabytes() -> Double {
     return Double(u.ru_maxrss) / 1024
 }
 
-/// Set by SIGINT (Ctrl-C): the trainer finishes the current step, writes a checkpoint and
-/// returns. A second Ctrl-C kills the process as usual.
+/// Set by a stop signal: the trainer finishes the current step, writes a checkpoint and
+/// returns (under data parallel every rank stops at the same step). A second stop signal
+/// kills the process as usual.
 nonisolated(unsafe) public var trainingStopRequested: Int32 = 0
 
+/// The stop signals: SIGINT (Ctrl-C), SIGTERM, and SIGUSR1/SIGUSR2. Under mpirun (Open MPI
+/// 4.1) the ranks never see Ctrl-C: mpirun turns its own SIGINT/SIGTERM into SIGTERM to the
+/// ranks after `odls_base_sigkill_timeout` seconds (default 1) and SIGKILL as long again later,
+/// while SIGUSR1/SIGUSR2 are forwarded at once and nothing is killed — hence
+/// `kill -USR1 <mpirun pid>` is the reliable way to stop a distributed run (README).
 public func installStopHandler() {
-    signal(SIGINT) { _ in
-        if trainingStopRequested != 0 { signal(SIGINT, SIG_DFL); raise(SIGINT) }
-        trainingStopRequested = 1
+    for s in [SIGINT, SIGTERM, SIGUSR1, SIGUSR2] {
+        signal(s) { sig in
+            if trainingStopRequested != 0 { signal(sig, SIG_DFL); raise(sig) }
+            trainingStopRequested = 1
+        }
     }
 }
 

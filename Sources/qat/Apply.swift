@@ -15,7 +15,15 @@ struct Apply: ParsableCommand {
         verify → evaluate the export. Ends with a table and writes qat_summary.json, \
         metrics.jsonl and loss_curve.svg into the export directory.
 
-        Ctrl-C writes a checkpoint and exits; run the same command with --resume to continue.
+        Ctrl-C (or SIGTERM, SIGUSR1, SIGUSR2) writes a checkpoint after the current step and \
+        exits 130; run the same command with --resume to continue.
+
+        Under mpirun, stop with `kill -USR1 <mpirun pid>`: Open MPI forwards SIGUSR1 to every \
+        rank at once and kills nothing, so every rank stops at the same step, rank 0 writes \
+        the checkpoint and mpirun exits 130. Ctrl-C reaches the ranks only as SIGTERM one \
+        second later, followed by SIGKILL one second after that (Open MPI 4.1; \
+        `mpirun --mca odls_base_sigkill_timeout 30` stretches both delays to 30 s), so it \
+        leaves a checkpoint only when the step and the save fit in that window.
 
         Example: qat apply recipes/fortune-lm-qat.yaml --set train.steps=50
         """)

@@ -248,7 +248,11 @@ open class Trainer {
         }
         bar.finish()
         if interrupted {
-            if step != lastSaved || TrainingCheckpoint.latest(in: options.checkpointDir) == nil { try saveCheckpoint() }
+            // Rank 0 decides (a save may be collective: pipeline stages, ZeRO-1), so ranks that
+            // do not share the checkpoint folder still agree.
+            var save = [comm.isRoot && (step != lastSaved || TrainingCheckpoint.latest(in: options.checkpointDir) == nil) ? 1.0 : 0]
+            try comm.allReduceSum(&save)
+            if save[0] != 0 { try saveCheckpoint() }
             log("interrupted at step \(step): checkpoint written; continue with --resume")
             return Result(steps: step, finalValidation: nil, interrupted: true, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
         }

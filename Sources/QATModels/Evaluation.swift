@@ -25,11 +25,14 @@ public enum Evaluation {
     /// contiguous share [⌊r·S/count⌋, ⌊(r+1)·S/count⌋) of the S sequences, and `reduce` sums
     /// [loss sum, valid tokens] over the group in place (an all-reduce), so every rank returns
     /// the whole split's figure: the one-process loss up to the order of the fp64 additions.
-    /// `progress` then counts this rank's share.
+    /// `progress` then counts this rank's share. `forward` replaces `model.forward` for a
+    /// pipeline stage: it returns the final hidden states on the last stage and nil on the
+    /// others, which compute no loss (their zero sums go into `reduce`).
     public static func evaluate(
         model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int = 8, maxSequences: Int? = nil,
         progress: ((_ done: Int, _ total: Int) -> Void)? = nil,
-        shard: (rank: Int, count: Int)? = nil, reduce: ((inout [Double]) throws -> Void)? = nil
+        shard: (rank: Int, count: Int)? = nil, reduce: ((inout [Double]) throws -> Void)? = nil,
+        forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil
     ) throws -> EvalResult {
         guard seqLen >= 2 else { throw QATError("seq_len must be at least 2 (got \(seqLen))") }
         guard batchSize >= 1 else { throw QATError("batch size must be at least 1") }
@@ -40,7 +43,7 @@ public enum Evaluation {
         }
         if let s = shard { guard s.count >= 1, (0..<s.count).contains(s.rank) else { throw QATError("evaluation shard \(s.rank) of \(s.count) is out of range") } }
         let start = Date()
-        let head = ChunkedCrossEntropy(vocab: model.config.vocabSize)
+        lazy var head = ChunkedCrossEntropy(vocab: model.config.vocabSize)
         let mine = shard.map { shardRange(count, $0) } ?? 0..<count
         let first = mine.lowerBound, end = mine.upperBound
         var total = 0.0, valid = 0, done = 0
@@ -48,10 +51,13 @@ public enum Evaluation {
             let b = min(batchSize, end - first - done)
             let tokens = Array(stream[((first + done) * seqLen)..<((first + done + b) * seqLen)])
             let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: b, seqLen: seqLen)
-            let hidden = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
-            let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
-            total += r.sum
-            valid += r.valid
+            // A pipeline stage's forward returns the final hidden states on the last stage only.
+            let out = try forward.map { try $0(tokens, b) } ?? model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+            if let hidden = out {
+                let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
+                total += r.sum
+                valid += r.valid
+            }
             done += b
             progress?(done, end - first)
         }

@@ -24,6 +24,9 @@ public protocol Communicator: AnyObject {
     /// Payload bytes this rank has handed to each kind of call so far.
     var traffic: CommTraffic { get }
     func barrier() throws
+    /// A sub-communicator of the ranks that pass the same `color`, ordered by `key`
+    /// (MPI_Comm_split): every rank of this communicator must call it.
+    func split(color: Int, key: Int) throws -> Communicator
     func finalize()
     func abort(code: Int32) -> Never
 }
@@ -115,6 +118,7 @@ public final class SingleProcessCommunicator: Communicator {
     public func wait(_ request: SendRequest) throws {}
     public var traffic: CommTraffic { CommTraffic() }
     public func barrier() throws {}
+    public func split(color: Int, key: Int) throws -> Communicator { self }
     public func finalize() {}
     public func abort(code: Int32) -> Never { exit(code) }
 }
@@ -160,19 +164,25 @@ public final class MPICommunicator: Communicator {
     typealias Isend = @convention(c) (UnsafeRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> Int32
     typealias Waitall = @convention(c) (Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>, UnsafeMutableRawPointer?) -> Int32
     typealias Bcast = @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafeMutableRawPointer, Int32, UnsafeMutableRawPointer) -> Int32
+    typealias Split = @convention(c) (UnsafeMutableRawPointer, Int32, Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> Int32
     typealias Finalize = @convention(c) () -> Int32
     typealias Abort = @convention(c) (UnsafeMutableRawPointer, Int32) -> Int32
 
     public let rank: Int
     public let size: Int
-    private let comm, float, double, sum, maxOp: UnsafeMutableRawPointer
+    private let comm, world, float, double, sum, maxOp: UnsafeMutableRawPointer
+    private let commRank, commSize: CommQuery
+    private let splitFn: Split
     private let allreduce: Allreduce
     private let sendFn: Send
     private let recvFn: Recv
     private let bcastFn: Bcast
     private let isendFn: Isend
     private let waitallFn: Waitall
-    public private(set) var traffic = CommTraffic()
+    /// Shared by a communicator and the ones split from it (the trainer reads the world's).
+    private final class TrafficCounter { var value = CommTraffic() }
+    private let counter: TrafficCounter
+    public var traffic: CommTraffic { counter.value }
     private let barrierFn: Barrier
     private let finalizeFn: Finalize
     private let abortFn: Abort
@@ -194,8 +204,10 @@ public final class MPICommunicator: Communicator {
         }
         let initThread = unsafeBitCast(try sym("MPI_Init_thread"), to: InitThread.self)
         let initialized = unsafeBitCast(try sym("MPI_Initialized"), to: Initialized.self)
-        let commRank = unsafeBitCast(try sym("MPI_Comm_rank"), to: CommQuery.self)
-        let commSize = unsafeBitCast(try sym("MPI_Comm_size"), to: CommQuery.self)
+        commRank = unsafeBitCast(try sym("MPI_Comm_rank"), to: CommQuery.self)
+        commSize = unsafeBitCast(try sym("MPI_Comm_size"), to: CommQuery.self)
+        splitFn = unsafeBitCast(try sym("MPI_Comm_split"), to: Split.self)
+        counter = TrafficCounter()
         allreduce = unsafeBitCast(try sym("MPI_Allreduce"), to: Allreduce.self)
         barrierFn = unsafeBitCast(try sym("MPI_Barrier"), to: Barrier.self)
         sendFn = unsafeBitCast(try sym("MPI_Send"), to: Send.self)
@@ -205,7 +217,7 @@ public final class MPICommunicator: Communicator {
         waitallFn = unsafeBitCast(try sym("MPI_Waitall"), to: Waitall.self)
         finalizeFn = unsafeBitCast(try sym("MPI_Finalize"), to: Finalize.self)
         abortFn = unsafeBitCast(try sym("MPI_Abort"), to: Abort.self)
-        comm = try sym("ompi_mpi_comm_world"); float = try sym("ompi_mpi_float"); double = try sym("ompi_mpi_double")
+        comm = try sym("ompi_mpi_comm_world"); world = comm; float = try sym("ompi_mpi_float"); double = try sym("ompi_mpi_double")
         sum = try sym("ompi_mpi_op_sum"); maxOp = try sym("ompi_mpi_op_max")
         var flag: Int32 = 0
         _ = initialized(&flag)
@@ -218,6 +230,24 @@ public final class MPICommunicator: Communicator {
         var r: Int32 = 0, s: Int32 = 0
         _ = commRank(comm, &r); _ = commSize(comm, &s)
         rank = Int(r); size = Int(s)
+    }
+
+    /// A communicator over `comm` (from MPI_Comm_split) sharing the parent's library and counter.
+    private init(parent p: MPICommunicator, comm: UnsafeMutableRawPointer) {
+        self.comm = comm; world = p.world; float = p.float; double = p.double; sum = p.sum; maxOp = p.maxOp
+        commRank = p.commRank; commSize = p.commSize; splitFn = p.splitFn; counter = p.counter
+        allreduce = p.allreduce; sendFn = p.sendFn; recvFn = p.recvFn; bcastFn = p.bcastFn; isendFn = p.isendFn
+        waitallFn = p.waitallFn; barrierFn = p.barrierFn; finalizeFn = p.finalizeFn; abortFn = p.abortFn
+        var r: Int32 = 0, s: Int32 = 0
+        _ = commRank(comm, &r); _ = commSize(comm, &s)
+        rank = Int(r); size = Int(s)
+    }
+
+    public func split(color: Int, key: Int) throws -> Communicator {
+        var c: UnsafeMutableRawPointer? = nil
+        try check(splitFn(comm, Int32(color), Int32(key), &c), "MPI_Comm_split")
+        guard let c else { throw QATError("MPI_Comm_split returned no communicator on rank \(rank)") }
+        return MPICommunicator(parent: self, comm: c)
     }
 
     private var inPlace: UnsafeRawPointer? { UnsafeRawPointer(bitPattern: 1) }
@@ -235,24 +265,24 @@ public final class MPICommunicator: Communicator {
             try body(done, Int32(n))
             done += n
         }
-        traffic.calls += 1
+        counter.value.calls += 1
     }
 
     private func reduce(_ buf: UnsafeMutableRawPointer, count: Int, type: UnsafeMutableRawPointer, op: UnsafeMutableRawPointer) throws {
         let elem = type == double ? 8 : 4
         try chunked(count) { o, n in try check(allreduce(inPlace, buf + o * elem, n, type, op, comm), "MPI_Allreduce") }
-        traffic.allReduceBytes += count * elem
+        counter.value.allReduceBytes += count * elem
     }
 
     public func send(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws {
         try chunked(count) { o, n in try check(sendFn(buf + o, n, float, Int32(peer), Int32(tag), comm), "MPI_Send to rank \(peer)") }
-        traffic.sendBytes += count * 4
+        counter.value.sendBytes += count * 4
     }
 
     public func recv(_ buf: UnsafeMutablePointer<Float>, count: Int, from peer: Int, tag: Int) throws {
         // MPI_STATUS_IGNORE is a null pointer in Open MPI.
         try chunked(count) { o, n in try check(recvFn(buf + o, n, float, Int32(peer), Int32(tag), comm, nil), "MPI_Recv from rank \(peer)") }
-        traffic.recvBytes += count * 4
+        counter.value.recvBytes += count * 4
     }
 
     public func isend(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws -> SendRequest {
@@ -262,7 +292,7 @@ public final class MPICommunicator: Communicator {
             try check(isendFn(buf + o, n, float, Int32(peer), Int32(tag), comm, &h), "MPI_Isend to rank \(peer)")
             handles.append(h)
         }
-        traffic.sendBytes += count * 4
+        counter.value.sendBytes += count * 4
         return SendRequest(handles)
     }
 
@@ -276,7 +306,7 @@ public final class MPICommunicator: Communicator {
 
     public func broadcast(_ buf: UnsafeMutablePointer<Float>, count: Int, root: Int) throws {
         try chunked(count) { o, n in try check(bcastFn(buf + o, n, float, Int32(root), comm), "MPI_Bcast from rank \(root)") }
-        traffic.broadcastBytes += count * 4
+        counter.value.broadcastBytes += count * 4
     }
 
     public func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: sum) }
@@ -284,5 +314,5 @@ public final class MPICommunicator: Communicator {
     public func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: maxOp) }
     public func barrier() throws { try check(barrierFn(comm), "MPI_Barrier") }
     public func finalize() { if !finalized { finalized = true; _ = finalizeFn() } }
-    public func abort(code: Int32) -> Never { _ = abortFn(comm, code); exit(code) }
+    public func abort(code: Int32) -> Never { _ = abortFn(world, code); exit(code) }
 }

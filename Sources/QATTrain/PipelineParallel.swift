@@ -50,7 +50,12 @@ public struct PipelineLayout: Sendable, Equatable {
 /// - Loss sums live on the last stage and are all-reduced (the other ranks add zeros, exact);
 ///   the clipping norm is summed per parameter in the single-process order (exact).
 public final class PipelineEngine {
+    /// The ranks of this pipeline, one per stage (point-to-point traffic, loss sums, norms).
     public let comm: Communicator
+    /// The ranks holding this stage in the other pipelines (data parallelism across
+    /// pipelines: gradient all-reduce, batch shares); size 1 with a single pipeline.
+    public let dataParallel: Communicator
+    public let world: Communicator
     public let layout: PipelineLayout
     /// Teacher final hidden states of every micro-batch of the current step (last stage).
     private var teacherStash: [Tensor] = []
@@ -65,12 +70,16 @@ public final class PipelineEngine {
         static let activation = 101, gradient = 102, forward = 103, gather = 104
     }
 
-    public init(comm: Communicator, layout: PipelineLayout) throws {
-        guard comm.size == layout.stages else {
-            throw QATError("train.pipeline_stages is \(layout.stages), but the run has \(comm.size) rank(s): start it with mpirun -np \(layout.stages)")
+    /// Splits `world` into pipelines of `stages` consecutive ranks (rank r runs stage
+    /// r mod S of pipeline ⌊r / S⌋); pipelines side by side are data parallel.
+    public init(world: Communicator, stages: Int, layers: Int) throws {
+        layout = try PipelineLayout(layers: layers, stages: stages, stage: world.rank % max(stages, 1))
+        guard world.size % stages == 0 else {
+            throw QATError("train.pipeline_stages is \(stages), but the run has \(world.size) rank(s): start it with mpirun -np \(stages) (or a multiple of \(stages), for pipelines side by side)")
         }
-        guard comm.rank == layout.stage else { throw QATError("pipeline: rank \(comm.rank) was given stage \(layout.stage)") }
-        self.comm = comm; self.layout = layout
+        self.world = world
+        comm = try world.split(color: world.rank / stages, key: world.rank % stages)
+        dataParallel = try world.split(color: world.rank % stages, key: world.rank / stages)
     }
 
     private var prev: Int { layout.stage - 1 }
@@ -104,33 +113,16 @@ public final class PipelineEngine {
     }
 
     /// Validation loss of the pipelined model, as `Evaluation.evaluate` computes it on one
-    /// process: every stage runs its layers, the last stage the lm_head and the CE sums, which
-    /// are then shared with every rank (all ranks return the same result).
+    /// process: each pipeline takes its share of the sequences, every stage runs its layers,
+    /// the last stage the lm_head and the CE sums, which are then summed over every rank (all
+    /// ranks return the same result).
     public func evaluate(_ model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?,
                          progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
-        guard seqLen >= 2, batchSize >= 1 else { throw QATError("evaluation needs seq_len ≥ 2 and batch size ≥ 1") }
-        let start = Date()
-        var count = stream.count > 0 ? (stream.count - 1) / seqLen : 0
-        if let m = maxSequences { count = min(count, m) }
-        guard count > 0 else { throw QATError("the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + 1") }
-        var sums = [0.0, 0.0]
-        let head = layout.isLast ? ChunkedCrossEntropy(vocab: model.config.vocabSize) : nil
-        var done = 0
-        while done < count {
-            let b = min(batchSize, count - done)
-            let tokens = Array(stream[(done * seqLen)..<((done + b) * seqLen)])
-            if let hidden = try forward(model, tokens: tokens, batch: b, seqLen: seqLen), let head {
-                let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: b, seqLen: seqLen)
-                let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
-                sums[0] += r.sum; sums[1] += Double(r.valid)
-            }
-            done += b
-            progress?(done, count)
-        }
-        try comm.allReduceSum(&sums)
-        let loss = sums[0] / max(sums[1], 1)
-        guard loss.isFinite else { throw QATError("evaluation loss is not finite (\(loss)): the model produces NaN/Inf logits") }
-        return EvalResult(loss: loss, sequences: count, tokens: Int(sums[1]), seconds: Date().timeIntervalSince(start))
+        let world = world, dp = dataParallel
+        return try Evaluation.evaluate(
+            model: model, stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, progress: progress,
+            shard: dp.size > 1 ? (dp.rank, dp.size) : nil, reduce: { try world.allReduceSum(&$0) },
+            forward: { tokens, b in try self.forward(model, tokens: tokens, batch: b, seqLen: seqLen) })
     }
 
     // MARK: - Training step

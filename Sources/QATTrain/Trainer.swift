@@ -119,7 +119,10 @@ open class Trainer {
     private var globalSlotOrder: [String] { wholeModelGroups.flatMap(\.parameterNames) }
     /// Data-parallel ranks sharing each step's batch (1 under pipeline parallelism, where
     /// every rank sees the whole batch).
-    public var dataParallelSize: Int { options.pipeline == nil ? comm.size : 1 }
+    public var dataParallelSize: Int { dataParallel.size }
+    /// The ranks that share each step's batch: the world, or under pipeline parallelism the
+    /// ranks holding the same stage of the side-by-side pipelines.
+    public var dataParallel: Communicator { options.pipeline?.dataParallel ?? comm }
 
     public init(model: CausalLM, spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
                 validationSequences: Int?, options: Options) throws {
@@ -127,7 +130,7 @@ open class Trainer {
         self.validationStream = validationStream; self.validationSequences = validationSequences
         // Data parallel: the loader draws the global batch (world size × batch_size) and each
         // rank keeps its own rows (see `trainStep`).
-        let world = options.pipeline == nil ? worldCommunicator.size : 1
+        let world = options.pipeline?.dataParallel.size ?? worldCommunicator.size
         loader = try DataLoader(stream: trainStream, seqLen: seqLen, batchSize: spec.batchSize * world, seed: spec.seed)
         if let e = spec.epochs {
             totalSteps = max(1, Int((e * Double(loader.sequenceCount) / Double(spec.batchSize * world * spec.gradAccum)).rounded(.up)))
@@ -149,7 +152,7 @@ open class Trainer {
             guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
         }
         for p in model.parameters { p.setRequiresGrad(trainable.contains(p.name)) }
-        let zero = spec.shardOptimizerState && world > 1  // ZeRO-1 (ZeRO.swift)
+        let zero = spec.shardOptimizerState && world > 1 && options.pipeline == nil  // ZeRO-1 (ZeRO.swift)
         optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan, shardOver: zero ? worldCommunicator : nil)
         schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
                                   warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
@@ -164,7 +167,7 @@ open class Trainer {
             liveTeacher: spec.mode == .qad && spec.distill.teacherLogprobs == nil, lossBufferBytes: 256 << 20)
         try memoryEstimate.check(what: "training \(model.config.family.rawValue) (batch \(spec.batchSize) × \(seqLen))")
         dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
-        if spec.shardOptimizerState { log(zero ? "optimizer state sharded over \(world) ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(optimizer.slots.reduce(0) { $0 + $1.value.count }) elements" : "train.shard_optimizer_state: nothing to shard with one data-parallel rank; ignored") }
+        if spec.shardOptimizerState { log(zero ? "optimizer state sharded over \(world) ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(optimizer.slots.reduce(0) { $0 + $1.value.count }) elements" : (options.pipeline != nil ? "train.shard_optimizer_state: not combined with pipeline stages (each rank already holds only its stage's state); ignored" : "train.shard_optimizer_state: nothing to shard with one data-parallel rank; ignored")) }
     }
 
     /// Called once before the first step of a fresh (not resumed) run. QAT calibrates here.
@@ -272,7 +275,7 @@ open class Trainer {
             var tokens = loader.next()
             var indices = loader.lastIndices
             if dataParallelSize > 1 {  // this rank's rows of the global batch
-                let r = comm.rank
+                let r = dataParallel.rank
                 tokens = Array(tokens[(r * B * T)..<((r + 1) * B * T)])
                 indices = Array(indices[(r * B)..<((r + 1) * B)])
             }
@@ -282,7 +285,7 @@ open class Trainer {
         var valid = batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count }
         if dataParallelSize > 1 {  // the loss is normalised by the global step's valid-token count
             var v = [Double(valid)]
-            try comm.allReduceSum(&v)
+            try dataParallel.allReduceSum(&v)
             valid = Int(v[0])
         }
         let scale = 1 / Float(max(valid, 1))
@@ -297,9 +300,9 @@ open class Trainer {
             }
         }
         if dataParallelSize > 1 {  // gradients and loss sums of the global step (bucketed SUM)
-            try comm.allReduceSum(tensors: Array(optimizer.gradients))
+            try dataParallel.allReduceSum(tensors: Array(optimizer.gradients))
             var sums = [parts.total, parts.ce, parts.kd]
-            try comm.allReduceSum(&sums)
+            try dataParallel.allReduceSum(&sums)
             parts.total = sums[0]; parts.ce = sums[1]; parts.kd = sums[2]
         }
         let n = Double(max(valid, 1))
@@ -339,6 +342,7 @@ open class Trainer {
         var parameters = model.parameters, moments = optimizer.stateTensors(), extra = extraState()
         var metadata = optimizer.stateMetadata()
         if let pp = options.pipeline {  // rank 0 writes every stage's state, as one process would
+            guard pp.dataParallel.rank == 0 else { return }  // the other pipelines hold the same state
             let p = try pp.gather(parameters.map { ($0.name, $0.value) }), o = try pp.gather(moments), e = try pp.gather(extra)
             guard let p, let o, let e else { return }
             let order = Dictionary(uniqueKeysWithValues: CausalLM.parameterShapes(model.config).enumerated().map { ($1.0, $0) })

@@ -67,8 +67,9 @@ final class ApplyRun {
             guard r.train.mode != .none else { throw QATError("train.pipeline_stages needs train.mode qat or qad") }
             guard r.train.lora == nil else { throw QATError("train.pipeline_stages with train.lora is not supported: use data parallelism for LoRA") }
             let layers = try ModelConfig.load(directory: r.model).numLayers
-            pipeline = try PipelineEngine(comm: comm, layout: try PipelineLayout(layers: layers, stages: r.train.pipelineStages, stage: comm.rank))
-            log("pipeline parallel: \(r.train.pipelineStages) stages, layers \(pipeline!.layout.ranges.map { "\($0.lowerBound)…\($0.upperBound - 1)" }.joined(separator: " | "))")
+            let pp = try PipelineEngine(world: comm, stages: r.train.pipelineStages, layers: layers)
+            pipeline = pp
+            log("pipeline parallel: \(pp.dataParallel.size) pipeline(s) of \(pp.layout.stages) stages, layers \(pp.layout.ranges.map { "\($0.lowerBound)…\($0.upperBound - 1)" }.joined(separator: " | "))")
         }
         var model = try CausalLM(directory: r.model, layerRange: pipeline?.layout.range)
         let vocab = model.config.vocabSize
@@ -102,13 +103,14 @@ final class ApplyRun {
             let bar = ProgressBar(total: calibration.count, label: "calibrate", unit: "seq", enabled: !quiet)
             // Data parallel: each rank observes its share of the sequences; amax is MAX-reduced.
             // Pipeline parallel: every stage observes every sequence through its own layers.
-            let dataParallel = comm.isDistributed && pipeline == nil
-            let shard = dataParallel && calibration.count >= comm.size
-                ? calibration.enumerated().filter { $0.offset % comm.size == comm.rank }.map(\.element) : calibration
+            let dp = pipeline?.dataParallel ?? comm
+            let dataParallel = dp.isDistributed
+            let shard = dataParallel && calibration.count >= dp.size
+                ? calibration.enumerated().filter { $0.offset % dp.size == dp.rank }.map(\.element) : calibration
             let m = model, seqLen = r.data.seqLen
             try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: seqLen,
                                 batchSize: r.calibration.batchSize, progress: { d, _ in bar.update(d) },
-                                reduceMax: dataParallel ? { try comm.allReduceMax(&$0) } : nil,
+                                reduceMax: dataParallel ? { try dp.allReduceMax(&$0) } : nil,
                                 forward: pipeline.map { pp in { tokens, b in _ = try pp.forward(m, tokens: tokens, batch: b, seqLen: seqLen) } })
             bar.finish()
             quantizers = set
@@ -175,7 +177,7 @@ final class ApplyRun {
                 return summary
             }
             // Pipeline parallel: rank 0 assembles the whole trained model from every stage.
-            if let pp = pipeline {
+            if let pp = pipeline, pp.dataParallel.rank == 0 {  // (the other pipelines hold the same model)
                 let params = try pp.gather(model.parameters.map { ($0.name, $0.value) })
                 let amax = try pp.gather(quantizers?.stateTensors() ?? [])
                 if let params, let amax {

@@ -21,6 +21,7 @@ final class ZeROTests: XCTestCase {
         func wait(_ request: SendRequest) throws {}
         var traffic: CommTraffic { CommTraffic() }
         func barrier() throws {}
+        func split(color: Int, key: Int) throws -> Communicator { self }
         func finalize() {}
         func abort(code: Int32) -> Never { fatalError("abort \(code)") }
     }

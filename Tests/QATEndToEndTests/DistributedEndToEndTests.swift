@@ -53,21 +53,7 @@ final class DistributedEndToEndTests: XCTestCase, MPITesting {
         let steps = 300
         let path = try recipe(dir, steps: steps, batch: 2, saveEvery: 2)
         let ckpts = dir.path + "/export.work/checkpoints"
-        let p = try mpiProcess(mpirun, qat, ranks: 2, args: ["apply", path, "--quiet"], log: dir.appendingPathComponent("run1.log"))
-        try p.run()
-        let deadline = Date().addingTimeInterval(120)
-        func hasCheckpoint() -> Bool {
-            ((try? FileManager.default.contentsOfDirectory(atPath: ckpts)) ?? []).contains { $0.hasPrefix("checkpoint-") && !$0.contains(".tmp") }
-        }
-        while !hasCheckpoint() && p.isRunning && Date() < deadline { usleep(20_000) }
-        XCTAssertTrue(p.isRunning, "the run ended before it could be killed")
-        // Kill rank 1 (a child of mpirun, found by parent pid).
-        let children = try childPIDs(of: p.processIdentifier)
-        XCTAssertFalse(children.isEmpty)
-        if let victim = children.last { kill(victim, SIGKILL) }
-        p.waitUntilExit()
-        XCTAssertNotEqual(p.terminationStatus, 0)
-        XCTAssertTrue(hasCheckpoint())
+        try killRankAfterFirstCheckpoint(mpirun, qat, args: ["apply", path, "--quiet"], checkpoints: ckpts, log: dir.appendingPathComponent("run1.log"))
 
         let r = try runMPI(mpirun, qat, ranks: 2, args: ["apply", path, "--resume", "--quiet"], dir: dir)
         XCTAssertEqual(r.status, 0, r.log)

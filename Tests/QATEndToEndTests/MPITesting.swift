@@ -2,6 +2,9 @@ import Foundation
 import XCTest
 import QATIO
 import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What the MPI end-to-end tests share: finding mpirun, a short fortune-lm recipe, starting
 /// `qat` under `mpirun -np N` (loopback, run as root allowed) and reading its checkpoints.
@@ -76,6 +79,27 @@ extension MPITesting {
 
     func metricsLosses(_ path: String) throws -> [Double] {
         try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap { try JSONValue.parse(String($0))["loss"]?.doubleValue }
+    }
+
+    /// Starts `qat <args>` under mpirun with 2 ranks, waits for the first complete checkpoint
+    /// in `checkpoints`, SIGKILLs the last rank (a child of mpirun) and waits for the job to
+    /// end; asserts that it failed and left that checkpoint.
+    func killRankAfterFirstCheckpoint(_ mpirun: String, _ qat: String, args: [String], checkpoints: String, log: URL,
+                                      file: StaticString = #filePath, line: UInt = #line) throws {
+        let p = try mpiProcess(mpirun, qat, ranks: 2, args: args, log: log)
+        try p.run()
+        let deadline = Date().addingTimeInterval(120)
+        func hasCheckpoint() -> Bool {
+            ((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).contains { $0.hasPrefix("checkpoint-") && !$0.contains(".tmp") }
+        }
+        while !hasCheckpoint() && p.isRunning && Date() < deadline { usleep(20_000) }
+        XCTAssertTrue(p.isRunning, "the run ended before it could be killed", file: file, line: line)
+        let children = try childPIDs(of: p.processIdentifier)
+        XCTAssertFalse(children.isEmpty, file: file, line: line)
+        if let victim = children.last { kill(victim, SIGKILL) }
+        p.waitUntilExit()
+        XCTAssertNotEqual(p.terminationStatus, 0, file: file, line: line)
+        XCTAssertTrue(hasCheckpoint(), file: file, line: line)
     }
 
     func childPIDs(of pid: Int32) throws -> [Int32] {

@@ -13,37 +13,8 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
     func pipelineRecipe(_ dir: URL, mode: String, stages: Int, steps: Int = 4, gradAccum: Int = 3, saveEvery: Int = 2,
                         model: String = "models/fortune-lm", data: String? = nil) throws -> String {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        let tokens = data ?? "\(model)/tokens.h5"
-        let text = """
-        model: \(model)
-        data:
-          train: \(tokens)
-          validation: \(tokens)
-          seq_len: 32
-          validation_sequences: 4
-        quantize:
-          preset: nvfp4_default-kv_fp8
-        calibration:
-          samples: 4
-          batch_size: 4
-        train:
-          mode: \(mode)
-          steps: \(steps)
-          batch_size: 2
-          grad_accum: \(gradAccum)
-          lr: 1.0e-4
-          warmup_steps: 1
-          eval_every: 2
-          save_every: \(saveEvery)
-          log_every: 1
-          pipeline_stages: \(stages)
-        export:
-          dir: \(dir.appendingPathComponent("export").path)
-
-        """
-        let path = dir.appendingPathComponent("recipe.yaml").path
-        try text.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
+        return try Fixtures.shortRecipe(in: dir, steps: steps, batch: 2, evalEvery: 2, saveEvery: saveEvery, model: model, data: data, mode: mode,
+                                        trainExtra: ["grad_accum: \(gradAccum)", "pipeline_stages: \(stages)"])
     }
 
     /// Per-step figures of metrics.jsonl without the timing ones.
@@ -165,20 +136,7 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
         let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
         let path = try pipelineRecipe(d2, mode: "qad", stages: 2, steps: steps, gradAccum: 2, saveEvery: 2)
         let ckpts = d2.path + "/export.work/checkpoints"
-        let p = try mpiProcess(mpirun, qat, ranks: 2, args: ["apply", path, "--quiet"], log: dir.appendingPathComponent("run1.log"))
-        try p.run()
-        let deadline = Date().addingTimeInterval(120)
-        func hasCheckpoint() -> Bool {
-            ((try? FileManager.default.contentsOfDirectory(atPath: ckpts)) ?? []).contains { $0.hasPrefix("checkpoint-") && !$0.contains(".tmp") }
-        }
-        while !hasCheckpoint() && p.isRunning && Date() < deadline { usleep(20_000) }
-        XCTAssertTrue(p.isRunning, "the run ended before it could be killed")
-        let children = try childPIDs(of: p.processIdentifier)
-        XCTAssertFalse(children.isEmpty)
-        if let victim = children.last { kill(victim, SIGKILL) }
-        p.waitUntilExit()
-        XCTAssertNotEqual(p.terminationStatus, 0)
-        XCTAssertTrue(hasCheckpoint())
+        try killRankAfterFirstCheckpoint(mpirun, qat, args: ["apply", path, "--quiet"], checkpoints: ckpts, log: dir.appendingPathComponent("run1.log"))
         XCTAssertFalse(FileManager.default.fileExists(atPath: String(format: "%@/checkpoint-%06d", ckpts, steps)), "killed too late")
 
         let r = try runMPI(mpirun, qat, ranks: 2, args: ["apply", path, "--resume", "--quiet"], dir: dir)

@@ -65,12 +65,14 @@ extension Fixtures {
     /// tokens, a few steps) that runs the whole pipeline in seconds. `trainExtra` and
     /// `exportExtra` are extra YAML lines (indented two spaces) for those sections.
     public static func shortRecipe(in dir: URL, steps: Int, batch: Int = 2, evalEvery: Int = 4, saveEvery: Int = 2,
+                                   model: String = "models/fortune-lm", data: String? = nil, mode: String = "qat",
                                    trainExtra: [String] = [], exportExtra: [String] = []) throws -> String {
+        let tokens = data ?? "\(model)/tokens.h5"
         var text = """
-        model: models/fortune-lm
+        model: \(model)
         data:
-          train: models/fortune-lm/tokens.h5
-          validation: models/fortune-lm/tokens.h5
+          train: \(tokens)
+          validation: \(tokens)
           seq_len: 32
           validation_sequences: 4
         quantize:
@@ -79,7 +81,7 @@ extension Fixtures {
           samples: 4
           batch_size: 4
         train:
-          mode: qat
+          mode: \(mode)
           steps: \(steps)
           batch_size: \(batch)
           lr: 1.0e-4

@@ -3,8 +3,9 @@ import QATCore
 import QATModels
 
 /// Which decoder layers each pipeline stage holds: `stages` contiguous ranges, as even as
-/// possible (the first L mod S stages take one layer more). Stage s runs on rank s; the
-/// first stage also holds the embedding, the last the final norm, lm_head and the loss.
+/// possible (the first L mod S stages take one layer more). Stage s runs on rank s of its
+/// pipeline; the first stage also holds the embedding, the last the final norm, lm_head and
+/// the loss.
 public struct PipelineLayout: Sendable, Equatable {
     public let stages: Int
     public let stage: Int
@@ -31,8 +32,8 @@ public struct PipelineLayout: Sendable, Equatable {
     public var isLast: Bool { stage == stages - 1 }
 }
 
-/// Pipeline-parallel execution over the world communicator (NeMo AutoModel's
-/// pipeline-parallel distillation, with its reviewed flaws fixed):
+/// Pipeline-parallel execution over MPI (NeMo AutoModel's pipeline-parallel distillation,
+/// with its reviewed flaws fixed), optionally several pipelines side by side, data parallel:
 ///
 /// - Student and teacher are split into the same stages (`PipelineLayout`); activations go
 ///   forward and their gradients back between neighbouring ranks (MPI point-to-point).

@@ -117,8 +117,8 @@ open class Trainer {
     private var wholeModelGroups: [ParamGroup] = []
     /// The trainable parameters of the whole model in optimizer order.
     private var globalSlotOrder: [String] { wholeModelGroups.flatMap(\.parameterNames) }
-    /// Data-parallel ranks sharing each step's batch (1 under pipeline parallelism, where
-    /// every rank sees the whole batch).
+    /// Data-parallel ranks sharing each step's batch (under pipeline parallelism: the number
+    /// of pipelines side by side).
     public var dataParallelSize: Int { dataParallel.size }
     /// The ranks that share each step's batch: the world, or under pipeline parallelism the
     /// ranks holding the same stage of the side-by-side pipelines.
@@ -167,7 +167,12 @@ open class Trainer {
             liveTeacher: spec.mode == .qad && spec.distill.teacherLogprobs == nil, lossBufferBytes: 256 << 20)
         try memoryEstimate.check(what: "training \(model.config.family.rawValue) (batch \(spec.batchSize) × \(seqLen))")
         dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
-        if spec.shardOptimizerState { log(zero ? "optimizer state sharded over \(world) ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(optimizer.slots.reduce(0) { $0 + $1.value.count }) elements" : (options.pipeline != nil ? "train.shard_optimizer_state: not combined with pipeline stages (each rank already holds only its stage's state); ignored" : "train.shard_optimizer_state: nothing to shard with one data-parallel rank; ignored")) }
+        if spec.shardOptimizerState {
+            let total = optimizer.slots.reduce(0) { $0 + $1.value.count }
+            log(zero ? "optimizer state sharded over \(world) ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(total) elements"
+                : options.pipeline != nil ? "train.shard_optimizer_state: not combined with pipeline stages (each rank already holds only its stage's state); ignored"
+                : "train.shard_optimizer_state: nothing to shard with one data-parallel rank; ignored")
+        }
     }
 
     /// Called once before the first step of a fresh (not resumed) run. QAT calibrates here.

@@ -18,6 +18,10 @@ struct Apply: ParsableCommand {
         Ctrl-C (or SIGTERM, SIGUSR1, SIGUSR2) writes a checkpoint after the current step and \
         exits 130; run the same command with --resume to continue.
 
+        Distributed: `mpirun -np N qat apply …` trains data parallel over N ranks; with \
+        train.pipeline_stages S (N a multiple of S) each rank runs one stage of the student \
+        and teacher, N/S pipelines side by side.
+
         Under mpirun, stop with `kill -USR1 <mpirun pid>`: Open MPI forwards SIGUSR1 to every \
         rank at once and kills nothing, so every rank stops at the same step, rank 0 writes \
         the checkpoint and mpirun exits 130. Ctrl-C reaches the ranks only as SIGTERM one \

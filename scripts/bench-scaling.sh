@@ -2,7 +2,8 @@
 # Scaling figures of `qat apply` on this machine: the same QAD recipe (fortune-lm, 2 micro-batches
 # of 8 × 256 tokens per step) run by 1 process, by 2 data-parallel ranks (with and without ZeRO-1)
 # and by 2 pipeline stages. Prints the median step time, the bytes rank 0 hands to MPI per step
-# (metrics.jsonl's comm_mb) and rank 0's peak RSS. Usage: scripts/bench-scaling.sh [steps]
+# (metrics.jsonl's comm_mb), the time rank 0 spends inside MPI calls per step (comm_s:
+# transfers and waiting for the other ranks) and rank 0's peak RSS. Usage: scripts/bench-scaling.sh [steps]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-12}"
@@ -46,10 +47,11 @@ rows = [json.loads(l) for l in open(sys.argv[2])][2:]  # the first two steps war
 tokens = 2 * 8 * 256
 t = statistics.median(tokens / r["tokens_per_s"] for r in rows)
 comm = statistics.median(r.get("comm_mb", 0.0) for r in rows)
-print(f"{sys.argv[1]:<28} {t:8.3f} s {tokens / t:9.0f} tok/s {comm:9.1f} MB {rows[-1]['peak_rss_mb']:8.0f} MB")
+wait = statistics.median(r.get("comm_s", 0.0) for r in rows)
+print(f"{sys.argv[1]:<28} {t:8.3f} s {tokens / t:9.0f} tok/s {comm:9.1f} MB {wait:8.3f} s {rows[-1]['peak_rss_mb']:8.0f} MB")
 EOF
 }
-echo "configuration                 step time     tokens/s  comm/step  peak RSS (rank 0)"
+echo "configuration                 step time     tokens/s  comm/step  in MPI   peak RSS (rank 0)"
 run "1 process"                 env -- 
 run "1 process, 1 thread"       env -- --threads 1
 run "2 ranks data parallel"     "${mpi[@]}" -- --set train.batch_size=4

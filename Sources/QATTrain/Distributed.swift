@@ -45,6 +45,8 @@ public struct CommTraffic: Sendable, Equatable {
     public var recvBytes = 0
     public var broadcastBytes = 0
     public var calls = 0
+    /// Wall time spent inside MPI calls (transfers, and waiting for the peers).
+    public var seconds = 0.0
     public init() {}
     /// Bytes sent: all-reduce payloads, point-to-point sends and broadcasts.
     public var payloadBytes: Int { allReduceBytes + sendBytes + broadcastBytes }
@@ -52,6 +54,7 @@ public struct CommTraffic: Sendable, Equatable {
         var d = CommTraffic()
         d.allReduceBytes = a.allReduceBytes - b.allReduceBytes; d.sendBytes = a.sendBytes - b.sendBytes
         d.recvBytes = a.recvBytes - b.recvBytes; d.broadcastBytes = a.broadcastBytes - b.broadcastBytes; d.calls = a.calls - b.calls
+        d.seconds = a.seconds - b.seconds
         return d
     }
 }
@@ -258,6 +261,8 @@ public final class MPICommunicator: Communicator {
 
     /// MPI counts are Int32: larger buffers go in pieces of at most 2^28 elements.
     private func chunked(_ count: Int, _ body: (_ offset: Int, _ n: Int32) throws -> Void) rethrows {
+        let start = DispatchTime.now().uptimeNanoseconds
+        defer { counter.value.seconds += Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 }
         var done = 0
         let chunk = 1 << 28
         while done < count {
@@ -299,6 +304,8 @@ public final class MPICommunicator: Communicator {
     public func wait(_ request: SendRequest) throws {
         guard !request.handles.isEmpty else { return }
         let n = Int32(request.handles.count)
+        let start = DispatchTime.now().uptimeNanoseconds
+        defer { counter.value.seconds += Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 }
         // MPI_STATUSES_IGNORE is a null pointer in Open MPI.
         try request.handles.withUnsafeMutableBufferPointer { try check(waitallFn(n, $0.baseAddress!, nil), "MPI_Waitall") }
         request.handles = []

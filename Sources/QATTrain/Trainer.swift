@@ -18,8 +18,10 @@ public struct StepMetrics: Sendable, Equatable {
     public var peakRSSMB: Double
     public var validationLoss: Double?
     public var skipped = false
-    /// Bytes this rank handed to MPI during the step (distributed runs only).
+    /// Bytes this rank handed to MPI during the step, and the time it spent in MPI calls
+    /// (distributed runs only).
     public var commBytes: Int? = nil
+    public var commSeconds: Double? = nil
 
     public var json: String {
         var o = JSONObject()
@@ -34,6 +36,7 @@ public struct StepMetrics: Sendable, Equatable {
         if let validationLoss { o.set("val_loss", .double(validationLoss)) }
         if skipped { o.set("skipped", .bool(true)) }
         if let commBytes { o.set("comm_mb", .double((Double(commBytes) / 1e5).rounded() / 10)) }
+        if let commSeconds { o.set("comm_s", .double((commSeconds * 1e4).rounded() / 1e4)) }
         return JSONValue.object(o).serialized(indent: nil)
     }
 }
@@ -229,7 +232,10 @@ open class Trainer {
             if trainingStopRequested != 0 { interrupted = true; break }
             let t0 = Date(), traffic0 = comm.traffic
             var record = try trainStep()
-            if comm.isDistributed { record.commBytes = (comm.traffic - traffic0).payloadBytes }
+            if comm.isDistributed {
+                let t = comm.traffic - traffic0
+                record.commBytes = t.payloadBytes; record.commSeconds = t.seconds
+            }
             tokensDone += spec.batchSize * dataParallelSize * spec.gradAccum * seqLen
             record.tokensPerSecond = Double(spec.batchSize * dataParallelSize * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
             if spec.evalEvery > 0, step % spec.evalEvery == 0, step < totalSteps {

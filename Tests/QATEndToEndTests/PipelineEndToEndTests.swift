@@ -10,11 +10,13 @@ import Glibc
 /// Pipeline-parallel `qat apply` (train.pipeline_stages: 2) under `mpirun -np 2`, against the
 /// same recipe run by one process.
 final class PipelineEndToEndTests: XCTestCase, MPITesting {
+    /// QAD mixes CE and KD (kd_ratio 0.5), so both logged terms are compared.
     func pipelineRecipe(_ dir: URL, mode: String, stages: Int, steps: Int = 4, gradAccum: Int = 3, saveEvery: Int = 2,
                         model: String = "models/fortune-lm", data: String? = nil) throws -> String {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let distill = mode == "qad" ? ["distill:", "  kd_ratio: 0.5"] : []
         return try Fixtures.shortRecipe(in: dir, steps: steps, batch: 2, evalEvery: 2, saveEvery: saveEvery, model: model, data: data, mode: mode,
-                                        trainExtra: ["grad_accum: \(gradAccum)", "pipeline_stages: \(stages)"])
+                                        trainExtra: ["grad_accum: \(gradAccum)", "pipeline_stages: \(stages)"] + distill)
     }
 
     /// Per-step figures of metrics.jsonl without the timing ones.
@@ -48,6 +50,8 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
             XCTAssertEqual(m1.count, 4)
             XCTAssertEqual(m1, m2, "\(mode): loss curves differ")
             XCTAssertNotNil(m1[1]["val_loss"])
+            XCTAssertNotNil(m1[0]["ce"])
+            if mode == "qad" { XCTAssertNotNil(m1[0]["kd"]) }
             for step in ["000002", "000004"] {
                 for file in ["model.safetensors", "optimizer.safetensors", "state.safetensors"] {
                     let a = "\(d1.path)/export.work/checkpoints/checkpoint-\(step)/\(file)", b = "\(d2.path)/export.work/checkpoints/checkpoint-\(step)/\(file)"

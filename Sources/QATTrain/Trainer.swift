@@ -348,6 +348,12 @@ open class Trainer {
 
     // MARK: - Checkpoints
 
+    /// The trainer_state.json of a checkpoint taken now.
+    func checkpointState(optimizer metadata: AdamWStateMetadata) -> TrainingCheckpoint.State {
+        TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
+                                 recipeHash: options.recipeHash, optimizer: metadata)
+    }
+
     public func saveCheckpoint() throws {
         if optimizer.partition != nil { return try saveShardedCheckpoint() }  // ZeRO-1: rank 0 gathers the moments
         var parameters = model.parameters, moments = optimizer.stateTensors(), extra = extraState()
@@ -368,9 +374,7 @@ open class Trainer {
             metadata.groups = wholeModelGroups.map { .init(hyper: $0.hyper, pattern: $0.pattern, decays: $0.decays, parameters: $0.parameterNames) }
         }
         guard comm.isRoot else { return }
-        let state = TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
-                                             recipeHash: options.recipeHash, optimizer: metadata)
-        try TrainingCheckpoint.write(directory: options.checkpointDir, state: state, parameters: parameters,
+        try TrainingCheckpoint.write(directory: options.checkpointDir, state: checkpointState(optimizer: metadata), parameters: parameters,
                                      optimizer: moments, extra: extra, keep: spec.keepCheckpoints)
     }
 

@@ -143,9 +143,7 @@ extension Trainer {
     /// `saveCheckpoint` under ZeRO-1: every rank takes part (rank 0 writes, the others send
     /// their moments while it does); the files are those of an unsharded run.
     func saveShardedCheckpoint() throws {
-        let metadata = optimizer.stateMetadata()
-        let state = TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
-                                             recipeHash: options.recipeHash, optimizer: metadata)
+        let state = checkpointState(optimizer: optimizer.stateMetadata())
         guard comm.isRoot else { return try optimizer.forEachGatheredMoment { _, _, _ in } }
         try TrainingCheckpoint.write(directory: options.checkpointDir, state: state, parameters: model.parameters,
                                      optimizer: optimizer.forEachGatheredMoment, extra: extraState(), keep: spec.keepCheckpoints)

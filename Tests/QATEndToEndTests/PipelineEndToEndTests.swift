@@ -96,7 +96,8 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
     /// of the two stages' halves, taken in another order than one process accumulates it,
     /// so the runs agree to fp32 round-off: asserted |Δw| ≤ 1e-6 + 1e-4·|w| and per-step
     /// losses within 1e-6 (tiny-qwen3: tied, q/k norms, 2 layers; token ids folded into its
-    /// 512-token vocabulary).
+    /// 512-token vocabulary). One micro-batch per step: the first stage's backward follows its
+    /// forward directly, without recomputation.
     func testTwoStagePipelineWithTiedEmbeddingsMatchesToRoundOff() throws {
         let (mpirun, qat) = try prerequisites()
         let dir = Fixtures.tempDir("qat-pp-tied")
@@ -111,9 +112,9 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
         }
         let model = Fixtures.path("tiny-qwen3")
         let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
-        let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: "qad", stages: 1, model: model, data: tokens), "--quiet"])
+        let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: "qad", stages: 1, gradAccum: 1, model: model, data: tokens), "--quiet"])
         XCTAssertEqual(r1.status, 0, r1.err)
-        let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(d2, mode: "qad", stages: 2, model: model, data: tokens), "--quiet"], dir: dir)
+        let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(d2, mode: "qad", stages: 2, gradAccum: 1, model: model, data: tokens), "--quiet"], dir: dir)
         XCTAssertEqual(r2.status, 0, r2.log)
         let w1 = try weights(d1.path + "/export.work/checkpoints/checkpoint-000004"), w2 = try weights(d2.path + "/export.work/checkpoints/checkpoint-000004")
         XCTAssertNil(w1["lm_head.weight"])

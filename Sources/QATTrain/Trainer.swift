@@ -155,8 +155,11 @@ open class Trainer {
             guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
         }
         for p in model.parameters { p.setRequiresGrad(trainable.contains(p.name)) }
-        let zero = spec.shardOptimizerState && world > 1 && options.pipeline == nil  // ZeRO-1 (ZeRO.swift)
-        optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan, shardOver: zero ? worldCommunicator : nil)
+        // ZeRO-1 (ZeRO.swift) over the data-parallel ranks: the world, or under pipeline
+        // parallelism the ranks holding the same stage in the pipelines side by side.
+        let zero = spec.shardOptimizerState && world > 1
+        optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan,
+                              shardOver: zero ? options.pipeline?.dataParallel ?? worldCommunicator : nil)
         schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
                                   warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
         loss = CrossEntropyLoss(vocab: model.config.vocabSize)
@@ -172,9 +175,8 @@ open class Trainer {
         dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
         if spec.shardOptimizerState {
             let total = optimizer.slots.reduce(0) { $0 + $1.value.count }
-            log(zero ? "optimizer state sharded over \(world) ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(total) elements"
-                : options.pipeline != nil ? "train.shard_optimizer_state: not combined with pipeline stages (each rank already holds only its stage's state); ignored"
-                : "train.shard_optimizer_state: nothing to shard with one data-parallel rank; ignored")
+            log(zero ? "optimizer state sharded over \(world) data-parallel ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(total) elements"
+                : "train.shard_optimizer_state: nothing to shard with one data-parallel rank\(options.pipeline != nil ? " (one pipeline)" : ""); ignored")
         }
     }
 
@@ -355,10 +357,15 @@ open class Trainer {
     }
 
     public func saveCheckpoint() throws {
-        if optimizer.partition != nil { return try saveShardedCheckpoint() }  // ZeRO-1: rank 0 gathers the moments
+        if optimizer.partition != nil && options.pipeline == nil { return try saveShardedCheckpoint() }  // ZeRO-1: rank 0 gathers the moments
         var parameters = model.parameters, moments = optimizer.stateTensors(), extra = extraState()
         var metadata = optimizer.stateMetadata()
         if let pp = options.pipeline {  // rank 0 writes every stage's state, as one process would
+            if optimizer.partition != nil {  // ZeRO-1 across pipelines: this stage's moments to pipeline 0
+                var gathered: [(name: String, tensor: Tensor)] = []
+                try optimizer.forEachGatheredMoment { name, shape, values in gathered.append((name, Tensor(shape: shape, values: Array(values)))) }
+                moments = gathered
+            }
             guard pp.dataParallel.rank == 0 else { return }  // the other pipelines hold the same state
             let p = try pp.gather(parameters.map { ($0.name, $0.value) }), o = try pp.gather(moments), e = try pp.gather(extra)
             guard let p, let o, let e else { return }

@@ -71,7 +71,7 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
     /// 4 ranks = 2 pipelines of 2 stages side by side (data parallel across pipelines) give
     /// bit for bit what 2 data-parallel ranks of whole models give (each pipeline reproduces
     /// one process exactly, and the gradient all-reduce adds the same two halves): metrics,
-    /// checkpoints and export equal.
+    /// checkpoints and export equal; with ZeRO-1 across the pipelines too.
     func testTwoPipelinesOfTwoStagesMatchTwoDataParallelRanks() throws {
         let (mpirun, qat) = try prerequisites()
         let dir = Fixtures.tempDir("qat-pp-dp")
@@ -90,6 +90,24 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
         }
         XCTAssertEqual(FileManager.default.contents(atPath: dp.path + "/export/model.safetensors"),
                        FileManager.default.contents(atPath: pp.path + "/export/model.safetensors"))
+
+        // ZeRO-1 across the pipelines (each stage's AdamW state sharded over its 2 data-parallel
+        // ranks): the same checkpoint bytes, also after resuming from the sharded step-2 checkpoint.
+        let zero = dir.appendingPathComponent("pp-zero")
+        let path = try pipelineRecipe(zero, mode: "qad", stages: 2, gradAccum: 2)
+        let r3 = try runMPI(mpirun, qat, ranks: 4, args: ["apply", path, "--quiet", "--set", "train.shard_optimizer_state=true"], dir: dir)
+        XCTAssertEqual(r3.status, 0, r3.log)
+        func sameCheckpoint(_ label: String) {
+            for file in ["model.safetensors", "optimizer.safetensors", "state.safetensors"] {
+                XCTAssertEqual(FileManager.default.contents(atPath: "\(dp.path)/export.work/checkpoints/checkpoint-000004/\(file)"),
+                               FileManager.default.contents(atPath: "\(zero.path)/export.work/checkpoints/checkpoint-000004/\(file)"), "\(label): \(file)")
+            }
+        }
+        sameCheckpoint("ZeRO-1 + pipelines")
+        try FileManager.default.removeItem(atPath: zero.path + "/export.work/checkpoints/checkpoint-000004")
+        let r4 = try runMPI(mpirun, qat, ranks: 4, args: ["apply", path, "--quiet", "--resume", "--set", "train.shard_optimizer_state=true"], dir: dir)
+        XCTAssertEqual(r4.status, 0, r4.log)
+        sameCheckpoint("resumed ZeRO-1 + pipelines")
     }
 
     /// A tied embedding lives on both the first and the last stage; its gradient is the sum

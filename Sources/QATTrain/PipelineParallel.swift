@@ -57,6 +57,8 @@ public final class PipelineEngine {
     /// pipelines: gradient all-reduce, batch shares); size 1 with a single pipeline.
     public let dataParallel: Communicator
     public let world: Communicator
+    /// The pipeline's first and last stage (a tied embedding's two halves meet there).
+    private let ends: Communicator
     public let layout: PipelineLayout
     /// Teacher final hidden states of every micro-batch of the current step (last stage).
     private var teacherStash: [Tensor] = []
@@ -81,6 +83,7 @@ public final class PipelineEngine {
         self.world = world
         comm = try world.split(color: world.rank / stages, key: world.rank % stages)
         dataParallel = try world.split(color: world.rank % stages, key: world.rank / stages)
+        ends = try comm.split(color: layout.isFirst || layout.isLast ? 0 : 1, key: layout.stage)
     }
 
     private var prev: Int { layout.stage - 1 }
@@ -207,16 +210,11 @@ public final class PipelineEngine {
     }
 
     /// A tied embedding lives on the first and the last stage: its gradient is the sum of both
-    /// halves (the other stages add zeros).
+    /// halves, all-reduced between those two ranks alone.
     private func reduceTiedEmbedding(_ model: CausalLM) throws {
-        guard model.config.tieWordEmbeddings, layout.stages > 1 else { return }
-        let count = model.config.vocabSize * model.config.hiddenSize
-        if let g = model.embed.grad, g.count == count {
-            try comm.allReduceSum(g.data, count: count)
-        } else {
-            let zeros = Tensor(shape: [count])
-            try comm.allReduceSum(zeros.data, count: count)
-        }
+        guard model.config.tieWordEmbeddings, layout.stages > 1, layout.isFirst || layout.isLast else { return }
+        guard let g = model.embed.grad else { return }  // frozen embedding: frozen on both ends
+        try ends.allReduceSum(g.data, count: g.count)
     }
 
     // MARK: - Gradient norm and faults across stages

@@ -33,16 +33,19 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
     /// (every loss, KD/CE term, grad norm and validation loss of metrics.jsonl equal), the
     /// same checkpoints byte for byte (weights, AdamW moments, quantizer amax) and the same
     /// exported NVFP4 checkpoint. QAD with 3 micro-batches per step (gradient accumulation),
-    /// so the teacher's hidden states of every micro-batch must be kept and used; and QAT.
-    func testTwoStagePipelineMatchesSingleProcessBitForBit() throws {
+    /// so the teacher's hidden states of every micro-batch must be kept and used; QAT; and QAD
+    /// over 3 stages.
+    func testPipelineStagesMatchSingleProcessBitForBit() throws {
         let (mpirun, qat) = try prerequisites()
         let dir = Fixtures.tempDir("qat-pp")
         defer { try? FileManager.default.removeItem(at: dir) }
-        for mode in ["qad", "qat"] {
-            let d1 = dir.appendingPathComponent("\(mode)-one"), d2 = dir.appendingPathComponent("\(mode)-two")
-            let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: mode, stages: 1), "--quiet"])
-            XCTAssertEqual(r1.status, 0, r1.err)
-            let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(d2, mode: mode, stages: 2), "--quiet"], dir: dir)
+        for (mode, stages) in [("qad", 2), ("qat", 2), ("qad", 3)] {  // 3 stages: layers 0…1 | 2 | 3, a middle stage
+            let d1 = dir.appendingPathComponent("\(mode)-one"), d2 = dir.appendingPathComponent("\(mode)-\(stages)")
+            if !FileManager.default.fileExists(atPath: d1.path) {
+                let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: mode, stages: 1), "--quiet"])
+                XCTAssertEqual(r1.status, 0, r1.err)
+            }
+            let r2 = try runMPI(mpirun, qat, ranks: stages, args: ["apply", try pipelineRecipe(d2, mode: mode, stages: stages), "--quiet"], dir: dir)
             XCTAssertEqual(r2.status, 0, r2.log)
             XCTAssertEqual(r2.log.components(separatedBy: "after \(mode.uppercased())").count - 1, 1, r2.log)
 

@@ -118,6 +118,9 @@ struct QuantizedSource {
         if let checkpoint {
             let path = try resolveCheckpoint(checkpoint)
             let loaded = try TrainingCheckpoint.read(path)
+            if loaded.parameters.keys.contains(where: { $0.hasSuffix(".lora_A.weight") }) || r.train.lora != nil {
+                return try merged(path: path, loaded: loaded, modelDirectory: modelDirectory, recipe: r, config: qc)
+            }
             let model = try CausalLM(config: try ModelConfig.load(directory: modelDirectory), parameters: loaded.parameters)
             let set = QuantizerSet(model: model, config: qc, ste: r.steMode)
             try set.restore(loaded.extra, model: model)
@@ -131,6 +134,34 @@ struct QuantizedSource {
         // Calibration already snapped every amax to the value its exported scale encodes,
         // so the PTQ model and its export are the same model.
         return QuantizedSource(model: model, quantizers: set, description: "PTQ of \(modelDirectory) (\(r.quantizeDescription), \(r.calibration.samples) calibration sequences)")
+    }
+
+    /// A LoRA / QLoRA checkpoint: the run's model rebuilt as `qat apply` built it (the original
+    /// weights, under QLoRA compressed to NVFP4 with the checkpoint's weight amax; adapters
+    /// attached), the checkpoint's tensors loaded, and the adapters merged as `qat apply`'s
+    /// export merges them (weight amax re-calibrated on the merged weights).
+    static func merged(path: String, loaded: TrainingCheckpoint.Loaded, modelDirectory: String, recipe r: Recipe,
+                       config qc: QuantConfig) throws -> QuantizedSource {
+        guard let spec = r.train.lora else {
+            throw QATError("\(path) holds LoRA adapters: pass the recipe it was trained with (its train.lora section) as --recipe")
+        }
+        let model = try CausalLM(directory: modelDirectory)
+        let set = QuantizerSet(model: model, config: qc, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
+        try set.restore(loaded.extra, model: model)
+        let lora = spec.qlora
+            ? try LoRA.qlora(source: model, quantizers: set, config: qc, ste: r.steMode, nvfp4Mode: r.nvfp4Mode, spec: spec, seed: r.train.seed)
+            : try LoRA.attach(to: model, quantizers: set, spec: spec, seed: r.train.seed)
+        for p in lora.model.parameters {
+            guard let t = loaded.parameters[p.name], t.count == p.count else {
+                throw QATError("\(path) has no \(p.name) of \(p.count) elements: was it written with this recipe's train.lora (rank \(spec.rank), target_modules)?")
+            }
+            p.value.copy(from: t)
+        }
+        lora.model.markWeightsChanged()
+        let m = try lora.mergedModel(config: qc, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
+        guard let quantizers = m.quantizers else { throw QATError("\(r.source): the recipe quantizes nothing") }
+        return QuantizedSource(model: m.model, quantizers: quantizers,
+                               description: "\(path) (step \(loaded.state.step), \(spec.qlora ? "QLoRA" : "LoRA") adapters merged)")
     }
 
     static func resolveCheckpoint(_ path: String) throws -> String {

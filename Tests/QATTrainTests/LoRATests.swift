@@ -337,4 +337,45 @@ final class LoRATests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: tmp.path + "/ad/adapter_config.json"))
         try? FileManager.default.removeItem(at: tmp)
     }
+
+    /// `qat export --checkpoint` of a LoRA / QLoRA training checkpoint rebuilds the run's model,
+    /// merges the adapters as `qat apply` does, and writes the same export byte for byte; a
+    /// recipe without train.lora is told to pass the training recipe.
+    func testCheckpointExportOfLoRARunEqualsApplyExport() throws {
+        guard Fixtures.qatBinary != nil else { throw XCTSkip("qat binary not built") }
+        let tmp = Fixtures.tempDir("qat-lora-ckpt")
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        for qlora in [false, true] {
+            let recipe = tmp.appendingPathComponent("r-\(qlora).yaml").path
+            let out = tmp.path + "/out-\(qlora)"
+            try """
+            model: models/fortune-lm
+            data: {seq_len: 64, validation_sequences: 8}
+            quantize: {preset: nvfp4_default-kv_fp8}
+            calibration: {samples: 8}
+            train:
+              mode: qad
+              steps: 3
+              batch_size: 2
+              lr: 1.0e-3
+              eval_every: 0
+              save_every: 3
+              lora: {rank: 4, alpha: 8, dropout: 0.1, qlora: \(qlora)}
+            export: {dir: \(out)}
+            """.write(toFile: recipe, atomically: true, encoding: .utf8)
+            let r = try Fixtures.runQAT(["apply", recipe, "--quiet"])
+            XCTAssertEqual(r.status, 0, r.err)
+            let e = try Fixtures.runQAT(["export", "--recipe", recipe, "--checkpoint", out + ".work/checkpoints", "--out", tmp.path + "/ck-\(qlora)"])
+            XCTAssertEqual(e.status, 0, e.err)
+            XCTAssertTrue(e.out.contains("adapters merged"), e.out)
+            XCTAssertTrue(e.out.contains("max |Δlogit| 0 "), e.out)
+            let a = FileManager.default.contents(atPath: out + "/model.safetensors")
+            XCTAssertNotNil(a)
+            XCTAssertEqual(a, FileManager.default.contents(atPath: tmp.path + "/ck-\(qlora)/model.safetensors"), "qlora \(qlora)")
+        }
+        let e = try Fixtures.runQAT(["export", "--recipe", "recipes/fortune-lm-ptq.yaml", "--checkpoint", tmp.path + "/out-false.work/checkpoints",
+                                     "--out", tmp.path + "/wrong"])
+        XCTAssertNotEqual(e.status, 0)
+        XCTAssertTrue(e.err.contains("holds LoRA adapters: pass the recipe it was trained with"), e.err)
+    }
 }

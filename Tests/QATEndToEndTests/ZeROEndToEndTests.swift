@@ -32,7 +32,7 @@ final class ZeROEndToEndTests: XCTestCase, MPITesting {
         let zeroRecipe = try recipe(zero, steps: 4, batch: 2, saveEvery: 2, trainExtra: [Self.sharded])
         let rz = try runMPI(mpirun, qat, ranks: 2, args: ["apply", zeroRecipe], dir: dir)
         XCTAssertEqual(rz.status, 0, rz.log)
-        XCTAssertTrue(rz.log.contains("optimizer state sharded over 2 ranks (ZeRO-1)"), rz.log)
+        XCTAssertTrue(rz.log.contains("optimizer state sharded over 2 data-parallel ranks (ZeRO-1)"), rz.log)
         if let line = rz.log.split(separator: "\n").first(where: { $0.contains("sharded over") }) { print(line) }
         if let line = rz.log.split(separator: "\n").first(where: { $0.contains("memory on paper") }) { print("sharded " + line) }
         if let line = rp.log.split(separator: "\n").first(where: { $0.contains("memory on paper") }) { print("unsharded " + line) }

@@ -304,12 +304,8 @@ final class LoRATests: XCTestCase {
 
     // MARK: - qat apply end to end
 
-    /// QLoRA QAD through `qat apply` on fortune-lm (a few steps): the merged export verifies
-    /// with max |Δlogit| 0 against the merged fake-quant model; `export: adapters` writes PEFT.
-    func testApplyQLoRAMergedExportVerifiesAndAdapterExport() throws {
-        guard Fixtures.qatBinary != nil else { throw XCTSkip("qat binary not built") }
-        let tmp = Fixtures.tempDir("qat-lora")
-        let recipe = tmp.appendingPathComponent("r.yaml").path
+    /// A 3-step LoRA / QLoRA QAD recipe on fortune-lm (rank 4, dropout 0.1).
+    func loraRecipe(_ path: String, export: String, qlora: Bool, saveEvery: Int) throws -> String {
         try """
         model: models/fortune-lm
         data: {seq_len: 64, validation_sequences: 8}
@@ -321,10 +317,19 @@ final class LoRATests: XCTestCase {
           batch_size: 2
           lr: 1.0e-3
           eval_every: 0
-          save_every: 0
-          lora: {rank: 4, alpha: 8, dropout: 0.1, qlora: true}
-        export: {dir: \(tmp.path)/out}
-        """.write(toFile: recipe, atomically: true, encoding: .utf8)
+          save_every: \(saveEvery)
+          lora: {rank: 4, alpha: 8, dropout: 0.1, qlora: \(qlora)}
+        export: {dir: \(export)}
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    /// QLoRA QAD through `qat apply` on fortune-lm (a few steps): the merged export verifies
+    /// with max |Δlogit| 0 against the merged fake-quant model; `export: adapters` writes PEFT.
+    func testApplyQLoRAMergedExportVerifiesAndAdapterExport() throws {
+        guard Fixtures.qatBinary != nil else { throw XCTSkip("qat binary not built") }
+        let tmp = Fixtures.tempDir("qat-lora")
+        let recipe = try loraRecipe(tmp.appendingPathComponent("r.yaml").path, export: tmp.path + "/out", qlora: true, saveEvery: 0)
         let r = try Fixtures.runQAT(["apply", recipe, "--quiet"])
         XCTAssertEqual(r.status, 0, r.err)
         let summary = try JSONValue.parse(String(contentsOfFile: tmp.path + "/out/qat_summary.json", encoding: .utf8))
@@ -346,23 +351,8 @@ final class LoRATests: XCTestCase {
         let tmp = Fixtures.tempDir("qat-lora-ckpt")
         defer { try? FileManager.default.removeItem(at: tmp) }
         for qlora in [false, true] {
-            let recipe = tmp.appendingPathComponent("r-\(qlora).yaml").path
             let out = tmp.path + "/out-\(qlora)"
-            try """
-            model: models/fortune-lm
-            data: {seq_len: 64, validation_sequences: 8}
-            quantize: {preset: nvfp4_default-kv_fp8}
-            calibration: {samples: 8}
-            train:
-              mode: qad
-              steps: 3
-              batch_size: 2
-              lr: 1.0e-3
-              eval_every: 0
-              save_every: 3
-              lora: {rank: 4, alpha: 8, dropout: 0.1, qlora: \(qlora)}
-            export: {dir: \(out)}
-            """.write(toFile: recipe, atomically: true, encoding: .utf8)
+            let recipe = try loraRecipe(tmp.appendingPathComponent("r-\(qlora).yaml").path, export: out, qlora: qlora, saveEvery: 3)
             let r = try Fixtures.runQAT(["apply", recipe, "--quiet"])
             XCTAssertEqual(r.status, 0, r.err)
             let e = try Fixtures.runQAT(["export", "--recipe", recipe, "--checkpoint", out + ".work/checkpoints", "--out", tmp.path + "/ck-\(qlora)"])

@@ -8,13 +8,16 @@ import QATModels
 public struct MemoryEstimate: Sendable, CustomStringConvertible {
     public var weights = 0.0, gradients = 0.0, optimizer = 0.0, fakeQuantWeights = 0.0
     public var activations = 0.0, teacher = 0.0, lossBuffers = 0.0
+    /// Pipeline stages: each micro-batch's received input, in-flight sends and (last stage,
+    /// live teacher) teacher hidden states.
+    public var pipelineBuffers = 0.0
 
-    public var total: Double { weights + gradients + optimizer + fakeQuantWeights + activations + teacher + lossBuffers }
+    public var total: Double { weights + gradients + optimizer + fakeQuantWeights + activations + teacher + lossBuffers + pipelineBuffers }
 
     static func gib(_ b: Double) -> String { String(format: "%.2f GiB", b / 1_073_741_824) }
 
     public var description: String {
-        "\(MemoryEstimate.gib(total)) (weights \(MemoryEstimate.gib(weights)), gradients \(MemoryEstimate.gib(gradients)), AdamW \(MemoryEstimate.gib(optimizer)), fake-quant weights \(MemoryEstimate.gib(fakeQuantWeights)), activations \(MemoryEstimate.gib(activations)), teacher \(MemoryEstimate.gib(teacher)), loss buffers \(MemoryEstimate.gib(lossBuffers)))"
+        "\(MemoryEstimate.gib(total)) (weights \(MemoryEstimate.gib(weights)), gradients \(MemoryEstimate.gib(gradients)), AdamW \(MemoryEstimate.gib(optimizer)), fake-quant weights \(MemoryEstimate.gib(fakeQuantWeights)), activations \(MemoryEstimate.gib(activations)), teacher \(MemoryEstimate.gib(teacher)), loss buffers \(MemoryEstimate.gib(lossBuffers))\(pipelineBuffers > 0 ? ", pipeline buffers \(MemoryEstimate.gib(pipelineBuffers))" : ""))"
     }
 
     /// fp32 everywhere: weights (+ the fake-quant copy of each quantized weight), gradients

@@ -171,6 +171,11 @@ open class Trainer {
             config: stageConfig, batch: spec.batchSize, seqLen: seqLen, parameterCount: model.parameters.reduce(0) { $0 + $1.count },
             trainableCount: optimizer.slots.reduce(0) { $0 + $1.value.count }, optimizerStateCount: optimizer.stateElementCount, quantizedWeightCount: quantized,
             liveTeacher: spec.mode == .qad && spec.distill.teacherLogprobs == nil, lossBufferBytes: 256 << 20)
+        if let pp = options.pipeline {  // per micro-batch: an input, a send each way, the teacher's output
+            let perMicroBatch = 4.0 * Double(spec.batchSize * seqLen * model.config.hiddenSize)
+            let live = spec.mode == .qad && spec.distill.teacherLogprobs == nil
+            memoryEstimate.pipelineBuffers = perMicroBatch * Double(spec.gradAccum) * (3 + (live && pp.layout.isLast ? 1 : 0))
+        }
         try memoryEstimate.check(what: "training \(model.config.family.rawValue) (batch \(spec.batchSize) × \(seqLen))")
         dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
         if spec.shardOptimizerState {

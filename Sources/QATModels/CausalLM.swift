@@ -42,7 +42,6 @@ public final class CausalLM: @unchecked Sendable {
     public let layerRange: Range<Int>
     public var isFirstStage: Bool { layerRange.lowerBound == 0 }
     public var isLastStage: Bool { layerRange.upperBound == config.numLayers }
-    public var isStage: Bool { layerRange != 0..<config.numLayers }
 
     /// Whether a parameter name belongs to the layers in `range` (with the embedding on the
     /// first stage and the final norm / lm_head on the last; a tied embedding on both).

@@ -156,7 +156,7 @@ public enum Calibration {
     public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
                            progress: ((Int, Int) -> Void)? = nil,
                            reduceMax: ((inout [Float]) throws -> Void)? = nil,
-                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> Void)? = nil) throws {
+                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws {
         guard !sequences.isEmpty else { throw QATError("calibration needs at least one sequence") }
         let active = quantizers.enabled
         for q in active { q.startCalibration() }
@@ -166,7 +166,7 @@ public enum Calibration {
             let b = min(batchSize, sequences.count - done)
             let tokens = Array(sequences[done..<(done + b)].joined())
             if let forward {  // a pipeline stage: the pipelined forward runs this stage's layers
-                try forward(tokens, b)
+                _ = try forward(tokens, b)
             } else {
                 _ = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
             }

@@ -1,5 +1,6 @@
 import Foundation
 import QATCore
+import QATModels
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -130,6 +131,26 @@ public final class SingleProcessCommunicator: Communicator {
 nonisolated(unsafe) public var worldCommunicator: Communicator = SingleProcessCommunicator()
 
 public enum Distributed {
+    /// The share of the validation sequences this rank evaluates: its data-parallel group's
+    /// (the world, or the pipelines side by side under pipeline parallelism); nil when alone.
+    public static func evaluationShard(pipeline: PipelineEngine?) -> (rank: Int, count: Int)? {
+        let dp = pipeline?.dataParallel ?? worldCommunicator
+        return dp.isDistributed ? (dp.rank, dp.size) : nil
+    }
+
+    /// `Evaluation.evaluate` under any layout, with the one-process figure on every rank:
+    /// each data-parallel rank (or pipeline) takes its share of the sequences, a pipeline runs
+    /// them through its stages (the last one computes the CE sums), and the sums are added
+    /// over the world (stages before the last add zeros).
+    public static func evaluate(model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?,
+                                pipeline: PipelineEngine?, progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
+        let world = worldCommunicator
+        return try Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
+                                       progress: progress, shard: evaluationShard(pipeline: pipeline),
+                                       reduce: world.isDistributed ? { try world.allReduceSum(&$0) } : nil,
+                                       forward: pipeline?.forwardHook(model, seqLen: seqLen))
+    }
+
     /// World size mpirun announced (Open MPI's `OMPI_COMM_WORLD_SIZE`, or PMIx/Slurm's), 1 otherwise.
     public static var launcherWorldSize: Int {
         let env = ProcessInfo.processInfo.environment

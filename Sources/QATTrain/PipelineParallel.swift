@@ -116,17 +116,9 @@ public final class PipelineEngine {
         return out
     }
 
-    /// Validation loss of the pipelined model, as `Evaluation.evaluate` computes it on one
-    /// process: each pipeline takes its share of the sequences, every stage runs its layers,
-    /// the last stage the lm_head and the CE sums, which are then summed over every rank (all
-    /// ranks return the same result).
-    public func evaluate(_ model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?,
-                         progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
-        let world = world, dp = dataParallel
-        return try Evaluation.evaluate(
-            model: model, stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, progress: progress,
-            shard: dp.size > 1 ? (dp.rank, dp.size) : nil, reduce: { try world.allReduceSum(&$0) },
-            forward: { tokens, b in try self.forward(model, tokens: tokens, batch: b, seqLen: seqLen) })
+    /// `forward` as the hook `Evaluation.evaluate` and `Calibration.run` take (tokens, batch).
+    public func forwardHook(_ model: CausalLM, seqLen: Int) -> (_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>? {
+        { [unowned self] tokens, b in try self.forward(model, tokens: tokens, batch: b, seqLen: seqLen) }
     }
 
     // MARK: - Training step

@@ -27,10 +27,8 @@ open class QATTrainer: Trainer {
     open override func prepare() throws {
         if !isCalibrated {
             log("calibrating \(quantizers.enabled.count) quantizers on \(calibrationSequences.count) sequences")
-            let model = model, seqLen = seqLen
             try Calibration.run(model: model, quantizers: quantizers, sequences: calibrationSequences, seqLen: seqLen,
-                                batchSize: calibrationBatchSize,
-                                forward: options.pipeline.map { pp in { tokens, b in _ = try pp.forward(model, tokens: tokens, batch: b, seqLen: seqLen) } })
+                                batchSize: calibrationBatchSize, forward: options.pipeline?.forwardHook(model, seqLen: seqLen))
         }
     }
 

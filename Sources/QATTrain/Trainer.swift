@@ -198,14 +198,8 @@ open class Trainer {
     public var comm: Communicator { worldCommunicator }
 
     public func evaluate() throws -> EvalResult {
-        if let pp = options.pipeline {
-            return try pp.evaluate(model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize, maxSequences: validationSequences)
-        }
-        // Data parallel: each rank evaluates its share of the sequences; the sums are all-reduced.
-        let comm = comm
-        return try Evaluation.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
-                                maxSequences: validationSequences, shard: comm.isDistributed ? (comm.rank, comm.size) : nil,
-                                reduce: comm.isDistributed ? { try comm.allReduceSum(&$0) } : nil)
+        try Distributed.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
+                                 maxSequences: validationSequences, pipeline: options.pipeline)
     }
 
     /// Trains to `totalSteps` (or until Ctrl-C), evaluating and checkpointing on schedule.

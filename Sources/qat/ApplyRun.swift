@@ -79,14 +79,11 @@ final class ApplyRun {
 
         func evaluate(_ m: CausalLM, _ label: String) throws -> Double {
             let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
-            // Data parallel: each rank evaluates its share of the sequences; the sums are all-reduced.
-            let shard = comm.isDistributed && pipeline == nil ? (rank: comm.rank, count: comm.size) : nil
+            // Distributed: each rank (or pipeline) evaluates its share; the sums are all-reduced.
+            let shard = Distributed.evaluationShard(pipeline: pipeline)
             let bar = ProgressBar(total: shard.map { Evaluation.shardRange(total, $0).count } ?? total, label: "eval \(label)", unit: "seq", enabled: !quiet)
-            let e = try pipeline.map { try $0.evaluate(m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                                      maxSequences: r.data.validationSequences) { d, _ in bar.update(d) } }
-                ?? Evaluation.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                       maxSequences: r.data.validationSequences, progress: { d, _ in bar.update(d) },
-                                       shard: shard, reduce: shard == nil ? nil : { try comm.allReduceSum(&$0) })
+            let e = try Distributed.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                             maxSequences: r.data.validationSequences, pipeline: pipeline) { d, _ in bar.update(d) }
             bar.finish()
             log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, e.loss, e.perplexity, e.sequences))
             return e.loss
@@ -107,11 +104,10 @@ final class ApplyRun {
             let dataParallel = dp.isDistributed
             let shard = dataParallel && calibration.count >= dp.size
                 ? calibration.enumerated().filter { $0.offset % dp.size == dp.rank }.map(\.element) : calibration
-            let m = model, seqLen = r.data.seqLen
-            try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: seqLen,
+            try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: r.data.seqLen,
                                 batchSize: r.calibration.batchSize, progress: { d, _ in bar.update(d) },
                                 reduceMax: dataParallel ? { try dp.allReduceMax(&$0) } : nil,
-                                forward: pipeline.map { pp in { tokens, b in _ = try pp.forward(m, tokens: tokens, batch: b, seqLen: seqLen) } })
+                                forward: pipeline?.forwardHook(model, seqLen: r.data.seqLen))
             bar.finish()
             quantizers = set
             summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
@@ -180,13 +176,8 @@ final class ApplyRun {
             if let pp = pipeline, pp.dataParallel.rank == 0 {  // (the other pipelines hold the same model)
                 let params = try pp.gather(model.parameters.map { ($0.name, $0.value) })
                 let amax = try pp.gather(quantizers?.stateTensors() ?? [])
-                if let params, let amax {
-                    let whole = try CausalLM(directory: r.model)
-                    let byName = Dictionary(params, uniquingKeysWith: { a, _ in a })
-                    for p in whole.parameters {
-                        guard let t = byName[p.name], t.count == p.count else { throw QATError("pipeline: no trained \(p.name) came back from the stages") }
-                        p.value.copy(from: t)
-                    }
+                if let params, let amax {  // (names and shapes checked by the model's init)
+                    let whole = try CausalLM(config: model.config, parameters: Dictionary(params, uniquingKeysWith: { a, _ in a }))
                     if let config = r.quantize {
                         let set = QuantizerSet(model: whole, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
                         try set.restore(Dictionary(amax, uniquingKeysWith: { a, _ in a }), model: whole)

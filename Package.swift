@@ -33,10 +33,17 @@ let package = Package(
         .target(name: "QATQuant", dependencies: ["QATCore", "QATIO", "QATModels", "Yams"], swiftSettings: fast),
         .target(name: "QATTrain", dependencies: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "Yams"], swiftSettings: fast),
         .target(name: "QATExport", dependencies: ["QATCore", "QATIO", "QATModels", "QATQuant"], swiftSettings: fast),
+        // CUDA backend: the driver API, cuBLAS and NVRTC are opened with dlopen at run time (CCUDA
+        // declares the few entry points), so building needs no NVIDIA header or library.
+        .target(name: "CCUDA", linkerSettings: [.linkedLibrary("dl")]),
+        .target(
+            name: "QATCUDA", dependencies: ["QATCore", "QATModels", "QATQuant", "CCUDA"],
+            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss"].map { .embedInCode("Kernels/\($0).cu") },
+            swiftSettings: fast),
         .executableTarget(
             name: "qat",
             dependencies: [
-                "QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport",
+                "QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport", "QATCUDA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: fast),

@@ -63,7 +63,10 @@ public enum Verification {
     }
 
     /// Compares the logits of `reference` and `candidate` on `sequences` (each seqLen long).
-    public static func compare(reference: CausalLM, candidate: CausalLM, sequences: [[Int32]], batchSize: Int = 4) throws -> LogitComparison {
+    /// `logitsOf` computes a model's logits [B·T, V] elsewhere (the CUDA backend); default: the CPU.
+    public static func compare(reference: CausalLM, candidate: CausalLM, sequences: [[Int32]], batchSize: Int = 4,
+                               logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = nil) throws -> LogitComparison {
+        let logits = logitsOf ?? { try Verification.logits($0, tokens: $1, batch: $2, seqLen: $3) }
         guard let seqLen = sequences.first?.count, seqLen >= 2 else { throw QATError("verification needs at least one sequence of 2+ tokens") }
         guard reference.config.vocabSize == candidate.config.vocabSize else {
             throw QATError("the export has vocabulary \(candidate.config.vocabSize), the reference \(reference.config.vocabSize)")
@@ -75,8 +78,8 @@ public enum Verification {
         while done < sequences.count {
             let b = min(batchSize, sequences.count - done)
             let tokens = Array(sequences[done..<(done + b)].joined())
-            let r = try logits(reference, tokens: tokens, batch: b, seqLen: seqLen)
-            let c = try logits(candidate, tokens: tokens, batch: b, seqLen: seqLen)
+            let r = try logits(reference, tokens, b, seqLen)
+            let c = try logits(candidate, tokens, b, seqLen)
             for i in 0..<r.count {
                 let d = abs(r[i] - c[i])
                 if d.isNaN { maxDiff = .nan } else if !maxDiff.isNaN { maxDiff = max(maxDiff, d) }

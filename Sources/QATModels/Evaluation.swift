@@ -34,6 +34,25 @@ public enum Evaluation {
         shard: (rank: Int, count: Int)? = nil, reduce: ((inout [Double]) throws -> Void)? = nil,
         forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil
     ) throws -> EvalResult {
+        lazy var head = ChunkedCrossEntropy(vocab: model.config.vocabSize)
+        return try evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, progress: progress,
+                            shard: shard, reduce: reduce) { tokens, targets, b in
+            // A pipeline stage's forward returns the final hidden states on the last stage only.
+            let out = try forward.map { try $0(tokens, b) } ?? model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+            guard let hidden = out else { return nil }
+            return try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
+        }
+    }
+
+    /// The evaluation protocol with any model: `score` returns the CE sum and the count of
+    /// valid targets of one batch of `batch` sequences (nil on a pipeline stage that computes
+    /// no loss). The CPU model above and the CUDA model (`QATCUDA`) both go through here.
+    public static func evaluate(
+        stream: [Int32], seqLen: Int, batchSize: Int = 8, maxSequences: Int? = nil,
+        progress: ((_ done: Int, _ total: Int) -> Void)? = nil,
+        shard: (rank: Int, count: Int)? = nil, reduce: ((inout [Double]) throws -> Void)? = nil,
+        score: (_ tokens: [Int32], _ targets: [Int32], _ batch: Int) throws -> (sum: Double, valid: Int)?
+    ) throws -> EvalResult {
         guard seqLen >= 2 else { throw QATError("seq_len must be at least 2 (got \(seqLen))") }
         guard batchSize >= 1 else { throw QATError("batch size must be at least 1") }
         var count = stream.count > 0 ? (stream.count - 1) / seqLen : 0
@@ -43,7 +62,6 @@ public enum Evaluation {
         }
         if let s = shard { guard s.count >= 1, (0..<s.count).contains(s.rank) else { throw QATError("evaluation shard \(s.rank) of \(s.count) is out of range") } }
         let start = Date()
-        lazy var head = ChunkedCrossEntropy(vocab: model.config.vocabSize)
         let mine = shard.map { shardRange(count, $0) } ?? 0..<count
         let first = mine.lowerBound, end = mine.upperBound
         var total = 0.0, valid = 0, done = 0
@@ -51,10 +69,7 @@ public enum Evaluation {
             let b = min(batchSize, end - first - done)
             let tokens = Array(stream[((first + done) * seqLen)..<((first + done + b) * seqLen)])
             let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: b, seqLen: seqLen)
-            // A pipeline stage's forward returns the final hidden states on the last stage only.
-            let out = try forward.map { try $0(tokens, b) } ?? model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
-            if let hidden = out {
-                let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
+            if let r = try score(tokens, targets, b) {
                 total += r.sum
                 valid += r.valid
             }

@@ -100,7 +100,11 @@ public final class TensorQuantizer: CustomStringConvertible {
 
     /// Records max |x| of `count` values (also done by `forward` while calibrating).
     public func collect(_ x: UnsafePointer<Float>, count: Int) {
-        let m = Reduce.absMax(x, count: count)
+        collect(absMax: Reduce.absMax(x, count: count))
+    }
+
+    /// Records one observation's max |x| computed elsewhere (the CUDA path reduces on the GPU).
+    public func collect(absMax m: Float) {
         if m.isNaN || calibMax.isNaN { calibMax = .nan } else { calibMax = max(calibMax, m) }
         calibCalls += 1
     }

@@ -17,14 +17,16 @@ public enum Pipeline {
     /// Inserts the recipe's quantizers into `model` and max-calibrates them on the first
     /// `calibration.samples` sequences of `calibrationStream`. Returns nil when the recipe
     /// quantizes nothing.
-    public static func quantize(model: CausalLM, recipe: Recipe, calibrationStream: [Int32], quiet: Bool = false) throws -> QuantizerSet? {
+    /// `forward` replaces the CPU forward during calibration (the CUDA model's hook).
+    public static func quantize(model: CausalLM, recipe: Recipe, calibrationStream: [Int32], quiet: Bool = false,
+                                forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws -> QuantizerSet? {
         guard let config = recipe.quantize else { return nil }
         let set = QuantizerSet(model: model, config: config, ste: recipe.steMode, nvfp4Mode: recipe.nvfp4Mode)
         guard !set.enabled.isEmpty else { return set }
         let seqs = try Calibration.sequences(from: calibrationStream, seqLen: recipe.data.seqLen, count: recipe.calibration.samples)
         let bar = ProgressBar(total: seqs.count, label: "calibrate", unit: "seq", enabled: !quiet)
         try Calibration.run(model: model, quantizers: set, sequences: seqs, seqLen: recipe.data.seqLen,
-                            batchSize: recipe.calibration.batchSize) { done, _ in bar.update(done) }
+                            batchSize: recipe.calibration.batchSize, progress: { done, _ in bar.update(done) }, forward: forward)
         bar.finish()
         return set
     }

@@ -93,6 +93,10 @@ public struct Recipe: Sendable {
 
     public var source = "recipe"
     public var model = "models/fortune-lm"
+    /// Where the run computes (`device: cpu | cuda | cuda:N`).
+    public var device: ComputeDevice = .cpu
+    /// The GPU's matrix-product precision (`precision: fp32 | bf16`); the CPU is always fp32.
+    public var precision: Precision = .fp32
     public var data = DataSpec()
     /// The `quantize:` section (a preset name, ModelOpt's quant_cfg, or both), nil for none.
     public var quantize: QuantConfig? = try? QuantConfig.preset("nvfp4_default-kv_fp8")
@@ -134,6 +138,10 @@ public struct Recipe: Sendable {
         r.source = source
         let top = try YAMLMap(node, path: "", source: source)
         r.model = try top.string("model") ?? r.model
+        if let d = try top.string("device") {
+            do { r.device = try ComputeDevice(parsing: d) } catch let e as QATError { throw top.fail("device", e.message) }
+        }
+        if let p = try top.choice("precision", Precision.allCases.map(\.rawValue)) { r.precision = Precision(rawValue: p)! }
 
         if let d = try top.map("data") {
             r.data.train = try d.string("train") ?? r.data.train

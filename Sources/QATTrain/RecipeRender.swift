@@ -11,6 +11,7 @@ extension Recipe {
         func list(_ a: [String]?) -> String { a.map { "[" + $0.map(q).joined(separator: ", ") + "]" } ?? "null" }
         var y = "# \(source), every default filled in (qat recipe show)\n"
         y += "model: \(q(model))\n"
+        y += "device: \(device)\nprecision: \(precision.rawValue)\n"
         y += "data:\n  train: \(q(data.train))\n  validation: \(q(data.validation))\n"
         y += "  train_split: \(q(data.trainSplit))\n  validation_split: \(q(data.validationSplit))\n"
         y += "  seq_len: \(data.seqLen)\n  validation_sequences: \(data.validationSequences.map(String.init) ?? "null")\n"

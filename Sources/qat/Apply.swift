@@ -50,13 +50,21 @@ struct Apply: ParsableCommand {
     @Flag(help: "Print the summary as JSON on stdout (logs stay on stderr).")
     var json = false
 
+    @Option(name: .long, help: "Override the recipe's device: cpu, cuda or cuda:N.")
+    var device: String?
+
+    @Option(name: .long, help: "Override the recipe's GPU precision: fp32 or bf16.")
+    var precision: String?
+
     @Option(help: "Worker threads for OpenBLAS and the kernels (default: all cores).")
     var threads: Int?
 
     func run() throws {
         try QAT.guarded {
             if let t = threads, t > 0 { setenv("QAT_THREADS", String(t), 1); BLAS.setThreads(t) }
-            let r = try Recipe.load(path: recipe, overrides: overrides)
+            var r = try Recipe.load(path: recipe, overrides: overrides)
+            if let d = device { r.device = try ComputeDevice(parsing: d) }
+            if let p = precision { r.precision = try Precision(parsing: p) }
             // Under mpirun (more than one rank): data-parallel over Open MPI; rank 0 alone
             // prints and writes, and a failing rank aborts the job instead of leaving the
             // others waiting in a collective.

@@ -1,5 +1,6 @@
 import Foundation
 import QATCore
+import QATCUDA
 import QATExport
 import QATIO
 import QATModels
@@ -15,6 +16,18 @@ final class ApplyRun {
     let forceResume: Bool
     let quiet: Bool
     let start = Date()
+    /// The GPU of `device: cuda`, and the device copies of the models it has run.
+    var gpu: CUDADevice?
+    private var gpuModels: [ObjectIdentifier: CUDAModel] = [:]
+
+    /// The device copy of a host model (made once; nil on the CPU).
+    func onGPU(_ m: CausalLM) throws -> CUDAModel? {
+        guard let gpu else { return nil }
+        if let g = gpuModels[ObjectIdentifier(m)] { return g }
+        let g = try CUDAModel(model: m, device: gpu, precision: recipe.precision)
+        gpuModels[ObjectIdentifier(m)] = g
+        return g
+    }
 
     init(recipe: Recipe, recipePath: String, overrides: [String], resume: Bool, forceResume: Bool, quiet: Bool) {
         self.recipe = recipe; self.recipePath = recipePath; self.overrides = overrides
@@ -71,6 +84,14 @@ final class ApplyRun {
             pipeline = pp
             log("pipeline parallel: \(pp.dataParallel.size) pipeline(s) of \(pp.layout.stages) stages, layers \(pp.layout.ranges.map { "\($0.lowerBound)…\($0.upperBound - 1)" }.joined(separator: " | "))")
         }
+        // GPU: calibration, evaluation and verification run there; training is CPU-only for now.
+        if r.device.isCUDA {
+            guard r.train.mode == .none else {
+                throw QATError("device \(r.device): training (train.mode \(r.train.mode.rawValue)) runs on the CPU in this version; "
+                                + "the GPU runs PTQ (calibration, evaluation, export and verification): use train.mode none or device: cpu")
+            }
+            gpu = try GPU.open(r.device)
+        }
         var model = try CausalLM(directory: r.model, layerRange: pipeline?.layout.range)
         let vocab = model.config.vocabSize
         let trainStream = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: r.model, vocabSize: vocab)
@@ -82,8 +103,10 @@ final class ApplyRun {
             // Distributed: each rank (or pipeline) evaluates its share; the sums are all-reduced.
             let shard = Distributed.evaluationShard(pipeline: pipeline)
             let bar = ProgressBar(total: shard.map { Evaluation.shardRange(total, $0).count } ?? total, label: "eval \(label)", unit: "seq", enabled: !quiet)
-            let e = try Distributed.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                             maxSequences: r.data.validationSequences, pipeline: pipeline) { d, _ in bar.update(d) }
+            let e = try onGPU(m)?.evaluate(stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                           maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
+                ?? Distributed.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                        maxSequences: r.data.validationSequences, pipeline: pipeline) { d, _ in bar.update(d) }
             bar.finish()
             log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, e.loss, e.perplexity, e.sequences))
             return e.loss
@@ -107,7 +130,8 @@ final class ApplyRun {
             try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: r.data.seqLen,
                                 batchSize: r.calibration.batchSize, progress: { d, _ in bar.update(d) },
                                 reduceMax: dataParallel ? { try dp.allReduceMax(&$0) } : nil,
-                                forward: pipeline?.forwardHook(model, seqLen: r.data.seqLen))
+                                forward: pipeline?.forwardHook(model, seqLen: r.data.seqLen) ?? onGPU(model)?.calibrationForward(seqLen: r.data.seqLen))
+            try onGPU(model)?.markWeightsChanged()
             bar.finish()
             quantizers = set
             summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
@@ -239,7 +263,10 @@ final class ApplyRun {
         let valStream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: r.model,
                                             vocabSize: model.config.vocabSize)
         let seqs = try Calibration.sequences(from: valStream, seqLen: r.data.seqLen, count: min(8, r.data.validationSequences ?? 8))
-        let cmp = try Verification.compare(reference: model, candidate: exported.model, sequences: seqs)
+        // (`alignReference` changed the reference's weights: its device copy is made afresh.)
+        gpuModels[ObjectIdentifier(model)] = nil
+        let cmp = try Verification.compare(reference: model, candidate: exported.model, sequences: seqs,
+                                           logitsOf: gpu == nil ? nil : { m, t, b, s in try self.onGPU(m)!.logitsTensor(tokens: t, batch: b, seqLen: s) })
         summary.verifyMaxAbsDiff = Double(cmp.maxAbsDiff)
         log(verificationLine(cmp))
         if cmp.maxAbsDiff > 1e-3 {
@@ -247,8 +274,10 @@ final class ApplyRun {
         }
         let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
         let bar = ProgressBar(total: total, label: "eval exported", unit: "seq", enabled: !quiet)
-        let e = try Evaluation.evaluate(model: exported.model, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                        maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
+        let e = try onGPU(exported.model)?.evaluate(stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                                    maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
+            ?? Evaluation.evaluate(model: exported.model, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
+                                   maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
         bar.finish()
         log(String(format: "exported: validation loss %.4f (perplexity %.2f)", e.loss, e.perplexity))
         summary.rows.append(.init(name: "exported", loss: e.loss))

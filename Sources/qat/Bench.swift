@@ -43,10 +43,23 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("loss-tokens"), help: "Token counts for the fused vs unfused KD loss benchmark (vocab 151,936, hidden 1,024), e.g. 1024,4096,16384; empty to skip.")
     var lossTokens: String = ""
 
+    @Option(name: .long, help: "cpu, or cuda / cuda:N for the GPU forward benchmark (shapes qwen3-0.6b, llama-3.2-1b or a model directory).")
+    var device: String = "cpu"
+
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
     func run() throws {
+        if device != "cpu" {
+            try QAT.guarded {
+                let shapeList = shapes == "fortune" ? ["qwen3-0.6b", "llama-3.2-1b"] : shapes.split(separator: ",").map(String.init)
+                let script = peerScript.hasSuffix("torch_qat_step.py")
+                    ? (peerScript as NSString).deletingLastPathComponent + "/modelopt_gpu_speed.py" : peerScript
+                try GPUBench(device: try ComputeDevice(parsing: device), shapes: shapeList, batch: batch, seq: seq == 256 ? 1024 : seq,
+                             repeats: 5, python: peer ?? "python3", peerScript: peer == nil ? nil : script).run()
+            }
+            return
+        }
         try QAT.guarded {
             var out = JSONObject()
             var lines: [String] = []

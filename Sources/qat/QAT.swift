@@ -6,7 +6,7 @@ import QATCore
 struct QAT: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qat",
-        abstract: "Quantization-aware training and NVFP4 export of Hugging Face causal LMs, on a CPU.",
+        abstract: "Quantization-aware training and NVFP4 export of Hugging Face causal LMs, on a CPU or an NVIDIA GPU.",
         discussion: """
         Start with `qat apply recipes/default.yaml`: QAT of the embedded fortune-lm to NVFP4 \
         (W4A4, FP8 KV cache), then a ModelOpt-format export that is read back and verified.
@@ -14,7 +14,7 @@ struct QAT: ParsableCommand {
         Then: `qat eval` a model, a PTQ recipe or an export; `qat inspect` a checkpoint; \
         `qat recipe show` a recipe with every default filled in.
         """,
-        subcommands: [Apply.self, Eval.self, Export.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self])
+        subcommands: [Apply.self, Eval.self, Export.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self, Selftest.self])
 
     /// Runs a command body, turning project errors into one clear line on stderr and exit
     /// code 1 instead of a stack trace.
@@ -35,6 +35,17 @@ struct ModelOptions: ParsableArguments {
 
     @Option(name: .long, help: "Worker threads for OpenBLAS and the kernels (default: all cores).")
     var threads: Int?
+
+    @Option(name: .long, help: "Where to compute: cpu, cuda or cuda:N (NVIDIA GPU; CUDA is loaded at run time).")
+    var device: String = "cpu"
+
+    @Option(name: .long, help: "GPU matrix products: fp32 (no TF32, comparable with the CPU) or bf16 (fp32 accumulation).")
+    var precision: String = "fp32"
+
+    /// The parsed --device and --precision.
+    func compute() throws -> (device: ComputeDevice, precision: Precision) {
+        (try ComputeDevice(parsing: device), try Precision(parsing: precision))
+    }
 
     func applyThreads() {
         if let t = threads, t > 0 {

@@ -1,0 +1,123 @@
+// dlopen/dlsym of the CUDA driver, cuBLAS and NVRTC (see include/ccuda.h).
+#include "ccuda.h"
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const cuda_dirs[] = {
+    "/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib",
+    "/usr/local/cuda-13.0/targets/x86_64-linux/lib", "/usr/local/cuda-13.0/lib64",
+    "/usr/local/cuda-12/lib64", "/usr/lib/x86_64-linux-gnu", NULL};
+
+// Opens the first of `names` found by the loader's search, then in QAT_CUDA_LIB_DIR and the
+// usual CUDA folders. RTLD_GLOBAL so that a library's own dependencies (cuBLASLt) resolve.
+static void *open_any(const char *const *names) {
+    for (int i = 0; names[i]; i++) {
+        void *h = dlopen(names[i], RTLD_NOW | RTLD_GLOBAL);
+        if (h) return h;
+    }
+    char path[1024];
+    const char *env = getenv("QAT_CUDA_LIB_DIR");
+    for (int d = -1; d < 0 || cuda_dirs[d]; d++) {
+        const char *dir = d < 0 ? env : cuda_dirs[d];
+        if (!dir) continue;
+        for (int i = 0; names[i]; i++) {
+            snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+            void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+            if (h) return h;
+        }
+    }
+    return NULL;
+}
+
+#define SYM(h, field, name)                                                             \
+    do {                                                                                \
+        *(void **)(&api->field) = dlsym(h, name);                                       \
+        if (!api->field) {                                                              \
+            snprintf(err, errlen, "%s has no symbol %s", lib, name);                    \
+            return 1;                                                                   \
+        }                                                                               \
+    } while (0)
+
+int qat_cuda_load(QATCudaAPI *api, char *err, size_t errlen) {
+    memset(api, 0, sizeof *api);
+    const char *lib = "libcuda.so.1";
+    const char *cuda_names[] = {"libcuda.so.1", "libcuda.so", NULL};
+    void *h = open_any(cuda_names);
+    if (!h) {
+        snprintf(err, errlen, "no CUDA driver found (libcuda.so.1 could not be opened): is this a machine with an NVIDIA GPU and driver?");
+        return 1;
+    }
+    SYM(h, cuInit, "cuInit");
+    SYM(h, cuDriverGetVersion, "cuDriverGetVersion");
+    SYM(h, cuDeviceGetCount, "cuDeviceGetCount");
+    SYM(h, cuDeviceGet, "cuDeviceGet");
+    SYM(h, cuDeviceGetName, "cuDeviceGetName");
+    SYM(h, cuDeviceGetAttribute, "cuDeviceGetAttribute");
+    SYM(h, cuDeviceTotalMem, "cuDeviceTotalMem_v2");
+    SYM(h, cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
+    SYM(h, cuCtxSetCurrent, "cuCtxSetCurrent");
+    SYM(h, cuCtxSynchronize, "cuCtxSynchronize");
+    SYM(h, cuMemAlloc, "cuMemAlloc_v2");
+    SYM(h, cuMemFree, "cuMemFree_v2");
+    SYM(h, cuMemGetInfo, "cuMemGetInfo_v2");
+    SYM(h, cuMemcpyHtoD, "cuMemcpyHtoD_v2");
+    SYM(h, cuMemcpyDtoH, "cuMemcpyDtoH_v2");
+    SYM(h, cuMemcpyDtoD, "cuMemcpyDtoD_v2");
+    SYM(h, cuMemsetD8, "cuMemsetD8_v2");
+    SYM(h, cuModuleLoadData, "cuModuleLoadData");
+    SYM(h, cuModuleGetFunction, "cuModuleGetFunction");
+    SYM(h, cuFuncSetAttribute, "cuFuncSetAttribute");
+    SYM(h, cuLaunchKernel, "cuLaunchKernel");
+    SYM(h, cuGetErrorString, "cuGetErrorString");
+    lib = "cuBLAS";
+    const char *lt_names[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so", NULL};
+    (void)open_any(lt_names);  // so that libcublas finds its dependency by soname
+    const char *blas_names[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so", NULL};
+    void *b = open_any(blas_names);
+    if (!b) {
+        snprintf(err, errlen, "cuBLAS not found (libcublas.so.13 or .12): install the CUDA toolkit's cuBLAS or set QAT_CUDA_LIB_DIR");
+        return 1;
+    }
+    SYM(b, cublasCreate, "cublasCreate_v2");
+    SYM(b, cublasSetMathMode, "cublasSetMathMode");
+    SYM(b, cublasGemmEx, "cublasGemmEx");
+    SYM(b, cublasGemmStridedBatchedEx, "cublasGemmStridedBatchedEx");
+    return 0;
+}
+
+int qat_nvrtc_load(QATNvrtcAPI *api, const char *path, char *err, size_t errlen) {
+    memset(api, 0, sizeof *api);
+    const char *lib = "NVRTC";
+    void *h = NULL;
+    if (path && *path) {
+        h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+        if (!h) {
+            snprintf(err, errlen, "NVRTC could not be opened from %s: %s", path, dlerror());
+            return 1;
+        }
+    } else {
+        const char *names[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", NULL};
+        h = open_any(names);
+        if (!h) {
+            snprintf(err, errlen, "NVRTC not found (libnvrtc.so.13 or .12): install the CUDA toolkit's NVRTC or set QAT_NVRTC");
+            return 1;
+        }
+    }
+    SYM(h, nvrtcVersion, "nvrtcVersion");
+    SYM(h, nvrtcCreateProgram, "nvrtcCreateProgram");
+    SYM(h, nvrtcCompileProgram, "nvrtcCompileProgram");
+    SYM(h, nvrtcGetProgramLogSize, "nvrtcGetProgramLogSize");
+    SYM(h, nvrtcGetProgramLog, "nvrtcGetProgramLog");
+    SYM(h, nvrtcGetCUBINSize, "nvrtcGetCUBINSize");
+    SYM(h, nvrtcGetCUBIN, "nvrtcGetCUBIN");
+    SYM(h, nvrtcDestroyProgram, "nvrtcDestroyProgram");
+    SYM(h, nvrtcGetErrorString, "nvrtcGetErrorString");
+    return 0;
+}
+
+CUresult qat_cuda_launch(const QATCudaAPI *api, CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                         unsigned by, unsigned bz, unsigned shmem, void **args) {
+    return api->cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, NULL, args, NULL);
+}

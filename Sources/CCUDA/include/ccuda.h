@@ -1,0 +1,87 @@
+// The few CUDA driver, NVRTC and cuBLAS entry points qat uses, declared here so that building
+// needs no NVIDIA header or library: everything is opened with dlopen at run time
+// (`ccuda_load`), as MPI is. Types are the ABI-level ones (handles are opaque pointers,
+// enums are ints), with the values of CUDA 12/13's headers.
+#ifndef QAT_CCUDA_H
+#define QAT_CCUDA_H
+#include <stddef.h>
+
+typedef int CUresult;            // 0 = CUDA_SUCCESS
+typedef int CUdevice;
+typedef void *CUcontext;
+typedef void *CUmodule;
+typedef void *CUfunction;
+typedef void *CUstream;
+typedef unsigned long long CUdeviceptr;
+typedef void *nvrtcProgram;
+typedef int nvrtcResult;         // 0 = NVRTC_SUCCESS
+typedef void *cublasHandle_t;
+typedef int cublasStatus_t;      // 0 = CUBLAS_STATUS_SUCCESS
+
+// cuDeviceGetAttribute
+enum { QAT_CU_ATTR_MULTIPROCESSOR_COUNT = 16, QAT_CU_ATTR_CC_MAJOR = 75, QAT_CU_ATTR_CC_MINOR = 76 };
+// cuFuncSetAttribute: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+enum { QAT_CU_FUNC_MAX_DYNAMIC_SHARED = 8 };
+// cublasOperation_t, cudaDataType_t, cublasComputeType_t, cublasMath_t, cublasGemmAlgo_t
+enum { QAT_CUBLAS_OP_N = 0, QAT_CUBLAS_OP_T = 1 };
+enum { QAT_CUDA_R_32F = 0, QAT_CUDA_R_16BF = 14 };
+enum { QAT_CUBLAS_COMPUTE_32F = 68, QAT_CUBLAS_COMPUTE_32F_PEDANTIC = 69 };
+enum { QAT_CUBLAS_DEFAULT_MATH = 0, QAT_CUBLAS_PEDANTIC_MATH = 2 };
+enum { QAT_CUBLAS_GEMM_DEFAULT = -1 };
+
+typedef struct {
+    // driver API (libcuda.so.1)
+    CUresult (*cuInit)(unsigned int);
+    CUresult (*cuDriverGetVersion)(int *);
+    CUresult (*cuDeviceGetCount)(int *);
+    CUresult (*cuDeviceGet)(CUdevice *, int);
+    CUresult (*cuDeviceGetName)(char *, int, CUdevice);
+    CUresult (*cuDeviceGetAttribute)(int *, int, CUdevice);
+    CUresult (*cuDeviceTotalMem)(size_t *, CUdevice);
+    CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
+    CUresult (*cuCtxSetCurrent)(CUcontext);
+    CUresult (*cuCtxSynchronize)(void);
+    CUresult (*cuMemAlloc)(CUdeviceptr *, size_t);
+    CUresult (*cuMemFree)(CUdeviceptr);
+    CUresult (*cuMemGetInfo)(size_t *, size_t *);
+    CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
+    CUresult (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
+    CUresult (*cuMemcpyDtoD)(CUdeviceptr, CUdeviceptr, size_t);
+    CUresult (*cuMemsetD8)(CUdeviceptr, unsigned char, size_t);
+    CUresult (*cuModuleLoadData)(CUmodule *, const void *);
+    CUresult (*cuModuleGetFunction)(CUfunction *, CUmodule, const char *);
+    CUresult (*cuFuncSetAttribute)(CUfunction, int, int);
+    CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                               unsigned, CUstream, void **, void **);
+    CUresult (*cuGetErrorString)(CUresult, const char **);
+    // cuBLAS (libcublas.so.13 / .12)
+    cublasStatus_t (*cublasCreate)(cublasHandle_t *);
+    cublasStatus_t (*cublasSetMathMode)(cublasHandle_t, int);
+    cublasStatus_t (*cublasGemmEx)(cublasHandle_t, int, int, int, int, int, const void *, const void *, int, int,
+                                   const void *, int, int, const void *, void *, int, int, int, int);
+    cublasStatus_t (*cublasGemmStridedBatchedEx)(cublasHandle_t, int, int, int, int, int, const void *,
+                                                 const void *, int, int, long long, const void *, int, int, long long,
+                                                 const void *, void *, int, int, long long, int, int, int);
+} QATCudaAPI;
+
+typedef struct {
+    nvrtcResult (*nvrtcVersion)(int *, int *);
+    nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram *, const char *, const char *, int, const char *const *,
+                                      const char *const *);
+    nvrtcResult (*nvrtcCompileProgram)(nvrtcProgram, int, const char *const *);
+    nvrtcResult (*nvrtcGetProgramLogSize)(nvrtcProgram, size_t *);
+    nvrtcResult (*nvrtcGetProgramLog)(nvrtcProgram, char *);
+    nvrtcResult (*nvrtcGetCUBINSize)(nvrtcProgram, size_t *);
+    nvrtcResult (*nvrtcGetCUBIN)(nvrtcProgram, char *);
+    nvrtcResult (*nvrtcDestroyProgram)(nvrtcProgram *);
+    const char *(*nvrtcGetErrorString)(nvrtcResult);
+} QATNvrtcAPI;
+
+/// Opens libcuda.so.1 and cuBLAS into `api`. Returns 0, or 1 with a one-line reason in `err`.
+int qat_cuda_load(QATCudaAPI *api, char *err, size_t errlen);
+/// Opens NVRTC (`path`, or libnvrtc.so.13 / .12 by name and in the usual CUDA folders).
+int qat_nvrtc_load(QATNvrtcAPI *api, const char *path, char *err, size_t errlen);
+/// Launch with up to 16 kernel arguments given as pointers to their values.
+CUresult qat_cuda_launch(const QATCudaAPI *api, CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                         unsigned by, unsigned bz, unsigned shmem, void **args);
+#endif

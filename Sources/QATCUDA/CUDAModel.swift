@@ -1,0 +1,332 @@
+import CCUDA
+import Foundation
+import QATCore
+import QATModels
+import QATQuant
+
+/// A `CausalLM` on an NVIDIA GPU: the same layers, quantizers and results as the CPU model
+/// (`Sources/QATModels/CausalLM.swift`), computed by the CUDA kernels and cuBLAS.
+///
+/// The host model stays the source of truth for weights and quantizer state: this class
+/// uploads the weights once, reads each quantizer's state (enabled, calibrating, amax, format)
+/// at every use, and sends calibration maxima back to the host quantizers. Per forward only the
+/// token ids go to the device; the loss comes back as one float per row.
+public final class CUDAModel: @unchecked Sendable {
+    public let model: CausalLM
+    public let device: CUDADevice
+    public let precision: Precision
+    let config: ModelConfig
+
+    /// A Linear's device weights: the fp32 master copy, its fake-quant copy when the weight
+    /// quantizer quantizes, and the bf16 copy the bf16 products use.
+    final class DeviceLinear {
+        let linear: Linear
+        let weight: DeviceBuffer
+        let bias: DeviceBuffer?
+        var fakeQuant: DeviceBuffer?
+        var bf16: DeviceBuffer?
+        var stale = true
+        init(linear: Linear, weight: DeviceBuffer, bias: DeviceBuffer?) { self.linear = linear; self.weight = weight; self.bias = bias }
+    }
+
+    private var linears: [ObjectIdentifier: DeviceLinear] = [:]
+    private var tensors: [ObjectIdentifier: DeviceBuffer] = [:]   // by Parameter
+    private let cosTable, sinTable: DeviceBuffer
+    private let maxPositions: Int
+
+    // Calibration: one u32 slot per quantizer that may calibrate, max-reduced on the device.
+    private var slotOf: [ObjectIdentifier: Int] = [:]
+    private var slotQuantizers: [TensorQuantizer] = []
+    private var slots: DeviceBuffer?
+    private var slotsHit = Set<Int>()
+
+    private var buffers: Buffers?
+
+    public init(model: CausalLM, device: CUDADevice, precision: Precision) throws {
+        guard model.isFirstStage && model.isLastStage else {
+            throw QATError("the CUDA backend runs whole models; pipeline stages run on the CPU")
+        }
+        self.model = model
+        self.device = device
+        self.precision = precision
+        config = model.config
+        let rope = RoPE(invFreq: config.ropeInvFreq, headDim: config.headDim, maxPositions: max(config.maxPositionEmbeddings, 1))
+        maxPositions = rope.maxPositions
+        cosTable = try DeviceBuffer(device, floats: rope.cos)
+        sinTable = try DeviceBuffer(device, floats: rope.sin)
+        var uploaded: [ObjectIdentifier: DeviceBuffer] = [:]
+        func upload(_ p: Parameter) throws -> DeviceBuffer {
+            if let b = uploaded[ObjectIdentifier(p)] { return b }
+            let b = try DeviceBuffer(device, copying: p.value.data, bytes: p.value.count * 4)
+            uploaded[ObjectIdentifier(p)] = b
+            return b
+        }
+        _ = try upload(model.embed)
+        _ = try upload(model.finalNorm)
+        for layer in model.layers {
+            for p in [layer.inputNorm, layer.postNorm] + [layer.qNorm, layer.kNorm].compactMap({ $0 }) { _ = try upload(p) }
+        }
+        var dls: [ObjectIdentifier: DeviceLinear] = [:]
+        for l in model.linears {
+            if l.adapter != nil || l.weightSource != nil {
+                throw QATError("LoRA/QLoRA adapters (\(l.name)) run on the CPU only in this version: use device: cpu")
+            }
+            let w = try upload(l.weight)
+            let b = try l.bias.map { try upload($0) }
+            dls[ObjectIdentifier(l)] = DeviceLinear(linear: l, weight: w, bias: b)
+        }
+        tensors = uploaded
+        linears = dls
+    }
+
+    /// Call after the host weights or any weight quantizer changed (calibration, a step).
+    public func markWeightsChanged() { for l in linears.values { l.stale = true } }
+
+    private func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
+
+    // MARK: Buffers
+
+    final class Buffers {
+        let batch, seqLen: Int
+        let x, ln, rstd, qRaw, q, kRaw, kRope, kq, vRaw, vq, attn, mid, gate, up, h, final: DeviceBuffer
+        let qin, b16, lse, tokens: DeviceBuffer
+        init(_ d: CUDADevice, batch: Int, seqLen: Int, c: ModelConfig) throws {
+            self.batch = batch; self.seqLen = seqLen
+            let n = batch * seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
+            x = try DeviceBuffer(d, floats: n * C); ln = try DeviceBuffer(d, floats: n * C)
+            rstd = try DeviceBuffer(d, floats: n * max(1, c.numHeads))
+            qRaw = try DeviceBuffer(d, floats: n * qd); q = try DeviceBuffer(d, floats: n * qd)
+            kRaw = try DeviceBuffer(d, floats: n * kd); kRope = try DeviceBuffer(d, floats: n * kd); kq = try DeviceBuffer(d, floats: n * kd)
+            vRaw = try DeviceBuffer(d, floats: n * kd); vq = try DeviceBuffer(d, floats: n * kd)
+            attn = try DeviceBuffer(d, floats: n * qd); mid = try DeviceBuffer(d, floats: n * C)
+            gate = try DeviceBuffer(d, floats: n * I); up = try DeviceBuffer(d, floats: n * I); h = try DeviceBuffer(d, floats: n * I)
+            final = try DeviceBuffer(d, floats: n * C)
+            let widest = max(C, qd, I)
+            qin = try DeviceBuffer(d, floats: n * widest)
+            b16 = try DeviceBuffer(d, bytes: n * widest * 2)
+            lse = try DeviceBuffer(d, floats: batch * c.numHeads * seqLen)
+            tokens = try DeviceBuffer(d, bytes: n * 4)
+        }
+    }
+
+    private func ensureBuffers(batch: Int, seqLen: Int) throws -> Buffers {
+        if let b = buffers, b.batch == batch, b.seqLen == seqLen { return b }
+        buffers = nil   // release first: peak memory is one set
+        let b = try Buffers(device, batch: batch, seqLen: seqLen, c: config)
+        buffers = b
+        return b
+    }
+
+    /// Device bytes of weights and activation buffers held now.
+    public var deviceBytes: Int { device.bytesInUse }
+
+    // MARK: Quantizers
+
+    /// Applies quantizer `q` to x [rows, cols] into `out`. Returns false (and leaves `out`
+    /// unwritten) when the quantizer does not change values; while it calibrates, records
+    /// max |x| on the device.
+    private func quantize(_ hook: FakeQuantHook?, _ x: CUdeviceptr, into out: CUdeviceptr, rows: Int, cols: Int) throws -> Bool {
+        guard let hook else { return false }
+        guard let q = hook as? TensorQuantizer else { throw QATError("internal: quantizer \(hook.name) is not a TensorQuantizer") }
+        guard q.enabled else { return false }
+        if q.isCalibrating {
+            try recordCalibration(q, x, count: rows * cols)
+            return false
+        }
+        guard let a = q.amax else {
+            throw QATError("quantizer \(q.name) is enabled but has no amax: calibrate the model first (or disable it in quant_cfg)")
+        }
+        guard a.isFinite, a > 0 else { throw QATError("quantizer \(q.name): stored amax \(a) is not a finite positive number") }
+        switch q.format {
+        case .nvfp4(let b):
+            guard b == NVFP4.blockSize else { throw QATError("quantizer \(q.name): NVFP4 block size \(b) is not supported (only 16)") }
+            try device.nvfp4FakeQuant(x, out: out, rows: rows, cols: cols, globalAmax: a, exportMode: q.nvfp4Mode == .export)
+        case .fp8PerTensor:
+            try device.fp8FakeQuant(x, out: out, count: rows * cols, amax: a)
+        case .int8PerTensor:
+            try device.int8FakeQuant(x, out: out, count: rows * cols, amax: a)
+        }
+        return true
+    }
+
+    private func recordCalibration(_ q: TensorQuantizer, _ x: CUdeviceptr, count: Int) throws {
+        let id = ObjectIdentifier(q)
+        let slot: Int
+        if let s = slotOf[id] {
+            slot = s
+        } else {
+            slot = slotQuantizers.count
+            slotOf[id] = slot
+            slotQuantizers.append(q)
+            if (slots?.bytes ?? 0) < slotQuantizers.count * 4 {
+                let bigger = try DeviceBuffer(device, bytes: max(256, slotQuantizers.count * 2) * 4)
+                try bigger.zero()
+                if let old = slots { try device.check(device.api.cuMemcpyDtoD(bigger.ptr, old.ptr, old.bytes), "cuMemcpyDtoD") }
+                slots = bigger
+            }
+        }
+        slotsHit.insert(slot)
+        try device.absMax(x, count: count, slot: slots!.ptr + CUdeviceptr(slot * 4))
+    }
+
+    /// Sends the maxima of this forward to the host quantizers (one `collect` each, as a CPU
+    /// forward makes) and clears the slots.
+    private func flushCalibration() throws {
+        guard !slotsHit.isEmpty, let slots else { return }
+        var bits = [UInt32](repeating: 0, count: slotQuantizers.count)
+        try bits.withUnsafeMutableBytes { try slots.download($0.baseAddress!, bytes: $0.count) }
+        for s in slotsHit.sorted() { slotQuantizers[s].collect(absMax: Float(bitPattern: bits[s])) }
+        slotsHit.removeAll()
+        try slots.zero()
+    }
+
+    // MARK: Forward
+
+    /// Makes a Linear's device weight current: the fake-quant copy when its weight quantizer
+    /// quantizes, and the bf16 copy in bf16 precision.
+    private func prepare(_ dl: DeviceLinear) throws {
+        let l = dl.linear
+        var source = dl.weight.ptr
+        let count = l.outFeatures * l.inFeatures
+        if let wq = l.weightQuantizer, wq.isQuantizing {
+            if dl.fakeQuant == nil { dl.fakeQuant = try DeviceBuffer(device, floats: count) }
+            _ = try quantize(wq, dl.weight.ptr, into: dl.fakeQuant!.ptr, rows: l.outFeatures, cols: l.inFeatures)
+            source = dl.fakeQuant!.ptr
+        } else {
+            dl.fakeQuant = nil
+        }
+        if precision == .bf16 {
+            if dl.bf16 == nil { dl.bf16 = try DeviceBuffer(device, bytes: count * 2) }
+            try device.toBF16(out: dl.bf16!.ptr, source, count: count)
+        }
+        dl.stale = false
+    }
+
+    /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer.
+    private func linear(_ l: Linear, _ x: CUdeviceptr, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
+        guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
+        if dl.stale { try prepare(dl) }
+        var xin = x
+        if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) { xin = b.qin.ptr }
+        if precision == .bf16 {
+            try device.toBF16(out: b.b16.ptr, xin, count: n * l.inFeatures)
+            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: b.b16.ptr, w: dl.bf16!.ptr, c: out, bf16: true)
+        } else {
+            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: xin, w: (dl.fakeQuant ?? dl.weight).ptr, c: out, bf16: false)
+        }
+        if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
+    }
+
+    /// tokens [B, T] → the final normalised hidden states [B·T, C] on the device (valid until
+    /// the next forward).
+    public func forward(tokens: [Int32], batch: Int, seqLen: Int) throws -> CUdeviceptr {
+        let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
+        guard tokens.count == N else { throw QATError("forward: \(tokens.count) tokens for batch \(batch) × seq_len \(seqLen)") }
+        guard seqLen <= maxPositions else { throw QATError("sequence length \(seqLen) exceeds max_position_embeddings (\(maxPositions)) of this model") }
+        for (i, t) in tokens.enumerated() where t < 0 || Int(t) >= c.vocabSize {
+            throw QATError("token id \(t) at position \(i) is outside the vocabulary (size \(c.vocabSize))")
+        }
+        let b = try ensureBuffers(batch: batch, seqLen: seqLen)
+        try tokens.withUnsafeBytes { try b.tokens.upload($0.baseAddress!, bytes: $0.count) }
+        try device.embedding(out: b.x.ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C)
+        let eps = c.rmsNormEps
+        for L in model.layers {
+            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(L.inputNorm), n: N, c: C, eps: eps)
+            try linear(L.qProj, b.ln.ptr, out: c.qkNorm ? b.qRaw.ptr : b.q.ptr, n: N, buffers: b)
+            try linear(L.kProj, b.ln.ptr, out: c.qkNorm ? b.kRaw.ptr : b.kRope.ptr, n: N, buffers: b)
+            try linear(L.vProj, b.ln.ptr, out: b.vRaw.ptr, n: N, buffers: b)
+            if let qn = L.qNorm, let kn = L.kNorm {
+                try device.rmsnorm(out: b.q.ptr, rstd: b.rstd.ptr, inp: b.qRaw.ptr, weight: tensor(qn), n: N * H, c: D, eps: eps)
+                try device.rmsnorm(out: b.kRope.ptr, rstd: b.rstd.ptr, inp: b.kRaw.ptr, weight: tensor(kn), n: N * Hkv, c: D, eps: eps)
+            }
+            try device.rope(b.q.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: seqLen, heads: H, headDim: D)
+            try device.rope(b.kRope.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: seqLen, heads: Hkv, headDim: D)
+            let k = try quantize(L.kQuantizer, b.kRope.ptr, into: b.kq.ptr, rows: N * Hkv, cols: D) ? b.kq.ptr : b.kRope.ptr
+            let v = try quantize(L.vQuantizer, b.vRaw.ptr, into: b.vq.ptr, rows: N * Hkv, cols: D) ? b.vq.ptr : b.vRaw.ptr
+            try device.attention(out: b.attn.ptr, lse: b.lse.ptr, q: b.q.ptr, k: k, v: v, batch: batch, seqLen: seqLen, heads: H,
+                                 kvHeads: Hkv, headDim: D, window: c.slidingWindow)
+            try linear(L.oProj, b.attn.ptr, out: b.mid.ptr, n: N, buffers: b)
+            try device.add(b.mid.ptr, b.x.ptr, count: N * C)                      // mid = x + attn
+            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps)
+            try linear(L.gateProj, b.ln.ptr, out: b.gate.ptr, n: N, buffers: b)
+            try linear(L.upProj, b.ln.ptr, out: b.up.ptr, n: N, buffers: b)
+            try device.swiglu(out: b.h.ptr, gate: b.gate.ptr, up: b.up.ptr, count: N * c.intermediateSize)
+            try linear(L.downProj, b.h.ptr, out: b.x.ptr, n: N, buffers: b)
+            try device.add(b.x.ptr, b.mid.ptr, count: N * C)                      // x = mid + mlp
+        }
+        try device.rmsnorm(out: b.final.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(model.finalNorm), n: N, c: C, eps: eps)
+        try flushCalibration()
+        return b.final.ptr
+    }
+
+    // MARK: Loss head
+
+    private var logitsChunk: DeviceBuffer?
+    private var rowLoss: DeviceBuffer?
+    private var targetsBuffer: DeviceBuffer?
+
+    /// Rows of logits per lm_head chunk: about 256 MiB of fp32 logits at most.
+    func chunkRows(_ n: Int) -> Int { max(1, min(n, (256 << 20) / (4 * config.vocabSize))) }
+
+    /// Cross-entropy sum and valid-target count over `n` rows of final hidden states, through a
+    /// chunked lm_head: no [n × V] logits are held.
+    public func lossSums(hidden: CUdeviceptr, targets: [Int32], n: Int) throws -> (sum: Double, valid: Int) {
+        let V = config.vocabSize, C = config.hiddenSize, rows = chunkRows(n)
+        guard let b = buffers else { throw QATError("internal: lossSums before forward") }
+        if (logitsChunk?.bytes ?? 0) < rows * V * 4 { logitsChunk = nil; logitsChunk = try DeviceBuffer(device, floats: rows * V) }
+        if (rowLoss?.bytes ?? 0) < rows * 4 { rowLoss = try DeviceBuffer(device, floats: rows) }
+        if (targetsBuffer?.bytes ?? 0) < n * 4 { targetsBuffer = try DeviceBuffer(device, bytes: n * 4) }
+        try targets.withUnsafeBytes { try targetsBuffer!.upload($0.baseAddress!, bytes: n * 4) }
+        var sum = 0.0, valid = 0
+        var start = 0
+        while start < n {
+            let r = min(rows, n - start)
+            try linear(model.lmHead, hidden + CUdeviceptr(start * C * 4), out: logitsChunk!.ptr, n: r, buffers: b)
+            try device.crossEntropyRows(rowLoss: rowLoss!.ptr, logits: logitsChunk!.ptr, targets: targetsBuffer!.ptr + CUdeviceptr(start * 4),
+                                        rows: r, vocab: V)
+            let losses = try rowLoss!.floats(r)
+            for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex {
+                sum += Double(losses[i])
+                valid += 1
+            }
+            start += r
+        }
+        return (sum, valid)
+    }
+
+    /// The full logits [B·T, V] of a forward, downloaded (selftest and verification only).
+    public func logits(tokens: [Int32], batch: Int, seqLen: Int) throws -> [Float] {
+        let hidden = try forward(tokens: tokens, batch: batch, seqLen: seqLen)
+        let n = batch * seqLen, V = config.vocabSize
+        let out = try DeviceBuffer(device, floats: n * V)
+        try linear(model.lmHead, hidden, out: out.ptr, n: n, buffers: buffers!)
+        return try out.floats(n * V)
+    }
+
+    /// As `logits`, in a host tensor [B·T, V] (`Verification.compare`'s form).
+    public func logitsTensor(tokens: [Int32], batch: Int, seqLen: Int) throws -> Tensor {
+        let v = try logits(tokens: tokens, batch: batch, seqLen: seqLen)
+        return Tensor(shape: [batch * seqLen, config.vocabSize], values: v)
+    }
+
+    /// Validation loss by the project's protocol (`Evaluation.evaluate`) on the GPU.
+    public func evaluate(stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int? = nil,
+                         progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
+        try Evaluation.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
+                                progress: progress) { tokens, targets, b in
+            let hidden = try forward(tokens: tokens, batch: b, seqLen: seqLen)
+            return try lossSums(hidden: hidden, targets: targets, n: b * seqLen)
+        }
+    }
+
+    /// A forward hook for `Calibration.run`: the GPU forward, whose maxima land in the host
+    /// quantizers. Weight quantizers are observed on the host (Calibration.run does that for
+    /// Linears that no host forward reached), so their amax is exact.
+    public func calibrationForward(seqLen: Int) -> (_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>? {
+        { [self] tokens, b in
+            markWeightsChanged()
+            _ = try forward(tokens: tokens, batch: b, seqLen: seqLen)
+            return nil
+        }
+    }
+}

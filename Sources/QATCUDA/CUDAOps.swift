@@ -1,0 +1,90 @@
+import CCUDA
+import QATCore
+
+/// Host-side wrappers of the kernels and of cuBLAS, one per layer operation, each taking
+/// device pointers and shapes as the matching CPU kernel in Sources/QATModels/Layers does.
+extension CUDADevice {
+    /// C[n, out] = X[n, k] · W[out, k]ᵀ (+ beta · C): row-major, as `BLAS.gemm(transB: true)`.
+    /// fp32: fp32 inputs, pedantic fp32 compute (no TF32). bf16: X and W are bf16 copies,
+    /// accumulation and C are fp32.
+    func gemmXWt(n: Int, out: Int, k: Int, x: CUdeviceptr, w: CUdeviceptr, c: CUdeviceptr, bf16: Bool, beta: Float = 0) throws {
+        var alpha: Float = 1, b = beta
+        let type = bf16 ? Int32(QAT_CUDA_R_16BF) : Int32(QAT_CUDA_R_32F)
+        let compute = bf16 ? Int32(QAT_CUBLAS_COMPUTE_32F) : Int32(QAT_CUBLAS_COMPUTE_32F_PEDANTIC)
+        let s = api.cublasGemmEx(blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
+                                 &alpha, UnsafeRawPointer(bitPattern: UInt(w)), type, Int32(k),
+                                 UnsafeRawPointer(bitPattern: UInt(x)), type, Int32(k), &b,
+                                 UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(out), compute,
+                                 Int32(QAT_CUBLAS_GEMM_DEFAULT))
+        if s != 0 { throw QATError("cuBLAS: gemm [\(n)×\(k)]·[\(out)×\(k)]ᵀ failed (status \(s))") }
+        if kernels.syncEachLaunch { try synchronize() }
+    }
+
+    func embedding(out: CUdeviceptr, tokens: CUdeviceptr, table: CUdeviceptr, n: Int, c: Int) throws {
+        try kernels.launch("embedding_forward", grid: (n, 1, 1), block: (min(256, max(32, c)), 1, 1),
+                           [.ptr(out), .ptr(tokens), .ptr(table), .i32(n), .i32(c)])
+    }
+
+    func rmsnorm(out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float) throws {
+        let threads = c >= 1024 ? 256 : (c >= 256 ? 128 : 64)
+        try kernels.launch("rmsnorm_forward", grid: (n, 1, 1), block: (threads, 1, 1),
+                           [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps)])
+    }
+
+    func rope(_ x: CUdeviceptr, cos: CUdeviceptr, sin: CUdeviceptr, rows: Int, seqLen: Int, heads: Int, headDim: Int, sign: Float = 1) throws {
+        try kernels.launch1D("rope_apply", rows * heads * headDim / 2,
+                             [.ptr(x), .ptr(cos), .ptr(sin), .i32(rows), .i32(seqLen), .i32(heads), .i32(headDim), .f32(sign)])
+    }
+
+    func add(_ a: CUdeviceptr, _ b: CUdeviceptr, count: Int) throws {
+        try kernels.launch1D("add_inplace", count, [.ptr(a), .ptr(b), .i64(count)])
+    }
+
+    func addBias(_ out: CUdeviceptr, bias: CUdeviceptr, rows: Int, cols: Int) throws {
+        try kernels.launch1D("add_bias", rows * cols, [.ptr(out), .ptr(bias), .i64(rows * cols), .i32(cols)])
+    }
+
+    func swiglu(out: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int) throws {
+        try kernels.launch1D("swiglu_forward", count, [.ptr(out), .ptr(gate), .ptr(up), .i64(count)])
+    }
+
+    func toBF16(out: CUdeviceptr, _ x: CUdeviceptr, count: Int) throws {
+        try kernels.launch1D("to_bf16", count, [.ptr(out), .ptr(x), .i64(count)])
+    }
+
+    func nvfp4FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, rows: Int, cols: Int, globalAmax: Float, exportMode: Bool) throws {
+        try kernels.launch1D("nvfp4_fake_quant", rows * ((cols + 15) / 16),
+                             [.ptr(x), .ptr(out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
+    }
+
+    func fp8FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, count: Int, amax: Float) throws {
+        try kernels.launch1D("fp8_fake_quant", count, [.ptr(x), .ptr(out), .i64(count), .f32(amax)])
+    }
+
+    func int8FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, count: Int, amax: Float) throws {
+        try kernels.launch1D("int8_fake_quant", count, [.ptr(x), .ptr(out), .i64(count), .f32(amax)])
+    }
+
+    /// slot (a u32 holding a float's bits) = max(slot, max |x|).
+    func absMax(_ x: CUdeviceptr, count: Int, slot: CUdeviceptr) throws {
+        try kernels.launch1D("absmax_reduce", count, [.ptr(x), .i64(count), .ptr(slot)])
+    }
+
+    static let attentionRows = 16, attentionKeys = 32
+
+    func attention(out: CUdeviceptr, lse: CUdeviceptr, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr,
+                   batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int, window: Int?) throws {
+        guard headDim <= 256 else { throw QATError("the CUDA attention kernel supports head_dim up to 256 (this model has \(headDim))") }
+        let shared = (Self.attentionKeys * (headDim + 1) + Self.attentionKeys * headDim + Self.attentionRows * headDim) * 4
+        if shared > 48 * 1024 { try kernels.allowSharedMemory("attention_forward", bytes: shared) }
+        try kernels.launch("attention_forward", grid: ((seqLen + Self.attentionRows - 1) / Self.attentionRows, batch * heads, 1),
+                           block: (128, 1, 1), shared: shared,
+                           [.ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen), .i32(heads), .i32(kvHeads),
+                            .i32(headDim), .i32(window ?? 0), .f32(1 / Float(headDim).squareRoot())])
+    }
+
+    func crossEntropyRows(rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int) throws {
+        try kernels.launch("cross_entropy_rows", grid: (rows, 1, 1), block: (256, 1, 1),
+                           [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab)])
+    }
+}

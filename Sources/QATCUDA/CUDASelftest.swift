@@ -1,0 +1,257 @@
+import CCUDA
+import Foundation
+import QATCore
+import QATModels
+import QATQuant
+
+/// `qat selftest --device cuda`: every kernel and whole models on the GPU against the CPU path,
+/// on seeded random inputs. Bit-exact kernels (the fake quantizers, max calibration) must match
+/// bit for bit; the rest within a tolerance. It is the test suite of the GPU path, runnable
+/// with the portable bundle on a machine without a Swift toolchain.
+public struct CUDASelftest {
+    public struct Check {
+        public let name: String
+        public let error: Double
+        public let tolerance: Double
+        /// "max |Δ|", "mismatches", …
+        public let measure: String
+        public var passed: Bool { error <= tolerance && !error.isNaN }
+    }
+
+    public let device: CUDADevice
+    public private(set) var checks: [Check] = []
+    let log: (String) -> Void
+
+    public init(device: CUDADevice, log: @escaping (String) -> Void) {
+        self.device = device
+        self.log = log
+        device.kernels.syncEachLaunch = true
+    }
+
+    mutating func add(_ name: String, _ error: Double, _ tolerance: Double, _ measure: String = "max |Δ|") {
+        let c = Check(name: name, error: error, tolerance: tolerance, measure: measure)
+        checks.append(c)
+        log(String(format: "%@  %-44@ %@ %-10.3g (tolerance %.3g)", c.passed ? "ok  " : "FAIL", name as NSString, measure, error, tolerance))
+    }
+
+    /// Runs every check; true when all pass.
+    public mutating func run() throws -> Bool {
+        try kernels()
+        try models()
+        return checks.allSatisfy(\.passed)
+    }
+
+    // MARK: Inputs
+
+    static func random(_ n: Int, seed: UInt64, scale: Float = 1) -> [Float] {
+        var g = SplitMix64(seed: seed)
+        return (0..<n).map { _ in g.nextGaussian() * scale }
+    }
+
+    /// Values that exercise the quantizers' corners: ordinary blocks, blocks of zeros, tiny
+    /// blocks (below ModelOpt's 1e-5 scale floor), huge outliers and exact E2M1 ties.
+    static func quantInput(rows: Int, cols: Int, seed: UInt64) -> [Float] {
+        var x = random(rows * cols, seed: seed)
+        var g = SplitMix64(seed: seed ^ 0x5eed)
+        for r in 0..<rows {
+            let kind = r % 5
+            for c in 0..<cols {
+                let i = r * cols + c
+                switch kind {
+                case 1: if c / 16 % 2 == 0 { x[i] = 0 }
+                case 2: x[i] *= 1e-6
+                case 3: if g.next() % 17 == 0 { x[i] *= 300 }
+                case 4: x[i] = Float(Int(g.next() % 25) - 12) * 0.25   // many ties after scaling
+                default: break
+                }
+            }
+        }
+        return x
+    }
+
+    static func maxAbsDiff(_ a: [Float], _ b: [Float]) -> Double {
+        var m = 0.0
+        for i in 0..<min(a.count, b.count) {
+            let d = Double(abs(a[i] - b[i]))
+            if d.isNaN { return .nan }
+            m = max(m, d)
+        }
+        return a.count == b.count ? m : .nan
+    }
+
+    static func bitMismatches(_ a: [Float], _ b: [Float]) -> Double {
+        guard a.count == b.count else { return .nan }
+        var n = 0
+        for i in 0..<a.count where a[i].bitPattern != b[i].bitPattern { n += 1 }
+        return Double(n)
+    }
+
+    func gpu(_ x: [Float]) throws -> DeviceBuffer { try DeviceBuffer(device, floats: x) }
+
+    // MARK: Kernels
+
+    mutating func kernels() throws {
+        let d = device
+        // Fake quantizers: bit for bit.
+        for (rows, cols) in [(40, 64), (37, 40)] {
+            let x = Self.quantInput(rows: rows, cols: cols, seed: UInt64(rows * cols))
+            let amax = Reduce.absMax(x, count: x.count) * 0.7  // some values saturate
+            let xd = try gpu(x), out = try DeviceBuffer(d, floats: x.count)
+            for mode in NVFP4.FakeQuantMode.allCases {
+                var cpu = [Float](repeating: 0, count: x.count)
+                NVFP4.fakeQuant(x, &cpu, rows: rows, cols: cols, globalAmax: amax, mode: mode)
+                try d.nvfp4FakeQuant(xd.ptr, out: out.ptr, rows: rows, cols: cols, globalAmax: amax, exportMode: mode == .export)
+                add("nvfp4 fake quant [\(rows)×\(cols)] \(mode.rawValue)", Self.bitMismatches(cpu, try out.floats(x.count)), 0, "bits ≠")
+            }
+            var cpu = [Float](repeating: 0, count: x.count)
+            FP8.fakeQuant(x, &cpu, count: x.count, amax: amax)
+            try d.fp8FakeQuant(xd.ptr, out: out.ptr, count: x.count, amax: amax)
+            add("fp8 fake quant [\(x.count)]", Self.bitMismatches(cpu, try out.floats(x.count)), 0, "bits ≠")
+            INT8.fakeQuant(x, &cpu, count: x.count, amax: amax)
+            try d.int8FakeQuant(xd.ptr, out: out.ptr, count: x.count, amax: amax)
+            add("int8 fake quant [\(x.count)]", Self.bitMismatches(cpu, try out.floats(x.count)), 0, "bits ≠")
+            let slot = try DeviceBuffer(d, bytes: 4)
+            try slot.zero()
+            try d.absMax(xd.ptr, count: x.count, slot: slot.ptr)
+            var bits: UInt32 = 0
+            try slot.download(&bits, bytes: 4)
+            add("max calibration (|x| max) [\(x.count)]", Float(bitPattern: bits) == Reduce.absMax(x, count: x.count) ? 0 : 1, 0, "bits ≠")
+        }
+
+        // Matrix product, fp32 (no TF32) and bf16.
+        let (n, k, m) = (96, 160, 72)
+        let a = Self.random(n * k, seed: 1), w = Self.random(m * k, seed: 2)
+        var ref = [Float](repeating: 0, count: n * m)
+        BLAS.gemm(transB: true, m: n, n: m, k: k, a: a, b: w, c: &ref)
+        let ad = try gpu(a), wd = try gpu(w), cd = try DeviceBuffer(d, floats: n * m)
+        try d.gemmXWt(n: n, out: m, k: k, x: ad.ptr, w: wd.ptr, c: cd.ptr, bf16: false)
+        add("gemm fp32 [\(n)×\(k)]·[\(m)×\(k)]ᵀ", Self.maxAbsDiff(ref, try cd.floats(n * m)), 1e-4)
+        let a16 = try DeviceBuffer(d, bytes: n * k * 2), w16 = try DeviceBuffer(d, bytes: m * k * 2)
+        try d.toBF16(out: a16.ptr, ad.ptr, count: n * k)
+        try d.toBF16(out: w16.ptr, wd.ptr, count: m * k)
+        try d.gemmXWt(n: n, out: m, k: k, x: a16.ptr, w: w16.ptr, c: cd.ptr, bf16: true)
+        add("gemm bf16 (fp32 accumulation), relative", Self.maxAbsDiff(ref, try cd.floats(n * m)) / Double(ref.map { abs($0) }.max()!), 2e-2, "max |Δ|/max")
+
+        // RMSNorm.
+        let (rows, c) = (33, 200)
+        let x = Self.random(rows * c, seed: 3, scale: 2), g = Self.random(c, seed: 4)
+        var o = [Float](repeating: 0, count: rows * c), rs = [Float](repeating: 0, count: rows)
+        RMSNorm.forward(out: &o, rstd: &rs, inp: x, weight: g, n: rows, c: c, eps: 1e-6)
+        let xd = try gpu(x), gd = try gpu(g), od = try DeviceBuffer(d, floats: rows * c), rd = try DeviceBuffer(d, floats: rows)
+        try d.rmsnorm(out: od.ptr, rstd: rd.ptr, inp: xd.ptr, weight: gd.ptr, n: rows, c: c, eps: 1e-6)
+        add("rmsnorm forward", Self.maxAbsDiff(o, try od.floats(rows * c)), 1e-5)
+        add("rmsnorm rstd", Self.maxAbsDiff(rs, try rd.floats(rows)), 1e-6)
+
+        // SwiGLU and residual add.
+        let up = Self.random(rows * c, seed: 5)
+        var h = [Float](repeating: 0, count: rows * c)
+        SwiGLU.forward(out: &h, gate: x, up: up, n: rows * c)
+        let ud = try gpu(up)
+        try d.swiglu(out: od.ptr, gate: xd.ptr, up: ud.ptr, count: rows * c)
+        add("swiglu forward", Self.maxAbsDiff(h, try od.floats(rows * c)), 1e-5)
+
+        // RoPE (llama3-scaled frequencies) and attention (GQA, with and without a window).
+        for (heads, kvHeads, headDim, window, seqLen) in [(4, 2, 32, nil, 70), (6, 2, 48, 20, 45), (2, 1, 128, nil, 33)] as [(Int, Int, Int, Int?, Int)] {
+            let batch = 2, N = batch * seqLen
+            let inv = (0..<(headDim / 2)).map { Float(1 / pow(10000.0, Double(2 * $0) / Double(headDim))) }
+            let rope = RoPE(invFreq: inv, headDim: headDim, maxPositions: seqLen)
+            var q = Self.random(N * heads * headDim, seed: 6), kk = Self.random(N * kvHeads * headDim, seed: 7)
+            let v = Self.random(N * kvHeads * headDim, seed: 8)
+            let qd = try gpu(q), kd = try gpu(kk), vd = try gpu(v), cosd = try gpu(rope.cos), sind = try gpu(rope.sin)
+            rope.forward(&q, batch: batch, seqLen: seqLen, heads: heads)
+            rope.forward(&kk, batch: batch, seqLen: seqLen, heads: kvHeads)
+            try d.rope(qd.ptr, cos: cosd.ptr, sin: sind.ptr, rows: N, seqLen: seqLen, heads: heads, headDim: headDim)
+            try d.rope(kd.ptr, cos: cosd.ptr, sin: sind.ptr, rows: N, seqLen: seqLen, heads: kvHeads, headDim: headDim)
+            add("rope forward D=\(headDim)", Self.maxAbsDiff(q, try qd.floats(q.count)), 1e-5)
+            let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim, window: window)
+            var out = [Float](repeating: 0, count: N * heads * headDim), probs = [Float](repeating: 0, count: batch * heads * seqLen * seqLen)
+            Attention.forward(out: &out, probs: &probs, q: q, k: kk, v: v, shape: shape)
+            let outd = try DeviceBuffer(d, floats: out.count), lse = try DeviceBuffer(d, floats: batch * heads * seqLen)
+            try d.attention(out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
+                            kvHeads: kvHeads, headDim: headDim, window: window)
+            add("attention H=\(heads) Hkv=\(kvHeads) D=\(headDim) T=\(seqLen) window=\(window.map(String.init) ?? "none")",
+                Self.maxAbsDiff(out, try outd.floats(out.count)), 1e-5)
+        }
+
+        // Cross-entropy rows (with ignored targets).
+        let (r, V) = (20, 1000)
+        let logits = Self.random(r * V, seed: 9, scale: 3)
+        let targets: [Int32] = (0..<r).map { $0 % 7 == 3 ? CrossEntropy.ignoreIndex : Int32(($0 * 37) % V) }
+        var lc = logits
+        let cpu = CrossEntropy.forward(logits: &lc, targets: targets, n: r, vocab: V, gradScale: nil)
+        let ld = try gpu(logits), td = try DeviceBuffer(d, ints: targets), rl = try DeviceBuffer(d, floats: r)
+        try d.crossEntropyRows(rowLoss: rl.ptr, logits: ld.ptr, targets: td.ptr, rows: r, vocab: V)
+        let rows_ = try rl.floats(r)
+        let sum = zip(rows_, targets).reduce(0.0) { $0 + ($1.1 == CrossEntropy.ignoreIndex ? 0 : Double($1.0)) }
+        add("cross-entropy sum over \(r) rows", abs(sum - cpu.sum) / Double(max(cpu.valid, 1)), 1e-6, "|Δ| mean")
+    }
+
+    // MARK: Whole models
+
+    /// Model shapes covering every family feature: the tiny-llama and tiny-qwen3 fixtures'
+    /// configurations, Mistral's sliding window, Qwen2's q/k/v biases and Llama 3's RoPE scaling.
+    public static let modelConfigs: [(String, ModelConfig)] = [
+        ("tiny-llama", ModelConfig(family: .llama, vocabSize: 512, hiddenSize: 128, intermediateSize: 256, numLayers: 2, numHeads: 4,
+                                   numKVHeads: 2, rmsNormEps: 1e-6, ropeTheta: 1e4, maxPositionEmbeddings: 256)),
+        ("tiny-qwen3", ModelConfig(family: .qwen3, vocabSize: 512, hiddenSize: 128, intermediateSize: 384, numLayers: 2, numHeads: 4,
+                                   numKVHeads: 2, headDim: 48, rmsNormEps: 1e-6, ropeTheta: 1e6, maxPositionEmbeddings: 256,
+                                   tieWordEmbeddings: true, qkNorm: true)),
+        ("mistral, sliding window 24", ModelConfig(family: .mistral, vocabSize: 300, hiddenSize: 96, intermediateSize: 160, numLayers: 2,
+                                                   numHeads: 6, numKVHeads: 2, maxPositionEmbeddings: 128, slidingWindow: 24)),
+        ("qwen2, q/k/v biases", ModelConfig(family: .qwen2, vocabSize: 300, hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4,
+                                            numKVHeads: 4, ropeTheta: 1e6, maxPositionEmbeddings: 128, tieWordEmbeddings: true,
+                                            attentionBias: true)),
+        ("llama3 RoPE scaling", ModelConfig(family: .llama, vocabSize: 256, hiddenSize: 64, intermediateSize: 128, numLayers: 1,
+                                            numHeads: 2, numKVHeads: 1, ropeTheta: 5e5,
+                                            ropeScaling: .llama3(factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64),
+                                            maxPositionEmbeddings: 128)),
+    ]
+
+    mutating func models() throws {
+        let (batch, seqLen) = (2, 40)
+        for (name, config) in Self.modelConfigs {
+            let model = try CausalLM(config: config, seed: 11, std: 0.08)
+            if config.attentionBias {   // random biases, not zeros
+                for p in model.parameters where p.name.hasSuffix(".bias") {
+                    let r = Self.random(p.value.count, seed: 12, scale: 0.1)
+                    for i in 0..<r.count { p.value[i] = r[i] }
+                }
+            }
+            var g = SplitMix64(seed: 13)
+            let tokens = (0..<(batch * seqLen)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
+            let cpu = try hostLogits(model, tokens, batch, seqLen)
+            let scale = Double(cpu.map { abs($0) }.max()!)
+            for precision in Precision.allCases {
+                let gm = try CUDAModel(model: model, device: device, precision: precision)
+                let diff = Self.maxAbsDiff(cpu, try gm.logits(tokens: tokens, batch: batch, seqLen: seqLen))
+                if precision == .fp32 {
+                    add("model \(name): logits fp32", diff, 1e-4)
+                } else {
+                    add("model \(name): logits bf16, relative", diff / scale, 3e-2, "max |Δ|/max")
+                }
+            }
+            // The NVFP4 W4A4 + FP8 KV model: calibrated on the GPU, against the CPU's calibration.
+            let set = QuantizerSet(model: model, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
+            try Calibration.run(model: model, quantizers: set, sequences: [tokens], seqLen: seqLen * batch, batchSize: 1)
+            let hostAmax = set.enabled.map { $0.amax ?? 0 }
+            let cpuQ = try hostLogits(model, tokens, batch, seqLen)
+            let gm = try CUDAModel(model: model, device: device, precision: .fp32)
+            try Calibration.run(model: model, quantizers: set, sequences: [tokens], seqLen: seqLen * batch, batchSize: 1,
+                                forward: gm.calibrationForward(seqLen: seqLen * batch))
+            gm.markWeightsChanged()
+            let amaxDiff = zip(hostAmax, set.enabled.map { $0.amax ?? 0 }).map { Double(abs($0 - $1) / max($0, 1e-30)) }.max() ?? 0
+            add("model \(name): NVFP4 calibration amax, relative", amaxDiff, 1e-5, "max |Δ|/amax")
+            let gq = try gm.logits(tokens: tokens, batch: batch, seqLen: seqLen)
+            // A calibration amax a few ulps apart moves some NVFP4 scales; the logits stay close.
+            add("model \(name): logits NVFP4 fake quant fp32, relative", Self.maxAbsDiff(cpuQ, gq) / scale, 2e-2, "max |Δ|/max")
+        }
+    }
+
+    func hostLogits(_ model: CausalLM, _ tokens: [Int32], _ batch: Int, _ seqLen: Int) throws -> [Float] {
+        let hidden = try model.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: false)
+        let n = batch * seqLen, V = model.config.vocabSize
+        var out = [Float](repeating: 0, count: n * V)
+        try out.withUnsafeMutableBufferPointer { try model.lmHead.forward(hidden, out: $0.baseAddress!, n: n) }
+        return out
+    }
+}

@@ -1,0 +1,68 @@
+// Prepended to every kernel file before NVRTC compiles it (see KernelLibrary.swift).
+// Kernels are compiled with --fmad=false and IEEE division/sqrt, and write the rounding steps
+// of the bit-exact paths with __f*_rn intrinsics, so that they match the Swift CPU kernels.
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+#define INFINITY __int_as_float(0x7f800000)
+
+// Swift's min/max (y < x ? y : x, y >= x ? y : x): NaN behaviour as on the CPU path.
+__device__ __forceinline__ float smin(float x, float y) { return y < x ? y : x; }
+__device__ __forceinline__ float smax(float x, float y) { return y >= x ? y : x; }
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Round to the nearest E4M3FN value (round half to even, saturate to ±448, NaN stays NaN,
+// sign of zero kept): `e4m3Round` of Sources/QATCore/FP8.swift.
+__device__ __forceinline__ float e4m3_round(float f) {
+    u32 bits = __float_as_uint(f), sign = bits & 0x80000000u, a = bits & 0x7fffffffu;
+    if (a >= 0x43e00000u) return a > 0x7f800000u ? __uint_as_float(0x7fc00000u) : __uint_as_float(sign | 0x43e00000u);
+    if (a < 0x3c800000u) {
+        float q = __fmul_rn(rintf(__fmul_rn(__uint_as_float(a), 512.0f)), 0.001953125f);
+        return __uint_as_float(__float_as_uint(q) | sign);
+    }
+    return __uint_as_float(sign | ((a + 0x7ffffu + ((a >> 20) & 1u)) & 0xfff00000u));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block of `blockDim.x` (a multiple of 32, at most 1024) threads; every thread gets it.
+__device__ double block_sum_d(double v) {
+    __shared__ double part[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    double s = 0;
+    for (int i = 0; i < nw; i++) s += part[i];
+    return s;
+}
+__device__ float block_max(float v) {
+    __shared__ float partm[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partm[w] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    for (int i = 0; i < nw; i++) m = fmaxf(m, partm[i]);
+    return m;
+}

@@ -1,0 +1,88 @@
+// Fake quantizers (Sources/QATQuant/{NVFP4,FP8Quant}.swift), bit-identical to the CPU path, and
+// the max calibration reduction.
+
+// NVFP4 dequantized block scale S for a block max: mode 0 = ModelOpt's Triton kernel,
+// mode 1 = export-exact (see NVFP4.swift's `blockScale`).
+__device__ __forceinline__ float nvfp4_block_scale(float bmax, float gs, int mode) {
+    if (mode == 0) {
+        float gsSafe = gs > 0 ? gs : 1e-12f;
+        float s = smin(__fdiv_rn(bmax, __fmul_rn(6.0f, gsSafe)), 448.0f);
+        float S = __fmul_rn(e4m3_round(s), gs);
+        return S >= 1e-5f ? S : 1.0f;
+    }
+    if (gs == 0) return 0;
+    float s = __fdiv_rn(bmax, __fmul_rn(6.0f, gs));
+    if (s == 0) s = 1;
+    s = smin(smax(s, 0.001953125f), 448.0f);
+    return __fmul_rn(e4m3_round(s), gs);
+}
+
+// One element's E2M1 round trip (NVFP4.swift's `fakeElem`).
+__device__ __forceinline__ float nvfp4_elem(float v, float S, float zeroFix) {
+    u32 bits = __float_as_uint(v);
+    float a = __fdiv_rn(__uint_as_float(bits & 0x7fffffffu), S);
+    float c = a < 6.0f ? a : 6.0f;
+    float magic = c < 2.0f ? 4194304.0f : (c < 4.0f ? 8388608.0f : 16777216.0f);
+    float r = __fmul_rn(__fsub_rn(__fadd_rn(c, magic), magic), S);
+    u32 neg = v < 0 ? 0x80000000u : 0u;
+    return __fadd_rn(__uint_as_float(__float_as_uint(r) ^ neg), zeroFix);
+}
+
+// NVFP4 fake quant of x [rows, cols] (blocks of 16 along cols) into out (may alias x): one
+// thread per 16-block. gs = globalAmax / 2688.
+extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, long rows, int cols, float globalAmax, int mode) {
+    int nb = (cols + 15) / 16;
+    long total = rows * nb;
+    float gs = __fdiv_rn(globalAmax, 2688.0f);
+    float zeroFix = mode == 1 ? 0.0f : -0.0f;
+    for (long b = blockIdx.x * (long)blockDim.x + threadIdx.x; b < total; b += (long)gridDim.x * blockDim.x) {
+        long r = b / nb;
+        int c0 = (int)(b - r * nb) * 16, w = min(16, cols - c0);
+        const float *src = x + r * cols + c0;
+        float *dst = out + r * cols + c0;
+        float v[16];
+        u32 m = 0;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            v[i] = i < w ? src[i] : 0.0f;
+            m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
+        }
+        float S = nvfp4_block_scale(__uint_as_float(m), gs, mode);
+        if (mode == 1 && S == 0) {
+            for (int i = 0; i < w; i++) dst[i] = 0;
+            continue;
+        }
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+            if (i < w) dst[i] = nvfp4_elem(v[i], S, zeroFix);
+    }
+}
+
+// Per-tensor FP8 E4M3 fake quant: e4m3(x * (448/amax)) / (448/amax); |x| < 2^-24 -> 0.
+extern "C" __global__ void fp8_fake_quant(const float *x, float *out, long n, float amax) {
+    float scale = __fdiv_rn(448.0f, amax), tiny = 1.0f / 16777216.0f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        float q = __fdiv_rn(e4m3_round(__fmul_rn(v, scale)), scale);
+        out[i] = fabsf(v) < tiny ? 0.0f : q;
+    }
+}
+
+// Per-tensor symmetric INT8 fake quant: clamp(rint(x * 127/amax), -127, 127) / (127/amax).
+extern "C" __global__ void int8_fake_quant(const float *x, float *out, long n, float amax) {
+    float scale = __fdiv_rn(127.0f, amax);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float q = smin(smax(rintf(__fmul_rn(x[i], scale)), -127.0f), 127.0f);
+        out[i] = __fdiv_rn(q, scale);
+    }
+}
+
+// slot = max(slot, max |x|) over bit patterns of sign-cleared floats (NaN patterns sort above
+// +inf, so a NaN input stays visible), as Reduce.absMax on the CPU.
+extern "C" __global__ void absmax_reduce(const float *x, long n, u32 *slot) {
+    u32 m = 0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        m = max(m, __float_as_uint(x[i]) & 0x7fffffffu);
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0 && m) atomicMax(slot, m);
+}

@@ -244,7 +244,7 @@ public final class CUDAModel: @unchecked Sendable {
             let k = try quantize(L.kQuantizer, b.kRope.ptr, into: b.kq.ptr, rows: N * Hkv, cols: D) ? b.kq.ptr : b.kRope.ptr
             let v = try quantize(L.vQuantizer, b.vRaw.ptr, into: b.vq.ptr, rows: N * Hkv, cols: D) ? b.vq.ptr : b.vRaw.ptr
             try device.attention(out: b.attn.ptr, lse: b.lse.ptr, q: b.q.ptr, k: k, v: v, batch: batch, seqLen: seqLen, heads: H,
-                                 kvHeads: Hkv, headDim: D, window: c.slidingWindow)
+                                 kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
             try linear(L.oProj, b.attn.ptr, out: b.mid.ptr, n: N, buffers: b)
             try device.add(b.mid.ptr, b.x.ptr, count: N * C)                      // mid = x + attn
             try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps)

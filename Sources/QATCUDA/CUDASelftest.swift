@@ -151,7 +151,8 @@ public struct CUDASelftest {
         add("swiglu forward", Self.maxAbsDiff(h, try od.floats(rows * c)), 1e-5)
 
         // RoPE (llama3-scaled frequencies) and attention (GQA, with and without a window).
-        for (heads, kvHeads, headDim, window, seqLen) in [(4, 2, 32, nil, 70), (6, 2, 48, 20, 45), (2, 1, 128, nil, 33)] as [(Int, Int, Int, Int?, Int)] {
+        for (heads, kvHeads, headDim, window, seqLen) in [(4, 2, 32, nil, 70), (6, 2, 48, 20, 45), (2, 1, 128, nil, 33),
+                                                          (4, 2, 64, nil, 150), (4, 1, 128, 50, 130), (2, 2, 64, nil, 7)] as [(Int, Int, Int, Int?, Int)] {
             let batch = 2, N = batch * seqLen
             let inv = (0..<(headDim / 2)).map { Float(1 / pow(10000.0, Double(2 * $0) / Double(headDim))) }
             let rope = RoPE(invFreq: inv, headDim: headDim, maxPositions: seqLen)
@@ -169,8 +170,15 @@ public struct CUDASelftest {
             let outd = try DeviceBuffer(d, floats: out.count), lse = try DeviceBuffer(d, floats: batch * heads * seqLen)
             try d.attention(out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
                             kvHeads: kvHeads, headDim: headDim, window: window)
-            add("attention H=\(heads) Hkv=\(kvHeads) D=\(headDim) T=\(seqLen) window=\(window.map(String.init) ?? "none")",
-                Self.maxAbsDiff(out, try outd.floats(out.count)), 1e-5)
+            let label = "H=\(heads) Hkv=\(kvHeads) D=\(headDim) T=\(seqLen) window=\(window.map(String.init) ?? "none")"
+            add("attention fp32 \(label)", Self.maxAbsDiff(out, try outd.floats(out.count)), 1e-5)
+            if headDim == 64 || headDim == 128 {
+                try d.attention(out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
+                                kvHeads: kvHeads, headDim: headDim, window: window, bf16: true)
+                let scale = Double(out.map { abs($0) }.max()!)
+                add("attention bf16 tensor cores \(label), relative", Self.maxAbsDiff(out, try outd.floats(out.count)) / scale, 2e-2,
+                    "max |Δ|/max")
+            }
         }
 
         // Cross-entropy rows (with ignored targets).

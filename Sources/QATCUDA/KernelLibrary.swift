@@ -25,7 +25,10 @@ public enum KernelSources {
         let marker = "extern \"C\" __global__ void "
         var rest = Substring(source)
         while let r = rest.range(of: marker) {
-            let after = rest[r.upperBound...]
+            var after = rest[r.upperBound...]
+            if after.hasPrefix("__launch_bounds__("), let close = after.firstIndex(of: ")") {
+                after = after[after.index(after: close)...].drop { $0 == " " }
+            }
             names.append(String(after.prefix { $0.isLetter || $0.isNumber || $0 == "_" }))
             rest = after
         }

@@ -21,6 +21,28 @@ public final class CUDADevice: @unchecked Sendable {
     public private(set) var bytesInUse = 0
     public private(set) var peakBytes = 0
     lazy var kernels = KernelLibrary(device: self)
+    /// Per-operation device time (synchronising around every launch: for `qat bench --profile`
+    /// only, as it removes all overlap). nil: off.
+    public var profile: [String: (count: Int, seconds: Double)]?
+
+    /// Runs `body` (one launch), timing it when profiling.
+    func timed(_ name: String, _ body: () throws -> Void) throws {
+        guard profile != nil else { return try body() }
+        try synchronize()
+        let t = DispatchTime.now().uptimeNanoseconds
+        try body()
+        try synchronize()
+        let e = profile![name, default: (0, 0)]
+        profile![name] = (e.count + 1, e.seconds + Double(DispatchTime.now().uptimeNanoseconds - t) * 1e-9)
+    }
+
+    /// The profile as lines, most expensive first.
+    public func profileReport() -> [String] {
+        let total = profile?.values.reduce(0) { $0 + $1.seconds } ?? 0
+        return (profile ?? [:]).sorted { $0.value.seconds > $1.value.seconds }.map { k, v in
+            String(format: "  %-34@ %6d calls %9.2f ms %5.1f%%", k as NSString, v.count, v.seconds * 1e3, 100 * v.seconds / max(total, 1e-12))
+        }
+    }
 
     nonisolated(unsafe) private static var opened: [Int: CUDADevice] = [:]
 

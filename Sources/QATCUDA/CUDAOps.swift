@@ -11,11 +11,14 @@ extension CUDADevice {
         var alpha: Float = 1, b = beta
         let type = bf16 ? Int32(QAT_CUDA_R_16BF) : Int32(QAT_CUDA_R_32F)
         let compute = bf16 ? Int32(QAT_CUBLAS_COMPUTE_32F) : Int32(QAT_CUBLAS_COMPUTE_32F_PEDANTIC)
-        let s = api.cublasGemmEx(blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
+        var s: Int32 = 0
+        try timed(bf16 ? "gemm bf16 [\(n)x\(k)]x[\(out)x\(k)]" : "gemm fp32") {
+        s = api.cublasGemmEx(blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
                                  &alpha, UnsafeRawPointer(bitPattern: UInt(w)), type, Int32(k),
                                  UnsafeRawPointer(bitPattern: UInt(x)), type, Int32(k), &b,
                                  UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(out), compute,
                                  Int32(QAT_CUBLAS_GEMM_DEFAULT))
+        }
         if s != 0 { throw QATError("cuBLAS: gemm [\(n)×\(k)]·[\(out)×\(k)]ᵀ failed (status \(s))") }
         if kernels.syncEachLaunch { try synchronize() }
     }

@@ -183,12 +183,14 @@ final class KernelLibrary {
             }
             ptrs[i] = p
         }
-        let r = ptrs.withUnsafeMutableBufferPointer { pb in
-            var api = device.api
-            return qat_cuda_launch(&api, f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block.0), UInt32(block.1),
-                                   UInt32(block.2), UInt32(shared), pb.baseAddress)
+        try device.timed(name) {
+            let r = ptrs.withUnsafeMutableBufferPointer { pb in
+                var api = device.api
+                return qat_cuda_launch(&api, f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block.0), UInt32(block.1),
+                                       UInt32(block.2), UInt32(shared), pb.baseAddress)
+            }
+            try device.check(r, "launching \(name)")
         }
-        try device.check(r, "launching \(name)")
         if syncEachLaunch { try device.check(device.api.cuCtxSynchronize(), "kernel \(name)") }
     }
 

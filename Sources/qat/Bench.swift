@@ -56,7 +56,8 @@ struct Bench: ParsableCommand {
                 let script = peerScript.hasSuffix("torch_qat_step.py")
                     ? (peerScript as NSString).deletingLastPathComponent + "/modelopt_gpu_speed.py" : peerScript
                 try GPUBench(device: try ComputeDevice(parsing: device), shapes: shapeList, batch: batch, seq: seq == 256 ? 1024 : seq,
-                             repeats: 5, python: peer ?? "python3", peerScript: peer == nil ? nil : script).run()
+                             repeats: 5, python: peer ?? "python3", peerScript: peer == nil ? nil : script,
+                             profile: ProcessInfo.processInfo.environment["QAT_PROFILE"] == "1").run()
             }
             return
         }

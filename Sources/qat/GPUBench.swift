@@ -15,6 +15,8 @@ struct GPUBench {
     let repeats: Int
     let python: String
     let peerScript: String?
+    /// Also print a per-operation time breakdown of one step (synchronised launches).
+    var profile = false
 
     /// The peer script's shapes (`../shared/peer/modelopt_gpu_speed.py`), random weights.
     static func config(_ shape: String) throws -> ModelConfig {
@@ -82,6 +84,14 @@ struct GPUBench {
                                       (gpu.peakBytes - before) >> 20, loss)
                     }
                     print(line)
+                    if profile {
+                        gpu.profile = [:]
+                        let gm = try CUDAModel(model: model, device: gpu, precision: precision)
+                        let hidden = try gm.forward(tokens: tokens, batch: batch, seqLen: seq)
+                        _ = try gm.lossSums(hidden: hidden, targets: targets, n: batch * seq)
+                        gpu.profileReport().prefix(14).forEach { print($0) }
+                        gpu.profile = nil
+                    }
                 }
             }
             if let script = peerScript {

@@ -206,13 +206,19 @@ public final class CUDAModel: @unchecked Sendable {
     private func linear(_ l: Linear, _ x: CUdeviceptr, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
-        var xin = x
-        if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) { xin = b.qin.ptr }
         if precision == .bf16 {
-            try device.toBF16(out: b.b16.ptr, xin, count: n * l.inFeatures)
+            // An NVFP4 input quantizer writes the bf16 product input directly (one pass).
+            if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
+                try device.nvfp4FakeQuant(x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
+                                          exportMode: q.nvfp4Mode == .export)
+            } else {
+                let quantized = try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures)
+                try device.toBF16(out: b.b16.ptr, quantized ? b.qin.ptr : x, count: n * l.inFeatures)
+            }
             try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: b.b16.ptr, w: dl.bf16!.ptr, c: out, bf16: true)
         } else {
-            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: xin, w: (dl.fakeQuant ?? dl.weight).ptr, c: out, bf16: false)
+            let quantized = try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures)
+            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: quantized ? b.qin.ptr : x, w: (dl.fakeQuant ?? dl.weight).ptr, c: out, bf16: false)
         }
         if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
     }

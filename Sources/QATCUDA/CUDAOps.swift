@@ -55,9 +55,11 @@ extension CUDADevice {
         try kernels.launch1D("to_bf16", count, [.ptr(out), .ptr(x), .i64(count)])
     }
 
-    func nvfp4FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, rows: Int, cols: Int, globalAmax: Float, exportMode: Bool) throws {
+    /// NVFP4 fake quant into `out` (fp32), or with `bf16Out` into its bf16 rounding instead.
+    func nvfp4FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, bf16Out: CUdeviceptr = 0, rows: Int, cols: Int, globalAmax: Float,
+                        exportMode: Bool) throws {
         try kernels.launch1D("nvfp4_fake_quant", rows * ((cols + 15) / 16),
-                             [.ptr(x), .ptr(out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
+                             [.ptr(x), .ptr(out), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
     }
 
     func fp8FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, count: Int, amax: Float) throws {

@@ -102,6 +102,14 @@ public struct CUDASelftest {
                 NVFP4.fakeQuant(x, &cpu, rows: rows, cols: cols, globalAmax: amax, mode: mode)
                 try d.nvfp4FakeQuant(xd.ptr, out: out.ptr, rows: rows, cols: cols, globalAmax: amax, exportMode: mode == .export)
                 add("nvfp4 fake quant [\(rows)×\(cols)] \(mode.rawValue)", Self.bitMismatches(cpu, try out.floats(x.count)), 0, "bits ≠")
+                // The fused bf16 output equals the bf16 rounding of the fp32 result.
+                let b1 = try DeviceBuffer(d, bytes: x.count * 2), b2 = try DeviceBuffer(d, bytes: x.count * 2)
+                try d.nvfp4FakeQuant(xd.ptr, out: 0, bf16Out: b1.ptr, rows: rows, cols: cols, globalAmax: amax, exportMode: mode == .export)
+                try d.toBF16(out: b2.ptr, out.ptr, count: x.count)
+                var h1 = [UInt16](repeating: 0, count: x.count), h2 = h1
+                try h1.withUnsafeMutableBytes { try b1.download($0.baseAddress!, bytes: $0.count) }
+                try h2.withUnsafeMutableBytes { try b2.download($0.baseAddress!, bytes: $0.count) }
+                add("nvfp4 fake quant → bf16 [\(rows)×\(cols)] \(mode.rawValue)", Double(zip(h1, h2).filter { $0 != $1 }.count), 0, "bits ≠")
             }
             var cpu = [Float](repeating: 0, count: x.count)
             FP8.fakeQuant(x, &cpu, count: x.count, amax: amax)

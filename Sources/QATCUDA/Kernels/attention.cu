@@ -129,9 +129,12 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
     const float *qb = q + (long)b * T * qStride + (long)h * D;
     const float *kb = k + (long)b * T * kStride + (long)g * D;
     const float *vb = v + (long)b * T * kStride + (long)g * D;
-    for (int i = tid; i < FA_BQ * D; i += blockDim.x) {
-        int r = i / D, d = i - r * D;
-        Qs[r * QS + d] = f32_to_bf16(r0 + r < T ? qb[(long)(r0 + r) * qStride + d] : 0.0f);
+    // Tiles move as float4 (D % 4 == 0, rows 16-byte aligned), several loads in flight per thread.
+    const int D4 = D / 4, PER = 4, ROUNDS = FA_BK * D4 / (128 * PER);
+    for (int i = tid; i < FA_BQ * D4; i += 128) {
+        int r = i / D4, d = (i - r * D4) * 4;
+        float4 x = r0 + r < T ? *(const float4 *)(qb + (long)(r0 + r) * qStride + d) : make_float4(0, 0, 0, 0);
+        *(uint2 *)&Qs[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
     }
     __syncthreads();
     int wr = warp * 16;
@@ -155,11 +158,25 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
     int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
     for (int t0 = kFirst; t0 <= rLast; t0 += FA_BK) {
         __syncthreads();
-        for (int i = tid; i < FA_BK * D; i += blockDim.x) {
-            int j = i / D, d = i - j * D;
-            bool ok = t0 + j < T;
-            Ks[j * QS + d] = f32_to_bf16(ok ? kb[(long)(t0 + j) * kStride + d] : 0.0f);
-            Vt[d * VS + j] = f32_to_bf16(ok ? vb[(long)(t0 + j) * kStride + d] : 0.0f);
+#pragma unroll
+        for (int round = 0; round < ROUNDS; round++) {
+            float4 kr[PER], vr[PER];
+#pragma unroll
+            for (int u = 0; u < PER; u++) {
+                int i = tid + (round * PER + u) * 128, j = i / D4, d = (i - j * D4) * 4;
+                bool ok = t0 + j < T;
+                kr[u] = ok ? *(const float4 *)(kb + (long)(t0 + j) * kStride + d) : make_float4(0, 0, 0, 0);
+                vr[u] = ok ? *(const float4 *)(vb + (long)(t0 + j) * kStride + d) : make_float4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < PER; u++) {
+                int i = tid + (round * PER + u) * 128, j = i / D4, d = (i - j * D4) * 4;
+                *(uint2 *)&Ks[j * QS + d] = make_uint2(pack_bf16(kr[u].x, kr[u].y), pack_bf16(kr[u].z, kr[u].w));
+                Vt[d * VS + j] = f32_to_bf16(vr[u].x);
+                Vt[(d + 1) * VS + j] = f32_to_bf16(vr[u].y);
+                Vt[(d + 2) * VS + j] = f32_to_bf16(vr[u].z);
+                Vt[(d + 3) * VS + j] = f32_to_bf16(vr[u].w);
+            }
         }
         __syncthreads();
         if (wFirst >= T || t0 > wLast) continue;

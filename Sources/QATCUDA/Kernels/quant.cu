@@ -28,9 +28,11 @@ __device__ __forceinline__ float nvfp4_elem(float v, float S, float zeroFix) {
     return __fadd_rn(__uint_as_float(__float_as_uint(r) ^ neg), zeroFix);
 }
 
-// NVFP4 fake quant of x [rows, cols] (blocks of 16 along cols) into out (may alias x): one
-// thread per 16-block. gs = globalAmax / 2688.
-extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, long rows, int cols, float globalAmax, int mode) {
+// NVFP4 fake quant of x [rows, cols] (blocks of 16 along cols) into out (may alias x), or, when
+// bf16out is given, into its bf16 rounding there instead (the input of a bf16 product): one thread
+// per 16-block. gs = globalAmax / 2688.
+extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf16out, long rows, int cols, float globalAmax,
+                                            int mode) {
     int nb = (cols + 15) / 16;
     long total = rows * nb;
     float gs = __fdiv_rn(globalAmax, 2688.0f);
@@ -42,19 +44,43 @@ extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, long row
         float *dst = out + r * cols + c0;
         float v[16];
         u32 m = 0;
+        if (w == 16 && (cols & 3) == 0) {   // four 16-byte loads
 #pragma unroll
-        for (int i = 0; i < 16; i++) {
-            v[i] = i < w ? src[i] : 0.0f;
-            m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
+            for (int i = 0; i < 4; i++) {
+                float4 t = ((const float4 *)src)[i];
+                v[4 * i] = t.x; v[4 * i + 1] = t.y; v[4 * i + 2] = t.z; v[4 * i + 3] = t.w;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; i++) v[i] = i < w ? src[i] : 0.0f;
         }
+#pragma unroll
+        for (int i = 0; i < 16; i++) m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
         float S = nvfp4_block_scale(__uint_as_float(m), gs, mode);
         if (mode == 1 && S == 0) {
-            for (int i = 0; i < w; i++) dst[i] = 0;
+            for (int i = 0; i < w; i++) {
+                if (bf16out) bf16out[r * cols + c0 + i] = 0; else dst[i] = 0;
+            }
             continue;
         }
 #pragma unroll
-        for (int i = 0; i < 16; i++)
-            if (i < w) dst[i] = nvfp4_elem(v[i], S, zeroFix);
+        for (int i = 0; i < 16; i++) v[i] = nvfp4_elem(v[i], S, zeroFix);
+        if (bf16out) {
+            u16 *d16 = bf16out + r * cols + c0;
+            if (w == 16 && (cols & 3) == 0) {
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    ((uint2 *)d16)[i] = make_uint2((u32)f32_to_bf16(v[4 * i]) | ((u32)f32_to_bf16(v[4 * i + 1]) << 16),
+                                                   (u32)f32_to_bf16(v[4 * i + 2]) | ((u32)f32_to_bf16(v[4 * i + 3]) << 16));
+            } else {
+                for (int i = 0; i < w; i++) d16[i] = f32_to_bf16(v[i]);
+            }
+        } else if (w == 16 && (cols & 3) == 0) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) ((float4 *)dst)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+        } else {
+            for (int i = 0; i < w; i++) dst[i] = v[i];
+        }
     }
 }
 

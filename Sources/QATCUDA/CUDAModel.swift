@@ -90,7 +90,9 @@ public final class CUDAModel: @unchecked Sendable {
         let batch, seqLen: Int
         let x, ln, rstd, qRaw, q, kRaw, kRope, kq, vRaw, vq, attn, mid, gate, up, h, final: DeviceBuffer
         let qin, b16, lse, tokens: DeviceBuffer
-        init(_ d: CUDADevice, batch: Int, seqLen: Int, c: ModelConfig) throws {
+        /// bf16 precision: bf16 copies of ln, h and final written by the kernels that produce them.
+        let ln16, h16, final16: DeviceBuffer?
+        init(_ d: CUDADevice, batch: Int, seqLen: Int, c: ModelConfig, bf16: Bool) throws {
             self.batch = batch; self.seqLen = seqLen
             let n = batch * seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
             x = try DeviceBuffer(d, floats: n * C); ln = try DeviceBuffer(d, floats: n * C)
@@ -106,13 +108,16 @@ public final class CUDAModel: @unchecked Sendable {
             b16 = try DeviceBuffer(d, bytes: n * widest * 2)
             lse = try DeviceBuffer(d, floats: batch * c.numHeads * seqLen)
             tokens = try DeviceBuffer(d, bytes: n * 4)
+            ln16 = bf16 ? try DeviceBuffer(d, bytes: n * C * 2) : nil
+            h16 = bf16 ? try DeviceBuffer(d, bytes: n * I * 2) : nil
+            final16 = bf16 ? try DeviceBuffer(d, bytes: n * C * 2) : nil
         }
     }
 
     private func ensureBuffers(batch: Int, seqLen: Int) throws -> Buffers {
         if let b = buffers, b.batch == batch, b.seqLen == seqLen { return b }
         buffers = nil   // release first: peak memory is one set
-        let b = try Buffers(device, batch: batch, seqLen: seqLen, c: config)
+        let b = try Buffers(device, batch: batch, seqLen: seqLen, c: config, bf16: precision == .bf16)
         buffers = b
         return b
     }
@@ -202,20 +207,25 @@ public final class CUDAModel: @unchecked Sendable {
         dl.stale = false
     }
 
-    /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer.
-    private func linear(_ l: Linear, _ x: CUdeviceptr, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
+    /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
+    /// when its producer wrote one (used when no quantizer changes x).
+    private func linear(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
         if precision == .bf16 {
             // An NVFP4 input quantizer writes the bf16 product input directly (one pass).
+            var input = b.b16.ptr
             if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
                 try device.nvfp4FakeQuant(x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
                                           exportMode: q.nvfp4Mode == .export)
+            } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
+                try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: n * l.inFeatures)
+            } else if let x16 {
+                input = x16
             } else {
-                let quantized = try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures)
-                try device.toBF16(out: b.b16.ptr, quantized ? b.qin.ptr : x, count: n * l.inFeatures)
+                try device.toBF16(out: b.b16.ptr, x, count: n * l.inFeatures)
             }
-            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: b.b16.ptr, w: dl.bf16!.ptr, c: out, bf16: true)
+            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: dl.bf16!.ptr, c: out, bf16: true)
         } else {
             let quantized = try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures)
             try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: quantized ? b.qin.ptr : x, w: (dl.fakeQuant ?? dl.weight).ptr, c: out, bf16: false)
@@ -237,10 +247,11 @@ public final class CUDAModel: @unchecked Sendable {
         try device.embedding(out: b.x.ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C)
         let eps = c.rmsNormEps
         for L in model.layers {
-            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(L.inputNorm), n: N, c: C, eps: eps)
-            try linear(L.qProj, b.ln.ptr, out: c.qkNorm ? b.qRaw.ptr : b.q.ptr, n: N, buffers: b)
-            try linear(L.kProj, b.ln.ptr, out: c.qkNorm ? b.kRaw.ptr : b.kRope.ptr, n: N, buffers: b)
-            try linear(L.vProj, b.ln.ptr, out: b.vRaw.ptr, n: N, buffers: b)
+            let ln16 = b.ln16?.ptr
+            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
+            try linear(L.qProj, b.ln.ptr, x16: ln16, out: c.qkNorm ? b.qRaw.ptr : b.q.ptr, n: N, buffers: b)
+            try linear(L.kProj, b.ln.ptr, x16: ln16, out: c.qkNorm ? b.kRaw.ptr : b.kRope.ptr, n: N, buffers: b)
+            try linear(L.vProj, b.ln.ptr, x16: ln16, out: b.vRaw.ptr, n: N, buffers: b)
             if let qn = L.qNorm, let kn = L.kNorm {
                 try device.rmsnorm(out: b.q.ptr, rstd: b.rstd.ptr, inp: b.qRaw.ptr, weight: tensor(qn), n: N * H, c: D, eps: eps)
                 try device.rmsnorm(out: b.kRope.ptr, rstd: b.rstd.ptr, inp: b.kRaw.ptr, weight: tensor(kn), n: N * Hkv, c: D, eps: eps)
@@ -253,14 +264,15 @@ public final class CUDAModel: @unchecked Sendable {
                                  kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
             try linear(L.oProj, b.attn.ptr, out: b.mid.ptr, n: N, buffers: b)
             try device.add(b.mid.ptr, b.x.ptr, count: N * C)                      // mid = x + attn
-            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps)
-            try linear(L.gateProj, b.ln.ptr, out: b.gate.ptr, n: N, buffers: b)
-            try linear(L.upProj, b.ln.ptr, out: b.up.ptr, n: N, buffers: b)
-            try device.swiglu(out: b.h.ptr, gate: b.gate.ptr, up: b.up.ptr, count: N * c.intermediateSize)
-            try linear(L.downProj, b.h.ptr, out: b.x.ptr, n: N, buffers: b)
+            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
+            try linear(L.gateProj, b.ln.ptr, x16: ln16, out: b.gate.ptr, n: N, buffers: b)
+            try linear(L.upProj, b.ln.ptr, x16: ln16, out: b.up.ptr, n: N, buffers: b)
+            try device.swiglu(out: b.h.ptr, gate: b.gate.ptr, up: b.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
+            try linear(L.downProj, b.h.ptr, x16: b.h16?.ptr, out: b.x.ptr, n: N, buffers: b)
             try device.add(b.x.ptr, b.mid.ptr, count: N * C)                      // x = mid + mlp
         }
-        try device.rmsnorm(out: b.final.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(model.finalNorm), n: N, c: C, eps: eps)
+        try device.rmsnorm(out: b.final.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(model.finalNorm), n: N, c: C, eps: eps,
+                           out16: b.final16?.ptr ?? 0)
         try flushCalibration()
         return b.final.ptr
     }
@@ -287,7 +299,9 @@ public final class CUDAModel: @unchecked Sendable {
         var start = 0
         while start < n {
             let r = min(rows, n - start)
-            try linear(model.lmHead, hidden + CUdeviceptr(start * C * 4), out: logitsChunk!.ptr, n: r, buffers: b)
+            // The bf16 copy of the final hidden states, when `hidden` is this model's own output.
+            let h16 = hidden == b.final.ptr ? b.final16.map { $0.ptr + CUdeviceptr(start * C * 2) } : nil
+            try linear(model.lmHead, hidden + CUdeviceptr(start * C * 4), x16: h16, out: logitsChunk!.ptr, n: r, buffers: b)
             try device.crossEntropyRows(rowLoss: rowLoss!.ptr, logits: logitsChunk!.ptr, targets: targetsBuffer!.ptr + CUdeviceptr(start * 4),
                                         rows: r, vocab: V)
             let losses = try rowLoss!.floats(r)
@@ -305,7 +319,7 @@ public final class CUDAModel: @unchecked Sendable {
         let hidden = try forward(tokens: tokens, batch: batch, seqLen: seqLen)
         let n = batch * seqLen, V = config.vocabSize
         let out = try DeviceBuffer(device, floats: n * V)
-        try linear(model.lmHead, hidden, out: out.ptr, n: n, buffers: buffers!)
+        try linear(model.lmHead, hidden, x16: buffers!.final16?.ptr, out: out.ptr, n: n, buffers: buffers!)
         return try out.floats(n * V)
     }
 

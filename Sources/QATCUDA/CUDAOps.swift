@@ -28,10 +28,17 @@ extension CUDADevice {
                            [.ptr(out), .ptr(tokens), .ptr(table), .i32(n), .i32(c)])
     }
 
-    func rmsnorm(out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float) throws {
+    /// `out16`: also write the output's bf16 copy there (the input of bf16 products).
+    func rmsnorm(out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float,
+                 out16: CUdeviceptr = 0) throws {
+        if c <= 256 && out16 == 0 {   // short rows (per-head q/k norms): a warp per row
+            try kernels.launch("rmsnorm_forward_warp", grid: ((n + 7) / 8, 1, 1), block: (256, 1, 1),
+                               [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps)])
+            return
+        }
         let threads = c >= 1024 ? 256 : (c >= 256 ? 128 : 64)
         try kernels.launch("rmsnorm_forward", grid: (n, 1, 1), block: (threads, 1, 1),
-                           [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps)])
+                           [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
     }
 
     func rope(_ x: CUdeviceptr, cos: CUdeviceptr, sin: CUdeviceptr, rows: Int, seqLen: Int, heads: Int, headDim: Int, sign: Float = 1) throws {
@@ -47,8 +54,8 @@ extension CUDADevice {
         try kernels.launch1D("add_bias", rows * cols, [.ptr(out), .ptr(bias), .i64(rows * cols), .i32(cols)])
     }
 
-    func swiglu(out: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int) throws {
-        try kernels.launch1D("swiglu_forward", count, [.ptr(out), .ptr(gate), .ptr(up), .i64(count)])
+    func swiglu(out: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int, out16: CUdeviceptr = 0) throws {
+        try kernels.launch1D("swiglu_forward", count, [.ptr(out), .ptr(gate), .ptr(up), .i64(count), .ptr(out16)])
     }
 
     func toBF16(out: CUdeviceptr, _ x: CUdeviceptr, count: Int) throws {
@@ -85,7 +92,7 @@ extension CUDADevice {
         let scale = 1 / Float(headDim).squareRoot()
         if bf16 && (headDim == 64 || headDim == 128) {
             let name = "attention_forward_bf16_d\(headDim)"
-            let shared = (2 * 64 * (headDim + 8) + headDim * (64 + 8)) * 2
+            let shared = 3 * 64 * (headDim + 8) * 2
             if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
             try kernels.launch(name, grid: ((seqLen + 63) / 64, batch * heads, 1), block: (128, 1, 1), shared: shared,
                                [.ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen), .i32(heads), .i32(kvHeads),

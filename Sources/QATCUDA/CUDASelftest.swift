@@ -149,6 +149,20 @@ public struct CUDASelftest {
         try d.rmsnorm(out: od.ptr, rstd: rd.ptr, inp: xd.ptr, weight: gd.ptr, n: rows, c: c, eps: 1e-6)
         add("rmsnorm forward", Self.maxAbsDiff(o, try od.floats(rows * c)), 1e-5)
         add("rmsnorm rstd", Self.maxAbsDiff(rs, try rd.floats(rows)), 1e-6)
+        do {   // long rows (a block per row) with the bf16 copy
+            let (rows, c) = (9, 1100)
+            let x = Self.random(rows * c, seed: 14, scale: 2), g = Self.random(c, seed: 15)
+            var o = [Float](repeating: 0, count: rows * c), rs = [Float](repeating: 0, count: rows)
+            RMSNorm.forward(out: &o, rstd: &rs, inp: x, weight: g, n: rows, c: c, eps: 1e-5)
+            let xd = try gpu(x), gd = try gpu(g), od = try DeviceBuffer(d, floats: rows * c), rd = try DeviceBuffer(d, floats: rows)
+            let o16 = try DeviceBuffer(d, bytes: rows * c * 2)
+            try d.rmsnorm(out: od.ptr, rstd: rd.ptr, inp: xd.ptr, weight: gd.ptr, n: rows, c: c, eps: 1e-5, out16: o16.ptr)
+            add("rmsnorm forward (rows of \(c))", Self.maxAbsDiff(o, try od.floats(rows * c)), 1e-5)
+            var h16 = [UInt16](repeating: 0, count: rows * c)
+            try h16.withUnsafeMutableBytes { try o16.download($0.baseAddress!, bytes: $0.count) }
+            let back = h16.map { Float(bitPattern: UInt32($0) << 16) }
+            add("rmsnorm bf16 copy, relative", Self.maxAbsDiff(o, back) / Double(o.map { abs($0) }.max()!), 4e-3, "max |Δ|/max")
+        }
 
         // SwiGLU and residual add.
         let up = Self.random(rows * c, seed: 5)

@@ -120,8 +120,8 @@ template <int D>
 __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv,
                                    int window, float scale) {
     extern __shared__ u16 fsm[];
-    const int QS = D + 8, VS = FA_BK + 8;
-    u16 *Qs = fsm, *Ks = Qs + FA_BQ * QS, *Vt = Ks + FA_BK * QS;
+    const int QS = D + 8;   // padded rows: fragment loads hit distinct banks
+    u16 *Qs = fsm, *Ks = Qs + FA_BQ * QS, *Vs = Ks + FA_BK * QS;
     int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
     int r0 = blockIdx.x * FA_BQ;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
@@ -172,10 +172,7 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
             for (int u = 0; u < PER; u++) {
                 int i = tid + (round * PER + u) * 128, j = i / D4, d = (i - j * D4) * 4;
                 *(uint2 *)&Ks[j * QS + d] = make_uint2(pack_bf16(kr[u].x, kr[u].y), pack_bf16(kr[u].z, kr[u].w));
-                Vt[d * VS + j] = f32_to_bf16(vr[u].x);
-                Vt[(d + 1) * VS + j] = f32_to_bf16(vr[u].y);
-                Vt[(d + 2) * VS + j] = f32_to_bf16(vr[u].z);
-                Vt[(d + 3) * VS + j] = f32_to_bf16(vr[u].w);
+                *(uint2 *)&Vs[j * QS + d] = make_uint2(pack_bf16(vr[u].x, vr[u].y), pack_bf16(vr[u].z, vr[u].w));
             }
         }
         __syncthreads();
@@ -233,10 +230,14 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
         for (int kk = 0; kk < FA_BK / 16; kk++) {
             u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                         pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            // B fragments of V (keys × dims) straight from its row-major tile: ldmatrix.trans,
+            // lanes 0-15 addressing the 16 key rows of this step.
+            u32 vaddr = (u32)__cvta_generic_to_shared(&Vs[(kk * 16 + (lane & 15)) * QS]);
 #pragma unroll
             for (int dn = 0; dn < D / 8; dn++) {
-                u32 b0 = *(const u32 *)&Vt[(dn * 8 + gq) * VS + kk * 16 + 2 * tq];
-                u32 b1 = *(const u32 *)&Vt[(dn * 8 + gq) * VS + kk * 16 + 8 + 2 * tq];
+                u32 b0, b1;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b0), "=r"(b1) : "r"(vaddr + dn * 16));
                 mma_bf16(o[dn], a, b0, b1);
             }
         }

@@ -16,11 +16,13 @@ extern "C" __global__ void add_inplace(float *a, const float *b, long n) {
         a[i] = __fadd_rn(a[i], b[i]);
 }
 
-// out = silu(gate) * up
-extern "C" __global__ void swiglu_forward(float *out, const float *gate, const float *up, long n) {
+// out = silu(gate) * up (and its bf16 copy in out16, when given)
+extern "C" __global__ void swiglu_forward(float *out, const float *gate, const float *up, long n, u16 *out16) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float x = gate[i];
-        out[i] = x / (1.0f + expf(-x)) * up[i];
+        float y = x / (1.0f + expf(-x)) * up[i];
+        out[i] = y;
+        if (out16) out16[i] = f32_to_bf16(y);
     }
 }
 

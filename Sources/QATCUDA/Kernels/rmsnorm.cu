@@ -1,7 +1,8 @@
-// RMSNorm forward (Sources/QATModels/Layers/RMSNorm.swift): one block per row, the sum of
-// squares accumulated in double as on the CPU; rstd is kept for backward.
-extern "C" __global__ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int n, int c,
-                                           float eps) {
+// RMSNorm forward (Sources/QATModels/Layers/RMSNorm.swift): the sum of squares accumulated in
+// double as on the CPU; rstd is kept for backward; out16 (optional) receives a bf16 copy of the
+// output, the input of the bf16 products that read it.
+extern "C" __global__ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
+                                           u16 *out16) {
     long row = blockIdx.x;
     if (row >= n) return;
     const float *x = inp + row * c;
@@ -11,5 +12,34 @@ extern "C" __global__ void rmsnorm_forward(float *out, float *rstd, const float 
     float rs = 1.0f / sqrtf((float)(s / (double)c) + eps);
     if (threadIdx.x == 0 && rstd) rstd[row] = rs;
     float *o = out + row * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) o[j] = __fmul_rn(w[j], __fmul_rn(x[j], rs));
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float y = __fmul_rn(w[j], __fmul_rn(x[j], rs));
+        o[j] = y;
+        if (out16) out16[row * c + j] = f32_to_bf16(y);
+    }
+}
+
+// The same for short rows (c <= 256, the per-head q/k norms): one warp per row.
+extern "C" __global__ void rmsnorm_forward_warp(float *out, float *rstd, const float *inp, const float *w, int n, int c, float eps) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const float *x = inp + row * c;
+    float v[8];
+    double s = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int j = lane + 32 * i;
+        v[i] = j < c ? x[j] : 0.0f;
+        s += (double)__fmul_rn(v[i], v[i]);
+    }
+    s = warp_sum_d(s);
+    float rs = 1.0f / sqrtf((float)(s / (double)c) + eps);
+    if (lane == 0 && rstd) rstd[row] = rs;
+    float *o = out + row * c;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int j = lane + 32 * i;
+        if (j < c) o[j] = __fmul_rn(w[j], __fmul_rn(v[i], rs));
+    }
 }

@@ -59,6 +59,11 @@ struct Bench: ParsableCommand {
             out.set("nvfp4_fake_quant_GBps", .double(fq))
             lines.append(String(format: "memcpy %.1f GB/s; NVFP4 fake quant %.1f GB/s (%.0f%% of memcpy)", copy, fq, 100 * fq / copy))
             say(lines.last!)
+            let header = try IOBench.safetensorsHeaderSeconds(), bf16 = try IOBench.bf16DecodeGBs()
+            out.set("safetensors_header_20k_s", .double(header))
+            out.set("bf16_decode_GBps", .double(bf16))
+            lines.append(String(format: "safetensors header of 20,000 tensors %.1f ms; bf16 → f32 decode %.2f GB/s", header * 1000, bf16))
+            say(lines.last!)
 
             var shapeResults: [JSONValue] = []
             for name in shapes.split(separator: ",").map(String.init) {

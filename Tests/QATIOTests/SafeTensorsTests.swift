@@ -343,32 +343,35 @@ final class SafeTensorsTests: XCTestCase {
         XCTAssertEqual(Array(d), expected)
     }
 
-    func testManyTensorsHeaderIsFast() throws {
-        // Headers of real checkpoints list thousands of tensors; nothing may be quadratic.
+    /// Headers of real checkpoints list thousands of tensors (their parse time is measured
+    /// by `qat bench`, "safetensors header"): all 20,000 entries are read and addressable.
+    func testManyTensorsHeader() throws {
         var w = SafeTensorsWriter()
         for i in 0..<20_000 { try w.add(name: "model.layers.\(i / 10).t\(i % 10).weight", dtype: .u8, shape: [1], bytes: [UInt8(i & 255)]) }
         let p = path("many.safetensors")
-        let start = Date()
         try w.write(to: p)
         let f = try SafeTensorsFile(path: p)
         XCTAssertEqual(f.tensors.count, 20_000)
         XCTAssertEqual(try f.integers("model.layers.1999.t9.weight"), [Int64(19_999 & 255)])
-        XCTAssertLessThan(Date().timeIntervalSince(start), 2.0)
+        XCTAssertEqual(try f.integers("model.layers.0.t0.weight"), [0])
+        XCTAssertEqual(try f.integers("model.layers.25.t6.weight"), [Int64(256 & 255)])
     }
 
-    func testConversionSpeed() throws {
-        // 4M bf16 elements: a plain pointer loop converts this in a few ms; a per-element
-        // allocation would take seconds.
+    /// A 4M-element bf16 tensor decodes to the exact values (its speed is measured by
+    /// `qat bench`, "bf16 → f32 decode").
+    func testLargeBF16Conversion() throws {
         let n = 4 << 20
         var w = SafeTensorsWriter()
-        try w.add(name: "x", floats: [Float](repeating: 0.5, count: n), shape: [n], as: .bf16)
+        // Exactly representable in bf16 (low 16 bits zero), finite (exponent bit 7 clear).
+        let values = (0..<n).map { (i: Int) -> Float in
+            let bits = UInt32(truncatingIfNeeded: (i &* 2_654_435_761) >> 8) << 16
+            return Float(bitPattern: bits & 0xBFFF_0000)
+        }
+        try w.add(name: "x", floats: values, shape: [n], as: .bf16)
         let p = path("big.safetensors")
         try w.write(to: p)
-        let f = try SafeTensorsFile(path: p)
-        let start = Date()
-        let t = try f.floats("x")
-        let elapsed = Date().timeIntervalSince(start)
-        XCTAssertEqual(t[n - 1], 0.5)
-        XCTAssertLessThan(elapsed, 0.5)
+        let t = try SafeTensorsFile(path: p).floats("x")
+        XCTAssertEqual(t.count, n)
+        XCTAssertEqual(t.array.map(\.bitPattern), values.map(\.bitPattern))
     }
 }

@@ -21,7 +21,8 @@ swift test -c release --skip-build --disable-swift-testing "$@" 2>&1 | tee "$log
 summary=$(grep -E "^[[:space:]]*Executed [0-9]+ tests?, with" "$log" | tail -1 || true)
 if [ -n "$summary" ]; then
   total=$(echo "$summary" | sed -E 's/^[[:space:]]*Executed ([0-9]+) tests?.*/\1/')
-  failed=$(echo "$summary" | sed -E 's/.* ([0-9]+) failures?.*/\1/')
+  # (XCTest's "N failures" counts failed assertions; a test fails once.)
+  failed=$(grep -cE "^Test Case '[^']+' failed" "$log" || true)
   skipped=$(echo "$summary" | grep -oE '[0-9]+ tests? skipped' | grep -oE '^[0-9]+' || echo 0)
 fi
 # XCTest prints "Test Case 'Class.method' skipped (…)" for each skip.

@@ -37,7 +37,7 @@ public struct LogitComparison: Sendable {
 public enum Verification {
     /// Applies the three adjustments above to the in-memory reference model.
     public static func alignReference(model: CausalLM, quantizers: QuantizerSet, exportDirectory: String) throws {
-        let ckpt = try Checkpoint(path: exportDirectory)
+        let ckpt = try ModelWeights(path: exportDirectory)
         var quantizedWeights = Set<String>()
         for l in model.linears {
             guard let q = quantizers.byName[l.name + ".weight_quantizer"], q.enabled else { continue }

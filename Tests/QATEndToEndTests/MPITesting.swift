@@ -81,7 +81,8 @@ extension MPITesting {
 
     /// One number per line of metrics.jsonl that has `key`.
     func metricsValues(_ path: String, key: String) throws -> [Double] {
-        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap { try JSONValue.parse(String($0))[key]?.doubleValue }
+        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
+            .compactMap { try JSONValue.parse(String($0))[key]?.doubleValue }
     }
 
     /// Starts `qat <args>` under mpirun with 2 ranks, waits for the first complete checkpoint

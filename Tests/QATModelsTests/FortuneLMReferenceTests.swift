@@ -11,7 +11,8 @@ import XCTest
 final class FortuneLMReferenceTests: XCTestCase {
     func testValidationLossMatchesPyTorch() throws {
         let dir = Fixtures.repoRoot.appendingPathComponent("models/fortune-lm").path
-        let training = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/TRAINING.json"))) as? [String: Any]
+        let trainingJSON = try Data(contentsOf: URL(fileURLWithPath: dir + "/TRAINING.json"))
+        let training = try JSONSerialization.jsonObject(with: trainingJSON) as? [String: Any]
         let reference = try XCTUnwrap(training?["validation_loss_fp32_weights"] as? Double)
         XCTAssertEqual(reference, 3.7709)
         let model = try CausalLM(directory: dir)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system libraries qat links against (Debian/Ubuntu), only when missing, and
-# Open MPI (dlopen'd at run time by data-parallel `mpirun -np N qat apply`; its tests skip without it).
+# Open MPI (dlopen'd at run time by data-parallel `mpirun -np N qat apply`; without it its tests
+# skip, which scripts/test.sh counts as a failure).
 set -euo pipefail
 need=()
 for pc in openblas hdf5 json-c; do

@@ -110,7 +110,7 @@ public final class HDF5File {
 
     /// Writes buffered data to disk now (it is also flushed when the file is closed).
     public func flush() throws {
-        guard H5Fflush(fid, H5F_SCOPE_LOCAL) >= 0 else { throw QATError("\(path): flush failed") }
+        guard H5Fflush(fid, H5F_SCOPE_LOCAL) >= 0 else { throw QATError.io("\(path): flush failed") }
     }
 
     // MARK: - Queries
@@ -203,7 +203,7 @@ public final class HDF5File {
             throw QATError("\(path): cannot select rows \(rows) of '\(name)'")
         }
         let memSpace = H5Screate_simple(Int32(count.count), count, nil)
-        guard memSpace >= 0 else { throw QATError("\(path): cannot create memory dataspace for '\(name)'") }
+        guard memSpace >= 0 else { throw QATError.io("\(path): cannot create memory dataspace for '\(name)'") }
         defer { H5Sclose(memSpace) }
         return try readSelection(d, name: name, count: rows.count * rowSize, memSpace: memSpace, fileSpace: fileSpace)
     }
@@ -232,7 +232,7 @@ public final class HDF5File {
         var maxDims = dims
         if extendable { maxDims[0] = qat_h5s_unlimited() }
         let space = H5Screate_simple(Int32(dims.count), &dims, &maxDims)
-        guard space >= 0 else { throw QATError("\(path): cannot create dataspace \(shape) for '\(name)'") }
+        guard space >= 0 else { throw QATError.io("\(path): cannot create dataspace \(shape) for '\(name)'") }
         defer { H5Sclose(space) }
         let dcpl = H5Pcreate(qat_h5p_dataset_create())
         defer { H5Pclose(dcpl) }
@@ -253,7 +253,7 @@ public final class HDF5File {
         defer { H5Pclose(lcpl) }
         H5Pset_create_intermediate_group(lcpl, 1)
         let d = H5Dcreate2(fid, name, T.h5File, space, lcpl, dcpl, qat_h5p_default())
-        guard d >= 0 else { throw QATError("\(path): cannot create dataset '\(name)' \(T.h5Name)\(shape)") }
+        guard d >= 0 else { throw QATError.io("\(path): cannot create dataset '\(name)' \(T.h5Name)\(shape)") }
         H5Dclose(d)
     }
 
@@ -297,7 +297,7 @@ public final class HDF5File {
         let memSpace = H5Screate_simple(Int32(count.count), count, nil)
         defer { H5Sclose(memSpace) }
         let status = values.withUnsafeBytes { H5Dwrite(d, T.h5Native, memSpace, fileSpace, qat_h5p_default(), $0.baseAddress) }
-        guard status >= 0 else { throw QATError("\(path): writing \(T.h5Name) rows to '\(name)' failed") }
+        guard status >= 0 else { throw QATError.io("\(path): writing \(T.h5Name) rows to '\(name)' failed") }
     }
 
     /// Grows (or shrinks) the first dimension of a dataset created with `extendable: true`.
@@ -330,10 +330,10 @@ public final class HDF5File {
         let space = H5Screate(H5S_SCALAR)
         defer { H5Sclose(space) }
         let a = H5Acreate2(obj, attr, t, space, qat_h5p_default(), qat_h5p_default())
-        guard a >= 0 else { throw QATError("\(path): cannot create attribute '\(attr)' on '\(object)'") }
+        guard a >= 0 else { throw QATError.io("\(path): cannot create attribute '\(attr)' on '\(object)'") }
         defer { H5Aclose(a) }
         let buf = bytes.isEmpty ? [UInt8(0)] : bytes
-        guard H5Awrite(a, t, buf) >= 0 else { throw QATError("\(path): cannot write attribute '\(attr)'") }
+        guard H5Awrite(a, t, buf) >= 0 else { throw QATError.io("\(path): cannot write attribute '\(attr)'") }
     }
 
     /// Reads a string attribute (fixed-length or variable-length, as h5py writes them).

@@ -16,6 +16,13 @@ public enum TokenData {
         return tokens
     }
 
+    /// `load` for a recipe's or a command's data: a `.jsonl` file is tokenized with the
+    /// tokenizer.json of `modelDirectory`; the ids are checked against `vocabSize`.
+    public static func load(path: String, split: String, modelDirectory: String, vocabSize: Int) throws -> [Int32] {
+        let tokenizer = path.hasSuffix(".jsonl") ? try Tokenizer(path: modelDirectory) : nil
+        return try load(path: path, split: split, tokenizer: tokenizer, vocabSize: vocabSize)
+    }
+
     private static func loadUnchecked(path: String, split: String, tokenizer: Tokenizer?) throws -> [Int32] {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {

@@ -87,14 +87,14 @@ public final class Tokenizer: @unchecked Sendable {
         let model = try j.object(root, "model")
         let type = (model["type"] as? String) ?? "BPE"  // older files omit model.type
         guard type == "BPE" else {
-            throw QATError("\(file): model.type is \(type); only BPE tokenizers are supported")
+            throw QATError.unsupported("\(file): model.type is \(type); only BPE tokenizers are supported")
         }
         if let d = model["dropout"], !(d is NSNull), let p = (d as? NSNumber)?.doubleValue, p > 0 {
-            throw QATError("\(file): model.dropout = \(p): BPE dropout makes encoding random and is not supported")
+            throw QATError.unsupported("\(file): model.dropout = \(p): BPE dropout makes encoding random and is not supported")
         }
         for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
             if let v = model[key] as? String, !v.isEmpty {
-                throw QATError("\(file): model.\(key) = \"\(v)\" is not supported (byte-level BPE has none)")
+                throw QATError.unsupported("\(file): model.\(key) = \"\(v)\" is not supported (byte-level BPE has none)")
             }
         }
         ignoreMerges = (model["ignore_merges"] as? Bool) ?? false
@@ -199,7 +199,7 @@ public final class Tokenizer: @unchecked Sendable {
         normalizer = try Normalizer.parse(root["normalizer"], file: file)
         steps = try Tokenizer.parsePreTokenizer(root["pre_tokenizer"], file: file)
         guard steps.contains(where: { if case .byteLevel = $0 { return true } else { return false } }) else {
-            throw QATError("\(file): pre_tokenizer has no ByteLevel step; only byte-level BPE tokenizers are supported")
+            throw QATError.unsupported("\(file): pre_tokenizer has no ByteLevel step; only byte-level BPE tokenizers are supported")
         }
         try Tokenizer.checkDecoder(root["decoder"], file: file)
 
@@ -383,7 +383,7 @@ public final class Tokenizer: @unchecked Sendable {
 
     private static func parsePreTokenizer(_ value: Any?, file: String) throws -> [PreTokenizerStep] {
         guard let value, !(value is NSNull) else {
-            throw QATError("\(file): pre_tokenizer is null; only byte-level BPE tokenizers (with a ByteLevel pre-tokenizer) are supported")
+            throw QATError.unsupported("\(file): pre_tokenizer is null; only byte-level BPE tokenizers (with a ByteLevel pre-tokenizer) are supported")
         }
         guard let obj = value as? [String: Any], let type = obj["type"] as? String else {
             throw QATError("\(file): pre_tokenizer has no \"type\"")
@@ -399,11 +399,11 @@ public final class Tokenizer: @unchecked Sendable {
                                useRegex: (obj["use_regex"] as? Bool) ?? true)]
         case "Split":
             if let invert = obj["invert"] as? Bool, invert {
-                throw QATError("\(file): pre_tokenizer Split with invert = true is not supported")
+                throw QATError.unsupported("\(file): pre_tokenizer Split with invert = true is not supported")
             }
             let behavior = (obj["behavior"] as? String) ?? "Isolated"
             guard behavior == "Isolated" || behavior == "Removed" else {
-                throw QATError("\(file): pre_tokenizer Split behavior \"\(behavior)\" is not supported (Isolated, Removed are)")
+                throw QATError.unsupported("\(file): pre_tokenizer Split behavior \"\(behavior)\" is not supported (Isolated, Removed are)")
             }
             guard let pattern = obj["pattern"] as? [String: Any] else {
                 throw QATError("\(file): pre_tokenizer Split has no \"pattern\" object")
@@ -418,7 +418,7 @@ public final class Tokenizer: @unchecked Sendable {
             }
             return [.split(p, removeMatches: behavior == "Removed")]
         default:
-            throw QATError("\(file): pre_tokenizer type \(type) is not supported (ByteLevel, Split, Sequence are)")
+            throw QATError.unsupported("\(file): pre_tokenizer type \(type) is not supported (ByteLevel, Split, Sequence are)")
         }
     }
 
@@ -431,7 +431,7 @@ public final class Tokenizer: @unchecked Sendable {
         if type == "Sequence", let list = obj["decoders"] as? [Any], list.count == 1 {
             return try checkDecoder(list[0], file: file)
         }
-        throw QATError("\(file): decoder type \(type) is not supported (only ByteLevel)")
+        throw QATError.unsupported("\(file): decoder type \(type) is not supported (only ByteLevel)")
     }
 }
 
@@ -474,7 +474,7 @@ enum Normalizer {
             let parts = try list.compactMap { try parse($0, file: file) }
             return parts.isEmpty ? nil : .sequence(parts)
         default:
-            throw QATError("\(file): normalizer type \(type) is not supported (NFC, NFD, NFKC, NFKD, Lowercase, Sequence are)")
+            throw QATError.unsupported("\(file): normalizer type \(type) is not supported (NFC, NFD, NFKC, NFKD, Lowercase, Sequence are)")
         }
     }
 

@@ -43,7 +43,7 @@ public struct ExportedModel {
         guard let qc = try cfg.optionalObject("quantization_config") else { return false }
         let method = (try qc.optionalString("quant_method")) ?? "?"
         guard method.lowercased() == "modelopt" else {
-            throw QATError("\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (only ModelOpt exports, quant_method \"modelopt\")")
+            throw QATError.unsupported("\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (only ModelOpt exports, quant_method \"modelopt\")")
         }
         return true
     }
@@ -74,10 +74,10 @@ public struct ExportedModel {
         let config = try ModelConfig.load(directory: directory)
         let section = try quantizationSection(directory: directory)
         if let a = section.algo, !supportedAlgos.contains(a.uppercased()) {
-            throw QATError("\(directory): quant_algo \"\(a)\" is not supported (supported: \(supportedAlgos.sorted().joined(separator: ", ")))")
+            throw QATError.unsupported("\(directory): quant_algo \"\(a)\" is not supported (supported: \(supportedAlgos.sorted().joined(separator: ", ")))")
         }
         if let kv = section.kv, kv.uppercased() != "FP8" {
-            throw QATError("\(directory): kv_cache_quant_algo \"\(kv)\" is not supported (only FP8)")
+            throw QATError.unsupported("\(directory): kv_cache_quant_algo \"\(kv)\" is not supported (only FP8)")
         }
         var allowed = Set<LinearExportFormat>()
         switch section.algo?.uppercased() {
@@ -85,7 +85,7 @@ public struct ExportedModel {
             for (name, v) in section.layers?.entries ?? [] {
                 let a = v.objectValue?["quant_algo"]?.stringValue ?? "?"
                 guard let f = LinearExportFormat(rawValue: a.uppercased()), f != .none else {
-                    throw QATError("\(directory): quantized_layers.\(name).quant_algo \"\(a)\" is not supported (supported: NVFP4, W4A16_NVFP4, FP8)")
+                    throw QATError.unsupported("\(directory): quantized_layers.\(name).quant_algo \"\(a)\" is not supported (supported: NVFP4, W4A16_NVFP4, FP8)")
                 }
                 allowed.insert(f)
             }
@@ -93,7 +93,7 @@ public struct ExportedModel {
         case nil: break
         }
 
-        let ckpt = try Checkpoint(path: directory)
+        let ckpt = try ModelWeights(path: directory)
         // Before anything is built from the config's sizes: its layer count must be the
         // checkpoint's (the shapes are checked tensor by tensor below, before allocation).
         try config.checkLayerCount(against: ckpt.names, source: directory)

@@ -105,7 +105,7 @@ public enum Exporter {
         let plan = try ExportPlan.make(model: model, quantizers: quantizers)
 
         // Source dtypes (used when no save dtype is given).
-        let source = try? Checkpoint(path: src)
+        let source = try? ModelWeights(path: src)
         let configDType = model.config.dtype.flatMap { DType(torchName: $0) } ?? .f32
         func dtype(for name: String) -> DType {
             if let d = options.saveDtype { return d }

@@ -32,11 +32,12 @@ public struct LogitComparison: Sendable {
 ///    (`Exporter.snapScales`, ≤ 1 ulp; a no-op when the model was snapped before export).
 /// Input and KV quantizers keep their mode: the loader re-creates them with the same scale.
 /// FP8 *weights* cannot be bit-exact (ModelOpt's fake quant multiplies by 448/amax, the
-/// export divides by amax/448); their differences are last-bit.
+/// export divides by amax/448); they differ where an element sits on an E4M3 rounding
+/// boundary, by one code (counted in `ExportSummary.weightMismatches`).
 public enum Verification {
     /// Applies the three adjustments above to the in-memory reference model.
     public static func alignReference(model: CausalLM, quantizers: QuantizerSet, exportDirectory: String) throws {
-        let ckpt = try Checkpoint(path: exportDirectory)
+        let ckpt = try ModelWeights(path: exportDirectory)
         var quantizedWeights = Set<String>()
         for l in model.linears {
             guard let q = quantizers.byName[l.name + ".weight_quantizer"], q.enabled else { continue }

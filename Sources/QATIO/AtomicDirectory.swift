@@ -30,14 +30,14 @@ public enum AtomicDirectory {
             try? fm.removeItem(atPath: aside!)
             guard rename(finalPath, aside!) == 0 else {
                 try? fm.removeItem(atPath: tmp)
-                throw QATError("\(finalPath): cannot move the previous directory aside: \(errnoString())")
+                throw QATError.io("\(finalPath): cannot move the previous directory aside: \(errnoString())")
             }
         }
         guard rename(tmp, finalPath) == 0 else {
             let e = errnoString()
             if let a = aside { _ = rename(a, finalPath) }
             try? fm.removeItem(atPath: tmp)
-            throw QATError("\(finalPath): cannot rename the finished directory into place: \(e)")
+            throw QATError.io("\(finalPath): cannot rename the finished directory into place: \(e)")
         }
         fsyncPath(parent, directory: true)
         if let a = aside { try? fm.removeItem(atPath: a) }

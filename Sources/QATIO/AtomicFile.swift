@@ -19,7 +19,7 @@ public struct FileWriter {
             let r = Glibc.write(fd, p, min(left, 1 << 30))
             if r < 0 {
                 if errno == EINTR { continue }
-                throw QATError("\(path): write failed: \(errnoString())")
+                throw QATError.io("\(path): write failed: \(errnoString())")
             }
             p += r
             left -= r
@@ -41,7 +41,7 @@ public func atomicWrite(path: String, _ body: (inout FileWriter) throws -> Void)
     let base = fileName(path)
     let tmp = "\(dir)/.\(base).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-    guard fd >= 0 else { throw QATError("\(path): cannot create a temporary file in \(dir): \(errnoString())") }
+    guard fd >= 0 else { throw QATError.io("\(path): cannot create a temporary file in \(dir): \(errnoString())") }
     var ok = false
     defer {
         if !ok {
@@ -51,17 +51,17 @@ public func atomicWrite(path: String, _ body: (inout FileWriter) throws -> Void)
     }
     var w = FileWriter(fd: fd, path: path)
     try body(&w)
-    guard fsync(fd) == 0 else { throw QATError("\(path): fsync failed: \(errnoString())") }
+    guard fsync(fd) == 0 else { throw QATError.io("\(path): fsync failed: \(errnoString())") }
     guard close(fd) == 0 else {
         ok = true  // the descriptor is gone either way; only unlink
         unlink(tmp)
-        throw QATError("\(path): close failed: \(errnoString())")
+        throw QATError.io("\(path): close failed: \(errnoString())")
     }
     ok = true
     guard rename(tmp, path) == 0 else {
         let e = errnoString()
         unlink(tmp)
-        throw QATError("\(path): cannot rename the temporary file into place: \(e)")
+        throw QATError.io("\(path): cannot rename the temporary file into place: \(e)")
     }
     let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     if dfd >= 0 { _ = fsync(dfd); close(dfd) }

@@ -175,10 +175,10 @@ extension JSONValue {
 /// Reads a whole file, refusing files above `maxBytes` before allocating.
 public func readFile(_ path: String, maxBytes: Int = Int.max) throws -> [UInt8] {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw QATError("\(path): cannot open: \(errnoString())") }
+    guard fd >= 0 else { throw QATError.io("\(path): cannot open: \(errnoString())") }
     defer { close(fd) }
     var st = stat()
-    guard fstat(fd, &st) == 0 else { throw QATError("\(path): cannot stat: \(errnoString())") }
+    guard fstat(fd, &st) == 0 else { throw QATError.io("\(path): cannot stat: \(errnoString())") }
     if (st.st_mode & S_IFMT) == S_IFDIR { throw QATError("\(path): is a directory, expected a file") }
     let size = Int(st.st_size)
     guard size <= maxBytes else { throw QATError("\(path): file of \(size) bytes is larger than the \(maxBytes)-byte limit") }
@@ -190,7 +190,7 @@ public func readFile(_ path: String, maxBytes: Int = Int.max) throws -> [UInt8] 
             let r = read(fd, base + got, size - got)
             if r < 0 {
                 if errno == EINTR { continue }
-                throw QATError("\(path): read failed: \(errnoString())")
+                throw QATError.io("\(path): read failed: \(errnoString())")
             }
             if r == 0 { break }
             got += r

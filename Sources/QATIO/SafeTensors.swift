@@ -51,17 +51,17 @@ public final class SafeTensorsFile: @unchecked Sendable {
     public init(path: String) throws {
         self.path = path
         let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw QATError("\(path): cannot open safetensors file: \(errnoString())") }
+        guard fd >= 0 else { throw QATError.io("\(path): cannot open safetensors file: \(errnoString())") }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw QATError("\(path): cannot stat: \(errnoString())") }
+        guard fstat(fd, &st) == 0 else { throw QATError.io("\(path): cannot stat: \(errnoString())") }
         if (st.st_mode & S_IFMT) == S_IFDIR { throw QATError("\(path): is a directory, expected a .safetensors file") }
         let size = Int(st.st_size)
         guard size >= 8 else {
             throw QATError("\(path): not a safetensors file: shorter than 8 bytes (\(size) bytes), no room for the header length")
         }
         guard let m = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), m != MAP_FAILED else {
-            throw QATError("\(path): mmap of \(size) bytes failed: \(errnoString())")
+            throw QATError.io("\(path): mmap of \(size) bytes failed: \(errnoString())")
         }
         let mapping = UnsafeRawPointer(m)
         var ok = false
@@ -168,7 +168,7 @@ public final class SafeTensorsFile: @unchecked Sendable {
         do {
             json = try JSONValue.parse(bytes: bytes, source: "\(path): header", maxBytes: safeTensorsMaxHeaderBytes)
         } catch let e as QATError {
-            throw QATError("\(e.message) (the header is not valid JSON: corrupt or not a safetensors file)")
+            throw QATError("\(e.message) (the header is not valid JSON: corrupt or not a safetensors file)", kind: e.kind)
         }
         guard case .object(let root) = json else {
             throw QATError("\(path): header is not a JSON object (found \(json.kindName))")
@@ -220,7 +220,7 @@ public final class SafeTensorsFile: @unchecked Sendable {
         guard case .string(let ds) = dv else { throw QATError("\(at): dtype must be a string, found \(dv.kindName) \(dv.brief)") }
         guard let dtype = DType(rawValue: ds) else {
             let known = DType.allCases.map(\.rawValue).joined(separator: ", ")
-            throw QATError("\(at): unknown or unsupported dtype \"\(ds)\" (supported: \(known))")
+            throw QATError.unsupported("\(at): unknown or unsupported dtype \"\(ds)\" (supported: \(known))")
         }
         guard let sv = o["shape"] else { throw QATError("\(at): missing \"shape\"") }
         guard case .array(let sa) = sv else { throw QATError("\(at): shape must be an array, found \(sv.kindName) \(sv.brief)") }

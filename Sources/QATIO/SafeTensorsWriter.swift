@@ -77,7 +77,7 @@ public struct SafeTensorsWriter {
     public mutating func add(name: String, integers: [Int64], shape: [Int], as dtype: DType) throws {
         let bytes: [UInt8]
         do { bytes = try DTypeConversion.fromInt64(integers, as: dtype) } catch let e as QATError {
-            throw QATError("safetensors writer: tensor \"\(name)\": \(e.message)")
+            throw e.prefixed("safetensors writer: tensor \"\(name)\": ")
         }
         try add(name: name, dtype: dtype, shape: shape, bytes: bytes)
     }
@@ -207,6 +207,6 @@ func makeDirectories(_ path: String) throws {
     let parent = directoryName(path)
     if parent != path && !parent.isEmpty && parent != "." && parent != "/" { try makeDirectories(parent) }
     if mkdir(path, 0o755) != 0 && errno != EEXIST {
-        throw QATError("\(path): cannot create directory: \(errnoString())")
+        throw QATError.io("\(path): cannot create directory: \(errnoString())")
     }
 }

@@ -122,7 +122,7 @@ public final class CausalLM: @unchecked Sendable {
     public convenience init(directory: String, layerRange: Range<Int>? = nil) throws {
         let config = try ModelConfig.load(directory: directory)
         let range = layerRange ?? 0..<config.numLayers
-        let ckpt = try Checkpoint(path: directory)
+        let ckpt = try ModelWeights(path: directory)
         // Shapes are checked against the config before any tensor is converted, so a
         // mismatched or hostile checkpoint fails fast and allocates nothing big (the layer
         // count first: a config claiming millions of layers must not build their name list).

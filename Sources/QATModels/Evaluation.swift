@@ -55,8 +55,7 @@ public enum Evaluation {
     ) throws -> EvalResult {
         guard seqLen >= 2 else { throw QATError("seq_len must be at least 2 (got \(seqLen))") }
         guard batchSize >= 1 else { throw QATError("batch size must be at least 1") }
-        var count = stream.count > 0 ? (stream.count - 1) / seqLen : 0
-        if let m = maxSequences { count = min(count, m) }
+        let count = sequenceCount(tokens: stream.count, seqLen: seqLen, maxSequences: maxSequences)
         guard count > 0 else {
             throw QATError("the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + 1; use a smaller --seq-len or more data")
         }
@@ -84,6 +83,13 @@ public enum Evaluation {
         let loss = total / Double(valid)
         guard loss.isFinite else { throw QATError("evaluation loss is not finite (\(loss)): the model produces NaN/Inf logits") }
         return EvalResult(loss: loss, sequences: count, tokens: valid, seconds: Date().timeIntervalSince(start))
+    }
+
+    /// How many sequences `evaluate` cuts from a stream of `tokens` tokens: ⌊(N−1)/seqLen⌋, at
+    /// most `maxSequences` (every count of evaluation sequences is this one).
+    public static func sequenceCount(tokens: Int, seqLen: Int, maxSequences: Int? = nil) -> Int {
+        let count = tokens > 0 && seqLen > 0 ? (tokens - 1) / seqLen : 0
+        return maxSequences.map { min(count, $0) } ?? count
     }
 
     /// The sequences rank r of `count` evaluates out of `total`: a contiguous ⌊total/count⌋ or

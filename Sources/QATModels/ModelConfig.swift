@@ -70,7 +70,7 @@ public struct ModelConfig: Sendable, Equatable {
         let where_ = c.source.isEmpty ? "config.json" : c.source
         let type = try c.string("model_type")
         guard let family = Family(rawValue: type) else {
-            throw QATError("\(where_): model_type \"\(type)\" is not supported (supported: \(Family.allCases.map(\.rawValue).joined(separator: ", ")))")
+            throw QATError.unsupported("\(where_): model_type \"\(type)\" is not supported (supported: \(Family.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
         self.family = family
         vocabSize = try c.int("vocab_size")
@@ -103,7 +103,7 @@ public struct ModelConfig: Sendable, Equatable {
         case .llama: slidingWindow = nil
         }
         if let act = try c.optionalString("hidden_act"), act != "silu" {
-            throw QATError("\(where_): hidden_act \"\(act)\" is not supported (only silu, i.e. SwiGLU MLPs)")
+            throw QATError.unsupported("\(where_): hidden_act \"\(act)\" is not supported (only silu, i.e. SwiGLU MLPs)")
         }
         // RoPE: transformers ≥ 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
         let rope = try c.optionalObject("rope_parameters") ?? c.optionalObject("rope_scaling")
@@ -118,7 +118,7 @@ public struct ModelConfig: Sendable, Equatable {
                 highFreqFactor: try rope!.double("high_freq_factor"),
                 originalMaxPositions: try rope!.int("original_max_position_embeddings"))
         default:
-            throw QATError("\(where_): rope type \"\(ropeType)\" is not supported (supported: default, linear, llama3)")
+            throw QATError.unsupported("\(where_): rope type \"\(ropeType)\" is not supported (supported: default, linear, llama3)")
         }
         try validate(where_)
     }

@@ -148,30 +148,64 @@ extension QuantizerSet {
     }
 }
 
+/// The calibration data and how to run it over the model: ModelOpt's `forward_loop`.
+public struct CalibrationLoop {
+    public var sequences: [[Int32]]
+    public var seqLen: Int
+    public var batchSize: Int
+    public var progress: ((_ done: Int, _ total: Int) -> Void)?
+    /// Data parallel: each rank ran its share of the sequences; this MAX-reduces the amax
+    /// vector over the ranks in place (exact).
+    public var reduceMax: ((inout [Float]) throws -> Void)?
+    /// A pipeline stage: the pipelined forward through this stage's layers (instead of
+    /// `model.forward`).
+    public var forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)?
+
+    public init(sequences: [[Int32]], seqLen: Int, batchSize: Int, progress: ((Int, Int) -> Void)? = nil,
+                reduceMax: ((inout [Float]) throws -> Void)? = nil,
+                forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) {
+        self.sequences = sequences; self.seqLen = seqLen; self.batchSize = batchSize
+        self.progress = progress; self.reduceMax = reduceMax; self.forward = forward
+    }
+}
+
+/// The one quantization entry point, in the shape of ModelOpt's
+/// `mtq.quantize(model, config, forward_loop)`: every caller (`qat apply`, `qat eval
+/// --recipe`, `qat export`, `qat bench`, the trainers) quantizes a model through here.
+public enum Quantization {
+    /// Inserts the quantizers `config` resolves into `model` and max-calibrates the enabled
+    /// ones over `forwardLoop` (nothing to calibrate: no forward pass). The model then runs
+    /// fake-quantized.
+    public static func quantize(model: CausalLM, config: QuantConfig, ste: STEMode? = nil, nvfp4Mode: NVFP4.FakeQuantMode = .export,
+                                forwardLoop: CalibrationLoop) throws -> QuantizerSet {
+        let quantizers = QuantizerSet(model: model, config: config, ste: ste, nvfp4Mode: nvfp4Mode)
+        if !quantizers.enabled.isEmpty { try Calibration.run(model: model, quantizers: quantizers, loop: forwardLoop) }
+        return quantizers
+    }
+}
+
 /// Max calibration (ModelOpt `algorithm: max`): every enabled quantizer observes while the
 /// model runs unquantized over the calibration batches; amax = running max |x|; fused groups
 /// then share their largest amax, every amax is snapped to the value its exported scale
 /// encodes (`StoredScale`), and from then on amax is frozen.
 public enum Calibration {
-    public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
-                           progress: ((Int, Int) -> Void)? = nil,
-                           reduceMax: ((inout [Float]) throws -> Void)? = nil,
-                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws {
-        guard !sequences.isEmpty else { throw QATError("calibration needs at least one sequence") }
+    /// Calibrates already inserted quantizers (`Quantization.quantize` inserts and calibrates).
+    public static func run(model: CausalLM, quantizers: QuantizerSet, loop: CalibrationLoop) throws {
+        guard !loop.sequences.isEmpty else { throw QATError("calibration needs at least one sequence") }
         let active = quantizers.enabled
         for q in active { q.startCalibration() }
         model.markWeightsChanged()  // weight quantizers observe their weight on the next forward
         var done = 0
-        while done < sequences.count {
-            let b = min(batchSize, sequences.count - done)
-            let tokens = Array(sequences[done..<(done + b)].joined())
-            if let forward {  // a pipeline stage: the pipelined forward runs this stage's layers
-                _ = try forward(tokens, b)
+        while done < loop.sequences.count {
+            let batch = min(loop.batchSize, loop.sequences.count - done)
+            let tokens = Array(loop.sequences[done..<(done + batch)].joined())
+            if let forward = loop.forward {  // a pipeline stage: the pipelined forward runs this stage's layers
+                _ = try forward(tokens, batch)
             } else {
-                _ = try model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+                _ = try model.forward(tokens: tokens, batch: batch, seqLen: loop.seqLen, saveForBackward: false)
             }
-            done += b
-            progress?(done, sequences.count)
+            done += batch
+            loop.progress?(done, loop.sequences.count)
         }
         // A weight quantizer whose Linear never ran (none here, but a tied head without a
         // forward) still needs its weight observed.
@@ -181,14 +215,23 @@ public enum Calibration {
         // Data parallel: each rank observed its shard; the global amax is the max over ranks
         // (exact), taken before fused groups share and scales are snapped.
         for q in active { try q.finishCalibration() }
-        if let reduceMax {
-            var m = active.map { $0.amax ?? 0 }
-            try reduceMax(&m)
-            for (q, v) in zip(active, m) { q.amax = v }
+        if let reduceMax = loop.reduceMax {
+            var amax = active.map { $0.amax ?? 0 }
+            try reduceMax(&amax)
+            for (q, v) in zip(active, amax) { q.amax = v }
         }
         for g in quantizers.fusedGroups { TensorQuantizer.shareAmax(g) }
         quantizers.snapToStoredScales()
         model.markWeightsChanged()
+    }
+
+    /// `run(model:quantizers:loop:)` with the loop's fields spelled out.
+    public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
+                           progress: ((Int, Int) -> Void)? = nil,
+                           reduceMax: ((inout [Float]) throws -> Void)? = nil,
+                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws {
+        try run(model: model, quantizers: quantizers, loop: CalibrationLoop(sequences: sequences, seqLen: seqLen, batchSize: batchSize,
+                                                                             progress: progress, reduceMax: reduceMax, forward: forward))
     }
 
     /// The first `count` packed sequences of a stream (the calibration set).

@@ -144,7 +144,7 @@ public final class TensorQuantizer: CustomStringConvertible {
         try Self.validate(amax: a, name: name, context: "stored amax")
         switch format {
         case .nvfp4(let b):
-            guard b == NVFP4.blockSize else { throw QATError("quantizer \(name): NVFP4 block size \(b) is not supported (only 16)") }
+            guard b == NVFP4.blockSize else { throw QATError.unsupported("quantizer \(name): NVFP4 block size \(b) is not supported (only 16)") }
             NVFP4.fakeQuant(x, out, rows: rows, cols: cols, globalAmax: a, mode: nvfp4Mode)
         case .fp8PerTensor:
             FP8.fakeQuant(x, out, count: count, amax: a)

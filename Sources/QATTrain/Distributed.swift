@@ -1,6 +1,7 @@
 import Foundation
 import QATCore
 import QATModels
+import QATQuant
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -133,9 +134,27 @@ nonisolated(unsafe) public var worldCommunicator: Communicator = SingleProcessCo
 public enum Distributed {
     /// The share of the validation sequences this rank evaluates: its data-parallel group's
     /// (the world, or the pipelines side by side under pipeline parallelism); nil when alone.
-    public static func evaluationShard(pipeline: PipelineEngine?) -> (rank: Int, count: Int)? {
-        let dp = pipeline?.dataParallel ?? worldCommunicator
+    public static func evaluationShard(pipeline: PipelineEngine?, world: Communicator = worldCommunicator) -> (rank: Int, count: Int)? {
+        let dp = pipeline?.dataParallel ?? world
         return dp.isDistributed ? (dp.rank, dp.size) : nil
+    }
+
+    /// `loop` under the run's layout: data-parallel ranks (of `world`, or the pipelines side
+    /// by side) each run their share of the sequences and MAX-reduce the amax values (exact);
+    /// a pipeline stage runs every sequence through its own layers.
+    public static func calibrationLoop(_ loop: CalibrationLoop, model: CausalLM, pipeline: PipelineEngine?,
+                                       world: Communicator) -> CalibrationLoop {
+        var distributed = loop
+        let dataParallel = pipeline?.dataParallel ?? world
+        if dataParallel.isDistributed {
+            if loop.sequences.count >= dataParallel.size {
+                distributed.sequences = loop.sequences.enumerated()
+                    .filter { $0.offset % dataParallel.size == dataParallel.rank }.map(\.element)
+            }
+            distributed.reduceMax = { try dataParallel.allReduceMax(&$0) }
+        }
+        distributed.forward = pipeline?.forwardHook(model, seqLen: loop.seqLen)
+        return distributed
     }
 
     /// `Evaluation.evaluate` under any layout, with the one-process figure on every rank:
@@ -143,10 +162,10 @@ public enum Distributed {
     /// them through its stages (the last one computes the CE sums), and the sums are added
     /// over the world (stages before the last add zeros).
     public static func evaluate(model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?,
-                                pipeline: PipelineEngine?, progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
-        let world = worldCommunicator
-        return try Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
-                                       progress: progress, shard: evaluationShard(pipeline: pipeline),
+                                pipeline: PipelineEngine?, world: Communicator = worldCommunicator,
+                                progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
+        try Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
+                                       progress: progress, shard: evaluationShard(pipeline: pipeline, world: world),
                                        reduce: world.isDistributed ? { try world.allReduceSum(&$0) } : nil,
                                        forward: pipeline?.forwardHook(model, seqLen: seqLen))
     }
@@ -249,7 +268,7 @@ public final class MPICommunicator: Communicator {
             var provided: Int32 = 0
             // MPI_THREAD_FUNNELED (1): only the main thread calls MPI; workers compute.
             let rc = initThread(nil, nil, 1, &provided)
-            guard rc == 0 else { throw QATError("MPI_Init_thread failed (error \(rc))") }
+            guard rc == 0 else { throw QATError.io("MPI_Init_thread failed (error \(rc))") }
         }
         var r: Int32 = 0, s: Int32 = 0
         _ = commRank(comm, &r); _ = commSize(comm, &s)
@@ -277,7 +296,7 @@ public final class MPICommunicator: Communicator {
     private var inPlace: UnsafeRawPointer? { UnsafeRawPointer(bitPattern: 1) }
 
     private func check(_ rc: Int32, _ what: String) throws {
-        if rc != 0 { throw QATError("\(what) failed (MPI error \(rc)) on rank \(rank)") }
+        if rc != 0 { throw QATError.io("\(what) failed (MPI error \(rc)) on rank \(rank)") }
     }
 
     /// MPI counts are Int32: larger buffers go in pieces of at most 2^28 elements.

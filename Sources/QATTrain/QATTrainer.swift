@@ -27,8 +27,9 @@ open class QATTrainer: Trainer {
     open override func prepare() throws {
         if !isCalibrated {
             log("calibrating \(quantizers.enabled.count) quantizers on \(calibrationSequences.count) sequences")
-            try Calibration.run(model: model, quantizers: quantizers, sequences: calibrationSequences, seqLen: seqLen,
-                                batchSize: calibrationBatchSize, forward: options.pipeline?.forwardHook(model, seqLen: seqLen))
+            let loop = CalibrationLoop(sequences: calibrationSequences, seqLen: seqLen, batchSize: calibrationBatchSize,
+                                       forward: options.pipeline?.forwardHook(model, seqLen: seqLen))
+            try Calibration.run(model: model, quantizers: quantizers, loop: loop)
         }
     }
 

@@ -86,7 +86,7 @@ public struct Recipe: Sendable {
         public init() {}
         public var dir = "export/fortune-lm-nvfp4"
         /// bfloat16 / float16 / float32, or nil to keep the model's dtype.
-        public var saveDtype: String? = nil
+        public var saveDtype: DType? = nil
         public var maxShardBytes = 5_000_000_000
         public var verify = true
     }
@@ -170,7 +170,7 @@ public struct Recipe: Sendable {
                 } else {
                     r.quantizeDescription = "quant_cfg"
                 }
-                do { r.quantize = try QuantConfig(node: inner) } catch let e as QATError { throw QATError("\(source): \(e.message)") }
+                do { r.quantize = try QuantConfig(node: inner) } catch let e as QATError { throw e.prefixed("\(source): ") }
             } else {
                 r.quantize = nil  // quantize: null → no quantization
                 r.quantizeDescription = "none"
@@ -243,8 +243,10 @@ public struct Recipe: Sendable {
             r.export.dir = try e.string("dir") ?? r.export.dir
             if e.has("save_dtype") {
                 if let s = try e.string("save_dtype") {
-                    guard DType(torchName: s) != nil else { throw e.fail("save_dtype", "must be bfloat16, float16, float32 or null (got \"\(s)\")") }
-                    r.export.saveDtype = s
+                    guard let dtype = DType(torchName: s) else {
+                        throw e.fail("save_dtype", "must be bfloat16, float16, float32 or null (got \"\(s)\")")
+                    }
+                    r.export.saveDtype = dtype
                 } else {
                     r.export.saveDtype = nil
                 }

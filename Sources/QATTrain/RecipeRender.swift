@@ -48,7 +48,7 @@ extension Recipe {
         y += "  distill:\n    teacher: \(opt(d.teacher))\n    kd_ratio: \(num(d.kdRatio))\n    temperature: \(num(d.temperature))\n"
         y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: \(opt(d.teacherLogprobs))\n"
         y += t.lora?.yaml ?? "  lora: null\n"
-        y += "export:\n  dir: \(q(export.dir))\n  save_dtype: \(export.saveDtype ?? "null")\n"
+        y += "export:\n  dir: \(q(export.dir))\n  save_dtype: \(export.saveDtype?.torchName ?? "null")\n"
         y += "  max_shard_bytes: \(export.maxShardBytes)\n  verify: \(export.verify)\n"
         return y
     }

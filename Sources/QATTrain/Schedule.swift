@@ -46,7 +46,7 @@ public struct LRSchedule: Equatable, Sendable {
         let n = name.lowercased()
         if n == "constant_with_warmup" { return .constant }
         guard let k = Kind(rawValue: n) else {
-            throw QATError("lr_scheduler_type '\(name)' is not supported (use constant, linear or cosine)")
+            throw QATError.unsupported("lr_scheduler_type '\(name)' is not supported (use constant, linear or cosine)")
         }
         return k
     }

@@ -89,6 +89,12 @@ open class Trainer {
         /// Pipeline parallelism: this rank runs one stage of the model (see `PipelineEngine`);
         /// nil: every rank holds the whole model (single process or data parallel).
         public var pipeline: PipelineEngine? = nil
+        /// Every rank of the run (the default: the process-wide communicator; one process
+        /// unless started by mpirun). Only its rank 0 writes files.
+        public var world: Communicator = worldCommunicator
+        /// How a step's work is split (nil: chosen from `pipeline` and `world`: pipeline,
+        /// data parallel or local). A model outside `CausalLM`'s memory plugs in here.
+        public var backend: StepBackend? = nil
         public init(outputDir: String, checkpointDir: String) { self.outputDir = outputDir; self.checkpointDir = checkpointDir }
     }
 
@@ -115,17 +121,15 @@ open class Trainer {
     public private(set) var history: [StepMetrics] = []
     /// Memory the run holds on paper (checked against MemAvailable before training).
     public private(set) var memoryEstimate = MemoryEstimate()
-    private let dHidden: Tensor
-    /// Pipeline parallel: the whole model's parameter groups (what one process would have).
-    private var wholeModelGroups: [ParamGroup] = []
-    /// The trainable parameters of the whole model in optimizer order.
-    private var globalSlotOrder: [String] { wholeModelGroups.flatMap(\.parameterNames) }
+    /// Local, data-parallel or pipeline steps: forward/backward, reductions, gradient norm,
+    /// checkpoint gathering (`StepBackend`).
+    public let backend: StepBackend
     /// Data-parallel ranks sharing each step's batch (under pipeline parallelism: the number
     /// of pipelines side by side).
     public var dataParallelSize: Int { dataParallel.size }
     /// The ranks that share each step's batch: the world, or under pipeline parallelism the
     /// ranks holding the same stage of the side-by-side pipelines.
-    public var dataParallel: Communicator { options.pipeline?.dataParallel ?? comm }
+    public var dataParallel: Communicator { backend.dataParallel }
 
     public init(model: CausalLM, spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
                 validationSequences: Int?, options: Options) throws {
@@ -133,7 +137,7 @@ open class Trainer {
         self.validationStream = validationStream; self.validationSequences = validationSequences
         // Data parallel: the loader draws the global batch (world size × batch_size) and each
         // rank keeps its own rows (see `trainStep`).
-        let world = options.pipeline?.dataParallel.size ?? worldCommunicator.size
+        let world = options.pipeline?.dataParallel.size ?? options.world.size
         loader = try DataLoader(stream: trainStream, seqLen: seqLen, batchSize: spec.batchSize * world, seed: spec.seed)
         if let e = spec.epochs {
             totalSteps = max(1, Int((e * Double(loader.sequenceCount) / Double(spec.batchSize * world * spec.gradAccum)).rounded(.up)))
@@ -147,6 +151,7 @@ open class Trainer {
             selection: try ParameterSelection(trainable: spec.trainableParams, frozen: spec.frozenParams), lrConfig: lrConfig)
         let plan = try ParamGroupPlan.build(names: model.parameters.map(\.name), config: config)
         let trainable = Set(plan.groups.flatMap(\.parameterNames))
+        var wholeModelGroups: [ParamGroup] = []
         if options.pipeline != nil {  // the whole model's slot order (for the exact clipping norm)
             let whole = try ParamGroupPlan.build(names: CausalLM.parameterShapes(model.config).map(\.0), config: config)
             wholeModelGroups = whole.groups
@@ -159,7 +164,7 @@ open class Trainer {
         // parallelism the ranks holding the same stage in the pipelines side by side.
         let zero = spec.shardOptimizerState && world > 1
         optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan,
-                              shardOver: zero ? options.pipeline?.dataParallel ?? worldCommunicator : nil)
+                              shardOver: zero ? options.pipeline?.dataParallel ?? options.world : nil)
         schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
                                   warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
         loss = CrossEntropyLoss(vocab: model.config.vocabSize)
@@ -177,7 +182,16 @@ open class Trainer {
             memoryEstimate.pipelineBuffers = perMicroBatch * Double(spec.gradAccum) * (3 + (live && pp.layout.isLast ? 1 : 0))
         }
         try memoryEstimate.check(what: "training \(model.config.family.rawValue) (batch \(spec.batchSize) × \(seqLen))")
-        dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
+        let dHidden = Tensor(shape: [spec.batchSize * seqLen, model.config.hiddenSize])
+        if let backend = options.backend {
+            self.backend = backend
+        } else if let engine = options.pipeline {
+            backend = PipelineStepBackend(engine: engine, model: model, dHidden: dHidden, wholeModelGroups: wholeModelGroups)
+        } else if options.world.isDistributed {
+            backend = DataParallelStepBackend(model: model, dHidden: dHidden, comm: options.world)
+        } else {
+            backend = LocalStepBackend(model: model, dHidden: dHidden)
+        }
         if spec.shardOptimizerState {
             let total = optimizer.slots.reduce(0) { $0 + $1.value.count }
             log(zero ? "optimizer state sharded over \(world) data-parallel ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(total) elements"
@@ -194,12 +208,12 @@ open class Trainer {
 
     public func log(_ s: String) { if !options.quiet && comm.isRoot { options.log(s) } }
 
-    /// The data-parallel group (single process unless started by mpirun). Only rank 0 writes files.
-    public var comm: Communicator { worldCommunicator }
+    /// Every rank of the run (`Options.world`). Only rank 0 writes files.
+    public var comm: Communicator { options.world }
 
     public func evaluate() throws -> EvalResult {
         try Distributed.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
-                                 maxSequences: validationSequences, pipeline: options.pipeline)
+                                 maxSequences: validationSequences, pipeline: options.pipeline, world: comm)
     }
 
     /// Trains to `totalSteps` (or until Ctrl-C), evaluating and checkpointing on schedule.
@@ -294,36 +308,15 @@ open class Trainer {
             return MicroBatch(tokens: tokens, targets: CrossEntropy.shiftedTargets(labels: tokens, batch: B, seqLen: T),
                               batch: B, seqLen: T, sequenceIndices: indices)
         }
-        var valid = batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count }
-        if dataParallelSize > 1 {  // the loss is normalised by the global step's valid-token count
-            var v = [Double(valid)]
-            try dataParallel.allReduceSum(&v)
-            valid = Int(v[0])
-        }
-        let scale = 1 / Float(max(valid, 1))
-        var parts = LossParts()
-        if let pp = options.pipeline {
-            parts = try pp.forwardBackward(student: model, loss: loss, batches: batches, gradScale: scale, dHidden: dHidden)
-        } else {
-            for mb in batches {
-                let hidden = try model.forward(tokens: mb.tokens, batch: B, seqLen: T, saveForBackward: true)
-                parts += try loss.run(model: model, hidden: hidden, batch: mb, gradScale: scale, dHidden: dHidden.data)
-                try model.backward(dHidden: dHidden.data)
-            }
-        }
-        if dataParallelSize > 1 {  // gradients and loss sums of the global step (bucketed SUM)
-            try dataParallel.allReduceSum(tensors: Array(optimizer.gradients))
-            var sums = [parts.total, parts.ce, parts.kd]
-            try dataParallel.allReduceSum(&sums)
-            parts.total = sums[0]; parts.ce = sums[1]; parts.kd = sums[2]
-        }
+        // The loss is normalised by the global step's valid-token count.
+        let valid = try backend.globalValidCount(batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count })
+        let parts = try backend.forwardBackward(batches: batches, loss: loss, gradScale: 1 / Float(max(valid, 1)), optimizer: optimizer)
         let n = Double(max(valid, 1))
         let lr = spec.lr * schedule.factor(step: optimizer.stepCount)
         var record = StepMetrics(step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
                                  kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
                                  peakRSSMB: peakRSSMegabytes())
-        let badTensor = parts.total.isFinite
-            ? try options.pipeline.map { try $0.firstNonFiniteGradient(optimizer: optimizer) } ?? optimizer.firstNonFiniteGradient() : "loss"
+        let badTensor = parts.total.isFinite ? try backend.firstNonFiniteGradient(optimizer) : "loss"
         if let bad = badTensor {
             if spec.onNonFinite == "skip" {
                 log("step \(step + 1): non-finite \(bad == "loss" ? "loss" : "gradient of \(bad)"); batch skipped (on_nonfinite: skip)")
@@ -335,12 +328,7 @@ open class Trainer {
             }
             throw QATError("step \(step + 1): non-finite \(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set train.on_nonfinite: skip")
         }
-        if let pp = options.pipeline {
-            record.gradNorm = try pp.globalGradNorm(optimizer: optimizer, order: globalSlotOrder)
-            if let m = spec.maxGradNorm { GradientClipping.scale(optimizer.gradients, norm: record.gradNorm, maxNorm: m) }
-        } else {
-            record.gradNorm = spec.maxGradNorm.map { optimizer.clipGradNorm(maxNorm: $0) } ?? GradientClipping.globalNorm(optimizer.gradients)
-        }
+        record.gradNorm = try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm)
         optimizer.step(lrFactor: schedule.factor(step: optimizer.stepCount))
         model.markWeightsChanged()
         step += 1
@@ -357,31 +345,20 @@ open class Trainer {
 
     public func saveCheckpoint() throws {
         if optimizer.partition != nil && options.pipeline == nil { return try saveShardedCheckpoint() }  // ZeRO-1: rank 0 gathers the moments
-        var parameters = model.parameters, moments = optimizer.stateTensors(), extra = extraState()
-        var metadata = optimizer.stateMetadata()
-        if let pp = options.pipeline {  // rank 0 writes every stage's state, as one process would
-            if optimizer.partition != nil {  // ZeRO-1 across pipelines: this stage's moments to pipeline 0
-                var gathered: [(name: String, tensor: Tensor)] = []
-                try optimizer.forEachGatheredMoment { name, shape, values in gathered.append((name, Tensor(shape: shape, values: Array(values)))) }
-                moments = gathered
+        var moments = optimizer.stateTensors()
+        if optimizer.partition != nil {  // ZeRO-1 across pipelines: this stage's moments to pipeline 0
+            var gathered: [(name: String, tensor: Tensor)] = []
+            try optimizer.forEachGatheredMoment { name, shape, values in
+                gathered.append((name, Tensor(shape: shape, values: Array(values))))
             }
-            guard pp.dataParallel.rank == 0 else { return }  // the other pipelines hold the same state
-            let p = try pp.gather(parameters.map { ($0.name, $0.value) }), o = try pp.gather(moments), e = try pp.gather(extra)
-            guard let p, let o, let e else { return }
-            let order = Dictionary(uniqueKeysWithValues: CausalLM.parameterShapes(model.config).enumerated().map { ($1.0, $0) })
-            parameters = p.sorted { order[$0.name, default: .max] < order[$1.name, default: .max] }.map { Parameter(name: $0.name, value: $0.tensor) }
-            // In the order one process writes them: parameters in model order, moments in
-            // optimizer slot order (the checkpoint is then byte-identical to one process's).
-            let slot = Dictionary(uniqueKeysWithValues: globalSlotOrder.enumerated().flatMap { i, n in
-                [(AdamW.expAvgName(n), 2 * i), (AdamW.expAvgSqName(n), 2 * i + 1)] })
-            moments = o.sorted { slot[$0.name, default: .max] < slot[$1.name, default: .max] }
-            extra = e
-            metadata.parameters = globalSlotOrder
-            metadata.groups = wholeModelGroups.map { .init(hyper: $0.hyper, pattern: $0.pattern, decays: $0.decays, parameters: $0.parameterNames) }
+            moments = gathered
         }
-        guard comm.isRoot else { return }
-        try TrainingCheckpoint.write(directory: options.checkpointDir, state: checkpointState(optimizer: metadata), parameters: parameters,
-                                     optimizer: moments, extra: extra, keep: spec.keepCheckpoints)
+        // Rank 0 gets every stage's state, in the order one process writes it.
+        let local = CheckpointTensors(parameters: model.parameters, moments: moments, extra: extraState(),
+                                      metadata: optimizer.stateMetadata())
+        guard let state = try backend.gatherCheckpoint(local), comm.isRoot else { return }
+        try TrainingCheckpoint.write(directory: options.checkpointDir, state: checkpointState(optimizer: state.metadata),
+                                     parameters: state.parameters, optimizer: state.moments, extra: state.extra, keep: spec.keepCheckpoints)
     }
 
     func restore(from path: String) throws {

@@ -1,6 +1,7 @@
 import Foundation
 import QATCore
 import QATCUDA
+import QATData
 import QATExport
 import QATIO
 import QATModels
@@ -16,18 +17,6 @@ final class ApplyRun {
     let forceResume: Bool
     let quiet: Bool
     let start = Date()
-    /// The GPU of `device: cuda`, and the device copies of the models it has run.
-    var gpu: CUDADevice?
-    private var gpuModels: [ObjectIdentifier: CUDAModel] = [:]
-
-    /// The device copy of a host model (made once; nil on the CPU).
-    func onGPU(_ m: CausalLM) throws -> CUDAModel? {
-        guard let gpu else { return nil }
-        if let g = gpuModels[ObjectIdentifier(m)] { return g }
-        let g = try CUDAModel(model: m, device: gpu, precision: recipe.precision)
-        gpuModels[ObjectIdentifier(m)] = g
-        return g
-    }
 
     init(recipe: Recipe, recipePath: String, overrides: [String], resume: Bool, forceResume: Bool, quiet: Bool) {
         self.recipe = recipe; self.recipePath = recipePath; self.overrides = overrides
@@ -51,236 +40,289 @@ final class ApplyRun {
 
     /// Inputs that would otherwise fail only after minutes of evaluation and calibration.
     func preflight() throws {
-        let t = recipe.train
-        guard t.mode == .qad else { return }
-        if let cache = t.distill.teacherLogprobs {
+        let train = recipe.train
+        guard train.mode == .qad else { return }
+        if let cache = train.distill.teacherLogprobs {
             guard FileManager.default.fileExists(atPath: cache) else {
                 throw QATError("teacher cache not found: \(cache) (train.distill.teacher_logprobs); write it with `qat teacher-logprobs --out \(cache)`")
             }
         } else {
-            let dir = t.distill.teacher ?? recipe.model
+            let dir = train.distill.teacher ?? recipe.model
             guard FileManager.default.fileExists(atPath: dir + "/config.json") else {
                 throw QATError("teacher not found: \(dir) (train.distill.teacher) has no config.json")
             }
         }
     }
 
+    // State the phases hand on.
+    var summary = ApplySummary()
+    var pipeline: PipelineEngine? = nil
+    var model: CausalLM! = nil
+    var quantizers: QuantizerSet? = nil
+    var lora: LoRA? = nil
+    var trainStream: [Int32] = []
+    var validationStream: [Int32] = []
+    var calibrationSequences: [[Int32]] = []
+    /// The communicator of the whole run (every rank), passed to whatever needs one.
+    let world: Communicator = worldCommunicator
+
+    /// The phases of `qat apply`, in order. Returns early when training is interrupted, or
+    /// on every rank but rank 0 after training (rank 0 alone exports and writes the summary).
     func execute() throws -> ApplySummary {
-        var summary = ApplySummary()
         summary.mode = recipe.train.mode.rawValue
         summary.quantize = recipe.quantizeDescription
-        let r = recipe
-        log("recipe \(recipePath): model \(r.model), quantize \(r.quantizeDescription), mode \(r.train.mode.rawValue)")
+        log("recipe \(recipePath): model \(recipe.model), quantize \(recipe.quantizeDescription), mode \(recipe.train.mode.rawValue)")
         try preflight()
-
-        // Pipeline parallel: this rank loads and runs one stage's layers (student and teacher).
-        let comm = worldCommunicator
-        var pipeline: PipelineEngine? = nil
-        if r.train.pipelineStages > 1 {
-            guard r.train.mode != .none else { throw QATError("train.pipeline_stages needs train.mode qat or qad") }
-            guard r.train.lora == nil else { throw QATError("train.pipeline_stages with train.lora is not supported: use data parallelism for LoRA") }
-            let layers = try ModelConfig.load(directory: r.model).numLayers
-            let pp = try PipelineEngine(world: comm, stages: r.train.pipelineStages, layers: layers)
-            pipeline = pp
-            log("pipeline parallel: \(pp.dataParallel.size) pipeline(s) of \(pp.layout.stages) stages, layers \(pp.layout.ranges.map { "\($0.lowerBound)…\($0.upperBound - 1)" }.joined(separator: " | "))")
-        }
-        // GPU: calibration, evaluation and verification run there; training is CPU-only for now.
-        if r.device.isCUDA {
-            guard r.train.mode == .none else {
-                throw QATError("device \(r.device): training (train.mode \(r.train.mode.rawValue)) runs on the CPU in this version; "
-                                + "the GPU runs PTQ (calibration, evaluation, export and verification): use train.mode none or device: cpu")
-            }
-            gpu = try GPU.open(r.device)
-        }
-        var model = try CausalLM(directory: r.model, layerRange: pipeline?.layout.range)
-        let vocab = model.config.vocabSize
-        let trainStream = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: r.model, vocabSize: vocab)
-        let valStream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: r.model, vocabSize: vocab)
-        log("data: \(trainStream.count) train tokens (\(r.data.trainSplit)), \(valStream.count) validation tokens (\(r.data.validationSplit)), seq_len \(r.data.seqLen)")
-
-        func evaluate(_ m: CausalLM, _ label: String) throws -> Double {
-            let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
-            // Distributed: each rank (or pipeline) evaluates its share; the sums are all-reduced.
-            let shard = Distributed.evaluationShard(pipeline: pipeline)
-            let bar = ProgressBar(total: shard.map { Evaluation.shardRange(total, $0).count } ?? total, label: "eval \(label)", unit: "seq", enabled: !quiet)
-            let e = try onGPU(m)?.evaluate(stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                           maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
-                ?? Distributed.evaluate(model: m, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                        maxSequences: r.data.validationSequences, pipeline: pipeline) { d, _ in bar.update(d) }
-            bar.finish()
-            log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, e.loss, e.perplexity, e.sequences))
-            return e.loss
-        }
-
+        try planPipeline()
+        try loadModelAndData()
         summary.rows.append(.init(name: "unquantized", loss: try evaluate(model, "unquantized")))
-
-        // Quantize + calibrate (PTQ).
-        let calibration = try Calibration.sequences(from: trainStream, seqLen: r.data.seqLen, count: r.calibration.samples)
-        var quantizers: QuantizerSet? = nil
-        if let config = r.quantize {
-            let set = QuantizerSet(model: model, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
-            log("quantizers: \(set.enabled.count) enabled of \(set.all.count); calibrating (max) on \(calibration.count) sequences")
-            let bar = ProgressBar(total: calibration.count, label: "calibrate", unit: "seq", enabled: !quiet)
-            // Data parallel: each rank observes its share of the sequences; amax is MAX-reduced.
-            // Pipeline parallel: every stage observes every sequence through its own layers.
-            let dp = pipeline?.dataParallel ?? comm
-            let dataParallel = dp.isDistributed
-            let shard = dataParallel && calibration.count >= dp.size
-                ? calibration.enumerated().filter { $0.offset % dp.size == dp.rank }.map(\.element) : calibration
-            try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: r.data.seqLen,
-                                batchSize: r.calibration.batchSize, progress: { d, _ in bar.update(d) },
-                                reduceMax: dataParallel ? { try dp.allReduceMax(&$0) } : nil,
-                                forward: pipeline?.forwardHook(model, seqLen: r.data.seqLen) ?? onGPU(model)?.calibrationForward(seqLen: r.data.seqLen))
-            try onGPU(model)?.markWeightsChanged()
-            bar.finish()
-            quantizers = set
-            summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
+        try quantizeAndCalibrate()
+        try attachLoRA()
+        if recipe.train.mode != .none {
+            guard try train() else { return finished() }
+            try gatherPipelineStages()
+            guard world.isRoot else { return finished() }
         }
-
-        // LoRA / QLoRA: adapters on the frozen base (QLoRA: a new model over the NVFP4 base;
-        // the fp32 model is dropped here).
-        var lora: LoRA? = nil
-        var trainSpec = r.train
-        if let ls = r.train.lora {
-            guard r.train.mode != .none else { throw QATError("train.lora needs train.mode qat or qad") }
-            if ls.qlora {
-                guard let config = r.quantize, let set = quantizers else { throw QATError("train.lora.qlora needs a quantize section with NVFP4 weights") }
-                let l = try LoRA.qlora(source: model, quantizers: set, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode, spec: ls, seed: r.train.seed)
-                model = l.model; quantizers = l.quantizers; lora = l
-                let b = l.base!
-                log("QLoRA: base of \(b.tensors.count) Linears held in NVFP4: \(formatBytes(b.bytes)) (fp32 \(formatBytes(b.fp32Bytes)) released; decode buffer \(formatBytes(b.scratchBytes)))")
-            } else {
-                lora = try LoRA.attach(to: model, quantizers: quantizers, spec: ls, seed: r.train.seed)
-            }
-            if trainSpec.trainableParams == nil && trainSpec.frozenParams == nil { trainSpec.trainableParams = LoRA.trainableGlobs }
-            let n = lora!.adapters.reduce(0) { $0 + $1.A.count + $1.B.count }
-            log("LoRA: \(lora!.adapters.count) adapters, rank \(ls.rank), alpha \(ls.alpha), dropout \(ls.dropout), \(n) adapter parameters (fp32)")
-        }
-
-        // Train.
-        if r.train.mode != .none {
-            try FileManager.default.createDirectory(atPath: workDir, withIntermediateDirectories: true)
-            var opts = Trainer.Options(outputDir: workDir, checkpointDir: checkpointDir)
-            opts.resume = resume; opts.forceResume = forceResume; opts.recipeHash = recipeHash; opts.quiet = quiet
-            opts.pipeline = pipeline
-            let set = quantizers ?? QuantizerSet(model: model, config: QuantConfig(entries: []))
-            let trainer: Trainer
-            if r.train.mode == .qat {
-                trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calibration, calibrationBatchSize: r.calibration.batchSize,
-                                         spec: trainSpec, seqLen: r.data.seqLen, trainStream: trainStream, validationStream: valStream,
-                                         validationSequences: r.data.validationSequences, options: opts)
-            } else {  // .qad
-                var teacher: CausalLM? = nil
-                if r.train.distill.teacherLogprobs == nil {
-                    let dir = r.train.distill.teacher ?? r.model
-                    guard FileManager.default.fileExists(atPath: dir) else { throw QATError("teacher not found: \(dir) (train.distill.teacher)") }
-                    let range = try pipeline.map { pp in
-                        try PipelineLayout(layers: try ModelConfig.load(directory: dir).numLayers, stages: pp.layout.stages, stage: pp.layout.stage).range
-                    }
-                    teacher = try CausalLM(directory: dir, layerRange: range)
-                    log("teacher: \(dir) (unquantized, forward-only\(range.map { ", layers \($0.lowerBound)…\($0.upperBound - 1) on this stage" } ?? ""))")
-                }
-                trainer = try QADTrainer(model: model, teacher: teacher, quantizers: set, calibrationSequences: calibration,
-                                         calibrationBatchSize: r.calibration.batchSize, spec: trainSpec, seqLen: r.data.seqLen,
-                                         trainStream: trainStream, validationStream: valStream,
-                                         validationSequences: r.data.validationSequences, options: opts)
-            }
-            log("memory on paper: \(trainer.memoryEstimate)")
-            log("training: \(trainer.totalSteps) steps × \(r.train.batchSize)×\(r.train.gradAccum) sequences of \(r.data.seqLen), lr \(r.train.lr) (\(r.train.schedule)), loss: \(trainer.loss.description)")
-            lora?.bind(to: trainer)
-            installStopHandler()
-            let result = try trainer.run()
-            summary.steps = result.steps
-            if result.interrupted {
-                summary.interrupted = true
-                summary.seconds = Date().timeIntervalSince(start)
-                return summary
-            }
-            // Pipeline parallel: rank 0 assembles the whole trained model from every stage.
-            if let pp = pipeline, pp.dataParallel.rank == 0 {  // (the other pipelines hold the same model)
-                let params = try pp.gather(model.parameters.map { ($0.name, $0.value) })
-                let amax = try pp.gather(quantizers?.stateTensors() ?? [])
-                if let params, let amax {  // (names and shapes checked by the model's init)
-                    let whole = try CausalLM(config: model.config, parameters: Dictionary(params, uniquingKeysWith: { a, _ in a }))
-                    if let config = r.quantize {
-                        let set = QuantizerSet(model: whole, config: config, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
-                        try set.restore(Dictionary(amax, uniquingKeysWith: { a, _ in a }), model: whole)
-                        quantizers = set
-                    }
-                    model = whole
-                }
-            }
-            // Data parallel: rank 0 alone exports and writes the summary.
-            if !comm.isRoot { summary.seconds = Date().timeIntervalSince(start); return summary }
-            let label = r.train.mode == .qat ? "after QAT" : "after QAD"
-            if let v = result.finalValidation {
-                log(String(format: "%@: validation loss %.4f (perplexity %.2f)", label, v.loss, v.perplexity))
-                summary.rows.append(.init(name: label, loss: v.loss))
-            }
-        }
-
-        if let lora, lora.spec.export == .adapters {
-            let dtype = r.export.saveDtype.flatMap { DType(torchName: $0) } ?? .f32
-            let bytes = try lora.exportAdapters(to: r.export.dir, baseModel: r.model, dtype: dtype)
-            summary.exportDir = r.export.dir
-            summary.exportBytes = bytes
-            log("export: \(r.export.dir) (PEFT LoRA adapters, \(formatBytes(bytes)) of tensors)")
-        } else if let lora {
-            let merged = try lora.mergedModel(config: r.quantize, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
-            log("LoRA: adapters merged into the base (fp32), weight amax re-calibrated on the merged weights")
-            try exportAndVerify(model: merged.model, quantizers: merged.quantizers, summary: &summary)
-        } else {
-            try exportAndVerify(model: model, quantizers: quantizers, summary: &summary)
-        }
-        summary.seconds = Date().timeIntervalSince(start)
-        try writeReport(summary)
+        try export()
+        try writeReport(finished())
         return summary
     }
 
-    /// Export (ModelOpt HF format, atomically), read the export back, check that it
-    /// reproduces the fake-quant model's logits, and evaluate it.
-    func exportAndVerify(model: CausalLM, quantizers: QuantizerSet?, summary: inout ApplySummary) throws {
-        let r = recipe
-        summary.exportDir = r.export.dir
-        guard let quantizers, !quantizers.enabled.isEmpty else {
+    /// Stamps the elapsed time on the summary.
+    func finished() -> ApplySummary {
+        summary.seconds = Date().timeIntervalSince(start)
+        return summary
+    }
+
+    /// Pipeline parallel: this rank loads and runs one stage's layers (student and teacher).
+    func planPipeline() throws {
+        let stages = recipe.train.pipelineStages
+        guard stages > 1 else { return }
+        guard recipe.train.mode != .none else { throw QATError("train.pipeline_stages needs train.mode qat or qad") }
+        guard recipe.train.lora == nil else {
+            throw QATError.unsupported("train.pipeline_stages with train.lora is not supported: use data parallelism for LoRA")
+        }
+        let layers = try ModelConfig.load(directory: recipe.model).numLayers
+        let engine = try PipelineEngine(world: world, stages: stages, layers: layers)
+        pipeline = engine
+        let ranges = engine.layout.ranges.map { "\($0.lowerBound)…\($0.upperBound - 1)" }.joined(separator: " | ")
+        log("pipeline parallel: \(engine.dataParallel.size) pipeline(s) of \(engine.layout.stages) stages, layers \(ranges)")
+    }
+
+    /// The GPU of `device: cuda`, and the device copies of the models it has run.
+    var gpu: CUDADevice?
+    private var gpuModels: [ObjectIdentifier: CUDAModel] = [:]
+
+    /// The device copy of a host model (made once; nil on the CPU).
+    func onGPU(_ m: CausalLM) throws -> CUDAModel? {
+        guard let gpu else { return nil }
+        if let g = gpuModels[ObjectIdentifier(m)] { return g }
+        let g = try CUDAModel(model: m, device: gpu, precision: recipe.precision)
+        gpuModels[ObjectIdentifier(m)] = g
+        return g
+    }
+
+    /// `device: cuda`: calibration, evaluation and verification run on the GPU; training runs on
+    /// the CPU only in this version.
+    func openDevice() throws {
+        guard recipe.device.isCUDA else { return }
+        guard recipe.train.mode == .none else {
+            throw QATError.unsupported("device \(recipe.device): training (train.mode \(recipe.train.mode.rawValue)) runs on the CPU in this "
+                                       + "version; the GPU runs PTQ (calibration, evaluation, export and verification): use train.mode none "
+                                       + "or device: cpu")
+        }
+        gpu = try GPU.open(recipe.device)
+    }
+
+    func loadModelAndData() throws {
+        try openDevice()
+        model = try CausalLM(directory: recipe.model, layerRange: pipeline?.layout.range)
+        let data = recipe.data, vocab = model.config.vocabSize
+        trainStream = try TokenData.load(path: data.train, split: data.trainSplit, modelDirectory: recipe.model, vocabSize: vocab)
+        validationStream = try TokenData.load(path: data.validation, split: data.validationSplit, modelDirectory: recipe.model,
+                                              vocabSize: vocab)
+        log("data: \(trainStream.count) train tokens (\(data.trainSplit)), \(validationStream.count) validation tokens "
+            + "(\(data.validationSplit)), seq_len \(data.seqLen)")
+        calibrationSequences = try Calibration.sequences(from: trainStream, seqLen: data.seqLen, count: recipe.calibration.samples)
+    }
+
+    /// Validation loss of `model`: distributed (each rank or pipeline its share, sums
+    /// all-reduced over the world), or in this process alone (`distributed: false`, for the
+    /// export, which rank 0 alone holds).
+    func evaluate(_ model: CausalLM, _ label: String, distributed: Bool = true) throws -> Double {
+        let data = recipe.data
+        let total = Evaluation.sequenceCount(tokens: validationStream.count, seqLen: data.seqLen, maxSequences: data.validationSequences)
+        let shard = distributed ? Distributed.evaluationShard(pipeline: pipeline, world: world) : nil
+        let bar = ProgressBar(total: shard.map { Evaluation.shardRange(total, $0).count } ?? total, label: "eval \(label)", unit: "seq",
+                              enabled: !quiet)
+        let result = try onGPU(model)?.evaluate(stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
+                                                maxSequences: data.validationSequences) { done, _ in bar.update(done) }
+            ?? (distributed
+            ? try Distributed.evaluate(model: model, stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
+                                       maxSequences: data.validationSequences, pipeline: pipeline, world: world) { done, _ in
+                bar.update(done)
+            }
+            : try Evaluation.evaluate(model: model, stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
+                                      maxSequences: data.validationSequences) { done, _ in bar.update(done) })
+        bar.finish()
+        log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, result.loss, result.perplexity,
+                   result.sequences))
+        return result.loss
+    }
+
+    /// PTQ: the recipe's quantizers inserted and max-calibrated (data parallel: each rank
+    /// observes its share and amax is MAX-reduced; pipeline: every stage observes every
+    /// sequence through its own layers), then evaluated.
+    func quantizeAndCalibrate() throws {
+        guard recipe.quantize != nil else { return }
+        let bar = ProgressBar(total: calibrationSequences.count, label: "calibrate", unit: "seq", enabled: !quiet)
+        let local = CalibrationLoop(sequences: calibrationSequences, seqLen: recipe.data.seqLen, batchSize: recipe.calibration.batchSize,
+                                    progress: { done, _ in bar.update(done) })
+        var loop = Distributed.calibrationLoop(local, model: model, pipeline: pipeline, world: world)
+        if let g = try onGPU(model) { loop.forward = g.calibrationForward(seqLen: recipe.data.seqLen) }
+        log("calibrating (max) on \(calibrationSequences.count) sequences")
+        quantizers = try recipe.applyQuantization(to: model, forwardLoop: loop)
+        try onGPU(model)?.markWeightsChanged()
+        bar.finish()
+        if let set = quantizers { log("quantizers: \(set.enabled.count) enabled of \(set.all.count)") }
+        summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
+    }
+
+    /// LoRA / QLoRA: adapters on the frozen base (QLoRA: a new model over the NVFP4 base; the
+    /// fp32 model is dropped here).
+    func attachLoRA() throws {
+        guard let spec = recipe.train.lora else { return }
+        guard recipe.train.mode != .none else { throw QATError("train.lora needs train.mode qat or qad") }
+        let built = try LoRA.build(on: model, quantizers: quantizers, recipe: recipe)
+        model = built.model
+        quantizers = built.quantizers
+        lora = built
+        if let base = built.base {
+            log("QLoRA: base of \(base.tensors.count) Linears held in NVFP4: \(formatBytes(base.bytes)) "
+                + "(fp32 \(formatBytes(base.fp32Bytes)) released; decode buffer \(formatBytes(base.scratchBytes)))")
+        }
+        let count = built.adapters.reduce(0) { $0 + $1.A.count + $1.B.count }
+        log("LoRA: \(built.adapters.count) adapters, rank \(spec.rank), alpha \(spec.alpha), dropout \(spec.dropout), "
+            + "\(count) adapter parameters (fp32)")
+    }
+
+    /// QAT or QAD from the calibrated model. Returns false when interrupted (Ctrl-C: the
+    /// trainer wrote a checkpoint).
+    func train() throws -> Bool {
+        try FileManager.default.createDirectory(atPath: workDir, withIntermediateDirectories: true)
+        var options = Trainer.Options(outputDir: workDir, checkpointDir: checkpointDir)
+        options.resume = resume; options.forceResume = forceResume; options.recipeHash = recipeHash; options.quiet = quiet
+        options.pipeline = pipeline
+        options.world = world
+        var spec = recipe.train
+        if lora != nil && spec.trainableParams == nil && spec.frozenParams == nil { spec.trainableParams = LoRA.trainableGlobs }
+        let set = quantizers ?? QuantizerSet(model: model, config: QuantConfig(entries: []))
+        let data = recipe.data
+        let trainer: Trainer
+        if recipe.train.mode == .qat {
+            trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calibrationSequences,
+                                     calibrationBatchSize: recipe.calibration.batchSize, spec: spec, seqLen: data.seqLen,
+                                     trainStream: trainStream, validationStream: validationStream,
+                                     validationSequences: data.validationSequences, options: options)
+        } else {
+            trainer = try QADTrainer(model: model, teacher: try loadTeacher(), quantizers: set, calibrationSequences: calibrationSequences,
+                                     calibrationBatchSize: recipe.calibration.batchSize, spec: spec, seqLen: data.seqLen,
+                                     trainStream: trainStream, validationStream: validationStream,
+                                     validationSequences: data.validationSequences, options: options)
+        }
+        log("memory on paper: \(trainer.memoryEstimate)")
+        log("training: \(trainer.totalSteps) steps × \(spec.batchSize)×\(spec.gradAccum) sequences of \(data.seqLen), lr \(spec.lr) "
+            + "(\(spec.schedule)), loss: \(trainer.loss.description)")
+        lora?.bind(to: trainer)
+        installStopHandler()
+        let result = try trainer.run()
+        summary.steps = result.steps
+        if result.interrupted {
+            summary.interrupted = true
+            return false
+        }
+        let label = recipe.train.mode == .qat ? "after QAT" : "after QAD"
+        if world.isRoot, let validation = result.finalValidation {
+            log(String(format: "%@: validation loss %.4f (perplexity %.2f)", label, validation.loss, validation.perplexity))
+            summary.rows.append(.init(name: label, loss: validation.loss))
+        }
+        return true
+    }
+
+    /// QAD's live teacher (nil with an offline top-k cache): the unquantized model, forward
+    /// only; under pipeline parallelism this stage's layers of it.
+    func loadTeacher() throws -> CausalLM? {
+        guard recipe.train.distill.teacherLogprobs == nil else { return nil }
+        let dir = recipe.train.distill.teacher ?? recipe.model
+        guard FileManager.default.fileExists(atPath: dir) else { throw QATError("teacher not found: \(dir) (train.distill.teacher)") }
+        let range = try pipeline.map { engine in
+            try PipelineLayout(layers: try ModelConfig.load(directory: dir).numLayers, stages: engine.layout.stages,
+                               stage: engine.layout.stage).range
+        }
+        let teacher = try CausalLM(directory: dir, layerRange: range)
+        let layers = range.map { ", layers \($0.lowerBound)…\($0.upperBound - 1) on this stage" } ?? ""
+        log("teacher: \(dir) (unquantized, forward-only\(layers))")
+        return teacher
+    }
+
+    /// Pipeline parallel: rank 0 assembles the whole trained model (and its quantizers' amax)
+    /// from every stage; the other pipelines hold the same model.
+    func gatherPipelineStages() throws {
+        guard let engine = pipeline, engine.dataParallel.rank == 0 else { return }
+        let parameters = try engine.gather(model.parameters.map { ($0.name, $0.value) })
+        let amax = try engine.gather(quantizers?.stateTensors() ?? [])
+        guard let parameters, let amax else { return }  // (names and shapes checked by the model's init)
+        let whole = try CausalLM(config: model.config, parameters: Dictionary(parameters, uniquingKeysWith: { first, _ in first }))
+        if let set = recipe.insertQuantizers(into: whole) {
+            try set.restore(Dictionary(amax, uniquingKeysWith: { first, _ in first }), model: whole)
+            quantizers = set
+        }
+        model = whole
+    }
+
+    /// Export: PEFT adapters, or the (merged) fake-quant model in ModelOpt's format, verified
+    /// against the model and evaluated.
+    func export() throws {
+        summary.exportDir = recipe.export.dir
+        if let lora, lora.spec.export == .adapters {
+            // PEFT adapters are trained in fp32 and saved so unless export.save_dtype says otherwise.
+            let bytes = try lora.exportAdapters(to: recipe.export.dir, baseModel: recipe.model, dtype: recipe.export.saveDtype ?? .f32)
+            summary.exportBytes = bytes
+            log("export: \(recipe.export.dir) (PEFT LoRA adapters, \(formatBytes(bytes)) of tensors)")
+            return
+        }
+        var exportModel = model!, exportQuantizers = quantizers
+        if let lora {
+            (exportModel, exportQuantizers) = try lora.mergedModel(recipe: recipe)
+            log("LoRA: adapters merged into the base (fp32), weight amax re-calibrated on the merged weights")
+        }
+        guard let exportQuantizers, !exportQuantizers.enabled.isEmpty else {
             log("export: skipped (the recipe quantizes nothing)")
             return
         }
-        let dtype = try r.export.saveDtype.map { s -> DType in
-            guard let d = DType(torchName: s) else { throw QATError("export.save_dtype \(s): expected bfloat16, float16, float32 or null") }
-            return d
+        let spec = recipe.export
+        let verifySequences = min(8, recipe.data.validationSequences ?? 8)
+        let verify = spec.verify ? VerificationData(stream: validationStream, seqLen: recipe.data.seqLen, sequences: verifySequences) : nil
+        let options = ExportOptions(saveDtype: spec.saveDtype, maxShardBytes: spec.maxShardBytes)
+        // (Verification re-rounds the reference's weights: its device copy is made afresh.)
+        gpuModels[ObjectIdentifier(exportModel)] = nil
+        let logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = gpu == nil ? nil : { m, tokens, b, t in
+            try self.onGPU(m)!.logitsTensor(tokens: tokens, batch: b, seqLen: t)
         }
-        let es = try Exporter.export(model: model, quantizers: quantizers, sourceDirectory: r.model, to: r.export.dir,
-                                     options: ExportOptions(saveDtype: dtype, maxShardBytes: r.export.maxShardBytes))
-        summary.exportBytes = es.tensorBytes
-        summary.sourceBytes = (try? Checkpoint(path: r.model).totalBytes) ?? 0
-        log("export: \(r.export.dir) (\(es.hfQuantConfig["quantization"]?["quant_algo"]?.stringValue ?? "?"), \(formatBytes(es.tensorBytes)) of tensors, \(es.files.count) files)")
-        guard r.export.verify else { return }
-        let exported = try ExportedModel.load(directory: r.export.dir)
-        // The reference is the trained fake-quant model with its unquantized tensors rounded
-        // to the dtype they were saved in (what the export holds by construction).
-        try Verification.alignReference(model: model, quantizers: quantizers, exportDirectory: r.export.dir)
-        let valStream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: r.model,
-                                            vocabSize: model.config.vocabSize)
-        let seqs = try Calibration.sequences(from: valStream, seqLen: r.data.seqLen, count: min(8, r.data.validationSequences ?? 8))
-        // (`alignReference` changed the reference's weights: its device copy is made afresh.)
-        gpuModels[ObjectIdentifier(model)] = nil
-        let cmp = try Verification.compare(reference: model, candidate: exported.model, sequences: seqs,
-                                           logitsOf: gpu == nil ? nil : { m, t, b, s in try self.onGPU(m)!.logitsTensor(tokens: t, batch: b, seqLen: s) })
-        summary.verifyMaxAbsDiff = Double(cmp.maxAbsDiff)
-        log(verificationLine(cmp))
-        if cmp.maxAbsDiff > 1e-3 {
-            log("warning: the export does not reproduce the fake-quant model (max |Δlogit| \(cmp.maxAbsDiff)); check `qat verify`")
+        let result = try ExportAndVerify.run(model: exportModel, quantizers: exportQuantizers, sourceDirectory: recipe.model, to: spec.dir,
+                                             options: options, verify: verify, logitsOf: logitsOf)
+        let written = result.summary
+        summary.exportBytes = written.tensorBytes
+        summary.sourceBytes = (try? ModelWeights(path: recipe.model).totalBytes) ?? 0
+        let algorithm = written.hfQuantConfig["quantization"]?["quant_algo"]?.stringValue ?? "?"
+        log("export: \(spec.dir) (\(algorithm), \(formatBytes(written.tensorBytes)) of tensors, \(written.files.count) files)")
+        guard let comparison = result.comparison, let exported = result.exported else { return }
+        summary.verifyMaxAbsDiff = Double(comparison.maxAbsDiff)
+        log(verificationLine(comparison))
+        if comparison.maxAbsDiff > 1e-3 {
+            log("warning: the export does not reproduce the fake-quant model (max |Δlogit| \(comparison.maxAbsDiff)); check `qat verify`")
         }
-        let total = min(r.data.validationSequences ?? .max, max(1, (valStream.count - 1) / r.data.seqLen))
-        let bar = ProgressBar(total: total, label: "eval exported", unit: "seq", enabled: !quiet)
-        let e = try onGPU(exported.model)?.evaluate(stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                                    maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
-            ?? Evaluation.evaluate(model: exported.model, stream: valStream, seqLen: r.data.seqLen, batchSize: r.train.batchSize,
-                                   maxSequences: r.data.validationSequences) { d, _ in bar.update(d) }
-        bar.finish()
-        log(String(format: "exported: validation loss %.4f (perplexity %.2f)", e.loss, e.perplexity))
-        summary.rows.append(.init(name: "exported", loss: e.loss))
+        summary.rows.append(.init(name: "exported", loss: try evaluate(exported.model, "exported", distributed: false)))
     }
 
     /// qat_summary.json, metrics.jsonl and loss_curve.svg beside the exported model.

@@ -49,6 +49,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
+    @Flag(help: "Time every phase of the model's forward and backward (StepProfiler) over the QAT and QAD steps; printed per shape.")
+    var profile = false
+
     func run() throws {
         if device != "cpu" {
             try QAT.guarded {
@@ -72,6 +75,11 @@ struct Bench: ParsableCommand {
             out.set("memcpy_GBps", .double(copy))
             out.set("nvfp4_fake_quant_GBps", .double(fq))
             lines.append(String(format: "memcpy %.1f GB/s; NVFP4 fake quant %.1f GB/s (%.0f%% of memcpy)", copy, fq, 100 * fq / copy))
+            say(lines.last!)
+            let header = try IOBench.safetensorsHeaderSeconds(), bf16 = try IOBench.bf16DecodeGBs()
+            out.set("safetensors_header_20k_s", .double(header))
+            out.set("bf16_decode_GBps", .double(bf16))
+            lines.append(String(format: "safetensors header of 20,000 tensors %.1f ms; bf16 → f32 decode %.2f GB/s", header * 1000, bf16))
             say(lines.last!)
 
             var shapeResults: [JSONValue] = []
@@ -130,9 +138,9 @@ struct Bench: ParsableCommand {
         var stepSeconds: [String: Double] = [:]
         for mode in ["qat", "qad"] {
             let m = mode == "qat" ? model : try freshModel(name, like: model)
-            let set = QuantizerSet(model: m, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
             let calib = try Calibration.sequences(from: stream, seqLen: T, count: B)
-            try Calibration.run(model: m, quantizers: set, sequences: calib, seqLen: T, batchSize: B)
+            let set = try Quantization.quantize(model: m, config: try QuantConfig.preset("nvfp4_default-kv_fp8"),
+                                                forwardLoop: CalibrationLoop(sequences: calib, seqLen: T, batchSize: B))
             var spec = Recipe.TrainSpec()
             spec.steps = steps + 1; spec.batchSize = B; spec.evalEvery = 0; spec.saveEvery = 0; spec.lr = 1e-5
             spec.mode = mode == "qat" ? .qat : .qad
@@ -152,7 +160,15 @@ struct Bench: ParsableCommand {
                                          spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
             }
             last = Date()
+            StepProfiler.reset()
+            StepProfiler.enabled = profile
             _ = try trainer.run()
+            StepProfiler.enabled = false
+            if profile {
+                let report = StepProfiler.report(steps: steps + 1)
+                res.json.set("\(mode)_profile", .string(report))
+                res.lines.append("[\(name)] \(mode.uppercased()) step phases (per step, warm-up included):\n" + report)
+            }
             try? FileManager.default.removeItem(atPath: dir)
             if mode == "qat" {
                 // Peak RSS so far (model, forward, one QAT run) against the paper figure.

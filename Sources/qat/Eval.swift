@@ -56,18 +56,17 @@ struct Eval: ParsableCommand {
             let gpu = try device.isCUDA ? GPU.open(device) : nil
             let model = try loadModelForEval(directory: modelOptions.model)
             let gpuModel = try gpu.map { try CUDAModel(model: model, device: $0, precision: precision) }
-            let stream = try Pipeline.tokens(path: data, split: split, modelDirectory: modelOptions.model, vocabSize: model.config.vocabSize)
+            let stream = try TokenData.load(path: data, split: split, modelDirectory: modelOptions.model, vocabSize: model.config.vocabSize)
             if let recipePath = recipe {
                 var r = try Recipe.load(path: recipePath, overrides: overrides)
                 r.data.seqLen = seqLen
-                let calib = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: modelOptions.model,
-                                                vocabSize: model.config.vocabSize)
-                let set = try Pipeline.quantize(model: model, recipe: r, calibrationStream: calib, quiet: json,
-                                                forward: gpuModel?.calibrationForward(seqLen: r.data.seqLen))
+                let set = try r.quantizePTQ(model: model, modelDirectory: modelOptions.model, quiet: json,
+                                            forward: gpuModel?.calibrationForward(seqLen: seqLen))
                 gpuModel?.markWeightsChanged()
                 if quantSummary, let set { FileHandle.standardError.write(Data((QATQuant.quantSummary(set.all) + "\n").utf8)) }
             }
-            let bar = ProgressBar(total: max(1, (stream.count - 1) / max(seqLen, 1)), label: "eval", unit: "seq", enabled: !json)
+            let total = Evaluation.sequenceCount(tokens: stream.count, seqLen: seqLen, maxSequences: maxSequences)
+            let bar = ProgressBar(total: max(total, 1), label: "eval", unit: "seq", enabled: !json)
             let r = try gpuModel?.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences) { done, _ in bar.update(done) }
                 ?? Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize,
                                        maxSequences: maxSequences) { done, _ in bar.update(done) }

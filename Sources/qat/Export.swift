@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import QATCore
+import QATData
 import QATExport
 import QATIO
 import QATModels
@@ -58,21 +59,24 @@ struct Export: ParsableCommand {
             options.saveDtype = try resolveSaveDtype(saveDtype, recipeValue: r.export.saveDtype)
             let outDir = out ?? r.export.dir
             let source = try QuantizedSource.build(modelDirectory: modelOptions.model, recipe: r, checkpoint: checkpoint, quiet: json)
-            let summary = try Exporter.export(model: source.model, quantizers: source.quantizers, sourceDirectory: modelOptions.model,
-                                              to: outDir, options: options)
+            var verify: VerificationData? = nil
+            if !noVerify && r.export.verify {
+                let stream = try TokenData.load(path: r.data.validation, split: r.data.validationSplit, modelDirectory: modelOptions.model,
+                                                vocabSize: source.model.config.vocabSize)
+                verify = VerificationData(stream: stream, seqLen: r.data.seqLen, sequences: verifySequences)
+            }
+            let result = try ExportAndVerify.run(model: source.model, quantizers: source.quantizers, sourceDirectory: modelOptions.model,
+                                                 to: outDir, options: options, verify: verify)
+            let summary = result.summary
             for w in summary.weightMismatches where !json {
                 FileHandle.standardError.write(Data("note: \(w.name): \(w.elements) elements of the exported weight differ from the training fake quant (corner-case blocks, see NVFP4.FakeQuantMode)\n".utf8))
             }
             for name in summary.unrecoverableScales where !json {
                 FileHandle.standardError.write(Data("note: \(name): amax is not exactly recoverable from its exported scale (1 ulp)\n".utf8))
             }
-            let sourceBytes = (try? Checkpoint(path: modelOptions.model).totalBytes) ?? 0
+            let sourceBytes = (try? ModelWeights(path: modelOptions.model).totalBytes) ?? 0
             let factor = summary.tensorBytes > 0 ? Double(sourceBytes) / Double(summary.tensorBytes) : 0
-            var verification: LogitComparison? = nil
-            if !noVerify && r.export.verify {
-                verification = try QuantizedSource.verify(exportDirectory: outDir, reference: source, recipe: r,
-                                                          modelDirectory: modelOptions.model, sequences: verifySequences)
-            }
+            let verification = result.comparison
             if json {
                 var fields: [(String, Any)] = [("out", outDir), ("quant_algo", summary.plan.quantAlgo ?? "none"),
                                                ("kv_cache_quant_algo", summary.plan.kvCacheQuantAlgo ?? "none"),
@@ -94,16 +98,13 @@ struct Export: ParsableCommand {
     }
 }
 
-func resolveSaveDtype(_ flag: String?, recipeValue: String?) throws -> DType? {
-    let s = flag ?? recipeValue
-    guard let s, s.lowercased() != "keep", s.lowercased() != "null" else { return nil }
-    guard let d = DType(torchName: s) else { throw QATError("--save-dtype \(s): expected bfloat16, float16, float32 or keep") }
-    return d
-}
-
-func verificationLine(_ v: LogitComparison) -> String {
-    String(format: "verify: max |Δlogit| %g (mean %.3g, %d of %d logits bit-identical) on %d sequences; loss fake-quant %.6f, export %.6f",
-           Double(v.maxAbsDiff), v.meanAbsDiff, v.identical, v.count, v.sequences, v.referenceLoss, v.candidateLoss)
+/// `--save-dtype` when given (`keep`: each tensor's source dtype), else the recipe's
+/// `export.save_dtype` (parsed once, by `Recipe`).
+func resolveSaveDtype(_ flag: String?, recipeValue: DType?) throws -> DType? {
+    guard let flag else { return recipeValue }
+    if ["keep", "null"].contains(flag.lowercased()) { return nil }
+    guard let dtype = DType(torchName: flag) else { throw QATError("--save-dtype \(flag): expected bfloat16, float16, float32 or keep") }
+    return dtype
 }
 
 /// The fake-quant model an export is made from (and verified against): a calibrated PTQ
@@ -122,13 +123,12 @@ struct QuantizedSource {
                 return try merged(path: path, loaded: loaded, modelDirectory: modelDirectory, recipe: r, config: qc)
             }
             let model = try CausalLM(config: try ModelConfig.load(directory: modelDirectory), parameters: loaded.parameters)
-            let set = QuantizerSet(model: model, config: qc, ste: r.steMode)
-            try set.restore(loaded.extra, model: model)
-            return QuantizedSource(model: model, quantizers: set, description: "\(path) (step \(loaded.state.step))")
+            let quantizers = QuantizerSet(model: model, config: qc, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
+            try quantizers.restore(loaded.extra, model: model)
+            return QuantizedSource(model: model, quantizers: quantizers, description: "\(path) (step \(loaded.state.step))")
         }
         let model = try CausalLM(directory: modelDirectory)
-        let calib = try Pipeline.tokens(path: r.data.train, split: r.data.trainSplit, modelDirectory: modelDirectory, vocabSize: model.config.vocabSize)
-        guard let set = try Pipeline.quantize(model: model, recipe: r, calibrationStream: calib, quiet: quiet) else {
+        guard let set = try r.quantizePTQ(model: model, modelDirectory: modelDirectory, quiet: quiet) else {
             throw QATError("\(r.source): the recipe quantizes nothing")
         }
         // Calibration already snapped every amax to the value its exported scale encodes,
@@ -148,9 +148,7 @@ struct QuantizedSource {
         let model = try CausalLM(directory: modelDirectory)
         let set = QuantizerSet(model: model, config: qc, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
         try set.restore(loaded.extra, model: model)
-        let lora = spec.qlora
-            ? try LoRA.qlora(source: model, quantizers: set, config: qc, ste: r.steMode, nvfp4Mode: r.nvfp4Mode, spec: spec, seed: r.train.seed)
-            : try LoRA.attach(to: model, quantizers: set, spec: spec, seed: r.train.seed)
+        let lora = try LoRA.build(on: model, quantizers: set, recipe: r)
         for p in lora.model.parameters {
             guard let t = loaded.parameters[p.name], t.count == p.count else {
                 throw QATError("\(path) has no \(p.name) of \(p.count) elements: was it written with this recipe's train.lora (rank \(spec.rank), target_modules)?")
@@ -158,7 +156,7 @@ struct QuantizedSource {
             p.value.copy(from: t)
         }
         lora.model.markWeightsChanged()
-        let m = try lora.mergedModel(config: qc, ste: r.steMode, nvfp4Mode: r.nvfp4Mode)
+        let m = try lora.mergedModel(recipe: r)
         guard let quantizers = m.quantizers else { throw QATError("\(r.source): the recipe quantizes nothing") }
         return QuantizedSource(model: m.model, quantizers: quantizers,
                                description: "\(path) (step \(loaded.state.step), \(spec.qlora ? "QLoRA" : "LoRA") adapters merged)")
@@ -168,17 +166,5 @@ struct QuantizedSource {
         if FileManager.default.fileExists(atPath: "\(path)/trainer_state.json") { return path }
         if let latest = TrainingCheckpoint.latest(in: path) { return latest }
         throw QATError("\(path): not a training checkpoint (no trainer_state.json) and holds no checkpoint-* directories")
-    }
-
-    /// Reads the export back and compares its logits with this (aligned) reference.
-    static func verify(exportDirectory: String, reference: QuantizedSource, recipe r: Recipe, modelDirectory: String,
-                       sequences: Int) throws -> LogitComparison {
-        let exported = try ExportedModel.load(directory: exportDirectory)
-        try Verification.alignReference(model: reference.model, quantizers: reference.quantizers, exportDirectory: exportDirectory)
-        let stream = try Pipeline.tokens(path: r.data.validation, split: r.data.validationSplit, modelDirectory: modelDirectory,
-                                         vocabSize: reference.model.config.vocabSize)
-        let seqLen = min(r.data.seqLen, reference.model.config.maxPositionEmbeddings)
-        let seqs = try Calibration.sequences(from: stream, seqLen: seqLen, count: max(1, sequences))
-        return try Verification.compare(reference: reference.model, candidate: exported.model, sequences: seqs)
     }
 }

@@ -16,7 +16,7 @@ struct Inspect: ParsableCommand {
 
     func run() throws {
         try QAT.guarded {
-            let ckpt = try Checkpoint(path: path)
+            let ckpt = try ModelWeights(path: path)
             var rows: [(String, SafeTensorInfo)] = []
             for n in ckpt.names { if let i = ckpt.info(n) { rows.append((n, i)) } }
             let totalBytes = rows.reduce(0) { $0 + $1.1.byteCount }

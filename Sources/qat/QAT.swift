@@ -22,7 +22,8 @@ struct QAT: ParsableCommand {
         do {
             try body()
         } catch let e as QATError {
-            FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
+            let bug = e.kind == .internal ? " (an internal error of qat: please report it)" : ""
+            FileHandle.standardError.write(Data("error: \(e.message)\(bug)\n".utf8))
             throw ExitCode(1)
         }
     }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import QATCore
+import QATData
 import QATExport
 import QATTrain
 
@@ -53,7 +54,10 @@ struct Verify: ParsableCommand {
             let isCheckpoint = FileManager.default.fileExists(atPath: "\(against)/trainer_state.json") || TrainingCheckpoint.latest(in: against) != nil
             let modelDir = isCheckpoint ? (model ?? r.model) : against
             let source = try QuantizedSource.build(modelDirectory: modelDir, recipe: r, checkpoint: isCheckpoint ? against : nil, quiet: json)
-            let v = try QuantizedSource.verify(exportDirectory: export, reference: source, recipe: r, modelDirectory: modelDir, sequences: sequences)
+            let stream = try TokenData.load(path: r.data.validation, split: r.data.validationSplit, modelDirectory: modelDir,
+                                            vocabSize: source.model.config.vocabSize)
+            let data = VerificationData(stream: stream, seqLen: r.data.seqLen, sequences: sequences)
+            let v = try ExportAndVerify.verify(directory: export, model: source.model, quantizers: source.quantizers, data: data).comparison
             if json {
                 printJSON([("export", export), ("against", source.description), ("max_abs_logit_diff", Double(v.maxAbsDiff)),
                            ("mean_abs_logit_diff", v.meanAbsDiff), ("identical", v.identical), ("logits", v.count),

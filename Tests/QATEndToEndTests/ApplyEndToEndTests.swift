@@ -102,6 +102,7 @@ final class ApplyEndToEndTests: XCTestCase {
         let saved = try FileManager.default.contentsOfDirectory(atPath: ckpts.path).filter { $0.hasPrefix("checkpoint-") }
         XCTAssertEqual(saved.count, 1, "one checkpoint written on Ctrl-C: \(saved)")
         let resumed = try Fixtures.runQAT(["apply", path, "--set", "train.save_every=0", "--set", "train.steps=6", "--resume", "--force-resume"])
+        XCTAssertEqual(resumed.status, 0, resumed.err)
         XCTAssertTrue(resumed.err.contains("resumed from"), resumed.err)
     }
 
@@ -184,5 +185,32 @@ final class ApplyEndToEndTests: XCTestCase {
         let noModel = try Fixtures.runQAT(["eval", "--model", dir.path])
         XCTAssertEqual(noModel.status, 1)
         XCTAssertTrue(noModel.err.contains("no config.json"), noModel.err)
+    }
+}
+
+/// `fake_quant: modelopt` (ModelOpt's Triton kernel semantics in training) through the whole
+/// `qat apply`: calibrate, train, export, verify, evaluate the export.
+final class ModelOptFakeQuantEndToEndTests: XCTestCase {
+    func testApplyWithModelOptFakeQuant() throws {
+        guard Fixtures.qatBinary != nil else { throw XCTSkip("qat binary not built beside the tests") }
+        let dir = Fixtures.tempDir("qat-modelopt")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = try Fixtures.shortRecipe(in: dir, steps: 4, evalEvery: 0, saveEvery: 0)
+        let r = try Fixtures.runQAT(["apply", path, "--set", "quantize.fake_quant=modelopt"])
+        XCTAssertEqual(r.status, 0, r.err)
+        let s = try JSONValue.parseObject(file: dir.path + "/export/qat_summary.json")
+        XCTAssertEqual(try s.int("steps"), 4)
+        for row in ["unquantized", "ptq", "after_qat", "exported"] {
+            let loss = try XCTUnwrap(s[row]?["val_loss"]?.doubleValue, "\(row) in \(s)")
+            XCTAssertTrue(loss.isFinite && loss > 0 && loss < 10, "\(row): \(loss)")
+        }
+        // The export reproduces the trained model once its NVFP4 weights use the export math
+        // (`Verification.alignReference`); fortune-lm has no block where the two differ.
+        let diff = try XCTUnwrap(s["verify_max_abs_logit_diff"]?.doubleValue)
+        XCTAssertEqual(diff, 0, r.err)
+        let recipe = try String(contentsOfFile: path, encoding: .utf8)
+        XCTAssertFalse(recipe.contains("fake_quant"), "the mode comes from --set alone")
+        let shown = try Fixtures.runQAT(["recipe", "show", path, "--set", "quantize.fake_quant=modelopt"])
+        XCTAssertTrue(shown.out.contains("fake_quant: modelopt"), shown.out + shown.err)
     }
 }

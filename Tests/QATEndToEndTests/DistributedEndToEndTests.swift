@@ -41,6 +41,13 @@ final class DistributedEndToEndTests: XCTestCase, MPITesting {
         let m1 = try metricsLosses(d1.path + "/export.work/metrics.jsonl"), m2 = try metricsLosses(d2.path + "/export.work/metrics.jsonl")
         XCTAssertEqual(m1.count, 6); XCTAssertEqual(m2.count, 6)
         for (a, b) in zip(m1, m2) { XCTAssertEqual(a, b, accuracy: 1e-6) }
+        // The gradient norm before clipping, per step: a wrong normalisation over ranks (e.g.
+        // dividing by each rank's own token count, or not summing) shows here even where
+        // AdamW's m/√v and clipping would hide it in the weights.
+        let g1 = try metricsValues(d1.path + "/export.work/metrics.jsonl", key: "grad_norm")
+        let g2 = try metricsValues(d2.path + "/export.work/metrics.jsonl", key: "grad_norm")
+        XCTAssertEqual(g1.count, 6); XCTAssertEqual(g2.count, 6)
+        for (step, (a, b)) in zip(g1, g2).enumerated() { XCTAssertEqual(a, b, accuracy: 1e-5 * a, "step \(step + 1) grad_norm") }
         XCTAssertTrue(FileManager.default.fileExists(atPath: d2.path + "/export/qat_summary.json"))
     }
 

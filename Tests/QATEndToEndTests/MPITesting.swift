@@ -77,8 +77,12 @@ extension MPITesting {
         return m
     }
 
-    func metricsLosses(_ path: String) throws -> [Double] {
-        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap { try JSONValue.parse(String($0))["loss"]?.doubleValue }
+    func metricsLosses(_ path: String) throws -> [Double] { try metricsValues(path, key: "loss") }
+
+    /// One number per line of metrics.jsonl that has `key`.
+    func metricsValues(_ path: String, key: String) throws -> [Double] {
+        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
+            .compactMap { try JSONValue.parse(String($0))[key]?.doubleValue }
     }
 
     /// Starts `qat <args>` under mpirun with 2 ranks, waits for the first complete checkpoint

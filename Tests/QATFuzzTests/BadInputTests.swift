@@ -12,17 +12,11 @@ import TestSupport
 /// One test per class of hostile or broken input: each must fail with a `QATError` whose
 /// message says what is wrong, and leave no half-written file behind.
 final class BadInputTests: XCTestCase {
-    func message(_ body: () throws -> Void, file: StaticString = #filePath, line: UInt = #line) -> String {
-        do {
-            try body()
-            XCTFail("expected a QATError", file: file, line: line)
-            return ""
-        } catch let e as QATError {
-            return e.message
-        } catch {
-            XCTFail("expected a QATError, got \(type(of: error)): \(error)", file: file, line: line)
-            return ""
-        }
+    /// The message of the `QATError` that `body` throws, asserting its kind (bad input unless
+    /// said otherwise); the callers assert the message's key words.
+    func message(kind: QATError.Kind = .userInput, _ body: () throws -> Void,
+                 file: StaticString = #filePath, line: UInt = #line) -> String {
+        assertQATError(kind: kind, file: file, line: line, body)
     }
 
     func write(_ bytes: [UInt8], _ name: String, in dir: URL) -> String {
@@ -92,11 +86,22 @@ final class BadInputTests: XCTestCase {
         XCTAssertTrue(m.contains("overlap"), m)
     }
 
+    /// A failure of the system rather than of the input is an I/O error: writing a file
+    /// below a path that is itself a file.
+    func testUnwritablePathIsIOError() {
+        let dir = Fixtures.tempDir("qat-bad-io")
+        let file = write([1, 2, 3], "plain", in: dir)
+        let m = message(kind: .io) { try atomicWrite(path: file + "/out.json") { try $0.write([1]) } }
+        XCTAssertTrue(m.contains(file) && m.contains("Not a directory"), m)
+    }
+
     func testWrongDTypeString() {
         let dir = Fixtures.tempDir("qat-bad")
         for dt in ["F64", "f32", "I16", ""] {
             let h = "{\"w\":{\"dtype\":\"\(dt)\",\"shape\":[2],\"data_offsets\":[0,8]}}"
-            let m = message { _ = try SafeTensorsFile(path: self.write(self.safetensors(h, dataBytes: 8), "a.safetensors", in: dir)) }
+            let m = message(kind: .unsupported) {
+                _ = try SafeTensorsFile(path: self.write(self.safetensors(h, dataBytes: 8), "a.safetensors", in: dir))
+            }
             XCTAssertTrue(m.contains("unknown or unsupported dtype \"\(dt)\"") && m.contains("supported: F32"), m)
         }
         let h = #"{"w":{"dtype":7,"shape":[2],"data_offsets":[0,8]}}"#
@@ -173,11 +178,11 @@ final class BadInputTests: XCTestCase {
     func testUnsupportedTokenizerType() throws {
         for type in ["WordPiece", "Unigram", "WordLevel"] {
             let p = try tokenizerFile { o in var m = o["model"] as! [String: Any]; m["type"] = type; o["model"] = m }
-            let m = message { _ = try Tokenizer(path: p) }
+            let m = message(kind: .unsupported) { _ = try Tokenizer(path: p) }
             XCTAssertTrue(m.contains("model.type is \(type); only BPE tokenizers are supported"), m)
         }
         let p = try tokenizerFile { o in o["pre_tokenizer"] = ["type": "Metaspace", "replacement": "▁"] }
-        let m = message { _ = try Tokenizer(path: p) }
+        let m = message(kind: .unsupported) { _ = try Tokenizer(path: p) }
         XCTAssertTrue(m.contains("pre_tokenizer type Metaspace is not supported"), m)
     }
 

@@ -15,9 +15,12 @@ import TestSupport
 /// - `QAT_FUZZ_ITERATIONS`: inputs per parser (default: the per-parser figure below, sized
 ///   so the whole target stays well under a minute on 2 cores).
 /// - `QAT_FUZZ_SEED`: campaign seed (default fixed, so CI runs are reproducible).
-/// - `QAT_FUZZ_SECONDS`: wall-clock cap per campaign (default 3; 0 = none) so a slow or
-///   busy CI machine never blows the one-minute budget (14 campaigns × 3 s); a long
-///   campaign sets it to 0.
+/// - `QAT_FUZZ_MIN_ITERATIONS`: the mutant count each campaign must reach, asserted
+///   (default: the per-parser figure; lower it together with `QAT_FUZZ_ITERATIONS`).
+///
+/// There is no wall-clock cap: a campaign always runs every input, so the count is known
+/// and `QAT_FUZZ_SEED` reproduces a run input for input. Each campaign prints one line
+/// `fuzz <parser>: N inputs … seed …`; `scripts/test.sh` sums them.
 /// - `QAT_FUZZ_WORKDIR`: where inputs are written (default a fresh temporary folder).
 ///
 /// A Swift trap kills the whole test process, so the input being parsed is always written
@@ -36,9 +39,9 @@ enum Fuzz {
         return 0x51A7_F022
     }
 
-    static var secondsCap: Double {
-        if let s = env["QAT_FUZZ_SECONDS"], let n = Double(s) { return n }
-        return 3
+    static func minimumIterations(_ defaultCount: Int) -> Int {
+        if let s = env["QAT_FUZZ_MIN_ITERATIONS"], let n = Int(s), n >= 0 { return n }
+        return defaultCount
     }
 
     static let workRoot: URL = {
@@ -218,6 +221,7 @@ struct FuzzCampaign {
     var seeds: [[UInt8]]
     let text: Bool
     let iterations: Int
+    let minimumIterations: Int
 
     var tried = 0, accepted = 0, rejected = 0
 
@@ -225,6 +229,7 @@ struct FuzzCampaign {
         self.parser = parser; self.fileName = fileName; self.text = text
         self.seeds = Fuzz.corpus(parser) + seeds
         self.iterations = Fuzz.iterations(defaultIterations)
+        self.minimumIterations = Fuzz.minimumIterations(defaultIterations)
     }
 
     var dir: URL { Fuzz.workDir(parser) }
@@ -241,18 +246,19 @@ struct FuzzCampaign {
         XCTAssertFalse(seeds.isEmpty, "\(parser): no seeds", file: file, line: line)
         var m = Mutator(seed: Fuzz.seed ^ UInt64(truncatingIfNeeded: parser.hashValueStable))
         let start = Date()
-        let cap = Fuzz.secondsCap
         for s in seeds { check(s, body, file: file, line: line) }
-        for i in 0..<iterations {
-            if cap > 0, Date().timeIntervalSince(start) > cap {
-                print("fuzz \(parser): time cap \(cap)s reached after \(i) of \(iterations) mutants")
-                break
-            }
+        var mutants = 0
+        for _ in 0..<iterations {
             let base = m.rng.pick(seeds)
             let input = custom.flatMap { $0(&m, base) } ?? m.mutate(base, pool: seeds, text: text)
             check(input, body, file: file, line: line)
+            mutants += 1
         }
-        print("fuzz \(parser): \(tried) inputs (\(accepted) accepted, \(rejected) rejected with QATError) in \(String(format: "%.1f", Date().timeIntervalSince(start)))s")
+        let seconds = String(format: "%.1f", Date().timeIntervalSince(start))
+        print("fuzz \(parser): \(tried) inputs (\(seeds.count) seeds + \(mutants) mutants; \(accepted) accepted, "
+              + "\(rejected) rejected with QATError) in \(seconds)s, QAT_FUZZ_SEED=\(Fuzz.seed)")
+        XCTAssertEqual(tried, seeds.count + mutants, "\(parser): every input is parsed", file: file, line: line)
+        XCTAssertGreaterThanOrEqual(mutants, minimumIterations, "\(parser): fewer mutants than the minimum", file: file, line: line)
         try? FileManager.default.removeItem(atPath: currentPath)
     }
 

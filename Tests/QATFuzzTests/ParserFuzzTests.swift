@@ -66,7 +66,7 @@ final class ParserFuzzTests: XCTestCase {
 
     func testFuzzSafeTensors() {
         var c = FuzzCampaign(parser: "safetensors", fileName: "input.safetensors", seeds: FuzzSeeds.safetensors,
-                             text: false, defaultIterations: 6000)
+                             text: false, defaultIterations: 3000)
         c.run(mutate: Self.mutateSafetensorsHeader) { try Self.readAll(try SafeTensorsFile(path: $0)) }
         replayRegressions("safetensors", fileName: "input.safetensors") { try Self.readAll(try SafeTensorsFile(path: $0)) }
     }
@@ -76,7 +76,7 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzJSON() {
         let seeds = [Fixtures.path("tiny-llama/config.json"), Fixtures.path("tiny-qwen3/config.json"),
                      Fixtures.fortuneLM + "/tokenizer_config.json", FuzzSeeds.shardedDir + "/model.safetensors.index.json"].map(Fuzz.read)
-        var c = FuzzCampaign(parser: "json", fileName: "input.json", seeds: seeds, text: true, defaultIterations: 4000)
+        var c = FuzzCampaign(parser: "json", fileName: "input.json", seeds: seeds, text: true, defaultIterations: 2000)
         c.run { _ = try JSONValue.parse(file: $0) }
         replayRegressions("json", fileName: "input.json") { _ = try JSONValue.parse(file: $0) }
     }
@@ -86,7 +86,7 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzModelConfig() {
         let seeds = [Fixtures.path("tiny-llama/config.json"), Fixtures.path("tiny-qwen3/config.json"),
                      Fixtures.fortuneLM + "/config.json"].map(Fuzz.read) + [Array(FuzzSeeds.microConfigText.utf8)]
-        var c = FuzzCampaign(parser: "config", fileName: "config.json", seeds: seeds, text: true, defaultIterations: 4000)
+        var c = FuzzCampaign(parser: "config", fileName: "config.json", seeds: seeds, text: true, defaultIterations: 2000)
         c.run { try Self.loadConfig($0) }
         replayRegressions("config", fileName: "config.json") { try Self.loadConfig($0) }
     }
@@ -98,7 +98,7 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzModelDirectoryConfig() {
         stage("model", [(FuzzSeeds.microDir + "/model.safetensors", "model.safetensors")])
         var c = FuzzCampaign(parser: "model", fileName: "config.json", seeds: [Array(FuzzSeeds.microConfigText.utf8)],
-                             text: true, defaultIterations: 2000)
+                             text: true, defaultIterations: 1000)
         let dir = Fuzz.workDir("model").path
         c.run { _ in _ = try CausalLM(directory: dir) }
         stage("regress-model", [(FuzzSeeds.microDir + "/model.safetensors", "model.safetensors")])
@@ -109,7 +109,7 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzModelDirectoryWeights() {
         stage("model-weights", [(FuzzSeeds.microDir + "/config.json", "config.json")])
         var c = FuzzCampaign(parser: "model-weights", fileName: "model.safetensors", seeds: [FuzzSeeds.microCheckpoint],
-                             text: false, defaultIterations: 2000)
+                             text: false, defaultIterations: 1000)
         let dir = Fuzz.workDir("model-weights").path
         c.run(mutate: Self.mutateSafetensorsHeader) { _ in _ = try CausalLM(directory: dir) }
     }
@@ -121,10 +121,10 @@ final class ParserFuzzTests: XCTestCase {
         XCTAssertGreaterThan(shards.count, 1)
         stage("sharded", shards.map { (FuzzSeeds.shardedDir + "/" + $0, $0) })
         var c = FuzzCampaign(parser: "sharded", fileName: "model.safetensors.index.json",
-                             seeds: [Fuzz.read(FuzzSeeds.shardedDir + "/model.safetensors.index.json")], text: true, defaultIterations: 2000)
+                             seeds: [Fuzz.read(FuzzSeeds.shardedDir + "/model.safetensors.index.json")], text: true, defaultIterations: 1000)
         let dir = Fuzz.workDir("sharded").path
         c.run { _ in
-            let ck = try Checkpoint(path: dir)
+            let ck = try ModelWeights(path: dir)
             for n in ck.names { _ = try ck.floats(n) }
         }
     }
@@ -140,7 +140,7 @@ final class ParserFuzzTests: XCTestCase {
 
     func testFuzzTokenizer() {
         var c = FuzzCampaign(parser: "tokenizer", fileName: "tokenizer.json", seeds: [FuzzSeeds.tokenizerJSON],
-                             text: true, defaultIterations: 3000)
+                             text: true, defaultIterations: 1500)
         c.run { try Self.useTokenizer($0) }
         replayRegressions("tokenizer", fileName: "tokenizer.json") { try Self.useTokenizer($0) }
     }
@@ -151,7 +151,7 @@ final class ParserFuzzTests: XCTestCase {
         let dir = Fixtures.repoRoot.appendingPathComponent("recipes").path
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".yaml") }.sorted()
         var c = FuzzCampaign(parser: "recipe", fileName: "recipe.yaml", seeds: names.map { Fuzz.read(dir + "/" + $0) },
-                             text: true, defaultIterations: 3000)
+                             text: true, defaultIterations: 1500)
         c.run { _ = try Recipe.load(path: $0) }
         replayRegressions("recipe", fileName: "recipe.yaml") { _ = try Recipe.load(path: $0) }
     }
@@ -159,7 +159,7 @@ final class ParserFuzzTests: XCTestCase {
     // MARK: HDF5 token streams and top-k caches
 
     func testFuzzTokenHDF5() {
-        var c = FuzzCampaign(parser: "tokens-h5", fileName: "tokens.h5", seeds: FuzzSeeds.tokenFiles, text: false, defaultIterations: 1500)
+        var c = FuzzCampaign(parser: "tokens-h5", fileName: "tokens.h5", seeds: FuzzSeeds.tokenFiles, text: false, defaultIterations: 750)
         c.run { _ = try TokenData.load(path: $0, split: "train", tokenizer: nil, vocabSize: 48) }
         replayRegressions("tokens-h5", fileName: "tokens.h5") { _ = try TokenData.load(path: $0, split: "train", tokenizer: nil, vocabSize: 48) }
     }
@@ -171,7 +171,7 @@ final class ParserFuzzTests: XCTestCase {
     }
 
     func testFuzzTopKCache() {
-        var c = FuzzCampaign(parser: "topk-cache", fileName: "cache.h5", seeds: [FuzzSeeds.topKCache], text: false, defaultIterations: 1500)
+        var c = FuzzCampaign(parser: "topk-cache", fileName: "cache.h5", seeds: [FuzzSeeds.topKCache], text: false, defaultIterations: 750)
         c.run { try Self.readCache($0) }
         replayRegressions("topk-cache", fileName: "cache.h5") { try Self.readCache($0) }
     }
@@ -182,7 +182,7 @@ final class ParserFuzzTests: XCTestCase {
         let src = FuzzSeeds.trainingCheckpointDir
         stage("train-state", ["model.safetensors", "optimizer.safetensors", "state.safetensors"].map { (src + "/" + $0, $0) })
         var c = FuzzCampaign(parser: "train-state", fileName: "trainer_state.json", seeds: [Fuzz.read(src + "/trainer_state.json")],
-                             text: true, defaultIterations: 1000)
+                             text: true, defaultIterations: 500)
         let dir = Fuzz.workDir("train-state").path
         c.run { _ in _ = try TrainingCheckpoint.read(dir) }
     }
@@ -191,7 +191,7 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzExportedModel() {
         let src = FuzzSeeds.exportDir
         let files = ((try? FileManager.default.contentsOfDirectory(atPath: src)) ?? []).sorted()
-        for (target, text, n) in [("config.json", true, 600), ("hf_quant_config.json", true, 600), ("model.safetensors", false, 800)] {
+        for (target, text, n) in [("config.json", true, 300), ("hf_quant_config.json", true, 300), ("model.safetensors", false, 400)] {
             let parser = "export-" + target.replacingOccurrences(of: ".", with: "-")
             stage(parser, files.filter { $0 != target }.map { (src + "/" + $0, $0) })
             var c = FuzzCampaign(parser: parser, fileName: target, seeds: [Fuzz.read(src + "/" + target)], text: text, defaultIterations: n)

@@ -144,7 +144,7 @@ final class SafeTensorsTests: XCTestCase {
         }
         XCTAssertEqual(Array(try f.floats("model.norm.weight").array.prefix(3)), [1, 1, 1])
 
-        let ck = try Checkpoint(path: Fixtures.path("tiny-llama"))
+        let ck = try ModelWeights(path: Fixtures.path("tiny-llama"))
         XCTAssertEqual(ck.names, f.names)
         XCTAssertFalse(ck.isSharded)
         XCTAssertEqual(try ck.floats("lm_head.weight").array, try f.floats("lm_head.weight").array)
@@ -202,7 +202,7 @@ final class SafeTensorsTests: XCTestCase {
             XCTAssertEqual(f.metadataValue("format"), "pt")
         }
 
-        let ck = try Checkpoint(path: out)
+        let ck = try ModelWeights(path: out)
         XCTAssertTrue(ck.isSharded)
         XCTAssertEqual(ck.names, w.names.sorted())
         XCTAssertEqual(Set(ck.names).count, ck.names.count)
@@ -219,8 +219,8 @@ final class SafeTensorsTests: XCTestCase {
         let single = try SafeTensorsWriter.writeSharded(w, directory: out, maxShardBytes: 1 << 30)
         XCTAssertEqual(single, [out + "/model.safetensors"])
         XCTAssertFalse(FileManager.default.fileExists(atPath: out + "/model.safetensors.index.json"))
-        XCTAssertEqual(try Checkpoint(path: out).names, w.names)
-        XCTAssertEqual(try Checkpoint(path: out + "/model.safetensors").names, w.names)
+        XCTAssertEqual(try ModelWeights(path: out).names, w.names)
+        XCTAssertEqual(try ModelWeights(path: out + "/model.safetensors").names, w.names)
     }
 
     func testShardMissingFromIndex() throws {
@@ -231,21 +231,21 @@ final class SafeTensorsTests: XCTestCase {
         let written = try w.writeSharded(directory: out, maxShardBytes: 500)
         XCTAssertEqual(written.count, 3)
         try FileManager.default.removeItem(atPath: written[1])
-        XCTAssertThrowsError(try Checkpoint(path: out)) { e in
+        XCTAssertThrowsError(try ModelWeights(path: out)) { e in
             XCTAssertEqual("\(e)", "\(out)/model.safetensors.index.json: shard \"model-00002-of-00002.safetensors\" (holding \"b\") is missing from \(out)")
         }
         // A tensor the index lists but the shard lacks.
         try #"{"weight_map": {"a": "model-00001-of-00002.safetensors", "zzz": "model-00001-of-00002.safetensors"}}"#
             .write(toFile: written[2], atomically: true, encoding: .utf8)
-        XCTAssertThrowsError(try Checkpoint(path: out)) { e in
+        XCTAssertThrowsError(try ModelWeights(path: out)) { e in
             XCTAssertTrue("\(e)".contains("tensor \"zzz\" is listed in shard \"model-00001-of-00002.safetensors\" but that file does not contain it"), "\(e)")
         }
         try #"{"weight_map": {"a": "../x.safetensors"}}"#.write(toFile: written[2], atomically: true, encoding: .utf8)
-        XCTAssertThrowsError(try Checkpoint(path: out)) { e in XCTAssertTrue("\(e)".contains("not a file inside"), "\(e)") }
-        XCTAssertThrowsError(try Checkpoint(path: path("empty-dir-does-not-exist")))
+        XCTAssertThrowsError(try ModelWeights(path: out)) { e in XCTAssertTrue("\(e)".contains("not a file inside"), "\(e)") }
+        XCTAssertThrowsError(try ModelWeights(path: path("empty-dir-does-not-exist")))
         let empty = path("emptydir")
         try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
-        XCTAssertThrowsError(try Checkpoint(path: empty)) { e in
+        XCTAssertThrowsError(try ModelWeights(path: empty)) { e in
             XCTAssertEqual("\(e)", "\(empty): no model.safetensors or model.safetensors.index.json in this directory")
         }
     }
@@ -343,32 +343,35 @@ final class SafeTensorsTests: XCTestCase {
         XCTAssertEqual(Array(d), expected)
     }
 
-    func testManyTensorsHeaderIsFast() throws {
-        // Headers of real checkpoints list thousands of tensors; nothing may be quadratic.
+    /// Headers of real checkpoints list thousands of tensors (their parse time is measured
+    /// by `qat bench`, "safetensors header"): all 20,000 entries are read and addressable.
+    func testManyTensorsHeader() throws {
         var w = SafeTensorsWriter()
         for i in 0..<20_000 { try w.add(name: "model.layers.\(i / 10).t\(i % 10).weight", dtype: .u8, shape: [1], bytes: [UInt8(i & 255)]) }
         let p = path("many.safetensors")
-        let start = Date()
         try w.write(to: p)
         let f = try SafeTensorsFile(path: p)
         XCTAssertEqual(f.tensors.count, 20_000)
         XCTAssertEqual(try f.integers("model.layers.1999.t9.weight"), [Int64(19_999 & 255)])
-        XCTAssertLessThan(Date().timeIntervalSince(start), 2.0)
+        XCTAssertEqual(try f.integers("model.layers.0.t0.weight"), [0])
+        XCTAssertEqual(try f.integers("model.layers.25.t6.weight"), [Int64(256 & 255)])
     }
 
-    func testConversionSpeed() throws {
-        // 4M bf16 elements: a plain pointer loop converts this in a few ms; a per-element
-        // allocation would take seconds.
+    /// A 4M-element bf16 tensor decodes to the exact values (its speed is measured by
+    /// `qat bench`, "bf16 → f32 decode").
+    func testLargeBF16Conversion() throws {
         let n = 4 << 20
         var w = SafeTensorsWriter()
-        try w.add(name: "x", floats: [Float](repeating: 0.5, count: n), shape: [n], as: .bf16)
+        // Exactly representable in bf16 (low 16 bits zero), finite (exponent bit 7 clear).
+        let values = (0..<n).map { (i: Int) -> Float in
+            let bits = UInt32(truncatingIfNeeded: (i &* 2_654_435_761) >> 8) << 16
+            return Float(bitPattern: bits & 0xBFFF_0000)
+        }
+        try w.add(name: "x", floats: values, shape: [n], as: .bf16)
         let p = path("big.safetensors")
         try w.write(to: p)
-        let f = try SafeTensorsFile(path: p)
-        let start = Date()
-        let t = try f.floats("x")
-        let elapsed = Date().timeIntervalSince(start)
-        XCTAssertEqual(t[n - 1], 0.5)
-        XCTAssertLessThan(elapsed, 0.5)
+        let t = try SafeTensorsFile(path: p).floats("x")
+        XCTAssertEqual(t.count, n)
+        XCTAssertEqual(t.array.map(\.bitPattern), values.map(\.bitPattern))
     }
 }

@@ -34,7 +34,7 @@ final class RecipeTests: XCTestCase {
         XCTAssertEqual(r.train.frozenParams ?? [], ["*embed_tokens*"])
         XCTAssertEqual(r.train.distill.loss, .jsd)
         XCTAssertEqual(r.train.distill.beta, 0.25)
-        XCTAssertEqual(r.export.saveDtype, "float16")
+        XCTAssertEqual(r.export.saveDtype, .f16)
         let q = try XCTUnwrap(r.quantize)
         XCTAssertEqual(q.resolve(quantizerName: "model.layers.0.mlp.up_proj.weight_quantizer")?.enabled, true)
         XCTAssertEqual(q.resolve(quantizerName: "lm_head.weight_quantizer")?.enabled, false)

@@ -127,10 +127,33 @@ final class NonFiniteTests: XCTestCase {
         let t = try trainer(dir, onNonFinite: "skip")
         t.options.finalEvaluation = false
         let embed = t.model.parameterByName["model.embed_tokens.weight"]!
-        t.options.onStep = { m in if m.step == 1 { embed.value.buffer.update(repeating: .infinity) } }
+        // After step 1 the embedding turns infinite, so steps 2 and 3 see a non-finite loss:
+        // each must leave every weight, both moments and the step count exactly as they were.
+        var weightsAfter1: [String: [Float]] = [:], momentsAfter1: [String: [Float]] = [:], stepCountAfter1 = -1
+        func moments() -> [String: [Float]] {
+            var d: [String: [Float]] = [:]
+            for s in t.optimizer.slots { d[s.name + ".m"] = s.m.array; d[s.name + ".v"] = s.v.array }
+            return d
+        }
+        t.options.onStep = { m in
+            guard m.step == 1 else { return }
+            embed.value.buffer.update(repeating: .infinity)
+            weightsAfter1 = Dictionary(uniqueKeysWithValues: t.model.parameters.map { ($0.name, $0.value.array) })
+            momentsAfter1 = moments()
+            stepCountAfter1 = t.optimizer.stepCount
+        }
         let r = try t.run()
         XCTAssertEqual(r.steps, 3)
+        XCTAssertFalse(t.history[0].skipped)
         XCTAssertTrue(t.history[1].skipped && t.history[2].skipped)
+        XCTAssertEqual(stepCountAfter1, 1)
+        XCTAssertEqual(t.optimizer.stepCount, 1, "a skipped batch is not an optimizer step")
+        XCTAssertFalse(momentsAfter1.isEmpty)
+        for p in t.model.parameters {
+            XCTAssertEqual(p.value.array.map(\.bitPattern), weightsAfter1[p.name]?.map(\.bitPattern), p.name)
+        }
+        let now = moments()
+        for (name, v) in momentsAfter1 { XCTAssertEqual(now[name]?.map(\.bitPattern), v.map(\.bitPattern), name) }
     }
 }
 

@@ -40,12 +40,31 @@ final class ZeROTests: XCTestCase {
         counts.append(512)
         for ranks in [2, 3, 4, 8] {
             let owners = ZeROPartition.assignOwners(counts: counts, ranks: ranks)
-            XCTAssertEqual(owners, ZeROPartition.assignOwners(counts: counts, ranks: ranks))
+            XCTAssertEqual(owners, Self.torchPartition(counts: counts, ranks: ranks), "\(ranks) ranks")
             var load = [Int](repeating: 0, count: ranks)
             for (i, r) in owners.enumerated() { load[r] += counts[i] }
             XCTAssertEqual(load.reduce(0, +), counts.reduce(0, +))
             XCTAssertLessThanOrEqual(load.max()! - load.min()!, counts.max()!)
         }
+    }
+
+    /// PyTorch ZeroRedundancyOptimizer._partition_parameters, written out independently:
+    /// parameters by decreasing size (stable), each to the first rank of least total size.
+    static func torchPartition(counts: [Int], ranks: Int) -> [Int] {
+        var sizes = [Int](repeating: 0, count: ranks)
+        var owners = [Int](repeating: -1, count: counts.count)
+        let bySize = counts.enumerated().map { (index: $0.offset, size: $0.element) }
+        var sorted: [(index: Int, size: Int)] = []
+        for p in bySize {  // insertion sort: stable by construction
+            let at = sorted.firstIndex { $0.size < p.size } ?? sorted.count
+            sorted.insert(p, at: at)
+        }
+        for p in sorted {
+            let rank = sizes.firstIndex(of: sizes.min()!)!
+            owners[p.index] = rank
+            sizes[rank] += p.size
+        }
+        return owners
     }
 
     func makeParameters() -> [(name: String, value: Tensor, grad: Tensor?)] {
@@ -70,7 +89,8 @@ final class ZeROTests: XCTestCase {
             let before = params.map { $0.value.array }
             let z = try AdamW(parameters: params, plan: plan, shardOver: comm)
             let p = try XCTUnwrap(z.partition)
-            XCTAssertEqual(p.owners, ZeROPartition.assignOwners(counts: z.slots.map(\.value.count), ranks: 2))
+            // sizes [37, 5, 64, 9, 64, 3]: #2 → r0, #4 → r1, #0 → r0 (tie: lowest rank), #3, #1, #5 → r1
+            XCTAssertEqual(p.owners, [0, 1, 0, 1, 1, 1])
             for (i, s) in z.slots.enumerated() {
                 XCTAssertEqual(s.m.count, p.owns(i) ? s.value.count : 0)
                 XCTAssertEqual(s.v.count, p.owns(i) ? s.value.count : 0)

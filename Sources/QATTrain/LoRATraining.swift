@@ -137,10 +137,28 @@ public final class LoRA: @unchecked Sendable {
     public static func targets(_ model: CausalLM, spec: Recipe.LoRASpec) throws -> [Linear] {
         let all = model.layers.flatMap(\.linears)
         for g in spec.targetModules where !all.contains(where: { Glob.matches(g, $0.name) }) {
-            if Glob.matches(g, model.lmHead.name) { throw QATError("train.lora.target_modules: \(g) selects lm_head; LoRA on lm_head is not supported") }
+            if Glob.matches(g, model.lmHead.name) { throw QATError.unsupported("train.lora.target_modules: \(g) selects lm_head; LoRA on lm_head is not supported") }
             throw QATError("train.lora.target_modules: \(g) matches no Linear (names look like \(all.first?.name ?? "model.layers.0.self_attn.q_proj"))")
         }
         return all.filter { l in spec.targetModules.contains { Glob.matches($0, l.name) } }
+    }
+
+    /// The one LoRA builder of a recipe's `train.lora`: QLoRA (a new model over the NVFP4 base,
+    /// `qlora`) or LoRA (adapters on `model`'s fp32 base, `attach`), with the recipe's STE,
+    /// NVFP4 fake-quant mode and seed.
+    public static func build(on model: CausalLM, quantizers: QuantizerSet?, recipe: Recipe) throws -> LoRA {
+        guard let spec = recipe.train.lora else { throw QATError.internal("LoRA.build: the recipe has no train.lora section") }
+        guard spec.qlora else { return try attach(to: model, quantizers: quantizers, spec: spec, seed: recipe.train.seed) }
+        guard let config = recipe.quantize, let quantizers else {
+            throw QATError("train.lora.qlora needs a quantize section with NVFP4 weights")
+        }
+        return try qlora(source: model, quantizers: quantizers, config: config, ste: recipe.steMode, nvfp4Mode: recipe.nvfp4Mode,
+                         spec: spec, seed: recipe.train.seed)
+    }
+
+    /// `mergedModel` with the recipe's quantize section, STE and NVFP4 mode.
+    public func mergedModel(recipe: Recipe) throws -> (model: CausalLM, quantizers: QuantizerSet?) {
+        try mergedModel(config: recipe.quantize, ste: recipe.steMode, nvfp4Mode: recipe.nvfp4Mode)
     }
 
     /// Adds adapters to `model` (its fp32 base stays; freeze it through `trainableGlobs`).

@@ -7,7 +7,7 @@ import QATCore
 /// file. All files are mapped and validated up front, and for a sharded checkpoint every
 /// tensor the index names must exist in its shard, so a broken download fails at load with
 /// the file to fetch again rather than halfway through training.
-public final class Checkpoint: @unchecked Sendable {
+public final class ModelWeights: @unchecked Sendable {
     public let directory: String
     /// The files, in the order they are first referenced.
     public let files: [SafeTensorsFile]
@@ -106,3 +106,8 @@ public final class Checkpoint: @unchecked Sendable {
     /// Sum of all tensors' byte sizes.
     public var totalBytes: Int { location.values.reduce(0) { $0 + $1.info.byteCount } }
 }
+
+/// The former name (it reads an HF weight directory, not a training checkpoint: that is
+/// `TrainingCheckpoint`); kept for branches written against it, remove once they are merged.
+@available(*, deprecated, renamed: "ModelWeights")
+public typealias Checkpoint = ModelWeights

@@ -89,6 +89,9 @@ public struct Recipe: Sendable {
         public var saveDtype: String? = nil
         public var maxShardBytes = 5_000_000_000
         public var verify = true
+        /// Checkpoint layout: `modelopt` (hf_quant_config.json, quant_method modelopt) or
+        /// `compressed-tensors` (nvfp4-pack-quantized, quant_method compressed-tensors).
+        public var format = "modelopt"
     }
 
     public var source = "recipe"
@@ -243,6 +246,7 @@ public struct Recipe: Sendable {
             }
             r.export.maxShardBytes = try e.int("max_shard_bytes", min: 1 << 20) ?? r.export.maxShardBytes
             r.export.verify = try e.bool("verify") ?? r.export.verify
+            r.export.format = try e.choice("format", ["modelopt", "compressed-tensors"]) ?? r.export.format
             try e.finish()
         }
         try top.finish()

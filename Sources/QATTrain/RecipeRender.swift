@@ -48,7 +48,7 @@ extension Recipe {
         y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: \(opt(d.teacherLogprobs))\n"
         y += t.lora?.yaml ?? "  lora: null\n"
         y += "export:\n  dir: \(q(export.dir))\n  save_dtype: \(export.saveDtype ?? "null")\n"
-        y += "  max_shard_bytes: \(export.maxShardBytes)\n  verify: \(export.verify)\n"
+        y += "  max_shard_bytes: \(export.maxShardBytes)\n  verify: \(export.verify)\n  format: \(export.format)\n"
         return y
     }
 

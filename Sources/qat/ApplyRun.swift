@@ -227,7 +227,8 @@ final class ApplyRun {
             return d
         }
         let es = try Exporter.export(model: model, quantizers: quantizers, sourceDirectory: r.model, to: r.export.dir,
-                                     options: ExportOptions(saveDtype: dtype, maxShardBytes: r.export.maxShardBytes))
+                                     options: try ExportOptions(saveDtype: dtype, maxShardBytes: r.export.maxShardBytes,
+                                                                format: ExportFormat.parse(r.export.format)))
         summary.exportBytes = es.tensorBytes
         summary.sourceBytes = (try? Checkpoint(path: r.model).totalBytes) ?? 0
         log("export: \(r.export.dir) (\(es.hfQuantConfig["quantization"]?["quant_algo"]?.stringValue ?? "?"), \(formatBytes(es.tensorBytes)) of tensors, \(es.files.count) files)")

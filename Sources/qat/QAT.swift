@@ -14,7 +14,7 @@ struct QAT: ParsableCommand {
         Then: `qat eval` a model, a PTQ recipe or an export; `qat inspect` a checkpoint; \
         `qat recipe show` a recipe with every default filled in.
         """,
-        subcommands: [Apply.self, Eval.self, Export.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self])
+        subcommands: [Apply.self, Eval.self, Export.self, Convert.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self])
 
     /// Runs a command body, turning project errors into one clear line on stderr and exit
     /// code 1 instead of a stack trace.

@@ -11,7 +11,7 @@ Makes Tests/Fixtures/ct-tiny-llama/ from Tests/Fixtures/tiny-llama:
    model.safetensors and config.json's quantization_config;
 3. reference.safetensors: the library's decompression of every NVFP4 weight
    (NVFP4PackedCompressor.decompress, bf16: what transformers computes with) under
-   `<module>.weight`, and the fp32 scales the converter wrote.
+   `<module>.weight`, with the global scale shaped [1] as the loaders hold it.
 
 qat's test (CompressedTensorsTests.testGoldenLibraryExport) reads the directory without Python.
 Versions used: see VERSIONS in the generated reference metadata (run with compressed-tensors
@@ -112,6 +112,9 @@ def main():
             continue
         module = name[: -len(".weight_packed")]
         sd = {k.split(module + ".")[1]: v for k, v in ct.items() if k.startswith(module + ".")}
+        # As loaded: transformers and vLLM allocate the global scale with shape [1] (a 0-d
+        # tensor would make torch divide the bf16 block scale in bf16, not fp32).
+        sd["weight_global_scale"] = sd["weight_global_scale"].reshape(1)
         out = NVFP4PackedCompressor.decompress(sd, scheme)
         ref[f"{module}.weight"] = out["weight"].contiguous()
     versions = {"compressed_tensors": compressed_tensors.__version__, "transformers": transformers.__version__,

@@ -61,7 +61,7 @@ struct Generate: ParsableCommand {
     @Flag(name: .customLong("ignore-eos"), help: "Keep generating after the end-of-sequence token.")
     var ignoreEOS = false
 
-    @Option(help: "Stop when the text contains this string (repeatable); the string is not printed.")
+    @Option(help: "Stop when the text contains this string (repeatable; --stop=-- for a string starting with -); the string is not printed.")
     var stop: [String] = []
 
     @Option(help: "A second model (same tokenizer) to continue the same prompt; both are printed side by side.")
@@ -88,7 +88,7 @@ struct Generate: ParsableCommand {
             let tokenizer = try primary.tokenizer()
             var text = prompt
             if chat { text = try ChatTemplate.load(directory: primary.tokenizerDirectory).render(user: prompt) }
-            let ids = tokenizer.encode(text)
+            let ids = tokenizer.encode(benchmark && text.isEmpty ? "The meaning of life is" : text)
             guard !ids.isEmpty else { throw QATError("the prompt is empty: give --prompt TEXT") }
             if benchmark { try runBenchmark(primary, prompt: ids); return }
             let eos = ignoreEOS ? [] : primary.eosTokenIds

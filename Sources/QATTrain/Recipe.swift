@@ -111,6 +111,9 @@ public struct Recipe: Sendable {
     public var calibration = CalibrationSpec()
     public var train = TrainSpec()
     public var export = ExportSpec()
+    /// `report.prompts`: after the export, `qat apply` shows (and stores in qat_summary.json)
+    /// the original's and the exported model's greedy continuation of each prompt.
+    public var reportPrompts: [String] = []
 
     public init() {}
 
@@ -233,6 +236,10 @@ public struct Recipe: Sendable {
             if let l = try t.map("lora") { s.lora = try LoRASpec.parse(l) }
             try t.finish()
             r.train = s
+        }
+        if let rp = try top.map("report") {
+            r.reportPrompts = try rp.strings("prompts") ?? []
+            try rp.finish()
         }
         if let e = try top.map("export") {
             r.export.dir = try e.string("dir") ?? r.export.dir

@@ -208,6 +208,7 @@ final class ApplyRun {
         } else {
             try exportAndVerify(model: model, quantizers: quantizers, summary: &summary)
         }
+        try appendSamples(to: &summary)   // report.prompts (Samples.swift)
         summary.seconds = Date().timeIntervalSince(start)
         try writeReport(summary)
         return summary

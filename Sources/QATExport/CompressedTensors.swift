@@ -263,7 +263,9 @@ public enum CompressedTensors {
         var weightOnly: Bool?
         for (name, v) in groups.entries {
             guard let g = v.objectValue else { throw fail("config_groups.\(name) is not an object") }
-            if let f = g["format"]?.stringValue, f != "nvfp4-pack-quantized" { throw fail("config_groups.\(name).format \"\(f)\" is not supported") }
+            if let f = g["format"]?.stringValue, f != "nvfp4-pack-quantized" {
+                throw fail("config_groups.\(name).format \"\(f)\" is not supported")
+            }
             func isNVFP4(_ a: JSONValue?) -> Bool {
                 guard let o = a?.objectValue else { return false }
                 return o["num_bits"]?.intValue == 4 && o["type"]?.stringValue == "float" && o["group_size"]?.intValue == 16
@@ -303,7 +305,9 @@ public enum CompressedTensors {
     /// unless tied).
     public static func linearNames(_ config: ModelConfig) -> [String] {
         var names = CausalLM.parameterShapes(config).compactMap { name, shape -> String? in
-            guard shape.count == 2, name.hasSuffix(".weight"), name != "model.embed_tokens.weight", name != "lm_head.weight" else { return nil }
+            guard shape.count == 2, name.hasSuffix(".weight"), name != "model.embed_tokens.weight", name != "lm_head.weight" else {
+                return nil
+            }
             return String(name.dropLast(".weight".count))
         }
         names.append("lm_head")
@@ -311,6 +315,12 @@ public enum CompressedTensors {
     }
 
     // MARK: - Directories
+
+    /// The modules that have a `weight_packed` tensor.
+    static func packedModules(_ records: [TensorRecord]) -> Set<String> {
+        let suffix = ".weight_packed"
+        return Set(records.compactMap { $0.name.hasSuffix(suffix) ? String($0.name.dropLast(suffix.count)) : nil })
+    }
 
     /// Reads every tensor of a checkpoint directory, in file order.
     static func readRecords(_ ckpt: Checkpoint) throws -> [TensorRecord] {
@@ -362,14 +372,14 @@ public enum CompressedTensors {
             }
             let r = try fromModelOpt(records)
             records = r.records; lossy = r.lossyScales
-            let quantized = Set(records.compactMap { $0.name.hasSuffix(".weight_packed") ? String($0.name.dropLast(".weight_packed".count)) : nil })
+            let quantized = packedModules(records)
             let ignore = linears.filter { !quantized.contains($0) }
             cfg.set("quantization_config", .object(quantizationConfig(weightOnly: algo == "W4A16_NVFP4", ignore: ignore,
                                                                       kvCache: section.kv != nil)))
         case (.compressedTensors, .modelopt):
             let qc = try cfg.object("quantization_config")
             let s = try scheme(of: qc, source: "\(source)/config.json")
-            let quantized = Set(records.compactMap { $0.name.hasSuffix(".weight_packed") ? String($0.name.dropLast(".weight_packed".count)) : nil })
+            let quantized = packedModules(records)
             records = try toModelOpt(records)
             let hf = hfQuantConfig(scheme: s, linears: linears, quantized: quantized)
             cfg.set("quantization_config", .object(ExportPlan.quantizationConfig(fromHFQuantConfig: hf)))

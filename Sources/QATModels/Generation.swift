@@ -70,7 +70,9 @@ public final class KVCacheDecoder {
             throw QATError("token id \(t) is outside the vocabulary (size \(c.vocabSize))")
         }
         ensure(n)
-        tokens.withUnsafeBufferPointer { Embedding.forward(out: x.data, tokens: $0.baseAddress!, table: model.embed.value.data, n: n, c: C) }
+        tokens.withUnsafeBufferPointer {
+            Embedding.forward(out: x.data, tokens: $0.baseAddress!, table: model.embed.value.data, n: n, c: C)
+        }
         for layer in model.layers { try layerStep(layer, n: n) }
         // Only the last position's logits are needed.
         let last = x.data + (n - 1) * C

@@ -95,9 +95,10 @@ struct Generate: ParsableCommand {
             let sampler = Sampler(temperature: temperature, topK: topK, topP: topP, seed: seed)
             if let other = compare {
                 let second = try GenerationModel.load(model: other, recipe: nil, overrides: [], checkpoint: nil)
-                let a = try primary.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop, tokenizer: tokenizer)
-                let b = try second.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: ignoreEOS ? [] : second.eosTokenIds,
-                                            stop: stop, tokenizer: tokenizer)
+                let a = try primary.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop,
+                                             tokenizer: tokenizer)
+                let b = try second.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler,
+                                            eos: ignoreEOS ? [] : second.eosTokenIds, stop: stop, tokenizer: tokenizer)
                 if json {
                     print(generationJSON(ids, [(primary.description, a), (second.description, b)]))
                 } else {
@@ -107,7 +108,8 @@ struct Generate: ParsableCommand {
             }
             let streaming = !json
             if streaming { FileHandle.standardOutput.write(Data(text.utf8)) }
-            let r = try primary.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop, tokenizer: tokenizer) { piece in
+            let r = try primary.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop,
+                                         tokenizer: tokenizer) { piece in
                 if streaming { FileHandle.standardOutput.write(Data(piece.utf8)) }
             }
             if json { print(generationJSON(ids, [(primary.description, r)])) } else { print("") }

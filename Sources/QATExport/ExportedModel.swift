@@ -42,15 +42,15 @@ public struct ExportedModel {
         let cfg = try JSONValue.parseObject(file: cfgPath)
         guard let qc = try cfg.optionalObject("quantization_config") else { return false }
         let method = (try qc.optionalString("quant_method")) ?? "?"
-        guard method.lowercased() == "modelopt" else {
-            throw QATError.unsupported("\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (only ModelOpt exports, quant_method \"modelopt\")")
+        guard method.lowercased() == "modelopt" || method == "compressed-tensors" else {
+            throw QATError.unsupported("\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (ModelOpt exports, quant_method \"modelopt\", or compressed-tensors NVFP4, \"compressed-tensors\")")
         }
         return true
     }
 
     /// The quantization section: hf_quant_config.json's `quantization`, else config.json's
     /// flat `quantization_config` mapped onto the same keys.
-    static func quantizationSection(directory: String) throws -> (algo: String?, kv: String?, layers: JSONObject?) {
+    public static func quantizationSection(directory: String) throws -> (algo: String?, kv: String?, layers: JSONObject?) {
         let hfPath = "\(directory)/hf_quant_config.json"
         if FileManager.default.fileExists(atPath: hfPath) {
             let hf = try JSONValue.parseObject(file: hfPath)
@@ -59,6 +59,10 @@ public struct ExportedModel {
         }
         let cfg = try JSONValue.parseObject(file: "\(directory)/config.json")
         let qc = try cfg.object("quantization_config")
+        if (try qc.optionalString("quant_method")) == "compressed-tensors" {
+            let s = try CompressedTensors.scheme(of: qc, source: "\(directory)/config.json")
+            return (s.quantAlgo, s.kvCache ? "FP8" : nil, nil)
+        }
         var kv: String? = try qc.optionalString("kv_cache_quant_algo")
         if kv == nil, let scheme = qc.optionalValue("kv_cache_scheme") {
             if let s = scheme.stringValue { kv = s } else if let o = scheme.objectValue {
@@ -93,7 +97,8 @@ public struct ExportedModel {
         case nil: break
         }
 
-        let ckpt = try ModelWeights(path: directory)
+        let ckpt: any ExportTensorSource = try ExportFormat.of(directory: directory) == .compressedTensors
+            ? CompressedTensorsView(try ModelWeights(path: directory)) : try ModelWeights(path: directory)
         // Before anything is built from the config's sizes: its layer count must be the
         // checkpoint's (the shapes are checked tensor by tensor below, before allocation).
         try config.checkLayerCount(against: ckpt.names, source: directory)
@@ -207,4 +212,63 @@ public func loadModelForEval(directory: String) throws -> CausalLM {
         return try ExportedModel.load(directory: directory).model
     }
     return try CausalLM(directory: directory)
+}
+
+/// The tensors `ExportedModel.load` reads: a checkpoint as stored (ModelOpt), or a
+/// compressed-tensors checkpoint seen under ModelOpt's names and conventions.
+protocol ExportTensorSource {
+    var names: [String] { get }
+    func info(_ name: String) -> SafeTensorInfo?
+    func bytes(_ name: String) throws -> UnsafeRawBufferPointer
+    func floats(_ name: String) throws -> Tensor
+}
+
+extension Checkpoint: ExportTensorSource {}
+
+/// A compressed-tensors NVFP4 checkpoint under ModelOpt's names (`CompressedTensors`'s
+/// table): `weight_packed` read as `weight`, `weight_global_scale` / `input_global_scale` as
+/// `weight_scale_2` / `input_scale` = their fp32 reciprocals, `self_attn.k_scale` as
+/// `self_attn.k_proj.k_scale`. The scales appear as F32 scalars.
+final class CompressedTensorsView: ExportTensorSource {
+    let checkpoint: Checkpoint
+    let names: [String]
+    private let stored: [String: String]
+
+    init(_ checkpoint: Checkpoint) {
+        self.checkpoint = checkpoint
+        var names: [String] = [], stored: [String: String] = [:]
+        for n in checkpoint.names {
+            let m = CompressedTensors.modelOptName(n) ?? n
+            names.append(m)
+            stored[m] = n
+        }
+        self.names = names
+        self.stored = stored
+    }
+
+    private func isScale(_ storedName: String) -> Bool {
+        CompressedTensors.isReciprocal(storedName) || storedName.hasSuffix(".self_attn.k_scale") || storedName.hasSuffix(".self_attn.v_scale")
+    }
+
+    func info(_ name: String) -> SafeTensorInfo? {
+        guard let n = stored[name], let i = checkpoint.info(n) else { return nil }
+        if isScale(n) && i.elementCount == 1 && i.dtype.isFloatingPoint {
+            return SafeTensorInfo(name: name, dtype: .f32, shape: [], begin: 0, end: 4)
+        }
+        return SafeTensorInfo(name: name, dtype: i.dtype, shape: i.shape, begin: i.begin, end: i.end)
+    }
+
+    func bytes(_ name: String) throws -> UnsafeRawBufferPointer {
+        guard let n = stored[name] else { throw QATError("\(checkpoint.directory): missing tensor \(name)") }
+        return try checkpoint.bytes(n)
+    }
+
+    func floats(_ name: String) throws -> Tensor {
+        guard let n = stored[name] else { throw QATError("\(checkpoint.directory): missing tensor \(name)") }
+        let t = try checkpoint.floats(n)
+        guard CompressedTensors.isReciprocal(n), t.count == 1 else { return t }
+        let r = Tensor(shape: [1])
+        r[0] = 1 / t[0]
+        return r
+    }
 }

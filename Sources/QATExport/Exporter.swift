@@ -24,14 +24,18 @@ public struct ExportOptions {
     public var producerVersion = qatExportVersion
     /// Refuse to start when the target filesystem lacks the space (statvfs).
     public var checkFreeSpace = true
+    /// Checkpoint layout: ModelOpt's (default) or compressed-tensors' nvfp4-pack-quantized
+    /// (NVFP4 exports only; see `CompressedTensors`).
+    public var format: ExportFormat = .modelopt
     /// Called with the temporary directory once every file is written, just before it is
     /// renamed into place; a throw aborts the export and leaves no directory behind. Tests
     /// use it to inject failures.
     public var beforeCommit: ((_ tmpDir: String) throws -> Void)?
 
-    public init(saveDtype: DType? = nil, maxShardBytes: Int = 5_000_000_000) {
+    public init(saveDtype: DType? = nil, maxShardBytes: Int = 5_000_000_000, format: ExportFormat = .modelopt) {
         self.saveDtype = saveDtype
         self.maxShardBytes = maxShardBytes
+        self.format = format
     }
 }
 
@@ -151,19 +155,37 @@ public enum Exporter {
         var config = try JSONValue.parseObject(file: configPath)
         if let d = options.saveDtype { rewriteDType(&config, to: d) }
         config.set("quantization_config", .object(qc))
+        var hfBytes: [UInt8]? = JSONValue.object(hf).serializedBytes(indent: 4)
+        if options.format == .compressedTensors {
+            // The same tensors under compressed-tensors' names and scale conventions.
+            guard plan.quantAlgo == "NVFP4" || plan.quantAlgo == "W4A16_NVFP4" else {
+                throw QATError("export.format compressed-tensors writes NVFP4 (W4A4 or weight-only) exports; this model is \(plan.quantAlgo ?? "not quantized") (use export.format modelopt)")
+            }
+            let records = writer.entries.map { TensorRecord(name: $0.name, dtype: $0.dtype, shape: $0.shape, bytes: $0.bytes) }
+            let converted = try CompressedTensors.fromModelOpt(records)
+            if let bad = converted.lossyScales.first {
+                throw QATError("\(bad): this scale does not survive compressed-tensors' reciprocal (1/(1/s) ≠ s); snap the scales first (Exporter.snapScales)")
+            }
+            writer = SafeTensorsWriter()
+            for r in converted.records { try writer.add(name: r.name, dtype: r.dtype, shape: r.shape, bytes: r.bytes) }
+            let quantized = Set(plan.quantizedLinears.map(\.name))
+            config.set("quantization_config", .object(CompressedTensors.quantizationConfig(
+                weightOnly: plan.quantAlgo == "W4A16_NVFP4", ignore: plan.linears.map(\.name).filter { !quantized.contains($0) },
+                kvCache: plan.kvCacheQuantAlgo != nil)))
+            hfBytes = nil
+        }
         let configBytes = Array(config.fileText.utf8)
-        let hfBytes = JSONValue.object(hf).serializedBytes(indent: 4)
         let copies = copiedFiles.map { (src as NSString).appendingPathComponent($0) }.filter { fm.fileExists(atPath: $0) }
 
         // Space: the new directory coexists with any previous export until the rename.
-        var need = writer.totalBytes + configBytes.count + hfBytes.count + 1 << 20
+        var need = writer.totalBytes + configBytes.count + (hfBytes?.count ?? 0) + 1 << 20
         for c in copies { need += (try? fm.attributesOfItem(atPath: c)[.size] as? Int) ?? 0 }
         if options.checkFreeSpace { try ensureFreeSpace(bytes: need, near: out) }
 
         try AtomicDirectory.write(out) { tmp in
             try writer.writeSharded(directory: tmp, maxShardBytes: options.maxShardBytes, metadata: [("format", "pt")])
             try atomicWrite(path: "\(tmp)/config.json") { try $0.write(configBytes) }
-            try atomicWrite(path: "\(tmp)/hf_quant_config.json") { try $0.write(hfBytes) }
+            if let hfBytes { try atomicWrite(path: "\(tmp)/hf_quant_config.json") { try $0.write(hfBytes) } }
             for c in copies { try fm.copyItem(atPath: c, toPath: "\(tmp)/\((c as NSString).lastPathComponent)") }
             try options.beforeCommit?(tmp)
         }

@@ -121,6 +121,28 @@ public enum StoredScale {
         while c.nextDown / bound == scale { c = c.nextDown }
         return c
     }
+
+    /// Whether a scale survives being stored as its fp32 reciprocal and read back:
+    /// compressed-tensors stores NVFP4's `weight_global_scale` = 1/`weight_scale_2` and
+    /// `input_global_scale` = 1/`input_scale` (its `ModelOptNvfp4Converter`,
+    /// compressed_tensors/entrypoints/convert/converters/modelopt_nvfp4.py), so only such scales
+    /// give the same model, and byte-identical files, in both export formats. About 13.5% of
+    /// floats are not (no g has fl(1/g) = s).
+    public static func isReciprocalSafe(_ scale: Float) -> Bool { 1 / (1 / scale) == scale }
+
+    /// The scale an NVFP4 quantizer's amax is snapped to: `amax / bound` when it is
+    /// reciprocal-safe, else the nearest reciprocal-safe float (a few ulps away) that some amax
+    /// stores exactly.
+    public static func nvfp4Scale(amax: Float, bound: Float) -> Float {
+        let s = amax / bound
+        if isReciprocalSafe(s) { return s }
+        var lo = s, hi = s
+        for _ in 0..<16 {
+            lo = lo.nextDown; hi = hi.nextUp
+            for c in [lo, hi] where c > 0 && isReciprocalSafe(c) && Self.amax(forScale: c, bound: bound) / bound == c { return c }
+        }
+        return s
+    }
 }
 
 /// One amax moved by `QuantizerSet.snapToStoredScales`.
@@ -138,7 +160,8 @@ extension QuantizerSet {
         var moved: [ScaleSnap] = []
         for q in all where q.enabled {
             guard let a = q.amax, a.isFinite, a > 0, let bound = StoredScale.bound(q.format) else { continue }
-            let s = StoredScale.amax(forScale: a / bound, bound: bound)
+            let scale = q.format == .fp8PerTensor ? a / bound : StoredScale.nvfp4Scale(amax: a, bound: bound)
+            let s = StoredScale.amax(forScale: scale, bound: bound)
             if s != a {
                 q.amax = s
                 moved.append(ScaleSnap(quantizer: q.name, from: a, to: s))

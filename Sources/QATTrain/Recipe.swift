@@ -89,6 +89,9 @@ public struct Recipe: Sendable {
         public var saveDtype: DType? = nil
         public var maxShardBytes = 5_000_000_000
         public var verify = true
+        /// Checkpoint layout: `modelopt` (hf_quant_config.json, quant_method modelopt) or
+        /// `compressed-tensors` (nvfp4-pack-quantized, quant_method compressed-tensors).
+        public var format = "modelopt"
     }
 
     public var source = "recipe"
@@ -112,6 +115,9 @@ public struct Recipe: Sendable {
     public var calibration = CalibrationSpec()
     public var train = TrainSpec()
     public var export = ExportSpec()
+    /// `report.prompts`: after the export, `qat apply` shows (and stores in qat_summary.json)
+    /// the original's and the exported model's greedy continuation of each prompt.
+    public var reportPrompts: [String] = []
 
     public init() {}
 
@@ -239,6 +245,10 @@ public struct Recipe: Sendable {
             try t.finish()
             r.train = s
         }
+        if let rp = try top.map("report") {
+            r.reportPrompts = try rp.strings("prompts") ?? []
+            try rp.finish()
+        }
         if let e = try top.map("export") {
             r.export.dir = try e.string("dir") ?? r.export.dir
             if e.has("save_dtype") {
@@ -253,6 +263,7 @@ public struct Recipe: Sendable {
             }
             r.export.maxShardBytes = try e.int("max_shard_bytes", min: 1 << 20) ?? r.export.maxShardBytes
             r.export.verify = try e.bool("verify") ?? r.export.verify
+            r.export.format = try e.choice("format", ["modelopt", "compressed-tensors"]) ?? r.export.format
             try e.finish()
         }
         try top.finish()

@@ -49,7 +49,10 @@ extension Recipe {
         y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: \(opt(d.teacherLogprobs))\n"
         y += t.lora?.yaml ?? "  lora: null\n"
         y += "export:\n  dir: \(q(export.dir))\n  save_dtype: \(export.saveDtype?.torchName ?? "null")\n"
-        y += "  max_shard_bytes: \(export.maxShardBytes)\n  verify: \(export.verify)\n"
+        y += "  max_shard_bytes: \(export.maxShardBytes)\n  verify: \(export.verify)\n  format: \(export.format)\n"
+        y += "report:\n  prompts: [" + reportPrompts.map {
+            q($0).replacingOccurrences(of: "\n", with: "\\n").replacingOccurrences(of: "\t", with: "\\t")
+        }.joined(separator: ", ") + "]\n"
         return y
     }
 

@@ -100,6 +100,8 @@ struct ApplySummary {
     var quantize = ""
     var steps = 0
     var interrupted = false
+    /// report.prompts: each prompt with the original's and the export's greedy continuation.
+    var samples: [(prompt: String, original: String, exported: String)] = []
 
     var json: String {
         var o = JSONObject()
@@ -119,6 +121,11 @@ struct ApplySummary {
         o.set("verify_max_abs_logit_diff", verifyMaxAbsDiff.map { .double($0) } ?? .null)
         o.set("seconds", .double((seconds * 10).rounded() / 10))
         o.set("interrupted", .bool(interrupted))
+        if !samples.isEmpty {
+            o.set("samples", .array(samples.map {
+                .object(JSONObject([("prompt", .string($0.prompt)), ("original", .string($0.original)), ("exported", .string($0.exported))]))
+            }))
+        }
         return JSONValue.object(o).fileText
     }
 
@@ -135,6 +142,10 @@ struct ApplySummary {
         }
         if let v = verifyMaxAbsDiff { lines.append(String(format: "verify: export reproduces the fake-quant logits, max |Δ| = %.3g", v)) }
         lines.append(String(format: "time: %@ (%d steps, mode %@, quantize %@)", ProgressBar.clock(seconds), steps, mode, quantize))
+        for s in samples {
+            lines.append("")
+            lines.append(SideBySide.render(prompt: s.prompt, left: ("original", s.original), right: ("exported", s.exported), width: 48))
+        }
         return lines.joined(separator: "\n")
     }
 }

@@ -84,6 +84,7 @@ final class ApplyRun {
             guard world.isRoot else { return finished() }
         }
         try export()
+        try appendSamples(to: &summary)   // report.prompts (Samples.swift)
         try writeReport(finished())
         return summary
     }
@@ -303,7 +304,7 @@ final class ApplyRun {
         let spec = recipe.export
         let verifySequences = min(8, recipe.data.validationSequences ?? 8)
         let verify = spec.verify ? VerificationData(stream: validationStream, seqLen: recipe.data.seqLen, sequences: verifySequences) : nil
-        let options = ExportOptions(saveDtype: spec.saveDtype, maxShardBytes: spec.maxShardBytes)
+        let options = try ExportOptions(saveDtype: spec.saveDtype, maxShardBytes: spec.maxShardBytes, format: ExportFormat.parse(spec.format))
         // (Verification re-rounds the reference's weights: its device copy is made afresh.)
         gpuModels[ObjectIdentifier(exportModel)] = nil
         let logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = gpu == nil ? nil : { m, tokens, b, t in

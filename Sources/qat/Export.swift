@@ -10,7 +10,7 @@ import QATTrain
 
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Export a quantized model as a ModelOpt-format Hugging Face checkpoint (NVFP4 / FP8) for TensorRT-LLM, vLLM, SGLang.",
+        abstract: "Export a quantized model as a ModelOpt-format (NVFP4 / FP8) or compressed-tensors (NVFP4) Hugging Face checkpoint.",
         discussion: """
         Without --checkpoint: post-training quantization — the recipe's quantizers are inserted \
         and max-calibrated on its train data, then exported. With --checkpoint (a training \
@@ -42,6 +42,9 @@ struct Export: ParsableCommand {
     @Option(name: .customLong("max-shard-bytes"), help: "Shard the safetensors above this size (default: the recipe's export.max_shard_bytes).")
     var maxShardBytes: Int?
 
+    @Option(help: "Checkpoint layout: modelopt or compressed-tensors (default: the recipe's export.format).")
+    var format: String?
+
     @Flag(name: .customLong("no-verify"), help: "Skip reading the export back and comparing logits.")
     var noVerify = false
 
@@ -57,6 +60,7 @@ struct Export: ParsableCommand {
             let r = try Recipe.load(path: recipe, overrides: overrides)
             var options = ExportOptions(maxShardBytes: maxShardBytes ?? r.export.maxShardBytes)
             options.saveDtype = try resolveSaveDtype(saveDtype, recipeValue: r.export.saveDtype)
+            options.format = try ExportFormat.parse(format ?? r.export.format)
             let outDir = out ?? r.export.dir
             let source = try QuantizedSource.build(modelDirectory: modelOptions.model, recipe: r, checkpoint: checkpoint, quiet: json)
             var verify: VerificationData? = nil

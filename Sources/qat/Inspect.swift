@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import QATCore
+import QATExport
 import QATIO
 
 struct Inspect: ParsableCommand {
@@ -46,6 +47,7 @@ struct Inspect: ParsableCommand {
             }
             print("\(rows.count) tensors, \(totalElements) elements, \(formatBytes(totalBytes))")
             for m in metadata { print("metadata \(m.key) = \(m.value)") }
+            if let d = exportDescription(path) { print(d) }
         }
     }
 }
@@ -56,4 +58,14 @@ func formatBytes(_ b: Int) -> String {
     if d >= 1_048_576 { return String(format: "%.2f MiB", d / 1_048_576) }
     if d >= 1024 { return String(format: "%.1f KiB", d / 1024) }
     return "\(b) B"
+}
+
+/// "export format: compressed-tensors (NVFP4, FP8 KV cache)" for a quantized export directory.
+func exportDescription(_ path: String) -> String? {
+    var isDir: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue,
+          (try? ExportedModel.isQuantizedExport(directory: path)) == true,
+          let format = try? ExportFormat.of(directory: path),
+          let section = try? ExportedModel.quantizationSection(directory: path) else { return nil }
+    return "export format: \(format.rawValue) (\(section.algo ?? "no quantized Linears")\(section.kv.map { ", \($0) KV cache" } ?? ""))"
 }

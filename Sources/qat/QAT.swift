@@ -11,10 +11,11 @@ struct QAT: ParsableCommand {
         Start with `qat apply recipes/default.yaml`: QAT of the embedded fortune-lm to NVFP4 \
         (W4A4, FP8 KV cache), then a ModelOpt-format export that is read back and verified.
 
-        Then: `qat eval` a model, a PTQ recipe or an export; `qat inspect` a checkpoint; \
+        Then: `qat eval` a model, a PTQ recipe or an export; `qat generate` text with it; `qat convert` an export \
+        between the ModelOpt and compressed-tensors layouts; `qat inspect` a checkpoint; \
         `qat recipe show` a recipe with every default filled in.
         """,
-        subcommands: [Apply.self, Eval.self, Export.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self, Selftest.self])
+        subcommands: [Apply.self, Eval.self, Export.self, Convert.self, Generate.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self, Selftest.self])
 
     /// Runs a command body, turning project errors into one clear line on stderr and exit
     /// code 1 instead of a stack trace.

@@ -7,7 +7,7 @@ import QATTrain
 
 struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check that a ModelOpt-format export reproduces its fake-quant model's logits.",
+        abstract: "Check that an export (ModelOpt or compressed-tensors) reproduces its fake-quant model's logits.",
         discussion: """
         Rebuilds the fake-quant model from --against (a model directory: PTQ with the recipe's \
         calibration, snapped to the exported scales; or a training checkpoint: its weights and \

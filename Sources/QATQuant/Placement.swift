@@ -13,8 +13,9 @@ extension TensorQuantizer: FakeQuantHook {
 public final class QuantizerSet {
     public let all: [TensorQuantizer]
     public let byName: [String: TensorQuantizer]
-    /// Quantizers that must share one amax (q/k/v and gate/up, weights and inputs apart):
-    /// inference engines fuse them into one GEMM with one scale.
+    /// Quantizers that must share one amax (q/k/v and gate/up — per expert in MoE layers,
+    /// ModelOpt's `sync_moe_gate_up_amax` — weights and inputs apart): inference engines fuse
+    /// them into one GEMM with one scale.
     public let fusedGroups: [[TensorQuantizer]]
 
     public var enabled: [TensorQuantizer] { all.filter(\.enabled) }
@@ -46,7 +47,7 @@ public final class QuantizerSet {
         }
         var groups: [[TensorQuantizer]] = []
         for layer in model.layers {
-            for modules in [[layer.qProj, layer.kProj, layer.vProj], [layer.gateProj, layer.upProj]] {
+            for modules in layer.fusedGroups {
                 for kind in ["weight_quantizer", "input_quantizer"] {
                     let g = modules.compactMap { by[$0.name + "." + kind] }.filter(\.enabled)
                     if g.count > 1 { groups.append(g) }

@@ -69,7 +69,8 @@ public struct MoEConfig: Sendable, Equatable {
         case .llama, .mistral, .qwen2, .qwen3: return nil
         case .qwen3Moe, .qwen2Moe:
             naming = .qwen
-            numExperts = try c.optionalInt("num_experts") ?? (family == .qwen3Moe ? 128 : 60)
+            // transformers 5 writes `num_local_experts` (its attribute map), the hub's files `num_experts`.
+            numExperts = try c.optionalInt("num_experts") ?? c.optionalInt("num_local_experts") ?? (family == .qwen3Moe ? 128 : 60)
             topK = try c.optionalInt("num_experts_per_tok") ?? (family == .qwen3Moe ? 8 : 4)
             expertIntermediateSize = try c.optionalInt("moe_intermediate_size") ?? (family == .qwen3Moe ? 768 : 1408)
             normTopKProb = try c.optionalBool("norm_topk_prob") ?? false
@@ -78,7 +79,7 @@ public struct MoEConfig: Sendable, Equatable {
             sharedExpertIntermediateSize = family == .qwen2Moe ? try c.optionalInt("shared_expert_intermediate_size") ?? 5632 : 0
         case .mixtral:
             naming = .mixtral
-            numExperts = try c.optionalInt("num_local_experts") ?? 8
+            numExperts = try c.optionalInt("num_local_experts") ?? c.optionalInt("num_experts") ?? 8
             topK = try c.optionalInt("num_experts_per_tok") ?? 2
             expertIntermediateSize = try c.int("intermediate_size")
             normTopKProb = true

@@ -39,7 +39,7 @@ public final class MoEBlock: @unchecked Sendable {
         if let g = sharedExpertGate { out.append(g) }
         return out
     }
-    public var numExperts: Int { experts.count }
+    public var numExperts: Int { router.outFeatures }
 
     public init(router: Linear, experts: [Expert], sharedExpert: Expert?, sharedExpertGate: Linear?, topK: Int, normTopKProb: Bool) {
         self.router = router; self.experts = experts; self.sharedExpert = sharedExpert; self.sharedExpertGate = sharedExpertGate
@@ -75,6 +75,21 @@ public final class MoEBlock: @unchecked Sendable {
     var lastTokens: Int { n }
     /// Expert chosen at token t, slot j (expert-ascending order within the token).
     func selected(_ t: Int, _ j: Int) -> Int { Int(slotExpert[t * topK + j]) }
+
+    /// A block with a router and no experts, for routing alone (`route`).
+    public static func routerOnly(weight: Tensor, topK: Int, normTopKProb: Bool) -> MoEBlock {
+        MoEBlock(router: Linear(name: "router", weight: Parameter(name: "router.weight", value: weight), bias: nil),
+                 experts: [], sharedExpert: nil, sharedExpertGate: nil, topK: topK, normTopKProb: normTopKProb)
+    }
+
+    /// Routes x [N, C]: per token its k experts (in expert order) and their weights, [N·k] each.
+    public func route(_ x: UnsafePointer<Float>, n N: Int) throws -> (experts: [Int], weights: [Float]) {
+        n = N
+        ensure(&probs, N * numExperts)
+        routerUsed = try router.forward(x, out: probs.data, n: N)
+        route(N)
+        return (slotExpert.map { Int($0) }, slotWeight)
+    }
 
     private func ensure(_ t: inout Tensor, _ count: Int) {
         if t.count < count { t = Tensor(shape: [count], zeroed: false) }

@@ -104,11 +104,12 @@ final class ApplyRun {
             let dataParallel = dp.isDistributed
             let shard = dataParallel && calibration.count >= dp.size
                 ? calibration.enumerated().filter { $0.offset % dp.size == dp.rank }.map(\.element) : calibration
-            try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: r.data.seqLen,
+            let report = try Calibration.run(model: model, quantizers: set, sequences: shard, seqLen: r.data.seqLen,
                                 batchSize: r.calibration.batchSize, progress: { d, _ in bar.update(d) },
                                 reduceMax: dataParallel ? { try dp.allReduceMax(&$0) } : nil,
                                 forward: pipeline?.forwardHook(model, seqLen: r.data.seqLen))
             bar.finish()
+            if let line = report.logLine { log(line) }
             quantizers = set
             summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
         }

@@ -68,6 +68,8 @@ public final class MoEBlock: @unchecked Sendable {
     private var sg = Tensor(shape: [0]), su = Tensor(shape: [0]), sh = Tensor(shape: [0]), sy = Tensor(shape: [0]), ssig = Tensor(shape: [0])
     private var sharedUsed: (gate: UnsafePointer<Float>, up: UnsafePointer<Float>, down: UnsafePointer<Float>, sgate: UnsafePointer<Float>)?
 
+    /// Tokens routed to each expert over the calibration forwards (reset by calibration).
+    public var routedDuringCalibration: [Int] = []
     /// Tokens routed to each expert by the last forward (per slot j summed).
     public var tokensPerExpert: [Int] { (0..<numExperts).map { offsets[$0 + 1] - offsets[$0] } }
     /// The last forward's router probabilities [N, E] (for the auxiliary loss).
@@ -105,10 +107,12 @@ public final class MoEBlock: @unchecked Sendable {
     public func forward(_ x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, n N: Int) throws {
         let C = hidden, I = inter, E = numExperts, K = topK, R = N * K
         n = N
-        if isCalibrating { try observeAllExperts(x, n: N) }
+        let calibrating = isCalibrating
+        if calibrating { try observeAllExperts(x, n: N) }
         ensure(&probs, N * E)
         routerUsed = try router.forward(x, out: probs.data, n: N)
         StepProfiler.measure("moe.route") { route(N) }
+        if calibrating, routedDuringCalibration.count == E { for (e, c) in tokensPerExpert.enumerated() { routedDuringCalibration[e] += c } }
         ensure(&gx, R * C); ensure(&gg, R * I); ensure(&gu, R * I); ensure(&gh, R * I); ensure(&gy, R * C)
         StepProfiler.measure("moe.dispatch") { gather(x, N) }
         used = Array(repeating: nil, count: E)

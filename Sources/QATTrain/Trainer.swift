@@ -131,6 +131,7 @@ open class Trainer {
                 validationSequences: Int?, options: Options) throws {
         self.model = model; self.spec = spec; self.seqLen = seqLen; self.options = options
         self.validationStream = validationStream; self.validationSequences = validationSequences
+        try Trainer.configureRouterAuxLoss(model: model, spec: spec, pipeline: options.pipeline != nil)
         // Data parallel: the loader draws the global batch (world size × batch_size) and each
         // rank keeps its own rows (see `trainStep`).
         let world = options.pipeline?.dataParallel.size ?? worldCommunicator.size
@@ -308,6 +309,7 @@ open class Trainer {
             for mb in batches {
                 let hidden = try model.forward(tokens: mb.tokens, batch: B, seqLen: T, saveForBackward: true)
                 parts += try loss.run(model: model, hidden: hidden, batch: mb, gradScale: scale, dHidden: dHidden.data)
+                parts.total += routerAuxLossTerm(validTokens: valid)
                 try model.backward(dHidden: dHidden.data)
             }
         }

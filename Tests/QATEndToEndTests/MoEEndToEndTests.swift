@@ -7,12 +7,13 @@ import TestSupport
 /// `qat apply` on the tiny Qwen3-MoE fixture (2 sparse layers × 4 experts, top-2): QAT and
 /// QAD, export, verify. The export must reproduce the fake-quant logits exactly, hold every
 /// expert Linear in NVFP4 with gate/up sharing one weight_scale_2 per expert, and leave
-/// every router unquantized and listed in exclude_modules / ignore.
+/// every router unquantized and listed in exclude_modules / ignore. The QAT run also trains
+/// with the load-balancing loss (train.router_aux_loss_coef).
 final class MoEEndToEndTests: XCTestCase {
-    func testQwen3MoEQATExportVerify() throws { try run(mode: "qat") }
+    func testQwen3MoEQATExportVerify() throws { try run(mode: "qat", trainExtra: ["router_aux_loss_coef: 0.01"]) }
     func testQwen3MoEQADExportVerify() throws { try run(mode: "qad") }
 
-    private func run(mode: String) throws {
+    private func run(mode: String, trainExtra: [String] = []) throws {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
         let dir = Fixtures.tempDir("qat-moe-\(mode)")
         defer { if ProcessInfo.processInfo.environment["QAT_KEEP"] == nil { try? FileManager.default.removeItem(at: dir) } }
@@ -23,7 +24,7 @@ final class MoEEndToEndTests: XCTestCase {
             let h5 = try HDF5File(path: tokens, mode: .create)
             for split in ["train", "validation"] { try h5.write("\(split)/input_ids", values: source.prefix(8_000).map { $0 % 256 }) }
         }
-        let recipe = try Fixtures.shortRecipe(in: dir, steps: 4, model: model, data: tokens, mode: mode)
+        let recipe = try Fixtures.shortRecipe(in: dir, steps: 4, model: model, data: tokens, mode: mode, trainExtra: trainExtra)
         let r = try Fixtures.runQAT(["apply", recipe, "--quiet"])
         XCTAssertEqual(r.status, 0, r.err)
         let out = dir.appendingPathComponent("export").path

@@ -13,10 +13,29 @@ final class MoEEndToEndTests: XCTestCase {
     func testQwen3MoEQATExportVerify() throws { try run(mode: "qat", trainExtra: ["router_aux_loss_coef: 0.01"]) }
     func testQwen3MoEQADExportVerify() throws { try run(mode: "qad") }
 
-    private func run(mode: String, trainExtra: [String] = []) throws {
+    /// LoRA-QAT with the default targets (`model.layers.*.mlp.*_proj` reaches every expert's
+    /// projections; the router `mlp.gate` is not a target): adapters on every expert, merged
+    /// NVFP4 export verified exactly.
+    func testQwen3MoELoRAOnExperts() throws {
+        let dir = try run(mode: "qat", trainExtra: ["lora:", "  rank: 4", "  alpha: 8"], keep: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ck = try Checkpoint(path: dir.appendingPathComponent("export.work/checkpoints/checkpoint-000004").path)
+        let adapters = ck.names.filter { $0.hasSuffix(".lora_A.weight") }
+        for l in 0..<2 {
+            for e in 0..<4 {
+                for proj in ["gate_proj", "up_proj", "down_proj"] {
+                    XCTAssertTrue(adapters.contains("model.layers.\(l).mlp.experts.\(e).\(proj).lora_A.weight"), "\(l).\(e).\(proj)")
+                }
+            }
+            XCTAssertFalse(adapters.contains { $0.contains("mlp.gate.lora") }, "router has no adapter")
+        }
+    }
+
+    @discardableResult
+    private func run(mode: String, trainExtra: [String] = [], keep: Bool = false) throws -> URL {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
         let dir = Fixtures.tempDir("qat-moe-\(mode)")
-        defer { if ProcessInfo.processInfo.environment["QAT_KEEP"] == nil { try? FileManager.default.removeItem(at: dir) } }
+        defer { if !keep && ProcessInfo.processInfo.environment["QAT_KEEP"] == nil { try? FileManager.default.removeItem(at: dir) } }
         let model = Fixtures.path("tiny-qwen3-moe")
         let tokens = dir.appendingPathComponent("tokens.h5").path
         let source = try TokenData.readHDF5(path: Fixtures.fortuneLM + "/tokens.h5", split: "validation")
@@ -55,5 +74,6 @@ final class MoEEndToEndTests: XCTestCase {
         let qc = try JSONValue.parseObject(file: out + "/config.json").object("quantization_config")
         XCTAssertEqual(try qc.strings("ignore"), excluded)
         XCTAssertEqual(try qc.string("quant_algo"), "NVFP4")
+        return dir
     }
 }

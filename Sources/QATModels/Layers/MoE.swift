@@ -4,6 +4,7 @@ import QATCore
 /// One expert of a mixture-of-experts block: a SwiGLU MLP (gate, up, down).
 public struct Expert: Sendable {
     public let gate, up, down: Linear
+    public init(gate: Linear, up: Linear, down: Linear) { self.gate = gate; self.up = up; self.down = down }
 }
 
 /// A sparse mixture-of-experts MLP as transformers runs Qwen3-MoE, Qwen2-MoE and Mixtral:

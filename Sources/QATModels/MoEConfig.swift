@@ -94,7 +94,7 @@ public struct MoEConfig: Sendable, Equatable {
         outputRouterLogits = try c.optionalBool("output_router_logits") ?? false
     }
 
-    func validate(_ where_: String, numLayers: Int) throws {
+    func validate(_ where_: String) throws {
         func bad(_ s: String) -> QATError { QATError("\(where_): \(s)") }
         if numExperts < 1 || numExperts > 1 << 16 { throw bad("number of experts = \(numExperts) is out of range (1…65536)") }
         if topK < 1 || topK > numExperts { throw bad("num_experts_per_tok = \(topK) must be between 1 and the number of experts (\(numExperts))") }
@@ -106,6 +106,5 @@ public struct MoEConfig: Sendable, Equatable {
             throw bad("shared_expert_intermediate_size = \(sharedExpertIntermediateSize) is out of range")
         }
         if !routerAuxLossCoef.isFinite { throw bad("router_aux_loss_coef must be finite") }
-        _ = numLayers
     }
 }

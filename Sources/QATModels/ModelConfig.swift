@@ -144,7 +144,7 @@ public struct ModelConfig: Sendable, Equatable {
             throw bad("\(k) = \(v) is out of range")
         }
         if numHeads % numKVHeads != 0 { throw bad("num_attention_heads (\(numHeads)) must be a multiple of num_key_value_heads (\(numKVHeads))") }
-        if let m = moe { try m.validate(where_, numLayers: numLayers) }
+        if let m = moe { try m.validate(where_) }
         if headDim % 2 != 0 { throw bad("head_dim (\(headDim)) must be even for RoPE") }
         if !(rmsNormEps > 0) { throw bad("rms_norm_eps must be positive") }
         if !(ropeTheta > 0) || !ropeTheta.isFinite { throw bad("rope_theta must be positive and finite") }

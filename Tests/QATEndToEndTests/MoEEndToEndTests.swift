@@ -31,18 +31,36 @@ final class MoEEndToEndTests: XCTestCase {
         }
     }
 
+    /// Offline top-k QAD: `qat teacher-logprobs` runs the MoE teacher over the training data,
+    /// then `qat apply` distils from the cache; export verified exactly.
+    func testQwen3MoEOfflineTopKQAD() throws {
+        if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
+        let dir = Fixtures.tempDir("qat-moe-topk")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let tokens = try foldedTokens(dir)
+        let cache = dir.appendingPathComponent("teacher.h5").path
+        let t = try Fixtures.runQAT(["teacher-logprobs", "--model", Fixtures.path("tiny-qwen3-moe"), "--data", tokens, "--seq-len", "32",
+                                     "--top-k", "8", "--out", cache])
+        XCTAssertEqual(t.status, 0, t.err)
+        try run(mode: "qad", trainExtra: ["distill:", "  teacher_logprobs: \(cache)"], tokens: tokens)
+    }
+
+    private func foldedTokens(_ dir: URL) throws -> String {
+        let tokens = dir.appendingPathComponent("tokens.h5").path
+        let source = try TokenData.readHDF5(path: Fixtures.fortuneLM + "/tokens.h5", split: "validation")
+        // fortune-lm's token ids folded into the fixture's 256-token vocabulary
+        let h5 = try HDF5File(path: tokens, mode: .create)
+        for split in ["train", "validation"] { try h5.write("\(split)/input_ids", values: source.prefix(8_000).map { $0 % 256 }) }
+        return tokens
+    }
+
     @discardableResult
-    private func run(mode: String, trainExtra: [String] = [], keep: Bool = false) throws -> URL {
+    private func run(mode: String, trainExtra: [String] = [], keep: Bool = false, tokens given: String? = nil) throws -> URL {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
         let dir = Fixtures.tempDir("qat-moe-\(mode)")
         defer { if !keep && ProcessInfo.processInfo.environment["QAT_KEEP"] == nil { try? FileManager.default.removeItem(at: dir) } }
         let model = Fixtures.path("tiny-qwen3-moe")
-        let tokens = dir.appendingPathComponent("tokens.h5").path
-        let source = try TokenData.readHDF5(path: Fixtures.fortuneLM + "/tokens.h5", split: "validation")
-        do {  // fortune-lm's token ids folded into the fixture's 256-token vocabulary
-            let h5 = try HDF5File(path: tokens, mode: .create)
-            for split in ["train", "validation"] { try h5.write("\(split)/input_ids", values: source.prefix(8_000).map { $0 % 256 }) }
-        }
+        let tokens = try given ?? foldedTokens(dir)
         let recipe = try Fixtures.shortRecipe(in: dir, steps: 4, model: model, data: tokens, mode: mode, trainExtra: trainExtra)
         let r = try Fixtures.runQAT(["apply", recipe, "--quiet"])
         XCTAssertEqual(r.status, 0, r.err)

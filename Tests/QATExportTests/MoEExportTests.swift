@@ -63,7 +63,7 @@ final class MoEExportTests: XCTestCase {
 
     /// Each family exports every expert Linear in NVFP4 (w1/w3 sharing weight_scale_2), the
     /// routers and the shared-expert gate unquantized and excluded, and the export reproduces
-    /// the fake-quant logits bit for bit.
+    /// the fake-quant logits bit for bit, read back from a sharded checkpoint.
     func testExportsReproduceFakeQuantLogits() throws {
         for fixture in ["tiny-qwen2-moe", "tiny-mixtral", "tiny-qwen3-moe-b"] {
             let dir = Fixtures.path(fixture)
@@ -71,8 +71,12 @@ final class MoEExportTests: XCTestCase {
             let tmp = Fixtures.tempDir("export-moe")
             defer { try? FileManager.default.removeItem(at: tmp) }
             let out = tmp.appendingPathComponent("e").path
-            let summary = try Exporter.export(model: model, quantizers: set, sourceDirectory: dir, to: out)
+            // Sharded (≈ 64 KiB shards): the per-expert tensors spread over several files and
+            // are read back through the index.
+            let summary = try Exporter.export(model: model, quantizers: set, sourceDirectory: dir, to: out,
+                                              options: ExportOptions(maxShardBytes: 64 << 10))
             XCTAssertTrue(summary.weightMismatches.isEmpty)
+            XCTAssertGreaterThanOrEqual(summary.files.filter { $0.hasSuffix(".safetensors") }.count, 2, "\(summary.files)")
             let ck = try Checkpoint(path: out)
             let hf = try JSONValue.parseObject(file: out + "/hf_quant_config.json")
             let excluded = Set(try hf.object("quantization").strings("exclude_modules"))

@@ -52,6 +52,33 @@ final class MoEReferenceTests: XCTestCase {
         }
     }
 
+    /// MoE config keys: transformers 5's `num_local_experts` spelling, dense layers, and clear
+    /// errors for values that would change the math or cannot work.
+    func testConfigDecodingAndErrors() throws {
+        func config(_ extra: String) throws -> ModelConfig {
+            let text = """
+            {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "moe_intermediate_size": 16\(extra)}
+            """
+            return try ModelConfig(json: XCTUnwrap(JSONValue.parse(text).objectValue))
+        }
+        let c = try config(#", "num_local_experts": 6, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "mlp_only_layers": [3]"#)
+        XCTAssertEqual(c.moe?.numExperts, 6)
+        XCTAssertEqual((0..<4).map { c.isSparse(layer: $0) }, [false, true, false, false])
+        for (extra, needle) in [(#", "num_experts": 4, "num_experts_per_tok": 5"#, "num_experts_per_tok"),
+                                (#", "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 0"#, "decoder_sparse_step"),
+                                (#", "num_experts": 0"#, "experts")] {
+            XCTAssertThrowsError(try config(extra)) { XCTAssertTrue("\($0)".contains(needle), "\($0)") }
+        }
+        let mixtral = """
+        {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "router_jitter_noise": 0.1}
+        """
+        XCTAssertThrowsError(try ModelConfig(json: XCTUnwrap(JSONValue.parse(mixtral).objectValue))) {
+            XCTAssertTrue("\($0)".contains("router_jitter_noise"), "\($0)")
+        }
+    }
+
     private func check(_ name: String, sparse: [Bool]? = nil) throws {
         let model = try CausalLM(directory: Fixtures.path(name))
         let ref = try SafeTensorsFile(path: Fixtures.path("\(name)/reference.safetensors"))

@@ -284,7 +284,9 @@ public final class CausalLM: @unchecked Sendable {
         } else if let gp = L.gateProj, let up = L.upProj, let dp = L.downProj {
             a.gateUsed = try gp.forward(a.ln2.data, out: a.gate.data, n: N)
             a.upUsed = try up.forward(a.ln2.data, out: a.up.data, n: N)
-            StepProfiler.measure("fwd.swiglu") { SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize) }
+            StepProfiler.measure("fwd.swiglu") {
+                SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize)
+            }
             a.downUsed = try dp.forward(a.h.data, out: xout, n: N)
         }
         StepProfiler.measure("fwd.residual") { Kernels.addParallel(xout, a.mid.data, N * C) }   // out = mid + mlp
@@ -337,7 +339,10 @@ public final class CausalLM: @unchecked Sendable {
             moe.backward(dout: dres, x: a.ln2.data, dx: g.dln.data, dProbs: auxGradient(L))
         } else if let gp = L.gateProj, let up = L.upProj, let dp = L.downProj {
             dp.backward(dy: dres, x: a.h.data, xUsed: a.downUsed!, n: N, dx: g.dh.data, accumulateDx: false)
-            StepProfiler.measure("bwd.swiglu") { SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize) }
+            StepProfiler.measure("bwd.swiglu") {
+                SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data,
+                                n: N * c.intermediateSize)
+            }
             gp.backward(dy: g.dgate.data, x: a.ln2.data, xUsed: a.gateUsed!, n: N, dx: g.dln.data, accumulateDx: false)
             up.backward(dy: g.dup.data, x: a.ln2.data, xUsed: a.upUsed!, n: N, dx: g.dln.data, accumulateDx: true)
         }

@@ -97,7 +97,9 @@ public struct MoEConfig: Sendable, Equatable {
     func validate(_ where_: String) throws {
         func bad(_ s: String) -> QATError { QATError("\(where_): \(s)") }
         if numExperts < 1 || numExperts > 1 << 16 { throw bad("number of experts = \(numExperts) is out of range (1…65536)") }
-        if topK < 1 || topK > numExperts { throw bad("num_experts_per_tok = \(topK) must be between 1 and the number of experts (\(numExperts))") }
+        if topK < 1 || topK > numExperts {
+            throw bad("num_experts_per_tok = \(topK) must be between 1 and the number of experts (\(numExperts))")
+        }
         if expertIntermediateSize < 1 || expertIntermediateSize > 1 << 24 {
             throw bad("moe_intermediate_size = \(expertIntermediateSize) is out of range")
         }

@@ -161,7 +161,9 @@ public struct CalibrationReport: Sendable {
 
     /// The log line, nil for dense models.
     public var logLine: String? {
-        experts == 0 ? nil : "experts: \(expertsWithoutRoutedTokens) of \(experts) received no routed calibration token (all experts observe every token during calibration, as in ModelOpt); \(filledExpertQuantizers) expert input quantizer(s) took ModelOpt's fallback amax"
+        experts == 0 ? nil : "experts: \(expertsWithoutRoutedTokens) of \(experts) received no routed calibration token "
+            + "(all experts observe every token during calibration, as in ModelOpt); "
+            + "\(filledExpertQuantizers) expert input quantizer(s) took ModelOpt's fallback amax"
     }
 }
 

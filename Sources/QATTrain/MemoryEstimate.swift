@@ -46,7 +46,6 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
         }
         let sparseLayers = Double((0..<c.numLayers).filter { c.isSparse(layer: $0) }.count)
         let denseLayers = Double(c.numLayers) - sparseLayers
-        let perLayer = attention + dense   // a dense layer (also the live teacher's one layer)
         let backward = n * (2 * C + (denseLayers > 0 ? 3 * I : 0) + 3 * qd + 3 * kvd) + moeBackward
         var e = MemoryEstimate()
         e.weights = 4 * Double(parameterCount)

@@ -17,7 +17,8 @@ struct MoEBench {
     var config: ModelConfig {
         ModelConfig(family: .qwen3Moe, vocabSize: 16_384, hiddenSize: 2048, intermediateSize: 6144, numLayers: layers, numHeads: 32,
                     numKVHeads: 4, headDim: 128, rmsNormEps: 1e-6, ropeTheta: 1_000_000, maxPositionEmbeddings: 40960, qkNorm: true,
-                    moe: MoEConfig(naming: .qwen, numExperts: experts, topK: min(8, experts), expertIntermediateSize: 768, normTopKProb: true))
+                    moe: MoEConfig(naming: .qwen, numExperts: experts, topK: min(8, experts), expertIntermediateSize: 768,
+                                   normTopKProb: true))
     }
 
     func run(say: (String) -> Void) throws -> Bench.ShapeResult {
@@ -51,7 +52,9 @@ struct MoEBench {
             let now = Date()
             times.append(now.timeIntervalSince(last)); last = now
             routing.append(StepProfiler.wallSeconds(prefix: "moe.route")); dispatch.append(StepProfiler.wallSeconds(prefix: "moe.dispatch"))
-            if ProcessInfo.processInfo.environment["QAT_BENCH_PROFILE"] != nil { FileHandle.standardError.write(Data((StepProfiler.report() + "\n").utf8)) }
+            if ProcessInfo.processInfo.environment["QAT_BENCH_PROFILE"] != nil {
+                FileHandle.standardError.write(Data((StepProfiler.report() + "\n").utf8))
+            }
             StepProfiler.reset()
         }
         let trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B, spec: spec,
@@ -72,8 +75,10 @@ struct MoEBench {
         res.json.set("dispatch_share", .double(disp / step))
         res.json.set("peak_rss_MB", .double(peakRSSMegabytes()))
         let counts = model.moeBlocks[0].tokensPerExpert
-        res.json.set("tokens_per_expert_min", .int(Int64(counts.min() ?? 0))); res.json.set("tokens_per_expert_max", .int(Int64(counts.max() ?? 0)))
-        res.lines.append(String(format: "[qwen3-moe] QAT step %.3f s (%.0f tok/s); routing %.1f%%, dispatch %.1f%% of the step; tokens per expert %d…%d; peak RSS %.0f MB",
+        res.json.set("tokens_per_expert_min", .int(Int64(counts.min() ?? 0)))
+        res.json.set("tokens_per_expert_max", .int(Int64(counts.max() ?? 0)))
+        res.lines.append(String(format: "[qwen3-moe] QAT step %.3f s (%.0f tok/s); routing %.1f%%, dispatch %.1f%% of the step; "
+                                + "tokens per expert %d…%d; peak RSS %.0f MB",
                                 step, Double(N) / step, 100 * route / step, 100 * disp / step, counts.min() ?? 0, counts.max() ?? 0,
                                 peakRSSMegabytes()))
         say(res.lines.last!)

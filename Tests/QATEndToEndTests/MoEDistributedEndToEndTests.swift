@@ -21,7 +21,8 @@ final class MoEDistributedEndToEndTests: XCTestCase, MPITesting {
         }
         func moeRecipe(_ d: URL, batch: Int) throws -> String {
             try FileManager.default.createDirectory(at: d, withIntermediateDirectories: true)
-            return try Fixtures.shortRecipe(in: d, steps: 4, batch: batch, evalEvery: 0, saveEvery: 4, model: Fixtures.path("tiny-qwen3-moe"),
+            return try Fixtures.shortRecipe(in: d, steps: 4, batch: batch, evalEvery: 0, saveEvery: 4,
+                                            model: Fixtures.path("tiny-qwen3-moe"),
                                             data: tokens, exportExtra: ["verify: false"])
         }
         let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")

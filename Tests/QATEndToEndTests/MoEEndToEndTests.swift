@@ -66,7 +66,8 @@ final class MoEEndToEndTests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.err)
         let out = dir.appendingPathComponent("export").path
         let summary = try JSONValue.parseObject(file: out + "/qat_summary.json")
-        XCTAssertEqual(try XCTUnwrap(summary.optionalDouble("verify_max_abs_logit_diff")), 0, "\(mode): export reproduces the fake-quant logits")
+        XCTAssertEqual(try XCTUnwrap(summary.optionalDouble("verify_max_abs_logit_diff")), 0,
+                       "\(mode): export reproduces the fake-quant logits")
 
         let ck = try Checkpoint(path: out)
         let E = 4
@@ -78,7 +79,8 @@ final class MoEEndToEndTests: XCTestCase {
                     XCTAssertEqual(ck.info(n + ".weight")?.dtype, .u8, "\(n) packed NVFP4")
                     for s in ["weight_scale", "weight_scale_2", "input_scale"] { XCTAssertNotNil(ck.info("\(n).\(s)"), "\(n).\(s)") }
                 }
-                let g = try ck.floats("\(p).experts.\(e).gate_proj.weight_scale_2")[0], u = try ck.floats("\(p).experts.\(e).up_proj.weight_scale_2")[0]
+                let g = try ck.floats("\(p).experts.\(e).gate_proj.weight_scale_2")[0]
+                let u = try ck.floats("\(p).experts.\(e).up_proj.weight_scale_2")[0]
                 XCTAssertEqual(g, u, "\(p).experts.\(e): w1/w3 share one global scale")
             }
             XCTAssertEqual(ck.info("\(p).gate.weight")?.shape, [E, 64], "router")

@@ -105,7 +105,8 @@ final class MoEReferenceTests: XCTestCase {
         let validCount = targets.filter { $0 != CrossEntropy.ignoreIndex }.count
         let dHidden = Tensor(shape: [N, C])
         let head = ChunkedCrossEntropy(vocab: V, budgetBytes: 7 * V * 4)
-        let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: N, gradScale: 1 / Float(validCount), dHidden: dHidden.data)
+        let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: N, gradScale: 1 / Float(validCount),
+                             dHidden: dHidden.data)
         var loss = r.sum / Double(r.valid)
         if let refAux {
             let aux = try XCTUnwrap(model.routerAuxLoss())

@@ -66,7 +66,8 @@ public final class MoEBlock: @unchecked Sendable {
     private var gx = Tensor(shape: [0]), gg = Tensor(shape: [0]), gu = Tensor(shape: [0]), gh = Tensor(shape: [0]), gy = Tensor(shape: [0])
     private var used: [(gate: UnsafePointer<Float>, up: UnsafePointer<Float>, down: UnsafePointer<Float>)?] = []
     /// Shared expert activations [N, I_s] ×3, output [N, C], gate logit sigmoid [N].
-    private var sg = Tensor(shape: [0]), su = Tensor(shape: [0]), sh = Tensor(shape: [0]), sy = Tensor(shape: [0]), ssig = Tensor(shape: [0])
+    private var sg = Tensor(shape: [0]), su = Tensor(shape: [0]), sh = Tensor(shape: [0])
+    private var sy = Tensor(shape: [0]), ssig = Tensor(shape: [0])
     private var sharedUsed: (gate: UnsafePointer<Float>, up: UnsafePointer<Float>, down: UnsafePointer<Float>, sgate: UnsafePointer<Float>)?
 
     /// Tokens routed to each expert over the calibration forwards (reset by calibration).
@@ -99,7 +100,9 @@ public final class MoEBlock: @unchecked Sendable {
     }
 
     private var isCalibrating: Bool {
-        experts.contains { e in [e.gate, e.up, e.down].contains { $0.weightQuantizer?.isCalibrating == true || $0.inputQuantizer?.isCalibrating == true } }
+        experts.contains { e in
+            [e.gate, e.up, e.down].contains { $0.weightQuantizer?.isCalibrating == true || $0.inputQuantizer?.isCalibrating == true }
+        }
     }
 
     // MARK: - Forward
@@ -113,7 +116,9 @@ public final class MoEBlock: @unchecked Sendable {
         ensure(&probs, N * E)
         routerUsed = try router.forward(x, out: probs.data, n: N)
         StepProfiler.measure("moe.route") { route(N) }
-        if calibrating, routedDuringCalibration.count == E { for (e, c) in tokensPerExpert.enumerated() { routedDuringCalibration[e] += c } }
+        if calibrating, routedDuringCalibration.count == E {
+            for (e, c) in tokensPerExpert.enumerated() { routedDuringCalibration[e] += c }
+        }
         ensure(&gx, R * C); ensure(&gg, R * I); ensure(&gu, R * I); ensure(&gh, R * I); ensure(&gy, R * C)
         StepProfiler.measure("moe.dispatch") { gather(x, N) }
         used = Array(repeating: nil, count: E)
@@ -289,12 +294,15 @@ public final class MoEBlock: @unchecked Sendable {
             experts[e].down.backward(dy: dy.data + o * C, x: gh.data + o * I, xUsed: used[e]!.down, n: ne,
                                      dx: dh.data + o * I, accumulateDx: false)
         }
-        StepProfiler.measure("bwd.swiglu") { SwiGLU.backward(dgate: dg.data, dup: du.data, dout: dh.data, gate: gg.data, up: gu.data, n: R * I) }
+        StepProfiler.measure("bwd.swiglu") {
+            SwiGLU.backward(dgate: dg.data, dup: du.data, dout: dh.data, gate: gg.data, up: gu.data, n: R * I)
+        }
         // dy is reused as d(grouped input) [R, C].
         let dgx = dy
         for e in 0..<E where offsets[e + 1] > offsets[e] {
             let o = offsets[e], ne = offsets[e + 1] - o, ex = experts[e]
-            ex.gate.backward(dy: dg.data + o * I, x: gx.data + o * C, xUsed: used[e]!.gate, n: ne, dx: dgx.data + o * C, accumulateDx: false)
+            ex.gate.backward(dy: dg.data + o * I, x: gx.data + o * C, xUsed: used[e]!.gate, n: ne,
+                             dx: dgx.data + o * C, accumulateDx: false)
             ex.up.backward(dy: du.data + o * I, x: gx.data + o * C, xUsed: used[e]!.up, n: ne, dx: dgx.data + o * C, accumulateDx: true)
         }
         // dx_t = Σ_j d(grouped input)[row(t, j)].
@@ -360,7 +368,9 @@ public final class MoEBlock: @unchecked Sendable {
             let dsh = Tensor(shape: [N * Is], zeroed: false), dsg = Tensor(shape: [N * Is], zeroed: false)
             let dsu = Tensor(shape: [N * Is], zeroed: false)
             s.down.backward(dy: dsy.data, x: sh.data, xUsed: su_.down, n: N, dx: dsh.data, accumulateDx: false)
-            StepProfiler.measure("bwd.swiglu") { SwiGLU.backward(dgate: dsg.data, dup: dsu.data, dout: dsh.data, gate: sg.data, up: su.data, n: N * Is) }
+            StepProfiler.measure("bwd.swiglu") {
+                SwiGLU.backward(dgate: dsg.data, dup: dsu.data, dout: dsh.data, gate: sg.data, up: su.data, n: N * Is)
+            }
             s.gate.backward(dy: dsg.data, x: x, xUsed: su_.gate, n: N, dx: dx, accumulateDx: true)
             s.up.backward(dy: dsu.data, x: x, xUsed: su_.up, n: N, dx: dx, accumulateDx: true)
         }

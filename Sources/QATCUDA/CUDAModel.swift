@@ -46,6 +46,9 @@ public final class CUDAModel: @unchecked Sendable {
         guard model.isFirstStage && model.isLastStage else {
             throw QATError("the CUDA backend runs whole models; pipeline stages run on the CPU")
         }
+        guard model.layers.allSatisfy({ $0.moe == nil }) else {
+            throw QATError.unsupported("mixture-of-experts models run on the CPU only in this version: use device: cpu")
+        }
         self.model = model
         self.device = device
         self.precision = precision
@@ -265,10 +268,11 @@ public final class CUDAModel: @unchecked Sendable {
             try linear(L.oProj, b.attn.ptr, out: b.mid.ptr, n: N, buffers: b)
             try device.add(b.mid.ptr, b.x.ptr, count: N * C)                      // mid = x + attn
             try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
-            try linear(L.gateProj, b.ln.ptr, x16: ln16, out: b.gate.ptr, n: N, buffers: b)
-            try linear(L.upProj, b.ln.ptr, x16: ln16, out: b.up.ptr, n: N, buffers: b)
+            guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else { throw QATError.internal("layer \(L.index) has no MLP") }
+            try linear(gate, b.ln.ptr, x16: ln16, out: b.gate.ptr, n: N, buffers: b)
+            try linear(up, b.ln.ptr, x16: ln16, out: b.up.ptr, n: N, buffers: b)
             try device.swiglu(out: b.h.ptr, gate: b.gate.ptr, up: b.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
-            try linear(L.downProj, b.h.ptr, x16: b.h16?.ptr, out: b.x.ptr, n: N, buffers: b)
+            try linear(down, b.h.ptr, x16: b.h16?.ptr, out: b.x.ptr, n: N, buffers: b)
             try device.add(b.x.ptr, b.mid.ptr, count: N * C)                      // x = mid + mlp
         }
         try device.rmsnorm(out: b.final.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(model.finalNorm), n: N, c: C, eps: eps,

@@ -113,7 +113,7 @@ public struct ExportPlan: Sendable {
         // engines (vLLM takes the max of the shards' scales): they must already be equal, or
         // the exported model would not be the model that was trained.
         for layer in model.layers {
-            for group in [[layer.qProj, layer.kProj, layer.vProj], [layer.gateProj, layer.upProj]] {
+            for group in layer.fusedGroups {
                 let entries = group.compactMap { g in linears.first { $0.name == g.name } }
                 let formats = Set(entries.map(\.format))
                 if formats.count > 1 {

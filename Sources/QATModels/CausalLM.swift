@@ -22,6 +22,12 @@ public final class CausalLM: @unchecked Sendable {
     public let lmHead: Linear
     let rope: RoPE
 
+    /// Mixture-of-experts models: the load-balancing loss coefficient (0: off) and the factor
+    /// its gradient is scaled by (the trainer's micro-batch averaging); see `routerAuxLoss`.
+    public var routerAuxLossCoef: Float = 0
+    public var routerAuxLossScale: Double = 1
+    var auxGradientBuffer: Tensor?
+
     // Activation state of the last forward.
     private var shape: (batch: Int, seqLen: Int, saved: Bool)?
     private var tokens: [Int32] = []
@@ -93,6 +99,12 @@ public final class CausalLM: @unchecked Sendable {
             let qn = c.qkNorm ? try take("\(p).self_attn.q_norm.weight", [D]) : nil
             let kn = c.qkNorm ? try take("\(p).self_attn.k_norm.weight", [D]) : nil
             let post = try take("\(p).post_attention_layernorm.weight", [C])
+            if let m = c.moe, c.isSparse(layer: i) {
+                let block = try CausalLM.moeBlock(m, layer: p, hidden: C, linear: linear)
+                layers.append(DecoderLayer(index: i, inputNorm: inNorm, q: q, k: k, v: v, o: o, qNorm: qn, kNorm: kn,
+                                           postNorm: post, gate: nil, up: nil, down: nil, moe: block))
+                continue
+            }
             let g = try linear("\(p).mlp.gate_proj", out: c.intermediateSize, inp: C, bias: c.mlpBias)
             let u = try linear("\(p).mlp.up_proj", out: c.intermediateSize, inp: C, bias: c.mlpBias)
             let d = try linear("\(p).mlp.down_proj", out: C, inp: c.intermediateSize, bias: c.mlpBias)
@@ -172,6 +184,10 @@ public final class CausalLM: @unchecked Sendable {
             }
             if c.qkNorm { out += [("\(p).self_attn.q_norm.weight", [D]), ("\(p).self_attn.k_norm.weight", [D])] }
             out.append(("\(p).post_attention_layernorm.weight", [C]))
+            if let m = c.moe, c.isSparse(layer: i) {
+                out += moeShapes(m, layer: p, hidden: C)
+                continue
+            }
             for (n, o, inp) in [("gate_proj", c.intermediateSize, C), ("up_proj", c.intermediateSize, C), ("down_proj", C, c.intermediateSize)] {
                 out.append(("\(p).mlp.\(n).weight", [o, inp]))
                 if c.mlpBias { out.append(("\(p).mlp.\(n).bias", [o])) }
@@ -218,6 +234,7 @@ public final class CausalLM: @unchecked Sendable {
         }
         ensureBuffers(batch: batch, seqLen: seqLen, saved: saveForBackward)
         isTrainingForward = saveForBackward
+        auxGradientBuffer = nil
         self.tokens = tokens
         let x0 = residuals[0].data
         if let input, !isFirstStage {
@@ -262,10 +279,16 @@ public final class CausalLM: @unchecked Sendable {
         a.oUsed = try L.oProj.forward(a.attnOut.data, out: a.mid.data, n: N)
         StepProfiler.measure("fwd.residual") { Kernels.addParallel(a.mid.data, xin, N * C) }   // mid = x + attn
         StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.ln2.data, rstd: a.rstd2.data, inp: a.mid.data, weight: L.postNorm.value.data, n: N, c: C, eps: eps) }
-        a.gateUsed = try L.gateProj.forward(a.ln2.data, out: a.gate.data, n: N)
-        a.upUsed = try L.upProj.forward(a.ln2.data, out: a.up.data, n: N)
-        StepProfiler.measure("fwd.swiglu") { SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize) }
-        a.downUsed = try L.downProj.forward(a.h.data, out: xout, n: N)
+        if let moe = L.moe {
+            try moe.forward(a.ln2.data, out: xout, n: N)
+        } else if let gp = L.gateProj, let up = L.upProj, let dp = L.downProj {
+            a.gateUsed = try gp.forward(a.ln2.data, out: a.gate.data, n: N)
+            a.upUsed = try up.forward(a.ln2.data, out: a.up.data, n: N)
+            StepProfiler.measure("fwd.swiglu") {
+                SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize)
+            }
+            a.downUsed = try dp.forward(a.h.data, out: xout, n: N)
+        }
         StepProfiler.measure("fwd.residual") { Kernels.addParallel(xout, a.mid.data, N * C) }   // out = mid + mlp
     }
 
@@ -312,10 +335,17 @@ public final class CausalLM: @unchecked Sendable {
         let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
         let dres = g.dres.data
         // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
-        L.downProj.backward(dy: dres, x: a.h.data, xUsed: a.downUsed!, n: N, dx: g.dh.data, accumulateDx: false)
-        StepProfiler.measure("bwd.swiglu") { SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize) }
-        L.gateProj.backward(dy: g.dgate.data, x: a.ln2.data, xUsed: a.gateUsed!, n: N, dx: g.dln.data, accumulateDx: false)
-        L.upProj.backward(dy: g.dup.data, x: a.ln2.data, xUsed: a.upUsed!, n: N, dx: g.dln.data, accumulateDx: true)
+        if let moe = L.moe {
+            moe.backward(dout: dres, x: a.ln2.data, dx: g.dln.data, dProbs: auxGradient(L))
+        } else if let gp = L.gateProj, let up = L.upProj, let dp = L.downProj {
+            dp.backward(dy: dres, x: a.h.data, xUsed: a.downUsed!, n: N, dx: g.dh.data, accumulateDx: false)
+            StepProfiler.measure("bwd.swiglu") {
+                SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data,
+                                n: N * c.intermediateSize)
+            }
+            gp.backward(dy: g.dgate.data, x: a.ln2.data, xUsed: a.gateUsed!, n: N, dx: g.dln.data, accumulateDx: false)
+            up.backward(dy: g.dup.data, x: a.ln2.data, xUsed: a.upUsed!, n: N, dx: g.dln.data, accumulateDx: true)
+        }
         StepProfiler.measure("bwd.rmsnorm") {
         RMSNorm.backward(dinp: dres, dweight: L.postNorm.grad?.data, dout: g.dln.data, inp: a.mid.data, weight: L.postNorm.value.data,
                          rstd: a.rstd2.data, n: N, c: C, accumulate: true)
@@ -358,7 +388,8 @@ public final class CausalLM: @unchecked Sendable {
         if let s = shape, s.batch == batch, s.seqLen == seqLen, s.saved == saved { return }
         let c = config, N = batch * seqLen
         let lc = LayerActivations.Config(batch: batch, seqLen: seqLen, hidden: c.hiddenSize, heads: c.numHeads,
-                                         kvHeads: c.numKVHeads, headDim: c.headDim, inter: c.intermediateSize)
+                                         kvHeads: c.numKVHeads, headDim: c.headDim,
+                                         inter: layers.contains { $0.moe == nil } ? c.intermediateSize : 0)
         // Release the old set first so peak memory is one set, not two.
         residuals = []; acts = []; grads = nil
         residuals = (0..<(saved ? layers.count + 1 : 1)).map { _ in Tensor(shape: [N, c.hiddenSize]) }

@@ -1,27 +1,47 @@
 import QATCore
 
 /// One pre-norm decoder block of the Llama family: attention (GQA, RoPE, optional q/k
-/// norm and biases) and a SwiGLU MLP, each around a residual connection.
+/// norm and biases) and an MLP — the dense SwiGLU (`gateProj`/`upProj`/`downProj`) or a
+/// mixture of experts (`moe`) — each around a residual connection.
 public final class DecoderLayer: @unchecked Sendable {
     public let index: Int
     public let inputNorm: Parameter
     public let qProj, kProj, vProj, oProj: Linear
     public let qNorm, kNorm: Parameter?
     public let postNorm: Parameter
-    public let gateProj, upProj, downProj: Linear
+    /// The dense SwiGLU MLP (nil in a mixture-of-experts layer).
+    public let gateProj, upProj, downProj: Linear?
+    /// The mixture-of-experts MLP (nil in a dense layer).
+    public let moe: MoEBlock?
     /// FP8 KV-cache quantizers on the key/value states after RoPE (ModelOpt's
     /// `self_attn.k_bmm_quantizer` / `v_bmm_quantizer`).
     public var kQuantizer: FakeQuantHook?
     public var vQuantizer: FakeQuantHook?
 
     init(index: Int, inputNorm: Parameter, q: Linear, k: Linear, v: Linear, o: Linear, qNorm: Parameter?, kNorm: Parameter?,
-         postNorm: Parameter, gate: Linear, up: Linear, down: Linear) {
+         postNorm: Parameter, gate: Linear?, up: Linear?, down: Linear?, moe: MoEBlock? = nil) {
         self.index = index; self.inputNorm = inputNorm; qProj = q; kProj = k; vProj = v; oProj = o
         self.qNorm = qNorm; self.kNorm = kNorm; self.postNorm = postNorm; gateProj = gate; upProj = up; downProj = down
+        self.moe = moe
     }
 
     public var prefix: String { "model.layers.\(index)" }
-    public var linears: [Linear] { [qProj, kProj, vProj, oProj, gateProj, upProj, downProj] }
+    public var linears: [Linear] {
+        [qProj, kProj, vProj, oProj] + (moe?.linears ?? [gateProj, upProj, downProj].compactMap { $0 })
+    }
+    /// Linears that inference engines run as one fused GEMM and that therefore share one
+    /// weight global scale and one input scale: q/k/v, and gate/up of the dense MLP or of
+    /// each expert (vLLM's fused-MoE w13) and of the shared expert.
+    public var fusedGroups: [[Linear]] {
+        var out: [[Linear]] = [[qProj, kProj, vProj]]
+        if let m = moe {
+            out += m.experts.map { [$0.gate, $0.up] }
+            if let s = m.sharedExpert { out.append([s.gate, s.up]) }
+        } else if let g = gateProj, let u = upProj {
+            out.append([g, u])
+        }
+        return out
+    }
 }
 
 /// Per-layer saved activations for backward (N = B·T tokens). The `*Used` pointers are the

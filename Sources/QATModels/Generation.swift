@@ -103,10 +103,14 @@ public final class KVCacheDecoder {
         try L.oProj.forward(attn.data, out: mid.data, n: n)
         Kernels.addParallel(mid.data, x.data, n * C)
         RMSNorm.forward(out: ln.data, rstd: rstd.data, inp: mid.data, weight: L.postNorm.value.data, n: n, c: C, eps: eps)
-        try L.gateProj.forward(ln.data, out: gate.data, n: n)
-        try L.upProj.forward(ln.data, out: up.data, n: n)
-        SwiGLU.forward(out: h.data, gate: gate.data, up: up.data, n: n * c.intermediateSize)
-        try L.downProj.forward(h.data, out: x.data, n: n)
+        if let moe = L.moe {   // mixture of experts: routed per token, as in the full forward
+            try moe.forward(ln.data, out: x.data, n: n)
+        } else if let g = L.gateProj, let u = L.upProj, let d = L.downProj {
+            try g.forward(ln.data, out: gate.data, n: n)
+            try u.forward(ln.data, out: up.data, n: n)
+            SwiGLU.forward(out: h.data, gate: gate.data, up: up.data, n: n * c.intermediateSize)
+            try d.forward(h.data, out: x.data, n: n)
+        }
         Kernels.addParallel(x.data, mid.data, n * C)
     }
 

@@ -8,7 +8,10 @@ import QATIO
 /// other than SiLU, a RoPE type we do not implement, or inconsistent head sizes is an error
 /// rather than a silently different model.
 public struct ModelConfig: Sendable, Equatable {
-    public enum Family: String, Sendable, CaseIterable { case llama, mistral, qwen2, qwen3 }
+    public enum Family: String, Sendable, CaseIterable {
+        case llama, mistral, qwen2, qwen3
+        case qwen3Moe = "qwen3_moe", qwen2Moe = "qwen2_moe", mixtral
+    }
 
     public enum RopeScaling: Sendable, Equatable {
         case none
@@ -40,13 +43,18 @@ public struct ModelConfig: Sendable, Equatable {
     public var slidingWindow: Int?
     /// The checkpoint's dtype as config.json states it (`dtype` or `torch_dtype`).
     public var dtype: String?
+    /// Mixture-of-experts MLPs (qwen3_moe, qwen2_moe, mixtral), nil for dense families.
+    public var moe: MoEConfig?
+
+    /// Whether layer `i` runs a mixture-of-experts block (else the dense SwiGLU MLP).
+    public func isSparse(layer i: Int) -> Bool { moe?.isSparse(layer: i) ?? false }
 
     public init(
         family: Family, vocabSize: Int, hiddenSize: Int, intermediateSize: Int, numLayers: Int,
         numHeads: Int, numKVHeads: Int, headDim: Int? = nil, rmsNormEps: Float = 1e-6,
         ropeTheta: Double = 10000, ropeScaling: RopeScaling = .none, maxPositionEmbeddings: Int = 2048,
         tieWordEmbeddings: Bool = false, attentionBias: Bool = false, outputBias: Bool = false,
-        mlpBias: Bool = false, qkNorm: Bool = false, slidingWindow: Int? = nil, dtype: String? = nil
+        mlpBias: Bool = false, qkNorm: Bool = false, slidingWindow: Int? = nil, dtype: String? = nil, moe: MoEConfig? = nil
     ) {
         self.family = family; self.vocabSize = vocabSize; self.hiddenSize = hiddenSize
         self.intermediateSize = intermediateSize; self.numLayers = numLayers; self.numHeads = numHeads
@@ -54,7 +62,7 @@ public struct ModelConfig: Sendable, Equatable {
         self.rmsNormEps = rmsNormEps; self.ropeTheta = ropeTheta; self.ropeScaling = ropeScaling
         self.maxPositionEmbeddings = maxPositionEmbeddings; self.tieWordEmbeddings = tieWordEmbeddings
         self.attentionBias = attentionBias; self.outputBias = outputBias; self.mlpBias = mlpBias
-        self.qkNorm = qkNorm; self.slidingWindow = slidingWindow; self.dtype = dtype
+        self.qkNorm = qkNorm; self.slidingWindow = slidingWindow; self.dtype = dtype; self.moe = moe
     }
 
     /// Reads `<dir>/config.json`.
@@ -88,9 +96,13 @@ public struct ModelConfig: Sendable, Equatable {
         switch family {
         case .qwen2:
             attentionBias = true; outputBias = false; qkNorm = false
-        case .qwen3:
+        case .qwen2Moe:
+            attentionBias = try c.optionalBool("qkv_bias") ?? true; outputBias = false; qkNorm = false
+        case .qwen3, .qwen3Moe:
             let b = try c.optionalBool("attention_bias") ?? false
             attentionBias = b; outputBias = b; qkNorm = true
+        case .mixtral:
+            attentionBias = false; outputBias = false; qkNorm = false
         case .llama, .mistral:
             let b = try c.optionalBool("attention_bias") ?? false
             attentionBias = b; outputBias = b; qkNorm = false
@@ -98,8 +110,8 @@ public struct ModelConfig: Sendable, Equatable {
         // Sliding window: Mistral always when set; Qwen2/3 only with use_sliding_window.
         let window = try c.optionalInt("sliding_window")
         switch family {
-        case .mistral: slidingWindow = window
-        case .qwen2, .qwen3: slidingWindow = (try c.optionalBool("use_sliding_window") ?? false) ? window : nil
+        case .mistral, .mixtral: slidingWindow = window
+        case .qwen2, .qwen3, .qwen2Moe, .qwen3Moe: slidingWindow = (try c.optionalBool("use_sliding_window") ?? false) ? window : nil
         case .llama: slidingWindow = nil
         }
         if let act = try c.optionalString("hidden_act"), act != "silu" {
@@ -120,6 +132,7 @@ public struct ModelConfig: Sendable, Equatable {
         default:
             throw QATError.unsupported("\(where_): rope type \"\(ropeType)\" is not supported (supported: default, linear, llama3)")
         }
+        moe = try MoEConfig(json: c, family: family, where_: where_)
         try validate(where_)
     }
 
@@ -131,6 +144,7 @@ public struct ModelConfig: Sendable, Equatable {
             throw bad("\(k) = \(v) is out of range")
         }
         if numHeads % numKVHeads != 0 { throw bad("num_attention_heads (\(numHeads)) must be a multiple of num_key_value_heads (\(numKVHeads))") }
+        if let m = moe { try m.validate(where_) }
         if headDim % 2 != 0 { throw bad("head_dim (\(headDim)) must be even for RoPE") }
         if !(rmsNormEps > 0) { throw bad("rms_norm_eps must be positive") }
         if !(ropeTheta > 0) || !ropeTheta.isFinite { throw bad("rope_theta must be positive and finite") }

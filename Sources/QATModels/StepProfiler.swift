@@ -45,6 +45,11 @@ public enum StepProfiler {
 
     public static func reset() { wall = [:]; cpu = [:]; calls = [:]; order = [] }
 
+    /// Wall seconds charged to phases whose name starts with `prefix` since the last reset.
+    public static func wallSeconds(prefix: String) -> Double {
+        wall.filter { $0.key.hasPrefix(prefix) }.reduce(0) { $0 + $1.value }
+    }
+
     /// One line per phase: total wall ms, share of the total, CPU ms and calls.
     public static func report(steps: Int = 1) -> String {
         let total = order.reduce(0) { $0 + wall[$1]! }

@@ -13,9 +13,12 @@ extension TensorQuantizer: FakeQuantHook {
 public final class QuantizerSet {
     public let all: [TensorQuantizer]
     public let byName: [String: TensorQuantizer]
-    /// Quantizers that must share one amax (q/k/v and gate/up, weights and inputs apart):
-    /// inference engines fuse them into one GEMM with one scale.
+    /// Quantizers that must share one amax (q/k/v and gate/up — per expert in MoE layers,
+    /// ModelOpt's `sync_moe_gate_up_amax` — weights and inputs apart): inference engines fuse
+    /// them into one GEMM with one scale.
     public let fusedGroups: [[TensorQuantizer]]
+    /// What the last calibration saw (experts without routed tokens, fallback amax values).
+    public var calibrationReport: CalibrationReport?
 
     public var enabled: [TensorQuantizer] { all.filter(\.enabled) }
 
@@ -46,7 +49,7 @@ public final class QuantizerSet {
         }
         var groups: [[TensorQuantizer]] = []
         for layer in model.layers {
-            for modules in [[layer.qProj, layer.kProj, layer.vProj], [layer.gateProj, layer.upProj]] {
+            for modules in layer.fusedGroups {
                 for kind in ["weight_quantizer", "input_quantizer"] {
                     let g = modules.compactMap { by[$0.name + "." + kind] }.filter(\.enabled)
                     if g.count > 1 { groups.append(g) }
@@ -202,8 +205,28 @@ public enum Quantization {
     public static func quantize(model: CausalLM, config: QuantConfig, ste: STEMode? = nil, nvfp4Mode: NVFP4.FakeQuantMode = .export,
                                 forwardLoop: CalibrationLoop) throws -> QuantizerSet {
         let quantizers = QuantizerSet(model: model, config: config, ste: ste, nvfp4Mode: nvfp4Mode)
-        if !quantizers.enabled.isEmpty { try Calibration.run(model: model, quantizers: quantizers, loop: forwardLoop) }
+        if !quantizers.enabled.isEmpty {
+            quantizers.calibrationReport = try Calibration.run(model: model, quantizers: quantizers, loop: forwardLoop)
+        }
         return quantizers
+    }
+}
+
+/// What calibration saw of a mixture-of-experts model.
+public struct CalibrationReport: Sendable {
+    /// Experts over all MoE layers.
+    public var experts = 0
+    /// Experts that no calibration token was routed to (they are still calibrated: every
+    /// expert observes every token during calibration, as in ModelOpt).
+    public var expertsWithoutRoutedTokens = 0
+    /// Expert input quantizers that observed nothing and took ModelOpt's fallback amax.
+    public var filledExpertQuantizers = 0
+
+    /// The log line, nil for dense models.
+    public var logLine: String? {
+        experts == 0 ? nil : "experts: \(expertsWithoutRoutedTokens) of \(experts) received no routed calibration token "
+            + "(all experts observe every token during calibration, as in ModelOpt); "
+            + "\(filledExpertQuantizers) expert input quantizer(s) took ModelOpt's fallback amax"
     }
 }
 
@@ -213,10 +236,12 @@ public enum Quantization {
 /// encodes (`StoredScale`), and from then on amax is frozen.
 public enum Calibration {
     /// Calibrates already inserted quantizers (`Quantization.quantize` inserts and calibrates).
-    public static func run(model: CausalLM, quantizers: QuantizerSet, loop: CalibrationLoop) throws {
+    @discardableResult
+    public static func run(model: CausalLM, quantizers: QuantizerSet, loop: CalibrationLoop) throws -> CalibrationReport {
         guard !loop.sequences.isEmpty else { throw QATError("calibration needs at least one sequence") }
         let active = quantizers.enabled
         for q in active { q.startCalibration() }
+        for b in model.layers.compactMap(\.moe) { b.routedDuringCalibration = Array(repeating: 0, count: b.numExperts) }
         model.markWeightsChanged()  // weight quantizers observe their weight on the next forward
         var done = 0
         while done < loop.sequences.count {
@@ -237,22 +262,63 @@ public enum Calibration {
         }
         // Data parallel: each rank observed its shard; the global amax is the max over ranks
         // (exact), taken before fused groups share and scales are snapped.
-        for q in active { try q.finishCalibration() }
-        if let reduceMax = loop.reduceMax {
-            var amax = active.map { $0.amax ?? 0 }
-            try reduceMax(&amax)
-            for (q, v) in zip(active, amax) { q.amax = v }
+        // An expert input quantizer that observed nothing is left for ModelOpt's rule below.
+        let expertInputs = Set(Calibration.expertInputGroups(model, quantizers).flatMap { $0 }.map(\.name))
+        for q in active {
+            if q.calibCalls == 0 && expertInputs.contains(q.name) { q.abandonCalibration() } else { try q.finishCalibration() }
         }
+        if let reduceMax = loop.reduceMax {
+            var m = active.map { $0.amax ?? 0 }
+            try reduceMax(&m)
+            for (q, v) in zip(active, m) { q.amax = v }
+        }
+        let filled = fillUncalibratedExperts(model: model, quantizers: quantizers)
         for g in quantizers.fusedGroups { TensorQuantizer.shareAmax(g) }
         quantizers.snapToStoredScales()
         model.markWeightsChanged()
+        let blocks = model.layers.compactMap(\.moe)
+        return CalibrationReport(experts: blocks.reduce(0) { $0 + $1.numExperts },
+                                 expertsWithoutRoutedTokens: blocks.reduce(0) { $0 + $1.routedDuringCalibration.filter { $0 == 0 }.count },
+                                 filledExpertQuantizers: filled)
+    }
+
+    /// Per MoE layer and projection (gate, up, down), the enabled input quantizers of the experts.
+    static func expertInputGroups(_ model: CausalLM, _ quantizers: QuantizerSet) -> [[TensorQuantizer]] {
+        var out: [[TensorQuantizer]] = []
+        for block in model.layers.compactMap(\.moe) {
+            for proj in [\Expert.gate, \Expert.up, \Expert.down] {
+                let g = block.experts.compactMap { quantizers.byName[$0[keyPath: proj].name + ".input_quantizer"] }.filter(\.enabled)
+                if !g.isEmpty { out.append(g) }
+            }
+        }
+        return out
+    }
+
+    /// ModelOpt's rule for experts no calibration token reached (`set_expert_quantizer_amax`
+    /// in its export): an expert input quantizer without amax (or with amax 0) takes the
+    /// largest amax of the same projection's input quantizers in the same MoE layer, or 0.5
+    /// when none has one. (Weight quantizers always get their amax from their own weight.)
+    /// Returns how many quantizers were filled.
+    @discardableResult
+    public static func fillUncalibratedExperts(model: CausalLM, quantizers: QuantizerSet) -> Int {
+        var filled = 0
+        for group in expertInputGroups(model, quantizers) {
+            let known = group.compactMap(\.amax).filter { $0 > 0 && $0.isFinite }
+            let target = known.max() ?? 0.5
+            for q in group where q.amax == nil || q.amax == 0 {
+                q.amax = target
+                filled += 1
+            }
+        }
+        return filled
     }
 
     /// `run(model:quantizers:loop:)` with the loop's fields spelled out.
+    @discardableResult
     public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
                            progress: ((Int, Int) -> Void)? = nil,
                            reduceMax: ((inout [Float]) throws -> Void)? = nil,
-                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws {
+                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws -> CalibrationReport {
         try run(model: model, quantizers: quantizers, loop: CalibrationLoop(sequences: sequences, seqLen: seqLen, batchSize: batchSize,
                                                                              progress: progress, reduceMax: reduceMax, forward: forward))
     }

@@ -98,6 +98,12 @@ public final class TensorQuantizer: CustomStringConvertible {
         amax = m
     }
 
+    /// Ends calibration of a quantizer that observed nothing (an expert no calibration token
+    /// reached), leaving amax unset for `Calibration.fillUncalibratedExperts`.
+    public func abandonCalibration() {
+        isCalibrating = false
+    }
+
     /// Records max |x| of `count` values (also done by `forward` while calibrating).
     public func collect(_ x: UnsafePointer<Float>, count: Int) {
         collect(absMax: Reduce.absMax(x, count: count))

@@ -32,18 +32,34 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
         let probs = Double(batch * c.numHeads) * Double(seqLen) * Double(seqLen)
         // LayerActivations: ln1, mid, ln2 [n, C]; q/qRaw/attnOut [n, qd]; kRaw/kRope/k/vRaw/v [n, kvd];
         // gate/up/h [n, I]; probs; the quantized input copies of the 7 Linears.
-        let perLayer = n * (3 * C + 3 * qd + 5 * kvd + 3 * I) + probs + n * (2 * C + qd + I)
-        let backward = n * (2 * C + 3 * I + 3 * qd + 3 * kvd)
+        let attention = n * (3 * C + 3 * qd + 5 * kvd) + probs + n * (C + qd)
+        let dense = n * (3 * I) + n * (C + I)
+        // A mixture-of-experts layer (`MoEBlock`): router probabilities [n, E]; per routed row
+        // (n·k) the gathered input and expert output [C], gate/up/h [Ie] and the quantized
+        // inputs of gate, up [C] and down [Ie]; the shared expert like a dense MLP; backward
+        // scratch of the same size as the routed rows.
+        var moeLayer = 0.0, moeBackward = 0.0
+        if let m = c.moe {
+            let R = n * Double(m.topK), Ie = Double(m.expertIntermediateSize), Is = Double(m.sharedExpertIntermediateSize)
+            moeLayer = n * Double(m.numExperts) + R * (2 * C + 3 * Ie) + R * (2 * C + Ie) + n * (3 * Is + 2 * C + Is + 1)
+            moeBackward = R * (C + 3 * Ie) + n * Double(m.numExperts) + n * (C + 3 * Is)
+        }
+        let sparseLayers = Double((0..<c.numLayers).filter { c.isSparse(layer: $0) }.count)
+        let denseLayers = Double(c.numLayers) - sparseLayers
+        let backward = n * (2 * C + (denseLayers > 0 ? 3 * I : 0) + 3 * qd + 3 * kvd) + moeBackward
         var e = MemoryEstimate()
         e.weights = 4 * Double(parameterCount)
         e.gradients = 4 * Double(trainableCount)
         e.optimizer = 8 * Double(optimizerStateCount ?? trainableCount)
         e.fakeQuantWeights = 4 * Double(quantizedWeightCount)
-        e.activations = 4 * (Double(c.numLayers) * perLayer + Double(c.numLayers + 1) * n * C + backward)
+        // Every layer's saved buffers hold gate/up/h [n, I] as soon as one layer is dense.
+        let denseBuffers = denseLayers > 0 ? Double(c.numLayers) * 3 * n * I + denseLayers * n * (C + I) : 0
+        e.activations = 4 * (Double(c.numLayers) * attention + denseBuffers + sparseLayers * moeLayer
+                             + Double(c.numLayers + 1) * n * C + backward)
         // The teacher is the full model in fp32 (also under QLoRA, where the student's own
         // parameter list lacks the compressed base).
         let fullModel = CausalLM.parameterShapes(c).reduce(0.0) { $0 + Double($1.1.reduce(1, *)) }
-        if liveTeacher { e.teacher = 4 * (fullModel + perLayer + 2 * n * C) }
+        if liveTeacher { e.teacher = 4 * (fullModel + attention + (sparseLayers > 0 ? max(dense, moeLayer) : dense) + 2 * n * C) }
         e.lossBuffers = Double(lossBufferBytes)
         return e
     }

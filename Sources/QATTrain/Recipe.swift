@@ -77,6 +77,9 @@ public struct Recipe: Sendable {
         /// Pipeline parallelism: the model (and a live teacher) split into this many stages,
         /// one per rank (`mpirun -np <stages>`); 1: off.
         public var pipelineStages = 1
+        /// Mixture-of-experts models: weight of the load-balancing auxiliary loss (transformers'
+        /// formula); nil: the config's router_aux_loss_coef when it sets output_router_logits, else 0.
+        public var routerAuxLossCoef: Double? = nil
         public var distill = DistillSpec()
         /// LoRA / QLoRA adapters (`train.lora`); nil: full-weight training.
         public var lora: LoRASpec? = nil
@@ -232,6 +235,7 @@ public struct Recipe: Sendable {
             s.onNonFinite = try t.choice("on_nonfinite", ["stop", "skip"]) ?? s.onNonFinite
             s.shardOptimizerState = try t.bool("shard_optimizer_state") ?? s.shardOptimizerState
             s.pipelineStages = try t.int("pipeline_stages", min: 1) ?? s.pipelineStages
+            s.routerAuxLossCoef = try t.double("router_aux_loss_coef", min: 0)
             if let d = try t.map("distill") {
                 s.distill.teacher = try d.string("teacher")
                 s.distill.kdRatio = try d.double("kd_ratio", min: 0, max: 1) ?? s.distill.kdRatio

@@ -43,7 +43,7 @@ extension Recipe {
             y += "  lr_config: null\n"
         }
         y += "  seed: \(t.seed)\n  eval_every: \(t.evalEvery)\n  save_every: \(t.saveEvery)\n  log_every: \(t.logEvery)\n"
-        y += "  checkpoint_dir: \(opt(t.checkpointDir))\n  keep_checkpoints: \(t.keepCheckpoints)\n  on_nonfinite: \(t.onNonFinite)\n  shard_optimizer_state: \(t.shardOptimizerState)\n  pipeline_stages: \(t.pipelineStages)\n"
+        y += "  checkpoint_dir: \(opt(t.checkpointDir))\n  keep_checkpoints: \(t.keepCheckpoints)\n  on_nonfinite: \(t.onNonFinite)\n  shard_optimizer_state: \(t.shardOptimizerState)\n  pipeline_stages: \(t.pipelineStages)\n  router_aux_loss_coef: \(t.routerAuxLossCoef.map { "\($0)" } ?? "null")\n"
         let d = t.distill
         y += "  distill:\n    teacher: \(opt(d.teacher))\n    kd_ratio: \(num(d.kdRatio))\n    temperature: \(num(d.temperature))\n"
         y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: \(opt(d.teacherLogprobs))\n"

@@ -40,6 +40,9 @@ public final class LocalStepBackend: StepBackend {
     let dHidden: Tensor
     public let dataParallel: Communicator = SingleProcessCommunicator()
 
+    /// This rank's micro-batches' share of the MoE load-balancing loss (1 / (grad_accum · ranks)).
+    public var routerAuxShare: Double = 1
+
     public init(model: CausalLM, dHidden: Tensor) { self.model = model; self.dHidden = dHidden }
 
     public func globalValidCount(_ local: Int) throws -> Int { local }
@@ -49,6 +52,7 @@ public final class LocalStepBackend: StepBackend {
         for batch in batches {
             let hidden = try model.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen, saveForBackward: true)
             parts += try loss.run(model: model, hidden: hidden, batch: batch, gradScale: gradScale, dHidden: dHidden.data)
+            parts.total += routerAuxLossTerm(model: model, share: routerAuxShare, validTokens: Int((1 / Double(gradScale)).rounded()))
             try model.backward(dHidden: dHidden.data)
         }
         return parts

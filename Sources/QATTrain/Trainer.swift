@@ -135,6 +135,7 @@ open class Trainer {
                 validationSequences: Int?, options: Options) throws {
         self.model = model; self.spec = spec; self.seqLen = seqLen; self.options = options
         self.validationStream = validationStream; self.validationSequences = validationSequences
+        try Trainer.configureRouterAuxLoss(model: model, spec: spec, pipeline: options.pipeline != nil)
         // Data parallel: the loader draws the global batch (world size × batch_size) and each
         // rank keeps its own rows (see `trainStep`).
         let world = options.pipeline?.dataParallel.size ?? options.world.size
@@ -192,6 +193,10 @@ open class Trainer {
         } else {
             backend = LocalStepBackend(model: model, dHidden: dHidden)
         }
+        // MoE load balancing: each micro-batch of each rank carries its share of coef · aux.
+        let auxShare = 1 / Double(spec.gradAccum * max(1, options.world.size))
+        (backend as? LocalStepBackend)?.routerAuxShare = auxShare
+        (backend as? DataParallelStepBackend)?.local.routerAuxShare = auxShare
         if spec.shardOptimizerState {
             let total = optimizer.slots.reduce(0) { $0 + $1.value.count }
             log(zero ? "optimizer state sharded over \(world) data-parallel ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(total) elements"

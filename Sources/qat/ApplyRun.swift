@@ -185,7 +185,10 @@ final class ApplyRun {
         quantizers = try recipe.applyQuantization(to: model, forwardLoop: loop)
         try onGPU(model)?.markWeightsChanged()
         bar.finish()
-        if let set = quantizers { log("quantizers: \(set.enabled.count) enabled of \(set.all.count)") }
+        if let set = quantizers {
+            log("quantizers: \(set.enabled.count) enabled of \(set.all.count)")
+            if let line = set.calibrationReport?.logLine { log(line) }
+        }
         summary.rows.append(.init(name: "PTQ", loss: try evaluate(model, "PTQ")))
     }
 

@@ -13,7 +13,10 @@ struct Bench: ParsableCommand {
         discussion: """
         Shapes: fortune (the embedded fortune-lm, real weights and data) and smollm (a \
         SmolLM2-135M-shaped model with random weights: hidden 576, 30 layers, 9 heads, 3 KV \
-        heads, intermediate 1536, vocab 49152). For each: forward tokens/s, QAT and QAD step \
+        heads, intermediate 1536, vocab 49152), qwen3-moe (Qwen3-30B-A3B's layer shape with random \
+        weights, reduced in depth: hidden 2048, 32 heads, 4 KV heads, head_dim 128, 128 experts of \
+        intermediate 768, top-8 with renormalisation, vocab cut to 16384; see --moe-layers, --moe-experts; \
+        QAT step only, with the share of the step spent in routing and dispatch). For each: forward tokens/s, QAT and QAD step \
         time (NVFP4 weights+inputs, FP8 KV, fwd+bwd+AdamW), achieved GFLOP/s of the QAT step, \
         peak RSS. Plus sgemm GFLOP/s of the model's MLP shape, memcpy GB/s and NVFP4 fake-quant \
         GB/s measured in the same run. With --peer PYTHON, the PyTorch peer \
@@ -22,8 +25,14 @@ struct Bench: ParsableCommand {
         Example: qat bench --shapes fortune --peer /tmp/peer/bin/python --json
         """)
 
-    @Option(help: "Comma-separated shapes: fortune, smollm.")
+    @Option(help: "Comma-separated shapes: fortune, smollm, qwen3-moe.")
     var shapes: String = "fortune"
+
+    @Option(name: .customLong("moe-experts"), help: "qwen3-moe shape: experts per layer (Qwen3-30B-A3B has 128).")
+    var moeExperts: Int = 128
+
+    @Option(name: .customLong("moe-layers"), help: "qwen3-moe shape: decoder layers (Qwen3-30B-A3B has 48).")
+    var moeLayers: Int = 1
 
     @Option(help: "Sequences per step.")
     var batch: Int = 8
@@ -84,7 +93,8 @@ struct Bench: ParsableCommand {
 
             var shapeResults: [JSONValue] = []
             for name in shapes.split(separator: ",").map(String.init) {
-                let r = try benchShape(name, say: say)
+                let r = name == "qwen3-moe" ? try MoEBench(experts: moeExperts, layers: moeLayers, batch: batch, seq: seq, steps: steps).run(say: say)
+                    : try benchShape(name, say: say)
                 shapeResults.append(.object(r.json))
                 lines += r.lines
             }

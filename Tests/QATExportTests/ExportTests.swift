@@ -123,7 +123,7 @@ final class ExportFormatTests: XCTestCase {
                 expectedNames.formUnion(["weight", "weight_scale", "weight_scale_2", "input_scale"].map { "\(l.name).\($0)" })
             }
             // Fused groups share both global scales.
-            for group in [[layer.qProj, layer.kProj, layer.vProj], [layer.gateProj, layer.upProj]] {
+            for group in layer.fusedGroups {
                 for n in ["weight_scale_2", "input_scale"] {
                     let values = try group.map { try ck.floats("\($0.name).\(n)")[0] }
                     XCTAssertEqual(Set(values).count, 1, "\(group.map(\.name)) \(n) \(values)")

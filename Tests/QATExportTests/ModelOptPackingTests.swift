@@ -32,7 +32,7 @@ final class ModelOptPackingTests: XCTestCase {
             let rows = shape[0], cols = shape[1]
             let x = try ref.floats("\(name).input")
             let model = try CausalLM(directory: tiny)
-            let linear = model.layers[1].downProj
+            let linear = try XCTUnwrap(model.layers[1].downProj)
             let (R, C) = (linear.outFeatures, linear.inFeatures)
             XCTAssertTrue(rows <= R && cols <= C && cols % 16 == 0, name)
             let w = linear.weight.value

@@ -10,6 +10,9 @@ import TestSupport
 final class PipelineStageTests: XCTestCase {
     func testTinyLlamaStagesComposeToTheWholeModel() throws { try check("tiny-llama") }
     func testTinyQwen3StagesComposeToTheWholeModel() throws { try check("tiny-qwen3") }  // tied embeddings, q/k norms
+    // Mixture of experts: a stage holds its layers' routers and experts.
+    func testTinyQwen3MoEStagesComposeToTheWholeModel() throws { try check("tiny-qwen3-moe") }
+    func testTinyQwen2MoEStagesComposeToTheWholeModel() throws { try check("tiny-qwen2-moe") }  // shared expert
 
     private func check(_ name: String) throws {
         let dir = Fixtures.path(name)

@@ -230,7 +230,7 @@ final class LoRATests: XCTestCase {
         let merged = try q.mergedModel(config: config, ste: .passThrough, nvfp4Mode: .export)
         let ms = merged.quantizers!
         for layer in merged.model.layers {
-            for group in [[layer.qProj, layer.kProj, layer.vProj], [layer.gateProj, layer.upProj]] {
+            for group in layer.fusedGroups {
                 let raw = group.map { Reduce.absMax($0.weight.value.data, count: $0.weight.count) }.max()!
                 let amaxes = group.map { ms.byName[$0.name + ".weight_quantizer"]!.amax! }
                 XCTAssertEqual(Set(amaxes).count, 1)

@@ -186,4 +186,26 @@ final class MemoryEstimateTests: XCTestCase {
         XCTAssertGreaterThan(e.activations, 1e9)
         XCTAssertLessThan(e.total, 8e9)
     }
+
+    /// Qwen3-30B-A3B's shape: 30.5B parameters (the model card's figure); MoE activations are
+    /// the routed rows (tokens × top-k) through one expert each, not tokens × every expert,
+    /// so 128 experts cost only their router probabilities over 32.
+    func testMoEShapeParametersAndActivations() {
+        func shape(_ experts: Int) -> ModelConfig {
+            ModelConfig(family: .qwen3Moe, vocabSize: 151_936, hiddenSize: 2048, intermediateSize: 6144, numLayers: 48, numHeads: 32,
+                        numKVHeads: 4, headDim: 128, qkNorm: true,
+                        moe: MoEConfig(naming: .qwen, numExperts: experts, topK: 8, expertIntermediateSize: 768, normTopKProb: true))
+        }
+        let params = CausalLM.parameterShapes(shape(128)).reduce(0) { $0 + $1.1.reduce(1, *) }
+        XCTAssertEqual(Double(params), 30.5e9, accuracy: 0.05e9)
+        func act(_ e: Int) -> Double {
+            MemoryEstimate.training(config: shape(e), batch: 1, seqLen: 256, parameterCount: 1, trainableCount: 1,
+                                    quantizedWeightCount: 0, liveTeacher: false, lossBufferBytes: 0).activations
+        }
+        let n: Double = 256, routerExtra: Double = 4 * n * 96 * 49   // [n, E] per layer and once in backward
+        XCTAssertEqual(act(128) - act(32), routerExtra, accuracy: 1)
+        // Per layer: at least the 8 routed rows' expert activations per token.
+        let routed: Double = 4 * 48 * n * 8 * (2 * 2048 + 3 * 768)
+        XCTAssertGreaterThan(act(128), routed)
+    }
 }

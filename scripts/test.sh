@@ -13,6 +13,16 @@ cd "$(dirname "$0")/.."
 ALLOWED_SKIPS=${ALLOWED_SKIPS-"RegressionInputs.testMakeRegressionFiles"}
 bash scripts/deps.sh
 swift build -c release --build-tests
+# The CUDA kernels must compile for sm_90 and sm_100 with NVRTC 13.0.88 from PyPI (no GPU
+# needed), through the same NVRTC path qat takes at run time on a GPU host.
+nvrtc_env=.build/nvrtc-13.0.88
+if [ ! -f "$nvrtc_env/ok" ]; then
+  python3 -m venv "$nvrtc_env"
+  "$nvrtc_env/bin/pip" install -q --disable-pip-version-check nvidia-cuda-nvrtc==13.0.88
+  touch "$nvrtc_env/ok"
+fi
+nvrtc_lib=$(ls "$nvrtc_env"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.13)
+LD_LIBRARY_PATH="$(dirname "$nvrtc_lib")" .build/release/qat selftest --compile-only sm_90,sm_100 --nvrtc "$nvrtc_lib" | tail -1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

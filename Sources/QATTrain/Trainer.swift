@@ -249,7 +249,9 @@ open class Trainer {
                 try comm.allReduceSum(&stop)
                 if stop[0] != 0 { interrupted = true; break }
             }
-            if trainingStopRequested != 0 { interrupted = true; break }
+            // (Distributed, only the agreed decision above counts: a signal that lands between the
+            // all-reduce and here on one rank alone must not make it leave the others in a collective.)
+            if !comm.isDistributed && trainingStopRequested != 0 { interrupted = true; break }
             let t0 = Date(), traffic0 = comm.traffic
             var record = try trainStep()
             if comm.isDistributed {

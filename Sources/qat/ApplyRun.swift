@@ -110,18 +110,10 @@ final class ApplyRun {
         log("pipeline parallel: \(engine.dataParallel.size) pipeline(s) of \(engine.layout.stages) stages, layers \(ranges)")
     }
 
-    /// The GPU of `device: cuda`, and the device copies of the models it has run.
-    var gpu: CUDADevice?
-    private var gpuModels: [ObjectIdentifier: CUDAModel] = [:]
+    /// `device: cuda`: the GPU and the device copies of the models it has run.
+    var device: DeviceRunner?
 
-    /// The device copy of a host model (made once; nil on the CPU).
-    func onGPU(_ m: CausalLM) throws -> CUDAModel? {
-        guard let gpu else { return nil }
-        if let g = gpuModels[ObjectIdentifier(m)] { return g }
-        let g = try CUDAModel(model: m, device: gpu, precision: recipe.precision)
-        gpuModels[ObjectIdentifier(m)] = g
-        return g
-    }
+    func onGPU(_ m: CausalLM) throws -> CUDAModel? { try device?.copy(m) }
 
     /// `device: cuda`: calibration, evaluation and verification run on the GPU; training runs on
     /// the CPU only in this version.
@@ -132,7 +124,7 @@ final class ApplyRun {
                                        + "version; the GPU runs PTQ (calibration, evaluation, export and verification): use train.mode none "
                                        + "or device: cpu")
         }
-        gpu = try GPU.open(recipe.device)
+        device = try DeviceRunner(recipe.device, precision: recipe.precision)
     }
 
     func loadModelAndData() throws {
@@ -180,7 +172,7 @@ final class ApplyRun {
         let local = CalibrationLoop(sequences: calibrationSequences, seqLen: recipe.data.seqLen, batchSize: recipe.calibration.batchSize,
                                     progress: { done, _ in bar.update(done) })
         var loop = Distributed.calibrationLoop(local, model: model, pipeline: pipeline, world: world)
-        if let g = try onGPU(model) { loop.forward = g.calibrationForward(seqLen: recipe.data.seqLen) }
+        if let hook = try device?.calibrationForward(model, seqLen: recipe.data.seqLen) { loop.forward = hook }
         log("calibrating (max) on \(calibrationSequences.count) sequences")
         quantizers = try recipe.applyQuantization(to: model, forwardLoop: loop)
         try onGPU(model)?.markWeightsChanged()
@@ -309,12 +301,9 @@ final class ApplyRun {
         let verify = spec.verify ? VerificationData(stream: validationStream, seqLen: recipe.data.seqLen, sequences: verifySequences) : nil
         let options = try ExportOptions(saveDtype: spec.saveDtype, maxShardBytes: spec.maxShardBytes, format: ExportFormat.parse(spec.format))
         // (Verification re-rounds the reference's weights: its device copy is made afresh.)
-        gpuModels[ObjectIdentifier(exportModel)] = nil
-        let logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = gpu == nil ? nil : { m, tokens, b, t in
-            try self.onGPU(m)!.logitsTensor(tokens: tokens, batch: b, seqLen: t)
-        }
+        device?.forget(exportModel)
         let result = try ExportAndVerify.run(model: exportModel, quantizers: exportQuantizers, sourceDirectory: recipe.model, to: spec.dir,
-                                             options: options, verify: verify, logitsOf: logitsOf)
+                                             options: options, verify: verify, logitsOf: device?.logitsOf)
         let written = result.summary
         summary.exportBytes = written.tensorBytes
         summary.sourceBytes = (try? ModelWeights(path: recipe.model).totalBytes) ?? 0

@@ -62,7 +62,11 @@ struct Export: ParsableCommand {
             options.saveDtype = try resolveSaveDtype(saveDtype, recipeValue: r.export.saveDtype)
             options.format = try ExportFormat.parse(format ?? r.export.format)
             let outDir = out ?? r.export.dir
-            let source = try QuantizedSource.build(modelDirectory: modelOptions.model, recipe: r, checkpoint: checkpoint, quiet: json)
+            let (computeDevice, precision) = try modelOptions.compute()
+            let device = try DeviceRunner(computeDevice, precision: precision)
+            let source = try QuantizedSource.build(modelDirectory: modelOptions.model, recipe: r, checkpoint: checkpoint, quiet: json,
+                                                   device: device)
+            device.forget(source.model)
             var verify: VerificationData? = nil
             if !noVerify && r.export.verify {
                 let stream = try TokenData.load(path: r.data.validation, split: r.data.validationSplit, modelDirectory: modelOptions.model,
@@ -70,7 +74,7 @@ struct Export: ParsableCommand {
                 verify = VerificationData(stream: stream, seqLen: r.data.seqLen, sequences: verifySequences)
             }
             let result = try ExportAndVerify.run(model: source.model, quantizers: source.quantizers, sourceDirectory: modelOptions.model,
-                                                 to: outDir, options: options, verify: verify)
+                                                 to: outDir, options: options, verify: verify, logitsOf: device.logitsOf)
             let summary = result.summary
             for w in summary.weightMismatches where !json {
                 FileHandle.standardError.write(Data("note: \(w.name): \(w.elements) elements of the exported weight differ from the training fake quant (corner-case blocks, see NVFP4.FakeQuantMode)\n".utf8))
@@ -118,7 +122,9 @@ struct QuantizedSource {
     var quantizers: QuantizerSet
     var description: String
 
-    static func build(modelDirectory: String, recipe r: Recipe, checkpoint: String?, quiet: Bool) throws -> QuantizedSource {
+    /// `device`: where PTQ calibration runs (default: the CPU).
+    static func build(modelDirectory: String, recipe r: Recipe, checkpoint: String?, quiet: Bool,
+                      device: DeviceRunner? = nil) throws -> QuantizedSource {
         guard let qc = r.quantize else { throw QATError("\(r.source): the recipe has no quantize section: there is nothing to export") }
         if let checkpoint {
             let path = try resolveCheckpoint(checkpoint)
@@ -132,7 +138,8 @@ struct QuantizedSource {
             return QuantizedSource(model: model, quantizers: quantizers, description: "\(path) (step \(loaded.state.step))")
         }
         let model = try CausalLM(directory: modelDirectory)
-        guard let set = try r.quantizePTQ(model: model, modelDirectory: modelDirectory, quiet: quiet) else {
+        guard let set = try r.quantizePTQ(model: model, modelDirectory: modelDirectory, quiet: quiet,
+                                          forward: device?.calibrationForward(model, seqLen: r.data.seqLen)) else {
             throw QATError("\(r.source): the recipe quantizes nothing")
         }
         // Calibration already snapped every amax to the value its exported scale encodes,

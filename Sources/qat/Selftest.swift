@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import QATCore
 import QATCUDA
+import QATModels
 
 /// Opening the GPU a command asked for, with the device named in the log.
 enum GPU {
@@ -61,5 +62,40 @@ struct Selftest: ParsableCommand {
             print("selftest: \(test.checks.count - failed) passed, \(failed) failed")
             if !ok { throw ExitCode(1) }
         }
+    }
+}
+
+/// The GPU a command computes on (nil: the CPU), and the device copies of the host models it
+/// has run. Commands ask it for hooks: the calibration forward, evaluation, verification logits.
+final class DeviceRunner {
+    let gpu: CUDADevice?
+    let precision: Precision
+    private var copies: [ObjectIdentifier: CUDAModel] = [:]
+
+    init(_ device: ComputeDevice, precision: Precision) throws {
+        gpu = device.isCUDA ? try GPU.open(device) : nil
+        self.precision = precision
+    }
+
+    /// The device copy of `m` (made once), nil on the CPU.
+    func copy(_ m: CausalLM) throws -> CUDAModel? {
+        guard let gpu else { return nil }
+        if let c = copies[ObjectIdentifier(m)] { return c }
+        let c = try CUDAModel(model: m, device: gpu, precision: precision)
+        copies[ObjectIdentifier(m)] = c
+        return c
+    }
+
+    /// Drops the copy of `m` (its host weights are about to change: verification re-rounds them).
+    func forget(_ m: CausalLM) { copies[ObjectIdentifier(m)] = nil }
+
+    /// The calibration forward for `Calibration.run` (nil on the CPU).
+    func calibrationForward(_ m: CausalLM, seqLen: Int) throws -> ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? {
+        try copy(m)?.calibrationForward(seqLen: seqLen)
+    }
+
+    /// Where verification computes logits (nil: the CPU).
+    var logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? {
+        gpu == nil ? nil : { [self] m, tokens, b, t in try copy(m)!.logitsTensor(tokens: tokens, batch: b, seqLen: t) }
     }
 }

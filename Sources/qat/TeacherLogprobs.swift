@@ -49,6 +49,9 @@ struct TeacherLogprobs: ParsableCommand {
     func run() throws {
         try QAT.guarded {
             modelOptions.applyThreads()
+            if try modelOptions.compute().device.isCUDA {
+                throw QATError.unsupported("qat teacher-logprobs runs on the CPU in this version (the GPU top-k kernel is not written yet): use --device cpu")
+            }
             let teacher = try CausalLM(directory: modelOptions.model)
             let tokenizer = data.hasSuffix(".jsonl") ? try Tokenizer(path: modelOptions.model) : nil
             let stream = try TokenData.load(path: data, split: split, tokenizer: tokenizer, vocabSize: teacher.config.vocabSize)

@@ -44,6 +44,12 @@ struct Verify: ParsableCommand {
     @Option(help: "Worker threads for OpenBLAS and the kernels (default: all cores).")
     var threads: Int?
 
+    @Option(name: .long, help: "Where to compute: cpu, cuda or cuda:N.")
+    var device: String = "cpu"
+
+    @Option(name: .long, help: "GPU matrix products: fp32 (exact comparison) or bf16.")
+    var precision: String = "fp32"
+
     @Flag(help: "Print one JSON object instead of text.")
     var json = false
 
@@ -53,11 +59,15 @@ struct Verify: ParsableCommand {
             let r = try Recipe.load(path: recipe, overrides: overrides)
             let isCheckpoint = FileManager.default.fileExists(atPath: "\(against)/trainer_state.json") || TrainingCheckpoint.latest(in: against) != nil
             let modelDir = isCheckpoint ? (model ?? r.model) : against
-            let source = try QuantizedSource.build(modelDirectory: modelDir, recipe: r, checkpoint: isCheckpoint ? against : nil, quiet: json)
+            let runner = try DeviceRunner(try ComputeDevice(parsing: device), precision: try Precision(parsing: precision))
+            let source = try QuantizedSource.build(modelDirectory: modelDir, recipe: r, checkpoint: isCheckpoint ? against : nil, quiet: json,
+                                                   device: runner)
+            runner.forget(source.model)
             let stream = try TokenData.load(path: r.data.validation, split: r.data.validationSplit, modelDirectory: modelDir,
                                             vocabSize: source.model.config.vocabSize)
             let data = VerificationData(stream: stream, seqLen: r.data.seqLen, sequences: sequences)
-            let v = try ExportAndVerify.verify(directory: export, model: source.model, quantizers: source.quantizers, data: data).comparison
+            let v = try ExportAndVerify.verify(directory: export, model: source.model, quantizers: source.quantizers, data: data,
+                                               logitsOf: runner.logitsOf).comparison
             if json {
                 printJSON([("export", export), ("against", source.description), ("max_abs_logit_diff", Double(v.maxAbsDiff)),
                            ("mean_abs_logit_diff", v.meanAbsDiff), ("identical", v.identical), ("logits", v.count),

@@ -1,0 +1,50 @@
+import Foundation
+import QATIO
+import TestSupport
+import XCTest
+
+/// `--device cuda` as a user meets it on a machine without a GPU (CI): one clear line and exit
+/// 1, before any model is loaded; recipe keys `device` / `precision`. (On a GPU host the same
+/// eval must give fortune-lm's figure.)
+final class CUDAEndToEndTests: XCTestCase {
+    func testEvalOnCUDAGivesTheFigureOrOneLineError() throws {
+        if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
+        let r = try Fixtures.runQAT(["eval", "--device", "cuda", "--json"])
+        if r.status == 0 {
+            let loss = try XCTUnwrap(JSONValue.parse(r.out.trimmingCharacters(in: .whitespacesAndNewlines))["loss"]?.doubleValue)
+            XCTAssertEqual(loss, 3.7709, accuracy: 5e-4)
+        } else {
+            XCTAssertEqual(r.status, 1, r.err)
+            let lines = r.err.split(separator: "\n").filter { !$0.isEmpty }
+            XCTAssertEqual(lines.count, 1, r.err)
+            XCTAssertTrue(lines.first?.hasPrefix("error: ") == true, r.err)
+            XCTAssertTrue(r.err.contains("CUDA") || r.err.contains("GPU"), r.err)
+        }
+    }
+
+    func testRecipeDeviceKeys() throws {
+        if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
+        let dir = Fixtures.tempDir("qat-cuda-recipe")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let good = dir.appendingPathComponent("good.yaml").path
+        try "model: models/fortune-lm\ndevice: cuda:1\nprecision: bf16\n".write(toFile: good, atomically: true, encoding: .utf8)
+        let shown = try Fixtures.runQAT(["recipe", "show", good])
+        XCTAssertEqual(shown.status, 0, shown.err)
+        XCTAssertTrue(shown.out.contains("device: cuda:1\nprecision: bf16"), shown.out)
+        let bad = dir.appendingPathComponent("bad.yaml").path
+        try "model: models/fortune-lm\ndevice: tpu\n".write(toFile: bad, atomically: true, encoding: .utf8)
+        let r = try Fixtures.runQAT(["recipe", "validate", bad])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.err.contains("device") && r.err.contains("line 2"), r.err)
+    }
+
+    /// Training on the GPU is refused with a clear error before any work (this version runs PTQ,
+    /// evaluation and verification there).
+    func testTrainingOnCUDAIsRefusedClearly() throws {
+        if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
+        let r = try Fixtures.runQAT(["apply", "recipes/default.yaml", "--device", "cuda", "--quiet"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.err.contains("runs on the CPU in this version"), r.err)
+        XCTAssertEqual(r.err.split(separator: "\n").filter { !$0.isEmpty }.count, 1, r.err)
+    }
+}

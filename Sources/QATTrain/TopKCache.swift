@@ -88,40 +88,9 @@ public enum TopKCache {
         if let m = maxSequences { S = min(S, m) }
         let kind: Kind = sampled ? .sampled : .topK
         let header = Header(seqLen: seqLen, topK: topK, vocabSize: V, sequences: S, data: dataPath, split: split, model: modelPath, kind: kind)
-        let narrow = V <= 65536
 
-        let tmp = path + ".partial"
-        try? FileManager.default.removeItem(atPath: tmp)
-        do {
-            let f = try HDF5File(path: tmp, mode: .create)
-            func create<T: HDF5Scalar>(_ name: String, _ t: T.Type, _ shape: [Int]) throws {
-                try f.createDataset(name, of: t, shape: shape, chunkRows: 1, gzipLevel: 6, shuffle: true)
-            }
-            func writeIDs(_ name: String, at row: Int, _ v: [Int32]) throws {
-                if narrow { try f.writeRows(name, at: row, values: v.map { UInt16(truncatingIfNeeded: $0) }) } else { try f.writeRows(name, at: row, values: v) }
-            }
-            if narrow {
-                try create("input_ids", UInt16.self, [S, seqLen]); try create("topk_ids", UInt16.self, [S, seqLen, topK])
-            } else {
-                try create("input_ids", Int32.self, [S, seqLen]); try create("topk_ids", Int32.self, [S, seqLen, topK])
-            }
-            try f.createDataset("topk_logprobs", of: Float.self, shape: [S, seqLen, topK], chunkRows: 1, gzipLevel: 6, shuffle: true,
-                                storage: logprobStorage)
-            if sampled {
-                try create("sample_counts", UInt16.self, [S, seqLen, topK])
-            } else {
-                try f.createDataset("rest_logprob", of: Float.self, shape: [S, seqLen], chunkRows: 1, gzipLevel: 6, shuffle: true, storage: .float16)
-            }
-            var attrs: [(String, String)] = [
-                ("format", format), ("version", String(version)), ("kind", kind.rawValue),
-                ("seq_len", String(seqLen)), ("top_k", String(topK)), ("vocab_size", String(V)),
-                ("sequences", String(S)), ("data", dataPath), ("split", split), ("model", modelPath), ("temperature", "1"),
-                ("logprob_dtype", logprobStorage == .bfloat16 ? "bfloat16" : "float16"),
-                ("positions", "row t of a sequence: the teacher's distribution of token t+1 (log_softmax over the full vocabulary)"),
-            ]
-            if sampled { attrs.append(("seed", String(seed))) }
-            for (k, v) in attrs { try f.setAttribute(k, v) }
-
+        return try atomically(path) { tmp in
+            let w = try CacheWriter(path: tmp, header: header, storage: logprobStorage, seed: seed)
             let chunkRows = max(1, budgetBytes / max(1, V * 4))
             let logits = Tensor(shape: [chunkRows * V], zeroed: false)
             var done = 0
@@ -155,33 +124,140 @@ public enum TopKCache {
                     }
                     start += rows
                 }
-                if sampled { sortByID(n: n, topK: topK, ids: &ids, logprobs: &lps, counts: &extra) } else {
-                    var none = [Float]()
-                    sortByID(n: n, topK: topK, ids: &ids, logprobs: &lps, counts: &none)
-                }
-                let round: (Float) -> Float = logprobStorage == .bfloat16 ? { bf16ToFloat(floatToBF16($0)) } : { roundToF16($0) }
-                try writeIDs("input_ids", at: done, tokens)
-                try writeIDs("topk_ids", at: done, ids)
-                try f.writeRows("topk_logprobs", at: done, values: lps.map(round))
-                if sampled {
-                    try f.writeRows("sample_counts", at: done, values: extra.map { UInt16($0) })
-                } else {
-                    try f.writeRows("rest_logprob", at: done, values: extra.map(roundToF16))
-                }
+                try w.append(at: done, tokens: tokens, ids: &ids, logprobs: &lps, extra: &extra)
                 done += b
                 progress?(done, S)
             }
-            try f.flush()
-        } catch {
+            try w.file.flush()
+            return header
+        }
+    }
+
+    /// A smaller cache from a version-2 one, without the teacher: a top-k cache keeps its
+    /// `topK` most likely entries (ties: lower id) and folds the others into the rest mass
+    /// (log(e^rest + Σ e^ℓ) of the stored, rounded values); a sampled cache keeps `topK` of
+    /// its draws, a uniformly random subset without replacement (seeded by the position), which
+    /// are again independent draws from the teacher.
+    @discardableResult
+    public static func narrow(from source: String, to path: String, topK: Int) throws -> Header {
+        let r = try TopKCacheReader(path: source)
+        var h = r.header
+        guard h.version >= 2 else { throw QATError("\(source) is a version-1 cache; rewrite it with `qat teacher-logprobs`") }
+        guard topK >= 1, topK <= h.topK else { throw QATError("--top-k \(topK) must be in 1…\(h.topK) (the entries of \(source))") }
+        let K0 = h.topK, L = h.seqLen
+        h.topK = topK
+        let seed = r.seed
+        return try atomically(path) { tmp in
+            let w = try CacheWriter(path: tmp, header: h, storage: r.logprobStorage, seed: seed)
+            for i in 0..<h.sequences {
+                let row = try r.sequence(i)
+                var ids = [Int32](repeating: 0, count: L * topK), lps = [Float](repeating: 0, count: L * topK)
+                var extra = [Float](repeating: 0, count: h.kind == .sampled ? L * topK : L)
+                for t in 0..<L {
+                    let b = t * K0, o = t * topK
+                    if h.kind == .topK {
+                        let order = (0..<K0).sorted { x, y in
+                            row.logprobs[b + x] > row.logprobs[b + y] || (row.logprobs[b + x] == row.logprobs[b + y] && row.ids[b + x] < row.ids[b + y])
+                        }
+                        var m = Double(row.restLogprob[t])
+                        for x in order[topK...] { m = max(m, Double(row.logprobs[b + x])) }
+                        var sum = 0.0
+                        if m > -.infinity {
+                            sum = exp(Double(row.restLogprob[t]) - m)
+                            for x in order[topK...] { sum += exp(Double(row.logprobs[b + x]) - m) }
+                        }
+                        extra[t] = m > -.infinity ? Float(m + log(sum)) : -.infinity
+                        for (j, x) in order[..<topK].enumerated() { ids[o + j] = row.ids[b + x]; lps[o + j] = row.logprobs[b + x] }
+                    } else {
+                        var draws = [Int]()
+                        for x in 0..<K0 where row.ids[b + x] >= 0 { draws += Array(repeating: x, count: Int(row.counts[b + x])) }
+                        var g = SplitMix64(seed: seed &* 0x9E37_79B9_7F4A_7C15 &+ UInt64(i * L + t) &+ 0xA5A5)
+                        draws.shuffle(using: &g)
+                        var hits = [Int: Int]()
+                        for x in draws.prefix(topK) { hits[x, default: 0] += 1 }
+                        for (j, x) in hits.keys.sorted().enumerated() {
+                            ids[o + j] = row.ids[b + x]; lps[o + j] = row.logprobs[b + x]; extra[o + j] = Float(hits[x]!)
+                        }
+                    }
+                }
+                try w.append(at: i, tokens: row.tokens, ids: &ids, logprobs: &lps, extra: &extra)
+            }
+            try w.file.flush()
+            return h
+        }
+    }
+
+    /// Runs `body` on `path + ".partial"`, then renames it to `path`; on error removes it.
+    static func atomically(_ path: String, _ body: (String) throws -> Header) throws -> Header {
+        let tmp = path + ".partial"
+        try? FileManager.default.removeItem(atPath: tmp)
+        let h: Header
+        do { h = try body(tmp) } catch {
             try? FileManager.default.removeItem(atPath: tmp)
             throw error
         }
-        // The HDF5 handle is closed (scope ended) before the rename.
+        // The HDF5 handle is closed (body returned) before the rename.
         try? FileManager.default.removeItem(atPath: path)
         do { try FileManager.default.moveItem(atPath: tmp, toPath: path) } catch {
             throw QATError("cannot move the finished cache \(tmp) to \(path): \(error.localizedDescription)")
         }
-        return header
+        return h
+    }
+
+    /// Creates the datasets and attributes of a version-2 cache and appends sequences.
+    final class CacheWriter {
+        let file: HDF5File
+        let header: Header
+        let storage: HDF5File.Storage
+        let narrowIDs: Bool
+
+        init(path: String, header h: Header, storage: HDF5File.Storage, seed: UInt64) throws {
+            file = try HDF5File(path: path, mode: .create)
+            header = h; self.storage = storage
+            narrowIDs = h.vocabSize <= 65536
+            let S = h.sequences, L = h.seqLen, K = h.topK
+            func create<T: HDF5Scalar>(_ name: String, _ t: T.Type, _ shape: [Int], _ storage: HDF5File.Storage? = nil) throws {
+                try file.createDataset(name, of: t, shape: shape, chunkRows: 1, gzipLevel: 6, shuffle: true, storage: storage)
+            }
+            if narrowIDs {
+                try create("input_ids", UInt16.self, [S, L]); try create("topk_ids", UInt16.self, [S, L, K])
+            } else {
+                try create("input_ids", Int32.self, [S, L]); try create("topk_ids", Int32.self, [S, L, K])
+            }
+            try create("topk_logprobs", Float.self, [S, L, K], storage)
+            if h.kind == .sampled { try create("sample_counts", UInt16.self, [S, L, K]) } else { try create("rest_logprob", Float.self, [S, L], .float16) }
+            var attrs: [(String, String)] = [
+                ("format", format), ("version", String(version)), ("kind", h.kind.rawValue),
+                ("seq_len", String(L)), ("top_k", String(K)), ("vocab_size", String(h.vocabSize)),
+                ("sequences", String(S)), ("data", h.data), ("split", h.split), ("model", h.model), ("temperature", "1"),
+                ("logprob_dtype", storage == .bfloat16 ? "bfloat16" : "float16"),
+                ("positions", "row t of a sequence: the teacher's distribution of token t+1 (log_softmax over the full vocabulary)"),
+            ]
+            if h.kind == .sampled { attrs.append(("seed", String(seed))) }
+            for (k, v) in attrs { try file.setAttribute(k, v) }
+        }
+
+        /// Sequences from `row` on: tokens [b·L], ids and log-probs [b·L·K] (any slot order),
+        /// extra: rest log-masses [b·L] or counts [b·L·K]. Slots are sorted by id here.
+        func append(at row: Int, tokens: [Int32], ids: inout [Int32], logprobs: inout [Float], extra: inout [Float]) throws {
+            let n = tokens.count, K = header.topK
+            if header.kind == .sampled { sortByID(n: n, topK: K, ids: &ids, logprobs: &logprobs, counts: &extra) } else {
+                var none = [Float]()
+                sortByID(n: n, topK: K, ids: &ids, logprobs: &logprobs, counts: &none)
+            }
+            func writeIDs(_ name: String, _ v: [Int32]) throws {
+                if narrowIDs { try file.writeRows(name, at: row, values: v.map { UInt16(truncatingIfNeeded: $0) }) } else { try file.writeRows(name, at: row, values: v) }
+            }
+            let round: (Float) -> Float = storage == .bfloat16 ? { bf16ToFloat(floatToBF16($0)) } : { roundToF16($0) }
+            try writeIDs("input_ids", tokens)
+            try writeIDs("topk_ids", ids)
+            try file.writeRows("topk_logprobs", at: row, values: logprobs.map(round))
+            if header.kind == .sampled {
+                try file.writeRows("sample_counts", at: row, values: extra.map { UInt16($0) })
+            } else {
+                try file.writeRows("rest_logprob", at: row, values: extra.map(roundToF16))
+            }
+        }
     }
 
     /// A float32 value rounded to the nearest float16 (clamped to its finite range; −∞ stays).
@@ -343,6 +419,9 @@ public struct TopKCacheRow: Sendable {
 public final class TopKCacheReader {
     public let path: String
     public let header: TopKCache.Header
+    /// The seed of a sampled cache's draws (0 otherwise) and how the log-probs are stored.
+    public let seed: UInt64
+    public let logprobStorage: HDF5File.Storage
     private let file: HDF5File
 
     public init(path: String) throws {
@@ -393,6 +472,8 @@ public final class TopKCacheReader {
         self.file = file
         self.path = path
         header = h
+        seed = UInt64((try? file.stringAttribute("seed")) ?? "0") ?? 0
+        logprobStorage = (try? file.stringAttribute("logprob_dtype")) == "float16" ? .float16 : .bfloat16
     }
 
     /// Packed sequence `index`. A version-1 cache's rest mass is log(1 − Σ_k exp ℓ_k) in

@@ -43,6 +43,9 @@ struct TeacherLogprobs: ParsableCommand {
     @Option(help: "Seed of the draws (with --sample).")
     var seed: UInt64 = 0
 
+    @Option(name: .customLong("from-cache"), help: "Instead of running the teacher: narrow this cache to --top-k entries (or --sample draws) per position.")
+    var fromCache: String?
+
     @Option(name: .customLong("logprob-dtype"), help: "Storage of the log-probabilities: bfloat16 or float16 (8× finer, a larger cache).")
     var logprobDtype: String = "bfloat16"
 
@@ -64,6 +67,12 @@ struct TeacherLogprobs: ParsableCommand {
                 throw QATError("--logprob-dtype must be bfloat16 or float16 (got \(logprobDtype))")
             }
             modelOptions.applyThreads()
+            if let src = fromCache {
+                let start = Date()
+                let h = try TopKCache.narrow(from: src, to: out, topK: sample ?? topK)
+                report(h, seconds: Date().timeIntervalSince(start))
+                return
+            }
             let teacher = try CausalLM(directory: modelOptions.model)
             let tokenizer = data.hasSuffix(".jsonl") ? try Tokenizer(path: modelOptions.model) : nil
             let stream = try TokenData.load(path: data, split: split, tokenizer: tokenizer, vocabSize: teacher.config.vocabSize)
@@ -77,17 +86,20 @@ struct TeacherLogprobs: ParsableCommand {
                 bar.update(done)
             }
             bar.finish()
-            let seconds = Date().timeIntervalSince(start)
-            let bytes = (try? FileManager.default.attributesOfItem(atPath: out)[.size] as? Int) ?? 0
-            let perToken = Double(bytes) / Double(max(1, h.sequences * h.seqLen))
-            let what = h.kind == .sampled ? "\(h.topK) draws" : "top-\(h.topK)"
-            if json {
-                printJSON([("out", out), ("kind", h.kind.rawValue), ("sequences", h.sequences), ("seq_len", h.seqLen), ("top_k", h.topK),
-                           ("vocab_size", h.vocabSize), ("bytes", bytes), ("bytes_per_token", perToken), ("seconds", seconds)])
-            } else {
-                print(String(format: "wrote %@: %d sequences × %d positions × %@ of %d (%.1f MiB, %.1f bytes/token, %.1f s)",
-                             out, h.sequences, h.seqLen, what, h.vocabSize, Double(bytes) / 1_048_576, perToken, seconds))
-            }
+            report(h, seconds: Date().timeIntervalSince(start))
+        }
+    }
+
+    func report(_ h: TopKCache.Header, seconds: Double) {
+        let bytes = (try? FileManager.default.attributesOfItem(atPath: out)[.size] as? Int) ?? 0
+        let perToken = Double(bytes) / Double(max(1, h.sequences * h.seqLen))
+        let what = h.kind == .sampled ? "\(h.topK) draws" : "top-\(h.topK)"
+        if json {
+            printJSON([("out", out), ("kind", h.kind.rawValue), ("sequences", h.sequences), ("seq_len", h.seqLen), ("top_k", h.topK),
+                       ("vocab_size", h.vocabSize), ("bytes", bytes), ("bytes_per_token", perToken), ("seconds", seconds)])
+        } else {
+            print(String(format: "wrote %@: %d sequences × %d positions × %@ of %d (%.1f MiB, %.1f bytes/token, %.1f s)",
+                         out, h.sequences, h.seqLen, what, h.vocabSize, Double(bytes) / 1_048_576, perToken, seconds))
         }
     }
 }

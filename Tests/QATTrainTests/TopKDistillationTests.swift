@@ -268,6 +268,40 @@ final class TopKDistillationTests: XCTestCase {
         XCTAssertTrue(m.contains("version 3") && m.contains("qat teacher-logprobs"), m)
     }
 
+    /// Narrowing a cache without the teacher: top-6 → top-3 keeps the same ids and values as a
+    /// top-3 cache written by the teacher, with the rest mass folded from the dropped entries
+    /// (within float16/bfloat16 rounding); 40 draws → 10 keeps 10 of the draws.
+    func testNarrowCache() throws {
+        let teacher = try tinyModel(seed: 2)
+        let s = stream(L * 3 + 1)
+        let wide = try writeCache(teacher, topK: 6, stream: s), direct = try writeCache(teacher, topK: 3, stream: s)
+        let narrowed = Fixtures.tempDir("topk").appendingPathComponent("narrow.h5").path
+        let h = try TopKCache.narrow(from: wide, to: narrowed, topK: 3)
+        XCTAssertEqual(h.topK, 3)
+        let a = try TopKCacheReader(path: narrowed), b = try TopKCacheReader(path: direct)
+        XCTAssertEqual(a.header, b.header)
+        for i in 0..<3 {
+            let x = try a.sequence(i), y = try b.sequence(i)
+            XCTAssertEqual(x.tokens, y.tokens)
+            XCTAssertEqual(x.ids, y.ids)
+            XCTAssertEqual(x.logprobs, y.logprobs)
+            for t in 0..<L { XCTAssertEqual(x.restLogprob[t], y.restLogprob[t], accuracy: 0.01 * max(1, abs(y.restLogprob[t]))) }
+        }
+        let sampled = try writeCache(teacher, topK: 40, stream: s, sampled: true)
+        let fewer = Fixtures.tempDir("topk").appendingPathComponent("fewer.h5").path
+        try TopKCache.narrow(from: sampled, to: fewer, topK: 10)
+        let src = try TopKCacheReader(path: sampled).sequence(1), row = try TopKCacheReader(path: fewer).sequence(1)
+        for t in 0..<L {
+            XCTAssertEqual(row.counts[(t * 10)..<((t + 1) * 10)].reduce(0, +), 10)
+            for k in 0..<10 where row.ids[t * 10 + k] >= 0 {
+                let j = (0..<40).first { src.ids[t * 40 + $0] == row.ids[t * 10 + k] }
+                XCTAssertNotNil(j, "a narrowed draw is one of the source's")
+                if let j { XCTAssertLessThanOrEqual(row.counts[t * 10 + k], src.counts[t * 40 + j]) }
+            }
+        }
+        XCTAssertThrowsError(try TopKCache.narrow(from: wide, to: narrowed, topK: 7))
+    }
+
     /// A sampled cache: per position the distinct drawn ids (increasing, empty slots last),
     /// counts summing to the number of draws, their bfloat16 log-probabilities; the same seed
     /// gives the same cache; over many positions the draws follow the teacher (each id's

@@ -129,31 +129,40 @@ public final class TopKDistillationLoss: TrainingLoss {
             throw QATError("target id \(t) is outside the student vocabulary (size \(V))")
         }
         var ce = 0.0, kd = 0.0, valid = 0
-        try targets.withUnsafeBufferPointer { tb in
-            try ids.withUnsafeBufferPointer { ib in
-                try logprobs.withUnsafeBufferPointer { lb in
-                  try rest.withUnsafeBufferPointer { rb in
-                   try counts.withUnsafeBufferPointer { nb in
-                    var start = 0
-                    while start < n {
-                        let rows = min(chunkRows, n - start)
-                        let h = hidden + start * C
-                        let used = try head.forward(h, out: logits.data, n: rows)
-                        let r = TopKKernels.rows(objective, student: logits.data, n: rows, vocab: V, ids: ib.baseAddress! + start * K,
-                                                 logprobs: lb.baseAddress! + start * K, rest: rest.isEmpty ? nil : rb.baseAddress.map { $0 + start },
-                                                 counts: counts.isEmpty ? nil : nb.baseAddress.map { $0 + start * K }, topK: K, targets: tb.baseAddress! + start,
-                                                 k: constants, gradScale: gradScale)
-                        ce += r.ce; kd += r.kd
-                        head.backward(dy: logits.data, x: h, xUsed: used, n: rows, dx: dHidden + start * C, accumulateDx: false)
-                        start += rows
-                    }
-                   }
-                  }
-                }
-            }
+        var start = 0
+        while start < n {
+            let rows = min(chunkRows, n - start)
+            let h = hidden + start * C
+            let used = try head.forward(h, out: logits.data, n: rows)
+            let r = kernel(start: start, rows: rows, ids: ids, logprobs: logprobs, rest: rest, counts: counts, targets: targets,
+                           gradScale: gradScale)
+            ce += r.ce; kd += r.kd
+            head.backward(dy: logits.data, x: h, xUsed: used, n: rows, dx: dHidden + start * C, accumulateDx: false)
+            start += rows
         }
         for t in targets where t != CrossEntropy.ignoreIndex { valid += 1 }
         let k = constants.kdRatio
         return LossParts(total: (1 - k) * ce + k * kd, ce: ce, kd: kd, valid: valid)
+    }
+
+    /// The objective's row kernel over rows start..<start+rows of the chunk logits (rest and
+    /// counts are passed only when non-empty, i.e. when the objective uses them).
+    private func kernel(start: Int, rows: Int, ids: [Int32], logprobs: [Float], rest: [Float], counts: [Float], targets: [Int32],
+                        gradScale: Float) -> (ce: Double, kd: Double) {
+        let K = reader.header.topK
+        return ids.withUnsafeBufferPointer { ib in
+            logprobs.withUnsafeBufferPointer { lb in
+                rest.withUnsafeBufferPointer { rb in
+                    counts.withUnsafeBufferPointer { nb in
+                        targets.withUnsafeBufferPointer { tb in
+                            TopKKernels.rows(objective, student: logits.data, n: rows, vocab: studentVocab, ids: ib.baseAddress! + start * K,
+                                             logprobs: lb.baseAddress! + start * K, rest: rest.isEmpty ? nil : rb.baseAddress! + start,
+                                             counts: counts.isEmpty ? nil : nb.baseAddress! + start * K, topK: K,
+                                             targets: tb.baseAddress! + start, k: constants, gradScale: gradScale)
+                        }
+                    }
+                }
+            }
+        }
     }
 }

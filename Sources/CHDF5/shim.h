@@ -21,6 +21,8 @@ static inline hid_t qat_h5e_default(void) { return H5E_DEFAULT; }
 static inline hid_t qat_h5t_std_i32le(void) { return H5T_STD_I32LE; }
 static inline hid_t qat_h5t_std_i64le(void) { return H5T_STD_I64LE; }
 static inline hid_t qat_h5t_std_u8le(void) { return H5T_STD_U8LE; }
+static inline hid_t qat_h5t_std_u16le(void) { return H5T_STD_U16LE; }
+static inline hid_t qat_h5t_native_uint16(void) { return H5T_NATIVE_UINT16; }
 static inline hid_t qat_h5t_ieee_f32le(void) { return H5T_IEEE_F32LE; }
 static inline hid_t qat_h5t_ieee_f64le(void) { return H5T_IEEE_F64LE; }
 static inline hid_t qat_h5t_native_double(void) { return H5T_NATIVE_DOUBLE; }
@@ -40,4 +42,34 @@ static inline H5T_conv_ret_t qat_h5t_abort_on_range(H5T_conv_except_t kind, hid_
 }
 static inline herr_t qat_h5p_set_abort_on_range(hid_t dxpl) {
     return H5Pset_type_conv_cb(dxpl, qat_h5t_abort_on_range, NULL);
+}
+
+/* IEEE binary16, little-endian (HDF5 1.10 has no predefined half type; this is the type
+   h5py creates for numpy float16, so such datasets read as float16 there). Never closed. */
+static inline hid_t qat_h5t_ieee_f16le(void) {
+    static hid_t t = -1;
+    if (t < 0) {
+        hid_t c = H5Tcopy(H5T_IEEE_F32LE);
+        H5Tset_fields(c, 15, 10, 5, 0, 10);
+        H5Tset_precision(c, 16);
+        H5Tset_size(c, 2);
+        H5Tset_ebias(c, 15);
+        t = c;
+    }
+    return t;
+}
+
+/* bfloat16 (1 sign, 8 exponent, 7 mantissa bits), little-endian: float32's upper half.
+   HDF5 converts it to and from native float (widening is exact). Never closed. */
+static inline hid_t qat_h5t_bf16le(void) {
+    static hid_t t = -1;
+    if (t < 0) {
+        hid_t c = H5Tcopy(H5T_IEEE_F32LE);
+        H5Tset_fields(c, 15, 7, 8, 0, 7);
+        H5Tset_precision(c, 16);
+        H5Tset_size(c, 2);
+        H5Tset_ebias(c, 127);
+        t = c;
+    }
+    return t;
 }

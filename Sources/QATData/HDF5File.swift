@@ -30,6 +30,20 @@ extension UInt8: HDF5Scalar {
     public static var h5IsInteger: Bool { true }
     public static var h5Name: String { "uint8" }
 }
+extension UInt16: HDF5Scalar {
+    public static var h5Native: hid_t { qat_h5t_native_uint16() }
+    public static var h5File: hid_t { qat_h5t_std_u16le() }
+    public static var h5IsInteger: Bool { true }
+    public static var h5Name: String { "uint16" }
+}
+/// IEEE half, stored as HDF5's little-endian binary16 (what h5py writes for float16). Reads
+/// of float16 datasets into `Float` are converted by HDF5 (exact widening).
+extension Float16: HDF5Scalar {
+    public static var h5Native: hid_t { qat_h5t_ieee_f16le() }
+    public static var h5File: hid_t { qat_h5t_ieee_f16le() }
+    public static var h5IsInteger: Bool { false }
+    public static var h5Name: String { "float16" }
+}
 extension Float: HDF5Scalar {
     public static var h5Native: hid_t { qat_h5t_native_float() }
     public static var h5File: hid_t { qat_h5t_ieee_f32le() }
@@ -73,6 +87,9 @@ public struct HDF5DatasetInfo: Sendable, Equatable, CustomStringConvertible {
 /// naming the file and dataset instead. The serial libhdf5 build is not thread-safe, so an
 /// `HDF5File` is deliberately not `Sendable`: use one per thread, and not concurrently.
 public final class HDF5File {
+    /// Narrow floating-point storage types (see `createDataset`).
+    public enum Storage: Sendable { case bfloat16, float16 }
+
     public enum Mode: Sendable { case readOnly, readWrite, create }
 
     public let path: String
@@ -220,9 +237,14 @@ public final class HDF5File {
     /// Creates dataset `name` (intermediate groups included) with the given shape, stored
     /// as `T`, chunked and gzip-compressed. `chunkRows` rows along the first dimension per
     /// chunk (default: about 256 KiB per chunk); `gzipLevel` 0…9, nil for no compression;
-    /// `extendable` makes the first dimension unlimited so `resize` can grow it.
+    /// `extendable` makes the first dimension unlimited so `resize` can grow it; `shuffle`
+    /// adds HDF5's byte-shuffle filter before gzip (groups the bytes of equal significance);
+    /// `storage` stores `T` values as another floating-point type (`HDF5File.bfloat16`,
+    /// `.float16`), converted by HDF5 on write and read (round values first: the narrowing
+    /// conversion is HDF5's).
     public func createDataset<T: HDF5Scalar>(_ name: String, of type: T.Type, shape: [Int], chunkRows: Int? = nil,
-                                             gzipLevel: Int? = 4, extendable: Bool = false) throws {
+                                             gzipLevel: Int? = 4, extendable: Bool = false, shuffle: Bool = false,
+                                             storage: HDF5File.Storage? = nil) throws {
         try requireWritable()
         guard !shape.isEmpty, shape.allSatisfy({ $0 >= 0 }) else {
             throw QATError("\(path): invalid shape \(shape) for dataset '\(name)'")
@@ -245,6 +267,9 @@ public final class HDF5File {
         guard H5Pset_chunk(dcpl, Int32(chunk.count), chunk) >= 0 else {
             throw QATError("\(path): cannot set chunking \(chunk) for '\(name)'")
         }
+        if shuffle, gzipLevel != nil {
+            guard H5Pset_shuffle(dcpl) >= 0 else { throw QATError("\(path): shuffle filter unavailable") }
+        }
         if let level = gzipLevel {
             guard (0...9).contains(level) else { throw QATError("gzip level must be 0…9, got \(level)") }
             guard H5Pset_deflate(dcpl, UInt32(level)) >= 0 else { throw QATError("\(path): gzip filter unavailable") }
@@ -252,8 +277,19 @@ public final class HDF5File {
         let lcpl = H5Pcreate(qat_h5p_link_create())
         defer { H5Pclose(lcpl) }
         H5Pset_create_intermediate_group(lcpl, 1)
+<<<<<<< HEAD
         let d = H5Dcreate2(fid, name, T.h5File, space, lcpl, dcpl, qat_h5p_default())
         guard d >= 0 else { throw QATError.io("\(path): cannot create dataset '\(name)' \(T.h5Name)\(shape)") }
+=======
+        let fileType: hid_t
+        switch storage {
+        case .bfloat16?: fileType = qat_h5t_bf16le()
+        case .float16?: fileType = qat_h5t_ieee_f16le()
+        case nil: fileType = T.h5File
+        }
+        let d = H5Dcreate2(fid, name, fileType, space, lcpl, dcpl, qat_h5p_default())
+        guard d >= 0 else { throw QATError("\(path): cannot create dataset '\(name)' \(T.h5Name)\(shape)") }
+>>>>>>> topk
         H5Dclose(d)
     }
 

@@ -28,6 +28,12 @@ public struct Recipe: Sendable {
 
     public enum Mode: String, Sendable, CaseIterable { case none, qat, qad }
     public enum KDLoss: String, Sendable, CaseIterable { case forwardKL = "forward_kl", reverseKL = "reverse_kl", jsd }
+    /// How a teacher cache becomes a loss (`TopKKernels`): the exact KL of the k cached tokens
+    /// plus a rest bin (default), the teacher renormalised over its top-k against the student's
+    /// full log-softmax (qat ≤ v1), both renormalised over the top-k (axolotl), or sampled tokens.
+    public enum TopKObjective: String, Sendable, CaseIterable {
+        case coarseKL = "coarse_kl", teacherNormalized = "teacher_normalized", bothNormalized = "both_normalized", sampled
+    }
 
     public struct DistillSpec: Sendable, Equatable {
         public init() {}
@@ -41,6 +47,8 @@ public struct Recipe: Sendable {
         public var beta = 0.5
         /// Offline top-k teacher cache (HDF5) instead of running the teacher.
         public var teacherLogprobs: String? = nil
+        /// The objective used with `teacherLogprobs`.
+        public var topkObjective: TopKObjective = .coarseKL
     }
 
     public struct TrainSpec: Sendable, Equatable {
@@ -243,6 +251,7 @@ public struct Recipe: Sendable {
                 if let l = try d.choice("loss", KDLoss.allCases.map(\.rawValue)) { s.distill.loss = KDLoss(rawValue: l)! }
                 s.distill.beta = try d.double("beta", min: 0, max: 1) ?? s.distill.beta
                 s.distill.teacherLogprobs = try d.string("teacher_logprobs")
+                if let o = try d.choice("topk_objective", TopKObjective.allCases.map(\.rawValue)) { s.distill.topkObjective = TopKObjective(rawValue: o)! }
                 try d.finish()
             }
             if let l = try t.map("lora") { s.lora = try LoRASpec.parse(l) }

@@ -46,7 +46,7 @@ extension Recipe {
         y += "  checkpoint_dir: \(opt(t.checkpointDir))\n  keep_checkpoints: \(t.keepCheckpoints)\n  on_nonfinite: \(t.onNonFinite)\n  shard_optimizer_state: \(t.shardOptimizerState)\n  pipeline_stages: \(t.pipelineStages)\n  router_aux_loss_coef: \(t.routerAuxLossCoef.map { "\($0)" } ?? "null")\n"
         let d = t.distill
         y += "  distill:\n    teacher: \(opt(d.teacher))\n    kd_ratio: \(num(d.kdRatio))\n    temperature: \(num(d.temperature))\n"
-        y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: \(opt(d.teacherLogprobs))\n"
+        y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: \(opt(d.teacherLogprobs))\n    topk_objective: \(d.topkObjective.rawValue)\n"
         y += t.lora?.yaml ?? "  lora: null\n"
         y += "export:\n  dir: \(q(export.dir))\n  save_dtype: \(export.saveDtype?.torchName ?? "null")\n"
         y += "  max_shard_bytes: \(export.maxShardBytes)\n  verify: \(export.verify)\n  format: \(export.format)\n"

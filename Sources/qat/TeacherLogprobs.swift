@@ -12,8 +12,11 @@ struct TeacherLogprobs: ParsableCommand {
         discussion: """
         The stream is cut into ⌊(N−1)/seq_len⌋ packed sequences exactly like the trainer's data \
         loader (sequence i = tokens [i·seq_len, (i+1)·seq_len)). The teacher runs forward-only; \
-        for every position t it stores the top-k token ids of its prediction of token t+1 and \
-        their log-probabilities at temperature 1 (log_softmax over the full vocabulary). \
+        for every position t it stores the top-k token ids of its prediction of token t+1, \
+        their log-probabilities at temperature 1 (log_softmax over the full vocabulary, bfloat16) \
+        and the log of the teacher's mass outside them (for the default coarse_kl objective). \
+        With --sample N it stores N draws from the teacher instead (distinct ids, their counts \
+        and log-probabilities: the sampled objective). Ids are uint16 when the vocabulary fits. \
         Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data \
         must match the cache's (checked).
 
@@ -34,6 +37,18 @@ struct TeacherLogprobs: ParsableCommand {
     @Option(name: .customLong("top-k"), help: "Teacher entries kept per position.")
     var topK: Int = 64
 
+    @Option(help: "Instead of the top-k: this many draws per position from the teacher (for topk_objective: sampled).")
+    var sample: Int?
+
+    @Option(help: "Seed of the draws (with --sample).")
+    var seed: UInt64 = 0
+
+    @Option(name: .customLong("from-cache"), help: "Instead of running the teacher: narrow this cache to --top-k entries (or --sample draws) per position.")
+    var fromCache: String?
+
+    @Option(name: .customLong("logprob-dtype"), help: "Storage of the log-probabilities: bfloat16 or float16 (8× finer, a larger cache).")
+    var logprobDtype: String = "bfloat16"
+
     @Option(help: "Output HDF5 file.")
     var out: String
 
@@ -48,9 +63,18 @@ struct TeacherLogprobs: ParsableCommand {
 
     func run() throws {
         try QAT.guarded {
+            guard ["bfloat16", "float16"].contains(logprobDtype) else {
+                throw QATError("--logprob-dtype must be bfloat16 or float16 (got \(logprobDtype))")
+            }
             modelOptions.applyThreads()
             if try modelOptions.compute().device.isCUDA {
                 throw QATError.unsupported("qat teacher-logprobs runs on the CPU in this version (the GPU top-k kernel is not written yet): use --device cpu")
+            }
+            if let src = fromCache {
+                let start = Date()
+                let h = try TopKCache.narrow(from: src, to: out, topK: sample ?? topK)
+                report(h, seconds: Date().timeIntervalSince(start))
+                return
             }
             let teacher = try CausalLM(directory: modelOptions.model)
             let tokenizer = data.hasSuffix(".jsonl") ? try Tokenizer(path: modelOptions.model) : nil
@@ -58,20 +82,27 @@ struct TeacherLogprobs: ParsableCommand {
             let total = min(max(1, (stream.count - 1) / max(seqLen, 1)), maxSequences ?? Int.max)
             let bar = ProgressBar(total: total, label: "teacher", unit: "seq", enabled: !json)
             let start = Date()
-            let h = try TopKCache.write(teacher: teacher, stream: stream, seqLen: seqLen, topK: topK, to: out, batchSize: batchSize,
-                                        maxSequences: maxSequences, dataPath: data, split: split, modelPath: modelOptions.model) { done, _ in
+            let h = try TopKCache.write(teacher: teacher, stream: stream, seqLen: seqLen, topK: sample ?? topK, to: out, batchSize: batchSize,
+                                        maxSequences: maxSequences, dataPath: data, split: split, modelPath: modelOptions.model,
+                                        sampled: sample != nil, seed: seed,
+                                        logprobStorage: logprobDtype == "float16" ? .float16 : .bfloat16) { done, _ in
                 bar.update(done)
             }
             bar.finish()
-            let seconds = Date().timeIntervalSince(start)
-            let bytes = (try? FileManager.default.attributesOfItem(atPath: out)[.size] as? Int) ?? 0
-            if json {
-                printJSON([("out", out), ("sequences", h.sequences), ("seq_len", h.seqLen), ("top_k", h.topK), ("vocab_size", h.vocabSize),
-                           ("bytes", bytes), ("seconds", seconds)])
-            } else {
-                print(String(format: "wrote %@: %d sequences × %d positions × top-%d of %d (%.1f MiB, %.1f s)",
-                             out, h.sequences, h.seqLen, h.topK, h.vocabSize, Double(bytes) / 1_048_576, seconds))
-            }
+            report(h, seconds: Date().timeIntervalSince(start))
+        }
+    }
+
+    func report(_ h: TopKCache.Header, seconds: Double) {
+        let bytes = (try? FileManager.default.attributesOfItem(atPath: out)[.size] as? Int) ?? 0
+        let perToken = Double(bytes) / Double(max(1, h.sequences * h.seqLen))
+        let what = h.kind == .sampled ? "\(h.topK) draws" : "top-\(h.topK)"
+        if json {
+            printJSON([("out", out), ("kind", h.kind.rawValue), ("sequences", h.sequences), ("seq_len", h.seqLen), ("top_k", h.topK),
+                       ("vocab_size", h.vocabSize), ("bytes", bytes), ("bytes_per_token", perToken), ("seconds", seconds)])
+        } else {
+            print(String(format: "wrote %@: %d sequences × %d positions × %@ of %d (%.1f MiB, %.1f bytes/token, %.1f s)",
+                         out, h.sequences, h.seqLen, what, h.vocabSize, Double(bytes) / 1_048_576, perToken, seconds))
         }
     }
 }

@@ -8,12 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 peer="${1:-/tmp/peer/bin/python}"
+script=""
+for s in ../shared/peer/torch_qat_step.py ../../shared/peer/torch_qat_step.py; do [ -f "$s" ] && script=$s && break; done
 qat=.build/release/qat
 [ -x "$qat" ] || swift build -c release --product qat >/dev/null
-[ -x "$peer" ] || { echo "no PyTorch peer at $peer (see ../shared/peer/README.md)" >&2; exit 1; }
+[ -x "$peer" ] && [ -n "$script" ] || { echo "no PyTorch peer at $peer or no ../shared/peer (see ../shared/peer/README.md)" >&2; exit 1; }
 run() { echo "+ $*"; "$@"; echo; }
 echo "# $(date -u +%FT%TZ) $(uname -m), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), commit $(git rev-parse --short HEAD)"
-run "$qat" bench --shapes fortune --peer "$peer"                              # line 16: fortune-lm, PyTorch peer, memcpy, fake quant
-run "$qat" bench --shapes smollm --no-micro                                   # line 17: SmolLM2-135M shape
-run "$qat" bench --shapes "" --no-micro --loss-tokens 1024,4096,16384 --repeats 1  # line 18: KD loss memory, one lap each
-run scripts/bench-scaling.sh                                                  # line 19: the MPI scaling table
+run "$qat" bench --shapes fortune --peer "$peer" --peer-script "$script"      # fortune-lm, PyTorch peer, memcpy, fake quant
+run "$qat" bench --shapes smollm --no-micro                                   # SmolLM2-135M shape
+run "$qat" bench --shapes "" --no-micro --loss-tokens 1024,4096,16384 --repeats 1  # KD loss memory, one lap each
+run scripts/bench-scaling.sh                                                  # the MPI scaling table

@@ -63,6 +63,9 @@ struct Bench: ParsableCommand {
         guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1") }
         guard batch >= 1, seq >= 2 else { throw ValidationError("--batch must be at least 1 and --seq at least 2") }
         guard peerSteps >= 1 else { throw ValidationError("--peer-steps must be at least 1") }
+        if peer != nil, !FileManager.default.fileExists(atPath: peerScript) {
+            throw ValidationError("peer script not found: \(peerScript) (--peer-script)")
+        }
     }
 
     func run() throws {

@@ -60,3 +60,5 @@ run "1 process, 1 thread"       env -- --threads 1
 run "2 ranks data parallel"     "${mpi[@]}" -- --set train.batch_size=4
 run "2 ranks DP + ZeRO-1"       "${mpi[@]}" -- --set train.batch_size=4 --set train.shard_optimizer_state=true
 run "2 pipeline stages"         "${mpi[@]}" -- --set train.pipeline_stages=2
+run "1 process, 8 micro-b. of 2" env -- --set train.batch_size=2 --set train.grad_accum=8
+run "2 stages, 8 micro-b. of 2" "${mpi[@]}" -- --set train.pipeline_stages=2 --set train.batch_size=2 --set train.grad_accum=8

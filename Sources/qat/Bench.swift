@@ -63,6 +63,7 @@ struct Bench: ParsableCommand {
         guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1") }
         guard batch >= 1, seq >= 2 else { throw ValidationError("--batch must be at least 1 and --seq at least 2") }
         guard peerSteps >= 1 else { throw ValidationError("--peer-steps must be at least 1") }
+        _ = try lossTokenCounts()
         if peer != nil, !FileManager.default.fileExists(atPath: peerScript) {
             throw ValidationError("peer script not found: \(peerScript) (--peer-script)")
         }
@@ -97,17 +98,21 @@ struct Bench: ParsableCommand {
                 lines += r.lines
             }
             out.set("shapes", .array(shapeResults))
-            let parts = lossTokens.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-            let counts = try parts.map { p -> Int in
-                guard let n = Int(p), n > 0 else { throw QATError("--loss-tokens: '\(p)' is not a positive token count") }
-                return n
-            }
+            let counts = try lossTokenCounts()
             if !counts.isEmpty {
                 let lm = try LossMemoryBench.run(tokens: counts, repeats: repeats, say: say)
                 out.set("kd_loss_memory", lm.json)
                 lines += lm.lines
             }
             if json { print(JSONValue.object(out).fileText, terminator: "") } else { print(lines.joined(separator: "\n")) }
+        }
+    }
+
+    func lossTokenCounts() throws -> [Int] {
+        let parts = lossTokens.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        return try parts.map { p -> Int in
+            guard let n = Int(p), n > 0 else { throw ValidationError("--loss-tokens: '\(p)' is not a positive token count") }
+            return n
         }
     }
 

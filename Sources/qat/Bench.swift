@@ -37,7 +37,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Tokens per sequence.")
     var seq: Int = 256
 
-    @Option(help: "Measured laps of every configuration (optimizer steps, passes), after one warm-up lap; figures are their median [min, max].")
+    @Option(help: """
+        Measured laps of every configuration (optimizer steps, passes), after one warm-up lap; figures are their median [min, max].
+        """)
     var repeats: Int = 5
 
     @Option(help: "Python interpreter with torch + transformers to run the peer script.")
@@ -50,7 +52,7 @@ struct Bench: ParsableCommand {
     var peerSteps: Int = 3
 
     @Option(name: .customLong("loss-tokens"),
-            help: "Token counts for the fused vs unfused KD loss benchmark (vocab 151,936, hidden 1,024), e.g. 1024,4096,16384; empty to skip.")
+            help: "Token counts for the fused vs unfused KD loss benchmark (vocab 151,936, hidden 1,024), e.g. 1024,4096,16384.")
     var lossTokens: String = ""
 
     @Flag(name: .customLong("no-micro"), help: "Skip the memcpy and NVFP4 fake-quant reference figures.")
@@ -218,8 +220,10 @@ struct Bench: ParsableCommand {
                 res.json.set("peer_\(mode)_step_s", p.json)
                 res.json.set("ours_over_peer_\(mode)", .double(step.median / p.median))
                 res.json.set("ours_over_peer_\(mode)_pairs", ratios.json)
-                res.lines.append("[\(name)] peer (PyTorch eager) \(mode.uppercased()) step \(p.text(3)) s, \(peerTimes.count) runs interleaved with ours; "
-                                 + String(format: "ours/peer = %.2f (%.2f× faster; medians), per pair ", step.median / p.median, p.median / step.median)
+                res.lines.append("[\(name)] peer (PyTorch eager) \(mode.uppercased()) step \(p.text(3)) s, "
+                                 + "\(peerTimes.count) runs interleaved with ours; "
+                                 + String(format: "ours/peer = %.2f (%.2f× faster; medians), per pair ",
+                                          step.median / p.median, p.median / step.median)
                                  + ratios.text(2))
                 say(res.lines.last!)
             }

@@ -41,7 +41,8 @@ enum LossMemoryBench {
                 let paperMiB = Double(2 * n * vocab * 4) / 1_048_576
                 if !fused, paperMiB > 0.6 * Double(ProcessInfo.processInfo.physicalMemory) / 1_048_576 {
                     row.set("unfused_paper_MiB", .double(paperMiB))
-                    lines.append(String(format: "[kd loss] %d tokens: unfused skipped (its logits alone need %.0f MiB on paper, more than this machine can hold)",
+                    lines.append(String(format: "[kd loss] %d tokens: unfused skipped (its logits alone need %.0f MiB on paper, "
+                                        + "more than this machine can hold)",
                                         n, paperMiB))
                     say(lines.last!)
                     continue
@@ -57,7 +58,8 @@ enum LossMemoryBench {
                     peakText = "peak +\(p.text(0)) MiB"
                     if fused { fusedPeaks.append(p.median) } else { unfusedPerToken.append((n, p.median / Double(n))) }
                 }
-                lines.append("[kd loss] \(n) tokens: \(name) \(peakText) over weights and hidden states (\(Spread.number(inputs.hiddenMiB, 0)) MiB), "
+                lines.append("[kd loss] \(n) tokens: \(name) \(peakText) over weights and hidden states "
+                             + "(\(Spread.number(inputs.hiddenMiB, 0)) MiB), "
                              + "\(laps.time.text(2)) s")
                 say(lines.last!)
             }
@@ -73,7 +75,8 @@ enum LossMemoryBench {
         }
         if !unfusedPerToken.isEmpty {
             let per = unfusedPerToken.map { String(format: "%.3f MiB/token at %d", $0.1, $0.0) }.joined(separator: ", ")
-            lines.append("[kd loss] unfused peak per token: \(per) (logits on paper: \(String(format: "%.3f", Double(2 * vocab * 4) / 1_048_576)) MiB/token)")
+            let paper = String(format: "%.3f", Double(2 * vocab * 4) / 1_048_576)
+            lines.append("[kd loss] unfused peak per token: \(per) (logits on paper: \(paper) MiB/token)")
             say(lines.last!)
         }
         return (.object(out), lines)
@@ -97,7 +100,8 @@ enum LossMemoryBench {
 
         func pass(fused: Bool, loss: DistillationLoss, head: Linear) throws -> Double {
             let parts = fused
-                ? try loss.fused(student: head, hidden: h.data, teacherHidden: th.data, targets: targets, n: n, gradScale: 1 / Float(n), dHidden: dh.data)
+                ? try loss.fused(student: head, hidden: h.data, teacherHidden: th.data, targets: targets, n: n, gradScale: 1 / Float(n),
+                                 dHidden: dh.data)
                 : try loss.reference(student: head, hidden: h.data, teacherHidden: th.data, targets: targets, n: n, gradScale: 1 / Float(n),
                                      dHidden: dh.data)
             return parts.total

@@ -7,7 +7,9 @@ final class PeakMemoryTests: XCTestCase {
     /// Allocates `bytes` and writes one byte per page, so every page becomes resident.
     private func touched(_ bytes: Int) -> UnsafeMutableRawPointer {
         let p = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
-        for i in stride(from: 0, to: bytes, by: 4096) { p.storeBytes(of: UInt8(truncatingIfNeeded: i >> 12 | 1), toByteOffset: i, as: UInt8.self) }
+        for i in stride(from: 0, to: bytes, by: 4096) {
+            p.storeBytes(of: UInt8(truncatingIfNeeded: i >> 12 | 1), toByteOffset: i, as: UInt8.self)
+        }
         return p
     }
 

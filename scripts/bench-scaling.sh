@@ -3,7 +3,8 @@
 # of 8 × 256 tokens per step) run by 1 process, by 2 data-parallel ranks (with and without ZeRO-1)
 # and by 2 pipeline stages. Prints the median step time, the bytes rank 0 hands to MPI per step
 # (metrics.jsonl's comm_mb), the time rank 0 spends inside MPI calls per step (comm_s:
-# transfers and waiting for the other ranks) and rank 0's peak RSS. Usage: scripts/bench-scaling.sh [steps]
+# transfers and waiting for the other ranks) and rank 0's peak RSS. Step times: median [min, max] over the
+# steps after two warm-up steps. Usage: scripts/bench-scaling.sh [steps]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-12}"
@@ -45,15 +46,19 @@ run() {  # name, launcher..., then qat arguments after --
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[2])][2:]  # the first two steps warm up
 tokens = 2 * 8 * 256
-t = statistics.median(tokens / r["tokens_per_s"] for r in rows)
+ts = [tokens / r["tokens_per_s"] for r in rows]
+t = statistics.median(ts)
 comm = statistics.median(r.get("comm_mb", 0.0) for r in rows)
 wait = statistics.median(r.get("comm_s", 0.0) for r in rows)
-print(f"{sys.argv[1]:<28} {t:8.3f} s {tokens / t:9.0f} tok/s {comm:9.1f} MB {wait:8.3f} s {rows[-1]['peak_rss_mb']:8.0f} MB")
+print(f"{sys.argv[1]:<28} {t:6.3f} [{min(ts):.3f}, {max(ts):.3f}] s {tokens / t:7.0f} tok/s {comm:7.1f} MB {wait:7.3f} s"
+      f" {rows[-1]['peak_rss_mb']:7.0f} MB")
 EOF
 }
-echo "configuration                 step time     tokens/s  comm/step  in MPI   peak RSS (rank 0)"
+echo "configuration                step time: median [min, max]  tokens/s  comm/step  in MPI  peak RSS (rank 0)"
 run "1 process"                 env -- 
 run "1 process, 1 thread"       env -- --threads 1
 run "2 ranks data parallel"     "${mpi[@]}" -- --set train.batch_size=4
 run "2 ranks DP + ZeRO-1"       "${mpi[@]}" -- --set train.batch_size=4 --set train.shard_optimizer_state=true
 run "2 pipeline stages"         "${mpi[@]}" -- --set train.pipeline_stages=2
+run "1 process, 8 micro-b. of 2" env -- --set train.batch_size=2 --set train.grad_accum=8
+run "2 stages, 8 micro-b. of 2" "${mpi[@]}" -- --set train.pipeline_stages=2 --set train.batch_size=2 --set train.grad_accum=8

@@ -277,10 +277,6 @@ public final class HDF5File {
         let lcpl = H5Pcreate(qat_h5p_link_create())
         defer { H5Pclose(lcpl) }
         H5Pset_create_intermediate_group(lcpl, 1)
-<<<<<<< HEAD
-        let d = H5Dcreate2(fid, name, T.h5File, space, lcpl, dcpl, qat_h5p_default())
-        guard d >= 0 else { throw QATError.io("\(path): cannot create dataset '\(name)' \(T.h5Name)\(shape)") }
-=======
         let fileType: hid_t
         switch storage {
         case .bfloat16?: fileType = qat_h5t_bf16le()
@@ -288,8 +284,7 @@ public final class HDF5File {
         case nil: fileType = T.h5File
         }
         let d = H5Dcreate2(fid, name, fileType, space, lcpl, dcpl, qat_h5p_default())
-        guard d >= 0 else { throw QATError("\(path): cannot create dataset '\(name)' \(T.h5Name)\(shape)") }
->>>>>>> topk
+        guard d >= 0 else { throw QATError.io("\(path): cannot create dataset '\(name)' \(T.h5Name)\(shape)") }
         H5Dclose(d)
     }
 

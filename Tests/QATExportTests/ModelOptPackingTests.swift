@@ -25,6 +25,7 @@ final class ModelOptPackingTests: XCTestCase {
     static let cases = ["normal", "outliers", "with_zero_block", "tiny", "huge", "ties", "bf16_weight"]
 
     func testExportedBytesEqualModelOptPacking() throws {
+        var compared = 0
         let ref = try SafeTensorsFile(path: Fixtures.path("nvfp4_reference.safetensors"))
         let tiny = Fixtures.path("tiny-llama")
         for name in Self.cases {
@@ -50,6 +51,16 @@ final class ModelOptPackingTests: XCTestCase {
             let n = linear.name
             let gs = try ck.floats("\(n).weight_scale_2")
             let refGlobalScale = try ref.floats("\(name).global_scale").array
+            // Calibration snaps a scale that is not the exact reciprocal of a float to its nearest
+            // neighbour that is (a few ulps), so that the ModelOpt and compressed-tensors exports
+            // (which stores 1/scale) hold the same model (StoredScale.nvfp4Scale). There the bytes
+            // legitimately differ from ModelOpt's; everywhere else they must be equal.
+            if let r = refGlobalScale.first, !StoredScale.isReciprocalSafe(r) {
+                let g = try XCTUnwrap(gs.array.first)
+                XCTAssertTrue(StoredScale.isReciprocalSafe(g), "\(name): snapped scale \(g) is reciprocal-safe")
+                XCTAssertLessThanOrEqual(abs(Int(g.bitPattern) - Int(r.bitPattern)), 16, "\(name): \(g) within a few ulps of \(r)")
+                continue
+            }
             XCTAssertEqual(gs.array.map(\.bitPattern), refGlobalScale.map(\.bitPattern), "\(name) weight_scale_2")
             let packed = try ck.bytes("\(n).weight"), scales = try ck.bytes("\(n).weight_scale")
             let refPacked = try ref.bytes("\(name).packed"), refScales = try ref.bytes("\(name).block_scale_e4m3")
@@ -68,7 +79,9 @@ final class ModelOptPackingTests: XCTestCase {
             }
             XCTAssertEqual(badPacked, 0, "\(name): packed bytes differing from ModelOpt's")
             XCTAssertEqual(badScales, 0, "\(name): block scales differing from ModelOpt's")
+            compared += 1
         }
+        XCTAssertGreaterThanOrEqual(compared, 5, "most fixture cases are compared byte for byte")
     }
 
     /// The two ways of computing the global scale differ: the choice above is not moot.

@@ -8,14 +8,14 @@ import QATModels
 /// Per valid row: loss = (1 − kd_ratio)·CE(s, target) + kd_ratio·T²·KD, with CE at T = 1
 /// (not computed when kd_ratio = 1), the causal shift / ignore rule of every KD path, and KD
 /// given by `train.distill.topk_objective` (formulas and temperature in `TopKKernels`):
-/// - `coarse_kl` (default): the exact forward KL between teacher and student coarsened to the
+/// - `coarse_kl`: the exact forward KL between teacher and student coarsened to the
 ///   k cached tokens plus one rest bin. Its minimiser is the teacher's coarsening — the
 ///   student keeps the teacher's tail mass — and with k = V it is the full forward KL.
 /// - `teacher_normalized` (qat ≤ v1): teacher renormalised over its top-k, student's
 ///   full-vocabulary log-softmax. Its minimiser puts all of the student's mass on the top-k
 ///   (on fortune-lm, k = 64 holds 0.88 of the teacher's mass): the student becomes
 ///   overconfident, and QAD ends worse than PTQ.
-/// - `both_normalized` (axolotl's `normalize_topk`): both sides renormalised over the top-k;
+/// - `both_normalized` (default; axolotl's `normalize_topk`): both sides renormalised over the top-k;
 ///   the tail mass is left free.
 /// - `sampled`: sparse logit sampling (Anshumann et al. 2025): a cache of k draws per
 ///   position from the teacher (`qat teacher-logprobs --sample`), an unbiased estimate of the

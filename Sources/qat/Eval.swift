@@ -51,11 +51,11 @@ struct Eval: ParsableCommand {
     func run() throws {
         try QAT.guarded {
             modelOptions.applyThreads()
-            let (device, precision) = try modelOptions.compute()
+            let (computeDevice, precision) = try modelOptions.compute()
             // Open the GPU first: a machine without one fails in a second, not after loading.
-            let gpu = try device.isCUDA ? GPU.open(device) : nil
+            let device = try DeviceRunner(computeDevice, precision: precision)
             let model = try loadModelForEval(directory: modelOptions.model)
-            let gpuModel = try gpu.map { try CUDAModel(model: model, device: $0, precision: precision) }
+            let gpuModel = try device.copy(model)
             let stream = try TokenData.load(path: data, split: split, modelDirectory: modelOptions.model, vocabSize: model.config.vocabSize)
             if let recipePath = recipe {
                 var r = try Recipe.load(path: recipePath, overrides: overrides)

@@ -95,7 +95,7 @@ struct GPUBench {
                 }
             }
             if let script = peerScript {
-                print(peer(script: script, shape: FileManager.default.fileExists(atPath: shape + "/config.json") ? shape : shape))
+                print(peer(script: script, shape: shape))
             }
         }
     }

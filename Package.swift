@@ -43,8 +43,8 @@ let package = Package(
         // declares the few entry points), so building needs no NVIDIA header or library.
         .target(name: "CCUDA", linkerSettings: [.linkedLibrary("dl")]),
         .target(
-            name: "QATCUDA", dependencies: ["QATCore", "QATModels", "QATQuant", "CCUDA"],
-            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss"].map { .embedInCode("Kernels/\($0).cu") },
+            name: "QATCUDA", dependencies: ["QATCore", "QATModels", "QATQuant", "QATTrain", "CCUDA"],
+            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss", "optim"].map { .embedInCode("Kernels/\($0).cu") },
             swiftSettings: settings),
         .executableTarget(
             name: "qat",

@@ -29,9 +29,9 @@ public final class CUDAModel: @unchecked Sendable {
         init(linear: Linear, weight: DeviceBuffer, bias: DeviceBuffer?) { self.linear = linear; self.weight = weight; self.bias = bias }
     }
 
-    private var linears: [ObjectIdentifier: DeviceLinear] = [:]
-    private var tensors: [ObjectIdentifier: DeviceBuffer] = [:]   // by Parameter
-    private let cosTable, sinTable: DeviceBuffer
+    var linears: [ObjectIdentifier: DeviceLinear] = [:]
+    var tensors: [ObjectIdentifier: DeviceBuffer] = [:]   // by Parameter
+    let cosTable, sinTable: DeviceBuffer
     private let maxPositions: Int
 
     // Calibration: one u32 slot per quantizer that may calibrate, max-reduced on the device.
@@ -40,7 +40,10 @@ public final class CUDAModel: @unchecked Sendable {
     private var slots: DeviceBuffer?
     private var slotsHit = Set<Int>()
 
-    private var buffers: Buffers?
+    var buffers: Buffers?
+    /// Training only: gradients and backward scratch (`prepareTraining`).
+    var training: TrainingState?
+    var scratchBuffers: [String: DeviceBuffer] = [:]
 
     public init(model: CausalLM, device: CUDADevice, precision: Precision) throws {
         guard model.isFirstStage && model.isLastStage else {
@@ -85,31 +88,53 @@ public final class CUDAModel: @unchecked Sendable {
     /// Call after the host weights or any weight quantizer changed (calibration, a step).
     public func markWeightsChanged() { for l in linears.values { l.stale = true } }
 
-    private func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
+    func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
+    /// The tokens of the last training forward (the embedding backward groups them).
+    var lastTokens: [Int32] = []
 
     // MARK: Buffers
 
+    /// One decoder layer's activations: every layer keeps its own set in a training forward
+    /// (backward reads them), an inference forward reuses one.
+    final class LayerActivations {
+        let ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq, vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up, h: DeviceBuffer
+        /// What attention read: the quantized k/v, or kRope/vRaw when their quantizers are off.
+        var kUsed: CUdeviceptr = 0, vUsed: CUdeviceptr = 0
+        init(_ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig) throws {
+            let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
+            ln = try DeviceBuffer(d, floats: n * C); rstd1 = try DeviceBuffer(d, floats: n)
+            qRaw = try DeviceBuffer(d, floats: n * qd); q = try DeviceBuffer(d, floats: n * qd); qRstd = try DeviceBuffer(d, floats: n * c.numHeads)
+            kRaw = try DeviceBuffer(d, floats: n * kd); kRope = try DeviceBuffer(d, floats: n * kd)
+            kRstd = try DeviceBuffer(d, floats: n * c.numKVHeads); kq = try DeviceBuffer(d, floats: n * kd)
+            vRaw = try DeviceBuffer(d, floats: n * kd); vq = try DeviceBuffer(d, floats: n * kd)
+            attn = try DeviceBuffer(d, floats: n * qd); lse = try DeviceBuffer(d, floats: batch * c.numHeads * seqLen)
+            mid = try DeviceBuffer(d, floats: n * C); ln2 = try DeviceBuffer(d, floats: n * C); rstd2 = try DeviceBuffer(d, floats: n)
+            gate = try DeviceBuffer(d, floats: n * I); up = try DeviceBuffer(d, floats: n * I); h = try DeviceBuffer(d, floats: n * I)
+        }
+    }
+
     final class Buffers {
         let batch, seqLen: Int
-        let x, ln, rstd, qRaw, q, kRaw, kRope, kq, vRaw, vq, attn, mid, gate, up, h, final: DeviceBuffer
-        let qin, b16, lse, tokens: DeviceBuffer
-        /// bf16 precision: bf16 copies of ln, h and final written by the kernels that produce them.
+        let training: Bool
+        /// The residual stream: the input of every layer and the last layer's output (training),
+        /// or one buffer updated in place.
+        let residuals: [DeviceBuffer]
+        let layers: [LayerActivations]
+        let final, finalRstd, qin, b16, tokens: DeviceBuffer
+        /// bf16 precision: bf16 copies of the normalised inputs and of h, written by the kernels
+        /// that produce them (scratch: used at once by the products that follow).
         let ln16, h16, final16: DeviceBuffer?
-        init(_ d: CUDADevice, batch: Int, seqLen: Int, c: ModelConfig, bf16: Bool) throws {
-            self.batch = batch; self.seqLen = seqLen
-            let n = batch * seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
-            x = try DeviceBuffer(d, floats: n * C); ln = try DeviceBuffer(d, floats: n * C)
-            rstd = try DeviceBuffer(d, floats: n * max(1, c.numHeads))
-            qRaw = try DeviceBuffer(d, floats: n * qd); q = try DeviceBuffer(d, floats: n * qd)
-            kRaw = try DeviceBuffer(d, floats: n * kd); kRope = try DeviceBuffer(d, floats: n * kd); kq = try DeviceBuffer(d, floats: n * kd)
-            vRaw = try DeviceBuffer(d, floats: n * kd); vq = try DeviceBuffer(d, floats: n * kd)
-            attn = try DeviceBuffer(d, floats: n * qd); mid = try DeviceBuffer(d, floats: n * C)
-            gate = try DeviceBuffer(d, floats: n * I); up = try DeviceBuffer(d, floats: n * I); h = try DeviceBuffer(d, floats: n * I)
-            final = try DeviceBuffer(d, floats: n * C)
-            let widest = max(C, qd, I)
+        /// Widest row of the layers' inputs and outputs (scratch sizes).
+        let widest: Int
+        init(_ d: CUDADevice, batch: Int, seqLen: Int, c: ModelConfig, layers L: Int, bf16: Bool, training: Bool) throws {
+            self.batch = batch; self.seqLen = seqLen; self.training = training
+            let n = batch * seqLen, C = c.hiddenSize, I = c.intermediateSize
+            widest = max(C, c.numHeads * c.headDim, I)
+            residuals = try (0..<(training ? L + 1 : 1)).map { _ in try DeviceBuffer(d, floats: n * C) }
+            layers = try (0..<(training ? L : 1)).map { _ in try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c) }
+            final = try DeviceBuffer(d, floats: n * C); finalRstd = try DeviceBuffer(d, floats: n)
             qin = try DeviceBuffer(d, floats: n * widest)
             b16 = try DeviceBuffer(d, bytes: n * widest * 2)
-            lse = try DeviceBuffer(d, floats: batch * c.numHeads * seqLen)
             tokens = try DeviceBuffer(d, bytes: n * 4)
             ln16 = bf16 ? try DeviceBuffer(d, bytes: n * C * 2) : nil
             h16 = bf16 ? try DeviceBuffer(d, bytes: n * I * 2) : nil
@@ -117,10 +142,11 @@ public final class CUDAModel: @unchecked Sendable {
         }
     }
 
-    private func ensureBuffers(batch: Int, seqLen: Int) throws -> Buffers {
-        if let b = buffers, b.batch == batch, b.seqLen == seqLen { return b }
+    func ensureBuffers(batch: Int, seqLen: Int, training: Bool) throws -> Buffers {
+        if let b = buffers, b.batch == batch, b.seqLen == seqLen, b.training == training { return b }
         buffers = nil   // release first: peak memory is one set
-        let b = try Buffers(device, batch: batch, seqLen: seqLen, c: config, bf16: precision == .bf16)
+        let b = try Buffers(device, batch: batch, seqLen: seqLen, c: config, layers: model.layers.count, bf16: precision == .bf16,
+                            training: training)
         buffers = b
         return b
     }
@@ -133,7 +159,7 @@ public final class CUDAModel: @unchecked Sendable {
     /// Applies quantizer `q` to x [rows, cols] into `out`. Returns false (and leaves `out`
     /// unwritten) when the quantizer does not change values; while it calibrates, records
     /// max |x| on the device.
-    private func quantize(_ hook: FakeQuantHook?, _ x: CUdeviceptr, into out: CUdeviceptr, rows: Int, cols: Int) throws -> Bool {
+    func quantize(_ hook: FakeQuantHook?, _ x: CUdeviceptr, into out: CUdeviceptr, rows: Int, cols: Int) throws -> Bool {
         guard let hook else { return false }
         guard let q = hook as? TensorQuantizer else { throw QATError("internal: quantizer \(hook.name) is not a TensorQuantizer") }
         guard q.enabled else { return false }
@@ -192,7 +218,7 @@ public final class CUDAModel: @unchecked Sendable {
 
     /// Makes a Linear's device weight current: the fake-quant copy when its weight quantizer
     /// quantizes, and the bf16 copy in bf16 precision.
-    private func prepare(_ dl: DeviceLinear) throws {
+    func prepare(_ dl: DeviceLinear) throws {
         let l = dl.linear
         var source = dl.weight.ptr
         let count = l.outFeatures * l.inFeatures
@@ -212,7 +238,7 @@ public final class CUDAModel: @unchecked Sendable {
 
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
     /// when its producer wrote one (used when no quantizer changes x).
-    private func linear(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
+    func linear(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
         if precision == .bf16 {
@@ -237,55 +263,65 @@ public final class CUDAModel: @unchecked Sendable {
     }
 
     /// tokens [B, T] → the final normalised hidden states [B·T, C] on the device (valid until
-    /// the next forward).
-    public func forward(tokens: [Int32], batch: Int, seqLen: Int) throws -> CUdeviceptr {
-        let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
+    /// the next forward). `saveForBackward`: every layer keeps its activations (training).
+    public func forward(tokens: [Int32], batch: Int, seqLen: Int, saveForBackward: Bool = false) throws -> CUdeviceptr {
+        let c = config, C = c.hiddenSize, N = batch * seqLen
         guard tokens.count == N else { throw QATError("forward: \(tokens.count) tokens for batch \(batch) × seq_len \(seqLen)") }
         guard seqLen <= maxPositions else { throw QATError("sequence length \(seqLen) exceeds max_position_embeddings (\(maxPositions)) of this model") }
         for (i, t) in tokens.enumerated() where t < 0 || Int(t) >= c.vocabSize {
             throw QATError("token id \(t) at position \(i) is outside the vocabulary (size \(c.vocabSize))")
         }
-        let b = try ensureBuffers(batch: batch, seqLen: seqLen)
+        let b = try ensureBuffers(batch: batch, seqLen: seqLen, training: saveForBackward)
         try tokens.withUnsafeBytes { try b.tokens.upload($0.baseAddress!, bytes: $0.count) }
-        try device.embedding(out: b.x.ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C)
-        let eps = c.rmsNormEps
-        for L in model.layers {
-            let ln16 = b.ln16?.ptr
-            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
-            try linear(L.qProj, b.ln.ptr, x16: ln16, out: c.qkNorm ? b.qRaw.ptr : b.q.ptr, n: N, buffers: b)
-            try linear(L.kProj, b.ln.ptr, x16: ln16, out: c.qkNorm ? b.kRaw.ptr : b.kRope.ptr, n: N, buffers: b)
-            try linear(L.vProj, b.ln.ptr, x16: ln16, out: b.vRaw.ptr, n: N, buffers: b)
-            if let qn = L.qNorm, let kn = L.kNorm {
-                try device.rmsnorm(out: b.q.ptr, rstd: b.rstd.ptr, inp: b.qRaw.ptr, weight: tensor(qn), n: N * H, c: D, eps: eps)
-                try device.rmsnorm(out: b.kRope.ptr, rstd: b.rstd.ptr, inp: b.kRaw.ptr, weight: tensor(kn), n: N * Hkv, c: D, eps: eps)
-            }
-            try device.rope(b.q.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: seqLen, heads: H, headDim: D)
-            try device.rope(b.kRope.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: seqLen, heads: Hkv, headDim: D)
-            let k = try quantize(L.kQuantizer, b.kRope.ptr, into: b.kq.ptr, rows: N * Hkv, cols: D) ? b.kq.ptr : b.kRope.ptr
-            let v = try quantize(L.vQuantizer, b.vRaw.ptr, into: b.vq.ptr, rows: N * Hkv, cols: D) ? b.vq.ptr : b.vRaw.ptr
-            try device.attention(out: b.attn.ptr, lse: b.lse.ptr, q: b.q.ptr, k: k, v: v, batch: batch, seqLen: seqLen, heads: H,
-                                 kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
-            try linear(L.oProj, b.attn.ptr, out: b.mid.ptr, n: N, buffers: b)
-            try device.add(b.mid.ptr, b.x.ptr, count: N * C)                      // mid = x + attn
-            try device.rmsnorm(out: b.ln.ptr, rstd: b.rstd.ptr, inp: b.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
-            guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else { throw QATError.internal("layer \(L.index) has no MLP") }
-            try linear(gate, b.ln.ptr, x16: ln16, out: b.gate.ptr, n: N, buffers: b)
-            try linear(up, b.ln.ptr, x16: ln16, out: b.up.ptr, n: N, buffers: b)
-            try device.swiglu(out: b.h.ptr, gate: b.gate.ptr, up: b.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
-            try linear(down, b.h.ptr, x16: b.h16?.ptr, out: b.x.ptr, n: N, buffers: b)
-            try device.add(b.x.ptr, b.mid.ptr, count: N * C)                      // x = mid + mlp
+        if saveForBackward { lastTokens = tokens }
+        try device.embedding(out: b.residuals[0].ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C)
+        for (l, L) in model.layers.enumerated() {
+            let a = b.layers[saveForBackward ? l : 0]
+            let xin = b.residuals[saveForBackward ? l : 0].ptr, xout = b.residuals[saveForBackward ? l + 1 : 0].ptr
+            try layerForward(L, a, xin: xin, xout: xout, b: b)
         }
-        try device.rmsnorm(out: b.final.ptr, rstd: b.rstd.ptr, inp: b.x.ptr, weight: tensor(model.finalNorm), n: N, c: C, eps: eps,
+        let last = b.residuals[saveForBackward ? model.layers.count : 0].ptr
+        try device.rmsnorm(out: b.final.ptr, rstd: b.finalRstd.ptr, inp: last, weight: tensor(model.finalNorm), n: N, c: C, eps: c.rmsNormEps,
                            out16: b.final16?.ptr ?? 0)
         try flushCalibration()
         return b.final.ptr
     }
 
+    /// One decoder layer: xout = mid + mlp(ln2(mid)), mid = xin + attention(ln1(xin)) (xout may be xin).
+    private func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: CUdeviceptr, xout: CUdeviceptr, b: Buffers) throws {
+        let c = config, C = c.hiddenSize, N = b.batch * b.seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim, eps = c.rmsNormEps
+        let ln16 = b.ln16?.ptr
+        try device.rmsnorm(out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
+        try linear(L.qProj, a.ln.ptr, x16: ln16, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)
+        try linear(L.kProj, a.ln.ptr, x16: ln16, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
+        try linear(L.vProj, a.ln.ptr, x16: ln16, out: a.vRaw.ptr, n: N, buffers: b)
+        if let qn = L.qNorm, let kn = L.kNorm {
+            try device.rmsnorm(out: a.q.ptr, rstd: a.qRstd.ptr, inp: a.qRaw.ptr, weight: tensor(qn), n: N * H, c: D, eps: eps)
+            try device.rmsnorm(out: a.kRope.ptr, rstd: a.kRstd.ptr, inp: a.kRaw.ptr, weight: tensor(kn), n: N * Hkv, c: D, eps: eps)
+        }
+        try device.rope(a.q.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: H, headDim: D)
+        try device.rope(a.kRope.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: Hkv, headDim: D)
+        a.kUsed = try quantize(L.kQuantizer, a.kRope.ptr, into: a.kq.ptr, rows: N * Hkv, cols: D) ? a.kq.ptr : a.kRope.ptr
+        a.vUsed = try quantize(L.vQuantizer, a.vRaw.ptr, into: a.vq.ptr, rows: N * Hkv, cols: D) ? a.vq.ptr : a.vRaw.ptr
+        try device.attention(out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
+                             kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
+        try linear(L.oProj, a.attn.ptr, out: a.mid.ptr, n: N, buffers: b)
+        try device.add(a.mid.ptr, xin, count: N * C)                      // mid = x + attn
+        try device.rmsnorm(out: a.ln2.ptr, rstd: a.rstd2.ptr, inp: a.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps,
+                           out16: ln16 ?? 0)
+        guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else { throw QATError.internal("layer \(L.index) has no MLP") }
+        try linear(gate, a.ln2.ptr, x16: ln16, out: a.gate.ptr, n: N, buffers: b)
+        try linear(up, a.ln2.ptr, x16: ln16, out: a.up.ptr, n: N, buffers: b)
+        try device.swiglu(out: a.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
+        try linear(down, a.h.ptr, x16: b.h16?.ptr, out: xout, n: N, buffers: b)
+        try device.add(xout, a.mid.ptr, count: N * C)                      // out = mid + mlp
+    }
+
     // MARK: Loss head
 
-    private var logitsChunk: DeviceBuffer?
-    private var rowLoss: DeviceBuffer?
-    private var targetsBuffer: DeviceBuffer?
+    var logitsChunk: DeviceBuffer?
+    var rowLoss: DeviceBuffer?
+    var targetsBuffer: DeviceBuffer?
 
     /// Rows of logits per lm_head chunk: about 256 MiB of fp32 logits at most.
     func chunkRows(_ n: Int) -> Int { max(1, min(n, (256 << 20) / (4 * config.vocabSize))) }

@@ -17,6 +17,7 @@ public enum KernelSources {
         ("attention", String(decoding: PackageResources.attention_cu, as: UTF8.self)),
         ("quant", String(decoding: PackageResources.quant_cu, as: UTF8.self)),
         ("loss", String(decoding: PackageResources.loss_cu, as: UTF8.self)),
+        ("optim", String(decoding: PackageResources.optim_cu, as: UTF8.self)),
     ]
 
     /// The kernels a file defines (`extern "C" __global__ void NAME(`).

@@ -108,21 +108,20 @@ public final class AdamW {
         for s in slots { s.grad.zero() }
     }
 
-    /// Per-step scalars of one group, rounded as ATen rounds them.
-    @usableFromInline
-    struct Coefficients {
-        var decay: Float        // 1 - lr*wd, or exactly 1 when wd == 0 (PyTorch skips the multiply; x*1 == x)
-        var lerpSmall: Bool     // |1 - beta1| < 0.5
-        var lerpWeight: Float   // 1 - beta1 (or its complement - 1 for the large branch)
-        var beta2: Float
-        var oneMinusBeta2: Float
-        var bc2Sqrt: Float
-        var eps: Float
-        var negStepSize: Float  // -lr / bc1
+    /// Per-step scalars of one group, rounded as ATen rounds them (a device optimizer applies
+    /// the same update with them: see `step(lrFactor:update:)`).
+    public struct Coefficients: Sendable {
+        public var decay: Float        // 1 - lr*wd, or exactly 1 when wd == 0 (PyTorch skips the multiply; x*1 == x)
+        public var lerpSmall: Bool     // |1 - beta1| < 0.5
+        public var lerpWeight: Float   // 1 - beta1 (or its complement - 1 for the large branch)
+        public var beta2: Float
+        public var oneMinusBeta2: Float
+        public var bc2Sqrt: Float
+        public var eps: Float
+        public var negStepSize: Float  // -lr / bc1
     }
 
-    @usableFromInline
-    static func coefficients(_ h: AdamWHyperparameters, lr: Double, step: Int) -> Coefficients {
+    public static func coefficients(_ h: AdamWHyperparameters, lr: Double, step: Int) -> Coefficients {
         let t = Double(step)
         let bc1 = 1 - pow(h.beta1, t)
         let bc2 = 1 - pow(h.beta2, t)
@@ -190,11 +189,7 @@ public final class AdamW {
     /// Sharded (ZeRO-1): this rank updates the slots it owns, then every parameter is
     /// broadcast from its owner; a failed broadcast aborts the job (as any failing rank does).
     public func step(lrFactor: Double = 1) {
-        stepCount += 1
-        let t = stepCount
-        for (i, s) in slots.enumerated() where partition?.owns(i) ?? true {
-            let h = groups[s.group].hyper
-            let c = AdamW.coefficients(h, lr: h.lr * lrFactor, step: t)
+        step(lrFactor: lrFactor) { _, s, c in
             let p = SendablePointer(s.value.data), g = SendablePointer(s.grad.data)
             let m = SendablePointer(s.m.data), v = SendablePointer(s.v.data)
             Parallel.forRange(s.value.count, costPerItem: 8) { start, end in
@@ -206,6 +201,18 @@ public final class AdamW {
                 FileHandle.standardError.write(Data("error (rank \(z.rank)): optimizer step: \((error as? QATError)?.message ?? "\(error)")\n".utf8))
                 z.comm.abort(code: 1)
             }
+        }
+    }
+
+    /// One step whose element-wise update `update` applies (a device optimizer holding the
+    /// parameters, gradients and moments): the step count advances and `update` gets every slot
+    /// this rank owns with its coefficients, exactly as `step(lrFactor:)` would use them.
+    public func step(lrFactor: Double, update: (_ index: Int, _ slot: Slot, _ coefficients: Coefficients) throws -> Void) rethrows {
+        stepCount += 1
+        let t = stepCount
+        for (i, s) in slots.enumerated() where partition?.owns(i) ?? true {
+            let h = groups[s.group].hyper
+            try update(i, s, AdamW.coefficients(h, lr: h.lr * lrFactor, step: t))
         }
     }
 

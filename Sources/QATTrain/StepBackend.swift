@@ -24,6 +24,34 @@ public protocol StepBackend: AnyObject {
     /// A checkpoint's tensors as one process would write them, on the rank that writes; nil
     /// on the others (which take part in the gathering).
     func gatherCheckpoint(_ state: CheckpointTensors) throws -> CheckpointTensors?
+
+    // A backend whose model lives in device memory (the GPU) overrides these; the defaults
+    // (below) are those of a model in host memory.
+    /// Zeroes the trainable gradients before a step (and after a skipped one).
+    func zeroGradients(_ optimizer: AdamW) throws
+    /// The optimizer step with the gradients as clipped; then the fake-quant weights are stale.
+    func optimizerStep(_ optimizer: AdamW, model: CausalLM, lrFactor: Double) throws
+    /// Makes the host model's parameters and the optimizer's moments current (before a
+    /// checkpoint is written and when training ends).
+    func synchronizeHost(_ optimizer: AdamW) throws
+    /// The host parameters, moments or quantizer amax were replaced (a resumed checkpoint).
+    func hostStateChanged(_ optimizer: AdamW, model: CausalLM) throws
+    /// Validation loss on the backend's device; nil: the trainer evaluates the host model.
+    func evaluate(stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?) throws -> EvalResult?
+    /// The device's peak memory in MiB since the run started (metrics.jsonl `gpu_peak_mb`); nil on the host.
+    var devicePeakMB: Double? { get }
+}
+
+extension StepBackend {
+    public func zeroGradients(_ optimizer: AdamW) throws { optimizer.zeroGrad() }
+    public func optimizerStep(_ optimizer: AdamW, model: CausalLM, lrFactor: Double) throws {
+        optimizer.step(lrFactor: lrFactor)
+        model.markWeightsChanged()
+    }
+    public func synchronizeHost(_ optimizer: AdamW) throws {}
+    public func hostStateChanged(_ optimizer: AdamW, model: CausalLM) throws { model.markWeightsChanged() }
+    public func evaluate(stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?) throws -> EvalResult? { nil }
+    public var devicePeakMB: Double? { nil }
 }
 
 /// What a training checkpoint holds besides trainer_state.json's counters.

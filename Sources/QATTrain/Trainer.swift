@@ -22,6 +22,8 @@ public struct StepMetrics: Sendable, Equatable {
     /// (distributed runs only).
     public var commBytes: Int? = nil
     public var commSeconds: Double? = nil
+    /// Peak GPU memory of the run so far (device training only).
+    public var gpuPeakMB: Double? = nil
 
     public var json: String {
         var o = JSONObject()
@@ -37,6 +39,7 @@ public struct StepMetrics: Sendable, Equatable {
         if skipped { o.set("skipped", .bool(true)) }
         if let commBytes { o.set("comm_mb", .double((Double(commBytes) / 1e5).rounded() / 10)) }
         if let commSeconds { o.set("comm_s", .double((commSeconds * 1e4).rounded() / 1e4)) }
+        if let gpuPeakMB { o.set("gpu_peak_mb", .double((gpuPeakMB * 10).rounded() / 10)) }
         return JSONValue.object(o).serialized(indent: nil)
     }
 }
@@ -217,7 +220,9 @@ open class Trainer {
     public var comm: Communicator { options.world }
 
     public func evaluate() throws -> EvalResult {
-        try Distributed.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
+        if let r = try backend.evaluate(stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
+                                        maxSequences: validationSequences) { return r }
+        return try Distributed.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
                                  maxSequences: validationSequences, pipeline: options.pipeline, world: comm)
     }
 
@@ -289,12 +294,14 @@ open class Trainer {
             var save = [comm.isRoot && (step != lastSaved || TrainingCheckpoint.latest(in: options.checkpointDir) == nil) ? 1.0 : 0]
             try comm.allReduceSum(&save)
             if save[0] != 0 { try saveCheckpoint() }
+            try backend.synchronizeHost(optimizer)
             log("interrupted at step \(step): checkpoint written; continue with --resume")
             return Result(steps: step, finalValidation: nil, interrupted: true, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
         }
         // The final state is checkpointed whenever checkpoints are on, so `qat export --checkpoint`
         // and a later --resume with more steps can start from it.
         if spec.saveEvery > 0 && step != lastSaved { try saveCheckpoint() }
+        try backend.synchronizeHost(optimizer)   // the export reads the host model
         let final = options.finalEvaluation ? try evaluate() : nil
         return Result(steps: step, finalValidation: final, interrupted: false, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
     }
@@ -302,7 +309,7 @@ open class Trainer {
     /// One optimizer step over grad_accum micro-batches. The loss is the sum over every valid
     /// token of the step divided once by their count.
     func trainStep() throws -> StepMetrics {
-        optimizer.zeroGrad()
+        try backend.zeroGradients(optimizer)
         let B = spec.batchSize, T = seqLen
         let batches = (0..<spec.gradAccum).map { _ -> MicroBatch in
             var tokens = loader.next()
@@ -323,11 +330,12 @@ open class Trainer {
         var record = StepMetrics(step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
                                  kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
                                  peakRSSMB: peakRSSMegabytes())
+        record.gpuPeakMB = backend.devicePeakMB
         let badTensor = parts.total.isFinite ? try backend.firstNonFiniteGradient(optimizer) : "loss"
         if let bad = badTensor {
             if spec.onNonFinite == "skip" {
                 log("step \(step + 1): non-finite \(bad == "loss" ? "loss" : "gradient of \(bad)"); batch skipped (on_nonfinite: skip)")
-                optimizer.zeroGrad()
+                try backend.zeroGradients(optimizer)
                 record.skipped = true
                 record.gradNorm = .nan
                 step += 1
@@ -336,8 +344,7 @@ open class Trainer {
             throw QATError("step \(step + 1): non-finite \(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set train.on_nonfinite: skip")
         }
         record.gradNorm = try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm)
-        optimizer.step(lrFactor: schedule.factor(step: optimizer.stepCount))
-        model.markWeightsChanged()
+        try backend.optimizerStep(optimizer, model: model, lrFactor: schedule.factor(step: optimizer.stepCount))
         step += 1
         return record
     }
@@ -351,6 +358,7 @@ open class Trainer {
     }
 
     public func saveCheckpoint() throws {
+        try backend.synchronizeHost(optimizer)
         if optimizer.partition != nil && options.pipeline == nil { return try saveShardedCheckpoint() }  // ZeRO-1: rank 0 gathers the moments
         var moments = optimizer.stateTensors()
         if optimizer.partition != nil {  // ZeRO-1 across pipelines: this stage's moments to pipeline 0
@@ -389,7 +397,7 @@ open class Trainer {
         try restoreExtraState(c.extra)
         try loader.seek(epoch: c.state.epoch, cursor: c.state.cursor)
         step = c.state.step
-        model.markWeightsChanged()
+        try backend.hostStateChanged(optimizer, model: model)
         try resetMetricsFile(keepingThrough: step)
     }
 

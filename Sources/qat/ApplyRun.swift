@@ -115,14 +115,18 @@ final class ApplyRun {
 
     func onGPU(_ m: CausalLM) throws -> CUDAModel? { try device?.copy(m) }
 
-    /// `device: cuda`: calibration, evaluation and verification run on the GPU; training runs on
-    /// the CPU only in this version.
+    /// `device: cuda`: every phase runs on the GPU (calibration, QAT/QAD training through
+    /// `CUDAStepBackend`, evaluation, verification); what this version trains on the CPU only is
+    /// refused here, before anything is loaded.
     func openDevice() throws {
         guard recipe.device.isCUDA else { return }
-        guard recipe.train.mode == .none else {
-            throw QATError.unsupported("device \(recipe.device): training (train.mode \(recipe.train.mode.rawValue)) runs on the CPU in this "
-                                       + "version; the GPU runs PTQ (calibration, evaluation, export and verification): use train.mode none "
-                                       + "or device: cpu")
+        if recipe.train.mode != .none {
+            let train = recipe.train
+            let cpuOnly: String? = world.isDistributed || pipeline != nil ? "multi-process training (mpirun, pipeline stages)"
+                : train.lora != nil ? "LoRA/QLoRA training" : train.distill.teacherLogprobs != nil ? "QAD from a top-k teacher cache" : nil
+            if let what = cpuOnly {
+                throw QATError.unsupported("device \(recipe.device): \(what) runs on the CPU only in this version: use device: cpu")
+            }
         }
         device = try DeviceRunner(recipe.device, precision: recipe.precision)
     }
@@ -210,6 +214,12 @@ final class ApplyRun {
         options.resume = resume; options.forceResume = forceResume; options.recipeHash = recipeHash; options.quiet = quiet
         options.pipeline = pipeline
         options.world = world
+        if let device, let gpuModel = try onGPU(model) {
+            options.backend = CUDAStepBackend(model: gpuModel) { teacher in
+                guard let copy = try device.copy(teacher) else { throw QATError.internal("no device copy of the teacher") }
+                return copy
+            }
+        }
         var spec = recipe.train
         if lora != nil && spec.trainableParams == nil && spec.frozenParams == nil { spec.trainableParams = LoRA.trainableGlobs }
         let set = quantizers ?? QuantizerSet(model: model, config: QuantConfig(entries: []))

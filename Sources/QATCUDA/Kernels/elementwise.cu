@@ -37,3 +37,73 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         out[i] = __fadd_rn(out[i], bias[i % cols]);
 }
+
+// ---- Backward ----
+
+// SwiGLU backward (SwiGLU.backward): with s = sigmoid(gate), dup = dh·gate·s and
+// dgate = dh·up·s·(1 + gate·(1 − s)).
+extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float x = gate[i], dh = dout[i];
+        float s = 1.0f / (1.0f + expf(-x));
+        dup[i] = __fmul_rn(__fmul_rn(dh, x), s);
+        dgate[i] = __fmul_rn(__fmul_rn(__fmul_rn(dh, up[i]), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
+    }
+}
+
+// Embedding backward without atomics: the rows of dout are grouped by token on the host
+// (`order`: positions sorted by token, then position; `starts[u]..starts[u+1]`: token ids[u]'s
+// positions), so each table row sums its positions in position order, as the CPU does.
+// Grid: one block per distinct token.
+extern "C" __global__ void embedding_backward(float *dtable, const float *dout, const int *order, const int *starts, const int *ids,
+                                              int u, int c) {
+    int b = blockIdx.x;
+    if (b >= u) return;
+    float *row = dtable + (long)ids[b] * c;
+    int s0 = starts[b], s1 = starts[b + 1];
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float acc = row[j];
+        for (int i = s0; i < s1; i++) acc = __fadd_rn(acc, dout[(long)order[i] * c + j]);
+        row[j] = acc;
+    }
+}
+
+// The clipped straight-through estimator (TensorQuantizer.backward): out (+)= g where
+// |x| <= amax, else 0 (accumulate != 0 adds). out may alias g when writing.
+extern "C" __global__ void ste_clip(float *out, const float *g, const float *x, float amax, long n, int accumulate) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = fabsf(x[i]) <= amax ? g[i] : 0.0f;
+        out[i] = accumulate ? __fadd_rn(out[i], v) : v;
+    }
+}
+
+// x *= s
+extern "C" __global__ void scale_inplace(float *x, float s, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = __fmul_rn(x[i], s);
+}
+
+// Column sums of a [n, c] matrix in two deterministic passes (no atomics): block (bx, by) sums
+// rows [by·rowsPerBlock, …) of columns bx·blockDim.x + threadIdx.x, of a (times b, times
+// rowScale[r], when given: a·(b·rowScale) as RMSNorm's weight gradient), into partials[by, col];
+// colsum_finish adds the partials to out in block order.
+extern "C" __global__ void colsum_partial(float *partials, const float *a, const float *b, const float *rowScale, int n, int c,
+                                          int rowsPerBlock) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= c) return;
+    int r0 = blockIdx.y * rowsPerBlock, r1 = min(n, r0 + rowsPerBlock);
+    float acc = 0;
+    for (int r = r0; r < r1; r++) {
+        float v = a[(long)r * c + col];
+        if (b) v = __fmul_rn(v, rowScale ? __fmul_rn(b[(long)r * c + col], rowScale[r]) : b[(long)r * c + col]);
+        acc = __fadd_rn(acc, v);
+    }
+    partials[(long)blockIdx.y * c + col] = acc;
+}
+
+extern "C" __global__ void colsum_finish(float *out, const float *partials, int blocks, int c) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= c) return;
+    float acc = out[col];
+    for (int b = 0; b < blocks; b++) acc = __fadd_rn(acc, partials[(long)b * c + col]);
+    out[col] = acc;
+}

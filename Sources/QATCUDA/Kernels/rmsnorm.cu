@@ -43,3 +43,24 @@ extern "C" __global__ void rmsnorm_forward_warp(float *out, float *rstd, const f
         if (j < c) o[j] = __fmul_rn(w[j], __fmul_rn(v[i], rs));
     }
 }
+
+// RMSNorm backward (RMSNorm.backward): per row, k = (Σ w·g·x)·rs²/c and dx = rs·(w·g − x·k),
+// written to dinp or added to it (accumulate != 0); dinp may alias dout only when writing. One
+// block per row (a multiple of 32 threads). The weight gradient Σ_rows g·(x·rs) is a column
+// sum (colsum_partial with rowScale = rstd).
+extern "C" __global__ void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *w, const float *rstd,
+                                            int n, int c, int accumulate) {
+    long row = blockIdx.x;
+    if (row >= n) return;
+    const float *x = inp + row * c, *g = dout + row * c;
+    float *d = dinp + row * c;
+    double s = 0;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += (double)__fmul_rn(__fmul_rn(w[j], g[j]), x[j]);
+    s = block_sum_d(s);   // (synchronises: every read of g precedes the writes below)
+    float rs = rstd[row];
+    float k = __fdiv_rn(__fmul_rn(__fmul_rn((float)s, rs), rs), (float)c);
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float v = __fmul_rn(rs, __fsub_rn(__fmul_rn(w[j], g[j]), __fmul_rn(x[j], k)));
+        d[j] = accumulate ? __fadd_rn(d[j], v) : v;
+    }
+}

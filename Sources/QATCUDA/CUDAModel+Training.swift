@@ -1,0 +1,278 @@
+import CCUDA
+import Foundation
+import QATCore
+import QATModels
+import QATQuant
+
+/// Training on the GPU: the backward of every layer (the order of `CausalLM.backward`), the
+/// fused chunked loss heads, and the gradients of the trainable parameters in one device arena.
+/// The optimizer's device state lives in `CUDAOptimizer`.
+extension CUDAModel {
+    /// Device gradients of the trainable parameters (host `Parameter.grad != nil`), one arena.
+    final class Gradients {
+        let arena: DeviceBuffer
+        let offsets: [ObjectIdentifier: (offset: Int, count: Int)]
+        init(_ d: CUDADevice, parameters: [Parameter]) throws {
+            var offsets: [ObjectIdentifier: (Int, Int)] = [:]
+            var total = 0
+            for p in parameters where p.grad != nil && offsets[ObjectIdentifier(p)] == nil {
+                offsets[ObjectIdentifier(p)] = (total, p.count)
+                total += (p.count + 63) / 64 * 64   // 256-byte aligned slices
+            }
+            arena = try DeviceBuffer(d, floats: max(total, 1))
+            try arena.zero()
+            self.offsets = offsets
+        }
+        func pointer(_ p: Parameter) -> CUdeviceptr? {
+            offsets[ObjectIdentifier(p)].map { arena.ptr + CUdeviceptr($0.offset * 4) }
+        }
+    }
+
+    /// Backward scratch of one batch shape.
+    final class BackwardBuffers {
+        let dres, dln, dh, dgate, dup, dattn, dq, dqRaw, dk, dkRaw, dv, delta, dHidden, dy16, tmp: DeviceBuffer
+        init(_ d: CUDADevice, b: Buffers, c: ModelConfig) throws {
+            let n = b.batch * b.seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
+            dres = try DeviceBuffer(d, floats: n * C); dln = try DeviceBuffer(d, floats: n * C)
+            dh = try DeviceBuffer(d, floats: n * I); dgate = try DeviceBuffer(d, floats: n * I); dup = try DeviceBuffer(d, floats: n * I)
+            dattn = try DeviceBuffer(d, floats: n * qd); dq = try DeviceBuffer(d, floats: n * qd); dqRaw = try DeviceBuffer(d, floats: n * qd)
+            dk = try DeviceBuffer(d, floats: n * kd); dkRaw = try DeviceBuffer(d, floats: n * kd); dv = try DeviceBuffer(d, floats: n * kd)
+            delta = try DeviceBuffer(d, floats: b.batch * c.numHeads * b.seqLen)
+            dHidden = try DeviceBuffer(d, floats: n * C)
+            dy16 = try DeviceBuffer(d, bytes: n * b.widest * 2)
+            tmp = try DeviceBuffer(d, floats: n * b.widest)
+        }
+    }
+
+    /// The device gradient of `p`, nil when it is frozen.
+    func gradient(_ p: Parameter) -> CUdeviceptr? { training?.gradients.pointer(p) }
+
+    /// A scratch buffer of at least `bytes`, kept by name and grown on demand.
+    func scratch(_ key: String, bytes: Int) throws -> CUdeviceptr {
+        if let s = scratchBuffers[key], s.bytes >= bytes { return s.ptr }
+        scratchBuffers[key] = nil
+        let s = try DeviceBuffer(device, bytes: max(bytes, 256))
+        scratchBuffers[key] = s
+        return s.ptr
+    }
+
+    /// Allocates the gradient arena for the parameters the host marks trainable (once).
+    public func prepareTraining() throws {
+        if training == nil { training = TrainingState(gradients: try Gradients(device, parameters: model.parameters)) }
+    }
+
+    public func zeroGradients() throws { if let t = training { try t.gradients.arena.zero() } }
+
+    /// The trainable parameters' device gradients, by name (host parameter order).
+    var gradientList: [(name: String, ptr: CUdeviceptr, count: Int)] {
+        guard let t = training else { return [] }
+        var seen = Set<ObjectIdentifier>()
+        return model.parameters.compactMap { p in
+            guard seen.insert(ObjectIdentifier(p)).inserted, let g = t.gradients.pointer(p) else { return nil }
+            return (p.name, g, p.count)
+        }
+    }
+
+    private func backwardBuffers(_ b: Buffers) throws -> BackwardBuffers {
+        guard let t = training else { throw QATError.internal("backward before prepareTraining") }
+        if let g = t.backward, g.dres.bytes == b.batch * b.seqLen * config.hiddenSize * 4 { return g }
+        t.backward = nil
+        let g = try BackwardBuffers(device, b: b, c: config)
+        t.backward = g
+        return g
+    }
+
+    // MARK: Linear backward
+
+    /// Writes x through the input quantizer (as the forward multiplied it) to `out32`
+    /// (fp32 precision) or its bf16 copy to `out16`; returns the pointer to multiply.
+    private func quantizedInput(_ l: Linear, _ x: CUdeviceptr, n: Int, b: Buffers) throws -> CUdeviceptr {
+        let count = n * l.inFeatures
+        if precision == .bf16 {
+            if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
+                try device.nvfp4FakeQuant(x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
+                                          exportMode: q.nvfp4Mode == .export)
+            } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
+                try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: count)
+            } else {
+                try device.toBF16(out: b.b16.ptr, x, count: count)
+            }
+            return b.b16.ptr
+        }
+        return try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) ? b.qin.ptr : x
+    }
+
+    /// The clipped STE's amax of a quantizer, nil when its backward passes gradients through.
+    private func clipAmax(_ hook: FakeQuantHook?) -> Float? {
+        guard let q = hook as? TensorQuantizer, q.enabled, !q.isCalibrating, q.ste == .clipped, let a = q.amax, q.isQuantizing else { return nil }
+        return a
+    }
+
+    /// dx (+)= dy·W (through the input STE); dW += dyᵀ·x_used (through the weight STE);
+    /// db += Σ dy (`Linear.backward`). `x` is the Linear's original input [n, in], dy [n, out].
+    func linearBackward(_ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, n: Int, dx: CUdeviceptr?, accumulateDx: Bool, b: Buffers,
+                        g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, tmp tmpBuffer: CUdeviceptr? = nil) throws {
+        guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
+        if dl.stale { try prepare(dl) }
+        let bf = precision == .bf16, out = l.outFeatures, inp = l.inFeatures
+        var dyIn = dy
+        if bf {
+            let d16 = dy16Buffer ?? g.dy16.ptr
+            try device.toBF16(out: d16, dy, count: n * out)
+            dyIn = d16
+        }
+        if let gw = gradient(l.weight) {
+            let xu = try quantizedInput(l, x, n: n, b: b)
+            if let a = clipAmax(l.weightQuantizer) {
+                let t = try scratch("weight-ste", bytes: out * inp * 4)
+                try device.gemm(transA: true, m: out, n: inp, k: n, a: dyIn, lda: out, b: xu, ldb: inp, c: t, ldc: inp, bf16: bf)
+                try device.steClip(out: gw, grad: t, x: dl.weight.ptr, amax: a, count: out * inp, accumulate: true)
+            } else {
+                try device.gemm(transA: true, m: out, n: inp, k: n, a: dyIn, lda: out, b: xu, ldb: inp, c: gw, ldc: inp, beta: 1, bf16: bf)
+            }
+        }
+        if let bias = l.bias, let gb = gradient(bias) {
+            try device.columnSum(out: gb, a: dy, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
+        }
+        guard let dx else { return }
+        let w = bf ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
+        if let a = clipAmax(l.inputQuantizer) {
+            let t = tmpBuffer ?? g.tmp.ptr
+            try device.gemm(m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: t, ldc: inp, bf16: bf)
+            try device.steClip(out: dx, grad: t, x: x, amax: a, count: n * inp, accumulate: accumulateDx)
+        } else {
+            try device.gemm(m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: dx, ldc: inp, beta: accumulateDx ? 1 : 0, bf16: bf)
+        }
+    }
+
+    /// RMSNorm backward with its weight gradient (when trainable).
+    private func rmsnormBackward(_ weight: Parameter, dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, rstd: CUdeviceptr,
+                                 n: Int, c: Int, accumulate: Bool) throws {
+        if let gw = gradient(weight) {
+            try device.columnSum(out: gw, a: dout, b: inp, rowScale: rstd, n: n, c: c,
+                                 scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: c) * 4))
+        }
+        try device.rmsnormBackward(dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate)
+    }
+
+    // MARK: Backward
+
+    /// d loss / d final hidden (`dHidden` [B·T, C], e.g. the loss head's) → every trainable
+    /// parameter's device gradient accumulated. Needs a forward with saveForBackward.
+    public func backward(dHidden: CUdeviceptr) throws {
+        guard let b = buffers, b.training else { throw QATError.internal("backward needs a forward with saveForBackward") }
+        let g = try backwardBuffers(b)
+        let c = config, C = c.hiddenSize, N = b.batch * b.seqLen
+        try rmsnormBackward(model.finalNorm, dinp: g.dres.ptr, dout: dHidden, inp: b.residuals[model.layers.count].ptr,
+                            rstd: b.finalRstd.ptr, n: N, c: C, accumulate: false)
+        for l in stride(from: model.layers.count - 1, through: 0, by: -1) {
+            try layerBackward(model.layers[l], b.layers[l], xin: b.residuals[l].ptr, b: b, g: g)
+        }
+        if let de = gradient(model.embed) {
+            let groups = try EmbeddingGroups(device, tokens: lastTokens)
+            try device.embeddingBackward(dtable: de, dout: g.dres.ptr, groups: groups, c: C)
+        }
+    }
+
+    private func layerBackward(_ L: DecoderLayer, _ a: LayerActivations, xin: CUdeviceptr, b: Buffers, g: BackwardBuffers) throws {
+        let c = config, C = c.hiddenSize, N = b.batch * b.seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
+        guard let gp = L.gateProj, let up = L.upProj, let dp = L.downProj else { throw QATError.internal("layer \(L.index) has no MLP") }
+        let dres = g.dres.ptr
+        // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
+        try linearBackward(dp, dy: dres, x: a.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g)
+        try device.swigluBackward(dgate: g.dgate.ptr, dup: g.dup.ptr, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize)
+        try linearBackward(gp, dy: g.dgate.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g)
+        try linearBackward(up, dy: g.dup.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g)
+        try rmsnormBackward(L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true)
+        // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
+        try linearBackward(L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g)
+        try device.attentionBackward(dq: g.dq.ptr, dk: g.dk.ptr, dv: g.dv.ptr, dout: g.dattn.ptr, out: a.attn.ptr, lse: a.lse.ptr,
+                                     q: a.q.ptr, k: a.kUsed, v: a.vUsed, delta: g.delta.ptr, batch: b.batch, seqLen: b.seqLen, heads: H,
+                                     kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
+        if a.kUsed != a.kRope.ptr, let amax = clipAmax(L.kQuantizer) {
+            try device.steClip(out: g.dk.ptr, grad: g.dk.ptr, x: a.kRope.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
+        }
+        if a.vUsed != a.vRaw.ptr, let amax = clipAmax(L.vQuantizer) {
+            try device.steClip(out: g.dv.ptr, grad: g.dv.ptr, x: a.vRaw.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
+        }
+        try device.rope(g.dq.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: H, headDim: D, sign: -1)
+        try device.rope(g.dk.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: Hkv, headDim: D, sign: -1)
+        var dqIn = g.dq.ptr, dkIn = g.dk.ptr
+        if let qn = L.qNorm, let kn = L.kNorm {
+            try rmsnormBackward(qn, dinp: g.dqRaw.ptr, dout: g.dq.ptr, inp: a.qRaw.ptr, rstd: a.qRstd.ptr, n: N * H, c: D, accumulate: false)
+            try rmsnormBackward(kn, dinp: g.dkRaw.ptr, dout: g.dk.ptr, inp: a.kRaw.ptr, rstd: a.kRstd.ptr, n: N * Hkv, c: D, accumulate: false)
+            dqIn = g.dqRaw.ptr; dkIn = g.dkRaw.ptr
+        }
+        try linearBackward(L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g)
+        try linearBackward(L.kProj, dy: dkIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g)
+        try linearBackward(L.vProj, dy: g.dv.ptr, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g)
+        try rmsnormBackward(L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true)
+    }
+
+    // MARK: Loss heads
+
+    /// What the fused loss head computes per chunk of logits.
+    public enum LossHead {
+        /// Cross-entropy (QAT).
+        case crossEntropy
+        /// Distillation against `teacher`'s final hidden states [n, C_t] (already computed):
+        /// kind 0 forward KL, 1 reverse KL, 2 JSD(beta) (`kd_rows`).
+        case distillation(teacher: CUDAModel, hidden: CUdeviceptr, kind: Int, beta: Float, temperature: Double, kdRatio: Double)
+    }
+
+    /// The fused chunked lm_head loss over this model's last training forward: returns (Σ CE,
+    /// Σ T²·KD) over the valid rows, writes d(Σ loss · gradScale)/d hidden into the backward
+    /// buffers' dHidden (pass it to `backward`) and accumulates the lm_head gradient. No [n × V]
+    /// logits are held.
+    public func lossBackward(_ head: LossHead, targets: [Int32], gradScale: Float) throws -> (ce: Double, kd: Double, dHidden: CUdeviceptr) {
+        guard let b = buffers, b.training else { throw QATError.internal("loss before a training forward") }
+        let g = try backwardBuffers(b)
+        let n = b.batch * b.seqLen, V = config.vocabSize, C = config.hiddenSize, rows = chunkRows(n)
+        guard targets.count == n else { throw QATError("loss: \(targets.count) targets for \(n) rows") }
+        let logits = try scratch("logits", bytes: rows * V * 4)
+        let dy16 = precision == .bf16 ? try scratch("logits-bf16", bytes: rows * V * 2) : nil
+        let rowOut = try scratch("row-out", bytes: rows * 16)
+        let targetBuffer = try scratch("targets", bytes: n * 4)
+        try targets.withUnsafeBytes { try device.check(device.api.cuMemcpyHtoD(targetBuffer, $0.baseAddress!, n * 4), "cuMemcpyHtoD") }
+        var ce = 0.0, kd = 0.0
+        var start = 0
+        while start < n {
+            let r = min(rows, n - start)
+            let h = b.final.ptr + CUdeviceptr(start * C * 4), h16 = b.final16.map { $0.ptr + CUdeviceptr(start * C * 2) }
+            try linear(model.lmHead, h, x16: h16, out: logits, n: r, buffers: b)
+            let t = targetBuffer + CUdeviceptr(start * 4)
+            switch head {
+            case .crossEntropy:
+                try device.crossEntropyBackward(rowLoss: rowOut, logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale)
+                var losses = [Float](repeating: 0, count: r)
+                try losses.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 4), "cuMemcpyDtoH") }
+                for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex { ce += Double(losses[i]) }
+            case .distillation(let teacher, let teacherHidden, let kind, let beta, let T, let kdRatio):
+                let Vt = teacher.config.vocabSize, Ct = teacher.config.hiddenSize
+                let tl = try scratch("teacher-logits", bytes: rows * Vt * 4)
+                guard let tb = teacher.buffers else { throw QATError.internal("teacher forward missing") }
+                let th16 = teacherHidden == tb.final.ptr ? tb.final16.map { $0.ptr + CUdeviceptr(start * Ct * 2) } : nil
+                try teacher.linear(teacher.model.lmHead, teacherHidden + CUdeviceptr(start * Ct * 4), x16: th16, out: tl, n: r, buffers: tb)
+                try device.distillationRows(rowOut: rowOut, student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r, vocab: V,
+                                            kind: kind, beta: beta, invT: Float(1 / T), cKD: Float(kdRatio * Double(gradScale) * T),
+                                            cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1)
+                var out = [Double](repeating: 0, count: 2 * r)
+                try out.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 16), "cuMemcpyDtoH") }
+                for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex {
+                    ce += out[2 * i]; kd += T * T * out[2 * i + 1]
+                }
+            }
+            try linearBackward(model.lmHead, dy: logits, x: h, n: r, dx: g.dHidden.ptr + CUdeviceptr(start * C * 4), accumulateDx: false,
+                               b: b, g: g, dy16: dy16, tmp: try scratch("lm-head-dx", bytes: r * C * 4))
+            start += r
+        }
+        return (ce, kd, g.dHidden.ptr)
+    }
+}
+
+/// The training state of a `CUDAModel` (gradients and backward scratch).
+final class TrainingState {
+    let gradients: CUDAModel.Gradients
+    var backward: CUDAModel.BackwardBuffers?
+    init(gradients: CUDAModel.Gradients) { self.gradients = gradients }
+}

@@ -1,0 +1,185 @@
+import CCUDA
+import Foundation
+import QATCore
+import QATModels
+import QATQuant
+import QATTrain
+
+/// Training steps on one GPU behind the trainer's `StepBackend` seam: forward, the fused loss
+/// head and backward on the device, gradients and the AdamW state (fp32 moments) in device
+/// memory, the update by the same element-wise arithmetic as the CPU's `AdamW`.
+///
+/// The host `CausalLM` and `AdamW` stay the record of the run: `synchronizeHost` copies the
+/// device parameters and moments into them before a checkpoint is written and when training
+/// ends, and `hostStateChanged` uploads them after a resume, so checkpoints keep one format
+/// (a GPU run resumes on the CPU and the other way round).
+public final class CUDAStepBackend: StepBackend {
+    public let model: CUDAModel
+    /// The device copy of a QAD teacher (made on first use).
+    let teacherCopy: (CausalLM) throws -> CUDAModel
+    public let dataParallel: Communicator = SingleProcessCommunicator()
+    private var moments: DeviceBuffer?
+    private var momentOffsets: [Int] = []
+    private var squares: [Double]?   // per-gradient Σ g² of the current step (before clipping)
+
+    public init(model: CUDAModel, teacherCopy: @escaping (CausalLM) throws -> CUDAModel) {
+        self.model = model
+        self.teacherCopy = teacherCopy
+    }
+
+    public func globalValidCount(_ local: Int) throws -> Int { local }
+
+    public func forwardBackward(batches: [MicroBatch], loss: TrainingLoss, gradScale: Float, optimizer: AdamW) throws -> LossParts {
+        try model.prepareTraining()
+        squares = nil
+        var parts = LossParts()
+        for batch in batches {
+            _ = try model.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen, saveForBackward: true)
+            let valid = batch.targets.filter { $0 != CrossEntropy.ignoreIndex }.count
+            let r: (ce: Double, kd: Double, dHidden: CUdeviceptr)
+            switch loss {
+            case is CrossEntropyLoss:
+                r = try model.lossBackward(.crossEntropy, targets: batch.targets, gradScale: gradScale)
+                parts += LossParts(total: r.ce, ce: r.ce, kd: 0, valid: valid)
+            case let d as DistillationLoss:
+                guard d.teacherVocab == d.studentVocab else {
+                    throw QATError.unsupported("a teacher vocabulary larger than the student's (mask_extra_vocab) is not supported on the GPU in this version: use device: cpu")
+                }
+                let teacher = try teacherCopy(d.teacher)
+                let th = try teacher.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen)
+                let k = d.constants
+                let (kind, beta): (Int, Float)
+                switch k.divergence {
+                case .forwardKL: (kind, beta) = (0, 0)
+                case .reverseKL: (kind, beta) = (1, 1)
+                case .jsd(let b): (kind, beta) = (2, Float(b))
+                }
+                r = try model.lossBackward(.distillation(teacher: teacher, hidden: th, kind: kind, beta: beta, temperature: k.temperature,
+                                                         kdRatio: k.kdRatio), targets: batch.targets, gradScale: gradScale)
+                parts += LossParts(total: (1 - k.kdRatio) * r.ce + k.kdRatio * r.kd, ce: r.ce, kd: r.kd, valid: valid)
+            default:
+                throw QATError.unsupported("\(loss.description) runs on the CPU only in this version (the GPU trains with cross-entropy and live-teacher distillation): use device: cpu")
+            }
+            try model.backward(dHidden: r.dHidden)
+        }
+        return parts
+    }
+
+    /// Σ g² of every trainable gradient (one reduction per step, shared by the non-finite check
+    /// and the norm).
+    private func gradientSquares() throws -> [Double] {
+        if let s = squares { return s }
+        let list = model.gradientList
+        let counts = list.map { CUDADevice.sumOfSquaresBlocks($0.count) }
+        let partials = try model.scratch("sumsq", bytes: max(1, counts.reduce(0, +)) * 8)
+        var offset = 0
+        for (g, c) in zip(list, counts) {
+            try model.device.sumOfSquaresPartials(g.ptr, count: g.count, partials: partials + CUdeviceptr(offset * 8))
+            offset += c
+        }
+        var host = [Double](repeating: 0, count: offset)
+        try host.withUnsafeMutableBytes { try model.device.check(model.device.api.cuMemcpyDtoH($0.baseAddress!, partials, offset * 8), "cuMemcpyDtoH") }
+        var result: [Double] = []
+        offset = 0
+        for c in counts {
+            var s = 0.0
+            for i in offset..<(offset + c) { s += host[i] }
+            result.append(s)
+            offset += c
+        }
+        squares = result
+        return result
+    }
+
+    public func firstNonFiniteGradient(_ optimizer: AdamW) throws -> String? {
+        let s = try gradientSquares()
+        return zip(model.gradientList, s).first { !$0.1.isFinite }?.0.name
+    }
+
+    public func clipGradients(_ optimizer: AdamW, maxNorm: Double?) throws -> Double {
+        let norm = try gradientSquares().reduce(0, +).squareRoot()
+        if let maxNorm, norm.isFinite {
+            let coef = maxNorm / (norm + 1e-6)
+            if coef < 1 { for g in model.gradientList { try model.device.scale(g.ptr, by: Float(coef), count: g.count) } }
+        }
+        return norm
+    }
+
+    public func zeroGradients(_ optimizer: AdamW) throws {
+        try model.prepareTraining()
+        try model.zeroGradients()
+        squares = nil
+    }
+
+    /// The device moments, laid out in slot order (allocated and uploaded from the host on first use).
+    private func deviceMoments(_ optimizer: AdamW) throws -> DeviceBuffer {
+        if let m = moments { return m }
+        var offsets: [Int] = [], total = 0
+        for s in optimizer.slots { offsets.append(total); total += (s.value.count + 63) / 64 * 64 }
+        let m = try DeviceBuffer(model.device, floats: max(1, 2 * total))
+        moments = m
+        momentOffsets = offsets + [total]
+        try uploadMoments(optimizer)
+        return m
+    }
+
+    private func momentPointers(_ i: Int) -> (m: CUdeviceptr, v: CUdeviceptr) {
+        let total = momentOffsets.last!, base = moments!.ptr
+        return (base + CUdeviceptr(momentOffsets[i] * 4), base + CUdeviceptr((total + momentOffsets[i]) * 4))
+    }
+
+    private func uploadMoments(_ optimizer: AdamW) throws {
+        guard moments != nil else { return }
+        for (i, s) in optimizer.slots.enumerated() where s.m.count == s.value.count {
+            let (m, v) = momentPointers(i)
+            try model.device.check(model.device.api.cuMemcpyHtoD(m, s.m.data, s.m.count * 4), "cuMemcpyHtoD")
+            try model.device.check(model.device.api.cuMemcpyHtoD(v, s.v.data, s.v.count * 4), "cuMemcpyHtoD")
+        }
+    }
+
+    public func optimizerStep(_ optimizer: AdamW, model host: CausalLM, lrFactor: Double) throws {
+        _ = try deviceMoments(optimizer)
+        let byName = Dictionary(model.model.parameters.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        try optimizer.step(lrFactor: lrFactor) { i, slot, c in
+            guard let p = byName[slot.name], let g = model.gradient(p) else {
+                throw QATError.internal("optimizer slot \(slot.name) has no device gradient")
+            }
+            let (m, v) = momentPointers(i)
+            try model.device.adamw(p: model.tensor(p), g: g, m: m, v: v, count: p.count, decay: c.decay, lerpSmall: c.lerpSmall,
+                                   lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
+                                   negStepSize: c.negStepSize)
+        }
+        model.markWeightsChanged()
+    }
+
+    public func synchronizeHost(_ optimizer: AdamW) throws {
+        var seen = Set<ObjectIdentifier>()
+        for p in model.model.parameters where seen.insert(ObjectIdentifier(p)).inserted {
+            try model.device.check(model.device.api.cuMemcpyDtoH(p.value.data, model.tensor(p), p.count * 4), "cuMemcpyDtoH(\(p.name))")
+        }
+        guard moments != nil else { return }
+        for (i, s) in optimizer.slots.enumerated() where s.m.count == s.value.count {
+            let (m, v) = momentPointers(i)
+            try model.device.check(model.device.api.cuMemcpyDtoH(s.m.data, m, s.m.count * 4), "cuMemcpyDtoH")
+            try model.device.check(model.device.api.cuMemcpyDtoH(s.v.data, v, s.v.count * 4), "cuMemcpyDtoH")
+        }
+    }
+
+    public func hostStateChanged(_ optimizer: AdamW, model host: CausalLM) throws {
+        var seen = Set<ObjectIdentifier>()
+        for p in model.model.parameters where seen.insert(ObjectIdentifier(p)).inserted {
+            try model.device.check(model.device.api.cuMemcpyHtoD(model.tensor(p), p.value.data, p.count * 4), "cuMemcpyHtoD(\(p.name))")
+        }
+        try uploadMoments(optimizer)
+        host.markWeightsChanged()
+        model.markWeightsChanged()
+    }
+
+    public func evaluate(stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?) throws -> EvalResult? {
+        try model.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences)
+    }
+
+    public var devicePeakMB: Double? { Double(model.device.peakBytes) / 1_048_576 }
+
+    public func gatherCheckpoint(_ state: CheckpointTensors) throws -> CheckpointTensors? { state }
+}

@@ -38,6 +38,7 @@ public struct CUDASelftest {
     public mutating func run() throws -> Bool {
         try kernels()
         try models()
+        try training()
         return checks.allSatisfy(\.passed)
     }
 

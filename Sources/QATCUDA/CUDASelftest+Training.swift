@@ -1,0 +1,130 @@
+import CCUDA
+import Foundation
+import QATCore
+import QATModels
+import QATQuant
+import QATTrain
+
+/// `qat selftest --device cuda`, training half: whole-model gradients of the fused loss heads
+/// (cross-entropy and the three divergences) and the AdamW update on the GPU against the CPU.
+extension CUDASelftest {
+    mutating func training() throws {
+        let (batch, seqLen) = (2, 40)
+        for (index, (name, config)) in Self.modelConfigs.enumerated() {
+            let model = try Self.selftestModel(config)
+            var g = SplitMix64(seed: 21)
+            let tokens = (0..<(batch * seqLen)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
+            var targets = CrossEntropy.shiftedTargets(labels: tokens, batch: batch, seqLen: seqLen)
+            targets[3] = CrossEntropy.ignoreIndex
+            // Plain, then (on two shapes) NVFP4 W4A4 + FP8 KV with the clipped STE everywhere.
+            for quantized in index < 2 ? [false, true] : [false] {
+                if quantized {
+                    let set = QuantizerSet(model: model, config: try QuantConfig.preset("nvfp4_default-kv_fp8"), ste: .clipped)
+                    try Calibration.run(model: model, quantizers: set, sequences: [tokens], seqLen: seqLen * batch, batchSize: 1)
+                }
+                let label = "\(name)\(quantized ? " NVFP4+FP8 KV, clipped STE" : "")"
+                try gradientCheck(label, model: model, tokens: tokens, targets: targets, batch: batch, seqLen: seqLen, loss: nil,
+                                  quantized: quantized)
+            }
+        }
+        // Distillation: each divergence, T = 2, kd_ratio 0.5 (CE and KD both), on the tiny-qwen3 shape.
+        let config = Self.modelConfigs[1].1
+        let student = try Self.selftestModel(config), teacher = try CausalLM(config: config, seed: 31, std: 0.08)
+        var g = SplitMix64(seed: 22)
+        let tokens = (0..<(batch * seqLen)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
+        let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: batch, seqLen: seqLen)
+        for (loss, beta) in [(Recipe.KDLoss.forwardKL, 0.5), (.reverseKL, 0.5), (.jsd, 0.3)] {
+            var spec = Recipe.DistillSpec()
+            spec.loss = loss; spec.beta = beta; spec.temperature = 2; spec.kdRatio = 0.5
+            let kd = try DistillationLoss(teacher: teacher, studentVocab: config.vocabSize, spec: spec)
+            try gradientCheck("tiny-qwen3 QAD \(loss.rawValue)", model: student, tokens: tokens, targets: targets, batch: batch, seqLen: seqLen,
+                              loss: kd)
+        }
+        try adamwCheck()
+    }
+
+    static func selftestModel(_ config: ModelConfig) throws -> CausalLM {
+        let model = try CausalLM(config: config, seed: 11, std: 0.08)
+        for p in model.parameters where p.name.hasSuffix(".bias") {   // random biases, not zeros
+            let r = random(p.value.count, seed: 12, scale: 0.1)
+            for i in 0..<r.count { p.value[i] = r[i] }
+        }
+        return model
+    }
+
+    /// One micro-batch's loss and every parameter gradient, CPU against GPU (fp32 and bf16).
+    private mutating func gradientCheck(_ label: String, model: CausalLM, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
+                                        loss kd: DistillationLoss?, quantized: Bool = false) throws {
+        let n = batch * seqLen, C = model.config.hiddenSize
+        let valid = targets.filter { $0 != CrossEntropy.ignoreIndex }.count, scale = 1 / Float(valid)
+        for p in model.parameters { p.setRequiresGrad(true); p.grad!.zero() }
+        model.markWeightsChanged()
+        let hidden = try model.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
+        let dHidden = Tensor(shape: [n, C])
+        let micro = MicroBatch(tokens: tokens, targets: targets, batch: batch, seqLen: seqLen)
+        let loss: TrainingLoss = kd ?? CrossEntropyLoss(vocab: model.config.vocabSize)
+        let cpu = try loss.run(model: model, hidden: hidden, batch: micro, gradScale: scale, dHidden: dHidden.data)
+        try model.backward(dHidden: dHidden.data)
+        let cpuGrads = model.parameters.map { Array(UnsafeBufferPointer(start: $0.grad!.data, count: $0.count)) }
+        for precision in Precision.allCases {
+            let gm = try CUDAModel(model: model, device: device, precision: precision)
+            try gm.prepareTraining()
+            try gm.zeroGradients()
+            _ = try gm.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
+            let head: CUDAModel.LossHead
+            if let kd {
+                let teacher = try CUDAModel(model: kd.teacher, device: device, precision: precision)
+                let th = try teacher.forward(tokens: tokens, batch: batch, seqLen: seqLen)
+                let k = kd.constants
+                let kind = k.divergence == .forwardKL ? 0 : (k.divergence == .reverseKL ? 1 : 2)
+                let beta: Float = { if case .jsd(let b) = k.divergence { return Float(b) }; return 0 }()
+                head = .distillation(teacher: teacher, hidden: th, kind: kind, beta: beta, temperature: k.temperature, kdRatio: k.kdRatio)
+            } else {
+                head = .crossEntropy
+            }
+            let r = try gm.lossBackward(head, targets: targets, gradScale: scale)
+            try gm.backward(dHidden: r.dHidden)
+            let tag = precision == .fp32 ? "fp32" : "bf16"
+            let lossError = abs(r.ce - cpu.ce) / Double(valid) + abs(r.kd - cpu.kd) / Double(valid)
+            // NVFP4: a last-bit difference upstream can move an element to the next E2M1 code.
+            add("train \(label): loss \(tag)", lossError, precision == .fp32 && !quantized ? 1e-5 : 2e-2, "|Δ| mean")
+            var worst = 0.0, worstName = ""
+            for (p, cg) in zip(model.parameters, cpuGrads) {
+                guard let ptr = gm.gradient(p) else { continue }
+                var dg = [Float](repeating: 0, count: p.count)
+                try dg.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH") }
+                let m = Double(cg.map { abs($0) }.max() ?? 0)
+                let e = Self.maxAbsDiff(cg, dg) / max(m, 1e-12)
+                if e > worst || e.isNaN { worst = e; worstName = p.name }
+                if e.isNaN { break }
+            }
+            add("train \(label): gradients \(tag) (worst \(worstName.isEmpty ? "-" : worstName))", worst,
+                precision == .fp32 ? (quantized ? 5e-2 : 2e-3) : 1e-1, "max |Δ|/max")
+        }
+        for p in model.parameters { p.setRequiresGrad(false) }
+    }
+
+    /// Two AdamW steps on the device against the CPU optimizer, bit for bit.
+    private mutating func adamwCheck() throws {
+        let count = 5000
+        let value = Tensor(shape: [count], values: Self.random(count, seed: 41)), grad = Tensor(shape: [count])
+        let cfg = OptimizerConfig(defaults: AdamWHyperparameters(lr: 1e-3, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8),
+                                  selection: try ParameterSelection(trainable: nil, frozen: nil), lrConfig: nil)
+        let opt = try AdamW(parameters: [("w.weight", value, grad)], config: cfg)
+        let p = try gpu(Self.random(count, seed: 41)), gd = try DeviceBuffer(device, floats: count)
+        let m = try DeviceBuffer(device, floats: count), v = try DeviceBuffer(device, floats: count)
+        try m.zero(); try v.zero()
+        for step in 0..<2 {
+            let gv = Self.random(count, seed: 42 + UInt64(step), scale: 0.01)
+            for i in 0..<count { grad[i] = gv[i] }
+            try gv.withUnsafeBytes { try gd.upload($0.baseAddress!, bytes: $0.count) }
+            opt.step(lrFactor: 0.5)
+            let c = AdamW.coefficients(opt.groups[0].hyper, lr: opt.groups[0].hyper.lr * 0.5, step: step + 1)
+            try device.adamw(p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall,
+                             lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
+                             negStepSize: c.negStepSize)
+        }
+        let host = Array(UnsafeBufferPointer(start: value.data, count: count))
+        add("AdamW 2 steps (weight decay, lr factor)", Self.bitMismatches(host, try p.floats(count)), 0, "mismatches")
+    }
+}

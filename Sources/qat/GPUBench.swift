@@ -3,10 +3,13 @@ import QATCore
 import QATCUDA
 import QATModels
 import QATQuant
+import QATTrain
 
 /// `qat bench --device cuda`: forward (evaluation) throughput of model shapes on the GPU, bf16
-/// and fp32, unquantized and NVFP4 W4A4 + FP8 KV, with peak device memory, next to PyTorch's
-/// eager forward (the peer script's `fwd` mode) run in the same session.
+/// and fp32, unquantized and NVFP4 W4A4 + FP8 KV, with peak device memory; then QAT and QAD
+/// training steps (NVFP4 W4A4 + FP8 KV, bf16, the trainer's own loop through
+/// `CUDAStepBackend`), next to the peer script's modes (PyTorch's eager forward, ModelOpt's
+/// QAT and QAD steps) run in the same session.
 struct GPUBench {
     let device: ComputeDevice
     let shapes: [String]
@@ -94,24 +97,85 @@ struct GPUBench {
                     }
                 }
             }
+            for mode in [Recipe.Mode.qat, .qad] {
+                do { print(try trainSteps(shape: shape, config: config, tokens: tokens, gpu: gpu, mode: mode)) } catch {
+                    print(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
+                }
+            }
             if let script = peerScript {
-                print(peer(script: script, shape: shape))
+                print(peer(script: script, shape: shape, modes: "fwd,qat,qad"))
             }
         }
     }
 
-    /// PyTorch's eager bf16 forward with the full logits (the peer script's `fwd` mode).
-    func peer(script: String, shape: String) -> String {
+    /// QAT or QAD steps of NVFP4 W4A4 + FP8 KV in bf16 on the GPU, through the trainer's loop
+    /// (`Trainer.run` with `CUDAStepBackend`: forward, fused loss head, backward, gradient norm
+    /// and clipping at 1.0, AdamW): median step time after 2 warm-up steps, and the run's peak
+    /// GPU memory (the QAD teacher included).
+    func trainSteps(shape: String, config: ModelConfig, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode) throws -> String {
+        func load() throws -> CausalLM {
+            FileManager.default.fileExists(atPath: shape + "/config.json") ? try CausalLM(directory: shape) : try CausalLM(config: config, seed: 1, std: 0.02)
+        }
+        let model = try load()
+        let set = QuantizerSet(model: model, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
+        let before = gpu.bytesInUse
+        gpu.resetPeak()
+        let gm = try CUDAModel(model: model, device: gpu, precision: .bf16)
+        try Calibration.run(model: model, quantizers: set, sequences: [Array(tokens.prefix(seq))], seqLen: seq, batchSize: 1,
+                            forward: gm.calibrationForward(seqLen: seq))
+        gm.markWeightsChanged()
+        var spec = Recipe.TrainSpec()
+        spec.mode = mode; spec.steps = repeats + 2; spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"
+        spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1
+        var g = SplitMix64(seed: 9)
+        let stream = (0..<((spec.steps + 1) * batch * seq)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
+        let dir = NSTemporaryDirectory() + "qat-gpu-bench-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var options = Trainer.Options(outputDir: dir, checkpointDir: dir + "/checkpoints")
+        options.quiet = true; options.finalEvaluation = false
+        var teacherCopy: CUDAModel?
+        options.backend = CUDAStepBackend(model: gm) { teacher in
+            if let t = teacherCopy { return t }
+            let t = try CUDAModel(model: teacher, device: gpu, precision: .bf16)
+            teacherCopy = t
+            return t
+        }
+        var times: [Double] = []
+        var loss = 0.0
+        options.onStep = { m in
+            if m.step > 2 { times.append(Double(batch * seq) / m.tokensPerSecond) }
+            loss = m.loss
+        }
+        let trainer = try Trainer(model: model, spec: spec, seqLen: seq, trainStream: stream, validationStream: [], validationSequences: nil,
+                                  options: options)
+        if mode == .qad {
+            var d = Recipe.DistillSpec()
+            d.kdRatio = 1
+            trainer.loss = try DistillationLoss(teacher: try load(), studentVocab: config.vocabSize, spec: d)
+        }
+        _ = try trainer.run()
+        try gpu.synchronize()
+        times.sort()
+        let med = times[times.count / 2]
+        return String(format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString,
+                      "\(mode.rawValue.uppercased()) step nvfp4 bf16" as NSString, med * 1e3, times.first! * 1e3, times.last! * 1e3,
+                      Double(batch * seq) / med, (gpu.peakBytes - before) >> 20, loss)
+    }
+
+    /// The peer script's modes: PyTorch's eager bf16 forward with the full logits (`fwd`),
+    /// ModelOpt's QAT and QAD steps (`qat`, `qad`; they need nvidia-modelopt on the host).
+    func peer(script: String, shape: String, modes: String) -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = [python, script, shape, "--modes", "fwd", "--batch", String(batch), "--seq", String(seq), "--steps", String(repeats + 2)]
+        p.arguments = [python, script, shape, "--modes", modes, "--batch", String(batch), "--seq", String(seq), "--steps", String(repeats + 2)]
         let pipe = Pipe()
         p.standardOutput = pipe
         do { try p.run() } catch { return "peer: could not run \(python) \(script): \(error)" }
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         let out = String(decoding: data, as: UTF8.self)
-        guard let line = out.split(separator: "\n").last(where: { $0.contains("\"mode\"") }) else { return "peer: no result (exit \(p.terminationStatus))" }
-        return "peer (PyTorch eager, bf16, sdpa): \(line)"
+        let lines = out.split(separator: "\n").filter { $0.contains("\"mode\"") }
+        guard !lines.isEmpty else { return "peer: no result (exit \(p.terminationStatus))" }
+        return lines.map { "peer (PyTorch eager bf16 sdpa / ModelOpt 0.47): \($0)" }.joined(separator: "\n")
     }
 }

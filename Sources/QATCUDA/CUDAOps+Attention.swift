@@ -54,7 +54,9 @@ extension CUDADevice {
             // Query tile of the dK/dV kernel and key tile of the dQ kernel (as instantiated in attention.cu).
             let tile = headDim == 64 ? 64 : 32, rowBytes = (headDim + 8) * 2
             let dkdv = "attention_backward_dkdv_bf16_d\(headDim)", dqName = "attention_backward_dq_bf16_d\(headDim)"
-            let dkdvShared = (128 + 2 * tile) * rowBytes + 2 * tile * 4, dqShared = (128 + 2 * tile) * rowBytes
+            // bf16 tiles, then (dK/dV) lse and delta, then the fp32 staging of the next tile's rows.
+            let dkdvShared = (128 + 2 * tile) * rowBytes + 2 * tile * 4 + (2 * tile * headDim + 2 * tile) * 4
+            let dqShared = (128 + 2 * tile) * rowBytes + 2 * tile * headDim * 4
             if dkdvShared > 48 * 1024 { try kernels.allowSharedMemory(dkdv, bytes: dkdvShared) }
             if dqShared > 48 * 1024 { try kernels.allowSharedMemory(dqName, bytes: dqShared) }
             let tiles = (seqLen + 63) / 64

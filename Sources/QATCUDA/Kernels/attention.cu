@@ -502,11 +502,52 @@ __device__ __forceinline__ void load_rows_bf16(u16 *dst, const float *src, long 
     }
 }
 
+// Software pipelining: the next tile's fp32 rows are copied global → shared with cp.async (no
+// registers, zeros past T) while the current tile is computed, then converted to bf16 in shared.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 16 : 0;   // 0: nothing is read, the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Starts copying rows first ..< first+ROWS of a [*, stride] fp32 matrix into stage [ROWS][D] (zeros
+// at and past T). The caller commits, waits (cp_async_wait_all) and synchronises the block.
+template <int ROWS, int D>
+__device__ __forceinline__ void stage_rows(float *stage, const float *src, long stride, int first, int T) {
+    const int D4 = D / 4;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
+        int r = i / D4, d = (i - r * D4) * 4;
+        bool ok = first + r < T;
+        cp_async16(stage + r * D + d, ok ? src + (long)(first + r) * stride + d : src, ok);
+    }
+}
+// stage [ROWS][D] fp32 → dst [ROWS][D+8] bf16.
+template <int ROWS, int D>
+__device__ __forceinline__ void convert_rows(u16 *dst, const float *stage) {
+    const int D4 = D / 4, QS = D + 8;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
+        int r = i / D4, d = (i - r * D4) * 4;
+        float4 x = *(const float4 *)(stage + r * D + d);
+        *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+    }
+}
+
 // dK, dV of keys k0 ..< k0+64 of kv head g: warp w owns keys k0+16w ..< k0+16w+16 and computes
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for query tiles of BQ rows (K, V as A fragments, Q and dO rows as B
 // fragments), then dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ, dSᵀ as A fragments straight from the
 // accumulators, dO and Q through ldmatrix.trans). Grid: (ceil(T / 64), B*Hkv).
-// Shared memory: K, V [64][D+8], Q, dO [BQ][D+8] bf16; lse·log2(e), delta [BQ] fp32.
+// The (query head, query tile) steps run in a fixed order, the next one's rows staged during the current one.
+// Shared memory: K, V [64][D+8], Q, dO [BQ][D+8] bf16; lse·log2(e), delta [BQ]; staging: Q, dO [BQ][D],
+// lse, delta [BQ] fp32.
 template <int D, int BQ>
 __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout, const float *lse, const float *delta, const float *q,
                                          const float *k, const float *v, int T, int H, int Hkv, int window, float scale) {
@@ -514,12 +555,11 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout
     const int QS = D + 8;
     u16 *Ks = bsm16, *Vs = Ks + 64 * QS, *Qs = Vs + 64 * QS, *Gs = Qs + BQ * QS;
     float *Ls = (float *)(Gs + BQ * QS), *Dl = Ls + BQ;
+    float *Qst = Dl + BQ, *Gst = Qst + BQ * D, *Lst = Gst + BQ * D, *Dst = Lst + BQ;
     int bg = blockIdx.y, b = bg / Hkv, g = bg - b * Hkv, group = H / Hkv;
     int k0 = blockIdx.x * 64;   // the longest key tiles (most rows) first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
-    load_rows_bf16<64, D>(Ks, k + (long)b * T * kStride + (long)g * D, kStride, k0, T);
-    load_rows_bf16<64, D>(Vs, v + (long)b * T * kStride + (long)g * D, kStride, k0, T);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) dka[i][0] = dka[i][1] = dka[i][2] = dka[i][3] = dva[i][0] = dva[i][1] = dva[i][2] = dva[i][3] = 0;
@@ -527,20 +567,34 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout
     int wKeyFirst = k0 + wk, wKeyLast = wKeyFirst + 15;
     int rEnd = window > 0 ? min(T, k0 + 63 + window) : T;   // rows that see a key of this tile
     const float sl2 = scale * 1.4426950408889634f;
-    for (int hh = 0; hh < group; hh++) {
-        int h = g * group + hh;
-        long qo = (long)b * T * qStride + (long)h * D;
-        const float *lrow = lse + ((long)b * H + h) * T, *drow = delta + ((long)b * H + h) * T;
-        for (int r0 = k0; r0 < rEnd; r0 += BQ) {
-            __syncthreads();
-            load_rows_bf16<BQ, D>(Qs, q + qo, qStride, r0, T);
-            load_rows_bf16<BQ, D>(Gs, dout + qo, qStride, r0, T);
-            if (tid < BQ) {
-                int row = r0 + tid;
-                Ls[tid] = row < T ? lrow[row] * 1.4426950408889634f : 0.0f;
-                Dl[tid] = row < T ? drow[row] : 0.0f;
-            }
-            __syncthreads();
+    // Step i: query head g*group + i / tiles, rows k0 + (i % tiles)·BQ ..< +BQ (rEnd > k0: tiles >= 1). Step i is staged
+    // (cp.async) while step i-1 is computed.
+    int tiles = (rEnd - k0 + BQ - 1) / BQ, steps = group * tiles;
+    auto stage = [&](int i) {
+        int hs = g * group + i / tiles, rs = k0 + (i % tiles) * BQ;
+        long qo = (long)b * T * qStride + (long)hs * D, lo = ((long)b * H + hs) * T;
+        stage_rows<BQ, D>(Qst, q + qo, qStride, rs, T);
+        stage_rows<BQ, D>(Gst, dout + qo, qStride, rs, T);
+        if (tid < BQ) {
+            bool ok = rs + tid < T;
+            cp_async4(Lst + tid, lse + lo + (ok ? rs + tid : 0), ok);
+            cp_async4(Dst + tid, delta + lo + (ok ? rs + tid : 0), ok);
+        }
+        cp_async_commit();
+    };
+    stage(0);
+    load_rows_bf16<64, D>(Ks, k + (long)b * T * kStride + (long)g * D, kStride, k0, T);   // while step 0 is in flight
+    load_rows_bf16<64, D>(Vs, v + (long)b * T * kStride + (long)g * D, kStride, k0, T);
+    for (int it = 1; it <= steps; it++) {
+        cp_async_wait_all();
+        __syncthreads();   // every thread's copies of step it-1 landed; every warp is done with step it-2 (and K, V are stored)
+        convert_rows<BQ, D>(Qs, Qst);
+        convert_rows<BQ, D>(Gs, Gst);
+        if (tid < BQ) { Ls[tid] = Lst[tid] * 1.4426950408889634f; Dl[tid] = Dst[tid]; }
+        __syncthreads();   // the bf16 tiles are ready; the staging buffers are free
+        if (it < steps) stage(it);
+        {
+            int r0 = k0 + ((it - 1) % tiles) * BQ;
             if (wKeyFirst >= T || wKeyFirst > r0 + BQ - 1) continue;   // every row is before the warp's keys
             if (window > 0 && r0 - wKeyLast >= window) continue;      // every row is past the window of its keys
             float s[BQ / 8][4], dp[BQ / 8][4];
@@ -611,19 +665,27 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout
 // dQ of rows r0 ..< r0+64 of head h: warp w owns rows r0+16w ..< r0+16w+16 (Q and dO as A
 // fragments in registers), computes S = Q Kᵀ and dP = dO Vᵀ for key tiles of BK, then
 // dQ += dS K (K through ldmatrix.trans). Grid: (ceil(T / 64), B*H).
-// Shared memory: Q, dO [64][D+8], K, V [BK][D+8] bf16.
+// The next key tile is staged during the current one.
+// Shared memory: Q, dO [64][D+8], K, V [BK][D+8] bf16; staging: K, V [BK][D] fp32.
 template <int D, int BK>
 __device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float *lse, const float *delta, const float *q, const float *k,
                                        const float *v, int T, int H, int Hkv, int window, float scale) {
     extern __shared__ u16 bsm16[];
     const int QS = D + 8;
     u16 *Qs = bsm16, *Gs = Qs + 64 * QS, *Ks = Gs + 64 * QS, *Vs = Ks + BK * QS;
+    float *Kst = (float *)(Vs + BK * QS), *Vst = Kst + BK * D;
     int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
     int r0 = (gridDim.x - 1 - blockIdx.x) * 64;   // the longest rows first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
     long qo = (long)b * T * qStride + (long)h * D;
     const float *kb = k + (long)b * T * kStride + (long)g * D, *vb = v + (long)b * T * kStride + (long)g * D;
+    int rLast = min(T - 1, r0 + 63);
+    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
+    kFirst = (kFirst / BK) * BK;
+    stage_rows<BK, D>(Kst, kb, kStride, kFirst, T);   // the first key tile, in flight during the row loads
+    stage_rows<BK, D>(Vst, vb, kStride, kFirst, T);
+    cp_async_commit();
     load_rows_bf16<64, D>(Qs, q + qo, qStride, r0, T);
     load_rows_bf16<64, D>(Gs, dout + qo, qStride, r0, T);
     __syncthreads();
@@ -644,16 +706,19 @@ __device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float
     float dqa[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0;
-    int rLast = min(T - 1, r0 + 63);
-    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
-    kFirst = (kFirst / BK) * BK;
     const float sl2 = scale * 1.4426950408889634f;
     int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
     for (int t0 = kFirst; t0 <= rLast; t0 += BK) {
-        __syncthreads();
-        load_rows_bf16<BK, D>(Ks, kb, kStride, t0, T);
-        load_rows_bf16<BK, D>(Vs, vb, kStride, t0, T);
-        __syncthreads();
+        cp_async_wait_all();
+        __syncthreads();   // every thread's copies of this tile landed; every warp is done with the previous tile
+        convert_rows<BK, D>(Ks, Kst);
+        convert_rows<BK, D>(Vs, Vst);
+        __syncthreads();   // the bf16 tile is ready; the staging buffers are free
+        if (t0 + BK <= rLast) {
+            stage_rows<BK, D>(Kst, kb, kStride, t0 + BK, T);
+            stage_rows<BK, D>(Vst, vb, kStride, t0 + BK, T);
+            cp_async_commit();
+        }
         if (wFirst >= T || t0 > wLast) continue;                             // every key is after the warp's rows
         if (window > 0 && t0 + BK - 1 < wFirst - window + 1) continue;       // every key is before the warp's windows
         float s[BK / 8][4], dp[BK / 8][4];
@@ -702,17 +767,21 @@ __device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float
     }
 }
 
-#define ATT_BWD_BF16(D, BQ, BK)                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d##D(                                            \
-        float *dk, float *dv, const float *dout, const float *lse, const float *delta, const float *q, const float *k, const float *v, \
-        int T, int H, int Hkv, int window, float scale) {                                                                            \
-        flash_backward_dkdv_bf16<D, BQ>(dk, dv, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);                                \
-    }                                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d##D(                                              \
-        float *dq, const float *dout, const float *lse, const float *delta, const float *q, const float *k, const float *v, int T,    \
-        int H, int Hkv, int window, float scale) {                                                                                   \
-        flash_backward_dq_bf16<D, BK>(dq, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);                                      \
-    }
-// Query tile of the dK/dV kernel, key tile of the dQ kernel (registers: D=128 holds 2×64 accumulators).
-ATT_BWD_BF16(64, 64, 64)
-ATT_BWD_BF16(128, 32, 32)
+// Query tile of the dK/dV kernel and key tile of the dQ kernel: 64 for D=64, 32 for D=128 (two 16×D fp32
+// accumulators per warp). Written out, not by a macro: KernelLibrary finds kernels by their declared names.
+#define ATT_BWD_DKDV_ARGS float *dk, float *dv, const float *dout, const float *lse, const float *delta, const float *q, \
+                          const float *k, const float *v, int T, int H, int Hkv, int window, float scale
+#define ATT_BWD_DQ_ARGS float *dq, const float *dout, const float *lse, const float *delta, const float *q, const float *k, \
+                        const float *v, int T, int H, int Hkv, int window, float scale
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d64(ATT_BWD_DKDV_ARGS) {
+    flash_backward_dkdv_bf16<64, 64>(dk, dv, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d128(ATT_BWD_DKDV_ARGS) {
+    flash_backward_dkdv_bf16<128, 32>(dk, dv, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d64(ATT_BWD_DQ_ARGS) {
+    flash_backward_dq_bf16<64, 64>(dq, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d128(ATT_BWD_DQ_ARGS) {
+    flash_backward_dq_bf16<128, 32>(dq, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+}

@@ -18,7 +18,8 @@ extension CUDADevice {
         let scale = 1 / Float(headDim).squareRoot()
         if bf16 && (headDim == 64 || headDim == 128) {
             let name = "attention_forward_bf16_d\(headDim)"
-            let shared = 3 * 64 * (headDim + 8) * 2
+            // Q [64] and K, V [BK] bf16 rows of D+8, the K, V staging [BK][D] fp32; BK as instantiated in attention.cu.
+            let bk = headDim == 64 ? 64 : 32, shared = (64 + 2 * bk) * (headDim + 8) * 2 + 2 * bk * headDim * 4
             if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
             try kernels.launch(name, grid: ((seqLen + 63) / 64, batch * heads, 1), block: (128, 1, 1), shared: shared,
                                [.ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen), .i32(heads), .i32(kvHeads),

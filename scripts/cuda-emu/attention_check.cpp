@@ -89,7 +89,8 @@ int main(int argc, char **argv) {
             const float *pq = q.data(), *pk = k.data(), *pv = v.data(), *pg = dout.data();
             // Launch geometry as in CUDAOps+Attention.swift.
             if (bf) {
-                size_t sh = 3 * 64 * (D + 8) * 2;
+                int bk = D == 64 ? 64 : 32;
+                size_t sh = (64 + 2 * bk) * (D + 8) * 2 + 2 * bk * D * 4;
                 emu_launch({(unsigned)((T + 63) / 64), (unsigned)(B * H), 1}, 128, sh, [&] {
                     if (D == 64) attention_forward_bf16_d64(po, pl, pq, pk, pv, T, H, Hkv, W, scale);
                     else attention_forward_bf16_d128(po, pl, pq, pk, pv, T, H, Hkv, W, scale);

@@ -101,11 +101,12 @@ extern "C" __global__ void attention_forward(float *out, float *lse, const float
 // ---------------------------------------------------------------------------------------------
 // bf16 precision: the same attention on the tensor cores (mma.sync m16n8k16, bf16 inputs, fp32
 // accumulation), FlashAttention-2 style. A block of 4 warps owns 64 query rows (16 per warp); key
-// and value tiles of 64 are converted to bf16 into shared memory (V transposed, so that its
-// fragments are contiguous pairs); scores, the online softmax and the output stay in registers.
+// and value tiles of BK (64 for D=64, 32 for D=128) are converted to bf16 into shared memory, the
+// next tile's fp32 rows copied (cp.async) during the current one; scores, the online softmax and
+// the output stay in registers. Blocks run the longest rows first (causal load balance).
 // D is a template parameter (64 or 128); other head sizes use the fp32 kernel above.
+// Shared memory: Q [64][D+8], K, V [BK][D+8] bf16; staging K, V [BK][D] fp32.
 #define FA_BQ 64
-#define FA_BK 64
 
 __device__ __forceinline__ void mma_bf16(float *c, const u32 *a, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -116,26 +117,88 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }
 
-template <int D>
+// Rows first ..< first+ROWS of a [*, stride] fp32 matrix (zeros at and past T) as bf16 rows of
+// D+8 in dst; float4 loads, four in flight per thread.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_rows_bf16(u16 *dst, const float *src, long stride, int first, int T) {
+    const int D4 = D / 4, QS = D + 8, N = ROWS * D4, PER = 4;
+    static_assert(N % (128 * PER) == 0, "tile size");
+#pragma unroll
+    for (int base = 0; base < N; base += 128 * PER) {
+        float4 x[PER];
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
+            x[u] = first + r < T ? *(const float4 *)(src + (long)(first + r) * stride + d) : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
+            *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
+        }
+    }
+}
+
+// Software pipelining: the next tile's fp32 rows are copied global → shared with cp.async (no
+// registers, zeros past T) while the current tile is computed, then converted to bf16 in shared.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 16 : 0;   // 0: nothing is read, the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Starts copying rows first ..< first+ROWS of a [*, stride] fp32 matrix into stage [ROWS][D] (zeros
+// at and past T). The caller commits, waits (cp_async_wait_all) and synchronises the block.
+template <int ROWS, int D>
+__device__ __forceinline__ void stage_rows(float *stage, const float *src, long stride, int first, int T) {
+    const int D4 = D / 4;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
+        int r = i / D4, d = (i - r * D4) * 4;
+        bool ok = first + r < T;
+        cp_async16(stage + r * D + d, ok ? src + (long)(first + r) * stride + d : src, ok);
+    }
+}
+// stage [ROWS][D] fp32 → dst [ROWS][D+8] bf16.
+template <int ROWS, int D>
+__device__ __forceinline__ void convert_rows(u16 *dst, const float *stage) {
+    const int D4 = D / 4, QS = D + 8;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
+        int r = i / D4, d = (i - r * D4) * 4;
+        float4 x = *(const float4 *)(stage + r * D + d);
+        *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+    }
+}
+
+template <int D, int BK>
 __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv,
                                    int window, float scale) {
     extern __shared__ u16 fsm[];
     const int QS = D + 8;   // padded rows: fragment loads hit distinct banks
-    u16 *Qs = fsm, *Ks = Qs + FA_BQ * QS, *Vs = Ks + FA_BK * QS;
+    u16 *Qs = fsm, *Ks = Qs + FA_BQ * QS, *Vs = Ks + BK * QS;
+    float *Kst = (float *)(Vs + BK * QS), *Vst = Kst + BK * D;   // the next key tile, in flight (cp.async)
     int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
-    int r0 = blockIdx.x * FA_BQ;
+    int r0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;   // the longest rows first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
     const float *qb = q + (long)b * T * qStride + (long)h * D;
     const float *kb = k + (long)b * T * kStride + (long)g * D;
     const float *vb = v + (long)b * T * kStride + (long)g * D;
-    // Tiles move as float4 (D % 4 == 0, rows 16-byte aligned), several loads in flight per thread.
-    const int D4 = D / 4, PER = 4, ROUNDS = FA_BK * D4 / (128 * PER);
-    for (int i = tid; i < FA_BQ * D4; i += 128) {
-        int r = i / D4, d = (i - r * D4) * 4;
-        float4 x = r0 + r < T ? *(const float4 *)(qb + (long)(r0 + r) * qStride + d) : make_float4(0, 0, 0, 0);
-        *(uint2 *)&Qs[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
-    }
+    int rLast = min(T - 1, r0 + FA_BQ - 1);
+    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
+    kFirst = (kFirst / BK) * BK;
+    stage_rows<BK, D>(Kst, kb, kStride, kFirst, T);   // the first key tile, in flight during the Q load
+    stage_rows<BK, D>(Vst, vb, kStride, kFirst, T);
+    cp_async_commit();
+    load_rows_bf16<FA_BQ, D>(Qs, qb, qStride, r0, T);
     __syncthreads();
     int wr = warp * 16;
     u32 qf[D / 16][4];
@@ -151,36 +214,24 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     int row0 = r0 + wr + gq, row1 = row0 + 8;
-    int rLast = min(T - 1, r0 + FA_BQ - 1);
-    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
-    kFirst = (kFirst / FA_BK) * FA_BK;
     const float sl2 = scale * 1.4426950408889634f;
     int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
-    for (int t0 = kFirst; t0 <= rLast; t0 += FA_BK) {
-        __syncthreads();
-#pragma unroll
-        for (int round = 0; round < ROUNDS; round++) {
-            float4 kr[PER], vr[PER];
-#pragma unroll
-            for (int u = 0; u < PER; u++) {
-                int i = tid + (round * PER + u) * 128, j = i / D4, d = (i - j * D4) * 4;
-                bool ok = t0 + j < T;
-                kr[u] = ok ? *(const float4 *)(kb + (long)(t0 + j) * kStride + d) : make_float4(0, 0, 0, 0);
-                vr[u] = ok ? *(const float4 *)(vb + (long)(t0 + j) * kStride + d) : make_float4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < PER; u++) {
-                int i = tid + (round * PER + u) * 128, j = i / D4, d = (i - j * D4) * 4;
-                *(uint2 *)&Ks[j * QS + d] = make_uint2(pack_bf16(kr[u].x, kr[u].y), pack_bf16(kr[u].z, kr[u].w));
-                *(uint2 *)&Vs[j * QS + d] = make_uint2(pack_bf16(vr[u].x, vr[u].y), pack_bf16(vr[u].z, vr[u].w));
-            }
+    for (int t0 = kFirst; t0 <= rLast; t0 += BK) {
+        cp_async_wait_all();
+        __syncthreads();   // every thread's copies of this tile landed; every warp is done with the previous tile
+        convert_rows<BK, D>(Ks, Kst);
+        convert_rows<BK, D>(Vs, Vst);
+        __syncthreads();   // the bf16 tile is ready; the staging buffers are free
+        if (t0 + BK <= rLast) {
+            stage_rows<BK, D>(Kst, kb, kStride, t0 + BK, T);
+            stage_rows<BK, D>(Vst, vb, kStride, t0 + BK, T);
+            cp_async_commit();
         }
-        __syncthreads();
         if (wFirst >= T || t0 > wLast) continue;
-        if (window > 0 && t0 + FA_BK - 1 < wFirst - window + 1) continue;
-        float s[FA_BK / 8][4];
+        if (window > 0 && t0 + BK - 1 < wFirst - window + 1) continue;
+        float s[BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
 #pragma unroll
             for (int ks = 0; ks < D / 16; ks++) {
@@ -189,10 +240,10 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
                 mma_bf16(s[n], qf[ks], b0, b1);
             }
         }
-        bool needMask = t0 + FA_BK - 1 > wFirst || window > 0 || t0 + FA_BK > T;
+        bool needMask = t0 + BK - 1 > wFirst || window > 0 || t0 + BK > T;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
@@ -212,7 +263,7 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
         float c0 = exp2f(m0 - base0), c1 = exp2f(m1 - base1);
         float rs0 = 0, rs1 = 0;
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             s[n][0] = exp2f(s[n][0] - base0); s[n][1] = exp2f(s[n][1] - base0);
             s[n][2] = exp2f(s[n][2] - base1); s[n][3] = exp2f(s[n][3] - base1);
             rs0 += s[n][0] + s[n][1];
@@ -227,7 +278,7 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
 #pragma unroll
         for (int i = 0; i < D / 8; i++) { o[i][0] *= c0; o[i][1] *= c0; o[i][2] *= c1; o[i][3] *= c1; }
 #pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; kk++) {
+        for (int kk = 0; kk < BK / 16; kk++) {
             u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                         pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
             // B fragments of V (keys × dims) straight from its row-major tile: ldmatrix.trans,
@@ -259,11 +310,11 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
 
 extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d64(float *out, float *lse, const float *q, const float *k,
                                                                              const float *v, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<64>(out, lse, q, k, v, T, H, Hkv, window, scale);
+    flash_forward_bf16<64, 64>(out, lse, q, k, v, T, H, Hkv, window, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d128(float *out, float *lse, const float *q, const float *k,
                                                                               const float *v, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<128>(out, lse, q, k, v, T, H, Hkv, window, scale);
+    flash_forward_bf16<128, 32>(out, lse, q, k, v, T, H, Hkv, window, scale);
 }
 
 // =============================================================================================
@@ -479,67 +530,6 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dq(float *d
 // ---------------------------------------------------------------------------------------------
 // bf16 path: tensor cores (mma.sync m16n8k16, bf16 products, fp32 accumulation), blocks of 128
 // threads = 4 warps. Tiles are converted to bf16 into shared memory, rows padded to D+8.
-
-// Rows first ..< first+ROWS of a [*, stride] fp32 matrix (zeros at and past T) as bf16 rows of
-// D+8 in dst; float4 loads, four in flight per thread.
-template <int ROWS, int D>
-__device__ __forceinline__ void load_rows_bf16(u16 *dst, const float *src, long stride, int first, int T) {
-    const int D4 = D / 4, QS = D + 8, N = ROWS * D4, PER = 4;
-    static_assert(N % (128 * PER) == 0, "tile size");
-#pragma unroll
-    for (int base = 0; base < N; base += 128 * PER) {
-        float4 x[PER];
-#pragma unroll
-        for (int u = 0; u < PER; u++) {
-            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
-            x[u] = first + r < T ? *(const float4 *)(src + (long)(first + r) * stride + d) : make_float4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < PER; u++) {
-            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
-            *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
-        }
-    }
-}
-
-// Software pipelining: the next tile's fp32 rows are copied global → shared with cp.async (no
-// registers, zeros past T) while the current tile is computed, then converted to bf16 in shared.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
-    u32 s = (u32)__cvta_generic_to_shared(dst);
-    int n = ok ? 16 : 0;   // 0: nothing is read, the 16 bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool ok) {
-    u32 s = (u32)__cvta_generic_to_shared(dst);
-    int n = ok ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Starts copying rows first ..< first+ROWS of a [*, stride] fp32 matrix into stage [ROWS][D] (zeros
-// at and past T). The caller commits, waits (cp_async_wait_all) and synchronises the block.
-template <int ROWS, int D>
-__device__ __forceinline__ void stage_rows(float *stage, const float *src, long stride, int first, int T) {
-    const int D4 = D / 4;
-#pragma unroll
-    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
-        int r = i / D4, d = (i - r * D4) * 4;
-        bool ok = first + r < T;
-        cp_async16(stage + r * D + d, ok ? src + (long)(first + r) * stride + d : src, ok);
-    }
-}
-// stage [ROWS][D] fp32 → dst [ROWS][D+8] bf16.
-template <int ROWS, int D>
-__device__ __forceinline__ void convert_rows(u16 *dst, const float *stage) {
-    const int D4 = D / 4, QS = D + 8;
-#pragma unroll
-    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
-        int r = i / D4, d = (i - r * D4) * 4;
-        float4 x = *(const float4 *)(stage + r * D + d);
-        *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
-    }
-}
 
 // dK, dV of keys k0 ..< k0+64 of kv head g: warp w owns keys k0+16w ..< k0+16w+16 and computes
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for query tiles of BQ rows (K, V as A fragments, Q and dO rows as B

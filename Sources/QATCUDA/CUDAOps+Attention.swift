@@ -17,6 +17,7 @@ extension CUDADevice {
         try checkAttentionShape(heads: heads, kvHeads: kvHeads, headDim: headDim)
         let scale = 1 / Float(headDim).squareRoot()
         if bf16 && (headDim == 64 || headDim == 128) {
+            try checkAligned(["out": out, "q": q, "k": k, "v": v])
             let name = "attention_forward_bf16_d\(headDim)"
             // Q [64] and K, V [BK] bf16 rows of D+8, the K, V staging [BK][D] fp32; BK as instantiated in attention.cu.
             let bk = headDim == 64 ? 64 : 32, shared = (64 + 2 * bk) * (headDim + 8) * 2 + 2 * bk * headDim * 4
@@ -52,6 +53,7 @@ extension CUDADevice {
         try kernels.launch("attention_backward_delta", grid: ((rows + 7) / 8, 1, 1), block: (256, 1, 1),
                            [.ptr(delta), .ptr(dout), .ptr(out), .i32(batch), .i32(seqLen), .i32(heads), .i32(headDim)])
         if bf16 && (headDim == 64 || headDim == 128) {
+            try checkAligned(["dq": dq, "dk": dk, "dv": dv, "dout": dout, "q": q, "k": k, "v": v])
             // Query tile of the dK/dV kernel and key tile of the dQ kernel (as instantiated in attention.cu).
             let tile = headDim == 64 ? 64 : 32, rowBytes = (headDim + 8) * 2
             let dkdv = "attention_backward_dkdv_bf16_d\(headDim)", dqName = "attention_backward_dq_bf16_d\(headDim)"
@@ -80,6 +82,13 @@ extension CUDADevice {
         try kernels.launch("attention_backward_dq", grid: ((seqLen + R - 1) / R, batch * heads, 1), block: (256, 1, 1), shared: shared,
                            [.ptr(dq), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen),
                             .i32(heads), .i32(kvHeads), .i32(headDim), .i32(win), .f32(scale)])
+    }
+
+    /// The tensor-core kernels move rows as 16-byte vectors (float4, cp.async).
+    private func checkAligned(_ pointers: KeyValuePairs<String, CUdeviceptr>) throws {
+        for (name, p) in pointers where p % 16 != 0 {
+            throw QATError("internal: the bf16 attention kernels need 16-byte aligned tensors (\(name) is at \(p))")
+        }
     }
 
     private func checkAttentionShape(heads: Int, kvHeads: Int, headDim: Int) throws {

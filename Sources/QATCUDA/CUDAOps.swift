@@ -82,31 +82,6 @@ extension CUDADevice {
         try kernels.launch1D("absmax_reduce", count, [.ptr(x), .i64(count), .ptr(slot)])
     }
 
-    static let attentionRows = 16, attentionKeys = 32
-
-    /// Causal GQA attention. `bf16`: the tensor-core kernel (bf16 inputs, fp32 accumulation) for
-    /// head_dim 64 and 128; otherwise, and always in fp32, the fp32 kernel.
-    func attention(out: CUdeviceptr, lse: CUdeviceptr, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr,
-                   batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int, window: Int?, bf16: Bool = false) throws {
-        guard headDim <= 256 else { throw QATError("the CUDA attention kernel supports head_dim up to 256 (this model has \(headDim))") }
-        let scale = 1 / Float(headDim).squareRoot()
-        if bf16 && (headDim == 64 || headDim == 128) {
-            let name = "attention_forward_bf16_d\(headDim)"
-            let shared = 3 * 64 * (headDim + 8) * 2
-            if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
-            try kernels.launch(name, grid: ((seqLen + 63) / 64, batch * heads, 1), block: (128, 1, 1), shared: shared,
-                               [.ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen), .i32(heads), .i32(kvHeads),
-                                .i32(window ?? 0), .f32(scale)])
-            return
-        }
-        let shared = (Self.attentionKeys * (headDim + 1) + Self.attentionKeys * headDim + Self.attentionRows * headDim) * 4
-        if shared > 48 * 1024 { try kernels.allowSharedMemory("attention_forward", bytes: shared) }
-        try kernels.launch("attention_forward", grid: ((seqLen + Self.attentionRows - 1) / Self.attentionRows, batch * heads, 1),
-                           block: (128, 1, 1), shared: shared,
-                           [.ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen), .i32(heads), .i32(kvHeads),
-                            .i32(headDim), .i32(window ?? 0), .f32(scale)])
-    }
-
     func crossEntropyRows(rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int) throws {
         try kernels.launch("cross_entropy_rows", grid: (rows, 1, 1), block: (256, 1, 1),
                            [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab)])

@@ -175,7 +175,8 @@ public struct CUDASelftest {
 
         // RoPE (llama3-scaled frequencies) and attention (GQA, with and without a window).
         for (heads, kvHeads, headDim, window, seqLen) in [(4, 2, 32, nil, 70), (6, 2, 48, 20, 45), (2, 1, 128, nil, 33),
-                                                          (4, 2, 64, nil, 150), (4, 1, 128, 50, 130), (2, 2, 64, nil, 7)] as [(Int, Int, Int, Int?, Int)] {
+                                                          (4, 2, 64, nil, 150), (4, 1, 128, 50, 130), (2, 2, 64, nil, 7),
+                                                          (4, 2, 96, nil, 100), (4, 1, 64, 40, 200)] as [(Int, Int, Int, Int?, Int)] {
             let batch = 2, N = batch * seqLen
             let inv = (0..<(headDim / 2)).map { Float(1 / pow(10000.0, Double(2 * $0) / Double(headDim))) }
             let rope = RoPE(invFreq: inv, headDim: headDim, maxPositions: seqLen)
@@ -195,13 +196,29 @@ public struct CUDASelftest {
                             kvHeads: kvHeads, headDim: headDim, window: window)
             let label = "H=\(heads) Hkv=\(kvHeads) D=\(headDim) T=\(seqLen) window=\(window.map(String.init) ?? "none")"
             add("attention fp32 \(label)", Self.maxAbsDiff(out, try outd.floats(out.count)), 1e-5)
+            // Backward: the CPU's dq, dk, dv for a random dout against the GPU's, from the GPU forward's out and lse.
+            let dout = Self.random(out.count, seed: 16)
+            var dq = [Float](repeating: 0, count: q.count), dk = [Float](repeating: 0, count: kk.count), dv = dk
+            var scratch = [Float](repeating: 0, count: seqLen * seqLen)
+            Attention.backward(dq: &dq, dk: &dk, dv: &dv, dout: dout, q: q, k: kk, v: v, probs: probs, scratch: &scratch, shape: shape)
+            let doutd = try gpu(dout)
+            try attentionBackwardCheck("attention backward fp32 \(label)", cpu: (dq, dk, dv), dout: doutd, out: outd, lse: lse,
+                                       q: qd, k: kd, v: vd, shape: shape, bf16: false, tolerance: 1e-4)
             if headDim == 64 || headDim == 128 {
                 try d.attention(out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
                                 kvHeads: kvHeads, headDim: headDim, window: window, bf16: true)
                 let scale = Double(out.map { abs($0) }.max()!)
                 add("attention bf16 tensor cores \(label), relative", Self.maxAbsDiff(out, try outd.floats(out.count)) / scale, 2e-2,
                     "max |Δ|/max")
+                try attentionBackwardCheck("attention backward bf16 \(label)", cpu: (dq, dk, dv), dout: doutd, out: outd, lse: lse,
+                                           q: qd, k: kd, v: vd, shape: shape, bf16: true, tolerance: 3e-2)
             }
+        }
+        // The real shapes (Qwen3-0.6B's and Llama-3.2-1B's heads at T=1024): the bf16 backward against the fp32 GPU path,
+        // and both twice, bit for bit (resume is bit-identical on the same device).
+        for (heads, kvHeads, headDim) in [(16, 8, 128), (32, 8, 64)] {
+            let shape = Attention.Shape(batch: 1, seqLen: 1024, heads: heads, kvHeads: kvHeads, headDim: headDim)
+            try attentionBackwardAtScale(shape)
         }
 
         // Cross-entropy rows (with ignored targets).
@@ -215,6 +232,53 @@ public struct CUDASelftest {
         let rows_ = try rl.floats(r)
         let sum = zip(rows_, targets).reduce(0.0) { $0 + ($1.1 == CrossEntropy.ignoreIndex ? 0 : Double($1.0)) }
         add("cross-entropy sum over \(r) rows", abs(sum - cpu.sum) / Double(max(cpu.valid, 1)), 1e-6, "|Δ| mean")
+    }
+
+    /// Runs the GPU attention backward (dq, dk, dv first filled with NaN: every element must be written) and
+    /// compares each gradient with the CPU's, relative to its largest magnitude.
+    mutating func attentionBackwardCheck(_ name: String, cpu: ([Float], [Float], [Float]), dout: DeviceBuffer, out: DeviceBuffer,
+                                         lse: DeviceBuffer, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, shape s: Attention.Shape,
+                                         bf16: Bool, tolerance: Double) throws {
+        let grads = try attentionBackwardGPU(dout: dout, out: out, lse: lse, q: q, k: k, v: v, shape: s, bf16: bf16)
+        for (label, ref, got) in [("dq", cpu.0, grads.0), ("dk", cpu.1, grads.1), ("dv", cpu.2, grads.2)] {
+            let scale = max(Double(ref.map { abs($0) }.max() ?? 0), 1e-30)
+            add("\(name) \(label), relative", Self.maxAbsDiff(ref, got) / scale, tolerance, "max |Δ|/max")
+        }
+    }
+
+    func attentionBackwardGPU(dout: DeviceBuffer, out: DeviceBuffer, lse: DeviceBuffer, q: DeviceBuffer, k: DeviceBuffer,
+                              v: DeviceBuffer, shape s: Attention.Shape, bf16: Bool) throws -> ([Float], [Float], [Float]) {
+        let nq = s.batch * s.seqLen * s.heads * s.headDim, nk = s.batch * s.seqLen * s.kvHeads * s.headDim
+        let dq = try gpu([Float](repeating: .nan, count: nq)), dk = try gpu([Float](repeating: .nan, count: nk))
+        let dv = try gpu([Float](repeating: .nan, count: nk)), delta = try DeviceBuffer(device, floats: s.batch * s.heads * s.seqLen)
+        try device.attentionBackward(dq: dq.ptr, dk: dk.ptr, dv: dv.ptr, dout: dout.ptr, out: out.ptr, lse: lse.ptr, q: q.ptr, k: k.ptr,
+                                     v: v.ptr, delta: delta.ptr, batch: s.batch, seqLen: s.seqLen, heads: s.heads, kvHeads: s.kvHeads,
+                                     headDim: s.headDim, window: s.window, bf16: bf16)
+        return (try dq.floats(nq), try dk.floats(nk), try dv.floats(nk))
+    }
+
+    /// bf16 forward and backward against the fp32 GPU path at a model's real shape; each backward twice, bit for bit.
+    mutating func attentionBackwardAtScale(_ s: Attention.Shape) throws {
+        let nq = s.batch * s.seqLen * s.heads * s.headDim, nk = s.batch * s.seqLen * s.kvHeads * s.headDim
+        let q = try gpu(Self.random(nq, seed: 17)), k = try gpu(Self.random(nk, seed: 18)), v = try gpu(Self.random(nk, seed: 19))
+        let dout = try gpu(Self.random(nq, seed: 20))
+        let out = try DeviceBuffer(device, floats: nq), lse = try DeviceBuffer(device, floats: s.batch * s.heads * s.seqLen)
+        let label = "H=\(s.heads) Hkv=\(s.kvHeads) D=\(s.headDim) T=\(s.seqLen)"
+        var results: [Bool: ([Float], [Float], [Float])] = [:]
+        for bf16 in [false, true] {
+            try device.attention(out: out.ptr, lse: lse.ptr, q: q.ptr, k: k.ptr, v: v.ptr, batch: s.batch, seqLen: s.seqLen,
+                                 heads: s.heads, kvHeads: s.kvHeads, headDim: s.headDim, window: s.window, bf16: bf16)
+            let first = try attentionBackwardGPU(dout: dout, out: out, lse: lse, q: q, k: k, v: v, shape: s, bf16: bf16)
+            let again = try attentionBackwardGPU(dout: dout, out: out, lse: lse, q: q, k: k, v: v, shape: s, bf16: bf16)
+            let differ = Self.bitMismatches(first.0, again.0) + Self.bitMismatches(first.1, again.1) + Self.bitMismatches(first.2, again.2)
+            add("attention backward \(bf16 ? "bf16" : "fp32") \(label) deterministic", differ, 0, "bits ≠")
+            results[bf16] = first
+        }
+        let (ref, got) = (results[false]!, results[true]!)
+        for (name, r, g) in [("dq", ref.0, got.0), ("dk", ref.1, got.1), ("dv", ref.2, got.2)] {
+            let scale = max(Double(r.map { abs($0) }.max() ?? 0), 1e-30)
+            add("attention backward bf16 vs fp32 \(label) \(name), relative", Self.maxAbsDiff(r, g) / scale, 3e-2, "max |Δ|/max")
+        }
     }
 
     // MARK: Whole models

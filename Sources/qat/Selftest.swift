@@ -48,6 +48,10 @@ struct Selftest: ParsableCommand {
                     for file in KernelSources.files {
                         let cubin = try compiler.compile(KernelSources.program(file), name: file.name, arch: arch)
                         let kernels = KernelSources.kernelNames(in: file.source)
+                        // Each declared name must be a symbol of the cubin (a name made by a macro would not be found at load).
+                        for k in kernels where !cubin.containsSymbol(k) {
+                            throw QATError("\(file.name).cu (\(arch)): kernel \(k) is declared but not in the cubin")
+                        }
                         print("compiled \(file.name).cu for \(arch): \(cubin.count) bytes, kernels \(kernels.joined(separator: ", "))")
                         n += 1
                     }
@@ -97,5 +101,20 @@ final class DeviceRunner {
     /// Where verification computes logits (nil: the CPU).
     var logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? {
         gpu == nil ? nil : { [self] m, tokens, b, t in try copy(m)!.logitsTensor(tokens: tokens, batch: b, seqLen: t) }
+    }
+}
+
+extension Array where Element == UInt8 {
+    /// Whether the NUL-terminated string `name` occurs after a NUL or a '.' (as in an ELF string table).
+    func containsSymbol(_ name: String) -> Bool {
+        let pattern = Array(name.utf8) + [0]
+        guard pattern.count <= count else { return false }
+        var i = 0
+        while i + pattern.count <= count {
+            let start = i == 0 || self[i - 1] == 0 || self[i - 1] == UInt8(ascii: ".")
+            if start && self[i] == pattern[0] && Array(self[i..<(i + pattern.count)]) == pattern { return true }
+            i += 1
+        }
+        return false
     }
 }

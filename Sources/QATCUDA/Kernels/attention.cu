@@ -101,11 +101,12 @@ extern "C" __global__ void attention_forward(float *out, float *lse, const float
 // ---------------------------------------------------------------------------------------------
 // bf16 precision: the same attention on the tensor cores (mma.sync m16n8k16, bf16 inputs, fp32
 // accumulation), FlashAttention-2 style. A block of 4 warps owns 64 query rows (16 per warp); key
-// and value tiles of 64 are converted to bf16 into shared memory (V transposed, so that its
-// fragments are contiguous pairs); scores, the online softmax and the output stay in registers.
+// and value tiles of BK (64 for D=64, 32 for D=128) are converted to bf16 into shared memory, the
+// next tile's fp32 rows copied (cp.async) during the current one; scores, the online softmax and
+// the output stay in registers. Blocks run the longest rows first (causal load balance).
 // D is a template parameter (64 or 128); other head sizes use the fp32 kernel above.
+// Shared memory: Q [64][D+8], K, V [BK][D+8] bf16; staging K, V [BK][D] fp32.
 #define FA_BQ 64
-#define FA_BK 64
 
 __device__ __forceinline__ void mma_bf16(float *c, const u32 *a, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -116,26 +117,88 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }
 
-template <int D>
+// Rows first ..< first+ROWS of a [*, stride] fp32 matrix (zeros at and past T) as bf16 rows of
+// D+8 in dst; float4 loads, four in flight per thread.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_rows_bf16(u16 *dst, const float *src, long stride, int first, int T) {
+    const int D4 = D / 4, QS = D + 8, N = ROWS * D4, PER = 4;
+    static_assert(N % (128 * PER) == 0, "tile size");
+#pragma unroll
+    for (int base = 0; base < N; base += 128 * PER) {
+        float4 x[PER];
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
+            x[u] = first + r < T ? *(const float4 *)(src + (long)(first + r) * stride + d) : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
+            *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
+        }
+    }
+}
+
+// Software pipelining: the next tile's fp32 rows are copied global → shared with cp.async (no
+// registers, zeros past T) while the current tile is computed, then converted to bf16 in shared.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 16 : 0;   // 0: nothing is read, the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Starts copying rows first ..< first+ROWS of a [*, stride] fp32 matrix into stage [ROWS][D] (zeros
+// at and past T). The caller commits, waits (cp_async_wait_all) and synchronises the block.
+template <int ROWS, int D>
+__device__ __forceinline__ void stage_rows(float *stage, const float *src, long stride, int first, int T) {
+    const int D4 = D / 4;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
+        int r = i / D4, d = (i - r * D4) * 4;
+        bool ok = first + r < T;
+        cp_async16(stage + r * D + d, ok ? src + (long)(first + r) * stride + d : src, ok);
+    }
+}
+// stage [ROWS][D] fp32 → dst [ROWS][D+8] bf16.
+template <int ROWS, int D>
+__device__ __forceinline__ void convert_rows(u16 *dst, const float *stage) {
+    const int D4 = D / 4, QS = D + 8;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
+        int r = i / D4, d = (i - r * D4) * 4;
+        float4 x = *(const float4 *)(stage + r * D + d);
+        *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+    }
+}
+
+template <int D, int BK>
 __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv,
                                    int window, float scale) {
     extern __shared__ u16 fsm[];
     const int QS = D + 8;   // padded rows: fragment loads hit distinct banks
-    u16 *Qs = fsm, *Ks = Qs + FA_BQ * QS, *Vs = Ks + FA_BK * QS;
+    u16 *Qs = fsm, *Ks = Qs + FA_BQ * QS, *Vs = Ks + BK * QS;
+    float *Kst = (float *)(Vs + BK * QS), *Vst = Kst + BK * D;   // the next key tile, in flight (cp.async)
     int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
-    int r0 = blockIdx.x * FA_BQ;
+    int r0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;   // the longest rows first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
     const float *qb = q + (long)b * T * qStride + (long)h * D;
     const float *kb = k + (long)b * T * kStride + (long)g * D;
     const float *vb = v + (long)b * T * kStride + (long)g * D;
-    // Tiles move as float4 (D % 4 == 0, rows 16-byte aligned), several loads in flight per thread.
-    const int D4 = D / 4, PER = 4, ROUNDS = FA_BK * D4 / (128 * PER);
-    for (int i = tid; i < FA_BQ * D4; i += 128) {
-        int r = i / D4, d = (i - r * D4) * 4;
-        float4 x = r0 + r < T ? *(const float4 *)(qb + (long)(r0 + r) * qStride + d) : make_float4(0, 0, 0, 0);
-        *(uint2 *)&Qs[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
-    }
+    int rLast = min(T - 1, r0 + FA_BQ - 1);
+    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
+    kFirst = (kFirst / BK) * BK;
+    stage_rows<BK, D>(Kst, kb, kStride, kFirst, T);   // the first key tile, in flight during the Q load
+    stage_rows<BK, D>(Vst, vb, kStride, kFirst, T);
+    cp_async_commit();
+    load_rows_bf16<FA_BQ, D>(Qs, qb, qStride, r0, T);
     __syncthreads();
     int wr = warp * 16;
     u32 qf[D / 16][4];
@@ -151,36 +214,24 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
     int row0 = r0 + wr + gq, row1 = row0 + 8;
-    int rLast = min(T - 1, r0 + FA_BQ - 1);
-    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
-    kFirst = (kFirst / FA_BK) * FA_BK;
     const float sl2 = scale * 1.4426950408889634f;
     int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
-    for (int t0 = kFirst; t0 <= rLast; t0 += FA_BK) {
-        __syncthreads();
-#pragma unroll
-        for (int round = 0; round < ROUNDS; round++) {
-            float4 kr[PER], vr[PER];
-#pragma unroll
-            for (int u = 0; u < PER; u++) {
-                int i = tid + (round * PER + u) * 128, j = i / D4, d = (i - j * D4) * 4;
-                bool ok = t0 + j < T;
-                kr[u] = ok ? *(const float4 *)(kb + (long)(t0 + j) * kStride + d) : make_float4(0, 0, 0, 0);
-                vr[u] = ok ? *(const float4 *)(vb + (long)(t0 + j) * kStride + d) : make_float4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < PER; u++) {
-                int i = tid + (round * PER + u) * 128, j = i / D4, d = (i - j * D4) * 4;
-                *(uint2 *)&Ks[j * QS + d] = make_uint2(pack_bf16(kr[u].x, kr[u].y), pack_bf16(kr[u].z, kr[u].w));
-                *(uint2 *)&Vs[j * QS + d] = make_uint2(pack_bf16(vr[u].x, vr[u].y), pack_bf16(vr[u].z, vr[u].w));
-            }
+    for (int t0 = kFirst; t0 <= rLast; t0 += BK) {
+        cp_async_wait_all();
+        __syncthreads();   // every thread's copies of this tile landed; every warp is done with the previous tile
+        convert_rows<BK, D>(Ks, Kst);
+        convert_rows<BK, D>(Vs, Vst);
+        __syncthreads();   // the bf16 tile is ready; the staging buffers are free
+        if (t0 + BK <= rLast) {
+            stage_rows<BK, D>(Kst, kb, kStride, t0 + BK, T);
+            stage_rows<BK, D>(Vst, vb, kStride, t0 + BK, T);
+            cp_async_commit();
         }
-        __syncthreads();
         if (wFirst >= T || t0 > wLast) continue;
-        if (window > 0 && t0 + FA_BK - 1 < wFirst - window + 1) continue;
-        float s[FA_BK / 8][4];
+        if (window > 0 && t0 + BK - 1 < wFirst - window + 1) continue;
+        float s[BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
 #pragma unroll
             for (int ks = 0; ks < D / 16; ks++) {
@@ -189,10 +240,10 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
                 mma_bf16(s[n], qf[ks], b0, b1);
             }
         }
-        bool needMask = t0 + FA_BK - 1 > wFirst || window > 0 || t0 + FA_BK > T;
+        bool needMask = t0 + BK - 1 > wFirst || window > 0 || t0 + BK > T;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
@@ -212,7 +263,7 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
         float c0 = exp2f(m0 - base0), c1 = exp2f(m1 - base1);
         float rs0 = 0, rs1 = 0;
 #pragma unroll
-        for (int n = 0; n < FA_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             s[n][0] = exp2f(s[n][0] - base0); s[n][1] = exp2f(s[n][1] - base0);
             s[n][2] = exp2f(s[n][2] - base1); s[n][3] = exp2f(s[n][3] - base1);
             rs0 += s[n][0] + s[n][1];
@@ -227,7 +278,7 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
 #pragma unroll
         for (int i = 0; i < D / 8; i++) { o[i][0] *= c0; o[i][1] *= c0; o[i][2] *= c1; o[i][3] *= c1; }
 #pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; kk++) {
+        for (int kk = 0; kk < BK / 16; kk++) {
             u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                         pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
             // B fragments of V (keys × dims) straight from its row-major tile: ldmatrix.trans,
@@ -259,9 +310,468 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
 
 extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d64(float *out, float *lse, const float *q, const float *k,
                                                                              const float *v, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<64>(out, lse, q, k, v, T, H, Hkv, window, scale);
+    flash_forward_bf16<64, 64>(out, lse, q, k, v, T, H, Hkv, window, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d128(float *out, float *lse, const float *q, const float *k,
                                                                               const float *v, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<128>(out, lse, q, k, v, T, H, Hkv, window, scale);
+    flash_forward_bf16<128, 32>(out, lse, q, k, v, T, H, Hkv, window, scale);
+}
+
+// =============================================================================================
+// Backward (Attention.backward of Sources/QATModels/Layers/Attention.swift), FlashAttention-2
+// style: P = exp(scale·QKᵀ − lse) is recomputed per tile from the forward's lse (natural-log
+// log-sum-exp of each row's scaled scores, [B, H, T]); delta = rowsum(dO ∘ O) ([B, H, T]);
+// dS = P ∘ (dP − delta) with dP = dO Vᵀ; dV = Pᵀ dO, dK = scale · dSᵀ Q, dQ = scale · dS K.
+// Deterministic: no atomics. dK and dV come from one kernel per (batch, kv head, key tile) that
+// loops over the group's query heads and the query tiles in a fixed order; dQ from another per
+// (batch, head, query tile) that loops over the key tiles. Masked and out-of-range entries give
+// exactly P = dS = 0.
+
+// delta[b, h, t] = Σ_d dout[b, t, h, d] · out[b, t, h, d]: a warp per (b, t, h) row, fp32.
+extern "C" __global__ void attention_backward_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int D) {
+    long rows = (long)B * T * H;
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float *o = out + row * D, *g = dout + row * D;
+    float s = 0;
+    for (int d = lane; d < D; d += 32) s = __fadd_rn(s, __fmul_rn(o[d], g[d]));
+    s = warp_sum(s);
+    long b = row / ((long)T * H), rest = row - b * T * H;
+    int t = (int)(rest / H), h = (int)(rest - (long)t * H);
+    if (lane == 0) delta[((long)b * H + h) * T + t] = s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 path (fp32 products, __f*_rn as the forward). Blocks of 256 threads = 8 warps. A tile
+// step pairs 16 query rows with 32 keys: warp w scores rows 2w and 2w+1, lane j key j, into
+// P and dS tiles in shared memory; then the products read them. Shared memory (floats):
+// K, V [32][D+1] (padded), Q, dO [16][D], P, dS [16][33], lse, delta [16]. D <= 256.
+#define ATB_ROWS 16
+#define ATB_KEYS 32
+
+__device__ __forceinline__ void att_bwd_scores_f32(float *Ps, float *dSs, const float *Qs, const float *Gs, const float *Ks,
+                                                   const float *Vs, const float *Ls, const float *Dl, int r0, int t0, int T, int D,
+                                                   int window, float scale) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ks = D + 1;
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        int rl = warp * 2 + rr, row = r0 + rl, key = t0 + lane;
+        bool valid = row < T && key < T && key <= row && (window <= 0 || row - key < window);
+        float p = 0.0f, ds = 0.0f;
+        if (valid) {
+            const float *qr = Qs + rl * D, *gr = Gs + rl * D, *kr = Ks + lane * ks, *vr = Vs + lane * ks;
+            float dot = 0, dp = 0;
+            for (int d = 0; d < D; d++) {
+                dot = __fadd_rn(dot, __fmul_rn(qr[d], kr[d]));
+                dp = __fadd_rn(dp, __fmul_rn(gr[d], vr[d]));
+            }
+            p = expf(__fsub_rn(__fmul_rn(dot, scale), Ls[rl]));
+            ds = __fmul_rn(p, __fsub_rn(dp, Dl[rl]));
+        }
+        Ps[rl * (ATB_KEYS + 1) + lane] = p;
+        dSs[rl * (ATB_KEYS + 1) + lane] = ds;
+    }
+}
+
+// Rows r0 ..< r0+16 of q and dout (zeros past T) into Qs, Gs; their lse and delta into Ls, Dl.
+__device__ __forceinline__ void att_bwd_rows_f32(float *Qs, float *Gs, float *Ls, float *Dl, const float *qb, const float *gb,
+                                                 const float *lrow, const float *drow, long qStride, int r0, int T, int D) {
+    for (int i = threadIdx.x; i < ATB_ROWS * D; i += blockDim.x) {
+        int r = i / D, d = i - r * D;
+        bool ok = r0 + r < T;
+        Qs[i] = ok ? qb[(long)(r0 + r) * qStride + d] : 0.0f;
+        Gs[i] = ok ? gb[(long)(r0 + r) * qStride + d] : 0.0f;
+    }
+    if (threadIdx.x < ATB_ROWS) {
+        int row = r0 + threadIdx.x;
+        Ls[threadIdx.x] = row < T ? lrow[row] : 0.0f;
+        Dl[threadIdx.x] = row < T ? drow[row] : 0.0f;
+    }
+}
+
+// Keys t0 ..< t0+32 of k and v (zeros past T) into Ks, Vs (rows padded to D+1).
+__device__ __forceinline__ void att_bwd_keys_f32(float *Ks, float *Vs, const float *kb, const float *vb, long kStride, int t0, int T,
+                                                 int D) {
+    int ks = D + 1;
+    for (int i = threadIdx.x; i < ATB_KEYS * D; i += blockDim.x) {
+        int j = i / D, d = i - j * D;
+        bool ok = t0 + j < T;
+        Ks[j * ks + d] = ok ? kb[(long)(t0 + j) * kStride + d] : 0.0f;
+        Vs[j * ks + d] = ok ? vb[(long)(t0 + j) * kStride + d] : 0.0f;
+    }
+}
+
+// dK, dV of keys k0 ..< k0+32 of kv head g. Grid: (ceil(T / 32), B*Hkv); warp w accumulates
+// keys 4w ..< 4w+4, lane the dimensions lane, lane+32, ...
+extern "C" __global__ void __launch_bounds__(256) attention_backward_dkdv(float *dk, float *dv, const float *dout, const float *lse,
+                                                                          const float *delta, const float *q, const float *k,
+                                                                          const float *v, int B, int T, int H, int Hkv, int D,
+                                                                          int window, float scale) {
+    extern __shared__ float bsm32[];
+    int ks = D + 1;
+    float *Ks = bsm32, *Vs = Ks + ATB_KEYS * ks, *Qs = Vs + ATB_KEYS * ks, *Gs = Qs + ATB_ROWS * D;
+    float *Ps = Gs + ATB_ROWS * D, *dSs = Ps + ATB_ROWS * (ATB_KEYS + 1), *Ls = dSs + ATB_ROWS * (ATB_KEYS + 1), *Dl = Ls + ATB_ROWS;
+    int bg = blockIdx.y, b = bg / Hkv, g = bg - b * Hkv, group = H / Hkv;
+    int k0 = blockIdx.x * ATB_KEYS;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    long qStride = (long)H * D, kStride = (long)Hkv * D;
+    att_bwd_keys_f32(Ks, Vs, k + (long)b * T * kStride + (long)g * D, v + (long)b * T * kStride + (long)g * D, kStride, k0, T, D);
+    const int per = ATT_MAXD / 32;
+    float adk[4][per], adv[4][per];
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int e = 0; e < per; e++) adk[kk][e] = adv[kk][e] = 0;
+    // Rows that see a key of this tile: k0 ..< T, and with a window below k0 + 31 + window.
+    int rEnd = window > 0 ? min(T, k0 + ATB_KEYS - 1 + window) : T;
+    for (int hh = 0; hh < group; hh++) {
+        int h = g * group + hh;
+        long qo = (long)b * T * qStride + (long)h * D;
+        const float *lrow = lse + ((long)b * H + h) * T, *drow = delta + ((long)b * H + h) * T;
+        for (int r0 = k0; r0 < rEnd; r0 += ATB_ROWS) {
+            __syncthreads();
+            att_bwd_rows_f32(Qs, Gs, Ls, Dl, q + qo, dout + qo, lrow, drow, qStride, r0, T, D);
+            __syncthreads();
+            att_bwd_scores_f32(Ps, dSs, Qs, Gs, Ks, Vs, Ls, Dl, r0, k0, T, D, window, scale);
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                int kl = warp * 4 + kk;
+                for (int r = 0; r < ATB_ROWS; r++) {
+                    float p = Ps[r * (ATB_KEYS + 1) + kl], ds = dSs[r * (ATB_KEYS + 1) + kl];
+                    const float *gr = Gs + r * D, *qr = Qs + r * D;
+#pragma unroll
+                    for (int e = 0; e < per; e++) {
+                        int d = lane + 32 * e;
+                        if (d < D) {
+                            adv[kk][e] = __fadd_rn(adv[kk][e], __fmul_rn(p, gr[d]));
+                            adk[kk][e] = __fadd_rn(adk[kk][e], __fmul_rn(ds, qr[d]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        int key = k0 + warp * 4 + kk;
+        if (key >= T) continue;
+        long o = (long)b * T * kStride + (long)key * kStride + (long)g * D;
+#pragma unroll
+        for (int e = 0; e < per; e++) {
+            int d = lane + 32 * e;
+            if (d < D) {
+                dk[o + d] = __fmul_rn(adk[kk][e], scale);
+                dv[o + d] = adv[kk][e];
+            }
+        }
+    }
+}
+
+// dQ of rows r0 ..< r0+16 of head h. Grid: (ceil(T / 16), B*H); warp w accumulates rows 2w and
+// 2w+1, lane the dimensions lane, lane+32, ... Same shared memory layout as dkdv.
+extern "C" __global__ void __launch_bounds__(256) attention_backward_dq(float *dq, const float *dout, const float *lse,
+                                                                        const float *delta, const float *q, const float *k, const float *v,
+                                                                        int B, int T, int H, int Hkv, int D, int window, float scale) {
+    extern __shared__ float bsm32[];
+    int ks = D + 1;
+    float *Ks = bsm32, *Vs = Ks + ATB_KEYS * ks, *Qs = Vs + ATB_KEYS * ks, *Gs = Qs + ATB_ROWS * D;
+    float *Ps = Gs + ATB_ROWS * D, *dSs = Ps + ATB_ROWS * (ATB_KEYS + 1), *Ls = dSs + ATB_ROWS * (ATB_KEYS + 1), *Dl = Ls + ATB_ROWS;
+    int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
+    int r0 = (gridDim.x - 1 - blockIdx.x) * ATB_ROWS;   // the longest rows first
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    long qStride = (long)H * D, kStride = (long)Hkv * D;
+    long qo = (long)b * T * qStride + (long)h * D;
+    const float *kb = k + (long)b * T * kStride + (long)g * D, *vb = v + (long)b * T * kStride + (long)g * D;
+    att_bwd_rows_f32(Qs, Gs, Ls, Dl, q + qo, dout + qo, lse + ((long)b * H + h) * T, delta + ((long)b * H + h) * T, qStride, r0, T, D);
+    const int per = ATT_MAXD / 32;
+    float adq[2][per];
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++)
+#pragma unroll
+        for (int e = 0; e < per; e++) adq[rr][e] = 0;
+    int rLast = min(T - 1, r0 + ATB_ROWS - 1);
+    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
+    kFirst = (kFirst / ATB_KEYS) * ATB_KEYS;
+    for (int t0 = kFirst; t0 <= rLast; t0 += ATB_KEYS) {
+        __syncthreads();
+        att_bwd_keys_f32(Ks, Vs, kb, vb, kStride, t0, T, D);
+        __syncthreads();
+        att_bwd_scores_f32(Ps, dSs, Qs, Gs, Ks, Vs, Ls, Dl, r0, t0, T, D, window, scale);
+        __syncthreads();
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            int rl = warp * 2 + rr;
+            for (int j = 0; j < ATB_KEYS; j++) {
+                float ds = dSs[rl * (ATB_KEYS + 1) + j];
+                const float *kr = Ks + j * ks;
+#pragma unroll
+                for (int e = 0; e < per; e++) {
+                    int d = lane + 32 * e;
+                    if (d < D) adq[rr][e] = __fadd_rn(adq[rr][e], __fmul_rn(ds, kr[d]));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        int row = r0 + warp * 2 + rr;
+        if (row >= T) continue;
+        float *o = dq + qo + (long)row * qStride;
+#pragma unroll
+        for (int e = 0; e < per; e++) {
+            int d = lane + 32 * e;
+            if (d < D) o[d] = __fmul_rn(adq[rr][e], scale);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 path: tensor cores (mma.sync m16n8k16, bf16 products, fp32 accumulation), blocks of 128
+// threads = 4 warps. Tiles are converted to bf16 into shared memory, rows padded to D+8.
+
+// dK, dV of keys k0 ..< k0+64 of kv head g: warp w owns keys k0+16w ..< k0+16w+16 and computes
+// Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for query tiles of BQ rows (K, V as A fragments, Q and dO rows as B
+// fragments), then dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ, dSᵀ as A fragments straight from the
+// accumulators, dO and Q through ldmatrix.trans). Grid: (ceil(T / 64), B*Hkv).
+// The (query head, query tile) steps run in a fixed order, the next one's rows staged during the current one.
+// Shared memory: K, V [64][D+8], Q, dO [BQ][D+8] bf16; lse·log2(e), delta [BQ]; staging: Q, dO [BQ][D],
+// lse, delta [BQ] fp32.
+template <int D, int BQ>
+__device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout, const float *lse, const float *delta, const float *q,
+                                         const float *k, const float *v, int T, int H, int Hkv, int window, float scale) {
+    extern __shared__ u16 bsm16[];
+    const int QS = D + 8;
+    u16 *Ks = bsm16, *Vs = Ks + 64 * QS, *Qs = Vs + 64 * QS, *Gs = Qs + BQ * QS;
+    float *Ls = (float *)(Gs + BQ * QS), *Dl = Ls + BQ;
+    float *Qst = Dl + BQ, *Gst = Qst + BQ * D, *Lst = Gst + BQ * D, *Dst = Lst + BQ;
+    int bg = blockIdx.y, b = bg / Hkv, g = bg - b * Hkv, group = H / Hkv;
+    int k0 = blockIdx.x * 64;   // the longest key tiles (most rows) first
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    long qStride = (long)H * D, kStride = (long)Hkv * D;
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) dka[i][0] = dka[i][1] = dka[i][2] = dka[i][3] = dva[i][0] = dva[i][1] = dva[i][2] = dva[i][3] = 0;
+    int wk = warp * 16, key0 = k0 + wk + gq, key1 = key0 + 8;
+    int wKeyFirst = k0 + wk, wKeyLast = wKeyFirst + 15;
+    int rEnd = window > 0 ? min(T, k0 + 63 + window) : T;   // rows that see a key of this tile
+    const float sl2 = scale * 1.4426950408889634f;
+    // Step i: query head g*group + i / tiles, rows k0 + (i % tiles)·BQ ..< +BQ (rEnd > k0: tiles >= 1). Step i is staged
+    // (cp.async) while step i-1 is computed.
+    int tiles = (rEnd - k0 + BQ - 1) / BQ, steps = group * tiles;
+    auto stage = [&](int i) {
+        int hs = g * group + i / tiles, rs = k0 + (i % tiles) * BQ;
+        long qo = (long)b * T * qStride + (long)hs * D, lo = ((long)b * H + hs) * T;
+        stage_rows<BQ, D>(Qst, q + qo, qStride, rs, T);
+        stage_rows<BQ, D>(Gst, dout + qo, qStride, rs, T);
+        if (tid < BQ) {
+            bool ok = rs + tid < T;
+            cp_async4(Lst + tid, lse + lo + (ok ? rs + tid : 0), ok);
+            cp_async4(Dst + tid, delta + lo + (ok ? rs + tid : 0), ok);
+        }
+        cp_async_commit();
+    };
+    stage(0);
+    load_rows_bf16<64, D>(Ks, k + (long)b * T * kStride + (long)g * D, kStride, k0, T);   // while step 0 is in flight
+    load_rows_bf16<64, D>(Vs, v + (long)b * T * kStride + (long)g * D, kStride, k0, T);
+    for (int it = 1; it <= steps; it++) {
+        cp_async_wait_all();
+        __syncthreads();   // every thread's copies of step it-1 landed; every warp is done with step it-2 (and K, V are stored)
+        convert_rows<BQ, D>(Qs, Qst);
+        convert_rows<BQ, D>(Gs, Gst);
+        if (tid < BQ) { Ls[tid] = Lst[tid] * 1.4426950408889634f; Dl[tid] = Dst[tid]; }
+        __syncthreads();   // the bf16 tiles are ready; the staging buffers are free
+        if (it < steps) stage(it);
+        {
+            int r0 = k0 + ((it - 1) % tiles) * BQ;
+            if (wKeyFirst >= T || wKeyFirst > r0 + BQ - 1) continue;   // every row is before the warp's keys
+            if (window > 0 && r0 - wKeyLast >= window) continue;      // every row is past the window of its keys
+            float s[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+            for (int n = 0; n < BQ / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ks++) {
+                const u16 *kr0 = Ks + (wk + gq) * QS + ks * 16 + 2 * tq, *kr1 = kr0 + 8 * QS;
+                const u16 *vr0 = Vs + (wk + gq) * QS + ks * 16 + 2 * tq, *vr1 = vr0 + 8 * QS;
+                u32 ka[4] = {*(const u32 *)kr0, *(const u32 *)kr1, *(const u32 *)(kr0 + 8), *(const u32 *)(kr1 + 8)};
+                u32 va[4] = {*(const u32 *)vr0, *(const u32 *)vr1, *(const u32 *)(vr0 + 8), *(const u32 *)(vr1 + 8)};
+#pragma unroll
+                for (int n = 0; n < BQ / 8; n++) {
+                    const u16 *qr = Qs + (n * 8 + gq) * QS + ks * 16 + 2 * tq, *gr = Gs + (n * 8 + gq) * QS + ks * 16 + 2 * tq;
+                    mma_bf16(s[n], ka, *(const u32 *)qr, *(const u32 *)(qr + 8));
+                    mma_bf16(dp[n], va, *(const u32 *)gr, *(const u32 *)(gr + 8));
+                }
+            }
+            // Accumulator element e of tile n: key key0 (e < 2) or key1, query row r0 + n*8 + 2*tq + (e & 1).
+            bool needMask = r0 < wKeyLast || window > 0 || r0 + BQ > T;
+#pragma unroll
+            for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int qi = n * 8 + 2 * tq + (e & 1), row = r0 + qi, key = e < 2 ? key0 : key1;
+                    bool valid = !needMask || (row < T && key <= row && (window <= 0 || row - key < window));
+                    float p = valid ? exp2f(s[n][e] * sl2 - Ls[qi]) : 0.0f;
+                    s[n][e] = p;
+                    dp[n][e] = p * (dp[n][e] - Dl[qi]);
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BQ / 16; kk++) {
+                u32 pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                u32 da[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
+                             pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                u32 gaddr = (u32)__cvta_generic_to_shared(&Gs[(kk * 16 + (lane & 15)) * QS]);
+                u32 qaddr = (u32)__cvta_generic_to_shared(&Qs[(kk * 16 + (lane & 15)) * QS]);
+#pragma unroll
+                for (int dn = 0; dn < D / 8; dn++) {
+                    u32 b0, b1;
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                                 : "=r"(b0), "=r"(b1) : "r"(gaddr + dn * 16));
+                    mma_bf16(dva[dn], pa, b0, b1);
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                                 : "=r"(b0), "=r"(b1) : "r"(qaddr + dn * 16));
+                    mma_bf16(dka[dn], da, b0, b1);
+                }
+            }
+        }
+    }
+    float *dkb = dk + (long)b * T * kStride + (long)g * D, *dvb = dv + (long)b * T * kStride + (long)g * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++) {
+        int d = dn * 8 + 2 * tq;
+        if (key0 < T) {
+            *(float2 *)(dkb + (long)key0 * kStride + d) = make_float2(dka[dn][0] * scale, dka[dn][1] * scale);
+            *(float2 *)(dvb + (long)key0 * kStride + d) = make_float2(dva[dn][0], dva[dn][1]);
+        }
+        if (key1 < T) {
+            *(float2 *)(dkb + (long)key1 * kStride + d) = make_float2(dka[dn][2] * scale, dka[dn][3] * scale);
+            *(float2 *)(dvb + (long)key1 * kStride + d) = make_float2(dva[dn][2], dva[dn][3]);
+        }
+    }
+}
+
+// dQ of rows r0 ..< r0+64 of head h: warp w owns rows r0+16w ..< r0+16w+16 (Q and dO as A
+// fragments in registers), computes S = Q Kᵀ and dP = dO Vᵀ for key tiles of BK, then
+// dQ += dS K (K through ldmatrix.trans). Grid: (ceil(T / 64), B*H).
+// The next key tile is staged during the current one.
+// Shared memory: Q, dO [64][D+8], K, V [BK][D+8] bf16; staging: K, V [BK][D] fp32.
+template <int D, int BK>
+__device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float *lse, const float *delta, const float *q, const float *k,
+                                       const float *v, int T, int H, int Hkv, int window, float scale) {
+    extern __shared__ u16 bsm16[];
+    const int QS = D + 8;
+    u16 *Qs = bsm16, *Gs = Qs + 64 * QS, *Ks = Gs + 64 * QS, *Vs = Ks + BK * QS;
+    float *Kst = (float *)(Vs + BK * QS), *Vst = Kst + BK * D;
+    int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
+    int r0 = (gridDim.x - 1 - blockIdx.x) * 64;   // the longest rows first
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    long qStride = (long)H * D, kStride = (long)Hkv * D;
+    long qo = (long)b * T * qStride + (long)h * D;
+    const float *kb = k + (long)b * T * kStride + (long)g * D, *vb = v + (long)b * T * kStride + (long)g * D;
+    int rLast = min(T - 1, r0 + 63);
+    int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
+    kFirst = (kFirst / BK) * BK;
+    stage_rows<BK, D>(Kst, kb, kStride, kFirst, T);   // the first key tile, in flight during the row loads
+    stage_rows<BK, D>(Vst, vb, kStride, kFirst, T);
+    cp_async_commit();
+    load_rows_bf16<64, D>(Qs, q + qo, qStride, r0, T);
+    load_rows_bf16<64, D>(Gs, dout + qo, qStride, r0, T);
+    __syncthreads();
+    int wr = warp * 16;
+    u32 qf[D / 16][4], gf[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ks++) {
+        const u16 *q0 = Qs + (wr + gq) * QS + ks * 16 + 2 * tq, *g0 = Gs + (wr + gq) * QS + ks * 16 + 2 * tq;
+        qf[ks][0] = *(const u32 *)q0; qf[ks][1] = *(const u32 *)(q0 + 8 * QS);
+        qf[ks][2] = *(const u32 *)(q0 + 8); qf[ks][3] = *(const u32 *)(q0 + 8 * QS + 8);
+        gf[ks][0] = *(const u32 *)g0; gf[ks][1] = *(const u32 *)(g0 + 8 * QS);
+        gf[ks][2] = *(const u32 *)(g0 + 8); gf[ks][3] = *(const u32 *)(g0 + 8 * QS + 8);
+    }
+    int row0 = r0 + wr + gq, row1 = row0 + 8;
+    const float *lrow = lse + ((long)b * H + h) * T, *drow = delta + ((long)b * H + h) * T;
+    float L0 = row0 < T ? lrow[row0] * 1.4426950408889634f : 0.0f, L1 = row1 < T ? lrow[row1] * 1.4426950408889634f : 0.0f;
+    float D0 = row0 < T ? drow[row0] : 0.0f, D1 = row1 < T ? drow[row1] : 0.0f;
+    float dqa[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0;
+    const float sl2 = scale * 1.4426950408889634f;
+    int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
+    for (int t0 = kFirst; t0 <= rLast; t0 += BK) {
+        cp_async_wait_all();
+        __syncthreads();   // every thread's copies of this tile landed; every warp is done with the previous tile
+        convert_rows<BK, D>(Ks, Kst);
+        convert_rows<BK, D>(Vs, Vst);
+        __syncthreads();   // the bf16 tile is ready; the staging buffers are free
+        if (t0 + BK <= rLast) {
+            stage_rows<BK, D>(Kst, kb, kStride, t0 + BK, T);
+            stage_rows<BK, D>(Vst, vb, kStride, t0 + BK, T);
+            cp_async_commit();
+        }
+        if (wFirst >= T || t0 > wLast) continue;                             // every key is after the warp's rows
+        if (window > 0 && t0 + BK - 1 < wFirst - window + 1) continue;       // every key is before the warp's windows
+        float s[BK / 8][4], dp[BK / 8][4];
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ks++) {
+                const u16 *kr = Ks + (n * 8 + gq) * QS + ks * 16 + 2 * tq, *vr = Vs + (n * 8 + gq) * QS + ks * 16 + 2 * tq;
+                mma_bf16(s[n], qf[ks], *(const u32 *)kr, *(const u32 *)(kr + 8));
+                mma_bf16(dp[n], gf[ks], *(const u32 *)vr, *(const u32 *)(vr + 8));
+            }
+        }
+        // Accumulator element e of tile n: row row0 (e < 2) or row1, key t0 + n*8 + 2*tq + (e & 1).
+        bool needMask = t0 + BK - 1 > wFirst || window > 0 || t0 + BK > T || wFirst + 15 >= T;
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
+                bool valid = !needMask || (row < T && key <= row && (window <= 0 || row - key < window));
+                float p = valid ? exp2f(s[n][e] * sl2 - (e < 2 ? L0 : L1)) : 0.0f;
+                s[n][e] = p * (dp[n][e] - (e < 2 ? D0 : D1));
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                        pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            u32 kaddr = (u32)__cvta_generic_to_shared(&Ks[(kk * 16 + (lane & 15)) * QS]);
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++) {
+                u32 b0, b1;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b0), "=r"(b1) : "r"(kaddr + dn * 16));
+                mma_bf16(dqa[dn], a, b0, b1);
+            }
+        }
+    }
+    float *ob = dq + qo;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++) {
+        int d = dn * 8 + 2 * tq;
+        if (row0 < T) *(float2 *)(ob + (long)row0 * qStride + d) = make_float2(dqa[dn][0] * scale, dqa[dn][1] * scale);
+        if (row1 < T) *(float2 *)(ob + (long)row1 * qStride + d) = make_float2(dqa[dn][2] * scale, dqa[dn][3] * scale);
+    }
+}
+
+// Query tile of the dK/dV kernel and key tile of the dQ kernel: 64 for D=64, 32 for D=128 (two 16×D fp32
+// accumulators per warp). Written out, not by a macro: KernelLibrary finds kernels by their declared names.
+#define ATT_BWD_DKDV_ARGS float *dk, float *dv, const float *dout, const float *lse, const float *delta, const float *q, \
+                          const float *k, const float *v, int T, int H, int Hkv, int window, float scale
+#define ATT_BWD_DQ_ARGS float *dq, const float *dout, const float *lse, const float *delta, const float *q, const float *k, \
+                        const float *v, int T, int H, int Hkv, int window, float scale
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d64(ATT_BWD_DKDV_ARGS) {
+    flash_backward_dkdv_bf16<64, 64>(dk, dv, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d128(ATT_BWD_DKDV_ARGS) {
+    flash_backward_dkdv_bf16<128, 32>(dk, dv, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d64(ATT_BWD_DQ_ARGS) {
+    flash_backward_dq_bf16<64, 64>(dq, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d128(ATT_BWD_DQ_ARGS) {
+    flash_backward_dq_bf16<128, 32>(dq, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
 }

@@ -55,6 +55,7 @@ extension CUDASelftest {
     /// One micro-batch's loss and every parameter gradient, CPU against GPU (fp32 and bf16).
     private mutating func gradientCheck(_ label: String, model: CausalLM, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
                                         loss kd: DistillationLoss?, quantized: Bool = false) throws {
+        // (Quantized: both sides use the host's calibration, so the fake quant sees the same amax.)
         let n = batch * seqLen, C = model.config.hiddenSize
         let valid = targets.filter { $0 != CrossEntropy.ignoreIndex }.count, scale = 1 / Float(valid)
         for p in model.parameters { p.setRequiresGrad(true); p.grad!.zero() }
@@ -66,7 +67,9 @@ extension CUDASelftest {
         let cpu = try loss.run(model: model, hidden: hidden, batch: micro, gradScale: scale, dHidden: dHidden.data)
         try model.backward(dHidden: dHidden.data)
         let cpuGrads = model.parameters.map { Array(UnsafeBufferPointer(start: $0.grad!.data, count: $0.count)) }
-        for precision in Precision.allCases {
+        // bf16 rounds the quantizers' inputs, which moves elements across E2M1 code boundaries:
+        // a quantized model in bf16 is another function, so it is compared in fp32 only.
+        for precision in quantized ? [Precision.fp32] : Precision.allCases {
             let gm = try CUDAModel(model: model, device: device, precision: precision)
             try gm.prepareTraining()
             try gm.zeroGradients()
@@ -86,8 +89,7 @@ extension CUDASelftest {
             try gm.backward(dHidden: r.dHidden)
             let tag = precision == .fp32 ? "fp32" : "bf16"
             let lossError = abs(r.ce - cpu.ce) / Double(valid) + abs(r.kd - cpu.kd) / Double(valid)
-            // NVFP4: a last-bit difference upstream can move an element to the next E2M1 code.
-            add("train \(label): loss \(tag)", lossError, precision == .fp32 && !quantized ? 1e-5 : 2e-2, "|Δ| mean")
+            add("train \(label): loss \(tag)", lossError, precision == .fp32 ? 1e-5 : 2e-2, "|Δ| mean")
             var worst = 0.0, worstName = ""
             for (p, cg) in zip(model.parameters, cpuGrads) {
                 guard let ptr = gm.gradient(p) else { continue }
@@ -99,7 +101,7 @@ extension CUDASelftest {
                 if e.isNaN { break }
             }
             add("train \(label): gradients \(tag) (worst \(worstName.isEmpty ? "-" : worstName))", worst,
-                precision == .fp32 ? (quantized ? 5e-2 : 2e-3) : 1e-1, "max |Δ|/max")
+                precision == .fp32 ? 2e-3 : 1e-1, "max |Δ|/max")
         }
         for p in model.parameters { p.setRequiresGrad(false) }
     }

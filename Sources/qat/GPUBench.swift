@@ -41,6 +41,7 @@ struct GPUBench {
     func run() throws {
         guard case .cuda = device else { throw QATError("internal: GPUBench on \(device)") }
         let gpu = try GPU.open(device)
+        setvbuf(stdout, nil, _IOLBF, 0)   // each line as it is measured (a long run may be cut short)
         print("GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) tokens per step, median of \(repeats) after 2 warm-ups")
         print("shape          mode                 ms/step   [min, max]      tokens/s   peak GPU MiB")
         for shape in shapes {
@@ -97,8 +98,11 @@ struct GPUBench {
                     }
                 }
             }
+            // Training: the quantized model of the rows above (NVFP4 W4A4 + FP8 KV, calibrated
+            // on the GPU), a copy of its master weights as the QAD teacher.
+            let teacher = try CausalLM(config: config, parameters: Dictionary(uniqueKeysWithValues: model.parameters.map { ($0.name, $0.value.copy()) }))
             for mode in [Recipe.Mode.qat, .qad] {
-                do { print(try trainSteps(shape: shape, config: config, tokens: tokens, gpu: gpu, mode: mode)) } catch {
+                do { print(try trainSteps(shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode)) } catch {
                     print(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
                 }
             }
@@ -112,18 +116,11 @@ struct GPUBench {
     /// (`Trainer.run` with `CUDAStepBackend`: forward, fused loss head, backward, gradient norm
     /// and clipping at 1.0, AdamW): median step time after 2 warm-up steps, and the run's peak
     /// GPU memory (the QAD teacher included).
-    func trainSteps(shape: String, config: ModelConfig, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode) throws -> String {
-        func load() throws -> CausalLM {
-            FileManager.default.fileExists(atPath: shape + "/config.json") ? try CausalLM(directory: shape) : try CausalLM(config: config, seed: 1, std: 0.02)
-        }
-        let model = try load()
-        let set = QuantizerSet(model: model, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
+    func trainSteps(shape: String, model: CausalLM, teacher: CausalLM, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode) throws -> String {
+        let config = model.config
         let before = gpu.bytesInUse
         gpu.resetPeak()
         let gm = try CUDAModel(model: model, device: gpu, precision: .bf16)
-        try Calibration.run(model: model, quantizers: set, sequences: [Array(tokens.prefix(seq))], seqLen: seq, batchSize: 1,
-                            forward: gm.calibrationForward(seqLen: seq))
-        gm.markWeightsChanged()
         var spec = Recipe.TrainSpec()
         spec.mode = mode; spec.steps = repeats + 2; spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"
         spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1
@@ -151,7 +148,7 @@ struct GPUBench {
         if mode == .qad {
             var d = Recipe.DistillSpec()
             d.kdRatio = 1
-            trainer.loss = try DistillationLoss(teacher: try load(), studentVocab: config.vocabSize, spec: d)
+            trainer.loss = try DistillationLoss(teacher: teacher, studentVocab: config.vocabSize, spec: d)
         }
         _ = try trainer.run()
         try gpu.synchronize()

@@ -1,4 +1,5 @@
 import CBLAS
+import Foundation
 
 /// Row-major matrix products through OpenBLAS.
 ///
@@ -67,6 +68,13 @@ public enum BLAS {
         cblas_sgemm(
             CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
             Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    /// OpenBLAS's build configuration and the kernel family it chose for this CPU.
+    public static var configuration: String {
+        let cfg = openblas_get_config().map { String(cString: $0) } ?? "?"
+        let core = openblas_get_corename().map { String(cString: $0) } ?? "?"
+        return "\(cfg.trimmingCharacters(in: .whitespaces)), core \(core)"
     }
 
     /// Sets the number of compute threads (`Parallel.threads`; 0 leaves it as configured).

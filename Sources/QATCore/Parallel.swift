@@ -110,13 +110,10 @@ public enum Parallel {
         }
     }
 
-    /// Runs `body(w)` for w in 0..<count concurrently (count small: one task per worker).
+    /// Runs `body(t)` for every task t in 0..<count, handed out one at a time to
+    /// `min(threads, count)` workers (so `body` must not depend on which worker runs it).
     public static func tasks(_ count: Int, _ body: (Int) -> Void) {
-        if count <= 1 || threads <= 1 {
-            for w in 0..<count { body(w) }
-            return
-        }
-        WorkerPool.shared.run(count, body)
+        forEachDynamic(count) { _, t in body(t) }
     }
 }
 

@@ -130,7 +130,7 @@ struct Bench: ParsableCommand {
             out.set("threads", .int(Int64(Parallel.threads)))
             out.set("cores", .int(Int64(Parallel.availableCores)))
             out.set("openblas", .string(BLAS.configuration))
-            lines.append("threads \(Parallel.threads) of \(Parallel.availableCores) cores; OpenBLAS \(BLAS.configuration)")
+            lines.append("threads \(Parallel.threads) of \(Parallel.availableCores) cores; \(BLAS.configuration)")
             say(lines.last!)
             out.set("repeats", .int(Int64(repeats)))
             out.set("peak_reset", .bool(PeakMemory.canReset))

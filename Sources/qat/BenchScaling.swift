@@ -31,7 +31,8 @@ extension Bench {
         let counts = try scalingThreadCounts()
         var out = JSONObject()
         var lines: [String] = []
-        func say(_ s: String) { if !json { FileHandle.standardError.write(Data((s + "\n").utf8)) } }
+        // Progress goes to stderr in both modes (a scaling run takes minutes; with --json, stdout has only the JSON).
+        func say(_ s: String) { FileHandle.standardError.write(Data((s + "\n").utf8)) }
         out.set("cores", .int(Int64(Parallel.availableCores)))
         out.set("openblas", .string(BLAS.configuration))
         out.set("repeats", .int(Int64(repeats)))
@@ -39,7 +40,7 @@ extension Bench {
         out.set("seq", .int(Int64(seq)))
         out.set("thread_counts", .array(counts.map { .int(Int64($0)) }))
         lines.append("scaling over threads \(counts.map(String.init).joined(separator: ", ")) (\(Parallel.availableCores) cores; "
-                     + "OpenBLAS \(BLAS.configuration)); batch \(batch)×\(seq); tokens/s: median [min, max] of \(repeats) laps after a warm-up")
+                     + "\(BLAS.configuration)); batch \(batch)×\(seq); tokens/s: median [min, max] of \(repeats) laps after a warm-up")
         say(lines.last!)
         var shapesJSON: [JSONValue] = []
         for name in shapeNames {

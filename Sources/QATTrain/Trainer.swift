@@ -302,7 +302,7 @@ open class Trainer {
     /// One optimizer step over grad_accum micro-batches. The loss is the sum over every valid
     /// token of the step divided once by their count.
     func trainStep() throws -> StepMetrics {
-        optimizer.zeroGrad()
+        StepProfiler.measure("opt.zero_grad") { optimizer.zeroGrad() }
         let B = spec.batchSize, T = seqLen
         let batches = (0..<spec.gradAccum).map { _ -> MicroBatch in
             var tokens = loader.next()
@@ -323,7 +323,8 @@ open class Trainer {
         var record = StepMetrics(step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
                                  kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
                                  peakRSSMB: peakRSSMegabytes())
-        let badTensor = parts.total.isFinite ? try backend.firstNonFiniteGradient(optimizer) : "loss"
+        let badTensor = parts.total.isFinite ? try StepProfiler.measure("opt.finite_check") { try backend.firstNonFiniteGradient(optimizer) }
+            : "loss"
         if let bad = badTensor {
             if spec.onNonFinite == "skip" {
                 log("step \(step + 1): non-finite \(bad == "loss" ? "loss" : "gradient of \(bad)"); batch skipped (on_nonfinite: skip)")
@@ -335,8 +336,8 @@ open class Trainer {
             }
             throw QATError("step \(step + 1): non-finite \(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set train.on_nonfinite: skip")
         }
-        record.gradNorm = try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm)
-        optimizer.step(lrFactor: schedule.factor(step: optimizer.stepCount))
+        record.gradNorm = try StepProfiler.measure("opt.clip") { try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm) }
+        StepProfiler.measure("opt.adamw") { optimizer.step(lrFactor: schedule.factor(step: optimizer.stepCount)) }
         model.markWeightsChanged()
         step += 1
         return record

@@ -42,7 +42,7 @@ public enum BLAS {
         // K · (M · pn + N · pm): a 1-D split at 16 threads would pack all of B 16 times.
         // Block boundaries depend only on the shape and thread count, and each element of C is
         // still one full-length dot product by one call: results do not depend on the threads.
-        let (pm, pn) = grid(m: m, n: n, workers: workers)
+        let (pm, pn) = grid(m: m, n: n, k: k, workers: workers)
         let bm = (m + 15) / 16, bn = (n + 15) / 16, parts = pm * pn
         let ap = UncheckedBox(a), bp = UncheckedBox(b), cp = SendablePointer(c)
         Parallel.tasks(parts) { w in
@@ -55,18 +55,35 @@ public enum BLAS {
         }
     }
 
+    /// Multiply-adds every block of a split product keeps at least. OpenBLAS (0.3.x, AVX-512
+    /// kernels: SkylakeX, Cooperlake, Sapphire Rapids) computes a product of at most 100³
+    /// multiply-adds with its "small matrix" kernels and an NN product with alpha 1, beta 0 of
+    /// under 28 · 512² with its "direct" kernel, both rounding differently from its packed
+    /// kernels; a block that fell below either bound while the whole product did not would make
+    /// the result depend on the thread count. Products above this are in neither regime, and so
+    /// is every block.
+    public static let minBlockWork = 7_500_000
+
     /// The block grid (rows × columns of C) of a parallel product: pm · pn = 2 · workers blocks
-    /// when each has ≥ 128 × 128 outputs, else `workers` (fewer when the 16-blocks run out),
-    /// the factorization that packs the least (M · pn + N · pm).
-    static func grid(m: Int, n: Int, workers: Int) -> (Int, Int) {
+    /// when each has ≥ 128 × 128 outputs, else `workers`, fewer when the 16-blocks run out or a
+    /// block would do less than `minBlockWork`; of those, the factorization that packs the least
+    /// (M · pn + N · pm). (1, 1): no split.
+    public static func grid(m: Int, n: Int, k: Int, workers: Int) -> (Int, Int) {
         let bm = (m + 15) / 16, bn = (n + 15) / 16
+        // The smallest of `parts` blocks of whole 16-blocks over `dim` (`blocks` of them).
+        func smallest(_ dim: Int, _ blocks: Int, _ parts: Int) -> Int {
+            var least = Int.max
+            for i in 0..<parts { least = min(least, min(dim, blocks * (i + 1) / parts * 16) - min(dim, blocks * i / parts * 16)) }
+            return least
+        }
+        guard m * n * k >= 2 * minBlockWork else { return (1, 1) }
         var target = m * n / (2 * workers) >= 128 * 128 ? 2 * workers : workers
         while target > 1 {
             var best: (Int, Int)?
             var bestCost = Int.max
             for pm in 1...target where target % pm == 0 {
                 let pn = target / pm
-                guard pm <= bm, pn <= bn else { continue }
+                guard pm <= bm, pn <= bn, smallest(m, bm, pm) * smallest(n, bn, pn) * k >= minBlockWork else { continue }
                 let cost = m * pn + n * pm
                 if cost < bestCost { bestCost = cost; best = (pm, pn) }
             }

@@ -5,24 +5,26 @@ import Synchronization
 import Glibc
 #endif
 
-/// The persistent threads behind `Parallel`: `run(count, body)` calls `body(0)` on the calling
-/// thread and `body(1) … body(count − 1)` on parked workers, and returns when all are done.
+/// The persistent threads behind `Parallel`: `run(count, body)` calls `body(0) … body(count − 1)`,
+/// each once, on the calling thread and up to count − 1 parked workers, and returns when all are
+/// done.
 ///
 /// Why not `DispatchQueue.concurrentPerform`: a training step enters a few hundred parallel
 /// regions of 0.1–5 ms each, and libdispatch wakes its pool threads through a semaphore per
-/// region and hands iterations to whichever thread asks first, so at 16 threads the wake-ups
-/// and the stragglers cost as much as the work. Here each worker owns a ticket it watches: it
-/// spins on it for `spinSeconds` after its last job (so back-to-back regions start in well
-/// under a microsecond) and then sleeps on its own condition variable, and only the workers a
-/// region needs are woken. Worker w always runs chunk w, so which thread computes what is
-/// fixed; results never depended on it anyway (each chunk is computed independently).
+/// region, so at 16 threads the wake-ups cost as much as the work. Here each worker owns a
+/// ticket it watches: it spins on it for `spinSeconds` after its last region (so back-to-back
+/// regions start in well under a microsecond) and then sleeps on its own condition variable,
+/// and only the workers a region needs are woken. Tasks are claimed from a shared counter, so a
+/// worker that the OS has not run yet (a machine busier than its cores) holds nothing up: the
+/// caller and the running workers take its tasks, and the caller withdraws its ticket. Which
+/// thread runs a task never changes its result (each task is computed on its own).
 ///
 /// One region at a time: a region started while another runs (from another thread, or nested
-/// inside a chunk) runs its chunks serially on its own thread, giving the same results.
+/// inside a task) runs its tasks serially on its own thread, giving the same results.
 final class WorkerPool: @unchecked Sendable {
     static let shared = WorkerPool()
 
-    /// Seconds a worker spins on its ticket after a job before it sleeps (QAT_SPIN_US, in µs;
+    /// Seconds a worker spins on its ticket after a region before it sleeps (QAT_SPIN_US, in µs;
     /// 0 sleeps at once).
     static let spinSeconds: Double = {
         if let s = getenv("QAT_SPIN_US"), let v = Double(String(cString: s)), v >= 0 { return v * 1e-6 }
@@ -31,6 +33,8 @@ final class WorkerPool: @unchecked Sendable {
 
     private final class Worker: @unchecked Sendable {
         let ticket = Atomic<UInt64>(0)
+        /// 0 idle, 1 asked to join the current region, 2 in it.
+        let state = Atomic<Int>(0)
         let sleeping = Atomic<Bool>(false)
         // Heap-allocated: a pthread object must not move, and `&property` of a class gives no stable address.
         let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
@@ -41,39 +45,58 @@ final class WorkerPool: @unchecked Sendable {
         }
     }
 
-    private var workers: [Worker] = []          // workers[i] runs chunk i + 1
+    private var workers: [Worker] = []
     private let busy = Atomic<Bool>(false)
-    private let pending = Atomic<Int>(0)
+    private let next = Atomic<Int>(0)
+    nonisolated(unsafe) private var count = 0
     nonisolated(unsafe) private var job: ((Int) -> Void)?
     private let growLock = NSLock()
 
-    /// Runs body(0..<count), body(0) on this thread; serially when the pool is in use.
+    /// Runs body(0..<count); serially on this thread when the pool is in use.
     func run(_ count: Int, _ body: (Int) -> Void) {
         if count <= 1 || !busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
-            for w in 0..<count { body(w) }
+            for t in 0..<count { body(t) }
             return
         }
         defer { busy.store(false, ordering: .releasing) }
-        if workers.count < count - 1 { grow(to: count - 1) }
+        let helpers = count - 1
+        if workers.count < helpers { grow(to: helpers) }
         withoutActuallyEscaping(body) { b in
             job = b
-            pending.store(count - 1, ordering: .relaxed)
-            for i in 0..<(count - 1) {
+            self.count = count
+            next.store(0, ordering: .relaxed)
+            for i in 0..<helpers {
                 let w = workers[i]
-                w.ticket.add(1, ordering: .sequentiallyConsistent)   // publishes `job` (release)
+                w.state.store(1, ordering: .sequentiallyConsistent)    // publishes job, count, next (release)
+                w.ticket.add(1, ordering: .sequentiallyConsistent)
                 if w.sleeping.load(ordering: .sequentiallyConsistent) {
                     pthread_mutex_lock(w.mutex)
                     pthread_cond_signal(w.cond)
                     pthread_mutex_unlock(w.mutex)
                 }
             }
-            b(0)
-            var spins = 0
-            while pending.load(ordering: .acquiring) > 0 {
-                spins += 1
-                if spins < 20_000 { qat_cpu_relax() } else { sched_yield() }
+            work()
+            // Workers not started yet are withdrawn; the others finish their tasks and leave.
+            for i in 0..<helpers {
+                let w = workers[i]
+                if w.state.compareExchange(expected: 1, desired: 0, ordering: .acquiringAndReleasing).exchanged { continue }
+                var spins = 0
+                while w.state.load(ordering: .acquiring) != 0 {
+                    spins += 1
+                    if spins < 2_000 { qat_cpu_relax() } else { sched_yield() }
+                }
             }
             job = nil
+        }
+    }
+
+    /// Claims and runs tasks until none is left.
+    @inline(__always) private func work() {
+        let n = count
+        while true {
+            let t = next.add(1, ordering: .relaxed).oldValue
+            if t >= n { return }
+            job!(t)
         }
     }
 
@@ -110,8 +133,10 @@ final class WorkerPool: @unchecked Sendable {
                 }
             }
             seen = w.ticket.load(ordering: .acquiring)
-            job!(index)
-            pending.subtract(1, ordering: .releasing)
+            // Join unless the caller has withdrawn the ticket (it ran this worker's share itself).
+            guard w.state.compareExchange(expected: 1, desired: 2, ordering: .acquiringAndReleasing).exchanged else { continue }
+            work()
+            w.state.store(0, ordering: .releasing)
         }
     }
 

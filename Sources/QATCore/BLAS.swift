@@ -108,7 +108,8 @@ public enum BLAS {
     public static var configuration: String {
         let cfg = openblas_get_config().map { String(cString: $0) } ?? "?"
         let core = openblas_get_corename().map { String(cString: $0) } ?? "?"
-        return "\(cfg.trimmingCharacters(in: .whitespaces)), core \(core)"
+        let forced = ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"].map { " (OPENBLAS_CORETYPE=\($0))" } ?? ""
+        return "\(cfg.trimmingCharacters(in: .whitespaces)), core \(core)\(forced)"
     }
 
     /// Sets the number of compute threads (`Parallel.threads`; 0 leaves it as configured).

@@ -323,8 +323,8 @@ open class Trainer {
         var record = StepMetrics(step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
                                  kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
                                  peakRSSMB: peakRSSMegabytes())
-        let badTensor = parts.total.isFinite ? try StepProfiler.measure("opt.finite_check") { try backend.firstNonFiniteGradient(optimizer) }
-            : "loss"
+        let badTensor = parts.total.isFinite
+            ? try StepProfiler.measure("opt.finite_check") { try backend.firstNonFiniteGradient(optimizer) } : "loss"
         if let bad = badTensor {
             if spec.onNonFinite == "skip" {
                 log("step \(step + 1): non-finite \(bad == "loss" ? "loss" : "gradient of \(bad)"); batch skipped (on_nonfinite: skip)")

@@ -43,7 +43,8 @@ struct Bench: ParsableCommand {
         """)
     var scaling = false
 
-    @Option(name: .customLong("scaling-threads"), help: "Thread counts for --scaling, e.g. 1,2,4,8,16 (default: powers of two up to all cores).")
+    @Option(name: .customLong("scaling-threads"),
+            help: "Thread counts for --scaling, e.g. 1,2,4,8,16 (default: powers of two up to all cores).")
     var scalingThreads: String?
 
     /// The shapes to measure.

@@ -53,8 +53,10 @@ enum Microbench {
                         threads: Int? = nil) throws -> Double {
         guard FileManager.default.fileExists(atPath: script) else { throw QATError("peer script not found: \(script) (--peer-script)") }
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = [script, model, "--batch", String(batch), "--seq", String(seq), "--mode", mode, "--steps", String(steps)]
+        // A bare command name (python3) is looked up in PATH, as a shell would.
+        p.executableURL = URL(fileURLWithPath: python.contains("/") ? python : "/usr/bin/env")
+        p.arguments = (python.contains("/") ? [] : [python])
+            + [script, model, "--batch", String(batch), "--seq", String(seq), "--mode", mode, "--steps", String(steps)]
             + (threads.map { ["--threads", String($0)] } ?? [])
         let pipe = Pipe()
         p.standardOutput = pipe

@@ -123,9 +123,22 @@ final class ParallelTests: XCTestCase {
                     return (0..<parts).map { min(dim, blocks * ($0 + 1) / parts * 16) - min(dim, blocks * $0 / parts * 16) }
                 }
                 if pm * pn > 1 {
-                    XCTAssertGreaterThanOrEqual(sizes(m, pm).min()! * sizes(n, pn).min()! * k, BLAS.minBlockWork, "\(m)×\(n)×\(k) at \(w)")
+                    XCTAssertGreaterThanOrEqual(sizes(m, pm).min()! * sizes(n, pn).min()! * k, BLAS.minBlockWork,
+                                                "\(m)×\(n)×\(k) at \(w)")
                 }
             }
         }
+    }
+}
+
+/// OpenBLAS kernel families chosen from CPU flags where OpenBLAS's own detection fell back.
+final class BLASCoreTests: XCTestCase {
+    func testBestCoreFromFlags() {
+        let avx512: Set<String> = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"]
+        XCTAssertEqual(BLASCore.bestCore(flags: avx512.union(["avx512_bf16"])), "Cooperlake")   // Emerald Rapids, Zen 4
+        XCTAssertEqual(BLASCore.bestCore(flags: avx512), "SkylakeX")
+        XCTAssertEqual(BLASCore.bestCore(flags: ["avx2", "fma", "avx512f"]), "Haswell")            // AVX-512 without BW/VL/DQ
+        XCTAssertNil(BLASCore.bestCore(flags: ["sse4_2", "avx"]))
+        XCTAssertFalse(BLASCore.coreName.isEmpty)
     }
 }

@@ -4,8 +4,9 @@ import TestSupport
 
 /// Results do not depend on the thread count: the same short `qat apply` (fortune-lm, 64-token
 /// sequences in batches of 4, so the matrix products, the fake quant and the attention are split
-/// over the workers) run with 1, 2, 3 and 4 threads (4: the products split into 2-D grids) ends with byte-identical master weights (the last
-/// checkpoint) and a byte-identical export, for QAT and for QAD (live teacher).
+/// over the workers) run with 1, 2, 3 and 4 threads (4: the products split into 2-D grids) ends
+/// with byte-identical master weights (the last checkpoint) and a byte-identical export, for
+/// QAT and for QAD (live teacher).
 final class ThreadDeterminismEndToEndTests: XCTestCase {
     func final(_ mode: String, threads: Int, steps: Int = 4) throws -> (weights: Data, export: Data) {
         let dir = Fixtures.tempDir("qat-threads-\(mode)-\(threads)")

@@ -28,7 +28,7 @@ final class WorkerPool: @unchecked Sendable {
     /// 0 sleeps at once).
     static let spinSeconds: Double = {
         if let s = getenv("QAT_SPIN_US"), let v = Double(String(cString: s)), v >= 0 { return v * 1e-6 }
-        return 100e-6
+        return 50e-6
     }()
 
     private final class Worker: @unchecked Sendable {
@@ -51,6 +51,17 @@ final class WorkerPool: @unchecked Sendable {
     nonisolated(unsafe) private var count = 0
     nonisolated(unsafe) private var job: ((Int) -> Void)?
     private let growLock = NSLock()
+    private let callerSleeping = Atomic<Bool>(false)
+    private let doneMutex: UnsafeMutablePointer<pthread_mutex_t> = {
+        let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        pthread_mutex_init(m, nil)
+        return m
+    }()
+    private let doneCond: UnsafeMutablePointer<pthread_cond_t> = {
+        let c = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+        pthread_cond_init(c, nil)
+        return c
+    }()
 
     /// Runs body(0..<count); serially on this thread when the pool is in use.
     func run(_ count: Int, _ body: (Int) -> Void) {
@@ -76,14 +87,21 @@ final class WorkerPool: @unchecked Sendable {
                 }
             }
             work()
-            // Workers not started yet are withdrawn; the others finish their tasks and leave.
+            // Workers not started yet are withdrawn; the others finish their tasks and leave. A
+            // worker still busy after a short spin was preempted (a machine busier than its
+            // cores): sleep until it is done rather than take CPU time from it.
             for i in 0..<helpers {
                 let w = workers[i]
                 if w.state.compareExchange(expected: 1, desired: 0, ordering: .acquiringAndReleasing).exchanged { continue }
                 var spins = 0
                 while w.state.load(ordering: .acquiring) != 0 {
                     spins += 1
-                    if spins < 2_000 { qat_cpu_relax() } else { sched_yield() }
+                    if spins < 1_000 { qat_cpu_relax(); continue }
+                    pthread_mutex_lock(doneMutex)
+                    callerSleeping.store(true, ordering: .sequentiallyConsistent)
+                    while w.state.load(ordering: .sequentiallyConsistent) != 0 { pthread_cond_wait(doneCond, doneMutex) }
+                    callerSleeping.store(false, ordering: .relaxed)
+                    pthread_mutex_unlock(doneMutex)
                 }
             }
             job = nil
@@ -123,6 +141,8 @@ final class WorkerPool: @unchecked Sendable {
                 while w.ticket.load(ordering: .acquiring) == seen {
                     qat_cpu_relax()
                     polls += 1
+                    // Every 256 polls (a few µs) let any other runnable thread have this core.
+                    if polls & 255 == 0 { sched_yield() }
                     if polls & 63 == 0, WorkerPool.now() > deadline {
                         pthread_mutex_lock(w.mutex)
                         w.sleeping.store(true, ordering: .sequentiallyConsistent)
@@ -136,7 +156,12 @@ final class WorkerPool: @unchecked Sendable {
             // Join unless the caller has withdrawn the ticket (it ran this worker's share itself).
             guard w.state.compareExchange(expected: 1, desired: 2, ordering: .acquiringAndReleasing).exchanged else { continue }
             work()
-            w.state.store(0, ordering: .releasing)
+            w.state.store(0, ordering: .sequentiallyConsistent)
+            if callerSleeping.load(ordering: .sequentiallyConsistent) {
+                pthread_mutex_lock(doneMutex)
+                pthread_cond_signal(doneCond)
+                pthread_mutex_unlock(doneMutex)
+            }
         }
     }
 

@@ -2,11 +2,11 @@
 # CPU scaling checks for a many-core host without a Swift toolchain (the 16-core GPU host): unpack
 # the bundle that scripts/bundle.sh wrote and, from the repository root (models/fortune-lm is
 # read from there), write under OUT_DIR:
-#   machine.txt          CPU, cores, cgroup quota, OpenBLAS kernel, PyTorch version
+#   machine.txt          CPU, cores, cgroup quota, PyTorch version (each bench log names the OpenBLAS kernels)
+#   peer.txt             fortune QAT/QAD steps at all cores, the PyTorch peer at as many threads,
+#                        interleaved (ratios of medians)
 #   scaling-fortune.*    qat bench --scaling, fortune shape, 1, 2, 4, … threads up to all cores
 #   scaling-smollm.*     the same for the SmolLM2-135M shape (2 threads up; 1 lap after a warm-up)
-#   peer.*               fortune QAT/QAD steps at all cores, the PyTorch peer at as many threads,
-#                        interleaved (ratios of medians)
 #   profile-*.txt        per-phase wall/CPU time of the steps at all cores (fortune, smollm)
 # (.txt: the table and progress; .json: `--json`). Every step has its own time limit and a
 # failing step does not stop the others; the whole script takes about 5 minutes on 16 cores.
@@ -47,13 +47,14 @@ step() {
   "$py" -c "import torch, transformers; print('torch', torch.__version__, 'threads', torch.get_num_threads(), 'transformers', transformers.__version__)" 2>&1
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
-step scaling-fortune 120 "$Q" bench --scaling --shapes fortune --repeats 3 --json
-step scaling-smollm 210 "$Q" bench --scaling --shapes smollm --repeats 1 --scaling-threads "$smollm_threads" --json
+# The peer comparison first: it is the figure the issue asks for.
 if [ -n "$peer" ] && [ -f "$peer" ]; then
   step peer 180 "$Q" bench --shapes fortune --threads "$threads" --peer "$py" --peer-script "$peer"
 else
   echo "== peer skipped: no peer script (.device/torch_qat_step.py)" | tee -a "$out/summary.txt"
 fi
+step scaling-fortune 120 "$Q" bench --scaling --shapes fortune --repeats 3 --json
+step scaling-smollm 210 "$Q" bench --scaling --shapes smollm --repeats 1 --scaling-threads "$smollm_threads" --json
 step profile-fortune 60 "$Q" bench --shapes fortune --threads "$threads" --repeats 2 --no-micro --profile
 [ $((SECONDS - start)) -lt 300 ] && step profile-smollm 90 "$Q" bench --shapes smollm --threads "$threads" --repeats 1 --no-micro --profile
 [ $((SECONDS - start)) -lt 330 ] && step nospin-fortune 30 env QAT_SPIN_US=0 "$Q" bench --shapes fortune --threads "$threads" --repeats 3 --no-micro

@@ -1,10 +1,11 @@
 import CBLAS
+import Foundation
 
 /// Row-major matrix products through OpenBLAS.
 ///
 /// OpenBLAS itself runs single-threaded (set once, before the first product): a product
-/// big enough to be worth it is split here over `Parallel.threads` workers along its larger
-/// output dimension, each worker calling sgemm on its own block of C. Each element of C is
+/// big enough to be worth it is split here into a grid of blocks of C (see `grid`) handed to
+/// `Parallel.threads` workers, each calling sgemm on its own block. Each element of C is
 /// still one full-length dot product computed by one call, and the split depends only on
 /// the shape and the thread count, so results are deterministic. Because OpenBLAS never
 /// spawns work of its own, `gemm(..., parallel: false)` may be called from inside
@@ -34,28 +35,62 @@ public enum BLAS {
             raw(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
             return
         }
-        // Split the larger output dimension into chunks of whole 16-blocks: two per worker
-        // when each still has ≥ 128 rows/columns (so a worker slowed by other load is picked
-        // up by the others), else one. Chunk boundaries depend only on the shape and thread
-        // count; which worker computes a chunk does not change its values.
-        let splitM = m >= n
-        let dim = splitM ? m : n
-        let blocks = (dim + 15) / 16
-        let parts = min(blocks, dim / (2 * workers) >= 128 ? 2 * workers : workers)
+        // Split C into a grid of pm × pn blocks of whole 16-rows/columns: two blocks per worker
+        // when each still has ≥ 128 × 128 outputs (a worker slowed by other load is picked up by
+        // the others), else one. Every block's sgemm packs its own rows of op(A) and columns of
+        // op(B), so the grid is the one (of pm · pn = parts) that packs the least,
+        // K · (M · pn + N · pm): a 1-D split at 16 threads would pack all of B 16 times.
+        // Block boundaries depend only on the shape and thread count, and each element of C is
+        // still one full-length dot product by one call: results do not depend on the threads.
+        let (pm, pn) = grid(m: m, n: n, k: k, workers: workers)
+        let bm = (m + 15) / 16, bn = (n + 15) / 16, parts = pm * pn
         let ap = UncheckedBox(a), bp = UncheckedBox(b), cp = SendablePointer(c)
         Parallel.tasks(parts) { w in
-            let s = min(dim, blocks * w / parts * 16), e = min(dim, blocks * (w + 1) / parts * 16)
-            guard e > s else { return }
-            if splitM {
-                // Rows s..<e of op(A) and of C.
-                let aOff = transA ? s : s * lda
-                raw(transA, transB, e - s, n, k, alpha, ap.value + aOff, lda, bp.value, ldb, beta, cp.p + s * ldc, ldc)
-            } else {
-                // Columns s..<e of op(B) and of C.
-                let bOff = transB ? s * ldb : s
-                raw(transA, transB, m, e - s, k, alpha, ap.value, lda, bp.value + bOff, ldb, beta, cp.p + s, ldc)
-            }
+            let i = w / pn, j = w - i * pn
+            let rs = min(m, bm * i / pm * 16), re = min(m, bm * (i + 1) / pm * 16)
+            let cs = min(n, bn * j / pn * 16), ce = min(n, bn * (j + 1) / pn * 16)
+            guard re > rs, ce > cs else { return }
+            let aOff = transA ? rs : rs * lda, bOff = transB ? cs * ldb : cs
+            raw(transA, transB, re - rs, ce - cs, k, alpha, ap.value + aOff, lda, bp.value + bOff, ldb, beta, cp.p + rs * ldc + cs, ldc)
         }
+    }
+
+    /// Multiply-adds every block of a split product keeps at least. OpenBLAS (0.3.x, AVX-512
+    /// kernels: SkylakeX, Cooperlake, Sapphire Rapids) computes a product of at most 100³
+    /// multiply-adds with its "small matrix" kernels and an NN product with alpha 1, beta 0 of
+    /// under 28 · 512² with its "direct" kernel, both rounding differently from its packed
+    /// kernels; a block that fell below either bound while the whole product did not would make
+    /// the result depend on the thread count. Products above this are in neither regime, and so
+    /// is every block.
+    public static let minBlockWork = 7_500_000
+
+    /// The block grid (rows × columns of C) of a parallel product: pm · pn = 2 · workers blocks
+    /// when each has ≥ 128 × 128 outputs, else `workers`, fewer when the 16-blocks run out or a
+    /// block would do less than `minBlockWork`; of those, the factorization that packs the least
+    /// (M · pn + N · pm). (1, 1): no split.
+    public static func grid(m: Int, n: Int, k: Int, workers: Int) -> (Int, Int) {
+        let bm = (m + 15) / 16, bn = (n + 15) / 16
+        // The smallest of `parts` blocks of whole 16-blocks over `dim` (`blocks` of them).
+        func smallest(_ dim: Int, _ blocks: Int, _ parts: Int) -> Int {
+            var least = Int.max
+            for i in 0..<parts { least = min(least, min(dim, blocks * (i + 1) / parts * 16) - min(dim, blocks * i / parts * 16)) }
+            return least
+        }
+        guard m * n * k >= 2 * minBlockWork else { return (1, 1) }
+        var target = m * n / (2 * workers) >= 128 * 128 ? 2 * workers : workers
+        while target > 1 {
+            var best: (Int, Int)?
+            var bestCost = Int.max
+            for pm in 1...target where target % pm == 0 {
+                let pn = target / pm
+                guard pm <= bm, pn <= bn, smallest(m, bm, pm) * smallest(n, bn, pn) * k >= minBlockWork else { continue }
+                let cost = m * pn + n * pm
+                if cost < bestCost { bestCost = cost; best = (pm, pn) }
+            }
+            if let b = best { return b }
+            target -= 1
+        }
+        return (1, 1)
     }
 
     @inline(__always)
@@ -67,6 +102,14 @@ public enum BLAS {
         cblas_sgemm(
             CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
             Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    /// OpenBLAS's build configuration and the kernel family it chose for this CPU.
+    public static var configuration: String {
+        let cfg = openblas_get_config().map { String(cString: $0) } ?? "?"
+        let core = openblas_get_corename().map { String(cString: $0) } ?? "?"
+        let forced = ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"].map { " (OPENBLAS_CORETYPE=\($0))" } ?? ""
+        return "\(cfg.trimmingCharacters(in: .whitespaces)), core \(core)\(forced)"
     }
 
     /// Sets the number of compute threads (`Parallel.threads`; 0 leaves it as configured).

@@ -15,4 +15,11 @@ public protocol FakeQuantHook: AnyObject {
     /// Straight-through estimator: `gradIn = gradOut`, or zero where |x| > amax when the
     /// quantizer's STE is clipped. `gradIn` may equal `gradOut`.
     func backward(x: UnsafePointer<Float>, gradOut: UnsafePointer<Float>, gradIn: UnsafeMutablePointer<Float>, count: Int)
+    /// True when `backward` is the identity (`gradIn = gradOut`), so a layer may write the
+    /// gradient where it is needed instead of copying it there.
+    var isPassThrough: Bool { get }
+}
+
+extension FakeQuantHook {
+    public var isPassThrough: Bool { false }
 }

@@ -15,17 +15,59 @@ public struct SendablePointer<T>: @unchecked Sendable {
 ///
 /// Threading model: OpenBLAS is kept single-threaded (see `BLAS`), and every parallel loop,
 /// large matrix products included, is split here into `threads` fixed contiguous chunks run
-/// by `DispatchQueue.concurrentPerform`. So there is exactly one set of workers (no
+/// by the persistent `WorkerPool` (chunk w on worker w). So there is exactly one set of workers (no
 /// OpenBLAS pthreads spinning in `sched_yield` next to ours), and the split of every loop
 /// depends only on its size and `threads`, never on timing: results are run-to-run
 /// deterministic.
 public enum Parallel {
-    /// Worker count: QAT_THREADS, else the number of online cores. `BLAS.setThreads` (the
-    /// CLI's `--threads`) overrides it; set it before the work starts.
+    /// Worker count: QAT_THREADS, else `availableCores`. `BLAS.setThreads` (the CLI's
+    /// `--threads`) overrides it; set it before the work starts.
     nonisolated(unsafe) public static var threads: Int = {
         if let s = getenv("QAT_THREADS"), let n = Int(String(cString: s)), n > 0 { return n }
-        return max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        return availableCores
     }()
+
+    /// The cores this process may run on: the online cores, fewer when the CPU affinity mask
+    /// (taskset, a container's cpuset) or a cgroup CPU quota (a container's `--cpus`, cgroup v2
+    /// `cpu.max` or v1 `cpu.cfs_quota_us`) allows fewer. A container on a big host sees all of
+    /// the host's cores as online; one worker per online core would oversubscribe its share.
+    public static let availableCores: Int = {
+        var n = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        #if os(Linux)
+        if let bits = affinityCount(), bits > 0 { n = min(n, bits) }
+        if let q = cgroupQuota() { n = min(n, max(1, Int(q.rounded(.up)))) }
+        #endif
+        return n
+    }()
+
+    /// Cores in this process's affinity mask (`Cpus_allowed` of /proc/self/status, hex words).
+    static func affinityCount() -> Int? {
+        guard let f = fopen("/proc/self/status", "r") else { return nil }
+        defer { fclose(f) }
+        var buf = [CChar](repeating: 0, count: 4096)
+        while fgets(&buf, Int32(buf.count), f) != nil {
+            let line = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            guard line.hasPrefix("Cpus_allowed:") else { continue }
+            return line.dropFirst("Cpus_allowed:".count).reduce(0) { n, ch in n + (ch.hexDigitValue ?? 0).nonzeroBitCount }
+        }
+        return nil
+    }
+
+    /// CPUs allowed by the cgroup quota (quota / period), nil when unlimited or unknown.
+    static func cgroupQuota() -> Double? {
+        func read(_ path: String) -> [Substring]? {
+            guard let f = fopen(path, "r") else { return nil }
+            defer { fclose(f) }
+            var buf = [CChar](repeating: 0, count: 256)
+            guard fgets(&buf, Int32(buf.count), f) != nil else { return nil }
+            let line = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            return line.split(whereSeparator: { $0 == " " || $0 == "\n" })
+        }
+        if let v2 = read("/sys/fs/cgroup/cpu.max"), v2.count == 2, let q = Double(v2[0]), let p = Double(v2[1]), p > 0 { return q / p }
+        if let q = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")?.first.flatMap({ Double($0) }), q > 0,
+           let p = read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")?.first.flatMap({ Double($0) }), p > 0 { return q / p }
+        return nil
+    }
 
     /// Runs `body(start, end)` over `n` items split into contiguous chunks, one per worker,
     /// in parallel when the work is large enough (`n * costPerItem` ≥ ~32k operations).
@@ -42,12 +84,9 @@ public enum Parallel {
             if n > 0 { body(0, 0, n) }
             return
         }
-        withoutActuallyEscaping(body) { b in
-            let box = UncheckedBox(b)
-            DispatchQueue.concurrentPerform(iterations: workers) { w in
-                let start = n * w / workers, end = n * (w + 1) / workers
-                if end > start { box.value(w, start, end) }
-            }
+        WorkerPool.shared.run(workers) { w in
+            let start = n * w / workers, end = n * (w + 1) / workers
+            if end > start { body(w, start, end) }
         }
     }
 
@@ -62,28 +101,19 @@ public enum Parallel {
             return
         }
         let counter = AtomicCounter()
-        withoutActuallyEscaping(body) { b in
-            let box = UncheckedBox(b)
-            DispatchQueue.concurrentPerform(iterations: workers) { w in
-                while true {
-                    let i = counter.next()
-                    if i >= n { break }
-                    box.value(w, i)
-                }
+        WorkerPool.shared.run(workers) { w in
+            while true {
+                let i = counter.next()
+                if i >= n { break }
+                body(w, i)
             }
         }
     }
 
-    /// Runs `body(w)` for w in 0..<count concurrently (count small: one task per worker).
+    /// Runs `body(t)` for every task t in 0..<count, handed out one at a time to
+    /// `min(threads, count)` workers (so `body` must not depend on which worker runs it).
     public static func tasks(_ count: Int, _ body: (Int) -> Void) {
-        if count <= 1 || threads <= 1 {
-            for w in 0..<count { body(w) }
-            return
-        }
-        withoutActuallyEscaping(body) { b in
-            let box = UncheckedBox(b)
-            DispatchQueue.concurrentPerform(iterations: count) { w in box.value(w) }
-        }
+        forEachDynamic(count) { _, t in body(t) }
     }
 }
 

@@ -161,9 +161,14 @@ public final class TensorQuantizer: CustomStringConvertible {
 
     /// STE backward: `gradIn = gradOut` (pass-through, and always when disabled), or zero
     /// where |x| > amax (`.clipped`). `x` is the forward's input. `gradIn` may alias `gradOut`.
+    public var isPassThrough: Bool { !enabled || isCalibrating || ste == .passThrough || amax == nil }
+
     public func backward(x: UnsafePointer<Float>, gradOut: UnsafePointer<Float>, gradIn: UnsafeMutablePointer<Float>, count: Int) {
-        if !enabled || isCalibrating || ste == .passThrough || amax == nil {
-            if UnsafePointer(gradIn) != gradOut { gradIn.update(from: gradOut, count: count) }
+        if isPassThrough {
+            if UnsafePointer(gradIn) != gradOut {   // a copy of up to tokens × hidden floats: split over the workers
+                let dst = SendablePointer(gradIn), src = UncheckedBox(gradOut)
+                Parallel.forRange(count, costPerItem: 1) { s, e in (dst.p + s).update(from: src.value + s, count: e - s) }
+            }
             return
         }
         let a = amax!

@@ -105,7 +105,7 @@ public final class AdamW {
 
     /// Zeroes the gradients of the trainable parameters.
     public func zeroGrad() {
-        for s in slots { s.grad.zero() }
+        for s in slots { s.grad.zeroParallel() }
     }
 
     /// Per-step scalars of one group, rounded as ATen rounds them (a device optimizer applies

@@ -1,3 +1,4 @@
+import Synchronization
 /// Gradient clipping by global L2 norm, as `torch.nn.utils.clip_grad_norm_` (norm_type 2):
 /// `total = sqrt(sum over tensors of sum g^2)`, `coef = max_norm / (total + 1e-6)`,
 /// gradients scaled by `min(coef, 1)`.
@@ -87,15 +88,29 @@ public enum GradientClipping {
     /// sum vectorizes where a per-element `isFinite` branch would not).
     public static func isFinite(_ t: Tensor) -> Bool {
         let n = t.count
+        let nBlocks = (n + block - 1) / block
+        if nBlocks <= 1 { return isFinite(t.data, n) }
+        let bad = Atomic<Bool>(false)
+        let src = SendablePointer(t.data)
+        Parallel.forRange(nBlocks, costPerItem: block) { b0, b1 in
+            let start = b0 * block, end = min(n, b1 * block)
+            if !isFinite(src.p + start, end - start) { bad.store(true, ordering: .relaxed) }
+        }
+        return !bad.load(ordering: .relaxed)
+    }
+
+    /// No NaN or infinity among `n` floats (x·0 is 0 for every finite x, NaN otherwise).
+    @inline(__always)
+    static func isFinite(_ x: UnsafePointer<Float>, _ n: Int) -> Bool {
         var acc = SIMD8<Float>(repeating: 0)
         var i = 0
-        let raw = UnsafeRawPointer(t.data)
+        let raw = UnsafeRawPointer(x)
         while i + 8 <= n {
             acc = acc + raw.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self) * 0
             i += 8
         }
         var tail: Float = 0
-        while i < n { tail += t.data[i] * 0; i += 1 }
+        while i < n { tail += x[i] * 0; i += 1 }
         return (acc.sum() + tail) == 0
     }
 

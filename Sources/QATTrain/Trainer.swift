@@ -309,7 +309,7 @@ open class Trainer {
     /// One optimizer step over grad_accum micro-batches. The loss is the sum over every valid
     /// token of the step divided once by their count.
     func trainStep() throws -> StepMetrics {
-        try backend.zeroGradients(optimizer)
+        try StepProfiler.measure("opt.zero_grad") { try backend.zeroGradients(optimizer) }
         let B = spec.batchSize, T = seqLen
         let batches = (0..<spec.gradAccum).map { _ -> MicroBatch in
             var tokens = loader.next()
@@ -331,7 +331,8 @@ open class Trainer {
                                  kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
                                  peakRSSMB: peakRSSMegabytes())
         record.gpuPeakMB = backend.devicePeakMB
-        let badTensor = parts.total.isFinite ? try backend.firstNonFiniteGradient(optimizer) : "loss"
+        let badTensor = parts.total.isFinite
+            ? try StepProfiler.measure("opt.finite_check") { try backend.firstNonFiniteGradient(optimizer) } : "loss"
         if let bad = badTensor {
             if spec.onNonFinite == "skip" {
                 log("step \(step + 1): non-finite \(bad == "loss" ? "loss" : "gradient of \(bad)"); batch skipped (on_nonfinite: skip)")
@@ -343,8 +344,10 @@ open class Trainer {
             }
             throw QATError("step \(step + 1): non-finite \(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set train.on_nonfinite: skip")
         }
-        record.gradNorm = try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm)
-        try backend.optimizerStep(optimizer, model: model, lrFactor: schedule.factor(step: optimizer.stepCount))
+        record.gradNorm = try StepProfiler.measure("opt.clip") { try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm) }
+        try StepProfiler.measure("opt.adamw") {
+            try backend.optimizerStep(optimizer, model: model, lrFactor: schedule.factor(step: optimizer.stepCount))
+        }
         step += 1
         return record
     }

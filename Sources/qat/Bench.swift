@@ -28,8 +28,30 @@ struct Bench: ParsableCommand {
         Example: qat bench --shapes fortune --peer /tmp/peer/bin/python --json
         """)
 
-    @Option(help: "Comma-separated shapes: fortune, smollm, qwen3-moe; empty to skip. With --device cuda: qwen3-0.6b, llama-3.2-1b or model directories.")
-    var shapes: String = "fortune"
+    @Option(help: """
+        Comma-separated shapes: fortune, smollm, qwen3-moe; empty to skip (default fortune; fortune,smollm with --scaling). \
+        With --device cuda: qwen3-0.6b, llama-3.2-1b or model directories.
+        """)
+    var shapes: String?
+
+    @Option(name: .long, help: "Worker threads (default: the cores this process may use); the peer gets as many.")
+    var threads: Int?
+
+    @Flag(help: """
+        Scaling: tokens/s of the forward, QAT step and QAD step at 1, 2, 4, … threads up to all cores (and the core \
+        count itself), per shape, instead of the other figures.
+        """)
+    var scaling = false
+
+    @Option(name: .customLong("scaling-threads"),
+            help: "Thread counts for --scaling, e.g. 1,2,4,8,16 (default: powers of two up to all cores).")
+    var scalingThreads: String?
+
+    /// The shapes to measure.
+    var shapeNames: [String] {
+        (shapes ?? (scaling ? "fortune,smollm" : "fortune")).split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            .filter { !$0.isEmpty }
+    }
 
     @Option(name: .customLong("moe-experts"), help: "qwen3-moe shape: experts per layer (Qwen3-30B-A3B has 128).")
     var moeExperts: Int = 128
@@ -78,15 +100,18 @@ struct Bench: ParsableCommand {
         guard batch >= 1, seq >= 2 else { throw ValidationError("--batch must be at least 1 and --seq at least 2") }
         guard peerSteps >= 1 else { throw ValidationError("--peer-steps must be at least 1") }
         _ = try lossTokenCounts()
+        _ = try scalingThreadCounts()
+        if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
         if peer != nil, !FileManager.default.fileExists(atPath: peerScript) {
             throw ValidationError("peer script not found: \(peerScript) (--peer-script)")
         }
     }
 
     func run() throws {
+        if let t = threads { setenv("QAT_THREADS", String(t), 1); BLAS.setThreads(t) }
         if device != "cpu" {
             try QAT.guarded {
-                let shapeList = shapes == "fortune" ? ["qwen3-0.6b", "llama-3.2-1b"] : shapes.split(separator: ",").map(String.init)
+                let shapeList = shapes == nil || shapes == "fortune" ? ["qwen3-0.6b", "llama-3.2-1b"] : shapeNames
                 let script = peerScript.hasSuffix("torch_qat_step.py")
                     ? (peerScript as NSString).deletingLastPathComponent + "/modelopt_gpu_speed.py" : peerScript
                 try GPUBench(device: try ComputeDevice(parsing: device), shapes: shapeList, batch: batch, seq: seq == 256 ? 1024 : seq,
@@ -95,11 +120,19 @@ struct Bench: ParsableCommand {
             }
             return
         }
+        if scaling {
+            try QAT.guarded { try runScaling() }
+            return
+        }
         try QAT.guarded {
             var out = JSONObject()
             var lines: [String] = []
             func say(_ s: String) { if !json { FileHandle.standardError.write(Data((s + "\n").utf8)) } }
             out.set("threads", .int(Int64(Parallel.threads)))
+            out.set("cores", .int(Int64(Parallel.availableCores)))
+            out.set("openblas", .string(BLAS.configuration))
+            lines.append("threads \(Parallel.threads) of \(Parallel.availableCores) cores; \(BLAS.configuration)")
+            say(lines.last!)
             out.set("repeats", .int(Int64(repeats)))
             out.set("peak_reset", .bool(PeakMemory.canReset))
             lines.append("\(repeats) measured laps per configuration after a warm-up: median [min, max]; peaks are each configuration's own"
@@ -117,7 +150,7 @@ struct Bench: ParsableCommand {
             }
 
             var shapeResults: [JSONValue] = []
-            for name in shapes.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !name.isEmpty {
+            for name in shapeNames {
                 let r = name == "qwen3-moe" ? try MoEBench(experts: moeExperts, layers: moeLayers, batch: batch, seq: seq, steps: repeats).run(say: say)
                     : try benchShape(name, say: say)
                 shapeResults.append(.object(r.json))
@@ -144,24 +177,68 @@ struct Bench: ParsableCommand {
 
     struct ShapeResult { var json = JSONObject(); var lines: [String] = [] }
 
-    func benchShape(_ name: String, say: (String) -> Void) throws -> ShapeResult {
-        var res = ShapeResult()
-        let model: CausalLM
-        let stream: [Int32]
-        let modelDir = "models/fortune-lm"
+    /// The model and token stream of a shape: fortune (the embedded fortune-lm, real weights and
+    /// data) or smollm (SmolLM2-135M-shaped, random weights, random tokens).
+    func loadShape(_ name: String) throws -> (model: CausalLM, stream: [Int32]) {
         switch name {
         case "fortune":
-            model = try CausalLM(directory: modelDir)
-            stream = try TokenData.load(path: modelDir + "/tokens.h5", split: "train", tokenizer: nil)
+            let modelDir = "models/fortune-lm"
+            return (try CausalLM(directory: modelDir), try TokenData.load(path: modelDir + "/tokens.h5", split: "train", tokenizer: nil))
         case "smollm":
             let c = ModelConfig(family: .llama, vocabSize: 49152, hiddenSize: 576, intermediateSize: 1536, numLayers: 30, numHeads: 9,
                                 numKVHeads: 3, rmsNormEps: 1e-5, ropeTheta: 100000, maxPositionEmbeddings: 8192, tieWordEmbeddings: true)
-            model = try CausalLM(config: c, seed: 1)
             var rng = SplitMix64(seed: 2)
-            stream = (0..<(batch * seq * (repeats + 4) + 1)).map { _ in Int32(rng.next() % 49152) }
+            let stream = (0..<(batch * seq * (repeats + 4) + 1)).map { _ in Int32(rng.next() % 49152) }
+            return (try CausalLM(config: c, seed: 1), stream)
         default:
             throw QATError("unknown shape \(name) (known: fortune, smollm)")
         }
+    }
+
+    /// Times `repeats` optimizer steps (after a warm-up step that includes calibration) of the real
+    /// QAT or QAD trainer (nvfp4_default-kv_fp8), one lap per step through the trainer's step callback.
+    /// `between` runs after each measured lap (the peer); `beforeRun` after setup, before the steps.
+    func trainerLaps(_ name: String, mode: String, like model: CausalLM, stream: [Int32], evalStream: [Int32], peaks: Bool,
+                     profile: Bool = false, between: (() throws -> Void)? = nil) throws -> (laps: Laps, trainer: Trainer) {
+        let B = batch, T = seq
+        let laps = Laps(warmup: 1, repeats: repeats, peaks: peaks)
+        if peaks { laps.reference = PeakMemory.reset() }  // the configuration's peak counts its own model, state and activations
+        let m = try freshModel(name, like: model)
+        let set = QuantizerSet(model: m, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
+        let calib = try Calibration.sequences(from: stream, seqLen: T, count: B)
+        try Calibration.run(model: m, quantizers: set, sequences: calib, seqLen: T, batchSize: B)
+        var spec = Recipe.TrainSpec()
+        spec.steps = repeats + 1; spec.batchSize = B; spec.evalEvery = 0; spec.saveEvery = 0; spec.lr = 1e-5
+        spec.mode = mode == "qat" ? .qat : .qad
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qat-bench-\(getpid())").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var opts = Trainer.Options(outputDir: dir, checkpointDir: dir + "/ckpt")
+        opts.quiet = true; opts.finalEvaluation = false
+        opts.onStep = { _ in laps.end() }
+        let trainer: Trainer
+        if mode == "qat" {
+            trainer = try QATTrainer(model: m, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B, spec: spec, seqLen: T,
+                                     trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
+        } else {
+            let teacher = try freshModel(name, like: model)
+            trainer = try QADTrainer(model: m, teacher: teacher, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B,
+                                     spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
+        }
+        laps.between = between
+        StepProfiler.reset()
+        StepProfiler.enabled = profile
+        defer { StepProfiler.enabled = false }
+        laps.begin()  // the first lap (calibration inside the trainer, first step) is the warm-up
+        _ = try trainer.run()
+        StepProfiler.enabled = false
+        try laps.check()
+        return (laps, trainer)
+    }
+
+    func benchShape(_ name: String, say: (String) -> Void) throws -> ShapeResult {
+        var res = ShapeResult()
+        let (model, stream) = try loadShape(name)
+        let modelDir = "models/fortune-lm"
         let c = model.config, T = seq, B = batch, N = B * T
         res.json.set("shape", .string(name))
         say("[\(name)] \(model.parameters.reduce(0) { $0 + $1.count }) parameters, batch \(B)×\(T)")
@@ -184,48 +261,22 @@ struct Bench: ParsableCommand {
         let flops = Microbench.qatStepFLOPs(c, batch: B, seqLen: T)
         res.json.set("qat_step_GFLOP", .double(flops / 1e9))
         for mode in ["qat", "qad"] {
-            let laps = Laps(warmup: 1, repeats: repeats, peaks: true)
-            laps.reference = PeakMemory.reset()  // the configuration's peak counts its own model, state and activations
-            let m = try freshModel(name, like: model)
-            let set = QuantizerSet(model: m, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
-            let calib = try Calibration.sequences(from: stream, seqLen: T, count: B)
-            try Calibration.run(model: m, quantizers: set, sequences: calib, seqLen: T, batchSize: B)
-            var spec = Recipe.TrainSpec()
-            spec.steps = repeats + 1; spec.batchSize = B; spec.evalEvery = 0; spec.saveEvery = 0; spec.lr = 1e-5
-            spec.mode = mode == "qat" ? .qat : .qad
-            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qat-bench-\(getpid())").path
-            var opts = Trainer.Options(outputDir: dir, checkpointDir: dir + "/ckpt")
-            opts.quiet = true; opts.finalEvaluation = false
-            opts.onStep = { _ in laps.end() }
-            let trainer: Trainer
-            if mode == "qat" {
-                trainer = try QATTrainer(model: m, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B, spec: spec, seqLen: T,
-                                         trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
-            } else {
-                let teacher = try freshModel(name, like: model)
-                trainer = try QADTrainer(model: m, teacher: teacher, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B,
-                                         spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
-            }
             // With a peer, one peer run (its own median over --peer-steps) after each of our measured steps.
             var peerTimes: [Double] = []
+            var between: (() throws -> Void)?
             if let py = peer, name == "fortune" {
-                laps.between = {
+                between = {
                     peerTimes.append(try Microbench.runPeer(python: py, script: peerScript, model: modelDir, batch: B, seq: T, mode: mode,
-                                                            steps: peerSteps))
+                                                            steps: peerSteps, threads: threads))
                 }
             }
-            laps.begin()  // the first lap (calibration inside the trainer, first step) is the warm-up
-            StepProfiler.reset()
-            StepProfiler.enabled = profile
-            _ = try trainer.run()
-            StepProfiler.enabled = false
-            try laps.check()
+            let (laps, trainer) = try trainerLaps(name, mode: mode, like: model, stream: stream, evalStream: evalStream, peaks: true,
+                                                  profile: profile, between: between)
             if profile {
                 let report = StepProfiler.report(steps: repeats + 1)
                 res.json.set("\(mode)_profile", .string(report))
                 res.lines.append("[\(name)] \(mode.uppercased()) step phases (per step, warm-up included):\n" + report)
             }
-            try? FileManager.default.removeItem(atPath: dir)
 
             let step = laps.time, tokS = step.map { Double(N) / $0 }
             res.json.set("\(mode)_step_s", step.json)

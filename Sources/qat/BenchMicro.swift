@@ -49,11 +49,15 @@ enum Microbench {
 
     /// One run of the PyTorch peer: the median seconds per optimizer step over its own `steps`
     /// measured steps (after its warm-up step).
-    static func runPeer(python: String, script: String, model: String, batch: Int, seq: Int, mode: String, steps: Int) throws -> Double {
+    static func runPeer(python: String, script: String, model: String, batch: Int, seq: Int, mode: String, steps: Int,
+                        threads: Int? = nil) throws -> Double {
         guard FileManager.default.fileExists(atPath: script) else { throw QATError("peer script not found: \(script) (--peer-script)") }
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = [script, model, "--batch", String(batch), "--seq", String(seq), "--mode", mode, "--steps", String(steps)]
+        // A bare command name (python3) is looked up in PATH, as a shell would.
+        p.executableURL = URL(fileURLWithPath: python.contains("/") ? python : "/usr/bin/env")
+        p.arguments = (python.contains("/") ? [] : [python])
+            + [script, model, "--batch", String(batch), "--seq", String(seq), "--mode", mode, "--steps", String(steps)]
+            + (threads.map { ["--threads", String($0)] } ?? [])
         let pipe = Pipe()
         p.standardOutput = pipe
         p.standardError = FileHandle.nullDevice

@@ -38,12 +38,14 @@ struct GPUBench {
         }
     }
 
+    /// One line to stdout at once (unbuffered: a run cut short keeps what it measured).
+    func emit(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
+
     func run() throws {
         guard case .cuda = device else { throw QATError("internal: GPUBench on \(device)") }
         let gpu = try GPU.open(device)
-        setvbuf(stdout, nil, _IOLBF, 0)   // each line as it is measured (a long run may be cut short)
-        print("GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) tokens per step, median of \(repeats) after 2 warm-ups")
-        print("shape          mode                 ms/step   [min, max]      tokens/s   peak GPU MiB")
+        emit("GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) tokens per step, median of \(repeats) after 2 warm-ups")
+        emit("shape          mode                 ms/step   [min, max]      tokens/s   peak GPU MiB")
         for shape in shapes {
             let config = try Self.config(shape)
             let t0 = Date()
@@ -87,13 +89,13 @@ struct GPUBench {
                                       med * 1e3, times.first! * 1e3, times.last! * 1e3, Double(batch * seq) / med,
                                       (gpu.peakBytes - before) >> 20, loss)
                     }
-                    print(line)
+                    emit(line)
                     if profile {
                         gpu.profile = [:]
                         let gm = try CUDAModel(model: model, device: gpu, precision: precision)
                         let hidden = try gm.forward(tokens: tokens, batch: batch, seqLen: seq)
                         _ = try gm.lossSums(hidden: hidden, targets: targets, n: batch * seq)
-                        gpu.profileReport().prefix(14).forEach { print($0) }
+                        gpu.profileReport().prefix(14).forEach { emit($0) }
                         gpu.profile = nil
                     }
                 }
@@ -102,12 +104,12 @@ struct GPUBench {
             // on the GPU), a copy of its master weights as the QAD teacher.
             let teacher = try CausalLM(config: config, parameters: Dictionary(uniqueKeysWithValues: model.parameters.map { ($0.name, $0.value.copy()) }))
             for mode in [Recipe.Mode.qat, .qad] {
-                do { print(try trainSteps(shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode)) } catch {
-                    print(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
+                do { emit(try trainSteps(shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode)) } catch {
+                    emit(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
                 }
             }
             if let script = peerScript {
-                print(peer(script: script, shape: shape, modes: "fwd,qat,qad"))
+                emit(peer(script: script, shape: shape, modes: "fwd,qat,qad"))
             }
         }
     }

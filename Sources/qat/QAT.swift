@@ -4,6 +4,12 @@ import QATCore
 
 @main
 struct QAT: ParsableCommand {
+    /// Corrects OpenBLAS's kernel choice on CPUs it does not recognise (BLASCore), then runs the command.
+    static func main() {
+        BLASCore.ensureKernels()
+        main(nil)
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "qat",
         abstract: "Quantization-aware training and NVFP4 export of Hugging Face causal LMs, on a CPU or an NVIDIA GPU.",

@@ -115,7 +115,8 @@ public final class Linear: @unchecked Sendable {
             for i in 0..<n { Kernels.add(g.data, dy + i * outFeatures, outFeatures) }
         }
         guard let dx else { return }
-        if let iq = inputQuantizer, iq.isQuantizing {
+        // A pass-through input STE (ModelOpt's default) writes dx directly: the same product, no copy.
+        if let iq = inputQuantizer, iq.isQuantizing, accumulateDx || !iq.isPassThrough {
             let tmp = scratchBuffer(n * inFeatures)
             StepProfiler.measure(pGemmDX) { BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, c: tmp) }
             StepProfiler.measure(pSTE) {

@@ -33,9 +33,10 @@ public enum RMSNorm {
             let dw = SendablePointer(dweight)
             let x = SendablePointer(UnsafeMutablePointer(mutating: inp)), g = SendablePointer(UnsafeMutablePointer(mutating: dout))
             let r = SendablePointer(UnsafeMutablePointer(mutating: rstd))
-            let colBlocks = (c + 63) / 64
-            Parallel.forRange(colBlocks, costPerItem: n * 64 * 2) { b0, b1 in
-                let j0 = b0 * 64, j1 = min(c, b1 * 64)
+            // Blocks of 16 columns (one cache line of dweight): enough blocks for 16 workers at C = 256.
+            let colBlocks = (c + 15) / 16
+            Parallel.forRange(colBlocks, costPerItem: n * 16 * 2) { b0, b1 in
+                let j0 = b0 * 16, j1 = min(c, b1 * 16)
                 for i in 0..<n {
                     let xi = x.p + i * c, gi = g.p + i * c, rs = r.p[i]
                     for j in j0..<j1 { dw.p[j] += gi[j] * (xi[j] * rs) }

@@ -138,7 +138,9 @@ public enum CompressedTensors {
         for r in records where r.name.hasSuffix(".weight_scale") {
             let m = String(r.name.dropLast(".weight_scale".count))
             guard byName.contains(m + ".weight_scale_2") else {
-                throw QATError("\(m): only NVFP4 Linears (weight, weight_scale, weight_scale_2) have a compressed-tensors nvfp4-pack-quantized layout; FP8 weights are not supported by this converter")
+                throw QATError("\(m): only NVFP4 Linears (weight, weight_scale, weight_scale_2) have a "
+                    + "compressed-tensors nvfp4-pack-quantized layout; FP8 weights are not supported by this "
+                    + "converter")
             }
             quantized.insert(m)
         }
@@ -255,7 +257,9 @@ public enum CompressedTensors {
 
     public static func scheme(of qc: JSONObject, source: String) throws -> Scheme {
         func fail(_ what: String) -> QATError {
-            QATError("\(source): quantization_config \(what) (qat reads compressed-tensors NVFP4: format nvfp4-pack-quantized, 4-bit float weights in groups of 16, optional NVFP4 input activations and FP8 KV cache)")
+            QATError("\(source): quantization_config \(what) (qat reads compressed-tensors NVFP4: format "
+                + "nvfp4-pack-quantized, 4-bit float weights in groups of 16, optional NVFP4 input "
+                + "activations and FP8 KV cache)")
         }
         if let f = try qc.optionalString("format"), f != "nvfp4-pack-quantized" { throw fail("format \"\(f)\" is not supported") }
         let groups = try qc.object("config_groups")
@@ -368,7 +372,8 @@ public enum CompressedTensors {
             let section = try ExportedModel.quantizationSection(directory: src)
             let algo = section.algo?.uppercased()
             guard algo == "NVFP4" || algo == "W4A16_NVFP4" else {
-                throw QATError("\(source): quant_algo \(section.algo ?? "null") has no compressed-tensors nvfp4-pack-quantized layout (NVFP4 or W4A16_NVFP4 only)")
+                throw QATError("\(source): quant_algo \(section.algo ?? "null") has no compressed-tensors "
+                    + "nvfp4-pack-quantized layout (NVFP4 or W4A16_NVFP4 only)")
             }
             let r = try fromModelOpt(records)
             records = r.records; lossy = r.lossyScales

@@ -239,7 +239,8 @@ public final class MPICommunicator: Communicator {
         }
         guard let h = handle else {
             let why = dlerror().map { String(cString: $0) } ?? "not found"
-            throw QATError("launched by mpirun (\(Distributed.launcherWorldSize) ranks) but Open MPI cannot be loaded (\(why)); install it: apt-get install libopenmpi-dev openmpi-bin")
+            throw QATError("launched by mpirun (\(Distributed.launcherWorldSize) ranks) but Open MPI cannot be "
+                + "loaded (\(why)); install it: apt-get install libopenmpi-dev openmpi-bin")
         }
         func sym(_ s: String) throws -> UnsafeMutableRawPointer {
             guard let p = dlsym(h, s) else { throw QATError("libmpi has no symbol \(s): Open MPI is needed (apt-get install libopenmpi-dev openmpi-bin)") }

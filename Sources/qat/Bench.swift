@@ -28,7 +28,8 @@ struct Bench: ParsableCommand {
         Example: qat bench --shapes fortune --peer /tmp/peer/bin/python --json
         """)
 
-    @Option(help: "Comma-separated shapes: fortune, smollm, qwen3-moe; empty to skip. With --device cuda: qwen3-0.6b, llama-3.2-1b or model directories.")
+    @Option(help: ArgumentHelp("Comma-separated shapes: fortune, smollm, qwen3-moe; empty to skip. With --device cuda: "
+        + "qwen3-0.6b, llama-3.2-1b or model directories."))
     var shapes: String = "fortune"
 
     @Option(name: .customLong("moe-experts"), help: "qwen3-moe shape: experts per layer (Qwen3-30B-A3B has 128).")

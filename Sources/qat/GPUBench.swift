@@ -38,14 +38,16 @@ struct GPUBench {
     func run() throws {
         guard case .cuda = device else { throw QATError("internal: GPUBench on \(device)") }
         let gpu = try GPU.open(device)
-        print("GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) tokens per step, median of \(repeats) after 2 warm-ups")
+        print("GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) "
+            + "tokens per step, median of \(repeats) after 2 warm-ups")
         print("shape          mode                 ms/step   [min, max]      tokens/s   peak GPU MiB")
         for shape in shapes {
             let config = try Self.config(shape)
             let t0 = Date()
             let model = FileManager.default.fileExists(atPath: shape + "/config.json")
                 ? try CausalLM(directory: shape) : try CausalLM(config: config, seed: 1, std: 0.02)
-            FileHandle.standardError.write(Data("\(shape): \(model.parameters.reduce(0) { $0 + $1.value.count } / 1_000_000)M parameters ready in \(String(format: "%.1f", Date().timeIntervalSince(t0))) s\n".utf8))
+            FileHandle.standardError.write(Data(("\(shape): \(model.parameters.reduce(0) { $0 + $1.value.count } / 1_000_000)M parameters "
+                + "ready in \(String(format: "%.1f", Date().timeIntervalSince(t0))) s\n").utf8))
             var g = SplitMix64(seed: 7)
             let tokens = (0..<(batch * seq)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
             let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: batch, seqLen: seq)
@@ -89,7 +91,7 @@ struct GPUBench {
                         let gm = try CUDAModel(model: model, device: gpu, precision: precision)
                         let hidden = try gm.forward(tokens: tokens, batch: batch, seqLen: seq)
                         _ = try gm.lossSums(hidden: hidden, targets: targets, n: batch * seq)
-                        gpu.profileReport().prefix(14).forEach { print($0) }
+                        for line in gpu.profileReport().prefix(14) { print(line) }
                         gpu.profile = nil
                     }
                 }

@@ -327,7 +327,7 @@ public enum CompressedTensors {
     }
 
     /// Reads every tensor of a checkpoint directory, in file order.
-    static func readRecords(_ ckpt: Checkpoint) throws -> [TensorRecord] {
+    static func readRecords(_ ckpt: ModelWeights) throws -> [TensorRecord] {
         try ckpt.names.map { n in
             guard let i = ckpt.info(n) else { throw QATError("\(ckpt.directory): missing tensor \(n)") }
             return TensorRecord(name: n, dtype: i.dtype, shape: i.shape, bytes: Array(try ckpt.bytes(n)))
@@ -362,7 +362,7 @@ public enum CompressedTensors {
         let from = try ExportFormat.of(directory: src)
         let config = try ModelConfig.load(directory: src)
         var cfg = try JSONValue.parseObject(file: "\(src)/config.json")
-        let ckpt = try Checkpoint(path: src)
+        let ckpt = try ModelWeights(path: src)
         var records = try readRecords(ckpt)
         var lossy: [String] = []
         let linears = linearNames(config)

@@ -230,18 +230,18 @@ protocol ExportTensorSource {
     func floats(_ name: String) throws -> Tensor
 }
 
-extension Checkpoint: ExportTensorSource {}
+extension ModelWeights: ExportTensorSource {}
 
 /// A compressed-tensors NVFP4 checkpoint under ModelOpt's names (`CompressedTensors`'s
 /// table): `weight_packed` read as `weight`, `weight_global_scale` / `input_global_scale` as
 /// `weight_scale_2` / `input_scale` = their fp32 reciprocals, `self_attn.k_scale` as
 /// `self_attn.k_proj.k_scale`. The scales appear as F32 scalars.
 final class CompressedTensorsView: ExportTensorSource {
-    let checkpoint: Checkpoint
+    let checkpoint: ModelWeights
     let names: [String]
     private let stored: [String: String]
 
-    init(_ checkpoint: Checkpoint) {
+    init(_ checkpoint: ModelWeights) {
         self.checkpoint = checkpoint
         var names: [String] = [], stored: [String: String] = [:]
         for n in checkpoint.names {

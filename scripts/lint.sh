@@ -12,9 +12,10 @@ if ! out=$(swift format lint --strict --parallel --recursive Sources Tests Packa
   echo "lint: swift format lint --strict reported $(echo "$out" | grep -c ': error: \|: warning: ') finding(s); run scripts/format.sh" >&2
   status=1
 fi
-# Characters, not bytes (the sources hold a few non-ASCII letters such as × and …).
+# Characters, not bytes (the sources hold a few non-ASCII letters such as × and …): grep
+# counts characters in a UTF-8 locale (mawk's length() would count bytes).
 long=$(find Sources Tests -type f \( -name '*.swift' -o -name '*.cu' -o -name '*.c' -o -name '*.h' \) -print0 | sort -z |
-  xargs -0 env LC_ALL=C.UTF-8 awk 'length($0) > 140 { printf "%s:%d: %d characters\n", FILENAME, FNR, length($0) }')
+  xargs -0 env LC_ALL=C.UTF-8 grep -nHE '^.{141,}' | cut -c1-200 || true)
 if [ -n "$long" ]; then
   echo "$long"
   echo "lint: $(echo "$long" | wc -l) line(s) over 140 characters in Sources/ and Tests/" >&2

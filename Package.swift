@@ -20,7 +20,7 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "qat", targets: ["qat"]),
-        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport"]),
+        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATDistributed", "QATTrain", "QATExport"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -37,7 +37,10 @@ let package = Package(
         .target(name: "QATData", dependencies: ["QATCore", "QATIO", "CHDF5"], swiftSettings: settings),
         .target(name: "QATModels", dependencies: ["QATCore", "QATIO"], swiftSettings: settings),
         .target(name: "QATQuant", dependencies: ["QATCore", "QATIO", "QATModels", "Yams"], swiftSettings: settings),
-        .target(name: "QATTrain", dependencies: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "Yams"], swiftSettings: settings),
+        // Communicators (single process, Open MPI through dlopen) and the ZeRO-1 partition; the
+        // pipeline engine stays in QATTrain (it runs the loss and the optimizer).
+        .target(name: "QATDistributed", dependencies: ["QATCore"], swiftSettings: settings),
+        .target(name: "QATTrain", dependencies: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATDistributed", "Yams"], swiftSettings: settings),
         .target(name: "QATExport", dependencies: ["QATCore", "QATIO", "QATModels", "QATQuant"], swiftSettings: settings),
         // CUDA backend: the driver API, cuBLAS and NVRTC are opened with dlopen at run time (CCUDA
         // declares the few entry points), so building needs no NVIDIA header or library.

@@ -6,7 +6,8 @@
 # (MB and bytes per token) and the median step time (metrics.jsonl, first two steps skipped).
 # Runs are sequential and niced; a run whose summary is already in WORK is not run again. Usage:
 #   scripts/bench-topk.sh [steps] [runs...]      runs: objective:k, e.g. coarse_kl:64 sampled:8
-# Environment: WORK (cache and run directory, default /tmp/qat-topk-bench). The gap is
+# Environment: WORK (cache and run directory, default /tmp/qat-topk-bench), QAT (the qat binary,
+# default .build/release/qat; a copy keeps a long campaign safe from rebuilds). The gap is
 # (PTQ − exported)/(PTQ − unquantized) with both references from the run's own summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ steps="${1:-300}"; shift || true
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(coarse_kl:64 teacher_normalized:64 both_normalized:64 coarse_kl:8
                               sampled:64 teacher_normalized:8 both_normalized:8 sampled:8)
-qat=.build/release/qat
+qat="${QAT:-.build/release/qat}"
 [ -x "$qat" ] || nice -n 10 swift build -c release --product qat >/dev/null
 work="${WORK:-/tmp/qat-topk-bench}"
 unq="${UNQ:-3.7709}"; ptq="${PTQ:-3.7969}"

@@ -8,10 +8,16 @@
 # by default only the tool that rewrites the fuzz regression inputs, which runs on demand).
 # A missing mpirun or an unbuilt qat binary thus fails CI instead of passing it quietly.
 # The fuzz campaigns' input counts are summed on a "fuzz:" line.
+#
+# Formatting is checked first (scripts/lint.sh: `swift format lint --strict` and no line over
+# 140 characters in Sources/ and Tests/); its findings are printed and fail the run at the end,
+# after the suite has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ALLOWED_SKIPS=${ALLOWED_SKIPS-"RegressionInputs.testMakeRegressionFiles"}
 bash scripts/deps.sh
+lint_status=0
+bash scripts/lint.sh || lint_status=$?
 swift build -c release --build-tests
 # The CUDA kernels must compile for sm_90 and sm_100 with NVRTC 13.0.88 from PyPI (no GPU
 # needed), through the same NVRTC path qat takes at run time on a GPU host.
@@ -48,6 +54,10 @@ if [ -n "$summary" ]; then
 fi
 if [ -n "$unexpected" ]; then
   echo "error: tests skipped that must run on CI:$unexpected (install what they need, or add them to ALLOWED_SKIPS)" >&2
+  [ "$status" -ne 0 ] || status=1
+fi
+if [ "$lint_status" -ne 0 ]; then
+  echo "error: formatting: scripts/lint.sh found problems (listed above); run scripts/format.sh and shorten long literals" >&2
   [ "$status" -ne 0 ] || status=1
 fi
 exit $status

@@ -119,7 +119,8 @@ public final class CUDADevice: @unchecked Sendable {
         var p: CUdeviceptr = 0
         let r = api.cuMemAlloc(&p, max(bytes, 16))
         if r == 2 {
-            throw QATError("out of GPU memory allocating \(bytes >> 20) MiB (\(bytesInUse >> 20) MiB in use by qat on \(name)); lower the batch size or sequence length")
+            throw QATError("out of GPU memory allocating \(bytes >> 20) MiB (\(bytesInUse >> 20) MiB in use by qat "
+                + "on \(name)); lower the batch size or sequence length")
         }
         try check(r, "cuMemAlloc(\(bytes))")
         bytesInUse += bytes

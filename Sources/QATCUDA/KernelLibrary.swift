@@ -70,7 +70,7 @@ public final class KernelCompiler: @unchecked Sendable {
         // (fake quant) must round as the CPU does.
         let options = ["--gpu-architecture=\(arch)", "--fmad=false", "--std=c++17", "-default-device"]
         let cOpts = options.map { strdup($0) }
-        defer { cOpts.forEach { Foundation.free($0) } }
+        defer { for p in cOpts { Foundation.free(p) } }
         r = cOpts.withUnsafeBufferPointer { buf in
             buf.baseAddress!.withMemoryRebound(to: UnsafePointer<CChar>?.self, capacity: buf.count) {
                 api.nvrtcCompileProgram(prog, Int32(options.count), $0)

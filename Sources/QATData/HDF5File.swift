@@ -396,7 +396,8 @@ public final class HDF5File {
         }
         let size = H5Tget_size(ft)
         guard size > 0, size <= HDF5File.maxAttributeBytes else {
-            throw QATError("\(path): attribute '\(attr)' on '\(object)' declares a string of \(size) bytes (limit \(HDF5File.maxAttributeBytes)): corrupt file")
+            throw QATError("\(path): attribute '\(attr)' on '\(object)' declares a string of \(size) bytes (limit "
+                + "\(HDF5File.maxAttributeBytes)): corrupt file")
         }
         var buf = [UInt8](repeating: 0, count: size + 1)
         guard H5Aread(a, ft, &buf) >= 0 else { throw QATError("\(path): cannot read attribute '\(attr)'") }
@@ -476,7 +477,8 @@ public final class HDF5File {
     private func checkReadable<T: HDF5Scalar>(_ d: hid_t, _ inf: HDF5DatasetInfo, name: String, elements: Int, as: T.Type) throws {
         let (bytes, o) = elements.multipliedReportingOverflow(by: MemoryLayout<T>.size)
         guard !o, bytes <= HDF5File.maxReadBytes else {
-            throw QATError("\(path): dataset '\(name)' \(inf) is too large to read (\(elements) elements of \(T.h5Name), more than this machine's memory)")
+            throw QATError("\(path): dataset '\(name)' \(inf) is too large to read (\(elements) elements of "
+                + "\(T.h5Name), more than this machine's memory)")
         }
         let declared = inf.count.multipliedReportingOverflow(by: max(1, inf.elementSize))
         let stored = Int(clamping: H5Dget_storage_size(d))

@@ -142,7 +142,8 @@ public final class Tokenizer: @unchecked Sendable {
         // The id tables below have one slot per id: a file naming id 2^31 − 1 would have
         // them take tens of gigabytes. Real vocabularies stay far below the limit.
         guard Int(maxId) < Tokenizer.maxVocabSize else {
-            throw QATError("\(file): token id \(maxId) is above the \(Tokenizer.maxVocabSize - 1) limit (\(tokenToId.count) tokens in all): corrupt tokenizer.json")
+            throw QATError("\(file): token id \(maxId) is above the \(Tokenizer.maxVocabSize - 1) limit "
+                + "(\(tokenToId.count) tokens in all): corrupt tokenizer.json")
         }
         vocabSize = Int(maxId) + 1
         self.tokenToId = tokenToId

@@ -138,7 +138,9 @@ public enum CompressedTensors {
         for r in records where r.name.hasSuffix(".weight_scale") {
             let m = String(r.name.dropLast(".weight_scale".count))
             guard byName.contains(m + ".weight_scale_2") else {
-                throw QATError("\(m): only NVFP4 Linears (weight, weight_scale, weight_scale_2) have a compressed-tensors nvfp4-pack-quantized layout; FP8 weights are not supported by this converter")
+                throw QATError("\(m): only NVFP4 Linears (weight, weight_scale, weight_scale_2) have a "
+                    + "compressed-tensors nvfp4-pack-quantized layout; FP8 weights are not supported by this "
+                    + "converter")
             }
             quantized.insert(m)
         }
@@ -255,7 +257,9 @@ public enum CompressedTensors {
 
     public static func scheme(of qc: JSONObject, source: String) throws -> Scheme {
         func fail(_ what: String) -> QATError {
-            QATError("\(source): quantization_config \(what) (qat reads compressed-tensors NVFP4: format nvfp4-pack-quantized, 4-bit float weights in groups of 16, optional NVFP4 input activations and FP8 KV cache)")
+            QATError("\(source): quantization_config \(what) (qat reads compressed-tensors NVFP4: format "
+                + "nvfp4-pack-quantized, 4-bit float weights in groups of 16, optional NVFP4 input "
+                + "activations and FP8 KV cache)")
         }
         if let f = try qc.optionalString("format"), f != "nvfp4-pack-quantized" { throw fail("format \"\(f)\" is not supported") }
         let groups = try qc.object("config_groups")
@@ -323,7 +327,7 @@ public enum CompressedTensors {
     }
 
     /// Reads every tensor of a checkpoint directory, in file order.
-    static func readRecords(_ ckpt: Checkpoint) throws -> [TensorRecord] {
+    static func readRecords(_ ckpt: ModelWeights) throws -> [TensorRecord] {
         try ckpt.names.map { n in
             guard let i = ckpt.info(n) else { throw QATError("\(ckpt.directory): missing tensor \(n)") }
             return TensorRecord(name: n, dtype: i.dtype, shape: i.shape, bytes: Array(try ckpt.bytes(n)))
@@ -358,7 +362,7 @@ public enum CompressedTensors {
         let from = try ExportFormat.of(directory: src)
         let config = try ModelConfig.load(directory: src)
         var cfg = try JSONValue.parseObject(file: "\(src)/config.json")
-        let ckpt = try Checkpoint(path: src)
+        let ckpt = try ModelWeights(path: src)
         var records = try readRecords(ckpt)
         var lossy: [String] = []
         let linears = linearNames(config)
@@ -368,7 +372,8 @@ public enum CompressedTensors {
             let section = try ExportedModel.quantizationSection(directory: src)
             let algo = section.algo?.uppercased()
             guard algo == "NVFP4" || algo == "W4A16_NVFP4" else {
-                throw QATError("\(source): quant_algo \(section.algo ?? "null") has no compressed-tensors nvfp4-pack-quantized layout (NVFP4 or W4A16_NVFP4 only)")
+                throw QATError("\(source): quant_algo \(section.algo ?? "null") has no compressed-tensors "
+                    + "nvfp4-pack-quantized layout (NVFP4 or W4A16_NVFP4 only)")
             }
             let r = try fromModelOpt(records)
             records = r.records; lossy = r.lossyScales

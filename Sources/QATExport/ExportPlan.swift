@@ -93,7 +93,9 @@ public struct ExportPlan: Sendable {
             let iq = enabled(l.name + ".input_quantizer")
             guard let wq else {
                 if let iq {
-                    throw QATError("\(l.name): the input quantizer is enabled (\(iq.format)) but the weight quantizer is not; ModelOpt exports such a layer unquantized, so the export would not reproduce the model. Disable \(iq.name) or enable the weight quantizer in quant_cfg")
+                    throw QATError("\(l.name): the input quantizer is enabled (\(iq.format)) but the weight quantizer is "
+                        + "not; ModelOpt exports such a layer unquantized, so the export would not reproduce the "
+                        + "model. Disable \(iq.name) or enable the weight quantizer in quant_cfg")
                 }
                 linears.append(LinearEntry(name: l.name, format: .none))
                 continue
@@ -104,7 +106,9 @@ public struct ExportPlan: Sendable {
             case (.nvfp4(let b), .nvfp4(let c)?) where b == NVFP4.blockSize && c == NVFP4.blockSize: format = .nvfp4
             case (.fp8PerTensor, nil), (.fp8PerTensor, .fp8PerTensor?): format = .fp8
             default:
-                throw QATError("\(l.name): weight \(wq.format) with input \(iq.map { "\($0.format)" } ?? "disabled") has no ModelOpt checkpoint layout this exporter writes (supported: NVFP4 W4A4, NVFP4 weight-only, FP8 W8A8/W8A16)")
+                throw QATError("\(l.name): weight \(wq.format) with input \(iq.map { "\($0.format)" } ?? "disabled") has "
+                    + "no ModelOpt checkpoint layout this exporter writes (supported: NVFP4 W4A4, NVFP4 "
+                    + "weight-only, FP8 W8A8/W8A16)")
             }
             linears.append(LinearEntry(name: l.name, format: format, weightAmax: try calibrated(wq), inputAmax: try iq.map(calibrated)))
         }
@@ -117,13 +121,20 @@ public struct ExportPlan: Sendable {
                 let entries = group.compactMap { g in linears.first { $0.name == g.name } }
                 let formats = Set(entries.map(\.format))
                 if formats.count > 1 {
-                    throw QATError("\(entries.map(\.name).joined(separator: ", ")) run as one fused GEMM in inference engines but are quantized differently (\(entries.map(\.format.rawValue).joined(separator: " / "))); give them the same quant_cfg")
+                    throw QATError("\(entries.map(\.name).joined(separator: ", ")) run as one fused GEMM in inference "
+                        + "engines but are quantized differently "
+                        + "(\(entries.map(\.format.rawValue).joined(separator: " / "))); give them the same "
+                        + "quant_cfg")
                 }
                 guard let f = formats.first, f.isNVFP4 else { continue }
                 for (what, values) in [("weight", entries.map(\.weightAmax)), ("input", entries.map(\.inputAmax))] {
                     let distinct = Set(values.compactMap { $0 })
                     if distinct.count > 1 {
-                        throw QATError("\(entries.map(\.name).joined(separator: ", ")) form one fused GEMM but their \(what) amax differ (\(values.map { $0.map { "\($0)" } ?? "none" }.joined(separator: ", "))): NVFP4 needs one \(what == "weight" ? "weight_scale_2" : "input_scale") per fused GEMM. Calibrate with QuantizerSet (it shares amax over fused groups) or restore a checkpoint written that way")
+                        throw QATError("\(entries.map(\.name).joined(separator: ", ")) form one fused GEMM but their \(what) "
+                            + "amax differ (\(values.map { $0.map { "\($0)" } ?? "none" }.joined(separator: ", "))): "
+                            + "NVFP4 needs one \(what == "weight" ? "weight_scale_2" : "input_scale") per fused GEMM. "
+                            + "Calibrate with QuantizerSet (it shares amax over fused groups) or restore a checkpoint "
+                            + "written that way")
                     }
                 }
             }
@@ -135,7 +146,8 @@ public struct ExportPlan: Sendable {
             for (kind, keyPath) in [("k", \KVEntry.kAmax), ("v", \KVEntry.vAmax)] {
                 guard let q = enabled("\(layer.prefix).self_attn.\(kind)_bmm_quantizer") else { continue }
                 guard q.format == .fp8PerTensor else {
-                    throw QATError("\(q.name): KV-cache format \(q.format) is not exportable (only FP8 E4M3 per-tensor, ModelOpt's kv_cache_quant_algo FP8)")
+                    throw QATError("\(q.name): KV-cache format \(q.format) is not exportable (only FP8 E4M3 per-tensor, "
+                        + "ModelOpt's kv_cache_quant_algo FP8)")
                 }
                 e[keyPath: keyPath] = try calibrated(q)
             }
@@ -144,7 +156,8 @@ public struct ExportPlan: Sendable {
 
         let quantized = linears.filter { $0.format != .none }
         if quantized.isEmpty && kv.isEmpty {
-            throw QATError("nothing is quantized (every quantizer is disabled): there is no quantized checkpoint to export; the original model directory already is the export")
+            throw QATError("nothing is quantized (every quantizer is disabled): there is no quantized checkpoint to "
+                + "export; the original model directory already is the export")
         }
         let formats = Set(quantized.map(\.format))
         let algo: String? = formats.count > 1 ? "MIXED_PRECISION" : formats.first?.quantAlgo

@@ -43,7 +43,8 @@ public struct ExportedModel {
         guard let qc = try cfg.optionalObject("quantization_config") else { return false }
         let method = (try qc.optionalString("quant_method")) ?? "?"
         guard method.lowercased() == "modelopt" || method == "compressed-tensors" else {
-            throw QATError.unsupported("\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (ModelOpt exports, quant_method \"modelopt\", or compressed-tensors NVFP4, \"compressed-tensors\")")
+            throw QATError.unsupported("\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (ModelOpt "
+                + "exports, quant_method \"modelopt\", or compressed-tensors NVFP4, \"compressed-tensors\")")
         }
         return true
     }
@@ -129,7 +130,9 @@ public struct ExportedModel {
                 if w.dtype == .u8 {
                     let nb = NVFP4.blocksPerRow(cols)
                     guard let si = ckpt.info("\(module).weight_scale"), si.dtype == .f8e4m3, si.shape == [rows, nb], w.shape == [rows, nb * 8] else {
-                        throw QATError("\(directory): \(module): NVFP4 weight \(w.shape) / weight_scale \(ckpt.info("\(module).weight_scale")?.shape ?? []) do not fit [\(rows), \(cols)] (expected [\(rows), \(nb * 8)] U8 and [\(rows), \(nb)] F8_E4M3)")
+                        throw QATError("\(directory): \(module): NVFP4 weight \(w.shape) / weight_scale "
+                            + "\(ckpt.info("\(module).weight_scale")?.shape ?? []) do not fit [\(rows), \(cols)] "
+                            + "(expected [\(rows), \(nb * 8)] U8 and [\(rows), \(nb)] F8_E4M3)")
                     }
                     let gs = try scalar("\(module).weight_scale_2")
                     t = Tensor(shape: shape, zeroed: false)  // only now: the stored shapes back it
@@ -147,7 +150,8 @@ public struct ExportedModel {
                     format = .fp8
                 }
                 guard allowed.contains(format) else {
-                    throw QATError("\(directory): \(module) is stored as \(format.rawValue), which quant_algo \(section.algo ?? "null") does not declare")
+                    throw QATError("\(directory): \(module) is stored as \(format.rawValue), which quant_algo "
+                        + "\(section.algo ?? "null") does not declare")
                 }
                 consumed.insert(name); consumed.insert("\(module).weight_scale")
                 params[name] = t
@@ -175,7 +179,10 @@ public struct ExportedModel {
         if config.tieWordEmbeddings { consumed.insert("lm_head.weight") }
         let extra = ckpt.names.filter { !consumed.contains($0) }
         if !extra.isEmpty {
-            throw QATError("\(directory): unexpected tensors for this export: \(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "") (only NVFP4/FP8 weights with weight_scale, weight_scale_2, input_scale and FP8 k_scale/v_scale are understood)")
+            throw QATError("\(directory): unexpected tensors for this export: "
+                + "\(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "") "
+                + "(only NVFP4/FP8 weights with weight_scale, weight_scale_2, input_scale and FP8 k_scale/v_scale "
+                + "are understood)")
         }
         if !kvAmax.isEmpty && section.kv == nil {
             throw QATError("\(directory): k_scale/v_scale tensors present but kv_cache_quant_algo is not set")
@@ -223,18 +230,18 @@ protocol ExportTensorSource {
     func floats(_ name: String) throws -> Tensor
 }
 
-extension Checkpoint: ExportTensorSource {}
+extension ModelWeights: ExportTensorSource {}
 
 /// A compressed-tensors NVFP4 checkpoint under ModelOpt's names (`CompressedTensors`'s
 /// table): `weight_packed` read as `weight`, `weight_global_scale` / `input_global_scale` as
 /// `weight_scale_2` / `input_scale` = their fp32 reciprocals, `self_attn.k_scale` as
 /// `self_attn.k_proj.k_scale`. The scales appear as F32 scalars.
 final class CompressedTensorsView: ExportTensorSource {
-    let checkpoint: Checkpoint
+    let checkpoint: ModelWeights
     let names: [String]
     private let stored: [String: String]
 
-    init(_ checkpoint: Checkpoint) {
+    init(_ checkpoint: ModelWeights) {
         self.checkpoint = checkpoint
         var names: [String] = [], stored: [String: String] = [:]
         for n in checkpoint.names {

@@ -159,12 +159,14 @@ public enum Exporter {
         if options.format == .compressedTensors {
             // The same tensors under compressed-tensors' names and scale conventions.
             guard plan.quantAlgo == "NVFP4" || plan.quantAlgo == "W4A16_NVFP4" else {
-                throw QATError("export.format compressed-tensors writes NVFP4 (W4A4 or weight-only) exports; this model is \(plan.quantAlgo ?? "not quantized") (use export.format modelopt)")
+                throw QATError("export.format compressed-tensors writes NVFP4 (W4A4 or weight-only) exports; this model "
+                    + "is \(plan.quantAlgo ?? "not quantized") (use export.format modelopt)")
             }
             let records = writer.entries.map { TensorRecord(name: $0.name, dtype: $0.dtype, shape: $0.shape, bytes: $0.bytes) }
             let converted = try CompressedTensors.fromModelOpt(records)
             if let bad = converted.lossyScales.first {
-                throw QATError("\(bad): this scale does not survive compressed-tensors' reciprocal (1/(1/s) ≠ s); snap the scales first (Exporter.snapScales)")
+                throw QATError("\(bad): this scale does not survive compressed-tensors' reciprocal (1/(1/s) ≠ s); snap "
+                    + "the scales first (Exporter.snapScales)")
             }
             writer = SafeTensorsWriter()
             for r in converted.records { try writer.add(name: r.name, dtype: r.dtype, shape: r.shape, bytes: r.bytes) }

@@ -106,8 +106,3 @@ public final class ModelWeights: @unchecked Sendable {
     /// Sum of all tensors' byte sizes.
     public var totalBytes: Int { location.values.reduce(0) { $0 + $1.info.byteCount } }
 }
-
-/// The former name (it reads an HF weight directory, not a training checkpoint: that is
-/// `TrainingCheckpoint`); kept for branches written against it, remove once they are merged.
-@available(*, deprecated, renamed: "ModelWeights")
-public typealias Checkpoint = ModelWeights

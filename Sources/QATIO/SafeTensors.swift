@@ -69,7 +69,8 @@ public final class SafeTensorsFile: @unchecked Sendable {
 
         let n64 = UInt64(littleEndian: mapping.loadUnaligned(as: UInt64.self))
         guard n64 <= UInt64(safeTensorsMaxHeaderBytes) else {
-            throw QATError("\(path): header length \(n64) bytes is above the \(safeTensorsMaxHeaderBytes)-byte limit: corrupt or not a safetensors file")
+            throw QATError("\(path): header length \(n64) bytes is above the \(safeTensorsMaxHeaderBytes)-byte "
+                + "limit: corrupt or not a safetensors file")
         }
         let n = Int(n64)
         guard n <= size - 8 else {

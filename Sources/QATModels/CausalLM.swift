@@ -123,7 +123,8 @@ public final class CausalLM: @unchecked Sendable {
             !known.contains($0) && !(c.tieWordEmbeddings && $0 == "lm_head.weight") && (layerRange == nil || CausalLM.belongs($0, to: range, config: c))
         }.sorted()
         if !extra.isEmpty {
-            throw QATError("unexpected tensors for this \(c.family.rawValue) config: \(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "")")
+            throw QATError("unexpected tensors for this \(c.family.rawValue) config: "
+                + "\(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "")")
         }
         parameters = ordered
         rope = RoPE(invFreq: c.ropeInvFreq, headDim: D, maxPositions: max(c.maxPositionEmbeddings, 1))

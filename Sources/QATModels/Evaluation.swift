@@ -57,7 +57,8 @@ public enum Evaluation {
         guard batchSize >= 1 else { throw QATError("batch size must be at least 1") }
         let count = sequenceCount(tokens: stream.count, seqLen: seqLen, maxSequences: maxSequences)
         guard count > 0 else {
-            throw QATError("the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + 1; use a smaller --seq-len or more data")
+            throw QATError("the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + "
+                + "1; use a smaller --seq-len or more data")
         }
         if let s = shard { guard s.count >= 1, (0..<s.count).contains(s.rank) else { throw QATError("evaluation shard \(s.rank) of \(s.count) is out of range") } }
         let start = Date()

@@ -154,7 +154,8 @@ public struct ModelConfig: Sendable, Equatable {
             throw bad("max_position_embeddings = \(maxPositionEmbeddings) is out of range (1…\(1 << 24))")
         }
         if maxPositionEmbeddings * (headDim / 2) > 1 << 28 {
-            throw bad("max_position_embeddings × head_dim/2 = \(maxPositionEmbeddings) × \(headDim / 2) is above \(1 << 28): the RoPE tables would not fit in memory")
+            throw bad("max_position_embeddings × head_dim/2 = \(maxPositionEmbeddings) × \(headDim / 2) is "
+                + "above \(1 << 28): the RoPE tables would not fit in memory")
         }
         // Attention masks keys at distance ≥ window: a window below 1 masks every key
         // (and a negative one would index before the row).
@@ -183,7 +184,9 @@ public struct ModelConfig: Sendable, Equatable {
             if let dot = rest.firstIndex(of: "."), let i = Int(rest[..<dot]), i >= 0 { maxIndex = max(maxIndex, i) }
         }
         guard maxIndex + 1 == numLayers else {
-            throw QATError("\(source): config.json says num_hidden_layers = \(numLayers) but the checkpoint holds \(maxIndex + 1) layer(s) (model.layers.0…\(maxIndex)): shape mismatch between config and checkpoint")
+            throw QATError("\(source): config.json says num_hidden_layers = \(numLayers) but the checkpoint holds "
+                + "\(maxIndex + 1) layer(s) (model.layers.0…\(maxIndex)): shape mismatch between config and "
+                + "checkpoint")
         }
     }
 

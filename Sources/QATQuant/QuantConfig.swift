@@ -430,7 +430,9 @@ public struct QuantConfig: Sendable {
                 if let def = defaultOnlyKeys[key] {
                     guard isDefault(v, def) else { throw err(kp, v, "\(key): \(describe(v)) is not supported (only \(def))") }
                 } else {
-                    throw err(kp, k, "unknown quantizer attribute '\(key)' (known: num_bits, block_sizes, axis, pass_through_bwd, fake_quant, calibrator, type, narrow_range, trt_high_precision_dtype, \(defaultOnlyKeys.keys.sorted().joined(separator: ", ")))")
+                    throw err(kp, k, "unknown quantizer attribute '\(key)' (known: num_bits, block_sizes, axis, "
+                        + "pass_through_bwd, fake_quant, calibrator, type, narrow_range, trt_high_precision_dtype, "
+                        + "\(defaultOnlyKeys.keys.sorted().joined(separator: ", ")))")
                 }
             }
         }
@@ -455,7 +457,8 @@ public struct QuantConfig: Sendable {
                 switch k.string ?? "" {
                 case "type":
                     guard v.string == "dynamic" else {
-                        throw err(bp, v, "block type '\(describe(v))' is not supported (only dynamic: per-block scales from the data, global amax calibrated)")
+                        throw err(bp, v, "block type '\(describe(v))' is not supported (only dynamic: per-block scales from the "
+                            + "data, global amax calibrated)")
                     }
                     dynamic = true
                 case "scale_bits": scaleOK = try parseScaleBits(v, path: bp)

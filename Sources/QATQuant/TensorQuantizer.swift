@@ -120,7 +120,8 @@ public final class TensorQuantizer: CustomStringConvertible {
             throw QATError("quantizer \(name): \(context) produced amax \(m); the inputs contain NaN or inf")
         }
         if m <= 0 {
-            throw QATError("quantizer \(name): \(context) produced amax \(m) (all inputs were zero); disable this quantizer in quant_cfg or calibrate on real data")
+            throw QATError("quantizer \(name): \(context) produced amax \(m) (all inputs were zero); disable this "
+                + "quantizer in quant_cfg or calibrate on real data")
         }
     }
 

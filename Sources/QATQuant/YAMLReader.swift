@@ -41,7 +41,8 @@ public enum SafeYAML {
             func add(_ n: Int, line: Int) throws {
                 nodes += n
                 if nodes > maxNodes {
-                    throw QATError("\(source), line \(line): the YAML document expands to more than \(maxNodes) nodes (aliases that reference aliases?); refusing it")
+                    throw QATError("\(source), line \(line): the YAML document expands to more than \(maxNodes) nodes "
+                        + "(aliases that reference aliases?); refusing it")
                 }
             }
             while true {

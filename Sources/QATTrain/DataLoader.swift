@@ -52,7 +52,8 @@ public final class DataLoader {
     /// Restores a position saved by a checkpoint.
     public func seek(epoch: Int, cursor: Int) throws {
         guard epoch >= 0, epoch < 1 << 40, cursor >= 0, cursor <= sequenceCount else {
-            throw QATError("checkpoint data position (epoch \(epoch), cursor \(cursor)) does not fit this data (\(sequenceCount) sequences); the data changed since the checkpoint")
+            throw QATError("checkpoint data position (epoch \(epoch), cursor \(cursor)) does not fit this data "
+                + "(\(sequenceCount) sequences); the data changed since the checkpoint")
         }
         self.epoch = epoch; self.cursor = cursor
         order = DataLoader.permutation(sequenceCount, seed: seed, epoch: epoch)

@@ -65,11 +65,14 @@ public final class DistillationLoss: TrainingLoss {
         if student == teacher { return }
         if teacher > student {
             guard maskExtraVocab else {
-                throw QATError("teacher vocabulary (\(teacher)) differs from the student's (\(student)): distillation needs the same vocabulary; if the teacher's extra \(teacher - student) ids are padding, enable mask_extra_vocab to ignore them")
+                throw QATError("teacher vocabulary (\(teacher)) differs from the student's (\(student)): distillation "
+                    + "needs the same vocabulary; if the teacher's extra \(teacher - student) ids are padding, "
+                    + "enable mask_extra_vocab to ignore them")
             }
             return
         }
-        throw QATError("student vocabulary (\(student)) is larger than the teacher's (\(teacher)): the teacher has no logits for ids \(teacher)..<\(student); distillation needs the same vocabulary")
+        throw QATError("student vocabulary (\(student)) is larger than the teacher's (\(teacher)): the teacher "
+            + "has no logits for ids \(teacher)..<\(student); distillation needs the same vocabulary")
     }
 
     public func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,

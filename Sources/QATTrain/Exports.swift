@@ -1,1 +1,2 @@
 @_exported import QATCore
+@_exported import QATDistributed

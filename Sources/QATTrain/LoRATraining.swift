@@ -138,7 +138,8 @@ public final class LoRA: @unchecked Sendable {
         let all = model.layers.flatMap(\.linears)
         for g in spec.targetModules where !all.contains(where: { Glob.matches(g, $0.name) }) {
             if Glob.matches(g, model.lmHead.name) { throw QATError.unsupported("train.lora.target_modules: \(g) selects lm_head; LoRA on lm_head is not supported") }
-            throw QATError("train.lora.target_modules: \(g) matches no Linear (names look like \(all.first?.name ?? "model.layers.0.self_attn.q_proj"))")
+            throw QATError("train.lora.target_modules: \(g) matches no Linear (names look like "
+                + "\(all.first?.name ?? "model.layers.0.self_attn.q_proj"))")
         }
         return all.filter { l in spec.targetModules.contains { Glob.matches($0, l.name) } }
     }

@@ -20,7 +20,8 @@ public enum LossCurve {
         func esc(_ s: String) -> String {
             s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
         }
-        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" viewBox=\"0 0 \(Int(w)) \(Int(h))\" font-family=\"sans-serif\" font-size=\"12\">\n"
+        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" "
+            + "viewBox=\"0 0 \(Int(w)) \(Int(h))\" font-family=\"sans-serif\" font-size=\"12\">\n"
         s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         s += "<text x=\"\(f(left))\" y=\"24\" font-size=\"15\" font-weight=\"bold\">\(esc(title))</text>\n"
         // Grid and ticks.
@@ -36,11 +37,13 @@ public enum LossCurve {
         }
         s += "<rect x=\"\(f(left))\" y=\"\(f(top))\" width=\"\(f(pw))\" height=\"\(f(ph))\" fill=\"none\" stroke=\"#333\"/>\n"
         s += "<text x=\"\(f(left + pw / 2))\" y=\"\(f(h - 8))\" text-anchor=\"middle\">optimizer step</text>\n"
-        s += "<text x=\"16\" y=\"\(f(top + ph / 2))\" text-anchor=\"middle\" transform=\"rotate(-90 16 \(f(top + ph / 2)))\">loss (nats/token)</text>\n"
+        s += "<text x=\"16\" y=\"\(f(top + ph / 2))\" text-anchor=\"middle\" transform=\"rotate(-90 16 "
+            + "\(f(top + ph / 2)))\">loss (nats/token)</text>\n"
         let colors = ["#888888", "#d62728", "#2ca02c", "#9467bd"]
         for (i, r) in reference.enumerated() where r.loss.isFinite {
             let yy = y(r.loss), c = colors[i % colors.count]
-            s += "<line x1=\"\(f(left))\" y1=\"\(f(yy))\" x2=\"\(f(left + pw))\" y2=\"\(f(yy))\" stroke=\"\(c)\" stroke-dasharray=\"6 4\"/>\n"
+            s += "<line x1=\"\(f(left))\" y1=\"\(f(yy))\" x2=\"\(f(left + pw))\" y2=\"\(f(yy))\" "
+                + "stroke=\"\(c)\" stroke-dasharray=\"6 4\"/>\n"
         }
         let pts = train.filter { $0.loss.isFinite }.map { "\(f(x($0.step))),\(f(y($0.loss)))" }.joined(separator: " ")
         if !pts.isEmpty { s += "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"\(pts)\"/>\n" }
@@ -50,12 +53,18 @@ public enum LossCurve {
         // Legend.
         var ly = top + 10
         let lx = left + pw + 14
-        s += "<line x1=\"\(f(lx))\" y1=\"\(f(ly))\" x2=\"\(f(lx + 22))\" y2=\"\(f(ly))\" stroke=\"#1f77b4\" stroke-width=\"2\"/><text x=\"\(f(lx + 28))\" y=\"\(f(ly + 4))\">train loss</text>\n"
+        s += "<line x1=\"\(f(lx))\" y1=\"\(f(ly))\" x2=\"\(f(lx + 22))\" y2=\"\(f(ly))\" "
+            + "stroke=\"#1f77b4\" stroke-width=\"2\"/><text x=\"\(f(lx + 28))\" y=\"\(f(ly + 4))\">train "
+            + "loss</text>\n"
         ly += 20
-        s += "<circle cx=\"\(f(lx + 11))\" cy=\"\(f(ly))\" r=\"4\" fill=\"#ff7f0e\"/><text x=\"\(f(lx + 28))\" y=\"\(f(ly + 4))\">validation</text>\n"
+        s += "<circle cx=\"\(f(lx + 11))\" cy=\"\(f(ly))\" r=\"4\" fill=\"#ff7f0e\"/><text "
+            + "x=\"\(f(lx + 28))\" y=\"\(f(ly + 4))\">validation</text>\n"
         for (i, r) in reference.enumerated() where r.loss.isFinite {
             ly += 20
-            s += "<line x1=\"\(f(lx))\" y1=\"\(f(ly))\" x2=\"\(f(lx + 22))\" y2=\"\(f(ly))\" stroke=\"\(colors[i % colors.count])\" stroke-dasharray=\"6 4\"/><text x=\"\(f(lx + 28))\" y=\"\(f(ly + 4))\">\(esc(r.label)) \(String(format: "%.4f", r.loss))</text>\n"
+            s += "<line x1=\"\(f(lx))\" y1=\"\(f(ly))\" x2=\"\(f(lx + 22))\" y2=\"\(f(ly))\" "
+                + "stroke=\"\(colors[i % colors.count])\" stroke-dasharray=\"6 4\"/><text "
+                + "x=\"\(f(lx + 28))\" y=\"\(f(ly + 4))\">\(esc(r.label)) "
+                + "\(String(format: "%.4f", r.loss))</text>\n"
         }
         s += "</svg>\n"
         return s

@@ -17,7 +17,11 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
     static func gib(_ b: Double) -> String { String(format: "%.2f GiB", b / 1_073_741_824) }
 
     public var description: String {
-        "\(MemoryEstimate.gib(total)) (weights \(MemoryEstimate.gib(weights)), gradients \(MemoryEstimate.gib(gradients)), AdamW \(MemoryEstimate.gib(optimizer)), fake-quant weights \(MemoryEstimate.gib(fakeQuantWeights)), activations \(MemoryEstimate.gib(activations)), teacher \(MemoryEstimate.gib(teacher)), loss buffers \(MemoryEstimate.gib(lossBuffers))\(pipelineBuffers > 0 ? ", pipeline buffers \(MemoryEstimate.gib(pipelineBuffers))" : ""))"
+        "\(MemoryEstimate.gib(total)) (weights \(MemoryEstimate.gib(weights)), gradients "
+            + "\(MemoryEstimate.gib(gradients)), AdamW \(MemoryEstimate.gib(optimizer)), fake-quant "
+            + "weights \(MemoryEstimate.gib(fakeQuantWeights)), activations "
+            + "\(MemoryEstimate.gib(activations)), teacher \(MemoryEstimate.gib(teacher)), loss buffers "
+            + "\(MemoryEstimate.gib(lossBuffers))\(pipelineBuffers > 0 ? ", pipeline buffers \(MemoryEstimate.gib(pipelineBuffers))" : ""))"
     }
 
     /// fp32 everywhere: weights (+ the fake-quant copy of each quantized weight), gradients
@@ -76,7 +80,9 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
     public func check(what: String) throws {
         guard let avail = MemoryEstimate.availableBytes() else { return }
         if total > avail {
-            throw QATError("\(what) needs about \(description), but only \(MemoryEstimate.gib(avail)) is available: lower train.batch_size or data.seq_len (and raise train.grad_accum to keep the batch), freeze parameters, or use a machine with more memory")
+            throw QATError("\(what) needs about \(description), but only \(MemoryEstimate.gib(avail)) is available: "
+                + "lower train.batch_size or data.seq_len (and raise train.grad_accum to keep the batch), "
+                + "freeze parameters, or use a machine with more memory")
         }
     }
 }

@@ -77,7 +77,9 @@ public struct ParameterSelection: Equatable, Sendable {
         let t = (trainable?.isEmpty ?? true) ? nil : trainable
         let f = (frozen?.isEmpty ?? true) ? nil : frozen
         if t != nil && f != nil {
-            throw QATError("trainable_params and frozen_params are mutually exclusive: give one of them (trainable_params: only matching parameters train; frozen_params: all but matching parameters train)")
+            throw QATError("trainable_params and frozen_params are mutually exclusive: give one of them "
+                + "(trainable_params: only matching parameters train; frozen_params: all but matching "
+                + "parameters train)")
         }
         self.trainable = t
         self.frozen = f
@@ -105,7 +107,10 @@ public struct ParameterSelection: Equatable, Sendable {
         let dead = patterns.filter { p in !names.contains { Glob.matches(p, $0) } }
         if !dead.isEmpty {
             let sample = names.prefix(3).joined(separator: ", ")
-            throw QATError("\(key): pattern\(dead.count > 1 ? "s" : "") \(dead.map { "'\($0)'" }.joined(separator: ", ")) match\(dead.count > 1 ? "" : "es") no parameter (globs are fnmatch over full HF names such as \(sample); patterns must match the whole name, so wrap fragments in '*')")
+            throw QATError("\(key): pattern\(dead.count > 1 ? "s" : "") "
+                + "\(dead.map { "'\($0)'" }.joined(separator: ", ")) match\(dead.count > 1 ? "" : "es") no "
+                + "parameter (globs are fnmatch over full HF names such as \(sample); patterns must match "
+                + "the whole name, so wrap fragments in '*')")
         }
     }
 }
@@ -314,7 +319,10 @@ public struct ParamGroupPlan: Equatable, Sendable {
         let entries = config.lrConfig?.entries ?? []
         let dead = entries.filter { e in !names.contains { Glob.matches(e.pattern, $0) } }
         if !dead.isEmpty {
-            throw QATError("lr_config: pattern\(dead.count > 1 ? "s" : "") \(dead.map { "'\($0.pattern)'" + ($0.line.map { " (line \($0))" } ?? "") }.joined(separator: ", ")) match\(dead.count > 1 ? "" : "es") no parameter (globs are fnmatch over full HF names such as \(names.prefix(2).joined(separator: ", ")))")
+            throw QATError("lr_config: pattern\(dead.count > 1 ? "s" : "") "
+                + "\(dead.map { "'\($0.pattern)'" + ($0.line.map { " (line \($0))" } ?? "") }.joined(separator: ", ")) "
+                + "match\(dead.count > 1 ? "" : "es") no parameter (globs are fnmatch over full HF names such as "
+                + "\(names.prefix(2).joined(separator: ", ")))")
         }
 
         struct Key: Hashable { let entry: Int?; let decays: Bool }
@@ -348,7 +356,9 @@ public struct ParamGroupPlan: Equatable, Sendable {
     public var summary: String {
         var lines = ["optimizer param groups (\(groups.reduce(0) { $0 + $1.parameterNames.count }) trainable, \(frozen.count) frozen):"]
         for (i, g) in groups.enumerated() {
-            lines.append("  group \(i): \(g.parameterNames.count) params, lr=\(g.hyper.lr), weight_decay=\(g.hyper.weightDecay), betas=(\(g.hyper.beta1), \(g.hyper.beta2)), eps=\(g.hyper.eps)\(g.pattern.map { ", lr_config '\($0)'" } ?? "")")
+            lines.append("  group \(i): \(g.parameterNames.count) params, lr=\(g.hyper.lr), "
+                + "weight_decay=\(g.hyper.weightDecay), betas=(\(g.hyper.beta1), \(g.hyper.beta2)), "
+                + "eps=\(g.hyper.eps)\(g.pattern.map { ", lr_config '\($0)'" } ?? "")")
         }
         if !unusedLRConfigPatterns.isEmpty {
             lines.append("  lr_config patterns used by no trainable parameter: \(unusedLRConfigPatterns.joined(separator: ", "))")

@@ -78,7 +78,8 @@ public final class PipelineEngine {
     public init(world: Communicator, stages: Int, layers: Int) throws {
         layout = try PipelineLayout(layers: layers, stages: stages, stage: world.rank % max(stages, 1))
         guard world.size % stages == 0 else {
-            throw QATError("train.pipeline_stages is \(stages), but the run has \(world.size) rank(s): start it with mpirun -np \(stages) (or a multiple of \(stages), for pipelines side by side)")
+            throw QATError("train.pipeline_stages is \(stages), but the run has \(world.size) rank(s): start it with "
+                + "mpirun -np \(stages) (or a multiple of \(stages), for pipelines side by side)")
         }
         self.world = world
         comm = try world.split(color: world.rank / stages, key: world.rank % stages)

@@ -46,12 +46,3 @@ extension Recipe {
         return try Quantization.quantize(model: model, config: config, ste: steMode, nvfp4Mode: nvfp4Mode, forwardLoop: forwardLoop)
     }
 }
-
-/// The former home of `tokens` and `quantize`, kept for branches written against it; remove
-/// once they are merged.
-@available(*, deprecated, message: "use TokenData.load(path:split:modelDirectory:vocabSize:) and Recipe.quantizePTQ")
-public enum Pipeline {
-    public static func tokens(path: String, split: String, modelDirectory: String, vocabSize: Int) throws -> [Int32] {
-        try TokenData.load(path: path, split: split, modelDirectory: modelDirectory, vocabSize: vocabSize)
-    }
-}

@@ -16,7 +16,8 @@ extension Recipe {
         y += "  train_split: \(q(data.trainSplit))\n  validation_split: \(q(data.validationSplit))\n"
         y += "  seq_len: \(data.seqLen)\n  validation_sequences: \(data.validationSequences.map(String.init) ?? "null")\n"
         if let qc = quantize {
-            y += "quantize:  # \(quantizeDescription)\n  ste: \(ste)\n  fake_quant: \(fakeQuant)\n  algorithm: \(qc.algorithm)\n  quant_cfg:\n"
+            y += "quantize:  # \(quantizeDescription)\n  ste: \(ste)\n  fake_quant: \(fakeQuant)\n  "
+                + "algorithm: \(qc.algorithm)\n  quant_cfg:\n"
             for e in qc.entries {
                 y += "    - quantizer_name: \(q(e.quantizerName))\n"
                 if let pc = e.parentClass { y += "      parent_class: \(q(pc))\n" }
@@ -29,7 +30,8 @@ extension Recipe {
         } else {
             y += "quantize: null\n"
         }
-        y += "calibration:\n  samples: \(calibration.samples)\n  batch_size: \(calibration.batchSize)\n  algorithm: \(calibration.algorithm)\n"
+        y += "calibration:\n  samples: \(calibration.samples)\n  batch_size: "
+            + "\(calibration.batchSize)\n  algorithm: \(calibration.algorithm)\n"
         let t = train
         y += "train:\n  mode: \(t.mode.rawValue)\n  steps: \(t.steps)\n  epochs: \(t.epochs.map(num) ?? "null")\n"
         y += "  batch_size: \(t.batchSize)\n  grad_accum: \(t.gradAccum)\n  lr: \(t.lr)\n  schedule: \(t.schedule)\n"
@@ -43,10 +45,14 @@ extension Recipe {
             y += "  lr_config: null\n"
         }
         y += "  seed: \(t.seed)\n  eval_every: \(t.evalEvery)\n  save_every: \(t.saveEvery)\n  log_every: \(t.logEvery)\n"
-        y += "  checkpoint_dir: \(opt(t.checkpointDir))\n  keep_checkpoints: \(t.keepCheckpoints)\n  on_nonfinite: \(t.onNonFinite)\n  shard_optimizer_state: \(t.shardOptimizerState)\n  pipeline_stages: \(t.pipelineStages)\n  router_aux_loss_coef: \(t.routerAuxLossCoef.map { "\($0)" } ?? "null")\n"
+        y += "  checkpoint_dir: \(opt(t.checkpointDir))\n  keep_checkpoints: \(t.keepCheckpoints)\n  "
+            + "on_nonfinite: \(t.onNonFinite)\n  shard_optimizer_state: \(t.shardOptimizerState)\n  "
+            + "pipeline_stages: \(t.pipelineStages)\n  router_aux_loss_coef: "
+            + "\(t.routerAuxLossCoef.map { "\($0)" } ?? "null")\n"
         let d = t.distill
         y += "  distill:\n    teacher: \(opt(d.teacher))\n    kd_ratio: \(num(d.kdRatio))\n    temperature: \(num(d.temperature))\n"
-        y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: \(opt(d.teacherLogprobs))\n    topk_objective: \(d.topkObjective.rawValue)\n"
+        y += "    loss: \(d.loss.rawValue)\n    beta: \(num(d.beta))\n    teacher_logprobs: "
+            + "\(opt(d.teacherLogprobs))\n    topk_objective: \(d.topkObjective.rawValue)\n"
         y += t.lora?.yaml ?? "  lora: null\n"
         y += "export:\n  dir: \(q(export.dir))\n  save_dtype: \(export.saveDtype?.torchName ?? "null")\n"
         y += "  max_shard_bytes: \(export.maxShardBytes)\n  verify: \(export.verify)\n  format: \(export.format)\n"

@@ -444,7 +444,8 @@ public final class TopKCacheReader {
         } else if fmt == TopKCache.format {
             version = try int("version")
             guard version == TopKCache.version else {
-                throw QATError("\(path): cache version \(version) is not one this qat reads (1 or \(TopKCache.version)); rewrite it with this version's `qat teacher-logprobs`")
+                throw QATError("\(path): cache version \(version) is not one this qat reads (1 or \(TopKCache.version)); "
+                    + "rewrite it with this version's `qat teacher-logprobs`")
             }
             let k = try attr("kind")
             guard let kk = TopKCache.Kind(rawValue: k) else {
@@ -466,7 +467,8 @@ public final class TopKCacheReader {
         for (name, shape) in expect {
             let info = try file.info(name)
             guard info.shape == shape else {
-                throw QATError("\(path): dataset '\(name)' has shape \(info.shape), but the attributes imply \(shape); the cache is incomplete or corrupt")
+                throw QATError("\(path): dataset '\(name)' has shape \(info.shape), but the attributes imply \(shape); "
+                    + "the cache is incomplete or corrupt")
             }
         }
         self.file = file
@@ -480,7 +482,8 @@ public final class TopKCacheReader {
     /// Double (−∞ when the k entries hold all the mass to float32 precision, k·1.2e-7).
     public func sequence(_ index: Int) throws -> TopKCacheRow {
         guard index >= 0, index < header.sequences else {
-            throw QATError("\(path): sequence \(index) is not in the cache (it holds \(header.sequences) sequences of \(header.seqLen)); it was built from less data, or with --max-sequences")
+            throw QATError("\(path): sequence \(index) is not in the cache (it holds \(header.sequences) sequences "
+                + "of \(header.seqLen)); it was built from less data, or with --max-sequences")
         }
         let r = index..<(index + 1)
         let K = header.topK

@@ -43,7 +43,10 @@ public final class TopKDistillationLoss: TrainingLoss {
     private let logits: Tensor
 
     public var description: String {
-        "top-k distillation (\(objective.rawValue), \(reader.header.kind == .sampled ? "\(reader.header.topK) draws" : "k=\(reader.header.topK)") from \(reader.path), T=\(constants.temperature), kd_ratio=\(constants.kdRatio), fused lm_head, \(chunkRows)-row chunks)"
+        "top-k distillation (\(objective.rawValue), "
+            + "\(reader.header.kind == .sampled ? "\(reader.header.topK) draws" : "k=\(reader.header.topK)") "
+            + "from \(reader.path), T=\(constants.temperature), kd_ratio=\(constants.kdRatio), fused lm_head, "
+            + "\(chunkRows)-row chunks)"
     }
 
     /// Opens and validates the cache: its seq_len must be the run's, its vocabulary the
@@ -56,25 +59,32 @@ public final class TopKDistillationLoss: TrainingLoss {
                 maskExtraVocab: Bool = false, budgetBytes: Int = 128 << 20) throws {
         constants = try DistillationConstants(spec: spec)
         guard constants.divergence == .forwardKL else {
-            throw QATError("an offline top-k teacher cache supports forward_kl only (got \(spec.loss.rawValue)\(spec.loss == .jsd ? " with beta \(spec.beta)" : "")): reverse KL and JSD need the teacher's full distribution; run the teacher live instead")
+            throw QATError("an offline top-k teacher cache supports forward_kl only (got "
+                + "\(spec.loss.rawValue)\(spec.loss == .jsd ? " with beta \(spec.beta)" : "")): reverse KL "
+                + "and JSD need the teacher's full distribution; run the teacher live instead")
         }
         let r = try TopKCacheReader(path: path)
         let h = r.header
         objective = spec.topkObjective
         if h.kind == .sampled, objective != .sampled {
-            throw QATError("\(path) holds sampled teacher tokens (written with --sample): set train.distill.topk_objective: sampled (got \(objective.rawValue))")
+            throw QATError("\(path) holds sampled teacher tokens (written with --sample): set "
+                + "train.distill.topk_objective: sampled (got \(objective.rawValue))")
         }
         if h.kind == .topK, objective == .sampled {
-            throw QATError("\(path) holds the teacher's top-\(h.topK), not sampled tokens: write a sampled cache with `qat teacher-logprobs --sample`, or use topk_objective coarse_kl")
+            throw QATError("\(path) holds the teacher's top-\(h.topK), not sampled tokens: write a sampled cache "
+                + "with `qat teacher-logprobs --sample`, or use topk_objective coarse_kl")
         }
         guard h.seqLen == seqLen else {
-            throw QATError("\(path): the cache was written with seq_len \(h.seqLen), but this run uses seq_len \(seqLen); rewrite it with `qat teacher-logprobs --seq-len \(seqLen)`")
+            throw QATError("\(path): the cache was written with seq_len \(h.seqLen), but this run uses seq_len "
+                + "\(seqLen); rewrite it with `qat teacher-logprobs --seq-len \(seqLen)`")
         }
         do { try DistillationLoss.checkVocab(student: studentVocab, teacher: h.vocabSize, maskExtraVocab: maskExtraVocab) } catch let e as QATError {
             throw QATError("\(path): \(e.message)")
         }
         if let n = sequenceCount, n != h.sequences {
-            throw QATError("\(path): the cache holds \(h.sequences) sequences, but the training data has \(n) sequences of \(seqLen) (data \(h.data.isEmpty ? "?" : h.data), split \(h.split.isEmpty ? "?" : h.split) when written); rewrite the cache for this data")
+            throw QATError("\(path): the cache holds \(h.sequences) sequences, but the training data has \(n) "
+                + "sequences of \(seqLen) (data \(h.data.isEmpty ? "?" : h.data), split "
+                + "\(h.split.isEmpty ? "?" : h.split) when written); rewrite the cache for this data")
         }
         reader = r; self.spec = spec; self.studentVocab = studentVocab; self.seqLen = seqLen; self.maskExtraVocab = maskExtraVocab
         chunkRows = max(1, budgetBytes / max(1, studentVocab * 4))
@@ -94,7 +104,8 @@ public final class TopKDistillationLoss: TrainingLoss {
         for (b, index) in batch.sequenceIndices.enumerated() {
             let row = try reader.sequence(index)
             guard row.tokens.elementsEqual(batch.tokens[(b * L)..<((b + 1) * L)]) else {
-                throw QATError("\(reader.path): the cached tokens of sequence \(index) differ from the batch's: the cache was written from other data (\(reader.header.data) \(reader.header.split))")
+                throw QATError("\(reader.path): the cached tokens of sequence \(index) differ from the batch's: the "
+                    + "cache was written from other data (\(reader.header.data) \(reader.header.split))")
             }
             ids += row.ids; lps += row.logprobs; rest += row.restLogprob; counts += row.counts
         }

@@ -202,8 +202,10 @@ open class Trainer {
         (backend as? DataParallelStepBackend)?.local.routerAuxShare = auxShare
         if spec.shardOptimizerState {
             let total = optimizer.slots.reduce(0) { $0 + $1.value.count }
-            log(zero ? "optimizer state sharded over \(world) data-parallel ranks (ZeRO-1): this rank holds \(optimizer.stateElementCount) of \(total) elements"
-                : "train.shard_optimizer_state: nothing to shard with one data-parallel rank\(options.pipeline != nil ? " (one pipeline)" : ""); ignored")
+            log(zero ? "optimizer state sharded over \(world) data-parallel ranks (ZeRO-1): this rank holds "
+                + "\(optimizer.stateElementCount) of \(total) elements"
+                : "train.shard_optimizer_state: nothing to shard with one data-parallel "
+                    + "rank\(options.pipeline != nil ? " (one pipeline)" : ""); ignored")
         }
     }
 
@@ -342,7 +344,10 @@ open class Trainer {
                 step += 1
                 return record
             }
-            throw QATError("step \(step + 1): non-finite \(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set train.on_nonfinite: skip")
+            throw QATError("step \(step + 1): non-finite "
+                + "\(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last "
+                + "checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set "
+                + "train.on_nonfinite: skip")
         }
         record.gradNorm = try StepProfiler.measure("opt.clip") { try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm) }
         try StepProfiler.measure("opt.adamw") {
@@ -362,7 +367,8 @@ open class Trainer {
 
     public func saveCheckpoint() throws {
         try backend.synchronizeHost(optimizer)
-        if optimizer.partition != nil && options.pipeline == nil { return try saveShardedCheckpoint() }  // ZeRO-1: rank 0 gathers the moments
+        // ZeRO-1: rank 0 gathers the moments.
+        if optimizer.partition != nil && options.pipeline == nil { return try saveShardedCheckpoint() }
         var moments = optimizer.stateTensors()
         if optimizer.partition != nil {  // ZeRO-1 across pipelines: this stage's moments to pipeline 0
             var gathered: [(name: String, tensor: Tensor)] = []
@@ -382,7 +388,8 @@ open class Trainer {
     func restore(from path: String) throws {
         let c = try TrainingCheckpoint.read(path, optimizerTensors: optimizer.ownsStateTensor)  // ZeRO-1: this rank's moments
         if !options.recipeHash.isEmpty, c.state.recipeHash != options.recipeHash, !options.forceResume {
-            throw QATError("\(path) was written by a different recipe (hash \(c.state.recipeHash), this one \(options.recipeHash)); use the same recipe, or --force-resume to continue anyway")
+            throw QATError("\(path) was written by a different recipe (hash \(c.state.recipeHash), this one "
+                + "\(options.recipeHash)); use the same recipe, or --force-resume to continue anyway")
         }
         guard c.state.seed == spec.seed else {
             throw QATError("\(path) was trained with seed \(c.state.seed), the recipe says \(spec.seed)")

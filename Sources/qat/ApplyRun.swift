@@ -44,7 +44,8 @@ final class ApplyRun {
         guard train.mode == .qad else { return }
         if let cache = train.distill.teacherLogprobs {
             guard FileManager.default.fileExists(atPath: cache) else {
-                throw QATError("teacher cache not found: \(cache) (train.distill.teacher_logprobs); write it with `qat teacher-logprobs --out \(cache)`")
+                throw QATError("teacher cache not found: \(cache) (train.distill.teacher_logprobs); write it with `qat "
+                    + "teacher-logprobs --out \(cache)`")
             }
         } else {
             let dir = train.distill.teacher ?? recipe.model
@@ -346,7 +347,8 @@ final class ApplyRun {
         if let last = summary.rows.last(where: { $0.name.hasPrefix("after") })?.loss, summary.steps > 0 { val.append((summary.steps, last)) }
         let refs = summary.rows.filter { $0.name == "unquantized" || $0.name == "PTQ" }.compactMap { row in row.loss.map { (label: row.name, loss: $0) } }
         let svg = LossCurve.svg(train: train, validation: val, reference: refs,
-                                title: "\(recipe.train.mode.rawValue.uppercased()) of \((recipe.model as NSString).lastPathComponent) — \(recipe.quantizeDescription)")
+                                title: "\(recipe.train.mode.rawValue.uppercased()) of "
+                                    + "\((recipe.model as NSString).lastPathComponent) — \(recipe.quantizeDescription)")
         try atomicWrite(path: dir + "/loss_curve.svg") { try $0.write(Array(svg.utf8)) }
     }
 }

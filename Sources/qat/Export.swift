@@ -36,7 +36,8 @@ struct Export: ParsableCommand {
     @Option(help: "Output directory (default: the recipe's export.dir).")
     var out: String?
 
-    @Option(name: .customLong("save-dtype"), help: "dtype of the unquantized tensors: bfloat16, float16, float32, or keep (each tensor's source dtype). Default: the recipe's export.save_dtype.")
+    @Option(name: .customLong("save-dtype"), help: ArgumentHelp("dtype of the unquantized tensors: bfloat16, float16, float32, or keep (each tensor's "
+        + "source dtype). Default: the recipe's export.save_dtype."))
     var saveDtype: String?
 
     @Option(name: .customLong("max-shard-bytes"), help: "Shard the safetensors above this size (default: the recipe's export.max_shard_bytes).")
@@ -77,7 +78,8 @@ struct Export: ParsableCommand {
                                                  to: outDir, options: options, verify: verify, logitsOf: device.logitsOf)
             let summary = result.summary
             for w in summary.weightMismatches where !json {
-                FileHandle.standardError.write(Data("note: \(w.name): \(w.elements) elements of the exported weight differ from the training fake quant (corner-case blocks, see NVFP4.FakeQuantMode)\n".utf8))
+                FileHandle.standardError.write(Data(("note: \(w.name): \(w.elements) elements of the exported weight differ from the training "
+                    + "fake quant (corner-case blocks, see NVFP4.FakeQuantMode)\n").utf8))
             }
             for name in summary.unrecoverableScales where !json {
                 FileHandle.standardError.write(Data("note: \(name): amax is not exactly recoverable from its exported scale (1 ulp)\n".utf8))
@@ -97,7 +99,9 @@ struct Export: ParsableCommand {
                 }
                 printJSON(fields)
             } else {
-                print("exported \(source.description) to \(outDir): quant_algo \(summary.plan.quantAlgo ?? "none"), kv_cache \(summary.plan.kvCacheQuantAlgo ?? "none"), exclude \(summary.plan.excludeModules)")
+                print("exported \(source.description) to \(outDir): quant_algo "
+                    + "\(summary.plan.quantAlgo ?? "none"), kv_cache \(summary.plan.kvCacheQuantAlgo ?? "none"), "
+                    + "exclude \(summary.plan.excludeModules)")
                 print(String(format: "  %@ of tensors (source %@, %.2fx smaller), %d files: %@", formatBytes(summary.tensorBytes),
                              formatBytes(sourceBytes), factor, summary.files.count, summary.files.joined(separator: ", ")))
                 if let v = verification { print(verificationLine(v)) }
@@ -162,7 +166,8 @@ struct QuantizedSource {
         let lora = try LoRA.build(on: model, quantizers: set, recipe: r)
         for p in lora.model.parameters {
             guard let t = loaded.parameters[p.name], t.count == p.count else {
-                throw QATError("\(path) has no \(p.name) of \(p.count) elements: was it written with this recipe's train.lora (rank \(spec.rank), target_modules)?")
+                throw QATError("\(path) has no \(p.name) of \(p.count) elements: was it written with this recipe's "
+                    + "train.lora (rank \(spec.rank), target_modules)?")
             }
             p.value.copy(from: t)
         }

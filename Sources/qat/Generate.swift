@@ -70,7 +70,8 @@ struct Generate: ParsableCommand {
     @Flag(help: "Print the prompt and generated token ids as JSON instead of text.")
     var json = false
 
-    @Flag(help: "Generate to the end of the context (ignoring EOS) and print tokens/s at positions 32 and the last, with and without the KV cache.")
+    @Flag(help: ArgumentHelp("Generate to the end of the context (ignoring EOS) and print tokens/s at positions 32 and "
+        + "the last, with and without the KV cache."))
     var benchmark = false
 
     @Option(help: "Worker threads for OpenBLAS and the kernels (default: all cores).")
@@ -173,7 +174,8 @@ struct Generate: ParsableCommand {
             print("\(m.description): one token at a time, batch 1, threads \(Parallel.threads)")
             print(String(format: "  position %4d: %8.1f tokens/s with the KV cache, %7.1f tokens/s re-running the sequence", 32, r32, f32))
             print(String(format: "  position %4d: %8.1f tokens/s with the KV cache, %7.1f tokens/s re-running the sequence", cap, rEnd, fEnd))
-            print(String(format: "  KV cache: %.2f× slower at %d than at 32 (attention grows with the position, the matmuls do not); without it %.2f×",
+            print(String(format: "  KV cache: %.2f× slower at %d than at 32 (attention grows with the position, the "
+                + "matmuls do not); without it %.2f×",
                          r32 / rEnd, cap, f32 / fEnd))
         }
     }

@@ -25,7 +25,8 @@ struct RecipeCommand: ParsableCommand {
                 if let c = r.train.distill.teacherLogprobs, !FileManager.default.fileExists(atPath: c) { missing.append("train.distill.teacher_logprobs: \(c)") }
                 if !missing.isEmpty { throw QATError("\(file): files not found (relative paths are relative to the working directory):\n  " + missing.joined(separator: "\n  ")) }
                 if r.train.mode == .qad, r.quantize == nil { print("note: QAD without quantize: distillation of an unquantized model") }
-                print("\(file): valid (mode \(r.train.mode.rawValue), quantize \(r.quantizeDescription)\(r.train.mode == .none ? "" : ", \(r.train.steps) steps"))")
+                print("\(file): valid (mode \(r.train.mode.rawValue), quantize "
+                    + "\(r.quantizeDescription)\(r.train.mode == .none ? "" : ", \(r.train.steps) steps"))")
             }
         }
     }

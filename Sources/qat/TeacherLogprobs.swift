@@ -25,7 +25,8 @@ struct TeacherLogprobs: ParsableCommand {
 
     @OptionGroup var modelOptions: ModelOptions
 
-    @Option(help: "Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines (tokenized with the model's tokenizer.json).")
+    @Option(help: ArgumentHelp("Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines "
+        + "(tokenized with the model's tokenizer.json)."))
     var data: String = "models/fortune-lm/tokens.h5"
 
     @Option(help: "Split (HDF5 group) to read.")

@@ -19,7 +19,7 @@ final class MoEEndToEndTests: XCTestCase {
     func testQwen3MoELoRAOnExperts() throws {
         let dir = try run(mode: "qat", trainExtra: ["lora:", "  rank: 4", "  alpha: 8"], keep: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        let ck = try Checkpoint(path: dir.appendingPathComponent("export.work/checkpoints/checkpoint-000004").path)
+        let ck = try ModelWeights(path: dir.appendingPathComponent("export.work/checkpoints/checkpoint-000004").path)
         let adapters = ck.names.filter { $0.hasSuffix(".lora_A.weight") }
         for l in 0..<2 {
             for e in 0..<4 {
@@ -69,7 +69,7 @@ final class MoEEndToEndTests: XCTestCase {
         XCTAssertEqual(try XCTUnwrap(summary.optionalDouble("verify_max_abs_logit_diff")), 0,
                        "\(mode): export reproduces the fake-quant logits")
 
-        let ck = try Checkpoint(path: out)
+        let ck = try ModelWeights(path: out)
         let E = 4
         for l in 0..<2 {
             let p = "model.layers.\(l).mlp"

@@ -51,14 +51,14 @@ final class CompressedTensorsTests: XCTestCase {
         XCTAssertEqual(amaxCompared, 2 * 7 + 2 * 2, "input quantizers of 14 Linears and 4 KV quantizers")
 
         // The tensors: renamed, scales as reciprocals of shape [1], KV scales on self_attn.
-        let c = try Checkpoint(path: ct)
+        let c = try ModelWeights(path: ct)
         XCTAssertEqual(c.info("model.layers.0.self_attn.q_proj.weight_packed")?.dtype, .u8)
         XCTAssertEqual(c.info("model.layers.0.self_attn.q_proj.weight_scale")?.dtype, .f8e4m3)
         XCTAssertEqual(c.info("model.layers.0.self_attn.q_proj.weight_global_scale")?.shape, [1])
         XCTAssertEqual(c.info("model.layers.0.self_attn.q_proj.input_global_scale")?.shape, [1])
         XCTAssertEqual(c.info("model.layers.1.self_attn.k_scale")?.shape, [1])
         XCTAssertNil(c.info("model.layers.1.self_attn.k_proj.k_scale"))
-        let m = try Checkpoint(path: mo)
+        let m = try ModelWeights(path: mo)
         let s2 = try m.floats("model.layers.0.mlp.up_proj.weight_scale_2")[0], g = try c.floats("model.layers.0.mlp.up_proj.weight_global_scale")[0]
         XCTAssertEqual(g, 1 / s2)
         XCTAssertEqual(1 / g, s2, "qat's scales are reciprocal-safe")

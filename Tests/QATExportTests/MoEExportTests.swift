@@ -77,7 +77,7 @@ final class MoEExportTests: XCTestCase {
                                               options: ExportOptions(maxShardBytes: 64 << 10))
             XCTAssertTrue(summary.weightMismatches.isEmpty)
             XCTAssertGreaterThanOrEqual(summary.files.filter { $0.hasSuffix(".safetensors") }.count, 2, "\(summary.files)")
-            let ck = try Checkpoint(path: out)
+            let ck = try ModelWeights(path: out)
             let hf = try JSONValue.parseObject(file: out + "/hf_quant_config.json")
             let excluded = Set(try hf.object("quantization").strings("exclude_modules"))
             for moe in model.moeBlocks {

@@ -118,12 +118,16 @@ enum FuzzSeeds {
           "truncation": null,
           "padding": null,
           "added_tokens": [
-            {"id": \(next), "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-            {"id": \(next + 1), "content": "<|im_start|>", "single_word": false, "lstrip": true, "rstrip": false, "normalized": false, "special": true}
+            {"id": \(next), "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, \
+        "special": true},
+            {"id": \(next + 1), "content": "<|im_start|>", "single_word": false, "lstrip": true, "rstrip": false, "normalized": false, \
+        "special": true}
           ],
           "normalizer": {"type": "NFC"},
           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}{1,3}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+"}, "behavior": "Isolated", "invert": false},
+            {"type": "Split", "pattern": \
+        {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}{1,3}| \
+        ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+"}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
           ]},
           "post_processor": null,

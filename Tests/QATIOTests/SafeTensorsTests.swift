@@ -323,7 +323,8 @@ final class SafeTensorsTests: XCTestCase {
         assertRejected(#"{"w":[1]}"#, contains: #"tensor "w": entry must be an object"#)
 
         // Valid edge cases are accepted: padding spaces, zero-sized tensors sharing an offset, gaps.
-        let ok = rawFile("ok.safetensors", header: #"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"c":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}   "#, data: [9, 9, 1, 2])
+        let ok = rawFile("ok.safetensors", header: #"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"#
+                + #""c":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}   "#, data: [9, 9, 1, 2])
         let f = try SafeTensorsFile(path: ok)
         XCTAssertEqual(f.names, ["a", "b", "c"])
         XCTAssertEqual(try f.integers("c"), [1, 2])

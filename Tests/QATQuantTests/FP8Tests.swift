@@ -32,7 +32,8 @@ final class FP8CodecTests: XCTestCase {
         XCTAssertEqual(x.count, enc.count)
         var bad = 0
         for (v, e) in zip(x, enc) where floatToE4M3(v) != e {
-            if bad < 10 { XCTFail("x=\(v) (0x\(String(v.bitPattern, radix: 16))): got 0x\(String(floatToE4M3(v), radix: 16)) want 0x\(String(e, radix: 16))") }
+            if bad < 10 { XCTFail("x=\(v) (0x\(String(v.bitPattern, radix: 16))): got "
+                + "0x\(String(floatToE4M3(v), radix: 16)) want 0x\(String(e, radix: 16))") }
             bad += 1
         }
         XCTAssertEqual(bad, 0)

@@ -20,11 +20,13 @@ final class NVFP4Tests: XCTestCase {
             let refPacked = try f.bytes("\(name).packed")
             XCTAssertEqual(packed.count, refPacked.count, name)
             let badP = zip(packed, refPacked).enumerated().filter { $0.element.0 != $0.element.1 }
-            XCTAssertTrue(badP.isEmpty, "\(name): \(badP.count) packed bytes differ, first \(badP.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
+            XCTAssertTrue(badP.isEmpty, "\(name): \(badP.count) packed bytes differ, first "
+                + "\(badP.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
             let deq = NVFP4.dequantize(packed: packed, scales: scales, globalScale: gs, rows: rows, cols: cols)
             let ref = try f.floats("\(name).dequantized")
             let badD = zip(deq, ref).enumerated().filter { $0.element.0.bitPattern != $0.element.1.bitPattern }
-            XCTAssertTrue(badD.isEmpty, "\(name): \(badD.count) dequantized values differ, first \(badD.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
+            XCTAssertTrue(badD.isEmpty, "\(name): \(badD.count) dequantized values differ, first "
+                + "\(badD.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
             // Decoding the reference bytes gives the reference values, too.
             let deqRef = NVFP4.dequantize(packed: refPacked, scales: refScales, globalScale: gs, rows: rows, cols: cols)
             XCTAssertEqual(deqRef.map(\.bitPattern), ref.map(\.bitPattern), "\(name) dequantize(reference bytes)")

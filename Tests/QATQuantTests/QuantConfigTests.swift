@@ -98,7 +98,8 @@ final class QuantConfigTests: XCTestCase {
     func testLegacyDictFormat() throws {
         let c = try QuantConfig(yaml: """
         quant_cfg:
-          "*weight_quantizer": {num_bits: [2, 1], block_sizes: {-1: 16, type: dynamic, scale_bits: [4, 3]}, axis: null, enable: true}
+          "*weight_quantizer": {num_bits: [2, 1], block_sizes: {-1: 16, type: dynamic, scale_bits: [4, 3]}, \
+        axis: null, enable: true}
           "*input_quantizer": {num_bits: [2, 1], block_sizes: {-1: 16, type: dynamic, scale_bits: [4, 3]}, enable: true}
           "*lm_head*": {enable: false}
           "nn.Linear": {"*output_quantizer": {enable: false}}

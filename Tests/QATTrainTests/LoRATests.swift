@@ -275,7 +275,8 @@ final class LoRATests: XCTestCase {
 
     func testRecipeKeys() throws {
         let base = "train:\n  mode: qad\n  lora:\n"
-        let r = try Recipe.parse(base + "    rank: 8\n    alpha: 16\n    dropout: 0.1\n    qlora: true\n    export: adapters\n    target_modules: [\"*.q_proj\"]\n", source: "t.yaml")
+        let r = try Recipe.parse(base + "    rank: 8\n    alpha: 16\n    dropout: 0.1\n    qlora: true\n    export: adapters\n    "
+            + "target_modules: [\"*.q_proj\"]\n", source: "t.yaml")
         let l = try XCTUnwrap(r.train.lora)
         XCTAssertEqual(l.rank, 8); XCTAssertEqual(l.alpha, 16); XCTAssertEqual(l.dropout, 0.1); XCTAssertTrue(l.qlora)
         XCTAssertEqual(l.export, .adapters); XCTAssertEqual(l.targetModules, ["*.q_proj"])

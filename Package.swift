@@ -20,7 +20,8 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "qat", targets: ["qat"]),
-        .library(name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATDistributed", "QATTrain", "QATExport"]),
+        .library(
+            name: "QATKit", targets: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATDistributed", "QATTrain", "QATExport"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -40,14 +41,18 @@ let package = Package(
         // Communicators (single process, Open MPI through dlopen) and the ZeRO-1 partition; the
         // pipeline engine stays in QATTrain (it runs the loss and the optimizer).
         .target(name: "QATDistributed", dependencies: ["QATCore"], swiftSettings: settings),
-        .target(name: "QATTrain", dependencies: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATDistributed", "Yams"], swiftSettings: settings),
+        .target(
+            name: "QATTrain", dependencies: ["QATCore", "QATIO", "QATData", "QATModels", "QATQuant", "QATDistributed", "Yams"],
+            swiftSettings: settings),
         .target(name: "QATExport", dependencies: ["QATCore", "QATIO", "QATModels", "QATQuant"], swiftSettings: settings),
         // CUDA backend: the driver API, cuBLAS and NVRTC are opened with dlopen at run time (CCUDA
         // declares the few entry points), so building needs no NVIDIA header or library.
         .target(name: "CCUDA", linkerSettings: [.linkedLibrary("dl")]),
         .target(
             name: "QATCUDA", dependencies: ["QATCore", "QATModels", "QATQuant", "QATTrain", "CCUDA"],
-            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss", "optim"].map { .embedInCode("Kernels/\($0).cu") },
+            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss", "optim"].map {
+                .embedInCode("Kernels/\($0).cu")
+            },
             swiftSettings: settings),
         .executableTarget(
             name: "qat",
@@ -67,7 +72,8 @@ let package = Package(
         .testTarget(name: "QATCUDATests", dependencies: ["QATCUDA", "QATModels", "TestSupport"]),
         .testTarget(name: "QATExportTests", dependencies: ["QATExport", "QATTrain", "TestSupport"]),
         // Seeded mutation fuzzing of every parser that reads user files (bounded time).
-        .testTarget(name: "QATFuzzTests", dependencies: ["QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport", "TestSupport"]),
+        .testTarget(
+            name: "QATFuzzTests", dependencies: ["QATIO", "QATData", "QATModels", "QATQuant", "QATTrain", "QATExport", "TestSupport"]),
         // Runs the built `qat` binary as a user would (apply, kill, resume, eval of the export).
         .testTarget(name: "QATEndToEndTests", dependencies: ["QATIO", "QATData", "TestSupport"]),
     ]

@@ -40,7 +40,8 @@ public final class CUDADevice: @unchecked Sendable {
     public func profileReport() -> [String] {
         let total = profile?.values.reduce(0) { $0 + $1.seconds } ?? 0
         return (profile ?? [:]).sorted { $0.value.seconds > $1.value.seconds }.map { k, v in
-            String(format: "  %-34@ %6d calls %9.2f ms %5.1f%%", k as NSString, v.count, v.seconds * 1e3, 100 * v.seconds / max(total, 1e-12))
+            String(
+                format: "  %-34@ %6d calls %9.2f ms %5.1f%%", k as NSString, v.count, v.seconds * 1e3, 100 * v.seconds / max(total, 1e-12))
         }
     }
 
@@ -69,7 +70,9 @@ public final class CUDADevice: @unchecked Sendable {
         var count: Int32 = 0
         try chk(api.cuDeviceGetCount(&count), "cuDeviceGetCount")
         guard count > 0 else { throw QATError("no CUDA GPU found; run on a machine with an NVIDIA GPU or use --device cpu") }
-        guard ordinal < Int(count) else { throw QATError("device cuda:\(ordinal) does not exist: this machine has \(count) GPU(s) (cuda:0…cuda:\(count - 1))") }
+        guard ordinal < Int(count) else {
+            throw QATError("device cuda:\(ordinal) does not exist: this machine has \(count) GPU(s) (cuda:0…cuda:\(count - 1))")
+        }
         var dev: CUdevice = 0
         try chk(api.cuDeviceGet(&dev, Int32(ordinal)), "cuDeviceGet")
         var nameBuf = [CChar](repeating: 0, count: 256)
@@ -119,8 +122,9 @@ public final class CUDADevice: @unchecked Sendable {
         var p: CUdeviceptr = 0
         let r = api.cuMemAlloc(&p, max(bytes, 16))
         if r == 2 {
-            throw QATError("out of GPU memory allocating \(bytes >> 20) MiB (\(bytesInUse >> 20) MiB in use by qat "
-                + "on \(name)); lower the batch size or sequence length")
+            throw QATError(
+                "out of GPU memory allocating \(bytes >> 20) MiB (\(bytesInUse >> 20) MiB in use by qat "
+                    + "on \(name)); lower the batch size or sequence length")
         }
         try check(r, "cuMemAlloc(\(bytes))")
         bytesInUse += bytes

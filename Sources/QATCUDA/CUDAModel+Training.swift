@@ -17,7 +17,7 @@ extension CUDAModel {
             var total = 0
             for p in parameters where p.grad != nil && offsets[ObjectIdentifier(p)] == nil {
                 offsets[ObjectIdentifier(p)] = (total, p.count)
-                total += (p.count + 63) / 64 * 64   // 256-byte aligned slices
+                total += (p.count + 63) / 64 * 64  // 256-byte aligned slices
             }
             arena = try DeviceBuffer(d, floats: max(total, 1))
             try arena.zero()
@@ -35,7 +35,8 @@ extension CUDAModel {
             let n = b.batch * b.seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
             dres = try DeviceBuffer(d, floats: n * C); dln = try DeviceBuffer(d, floats: n * C)
             dh = try DeviceBuffer(d, floats: n * I); dgate = try DeviceBuffer(d, floats: n * I); dup = try DeviceBuffer(d, floats: n * I)
-            dattn = try DeviceBuffer(d, floats: n * qd); dq = try DeviceBuffer(d, floats: n * qd); dqRaw = try DeviceBuffer(d, floats: n * qd)
+            dattn = try DeviceBuffer(d, floats: n * qd); dq = try DeviceBuffer(d, floats: n * qd);
+            dqRaw = try DeviceBuffer(d, floats: n * qd)
             dk = try DeviceBuffer(d, floats: n * kd); dkRaw = try DeviceBuffer(d, floats: n * kd); dv = try DeviceBuffer(d, floats: n * kd)
             delta = try DeviceBuffer(d, floats: b.batch * c.numHeads * b.seqLen)
             dHidden = try DeviceBuffer(d, floats: n * C)
@@ -90,8 +91,9 @@ extension CUDAModel {
         let count = n * l.inFeatures
         if precision == .bf16 {
             if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
-                try device.nvfp4FakeQuant(x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
-                                          exportMode: q.nvfp4Mode == .export)
+                try device.nvfp4FakeQuant(
+                    x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
+                    exportMode: q.nvfp4Mode == .export)
             } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
                 try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: count)
             } else {
@@ -104,14 +106,18 @@ extension CUDAModel {
 
     /// The clipped STE's amax of a quantizer, nil when its backward passes gradients through.
     private func clipAmax(_ hook: FakeQuantHook?) -> Float? {
-        guard let q = hook as? TensorQuantizer, q.enabled, !q.isCalibrating, q.ste == .clipped, let a = q.amax, q.isQuantizing else { return nil }
+        guard let q = hook as? TensorQuantizer, q.enabled, !q.isCalibrating, q.ste == .clipped, let a = q.amax, q.isQuantizing else {
+            return nil
+        }
         return a
     }
 
     /// dx (+)= dy·W (through the input STE); dW += dyᵀ·x_used (through the weight STE);
     /// db += Σ dy (`Linear.backward`). `x` is the Linear's original input [n, in], dy [n, out].
-    func linearBackward(_ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, n: Int, dx: CUdeviceptr?, accumulateDx: Bool, b: Buffers,
-                        g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, tmp tmpBuffer: CUdeviceptr? = nil) throws {
+    func linearBackward(
+        _ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, n: Int, dx: CUdeviceptr?, accumulateDx: Bool, b: Buffers,
+        g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, tmp tmpBuffer: CUdeviceptr? = nil
+    ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
         let bf = precision == .bf16, out = l.outFeatures, inp = l.inFeatures
@@ -132,7 +138,8 @@ extension CUDAModel {
             }
         }
         if let bias = l.bias, let gb = gradient(bias) {
-            try device.columnSum(out: gb, a: dy, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
+            try device.columnSum(
+                out: gb, a: dy, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
         }
         guard let dx else { return }
         let w = bf ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
@@ -146,11 +153,14 @@ extension CUDAModel {
     }
 
     /// RMSNorm backward with its weight gradient (when trainable).
-    private func rmsnormBackward(_ weight: Parameter, dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, rstd: CUdeviceptr,
-                                 n: Int, c: Int, accumulate: Bool) throws {
+    private func rmsnormBackward(
+        _ weight: Parameter, dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, rstd: CUdeviceptr,
+        n: Int, c: Int, accumulate: Bool
+    ) throws {
         if let gw = gradient(weight) {
-            try device.columnSum(out: gw, a: dout, b: inp, rowScale: rstd, n: n, c: c,
-                                 scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: c) * 4))
+            try device.columnSum(
+                out: gw, a: dout, b: inp, rowScale: rstd, n: n, c: c,
+                scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: c) * 4))
         }
         try device.rmsnormBackward(dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate)
     }
@@ -163,8 +173,9 @@ extension CUDAModel {
         guard let b = buffers, b.training else { throw QATError.internal("backward needs a forward with saveForBackward") }
         let g = try backwardBuffers(b)
         let c = config, C = c.hiddenSize, N = b.batch * b.seqLen
-        try rmsnormBackward(model.finalNorm, dinp: g.dres.ptr, dout: dHidden, inp: b.residuals[model.layers.count].ptr,
-                            rstd: b.finalRstd.ptr, n: N, c: C, accumulate: false)
+        try rmsnormBackward(
+            model.finalNorm, dinp: g.dres.ptr, dout: dHidden, inp: b.residuals[model.layers.count].ptr,
+            rstd: b.finalRstd.ptr, n: N, c: C, accumulate: false)
         for l in stride(from: model.layers.count - 1, through: 0, by: -1) {
             try layerBackward(model.layers[l], b.layers[l], xin: b.residuals[l].ptr, b: b, g: g)
         }
@@ -180,15 +191,17 @@ extension CUDAModel {
         let dres = g.dres.ptr
         // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
         try linearBackward(dp, dy: dres, x: a.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g)
-        try device.swigluBackward(dgate: g.dgate.ptr, dup: g.dup.ptr, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize)
+        try device.swigluBackward(
+            dgate: g.dgate.ptr, dup: g.dup.ptr, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize)
         try linearBackward(gp, dy: g.dgate.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g)
         try linearBackward(up, dy: g.dup.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g)
         try rmsnormBackward(L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true)
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
         try linearBackward(L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g)
-        try device.attentionBackward(dq: g.dq.ptr, dk: g.dk.ptr, dv: g.dv.ptr, dout: g.dattn.ptr, out: a.attn.ptr, lse: a.lse.ptr,
-                                     q: a.q.ptr, k: a.kUsed, v: a.vUsed, delta: g.delta.ptr, batch: b.batch, seqLen: b.seqLen, heads: H,
-                                     kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
+        try device.attentionBackward(
+            dq: g.dq.ptr, dk: g.dk.ptr, dv: g.dv.ptr, dout: g.dattn.ptr, out: a.attn.ptr, lse: a.lse.ptr,
+            q: a.q.ptr, k: a.kUsed, v: a.vUsed, delta: g.delta.ptr, batch: b.batch, seqLen: b.seqLen, heads: H,
+            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
         if a.kUsed != a.kRope.ptr, let amax = clipAmax(L.kQuantizer) {
             try device.steClip(out: g.dk.ptr, grad: g.dk.ptr, x: a.kRope.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
         }
@@ -199,8 +212,10 @@ extension CUDAModel {
         try device.rope(g.dk.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: Hkv, headDim: D, sign: -1)
         var dqIn = g.dq.ptr, dkIn = g.dk.ptr
         if let qn = L.qNorm, let kn = L.kNorm {
-            try rmsnormBackward(qn, dinp: g.dqRaw.ptr, dout: g.dq.ptr, inp: a.qRaw.ptr, rstd: a.qRstd.ptr, n: N * H, c: D, accumulate: false)
-            try rmsnormBackward(kn, dinp: g.dkRaw.ptr, dout: g.dk.ptr, inp: a.kRaw.ptr, rstd: a.kRstd.ptr, n: N * Hkv, c: D, accumulate: false)
+            try rmsnormBackward(
+                qn, dinp: g.dqRaw.ptr, dout: g.dq.ptr, inp: a.qRaw.ptr, rstd: a.qRstd.ptr, n: N * H, c: D, accumulate: false)
+            try rmsnormBackward(
+                kn, dinp: g.dkRaw.ptr, dout: g.dk.ptr, inp: a.kRaw.ptr, rstd: a.kRstd.ptr, n: N * Hkv, c: D, accumulate: false)
             dqIn = g.dqRaw.ptr; dkIn = g.dkRaw.ptr
         }
         try linearBackward(L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g)
@@ -224,7 +239,8 @@ extension CUDAModel {
     /// Σ T²·KD) over the valid rows, writes d(Σ loss · gradScale)/d hidden into the backward
     /// buffers' dHidden (pass it to `backward`) and accumulates the lm_head gradient. No [n × V]
     /// logits are held.
-    public func lossBackward(_ head: LossHead, targets: [Int32], gradScale: Float) throws -> (ce: Double, kd: Double, dHidden: CUdeviceptr) {
+    public func lossBackward(_ head: LossHead, targets: [Int32], gradScale: Float) throws -> (ce: Double, kd: Double, dHidden: CUdeviceptr)
+    {
         guard let b = buffers, b.training else { throw QATError.internal("loss before a training forward") }
         let g = try backwardBuffers(b)
         let n = b.batch * b.seqLen, V = config.vocabSize, C = config.hiddenSize, rows = chunkRows(n)
@@ -245,7 +261,9 @@ extension CUDAModel {
             case .crossEntropy:
                 try device.crossEntropyBackward(rowLoss: rowOut, logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale)
                 var losses = [Float](repeating: 0, count: r)
-                try losses.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 4), "cuMemcpyDtoH") }
+                try losses.withUnsafeMutableBytes {
+                    try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 4), "cuMemcpyDtoH")
+                }
                 for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex { ce += Double(losses[i]) }
             case .distillation(let teacher, let teacherHidden, let kind, let beta, let T, let kdRatio):
                 let Vt = teacher.config.vocabSize, Ct = teacher.config.hiddenSize
@@ -253,17 +271,21 @@ extension CUDAModel {
                 guard let tb = teacher.buffers else { throw QATError.internal("teacher forward missing") }
                 let th16 = teacherHidden == tb.final.ptr ? tb.final16.map { $0.ptr + CUdeviceptr(start * Ct * 2) } : nil
                 try teacher.linear(teacher.model.lmHead, teacherHidden + CUdeviceptr(start * Ct * 4), x16: th16, out: tl, n: r, buffers: tb)
-                try device.distillationRows(rowOut: rowOut, student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r, vocab: V,
-                                            kind: kind, beta: beta, invT: Float(1 / T), cKD: Float(kdRatio * Double(gradScale) * T),
-                                            cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1)
+                try device.distillationRows(
+                    rowOut: rowOut, student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r, vocab: V,
+                    kind: kind, beta: beta, invT: Float(1 / T), cKD: Float(kdRatio * Double(gradScale) * T),
+                    cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1)
                 var out = [Double](repeating: 0, count: 2 * r)
-                try out.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 16), "cuMemcpyDtoH") }
+                try out.withUnsafeMutableBytes {
+                    try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 16), "cuMemcpyDtoH")
+                }
                 for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex {
                     ce += out[2 * i]; kd += T * T * out[2 * i + 1]
                 }
             }
-            try linearBackward(model.lmHead, dy: logits, x: h, n: r, dx: g.dHidden.ptr + CUdeviceptr(start * C * 4), accumulateDx: false,
-                               b: b, g: g, dy16: dy16, tmp: try scratch("lm-head-dx", bytes: r * C * 4))
+            try linearBackward(
+                model.lmHead, dy: logits, x: h, n: r, dx: g.dHidden.ptr + CUdeviceptr(start * C * 4), accumulateDx: false,
+                b: b, g: g, dy16: dy16, tmp: try scratch("lm-head-dx", bytes: r * C * 4))
             start += r
         }
         return (ce, kd, g.dHidden.ptr)

@@ -30,7 +30,7 @@ public final class CUDAModel: @unchecked Sendable {
     }
 
     var linears: [ObjectIdentifier: DeviceLinear] = [:]
-    var tensors: [ObjectIdentifier: DeviceBuffer] = [:]   // by Parameter
+    var tensors: [ObjectIdentifier: DeviceBuffer] = [:]  // by Parameter
     let cosTable, sinTable: DeviceBuffer
     private let maxPositions: Int
 
@@ -103,7 +103,8 @@ public final class CUDAModel: @unchecked Sendable {
         init(_ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig) throws {
             let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
             ln = try DeviceBuffer(d, floats: n * C); rstd1 = try DeviceBuffer(d, floats: n)
-            qRaw = try DeviceBuffer(d, floats: n * qd); q = try DeviceBuffer(d, floats: n * qd); qRstd = try DeviceBuffer(d, floats: n * c.numHeads)
+            qRaw = try DeviceBuffer(d, floats: n * qd); q = try DeviceBuffer(d, floats: n * qd);
+            qRstd = try DeviceBuffer(d, floats: n * c.numHeads)
             kRaw = try DeviceBuffer(d, floats: n * kd); kRope = try DeviceBuffer(d, floats: n * kd)
             kRstd = try DeviceBuffer(d, floats: n * c.numKVHeads); kq = try DeviceBuffer(d, floats: n * kd)
             vRaw = try DeviceBuffer(d, floats: n * kd); vq = try DeviceBuffer(d, floats: n * kd)
@@ -144,9 +145,10 @@ public final class CUDAModel: @unchecked Sendable {
 
     func ensureBuffers(batch: Int, seqLen: Int, training: Bool) throws -> Buffers {
         if let b = buffers, b.batch == batch, b.seqLen == seqLen, b.training == training { return b }
-        buffers = nil   // release first: peak memory is one set
-        let b = try Buffers(device, batch: batch, seqLen: seqLen, c: config, layers: model.layers.count, bf16: precision == .bf16,
-                            training: training)
+        buffers = nil  // release first: peak memory is one set
+        let b = try Buffers(
+            device, batch: batch, seqLen: seqLen, c: config, layers: model.layers.count, bf16: precision == .bf16,
+            training: training)
         buffers = b
         return b
     }
@@ -245,8 +247,9 @@ public final class CUDAModel: @unchecked Sendable {
             // An NVFP4 input quantizer writes the bf16 product input directly (one pass).
             var input = b.b16.ptr
             if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
-                try device.nvfp4FakeQuant(x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
-                                          exportMode: q.nvfp4Mode == .export)
+                try device.nvfp4FakeQuant(
+                    x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
+                    exportMode: q.nvfp4Mode == .export)
             } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
                 try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: n * l.inFeatures)
             } else if let x16 {
@@ -257,7 +260,9 @@ public final class CUDAModel: @unchecked Sendable {
             try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: dl.bf16!.ptr, c: out, bf16: true)
         } else {
             let quantized = try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures)
-            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: quantized ? b.qin.ptr : x, w: (dl.fakeQuant ?? dl.weight).ptr, c: out, bf16: false)
+            try device.gemmXWt(
+                n: n, out: l.outFeatures, k: l.inFeatures, x: quantized ? b.qin.ptr : x, w: (dl.fakeQuant ?? dl.weight).ptr, c: out,
+                bf16: false)
         }
         if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
     }
@@ -267,7 +272,9 @@ public final class CUDAModel: @unchecked Sendable {
     public func forward(tokens: [Int32], batch: Int, seqLen: Int, saveForBackward: Bool = false) throws -> CUdeviceptr {
         let c = config, C = c.hiddenSize, N = batch * seqLen
         guard tokens.count == N else { throw QATError("forward: \(tokens.count) tokens for batch \(batch) × seq_len \(seqLen)") }
-        guard seqLen <= maxPositions else { throw QATError("sequence length \(seqLen) exceeds max_position_embeddings (\(maxPositions)) of this model") }
+        guard seqLen <= maxPositions else {
+            throw QATError("sequence length \(seqLen) exceeds max_position_embeddings (\(maxPositions)) of this model")
+        }
         for (i, t) in tokens.enumerated() where t < 0 || Int(t) >= c.vocabSize {
             throw QATError("token id \(t) at position \(i) is outside the vocabulary (size \(c.vocabSize))")
         }
@@ -281,8 +288,9 @@ public final class CUDAModel: @unchecked Sendable {
             try layerForward(L, a, xin: xin, xout: xout, b: b)
         }
         let last = b.residuals[saveForBackward ? model.layers.count : 0].ptr
-        try device.rmsnorm(out: b.final.ptr, rstd: b.finalRstd.ptr, inp: last, weight: tensor(model.finalNorm), n: N, c: C, eps: c.rmsNormEps,
-                           out16: b.final16?.ptr ?? 0)
+        try device.rmsnorm(
+            out: b.final.ptr, rstd: b.finalRstd.ptr, inp: last, weight: tensor(model.finalNorm), n: N, c: C, eps: c.rmsNormEps,
+            out16: b.final16?.ptr ?? 0)
         try flushCalibration()
         return b.final.ptr
     }
@@ -303,18 +311,22 @@ public final class CUDAModel: @unchecked Sendable {
         try device.rope(a.kRope.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: Hkv, headDim: D)
         a.kUsed = try quantize(L.kQuantizer, a.kRope.ptr, into: a.kq.ptr, rows: N * Hkv, cols: D) ? a.kq.ptr : a.kRope.ptr
         a.vUsed = try quantize(L.vQuantizer, a.vRaw.ptr, into: a.vq.ptr, rows: N * Hkv, cols: D) ? a.vq.ptr : a.vRaw.ptr
-        try device.attention(out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
-                             kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
+        try device.attention(
+            out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
+            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
         try linear(L.oProj, a.attn.ptr, out: a.mid.ptr, n: N, buffers: b)
-        try device.add(a.mid.ptr, xin, count: N * C)                      // mid = x + attn
-        try device.rmsnorm(out: a.ln2.ptr, rstd: a.rstd2.ptr, inp: a.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps,
-                           out16: ln16 ?? 0)
-        guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else { throw QATError.internal("layer \(L.index) has no MLP") }
+        try device.add(a.mid.ptr, xin, count: N * C)  // mid = x + attn
+        try device.rmsnorm(
+            out: a.ln2.ptr, rstd: a.rstd2.ptr, inp: a.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps,
+            out16: ln16 ?? 0)
+        guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
+            throw QATError.internal("layer \(L.index) has no MLP")
+        }
         try linear(gate, a.ln2.ptr, x16: ln16, out: a.gate.ptr, n: N, buffers: b)
         try linear(up, a.ln2.ptr, x16: ln16, out: a.up.ptr, n: N, buffers: b)
         try device.swiglu(out: a.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
         try linear(down, a.h.ptr, x16: b.h16?.ptr, out: xout, n: N, buffers: b)
-        try device.add(xout, a.mid.ptr, count: N * C)                      // out = mid + mlp
+        try device.add(xout, a.mid.ptr, count: N * C)  // out = mid + mlp
     }
 
     // MARK: Loss head
@@ -342,8 +354,9 @@ public final class CUDAModel: @unchecked Sendable {
             // The bf16 copy of the final hidden states, when `hidden` is this model's own output.
             let h16 = hidden == b.final.ptr ? b.final16.map { $0.ptr + CUdeviceptr(start * C * 2) } : nil
             try linear(model.lmHead, hidden + CUdeviceptr(start * C * 4), x16: h16, out: logitsChunk!.ptr, n: r, buffers: b)
-            try device.crossEntropyRows(rowLoss: rowLoss!.ptr, logits: logitsChunk!.ptr, targets: targetsBuffer!.ptr + CUdeviceptr(start * 4),
-                                        rows: r, vocab: V)
+            try device.crossEntropyRows(
+                rowLoss: rowLoss!.ptr, logits: logitsChunk!.ptr, targets: targetsBuffer!.ptr + CUdeviceptr(start * 4),
+                rows: r, vocab: V)
             let losses = try rowLoss!.floats(r)
             for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex {
                 sum += Double(losses[i])
@@ -370,10 +383,14 @@ public final class CUDAModel: @unchecked Sendable {
     }
 
     /// Validation loss by the project's protocol (`Evaluation.evaluate`) on the GPU.
-    public func evaluate(stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int? = nil,
-                         progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
-        try Evaluation.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
-                                progress: progress) { tokens, targets, b in
+    public func evaluate(
+        stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int? = nil,
+        progress: ((Int, Int) -> Void)? = nil
+    ) throws -> EvalResult {
+        try Evaluation.evaluate(
+            stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
+            progress: progress
+        ) { tokens, targets, b in
             let hidden = try forward(tokens: tokens, batch: b, seqLen: seqLen)
             return try lossSums(hidden: hidden, targets: targets, n: b * seqLen)
         }

@@ -12,8 +12,10 @@ extension CUDADevice {
     /// Causal GQA attention. `bf16`: the tensor-core kernel (bf16 inputs, fp32 accumulation) for
     /// head_dim 64 and 128; otherwise, and always in fp32, the fp32 kernel. `lse` (optional,
     /// [B, H, T]): the natural-log log-sum-exp of each row's scaled scores, for the backward.
-    func attention(out: CUdeviceptr, lse: CUdeviceptr, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr,
-                   batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int, window: Int?, bf16: Bool = false) throws {
+    func attention(
+        out: CUdeviceptr, lse: CUdeviceptr, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr,
+        batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int, window: Int?, bf16: Bool = false
+    ) throws {
         try checkAttentionShape(heads: heads, kvHeads: kvHeads, headDim: headDim)
         let scale = 1 / Float(headDim).squareRoot()
         if bf16 && (headDim == 64 || headDim == 128) {
@@ -22,17 +24,23 @@ extension CUDADevice {
             // Q [64] and K, V [BK] bf16 rows of D+8, the K, V staging [BK][D] fp32; BK as instantiated in attention.cu.
             let bk = headDim == 64 ? 64 : 32, shared = (64 + 2 * bk) * (headDim + 8) * 2 + 2 * bk * headDim * 4
             if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
-            try kernels.launch(name, grid: ((seqLen + 63) / 64, batch * heads, 1), block: (128, 1, 1), shared: shared,
-                               [.ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen), .i32(heads), .i32(kvHeads),
-                                .i32(window ?? 0), .f32(scale)])
+            try kernels.launch(
+                name, grid: ((seqLen + 63) / 64, batch * heads, 1), block: (128, 1, 1), shared: shared,
+                [
+                    .ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen), .i32(heads), .i32(kvHeads),
+                    .i32(window ?? 0), .f32(scale),
+                ])
             return
         }
         let shared = (Self.attentionKeys * (headDim + 1) + Self.attentionKeys * headDim + Self.attentionRows * headDim) * 4
         if shared > 48 * 1024 { try kernels.allowSharedMemory("attention_forward", bytes: shared) }
-        try kernels.launch("attention_forward", grid: ((seqLen + Self.attentionRows - 1) / Self.attentionRows, batch * heads, 1),
-                           block: (128, 1, 1), shared: shared,
-                           [.ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen), .i32(heads), .i32(kvHeads),
-                            .i32(headDim), .i32(window ?? 0), .f32(scale)])
+        try kernels.launch(
+            "attention_forward", grid: ((seqLen + Self.attentionRows - 1) / Self.attentionRows, batch * heads, 1),
+            block: (128, 1, 1), shared: shared,
+            [
+                .ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen), .i32(heads), .i32(kvHeads),
+                .i32(headDim), .i32(window ?? 0), .f32(scale),
+            ])
     }
 
     /// Backward of `attention` (same layouts: q, dq [B,T,H,D]; k, v, dk, dv [B,T,Hkv,D]; out, dout [B,T,H,D];
@@ -43,15 +51,18 @@ extension CUDADevice {
     ///
     /// Deterministic (no atomics): dK/dV by one kernel per (batch, kv head, key tile) looping over the group's
     /// query heads and query tiles in order, dQ by another per (batch, head, query tile) looping over key tiles.
-    func attentionBackward(dq: CUdeviceptr, dk: CUdeviceptr, dv: CUdeviceptr, dout: CUdeviceptr, out: CUdeviceptr, lse: CUdeviceptr,
-                           q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr, delta: CUdeviceptr, batch: Int, seqLen: Int, heads: Int,
-                           kvHeads: Int, headDim: Int, window: Int?, bf16: Bool) throws {
+    func attentionBackward(
+        dq: CUdeviceptr, dk: CUdeviceptr, dv: CUdeviceptr, dout: CUdeviceptr, out: CUdeviceptr, lse: CUdeviceptr,
+        q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr, delta: CUdeviceptr, batch: Int, seqLen: Int, heads: Int,
+        kvHeads: Int, headDim: Int, window: Int?, bf16: Bool
+    ) throws {
         try checkAttentionShape(heads: heads, kvHeads: kvHeads, headDim: headDim)
         guard batch > 0 && seqLen > 0 else { return }
         let scale = 1 / Float(headDim).squareRoot(), win = window ?? 0
         let rows = batch * seqLen * heads
-        try kernels.launch("attention_backward_delta", grid: ((rows + 7) / 8, 1, 1), block: (256, 1, 1),
-                           [.ptr(delta), .ptr(dout), .ptr(out), .i32(batch), .i32(seqLen), .i32(heads), .i32(headDim)])
+        try kernels.launch(
+            "attention_backward_delta", grid: ((rows + 7) / 8, 1, 1), block: (256, 1, 1),
+            [.ptr(delta), .ptr(dout), .ptr(out), .i32(batch), .i32(seqLen), .i32(heads), .i32(headDim)])
         if bf16 && (headDim == 64 || headDim == 128) {
             try checkAligned(["dq": dq, "dk": dk, "dv": dv, "dout": dout, "q": q, "k": k, "v": v])
             // Query tile of the dK/dV kernel and key tile of the dQ kernel (as instantiated in attention.cu).
@@ -63,12 +74,18 @@ extension CUDADevice {
             if dkdvShared > 48 * 1024 { try kernels.allowSharedMemory(dkdv, bytes: dkdvShared) }
             if dqShared > 48 * 1024 { try kernels.allowSharedMemory(dqName, bytes: dqShared) }
             let tiles = (seqLen + 63) / 64
-            try kernels.launch(dkdv, grid: (tiles, batch * kvHeads, 1), block: (128, 1, 1), shared: dkdvShared,
-                               [.ptr(dk), .ptr(dv), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen),
-                                .i32(heads), .i32(kvHeads), .i32(win), .f32(scale)])
-            try kernels.launch(dqName, grid: (tiles, batch * heads, 1), block: (128, 1, 1), shared: dqShared,
-                               [.ptr(dq), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen),
-                                .i32(heads), .i32(kvHeads), .i32(win), .f32(scale)])
+            try kernels.launch(
+                dkdv, grid: (tiles, batch * kvHeads, 1), block: (128, 1, 1), shared: dkdvShared,
+                [
+                    .ptr(dk), .ptr(dv), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen),
+                    .i32(heads), .i32(kvHeads), .i32(win), .f32(scale),
+                ])
+            try kernels.launch(
+                dqName, grid: (tiles, batch * heads, 1), block: (128, 1, 1), shared: dqShared,
+                [
+                    .ptr(dq), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen),
+                    .i32(heads), .i32(kvHeads), .i32(win), .f32(scale),
+                ])
             return
         }
         let R = Self.attentionBackwardRows, K = Self.attentionBackwardKeys
@@ -76,12 +93,18 @@ extension CUDADevice {
         for name in ["attention_backward_dkdv", "attention_backward_dq"] where shared > 48 * 1024 {
             try kernels.allowSharedMemory(name, bytes: shared)
         }
-        try kernels.launch("attention_backward_dkdv", grid: ((seqLen + K - 1) / K, batch * kvHeads, 1), block: (256, 1, 1), shared: shared,
-                           [.ptr(dk), .ptr(dv), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen),
-                            .i32(heads), .i32(kvHeads), .i32(headDim), .i32(win), .f32(scale)])
-        try kernels.launch("attention_backward_dq", grid: ((seqLen + R - 1) / R, batch * heads, 1), block: (256, 1, 1), shared: shared,
-                           [.ptr(dq), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen),
-                            .i32(heads), .i32(kvHeads), .i32(headDim), .i32(win), .f32(scale)])
+        try kernels.launch(
+            "attention_backward_dkdv", grid: ((seqLen + K - 1) / K, batch * kvHeads, 1), block: (256, 1, 1), shared: shared,
+            [
+                .ptr(dk), .ptr(dv), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen),
+                .i32(heads), .i32(kvHeads), .i32(headDim), .i32(win), .f32(scale),
+            ])
+        try kernels.launch(
+            "attention_backward_dq", grid: ((seqLen + R - 1) / R, batch * heads, 1), block: (256, 1, 1), shared: shared,
+            [
+                .ptr(dq), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen),
+                .i32(heads), .i32(kvHeads), .i32(headDim), .i32(win), .f32(scale),
+            ])
     }
 
     /// The tensor-core kernels move rows as 16-byte vectors (float4, cp.async).

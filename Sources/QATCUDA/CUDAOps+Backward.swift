@@ -7,8 +7,10 @@ extension CUDADevice {
     /// Row-major C[m, n] = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ when trans. A is [m, k]
     /// (or [k, m] with transA), B is [k, n] (or [n, k]); lda/ldb/ldc are row strides. bf16: A and
     /// B are bf16, accumulation and C fp32; otherwise fp32 without TF32.
-    func gemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, a: CUdeviceptr, lda: Int, b: CUdeviceptr, ldb: Int,
-              c: CUdeviceptr, ldc: Int, alpha: Float = 1, beta: Float = 0, bf16: Bool) throws {
+    func gemm(
+        transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, a: CUdeviceptr, lda: Int, b: CUdeviceptr, ldb: Int,
+        c: CUdeviceptr, ldc: Int, alpha: Float = 1, beta: Float = 0, bf16: Bool
+    ) throws {
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major X is its
         // column-major transpose: so cuBLAS gets (B, A) with the same transpose flags.
         var al = alpha, be = beta
@@ -16,22 +18,26 @@ extension CUDADevice {
         let compute = bf16 ? Int32(QAT_CUBLAS_COMPUTE_32F) : Int32(QAT_CUBLAS_COMPUTE_32F_PEDANTIC)
         var s: Int32 = 0
         try timed(bf16 ? "gemm bf16 (backward)" : "gemm fp32 (backward)") {
-            s = api.cublasGemmEx(blas, Int32(transB ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N), Int32(transA ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N),
-                                 Int32(n), Int32(m), Int32(k), &al, UnsafeRawPointer(bitPattern: UInt(b)), type, Int32(ldb),
-                                 UnsafeRawPointer(bitPattern: UInt(a)), type, Int32(lda), &be,
-                                 UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(ldc), compute,
-                                 Int32(QAT_CUBLAS_GEMM_DEFAULT))
+            s = api.cublasGemmEx(
+                blas, Int32(transB ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N), Int32(transA ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N),
+                Int32(n), Int32(m), Int32(k), &al, UnsafeRawPointer(bitPattern: UInt(b)), type, Int32(ldb),
+                UnsafeRawPointer(bitPattern: UInt(a)), type, Int32(lda), &be,
+                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(ldc), compute,
+                Int32(QAT_CUBLAS_GEMM_DEFAULT))
         }
         if s != 0 { throw QATError("cuBLAS: gemm [\(m)×\(k)]·[\(k)×\(n)] (transA \(transA), transB \(transB)) failed (status \(s))") }
         if kernels.syncEachLaunch { try synchronize() }
     }
 
     /// RMSNorm backward: dinp (+)= dx (the weight gradient is `columnSum(a: dout, b: inp, rowScale: rstd)`).
-    func rmsnormBackward(dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, rstd: CUdeviceptr, n: Int, c: Int,
-                         accumulate: Bool) throws {
+    func rmsnormBackward(
+        dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, rstd: CUdeviceptr, n: Int, c: Int,
+        accumulate: Bool
+    ) throws {
         let threads = c >= 1024 ? 256 : (c >= 256 ? 128 : (c > 32 ? 64 : 32))
-        try kernels.launch("rmsnorm_backward", grid: (n, 1, 1), block: (threads, 1, 1),
-                           [.ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0)])
+        try kernels.launch(
+            "rmsnorm_backward", grid: (n, 1, 1), block: (threads, 1, 1),
+            [.ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0)])
     }
 
     /// Floats of scratch `columnSum` needs for an [n, c] matrix.
@@ -39,13 +45,17 @@ extension CUDADevice {
     static func columnSumBlocks(_ n: Int) -> Int { min(256, max(1, (n + 63) / 64)) }
 
     /// out[j] += Σ_r a[r, j] (· b[r, j] (· rowScale[r])), deterministic (two passes through `scratch`).
-    func columnSum(out: CUdeviceptr, a: CUdeviceptr, b: CUdeviceptr = 0, rowScale: CUdeviceptr = 0, n: Int, c: Int,
-                   scratch: CUdeviceptr) throws {
+    func columnSum(
+        out: CUdeviceptr, a: CUdeviceptr, b: CUdeviceptr = 0, rowScale: CUdeviceptr = 0, n: Int, c: Int,
+        scratch: CUdeviceptr
+    ) throws {
         let blocks = Self.columnSumBlocks(n), rows = (n + blocks - 1) / blocks
-        try kernels.launch("colsum_partial", grid: ((c + 127) / 128, blocks, 1), block: (128, 1, 1),
-                           [.ptr(scratch), .ptr(a), .ptr(b), .ptr(rowScale), .i32(n), .i32(c), .i32(rows)])
-        try kernels.launch("colsum_finish", grid: ((c + 127) / 128, 1, 1), block: (128, 1, 1),
-                           [.ptr(out), .ptr(scratch), .i32(blocks), .i32(c)])
+        try kernels.launch(
+            "colsum_partial", grid: ((c + 127) / 128, blocks, 1), block: (128, 1, 1),
+            [.ptr(scratch), .ptr(a), .ptr(b), .ptr(rowScale), .i32(n), .i32(c), .i32(rows)])
+        try kernels.launch(
+            "colsum_finish", grid: ((c + 127) / 128, 1, 1), block: (128, 1, 1),
+            [.ptr(out), .ptr(scratch), .i32(blocks), .i32(c)])
     }
 
     func swigluBackward(dgate: CUdeviceptr, dup: CUdeviceptr, dout: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int) throws {
@@ -54,9 +64,12 @@ extension CUDADevice {
 
     /// dtable rows += the dout rows of their positions (`order`/`starts`/`ids` from `EmbeddingGroups`).
     func embeddingBackward(dtable: CUdeviceptr, dout: CUdeviceptr, groups: EmbeddingGroups, c: Int) throws {
-        try kernels.launch("embedding_backward", grid: (groups.count, 1, 1), block: (min(256, max(32, c)), 1, 1),
-                           [.ptr(dtable), .ptr(dout), .ptr(groups.order.ptr), .ptr(groups.starts.ptr), .ptr(groups.ids.ptr),
-                            .i32(groups.count), .i32(c)])
+        try kernels.launch(
+            "embedding_backward", grid: (groups.count, 1, 1), block: (min(256, max(32, c)), 1, 1),
+            [
+                .ptr(dtable), .ptr(dout), .ptr(groups.order.ptr), .ptr(groups.starts.ptr), .ptr(groups.ids.ptr),
+                .i32(groups.count), .i32(c),
+            ])
     }
 
     func steClip(out: CUdeviceptr, grad: CUdeviceptr, x: CUdeviceptr, amax: Float, count: Int, accumulate: Bool) throws {
@@ -74,33 +87,47 @@ extension CUDADevice {
     func zero(_ p: CUdeviceptr, bytes: Int) throws { try check(api.cuMemsetD8(p, 0, bytes), "cuMemsetD8(\(bytes))") }
 
     /// Cross-entropy of a chunk: per-row losses, logits replaced by d(gradScale·loss)/d logits.
-    func crossEntropyBackward(rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float) throws {
-        try kernels.launch("cross_entropy_backward", grid: (rows, 1, 1), block: (512, 1, 1),
-                           [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale)])
+    func crossEntropyBackward(rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float)
+        throws
+    {
+        try kernels.launch(
+            "cross_entropy_backward", grid: (rows, 1, 1), block: (512, 1, 1),
+            [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale)])
     }
 
     /// Distillation rows (`kd_rows` in loss.cu): rowOut gets (CE, KD) per row as doubles.
-    func distillationRows(rowOut: CUdeviceptr, student: CUdeviceptr, teacher: CUdeviceptr, teacherStride: Int, targets: CUdeviceptr,
-                          rows: Int, vocab: Int, kind: Int, beta: Float, invT: Float, cKD: Float, cCE: Float, computeCE: Bool) throws {
-        try kernels.launch("kd_rows", grid: (rows, 1, 1), block: (512, 1, 1),
-                           [.ptr(rowOut), .ptr(student), .ptr(teacher), .ptr(targets), .i32(rows), .i32(vocab), .i64(teacherStride),
-                            .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0)])
+    func distillationRows(
+        rowOut: CUdeviceptr, student: CUdeviceptr, teacher: CUdeviceptr, teacherStride: Int, targets: CUdeviceptr,
+        rows: Int, vocab: Int, kind: Int, beta: Float, invT: Float, cKD: Float, cCE: Float, computeCE: Bool
+    ) throws {
+        try kernels.launch(
+            "kd_rows", grid: (rows, 1, 1), block: (512, 1, 1),
+            [
+                .ptr(rowOut), .ptr(student), .ptr(teacher), .ptr(targets), .i32(rows), .i32(vocab), .i64(teacherStride),
+                .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0),
+            ])
     }
 
     /// AdamW over one parameter (scalars as `AdamW.Coefficients`).
-    func adamw(p: CUdeviceptr, g: CUdeviceptr, m: CUdeviceptr, v: CUdeviceptr, count: Int, decay: Float, lerpSmall: Bool, lerpWeight: Float,
-               beta2: Float, oneMinusBeta2: Float, bc2Sqrt: Float, eps: Float, negStepSize: Float) throws {
-        try kernels.launch1D("adamw_update", count,
-                             [.ptr(p), .ptr(g), .ptr(m), .ptr(v), .i64(count), .f32(decay), .i32(lerpSmall ? 1 : 0), .f32(lerpWeight),
-                              .f32(beta2), .f32(oneMinusBeta2), .f32(bc2Sqrt), .f32(eps), .f32(negStepSize)])
+    func adamw(
+        p: CUdeviceptr, g: CUdeviceptr, m: CUdeviceptr, v: CUdeviceptr, count: Int, decay: Float, lerpSmall: Bool, lerpWeight: Float,
+        beta2: Float, oneMinusBeta2: Float, bc2Sqrt: Float, eps: Float, negStepSize: Float
+    ) throws {
+        try kernels.launch1D(
+            "adamw_update", count,
+            [
+                .ptr(p), .ptr(g), .ptr(m), .ptr(v), .i64(count), .f32(decay), .i32(lerpSmall ? 1 : 0), .f32(lerpWeight),
+                .f32(beta2), .f32(oneMinusBeta2), .f32(bc2Sqrt), .f32(eps), .f32(negStepSize),
+            ])
     }
 
     /// Partials of Σ x² (doubles) written at `partials`; returns how many.
     static func sumOfSquaresBlocks(_ count: Int) -> Int { max(1, min(256, (count + 2047) / 2048)) }
 
     func sumOfSquaresPartials(_ x: CUdeviceptr, count: Int, partials: CUdeviceptr) throws {
-        try kernels.launch("sumsq_partial", grid: (Self.sumOfSquaresBlocks(count), 1, 1), block: (256, 1, 1),
-                           [.ptr(partials), .ptr(x), .i64(count)])
+        try kernels.launch(
+            "sumsq_partial", grid: (Self.sumOfSquaresBlocks(count), 1, 1), block: (256, 1, 1),
+            [.ptr(partials), .ptr(x), .i64(count)])
     }
 }
 

@@ -13,37 +13,46 @@ extension CUDADevice {
         let compute = bf16 ? Int32(QAT_CUBLAS_COMPUTE_32F) : Int32(QAT_CUBLAS_COMPUTE_32F_PEDANTIC)
         var s: Int32 = 0
         try timed(bf16 ? "gemm bf16 [\(n)x\(k)]x[\(out)x\(k)]" : "gemm fp32") {
-        s = api.cublasGemmEx(blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
-                                 &alpha, UnsafeRawPointer(bitPattern: UInt(w)), type, Int32(k),
-                                 UnsafeRawPointer(bitPattern: UInt(x)), type, Int32(k), &b,
-                                 UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(out), compute,
-                                 Int32(QAT_CUBLAS_GEMM_DEFAULT))
+            s = api.cublasGemmEx(
+                blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
+                &alpha, UnsafeRawPointer(bitPattern: UInt(w)), type, Int32(k),
+                UnsafeRawPointer(bitPattern: UInt(x)), type, Int32(k), &b,
+                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(out), compute,
+                Int32(QAT_CUBLAS_GEMM_DEFAULT))
         }
         if s != 0 { throw QATError("cuBLAS: gemm [\(n)×\(k)]·[\(out)×\(k)]ᵀ failed (status \(s))") }
         if kernels.syncEachLaunch { try synchronize() }
     }
 
     func embedding(out: CUdeviceptr, tokens: CUdeviceptr, table: CUdeviceptr, n: Int, c: Int) throws {
-        try kernels.launch("embedding_forward", grid: (n, 1, 1), block: (min(256, max(32, c)), 1, 1),
-                           [.ptr(out), .ptr(tokens), .ptr(table), .i32(n), .i32(c)])
+        try kernels.launch(
+            "embedding_forward", grid: (n, 1, 1), block: (min(256, max(32, c)), 1, 1),
+            [.ptr(out), .ptr(tokens), .ptr(table), .i32(n), .i32(c)])
     }
 
     /// `out16`: also write the output's bf16 copy there (the input of bf16 products).
-    func rmsnorm(out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float,
-                 out16: CUdeviceptr = 0) throws {
-        if c <= 256 && out16 == 0 {   // short rows (per-head q/k norms): a warp per row
-            try kernels.launch("rmsnorm_forward_warp", grid: ((n + 7) / 8, 1, 1), block: (256, 1, 1),
-                               [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps)])
+    func rmsnorm(
+        out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float,
+        out16: CUdeviceptr = 0
+    ) throws {
+        if c <= 256 && out16 == 0 {  // short rows (per-head q/k norms): a warp per row
+            try kernels.launch(
+                "rmsnorm_forward_warp", grid: ((n + 7) / 8, 1, 1), block: (256, 1, 1),
+                [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps)])
             return
         }
         let threads = c >= 1024 ? 256 : (c >= 256 ? 128 : 64)
-        try kernels.launch("rmsnorm_forward", grid: (n, 1, 1), block: (threads, 1, 1),
-                           [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
+        try kernels.launch(
+            "rmsnorm_forward", grid: (n, 1, 1), block: (threads, 1, 1),
+            [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
     }
 
-    func rope(_ x: CUdeviceptr, cos: CUdeviceptr, sin: CUdeviceptr, rows: Int, seqLen: Int, heads: Int, headDim: Int, sign: Float = 1) throws {
-        try kernels.launch1D("rope_apply", rows * heads * headDim / 2,
-                             [.ptr(x), .ptr(cos), .ptr(sin), .i32(rows), .i32(seqLen), .i32(heads), .i32(headDim), .f32(sign)])
+    func rope(_ x: CUdeviceptr, cos: CUdeviceptr, sin: CUdeviceptr, rows: Int, seqLen: Int, heads: Int, headDim: Int, sign: Float = 1)
+        throws
+    {
+        try kernels.launch1D(
+            "rope_apply", rows * heads * headDim / 2,
+            [.ptr(x), .ptr(cos), .ptr(sin), .i32(rows), .i32(seqLen), .i32(heads), .i32(headDim), .f32(sign)])
     }
 
     func add(_ a: CUdeviceptr, _ b: CUdeviceptr, count: Int) throws {
@@ -63,10 +72,13 @@ extension CUDADevice {
     }
 
     /// NVFP4 fake quant into `out` (fp32), or with `bf16Out` into its bf16 rounding instead.
-    func nvfp4FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, bf16Out: CUdeviceptr = 0, rows: Int, cols: Int, globalAmax: Float,
-                        exportMode: Bool) throws {
-        try kernels.launch1D("nvfp4_fake_quant", rows * ((cols + 15) / 16),
-                             [.ptr(x), .ptr(out), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
+    func nvfp4FakeQuant(
+        _ x: CUdeviceptr, out: CUdeviceptr, bf16Out: CUdeviceptr = 0, rows: Int, cols: Int, globalAmax: Float,
+        exportMode: Bool
+    ) throws {
+        try kernels.launch1D(
+            "nvfp4_fake_quant", rows * ((cols + 15) / 16),
+            [.ptr(x), .ptr(out), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
     }
 
     func fp8FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, count: Int, amax: Float) throws {
@@ -83,7 +95,8 @@ extension CUDADevice {
     }
 
     func crossEntropyRows(rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int) throws {
-        try kernels.launch("cross_entropy_rows", grid: (rows, 1, 1), block: (256, 1, 1),
-                           [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab)])
+        try kernels.launch(
+            "cross_entropy_rows", grid: (rows, 1, 1), block: (256, 1, 1),
+            [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab)])
     }
 }

@@ -23,8 +23,9 @@ extension CUDASelftest {
                     try Calibration.run(model: model, quantizers: set, sequences: [tokens], seqLen: seqLen * batch, batchSize: 1)
                 }
                 let label = "\(name)\(quantized ? " NVFP4+FP8 KV, clipped STE" : "")"
-                try gradientCheck(label, model: model, tokens: tokens, targets: targets, batch: batch, seqLen: seqLen, loss: nil,
-                                  quantized: quantized)
+                try gradientCheck(
+                    label, model: model, tokens: tokens, targets: targets, batch: batch, seqLen: seqLen, loss: nil,
+                    quantized: quantized)
             }
         }
         // Distillation: each divergence, T = 2, kd_ratio 0.5 (CE and KD both), on the tiny-qwen3 shape.
@@ -37,15 +38,16 @@ extension CUDASelftest {
             var spec = Recipe.DistillSpec()
             spec.loss = loss; spec.beta = beta; spec.temperature = 2; spec.kdRatio = 0.5
             let kd = try DistillationLoss(teacher: teacher, studentVocab: config.vocabSize, spec: spec)
-            try gradientCheck("tiny-qwen3 QAD \(loss.rawValue)", model: student, tokens: tokens, targets: targets, batch: batch, seqLen: seqLen,
-                              loss: kd)
+            try gradientCheck(
+                "tiny-qwen3 QAD \(loss.rawValue)", model: student, tokens: tokens, targets: targets, batch: batch, seqLen: seqLen,
+                loss: kd)
         }
         try adamwCheck()
     }
 
     static func selftestModel(_ config: ModelConfig) throws -> CausalLM {
         let model = try CausalLM(config: config, seed: 11, std: 0.08)
-        for p in model.parameters where p.name.hasSuffix(".bias") {   // random biases, not zeros
+        for p in model.parameters where p.name.hasSuffix(".bias") {  // random biases, not zeros
             let r = random(p.value.count, seed: 12, scale: 0.1)
             for i in 0..<r.count { p.value[i] = r[i] }
         }
@@ -53,8 +55,10 @@ extension CUDASelftest {
     }
 
     /// One micro-batch's loss and every parameter gradient, CPU against GPU (fp32 and bf16).
-    private mutating func gradientCheck(_ label: String, model: CausalLM, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
-                                        loss kd: DistillationLoss?, quantized: Bool = false) throws {
+    private mutating func gradientCheck(
+        _ label: String, model: CausalLM, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
+        loss kd: DistillationLoss?, quantized: Bool = false
+    ) throws {
         // (Quantized: both sides use the host's calibration, so the fake quant sees the same amax.)
         let n = batch * seqLen, C = model.config.hiddenSize
         let valid = targets.filter { $0 != CrossEntropy.ignoreIndex }.count, scale = 1 / Float(valid)
@@ -80,7 +84,9 @@ extension CUDASelftest {
                 let th = try teacher.forward(tokens: tokens, batch: batch, seqLen: seqLen)
                 let k = kd.constants
                 let kind = k.divergence == .forwardKL ? 0 : (k.divergence == .reverseKL ? 1 : 2)
-                let beta: Float = { if case .jsd(let b) = k.divergence { return Float(b) }; return 0 }()
+                let beta: Float = {
+                    if case .jsd(let b) = k.divergence { return Float(b) }; return 0
+                }()
                 head = .distillation(teacher: teacher, hidden: th, kind: kind, beta: beta, temperature: k.temperature, kdRatio: k.kdRatio)
             } else {
                 head = .crossEntropy
@@ -94,13 +100,16 @@ extension CUDASelftest {
             for (p, cg) in zip(model.parameters, cpuGrads) {
                 guard let ptr = gm.gradient(p) else { continue }
                 var dg = [Float](repeating: 0, count: p.count)
-                try dg.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH") }
+                try dg.withUnsafeMutableBytes {
+                    try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH")
+                }
                 let m = Double(cg.map { abs($0) }.max() ?? 0)
                 let e = Self.maxAbsDiff(cg, dg) / max(m, 1e-12)
                 if e > worst || e.isNaN { worst = e; worstName = p.name }
                 if e.isNaN { break }
             }
-            add("train \(label): gradients \(tag) (worst \(worstName.isEmpty ? "-" : worstName))", worst,
+            add(
+                "train \(label): gradients \(tag) (worst \(worstName.isEmpty ? "-" : worstName))", worst,
                 precision == .fp32 ? 2e-3 : 1e-1, "max |Δ|/max")
         }
         for p in model.parameters { p.setRequiresGrad(false) }
@@ -110,8 +119,9 @@ extension CUDASelftest {
     private mutating func adamwCheck() throws {
         let count = 5000
         let value = Tensor(shape: [count], values: Self.random(count, seed: 41)), grad = Tensor(shape: [count])
-        let cfg = OptimizerConfig(defaults: AdamWHyperparameters(lr: 1e-3, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8),
-                                  selection: try ParameterSelection(trainable: nil, frozen: nil), lrConfig: nil)
+        let cfg = OptimizerConfig(
+            defaults: AdamWHyperparameters(lr: 1e-3, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8),
+            selection: try ParameterSelection(trainable: nil, frozen: nil), lrConfig: nil)
         let opt = try AdamW(parameters: [("w.weight", value, grad)], config: cfg)
         let p = try gpu(Self.random(count, seed: 41)), gd = try DeviceBuffer(device, floats: count)
         let m = try DeviceBuffer(device, floats: count), v = try DeviceBuffer(device, floats: count)
@@ -122,9 +132,10 @@ extension CUDASelftest {
             try gv.withUnsafeBytes { try gd.upload($0.baseAddress!, bytes: $0.count) }
             opt.step(lrFactor: 0.5)
             let c = AdamW.coefficients(opt.groups[0].hyper, lr: opt.groups[0].hyper.lr * 0.5, step: step + 1)
-            try device.adamw(p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall,
-                             lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
-                             negStepSize: c.negStepSize)
+            try device.adamw(
+                p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall,
+                lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
+                negStepSize: c.negStepSize)
         }
         let host = Array(UnsafeBufferPointer(start: value.data, count: count))
         add("AdamW 2 steps (weight decay, lr factor)", Self.bitMismatches(host, try p.floats(count)), 0, "mismatches")

@@ -31,7 +31,9 @@ public struct CUDASelftest {
     mutating func add(_ name: String, _ error: Double, _ tolerance: Double, _ measure: String = "max |Δ|") {
         let c = Check(name: name, error: error, tolerance: tolerance, measure: measure)
         checks.append(c)
-        log(String(format: "%@  %-44@ %@ %-10.3g (tolerance %.3g)", c.passed ? "ok  " : "FAIL", name as NSString, measure, error, tolerance))
+        log(
+            String(format: "%@  %-44@ %@ %-10.3g (tolerance %.3g)", c.passed ? "ok  " : "FAIL", name as NSString, measure, error, tolerance)
+        )
     }
 
     /// Runs every check; true when all pass.
@@ -62,7 +64,7 @@ public struct CUDASelftest {
                 case 1: if c / 16 % 2 == 0 { x[i] = 0 }
                 case 2: x[i] *= 1e-6
                 case 3: if g.next() % 17 == 0 { x[i] *= 300 }
-                case 4: x[i] = Float(Int(g.next() % 25) - 12) * 0.25   // many ties after scaling
+                case 4: x[i] = Float(Int(g.next() % 25) - 12) * 0.25  // many ties after scaling
                 default: break
                 }
             }
@@ -110,7 +112,9 @@ public struct CUDASelftest {
                 var h1 = [UInt16](repeating: 0, count: x.count), h2 = h1
                 try h1.withUnsafeMutableBytes { try b1.download($0.baseAddress!, bytes: $0.count) }
                 try h2.withUnsafeMutableBytes { try b2.download($0.baseAddress!, bytes: $0.count) }
-                add("nvfp4 fake quant → bf16 [\(rows)×\(cols)] \(mode.rawValue)", Double(zip(h1, h2).filter { $0 != $1 }.count), 0, "bits ≠")
+                add(
+                    "nvfp4 fake quant → bf16 [\(rows)×\(cols)] \(mode.rawValue)", Double(zip(h1, h2).filter { $0 != $1 }.count), 0, "bits ≠"
+                )
             }
             var cpu = [Float](repeating: 0, count: x.count)
             FP8.fakeQuant(x, &cpu, count: x.count, amax: amax)
@@ -139,7 +143,9 @@ public struct CUDASelftest {
         try d.toBF16(out: a16.ptr, ad.ptr, count: n * k)
         try d.toBF16(out: w16.ptr, wd.ptr, count: m * k)
         try d.gemmXWt(n: n, out: m, k: k, x: a16.ptr, w: w16.ptr, c: cd.ptr, bf16: true)
-        add("gemm bf16 (fp32 accumulation), relative", Self.maxAbsDiff(ref, try cd.floats(n * m)) / Double(ref.map { abs($0) }.max()!), 2e-2, "max |Δ|/max")
+        add(
+            "gemm bf16 (fp32 accumulation), relative", Self.maxAbsDiff(ref, try cd.floats(n * m)) / Double(ref.map { abs($0) }.max()!),
+            2e-2, "max |Δ|/max")
 
         // RMSNorm.
         let (rows, c) = (33, 200)
@@ -150,7 +156,7 @@ public struct CUDASelftest {
         try d.rmsnorm(out: od.ptr, rstd: rd.ptr, inp: xd.ptr, weight: gd.ptr, n: rows, c: c, eps: 1e-6)
         add("rmsnorm forward", Self.maxAbsDiff(o, try od.floats(rows * c)), 1e-5)
         add("rmsnorm rstd", Self.maxAbsDiff(rs, try rd.floats(rows)), 1e-6)
-        do {   // long rows (a block per row) with the bf16 copy
+        do {  // long rows (a block per row) with the bf16 copy
             let (rows, c) = (9, 1100)
             let x = Self.random(rows * c, seed: 14, scale: 2), g = Self.random(c, seed: 15)
             var o = [Float](repeating: 0, count: rows * c), rs = [Float](repeating: 0, count: rows)
@@ -174,9 +180,11 @@ public struct CUDASelftest {
         add("swiglu forward", Self.maxAbsDiff(h, try od.floats(rows * c)), 1e-5)
 
         // RoPE (llama3-scaled frequencies) and attention (GQA, with and without a window).
-        for (heads, kvHeads, headDim, window, seqLen) in [(4, 2, 32, nil, 70), (6, 2, 48, 20, 45), (2, 1, 128, nil, 33),
-                                                          (4, 2, 64, nil, 150), (4, 1, 128, 50, 130), (2, 2, 64, nil, 7),
-                                                          (4, 2, 96, nil, 100), (4, 1, 64, 40, 200)] as [(Int, Int, Int, Int?, Int)] {
+        for (heads, kvHeads, headDim, window, seqLen) in [
+            (4, 2, 32, nil, 70), (6, 2, 48, 20, 45), (2, 1, 128, nil, 33),
+            (4, 2, 64, nil, 150), (4, 1, 128, 50, 130), (2, 2, 64, nil, 7),
+            (4, 2, 96, nil, 100), (4, 1, 64, 40, 200),
+        ] as [(Int, Int, Int, Int?, Int)] {
             let batch = 2, N = batch * seqLen
             let inv = (0..<(headDim / 2)).map { Float(1 / pow(10000.0, Double(2 * $0) / Double(headDim))) }
             let rope = RoPE(invFreq: inv, headDim: headDim, maxPositions: seqLen)
@@ -189,11 +197,13 @@ public struct CUDASelftest {
             try d.rope(kd.ptr, cos: cosd.ptr, sin: sind.ptr, rows: N, seqLen: seqLen, heads: kvHeads, headDim: headDim)
             add("rope forward D=\(headDim)", Self.maxAbsDiff(q, try qd.floats(q.count)), 1e-5)
             let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim, window: window)
-            var out = [Float](repeating: 0, count: N * heads * headDim), probs = [Float](repeating: 0, count: batch * heads * seqLen * seqLen)
+            var out = [Float](repeating: 0, count: N * heads * headDim),
+                probs = [Float](repeating: 0, count: batch * heads * seqLen * seqLen)
             Attention.forward(out: &out, probs: &probs, q: q, k: kk, v: v, shape: shape)
             let outd = try DeviceBuffer(d, floats: out.count), lse = try DeviceBuffer(d, floats: batch * heads * seqLen)
-            try d.attention(out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
-                            kvHeads: kvHeads, headDim: headDim, window: window)
+            try d.attention(
+                out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
+                kvHeads: kvHeads, headDim: headDim, window: window)
             let label = "H=\(heads) Hkv=\(kvHeads) D=\(headDim) T=\(seqLen) window=\(window.map(String.init) ?? "none")"
             add("attention fp32 \(label)", Self.maxAbsDiff(out, try outd.floats(out.count)), 1e-5)
             // Backward: the CPU's dq, dk, dv for a random dout against the GPU's, from the GPU forward's out and lse.
@@ -202,16 +212,20 @@ public struct CUDASelftest {
             var scratch = [Float](repeating: 0, count: seqLen * seqLen)
             Attention.backward(dq: &dq, dk: &dk, dv: &dv, dout: dout, q: q, k: kk, v: v, probs: probs, scratch: &scratch, shape: shape)
             let doutd = try gpu(dout)
-            try attentionBackwardCheck("attention backward fp32 \(label)", cpu: (dq, dk, dv), dout: doutd, out: outd, lse: lse,
-                                       q: qd, k: kd, v: vd, shape: shape, bf16: false, tolerance: 1e-4)
+            try attentionBackwardCheck(
+                "attention backward fp32 \(label)", cpu: (dq, dk, dv), dout: doutd, out: outd, lse: lse,
+                q: qd, k: kd, v: vd, shape: shape, bf16: false, tolerance: 1e-4)
             if headDim == 64 || headDim == 128 {
-                try d.attention(out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
-                                kvHeads: kvHeads, headDim: headDim, window: window, bf16: true)
+                try d.attention(
+                    out: outd.ptr, lse: lse.ptr, q: qd.ptr, k: kd.ptr, v: vd.ptr, batch: batch, seqLen: seqLen, heads: heads,
+                    kvHeads: kvHeads, headDim: headDim, window: window, bf16: true)
                 let scale = Double(out.map { abs($0) }.max()!)
-                add("attention bf16 tensor cores \(label), relative", Self.maxAbsDiff(out, try outd.floats(out.count)) / scale, 2e-2,
+                add(
+                    "attention bf16 tensor cores \(label), relative", Self.maxAbsDiff(out, try outd.floats(out.count)) / scale, 2e-2,
                     "max |Δ|/max")
-                try attentionBackwardCheck("attention backward bf16 \(label)", cpu: (dq, dk, dv), dout: doutd, out: outd, lse: lse,
-                                           q: qd, k: kd, v: vd, shape: shape, bf16: true, tolerance: 3e-2)
+                try attentionBackwardCheck(
+                    "attention backward bf16 \(label)", cpu: (dq, dk, dv), dout: doutd, out: outd, lse: lse,
+                    q: qd, k: kd, v: vd, shape: shape, bf16: true, tolerance: 3e-2)
             }
         }
         // The real shapes (Qwen3-0.6B's and Llama-3.2-1B's heads at T=1024): the bf16 backward against the fp32 GPU path,
@@ -236,9 +250,11 @@ public struct CUDASelftest {
 
     /// Runs the GPU attention backward (dq, dk, dv first filled with NaN: every element must be written) and
     /// compares each gradient with the CPU's, relative to its largest magnitude.
-    mutating func attentionBackwardCheck(_ name: String, cpu: ([Float], [Float], [Float]), dout: DeviceBuffer, out: DeviceBuffer,
-                                         lse: DeviceBuffer, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, shape s: Attention.Shape,
-                                         bf16: Bool, tolerance: Double) throws {
+    mutating func attentionBackwardCheck(
+        _ name: String, cpu: ([Float], [Float], [Float]), dout: DeviceBuffer, out: DeviceBuffer,
+        lse: DeviceBuffer, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, shape s: Attention.Shape,
+        bf16: Bool, tolerance: Double
+    ) throws {
         let grads = try attentionBackwardGPU(dout: dout, out: out, lse: lse, q: q, k: k, v: v, shape: s, bf16: bf16)
         for (label, ref, got) in [("dq", cpu.0, grads.0), ("dk", cpu.1, grads.1), ("dv", cpu.2, grads.2)] {
             let scale = max(Double(ref.map { abs($0) }.max() ?? 0), 1e-30)
@@ -246,14 +262,17 @@ public struct CUDASelftest {
         }
     }
 
-    func attentionBackwardGPU(dout: DeviceBuffer, out: DeviceBuffer, lse: DeviceBuffer, q: DeviceBuffer, k: DeviceBuffer,
-                              v: DeviceBuffer, shape s: Attention.Shape, bf16: Bool) throws -> ([Float], [Float], [Float]) {
+    func attentionBackwardGPU(
+        dout: DeviceBuffer, out: DeviceBuffer, lse: DeviceBuffer, q: DeviceBuffer, k: DeviceBuffer,
+        v: DeviceBuffer, shape s: Attention.Shape, bf16: Bool
+    ) throws -> ([Float], [Float], [Float]) {
         let nq = s.batch * s.seqLen * s.heads * s.headDim, nk = s.batch * s.seqLen * s.kvHeads * s.headDim
         let dq = try gpu([Float](repeating: .nan, count: nq)), dk = try gpu([Float](repeating: .nan, count: nk))
         let dv = try gpu([Float](repeating: .nan, count: nk)), delta = try DeviceBuffer(device, floats: s.batch * s.heads * s.seqLen)
-        try device.attentionBackward(dq: dq.ptr, dk: dk.ptr, dv: dv.ptr, dout: dout.ptr, out: out.ptr, lse: lse.ptr, q: q.ptr, k: k.ptr,
-                                     v: v.ptr, delta: delta.ptr, batch: s.batch, seqLen: s.seqLen, heads: s.heads, kvHeads: s.kvHeads,
-                                     headDim: s.headDim, window: s.window, bf16: bf16)
+        try device.attentionBackward(
+            dq: dq.ptr, dk: dk.ptr, dv: dv.ptr, dout: dout.ptr, out: out.ptr, lse: lse.ptr, q: q.ptr, k: k.ptr,
+            v: v.ptr, delta: delta.ptr, batch: s.batch, seqLen: s.seqLen, heads: s.heads, kvHeads: s.kvHeads,
+            headDim: s.headDim, window: s.window, bf16: bf16)
         return (try dq.floats(nq), try dk.floats(nk), try dv.floats(nk))
     }
 
@@ -266,8 +285,9 @@ public struct CUDASelftest {
         let label = "H=\(s.heads) Hkv=\(s.kvHeads) D=\(s.headDim) T=\(s.seqLen)"
         var results: [Bool: ([Float], [Float], [Float])] = [:]
         for bf16 in [false, true] {
-            try device.attention(out: out.ptr, lse: lse.ptr, q: q.ptr, k: k.ptr, v: v.ptr, batch: s.batch, seqLen: s.seqLen,
-                                 heads: s.heads, kvHeads: s.kvHeads, headDim: s.headDim, window: s.window, bf16: bf16)
+            try device.attention(
+                out: out.ptr, lse: lse.ptr, q: q.ptr, k: k.ptr, v: v.ptr, batch: s.batch, seqLen: s.seqLen,
+                heads: s.heads, kvHeads: s.kvHeads, headDim: s.headDim, window: s.window, bf16: bf16)
             let first = try attentionBackwardGPU(dout: dout, out: out, lse: lse, q: q, k: k, v: v, shape: s, bf16: bf16)
             let again = try attentionBackwardGPU(dout: dout, out: out, lse: lse, q: q, k: k, v: v, shape: s, bf16: bf16)
             let differ = Self.bitMismatches(first.0, again.0) + Self.bitMismatches(first.1, again.1) + Self.bitMismatches(first.2, again.2)
@@ -286,27 +306,47 @@ public struct CUDASelftest {
     /// Model shapes covering every family feature: the tiny-llama and tiny-qwen3 fixtures'
     /// configurations, Mistral's sliding window, Qwen2's q/k/v biases and Llama 3's RoPE scaling.
     public static let modelConfigs: [(String, ModelConfig)] = [
-        ("tiny-llama", ModelConfig(family: .llama, vocabSize: 512, hiddenSize: 128, intermediateSize: 256, numLayers: 2, numHeads: 4,
-                                   numKVHeads: 2, rmsNormEps: 1e-6, ropeTheta: 1e4, maxPositionEmbeddings: 256)),
-        ("tiny-qwen3", ModelConfig(family: .qwen3, vocabSize: 512, hiddenSize: 128, intermediateSize: 384, numLayers: 2, numHeads: 4,
-                                   numKVHeads: 2, headDim: 48, rmsNormEps: 1e-6, ropeTheta: 1e6, maxPositionEmbeddings: 256,
-                                   tieWordEmbeddings: true, qkNorm: true)),
-        ("mistral, sliding window 24", ModelConfig(family: .mistral, vocabSize: 300, hiddenSize: 96, intermediateSize: 160, numLayers: 2,
-                                                   numHeads: 6, numKVHeads: 2, maxPositionEmbeddings: 128, slidingWindow: 24)),
-        ("qwen2, q/k/v biases", ModelConfig(family: .qwen2, vocabSize: 300, hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4,
-                                            numKVHeads: 4, ropeTheta: 1e6, maxPositionEmbeddings: 128, tieWordEmbeddings: true,
-                                            attentionBias: true)),
-        ("llama3 RoPE scaling", ModelConfig(family: .llama, vocabSize: 256, hiddenSize: 64, intermediateSize: 128, numLayers: 1,
-                                            numHeads: 2, numKVHeads: 1, ropeTheta: 5e5,
-                                            ropeScaling: .llama3(factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64),
-                                            maxPositionEmbeddings: 128)),
+        (
+            "tiny-llama",
+            ModelConfig(
+                family: .llama, vocabSize: 512, hiddenSize: 128, intermediateSize: 256, numLayers: 2, numHeads: 4,
+                numKVHeads: 2, rmsNormEps: 1e-6, ropeTheta: 1e4, maxPositionEmbeddings: 256)
+        ),
+        (
+            "tiny-qwen3",
+            ModelConfig(
+                family: .qwen3, vocabSize: 512, hiddenSize: 128, intermediateSize: 384, numLayers: 2, numHeads: 4,
+                numKVHeads: 2, headDim: 48, rmsNormEps: 1e-6, ropeTheta: 1e6, maxPositionEmbeddings: 256,
+                tieWordEmbeddings: true, qkNorm: true)
+        ),
+        (
+            "mistral, sliding window 24",
+            ModelConfig(
+                family: .mistral, vocabSize: 300, hiddenSize: 96, intermediateSize: 160, numLayers: 2,
+                numHeads: 6, numKVHeads: 2, maxPositionEmbeddings: 128, slidingWindow: 24)
+        ),
+        (
+            "qwen2, q/k/v biases",
+            ModelConfig(
+                family: .qwen2, vocabSize: 300, hiddenSize: 64, intermediateSize: 128, numLayers: 2, numHeads: 4,
+                numKVHeads: 4, ropeTheta: 1e6, maxPositionEmbeddings: 128, tieWordEmbeddings: true,
+                attentionBias: true)
+        ),
+        (
+            "llama3 RoPE scaling",
+            ModelConfig(
+                family: .llama, vocabSize: 256, hiddenSize: 64, intermediateSize: 128, numLayers: 1,
+                numHeads: 2, numKVHeads: 1, ropeTheta: 5e5,
+                ropeScaling: .llama3(factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64),
+                maxPositionEmbeddings: 128)
+        ),
     ]
 
     mutating func models() throws {
         let (batch, seqLen) = (2, 40)
         for (name, config) in Self.modelConfigs {
             let model = try CausalLM(config: config, seed: 11, std: 0.08)
-            if config.attentionBias {   // random biases, not zeros
+            if config.attentionBias {  // random biases, not zeros
                 for p in model.parameters where p.name.hasSuffix(".bias") {
                     let r = Self.random(p.value.count, seed: 12, scale: 0.1)
                     for i in 0..<r.count { p.value[i] = r[i] }
@@ -331,8 +371,9 @@ public struct CUDASelftest {
             let hostAmax = set.enabled.map { $0.amax ?? 0 }
             let cpuQ = try hostLogits(model, tokens, batch, seqLen)
             let gm = try CUDAModel(model: model, device: device, precision: .fp32)
-            try Calibration.run(model: model, quantizers: set, sequences: [tokens], seqLen: seqLen * batch, batchSize: 1,
-                                forward: gm.calibrationForward(seqLen: seqLen * batch))
+            try Calibration.run(
+                model: model, quantizers: set, sequences: [tokens], seqLen: seqLen * batch, batchSize: 1,
+                forward: gm.calibrationForward(seqLen: seqLen * batch))
             gm.markWeightsChanged()
             let amaxDiff = zip(hostAmax, set.enabled.map { $0.amax ?? 0 }).map { Double(abs($0 - $1) / max($0, 1e-30)) }.max() ?? 0
             add("model \(name): NVFP4 calibration amax, relative", amaxDiff, 1e-5, "max |Δ|/amax")

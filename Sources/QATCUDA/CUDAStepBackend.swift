@@ -20,7 +20,7 @@ public final class CUDAStepBackend: StepBackend {
     public let dataParallel: Communicator = SingleProcessCommunicator()
     private var moments: DeviceBuffer?
     private var momentOffsets: [Int] = []
-    private var squares: [Double]?   // per-gradient Σ g² of the current step (before clipping)
+    private var squares: [Double]?  // per-gradient Σ g² of the current step (before clipping)
 
     public init(model: CUDAModel, teacherCopy: @escaping (CausalLM) throws -> CUDAModel) {
         self.model = model
@@ -43,7 +43,10 @@ public final class CUDAStepBackend: StepBackend {
                 parts += LossParts(total: r.ce, ce: r.ce, kd: 0, valid: valid)
             case let d as DistillationLoss:
                 guard d.teacherVocab == d.studentVocab else {
-                    throw QATError.unsupported("a teacher vocabulary larger than the student's (mask_extra_vocab) is not supported on the GPU in this version: use device: cpu")
+                    throw QATError.unsupported(
+                        "a teacher vocabulary larger than the student's (mask_extra_vocab) is not supported on the GPU in this "
+                            + "version: use device: cpu"
+                    )
                 }
                 let teacher = try teacherCopy(d.teacher)
                 let th = try teacher.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen)
@@ -54,11 +57,16 @@ public final class CUDAStepBackend: StepBackend {
                 case .reverseKL: (kind, beta) = (1, 1)
                 case .jsd(let b): (kind, beta) = (2, Float(b))
                 }
-                r = try model.lossBackward(.distillation(teacher: teacher, hidden: th, kind: kind, beta: beta, temperature: k.temperature,
-                                                         kdRatio: k.kdRatio), targets: batch.targets, gradScale: gradScale)
+                r = try model.lossBackward(
+                    .distillation(
+                        teacher: teacher, hidden: th, kind: kind, beta: beta, temperature: k.temperature,
+                        kdRatio: k.kdRatio), targets: batch.targets, gradScale: gradScale)
                 parts += LossParts(total: (1 - k.kdRatio) * r.ce + k.kdRatio * r.kd, ce: r.ce, kd: r.kd, valid: valid)
             default:
-                throw QATError.unsupported("\(loss.description) runs on the CPU only in this version (the GPU trains with cross-entropy and live-teacher distillation): use device: cpu")
+                throw QATError.unsupported(
+                    "\(loss.description) runs on the CPU only in this version (the GPU trains with cross-entropy and "
+                        + "live-teacher distillation): use device: cpu"
+                )
             }
             try model.backward(dHidden: r.dHidden)
         }
@@ -78,7 +86,9 @@ public final class CUDAStepBackend: StepBackend {
             offset += c
         }
         var host = [Double](repeating: 0, count: offset)
-        try host.withUnsafeMutableBytes { try model.device.check(model.device.api.cuMemcpyDtoH($0.baseAddress!, partials, offset * 8), "cuMemcpyDtoH") }
+        try host.withUnsafeMutableBytes {
+            try model.device.check(model.device.api.cuMemcpyDtoH($0.baseAddress!, partials, offset * 8), "cuMemcpyDtoH")
+        }
         var result: [Double] = []
         offset = 0
         for c in counts {
@@ -145,9 +155,10 @@ public final class CUDAStepBackend: StepBackend {
                 throw QATError.internal("optimizer slot \(slot.name) has no device gradient")
             }
             let (m, v) = momentPointers(i)
-            try model.device.adamw(p: model.tensor(p), g: g, m: m, v: v, count: p.count, decay: c.decay, lerpSmall: c.lerpSmall,
-                                   lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
-                                   negStepSize: c.negStepSize)
+            try model.device.adamw(
+                p: model.tensor(p), g: g, m: m, v: v, count: p.count, decay: c.decay, lerpSmall: c.lerpSmall,
+                lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
+                negStepSize: c.negStepSize)
         }
         model.markWeightsChanged()
     }

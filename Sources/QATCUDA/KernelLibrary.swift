@@ -81,7 +81,8 @@ public final class KernelCompiler: @unchecked Sendable {
         var log = [CChar](repeating: 0, count: max(logSize, 1))
         _ = api.nvrtcGetProgramLog(prog, &log)
         guard r == 0 else {
-            throw QATError("NVRTC: \(name).cu does not compile for \(arch): \(String(cString: log).trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw QATError(
+                "NVRTC: \(name).cu does not compile for \(arch): \(String(cString: log).trimmingCharacters(in: .whitespacesAndNewlines))")
         }
         var size = 0
         guard api.nvrtcGetCUBINSize(prog, &size) == 0, size > 0 else { throw QATError("NVRTC: no cubin for \(name).cu (\(arch))") }
@@ -164,8 +165,9 @@ final class KernelLibrary {
 
     /// Raises a kernel's dynamic shared memory limit (needed above 48 KiB).
     func allowSharedMemory(_ name: String, bytes: Int) throws {
-        try device.check(device.api.cuFuncSetAttribute(try function(name), Int32(QAT_CU_FUNC_MAX_DYNAMIC_SHARED), Int32(bytes)),
-                         "cuFuncSetAttribute(\(name), \(bytes) B shared)")
+        try device.check(
+            device.api.cuFuncSetAttribute(try function(name), Int32(QAT_CU_FUNC_MAX_DYNAMIC_SHARED), Int32(bytes)),
+            "cuFuncSetAttribute(\(name), \(bytes) B shared)")
     }
 
     func launch(_ name: String, grid: (Int, Int, Int), block: (Int, Int, Int), shared: Int = 0, _ args: [KernelArg]) throws {
@@ -187,8 +189,9 @@ final class KernelLibrary {
         try device.timed(name) {
             let r = ptrs.withUnsafeMutableBufferPointer { pb in
                 var api = device.api
-                return qat_cuda_launch(&api, f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block.0), UInt32(block.1),
-                                       UInt32(block.2), UInt32(shared), pb.baseAddress)
+                return qat_cuda_launch(
+                    &api, f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2), UInt32(block.0), UInt32(block.1),
+                    UInt32(block.2), UInt32(shared), pb.baseAddress)
             }
             try device.check(r, "launching \(name)")
         }

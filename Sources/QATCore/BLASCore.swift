@@ -1,5 +1,6 @@
 import CBLAS
 import Foundation
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,8 +17,10 @@ import Glibc
 /// (the variable is read only at load time). QAT_KEEP_BLAS_CORE=1 turns this off.
 public enum BLASCore {
     /// Kernel families OpenBLAS falls back to for CPUs it does not recognise (no AVX).
-    static let fallbacks: Set<String> = ["prescott", "nehalem", "core2", "penryn", "dunnington", "katmai", "coppermine",
-                                         "northwood", "banias", "atom", "unknown", "generic"]
+    static let fallbacks: Set<String> = [
+        "prescott", "nehalem", "core2", "penryn", "dunnington", "katmai", "coppermine",
+        "northwood", "banias", "atom", "unknown", "generic",
+    ]
 
     /// The kernel family OpenBLAS uses (openblas_get_corename).
     public static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "?" }
@@ -35,8 +38,9 @@ public enum BLASCore {
     /// The flags of the first CPU in /proc/cpuinfo (empty where there is none).
     static func cpuFlags() -> Set<String> {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }),
-              let colon = line.firstIndex(of: ":") else { return [] }
+            let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }),
+            let colon = line.firstIndex(of: ":")
+        else { return [] }
         return Set(line[line.index(after: colon)...].split(separator: " ").map(String.init))
     }
 
@@ -45,7 +49,8 @@ public enum BLASCore {
     public static func ensureKernels() {
         let env = ProcessInfo.processInfo.environment
         guard env["OPENBLAS_CORETYPE"] == nil, env["QAT_KEEP_BLAS_CORE"] != "1",
-              fallbacks.contains(coreName.lowercased()), let best = bestCore(flags: cpuFlags()) else { return }
+            fallbacks.contains(coreName.lowercased()), let best = bestCore(flags: cpuFlags())
+        else { return }
         setenv("OPENBLAS_CORETYPE", best, 1)
         execv("/proc/self/exe", CommandLine.unsafeArgv)
         // exec failed (no /proc): carry on with the kernels OpenBLAS chose.

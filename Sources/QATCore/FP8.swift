@@ -24,18 +24,18 @@
     let bits = f.bitPattern
     let sign = UInt8(truncatingIfNeeded: (bits >> 24) & 0x80)
     let abits = bits & 0x7FFF_FFFF
-    if abits > 0x7F80_0000 { return 0x7F }                 // NaN
-    if abits >= 0x43E0_0000 { return sign | 0x7E }         // ≥ 448 (and inf): saturate
-    if abits < 0x3C80_0000 {                                // < 2^-6: subnormal range
+    if abits > 0x7F80_0000 { return 0x7F }  // NaN
+    if abits >= 0x43E0_0000 { return sign | 0x7E }  // ≥ 448 (and inf): saturate
+    if abits < 0x3C80_0000 {  // < 2^-6: subnormal range
         let a = Float(bitPattern: abits)
-        let q = (a * 512).rounded(.toNearestOrEven)          // exact scaling by 2^9; q ∈ 0...8
-        return sign | UInt8(q)                               // q == 8 is the min normal 0x08
+        let q = (a * 512).rounded(.toNearestOrEven)  // exact scaling by 2^9; q ∈ 0...8
+        return sign | UInt8(q)  // q == 8 is the min normal 0x08
     }
     // Normal: keep 3 mantissa bits with round-half-even on the 20 dropped ones (a carry
     // bumps the exponent, which is what we want), then rebias 127 → 7.
     let r = (abits &+ 0x7_FFFF &+ ((abits >> 20) & 1)) >> 20
     let code = r &- (120 << 3)
-    if code > 0x7E { return sign | 0x7E }                  // rounded past 448 (cannot happen below 448, kept for safety)
+    if code > 0x7E { return sign | 0x7E }  // rounded past 448 (cannot happen below 448, kept for safety)
     return sign | UInt8(truncatingIfNeeded: code)
 }
 
@@ -44,7 +44,7 @@
     let sign: UInt32 = UInt32(b & 0x80) << 24
     let e = UInt32((b >> 2) & 0x1F), m = UInt32(b & 0x3)
     if e == 0 {
-        let v = Float(m) * 1.52587890625e-05               // m · 2^-16
+        let v = Float(m) * 1.52587890625e-05  // m · 2^-16
         return Float(bitPattern: v.bitPattern | sign)
     }
     if e == 31 { return m == 0 ? Float(bitPattern: sign | 0x7F80_0000) : Float.nan }
@@ -57,10 +57,10 @@
     let sign = UInt8(truncatingIfNeeded: (bits >> 24) & 0x80)
     let abits = bits & 0x7FFF_FFFF
     if abits > 0x7F80_0000 { return 0x7F }
-    if abits >= 0x4760_0000 { return sign | 0x7B }          // ≥ 57344: saturate
-    if abits < 0x3880_0000 {                                 // < 2^-14: subnormal range
+    if abits >= 0x4760_0000 { return sign | 0x7B }  // ≥ 57344: saturate
+    if abits < 0x3880_0000 {  // < 2^-14: subnormal range
         let a = Float(bitPattern: abits)
-        let q = (a * 65536).rounded(.toNearestOrEven)        // q ∈ 0...4
+        let q = (a * 65536).rounded(.toNearestOrEven)  // q ∈ 0...4
         return sign | UInt8(q)
     }
     let r = (abits &+ 0xF_FFFF &+ ((abits >> 21) & 1)) >> 21

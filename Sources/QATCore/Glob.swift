@@ -24,7 +24,7 @@ public enum Glob {
             i += 1
             switch c {
             case "*":
-                if case .star? = tokens.last { continue }   // collapse runs of '*'
+                if case .star? = tokens.last { continue }  // collapse runs of '*'
                 tokens.append(.star)
             case "?":
                 tokens.append(.any)
@@ -34,7 +34,7 @@ public enum Glob {
                 if j < p.count && p[j] == "]" { j += 1 }
                 while j < p.count && p[j] != "]" { j += 1 }
                 if j >= p.count {
-                    tokens.append(.literal("["))            // no closing bracket: literal
+                    tokens.append(.literal("["))  // no closing bracket: literal
                     continue
                 }
                 var k = i

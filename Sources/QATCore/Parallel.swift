@@ -1,5 +1,6 @@
 import Dispatch
 import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -65,7 +66,10 @@ public enum Parallel {
         }
         if let v2 = read("/sys/fs/cgroup/cpu.max"), v2.count == 2, let q = Double(v2[0]), let p = Double(v2[1]), p > 0 { return q / p }
         if let q = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")?.first.flatMap({ Double($0) }), q > 0,
-           let p = read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")?.first.flatMap({ Double($0) }), p > 0 { return q / p }
+            let p = read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")?.first.flatMap({ Double($0) }), p > 0
+        {
+            return q / p
+        }
         return nil
     }
 

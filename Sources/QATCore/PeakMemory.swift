@@ -1,4 +1,5 @@
 import Foundation
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -59,8 +60,8 @@ public enum PeakMemory {
 
     private static func statusField(_ key: String) -> Int? {
         guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-              let line = s.split(separator: "\n").first(where: { $0.hasPrefix(key) }),
-              let kB = line.dropFirst(key.count).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap({ Int($0) }).first
+            let line = s.split(separator: "\n").first(where: { $0.hasPrefix(key) }),
+            let kB = line.dropFirst(key.count).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap({ Int($0) }).first
         else { return nil }
         return kB * 1024
     }

@@ -1,6 +1,7 @@
 import CBLAS
 import Foundation
 import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -78,7 +79,7 @@ final class WorkerPool: @unchecked Sendable {
             next.store(0, ordering: .relaxed)
             for i in 0..<helpers {
                 let w = workers[i]
-                w.state.store(1, ordering: .sequentiallyConsistent)    // publishes job, count, next (release)
+                w.state.store(1, ordering: .sequentiallyConsistent)  // publishes job, count, next (release)
                 w.ticket.add(1, ordering: .sequentiallyConsistent)
                 if w.sleeping.load(ordering: .sequentiallyConsistent) {
                     pthread_mutex_lock(w.mutex)

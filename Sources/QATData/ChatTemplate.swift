@@ -34,7 +34,8 @@ public struct ChatTemplate {
             }
         }
         guard let text else {
-            throw QATError("\(directory) has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja): drop --chat")
+            throw QATError(
+                "\(directory) has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja): drop --chat")
         }
         var t = ChatTemplate(source: text)
         func token(_ key: String) -> String {
@@ -55,10 +56,12 @@ public struct ChatTemplate {
         var parser = JinjaParser(source)
         let nodes = try parser.parse()
         var ctx = JinjaContext()
-        ctx.scopes = [[
-            "messages": .list(messages), "add_generation_prompt": .bool(true), "bos_token": .string(bosToken),
-            "eos_token": .string(eosToken), "tools": .none, "documents": .none,
-        ]]
+        ctx.scopes = [
+            [
+                "messages": .list(messages), "add_generation_prompt": .bool(true), "bos_token": .string(bosToken),
+                "eos_token": .string(eosToken), "tools": .none, "documents": .none,
+            ]
+        ]
         var out = ""
         try ctx.run(nodes, into: &out)
         return out
@@ -124,7 +127,8 @@ public indirect enum JinjaValue: Equatable {
         case .int, .double: return text
         case .string(let s): return JSONValue.string(s).serialized(indent: nil)
         case .list(let l): return "[" + l.map(\.json).joined(separator: ", ") + "]"
-        case .dict(let d): return "{" + d.map { JSONValue.string($0.0).serialized(indent: nil) + ": " + $0.1.json }.joined(separator: ", ") + "}"
+        case .dict(let d):
+            return "{" + d.map { JSONValue.string($0.0).serialized(indent: nil) + ": " + $0.1.json }.joined(separator: ", ") + "}"
         case .namespace: return "{}"
         }
     }
@@ -236,7 +240,13 @@ struct JinjaParser {
                 var j = i
                 while j < c.count && (c[j].isNumber || c[j] == ".") { j += 1 }
                 let t = String(c[i..<j])
-                if let n = Int(t) { out.append(.int(n)) } else if let d = Double(t) { out.append(.num(d)) } else { throw unsupported("number \(t)") }
+                if let n = Int(t) {
+                    out.append(.int(n))
+                } else if let d = Double(t) {
+                    out.append(.num(d))
+                } else {
+                    throw unsupported("number \(t)")
+                }
                 i = j; continue
             }
             if ch == "'" || ch == "\"" {
@@ -244,8 +254,15 @@ struct JinjaParser {
                 while j < c.count && c[j] != ch {
                     if c[j] == "\\", j + 1 < c.count {
                         j += 1
-                        switch c[j] { case "n": v.append("\n"); case "t": v.append("\t"); case "r": v.append("\r"); default: v.append(c[j]) }
-                    } else { v.append(c[j]) }
+                        switch c[j] {
+                        case "n": v.append("\n");
+                        case "t": v.append("\t");
+                        case "r": v.append("\r");
+                        default: v.append(c[j])
+                        }
+                    } else {
+                        v.append(c[j])
+                    }
                     j += 1
                 }
                 guard j < c.count else { throw unsupported("unterminated string") }
@@ -309,7 +326,9 @@ struct JinjaParser {
                         let (e, stop2) = try block(segs, &i, until: ["endfor"])
                         guard stop2 != nil else { throw unsupported("{% for %} without {% endfor %}") }
                         elseBody = e
-                    } else if stop == nil { throw unsupported("{% for %} without {% endfor %}") }
+                    } else if stop == nil {
+                        throw unsupported("{% for %} without {% endfor %}")
+                    }
                     nodes.append(.forLoop(vars: vars, iter: try expression(iterText), filter: filter, body: body, elseBody: elseBody))
                 case "set":
                     guard let eq = rest.firstIndex(of: "=") else { throw unsupported("block {% set %} (only {% set x = value %})") }
@@ -361,7 +380,9 @@ struct JinjaParser {
     mutating func comparison() throws -> JinjaExpr {
         var e = try additive()
         while true {
-            if let op = ["==", "!=", "<", ">", "<=", ">="].first(where: { peek($0) }) { pos += 1; e = .binary(op, e, try additive()); continue }
+            if let op = ["==", "!=", "<", ">", "<=", ">="].first(where: { peek($0) }) {
+                pos += 1; e = .binary(op, e, try additive()); continue
+            }
             if eat("in") { e = .binary("in", e, try additive()); continue }
             if peek("not"), toks[pos + 1] == .name("in") { pos += 2; e = .unary("not", .binary("in", e, try additive())); continue }
             if eat("is") {
@@ -412,7 +433,9 @@ struct JinjaParser {
                 while !eat(")") {
                     if case .name(let n) = toks[pos], toks[pos + 1] == .op("=") {
                         pos += 2; kwargs.append((n, try conditional()))
-                    } else { args.append(try conditional()) }
+                    } else {
+                        args.append(try conditional())
+                    }
                     _ = eat(",")
                 }
                 e = .call(e, args, kwargs)
@@ -422,7 +445,9 @@ struct JinjaParser {
                 var args: [JinjaExpr] = []
                 if eat("(") { while !eat(")") { args.append(try conditional()); _ = eat(",") } }
                 e = .filter(e, f, args)
-            } else { return e }
+            } else {
+                return e
+            }
         }
     }
     mutating func primary() throws -> JinjaExpr {
@@ -502,10 +527,12 @@ struct JinjaContext {
                 if items.isEmpty { try run(elseBody, into: &out) }
                 for (i, item) in items.enumerated() {
                     var scope = bind(vars, item)
-                    scope["loop"] = .dict([("index0", .int(i)), ("index", .int(i + 1)), ("first", .bool(i == 0)),
-                                           ("last", .bool(i == items.count - 1)), ("length", .int(items.count)),
-                                           ("previtem", i > 0 ? items[i - 1] : .undefined),
-                                           ("nextitem", i + 1 < items.count ? items[i + 1] : .undefined)])
+                    scope["loop"] = .dict([
+                        ("index0", .int(i)), ("index", .int(i + 1)), ("first", .bool(i == 0)),
+                        ("last", .bool(i == items.count - 1)), ("length", .int(items.count)),
+                        ("previtem", i > 0 ? items[i - 1] : .undefined),
+                        ("nextitem", i + 1 < items.count ? items[i + 1] : .undefined),
+                    ])
                     scopes.append(scope)
                     try run(body, into: &out)
                     // `set` inside a loop body is local to the iteration (Jinja scoping).
@@ -566,8 +593,14 @@ struct JinjaContext {
                     let lo = try bound(a, 0), hi = try bound(b, n)
                     return lo < hi ? Array(Swift.stride(from: lo, to: hi, by: stride)) : []
                 }
-                let hi = try a.map { x -> Int in guard case .int(let i) = try eval(x) else { return n - 1 }; return i < 0 ? n + i : min(i, n - 1) } ?? (n - 1)
-                let lo = try b.map { x -> Int in guard case .int(let i) = try eval(x) else { return -1 }; return i < 0 ? n + i : i } ?? -1
+                let hi =
+                    try a.map { x -> Int in
+                        guard case .int(let i) = try eval(x) else { return n - 1 }; return i < 0 ? n + i : min(i, n - 1)
+                    } ?? (n - 1)
+                let lo =
+                    try b.map { x -> Int in
+                        guard case .int(let i) = try eval(x) else { return -1 }; return i < 0 ? n + i : i
+                    } ?? -1
                 return hi > lo ? Array(Swift.stride(from: hi, to: lo, by: stride)) : []
             }
             switch v {
@@ -591,9 +624,17 @@ struct JinjaContext {
             case "undefined": r = v == .undefined
             case "none": r = v == .none
             case "string": if case .string = v { r = true } else { r = false }
-            case "number": switch v { case .int, .double: r = true; default: r = false }
+            case "number":
+                switch v {
+                case .int, .double: r = true;
+                default: r = false
+                }
             case "mapping": if case .dict = v { r = true } else { r = false }
-            case "sequence", "iterable": switch v { case .list, .string, .dict: r = true; default: r = false }
+            case "sequence", "iterable":
+                switch v {
+                case .list, .string, .dict: r = true;
+                default: r = false
+                }
             case "true": r = v == .bool(true)
             case "false": r = v == .bool(false)
             default: throw unsupported("test \"is \(name)\"")
@@ -630,7 +671,9 @@ struct JinjaContext {
                     namespaces.append(ns)
                     return .namespace(namespaces.count - 1)
                 case "range":
-                    let ints = args.compactMap { v -> Int? in if case .int(let i) = v { return i }; return nil }
+                    let ints = args.compactMap { v -> Int? in
+                        if case .int(let i) = v { return i }; return nil
+                    }
                     guard ints.count == args.count, !ints.isEmpty else { throw unsupported("range(...)") }
                     let (lo, hi) = ints.count == 1 ? (0, ints[0]) : (ints[0], ints[1])
                     return .list(lo < hi ? (lo..<hi).map { .int($0) } : [])
@@ -657,11 +700,13 @@ struct JinjaContext {
                     return .list(s.split(whereSeparator: { $0.isWhitespace }).map { .string(String($0)) })
                 }
                 return .list(s.components(separatedBy: sep).map { .string($0) })
-            case (.string, "replace"): return .string(s.replacingOccurrences(of: args.first?.text ?? "", with: args.count > 1 ? args[1].text : ""))
+            case (.string, "replace"):
+                return .string(s.replacingOccurrences(of: args.first?.text ?? "", with: args.count > 1 ? args[1].text : ""))
             case (.dict(let d), "items"): return .list(d.map { .list([.string($0.0), $0.1]) })
             case (.dict(let d), "keys"): return .list(d.map { .string($0.0) })
             case (.dict(let d), "values"): return .list(d.map { $0.1 })
-            case (.dict, "get"): let v = member(base, args.first ?? .undefined); return v == .undefined ? (args.count > 1 ? args[1] : .none) : v
+            case (.dict, "get"):
+                let v = member(base, args.first ?? .undefined); return v == .undefined ? (args.count > 1 ? args[1] : .none) : v
             default: throw unsupported("method .\(method)()")
             }
         }
@@ -669,7 +714,12 @@ struct JinjaContext {
 
     func binary(_ op: String, _ a: JinjaValue, _ b: JinjaValue) throws -> JinjaValue {
         func num(_ v: JinjaValue) -> Double? {
-            switch v { case .int(let i): return Double(i); case .double(let d): return d; case .bool(let b): return b ? 1 : 0; default: return nil }
+            switch v {
+            case .int(let i): return Double(i);
+            case .double(let d): return d;
+            case .bool(let b): return b ? 1 : 0;
+            default: return nil
+            }
         }
         switch op {
         case "==": return .bool(a == b)

@@ -242,9 +242,11 @@ public final class HDF5File {
     /// `storage` stores `T` values as another floating-point type (`HDF5File.bfloat16`,
     /// `.float16`), converted by HDF5 on write and read (round values first: the narrowing
     /// conversion is HDF5's).
-    public func createDataset<T: HDF5Scalar>(_ name: String, of type: T.Type, shape: [Int], chunkRows: Int? = nil,
-                                             gzipLevel: Int? = 4, extendable: Bool = false, shuffle: Bool = false,
-                                             storage: HDF5File.Storage? = nil) throws {
+    public func createDataset<T: HDF5Scalar>(
+        _ name: String, of type: T.Type, shape: [Int], chunkRows: Int? = nil,
+        gzipLevel: Int? = 4, extendable: Bool = false, shuffle: Bool = false,
+        storage: HDF5File.Storage? = nil
+    ) throws {
         try requireWritable()
         guard !shape.isEmpty, shape.allSatisfy({ $0 >= 0 }) else {
             throw QATError("\(path): invalid shape \(shape) for dataset '\(name)'")
@@ -289,8 +291,10 @@ public final class HDF5File {
     }
 
     /// Creates `name` with `shape` and writes `values` into it in one call.
-    public func write<T: HDF5Scalar>(_ name: String, values: [T], shape: [Int]? = nil, chunkRows: Int? = nil,
-                                     gzipLevel: Int? = 4) throws {
+    public func write<T: HDF5Scalar>(
+        _ name: String, values: [T], shape: [Int]? = nil, chunkRows: Int? = nil,
+        gzipLevel: Int? = 4
+    ) throws {
         let shape = shape ?? [values.count]
         guard shape.reduce(1, *) == values.count else {
             throw QATError("\(path): \(values.count) values for dataset '\(name)' of shape \(shape)")
@@ -396,8 +400,9 @@ public final class HDF5File {
         }
         let size = H5Tget_size(ft)
         guard size > 0, size <= HDF5File.maxAttributeBytes else {
-            throw QATError("\(path): attribute '\(attr)' on '\(object)' declares a string of \(size) bytes (limit "
-                + "\(HDF5File.maxAttributeBytes)): corrupt file")
+            throw QATError(
+                "\(path): attribute '\(attr)' on '\(object)' declares a string of \(size) bytes (limit "
+                    + "\(HDF5File.maxAttributeBytes)): corrupt file")
         }
         var buf = [UInt8](repeating: 0, count: size + 1)
         guard H5Aread(a, ft, &buf) >= 0 else { throw QATError("\(path): cannot read attribute '\(attr)'") }
@@ -436,9 +441,13 @@ public final class HDF5File {
         // count does not even fit an Int, so `count` and every size derived from it are safe.
         var total = 1
         for d in dims {
-            guard d <= UInt64(Int.max) else { throw QATError("\(path): dataset '\(name)' has an impossible dimension \(d) (dims \(dims)): corrupt file") }
+            guard d <= UInt64(Int.max) else {
+                throw QATError("\(path): dataset '\(name)' has an impossible dimension \(d) (dims \(dims)): corrupt file")
+            }
             let (t, o) = total.multipliedReportingOverflow(by: Int(d))
-            guard !o else { throw QATError("\(path): dataset '\(name)' dims \(dims) have more elements than can be addressed: corrupt file") }
+            guard !o else {
+                throw QATError("\(path): dataset '\(name)' dims \(dims) have more elements than can be addressed: corrupt file")
+            }
             total = t
         }
         let t = H5Dget_type(d)
@@ -477,8 +486,9 @@ public final class HDF5File {
     private func checkReadable<T: HDF5Scalar>(_ d: hid_t, _ inf: HDF5DatasetInfo, name: String, elements: Int, as: T.Type) throws {
         let (bytes, o) = elements.multipliedReportingOverflow(by: MemoryLayout<T>.size)
         guard !o, bytes <= HDF5File.maxReadBytes else {
-            throw QATError("\(path): dataset '\(name)' \(inf) is too large to read (\(elements) elements of "
-                + "\(T.h5Name), more than this machine's memory)")
+            throw QATError(
+                "\(path): dataset '\(name)' \(inf) is too large to read (\(elements) elements of "
+                    + "\(T.h5Name), more than this machine's memory)")
         }
         let declared = inf.count.multipliedReportingOverflow(by: max(1, inf.elementSize))
         let stored = Int(clamping: H5Dget_storage_size(d))
@@ -501,7 +511,8 @@ public final class HDF5File {
             initialized = count
         }
         guard status >= 0 else {
-            throw QATError("\(path): reading dataset '\(name)' as \(T.h5Name) failed (a value out of \(T.h5Name)'s range, or a corrupt file)")
+            throw QATError(
+                "\(path): reading dataset '\(name)' as \(T.h5Name) failed (a value out of \(T.h5Name)'s range, or a corrupt file)")
         }
         return values
     }

@@ -52,8 +52,10 @@ enum SplitPattern {
     case regex(NSRegularExpression)
 
     static let gpt2Source = #"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"#
-    static let llama3Source = #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
-    static let qwen2Source = #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
+    static let llama3Source =
+        #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
+    static let qwen2Source =
+        #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
 
     /// The scanner for a regex source: a hand-written one when known, else ICU.
     static func regex(_ source: String) throws -> SplitPattern {
@@ -223,8 +225,10 @@ enum PreTokenizerStep {
     case byteLevel(addPrefixSpace: Bool, useRegex: Bool)
 
     /// Runs the steps from `index` on `piece`, calling `emit` with each final piece.
-    static func run(_ steps: [PreTokenizerStep], from index: Int, on piece: ArraySlice<Unicode.Scalar>,
-                    _ emit: (ArraySlice<Unicode.Scalar>) -> Void) {
+    static func run(
+        _ steps: [PreTokenizerStep], from index: Int, on piece: ArraySlice<Unicode.Scalar>,
+        _ emit: (ArraySlice<Unicode.Scalar>) -> Void
+    ) {
         if piece.isEmpty { return }
         guard index < steps.count else { emit(piece); return }
         switch steps[index] {

@@ -8,7 +8,7 @@ public struct TextStream {
     public private(set) var text = ""
     public private(set) var stopped = false
     private var pending: [UInt8] = []
-    private var emitted = 0   // characters of `text` already handed out
+    private var emitted = 0  // characters of `text` already handed out
 
     public init(stops: [String]) { self.stops = stops.filter { !$0.isEmpty } }
 
@@ -57,4 +57,3 @@ public struct TextStream {
         return String(text[s..<e])
     }
 }
-

@@ -69,7 +69,9 @@ public enum TokenData {
     /// concatenated in file order, so the result does not depend on the thread count.
     public static func readJSONL(path: String, tokenizer: Tokenizer) throws -> [Int32] {
         guard let eos = tokenizer.eosTokenId else {
-            throw QATError("\(tokenizer.path): the tokenizer has no EOS token (<|endoftext|> or tokenizer_config.json eos_token) to separate documents")
+            throw QATError(
+                "\(tokenizer.path): the tokenizer has no EOS token (<|endoftext|> or tokenizer_config.json eos_token) to separate documents"
+            )
         }
         let texts = try readJSONLTexts(path: path)
         var chunks = [[Int32]](repeating: [], count: texts.count)

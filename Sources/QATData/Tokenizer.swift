@@ -113,7 +113,8 @@ public final class Tokenizer: @unchecked Sendable {
             // the 256 stand-in characters, none combining, so they are safe as keys. Anything
             // else means a non-byte-level vocabulary (SentencePiece ▁…), rejected here.
             guard ByteLevel.decode(tok) != nil else {
-                throw QATError("\(file): model.vocab entry \"\(tok)\" is not a byte-level token; only byte-level BPE (GPT-2 style) is supported")
+                throw QATError(
+                    "\(file): model.vocab entry \"\(tok)\" is not a byte-level token; only byte-level BPE (GPT-2 style) is supported")
             }
             tokenToId[tok] = id
             maxId = max(maxId, id)
@@ -132,18 +133,21 @@ public final class Tokenizer: @unchecked Sendable {
                 }
                 tokenToId[content] = id
                 maxId = max(maxId, id)
-                addedSpecs.append(.init(content: Array(content.unicodeScalars), id: id,
-                                        singleWord: (t["single_word"] as? Bool) ?? false,
-                                        lstrip: (t["lstrip"] as? Bool) ?? false,
-                                        rstrip: (t["rstrip"] as? Bool) ?? false))
+                addedSpecs.append(
+                    .init(
+                        content: Array(content.unicodeScalars), id: id,
+                        singleWord: (t["single_word"] as? Bool) ?? false,
+                        lstrip: (t["lstrip"] as? Bool) ?? false,
+                        rstrip: (t["rstrip"] as? Bool) ?? false))
             }
         }
         added = AddedTokenMatcher(addedSpecs)
         // The id tables below have one slot per id: a file naming id 2^31 − 1 would have
         // them take tens of gigabytes. Real vocabularies stay far below the limit.
         guard Int(maxId) < Tokenizer.maxVocabSize else {
-            throw QATError("\(file): token id \(maxId) is above the \(Tokenizer.maxVocabSize - 1) limit "
-                + "(\(tokenToId.count) tokens in all): corrupt tokenizer.json")
+            throw QATError(
+                "\(file): token id \(maxId) is above the \(Tokenizer.maxVocabSize - 1) limit "
+                    + "(\(tokenToId.count) tokens in all): corrupt tokenizer.json")
         }
         vocabSize = Int(maxId) + 1
         self.tokenToId = tokenToId
@@ -168,7 +172,9 @@ public final class Tokenizer: @unchecked Sendable {
             let a: String, b: String
             if let s = m as? String {
                 let parts = s.split(separator: " ", omittingEmptySubsequences: false)
-                guard parts.count == 2 else { throw QATError("\(file): model.merges[\(rank)] \"\(s)\" is not two tokens separated by one space") }
+                guard parts.count == 2 else {
+                    throw QATError("\(file): model.merges[\(rank)] \"\(s)\" is not two tokens separated by one space")
+                }
                 a = String(parts[0]); b = String(parts[1])
             } else if let p = m as? [String], p.count == 2 {
                 a = p[0]; b = p[1]
@@ -187,7 +193,8 @@ public final class Tokenizer: @unchecked Sendable {
         self.merges = merges
 
         byteIds = (0..<256).map { tokenToId[String(ByteLevel.byteToScalar[$0])] ?? -1 }
-        byteFallbackIds = byteFallback
+        byteFallbackIds =
+            byteFallback
             ? (0..<256).map { tokenToId[String(format: "<0x%02X>", $0)] ?? -1 }
             : nil
         if let u = model["unk_token"] as? String {
@@ -208,7 +215,8 @@ public final class Tokenizer: @unchecked Sendable {
         var eos: Int32? = tokenToId["<|endoftext|>"]
         let configPath = ((file as NSString).deletingLastPathComponent as NSString).appendingPathComponent("tokenizer_config.json")
         if let data = FileManager.default.contents(atPath: configPath),
-           let cfg = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] {
+            let cfg = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any]
+        {
             let name = (cfg["eos_token"] as? String) ?? ((cfg["eos_token"] as? [String: Any])?["content"] as? String)
             if let name, let id = tokenToId[name] { eos = id }
         }
@@ -384,7 +392,8 @@ public final class Tokenizer: @unchecked Sendable {
 
     private static func parsePreTokenizer(_ value: Any?, file: String) throws -> [PreTokenizerStep] {
         guard let value, !(value is NSNull) else {
-            throw QATError.unsupported("\(file): pre_tokenizer is null; only byte-level BPE tokenizers (with a ByteLevel pre-tokenizer) are supported")
+            throw QATError.unsupported(
+                "\(file): pre_tokenizer is null; only byte-level BPE tokenizers (with a ByteLevel pre-tokenizer) are supported")
         }
         guard let obj = value as? [String: Any], let type = obj["type"] as? String else {
             throw QATError("\(file): pre_tokenizer has no \"type\"")
@@ -396,8 +405,11 @@ public final class Tokenizer: @unchecked Sendable {
             }
             return try list.flatMap { try parsePreTokenizer($0, file: file) }
         case "ByteLevel":
-            return [.byteLevel(addPrefixSpace: (obj["add_prefix_space"] as? Bool) ?? false,
-                               useRegex: (obj["use_regex"] as? Bool) ?? true)]
+            return [
+                .byteLevel(
+                    addPrefixSpace: (obj["add_prefix_space"] as? Bool) ?? false,
+                    useRegex: (obj["use_regex"] as? Bool) ?? true)
+            ]
         case "Split":
             if let invert = obj["invert"] as? Bool, invert {
                 throw QATError.unsupported("\(file): pre_tokenizer Split with invert = true is not supported")
@@ -471,7 +483,9 @@ enum Normalizer {
         case "NFKD": return .nfkd
         case "Lowercase": return .lowercase
         case "Sequence":
-            guard let list = obj["normalizers"] as? [Any] else { throw QATError("\(file): normalizer Sequence has no \"normalizers\" list") }
+            guard let list = obj["normalizers"] as? [Any] else {
+                throw QATError("\(file): normalizer Sequence has no \"normalizers\" list")
+            }
             let parts = try list.compactMap { try parse($0, file: file) }
             return parts.isEmpty ? nil : .sequence(parts)
         default:

@@ -1,5 +1,6 @@
 import Foundation
 import QATCore
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -7,14 +8,28 @@ import Glibc
 /// Open MPI through dlopen/dlsym. MPI_COMM_WORLD, MPI_FLOAT, MPI_DOUBLE, MPI_SUM and MPI_MAX
 /// are the addresses of Open MPI's `ompi_mpi_*` objects; MPI_IN_PLACE is `(void *) 1`.
 public final class MPICommunicator: Communicator {
-    typealias InitThread = @convention(c) (UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>?, Int32, UnsafeMutablePointer<Int32>) -> Int32
+    typealias InitThread =
+        @convention(c) (
+            UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>?, Int32,
+            UnsafeMutablePointer<Int32>
+        ) -> Int32
     typealias Initialized = @convention(c) (UnsafeMutablePointer<Int32>) -> Int32
     typealias CommQuery = @convention(c) (UnsafeMutableRawPointer, UnsafeMutablePointer<Int32>) -> Int32
-    typealias Allreduce = @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer, UnsafeMutableRawPointer) -> Int32
+    typealias Allreduce =
+        @convention(c) (
+            UnsafeRawPointer?, UnsafeMutableRawPointer, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer, UnsafeMutableRawPointer
+        ) -> Int32
     typealias Barrier = @convention(c) (UnsafeMutableRawPointer) -> Int32
     typealias Send = @convention(c) (UnsafeRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer) -> Int32
-    typealias Recv = @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer?) -> Int32
-    typealias Isend = @convention(c) (UnsafeRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> Int32
+    typealias Recv =
+        @convention(c) (
+            UnsafeMutableRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer?
+        ) -> Int32
+    typealias Isend =
+        @convention(c) (
+            UnsafeRawPointer?, Int32, UnsafeMutableRawPointer, Int32, Int32, UnsafeMutableRawPointer,
+            UnsafeMutablePointer<UnsafeMutableRawPointer?>
+        ) -> Int32
     typealias Waitall = @convention(c) (Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>, UnsafeMutableRawPointer?) -> Int32
     typealias Bcast = @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafeMutableRawPointer, Int32, UnsafeMutableRawPointer) -> Int32
     typealias Split = @convention(c) (UnsafeMutableRawPointer, Int32, Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> Int32
@@ -49,11 +64,14 @@ public final class MPICommunicator: Communicator {
         }
         guard let h = handle else {
             let why = dlerror().map { String(cString: $0) } ?? "not found"
-            throw QATError("launched by mpirun (\(Distributed.launcherWorldSize) ranks) but Open MPI cannot be "
-                + "loaded (\(why)); install it: apt-get install libopenmpi-dev openmpi-bin")
+            throw QATError(
+                "launched by mpirun (\(Distributed.launcherWorldSize) ranks) but Open MPI cannot be "
+                    + "loaded (\(why)); install it: apt-get install libopenmpi-dev openmpi-bin")
         }
         func sym(_ s: String) throws -> UnsafeMutableRawPointer {
-            guard let p = dlsym(h, s) else { throw QATError("libmpi has no symbol \(s): Open MPI is needed (apt-get install libopenmpi-dev openmpi-bin)") }
+            guard let p = dlsym(h, s) else {
+                throw QATError("libmpi has no symbol \(s): Open MPI is needed (apt-get install libopenmpi-dev openmpi-bin)")
+            }
             return p
         }
         let initThread = unsafeBitCast(try sym("MPI_Init_thread"), to: InitThread.self)
@@ -137,7 +155,8 @@ public final class MPICommunicator: Communicator {
 
     public func recv(_ buf: UnsafeMutablePointer<Float>, count: Int, from peer: Int, tag: Int) throws {
         // MPI_STATUS_IGNORE is a null pointer in Open MPI.
-        try chunked(count) { o, n in try check(recvFn(buf + o, n, float, Int32(peer), Int32(tag), comm, nil), "MPI_Recv from rank \(peer)") }
+        try chunked(count) { o, n in try check(recvFn(buf + o, n, float, Int32(peer), Int32(tag), comm, nil), "MPI_Recv from rank \(peer)")
+        }
         counter.value.recvBytes += count * 4
     }
 
@@ -167,9 +186,15 @@ public final class MPICommunicator: Communicator {
         counter.value.broadcastBytes += count * 4
     }
 
-    public func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: sum) }
-    public func allReduceSum(_ buf: UnsafeMutablePointer<Double>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: double, op: sum) }
-    public func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws { try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: maxOp) }
+    public func allReduceSum(_ buf: UnsafeMutablePointer<Float>, count: Int) throws {
+        try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: sum)
+    }
+    public func allReduceSum(_ buf: UnsafeMutablePointer<Double>, count: Int) throws {
+        try reduce(UnsafeMutableRawPointer(buf), count: count, type: double, op: sum)
+    }
+    public func allReduceMax(_ buf: UnsafeMutablePointer<Float>, count: Int) throws {
+        try reduce(UnsafeMutableRawPointer(buf), count: count, type: float, op: maxOp)
+    }
     public func barrier() throws { try check(barrierFn(comm), "MPI_Barrier") }
     public func finalize() { if !finalized { finalized = true; _ = finalizeFn() } }
     public func abort(code: Int32) -> Never { _ = abortFn(world, code); exit(code) }

@@ -67,7 +67,9 @@ public final class ZeROPartition {
                     buckets.append(Bucket(root: root, slots: [i], elements: counts[i], packed: false))
                     continue
                 }
-                if open.elements + counts[i] > bucketElements { buckets.append(open); open = Bucket(root: root, slots: [], elements: 0, packed: true) }
+                if open.elements + counts[i] > bucketElements {
+                    buckets.append(open); open = Bucket(root: root, slots: [], elements: 0, packed: true)
+                }
                 open.slots.append(i); open.elements += counts[i]
             }
             if !open.slots.isEmpty { buckets.append(open) }

@@ -138,9 +138,10 @@ public enum CompressedTensors {
         for r in records where r.name.hasSuffix(".weight_scale") {
             let m = String(r.name.dropLast(".weight_scale".count))
             guard byName.contains(m + ".weight_scale_2") else {
-                throw QATError("\(m): only NVFP4 Linears (weight, weight_scale, weight_scale_2) have a "
-                    + "compressed-tensors nvfp4-pack-quantized layout; FP8 weights are not supported by this "
-                    + "converter")
+                throw QATError(
+                    "\(m): only NVFP4 Linears (weight, weight_scale, weight_scale_2) have a "
+                        + "compressed-tensors nvfp4-pack-quantized layout; FP8 weights are not supported by this "
+                        + "converter")
             }
             quantized.insert(m)
         }
@@ -206,14 +207,15 @@ public enum CompressedTensors {
 
     /// The FP8 E4M3 per-tensor KV-cache scheme (`kv_cache_scheme`) as 0.20.1 dumps it.
     static var kvCacheScheme: JSONValue {
-        .object(JSONObject([
-            (key: "dynamic", value: .bool(false)),
-            (key: "group_size", value: .null),
-            (key: "num_bits", value: .int(8)),
-            (key: "strategy", value: .string("tensor")),
-            (key: "symmetric", value: .bool(true)),
-            (key: "type", value: .string("float")),
-        ]))
+        .object(
+            JSONObject([
+                (key: "dynamic", value: .bool(false)),
+                (key: "group_size", value: .null),
+                (key: "num_bits", value: .int(8)),
+                (key: "strategy", value: .string("tensor")),
+                (key: "symmetric", value: .bool(true)),
+                (key: "type", value: .string("float")),
+            ]))
     }
 
     /// config.json's `quantization_config` exactly as compressed-tensors 0.20.1 writes it for
@@ -257,9 +259,10 @@ public enum CompressedTensors {
 
     public static func scheme(of qc: JSONObject, source: String) throws -> Scheme {
         func fail(_ what: String) -> QATError {
-            QATError("\(source): quantization_config \(what) (qat reads compressed-tensors NVFP4: format "
-                + "nvfp4-pack-quantized, 4-bit float weights in groups of 16, optional NVFP4 input "
-                + "activations and FP8 KV cache)")
+            QATError(
+                "\(source): quantization_config \(what) (qat reads compressed-tensors NVFP4: format "
+                    + "nvfp4-pack-quantized, 4-bit float weights in groups of 16, optional NVFP4 input "
+                    + "activations and FP8 KV cache)")
         }
         if let f = try qc.optionalString("format"), f != "nvfp4-pack-quantized" { throw fail("format \"\(f)\" is not supported") }
         let groups = try qc.object("config_groups")
@@ -283,7 +286,8 @@ public enum CompressedTensors {
         var kv = false
         if let s = qc.optionalValue("kv_cache_scheme") {
             guard let o = s.objectValue, o["num_bits"]?.intValue == 8, o["type"]?.stringValue == "float",
-                  (o["strategy"]?.stringValue ?? "tensor") == "tensor" else {
+                (o["strategy"]?.stringValue ?? "tensor") == "tensor"
+            else {
                 throw fail("kv_cache_scheme \(s.serialized(indent: nil)) is not FP8 per-tensor")
             }
             kv = true
@@ -294,14 +298,18 @@ public enum CompressedTensors {
 
     /// The `hf_quant_config.json` object qat would write for an export with this scheme:
     /// `exclude_modules` re-summarised (ModelOpt's prefix wildcards) from the model's Linears.
-    public static func hfQuantConfig(scheme: Scheme, linears: [String], quantized: Set<String>,
-                                     producerName: String = "qat", producerVersion: String = qatExportVersion) -> JSONObject {
-        var plan = ExportPlan(linears: linears.map {
-            ExportPlan.LinearEntry(name: $0, format: quantized.contains($0) ? (scheme.weightOnly ? .nvfp4WeightOnly : .nvfp4) : .none)
-        }, kvCache: [], quantAlgo: quantized.isEmpty ? nil : scheme.quantAlgo, kvCacheQuantAlgo: scheme.kvCache ? "FP8" : nil,
-           excludeModules: [])
-        plan.excludeModules = ExportPlan.summarizeExcludeModules(unquantized: linears.filter { !quantized.contains($0) },
-                                                                 quantized: linears.filter { quantized.contains($0) })
+    public static func hfQuantConfig(
+        scheme: Scheme, linears: [String], quantized: Set<String>,
+        producerName: String = "qat", producerVersion: String = qatExportVersion
+    ) -> JSONObject {
+        var plan = ExportPlan(
+            linears: linears.map {
+                ExportPlan.LinearEntry(name: $0, format: quantized.contains($0) ? (scheme.weightOnly ? .nvfp4WeightOnly : .nvfp4) : .none)
+            }, kvCache: [], quantAlgo: quantized.isEmpty ? nil : scheme.quantAlgo, kvCacheQuantAlgo: scheme.kvCache ? "FP8" : nil,
+            excludeModules: [])
+        plan.excludeModules = ExportPlan.summarizeExcludeModules(
+            unquantized: linears.filter { !quantized.contains($0) },
+            quantized: linears.filter { quantized.contains($0) })
         return plan.hfQuantConfig(producerName: producerName, producerVersion: producerVersion)
     }
 
@@ -350,8 +358,10 @@ public enum CompressedTensors {
     /// kept), hf_quant_config.json written for ModelOpt / dropped for compressed-tensors, the
     /// tokenizer and generation files copied verbatim.
     @discardableResult
-    public static func convert(source: String, to target: ExportFormat, out: String,
-                               maxShardBytes: Int = 5_000_000_000) throws -> ConversionSummary {
+    public static func convert(
+        source: String, to target: ExportFormat, out: String,
+        maxShardBytes: Int = 5_000_000_000
+    ) throws -> ConversionSummary {
         let src = (source as NSString).standardizingPath, dst = (out as NSString).standardizingPath
         if URL(fileURLWithPath: dst).resolvingSymlinksInPath().path == URL(fileURLWithPath: src).resolvingSymlinksInPath().path {
             throw QATError("qat convert: --out \(out) is the source directory; choose another")
@@ -372,15 +382,20 @@ public enum CompressedTensors {
             let section = try ExportedModel.quantizationSection(directory: src)
             let algo = section.algo?.uppercased()
             guard algo == "NVFP4" || algo == "W4A16_NVFP4" else {
-                throw QATError("\(source): quant_algo \(section.algo ?? "null") has no compressed-tensors "
-                    + "nvfp4-pack-quantized layout (NVFP4 or W4A16_NVFP4 only)")
+                throw QATError(
+                    "\(source): quant_algo \(section.algo ?? "null") has no compressed-tensors "
+                        + "nvfp4-pack-quantized layout (NVFP4 or W4A16_NVFP4 only)")
             }
             let r = try fromModelOpt(records)
             records = r.records; lossy = r.lossyScales
             let quantized = packedModules(records)
             let ignore = linears.filter { !quantized.contains($0) }
-            cfg.set("quantization_config", .object(quantizationConfig(weightOnly: algo == "W4A16_NVFP4", ignore: ignore,
-                                                                      kvCache: section.kv != nil)))
+            cfg.set(
+                "quantization_config",
+                .object(
+                    quantizationConfig(
+                        weightOnly: algo == "W4A16_NVFP4", ignore: ignore,
+                        kvCache: section.kv != nil)))
         case (.compressedTensors, .modelopt):
             let qc = try cfg.object("quantization_config")
             let s = try scheme(of: qc, source: "\(source)/config.json")
@@ -406,7 +421,8 @@ public enum CompressedTensors {
             if let hfBytes { try atomicWrite(path: "\(tmp)/hf_quant_config.json") { try $0.write(hfBytes) } }
             for c in copies { try fm.copyItem(atPath: c, toPath: "\(tmp)/\((c as NSString).lastPathComponent)") }
         }
-        return ConversionSummary(from: from, to: target, tensors: records.count,
-                                 files: ((try? fm.contentsOfDirectory(atPath: dst)) ?? []).sorted(), lossyScales: lossy)
+        return ConversionSummary(
+            from: from, to: target, tensors: records.count,
+            files: ((try? fm.contentsOfDirectory(atPath: dst)) ?? []).sorted(), lossyScales: lossy)
     }
 }

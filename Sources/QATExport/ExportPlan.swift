@@ -78,7 +78,8 @@ public struct ExportPlan: Sendable {
     public static func make(model: CausalLM, quantizers: QuantizerSet) throws -> ExportPlan {
         func calibrated(_ q: TensorQuantizer) throws -> Float {
             guard let a = q.amax else {
-                throw QATError("quantizer \(q.name) is enabled but was never calibrated (no amax): calibrate or restore a checkpoint before exporting")
+                throw QATError(
+                    "quantizer \(q.name) is enabled but was never calibrated (no amax): calibrate or restore a checkpoint before exporting")
             }
             guard a.isFinite, a > 0 else { throw QATError("quantizer \(q.name) has amax \(a); an export needs a finite positive amax") }
             return a
@@ -93,9 +94,10 @@ public struct ExportPlan: Sendable {
             let iq = enabled(l.name + ".input_quantizer")
             guard let wq else {
                 if let iq {
-                    throw QATError("\(l.name): the input quantizer is enabled (\(iq.format)) but the weight quantizer is "
-                        + "not; ModelOpt exports such a layer unquantized, so the export would not reproduce the "
-                        + "model. Disable \(iq.name) or enable the weight quantizer in quant_cfg")
+                    throw QATError(
+                        "\(l.name): the input quantizer is enabled (\(iq.format)) but the weight quantizer is "
+                            + "not; ModelOpt exports such a layer unquantized, so the export would not reproduce the "
+                            + "model. Disable \(iq.name) or enable the weight quantizer in quant_cfg")
                 }
                 linears.append(LinearEntry(name: l.name, format: .none))
                 continue
@@ -106,9 +108,10 @@ public struct ExportPlan: Sendable {
             case (.nvfp4(let b), .nvfp4(let c)?) where b == NVFP4.blockSize && c == NVFP4.blockSize: format = .nvfp4
             case (.fp8PerTensor, nil), (.fp8PerTensor, .fp8PerTensor?): format = .fp8
             default:
-                throw QATError("\(l.name): weight \(wq.format) with input \(iq.map { "\($0.format)" } ?? "disabled") has "
-                    + "no ModelOpt checkpoint layout this exporter writes (supported: NVFP4 W4A4, NVFP4 "
-                    + "weight-only, FP8 W8A8/W8A16)")
+                throw QATError(
+                    "\(l.name): weight \(wq.format) with input \(iq.map { "\($0.format)" } ?? "disabled") has "
+                        + "no ModelOpt checkpoint layout this exporter writes (supported: NVFP4 W4A4, NVFP4 "
+                        + "weight-only, FP8 W8A8/W8A16)")
             }
             linears.append(LinearEntry(name: l.name, format: format, weightAmax: try calibrated(wq), inputAmax: try iq.map(calibrated)))
         }
@@ -121,20 +124,22 @@ public struct ExportPlan: Sendable {
                 let entries = group.compactMap { g in linears.first { $0.name == g.name } }
                 let formats = Set(entries.map(\.format))
                 if formats.count > 1 {
-                    throw QATError("\(entries.map(\.name).joined(separator: ", ")) run as one fused GEMM in inference "
-                        + "engines but are quantized differently "
-                        + "(\(entries.map(\.format.rawValue).joined(separator: " / "))); give them the same "
-                        + "quant_cfg")
+                    throw QATError(
+                        "\(entries.map(\.name).joined(separator: ", ")) run as one fused GEMM in inference "
+                            + "engines but are quantized differently "
+                            + "(\(entries.map(\.format.rawValue).joined(separator: " / "))); give them the same "
+                            + "quant_cfg")
                 }
                 guard let f = formats.first, f.isNVFP4 else { continue }
                 for (what, values) in [("weight", entries.map(\.weightAmax)), ("input", entries.map(\.inputAmax))] {
                     let distinct = Set(values.compactMap { $0 })
                     if distinct.count > 1 {
-                        throw QATError("\(entries.map(\.name).joined(separator: ", ")) form one fused GEMM but their \(what) "
-                            + "amax differ (\(values.map { $0.map { "\($0)" } ?? "none" }.joined(separator: ", "))): "
-                            + "NVFP4 needs one \(what == "weight" ? "weight_scale_2" : "input_scale") per fused GEMM. "
-                            + "Calibrate with QuantizerSet (it shares amax over fused groups) or restore a checkpoint "
-                            + "written that way")
+                        throw QATError(
+                            "\(entries.map(\.name).joined(separator: ", ")) form one fused GEMM but their \(what) "
+                                + "amax differ (\(values.map { $0.map { "\($0)" } ?? "none" }.joined(separator: ", "))): "
+                                + "NVFP4 needs one \(what == "weight" ? "weight_scale_2" : "input_scale") per fused GEMM. "
+                                + "Calibrate with QuantizerSet (it shares amax over fused groups) or restore a checkpoint "
+                                + "written that way")
                     }
                 }
             }
@@ -146,8 +151,9 @@ public struct ExportPlan: Sendable {
             for (kind, keyPath) in [("k", \KVEntry.kAmax), ("v", \KVEntry.vAmax)] {
                 guard let q = enabled("\(layer.prefix).self_attn.\(kind)_bmm_quantizer") else { continue }
                 guard q.format == .fp8PerTensor else {
-                    throw QATError("\(q.name): KV-cache format \(q.format) is not exportable (only FP8 E4M3 per-tensor, "
-                        + "ModelOpt's kv_cache_quant_algo FP8)")
+                    throw QATError(
+                        "\(q.name): KV-cache format \(q.format) is not exportable (only FP8 E4M3 per-tensor, "
+                            + "ModelOpt's kv_cache_quant_algo FP8)")
                 }
                 e[keyPath: keyPath] = try calibrated(q)
             }
@@ -156,15 +162,18 @@ public struct ExportPlan: Sendable {
 
         let quantized = linears.filter { $0.format != .none }
         if quantized.isEmpty && kv.isEmpty {
-            throw QATError("nothing is quantized (every quantizer is disabled): there is no quantized checkpoint to "
-                + "export; the original model directory already is the export")
+            throw QATError(
+                "nothing is quantized (every quantizer is disabled): there is no quantized checkpoint to "
+                    + "export; the original model directory already is the export")
         }
         let formats = Set(quantized.map(\.format))
         let algo: String? = formats.count > 1 ? "MIXED_PRECISION" : formats.first?.quantAlgo
-        let excluded = formats.count > 1 ? [] :
-            summarizeExcludeModules(unquantized: linears.filter { $0.format == .none }.map(\.name), quantized: quantized.map(\.name))
-        return ExportPlan(linears: linears, kvCache: kv, quantAlgo: algo, kvCacheQuantAlgo: kv.isEmpty ? nil : "FP8",
-                          excludeModules: excluded)
+        let excluded =
+            formats.count > 1
+            ? [] : summarizeExcludeModules(unquantized: linears.filter { $0.format == .none }.map(\.name), quantized: quantized.map(\.name))
+        return ExportPlan(
+            linears: linears, kvCache: kv, quantAlgo: algo, kvCacheQuantAlgo: kv.isEmpty ? nil : "FP8",
+            excludeModules: excluded)
     }
 
     // MARK: - Configs
@@ -186,7 +195,11 @@ public struct ExportPlan: Sendable {
             q.set("exclude_modules", .array(excludeModules.map { .string($0) }))
         }
         return JSONObject([
-            (key: "producer", value: .object(JSONObject([(key: "name", value: .string(producerName)), (key: "version", value: .string(producerVersion))]))),
+            (
+                key: "producer",
+                value: .object(
+                    JSONObject([(key: "name", value: .string(producerName)), (key: "version", value: .string(producerVersion))]))
+            ),
             (key: "quantization", value: .object(q)),
         ])
     }
@@ -202,14 +215,23 @@ public struct ExportPlan: Sendable {
         var out = JSONObject()
         let groupSize: JSONValue = details["group_size"].flatMap { $0.isNull ? nil : $0 } ?? .int(16)
         func scheme(bits: Int, group: JSONValue?) -> JSONValue {
-            var o = JSONObject([(key: "dynamic", value: .bool(false)), (key: "num_bits", value: .int(Int64(bits))), (key: "type", value: .string("float"))])
+            var o = JSONObject([
+                (key: "dynamic", value: .bool(false)), (key: "num_bits", value: .int(Int64(bits))), (key: "type", value: .string("float")),
+            ])
             if let group { o.set("group_size", group) }
             return .object(o)
         }
         func group(forAlgo a: String, group gs: JSONValue?) -> JSONObject? {
             switch a {
-            case "FP8": return JSONObject([(key: "input_activations", value: scheme(bits: 8, group: nil)), (key: "weights", value: scheme(bits: 8, group: nil))])
-            case "NVFP4": return JSONObject([(key: "input_activations", value: scheme(bits: 4, group: gs ?? .int(16))), (key: "weights", value: scheme(bits: 4, group: gs ?? .int(16)))])
+            case "FP8":
+                return JSONObject([
+                    (key: "input_activations", value: scheme(bits: 8, group: nil)), (key: "weights", value: scheme(bits: 8, group: nil)),
+                ])
+            case "NVFP4":
+                return JSONObject([
+                    (key: "input_activations", value: scheme(bits: 4, group: gs ?? .int(16))),
+                    (key: "weights", value: scheme(bits: 4, group: gs ?? .int(16))),
+                ])
             case "W4A16_NVFP4": return JSONObject([(key: "weights", value: scheme(bits: 4, group: gs ?? .int(16)))])
             default: return nil
             }
@@ -228,7 +250,8 @@ public struct ExportPlan: Sendable {
             var configs: [String: JSONObject] = [:]
             for (name, v) in layers.entries {
                 let cfg = v.objectValue ?? JSONObject()
-                let key = cfg.entries.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.serialized(indent: nil))" }.joined(separator: ";")
+                let key = cfg.entries.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.serialized(indent: nil))" }.joined(
+                    separator: ";")
                 if members[key] == nil { keys.append(key); configs[key] = cfg }
                 members[key, default: []].append(name)
             }

@@ -43,8 +43,9 @@ public struct ExportedModel {
         guard let qc = try cfg.optionalObject("quantization_config") else { return false }
         let method = (try qc.optionalString("quant_method")) ?? "?"
         guard method.lowercased() == "modelopt" || method == "compressed-tensors" else {
-            throw QATError.unsupported("\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (ModelOpt "
-                + "exports, quant_method \"modelopt\", or compressed-tensors NVFP4, \"compressed-tensors\")")
+            throw QATError.unsupported(
+                "\(cfgPath): quantization_config.quant_method \"\(method)\" is not supported (ModelOpt "
+                    + "exports, quant_method \"modelopt\", or compressed-tensors NVFP4, \"compressed-tensors\")")
         }
         return true
     }
@@ -56,7 +57,9 @@ public struct ExportedModel {
         if FileManager.default.fileExists(atPath: hfPath) {
             let hf = try JSONValue.parseObject(file: hfPath)
             let q = try hf.object("quantization")
-            return (try q.optionalString("quant_algo"), try q.optionalString("kv_cache_quant_algo"), try q.optionalObject("quantized_layers"))
+            return (
+                try q.optionalString("quant_algo"), try q.optionalString("kv_cache_quant_algo"), try q.optionalObject("quantized_layers")
+            )
         }
         let cfg = try JSONValue.parseObject(file: "\(directory)/config.json")
         let qc = try cfg.object("quantization_config")
@@ -66,8 +69,12 @@ public struct ExportedModel {
         }
         var kv: String? = try qc.optionalString("kv_cache_quant_algo")
         if kv == nil, let scheme = qc.optionalValue("kv_cache_scheme") {
-            if let s = scheme.stringValue { kv = s } else if let o = scheme.objectValue {
-                kv = (o["num_bits"]?.intValue == 8 && o["type"]?.stringValue == "float") ? "FP8" : "unsupported \(scheme.serialized(indent: nil))"
+            if let s = scheme.stringValue {
+                kv = s
+            } else if let o = scheme.objectValue {
+                kv =
+                    (o["num_bits"]?.intValue == 8 && o["type"]?.stringValue == "float")
+                    ? "FP8" : "unsupported \(scheme.serialized(indent: nil))"
             }
         }
         return (try qc.optionalString("quant_algo"), kv, try qc.optionalObject("quantized_layers"))
@@ -79,7 +86,8 @@ public struct ExportedModel {
         let config = try ModelConfig.load(directory: directory)
         let section = try quantizationSection(directory: directory)
         if let a = section.algo, !supportedAlgos.contains(a.uppercased()) {
-            throw QATError.unsupported("\(directory): quant_algo \"\(a)\" is not supported (supported: \(supportedAlgos.sorted().joined(separator: ", ")))")
+            throw QATError.unsupported(
+                "\(directory): quant_algo \"\(a)\" is not supported (supported: \(supportedAlgos.sorted().joined(separator: ", ")))")
         }
         if let kv = section.kv, kv.uppercased() != "FP8" {
             throw QATError.unsupported("\(directory): kv_cache_quant_algo \"\(kv)\" is not supported (only FP8)")
@@ -90,7 +98,8 @@ public struct ExportedModel {
             for (name, v) in section.layers?.entries ?? [] {
                 let a = v.objectValue?["quant_algo"]?.stringValue ?? "?"
                 guard let f = LinearExportFormat(rawValue: a.uppercased()), f != .none else {
-                    throw QATError.unsupported("\(directory): quantized_layers.\(name).quant_algo \"\(a)\" is not supported (supported: NVFP4, W4A16_NVFP4, FP8)")
+                    throw QATError.unsupported(
+                        "\(directory): quantized_layers.\(name).quant_algo \"\(a)\" is not supported (supported: NVFP4, W4A16_NVFP4, FP8)")
                 }
                 allowed.insert(f)
             }
@@ -98,7 +107,8 @@ public struct ExportedModel {
         case nil: break
         }
 
-        let ckpt: any ExportTensorSource = try ExportFormat.of(directory: directory) == .compressedTensors
+        let ckpt: any ExportTensorSource =
+            try ExportFormat.of(directory: directory) == .compressedTensors
             ? CompressedTensorsView(try ModelWeights(path: directory)) : try ModelWeights(path: directory)
         // Before anything is built from the config's sizes: its layer count must be the
         // checkpoint's (the shapes are checked tensor by tensor below, before allocation).
@@ -129,20 +139,26 @@ public struct ExportedModel {
                 let format: LinearExportFormat
                 if w.dtype == .u8 {
                     let nb = NVFP4.blocksPerRow(cols)
-                    guard let si = ckpt.info("\(module).weight_scale"), si.dtype == .f8e4m3, si.shape == [rows, nb], w.shape == [rows, nb * 8] else {
-                        throw QATError("\(directory): \(module): NVFP4 weight \(w.shape) / weight_scale "
-                            + "\(ckpt.info("\(module).weight_scale")?.shape ?? []) do not fit [\(rows), \(cols)] "
-                            + "(expected [\(rows), \(nb * 8)] U8 and [\(rows), \(nb)] F8_E4M3)")
+                    guard let si = ckpt.info("\(module).weight_scale"), si.dtype == .f8e4m3, si.shape == [rows, nb],
+                        w.shape == [rows, nb * 8]
+                    else {
+                        throw QATError(
+                            "\(directory): \(module): NVFP4 weight \(w.shape) / weight_scale "
+                                + "\(ckpt.info("\(module).weight_scale")?.shape ?? []) do not fit [\(rows), \(cols)] "
+                                + "(expected [\(rows), \(nb * 8)] U8 and [\(rows), \(nb)] F8_E4M3)")
                     }
                     let gs = try scalar("\(module).weight_scale_2")
                     t = Tensor(shape: shape, zeroed: false)  // only now: the stored shapes back it
                     let packed = try ckpt.bytes(name), scales = try ckpt.bytes("\(module).weight_scale")
-                    NVFP4.dequantize(packed: packed.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     scales: scales.baseAddress!.assumingMemoryBound(to: UInt8.self),
-                                     globalScale: gs, rows: rows, cols: cols, out: t.data)
+                    NVFP4.dequantize(
+                        packed: packed.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        scales: scales.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                        globalScale: gs, rows: rows, cols: cols, out: t.data)
                     format = has("\(module).input_scale") ? .nvfp4 : .nvfp4WeightOnly
                 } else {
-                    guard w.shape == shape else { throw QATError("\(directory): \(name) has shape \(w.shape), config.json implies \(shape)") }
+                    guard w.shape == shape else {
+                        throw QATError("\(directory): \(name) has shape \(w.shape), config.json implies \(shape)")
+                    }
                     let s = try scalar("\(module).weight_scale")
                     t = Tensor(shape: shape, zeroed: false)
                     let codes = try ckpt.bytes(name)
@@ -150,8 +166,9 @@ public struct ExportedModel {
                     format = .fp8
                 }
                 guard allowed.contains(format) else {
-                    throw QATError("\(directory): \(module) is stored as \(format.rawValue), which quant_algo "
-                        + "\(section.algo ?? "null") does not declare")
+                    throw QATError(
+                        "\(directory): \(module) is stored as \(format.rawValue), which quant_algo "
+                            + "\(section.algo ?? "null") does not declare")
                 }
                 consumed.insert(name); consumed.insert("\(module).weight_scale")
                 params[name] = t
@@ -166,7 +183,9 @@ public struct ExportedModel {
                 guard t.shape == shape else { throw QATError("\(directory): \(name) has shape \(t.shape), config.json implies \(shape)") }
                 consumed.insert(name)
                 params[name] = t
-                if name.hasSuffix(".weight"), shape.count == 2, name != "model.embed_tokens.weight" { formats[module] = LinearExportFormat.none }
+                if name.hasSuffix(".weight"), shape.count == 2, name != "model.embed_tokens.weight" {
+                    formats[module] = LinearExportFormat.none
+                }
             }
         }
         var kvAmax: [String: Float] = [:]
@@ -179,10 +198,11 @@ public struct ExportedModel {
         if config.tieWordEmbeddings { consumed.insert("lm_head.weight") }
         let extra = ckpt.names.filter { !consumed.contains($0) }
         if !extra.isEmpty {
-            throw QATError("\(directory): unexpected tensors for this export: "
-                + "\(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "") "
-                + "(only NVFP4/FP8 weights with weight_scale, weight_scale_2, input_scale and FP8 k_scale/v_scale "
-                + "are understood)")
+            throw QATError(
+                "\(directory): unexpected tensors for this export: "
+                    + "\(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "") "
+                    + "(only NVFP4/FP8 weights with weight_scale, weight_scale_2, input_scale and FP8 k_scale/v_scale "
+                    + "are understood)")
         }
         if !kvAmax.isEmpty && section.kv == nil {
             throw QATError("\(directory): k_scale/v_scale tensors present but kv_cache_quant_algo is not set")
@@ -202,8 +222,9 @@ public struct ExportedModel {
         }
         for (name, a) in kvAmax { set.byName[name]?.amax = a }
         model.markWeightsChanged()
-        return ExportedModel(model: model, quantizers: set, quantAlgo: section.algo, kvCacheQuantAlgo: section.kv, formats: formats,
-                             directory: directory)
+        return ExportedModel(
+            model: model, quantizers: set, quantAlgo: section.algo, kvCacheQuantAlgo: section.kv, formats: formats,
+            directory: directory)
     }
 
     /// The amax the loader re-creates from a stored scale (see `StoredScale`).
@@ -254,7 +275,8 @@ final class CompressedTensorsView: ExportTensorSource {
     }
 
     private func isScale(_ storedName: String) -> Bool {
-        CompressedTensors.isReciprocal(storedName) || storedName.hasSuffix(".self_attn.k_scale") || storedName.hasSuffix(".self_attn.v_scale")
+        CompressedTensors.isReciprocal(storedName) || storedName.hasSuffix(".self_attn.k_scale")
+            || storedName.hasSuffix(".self_attn.v_scale")
     }
 
     func info(_ name: String) -> SafeTensorInfo? {

@@ -3,6 +3,7 @@ import QATCore
 import QATIO
 import QATModels
 import QATQuant
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -98,13 +99,16 @@ public enum Exporter {
     /// renamed into place only when complete. `sourceDirectory` is the HF model directory the
     /// model came from: its config.json, tokenizer files and tensor dtypes are used.
     @discardableResult
-    public static func export(model: CausalLM, quantizers: QuantizerSet, sourceDirectory: String, to outDirectory: String,
-                              options: ExportOptions = ExportOptions()) throws -> ExportSummary {
+    public static func export(
+        model: CausalLM, quantizers: QuantizerSet, sourceDirectory: String, to outDirectory: String,
+        options: ExportOptions = ExportOptions()
+    ) throws -> ExportSummary {
         let fm = FileManager.default
         let out = (outDirectory as NSString).standardizingPath
         let src = (sourceDirectory as NSString).standardizingPath
         if URL(fileURLWithPath: out).resolvingSymlinksInPath().path == URL(fileURLWithPath: src).resolvingSymlinksInPath().path {
-            throw QATError("export directory \(outDirectory) is the source model directory; choose another --out (the export replaces its target)")
+            throw QATError(
+                "export directory \(outDirectory) is the source model directory; choose another --out (the export replaces its target)")
         }
         let plan = try ExportPlan.make(model: model, quantizers: quantizers)
 
@@ -159,21 +163,26 @@ public enum Exporter {
         if options.format == .compressedTensors {
             // The same tensors under compressed-tensors' names and scale conventions.
             guard plan.quantAlgo == "NVFP4" || plan.quantAlgo == "W4A16_NVFP4" else {
-                throw QATError("export.format compressed-tensors writes NVFP4 (W4A4 or weight-only) exports; this model "
-                    + "is \(plan.quantAlgo ?? "not quantized") (use export.format modelopt)")
+                throw QATError(
+                    "export.format compressed-tensors writes NVFP4 (W4A4 or weight-only) exports; this model "
+                        + "is \(plan.quantAlgo ?? "not quantized") (use export.format modelopt)")
             }
             let records = writer.entries.map { TensorRecord(name: $0.name, dtype: $0.dtype, shape: $0.shape, bytes: $0.bytes) }
             let converted = try CompressedTensors.fromModelOpt(records)
             if let bad = converted.lossyScales.first {
-                throw QATError("\(bad): this scale does not survive compressed-tensors' reciprocal (1/(1/s) ≠ s); snap "
-                    + "the scales first (Exporter.snapScales)")
+                throw QATError(
+                    "\(bad): this scale does not survive compressed-tensors' reciprocal (1/(1/s) ≠ s); snap "
+                        + "the scales first (Exporter.snapScales)")
             }
             writer = SafeTensorsWriter()
             for r in converted.records { try writer.add(name: r.name, dtype: r.dtype, shape: r.shape, bytes: r.bytes) }
             let quantized = Set(plan.quantizedLinears.map(\.name))
-            config.set("quantization_config", .object(CompressedTensors.quantizationConfig(
-                weightOnly: plan.quantAlgo == "W4A16_NVFP4", ignore: plan.linears.map(\.name).filter { !quantized.contains($0) },
-                kvCache: plan.kvCacheQuantAlgo != nil)))
+            config.set(
+                "quantization_config",
+                .object(
+                    CompressedTensors.quantizationConfig(
+                        weightOnly: plan.quantAlgo == "W4A16_NVFP4", ignore: plan.linears.map(\.name).filter { !quantized.contains($0) },
+                        kvCache: plan.kvCacheQuantAlgo != nil)))
             hfBytes = nil
         }
         let configBytes = Array(config.fileText.utf8)
@@ -193,9 +202,10 @@ public enum Exporter {
         }
         let files = ((try? fm.contentsOfDirectory(atPath: out)) ?? []).sorted()
         let total = files.reduce(0) { $0 + ((try? fm.attributesOfItem(atPath: "\(out)/\($1)")[.size] as? Int) ?? 0) }
-        return ExportSummary(directory: out, plan: plan, files: files, tensorBytes: writer.totalBytes, totalBytes: total,
-                             weightMismatches: mismatches, hfQuantConfig: hf, quantizationConfig: qc,
-                             unrecoverableScales: unrecoverableScales(quantizers))
+        return ExportSummary(
+            directory: out, plan: plan, files: files, tensorBytes: writer.totalBytes, totalBytes: total,
+            weightMismatches: mismatches, hfQuantConfig: hf, quantizationConfig: qc,
+            unrecoverableScales: unrecoverableScales(quantizers))
     }
 
     /// Gives every enabled NVFP4/FP8 quantizer the amax the export stores exactly (see
@@ -246,7 +256,9 @@ public enum Exporter {
             if let a = e.inputAmax { try addScalar(&w, "\(l.name).input_scale", NVFP4.globalScale(amax: a)) }
             q.packed.withUnsafeBufferPointer { p in
                 q.scales.withUnsafeBufferPointer { s in
-                    NVFP4.dequantize(packed: p.baseAddress!, scales: s.baseAddress!, globalScale: q.globalScale, rows: rows, cols: cols, out: exported.data)
+                    NVFP4.dequantize(
+                        packed: p.baseAddress!, scales: s.baseAddress!, globalScale: q.globalScale, rows: rows, cols: cols,
+                        out: exported.data)
                 }
             }
         case .fp8:
@@ -269,7 +281,9 @@ public enum Exporter {
             reference.copy(from: l.weight.value)
         }
         var diff = 0
-        for i in 0..<(rows * cols) where exported[i].bitPattern != reference[i].bitPattern && !(exported[i] == 0 && reference[i] == 0) { diff += 1 }
+        for i in 0..<(rows * cols) where exported[i].bitPattern != reference[i].bitPattern && !(exported[i] == 0 && reference[i] == 0) {
+            diff += 1
+        }
         return diff
     }
 
@@ -290,8 +304,11 @@ public enum Exporter {
         guard statvfs(dir.isEmpty ? "." : dir, &s) == 0 else { return }
         let free = Int(s.f_bavail) &* Int(s.f_frsize)
         if free < bytes {
-            throw QATError(String(format: "not enough disk space for the export at %@: it needs about %.1f MiB, %.1f MiB are free on that filesystem", path,
-                                  Double(bytes) / 1_048_576, Double(free) / 1_048_576))
+            throw QATError(
+                String(
+                    format: "not enough disk space for the export at %@: it needs about %.1f MiB, %.1f MiB are free on that filesystem",
+                    path,
+                    Double(bytes) / 1_048_576, Double(free) / 1_048_576))
         }
     }
 }

@@ -65,10 +65,14 @@ public enum Verification {
 
     /// Compares the logits of `reference` and `candidate` on `sequences` (each seqLen long).
     /// `logitsOf` computes a model's logits [B·T, V] elsewhere (the CUDA backend); default: the CPU.
-    public static func compare(reference: CausalLM, candidate: CausalLM, sequences: [[Int32]], batchSize: Int = 4,
-                               logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = nil) throws -> LogitComparison {
+    public static func compare(
+        reference: CausalLM, candidate: CausalLM, sequences: [[Int32]], batchSize: Int = 4,
+        logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = nil
+    ) throws -> LogitComparison {
         let logits = logitsOf ?? { try Verification.logits($0, tokens: $1, batch: $2, seqLen: $3) }
-        guard let seqLen = sequences.first?.count, seqLen >= 2 else { throw QATError("verification needs at least one sequence of 2+ tokens") }
+        guard let seqLen = sequences.first?.count, seqLen >= 2 else {
+            throw QATError("verification needs at least one sequence of 2+ tokens")
+        }
         guard reference.config.vocabSize == candidate.config.vocabSize else {
             throw QATError("the export has vocabulary \(candidate.config.vocabSize), the reference \(reference.config.vocabSize)")
         }
@@ -98,9 +102,10 @@ public enum Verification {
             }
             done += b
         }
-        return LogitComparison(maxAbsDiff: maxDiff, meanAbsDiff: sumDiff / Double(max(count, 1)), count: count, identical: same,
-                               sequences: sequences.count, referenceLoss: refLoss / Double(max(predicted, 1)),
-                               candidateLoss: candLoss / Double(max(predicted, 1)))
+        return LogitComparison(
+            maxAbsDiff: maxDiff, meanAbsDiff: sumDiff / Double(max(count, 1)), count: count, identical: same,
+            sequences: sequences.count, referenceLoss: refLoss / Double(max(predicted, 1)),
+            candidateLoss: candLoss / Double(max(predicted, 1)))
     }
 
     static func crossEntropy(_ row: UnsafeMutablePointer<Float>, _ v: Int, _ target: Int) -> Double {

@@ -1,5 +1,6 @@
 import Foundation
 import QATCore
+
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,4 +1,5 @@
 import QATCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)

@@ -174,7 +174,11 @@ public struct JSONObject: Sendable, Equatable, Sequence, ExpressibleByDictionary
     /// key is updated in place instead.
     public mutating func insert(_ key: String, _ value: JSONValue, after: String) {
         if let i = index(of: key) { entries[i].value = value; return }
-        if let j = index(of: after) { entries.insert((key: key, value: value), at: j + 1) } else { entries.append((key: key, value: value)) }
+        if let j = index(of: after) {
+            entries.insert((key: key, value: value), at: j + 1)
+        } else {
+            entries.append((key: key, value: value))
+        }
     }
 
     @discardableResult

@@ -1,5 +1,6 @@
 import CJSONC
 import QATCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -20,8 +21,10 @@ extension JSONValue {
     public static let defaultMaxDepth = 64
 
     /// Parses JSON text. `source` names the input in error messages.
-    public static func parse(_ text: String, source: String = "JSON", maxBytes: Int = defaultMaxBytes,
-                             maxDepth: Int = defaultMaxDepth) throws -> JSONValue {
+    public static func parse(
+        _ text: String, source: String = "JSON", maxBytes: Int = defaultMaxBytes,
+        maxDepth: Int = defaultMaxDepth
+    ) throws -> JSONValue {
         var t = text
         return try t.withUTF8 { try parse(bytes: UnsafeRawBufferPointer($0), source: source, maxBytes: maxBytes, maxDepth: maxDepth) }
     }
@@ -42,8 +45,10 @@ extension JSONValue {
     }
 
     /// Parses raw UTF-8 bytes (e.g. a safetensors header inside a mapping).
-    public static func parse(bytes: UnsafeRawBufferPointer, source: String = "JSON", maxBytes: Int = defaultMaxBytes,
-                             maxDepth: Int = defaultMaxDepth) throws -> JSONValue {
+    public static func parse(
+        bytes: UnsafeRawBufferPointer, source: String = "JSON", maxBytes: Int = defaultMaxBytes,
+        maxDepth: Int = defaultMaxDepth
+    ) throws -> JSONValue {
         guard bytes.count <= maxBytes, bytes.count <= Int(Int32.max) else {
             throw QATError("\(source): JSON text of \(bytes.count) bytes is larger than the \(maxBytes)-byte limit")
         }
@@ -81,7 +86,8 @@ extension JSONValue {
         while i < bytes.count {
             let c = bytes[i]
             if c != 0x20 && c != 0x0A && c != 0x0D && c != 0x09 {
-                throw QATError("\(source): invalid JSON at \(position(in: bytes, offset: i)): unexpected data after the end of the JSON value")
+                throw QATError(
+                    "\(source): invalid JSON at \(position(in: bytes, offset: i)): unexpected data after the end of the JSON value")
             }
             i += 1
         }

@@ -1,4 +1,5 @@
 import QATCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -69,12 +70,14 @@ public final class SafeTensorsFile: @unchecked Sendable {
 
         let n64 = UInt64(littleEndian: mapping.loadUnaligned(as: UInt64.self))
         guard n64 <= UInt64(safeTensorsMaxHeaderBytes) else {
-            throw QATError("\(path): header length \(n64) bytes is above the \(safeTensorsMaxHeaderBytes)-byte "
-                + "limit: corrupt or not a safetensors file")
+            throw QATError(
+                "\(path): header length \(n64) bytes is above the \(safeTensorsMaxHeaderBytes)-byte "
+                    + "limit: corrupt or not a safetensors file")
         }
         let n = Int(n64)
         guard n <= size - 8 else {
-            throw QATError("\(path): header length \(n) bytes runs past the end of the file (\(size) bytes): truncated or not a safetensors file")
+            throw QATError(
+                "\(path): header length \(n) bytes runs past the end of the file (\(size) bytes): truncated or not a safetensors file")
         }
         let headerBytes = UnsafeRawBufferPointer(start: mapping + 8, count: n)
         let parsed = try SafeTensorsFile.parseHeader(headerBytes, path: path, dataSize: size - 8 - n)
@@ -134,7 +137,8 @@ public final class SafeTensorsFile: @unchecked Sendable {
 
     func convert(_ t: SafeTensorInfo, into dst: UnsafeMutablePointer<Float>) throws {
         guard t.dtype.isFloatingPoint else {
-            throw QATError("\(path): tensor \"\(t.name)\" is \(t.dtype.rawValue), not a floating-point tensor; read it with integers(_:) or bytes(_:)")
+            throw QATError(
+                "\(path): tensor \"\(t.name)\" is \(t.dtype.rawValue), not a floating-point tensor; read it with integers(_:) or bytes(_:)")
         }
         let v = view(t)
         guard let p = v.baseAddress else { return }
@@ -209,7 +213,8 @@ public final class SafeTensorsFile: @unchecked Sendable {
         }
         for (a, b) in zip(order, order.dropFirst()) where tensors[b].begin < tensors[a].end {
             let x = tensors[a], y = tensors[b]
-            throw QATError("\(path): tensors \"\(x.name)\" [\(x.begin), \(x.end)) and \"\(y.name)\" [\(y.begin), \(y.end)) overlap in the data region")
+            throw QATError(
+                "\(path): tensors \"\(x.name)\" [\(x.begin), \(x.end)) and \"\(y.name)\" [\(y.begin), \(y.end)) overlap in the data region")
         }
         return ParsedHeader(metadata: metadata, tensors: tensors)
     }
@@ -243,16 +248,18 @@ public final class SafeTensorsFile: @unchecked Sendable {
 
         guard let ov = o["data_offsets"] else { throw QATError("\(at): missing \"data_offsets\"") }
         guard case .array(let oa) = ov, oa.count == 2, case .int(let b64) = oa[0], case .int(let e64) = oa[1],
-              let begin = Int(exactly: b64), let end = Int(exactly: e64), begin >= 0, end >= 0
+            let begin = Int(exactly: b64), let end = Int(exactly: e64), begin >= 0, end >= 0
         else {
             throw QATError("\(at): data_offsets must be two non-negative integers [begin, end], found \(ov.brief)")
         }
         guard begin <= end else { throw QATError("\(at): data_offsets [\(begin), \(end)] have begin > end") }
         guard end <= dataSize else {
-            throw QATError("\(at): data_offsets [\(begin), \(end)] run past the end of the data region (\(dataSize) bytes): the file is truncated")
+            throw QATError(
+                "\(at): data_offsets [\(begin), \(end)] run past the end of the data region (\(dataSize) bytes): the file is truncated")
         }
         guard end - begin == nbytes else {
-            throw QATError("\(at): shape \(shape) of \(dtype.rawValue) needs \(nbytes) bytes but data_offsets [\(begin), \(end)] span \(end - begin)")
+            throw QATError(
+                "\(at): shape \(shape) of \(dtype.rawValue) needs \(nbytes) bytes but data_offsets [\(begin), \(end)] span \(end - begin)")
         }
         return SafeTensorInfo(name: name, dtype: dtype, shape: shape, begin: begin, end: end)
     }

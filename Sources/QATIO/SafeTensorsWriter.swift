@@ -1,4 +1,5 @@
 import QATCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -39,7 +40,8 @@ public struct SafeTensorsWriter {
         let (need, overflow) = n.multipliedReportingOverflow(by: dtype.byteSize)
         guard !overflow else { throw QATError("safetensors writer: tensor \"\(name)\": byte count of shape \(shape) overflows") }
         guard need == bytes.count else {
-            throw QATError("safetensors writer: tensor \"\(name)\": shape \(shape) of \(dtype.rawValue) needs \(need) bytes, got \(bytes.count)")
+            throw QATError(
+                "safetensors writer: tensor \"\(name)\": shape \(shape) of \(dtype.rawValue) needs \(need) bytes, got \(bytes.count)")
         }
         entries.append(Entry(name: name, dtype: dtype, shape: shape, bytes: bytes))
         nameSet.insert(name)
@@ -57,7 +59,8 @@ public struct SafeTensorsWriter {
             throw QATError("safetensors writer: tensor \"\(name)\": shape \(shape) holds \(n) elements, got \(floats.count) floats")
         }
         guard dtype.isFloatingPoint else {
-            throw QATError("safetensors writer: tensor \"\(name)\": cannot store floats as \(dtype.rawValue); use add(name:integers:shape:as:)")
+            throw QATError(
+                "safetensors writer: tensor \"\(name)\": cannot store floats as \(dtype.rawValue); use add(name:integers:shape:as:)")
         }
         var bytes = [UInt8](repeating: 0, count: n * dtype.byteSize)
         if n > 0, let src = floats.baseAddress {
@@ -150,8 +153,10 @@ public struct SafeTensorsWriter {
     /// other kind (index vs. single file) is removed so loaders cannot pick up old weights.
     /// Returns the paths written, the index last.
     @discardableResult
-    public static func writeSharded(_ writer: SafeTensorsWriter, directory: String, maxShardBytes: Int,
-                                    metadata: [(String, String)] = []) throws -> [String] {
+    public static func writeSharded(
+        _ writer: SafeTensorsWriter, directory: String, maxShardBytes: Int,
+        metadata: [(String, String)] = []
+    ) throws -> [String] {
         guard maxShardBytes > 0 else { throw QATError("writeSharded: maxShardBytes must be positive, got \(maxShardBytes)") }
         try makeDirectories(directory)
         let single = joinPath(directory, "model.safetensors")

@@ -13,32 +13,40 @@ extension CausalLM {
         }
         if m.sharedExpertIntermediateSize > 0 {
             let Is = m.sharedExpertIntermediateSize
-            out += [("\(p).mlp.shared_expert.gate_proj.weight", [Is, C]), ("\(p).mlp.shared_expert.up_proj.weight", [Is, C]),
-                    ("\(p).mlp.shared_expert.down_proj.weight", [C, Is]), ("\(p).mlp.shared_expert_gate.weight", [1, C])]
+            out += [
+                ("\(p).mlp.shared_expert.gate_proj.weight", [Is, C]), ("\(p).mlp.shared_expert.up_proj.weight", [Is, C]),
+                ("\(p).mlp.shared_expert.down_proj.weight", [C, Is]), ("\(p).mlp.shared_expert_gate.weight", [1, C]),
+            ]
         }
         return out
     }
 
     /// Builds a sparse layer's block; `linear(name, out, in, bias)` takes (and checks) a weight.
-    static func moeBlock(_ m: MoEConfig, layer p: String, hidden C: Int,
-                         linear: (String, Int, Int, Bool) throws -> Linear) throws -> MoEBlock {
+    static func moeBlock(
+        _ m: MoEConfig, layer p: String, hidden C: Int,
+        linear: (String, Int, Int, Bool) throws -> Linear
+    ) throws -> MoEBlock {
         let I = m.expertIntermediateSize
         let router = try linear(m.routerName(p), m.numExperts, C, false)
         var experts: [Expert] = []
         for e in 0..<m.numExperts {
             let n = m.expertNames(p, e)
-            experts.append(Expert(gate: try linear(n.gate, I, C, false), up: try linear(n.up, I, C, false),
-                                  down: try linear(n.down, C, I, false)))
+            experts.append(
+                Expert(
+                    gate: try linear(n.gate, I, C, false), up: try linear(n.up, I, C, false),
+                    down: try linear(n.down, C, I, false)))
         }
         var shared: Expert?, sharedGate: Linear?
         if m.sharedExpertIntermediateSize > 0 {
             let Is = m.sharedExpertIntermediateSize, s = "\(p).mlp.shared_expert"
-            shared = Expert(gate: try linear("\(s).gate_proj", Is, C, false), up: try linear("\(s).up_proj", Is, C, false),
-                            down: try linear("\(s).down_proj", C, Is, false))
+            shared = Expert(
+                gate: try linear("\(s).gate_proj", Is, C, false), up: try linear("\(s).up_proj", Is, C, false),
+                down: try linear("\(s).down_proj", C, Is, false))
             sharedGate = try linear("\(p).mlp.shared_expert_gate", 1, C, false)
         }
-        return MoEBlock(router: router, experts: experts, sharedExpert: shared, sharedExpertGate: sharedGate,
-                        topK: m.topK, normTopKProb: m.normTopKProb)
+        return MoEBlock(
+            router: router, experts: experts, sharedExpert: shared, sharedExpertGate: sharedGate,
+            topK: m.topK, normTopKProb: m.normTopKProb)
     }
 
     /// The sparse layers' blocks this model (stage) holds.

@@ -31,8 +31,8 @@ public final class CausalLM: @unchecked Sendable {
     // Activation state of the last forward.
     private var shape: (batch: Int, seqLen: Int, saved: Bool)?
     private var tokens: [Int32] = []
-    private var residuals: [Tensor] = []          // saved: L+1 buffers [N, C]; else 1
-    private var acts: [LayerActivations] = []     // saved: L; else 1 reused
+    private var residuals: [Tensor] = []  // saved: L+1 buffers [N, C]; else 1
+    private var acts: [LayerActivations] = []  // saved: L; else 1 reused
     private var finalHidden: Tensor?
     private var finalRstd: Tensor?
     private var grads: BackwardBuffers?
@@ -75,7 +75,9 @@ public final class CausalLM: @unchecked Sendable {
         var ordered: [Parameter] = []
         func placeholder(_ name: String) -> Parameter { Parameter(name: name, value: Tensor(shape: [0, config.hiddenSize])) }
         func take(_ name: String, _ shape: [Int]) throws -> Parameter {
-            guard let t = params[name] else { throw QATError("missing tensor \(name) (expected shape \(shape) for this \(config.family.rawValue) config)") }
+            guard let t = params[name] else {
+                throw QATError("missing tensor \(name) (expected shape \(shape) for this \(config.family.rawValue) config)")
+            }
             guard t.shape == shape else { throw QATError("tensor \(name) has shape \(t.shape), but config.json implies \(shape)") }
             let p = Parameter(name: name, value: t)
             ordered.append(p)
@@ -87,7 +89,9 @@ public final class CausalLM: @unchecked Sendable {
             return Linear(name: name, weight: w, bias: b)
         }
         let c = config, C = c.hiddenSize, D = c.headDim
-        embed = first || (last && c.tieWordEmbeddings) ? try take("model.embed_tokens.weight", [c.vocabSize, C]) : placeholder("model.embed_tokens.weight")
+        embed =
+            first || (last && c.tieWordEmbeddings)
+            ? try take("model.embed_tokens.weight", [c.vocabSize, C]) : placeholder("model.embed_tokens.weight")
         var layers: [DecoderLayer] = []
         for i in range {
             let p = "model.layers.\(i)"
@@ -101,30 +105,39 @@ public final class CausalLM: @unchecked Sendable {
             let post = try take("\(p).post_attention_layernorm.weight", [C])
             if let m = c.moe, c.isSparse(layer: i) {
                 let block = try CausalLM.moeBlock(m, layer: p, hidden: C, linear: linear)
-                layers.append(DecoderLayer(index: i, inputNorm: inNorm, q: q, k: k, v: v, o: o, qNorm: qn, kNorm: kn,
-                                           postNorm: post, gate: nil, up: nil, down: nil, moe: block))
+                layers.append(
+                    DecoderLayer(
+                        index: i, inputNorm: inNorm, q: q, k: k, v: v, o: o, qNorm: qn, kNorm: kn,
+                        postNorm: post, gate: nil, up: nil, down: nil, moe: block))
                 continue
             }
             let g = try linear("\(p).mlp.gate_proj", out: c.intermediateSize, inp: C, bias: c.mlpBias)
             let u = try linear("\(p).mlp.up_proj", out: c.intermediateSize, inp: C, bias: c.mlpBias)
             let d = try linear("\(p).mlp.down_proj", out: C, inp: c.intermediateSize, bias: c.mlpBias)
-            layers.append(DecoderLayer(index: i, inputNorm: inNorm, q: q, k: k, v: v, o: o, qNorm: qn, kNorm: kn,
-                                       postNorm: post, gate: g, up: u, down: d))
+            layers.append(
+                DecoderLayer(
+                    index: i, inputNorm: inNorm, q: q, k: k, v: v, o: o, qNorm: qn, kNorm: kn,
+                    postNorm: post, gate: g, up: u, down: d))
         }
         self.layers = layers
         finalNorm = last ? try take("model.norm.weight", [C]) : placeholder("model.norm.weight")
         if c.tieWordEmbeddings {
             lmHead = Linear(name: "lm_head", weight: embed, bias: nil)
         } else {
-            lmHead = last ? try linear("lm_head", out: c.vocabSize, inp: C, bias: false) : Linear(name: "lm_head", weight: placeholder("lm_head.weight"), bias: nil)
+            lmHead =
+                last
+                ? try linear("lm_head", out: c.vocabSize, inp: C, bias: false)
+                : Linear(name: "lm_head", weight: placeholder("lm_head.weight"), bias: nil)
         }
         let known = Set(ordered.map(\.name))
         let extra = params.keys.filter {
-            !known.contains($0) && !(c.tieWordEmbeddings && $0 == "lm_head.weight") && (layerRange == nil || CausalLM.belongs($0, to: range, config: c))
+            !known.contains($0) && !(c.tieWordEmbeddings && $0 == "lm_head.weight")
+                && (layerRange == nil || CausalLM.belongs($0, to: range, config: c))
         }.sorted()
         if !extra.isEmpty {
-            throw QATError("unexpected tensors for this \(c.family.rawValue) config: "
-                + "\(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "")")
+            throw QATError(
+                "unexpected tensors for this \(c.family.rawValue) config: "
+                    + "\(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " … (\(extra.count) in all)" : "")")
         }
         parameters = ordered
         rope = RoPE(invFreq: c.ropeInvFreq, headDim: D, maxPositions: max(c.maxPositionEmbeddings, 1))
@@ -178,8 +191,10 @@ public final class CausalLM: @unchecked Sendable {
         for i in 0..<c.numLayers {
             let p = "model.layers.\(i)"
             out.append(("\(p).input_layernorm.weight", [C]))
-            for (n, o, inp, b) in [("q_proj", c.numHeads * D, C, c.attentionBias), ("k_proj", c.numKVHeads * D, C, c.attentionBias),
-                                   ("v_proj", c.numKVHeads * D, C, c.attentionBias), ("o_proj", C, c.numHeads * D, c.outputBias)] {
+            for (n, o, inp, b) in [
+                ("q_proj", c.numHeads * D, C, c.attentionBias), ("k_proj", c.numKVHeads * D, C, c.attentionBias),
+                ("v_proj", c.numKVHeads * D, C, c.attentionBias), ("o_proj", C, c.numHeads * D, c.outputBias),
+            ] {
                 out.append(("\(p).self_attn.\(n).weight", [o, inp]))
                 if b { out.append(("\(p).self_attn.\(n).bias", [o])) }
             }
@@ -189,7 +204,9 @@ public final class CausalLM: @unchecked Sendable {
                 out += moeShapes(m, layer: p, hidden: C)
                 continue
             }
-            for (n, o, inp) in [("gate_proj", c.intermediateSize, C), ("up_proj", c.intermediateSize, C), ("down_proj", C, c.intermediateSize)] {
+            for (n, o, inp) in [
+                ("gate_proj", c.intermediateSize, C), ("up_proj", c.intermediateSize, C), ("down_proj", C, c.intermediateSize),
+            ] {
                 out.append(("\(p).mlp.\(n).weight", [o, inp]))
                 if c.mlpBias { out.append(("\(p).mlp.\(n).bias", [o])) }
             }
@@ -223,7 +240,9 @@ public final class CausalLM: @unchecked Sendable {
     /// `input` (the previous stage's output [B·T, C]); the last stage returns the final
     /// normalised hidden states, an earlier one the residual stream after its last layer
     /// (to send on). `tokens` are needed on every stage (the embedding backward uses them).
-    public func forward(tokens: [Int32], input: UnsafePointer<Float>?, batch: Int, seqLen: Int, saveForBackward: Bool) throws -> UnsafeMutablePointer<Float> {
+    public func forward(tokens: [Int32], input: UnsafePointer<Float>?, batch: Int, seqLen: Int, saveForBackward: Bool) throws
+        -> UnsafeMutablePointer<Float>
+    {
         let c = config, C = c.hiddenSize, N = batch * seqLen
         guard isFirstStage || input != nil else { throw QATError("pipeline stage \(layerRange) needs the previous stage's hidden states") }
         guard tokens.count == N else { throw QATError("forward: \(tokens.count) tokens for batch \(batch) × seq_len \(seqLen)") }
@@ -254,32 +273,45 @@ public final class CausalLM: @unchecked Sendable {
         let last = residuals[saveForBackward ? layers.count : 0].data
         guard isLastStage else { return last }
         StepProfiler.measure("fwd.rmsnorm") {
-            RMSNorm.forward(out: finalHidden!.data, rstd: finalRstd!.data, inp: last, weight: finalNorm.value.data, n: N, c: C, eps: c.rmsNormEps)
+            RMSNorm.forward(
+                out: finalHidden!.data, rstd: finalRstd!.data, inp: last, weight: finalNorm.value.data, n: N, c: C, eps: c.rmsNormEps)
         }
         return finalHidden!.data
     }
 
-    private func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, xout: UnsafeMutablePointer<Float>,
-                              batch: Int, seqLen: Int) throws {
+    private func layerForward(
+        _ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, xout: UnsafeMutablePointer<Float>,
+        batch: Int, seqLen: Int
+    ) throws {
         let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
         let eps = c.rmsNormEps
-        StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.ln1.data, rstd: a.rstd1.data, inp: xin, weight: L.inputNorm.value.data, n: N, c: C, eps: eps) }
+        StepProfiler.measure("fwd.rmsnorm") {
+            RMSNorm.forward(out: a.ln1.data, rstd: a.rstd1.data, inp: xin, weight: L.inputNorm.value.data, n: N, c: C, eps: eps)
+        }
         a.qUsed = try L.qProj.forward(a.ln1.data, out: c.qkNorm ? a.qRaw.data : a.q.data, n: N)
         a.kUsed = try L.kProj.forward(a.ln1.data, out: c.qkNorm ? a.kRaw.data : a.kRope.data, n: N)
         a.vUsed = try L.vProj.forward(a.ln1.data, out: a.vRaw.data, n: N)
         if let qn = L.qNorm, let kn = L.kNorm {
-            StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.q.data, rstd: a.qRstd.data, inp: a.qRaw.data, weight: qn.value.data, n: N * H, c: D, eps: eps) }
-            StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.kRope.data, rstd: a.kRstd.data, inp: a.kRaw.data, weight: kn.value.data, n: N * Hkv, c: D, eps: eps) }
+            StepProfiler.measure("fwd.rmsnorm") {
+                RMSNorm.forward(out: a.q.data, rstd: a.qRstd.data, inp: a.qRaw.data, weight: qn.value.data, n: N * H, c: D, eps: eps)
+            }
+            StepProfiler.measure("fwd.rmsnorm") {
+                RMSNorm.forward(out: a.kRope.data, rstd: a.kRstd.data, inp: a.kRaw.data, weight: kn.value.data, n: N * Hkv, c: D, eps: eps)
+            }
         }
         StepProfiler.measure("fwd.rope") { rope.forward(a.q.data, batch: batch, seqLen: seqLen, heads: H) }
         StepProfiler.measure("fwd.rope") { rope.forward(a.kRope.data, batch: batch, seqLen: seqLen, heads: Hkv) }
         try StepProfiler.measure("fwd.kvquant") { try applyKV(L.kQuantizer, a.kRope, a.k, rows: N * Hkv, cols: D) }
         try StepProfiler.measure("fwd.kvquant") { try applyKV(L.vQuantizer, a.vRaw, a.v, rows: N * Hkv, cols: D) }
         let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: H, kvHeads: Hkv, headDim: D, window: c.slidingWindow)
-        StepProfiler.measure("fwd.attention") { Attention.forward(out: a.attnOut.data, probs: a.probs.data, q: a.q.data, k: a.k.data, v: a.v.data, shape: shape) }
+        StepProfiler.measure("fwd.attention") {
+            Attention.forward(out: a.attnOut.data, probs: a.probs.data, q: a.q.data, k: a.k.data, v: a.v.data, shape: shape)
+        }
         a.oUsed = try L.oProj.forward(a.attnOut.data, out: a.mid.data, n: N)
-        StepProfiler.measure("fwd.residual") { Kernels.addParallel(a.mid.data, xin, N * C) }   // mid = x + attn
-        StepProfiler.measure("fwd.rmsnorm") { RMSNorm.forward(out: a.ln2.data, rstd: a.rstd2.data, inp: a.mid.data, weight: L.postNorm.value.data, n: N, c: C, eps: eps) }
+        StepProfiler.measure("fwd.residual") { Kernels.addParallel(a.mid.data, xin, N * C) }  // mid = x + attn
+        StepProfiler.measure("fwd.rmsnorm") {
+            RMSNorm.forward(out: a.ln2.data, rstd: a.rstd2.data, inp: a.mid.data, weight: L.postNorm.value.data, n: N, c: C, eps: eps)
+        }
         if let moe = L.moe {
             try moe.forward(a.ln2.data, out: xout, n: N)
         } else if let gp = L.gateProj, let up = L.upProj, let dp = L.downProj {
@@ -290,7 +322,7 @@ public final class CausalLM: @unchecked Sendable {
             }
             a.downUsed = try dp.forward(a.h.data, out: xout, n: N)
         }
-        StepProfiler.measure("fwd.residual") { Kernels.addParallel(xout, a.mid.data, N * C) }   // out = mid + mlp
+        StepProfiler.measure("fwd.residual") { Kernels.addParallel(xout, a.mid.data, N * C) }  // out = mid + mlp
     }
 
     /// KV states pass through their quantizer (FP8 KV cache) or are copied unchanged.
@@ -316,8 +348,9 @@ public final class CausalLM: @unchecked Sendable {
         let c = config, C = c.hiddenSize, N = s.batch * s.seqLen
         if isLastStage {
             StepProfiler.measure("bwd.rmsnorm") {
-                RMSNorm.backward(dinp: g.dres.data, dweight: finalNorm.grad?.data, dout: dHidden, inp: residuals[layers.count].data,
-                                 weight: finalNorm.value.data, rstd: finalRstd!.data, n: N, c: C, accumulate: false)
+                RMSNorm.backward(
+                    dinp: g.dres.data, dweight: finalNorm.grad?.data, dout: dHidden, inp: residuals[layers.count].data,
+                    weight: finalNorm.value.data, rstd: finalRstd!.data, n: N, c: C, accumulate: false)
             }
         } else {
             g.dres.data.update(from: dHidden, count: N * C)
@@ -327,12 +360,18 @@ public final class CausalLM: @unchecked Sendable {
         }
         guard isFirstStage else { return UnsafePointer(g.dres.data) }
         if let de = embed.grad {
-            StepProfiler.measure("bwd.embedding") { tokens.withUnsafeBufferPointer { Embedding.backward(dtable: de.data, dout: g.dres.data, tokens: $0.baseAddress!, n: N, c: C) } }
+            StepProfiler.measure("bwd.embedding") {
+                tokens.withUnsafeBufferPointer {
+                    Embedding.backward(dtable: de.data, dout: g.dres.data, tokens: $0.baseAddress!, n: N, c: C)
+                }
+            }
         }
         return nil
     }
 
-    private func layerBackward(_ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, g: BackwardBuffers, batch: Int, seqLen: Int) {
+    private func layerBackward(
+        _ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, g: BackwardBuffers, batch: Int, seqLen: Int
+    ) {
         let c = config, C = c.hiddenSize, N = batch * seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim
         let dres = g.dres.data
         // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
@@ -341,36 +380,49 @@ public final class CausalLM: @unchecked Sendable {
         } else if let gp = L.gateProj, let up = L.upProj, let dp = L.downProj {
             dp.backward(dy: dres, x: a.h.data, xUsed: a.downUsed!, n: N, dx: g.dh.data, accumulateDx: false)
             StepProfiler.measure("bwd.swiglu") {
-                SwiGLU.backward(dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data,
-                                n: N * c.intermediateSize)
+                SwiGLU.backward(
+                    dgate: g.dgate.data, dup: g.dup.data, dout: g.dh.data, gate: a.gate.data, up: a.up.data,
+                    n: N * c.intermediateSize)
             }
             gp.backward(dy: g.dgate.data, x: a.ln2.data, xUsed: a.gateUsed!, n: N, dx: g.dln.data, accumulateDx: false)
             up.backward(dy: g.dup.data, x: a.ln2.data, xUsed: a.upUsed!, n: N, dx: g.dln.data, accumulateDx: true)
         }
         StepProfiler.measure("bwd.rmsnorm") {
-        RMSNorm.backward(dinp: dres, dweight: L.postNorm.grad?.data, dout: g.dln.data, inp: a.mid.data, weight: L.postNorm.value.data,
-                         rstd: a.rstd2.data, n: N, c: C, accumulate: true)
+            RMSNorm.backward(
+                dinp: dres, dweight: L.postNorm.grad?.data, dout: g.dln.data, inp: a.mid.data, weight: L.postNorm.value.data,
+                rstd: a.rstd2.data, n: N, c: C, accumulate: true)
         }
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
         L.oProj.backward(dy: dres, x: a.attnOut.data, xUsed: a.oUsed!, n: N, dx: g.dattn.data, accumulateDx: false)
         let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: H, kvHeads: Hkv, headDim: D, window: c.slidingWindow)
         StepProfiler.measure("bwd.attention") {
-        Attention.backward(dq: g.dq.data, dk: g.dk.data, dv: g.dv.data, dout: g.dattn.data, q: a.q.data, k: a.k.data, v: a.v.data,
-                           probs: a.probs.data, scratch: g.scratch.data, scratchSlots: g.scratchSlots, shape: shape)
+            Attention.backward(
+                dq: g.dq.data, dk: g.dk.data, dv: g.dv.data, dout: g.dattn.data, q: a.q.data, k: a.k.data, v: a.v.data,
+                probs: a.probs.data, scratch: g.scratch.data, scratchSlots: g.scratchSlots, shape: shape)
         }
-        StepProfiler.measure("bwd.kvste") { if let kq = L.kQuantizer, kq.isQuantizing { kq.backward(x: a.kRope.data, gradOut: g.dk.data, gradIn: g.dk.data, count: N * Hkv * D) } }
-        StepProfiler.measure("bwd.kvste") { if let vq = L.vQuantizer, vq.isQuantizing { vq.backward(x: a.vRaw.data, gradOut: g.dv.data, gradIn: g.dv.data, count: N * Hkv * D) } }
+        StepProfiler.measure("bwd.kvste") {
+            if let kq = L.kQuantizer, kq.isQuantizing {
+                kq.backward(x: a.kRope.data, gradOut: g.dk.data, gradIn: g.dk.data, count: N * Hkv * D)
+            }
+        }
+        StepProfiler.measure("bwd.kvste") {
+            if let vq = L.vQuantizer, vq.isQuantizing {
+                vq.backward(x: a.vRaw.data, gradOut: g.dv.data, gradIn: g.dv.data, count: N * Hkv * D)
+            }
+        }
         StepProfiler.measure("bwd.rope") { rope.backward(g.dq.data, batch: batch, seqLen: seqLen, heads: H) }
         StepProfiler.measure("bwd.rope") { rope.backward(g.dk.data, batch: batch, seqLen: seqLen, heads: Hkv) }
         var dqIn = g.dq.data, dkIn = g.dk.data
         if let qn = L.qNorm, let kn = L.kNorm {
             StepProfiler.measure("bwd.rmsnorm") {
-            RMSNorm.backward(dinp: g.dqRaw.data, dweight: qn.grad?.data, dout: g.dq.data, inp: a.qRaw.data, weight: qn.value.data,
-                             rstd: a.qRstd.data, n: N * H, c: D, accumulate: false)
+                RMSNorm.backward(
+                    dinp: g.dqRaw.data, dweight: qn.grad?.data, dout: g.dq.data, inp: a.qRaw.data, weight: qn.value.data,
+                    rstd: a.qRstd.data, n: N * H, c: D, accumulate: false)
             }
             StepProfiler.measure("bwd.rmsnorm") {
-            RMSNorm.backward(dinp: g.dkRaw.data, dweight: kn.grad?.data, dout: g.dk.data, inp: a.kRaw.data, weight: kn.value.data,
-                             rstd: a.kRstd.data, n: N * Hkv, c: D, accumulate: false)
+                RMSNorm.backward(
+                    dinp: g.dkRaw.data, dweight: kn.grad?.data, dout: g.dk.data, inp: a.kRaw.data, weight: kn.value.data,
+                    rstd: a.kRstd.data, n: N * Hkv, c: D, accumulate: false)
             }
             dqIn = g.dqRaw.data; dkIn = g.dkRaw.data
         }
@@ -378,8 +430,9 @@ public final class CausalLM: @unchecked Sendable {
         L.kProj.backward(dy: dkIn, x: a.ln1.data, xUsed: a.kUsed!, n: N, dx: g.dln.data, accumulateDx: true)
         L.vProj.backward(dy: g.dv.data, x: a.ln1.data, xUsed: a.vUsed!, n: N, dx: g.dln.data, accumulateDx: true)
         StepProfiler.measure("bwd.rmsnorm") {
-        RMSNorm.backward(dinp: dres, dweight: L.inputNorm.grad?.data, dout: g.dln.data, inp: xin, weight: L.inputNorm.value.data,
-                         rstd: a.rstd1.data, n: N, c: C, accumulate: true)
+            RMSNorm.backward(
+                dinp: dres, dweight: L.inputNorm.grad?.data, dout: g.dln.data, inp: xin, weight: L.inputNorm.value.data,
+                rstd: a.rstd1.data, n: N, c: C, accumulate: true)
         }
     }
 
@@ -388,9 +441,10 @@ public final class CausalLM: @unchecked Sendable {
     private func ensureBuffers(batch: Int, seqLen: Int, saved: Bool) {
         if let s = shape, s.batch == batch, s.seqLen == seqLen, s.saved == saved { return }
         let c = config, N = batch * seqLen
-        let lc = LayerActivations.Config(batch: batch, seqLen: seqLen, hidden: c.hiddenSize, heads: c.numHeads,
-                                         kvHeads: c.numKVHeads, headDim: c.headDim,
-                                         inter: layers.contains { $0.moe == nil } ? c.intermediateSize : 0)
+        let lc = LayerActivations.Config(
+            batch: batch, seqLen: seqLen, hidden: c.hiddenSize, heads: c.numHeads,
+            kvHeads: c.numKVHeads, headDim: c.headDim,
+            inter: layers.contains { $0.moe == nil } ? c.intermediateSize : 0)
         // Release the old set first so peak memory is one set, not two.
         residuals = []; acts = []; grads = nil
         residuals = (0..<(saved ? layers.count + 1 : 1)).map { _ in Tensor(shape: [N, c.hiddenSize]) }

@@ -29,8 +29,11 @@ public final class ChunkedCrossEntropy {
                 let rows = min(chunkRows, n - start)
                 let h = hidden + start * C
                 let used = try head.forward(h, out: logits.data, n: rows)
-                let r = StepProfiler.measure("ce.softmax") { CrossEntropy.forward(logits: logits.data, targets: tb.baseAddress! + start, n: rows, vocab: V,
-                                             gradScale: dHidden == nil ? nil : (gradScale ?? 1)) }
+                let r = StepProfiler.measure("ce.softmax") {
+                    CrossEntropy.forward(
+                        logits: logits.data, targets: tb.baseAddress! + start, n: rows, vocab: V,
+                        gradScale: dHidden == nil ? nil : (gradScale ?? 1))
+                }
                 total += r.sum
                 valid += r.valid
                 if let dh = dHidden {

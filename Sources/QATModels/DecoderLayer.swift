@@ -18,8 +18,10 @@ public final class DecoderLayer: @unchecked Sendable {
     public var kQuantizer: FakeQuantHook?
     public var vQuantizer: FakeQuantHook?
 
-    init(index: Int, inputNorm: Parameter, q: Linear, k: Linear, v: Linear, o: Linear, qNorm: Parameter?, kNorm: Parameter?,
-         postNorm: Parameter, gate: Linear?, up: Linear?, down: Linear?, moe: MoEBlock? = nil) {
+    init(
+        index: Int, inputNorm: Parameter, q: Linear, k: Linear, v: Linear, o: Linear, qNorm: Parameter?, kNorm: Parameter?,
+        postNorm: Parameter, gate: Linear?, up: Linear?, down: Linear?, moe: MoEBlock? = nil
+    ) {
         self.index = index; self.inputNorm = inputNorm; qProj = q; kProj = k; vProj = v; oProj = o
         self.qNorm = qNorm; self.kNorm = kNorm; self.postNorm = postNorm; gateProj = gate; upProj = up; downProj = down
         self.moe = moe

@@ -35,10 +35,13 @@ public enum Evaluation {
         forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil
     ) throws -> EvalResult {
         lazy var head = ChunkedCrossEntropy(vocab: model.config.vocabSize)
-        return try evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, progress: progress,
-                            shard: shard, reduce: reduce) { tokens, targets, b in
+        return try evaluate(
+            stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, progress: progress,
+            shard: shard, reduce: reduce
+        ) { tokens, targets, b in
             // A pipeline stage's forward returns the final hidden states on the last stage only.
-            let out = try forward.map { try $0(tokens, b) } ?? model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
+            let out =
+                try forward.map { try $0(tokens, b) } ?? model.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
             guard let hidden = out else { return nil }
             return try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: b * seqLen)
         }
@@ -57,10 +60,15 @@ public enum Evaluation {
         guard batchSize >= 1 else { throw QATError("batch size must be at least 1") }
         let count = sequenceCount(tokens: stream.count, seqLen: seqLen, maxSequences: maxSequences)
         guard count > 0 else {
-            throw QATError("the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + "
-                + "1; use a smaller --seq-len or more data")
+            throw QATError(
+                "the evaluation stream has \(stream.count) tokens: fewer than one sequence of \(seqLen) + "
+                    + "1; use a smaller --seq-len or more data")
         }
-        if let s = shard { guard s.count >= 1, (0..<s.count).contains(s.rank) else { throw QATError("evaluation shard \(s.rank) of \(s.count) is out of range") } }
+        if let s = shard {
+            guard s.count >= 1, (0..<s.count).contains(s.rank) else {
+                throw QATError("evaluation shard \(s.rank) of \(s.count) is out of range")
+            }
+        }
         let start = Date()
         let mine = shard.map { shardRange(count, $0) } ?? 0..<count
         let first = mine.lowerBound, end = mine.upperBound

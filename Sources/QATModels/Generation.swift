@@ -103,7 +103,7 @@ public final class KVCacheDecoder {
         try L.oProj.forward(attn.data, out: mid.data, n: n)
         Kernels.addParallel(mid.data, x.data, n * C)
         RMSNorm.forward(out: ln.data, rstd: rstd.data, inp: mid.data, weight: L.postNorm.value.data, n: n, c: C, eps: eps)
-        if let moe = L.moe {   // mixture of experts: routed per token, as in the full forward
+        if let moe = L.moe {  // mixture of experts: routed per token, as in the full forward
             try moe.forward(ln.data, out: x.data, n: n)
         } else if let g = L.gateProj, let u = L.upProj, let d = L.downProj {
             try g.forward(ln.data, out: gate.data, n: n)
@@ -136,8 +136,10 @@ public final class KVCacheDecoder {
 
     /// Writes new K or V rows into the cache: through the deployed FP8 scale, else the
     /// layer's quantizer (FP8 fake quant, as training), else unchanged.
-    private func storeKV(_ src: UnsafeMutablePointer<Float>, into dst: UnsafeMutablePointer<Float>, count: Int, rows: Int, cols: Int,
-                         hook: FakeQuantHook?, scale: Float?) throws {
+    private func storeKV(
+        _ src: UnsafeMutablePointer<Float>, into dst: UnsafeMutablePointer<Float>, count: Int, rows: Int, cols: Int,
+        hook: FakeQuantHook?, scale: Float?
+    ) throws {
         if let s = scale {
             for i in 0..<count { dst[i] = e4m3ToFloat(floatToE4M3(src[i] / s)) * s }
         } else if let hook, hook.isQuantizing {

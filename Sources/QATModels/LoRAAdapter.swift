@@ -97,8 +97,8 @@ public final class LoRAAdapter: LinearAdapter, @unchecked Sendable {
     public let context: LoRAContext
     public let inFeatures: Int
     public let outFeatures: Int
-    private var h: Tensor?          // [n, rank] of the last forward
-    private var maskKey: UInt64?    // dropout key of the last forward (nil: no dropout)
+    private var h: Tensor?  // [n, rank] of the last forward
+    private var maskKey: UInt64?  // dropout key of the last forward (nil: no dropout)
 
     public init(module: String, index: Int, inFeatures: Int, outFeatures: Int, context: LoRAContext) {
         self.module = module; self.index = index; self.context = context

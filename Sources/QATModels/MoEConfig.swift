@@ -30,9 +30,11 @@ public struct MoEConfig: Sendable, Equatable {
     public var routerAuxLossCoef: Double
     public var outputRouterLogits: Bool
 
-    public init(naming: Naming, numExperts: Int, topK: Int, expertIntermediateSize: Int, normTopKProb: Bool,
-                decoderSparseStep: Int = 1, mlpOnlyLayers: [Int] = [], sharedExpertIntermediateSize: Int = 0,
-                routerAuxLossCoef: Double = 0.001, outputRouterLogits: Bool = false) {
+    public init(
+        naming: Naming, numExperts: Int, topK: Int, expertIntermediateSize: Int, normTopKProb: Bool,
+        decoderSparseStep: Int = 1, mlpOnlyLayers: [Int] = [], sharedExpertIntermediateSize: Int = 0,
+        routerAuxLossCoef: Double = 0.001, outputRouterLogits: Bool = false
+    ) {
         self.naming = naming; self.numExperts = numExperts; self.topK = topK
         self.expertIntermediateSize = expertIntermediateSize; self.normTopKProb = normTopKProb
         self.decoderSparseStep = decoderSparseStep; self.mlpOnlyLayers = mlpOnlyLayers

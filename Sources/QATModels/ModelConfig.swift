@@ -78,7 +78,9 @@ public struct ModelConfig: Sendable, Equatable {
         let where_ = c.source.isEmpty ? "config.json" : c.source
         let type = try c.string("model_type")
         guard let family = Family(rawValue: type) else {
-            throw QATError.unsupported("\(where_): model_type \"\(type)\" is not supported (supported: \(Family.allCases.map(\.rawValue).joined(separator: ", ")))")
+            throw QATError.unsupported(
+                "\(where_): model_type \"\(type)\" is not supported (supported: \(Family.allCases.map(\.rawValue).joined(separator: ", ")))"
+            )
         }
         self.family = family
         vocabSize = try c.int("vocab_size")
@@ -138,12 +140,16 @@ public struct ModelConfig: Sendable, Equatable {
 
     func validate(_ where_: String) throws {
         func bad(_ s: String) -> QATError { QATError("\(where_): \(s)") }
-        for (k, v) in [("vocab_size", vocabSize), ("hidden_size", hiddenSize), ("intermediate_size", intermediateSize),
-                       ("num_hidden_layers", numLayers), ("num_attention_heads", numHeads),
-                       ("num_key_value_heads", numKVHeads), ("head_dim", headDim)] where v <= 0 || v > 1 << 24 {
+        for (k, v) in [
+            ("vocab_size", vocabSize), ("hidden_size", hiddenSize), ("intermediate_size", intermediateSize),
+            ("num_hidden_layers", numLayers), ("num_attention_heads", numHeads),
+            ("num_key_value_heads", numKVHeads), ("head_dim", headDim),
+        ] where v <= 0 || v > 1 << 24 {
             throw bad("\(k) = \(v) is out of range")
         }
-        if numHeads % numKVHeads != 0 { throw bad("num_attention_heads (\(numHeads)) must be a multiple of num_key_value_heads (\(numKVHeads))") }
+        if numHeads % numKVHeads != 0 {
+            throw bad("num_attention_heads (\(numHeads)) must be a multiple of num_key_value_heads (\(numKVHeads))")
+        }
         if let m = moe { try m.validate(where_) }
         if headDim % 2 != 0 { throw bad("head_dim (\(headDim)) must be even for RoPE") }
         if !(rmsNormEps > 0) { throw bad("rms_norm_eps must be positive") }
@@ -154,8 +160,9 @@ public struct ModelConfig: Sendable, Equatable {
             throw bad("max_position_embeddings = \(maxPositionEmbeddings) is out of range (1…\(1 << 24))")
         }
         if maxPositionEmbeddings * (headDim / 2) > 1 << 28 {
-            throw bad("max_position_embeddings × head_dim/2 = \(maxPositionEmbeddings) × \(headDim / 2) is "
-                + "above \(1 << 28): the RoPE tables would not fit in memory")
+            throw bad(
+                "max_position_embeddings × head_dim/2 = \(maxPositionEmbeddings) × \(headDim / 2) is "
+                    + "above \(1 << 28): the RoPE tables would not fit in memory")
         }
         // Attention masks keys at distance ≥ window: a window below 1 masks every key
         // (and a negative one would index before the row).
@@ -184,9 +191,10 @@ public struct ModelConfig: Sendable, Equatable {
             if let dot = rest.firstIndex(of: "."), let i = Int(rest[..<dot]), i >= 0 { maxIndex = max(maxIndex, i) }
         }
         guard maxIndex + 1 == numLayers else {
-            throw QATError("\(source): config.json says num_hidden_layers = \(numLayers) but the checkpoint holds "
-                + "\(maxIndex + 1) layer(s) (model.layers.0…\(maxIndex)): shape mismatch between config and "
-                + "checkpoint")
+            throw QATError(
+                "\(source): config.json says num_hidden_layers = \(numLayers) but the checkpoint holds "
+                    + "\(maxIndex + 1) layer(s) (model.layers.0…\(maxIndex)): shape mismatch between config and "
+                    + "checkpoint")
         }
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import QATCore
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -53,12 +54,17 @@ public enum StepProfiler {
     /// One line per phase: total wall ms, share of the total, CPU ms and calls.
     public static func report(steps: Int = 1) -> String {
         let total = order.reduce(0) { $0 + wall[$1]! }
-        var lines = [String(format: "%-22@ %10@ %6@ %10@ %7@", "phase" as NSString, "wall ms/st" as NSString, "%" as NSString,
-                            "cpu ms/st" as NSString, "calls" as NSString)]
+        var lines = [
+            String(
+                format: "%-22@ %10@ %6@ %10@ %7@", "phase" as NSString, "wall ms/st" as NSString, "%" as NSString,
+                "cpu ms/st" as NSString, "calls" as NSString)
+        ]
         for n in order {
             let w = wall[n]! / Double(steps), c = cpu[n]! / Double(steps)
-            lines.append(String(format: "%-22@ %10.2f %6.1f %10.2f %7d", n as NSString, w * 1e3, 100 * wall[n]! / max(total, 1e-12),
-                                c * 1e3, calls[n]! / max(steps, 1)))
+            lines.append(
+                String(
+                    format: "%-22@ %10.2f %6.1f %10.2f %7d", n as NSString, w * 1e3, 100 * wall[n]! / max(total, 1e-12),
+                    c * 1e3, calls[n]! / max(steps, 1)))
         }
         lines.append(String(format: "%-22@ %10.2f", "total" as NSString, total / Double(steps) * 1e3))
         return lines.joined(separator: "\n")

@@ -108,8 +108,10 @@ public enum NVFP4 {
             scales.withUnsafeMutableBufferPointer { sb in
                 let pp = SendablePointer(pb.baseAddress!), sp = SendablePointer(sb.baseAddress!)
                 Parallel.forRange(rows * nb, costPerItem: 64) { start, end in
-                    var scaled = (Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0),
-                                  Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0))
+                    var scaled = (
+                        Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0),
+                        Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0), Float(0)
+                    )
                     withUnsafeMutableBytes(of: &scaled) { raw in
                         let tmp = raw.baseAddress!.assumingMemoryBound(to: Float.self)
                         for b in start..<end {
@@ -170,14 +172,16 @@ public enum NVFP4 {
     /// Array convenience for `dequantize`.
     public static func dequantize(packed: [UInt8], scales: [UInt8], globalScale: Float, rows: Int, cols: Int) -> [Float] {
         let nb = blocksPerRow(cols)
-        precondition(packed.count == rows * nb * 8 && scales.count == rows * nb,
-                     "NVFP4.dequantize: packed \(packed.count) / scales \(scales.count) for [\(rows), \(cols)]")
+        precondition(
+            packed.count == rows * nb * 8 && scales.count == rows * nb,
+            "NVFP4.dequantize: packed \(packed.count) / scales \(scales.count) for [\(rows), \(cols)]")
         var out = [Float](repeating: 0, count: rows * cols)
         packed.withUnsafeBufferPointer { p in
             scales.withUnsafeBufferPointer { s in
                 out.withUnsafeMutableBufferPointer { o in
-                    dequantize(packed: p.baseAddress!, scales: s.baseAddress!, globalScale: globalScale,
-                               rows: rows, cols: cols, out: o.baseAddress!)
+                    dequantize(
+                        packed: p.baseAddress!, scales: s.baseAddress!, globalScale: globalScale,
+                        rows: rows, cols: cols, out: o.baseAddress!)
                 }
             }
         }
@@ -240,7 +244,7 @@ public enum NVFP4 {
     @inline(__always) static func fakeElem(_ v: Float, _ S: Float, _ zeroFix: Float) -> Float {
         let bits = v.bitPattern
         let a = Float(bitPattern: bits & 0x7FFF_FFFF) / S
-        let c = a < 6 ? a : 6                       // saturate (NaN → 6, as the kernel's where-chain)
+        let c = a < 6 ? a : 6  // saturate (NaN → 6, as the kernel's where-chain)
         // Round half to even onto the E2M1 grid (steps 0.5 / 1 / 2 below 2 / 4 / 6) in one
         // add-subtract: 2^22, 2^23 and 2^24 have exactly those ulps. Bit-identical to
         // rounding c/step to an integer and multiplying back (both are exact but the rounding).

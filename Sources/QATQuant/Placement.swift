@@ -187,9 +187,11 @@ public struct CalibrationLoop {
     /// `model.forward`).
     public var forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)?
 
-    public init(sequences: [[Int32]], seqLen: Int, batchSize: Int, progress: ((Int, Int) -> Void)? = nil,
-                reduceMax: ((inout [Float]) throws -> Void)? = nil,
-                forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) {
+    public init(
+        sequences: [[Int32]], seqLen: Int, batchSize: Int, progress: ((Int, Int) -> Void)? = nil,
+        reduceMax: ((inout [Float]) throws -> Void)? = nil,
+        forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil
+    ) {
         self.sequences = sequences; self.seqLen = seqLen; self.batchSize = batchSize
         self.progress = progress; self.reduceMax = reduceMax; self.forward = forward
     }
@@ -202,8 +204,10 @@ public enum Quantization {
     /// Inserts the quantizers `config` resolves into `model` and max-calibrates the enabled
     /// ones over `forwardLoop` (nothing to calibrate: no forward pass). The model then runs
     /// fake-quantized.
-    public static func quantize(model: CausalLM, config: QuantConfig, ste: STEMode? = nil, nvfp4Mode: NVFP4.FakeQuantMode = .export,
-                                forwardLoop: CalibrationLoop) throws -> QuantizerSet {
+    public static func quantize(
+        model: CausalLM, config: QuantConfig, ste: STEMode? = nil, nvfp4Mode: NVFP4.FakeQuantMode = .export,
+        forwardLoop: CalibrationLoop
+    ) throws -> QuantizerSet {
         let quantizers = QuantizerSet(model: model, config: config, ste: ste, nvfp4Mode: nvfp4Mode)
         if !quantizers.enabled.isEmpty {
             quantizers.calibrationReport = try Calibration.run(model: model, quantizers: quantizers, loop: forwardLoop)
@@ -224,9 +228,11 @@ public struct CalibrationReport: Sendable {
 
     /// The log line, nil for dense models.
     public var logLine: String? {
-        experts == 0 ? nil : "experts: \(expertsWithoutRoutedTokens) of \(experts) received no routed calibration token "
-            + "(all experts observe every token during calibration, as in ModelOpt); "
-            + "\(filledExpertQuantizers) expert input quantizer(s) took ModelOpt's fallback amax"
+        experts == 0
+            ? nil
+            : "experts: \(expertsWithoutRoutedTokens) of \(experts) received no routed calibration token "
+                + "(all experts observe every token during calibration, as in ModelOpt); "
+                + "\(filledExpertQuantizers) expert input quantizer(s) took ModelOpt's fallback amax"
     }
 }
 
@@ -277,9 +283,10 @@ public enum Calibration {
         quantizers.snapToStoredScales()
         model.markWeightsChanged()
         let blocks = model.layers.compactMap(\.moe)
-        return CalibrationReport(experts: blocks.reduce(0) { $0 + $1.numExperts },
-                                 expertsWithoutRoutedTokens: blocks.reduce(0) { $0 + $1.routedDuringCalibration.filter { $0 == 0 }.count },
-                                 filledExpertQuantizers: filled)
+        return CalibrationReport(
+            experts: blocks.reduce(0) { $0 + $1.numExperts },
+            expertsWithoutRoutedTokens: blocks.reduce(0) { $0 + $1.routedDuringCalibration.filter { $0 == 0 }.count },
+            filledExpertQuantizers: filled)
     }
 
     /// Per MoE layer and projection (gate, up, down), the enabled input quantizers of the experts.
@@ -315,12 +322,17 @@ public enum Calibration {
 
     /// `run(model:quantizers:loop:)` with the loop's fields spelled out.
     @discardableResult
-    public static func run(model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
-                           progress: ((Int, Int) -> Void)? = nil,
-                           reduceMax: ((inout [Float]) throws -> Void)? = nil,
-                           forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws -> CalibrationReport {
-        try run(model: model, quantizers: quantizers, loop: CalibrationLoop(sequences: sequences, seqLen: seqLen, batchSize: batchSize,
-                                                                             progress: progress, reduceMax: reduceMax, forward: forward))
+    public static func run(
+        model: CausalLM, quantizers: QuantizerSet, sequences: [[Int32]], seqLen: Int, batchSize: Int,
+        progress: ((Int, Int) -> Void)? = nil,
+        reduceMax: ((inout [Float]) throws -> Void)? = nil,
+        forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil
+    ) throws -> CalibrationReport {
+        try run(
+            model: model, quantizers: quantizers,
+            loop: CalibrationLoop(
+                sequences: sequences, seqLen: seqLen, batchSize: batchSize,
+                progress: progress, reduceMax: reduceMax, forward: forward))
     }
 
     /// The first `count` packed sequences of a stream (the calibration set).

@@ -125,14 +125,16 @@ public struct QuantConfig: Sendable {
 
     /// ModelOpt `configs/ptq/units/default_disabled_quantizers.yaml`
     /// (`_default_disabled_quantizer_cfg`).
-    public static let defaultDisabled: [Entry] = [
-        "*block_sparse_moe.gate*", "*linear_attn.conv1d*", "*linear_attn.in_proj_a*", "*linear_attn.in_proj_b*",
-        "*lm_head*", "*mixer.conv1d*", "*self_attention.conv1d*", "*mlp.gate.*", "*mlp.shared_expert_gate.*",
-        "*output_layer*", "*proj_out.*", "*router*", "mtp.*", "output.*", "*embed_vision*", "*vision_tower*",
-        "*visual*", "*vision_model*", "*multi_modal_projector*",
-    ].map { Entry($0, enable: false) } + [
-        "nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d", "nn.LeakyReLU", "nn.Embedding",
-    ].map { Entry("*", enable: false, parentClass: $0) }
+    public static let defaultDisabled: [Entry] =
+        [
+            "*block_sparse_moe.gate*", "*linear_attn.conv1d*", "*linear_attn.in_proj_a*", "*linear_attn.in_proj_b*",
+            "*lm_head*", "*mixer.conv1d*", "*self_attention.conv1d*", "*mlp.gate.*", "*mlp.shared_expert_gate.*",
+            "*output_layer*", "*proj_out.*", "*router*", "mtp.*", "output.*", "*embed_vision*", "*vision_tower*",
+            "*visual*", "*vision_model*", "*multi_modal_projector*",
+        ].map { Entry($0, enable: false) }
+        + [
+            "nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d", "nn.LeakyReLU", "nn.Embedding",
+        ].map { Entry("*", enable: false, parentClass: $0) }
 
     /// ModelOpt `FP8_KV_CFG`: `*[kv]_bmm_quantizer` → FP8 E4M3 per-tensor.
     public static let kvFP8: [Entry] = [Entry("*[kv]_bmm_quantizer", cfg: .fp8)]
@@ -155,9 +157,12 @@ public struct QuantConfig: Sendable {
         case "nvfp4_weight_only", "w4a16_nvfp4":
             return QuantConfig(entries: disableAll + w + [Entry("*input_quantizer", enable: false)] + defaultDisabled)
         case "fp8_default", "fp8":
-            return QuantConfig(entries: disableAll + [Entry("*weight_quantizer", cfg: .fp8), Entry("*input_quantizer", cfg: .fp8)] + defaultDisabled)
+            return QuantConfig(
+                entries: disableAll + [Entry("*weight_quantizer", cfg: .fp8), Entry("*input_quantizer", cfg: .fp8)] + defaultDisabled)
         case "fp8_default-kv_fp8", "fp8_default+fp8_kv":
-            return QuantConfig(entries: disableAll + [Entry("*weight_quantizer", cfg: .fp8), Entry("*input_quantizer", cfg: .fp8)] + defaultDisabled + kvFP8)
+            return QuantConfig(
+                entries: disableAll + [Entry("*weight_quantizer", cfg: .fp8), Entry("*input_quantizer", cfg: .fp8)] + defaultDisabled
+                    + kvFP8)
         default:
             throw QATError("unknown quantization preset '\(name)'; known presets: \(presetNames.joined(separator: ", "))")
         }
@@ -199,7 +204,9 @@ public struct QuantConfig: Sendable {
                     sawCfg = true
                 case "algorithm":
                     if v.null != nil { algorithm = "max"; continue }
-                    if case .mapping(let am) = v, let meth = am["method"]?.string { algorithm = meth } else {
+                    if case .mapping(let am) = v, let meth = am["method"]?.string {
+                        algorithm = meth
+                    } else {
                         guard let s = v.string else { throw Self.err("\(path).algorithm", v, "expected a string such as 'max'") }
                         algorithm = s
                     }
@@ -208,7 +215,9 @@ public struct QuantConfig: Sendable {
                     }
                 case "preset":
                     guard let s = v.string else { throw Self.err("\(path).preset", v, "expected a preset name") }
-                    do { presetEntries = try Self.preset(s).entries } catch let e as QATError { throw Self.err("\(path).preset", v, e.message) }
+                    do { presetEntries = try Self.preset(s).entries } catch let e as QATError {
+                        throw Self.err("\(path).preset", v, e.message)
+                    }
                 default:
                     throw Self.err("\(path).\(key)", k, "unknown key '\(key)' (expected quant_cfg, algorithm, preset)")
                 }
@@ -281,7 +290,8 @@ public struct QuantConfig: Sendable {
             case "cfg":
                 cfgNode = v.null != nil ? nil : v
             default:
-                throw err("\(path).\(key)", k, "unknown key '\(key)' in a quant_cfg entry (expected quantizer_name, cfg, enable, parent_class)")
+                throw err(
+                    "\(path).\(key)", k, "unknown key '\(key)' in a quant_cfg entry (expected quantizer_name, cfg, enable, parent_class)")
             }
         }
         return [try makeEntry(name: name, parent: parent, enable: enable, cfgNode: cfgNode, entryNode: item, path: path)]
@@ -419,7 +429,9 @@ public struct QuantConfig: Sendable {
             case "calibrator":
                 guard v.string == "max" else { throw err(kp, v, "calibrator '\(describe(v))' is not supported (only max)") }
             case "type":
-                guard v.string == "static" else { throw err(kp, v, "type '\(describe(v))' is not supported for a per-tensor quantizer (only static, calibrated amax)") }
+                guard v.string == "static" else {
+                    throw err(kp, v, "type '\(describe(v))' is not supported for a per-tensor quantizer (only static, calibrated amax)")
+                }
             case "narrow_range":
                 guard v.bool == true else { throw err(kp, v, "narrow_range: false is not supported (INT8 uses [-127, 127])") }
             case "trt_high_precision_dtype":
@@ -430,9 +442,11 @@ public struct QuantConfig: Sendable {
                 if let def = defaultOnlyKeys[key] {
                     guard isDefault(v, def) else { throw err(kp, v, "\(key): \(describe(v)) is not supported (only \(def))") }
                 } else {
-                    throw err(kp, k, "unknown quantizer attribute '\(key)' (known: num_bits, block_sizes, axis, "
-                        + "pass_through_bwd, fake_quant, calibrator, type, narrow_range, trt_high_precision_dtype, "
-                        + "\(defaultOnlyKeys.keys.sorted().joined(separator: ", ")))")
+                    throw err(
+                        kp, k,
+                        "unknown quantizer attribute '\(key)' (known: num_bits, block_sizes, axis, "
+                            + "pass_through_bwd, fake_quant, calibrator, type, narrow_range, trt_high_precision_dtype, "
+                            + "\(defaultOnlyKeys.keys.sorted().joined(separator: ", ")))")
                 }
             }
         }
@@ -442,7 +456,8 @@ public struct QuantConfig: Sendable {
         switch numBits {
         case .e2m1:
             guard let b = blockNode, case .mapping(let bm) = b else {
-                throw err("\(path).num_bits", numBitsNode ?? node, "e2m1 needs block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3} (NVFP4)")
+                throw err(
+                    "\(path).num_bits", numBitsNode ?? node, "e2m1 needs block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3} (NVFP4)")
             }
             var size: Int? = nil, dynamic = false, scaleOK = false
             for (k, v) in bm {
@@ -457,8 +472,10 @@ public struct QuantConfig: Sendable {
                 switch k.string ?? "" {
                 case "type":
                     guard v.string == "dynamic" else {
-                        throw err(bp, v, "block type '\(describe(v))' is not supported (only dynamic: per-block scales from the "
-                            + "data, global amax calibrated)")
+                        throw err(
+                            bp, v,
+                            "block type '\(describe(v))' is not supported (only dynamic: per-block scales from the "
+                                + "data, global amax calibrated)")
                     }
                     dynamic = true
                 case "scale_bits": scaleOK = try parseScaleBits(v, path: bp)
@@ -472,7 +489,9 @@ public struct QuantConfig: Sendable {
             return Attributes(format: .nvfp4(blockSize: 16), ste: ste)
         case .e4m3, .int8:
             if let b = blockNode {
-                throw err("\(path).block_sizes", b, "block-wise \(numBits == .e4m3 ? "FP8" : "INT8") is not supported (only per-tensor; remove block_sizes)")
+                throw err(
+                    "\(path).block_sizes", b,
+                    "block-wise \(numBits == .e4m3 ? "FP8" : "INT8") is not supported (only per-tensor; remove block_sizes)")
             }
             return Attributes(format: numBits == .e4m3 ? .fp8PerTensor : .int8PerTensor, ste: ste)
         }

@@ -56,8 +56,10 @@ public final class TensorQuantizer: CustomStringConvertible {
     public private(set) var calibMax: Float = 0
     public private(set) var calibCalls = 0
 
-    public init(name: String, format: QuantFormat, enabled: Bool = true, amax: Float? = nil,
-                ste: STEMode = .passThrough, nvfp4Mode: NVFP4.FakeQuantMode = .modelOpt) {
+    public init(
+        name: String, format: QuantFormat, enabled: Bool = true, amax: Float? = nil,
+        ste: STEMode = .passThrough, nvfp4Mode: NVFP4.FakeQuantMode = .modelOpt
+    ) {
         self.name = name
         self.format = format
         self.enabled = enabled
@@ -120,8 +122,9 @@ public final class TensorQuantizer: CustomStringConvertible {
             throw QATError("quantizer \(name): \(context) produced amax \(m); the inputs contain NaN or inf")
         }
         if m <= 0 {
-            throw QATError("quantizer \(name): \(context) produced amax \(m) (all inputs were zero); disable this "
-                + "quantizer in quant_cfg or calibrate on real data")
+            throw QATError(
+                "quantizer \(name): \(context) produced amax \(m) (all inputs were zero); disable this "
+                    + "quantizer in quant_cfg or calibrate on real data")
         }
     }
 
@@ -151,7 +154,9 @@ public final class TensorQuantizer: CustomStringConvertible {
         try Self.validate(amax: a, name: name, context: "stored amax")
         switch format {
         case .nvfp4(let b):
-            guard b == NVFP4.blockSize else { throw QATError.unsupported("quantizer \(name): NVFP4 block size \(b) is not supported (only 16)") }
+            guard b == NVFP4.blockSize else {
+                throw QATError.unsupported("quantizer \(name): NVFP4 block size \(b) is not supported (only 16)")
+            }
             NVFP4.fakeQuant(x, out, rows: rows, cols: cols, globalAmax: a, mode: nvfp4Mode)
         case .fp8PerTensor:
             FP8.fakeQuant(x, out, count: count, amax: a)
@@ -166,7 +171,7 @@ public final class TensorQuantizer: CustomStringConvertible {
 
     public func backward(x: UnsafePointer<Float>, gradOut: UnsafePointer<Float>, gradIn: UnsafeMutablePointer<Float>, count: Int) {
         if isPassThrough {
-            if UnsafePointer(gradIn) != gradOut {   // a copy of up to tokens × hidden floats: split over the workers
+            if UnsafePointer(gradIn) != gradOut {  // a copy of up to tokens × hidden floats: split over the workers
                 let dst = SendablePointer(gradIn), src = UncheckedBox(gradOut)
                 Parallel.forRange(count, costPerItem: 1) { s, e in (dst.p + s).update(from: src.value + s, count: e - s) }
             }
@@ -190,7 +195,8 @@ public func quantSummary(_ quantizers: [TensorQuantizer]) -> String {
         let state = !q.enabled ? "disabled" : (q.isCalibrating ? "calibrating" : (q.amax == nil ? "uncalibrated" : "enabled"))
         let fmt = q.enabled ? q.format.description + (q.format == .nvfp4(blockSize: 16) ? " [\(q.nvfp4Mode.rawValue)]" : "") : "-"
         let a = q.enabled ? (q.amax.map { "\($0)" } ?? "none") : "-"
-        lines.append(pad(q.name, width) + "  " + pad(state, 12) + " " + pad(fmt, 34) + " " + pad(a, 13) + " " + (q.enabled ? q.ste.rawValue : "-"))
+        lines.append(
+            pad(q.name, width) + "  " + pad(state, 12) + " " + pad(fmt, 34) + " " + pad(a, 13) + " " + (q.enabled ? q.ste.rawValue : "-"))
     }
     let on = quantizers.filter(\.enabled).count
     lines.append("\(quantizers.count) quantizers, \(on) enabled, \(quantizers.count - on) disabled")

@@ -41,8 +41,9 @@ public enum SafeYAML {
             func add(_ n: Int, line: Int) throws {
                 nodes += n
                 if nodes > maxNodes {
-                    throw QATError("\(source), line \(line): the YAML document expands to more than \(maxNodes) nodes "
-                        + "(aliases that reference aliases?); refusing it")
+                    throw QATError(
+                        "\(source), line \(line): the YAML document expands to more than \(maxNodes) nodes "
+                            + "(aliases that reference aliases?); refusing it")
                 }
             }
             while true {
@@ -64,7 +65,8 @@ public enum SafeYAML {
                     guard open.count < maxDepth else {
                         throw QATError("\(source), line \(line): YAML nesting deeper than \(maxDepth) levels; refusing it")
                     }
-                    let anchor = event.type == YAML_SEQUENCE_START_EVENT
+                    let anchor =
+                        event.type == YAML_SEQUENCE_START_EVENT
                         ? anchorName(event.data.sequence_start.anchor) : anchorName(event.data.mapping_start.anchor)
                     open.append((nodes - 1, anchor))
                 case YAML_SEQUENCE_END_EVENT, YAML_MAPPING_END_EVENT:
@@ -197,7 +199,9 @@ public final class YAMLMap {
         if case .scalar(let s) = v { return [s.string] }
         guard case .sequence(let seq) = v else { throw fail(key, "expected a list of strings, found \(YAMLMap.describe(v))") }
         return try seq.map { item in
-            guard case .scalar(let s) = item else { throw YAMLMap.error(source, full(key), item, "expected a string list item, found \(YAMLMap.describe(item))") }
+            guard case .scalar(let s) = item else {
+                throw YAMLMap.error(source, full(key), item, "expected a string list item, found \(YAMLMap.describe(item))")
+            }
             return s.string
         }
     }
@@ -229,7 +233,8 @@ public final class YAMLMap {
             if !used.contains(name) && !extra.contains(name) {
                 let known = (Array(used) + extra).sorted()
                 let hint = YAMLMap.closest(name, known).map { " (did you mean \"\($0)\"?)" } ?? ""
-                throw YAMLMap.error(source, full(name), k, "unknown key \"\(name)\"\(hint); known keys here: \(known.joined(separator: ", "))")
+                throw YAMLMap.error(
+                    source, full(name), k, "unknown key \"\(name)\"\(hint); known keys here: \(known.joined(separator: ", "))")
             }
         }
     }

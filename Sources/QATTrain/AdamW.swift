@@ -65,7 +65,9 @@ public final class AdamW {
     /// Uses a prepared plan; every trainable parameter must have a gradient buffer of its size.
     /// With `shardOver` (a data-parallel group of more than one rank) the state is sharded
     /// ZeRO-1 style: this rank allocates m and v only for the slots it owns.
-    public init(parameters: [(name: String, value: Tensor, grad: Tensor?)], plan: ParamGroupPlan, shardOver comm: Communicator? = nil) throws {
+    public init(parameters: [(name: String, value: Tensor, grad: Tensor?)], plan: ParamGroupPlan, shardOver comm: Communicator? = nil)
+        throws
+    {
         var byName: [String: (value: Tensor, grad: Tensor?)] = [:]
         for p in parameters { byName[p.name] = (p.value, p.grad) }
         let counts = plan.groups.flatMap(\.parameterNames).map { byName[$0]?.value.count ?? 0 }
@@ -76,14 +78,17 @@ public final class AdamW {
             for name in group.parameterNames {
                 guard let p = byName[name] else { throw QATError("optimizer plan names unknown parameter '\(name)'") }
                 guard let g = p.grad else {
-                    throw QATError("trainable parameter '\(name)' has no gradient buffer (freeze it with frozen_params, or allocate its gradient)")
+                    throw QATError(
+                        "trainable parameter '\(name)' has no gradient buffer (freeze it with frozen_params, or allocate its gradient)")
                 }
                 guard g.count == p.value.count else {
                     throw QATError("parameter '\(name)': gradient has \(g.count) elements, value has \(p.value.count)")
                 }
                 let local = partition?.owns(slots.count) ?? true
-                slots.append(Slot(name: name, value: p.value, grad: g, m: Tensor(shape: local ? p.value.shape : [0]),
-                                  v: Tensor(shape: local ? p.value.shape : [0]), group: gi))
+                slots.append(
+                    Slot(
+                        name: name, value: p.value, grad: g, m: Tensor(shape: local ? p.value.shape : [0]),
+                        v: Tensor(shape: local ? p.value.shape : [0]), group: gi))
             }
         }
         self.groups = plan.groups
@@ -111,9 +116,9 @@ public final class AdamW {
     /// Per-step scalars of one group, rounded as ATen rounds them (a device optimizer applies
     /// the same update with them: see `step(lrFactor:update:)`).
     public struct Coefficients: Sendable {
-        public var decay: Float        // 1 - lr*wd, or exactly 1 when wd == 0 (PyTorch skips the multiply; x*1 == x)
-        public var lerpSmall: Bool     // |1 - beta1| < 0.5
-        public var lerpWeight: Float   // 1 - beta1 (or its complement - 1 for the large branch)
+        public var decay: Float  // 1 - lr*wd, or exactly 1 when wd == 0 (PyTorch skips the multiply; x*1 == x)
+        public var lerpSmall: Bool  // |1 - beta1| < 0.5
+        public var lerpWeight: Float  // 1 - beta1 (or its complement - 1 for the large branch)
         public var beta2: Float
         public var oneMinusBeta2: Float
         public var bc2Sqrt: Float
@@ -146,8 +151,10 @@ public final class AdamW {
     /// loop vectorizer. Here only the square roots stay per-lane; the rest is 8-wide
     /// (measured 1.7 vs 3.5 ns/element on one core).
     @inline(__always)
-    static func update(_ p: UnsafeMutablePointer<Float>, _ g: UnsafePointer<Float>, _ m: UnsafeMutablePointer<Float>,
-                       _ v: UnsafeMutablePointer<Float>, _ start: Int, _ end: Int, _ c: Coefficients) {
+    static func update(
+        _ p: UnsafeMutablePointer<Float>, _ g: UnsafePointer<Float>, _ m: UnsafeMutablePointer<Float>,
+        _ v: UnsafeMutablePointer<Float>, _ start: Int, _ end: Int, _ c: Coefficients
+    ) {
         typealias V = SIMD8<Float>
         let pr = UnsafeMutableRawPointer(p), gr = UnsafeRawPointer(g)
         let mr = UnsafeMutableRawPointer(m), vr = UnsafeMutableRawPointer(v)
@@ -198,7 +205,8 @@ public final class AdamW {
         }
         if let z = partition {
             do { try z.broadcastParameters(slots.map(\.value)) } catch {
-                FileHandle.standardError.write(Data("error (rank \(z.rank)): optimizer step: \((error as? QATError)?.message ?? "\(error)")\n".utf8))
+                FileHandle.standardError.write(
+                    Data("error (rank \(z.rank)): optimizer step: \((error as? QATError)?.message ?? "\(error)")\n".utf8))
                 z.comm.abort(code: 1)
             }
         }

@@ -21,7 +21,8 @@ public final class DataLoader {
     public init(stream: [Int32], seqLen: Int, batchSize: Int, seed: UInt64) throws {
         let count = stream.count > 0 ? (stream.count - 1) / seqLen : 0
         guard count >= 1 else {
-            throw QATError("the training stream has \(stream.count) tokens: not one sequence of \(seqLen); use more data or a smaller seq_len")
+            throw QATError(
+                "the training stream has \(stream.count) tokens: not one sequence of \(seqLen); use more data or a smaller seq_len")
         }
         self.stream = stream; self.seqLen = seqLen; self.batchSize = batchSize; self.seed = seed
         sequenceCount = count
@@ -52,8 +53,9 @@ public final class DataLoader {
     /// Restores a position saved by a checkpoint.
     public func seek(epoch: Int, cursor: Int) throws {
         guard epoch >= 0, epoch < 1 << 40, cursor >= 0, cursor <= sequenceCount else {
-            throw QATError("checkpoint data position (epoch \(epoch), cursor \(cursor)) does not fit this data "
-                + "(\(sequenceCount) sequences); the data changed since the checkpoint")
+            throw QATError(
+                "checkpoint data position (epoch \(epoch), cursor \(cursor)) does not fit this data "
+                    + "(\(sequenceCount) sequences); the data changed since the checkpoint")
         }
         self.epoch = epoch; self.cursor = cursor
         order = DataLoader.permutation(sequenceCount, seed: seed, epoch: epoch)

@@ -99,7 +99,7 @@ public enum DistillationKernels {
         let eA = scratch, eB = scratch + V, eS = scratch + 2 * V, lm = scratch + 3 * V
         let ceSeparate = k.computeCE && k.temperature != 1
         var sumA = 0.0, sumB = 0.0, sumS = 0.0
-        var dotPD = 0.0, dotQD = 0.0   // Σ eB·(u − s), Σ eA·(s − u)
+        var dotPD = 0.0, dotQD = 0.0  // Σ eB·(u − s), Σ eA·(s − u)
         for j in 0..<V {
             let ea = expf(s[j] * invTf - maxA), eb = expf(u[j] * invTf - maxB)
             eA[j] = ea; eB[j] = eb
@@ -226,7 +226,11 @@ public enum DistillationKernels {
         var eCE = eA
         if k.computeCE {
             let t = Int(target)
-            if ceSeparate { ce = Double(ms) + log(sumS) - Double(s[t]); iS = Float(1 / sumS); eCE = eS } else { ce = lseA - Double(s[t]); iS = Float(1 / sumA) }
+            if ceSeparate {
+                ce = Double(ms) + log(sumS) - Double(s[t]); iS = Float(1 / sumS); eCE = eS
+            } else {
+                ce = lseA - Double(s[t]); iS = Float(1 / sumA)
+            }
         }
         let iA = Float(1 / sumA), cKD = c.cKD, cCE = c.cCE
         // A row with no teacher support (every id masked) has KD = 0 and no KD gradient.
@@ -258,7 +262,8 @@ public enum DistillationKernels {
                     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: scratchCount(vocab: V))
                     defer { scratch.deallocate() }
                     for i in lo..<hi {
-                        let r = fullRow(s: sp.p + i * V, u: tp.p + i * teacherStride, vocab: V, target: tg.p[i], k: k, c: c, scratch: scratch)
+                        let r = fullRow(
+                            s: sp.p + i * V, u: tp.p + i * teacherStride, vocab: V, target: tg.p[i], k: k, c: c, scratch: scratch)
                         co.p[i] = r.ce; ko.p[i] = r.kd
                     }
                 }
@@ -284,8 +289,9 @@ public enum DistillationKernels {
                     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: topKScratchCount(vocab: V, topK: K))
                     defer { scratch.deallocate() }
                     for i in lo..<hi {
-                        let r = topKRow(s: sp.p + i * V, vocab: V, ids: ip.p + i * K, logprobs: lp.p + i * K, topK: K,
-                                        target: tg.p[i], k: k, c: c, scratch: scratch)
+                        let r = topKRow(
+                            s: sp.p + i * V, vocab: V, ids: ip.p + i * K, logprobs: lp.p + i * K, topK: K,
+                            target: tg.p[i], k: k, c: c, scratch: scratch)
                         co.p[i] = r.ce; ko.p[i] = r.kd
                     }
                 }

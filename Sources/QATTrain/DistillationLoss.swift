@@ -50,8 +50,10 @@ public final class DistillationLoss: TrainingLoss {
     /// the 2-core machine: 32 MiB (27-row chunks) 16.4 s, 64 MiB 10.8 s, 128 MiB 9.0 s,
     /// 256 MiB (220 rows) 8.2 s, unfused (1.2 GB of logits) 7.2 s. The buffers stay bounded
     /// by the budget whatever the token count.
-    public init(teacher: CausalLM, studentVocab: Int, spec: Recipe.DistillSpec, maskExtraVocab: Bool = false,
-                budgetBytes: Int = 256 << 20) throws {
+    public init(
+        teacher: CausalLM, studentVocab: Int, spec: Recipe.DistillSpec, maskExtraVocab: Bool = false,
+        budgetBytes: Int = 256 << 20
+    ) throws {
         constants = try DistillationConstants(spec: spec)
         let tv = teacher.config.vocabSize  // (a pipeline stage before the last holds no lm_head)
         try DistillationLoss.checkVocab(student: studentVocab, teacher: tv, maskExtraVocab: maskExtraVocab)
@@ -65,18 +67,22 @@ public final class DistillationLoss: TrainingLoss {
         if student == teacher { return }
         if teacher > student {
             guard maskExtraVocab else {
-                throw QATError("teacher vocabulary (\(teacher)) differs from the student's (\(student)): distillation "
-                    + "needs the same vocabulary; if the teacher's extra \(teacher - student) ids are padding, "
-                    + "enable mask_extra_vocab to ignore them")
+                throw QATError(
+                    "teacher vocabulary (\(teacher)) differs from the student's (\(student)): distillation "
+                        + "needs the same vocabulary; if the teacher's extra \(teacher - student) ids are padding, "
+                        + "enable mask_extra_vocab to ignore them")
             }
             return
         }
-        throw QATError("student vocabulary (\(student)) is larger than the teacher's (\(teacher)): the teacher "
-            + "has no logits for ids \(teacher)..<\(student); distillation needs the same vocabulary")
+        throw QATError(
+            "student vocabulary (\(student)) is larger than the teacher's (\(teacher)): the teacher "
+                + "has no logits for ids \(teacher)..<\(student); distillation needs the same vocabulary")
     }
 
-    public func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
-                    gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+    public func run(
+        model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
+        gradScale: Float, dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts {
         guard model !== teacher else {
             throw QATError("the teacher must be a separate model instance: its forward would overwrite the student's saved activations")
         }
@@ -85,16 +91,19 @@ public final class DistillationLoss: TrainingLoss {
         }
         // Teacher forward on the same tokens: one layer of activations, no backward state.
         let th = try teacher.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen, saveForBackward: false)
-        return try fused(student: model.lmHead, hidden: hidden, teacherHidden: UnsafePointer(th), targets: batch.targets,
-                         n: batch.rows, gradScale: gradScale, dHidden: dHidden)
+        return try fused(
+            student: model.lmHead, hidden: hidden, teacherHidden: UnsafePointer(th), targets: batch.targets,
+            n: batch.rows, gradScale: gradScale, dHidden: dHidden)
     }
 
     /// The fused chunked pass over precomputed final hidden states: for each chunk, student
     /// and teacher logits, loss sums and d(loss·gradScale)/d student logits in place, then the
     /// student lm_head backward (weight gradient accumulated, through its weight quantizer's
     /// STE when active; dHidden rows of the chunk overwritten).
-    public func fused(student head: Linear, hidden: UnsafePointer<Float>, teacherHidden: UnsafePointer<Float>, targets: [Int32],
-                      n: Int, gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+    public func fused(
+        student head: Linear, hidden: UnsafePointer<Float>, teacherHidden: UnsafePointer<Float>, targets: [Int32],
+        n: Int, gradScale: Float, dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts {
         try checkHeads(head, n: n, targets: targets)
         let V = studentVocab, Vt = teacherVocab, C = head.inFeatures, Ct = teacher.lmHead.inFeatures
         var parts = LossParts()
@@ -105,8 +114,9 @@ public final class DistillationLoss: TrainingLoss {
                 let h = hidden + start * C
                 let used = try head.forward(h, out: studentLogits.data, n: rows)
                 try teacher.lmHead.forward(teacherHidden + start * Ct, out: teacherLogits.data, n: rows)
-                let r = DistillationKernels.fullRows(student: studentLogits.data, teacher: teacherLogits.data, teacherStride: Vt, n: rows,
-                                                     vocab: V, targets: tb.baseAddress! + start, k: constants, gradScale: gradScale)
+                let r = DistillationKernels.fullRows(
+                    student: studentLogits.data, teacher: teacherLogits.data, teacherStride: Vt, n: rows,
+                    vocab: V, targets: tb.baseAddress! + start, k: constants, gradScale: gradScale)
                 parts += combine(r, targets: tb.baseAddress! + start, n: rows)
                 head.backward(dy: studentLogits.data, x: h, xUsed: used, n: rows, dx: dHidden + start * C, accumulateDx: false)
                 start += rows
@@ -118,15 +128,18 @@ public final class DistillationLoss: TrainingLoss {
     /// The unfused reference: materialises the full [n, V] logits of both models, computes
     /// every row with the same conventions, and runs one lm_head backward over all rows.
     /// Memory O(n·(V_s + V_t)); for tests and measurements, not training.
-    public func reference(student head: Linear, hidden: UnsafePointer<Float>, teacherHidden: UnsafePointer<Float>, targets: [Int32],
-                          n: Int, gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+    public func reference(
+        student head: Linear, hidden: UnsafePointer<Float>, teacherHidden: UnsafePointer<Float>, targets: [Int32],
+        n: Int, gradScale: Float, dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts {
         try checkHeads(head, n: n, targets: targets)
         let s = Tensor(shape: [n, studentVocab], zeroed: false), t = Tensor(shape: [n, teacherVocab], zeroed: false)
         let used = try head.forward(hidden, out: s.data, n: n)
         try teacher.lmHead.forward(teacherHidden, out: t.data, n: n)
         let r = targets.withUnsafeBufferPointer {
-            DistillationKernels.fullRows(student: s.data, teacher: t.data, teacherStride: teacherVocab, n: n, vocab: studentVocab,
-                                         targets: $0.baseAddress!, k: constants, gradScale: gradScale)
+            DistillationKernels.fullRows(
+                student: s.data, teacher: t.data, teacherStride: teacherVocab, n: n, vocab: studentVocab,
+                targets: $0.baseAddress!, k: constants, gradScale: gradScale)
         }
         let parts = targets.withUnsafeBufferPointer { combine(r, targets: $0.baseAddress!, n: n) }
         head.backward(dy: s.data, x: hidden, xUsed: used, n: n, dx: dHidden, accumulateDx: false)
@@ -134,16 +147,20 @@ public final class DistillationLoss: TrainingLoss {
     }
 
     /// `reference` for a full micro-batch: runs the teacher, then the unfused computation.
-    public func reference(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch, gradScale: Float,
-                          dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+    public func reference(
+        model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch, gradScale: Float,
+        dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts {
         let th = try teacher.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen, saveForBackward: false)
-        return try reference(student: model.lmHead, hidden: hidden, teacherHidden: UnsafePointer(th), targets: batch.targets,
-                             n: batch.rows, gradScale: gradScale, dHidden: dHidden)
+        return try reference(
+            student: model.lmHead, hidden: hidden, teacherHidden: UnsafePointer(th), targets: batch.targets,
+            n: batch.rows, gradScale: gradScale, dHidden: dHidden)
     }
 
     private func checkHeads(_ head: Linear, n: Int, targets: [Int32]) throws {
         guard head.outFeatures == studentVocab else {
-            throw QATError("student lm_head has \(head.outFeatures) outputs, but this distillation loss was built for vocabulary \(studentVocab)")
+            throw QATError(
+                "student lm_head has \(head.outFeatures) outputs, but this distillation loss was built for vocabulary \(studentVocab)")
         }
         guard targets.count == n else { throw QATError("distillation: \(targets.count) targets for \(n) rows") }
         for t in targets where t != CrossEntropy.ignoreIndex && (t < 0 || Int(t) >= studentVocab) {

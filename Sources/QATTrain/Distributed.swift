@@ -17,8 +17,10 @@ extension Distributed {
     /// `loop` under the run's layout: data-parallel ranks (of `world`, or the pipelines side
     /// by side) each run their share of the sequences and MAX-reduce the amax values (exact);
     /// a pipeline stage runs every sequence through its own layers.
-    public static func calibrationLoop(_ loop: CalibrationLoop, model: CausalLM, pipeline: PipelineEngine?,
-                                       world: Communicator) -> CalibrationLoop {
+    public static func calibrationLoop(
+        _ loop: CalibrationLoop, model: CausalLM, pipeline: PipelineEngine?,
+        world: Communicator
+    ) -> CalibrationLoop {
         var distributed = loop
         let dataParallel = pipeline?.dataParallel ?? world
         if dataParallel.isDistributed {
@@ -36,12 +38,15 @@ extension Distributed {
     /// each data-parallel rank (or pipeline) takes its share of the sequences, a pipeline runs
     /// them through its stages (the last one computes the CE sums), and the sums are added
     /// over the world (stages before the last add zeros).
-    public static func evaluate(model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?,
-                                pipeline: PipelineEngine?, world: Communicator = worldCommunicator,
-                                progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
-        try Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
-                                       progress: progress, shard: evaluationShard(pipeline: pipeline, world: world),
-                                       reduce: world.isDistributed ? { try world.allReduceSum(&$0) } : nil,
-                                       forward: pipeline?.forwardHook(model, seqLen: seqLen))
+    public static func evaluate(
+        model: CausalLM, stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?,
+        pipeline: PipelineEngine?, world: Communicator = worldCommunicator,
+        progress: ((Int, Int) -> Void)? = nil
+    ) throws -> EvalResult {
+        try Evaluation.evaluate(
+            model: model, stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences,
+            progress: progress, shard: evaluationShard(pipeline: pipeline, world: world),
+            reduce: world.isDistributed ? { try world.allReduceSum(&$0) } : nil,
+            forward: pipeline?.forwardHook(model, seqLen: seqLen))
     }
 }

@@ -1,4 +1,5 @@
 import Synchronization
+
 /// Gradient clipping by global L2 norm, as `torch.nn.utils.clip_grad_norm_` (norm_type 2):
 /// `total = sqrt(sum over tensors of sum g^2)`, `coef = max_norm / (total + 1e-6)`,
 /// gradients scaled by `min(coef, 1)`.

@@ -3,6 +3,7 @@ import QATCore
 import QATIO
 import QATModels
 import QATQuant
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -35,7 +36,9 @@ extension Recipe {
                 s.dropout = d
             }
             if let t = try m.strings("target_modules") {
-                guard !t.isEmpty, t.allSatisfy({ !$0.isEmpty }) else { throw m.fail("target_modules", "expected a non-empty list of module globs") }
+                guard !t.isEmpty, t.allSatisfy({ !$0.isEmpty }) else {
+                    throw m.fail("target_modules", "expected a non-empty list of module globs")
+                }
                 s.targetModules = t
             }
             s.qlora = try m.bool("qlora") ?? s.qlora
@@ -85,7 +88,8 @@ public final class QLoRABase: LinearWeightSource, @unchecked Sendable {
 
     func add(_ linear: Linear, from w: UnsafePointer<Float>, amax: Float) {
         let q = NVFP4.quantize(w, rows: linear.outFeatures, cols: linear.inFeatures, globalAmax: amax)
-        tensors[linear.name] = Packed(packed: q.packed, scales: q.scales, globalScale: q.globalScale, rows: linear.outFeatures, cols: linear.inFeatures)
+        tensors[linear.name] = Packed(
+            packed: q.packed, scales: q.scales, globalScale: q.globalScale, rows: linear.outFeatures, cols: linear.inFeatures)
     }
 
     public func weight(for linear: Linear) -> UnsafePointer<Float> {
@@ -98,7 +102,8 @@ public final class QLoRABase: LinearWeightSource, @unchecked Sendable {
         guard let p = tensors[name] else { preconditionFailure("QLoRA base has no weight for \(name)") }
         p.packed.withUnsafeBufferPointer { pb in
             p.scales.withUnsafeBufferPointer { sb in
-                NVFP4.dequantize(packed: pb.baseAddress!, scales: sb.baseAddress!, globalScale: p.globalScale, rows: p.rows, cols: p.cols, out: out)
+                NVFP4.dequantize(
+                    packed: pb.baseAddress!, scales: sb.baseAddress!, globalScale: p.globalScale, rows: p.rows, cols: p.cols, out: out)
             }
         }
     }
@@ -129,17 +134,22 @@ public final class LoRA: @unchecked Sendable {
     /// Parameter globs that select the adapters (the default `trainable_params` under LoRA).
     public static let trainableGlobs = ["*.lora_A.weight", "*.lora_B.weight"]
 
-    init(spec: Recipe.LoRASpec, context: LoRAContext, adapters: [LoRAAdapter], model: CausalLM, quantizers: QuantizerSet?, base: QLoRABase?) {
-        self.spec = spec; self.context = context; self.adapters = adapters; self.model = model; self.quantizers = quantizers; self.base = base
+    init(spec: Recipe.LoRASpec, context: LoRAContext, adapters: [LoRAAdapter], model: CausalLM, quantizers: QuantizerSet?, base: QLoRABase?)
+    {
+        self.spec = spec; self.context = context; self.adapters = adapters; self.model = model; self.quantizers = quantizers;
+        self.base = base
     }
 
     /// The decoder-layer Linears `target_modules` selects (lm_head is never a target).
     public static func targets(_ model: CausalLM, spec: Recipe.LoRASpec) throws -> [Linear] {
         let all = model.layers.flatMap(\.linears)
         for g in spec.targetModules where !all.contains(where: { Glob.matches(g, $0.name) }) {
-            if Glob.matches(g, model.lmHead.name) { throw QATError.unsupported("train.lora.target_modules: \(g) selects lm_head; LoRA on lm_head is not supported") }
-            throw QATError("train.lora.target_modules: \(g) matches no Linear (names look like "
-                + "\(all.first?.name ?? "model.layers.0.self_attn.q_proj"))")
+            if Glob.matches(g, model.lmHead.name) {
+                throw QATError.unsupported("train.lora.target_modules: \(g) selects lm_head; LoRA on lm_head is not supported")
+            }
+            throw QATError(
+                "train.lora.target_modules: \(g) matches no Linear (names look like "
+                    + "\(all.first?.name ?? "model.layers.0.self_attn.q_proj"))")
         }
         return all.filter { l in spec.targetModules.contains { Glob.matches($0, l.name) } }
     }
@@ -153,8 +163,9 @@ public final class LoRA: @unchecked Sendable {
         guard let config = recipe.quantize, let quantizers else {
             throw QATError("train.lora.qlora needs a quantize section with NVFP4 weights")
         }
-        return try qlora(source: model, quantizers: quantizers, config: config, ste: recipe.steMode, nvfp4Mode: recipe.nvfp4Mode,
-                         spec: spec, seed: recipe.train.seed)
+        return try qlora(
+            source: model, quantizers: quantizers, config: config, ste: recipe.steMode, nvfp4Mode: recipe.nvfp4Mode,
+            spec: spec, seed: recipe.train.seed)
     }
 
     /// `mergedModel` with the recipe's quantize section, STE and NVFP4 mode.
@@ -182,8 +193,10 @@ public final class LoRA: @unchecked Sendable {
     /// calibrated amax values copied onto a fresh quantizer set, and adapters attached. Every
     /// other tensor (embeddings, norms, lm_head, unquantized Linears) is shared with `source`,
     /// which the caller then drops.
-    public static func qlora(source: CausalLM, quantizers: QuantizerSet, config: QuantConfig, ste: STEMode, nvfp4Mode: NVFP4.FakeQuantMode,
-                             spec: Recipe.LoRASpec, seed: UInt64) throws -> LoRA {
+    public static func qlora(
+        source: CausalLM, quantizers: QuantizerSet, config: QuantConfig, ste: STEMode, nvfp4Mode: NVFP4.FakeQuantMode,
+        spec: Recipe.LoRASpec, seed: UInt64
+    ) throws -> LoRA {
         var compressed: [Linear] = []
         // Decoder-layer Linears only: lm_head (possibly tied to the embedding) keeps its fp32
         // weight and, when enabled, its usual fake quant.
@@ -208,7 +221,7 @@ public final class LoRA: @unchecked Sendable {
         for q in set.all { q.amax = quantizers.byName[q.name]?.amax }
         let names = Set(compressed.map(\.name))
         for l in model.linears where names.contains(l.name) {
-            l.weightQuantizer = nil      // the decoded base is the fake-quant weight
+            l.weightQuantizer = nil  // the decoded base is the fake-quant weight
             l.weightSource = base
         }
         model.removeParameters(named: Set(compressed.map(\.weight.name)))
@@ -231,7 +244,9 @@ public final class LoRA: @unchecked Sendable {
     /// from NVFP4 under QLoRA), every other tensor shared, and a quantizer set with the trained
     /// activation / KV amax values and the weight amax re-calibrated on the merged weights
     /// (`recalibrateWeights`). What `Exporter.export` writes and verification compares against.
-    public func mergedModel(config: QuantConfig?, ste: STEMode, nvfp4Mode: NVFP4.FakeQuantMode) throws -> (model: CausalLM, quantizers: QuantizerSet?) {
+    public func mergedModel(config: QuantConfig?, ste: STEMode, nvfp4Mode: NVFP4.FakeQuantMode) throws -> (
+        model: CausalLM, quantizers: QuantizerSet?
+    ) {
         var params: [String: Tensor] = [:]
         for p in model.parameters { params[p.name] = p.value }
         let byModule = Dictionary(uniqueKeysWithValues: adapters.map { ($0.module, $0) })

@@ -28,9 +28,11 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
     /// and two AdamW moments for trainable parameters (for `optimizerStateCount` of them when
     /// ZeRO-1 shards the state: this rank's share), every layer's saved activations for
     /// [batch × seqLen] tokens, and with a live teacher its weights plus one layer.
-    public static func training(config c: ModelConfig, batch: Int, seqLen: Int, parameterCount: Int, trainableCount: Int,
-                                optimizerStateCount: Int? = nil,
-                                quantizedWeightCount: Int, liveTeacher: Bool, lossBufferBytes: Int) -> MemoryEstimate {
+    public static func training(
+        config c: ModelConfig, batch: Int, seqLen: Int, parameterCount: Int, trainableCount: Int,
+        optimizerStateCount: Int? = nil,
+        quantizedWeightCount: Int, liveTeacher: Bool, lossBufferBytes: Int
+    ) -> MemoryEstimate {
         let n = Double(batch * seqLen), C = Double(c.hiddenSize), I = Double(c.intermediateSize)
         let qd = Double(c.numHeads * c.headDim), kvd = Double(c.numKVHeads * c.headDim)
         let probs = Double(batch * c.numHeads) * Double(seqLen) * Double(seqLen)
@@ -58,8 +60,10 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
         e.fakeQuantWeights = 4 * Double(quantizedWeightCount)
         // Every layer's saved buffers hold gate/up/h [n, I] as soon as one layer is dense.
         let denseBuffers = denseLayers > 0 ? Double(c.numLayers) * 3 * n * I + denseLayers * n * (C + I) : 0
-        e.activations = 4 * (Double(c.numLayers) * attention + denseBuffers + sparseLayers * moeLayer
-                             + Double(c.numLayers + 1) * n * C + backward)
+        e.activations =
+            4
+            * (Double(c.numLayers) * attention + denseBuffers + sparseLayers * moeLayer
+                + Double(c.numLayers + 1) * n * C + backward)
         // The teacher is the full model in fp32 (also under QLoRA, where the student's own
         // parameter list lacks the compressed base).
         let fullModel = CausalLM.parameterShapes(c).reduce(0.0) { $0 + Double($1.1.reduce(1, *)) }
@@ -71,8 +75,9 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
     /// Memory the system can still give this process (MemAvailable), nil where unknown.
     public static func availableBytes() -> Double? {
         guard let s = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
-              let line = s.split(separator: "\n").first(where: { $0.hasPrefix("MemAvailable:") }),
-              let kb = line.split(separator: " ").compactMap({ Double($0) }).first else { return nil }
+            let line = s.split(separator: "\n").first(where: { $0.hasPrefix("MemAvailable:") }),
+            let kb = line.split(separator: " ").compactMap({ Double($0) }).first
+        else { return nil }
         return kb * 1024
     }
 
@@ -80,9 +85,10 @@ public struct MemoryEstimate: Sendable, CustomStringConvertible {
     public func check(what: String) throws {
         guard let avail = MemoryEstimate.availableBytes() else { return }
         if total > avail {
-            throw QATError("\(what) needs about \(description), but only \(MemoryEstimate.gib(avail)) is available: "
-                + "lower train.batch_size or data.seq_len (and raise train.grad_accum to keep the batch), "
-                + "freeze parameters, or use a machine with more memory")
+            throw QATError(
+                "\(what) needs about \(description), but only \(MemoryEstimate.gib(avail)) is available: "
+                    + "lower train.batch_size or data.seq_len (and raise train.grad_accum to keep the batch), "
+                    + "freeze parameters, or use a machine with more memory")
         }
     }
 }

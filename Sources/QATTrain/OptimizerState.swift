@@ -87,9 +87,14 @@ extension AdamW {
         if saved != current {
             let missing = current.subtracting(saved).sorted(), extra = saved.subtracting(current).sorted()
             var msg = "optimizer state does not match the trainable parameters"
-            if !missing.isEmpty { msg += "; not in checkpoint: "
-                + "\(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? " (+\(missing.count - 5))" : "")" }
-            if !extra.isEmpty { msg += "; only in checkpoint: \(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " (+\(extra.count - 5))" : "")" }
+            if !missing.isEmpty {
+                msg +=
+                    "; not in checkpoint: "
+                    + "\(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? " (+\(missing.count - 5))" : "")"
+            }
+            if !extra.isEmpty {
+                msg += "; only in checkpoint: \(extra.prefix(5).joined(separator: ", "))\(extra.count > 5 ? " (+\(extra.count - 5))" : "")"
+            }
             throw QATError(msg + " (did trainable_params/frozen_params change?)")
         }
         // Validate everything before touching any state, so a failed load leaves it intact.

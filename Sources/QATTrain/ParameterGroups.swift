@@ -77,9 +77,10 @@ public struct ParameterSelection: Equatable, Sendable {
         let t = (trainable?.isEmpty ?? true) ? nil : trainable
         let f = (frozen?.isEmpty ?? true) ? nil : frozen
         if t != nil && f != nil {
-            throw QATError("trainable_params and frozen_params are mutually exclusive: give one of them "
-                + "(trainable_params: only matching parameters train; frozen_params: all but matching "
-                + "parameters train)")
+            throw QATError(
+                "trainable_params and frozen_params are mutually exclusive: give one of them "
+                    + "(trainable_params: only matching parameters train; frozen_params: all but matching "
+                    + "parameters train)")
         }
         self.trainable = t
         self.frozen = f
@@ -107,10 +108,11 @@ public struct ParameterSelection: Equatable, Sendable {
         let dead = patterns.filter { p in !names.contains { Glob.matches(p, $0) } }
         if !dead.isEmpty {
             let sample = names.prefix(3).joined(separator: ", ")
-            throw QATError("\(key): pattern\(dead.count > 1 ? "s" : "") "
-                + "\(dead.map { "'\($0)'" }.joined(separator: ", ")) match\(dead.count > 1 ? "" : "es") no "
-                + "parameter (globs are fnmatch over full HF names such as \(sample); patterns must match "
-                + "the whole name, so wrap fragments in '*')")
+            throw QATError(
+                "\(key): pattern\(dead.count > 1 ? "s" : "") "
+                    + "\(dead.map { "'\($0)'" }.joined(separator: ", ")) match\(dead.count > 1 ? "" : "es") no "
+                    + "parameter (globs are fnmatch over full HF names such as \(sample); patterns must match "
+                    + "the whole name, so wrap fragments in '*')")
         }
     }
 }
@@ -126,8 +128,10 @@ public struct LRConfigEntry: Equatable, Sendable {
     /// 1-based line of the pattern in its YAML source, for messages.
     public var line: Int?
 
-    public init(pattern: String, lr: Double? = nil, weightDecay: Double? = nil, beta1: Double? = nil,
-                beta2: Double? = nil, eps: Double? = nil, line: Int? = nil) {
+    public init(
+        pattern: String, lr: Double? = nil, weightDecay: Double? = nil, beta1: Double? = nil,
+        beta2: Double? = nil, eps: Double? = nil, line: Int? = nil
+    ) {
         self.pattern = pattern
         self.lr = lr
         self.weightDecay = weightDecay
@@ -222,7 +226,8 @@ public struct LRConfig: Equatable, Sendable {
             let pattern = keyScalar.string
             let line = keyNode.mark?.line
             if let prev = seen[pattern] {
-                throw QATError("\(at(keyNode)): lr_config pattern '\(pattern)' appears twice (first on line \(prev)); the first would always win")
+                throw QATError(
+                    "\(at(keyNode)): lr_config pattern '\(pattern)' appears twice (first on line \(prev)); the first would always win")
             }
             seen[pattern] = line ?? 0
             guard case .mapping(let settings) = valueNode else {
@@ -248,7 +253,8 @@ public struct LRConfig: Equatable, Sendable {
                 case "eps", "adam_epsilon": entry.eps = try number(v, key)
                 case "betas":
                     guard case .sequence(let seq) = v, seq.count == 2 else {
-                        throw QATError("\(at(v)): lr_config pattern '\(pattern)', key 'betas': expected a list of two numbers, e.g. [0.9, 0.999]")
+                        throw QATError(
+                            "\(at(v)): lr_config pattern '\(pattern)', key 'betas': expected a list of two numbers, e.g. [0.9, 0.999]")
                     }
                     entry.beta1 = try number(seq[0], "betas")
                     entry.beta2 = try number(seq[1], "betas")
@@ -278,8 +284,10 @@ public struct OptimizerConfig: Equatable, Sendable {
 
     public static let defaultNoDecay = ["*norm.weight", "*.bias"]
 
-    public init(defaults: AdamWHyperparameters = AdamWHyperparameters(), selection: ParameterSelection = .all,
-                lrConfig: LRConfig? = nil, noDecay: [String] = OptimizerConfig.defaultNoDecay) {
+    public init(
+        defaults: AdamWHyperparameters = AdamWHyperparameters(), selection: ParameterSelection = .all,
+        lrConfig: LRConfig? = nil, noDecay: [String] = OptimizerConfig.defaultNoDecay
+    ) {
         self.defaults = defaults
         self.selection = selection
         self.lrConfig = lrConfig
@@ -319,10 +327,11 @@ public struct ParamGroupPlan: Equatable, Sendable {
         let entries = config.lrConfig?.entries ?? []
         let dead = entries.filter { e in !names.contains { Glob.matches(e.pattern, $0) } }
         if !dead.isEmpty {
-            throw QATError("lr_config: pattern\(dead.count > 1 ? "s" : "") "
-                + "\(dead.map { "'\($0.pattern)'" + ($0.line.map { " (line \($0))" } ?? "") }.joined(separator: ", ")) "
-                + "match\(dead.count > 1 ? "" : "es") no parameter (globs are fnmatch over full HF names such as "
-                + "\(names.prefix(2).joined(separator: ", ")))")
+            throw QATError(
+                "lr_config: pattern\(dead.count > 1 ? "s" : "") "
+                    + "\(dead.map { "'\($0.pattern)'" + ($0.line.map { " (line \($0))" } ?? "") }.joined(separator: ", ")) "
+                    + "match\(dead.count > 1 ? "" : "es") no parameter (globs are fnmatch over full HF names such as "
+                    + "\(names.prefix(2).joined(separator: ", ")))")
         }
 
         struct Key: Hashable { let entry: Int?; let decays: Bool }
@@ -356,9 +365,10 @@ public struct ParamGroupPlan: Equatable, Sendable {
     public var summary: String {
         var lines = ["optimizer param groups (\(groups.reduce(0) { $0 + $1.parameterNames.count }) trainable, \(frozen.count) frozen):"]
         for (i, g) in groups.enumerated() {
-            lines.append("  group \(i): \(g.parameterNames.count) params, lr=\(g.hyper.lr), "
-                + "weight_decay=\(g.hyper.weightDecay), betas=(\(g.hyper.beta1), \(g.hyper.beta2)), "
-                + "eps=\(g.hyper.eps)\(g.pattern.map { ", lr_config '\($0)'" } ?? "")")
+            lines.append(
+                "  group \(i): \(g.parameterNames.count) params, lr=\(g.hyper.lr), "
+                    + "weight_decay=\(g.hyper.weightDecay), betas=(\(g.hyper.beta1), \(g.hyper.beta2)), "
+                    + "eps=\(g.hyper.eps)\(g.pattern.map { ", lr_config '\($0)'" } ?? "")")
         }
         if !unusedLRConfigPatterns.isEmpty {
             lines.append("  lr_config patterns used by no trainable parameter: \(unusedLRConfigPatterns.joined(separator: ", "))")

@@ -78,8 +78,9 @@ public final class PipelineEngine {
     public init(world: Communicator, stages: Int, layers: Int) throws {
         layout = try PipelineLayout(layers: layers, stages: stages, stage: world.rank % max(stages, 1))
         guard world.size % stages == 0 else {
-            throw QATError("train.pipeline_stages is \(stages), but the run has \(world.size) rank(s): start it with "
-                + "mpirun -np \(stages) (or a multiple of \(stages), for pipelines side by side)")
+            throw QATError(
+                "train.pipeline_stages is \(stages), but the run has \(world.size) rank(s): start it with "
+                    + "mpirun -np \(stages) (or a multiple of \(stages), for pipelines side by side)")
         }
         self.world = world
         comm = try world.split(color: world.rank / stages, key: world.rank % stages)
@@ -127,8 +128,10 @@ public final class PipelineEngine {
     /// Forward and backward of one optimizer step's micro-batches (see the type's comment for
     /// the schedule). Gradients accumulate into this stage's parameters; the returned loss
     /// sums are those of the whole step on every rank.
-    public func forwardBackward(student: CausalLM, loss: TrainingLoss, batches: [MicroBatch], gradScale: Float,
-                                dHidden: Tensor) throws -> LossParts {
+    public func forwardBackward(
+        student: CausalLM, loss: TrainingLoss, batches: [MicroBatch], gradScale: Float,
+        dHidden: Tensor
+    ) throws -> LossParts {
         let C = student.config.hiddenSize
         let distill = loss as? DistillationLoss
         // 1. The teacher over every micro-batch; the last stage keeps each final hidden state.
@@ -162,8 +165,9 @@ public final class PipelineEngine {
                 let input = try receiveInput(i, n)
                 let hidden = try student.forward(tokens: mb.tokens, input: input, batch: mb.batch, seqLen: mb.seqLen, saveForBackward: true)
                 if let d = distill {
-                    parts += try d.fused(student: student.lmHead, hidden: hidden, teacherHidden: UnsafePointer(teacherStash[i].data),
-                                         targets: mb.targets, n: mb.rows, gradScale: gradScale, dHidden: dHidden.data)
+                    parts += try d.fused(
+                        student: student.lmHead, hidden: hidden, teacherHidden: UnsafePointer(teacherStash[i].data),
+                        targets: mb.targets, n: mb.rows, gradScale: gradScale, dHidden: dHidden.data)
                 } else {
                     parts += try loss.run(model: student, hidden: hidden, batch: mb, gradScale: gradScale, dHidden: dHidden.data)
                 }
@@ -185,7 +189,8 @@ public final class PipelineEngine {
             for (i, mb) in batches.enumerated() {
                 let n = mb.rows * C
                 if batches.count > 1 {
-                    _ = try student.forward(tokens: mb.tokens, input: inputsUsed[i], batch: mb.batch, seqLen: mb.seqLen, saveForBackward: true)
+                    _ = try student.forward(
+                        tokens: mb.tokens, input: inputsUsed[i], batch: mb.batch, seqLen: mb.seqLen, saveForBackward: true)
                 }
                 let g = buffer(&scratch, 0, count: n)
                 try comm.recv(g.data, count: n, from: next, tag: Tag.gradient)

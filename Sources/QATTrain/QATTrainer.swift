@@ -11,14 +11,17 @@ open class QATTrainer: Trainer {
     public let calibrationSequences: [[Int32]]
     public let calibrationBatchSize: Int
 
-    public init(model: CausalLM, quantizers: QuantizerSet, calibrationSequences: [[Int32]], calibrationBatchSize: Int,
-                spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
-                validationSequences: Int?, options: Options) throws {
+    public init(
+        model: CausalLM, quantizers: QuantizerSet, calibrationSequences: [[Int32]], calibrationBatchSize: Int,
+        spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
+        validationSequences: Int?, options: Options
+    ) throws {
         self.quantizers = quantizers
         self.calibrationSequences = calibrationSequences
         self.calibrationBatchSize = calibrationBatchSize
-        try super.init(model: model, spec: spec, seqLen: seqLen, trainStream: trainStream, validationStream: validationStream,
-                       validationSequences: validationSequences, options: options)
+        try super.init(
+            model: model, spec: spec, seqLen: seqLen, trainStream: trainStream, validationStream: validationStream,
+            validationSequences: validationSequences, options: options)
     }
 
     /// Whether every enabled quantizer has an amax.
@@ -27,8 +30,9 @@ open class QATTrainer: Trainer {
     open override func prepare() throws {
         if !isCalibrated {
             log("calibrating \(quantizers.enabled.count) quantizers on \(calibrationSequences.count) sequences")
-            let loop = CalibrationLoop(sequences: calibrationSequences, seqLen: seqLen, batchSize: calibrationBatchSize,
-                                       forward: options.pipeline?.forwardHook(model, seqLen: seqLen))
+            let loop = CalibrationLoop(
+                sequences: calibrationSequences, seqLen: seqLen, batchSize: calibrationBatchSize,
+                forward: options.pipeline?.forwardHook(model, seqLen: seqLen))
             try Calibration.run(model: model, quantizers: quantizers, loop: loop)
         }
     }

@@ -252,7 +252,9 @@ public struct Recipe: Sendable {
                 if let l = try d.choice("loss", KDLoss.allCases.map(\.rawValue)) { s.distill.loss = KDLoss(rawValue: l)! }
                 s.distill.beta = try d.double("beta", min: 0, max: 1) ?? s.distill.beta
                 s.distill.teacherLogprobs = try d.string("teacher_logprobs")
-                if let o = try d.choice("topk_objective", TopKObjective.allCases.map(\.rawValue)) { s.distill.topkObjective = TopKObjective(rawValue: o)! }
+                if let o = try d.choice("topk_objective", TopKObjective.allCases.map(\.rawValue)) {
+                    s.distill.topkObjective = TopKObjective(rawValue: o)!
+                }
                 try d.finish()
             }
             if let l = try t.map("lora") { s.lora = try LoRASpec.parse(l) }
@@ -294,7 +296,9 @@ public struct Recipe: Sendable {
         guard !keyPath.isEmpty, keyPath.allSatisfy({ !$0.isEmpty }) else { throw QATError("--set \(assignment): empty key") }
         let valueText = String(assignment[assignment.index(after: eq)...])
         let value: Node
-        do { value = try SafeYAML.compose(valueText.isEmpty ? "null" : valueText, source: "--set \(assignment)") ?? Node("") } catch let e as QATError {
+        do { value = try SafeYAML.compose(valueText.isEmpty ? "null" : valueText, source: "--set \(assignment)") ?? Node("") } catch let e
+            as QATError
+        {
             throw e
         } catch {
             throw QATError("--set \(assignment): the value is not valid YAML: \(error)")

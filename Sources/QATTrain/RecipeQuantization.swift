@@ -18,19 +18,23 @@ extension Recipe {
     /// The calibration loop of this recipe: the first `calibration.samples` sequences of
     /// `stream`, in batches of `calibration.batch_size`.
     public func calibrationLoop(stream: [Int32], progress: ((Int, Int) -> Void)? = nil) throws -> CalibrationLoop {
-        CalibrationLoop(sequences: try Calibration.sequences(from: stream, seqLen: data.seqLen, count: calibration.samples),
-                        seqLen: data.seqLen, batchSize: calibration.batchSize, progress: progress)
+        CalibrationLoop(
+            sequences: try Calibration.sequences(from: stream, seqLen: data.seqLen, count: calibration.samples),
+            seqLen: data.seqLen, batchSize: calibration.batchSize, progress: progress)
     }
 
     /// Post-training quantization in one process: the recipe's quantizers inserted into `model`
     /// and calibrated on the first `calibration.samples` sequences of its train data (nil: no
     /// quantize section).
     /// `forward` replaces the CPU forward during calibration (the CUDA model's hook).
-    public func quantizePTQ(model: CausalLM, modelDirectory: String, quiet: Bool,
-                            forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil) throws -> QuantizerSet? {
+    public func quantizePTQ(
+        model: CausalLM, modelDirectory: String, quiet: Bool,
+        forward: ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? = nil
+    ) throws -> QuantizerSet? {
         guard quantize != nil else { return nil }
-        let stream = try TokenData.load(path: data.train, split: data.trainSplit, modelDirectory: modelDirectory,
-                                        vocabSize: model.config.vocabSize)
+        let stream = try TokenData.load(
+            path: data.train, split: data.trainSplit, modelDirectory: modelDirectory,
+            vocabSize: model.config.vocabSize)
         var loop = try calibrationLoop(stream: stream)
         let bar = ProgressBar(total: loop.sequences.count, label: "calibrate", unit: "seq", enabled: !quiet)
         loop.progress = { done, _ in bar.update(done) }

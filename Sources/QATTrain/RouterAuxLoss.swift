@@ -15,8 +15,9 @@ extension Trainer {
             throw QATError("train.router_aux_loss_coef = \(coef): the model has no mixture-of-experts layers (set it to 0 or leave it out)")
         }
         guard !pipeline else {
-            throw QATError("train.router_aux_loss_coef = \(coef) with train.pipeline_stages > 1 is not supported "
-                           + "(the loss spans every stage's routers); set it to 0")
+            throw QATError(
+                "train.router_aux_loss_coef = \(coef) with train.pipeline_stages > 1 is not supported "
+                    + "(the loss spans every stage's routers); set it to 0")
         }
         model.routerAuxLossCoef = Float(coef)
     }

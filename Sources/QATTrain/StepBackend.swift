@@ -182,8 +182,10 @@ public final class PipelineStepBackend: StepBackend {
         let moments = try engine.gather(state.moments), extra = try engine.gather(state.extra)
         guard let parameters, let moments, let extra else { return nil }
         let order = Dictionary(uniqueKeysWithValues: CausalLM.parameterShapes(model.config).enumerated().map { ($1.0, $0) })
-        let slot = Dictionary(uniqueKeysWithValues: globalSlotOrder.enumerated().flatMap { index, name in
-            [(AdamW.expAvgName(name), 2 * index), (AdamW.expAvgSqName(name), 2 * index + 1)] })
+        let slot = Dictionary(
+            uniqueKeysWithValues: globalSlotOrder.enumerated().flatMap { index, name in
+                [(AdamW.expAvgName(name), 2 * index), (AdamW.expAvgSqName(name), 2 * index + 1)]
+            })
         var metadata = state.metadata
         metadata.parameters = globalSlotOrder
         metadata.groups = wholeModelGroups.map {

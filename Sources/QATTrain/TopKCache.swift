@@ -52,8 +52,10 @@ public enum TopKCache {
         public var model: String
         public var version: Int
         public var kind: Kind
-        public init(seqLen: Int, topK: Int, vocabSize: Int, sequences: Int, data: String = "", split: String = "", model: String = "",
-                    version: Int = TopKCache.version, kind: Kind = .topK) {
+        public init(
+            seqLen: Int, topK: Int, vocabSize: Int, sequences: Int, data: String = "", split: String = "", model: String = "",
+            version: Int = TopKCache.version, kind: Kind = .topK
+        ) {
             self.seqLen = seqLen; self.topK = topK; self.vocabSize = vocabSize; self.sequences = sequences
             self.data = data; self.split = split; self.model = model; self.version = version; self.kind = kind
         }
@@ -87,7 +89,8 @@ public enum TopKCache {
         }
         if let m = maxSequences { S = min(S, m) }
         let kind: Kind = sampled ? .sampled : .topK
-        let header = Header(seqLen: seqLen, topK: topK, vocabSize: V, sequences: S, data: dataPath, split: split, model: modelPath, kind: kind)
+        let header = Header(
+            seqLen: seqLen, topK: topK, vocabSize: V, sequences: S, data: dataPath, split: split, model: modelPath, kind: kind)
 
         return try atomically(path) { tmp in
             let w = try CacheWriter(path: tmp, header: header, storage: logprobStorage, seed: seed)
@@ -112,12 +115,14 @@ public enum TopKCache {
                         lps.withUnsafeMutableBufferPointer { lb in
                             extra.withUnsafeMutableBufferPointer { eb in
                                 if sampled {
-                                    sampleRows(logits: logits.data, n: rows, vocab: V, draws: topK, seed: seed, firstRow: done * seqLen + start,
-                                               ids: ib.baseAddress! + start * topK, logprobs: lb.baseAddress! + start * topK,
-                                               counts: eb.baseAddress! + start * topK)
+                                    sampleRows(
+                                        logits: logits.data, n: rows, vocab: V, draws: topK, seed: seed, firstRow: done * seqLen + start,
+                                        ids: ib.baseAddress! + start * topK, logprobs: lb.baseAddress! + start * topK,
+                                        counts: eb.baseAddress! + start * topK)
                                 } else {
-                                    selectTopK(logits: logits.data, n: rows, vocab: V, topK: topK, ids: ib.baseAddress! + start * topK,
-                                               logprobs: lb.baseAddress! + start * topK, restLogprob: eb.baseAddress! + start)
+                                    selectTopK(
+                                        logits: logits.data, n: rows, vocab: V, topK: topK, ids: ib.baseAddress! + start * topK,
+                                        logprobs: lb.baseAddress! + start * topK, restLogprob: eb.baseAddress! + start)
                                 }
                             }
                         }
@@ -157,7 +162,8 @@ public enum TopKCache {
                     let b = t * K0, o = t * topK
                     if h.kind == .topK {
                         let order = (0..<K0).sorted { x, y in
-                            row.logprobs[b + x] > row.logprobs[b + y] || (row.logprobs[b + x] == row.logprobs[b + y] && row.ids[b + x] < row.ids[b + y])
+                            row.logprobs[b + x] > row.logprobs[b + y]
+                                || (row.logprobs[b + x] == row.logprobs[b + y] && row.ids[b + x] < row.ids[b + y])
                         }
                         var m = Double(row.restLogprob[t])
                         for x in order[topK...] { m = max(m, Double(row.logprobs[b + x])) }
@@ -225,7 +231,11 @@ public enum TopKCache {
                 try create("input_ids", Int32.self, [S, L]); try create("topk_ids", Int32.self, [S, L, K])
             }
             try create("topk_logprobs", Float.self, [S, L, K], storage)
-            if h.kind == .sampled { try create("sample_counts", UInt16.self, [S, L, K]) } else { try create("rest_logprob", Float.self, [S, L], .float16) }
+            if h.kind == .sampled {
+                try create("sample_counts", UInt16.self, [S, L, K])
+            } else {
+                try create("rest_logprob", Float.self, [S, L], .float16)
+            }
             var attrs: [(String, String)] = [
                 ("format", format), ("version", String(version)), ("kind", h.kind.rawValue),
                 ("seq_len", String(L)), ("top_k", String(K)), ("vocab_size", String(h.vocabSize)),
@@ -241,12 +251,18 @@ public enum TopKCache {
         /// extra: rest log-masses [b·L] or counts [b·L·K]. Slots are sorted by id here.
         func append(at row: Int, tokens: [Int32], ids: inout [Int32], logprobs: inout [Float], extra: inout [Float]) throws {
             let n = tokens.count, K = header.topK
-            if header.kind == .sampled { sortByID(n: n, topK: K, ids: &ids, logprobs: &logprobs, counts: &extra) } else {
+            if header.kind == .sampled {
+                sortByID(n: n, topK: K, ids: &ids, logprobs: &logprobs, counts: &extra)
+            } else {
                 var none = [Float]()
                 sortByID(n: n, topK: K, ids: &ids, logprobs: &logprobs, counts: &none)
             }
             func writeIDs(_ name: String, _ v: [Int32]) throws {
-                if narrowIDs { try file.writeRows(name, at: row, values: v.map { UInt16(truncatingIfNeeded: $0) }) } else { try file.writeRows(name, at: row, values: v) }
+                if narrowIDs {
+                    try file.writeRows(name, at: row, values: v.map { UInt16(truncatingIfNeeded: $0) })
+                } else {
+                    try file.writeRows(name, at: row, values: v)
+                }
             }
             let round: (Float) -> Float = storage == .bfloat16 ? { bf16ToFloat(floatToBF16($0)) } : { roundToF16($0) }
             try writeIDs("input_ids", tokens)
@@ -294,9 +310,11 @@ public enum TopKCache {
     /// generator seeded from (`seed`, `firstRow` + row): the distinct drawn ids by decreasing
     /// log-probability (ties: lower id first), their log_softmax and their counts (as Float),
     /// empty slots (fewer distinct ids than draws) id 0, count 0, log-prob 0.
-    public static func sampleRows(logits: UnsafePointer<Float>, n: Int, vocab V: Int, draws K: Int, seed: UInt64, firstRow: Int,
-                                  ids: UnsafeMutablePointer<Int32>, logprobs: UnsafeMutablePointer<Float>,
-                                  counts: UnsafeMutablePointer<Float>) {
+    public static func sampleRows(
+        logits: UnsafePointer<Float>, n: Int, vocab V: Int, draws K: Int, seed: UInt64, firstRow: Int,
+        ids: UnsafeMutablePointer<Int32>, logprobs: UnsafeMutablePointer<Float>,
+        counts: UnsafeMutablePointer<Float>
+    ) {
         let zp = SendablePointer(UnsafeMutablePointer(mutating: logits)), ip = SendablePointer(ids), lp = SendablePointer(logprobs)
         let cp = SendablePointer(counts)
         Parallel.forRange(n, costPerItem: V * 4) { lo, hi in
@@ -338,9 +356,11 @@ public enum TopKCache {
     /// the log of the mass outside the k entries, log Σ_{j∉top-k} softmax_j, summed directly
     /// over those entries in Double (no cancellation; −∞ when k = V). Rows in parallel; each
     /// worker keeps one min-heap of size k (O(V log k) worst case, O(V) typical).
-    public static func selectTopK(logits: UnsafePointer<Float>, n: Int, vocab V: Int, topK K: Int,
-                                  ids: UnsafeMutablePointer<Int32>, logprobs: UnsafeMutablePointer<Float>,
-                                  restLogprob: UnsafeMutablePointer<Float>? = nil) {
+    public static func selectTopK(
+        logits: UnsafePointer<Float>, n: Int, vocab V: Int, topK K: Int,
+        ids: UnsafeMutablePointer<Int32>, logprobs: UnsafeMutablePointer<Float>,
+        restLogprob: UnsafeMutablePointer<Float>? = nil
+    ) {
         let zp = SendablePointer(UnsafeMutablePointer(mutating: logits)), ip = SendablePointer(ids), lp = SendablePointer(logprobs)
         let rp = restLogprob.map { SendablePointer($0) }
         Parallel.forRange(n, costPerItem: V * 4) { lo, hi in
@@ -399,8 +419,8 @@ public enum TopKCache {
     }
 }
 
-private extension UnsafeMutablePointer {
-    @inline(__always) func swapAt(_ i: Int, _ j: Int) { let t = self[i]; self[i] = self[j]; self[j] = t }
+extension UnsafeMutablePointer {
+    @inline(__always) fileprivate func swapAt(_ i: Int, _ j: Int) { let t = self[i]; self[i] = self[j]; self[j] = t }
 }
 
 /// One packed sequence of a cache: tokens [L], ids [L·K] (−1: an empty slot), T = 1
@@ -428,7 +448,8 @@ public final class TopKCacheReader {
         let file = try HDF5File(path: path, mode: .readOnly)
         func attr(_ a: String) throws -> String {
             do { return try file.stringAttribute(a) } catch {
-                throw QATError("\(path): not a qat teacher-logprobs cache (attribute '\(a)' missing); write one with `qat teacher-logprobs`")
+                throw QATError(
+                    "\(path): not a qat teacher-logprobs cache (attribute '\(a)' missing); write one with `qat teacher-logprobs`")
             }
         }
         func int(_ a: String) throws -> Int {
@@ -444,8 +465,9 @@ public final class TopKCacheReader {
         } else if fmt == TopKCache.format {
             version = try int("version")
             guard version == TopKCache.version else {
-                throw QATError("\(path): cache version \(version) is not one this qat reads (1 or \(TopKCache.version)); "
-                    + "rewrite it with this version's `qat teacher-logprobs`")
+                throw QATError(
+                    "\(path): cache version \(version) is not one this qat reads (1 or \(TopKCache.version)); "
+                        + "rewrite it with this version's `qat teacher-logprobs`")
             }
             let k = try attr("kind")
             guard let kk = TopKCache.Kind(rawValue: k) else {
@@ -453,22 +475,28 @@ public final class TopKCacheReader {
             }
             kind = kk
         } else {
-            throw QATError("\(path): cache format \"\(fmt)\" is not \(TopKCache.format); rewrite it with this version's `qat teacher-logprobs`")
+            throw QATError(
+                "\(path): cache format \"\(fmt)\" is not \(TopKCache.format); rewrite it with this version's `qat teacher-logprobs`")
         }
-        let h = TopKCache.Header(seqLen: try int("seq_len"), topK: try int("top_k"), vocabSize: try int("vocab_size"),
-                                 sequences: try int("sequences"), data: (try? file.stringAttribute("data")) ?? "",
-                                 split: (try? file.stringAttribute("split")) ?? "", model: (try? file.stringAttribute("model")) ?? "",
-                                 version: version, kind: kind)
-        var expect: [(String, [Int])] = [("input_ids", [h.sequences, h.seqLen]), ("topk_ids", [h.sequences, h.seqLen, h.topK]),
-                                         ("topk_logprobs", [h.sequences, h.seqLen, h.topK])]
+        let h = TopKCache.Header(
+            seqLen: try int("seq_len"), topK: try int("top_k"), vocabSize: try int("vocab_size"),
+            sequences: try int("sequences"), data: (try? file.stringAttribute("data")) ?? "",
+            split: (try? file.stringAttribute("split")) ?? "", model: (try? file.stringAttribute("model")) ?? "",
+            version: version, kind: kind)
+        var expect: [(String, [Int])] = [
+            ("input_ids", [h.sequences, h.seqLen]), ("topk_ids", [h.sequences, h.seqLen, h.topK]),
+            ("topk_logprobs", [h.sequences, h.seqLen, h.topK]),
+        ]
         if version >= 2 {
-            expect.append(kind == .sampled ? ("sample_counts", [h.sequences, h.seqLen, h.topK]) : ("rest_logprob", [h.sequences, h.seqLen]))
+            expect.append(
+                kind == .sampled ? ("sample_counts", [h.sequences, h.seqLen, h.topK]) : ("rest_logprob", [h.sequences, h.seqLen]))
         }
         for (name, shape) in expect {
             let info = try file.info(name)
             guard info.shape == shape else {
-                throw QATError("\(path): dataset '\(name)' has shape \(info.shape), but the attributes imply \(shape); "
-                    + "the cache is incomplete or corrupt")
+                throw QATError(
+                    "\(path): dataset '\(name)' has shape \(info.shape), but the attributes imply \(shape); "
+                        + "the cache is incomplete or corrupt")
             }
         }
         self.file = file
@@ -482,13 +510,15 @@ public final class TopKCacheReader {
     /// Double (−∞ when the k entries hold all the mass to float32 precision, k·1.2e-7).
     public func sequence(_ index: Int) throws -> TopKCacheRow {
         guard index >= 0, index < header.sequences else {
-            throw QATError("\(path): sequence \(index) is not in the cache (it holds \(header.sequences) sequences "
-                + "of \(header.seqLen)); it was built from less data, or with --max-sequences")
+            throw QATError(
+                "\(path): sequence \(index) is not in the cache (it holds \(header.sequences) sequences "
+                    + "of \(header.seqLen)); it was built from less data, or with --max-sequences")
         }
         let r = index..<(index + 1)
         let K = header.topK
-        var row = TopKCacheRow(tokens: try file.readRows("input_ids", rows: r), ids: try file.readRows("topk_ids", rows: r),
-                               logprobs: try file.readRows("topk_logprobs", rows: r), restLogprob: [], counts: [])
+        var row = TopKCacheRow(
+            tokens: try file.readRows("input_ids", rows: r), ids: try file.readRows("topk_ids", rows: r),
+            logprobs: try file.readRows("topk_logprobs", rows: r), restLogprob: [], counts: [])
         switch (header.version, header.kind) {
         case (1, _):
             row.restLogprob = (0..<header.seqLen).map { t in

@@ -55,36 +55,45 @@ public final class TopKDistillationLoss: TrainingLoss {
     /// trainer's ⌊(N−1)/L⌋) is given, it must hold that many sequences. `budgetBytes` bounds
     /// the student's chunk logits (default 128 MiB: large chunks keep the lm_head backward,
     /// which sweeps the whole weight gradient per chunk, compute-bound; see DistillationLoss).
-    public init(cache path: String, studentVocab: Int, seqLen: Int, spec: Recipe.DistillSpec, sequenceCount: Int? = nil,
-                maskExtraVocab: Bool = false, budgetBytes: Int = 128 << 20) throws {
+    public init(
+        cache path: String, studentVocab: Int, seqLen: Int, spec: Recipe.DistillSpec, sequenceCount: Int? = nil,
+        maskExtraVocab: Bool = false, budgetBytes: Int = 128 << 20
+    ) throws {
         constants = try DistillationConstants(spec: spec)
         guard constants.divergence == .forwardKL else {
-            throw QATError("an offline top-k teacher cache supports forward_kl only (got "
-                + "\(spec.loss.rawValue)\(spec.loss == .jsd ? " with beta \(spec.beta)" : "")): reverse KL "
-                + "and JSD need the teacher's full distribution; run the teacher live instead")
+            throw QATError(
+                "an offline top-k teacher cache supports forward_kl only (got "
+                    + "\(spec.loss.rawValue)\(spec.loss == .jsd ? " with beta \(spec.beta)" : "")): reverse KL "
+                    + "and JSD need the teacher's full distribution; run the teacher live instead")
         }
         let r = try TopKCacheReader(path: path)
         let h = r.header
         objective = spec.topkObjective
         if h.kind == .sampled, objective != .sampled {
-            throw QATError("\(path) holds sampled teacher tokens (written with --sample): set "
-                + "train.distill.topk_objective: sampled (got \(objective.rawValue))")
+            throw QATError(
+                "\(path) holds sampled teacher tokens (written with --sample): set "
+                    + "train.distill.topk_objective: sampled (got \(objective.rawValue))")
         }
         if h.kind == .topK, objective == .sampled {
-            throw QATError("\(path) holds the teacher's top-\(h.topK), not sampled tokens: write a sampled cache "
-                + "with `qat teacher-logprobs --sample`, or use topk_objective coarse_kl")
+            throw QATError(
+                "\(path) holds the teacher's top-\(h.topK), not sampled tokens: write a sampled cache "
+                    + "with `qat teacher-logprobs --sample`, or use topk_objective coarse_kl")
         }
         guard h.seqLen == seqLen else {
-            throw QATError("\(path): the cache was written with seq_len \(h.seqLen), but this run uses seq_len "
-                + "\(seqLen); rewrite it with `qat teacher-logprobs --seq-len \(seqLen)`")
+            throw QATError(
+                "\(path): the cache was written with seq_len \(h.seqLen), but this run uses seq_len "
+                    + "\(seqLen); rewrite it with `qat teacher-logprobs --seq-len \(seqLen)`")
         }
-        do { try DistillationLoss.checkVocab(student: studentVocab, teacher: h.vocabSize, maskExtraVocab: maskExtraVocab) } catch let e as QATError {
+        do { try DistillationLoss.checkVocab(student: studentVocab, teacher: h.vocabSize, maskExtraVocab: maskExtraVocab) } catch let e
+            as QATError
+        {
             throw QATError("\(path): \(e.message)")
         }
         if let n = sequenceCount, n != h.sequences {
-            throw QATError("\(path): the cache holds \(h.sequences) sequences, but the training data has \(n) "
-                + "sequences of \(seqLen) (data \(h.data.isEmpty ? "?" : h.data), split "
-                + "\(h.split.isEmpty ? "?" : h.split) when written); rewrite the cache for this data")
+            throw QATError(
+                "\(path): the cache holds \(h.sequences) sequences, but the training data has \(n) "
+                    + "sequences of \(seqLen) (data \(h.data.isEmpty ? "?" : h.data), split "
+                    + "\(h.split.isEmpty ? "?" : h.split) when written); rewrite the cache for this data")
         }
         reader = r; self.spec = spec; self.studentVocab = studentVocab; self.seqLen = seqLen; self.maskExtraVocab = maskExtraVocab
         chunkRows = max(1, budgetBytes / max(1, studentVocab * 4))
@@ -97,15 +106,17 @@ public final class TopKDistillationLoss: TrainingLoss {
         let K = reader.header.topK, L = seqLen
         guard batch.seqLen == L else { throw QATError("batch seq_len \(batch.seqLen) differs from the cache's \(L)") }
         guard batch.sequenceIndices.count == batch.batch else {
-            throw QATError("top-k distillation needs the batch's sequence indices (got \(batch.sequenceIndices.count) for \(batch.batch) sequences)")
+            throw QATError(
+                "top-k distillation needs the batch's sequence indices (got \(batch.sequenceIndices.count) for \(batch.batch) sequences)")
         }
         var ids = [Int32](), lps = [Float](), rest = [Float](), counts = [Float]()
         ids.reserveCapacity(batch.rows * K); lps.reserveCapacity(batch.rows * K)
         for (b, index) in batch.sequenceIndices.enumerated() {
             let row = try reader.sequence(index)
             guard row.tokens.elementsEqual(batch.tokens[(b * L)..<((b + 1) * L)]) else {
-                throw QATError("\(reader.path): the cached tokens of sequence \(index) differ from the batch's: the "
-                    + "cache was written from other data (\(reader.header.data) \(reader.header.split))")
+                throw QATError(
+                    "\(reader.path): the cached tokens of sequence \(index) differ from the batch's: the "
+                        + "cache was written from other data (\(reader.header.data) \(reader.header.split))")
             }
             ids += row.ids; lps += row.logprobs; rest += row.restLogprob; counts += row.counts
         }
@@ -117,25 +128,35 @@ public final class TopKDistillationLoss: TrainingLoss {
         return (ids, lps, rest, counts)
     }
 
-    public func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
-                    gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+    public func run(
+        model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
+        gradScale: Float, dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts {
         let t = try teacherRows(for: batch)
-        return try fused(student: model.lmHead, hidden: hidden, ids: t.ids, logprobs: t.logprobs, rest: t.rest, counts: t.counts,
-                         targets: batch.targets, n: batch.rows, gradScale: gradScale, dHidden: dHidden)
+        return try fused(
+            student: model.lmHead, hidden: hidden, ids: t.ids, logprobs: t.logprobs, rest: t.rest, counts: t.counts,
+            targets: batch.targets, n: batch.rows, gradScale: gradScale, dHidden: dHidden)
     }
 
     /// The fused chunked pass given the teacher rows: [n·K] ids (−1 = absent) and T = 1
     /// log-probabilities, the [n] log rest masses (coarse_kl) or [n·K] draw counts (sampled).
-    public func fused(student head: Linear, hidden: UnsafePointer<Float>, ids: [Int32], logprobs: [Float], rest: [Float] = [],
-                      counts: [Float] = [], targets: [Int32], n: Int, gradScale: Float,
-                      dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
+    public func fused(
+        student head: Linear, hidden: UnsafePointer<Float>, ids: [Int32], logprobs: [Float], rest: [Float] = [],
+        counts: [Float] = [], targets: [Int32], n: Int, gradScale: Float,
+        dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts {
         let K = reader.header.topK, V = studentVocab, C = head.inFeatures
         guard head.outFeatures == V else { throw QATError("student lm_head has \(head.outFeatures) outputs, expected \(V)") }
         guard targets.count == n, ids.count == n * K, logprobs.count == n * K else {
-            throw QATError("top-k distillation: \(targets.count) targets, \(ids.count) ids, \(logprobs.count) logprobs for \(n) rows of k = \(K)")
+            throw QATError(
+                "top-k distillation: \(targets.count) targets, \(ids.count) ids, \(logprobs.count) logprobs for \(n) rows of k = \(K)")
         }
-        if objective == .coarseKL, rest.count != n { throw QATError("top-k distillation (coarse_kl): \(rest.count) rest masses for \(n) rows") }
-        if objective == .sampled, counts.count != n * K { throw QATError("top-k distillation (sampled): \(counts.count) counts for \(n) rows of \(K)") }
+        if objective == .coarseKL, rest.count != n {
+            throw QATError("top-k distillation (coarse_kl): \(rest.count) rest masses for \(n) rows")
+        }
+        if objective == .sampled, counts.count != n * K {
+            throw QATError("top-k distillation (sampled): \(counts.count) counts for \(n) rows of \(K)")
+        }
         for t in targets where t != CrossEntropy.ignoreIndex && (t < 0 || Int(t) >= V) {
             throw QATError("target id \(t) is outside the student vocabulary (size \(V))")
         }
@@ -145,8 +166,9 @@ public final class TopKDistillationLoss: TrainingLoss {
             let rows = min(chunkRows, n - start)
             let h = hidden + start * C
             let used = try head.forward(h, out: logits.data, n: rows)
-            let r = kernel(start: start, rows: rows, ids: ids, logprobs: logprobs, rest: rest, counts: counts, targets: targets,
-                           gradScale: gradScale)
+            let r = kernel(
+                start: start, rows: rows, ids: ids, logprobs: logprobs, rest: rest, counts: counts, targets: targets,
+                gradScale: gradScale)
             ce += r.ce; kd += r.kd
             head.backward(dy: logits.data, x: h, xUsed: used, n: rows, dx: dHidden + start * C, accumulateDx: false)
             start += rows
@@ -158,18 +180,21 @@ public final class TopKDistillationLoss: TrainingLoss {
 
     /// The objective's row kernel over rows start..<start+rows of the chunk logits (rest and
     /// counts are passed only when non-empty, i.e. when the objective uses them).
-    private func kernel(start: Int, rows: Int, ids: [Int32], logprobs: [Float], rest: [Float], counts: [Float], targets: [Int32],
-                        gradScale: Float) -> (ce: Double, kd: Double) {
+    private func kernel(
+        start: Int, rows: Int, ids: [Int32], logprobs: [Float], rest: [Float], counts: [Float], targets: [Int32],
+        gradScale: Float
+    ) -> (ce: Double, kd: Double) {
         let K = reader.header.topK
         return ids.withUnsafeBufferPointer { ib in
             logprobs.withUnsafeBufferPointer { lb in
                 rest.withUnsafeBufferPointer { rb in
                     counts.withUnsafeBufferPointer { nb in
                         targets.withUnsafeBufferPointer { tb in
-                            TopKKernels.rows(objective, student: logits.data, n: rows, vocab: studentVocab, ids: ib.baseAddress! + start * K,
-                                             logprobs: lb.baseAddress! + start * K, rest: rest.isEmpty ? nil : rb.baseAddress! + start,
-                                             counts: counts.isEmpty ? nil : nb.baseAddress! + start * K, topK: K,
-                                             targets: tb.baseAddress! + start, k: constants, gradScale: gradScale)
+                            TopKKernels.rows(
+                                objective, student: logits.data, n: rows, vocab: studentVocab, ids: ib.baseAddress! + start * K,
+                                logprobs: lb.baseAddress! + start * K, rest: rest.isEmpty ? nil : rb.baseAddress! + start,
+                                counts: counts.isEmpty ? nil : nb.baseAddress! + start * K, topK: K,
+                                targets: tb.baseAddress! + start, k: constants, gradScale: gradScale)
                         }
                     }
                 }

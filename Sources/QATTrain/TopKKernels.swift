@@ -44,15 +44,18 @@ public enum TopKKernels {
     ) -> (ce: Double, kd: Double) {
         switch objective {
         case .teacherNormalized:
-            return DistillationKernels.topKRow(s: s, vocab: V, ids: ids, logprobs: logprobs, topK: K, target: target, k: k, c: c, scratch: scratch)
+            return DistillationKernels.topKRow(
+                s: s, vocab: V, ids: ids, logprobs: logprobs, topK: K, target: target, k: k, c: c, scratch: scratch)
         case .sampled:
             // The legacy kernel with teacher weights w_k in place of softmax_k(ℓ_k/T).
             let w = scratch + 2 * V + 2 * K, lw = w + K
             let kd = sampledWeights(logprobs: logprobs, counts: counts!, ids: ids, topK: K, invT: c.invT, w: w, logW: lw)
-            return weightedRow(s: s, vocab: V, ids: ids, weights: w, logTarget: lw, topK: K, target: target, k: k, c: c,
-                               scratch: scratch, kdOn: kd)
+            return weightedRow(
+                s: s, vocab: V, ids: ids, weights: w, logTarget: lw, topK: K, target: target, k: k, c: c,
+                scratch: scratch, kdOn: kd)
         case .coarseKL:
-            return coarseRow(s: s, vocab: V, ids: ids, logprobs: logprobs, rest: rest, topK: K, target: target, k: k, c: c, scratch: scratch)
+            return coarseRow(
+                s: s, vocab: V, ids: ids, logprobs: logprobs, rest: rest, topK: K, target: target, k: k, c: c, scratch: scratch)
         case .bothNormalized:
             return bothNormalizedRow(s: s, vocab: V, ids: ids, logprobs: logprobs, topK: K, target: target, k: k, c: c, scratch: scratch)
         }
@@ -62,8 +65,10 @@ public enum TopKKernels {
     /// writes probabilities to `p` and log-probabilities to `lp`; returns (log p_extra, whether
     /// any entry is finite).
     @inline(__always)
-    static func binSoftmax(_ x: (Int) -> Double, present: (Int) -> Bool, count K: Int, extra: Double, scale: Double,
-                           p: UnsafeMutablePointer<Double>, lp: UnsafeMutablePointer<Double>) -> (lpExtra: Double, any: Bool) {
+    static func binSoftmax(
+        _ x: (Int) -> Double, present: (Int) -> Bool, count K: Int, extra: Double, scale: Double,
+        p: UnsafeMutablePointer<Double>, lp: UnsafeMutablePointer<Double>
+    ) -> (lpExtra: Double, any: Bool) {
         var m = extra * scale
         for i in 0..<K where present(i) { m = max(m, x(i) * scale) }
         guard m > -Double.infinity else { return (-Double.infinity, false) }
@@ -106,8 +111,9 @@ public enum TopKKernels {
         let invT = c.invT
         // Teacher bins at T (its rest bin from the cache); student bins at T.
         let t = binSoftmax({ Double(logprobs[$0]) }, present: { ids[$0] >= 0 }, count: K, extra: Double(rest), scale: invT, p: tp, lp: tlp)
-        let r = binSoftmax({ Double(s[Int(ids[$0])]) - lse }, present: { ids[$0] >= 0 }, count: K, extra: logRestQ, scale: invT,
-                           p: rp, lp: rlp)
+        let r = binSoftmax(
+            { Double(s[Int(ids[$0])]) - lse }, present: { ids[$0] >= 0 }, count: K, extra: logRestQ, scale: invT,
+            p: rp, lp: rlp)
         var kd = 0.0
         var gRest = 0.0
         if t.any {
@@ -144,8 +150,10 @@ public enum TopKKernels {
         if target == CrossEntropy.ignoreIndex { s.update(repeating: 0, count: V); return (0, 0) }
         let dp = UnsafeMutableRawPointer(scratch + 2 * V).bindMemory(to: Double.self, capacity: 4 * K)
         let tp = dp, tlp = dp + K, rp = dp + 2 * K, rlp = dp + 3 * K
-        let t = binSoftmax({ Double(logprobs[$0]) }, present: { ids[$0] >= 0 }, count: K, extra: -Double.infinity, scale: c.invT, p: tp, lp: tlp)
-        _ = binSoftmax({ Double(s[Int(ids[$0])]) }, present: { ids[$0] >= 0 }, count: K, extra: -Double.infinity, scale: c.invT, p: rp, lp: rlp)
+        let t = binSoftmax(
+            { Double(logprobs[$0]) }, present: { ids[$0] >= 0 }, count: K, extra: -Double.infinity, scale: c.invT, p: tp, lp: tlp)
+        _ = binSoftmax(
+            { Double(s[Int(ids[$0])]) }, present: { ids[$0] >= 0 }, count: K, extra: -Double.infinity, scale: c.invT, p: rp, lp: rlp)
         var kd = 0.0
         if t.any { for i in 0..<K where ids[i] >= 0 && tp[i] > 0 { kd += tp[i] * (tlp[i] - rlp[i]) } }
         var ce = 0.0
@@ -168,8 +176,10 @@ public enum TopKKernels {
     /// Self-normalised importance weights of a sampled row at 1/T = `invT` into `w`, and the
     /// estimated log p_T of each drawn id into `logW`. Returns 1 when the row has draws, else 0.
     @inline(__always)
-    static func sampledWeights(logprobs: UnsafePointer<Float>, counts: UnsafePointer<Float>, ids: UnsafePointer<Int32>, topK K: Int,
-                               invT: Double, w: UnsafeMutablePointer<Float>, logW: UnsafeMutablePointer<Float>) -> Float {
+    static func sampledWeights(
+        logprobs: UnsafePointer<Float>, counts: UnsafePointer<Float>, ids: UnsafePointer<Int32>, topK K: Int,
+        invT: Double, w: UnsafeMutablePointer<Float>, logW: UnsafeMutablePointer<Float>
+    ) -> Float {
         var n = 0.0, m = -Double.infinity
         for i in 0..<K where ids[i] >= 0 && counts[i] > 0 { n += Double(counts[i]); m = max(m, Double(logprobs[i]) * (invT - 1)) }
         guard n > 0, m > -Double.infinity else {
@@ -215,7 +225,11 @@ public enum TopKKernels {
         var ce = 0.0, iS: Float = 0, eCE = eA
         if k.computeCE {
             let t = Int(target)
-            if ceSeparate { ce = Double(ms) + log(sumS) - Double(s[t]); iS = Float(1 / sumS); eCE = eS } else { ce = lseA - Double(s[t]); iS = Float(1 / sumA) }
+            if ceSeparate {
+                ce = Double(ms) + log(sumS) - Double(s[t]); iS = Float(1 / sumS); eCE = eS
+            } else {
+                ce = lseA - Double(s[t]); iS = Float(1 / sumA)
+            }
         }
         let iA = Float(1 / sumA), cKD = c.cKD * kdOn, cCE = c.cCE
         if k.computeCE {
@@ -250,9 +264,10 @@ public enum TopKKernels {
                     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 2 * V + 8 * K + 2)
                     defer { scratch.deallocate() }
                     for i in lo..<hi {
-                        let r = row(objective, s: sp.p + i * V, vocab: V, ids: ip.p + i * K, logprobs: lp.p + i * K,
-                                    rest: rp.map { $0.p[i] } ?? -.infinity, counts: np.map { UnsafePointer($0.p + i * K) }, topK: K,
-                                    target: tg.p[i], k: k, c: c, scratch: scratch)
+                        let r = row(
+                            objective, s: sp.p + i * V, vocab: V, ids: ip.p + i * K, logprobs: lp.p + i * K,
+                            rest: rp.map { $0.p[i] } ?? -.infinity, counts: np.map { UnsafePointer($0.p + i * K) }, topK: K,
+                            target: tg.p[i], k: k, c: c, scratch: scratch)
                         co.p[i] = r.ce; ko.p[i] = r.kd
                     }
                 }

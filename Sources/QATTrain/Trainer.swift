@@ -2,6 +2,7 @@ import Foundation
 import QATCore
 import QATIO
 import QATModels
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -134,8 +135,10 @@ open class Trainer {
     /// ranks holding the same stage of the side-by-side pipelines.
     public var dataParallel: Communicator { backend.dataParallel }
 
-    public init(model: CausalLM, spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
-                validationSequences: Int?, options: Options) throws {
+    public init(
+        model: CausalLM, spec: Recipe.TrainSpec, seqLen: Int, trainStream: [Int32], validationStream: [Int32],
+        validationSequences: Int?, options: Options
+    ) throws {
         self.model = model; self.spec = spec; self.seqLen = seqLen; self.options = options
         self.validationStream = validationStream; self.validationSequences = validationSequences
         try Trainer.configureRouterAuxLoss(model: model, spec: spec, pipeline: options.pipeline != nil)
@@ -151,7 +154,8 @@ open class Trainer {
         // Parameter selection and groups, then gradients only for trainable parameters.
         let lrConfig = try spec.lrConfigYAML.map { try LRConfig.parse(yaml: $0, source: spec.lrConfigSource ?? "lr_config") }
         let config = OptimizerConfig(
-            defaults: AdamWHyperparameters(lr: spec.lr, weightDecay: spec.weightDecay, beta1: spec.betas[0], beta2: spec.betas[1], eps: spec.eps),
+            defaults: AdamWHyperparameters(
+                lr: spec.lr, weightDecay: spec.weightDecay, beta1: spec.betas[0], beta2: spec.betas[1], eps: spec.eps),
             selection: try ParameterSelection(trainable: spec.trainableParams, frozen: spec.frozenParams), lrConfig: lrConfig)
         let plan = try ParamGroupPlan.build(names: model.parameters.map(\.name), config: config)
         let trainable = Set(plan.groups.flatMap(\.parameterNames))
@@ -159,18 +163,24 @@ open class Trainer {
         if options.pipeline != nil {  // the whole model's slot order (for the exact clipping norm)
             let whole = try ParamGroupPlan.build(names: CausalLM.parameterShapes(model.config).map(\.0), config: config)
             wholeModelGroups = whole.groups
-            guard whole.groups.contains(where: { !$0.parameterNames.isEmpty }) || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
+            guard whole.groups.contains(where: { !$0.parameterNames.isEmpty }) || totalSteps == 0 else {
+                throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train")
+            }
         } else {
-            guard !trainable.isEmpty || totalSteps == 0 else { throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train") }
+            guard !trainable.isEmpty || totalSteps == 0 else {
+                throw QATError("no trainable parameters: trainable_params/frozen_params leave nothing to train")
+            }
         }
         for p in model.parameters { p.setRequiresGrad(trainable.contains(p.name)) }
         // ZeRO-1 (ZeRO.swift) over the data-parallel ranks: the world, or under pipeline
         // parallelism the ranks holding the same stage in the pipelines side by side.
         let zero = spec.shardOptimizerState && world > 1
-        optimizer = try AdamW(parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan,
-                              shardOver: zero ? options.pipeline?.dataParallel ?? options.world : nil)
-        schedule = try LRSchedule(kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
-                                  warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
+        optimizer = try AdamW(
+            parameters: model.parameters.map { ($0.name, $0.value, $0.grad) }, plan: plan,
+            shardOver: zero ? options.pipeline?.dataParallel ?? options.world : nil)
+        schedule = try LRSchedule(
+            kind: LRSchedule.kind(named: spec.schedule), totalSteps: totalSteps,
+            warmupSteps: spec.warmupSteps, warmupRatio: spec.warmupRatio ?? 0)
         loss = CrossEntropyLoss(vocab: model.config.vocabSize)
         // Stop before the big allocations when the run cannot fit (estimate in the message).
         let quantized = model.linears.filter { $0.weightQuantizer != nil }.reduce(0) { $0 + $1.weight.count }
@@ -178,7 +188,8 @@ open class Trainer {
         stageConfig.numLayers = model.layers.count
         memoryEstimate = MemoryEstimate.training(
             config: stageConfig, batch: spec.batchSize, seqLen: seqLen, parameterCount: model.parameters.reduce(0) { $0 + $1.count },
-            trainableCount: optimizer.slots.reduce(0) { $0 + $1.value.count }, optimizerStateCount: optimizer.stateElementCount, quantizedWeightCount: quantized,
+            trainableCount: optimizer.slots.reduce(0) { $0 + $1.value.count }, optimizerStateCount: optimizer.stateElementCount,
+            quantizedWeightCount: quantized,
             liveTeacher: spec.mode == .qad && spec.distill.teacherLogprobs == nil, lossBufferBytes: 256 << 20)
         if let pp = options.pipeline {  // per micro-batch: an input, a send each way, the teacher's output
             let perMicroBatch = 4.0 * Double(spec.batchSize * seqLen * model.config.hiddenSize)
@@ -202,10 +213,12 @@ open class Trainer {
         (backend as? DataParallelStepBackend)?.local.routerAuxShare = auxShare
         if spec.shardOptimizerState {
             let total = optimizer.slots.reduce(0) { $0 + $1.value.count }
-            log(zero ? "optimizer state sharded over \(world) data-parallel ranks (ZeRO-1): this rank holds "
-                + "\(optimizer.stateElementCount) of \(total) elements"
-                : "train.shard_optimizer_state: nothing to shard with one data-parallel "
-                    + "rank\(options.pipeline != nil ? " (one pipeline)" : ""); ignored")
+            log(
+                zero
+                    ? "optimizer state sharded over \(world) data-parallel ranks (ZeRO-1): this rank holds "
+                        + "\(optimizer.stateElementCount) of \(total) elements"
+                    : "train.shard_optimizer_state: nothing to shard with one data-parallel "
+                        + "rank\(options.pipeline != nil ? " (one pipeline)" : ""); ignored")
         }
     }
 
@@ -222,10 +235,15 @@ open class Trainer {
     public var comm: Communicator { options.world }
 
     public func evaluate() throws -> EvalResult {
-        if let r = try backend.evaluate(stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
-                                        maxSequences: validationSequences) { return r }
-        return try Distributed.evaluate(model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
-                                 maxSequences: validationSequences, pipeline: options.pipeline, world: comm)
+        if let r = try backend.evaluate(
+            stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
+            maxSequences: validationSequences)
+        {
+            return r
+        }
+        return try Distributed.evaluate(
+            model: model, stream: validationStream, seqLen: seqLen, batchSize: spec.batchSize,
+            maxSequences: validationSequences, pipeline: options.pipeline, world: comm)
     }
 
     /// Trains to `totalSteps` (or until Ctrl-C), evaluating and checkpointing on schedule.
@@ -266,7 +284,8 @@ open class Trainer {
                 record.commBytes = t.payloadBytes; record.commSeconds = t.seconds
             }
             tokensDone += spec.batchSize * dataParallelSize * spec.gradAccum * seqLen
-            record.tokensPerSecond = Double(spec.batchSize * dataParallelSize * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
+            record.tokensPerSecond =
+                Double(spec.batchSize * dataParallelSize * spec.gradAccum * seqLen) / max(Date().timeIntervalSince(t0), 1e-9)
             if spec.evalEvery > 0, step % spec.evalEvery == 0, step < totalSteps {
                 bar.finish()
                 record.validationLoss = try evaluate().loss
@@ -276,8 +295,9 @@ open class Trainer {
             let rate = Double(tokensDone) / max(Date().timeIntervalSince(loopStart), 1e-9)
             bar.update(step, units: tokensDone, extra: String(format: "loss %.4f", record.loss))
             if !ProgressBar.stderrIsTerminal && (step % spec.logEvery == 0 || step == totalSteps || record.validationLoss != nil) {
-                var line = String(format: "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s", step, totalSteps, record.loss, record.lr,
-                                  record.gradNorm, rate)
+                var line = String(
+                    format: "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s", step, totalSteps, record.loss, record.lr,
+                    record.gradNorm, rate)
                 if let v = record.validationLoss { line += String(format: "  val_loss %.4f", v) }
                 if record.skipped { line += "  (batch skipped: non-finite)" }
                 log(line)
@@ -298,14 +318,16 @@ open class Trainer {
             if save[0] != 0 { try saveCheckpoint() }
             try backend.synchronizeHost(optimizer)
             log("interrupted at step \(step): checkpoint written; continue with --resume")
-            return Result(steps: step, finalValidation: nil, interrupted: true, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
+            return Result(
+                steps: step, finalValidation: nil, interrupted: true, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
         }
         // The final state is checkpointed whenever checkpoints are on, so `qat export --checkpoint`
         // and a later --resume with more steps can start from it.
         if spec.saveEvery > 0 && step != lastSaved { try saveCheckpoint() }
-        try backend.synchronizeHost(optimizer)   // the export reads the host model
+        try backend.synchronizeHost(optimizer)  // the export reads the host model
         let final = options.finalEvaluation ? try evaluate() : nil
-        return Result(steps: step, finalValidation: final, interrupted: false, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
+        return Result(
+            steps: step, finalValidation: final, interrupted: false, seconds: Date().timeIntervalSince(start), resumedFrom: resumedFrom)
     }
 
     /// One optimizer step over grad_accum micro-batches. The loss is the sum over every valid
@@ -321,19 +343,22 @@ open class Trainer {
                 tokens = Array(tokens[(r * B * T)..<((r + 1) * B * T)])
                 indices = Array(indices[(r * B)..<((r + 1) * B)])
             }
-            return MicroBatch(tokens: tokens, targets: CrossEntropy.shiftedTargets(labels: tokens, batch: B, seqLen: T),
-                              batch: B, seqLen: T, sequenceIndices: indices)
+            return MicroBatch(
+                tokens: tokens, targets: CrossEntropy.shiftedTargets(labels: tokens, batch: B, seqLen: T),
+                batch: B, seqLen: T, sequenceIndices: indices)
         }
         // The loss is normalised by the global step's valid-token count.
         let valid = try backend.globalValidCount(batches.reduce(0) { $0 + $1.targets.filter { $0 != CrossEntropy.ignoreIndex }.count })
         let parts = try backend.forwardBackward(batches: batches, loss: loss, gradScale: 1 / Float(max(valid, 1)), optimizer: optimizer)
         let n = Double(max(valid, 1))
         let lr = spec.lr * schedule.factor(step: optimizer.stepCount)
-        var record = StepMetrics(step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
-                                 kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
-                                 peakRSSMB: peakRSSMegabytes())
+        var record = StepMetrics(
+            step: step + 1, loss: parts.total / n, ce: parts.ce > 0 ? parts.ce / n : nil,
+            kd: parts.kd > 0 ? parts.kd / n : nil, lr: lr, gradNorm: 0, tokensPerSecond: 0,
+            peakRSSMB: peakRSSMegabytes())
         record.gpuPeakMB = backend.devicePeakMB
-        let badTensor = parts.total.isFinite
+        let badTensor =
+            parts.total.isFinite
             ? try StepProfiler.measure("opt.finite_check") { try backend.firstNonFiniteGradient(optimizer) } : "loss"
         if let bad = badTensor {
             if spec.onNonFinite == "skip" {
@@ -344,10 +369,11 @@ open class Trainer {
                 step += 1
                 return record
             }
-            throw QATError("step \(step + 1): non-finite "
-                + "\(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last "
-                + "checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set "
-                + "train.on_nonfinite: skip")
+            throw QATError(
+                "step \(step + 1): non-finite "
+                    + "\(bad == "loss" ? "loss (\(parts.total / n))" : "gradient in \(bad)"); the last "
+                    + "checkpoint in \(options.checkpointDir) is intact. Lower train.lr, or set "
+                    + "train.on_nonfinite: skip")
         }
         record.gradNorm = try StepProfiler.measure("opt.clip") { try backend.clipGradients(optimizer, maxNorm: spec.maxGradNorm) }
         try StepProfiler.measure("opt.adamw") {
@@ -361,8 +387,9 @@ open class Trainer {
 
     /// The trainer_state.json of a checkpoint taken now.
     func checkpointState(optimizer metadata: AdamWStateMetadata) -> TrainingCheckpoint.State {
-        TrainingCheckpoint.State(step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
-                                 recipeHash: options.recipeHash, optimizer: metadata)
+        TrainingCheckpoint.State(
+            step: step, epoch: loader.epoch, cursor: loader.cursor, seed: spec.seed,
+            recipeHash: options.recipeHash, optimizer: metadata)
     }
 
     public func saveCheckpoint() throws {
@@ -378,18 +405,21 @@ open class Trainer {
             moments = gathered
         }
         // Rank 0 gets every stage's state, in the order one process writes it.
-        let local = CheckpointTensors(parameters: model.parameters, moments: moments, extra: extraState(),
-                                      metadata: optimizer.stateMetadata())
+        let local = CheckpointTensors(
+            parameters: model.parameters, moments: moments, extra: extraState(),
+            metadata: optimizer.stateMetadata())
         guard let state = try backend.gatherCheckpoint(local), comm.isRoot else { return }
-        try TrainingCheckpoint.write(directory: options.checkpointDir, state: checkpointState(optimizer: state.metadata),
-                                     parameters: state.parameters, optimizer: state.moments, extra: state.extra, keep: spec.keepCheckpoints)
+        try TrainingCheckpoint.write(
+            directory: options.checkpointDir, state: checkpointState(optimizer: state.metadata),
+            parameters: state.parameters, optimizer: state.moments, extra: state.extra, keep: spec.keepCheckpoints)
     }
 
     func restore(from path: String) throws {
         let c = try TrainingCheckpoint.read(path, optimizerTensors: optimizer.ownsStateTensor)  // ZeRO-1: this rank's moments
         if !options.recipeHash.isEmpty, c.state.recipeHash != options.recipeHash, !options.forceResume {
-            throw QATError("\(path) was written by a different recipe (hash \(c.state.recipeHash), this one "
-                + "\(options.recipeHash)); use the same recipe, or --force-resume to continue anyway")
+            throw QATError(
+                "\(path) was written by a different recipe (hash \(c.state.recipeHash), this one "
+                    + "\(options.recipeHash)); use the same recipe, or --force-resume to continue anyway")
         }
         guard c.state.seed == spec.seed else {
             throw QATError("\(path) was trained with seed \(c.state.seed), the recipe says \(spec.seed)")

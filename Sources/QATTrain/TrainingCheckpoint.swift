@@ -35,18 +35,24 @@ public enum TrainingCheckpoint {
 
     public static func name(step: Int) -> String { String(format: "checkpoint-%06d", step) }
 
-    public static func write(directory: String, state: State, parameters: [Parameter], optimizer: [(name: String, tensor: Tensor)],
-                             extra: [(name: String, tensor: Tensor)], keep: Int) throws {
-        try write(directory: directory, state: state, parameters: parameters, optimizer: { body in
-            for t in optimizer { try body(t.name, t.tensor.shape, UnsafeBufferPointer(start: t.tensor.data, count: t.tensor.count)) }
-        }, extra: extra, keep: keep)
+    public static func write(
+        directory: String, state: State, parameters: [Parameter], optimizer: [(name: String, tensor: Tensor)],
+        extra: [(name: String, tensor: Tensor)], keep: Int
+    ) throws {
+        try write(
+            directory: directory, state: state, parameters: parameters,
+            optimizer: { body in
+                for t in optimizer { try body(t.name, t.tensor.shape, UnsafeBufferPointer(start: t.tensor.data, count: t.tensor.count)) }
+            }, extra: extra, keep: keep)
     }
 
     /// The optimizer tensors come from `optimizer`, which calls its argument once per tensor
     /// (ZeRO-1: `AdamW.forEachGatheredMoment`, receiving other ranks' moments as it goes).
-    public static func write(directory: String, state: State, parameters: [Parameter],
-                             optimizer: ((_ name: String, _ shape: [Int], _ values: UnsafeBufferPointer<Float>) throws -> Void) throws -> Void,
-                             extra: [(name: String, tensor: Tensor)], keep: Int) throws {
+    public static func write(
+        directory: String, state: State, parameters: [Parameter],
+        optimizer: ((_ name: String, _ shape: [Int], _ values: UnsafeBufferPointer<Float>) throws -> Void) throws -> Void,
+        extra: [(name: String, tensor: Tensor)], keep: Int
+    ) throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let path = "\(directory)/\(name(step: state.step))"
         try AtomicDirectory.write(path) { tmp in
@@ -98,7 +104,9 @@ public enum TrainingCheckpoint {
             for n in f.names where keep(n) { out[n] = try f.floats(n) }
             return out
         }
-        return Loaded(state: state, parameters: try load("model.safetensors"), optimizer: try load("optimizer.safetensors", keepOptimizer ?? { _ in true }),
-                      extra: try load("state.safetensors"))
+        return Loaded(
+            state: state, parameters: try load("model.safetensors"),
+            optimizer: try load("optimizer.safetensors", keepOptimizer ?? { _ in true }),
+            extra: try load("state.safetensors"))
     }
 }

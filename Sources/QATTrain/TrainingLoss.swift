@@ -40,8 +40,10 @@ public struct MicroBatch: Sendable {
 /// the lm_head gradient. QAT uses cross-entropy; QAD plugs in a distillation loss.
 public protocol TrainingLoss: AnyObject {
     var description: String { get }
-    func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
-             gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts
+    func run(
+        model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
+        gradScale: Float, dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts
 }
 
 /// Fused chunked lm_head + cross-entropy (the QAT loss).
@@ -53,9 +55,12 @@ public final class CrossEntropyLoss: TrainingLoss {
         head = ChunkedCrossEntropy(vocab: vocab, budgetBytes: budgetBytes)
     }
 
-    public func run(model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
-                    gradScale: Float, dHidden: UnsafeMutablePointer<Float>) throws -> LossParts {
-        let r = try head.run(head: model.lmHead, hidden: hidden, targets: batch.targets, n: batch.rows, gradScale: gradScale, dHidden: dHidden)
+    public func run(
+        model: CausalLM, hidden: UnsafePointer<Float>, batch: MicroBatch,
+        gradScale: Float, dHidden: UnsafeMutablePointer<Float>
+    ) throws -> LossParts {
+        let r = try head.run(
+            head: model.lmHead, hidden: hidden, targets: batch.targets, n: batch.rows, gradScale: gradScale, dHidden: dHidden)
         return LossParts(total: r.sum, ce: r.sum, kd: 0, valid: r.valid)
     }
 }

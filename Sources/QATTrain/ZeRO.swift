@@ -24,7 +24,8 @@ extension AdamW {
     /// owners one tensor at a time into one reused buffer (temporary memory: the largest
     /// trainable tensor); every other rank sends its own moments, in the same order, and never
     /// calls `body`. Unsharded, rank 0 simply visits its state. Every rank must call it.
-    public func forEachGatheredMoment(_ body: (_ name: String, _ shape: [Int], _ values: UnsafeBufferPointer<Float>) throws -> Void) throws {
+    public func forEachGatheredMoment(_ body: (_ name: String, _ shape: [Int], _ values: UnsafeBufferPointer<Float>) throws -> Void) throws
+    {
         guard let p = partition else {
             for (name, t) in stateTensors() { try body(name, t.shape, UnsafeBufferPointer(start: t.data, count: t.count)) }
             return
@@ -57,7 +58,8 @@ extension Trainer {
     func saveShardedCheckpoint() throws {
         let state = checkpointState(optimizer: optimizer.stateMetadata())
         guard comm.isRoot else { return try optimizer.forEachGatheredMoment { _, _, _ in } }
-        try TrainingCheckpoint.write(directory: options.checkpointDir, state: state, parameters: model.parameters,
-                                     optimizer: optimizer.forEachGatheredMoment, extra: extraState(), keep: spec.keepCheckpoints)
+        try TrainingCheckpoint.write(
+            directory: options.checkpointDir, state: state, parameters: model.parameters,
+            optimizer: optimizer.forEachGatheredMoment, extra: extraState(), keep: spec.keepCheckpoints)
     }
 }

@@ -10,27 +10,27 @@ struct Apply: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a recipe end to end: quantize, calibrate, train (QAT/QAD), export, verify.",
         discussion: """
-        load → insert quantizers → calibrate → evaluate the unquantized and PTQ model → train \
-        (train.mode none | qat | qad) with periodic evaluation and checkpoints → export → \
-        verify → evaluate the export. Ends with a table and writes qat_summary.json, \
-        metrics.jsonl and loss_curve.svg into the export directory.
+            load → insert quantizers → calibrate → evaluate the unquantized and PTQ model → train \
+            (train.mode none | qat | qad) with periodic evaluation and checkpoints → export → \
+            verify → evaluate the export. Ends with a table and writes qat_summary.json, \
+            metrics.jsonl and loss_curve.svg into the export directory.
 
-        Ctrl-C (or SIGTERM, SIGUSR1, SIGUSR2) writes a checkpoint after the current step and \
-        exits 130; run the same command with --resume to continue.
+            Ctrl-C (or SIGTERM, SIGUSR1, SIGUSR2) writes a checkpoint after the current step and \
+            exits 130; run the same command with --resume to continue.
 
-        Distributed: `mpirun -np N qat apply …` trains data parallel over N ranks; with \
-        train.pipeline_stages S (N a multiple of S) each rank runs one stage of the student \
-        and teacher, N/S pipelines side by side.
+            Distributed: `mpirun -np N qat apply …` trains data parallel over N ranks; with \
+            train.pipeline_stages S (N a multiple of S) each rank runs one stage of the student \
+            and teacher, N/S pipelines side by side.
 
-        Under mpirun, stop with `kill -USR1 <mpirun pid>`: Open MPI forwards SIGUSR1 to every \
-        rank at once and kills nothing, so every rank stops at the same step, rank 0 writes \
-        the checkpoint and mpirun exits 130. Ctrl-C reaches the ranks only as SIGTERM one \
-        second later, followed by SIGKILL one second after that (Open MPI 4.1; \
-        `mpirun --mca odls_base_sigkill_timeout 30` stretches both delays to 30 s), so it \
-        leaves a checkpoint only when the step and the save fit in that window.
+            Under mpirun, stop with `kill -USR1 <mpirun pid>`: Open MPI forwards SIGUSR1 to every \
+            rank at once and kills nothing, so every rank stops at the same step, rank 0 writes \
+            the checkpoint and mpirun exits 130. Ctrl-C reaches the ranks only as SIGTERM one \
+            second later, followed by SIGKILL one second after that (Open MPI 4.1; \
+            `mpirun --mca odls_base_sigkill_timeout 30` stretches both delays to 30 s), so it \
+            leaves a checkpoint only when the step and the save fit in that window.
 
-        Example: qat apply recipes/fortune-lm-qat.yaml --set train.steps=50
-        """)
+            Example: qat apply recipes/fortune-lm-qat.yaml --set train.steps=50
+            """)
 
     @Argument(help: "Recipe YAML (see recipes/ and the README's recipe reference).")
     var recipe: String = "recipes/default.yaml"
@@ -69,8 +69,9 @@ struct Apply: ParsableCommand {
             // prints and writes, and a failing rank aborts the job instead of leaving the
             // others waiting in a collective.
             let comm = try Distributed.initialize()
-            let run = ApplyRun(recipe: r, recipePath: recipe, overrides: overrides, resume: resume, forceResume: forceResume,
-                               quiet: quiet || json || !comm.isRoot)
+            let run = ApplyRun(
+                recipe: r, recipePath: recipe, overrides: overrides, resume: resume, forceResume: forceResume,
+                quiet: quiet || json || !comm.isRoot)
             let summary: ApplySummary
             do { summary = try run.execute() } catch {
                 if comm.isDistributed {
@@ -122,9 +123,15 @@ struct ApplySummary {
         o.set("seconds", .double((seconds * 10).rounded() / 10))
         o.set("interrupted", .bool(interrupted))
         if !samples.isEmpty {
-            o.set("samples", .array(samples.map {
-                .object(JSONObject([("prompt", .string($0.prompt)), ("original", .string($0.original)), ("exported", .string($0.exported))]))
-            }))
+            o.set(
+                "samples",
+                .array(
+                    samples.map {
+                        .object(
+                            JSONObject([
+                                ("prompt", .string($0.prompt)), ("original", .string($0.original)), ("exported", .string($0.exported)),
+                            ]))
+                    }))
         }
         return JSONValue.object(o).fileText
     }
@@ -137,7 +144,11 @@ struct ApplySummary {
             lines.append(row.name.padding(toLength: 22, withPad: " ", startingAt: 0) + " " + l + " " + p)
         }
         if exportBytes > 0 {
-            let factor = sourceBytes > 0 ? String(format: " (%.2f× smaller than the source checkpoint, %@)", Double(sourceBytes) / Double(exportBytes), formatBytes(sourceBytes)) : ""
+            let factor =
+                sourceBytes > 0
+                ? String(
+                    format: " (%.2f× smaller than the source checkpoint, %@)", Double(sourceBytes) / Double(exportBytes),
+                    formatBytes(sourceBytes)) : ""
             lines.append("export: \(exportDir), \(formatBytes(exportBytes))\(factor)")
         }
         if let v = verifyMaxAbsDiff { lines.append(String(format: "verify: export reproduces the fake-quant logits, max |Δ| = %.3g", v)) }

@@ -1,6 +1,6 @@
 import Foundation
-import QATCore
 import QATCUDA
+import QATCore
 import QATData
 import QATExport
 import QATIO
@@ -44,8 +44,9 @@ final class ApplyRun {
         guard train.mode == .qad else { return }
         if let cache = train.distill.teacherLogprobs {
             guard FileManager.default.fileExists(atPath: cache) else {
-                throw QATError("teacher cache not found: \(cache) (train.distill.teacher_logprobs); write it with `qat "
-                    + "teacher-logprobs --out \(cache)`")
+                throw QATError(
+                    "teacher cache not found: \(cache) (train.distill.teacher_logprobs); write it with `qat "
+                        + "teacher-logprobs --out \(cache)`")
             }
         } else {
             let dir = train.distill.teacher ?? recipe.model
@@ -85,7 +86,7 @@ final class ApplyRun {
             guard world.isRoot else { return finished() }
         }
         try export()
-        try appendSamples(to: &summary)   // report.prompts (Samples.swift)
+        try appendSamples(to: &summary)  // report.prompts (Samples.swift)
         try writeReport(finished())
         return summary
     }
@@ -123,7 +124,9 @@ final class ApplyRun {
         guard recipe.device.isCUDA else { return }
         if recipe.train.mode != .none {
             let train = recipe.train
-            let cpuOnly: String? = world.isDistributed || pipeline != nil ? "multi-process training (mpirun, pipeline stages)"
+            let cpuOnly: String? =
+                world.isDistributed || pipeline != nil
+                ? "multi-process training (mpirun, pipeline stages)"
                 : train.lora != nil ? "LoRA/QLoRA training" : train.distill.teacherLogprobs != nil ? "QAD from a top-k teacher cache" : nil
             if let what = cpuOnly {
                 throw QATError.unsupported("device \(recipe.device): \(what) runs on the CPU only in this version: use device: cpu")
@@ -137,10 +140,12 @@ final class ApplyRun {
         model = try CausalLM(directory: recipe.model, layerRange: pipeline?.layout.range)
         let data = recipe.data, vocab = model.config.vocabSize
         trainStream = try TokenData.load(path: data.train, split: data.trainSplit, modelDirectory: recipe.model, vocabSize: vocab)
-        validationStream = try TokenData.load(path: data.validation, split: data.validationSplit, modelDirectory: recipe.model,
-                                              vocabSize: vocab)
-        log("data: \(trainStream.count) train tokens (\(data.trainSplit)), \(validationStream.count) validation tokens "
-            + "(\(data.validationSplit)), seq_len \(data.seqLen)")
+        validationStream = try TokenData.load(
+            path: data.validation, split: data.validationSplit, modelDirectory: recipe.model,
+            vocabSize: vocab)
+        log(
+            "data: \(trainStream.count) train tokens (\(data.trainSplit)), \(validationStream.count) validation tokens "
+                + "(\(data.validationSplit)), seq_len \(data.seqLen)")
         calibrationSequences = try Calibration.sequences(from: trainStream, seqLen: data.seqLen, count: recipe.calibration.samples)
     }
 
@@ -151,20 +156,30 @@ final class ApplyRun {
         let data = recipe.data
         let total = Evaluation.sequenceCount(tokens: validationStream.count, seqLen: data.seqLen, maxSequences: data.validationSequences)
         let shard = distributed ? Distributed.evaluationShard(pipeline: pipeline, world: world) : nil
-        let bar = ProgressBar(total: shard.map { Evaluation.shardRange(total, $0).count } ?? total, label: "eval \(label)", unit: "seq",
-                              enabled: !quiet)
-        let result = try onGPU(model)?.evaluate(stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
-                                                maxSequences: data.validationSequences) { done, _ in bar.update(done) }
+        let bar = ProgressBar(
+            total: shard.map { Evaluation.shardRange(total, $0).count } ?? total, label: "eval \(label)", unit: "seq",
+            enabled: !quiet)
+        let result =
+            try onGPU(model)?.evaluate(
+                stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
+                maxSequences: data.validationSequences
+            ) { done, _ in bar.update(done) }
             ?? (distributed
-            ? try Distributed.evaluate(model: model, stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
-                                       maxSequences: data.validationSequences, pipeline: pipeline, world: world) { done, _ in
-                bar.update(done)
-            }
-            : try Evaluation.evaluate(model: model, stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
-                                      maxSequences: data.validationSequences) { done, _ in bar.update(done) })
+                ? try Distributed.evaluate(
+                    model: model, stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
+                    maxSequences: data.validationSequences, pipeline: pipeline, world: world
+                ) { done, _ in
+                    bar.update(done)
+                }
+                : try Evaluation.evaluate(
+                    model: model, stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
+                    maxSequences: data.validationSequences
+                ) { done, _ in bar.update(done) })
         bar.finish()
-        log(String(format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, result.loss, result.perplexity,
-                   result.sequences))
+        log(
+            String(
+                format: "%@: validation loss %.4f (perplexity %.2f, %d sequences)", label, result.loss, result.perplexity,
+                result.sequences))
         return result.loss
     }
 
@@ -174,8 +189,9 @@ final class ApplyRun {
     func quantizeAndCalibrate() throws {
         guard recipe.quantize != nil else { return }
         let bar = ProgressBar(total: calibrationSequences.count, label: "calibrate", unit: "seq", enabled: !quiet)
-        let local = CalibrationLoop(sequences: calibrationSequences, seqLen: recipe.data.seqLen, batchSize: recipe.calibration.batchSize,
-                                    progress: { done, _ in bar.update(done) })
+        let local = CalibrationLoop(
+            sequences: calibrationSequences, seqLen: recipe.data.seqLen, batchSize: recipe.calibration.batchSize,
+            progress: { done, _ in bar.update(done) })
         var loop = Distributed.calibrationLoop(local, model: model, pipeline: pipeline, world: world)
         if let hook = try device?.calibrationForward(model, seqLen: recipe.data.seqLen) { loop.forward = hook }
         log("calibrating (max) on \(calibrationSequences.count) sequences")
@@ -199,12 +215,14 @@ final class ApplyRun {
         quantizers = built.quantizers
         lora = built
         if let base = built.base {
-            log("QLoRA: base of \(base.tensors.count) Linears held in NVFP4: \(formatBytes(base.bytes)) "
-                + "(fp32 \(formatBytes(base.fp32Bytes)) released; decode buffer \(formatBytes(base.scratchBytes)))")
+            log(
+                "QLoRA: base of \(base.tensors.count) Linears held in NVFP4: \(formatBytes(base.bytes)) "
+                    + "(fp32 \(formatBytes(base.fp32Bytes)) released; decode buffer \(formatBytes(base.scratchBytes)))")
         }
         let count = built.adapters.reduce(0) { $0 + $1.A.count + $1.B.count }
-        log("LoRA: \(built.adapters.count) adapters, rank \(spec.rank), alpha \(spec.alpha), dropout \(spec.dropout), "
-            + "\(count) adapter parameters (fp32)")
+        log(
+            "LoRA: \(built.adapters.count) adapters, rank \(spec.rank), alpha \(spec.alpha), dropout \(spec.dropout), "
+                + "\(count) adapter parameters (fp32)")
     }
 
     /// QAT or QAD from the calibrated model. Returns false when interrupted (Ctrl-C: the
@@ -227,19 +245,22 @@ final class ApplyRun {
         let data = recipe.data
         let trainer: Trainer
         if recipe.train.mode == .qat {
-            trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calibrationSequences,
-                                     calibrationBatchSize: recipe.calibration.batchSize, spec: spec, seqLen: data.seqLen,
-                                     trainStream: trainStream, validationStream: validationStream,
-                                     validationSequences: data.validationSequences, options: options)
+            trainer = try QATTrainer(
+                model: model, quantizers: set, calibrationSequences: calibrationSequences,
+                calibrationBatchSize: recipe.calibration.batchSize, spec: spec, seqLen: data.seqLen,
+                trainStream: trainStream, validationStream: validationStream,
+                validationSequences: data.validationSequences, options: options)
         } else {
-            trainer = try QADTrainer(model: model, teacher: try loadTeacher(), quantizers: set, calibrationSequences: calibrationSequences,
-                                     calibrationBatchSize: recipe.calibration.batchSize, spec: spec, seqLen: data.seqLen,
-                                     trainStream: trainStream, validationStream: validationStream,
-                                     validationSequences: data.validationSequences, options: options)
+            trainer = try QADTrainer(
+                model: model, teacher: try loadTeacher(), quantizers: set, calibrationSequences: calibrationSequences,
+                calibrationBatchSize: recipe.calibration.batchSize, spec: spec, seqLen: data.seqLen,
+                trainStream: trainStream, validationStream: validationStream,
+                validationSequences: data.validationSequences, options: options)
         }
         log("memory on paper: \(trainer.memoryEstimate)")
-        log("training: \(trainer.totalSteps) steps × \(spec.batchSize)×\(spec.gradAccum) sequences of \(data.seqLen), lr \(spec.lr) "
-            + "(\(spec.schedule)), loss: \(trainer.loss.description)")
+        log(
+            "training: \(trainer.totalSteps) steps × \(spec.batchSize)×\(spec.gradAccum) sequences of \(data.seqLen), lr \(spec.lr) "
+                + "(\(spec.schedule)), loss: \(trainer.loss.description)")
         lora?.bind(to: trainer)
         installStopHandler()
         let result = try trainer.run()
@@ -263,8 +284,10 @@ final class ApplyRun {
         let dir = recipe.train.distill.teacher ?? recipe.model
         guard FileManager.default.fileExists(atPath: dir) else { throw QATError("teacher not found: \(dir) (train.distill.teacher)") }
         let range = try pipeline.map { engine in
-            try PipelineLayout(layers: try ModelConfig.load(directory: dir).numLayers, stages: engine.layout.stages,
-                               stage: engine.layout.stage).range
+            try PipelineLayout(
+                layers: try ModelConfig.load(directory: dir).numLayers, stages: engine.layout.stages,
+                stage: engine.layout.stage
+            ).range
         }
         let teacher = try CausalLM(directory: dir, layerRange: range)
         let layers = range.map { ", layers \($0.lowerBound)…\($0.upperBound - 1) on this stage" } ?? ""
@@ -310,11 +333,13 @@ final class ApplyRun {
         let spec = recipe.export
         let verifySequences = min(8, recipe.data.validationSequences ?? 8)
         let verify = spec.verify ? VerificationData(stream: validationStream, seqLen: recipe.data.seqLen, sequences: verifySequences) : nil
-        let options = try ExportOptions(saveDtype: spec.saveDtype, maxShardBytes: spec.maxShardBytes, format: ExportFormat.parse(spec.format))
+        let options = try ExportOptions(
+            saveDtype: spec.saveDtype, maxShardBytes: spec.maxShardBytes, format: ExportFormat.parse(spec.format))
         // (Verification re-rounds the reference's weights: its device copy is made afresh.)
         device?.forget(exportModel)
-        let result = try ExportAndVerify.run(model: exportModel, quantizers: exportQuantizers, sourceDirectory: recipe.model, to: spec.dir,
-                                             options: options, verify: verify, logitsOf: device?.logitsOf)
+        let result = try ExportAndVerify.run(
+            model: exportModel, quantizers: exportQuantizers, sourceDirectory: recipe.model, to: spec.dir,
+            options: options, verify: verify, logitsOf: device?.logitsOf)
         let written = result.summary
         summary.exportBytes = written.tensorBytes
         summary.sourceBytes = (try? ModelWeights(path: recipe.model).totalBytes) ?? 0
@@ -344,11 +369,16 @@ final class ApplyRun {
                 if let l = v["val_loss"]?.doubleValue { val.append((s, l)) }
             }
         }
-        if let last = summary.rows.last(where: { $0.name.hasPrefix("after") })?.loss, summary.steps > 0 { val.append((summary.steps, last)) }
-        let refs = summary.rows.filter { $0.name == "unquantized" || $0.name == "PTQ" }.compactMap { row in row.loss.map { (label: row.name, loss: $0) } }
-        let svg = LossCurve.svg(train: train, validation: val, reference: refs,
-                                title: "\(recipe.train.mode.rawValue.uppercased()) of "
-                                    + "\((recipe.model as NSString).lastPathComponent) — \(recipe.quantizeDescription)")
+        if let last = summary.rows.last(where: { $0.name.hasPrefix("after") })?.loss, summary.steps > 0 {
+            val.append((summary.steps, last))
+        }
+        let refs = summary.rows.filter { $0.name == "unquantized" || $0.name == "PTQ" }.compactMap { row in
+            row.loss.map { (label: row.name, loss: $0) }
+        }
+        let svg = LossCurve.svg(
+            train: train, validation: val, reference: refs,
+            title: "\(recipe.train.mode.rawValue.uppercased()) of "
+                + "\((recipe.model as NSString).lastPathComponent) — \(recipe.quantizeDescription)")
         try atomicWrite(path: dir + "/loss_curve.svg") { try $0.write(Array(svg.utf8)) }
     }
 }

@@ -11,40 +11,43 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure speed and memory of the real code paths, next to plain sgemm and memcpy (and the PyTorch peer).",
         discussion: """
-        Shapes: fortune (the embedded fortune-lm, real weights and data) and smollm (a \
-        SmolLM2-135M-shaped model with random weights: hidden 576, 30 layers, 9 heads, 3 KV \
-        heads, intermediate 1536, vocab 49152). For each: forward tokens/s, QAT and QAD step \
-        time (NVFP4 weights+inputs, FP8 KV, fwd+bwd+AdamW), achieved GFLOP/s of the QAT step, \
-        and each step's own peak memory. Plus sgemm GFLOP/s of the model's MLP shape, memcpy \
-        GB/s and NVFP4 fake-quant GB/s measured in the same run. With --peer PYTHON, the \
-        PyTorch peer (../shared/peer/torch_qat_step.py) runs in the same session, one peer run \
-        after each of our measured steps, for ours/peer ratios of the medians.
+            Shapes: fortune (the embedded fortune-lm, real weights and data) and smollm (a \
+            SmolLM2-135M-shaped model with random weights: hidden 576, 30 layers, 9 heads, 3 KV \
+            heads, intermediate 1536, vocab 49152). For each: forward tokens/s, QAT and QAD step \
+            time (NVFP4 weights+inputs, FP8 KV, fwd+bwd+AdamW), achieved GFLOP/s of the QAT step, \
+            and each step's own peak memory. Plus sgemm GFLOP/s of the model's MLP shape, memcpy \
+            GB/s and NVFP4 fake-quant GB/s measured in the same run. With --peer PYTHON, the \
+            PyTorch peer (../shared/peer/torch_qat_step.py) runs in the same session, one peer run \
+            after each of our measured steps, for ours/peer ratios of the medians.
 
-        Every timing is the median of --repeats laps after a warm-up, printed with [min, max]. \
-        Every peak is the configuration's own: the process's high-water mark is reset before \
-        each lap (/proc/self/clear_refs) and read after it (VmHWM), counted above what was \
-        resident before the configuration was set up.
+            Every timing is the median of --repeats laps after a warm-up, printed with [min, max]. \
+            Every peak is the configuration's own: the process's high-water mark is reset before \
+            each lap (/proc/self/clear_refs) and read after it (VmHWM), counted above what was \
+            resident before the configuration was set up.
 
-        Example: qat bench --shapes fortune --peer /tmp/peer/bin/python --json
-        """)
+            Example: qat bench --shapes fortune --peer /tmp/peer/bin/python --json
+            """)
 
-    @Option(help: """
-        Comma-separated shapes: fortune, smollm, qwen3-moe; empty to skip (default fortune; fortune,smollm with --scaling). \
-        With --device cuda: qwen3-0.6b, llama-3.2-1b or model directories.
-        """)
+    @Option(
+        help: """
+            Comma-separated shapes: fortune, smollm, qwen3-moe; empty to skip (default fortune; fortune,smollm with --scaling). \
+            With --device cuda: qwen3-0.6b, llama-3.2-1b or model directories.
+            """)
     var shapes: String?
 
     @Option(name: .long, help: "Worker threads (default: the cores this process may use); the peer gets as many.")
     var threads: Int?
 
-    @Flag(help: """
-        Scaling: tokens/s of the forward, QAT step and QAD step at 1, 2, 4, … threads up to all cores (and the core \
-        count itself), per shape, instead of the other figures.
-        """)
+    @Flag(
+        help: """
+            Scaling: tokens/s of the forward, QAT step and QAD step at 1, 2, 4, … threads up to all cores (and the core \
+            count itself), per shape, instead of the other figures.
+            """)
     var scaling = false
 
-    @Option(name: .customLong("scaling-threads"),
-            help: "Thread counts for --scaling, e.g. 1,2,4,8,16 (default: powers of two up to all cores).")
+    @Option(
+        name: .customLong("scaling-threads"),
+        help: "Thread counts for --scaling, e.g. 1,2,4,8,16 (default: powers of two up to all cores).")
     var scalingThreads: String?
 
     /// The shapes to measure.
@@ -71,9 +74,10 @@ struct Bench: ParsableCommand {
     @Option(help: "Tokens per sequence.")
     var seq: Int = 256
 
-    @Option(help: """
-        Measured laps of every configuration (optimizer steps, passes), after one warm-up lap; figures are their median [min, max].
-        """)
+    @Option(
+        help: """
+            Measured laps of every configuration (optimizer steps, passes), after one warm-up lap; figures are their median [min, max].
+            """)
     var repeats: Int = 5
 
     @Option(help: "Python interpreter with torch + transformers to run the peer script.")
@@ -85,8 +89,9 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("peer-steps"), help: "Measured steps inside each peer run (its figure is their median).")
     var peerSteps: Int = 3
 
-    @Option(name: .customLong("loss-tokens"),
-            help: "Token counts for the fused vs unfused KD loss benchmark (vocab 151,936, hidden 1,024), e.g. 1024,4096,16384.")
+    @Option(
+        name: .customLong("loss-tokens"),
+        help: "Token counts for the fused vs unfused KD loss benchmark (vocab 151,936, hidden 1,024), e.g. 1024,4096,16384.")
     var lossTokens: String = ""
 
     @Flag(name: .customLong("no-micro"), help: "Skip the memcpy and NVFP4 fake-quant reference figures.")
@@ -112,11 +117,14 @@ struct Bench: ParsableCommand {
         if device != "cpu" {
             try QAT.guarded {
                 let shapeList = shapes == nil || shapes == "fortune" ? ["qwen3-0.6b", "llama-3.2-1b"] : shapeNames
-                let script = peerScript.hasSuffix("torch_qat_step.py")
+                let script =
+                    peerScript.hasSuffix("torch_qat_step.py")
                     ? (peerScript as NSString).deletingLastPathComponent + "/modelopt_gpu_speed.py" : peerScript
-                try GPUBench(device: try ComputeDevice(parsing: device), shapes: shapeList, batch: batch, seq: seq == 256 ? 1024 : seq,
-                             repeats: repeats, python: peer ?? "python3", peerScript: peer == nil ? nil : script,
-                             profile: profile || ProcessInfo.processInfo.environment["QAT_PROFILE"] == "1").run()
+                try GPUBench(
+                    device: try ComputeDevice(parsing: device), shapes: shapeList, batch: batch, seq: seq == 256 ? 1024 : seq,
+                    repeats: repeats, python: peer ?? "python3", peerScript: peer == nil ? nil : script,
+                    profile: profile || ProcessInfo.processInfo.environment["QAT_PROFILE"] == "1"
+                ).run()
             }
             return
         }
@@ -135,8 +143,9 @@ struct Bench: ParsableCommand {
             say(lines.last!)
             out.set("repeats", .int(Int64(repeats)))
             out.set("peak_reset", .bool(PeakMemory.canReset))
-            lines.append("\(repeats) measured laps per configuration after a warm-up: median [min, max]; peaks are each configuration's own"
-                         + (PeakMemory.canReset ? "" : " (not measured: /proc/self/clear_refs cannot be written here)"))
+            lines.append(
+                "\(repeats) measured laps per configuration after a warm-up: median [min, max]; peaks are each configuration's own"
+                    + (PeakMemory.canReset ? "" : " (not measured: /proc/self/clear_refs cannot be written here)"))
             say(lines.last!)
 
             if !noMicro {
@@ -144,14 +153,17 @@ struct Bench: ParsableCommand {
                 let fq = try Microbench.nvfp4FakeQuantGBs(repeats: repeats)
                 out.set("memcpy_GBps", copy.json)
                 out.set("nvfp4_fake_quant_GBps", fq.json)
-                lines.append("memcpy \(copy.text(1)) GB/s; NVFP4 fake quant \(fq.text(1)) GB/s = "
-                             + String(format: "%.0f%% of memcpy (ratio of medians)", 100 * fq.median / copy.median))
+                lines.append(
+                    "memcpy \(copy.text(1)) GB/s; NVFP4 fake quant \(fq.text(1)) GB/s = "
+                        + String(format: "%.0f%% of memcpy (ratio of medians)", 100 * fq.median / copy.median))
                 say(lines.last!)
             }
 
             var shapeResults: [JSONValue] = []
             for name in shapeNames {
-                let r = name == "qwen3-moe" ? try MoEBench(experts: moeExperts, layers: moeLayers, batch: batch, seq: seq, steps: repeats).run(say: say)
+                let r =
+                    name == "qwen3-moe"
+                    ? try MoEBench(experts: moeExperts, layers: moeLayers, batch: batch, seq: seq, steps: repeats).run(say: say)
                     : try benchShape(name, say: say)
                 shapeResults.append(.object(r.json))
                 lines += r.lines
@@ -185,8 +197,9 @@ struct Bench: ParsableCommand {
             let modelDir = "models/fortune-lm"
             return (try CausalLM(directory: modelDir), try TokenData.load(path: modelDir + "/tokens.h5", split: "train", tokenizer: nil))
         case "smollm":
-            let c = ModelConfig(family: .llama, vocabSize: 49152, hiddenSize: 576, intermediateSize: 1536, numLayers: 30, numHeads: 9,
-                                numKVHeads: 3, rmsNormEps: 1e-5, ropeTheta: 100000, maxPositionEmbeddings: 8192, tieWordEmbeddings: true)
+            let c = ModelConfig(
+                family: .llama, vocabSize: 49152, hiddenSize: 576, intermediateSize: 1536, numLayers: 30, numHeads: 9,
+                numKVHeads: 3, rmsNormEps: 1e-5, ropeTheta: 100000, maxPositionEmbeddings: 8192, tieWordEmbeddings: true)
             var rng = SplitMix64(seed: 2)
             let stream = (0..<(batch * seq * (repeats + 4) + 1)).map { _ in Int32(rng.next() % 49152) }
             return (try CausalLM(config: c, seed: 1), stream)
@@ -198,8 +211,10 @@ struct Bench: ParsableCommand {
     /// Times `repeats` optimizer steps (after a warm-up step that includes calibration) of the real
     /// QAT or QAD trainer (nvfp4_default-kv_fp8), one lap per step through the trainer's step callback.
     /// `between` runs after each measured lap (the peer); `beforeRun` after setup, before the steps.
-    func trainerLaps(_ name: String, mode: String, like model: CausalLM, stream: [Int32], evalStream: [Int32], peaks: Bool,
-                     profile: Bool = false, between: (() throws -> Void)? = nil) throws -> (laps: Laps, trainer: Trainer) {
+    func trainerLaps(
+        _ name: String, mode: String, like model: CausalLM, stream: [Int32], evalStream: [Int32], peaks: Bool,
+        profile: Bool = false, between: (() throws -> Void)? = nil
+    ) throws -> (laps: Laps, trainer: Trainer) {
         let B = batch, T = seq
         let laps = Laps(warmup: 1, repeats: repeats, peaks: peaks)
         if peaks { laps.reference = PeakMemory.reset() }  // the configuration's peak counts its own model, state and activations
@@ -217,12 +232,14 @@ struct Bench: ParsableCommand {
         opts.onStep = { _ in laps.end() }
         let trainer: Trainer
         if mode == "qat" {
-            trainer = try QATTrainer(model: m, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B, spec: spec, seqLen: T,
-                                     trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
+            trainer = try QATTrainer(
+                model: m, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B, spec: spec, seqLen: T,
+                trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
         } else {
             let teacher = try freshModel(name, like: model)
-            trainer = try QADTrainer(model: m, teacher: teacher, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B,
-                                     spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
+            trainer = try QADTrainer(
+                model: m, teacher: teacher, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B,
+                spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
         }
         laps.between = between
         StepProfiler.reset()
@@ -266,12 +283,15 @@ struct Bench: ParsableCommand {
             var between: (() throws -> Void)?
             if let py = peer, name == "fortune" {
                 between = {
-                    peerTimes.append(try Microbench.runPeer(python: py, script: peerScript, model: modelDir, batch: B, seq: T, mode: mode,
-                                                            steps: peerSteps, threads: threads))
+                    peerTimes.append(
+                        try Microbench.runPeer(
+                            python: py, script: peerScript, model: modelDir, batch: B, seq: T, mode: mode,
+                            steps: peerSteps, threads: threads))
                 }
             }
-            let (laps, trainer) = try trainerLaps(name, mode: mode, like: model, stream: stream, evalStream: evalStream, peaks: true,
-                                                  profile: profile, between: between)
+            let (laps, trainer) = try trainerLaps(
+                name, mode: mode, like: model, stream: stream, evalStream: evalStream, peaks: true,
+                profile: profile, between: between)
             if profile {
                 let report = StepProfiler.report(steps: repeats + 1)
                 res.json.set("\(mode)_profile", .string(report))
@@ -285,14 +305,16 @@ struct Bench: ParsableCommand {
             if mode == "qat" {
                 let gf = step.map { flops / $0 / 1e9 }
                 res.json.set("qat_GFLOPs", gf.json)
-                line += String(format: "; %.1f GFLOP at ", flops / 1e9) + "\(gf.text(1)) GFLOP/s = "
+                line +=
+                    String(format: "; %.1f GFLOP at ", flops / 1e9) + "\(gf.text(1)) GFLOP/s = "
                     + String(format: "%.0f%% of sgemm (medians)", 100 * gf.median / sg.median)
             }
             let paper = trainer.memoryEstimate.total / 1_048_576
             res.json.set("\(mode)_paper_MiB", .double(paper))
             if let peak = laps.peakMiB {
                 res.json.set("\(mode)_step_peak_MiB", peak.json)
-                line += "; step peak \(peak.text(0)) MiB vs \(Spread.number(paper, 0)) MiB on paper"
+                line +=
+                    "; step peak \(peak.text(0)) MiB vs \(Spread.number(paper, 0)) MiB on paper"
                     + String(format: " (%.2f×): ", peak.median / paper) + trainer.memoryEstimate.description
             }
             res.lines.append(line)
@@ -303,11 +325,13 @@ struct Bench: ParsableCommand {
                 res.json.set("peer_\(mode)_step_s", p.json)
                 res.json.set("ours_over_peer_\(mode)", .double(step.median / p.median))
                 res.json.set("ours_over_peer_\(mode)_pairs", ratios.json)
-                res.lines.append("[\(name)] peer (PyTorch eager) \(mode.uppercased()) step \(p.text(3)) s, "
-                                 + "\(peerTimes.count) runs interleaved with ours; "
-                                 + String(format: "ours/peer = %.2f (%.2f× faster; medians), per pair ",
-                                          step.median / p.median, p.median / step.median)
-                                 + ratios.text(2))
+                res.lines.append(
+                    "[\(name)] peer (PyTorch eager) \(mode.uppercased()) step \(p.text(3)) s, "
+                        + "\(peerTimes.count) runs interleaved with ours; "
+                        + String(
+                            format: "ours/peer = %.2f (%.2f× faster; medians), per pair ",
+                            step.median / p.median, p.median / step.median)
+                        + ratios.text(2))
                 say(res.lines.last!)
             }
         }

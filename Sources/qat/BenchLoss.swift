@@ -18,8 +18,9 @@ enum LossMemoryBench {
 
     static func run(tokens counts: [Int], repeats: Int, say: (String) -> Void) throws -> (json: JSONValue, lines: [String]) {
         // One layer, tied heads: the lm_head weights (151,936 × 1,024, 594 MiB each) dominate.
-        let c = ModelConfig(family: .llama, vocabSize: vocab, hiddenSize: hidden, intermediateSize: 64, numLayers: 1, numHeads: 8,
-                            numKVHeads: 8, tieWordEmbeddings: true)
+        let c = ModelConfig(
+            family: .llama, vocabSize: vocab, hiddenSize: hidden, intermediateSize: 64, numLayers: 1, numHeads: 8,
+            numKVHeads: 8, tieWordEmbeddings: true)
         let student = try CausalLM(config: c, seed: 1), teacher = try CausalLM(config: c, seed: 2)
         student.lmHead.weight.setRequiresGrad(true)
         var spec = Recipe.DistillSpec()
@@ -41,15 +42,18 @@ enum LossMemoryBench {
                 let paperMiB = Double(2 * n * vocab * 4) / 1_048_576
                 if !fused, paperMiB > 0.6 * Double(ProcessInfo.processInfo.physicalMemory) / 1_048_576 {
                     row.set("unfused_paper_MiB", .double(paperMiB))
-                    lines.append(String(format: "[kd loss] %d tokens: unfused skipped (its logits alone need %.0f MiB on paper, "
-                                        + "more than this machine can hold)",
-                                        n, paperMiB))
+                    lines.append(
+                        String(
+                            format: "[kd loss] %d tokens: unfused skipped (its logits alone need %.0f MiB on paper, "
+                                + "more than this machine can hold)",
+                            n, paperMiB))
                     say(lines.last!)
                     continue
                 }
                 let laps = try Laps.run(warmup: 0, repeats: repeats, peaks: true) {
-                    _ = try inputs.pass(fused: fused, loss: DistillationLoss(teacher: teacher, studentVocab: vocab, spec: spec),
-                                        head: student.lmHead)
+                    _ = try inputs.pass(
+                        fused: fused, loss: DistillationLoss(teacher: teacher, studentVocab: vocab, spec: spec),
+                        head: student.lmHead)
                 }
                 row.set("\(name)_seconds", laps.time.json)
                 var peakText = "peak n/a (no /proc/self/clear_refs to reset the high-water mark)"
@@ -58,9 +62,10 @@ enum LossMemoryBench {
                     peakText = "peak +\(p.text(0)) MiB"
                     if fused { fusedPeaks.append(p.median) } else { unfusedPerToken.append((n, p.median / Double(n))) }
                 }
-                lines.append("[kd loss] \(n) tokens: \(name) \(peakText) over weights and hidden states "
-                             + "(\(Spread.number(inputs.hiddenMiB, 0)) MiB), "
-                             + "\(laps.time.text(2)) s")
+                lines.append(
+                    "[kd loss] \(n) tokens: \(name) \(peakText) over weights and hidden states "
+                        + "(\(Spread.number(inputs.hiddenMiB, 0)) MiB), "
+                        + "\(laps.time.text(2)) s")
                 say(lines.last!)
             }
             rows.append(.object(row))
@@ -99,11 +104,14 @@ enum LossMemoryBench {
         }
 
         func pass(fused: Bool, loss: DistillationLoss, head: Linear) throws -> Double {
-            let parts = fused
-                ? try loss.fused(student: head, hidden: h.data, teacherHidden: th.data, targets: targets, n: n, gradScale: 1 / Float(n),
-                                 dHidden: dh.data)
-                : try loss.reference(student: head, hidden: h.data, teacherHidden: th.data, targets: targets, n: n, gradScale: 1 / Float(n),
-                                     dHidden: dh.data)
+            let parts =
+                fused
+                ? try loss.fused(
+                    student: head, hidden: h.data, teacherHidden: th.data, targets: targets, n: n, gradScale: 1 / Float(n),
+                    dHidden: dh.data)
+                : try loss.reference(
+                    student: head, hidden: h.data, teacherHidden: th.data, targets: targets, n: n, gradScale: 1 / Float(n),
+                    dHidden: dh.data)
             return parts.total
         }
     }

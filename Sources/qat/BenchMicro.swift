@@ -49,13 +49,16 @@ enum Microbench {
 
     /// One run of the PyTorch peer: the median seconds per optimizer step over its own `steps`
     /// measured steps (after its warm-up step).
-    static func runPeer(python: String, script: String, model: String, batch: Int, seq: Int, mode: String, steps: Int,
-                        threads: Int? = nil) throws -> Double {
+    static func runPeer(
+        python: String, script: String, model: String, batch: Int, seq: Int, mode: String, steps: Int,
+        threads: Int? = nil
+    ) throws -> Double {
         guard FileManager.default.fileExists(atPath: script) else { throw QATError("peer script not found: \(script) (--peer-script)") }
         let p = Process()
         // A bare command name (python3) is looked up in PATH, as a shell would.
         p.executableURL = URL(fileURLWithPath: python.contains("/") ? python : "/usr/bin/env")
-        p.arguments = (python.contains("/") ? [] : [python])
+        p.arguments =
+            (python.contains("/") ? [] : [python])
             + [script, model, "--batch", String(batch), "--seq", String(seq), "--mode", mode, "--steps", String(steps)]
             + (threads.map { ["--threads", String($0)] } ?? [])
         let pipe = Pipe()
@@ -66,7 +69,8 @@ enum Microbench {
         p.waitUntilExit()
         let text = String(decoding: data, as: UTF8.self)
         guard p.terminationStatus == 0, let line = text.split(separator: "\n").last(where: { $0.hasPrefix("{") }),
-              let v = try? JSONValue.parse(String(line)) else {
+            let v = try? JSONValue.parse(String(line))
+        else {
             throw QATError("the peer failed (exit \(p.terminationStatus)): \(text.suffix(400))")
         }
         for key in ["median_step_s", "seconds_per_step", "step_s", "median_s"] { if let s = v[key]?.doubleValue { return s } }

@@ -15,10 +15,12 @@ struct MoEBench {
     var experts: Int, layers: Int, batch: Int, seq: Int, steps: Int
 
     var config: ModelConfig {
-        ModelConfig(family: .qwen3Moe, vocabSize: 16_384, hiddenSize: 2048, intermediateSize: 6144, numLayers: layers, numHeads: 32,
-                    numKVHeads: 4, headDim: 128, rmsNormEps: 1e-6, ropeTheta: 1_000_000, maxPositionEmbeddings: 40960, qkNorm: true,
-                    moe: MoEConfig(naming: .qwen, numExperts: experts, topK: min(8, experts), expertIntermediateSize: 768,
-                                   normTopKProb: true))
+        ModelConfig(
+            family: .qwen3Moe, vocabSize: 16_384, hiddenSize: 2048, intermediateSize: 6144, numLayers: layers, numHeads: 32,
+            numKVHeads: 4, headDim: 128, rmsNormEps: 1e-6, ropeTheta: 1_000_000, maxPositionEmbeddings: 40960, qkNorm: true,
+            moe: MoEConfig(
+                naming: .qwen, numExperts: experts, topK: min(8, experts), expertIntermediateSize: 768,
+                normTopKProb: true))
     }
 
     func run(say: (String) -> Void) throws -> Bench.ShapeResult {
@@ -57,9 +59,10 @@ struct MoEBench {
             }
             StepProfiler.reset()
         }
-        let trainer = try QATTrainer(model: model, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B, spec: spec,
-                                     seqLen: T, trainStream: stream, validationStream: Array(stream.prefix(N + 1)), validationSequences: 1,
-                                     options: opts)
+        let trainer = try QATTrainer(
+            model: model, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B, spec: spec,
+            seqLen: T, trainStream: stream, validationStream: Array(stream.prefix(N + 1)), validationSequences: 1,
+            options: opts)
         StepProfiler.enabled = true
         defer { StepProfiler.enabled = false }
         last = Date()
@@ -77,10 +80,12 @@ struct MoEBench {
         let counts = model.moeBlocks[0].tokensPerExpert
         res.json.set("tokens_per_expert_min", .int(Int64(counts.min() ?? 0)))
         res.json.set("tokens_per_expert_max", .int(Int64(counts.max() ?? 0)))
-        res.lines.append(String(format: "[qwen3-moe] QAT step %.3f s (%.0f tok/s); routing %.1f%%, dispatch %.1f%% of the step; "
-                                + "tokens per expert %d…%d; peak RSS %.0f MB",
-                                step, Double(N) / step, 100 * route / step, 100 * disp / step, counts.min() ?? 0, counts.max() ?? 0,
-                                peakRSSMegabytes()))
+        res.lines.append(
+            String(
+                format: "[qwen3-moe] QAT step %.3f s (%.0f tok/s); routing %.1f%%, dispatch %.1f%% of the step; "
+                    + "tokens per expert %d…%d; peak RSS %.0f MB",
+                step, Double(N) / step, 100 * route / step, 100 * disp / step, counts.min() ?? 0, counts.max() ?? 0,
+                peakRSSMegabytes()))
         say(res.lines.last!)
         return res
     }

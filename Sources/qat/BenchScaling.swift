@@ -39,8 +39,9 @@ extension Bench {
         out.set("batch", .int(Int64(batch)))
         out.set("seq", .int(Int64(seq)))
         out.set("thread_counts", .array(counts.map { .int(Int64($0)) }))
-        lines.append("scaling over threads \(counts.map(String.init).joined(separator: ", ")) (\(Parallel.availableCores) cores; "
-                     + "\(BLAS.configuration)); batch \(batch)×\(seq); tokens/s: median [min, max] of \(repeats) laps after a warm-up")
+        lines.append(
+            "scaling over threads \(counts.map(String.init).joined(separator: ", ")) (\(Parallel.availableCores) cores; "
+                + "\(BLAS.configuration)); batch \(batch)×\(seq); tokens/s: median [min, max] of \(repeats) laps after a warm-up")
         say(lines.last!)
         var shapesJSON: [JSONValue] = []
         for name in shapeNames {
@@ -48,8 +49,10 @@ extension Bench {
             let N = batch * seq
             let evalStream = Array(stream.prefix(N * 2 + 1))
             var rows: [JSONValue] = []
-            var table = ["| threads | forward tok/s | QAT step tok/s | QAD step tok/s | speed-up fwd / QAT / QAD |",
-                         "|---|---|---|---|---|"]
+            var table = [
+                "| threads | forward tok/s | QAT step tok/s | QAD step tok/s | speed-up fwd / QAT / QAD |",
+                "|---|---|---|---|---|",
+            ]
             var base: (Double, Double, Double)?
             for t in counts {
                 BLAS.setThreads(t)
@@ -71,8 +74,9 @@ extension Bench {
                 r.set("speedup_qat", .double(qat.median / b.1))
                 r.set("speedup_qad", .double(qad.median / b.2))
                 rows.append(.object(r))
-                table.append("| \(t) | \(fwd.text(0)) | \(qat.text(0)) | \(qad.text(0)) | "
-                             + String(format: "%.2f× / %.2f× / %.2f×", fwd.median / b.0, qat.median / b.1, qad.median / b.2) + " |")
+                table.append(
+                    "| \(t) | \(fwd.text(0)) | \(qat.text(0)) | \(qad.text(0)) | "
+                        + String(format: "%.2f× / %.2f× / %.2f×", fwd.median / b.0, qat.median / b.1, qad.median / b.2) + " |")
                 say("[\(name)] " + table.last!)
             }
             var sj = JSONObject()

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
-import QATCore
 import QATCUDA
+import QATCore
 import QATData
 import QATExport
 import QATModels
@@ -12,17 +12,19 @@ struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Validation loss and perplexity of a model on a token stream.",
         discussion: """
-        The stream is cut into ⌊(N−1)/seq_len⌋ non-overlapping sequences of seq_len tokens; \
-        each predicts its own tokens 2…seq_len, and the mean cross-entropy over all predicted \
-        tokens is reported (the protocol of the fixtures' PyTorch figures).
+            The stream is cut into ⌊(N−1)/seq_len⌋ non-overlapping sequences of seq_len tokens; \
+            each predicts its own tokens 2…seq_len, and the mean cross-entropy over all predicted \
+            tokens is reported (the protocol of the fixtures' PyTorch figures).
 
-        Example: qat eval --model models/fortune-lm --data models/fortune-lm/tokens.h5 --split validation --json
-        """)
+            Example: qat eval --model models/fortune-lm --data models/fortune-lm/tokens.h5 --split validation --json
+            """)
 
     @OptionGroup var modelOptions: ModelOptions
 
-    @Option(help: ArgumentHelp("Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines "
-        + "(tokenized with the model's tokenizer.json)."))
+    @Option(
+        help: ArgumentHelp(
+            "Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines "
+                + "(tokenized with the model's tokenizer.json)."))
     var data: String = "models/fortune-lm/tokens.h5"
 
     @Option(help: "Split (HDF5 group) to evaluate.")
@@ -61,24 +63,34 @@ struct Eval: ParsableCommand {
             if let recipePath = recipe {
                 var r = try Recipe.load(path: recipePath, overrides: overrides)
                 r.data.seqLen = seqLen
-                let set = try r.quantizePTQ(model: model, modelDirectory: modelOptions.model, quiet: json,
-                                            forward: gpuModel?.calibrationForward(seqLen: seqLen))
+                let set = try r.quantizePTQ(
+                    model: model, modelDirectory: modelOptions.model, quiet: json,
+                    forward: gpuModel?.calibrationForward(seqLen: seqLen))
                 gpuModel?.markWeightsChanged()
                 if quantSummary, let set { FileHandle.standardError.write(Data((QATQuant.quantSummary(set.all) + "\n").utf8)) }
             }
             let total = Evaluation.sequenceCount(tokens: stream.count, seqLen: seqLen, maxSequences: maxSequences)
             let bar = ProgressBar(total: max(total, 1), label: "eval", unit: "seq", enabled: !json)
-            let r = try gpuModel?.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences) { done, _ in bar.update(done) }
-                ?? Evaluation.evaluate(model: model, stream: stream, seqLen: seqLen, batchSize: batchSize,
-                                       maxSequences: maxSequences) { done, _ in bar.update(done) }
+            let r =
+                try gpuModel?.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences) { done, _ in
+                    bar.update(done)
+                }
+                ?? Evaluation.evaluate(
+                    model: model, stream: stream, seqLen: seqLen, batchSize: batchSize,
+                    maxSequences: maxSequences
+                ) { done, _ in bar.update(done) }
             bar.finish()
             let tokensPerSecond = Double(r.sequences * seqLen) / max(r.seconds, 1e-9)
             if json {
-                printJSON([("loss", r.loss), ("perplexity", r.perplexity), ("sequences", r.sequences), ("tokens", r.tokens),
-                           ("seconds", r.seconds), ("tokens_per_second", tokensPerSecond)])
+                printJSON([
+                    ("loss", r.loss), ("perplexity", r.perplexity), ("sequences", r.sequences), ("tokens", r.tokens),
+                    ("seconds", r.seconds), ("tokens_per_second", tokensPerSecond),
+                ])
             } else {
-                print(String(format: "loss %.4f  perplexity %.2f  (%d sequences × %d, %d predicted tokens, %.1f s, %.0f tokens/s)",
-                             r.loss, r.perplexity, r.sequences, seqLen, r.tokens, r.seconds, tokensPerSecond))
+                print(
+                    String(
+                        format: "loss %.4f  perplexity %.2f  (%d sequences × %d, %d predicted tokens, %.1f s, %.0f tokens/s)",
+                        r.loss, r.perplexity, r.sequences, seqLen, r.tokens, r.seconds, tokensPerSecond))
             }
         }
     }

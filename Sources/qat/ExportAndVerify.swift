@@ -23,21 +23,28 @@ enum ExportAndVerify {
     }
 
     /// `logitsOf`: where the verification's logits are computed (the GPU); default the CPU.
-    static func run(model: CausalLM, quantizers: QuantizerSet, sourceDirectory: String, to directory: String, options: ExportOptions,
-                    verify: VerificationData?, logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = nil) throws -> Result {
-        let summary = try Exporter.export(model: model, quantizers: quantizers, sourceDirectory: sourceDirectory, to: directory,
-                                          options: options)
+    static func run(
+        model: CausalLM, quantizers: QuantizerSet, sourceDirectory: String, to directory: String, options: ExportOptions,
+        verify: VerificationData?, logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = nil
+    ) throws -> Result {
+        let summary = try Exporter.export(
+            model: model, quantizers: quantizers, sourceDirectory: sourceDirectory, to: directory,
+            options: options)
         guard let verify else { return Result(summary: summary) }
-        let (comparison, exported) = try self.verify(directory: directory, model: model, quantizers: quantizers, data: verify,
-                                                     logitsOf: logitsOf)
+        let (comparison, exported) = try self.verify(
+            directory: directory, model: model, quantizers: quantizers, data: verify,
+            logitsOf: logitsOf)
         return Result(summary: summary, comparison: comparison, exported: exported)
     }
 
     /// Reads the export at `directory` back and compares its logits with `model`'s (the
     /// fake-quant model it was made from, `qat verify`'s reference).
-    static func verify(directory: String, model: CausalLM, quantizers: QuantizerSet, data: VerificationData,
-                       logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = nil) throws
-        -> (comparison: LogitComparison, exported: ExportedModel) {
+    static func verify(
+        directory: String, model: CausalLM, quantizers: QuantizerSet, data: VerificationData,
+        logitsOf: ((CausalLM, [Int32], Int, Int) throws -> Tensor)? = nil
+    ) throws
+        -> (comparison: LogitComparison, exported: ExportedModel)
+    {
         let exported = try ExportedModel.load(directory: directory)
         // The reference is the fake-quant model with its unquantized tensors rounded to the
         // dtype they were saved in (what the export holds by construction).
@@ -49,6 +56,7 @@ enum ExportAndVerify {
 }
 
 func verificationLine(_ v: LogitComparison) -> String {
-    String(format: "verify: max |Δlogit| %g (mean %.3g, %d of %d logits bit-identical) on %d sequences; loss fake-quant %.6f, export %.6f",
-           Double(v.maxAbsDiff), v.meanAbsDiff, v.identical, v.count, v.sequences, v.referenceLoss, v.candidateLoss)
+    String(
+        format: "verify: max |Δlogit| %g (mean %.3g, %d of %d logits bit-identical) on %d sequences; loss fake-quant %.6f, export %.6f",
+        Double(v.maxAbsDiff), v.meanAbsDiff, v.identical, v.count, v.sequences, v.referenceLoss, v.candidateLoss)
 }

@@ -1,6 +1,6 @@
 import Foundation
-import QATCore
 import QATCUDA
+import QATCore
 import QATModels
 import QATQuant
 import QATTrain
@@ -25,13 +25,15 @@ struct GPUBench {
     static func config(_ shape: String) throws -> ModelConfig {
         switch shape {
         case "qwen3-0.6b":
-            return ModelConfig(family: .qwen3, vocabSize: 151_936, hiddenSize: 1024, intermediateSize: 3072, numLayers: 28, numHeads: 16,
-                               numKVHeads: 8, headDim: 128, rmsNormEps: 1e-6, ropeTheta: 1e6, maxPositionEmbeddings: 40960,
-                               tieWordEmbeddings: true, qkNorm: true)
+            return ModelConfig(
+                family: .qwen3, vocabSize: 151_936, hiddenSize: 1024, intermediateSize: 3072, numLayers: 28, numHeads: 16,
+                numKVHeads: 8, headDim: 128, rmsNormEps: 1e-6, ropeTheta: 1e6, maxPositionEmbeddings: 40960,
+                tieWordEmbeddings: true, qkNorm: true)
         case "llama-3.2-1b":
-            return ModelConfig(family: .llama, vocabSize: 128_256, hiddenSize: 2048, intermediateSize: 8192, numLayers: 16, numHeads: 32,
-                               numKVHeads: 8, headDim: 64, rmsNormEps: 1e-5, ropeTheta: 5e5, maxPositionEmbeddings: 131_072,
-                               tieWordEmbeddings: true)
+            return ModelConfig(
+                family: .llama, vocabSize: 128_256, hiddenSize: 2048, intermediateSize: 8192, numLayers: 16, numHeads: 32,
+                numKVHeads: 8, headDim: 64, rmsNormEps: 1e-5, ropeTheta: 5e5, maxPositionEmbeddings: 131_072,
+                tieWordEmbeddings: true)
         default:
             if FileManager.default.fileExists(atPath: shape + "/config.json") { return try ModelConfig.load(directory: shape) }
             throw QATError("unknown GPU bench shape \(shape): qwen3-0.6b, llama-3.2-1b or a model directory")
@@ -44,14 +46,20 @@ struct GPUBench {
     func run() throws {
         guard case .cuda = device else { throw QATError("internal: GPUBench on \(device)") }
         let gpu = try GPU.open(device)
-        emit("GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) tokens per step, median of \(repeats) after 2 warm-ups")
+        emit(
+            "GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) tokens per step, "
+                + "median of \(repeats) after 2 warm-ups"
+        )
         emit("shape          mode                 ms/step   [min, max]      tokens/s   peak GPU MiB")
         for shape in shapes {
             let config = try Self.config(shape)
             let t0 = Date()
-            let model = FileManager.default.fileExists(atPath: shape + "/config.json")
+            let model =
+                FileManager.default.fileExists(atPath: shape + "/config.json")
                 ? try CausalLM(directory: shape) : try CausalLM(config: config, seed: 1, std: 0.02)
-            FileHandle.standardError.write(Data("\(shape): \(model.parameters.reduce(0) { $0 + $1.value.count } / 1_000_000)M parameters ready in \(String(format: "%.1f", Date().timeIntervalSince(t0))) s\n".utf8))
+            let millions = model.parameters.reduce(0) { $0 + $1.value.count } / 1_000_000
+            let seconds = String(format: "%.1f", Date().timeIntervalSince(t0))
+            FileHandle.standardError.write(Data("\(shape): \(millions)M parameters ready in \(seconds) s\n".utf8))
             var g = SplitMix64(seed: 7)
             let tokens = (0..<(batch * seq)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
             let targets = CrossEntropy.shiftedTargets(labels: tokens, batch: batch, seqLen: seq)
@@ -67,8 +75,9 @@ struct GPUBench {
                     do {
                         let gm = try CUDAModel(model: model, device: gpu, precision: precision)
                         if let set {
-                            try Calibration.run(model: model, quantizers: set, sequences: [Array(tokens.prefix(seq))], seqLen: seq, batchSize: 1,
-                                                forward: gm.calibrationForward(seqLen: seq))
+                            try Calibration.run(
+                                model: model, quantizers: set, sequences: [Array(tokens.prefix(seq))], seqLen: seq, batchSize: 1,
+                                forward: gm.calibrationForward(seqLen: seq))
                             gm.markWeightsChanged()
                         }
                         var times: [Double] = []
@@ -85,9 +94,10 @@ struct GPUBench {
                         times.sort()
                         let med = times[times.count / 2]
                         let mode = (quantized ? "nvfp4+fp8kv " : "unquantized ") + precision.rawValue
-                        line = String(format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString, mode as NSString,
-                                      med * 1e3, times.first! * 1e3, times.last! * 1e3, Double(batch * seq) / med,
-                                      (gpu.peakBytes - before) >> 20, loss)
+                        line = String(
+                            format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString, mode as NSString,
+                            med * 1e3, times.first! * 1e3, times.last! * 1e3, Double(batch * seq) / med,
+                            (gpu.peakBytes - before) >> 20, loss)
                     }
                     emit(line)
                     if profile {
@@ -95,14 +105,15 @@ struct GPUBench {
                         let gm = try CUDAModel(model: model, device: gpu, precision: precision)
                         let hidden = try gm.forward(tokens: tokens, batch: batch, seqLen: seq)
                         _ = try gm.lossSums(hidden: hidden, targets: targets, n: batch * seq)
-                        gpu.profileReport().prefix(14).forEach { emit($0) }
+                        for line in gpu.profileReport().prefix(14) { emit(line) }
                         gpu.profile = nil
                     }
                 }
             }
             // Training: the quantized model of the rows above (NVFP4 W4A4 + FP8 KV, calibrated
             // on the GPU), a copy of its master weights as the QAD teacher.
-            let teacher = try CausalLM(config: config, parameters: Dictionary(uniqueKeysWithValues: model.parameters.map { ($0.name, $0.value.copy()) }))
+            let teacher = try CausalLM(
+                config: config, parameters: Dictionary(uniqueKeysWithValues: model.parameters.map { ($0.name, $0.value.copy()) }))
             for mode in [Recipe.Mode.qat, .qad] {
                 do { emit(try trainSteps(shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode)) } catch {
                     emit(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
@@ -118,7 +129,8 @@ struct GPUBench {
     /// (`Trainer.run` with `CUDAStepBackend`: forward, fused loss head, backward, gradient norm
     /// and clipping at 1.0, AdamW): median step time after 2 warm-up steps, and the run's peak
     /// GPU memory (the QAD teacher included).
-    func trainSteps(shape: String, model: CausalLM, teacher: CausalLM, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode) throws -> String {
+    func trainSteps(shape: String, model: CausalLM, teacher: CausalLM, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode) throws -> String
+    {
         let config = model.config
         let before = gpu.bytesInUse
         gpu.resetPeak()
@@ -145,8 +157,9 @@ struct GPUBench {
             if m.step > 2 { times.append(Double(batch * seq) / m.tokensPerSecond) }
             loss = m.loss
         }
-        let trainer = try Trainer(model: model, spec: spec, seqLen: seq, trainStream: stream, validationStream: [], validationSequences: nil,
-                                  options: options)
+        let trainer = try Trainer(
+            model: model, spec: spec, seqLen: seq, trainStream: stream, validationStream: [], validationSequences: nil,
+            options: options)
         if mode == .qad {
             var d = Recipe.DistillSpec()
             d.kdRatio = 1
@@ -156,9 +169,10 @@ struct GPUBench {
         try gpu.synchronize()
         times.sort()
         let med = times[times.count / 2]
-        return String(format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString,
-                      "\(mode.rawValue.uppercased()) step nvfp4 bf16" as NSString, med * 1e3, times.first! * 1e3, times.last! * 1e3,
-                      Double(batch * seq) / med, (gpu.peakBytes - before) >> 20, loss)
+        return String(
+            format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString,
+            "\(mode.rawValue.uppercased()) step nvfp4 bf16" as NSString, med * 1e3, times.first! * 1e3, times.last! * 1e3,
+            Double(batch * seq) / med, (gpu.peakBytes - before) >> 20, loss)
     }
 
     /// The peer script's modes: PyTorch's eager bf16 forward with the full logits (`fwd`),
@@ -166,7 +180,9 @@ struct GPUBench {
     func peer(script: String, shape: String, modes: String) -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = [python, script, shape, "--modes", modes, "--batch", String(batch), "--seq", String(seq), "--steps", String(repeats + 2)]
+        p.arguments = [
+            python, script, shape, "--modes", modes, "--batch", String(batch), "--seq", String(seq), "--steps", String(repeats + 2),
+        ]
         let pipe = Pipe()
         p.standardOutput = pipe
         do { try p.run() } catch { return "peer: could not run \(python) \(script): \(error)" }

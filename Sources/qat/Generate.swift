@@ -12,18 +12,18 @@ struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Generate text with a KV cache from a model, an export (either format) or a recipe's fake-quant model.",
         discussion: """
-        --model reads a Hugging Face model, a ModelOpt or a compressed-tensors export (the \
-        export's NVFP4 weights decoded, its NVFP4 activations through their quantizers and its \
-        FP8 KV cache stored as the deployed kernel does: e4m3(x / k_scale)); --recipe builds the \
-        recipe's fake-quant model (PTQ of its model, or a training --checkpoint). Tokens stream \
-        to stdout as they are decoded. Greedy by default (--temperature 0), as transformers' \
-        generate(do_sample=False); --temperature, --top-k and --top-p sample, seeded by --seed.
+            --model reads a Hugging Face model, a ModelOpt or a compressed-tensors export (the \
+            export's NVFP4 weights decoded, its NVFP4 activations through their quantizers and its \
+            FP8 KV cache stored as the deployed kernel does: e4m3(x / k_scale)); --recipe builds the \
+            recipe's fake-quant model (PTQ of its model, or a training --checkpoint). Tokens stream \
+            to stdout as they are decoded. Greedy by default (--temperature 0), as transformers' \
+            generate(do_sample=False); --temperature, --top-k and --top-p sample, seeded by --seed.
 
-        Examples:
-          qat generate --model export/fortune-lm-nvfp4 --prompt "The meaning of life"
-          qat generate --model models/fortune-lm --compare export/fortune-lm-nvfp4 --prompt "Q: Why" --max-new-tokens 40
-          qat generate --model models/fortune-lm --benchmark
-        """)
+            Examples:
+              qat generate --model export/fortune-lm-nvfp4 --prompt "The meaning of life"
+              qat generate --model models/fortune-lm --compare export/fortune-lm-nvfp4 --prompt "Q: Why" --max-new-tokens 40
+              qat generate --model models/fortune-lm --benchmark
+            """)
 
     @Option(help: "Model directory: HF model, ModelOpt or compressed-tensors export.")
     var model: String?
@@ -61,7 +61,8 @@ struct Generate: ParsableCommand {
     @Flag(name: .customLong("ignore-eos"), help: "Keep generating after the end-of-sequence token.")
     var ignoreEOS = false
 
-    @Option(help: "Stop when the text contains this string (repeatable; --stop=-- for a string starting with -); the string is not printed.")
+    @Option(
+        help: "Stop when the text contains this string (repeatable; --stop=-- for a string starting with -); the string is not printed.")
     var stop: [String] = []
 
     @Option(help: "A second model (same tokenizer) to continue the same prompt; both are printed side by side.")
@@ -70,8 +71,10 @@ struct Generate: ParsableCommand {
     @Flag(help: "Print the prompt and generated token ids as JSON instead of text.")
     var json = false
 
-    @Flag(help: ArgumentHelp("Generate to the end of the context (ignoring EOS) and print tokens/s at positions 32 and "
-        + "the last, with and without the KV cache."))
+    @Flag(
+        help: ArgumentHelp(
+            "Generate to the end of the context (ignoring EOS) and print tokens/s at positions 32 and "
+                + "the last, with and without the KV cache."))
     var benchmark = false
 
     @Option(help: "Worker threads for OpenBLAS and the kernels (default: all cores).")
@@ -80,7 +83,9 @@ struct Generate: ParsableCommand {
     func run() throws {
         try QAT.guarded {
             if let t = threads, t > 0 { setenv("QAT_THREADS", String(t), 1); BLAS.setThreads(t) }
-            guard (model == nil) != (recipe == nil) else { throw QATError("qat generate: give exactly one of --model DIR or --recipe FILE") }
+            guard (model == nil) != (recipe == nil) else {
+                throw QATError("qat generate: give exactly one of --model DIR or --recipe FILE")
+            }
             guard maxNewTokens >= 0 else { throw QATError("--max-new-tokens must be ≥ 0") }
             guard temperature >= 0, temperature.isFinite else { throw QATError("--temperature must be ≥ 0") }
             if let p = topP, !(p > 0 && p <= 1) { throw QATError("--top-p must be in (0, 1]") }
@@ -96,10 +101,12 @@ struct Generate: ParsableCommand {
             let sampler = Sampler(temperature: temperature, topK: topK, topP: topP, seed: seed)
             if let other = compare {
                 let second = try GenerationModel.load(model: other, recipe: nil, overrides: [], checkpoint: nil)
-                let a = try primary.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop,
-                                             tokenizer: tokenizer)
-                let b = try second.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler,
-                                            eos: ignoreEOS ? [] : second.eosTokenIds, stop: stop, tokenizer: tokenizer)
+                let a = try primary.generate(
+                    prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop,
+                    tokenizer: tokenizer)
+                let b = try second.generate(
+                    prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler,
+                    eos: ignoreEOS ? [] : second.eosTokenIds, stop: stop, tokenizer: tokenizer)
                 if json {
                     print(generationJSON(ids, [(primary.description, a), (second.description, b)]))
                 } else {
@@ -109,14 +116,20 @@ struct Generate: ParsableCommand {
             }
             let streaming = !json
             if streaming { FileHandle.standardOutput.write(Data(text.utf8)) }
-            let r = try primary.generate(prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop,
-                                         tokenizer: tokenizer) { piece in
+            let r = try primary.generate(
+                prompt: ids, maxNewTokens: maxNewTokens, sampler: sampler, eos: eos, stop: stop,
+                tokenizer: tokenizer
+            ) { piece in
                 if streaming { FileHandle.standardOutput.write(Data(piece.utf8)) }
             }
             if json { print(generationJSON(ids, [(primary.description, r)])) } else { print("") }
             if !json {
-                FileHandle.standardError.write(Data(String(format: "[%d prompt tokens, %d generated, %.1f tokens/s%@]\n", ids.count, r.tokens.count,
-                                                           r.tokensPerSecond, r.stopReason.isEmpty ? "" : ", " + r.stopReason).utf8))
+                FileHandle.standardError.write(
+                    Data(
+                        String(
+                            format: "[%d prompt tokens, %d generated, %.1f tokens/s%@]\n", ids.count, r.tokens.count,
+                            r.tokensPerSecond, r.stopReason.isEmpty ? "" : ", " + r.stopReason
+                        ).utf8))
             }
         }
     }
@@ -124,10 +137,16 @@ struct Generate: ParsableCommand {
     func generationJSON(_ prompt: [Int32], _ results: [(String, GenerationResult)]) -> String {
         var o = JSONObject()
         o.set("prompt_ids", .array(prompt.map { .int(Int64($0)) }))
-        o.set("models", .array(results.map { name, r in
-            .object(JSONObject([("model", .string(name)), ("ids", .array(r.tokens.map { .int(Int64($0)) })), ("text", .string(r.text)),
-                                ("stop_reason", .string(r.stopReason)), ("tokens_per_second", .double(r.tokensPerSecond))]))
-        }))
+        o.set(
+            "models",
+            .array(
+                results.map { name, r in
+                    .object(
+                        JSONObject([
+                            ("model", .string(name)), ("ids", .array(r.tokens.map { .int(Int64($0)) })), ("text", .string(r.text)),
+                            ("stop_reason", .string(r.stopReason)), ("tokens_per_second", .double(r.tokensPerSecond)),
+                        ]))
+                }))
         return JSONValue.object(o).serialized(indent: nil)
     }
 
@@ -167,16 +186,21 @@ struct Generate: ParsableCommand {
         let r32 = rate(around: 32), rEnd = rate(around: cap)
         let f32 = try fullForwardRate(at: 32), fEnd = try fullForwardRate(at: cap)
         if json {
-            printJSON([("model", m.description), ("context", cap), ("kv_cache_tokens_per_second_at_32", r32),
-                       ("kv_cache_tokens_per_second_at_\(cap)", rEnd), ("no_cache_tokens_per_second_at_32", f32),
-                       ("no_cache_tokens_per_second_at_\(cap)", fEnd)])
+            printJSON([
+                ("model", m.description), ("context", cap), ("kv_cache_tokens_per_second_at_32", r32),
+                ("kv_cache_tokens_per_second_at_\(cap)", rEnd), ("no_cache_tokens_per_second_at_32", f32),
+                ("no_cache_tokens_per_second_at_\(cap)", fEnd),
+            ])
         } else {
             print("\(m.description): one token at a time, batch 1, threads \(Parallel.threads)")
             print(String(format: "  position %4d: %8.1f tokens/s with the KV cache, %7.1f tokens/s re-running the sequence", 32, r32, f32))
-            print(String(format: "  position %4d: %8.1f tokens/s with the KV cache, %7.1f tokens/s re-running the sequence", cap, rEnd, fEnd))
-            print(String(format: "  KV cache: %.2f× slower at %d than at 32 (attention grows with the position, the "
-                + "matmuls do not); without it %.2f×",
-                         r32 / rEnd, cap, f32 / fEnd))
+            print(
+                String(format: "  position %4d: %8.1f tokens/s with the KV cache, %7.1f tokens/s re-running the sequence", cap, rEnd, fEnd))
+            print(
+                String(
+                    format: "  KV cache: %.2f× slower at %d than at 32 (attention grows with the position, the "
+                        + "matmuls do not); without it %.2f×",
+                    r32 / rEnd, cap, f32 / fEnd))
         }
     }
 }
@@ -208,16 +232,19 @@ struct GenerationModel {
                     if k != nil || v != nil { scales[layer.index] = (k.map { $0 / FP8.maxE4M3 }, v.map { $0 / FP8.maxE4M3 }) }
                 }
                 let format = try ExportFormat.of(directory: dir)
-                return GenerationModel(model: e.model, kvScales: scales, description: "\(dir) (\(format.rawValue) \(e.quantAlgo ?? "?"))",
-                                       tokenizerDirectory: dir, eosTokenIds: try eosIds(dir))
+                return GenerationModel(
+                    model: e.model, kvScales: scales, description: "\(dir) (\(format.rawValue) \(e.quantAlgo ?? "?"))",
+                    tokenizerDirectory: dir, eosTokenIds: try eosIds(dir))
             }
-            return GenerationModel(model: try CausalLM(directory: dir), kvScales: [:], description: dir, tokenizerDirectory: dir,
-                                   eosTokenIds: try eosIds(dir))
+            return GenerationModel(
+                model: try CausalLM(directory: dir), kvScales: [:], description: dir, tokenizerDirectory: dir,
+                eosTokenIds: try eosIds(dir))
         }
         let r = try Recipe.load(path: recipe!, overrides: overrides)
         let source = try QuantizedSource.build(modelDirectory: r.model, recipe: r, checkpoint: checkpoint, quiet: true)
-        return GenerationModel(model: source.model, kvScales: [:], description: "fake-quant \(source.description)",
-                               tokenizerDirectory: r.model, eosTokenIds: try eosIds(r.model))
+        return GenerationModel(
+            model: source.model, kvScales: [:], description: "fake-quant \(source.description)",
+            tokenizerDirectory: r.model, eosTokenIds: try eosIds(r.model))
     }
 
     /// generation_config.json's eos_token_id (an id or a list), else config.json's, else the
@@ -238,13 +265,17 @@ struct GenerationModel {
 
     func tokenizer() throws -> Tokenizer {
         let p = "\(tokenizerDirectory)/tokenizer.json"
-        guard FileManager.default.fileExists(atPath: p) else { throw QATError("\(tokenizerDirectory) has no tokenizer.json: qat generate needs the model's tokenizer") }
+        guard FileManager.default.fileExists(atPath: p) else {
+            throw QATError("\(tokenizerDirectory) has no tokenizer.json: qat generate needs the model's tokenizer")
+        }
         return try Tokenizer(path: p)
     }
 
     /// Prefill the prompt, then one token at a time until max tokens, EOS or a stop string.
-    func generate(prompt: [Int32], maxNewTokens: Int, sampler s: Sampler, eos: Set<Int32>, stop: [String], tokenizer: Tokenizer,
-                  onText: (String) -> Void = { _ in }) throws -> GenerationResult {
+    func generate(
+        prompt: [Int32], maxNewTokens: Int, sampler s: Sampler, eos: Set<Int32>, stop: [String], tokenizer: Tokenizer,
+        onText: (String) -> Void = { _ in }
+    ) throws -> GenerationResult {
         var sampler = s
         let decoder = try KVCacheDecoder(model: model, capacity: min(model.config.maxPositionEmbeddings, prompt.count + maxNewTokens))
         decoder.kvScales = kvScales

@@ -27,10 +27,16 @@ struct Inspect: ParsableCommand {
             if json {
                 var out = JSONObject()
                 out.set("path", .string(path))
-                out.set("tensors", .array(rows.map { n, i in
-                    .object(JSONObject([("name", .string(n)), ("dtype", .string(i.dtype.rawValue)),
-                                        ("shape", .array(i.shape.map { .int(Int64($0)) })), ("bytes", .int(Int64(i.byteCount)))]))
-                }))
+                out.set(
+                    "tensors",
+                    .array(
+                        rows.map { n, i in
+                            .object(
+                                JSONObject([
+                                    ("name", .string(n)), ("dtype", .string(i.dtype.rawValue)),
+                                    ("shape", .array(i.shape.map { .int(Int64($0)) })), ("bytes", .int(Int64(i.byteCount))),
+                                ]))
+                        }))
                 out.set("total_bytes", .int(Int64(totalBytes)))
                 out.set("total_elements", .int(Int64(totalElements)))
                 out.set("metadata", .object(JSONObject(metadata.map { ($0.key, JSONValue.string($0.value)) })))
@@ -41,9 +47,10 @@ struct Inspect: ParsableCommand {
             print("name".padding(toLength: w, withPad: " ", startingAt: 0) + "  dtype    shape                 bytes")
             for (n, i) in rows {
                 let shape = "[" + i.shape.map(String.init).joined(separator: ", ") + "]"
-                print(n.padding(toLength: w, withPad: " ", startingAt: 0) + "  "
-                      + i.dtype.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + " "
-                      + shape.padding(toLength: 20, withPad: " ", startingAt: 0) + " " + String(i.byteCount))
+                print(
+                    n.padding(toLength: w, withPad: " ", startingAt: 0) + "  "
+                        + i.dtype.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + " "
+                        + shape.padding(toLength: 20, withPad: " ", startingAt: 0) + " " + String(i.byteCount))
             }
             print("\(rows.count) tensors, \(totalElements) elements, \(formatBytes(totalBytes))")
             for m in metadata { print("metadata \(m.key) = \(m.value)") }
@@ -64,8 +71,9 @@ func formatBytes(_ b: Int) -> String {
 func exportDescription(_ path: String) -> String? {
     var isDir: ObjCBool = false
     guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue,
-          (try? ExportedModel.isQuantizedExport(directory: path)) == true,
-          let format = try? ExportFormat.of(directory: path),
-          let section = try? ExportedModel.quantizationSection(directory: path) else { return nil }
+        (try? ExportedModel.isQuantizedExport(directory: path)) == true,
+        let format = try? ExportFormat.of(directory: path),
+        let section = try? ExportedModel.quantizationSection(directory: path)
+    else { return nil }
     return "export format: \(format.rawValue) (\(section.algo ?? "no quantized Linears")\(section.kv.map { ", \($0) KV cache" } ?? ""))"
 }

@@ -14,14 +14,17 @@ struct QAT: ParsableCommand {
         commandName: "qat",
         abstract: "Quantization-aware training and NVFP4 export of Hugging Face causal LMs, on a CPU or an NVIDIA GPU.",
         discussion: """
-        Start with `qat apply recipes/default.yaml`: QAT of the embedded fortune-lm to NVFP4 \
-        (W4A4, FP8 KV cache), then a ModelOpt-format export that is read back and verified.
+            Start with `qat apply recipes/default.yaml`: QAT of the embedded fortune-lm to NVFP4 \
+            (W4A4, FP8 KV cache), then a ModelOpt-format export that is read back and verified.
 
-        Then: `qat eval` a model, a PTQ recipe or an export; `qat generate` text with it; `qat convert` an export \
-        between the ModelOpt and compressed-tensors layouts; `qat inspect` a checkpoint; \
-        `qat recipe show` a recipe with every default filled in.
-        """,
-        subcommands: [Apply.self, Eval.self, Export.self, Convert.self, Generate.self, Verify.self, Inspect.self, RecipeCommand.self, TeacherLogprobs.self, Bench.self, Selftest.self])
+            Then: `qat eval` a model, a PTQ recipe or an export; `qat generate` text with it; `qat convert` an export \
+            between the ModelOpt and compressed-tensors layouts; `qat inspect` a checkpoint; \
+            `qat recipe show` a recipe with every default filled in.
+            """,
+        subcommands: [
+            Apply.self, Eval.self, Export.self, Convert.self, Generate.self, Verify.self, Inspect.self, RecipeCommand.self,
+            TeacherLogprobs.self, Bench.self, Selftest.self,
+        ])
 
     /// Runs a command body, turning project errors into one clear line on stderr and exit
     /// code 1 instead of a stack trace.

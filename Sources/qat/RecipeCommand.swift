@@ -20,13 +20,22 @@ struct RecipeCommand: ParsableCommand {
                 let r = try Recipe.load(path: file, overrides: overrides)
                 var missing: [String] = []
                 for (key, path) in [("model", r.model), ("data.train", r.data.train), ("data.validation", r.data.validation)]
-                    where !FileManager.default.fileExists(atPath: path) { missing.append("\(key): \(path)") }
-                if let t = r.train.distill.teacher, !FileManager.default.fileExists(atPath: t) { missing.append("train.distill.teacher: \(t)") }
-                if let c = r.train.distill.teacherLogprobs, !FileManager.default.fileExists(atPath: c) { missing.append("train.distill.teacher_logprobs: \(c)") }
-                if !missing.isEmpty { throw QATError("\(file): files not found (relative paths are relative to the working directory):\n  " + missing.joined(separator: "\n  ")) }
+                where !FileManager.default.fileExists(atPath: path) { missing.append("\(key): \(path)") }
+                if let t = r.train.distill.teacher, !FileManager.default.fileExists(atPath: t) {
+                    missing.append("train.distill.teacher: \(t)")
+                }
+                if let c = r.train.distill.teacherLogprobs, !FileManager.default.fileExists(atPath: c) {
+                    missing.append("train.distill.teacher_logprobs: \(c)")
+                }
+                if !missing.isEmpty {
+                    throw QATError(
+                        "\(file): files not found (relative paths are relative to the working directory):\n  "
+                            + missing.joined(separator: "\n  "))
+                }
                 if r.train.mode == .qad, r.quantize == nil { print("note: QAD without quantize: distillation of an unquantized model") }
-                print("\(file): valid (mode \(r.train.mode.rawValue), quantize "
-                    + "\(r.quantizeDescription)\(r.train.mode == .none ? "" : ", \(r.train.steps) steps"))")
+                print(
+                    "\(file): valid (mode \(r.train.mode.rawValue), quantize "
+                        + "\(r.quantizeDescription)\(r.train.mode == .none ? "" : ", \(r.train.steps) steps"))")
             }
         }
     }

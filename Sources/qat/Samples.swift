@@ -16,10 +16,12 @@ extension ApplyRun {
         for p in prompts {
             let ids = tokenizer.encode(p)
             guard !ids.isEmpty else { continue }
-            let a = try original.generate(prompt: ids, maxNewTokens: 40, sampler: Sampler(), eos: original.eosTokenIds, stop: [],
-                                          tokenizer: tokenizer)
-            let b = try exported.generate(prompt: ids, maxNewTokens: 40, sampler: Sampler(), eos: exported.eosTokenIds, stop: [],
-                                          tokenizer: tokenizer)
+            let a = try original.generate(
+                prompt: ids, maxNewTokens: 40, sampler: Sampler(), eos: original.eosTokenIds, stop: [],
+                tokenizer: tokenizer)
+            let b = try exported.generate(
+                prompt: ids, maxNewTokens: 40, sampler: Sampler(), eos: exported.eosTokenIds, stop: [],
+                tokenizer: tokenizer)
             summary.samples.append((p, a.text, b.text))
         }
         log("samples: \(summary.samples.count) prompts continued by the original and the export (greedy, 40 tokens)")

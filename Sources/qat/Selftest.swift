@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
-import QATCore
 import QATCUDA
+import QATCore
 import QATModels
 
 /// Opening the GPU a command asked for, with the device named in the log.
@@ -18,22 +18,24 @@ struct Selftest: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check the GPU path against the CPU path: every kernel and whole models.",
         discussion: """
-        Runs every CUDA kernel and the whole forward of several model shapes (the tiny-llama and \
-        tiny-qwen3 fixture configurations, Mistral's sliding window, Qwen2's biases, Llama 3's RoPE \
-        scaling; fp32 and bf16; unquantized and NVFP4 + FP8 KV) on the GPU and on the CPU with the \
-        same seeded inputs, prints the largest error of each, and exits 1 if any is above its \
-        tolerance. The fake quantizers and max calibration must match bit for bit.
+            Runs every CUDA kernel and the whole forward of several model shapes (the tiny-llama and \
+            tiny-qwen3 fixture configurations, Mistral's sliding window, Qwen2's biases, Llama 3's RoPE \
+            scaling; fp32 and bf16; unquantized and NVFP4 + FP8 KV) on the GPU and on the CPU with the \
+            same seeded inputs, prints the largest error of each, and exits 1 if any is above its \
+            tolerance. The fake quantizers and max calibration must match bit for bit.
 
-        With --compile-only it compiles every kernel with NVRTC for the given architectures and \
-        needs no GPU (CI does this with NVRTC from PyPI).
+            With --compile-only it compiles every kernel with NVRTC for the given architectures and \
+            needs no GPU (CI does this with NVRTC from PyPI).
 
-        Example: qat selftest --device cuda
-        """)
+            Example: qat selftest --device cuda
+            """)
 
     @Option(name: .long, help: "cuda or cuda:N.")
     var device: String = "cuda"
 
-    @Option(name: .customLong("compile-only"), help: "Only compile every kernel for these architectures (comma-separated, e.g. sm_90,sm_100); no GPU needed.")
+    @Option(
+        name: .customLong("compile-only"),
+        help: "Only compile every kernel for these architectures (comma-separated, e.g. sm_90,sm_100); no GPU needed.")
     var compileOnly: String?
 
     @Option(name: .long, help: "The libnvrtc.so to use (default: $QAT_NVRTC, else found by name and in the usual CUDA folders).")
@@ -94,7 +96,9 @@ final class DeviceRunner {
     func forget(_ m: CausalLM) { copies[ObjectIdentifier(m)] = nil }
 
     /// The calibration forward for `Calibration.run` (nil on the CPU).
-    func calibrationForward(_ m: CausalLM, seqLen: Int) throws -> ((_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?)? {
+    func calibrationForward(_ m: CausalLM, seqLen: Int) throws -> (
+        (_ tokens: [Int32], _ batch: Int) throws -> UnsafeMutablePointer<Float>?
+    )? {
         try copy(m)?.calibrationForward(seqLen: seqLen)
     }
 

@@ -10,23 +10,25 @@ struct TeacherLogprobs: ParsableCommand {
         commandName: "teacher-logprobs",
         abstract: "Write an offline top-k teacher cache (HDF5) for QAD without a live teacher.",
         discussion: """
-        The stream is cut into ⌊(N−1)/seq_len⌋ packed sequences exactly like the trainer's data \
-        loader (sequence i = tokens [i·seq_len, (i+1)·seq_len)). The teacher runs forward-only; \
-        for every position t it stores the top-k token ids of its prediction of token t+1, \
-        their log-probabilities at temperature 1 (log_softmax over the full vocabulary, bfloat16) \
-        and the log of the teacher's mass outside them (for the default coarse_kl objective). \
-        With --sample N it stores N draws from the teacher instead (distinct ids, their counts \
-        and log-probabilities: the sampled objective). Ids are uint16 when the vocabulary fits. \
-        Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data \
-        must match the cache's (checked).
+            The stream is cut into ⌊(N−1)/seq_len⌋ packed sequences exactly like the trainer's data \
+            loader (sequence i = tokens [i·seq_len, (i+1)·seq_len)). The teacher runs forward-only; \
+            for every position t it stores the top-k token ids of its prediction of token t+1, \
+            their log-probabilities at temperature 1 (log_softmax over the full vocabulary, bfloat16) \
+            and the log of the teacher's mass outside them (for the default coarse_kl objective). \
+            With --sample N it stores N draws from the teacher instead (distinct ids, their counts \
+            and log-probabilities: the sampled objective). Ids are uint16 when the vocabulary fits. \
+            Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data \
+            must match the cache's (checked).
 
-        Example: qat teacher-logprobs --model models/fortune-lm --data models/fortune-lm/tokens.h5 --top-k 64 --out teacher-top64.h5
-        """)
+            Example: qat teacher-logprobs --model models/fortune-lm --data models/fortune-lm/tokens.h5 --top-k 64 --out teacher-top64.h5
+            """)
 
     @OptionGroup var modelOptions: ModelOptions
 
-    @Option(help: ArgumentHelp("Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines "
-        + "(tokenized with the model's tokenizer.json)."))
+    @Option(
+        help: ArgumentHelp(
+            "Token data: an HDF5 file with <split>/input_ids, or a .jsonl file of {\"text\": …} lines "
+                + "(tokenized with the model's tokenizer.json)."))
     var data: String = "models/fortune-lm/tokens.h5"
 
     @Option(help: "Split (HDF5 group) to read.")
@@ -44,7 +46,9 @@ struct TeacherLogprobs: ParsableCommand {
     @Option(help: "Seed of the draws (with --sample).")
     var seed: UInt64 = 0
 
-    @Option(name: .customLong("from-cache"), help: "Instead of running the teacher: narrow this cache to --top-k entries (or --sample draws) per position.")
+    @Option(
+        name: .customLong("from-cache"),
+        help: "Instead of running the teacher: narrow this cache to --top-k entries (or --sample draws) per position.")
     var fromCache: String?
 
     @Option(name: .customLong("logprob-dtype"), help: "Storage of the log-probabilities: bfloat16 or float16 (8× finer, a larger cache).")
@@ -69,7 +73,8 @@ struct TeacherLogprobs: ParsableCommand {
             }
             modelOptions.applyThreads()
             if try modelOptions.compute().device.isCUDA {
-                throw QATError.unsupported("qat teacher-logprobs runs on the CPU in this version (the GPU top-k kernel is not written yet): use --device cpu")
+                throw QATError.unsupported(
+                    "qat teacher-logprobs runs on the CPU in this version (the GPU top-k kernel is not written yet): use --device cpu")
             }
             if let src = fromCache {
                 let start = Date()
@@ -83,10 +88,12 @@ struct TeacherLogprobs: ParsableCommand {
             let total = min(max(1, (stream.count - 1) / max(seqLen, 1)), maxSequences ?? Int.max)
             let bar = ProgressBar(total: total, label: "teacher", unit: "seq", enabled: !json)
             let start = Date()
-            let h = try TopKCache.write(teacher: teacher, stream: stream, seqLen: seqLen, topK: sample ?? topK, to: out, batchSize: batchSize,
-                                        maxSequences: maxSequences, dataPath: data, split: split, modelPath: modelOptions.model,
-                                        sampled: sample != nil, seed: seed,
-                                        logprobStorage: logprobDtype == "float16" ? .float16 : .bfloat16) { done, _ in
+            let h = try TopKCache.write(
+                teacher: teacher, stream: stream, seqLen: seqLen, topK: sample ?? topK, to: out, batchSize: batchSize,
+                maxSequences: maxSequences, dataPath: data, split: split, modelPath: modelOptions.model,
+                sampled: sample != nil, seed: seed,
+                logprobStorage: logprobDtype == "float16" ? .float16 : .bfloat16
+            ) { done, _ in
                 bar.update(done)
             }
             bar.finish()
@@ -99,11 +106,15 @@ struct TeacherLogprobs: ParsableCommand {
         let perToken = Double(bytes) / Double(max(1, h.sequences * h.seqLen))
         let what = h.kind == .sampled ? "\(h.topK) draws" : "top-\(h.topK)"
         if json {
-            printJSON([("out", out), ("kind", h.kind.rawValue), ("sequences", h.sequences), ("seq_len", h.seqLen), ("top_k", h.topK),
-                       ("vocab_size", h.vocabSize), ("bytes", bytes), ("bytes_per_token", perToken), ("seconds", seconds)])
+            printJSON([
+                ("out", out), ("kind", h.kind.rawValue), ("sequences", h.sequences), ("seq_len", h.seqLen), ("top_k", h.topK),
+                ("vocab_size", h.vocabSize), ("bytes", bytes), ("bytes_per_token", perToken), ("seconds", seconds),
+            ])
         } else {
-            print(String(format: "wrote %@: %d sequences × %d positions × %@ of %d (%.1f MiB, %.1f bytes/token, %.1f s)",
-                         out, h.sequences, h.seqLen, what, h.vocabSize, Double(bytes) / 1_048_576, perToken, seconds))
+            print(
+                String(
+                    format: "wrote %@: %d sequences × %d positions × %@ of %d (%.1f MiB, %.1f bytes/token, %.1f s)",
+                    out, h.sequences, h.seqLen, what, h.vocabSize, Double(bytes) / 1_048_576, perToken, seconds))
         }
     }
 }

@@ -1,6 +1,6 @@
 import Foundation
-import QATCore
 import QATCUDA
+import QATCore
 import QATModels
 import TestSupport
 import XCTest
@@ -38,9 +38,11 @@ final class CUDABackendTests: XCTestCase {
             XCTAssertTrue(KernelSources.program(file).hasPrefix(KernelSources.common))
         }
         // Every kernel the host code launches exists (names from Sources/QATCUDA/CUDAOps.swift).
-        for k in ["embedding_forward", "add_inplace", "add_bias", "swiglu_forward", "to_bf16", "rmsnorm_forward", "rmsnorm_forward_warp",
-                  "rope_apply", "attention_forward", "attention_forward_bf16_d64", "attention_forward_bf16_d128", "nvfp4_fake_quant",
-                  "fp8_fake_quant", "int8_fake_quant", "absmax_reduce", "cross_entropy_rows"] {
+        for k in [
+            "embedding_forward", "add_inplace", "add_bias", "swiglu_forward", "to_bf16", "rmsnorm_forward", "rmsnorm_forward_warp",
+            "rope_apply", "attention_forward", "attention_forward_bf16_d64", "attention_forward_bf16_d128", "nvfp4_fake_quant",
+            "fp8_fake_quant", "int8_fake_quant", "absmax_reduce", "cross_entropy_rows",
+        ] {
             XCTAssertTrue(seen.contains(k), "no kernel \(k)")
         }
     }
@@ -69,11 +71,14 @@ final class CUDABackendTests: XCTestCase {
 
     func testSelftestModelShapesCoverEveryFamilyFeature() throws {
         let configs = CUDASelftest.modelConfigs.map(\.1)
-        XCTAssertEqual(Set(configs.map(\.family)), [.llama, .mistral, .qwen2, .qwen3])   // the dense families
+        XCTAssertEqual(Set(configs.map(\.family)), [.llama, .mistral, .qwen2, .qwen3])  // the dense families
         XCTAssertTrue(configs.contains { $0.qkNorm && $0.tieWordEmbeddings && $0.headDim != $0.hiddenSize / $0.numHeads })
         XCTAssertTrue(configs.contains { $0.slidingWindow != nil })
         XCTAssertTrue(configs.contains { $0.attentionBias })
-        XCTAssertTrue(configs.contains { if case .llama3 = $0.ropeScaling { return true }; return false })
-        for c in configs { _ = try CausalLM(config: c, seed: 1) }   // each builds
+        XCTAssertTrue(
+            configs.contains {
+                if case .llama3 = $0.ropeScaling { return true }; return false
+            })
+        for c in configs { _ = try CausalLM(config: c, seed: 1) }  // each builds
     }
 }

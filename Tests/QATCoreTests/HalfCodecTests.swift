@@ -1,5 +1,5 @@
-import XCTest
 import QATCore
+import XCTest
 
 final class HalfCodecTests: XCTestCase {
     func testBF16RoundHalfToEven() {

@@ -1,6 +1,6 @@
 import Foundation
-import XCTest
 import QATCore
+import XCTest
 
 /// The worker pool and the split products: every task runs exactly once, nested and concurrent
 /// regions still run every task, and matrix products are bit-identical whatever the thread
@@ -92,8 +92,9 @@ final class ParallelTests: XCTestCase {
                 a.withUnsafeBufferPointer { ap in
                     b.withUnsafeBufferPointer { bp in
                         c.withUnsafeMutableBufferPointer { cp in
-                            BLAS.gemm(transA: ta, transB: tb, m: m, n: n, k: k, alpha: alpha, a: ap.baseAddress!, b: bp.baseAddress!,
-                                      beta: beta, c: cp.baseAddress!)
+                            BLAS.gemm(
+                                transA: ta, transB: tb, m: m, n: n, k: k, alpha: alpha, a: ap.baseAddress!, b: bp.baseAddress!,
+                                beta: beta, c: cp.baseAddress!)
                         }
                     }
                 }
@@ -102,8 +103,9 @@ final class ParallelTests: XCTestCase {
             let one = product(1)
             for t in [2, 3, 4, 6, 8, 12, 16, 32] {
                 let other = product(t)
-                XCTAssertTrue(one.elementsEqual(other) { $0.bitPattern == $1.bitPattern },
-                              "gemm \(m)×\(n)×\(k) transA \(ta) transB \(tb) alpha \(alpha) beta \(beta): \(t) threads differ from 1")
+                XCTAssertTrue(
+                    one.elementsEqual(other) { $0.bitPattern == $1.bitPattern },
+                    "gemm \(m)×\(n)×\(k) transA \(ta) transB \(tb) alpha \(alpha) beta \(beta): \(t) threads differ from 1")
             }
         }
     }
@@ -111,8 +113,8 @@ final class ParallelTests: XCTestCase {
     func testGridPacksLeastAndKeepsBlocksLarge() {
         XCTAssertTrue(BLAS.grid(m: 256, n: 256, k: 2048, workers: 16) == (4, 4))
         XCTAssertTrue(BLAS.grid(m: 2048, n: 704, k: 256, workers: 2) == (4, 1))
-        XCTAssertTrue(BLAS.grid(m: 2048, n: 128, k: 256, workers: 16) == (8, 1))   // 8.4 M multiply-adds per block, not 4.2 M
-        XCTAssertTrue(BLAS.grid(m: 100, n: 1000, k: 64, workers: 16) == (1, 1))    // 6.4 M in all: not split
+        XCTAssertTrue(BLAS.grid(m: 2048, n: 128, k: 256, workers: 16) == (8, 1))  // 8.4 M multiply-adds per block, not 4.2 M
+        XCTAssertTrue(BLAS.grid(m: 100, n: 1000, k: 64, workers: 16) == (1, 1))  // 6.4 M in all: not split
         for (m, n, k) in [(2048, 256, 256), (576, 1536, 2048), (49152, 576, 2048), (333, 190, 970)] {
             for w in [2, 3, 8, 16, 64] {
                 let (pm, pn) = BLAS.grid(m: m, n: n, k: k, workers: w)
@@ -123,8 +125,9 @@ final class ParallelTests: XCTestCase {
                     return (0..<parts).map { min(dim, blocks * ($0 + 1) / parts * 16) - min(dim, blocks * $0 / parts * 16) }
                 }
                 if pm * pn > 1 {
-                    XCTAssertGreaterThanOrEqual(sizes(m, pm).min()! * sizes(n, pn).min()! * k, BLAS.minBlockWork,
-                                                "\(m)×\(n)×\(k) at \(w)")
+                    XCTAssertGreaterThanOrEqual(
+                        sizes(m, pm).min()! * sizes(n, pn).min()! * k, BLAS.minBlockWork,
+                        "\(m)×\(n)×\(k) at \(w)")
                 }
             }
         }
@@ -135,9 +138,9 @@ final class ParallelTests: XCTestCase {
 final class BLASCoreTests: XCTestCase {
     func testBestCoreFromFlags() {
         let avx512: Set<String> = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"]
-        XCTAssertEqual(BLASCore.bestCore(flags: avx512.union(["avx512_bf16"])), "Cooperlake")   // Emerald Rapids, Zen 4
+        XCTAssertEqual(BLASCore.bestCore(flags: avx512.union(["avx512_bf16"])), "Cooperlake")  // Emerald Rapids, Zen 4
         XCTAssertEqual(BLASCore.bestCore(flags: avx512), "SkylakeX")
-        XCTAssertEqual(BLASCore.bestCore(flags: ["avx2", "fma", "avx512f"]), "Haswell")            // AVX-512 without BW/VL/DQ
+        XCTAssertEqual(BLASCore.bestCore(flags: ["avx2", "fma", "avx512f"]), "Haswell")  // AVX-512 without BW/VL/DQ
         XCTAssertNil(BLASCore.bestCore(flags: ["sse4_2", "avx"]))
         XCTAssertFalse(BLASCore.coreName.isEmpty)
     }

@@ -1,5 +1,5 @@
-import XCTest
 import QATCore
+import XCTest
 
 /// The peak-memory helper the benchmarks use: each measured stretch shows its own peak, not the
 /// process's high-water mark from an earlier, larger one.

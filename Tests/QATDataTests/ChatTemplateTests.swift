@@ -50,8 +50,10 @@ final class ChatTemplateTests: XCTestCase {
         }
         let tmp = Fixtures.tempDir("chat")
         defer { try? FileManager.default.removeItem(at: tmp) }
-        let cfg = JSONObject([("chat_template", .string("{{ bos_token }}[{{ messages[0].content }}]")),
-                              ("bos_token", .object(JSONObject([("content", .string("<B>"))])))])
+        let cfg = JSONObject([
+            ("chat_template", .string("{{ bos_token }}[{{ messages[0].content }}]")),
+            ("bos_token", .object(JSONObject([("content", .string("<B>"))]))),
+        ])
         try cfg.write(toFile: tmp.appendingPathComponent("tokenizer_config.json").path)
         XCTAssertEqual(try ChatTemplate.load(directory: tmp.path).render(user: "hi"), "<B>[hi]")
     }

@@ -102,7 +102,9 @@ final class HDF5Tests: XCTestCase {
         XCTAssertTrue(err("twod").contains("rank 2"), err("twod"))
         XCTAssertTrue(err("missing").contains("no dataset 'missing/input_ids'"), err("missing"))
         XCTAssertEqual(try TokenData.load(path: path, split: "ok", tokenizer: nil), [1, 2, 3])
-        XCTAssertThrowsError(try HDF5File(path: dir.appendingPathComponent("none.h5").path)) { XCTAssertTrue("\($0)".contains("not found")) }
+        XCTAssertThrowsError(try HDF5File(path: dir.appendingPathComponent("none.h5").path)) {
+            XCTAssertTrue("\($0)".contains("not found"))
+        }
         let notH5 = dir.appendingPathComponent("x.h5").path
         try Data("hello".utf8).write(to: URL(fileURLWithPath: notH5))
         XCTAssertThrowsError(try HDF5File(path: notH5)) { XCTAssertTrue("\($0)".contains("not an HDF5 file")) }

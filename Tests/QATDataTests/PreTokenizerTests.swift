@@ -8,7 +8,8 @@ import XCTest
 /// for U+000B and U+0085, which the corpus below avoids.
 final class PreTokenizerTests: XCTestCase {
     static let gpt2 = #"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"#
-    static let llama3 = #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
+    static let llama3 =
+        #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
     static let qwen2 = #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
 
     static let tricky: [String] = [
@@ -49,7 +50,9 @@ final class PreTokenizerTests: XCTestCase {
 
     func testRandomStrings() throws {
         // Deterministic pseudo-random strings over an alphabet full of edge cases.
-        let alphabet: [Character] = ["a", "Z", "é", "日", "1", "٣", "½", " ", " ", "\t", "\n", "\r", "'", "s", "L", "l", "!", ".", "🎉", "\u{A0}", "_", "-"]
+        let alphabet: [Character] = [
+            "a", "Z", "é", "日", "1", "٣", "½", " ", " ", "\t", "\n", "\r", "'", "s", "L", "l", "!", ".", "🎉", "\u{A0}", "_", "-",
+        ]
         var state: UInt64 = 0x9E3779B97F4A7C15
         func next() -> Int { state = state &* 6364136223846793005 &+ 1442695040888963407; return Int(state >> 33) }
         var texts: [String] = []
@@ -60,9 +63,11 @@ final class PreTokenizerTests: XCTestCase {
     }
 
     func testKnownLlama3Cuts() throws {
-        XCTAssertEqual(try PreTokenizerSplit.pieces("Hello  world\n\n  12345 it's", pattern: Self.llama3),
-                       ["Hello", " ", " world", "\n\n", " ", " ", "123", "45", " it", "'s"])
-        XCTAssertEqual(try PreTokenizerSplit.pieces("Hello  world\n\n  12345 it's", pattern: Self.gpt2),
-                       ["Hello", " ", " world", "\n\n ", " 12345", " it", "'s"])
+        XCTAssertEqual(
+            try PreTokenizerSplit.pieces("Hello  world\n\n  12345 it's", pattern: Self.llama3),
+            ["Hello", " ", " world", "\n\n", " ", " ", "123", "45", " it", "'s"])
+        XCTAssertEqual(
+            try PreTokenizerSplit.pieces("Hello  world\n\n  12345 it's", pattern: Self.gpt2),
+            ["Hello", " ", " world", "\n\n ", " 12345", " it", "'s"])
     }
 }

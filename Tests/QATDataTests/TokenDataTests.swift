@@ -16,9 +16,12 @@ final class TokenDataTests: XCTestCase {
         let dir = Fixtures.tempDir("qat-data")
         defer { try? FileManager.default.removeItem(at: dir) }
         let p = try write("{\"text\": \"Hello world\"}\n\n{\"text\": \"Bye\", \"extra\": 1}\r\n", "a.jsonl", in: dir)
-        XCTAssertEqual(try TokenData.readJSONL(path: p, tokenizer: tok),
-                       tok.encode("Hello world") + [0] + tok.encode("Bye") + [0])
-        XCTAssertEqual(try TokenData.load(path: p, split: "train", tokenizer: tok).count, tok.encode("Hello world").count + tok.encode("Bye").count + 2)
+        XCTAssertEqual(
+            try TokenData.readJSONL(path: p, tokenizer: tok),
+            tok.encode("Hello world") + [0] + tok.encode("Bye") + [0])
+        XCTAssertEqual(
+            try TokenData.load(path: p, split: "train", tokenizer: tok).count, tok.encode("Hello world").count + tok.encode("Bye").count + 2
+        )
         XCTAssertThrowsError(try TokenData.load(path: p, split: "train", tokenizer: nil)) { XCTAssertTrue("\($0)".contains("tokenizer")) }
     }
 
@@ -41,8 +44,12 @@ final class TokenDataTests: XCTestCase {
         defer { try? FileManager.default.removeItem(at: dir) }
         _ = try write("{\"text\": \"abc\"}\n", "validation.jsonl", in: dir)
         XCTAssertEqual(try TokenData.load(path: dir.path, split: "validation", tokenizer: tok), tok.encode("abc") + [0])
-        XCTAssertThrowsError(try TokenData.load(path: dir.path, split: "train", tokenizer: tok)) { XCTAssertTrue("\($0)".contains("neither tokens.h5")) }
-        XCTAssertThrowsError(try TokenData.load(path: dir.path + "/nope.bin", split: "train", tokenizer: tok)) { XCTAssertTrue("\($0)".contains("not found")) }
+        XCTAssertThrowsError(try TokenData.load(path: dir.path, split: "train", tokenizer: tok)) {
+            XCTAssertTrue("\($0)".contains("neither tokens.h5"))
+        }
+        XCTAssertThrowsError(try TokenData.load(path: dir.path + "/nope.bin", split: "train", tokenizer: tok)) {
+            XCTAssertTrue("\($0)".contains("not found"))
+        }
     }
 
     func testValidate() throws {

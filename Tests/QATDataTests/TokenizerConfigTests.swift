@@ -55,8 +55,9 @@ final class TokenizerConfigTests: XCTestCase {
     }
 
     func testAddPrefixSpaceAndEOSFromConfig() throws {
-        let p = try save(tiny { r in r["pre_tokenizer"] = ["type": "ByteLevel", "add_prefix_space": true, "use_regex": true] },
-                         config: ["eos_token": ["content": "ab"]])
+        let p = try save(
+            tiny { r in r["pre_tokenizer"] = ["type": "ByteLevel", "add_prefix_space": true, "use_regex": true] },
+            config: ["eos_token": ["content": "ab"]])
         let t = try Tokenizer(path: dir.path)
         XCTAssertEqual(t.path, p)
         XCTAssertEqual(t.encode("ab"), ids(t, ["Ġab"]))
@@ -64,13 +65,17 @@ final class TokenizerConfigTests: XCTestCase {
     }
 
     func testAddedTokenStripping() throws {
-        let t = try Tokenizer(path: save(tiny { r in
-            r["added_tokens"] = [["id": 0, "content": "<|endoftext|>", "special": true],
-                                 ["id": 300, "content": "<L>", "lstrip": true],
-                                 ["id": 301, "content": "<R>", "rstrip": true],
-                                 ["id": 302, "content": "<W>", "single_word": true],
-                                 ["id": 303, "content": "<|endoftext|>x", "special": true]]
-        }))
+        let t = try Tokenizer(
+            path: save(
+                tiny { r in
+                    r["added_tokens"] = [
+                        ["id": 0, "content": "<|endoftext|>", "special": true],
+                        ["id": 300, "content": "<L>", "lstrip": true],
+                        ["id": 301, "content": "<R>", "rstrip": true],
+                        ["id": 302, "content": "<W>", "single_word": true],
+                        ["id": 303, "content": "<|endoftext|>x", "special": true],
+                    ]
+                }))
         XCTAssertEqual(t.vocabSize, 304)
         XCTAssertEqual(t.encode("a  <L>b"), ids(t, ["a"]) + [300] + ids(t, ["b"]))
         XCTAssertEqual(t.encode("a<R>  b"), ids(t, ["a"]) + [301] + ids(t, ["b"]))
@@ -86,10 +91,13 @@ final class TokenizerConfigTests: XCTestCase {
         let fortune = Fixtures.fortuneLM + "/tokenizer.json"
         var root = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: fortune))) as! [String: Any]
         root["normalizer"] = ["type": "NFC"]
-        root["pre_tokenizer"] = ["type": "Sequence", "pretokenizers": [
-            ["type": "Split", "pattern": ["Regex": PreTokenizerTests.llama3], "behavior": "Isolated", "invert": false],
-            ["type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false],
-        ]]
+        root["pre_tokenizer"] = [
+            "type": "Sequence",
+            "pretokenizers": [
+                ["type": "Split", "pattern": ["Regex": PreTokenizerTests.llama3], "behavior": "Isolated", "invert": false],
+                ["type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false],
+            ],
+        ]
         let t = try Tokenizer(path: save(root))
         let text = "Hello  world\n\n  12345 it's CAFE\u{301}<|endoftext|>x"
         let base = TokenizerTests.fortune
@@ -133,7 +141,9 @@ final class TokenizerConfigTests: XCTestCase {
     }
 
     static let fortuneRanks: [String: Int] = {
-        let root = try! JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Fixtures.fortuneLM + "/tokenizer.json"))) as! [String: Any]
+        let root =
+            try! JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Fixtures.fortuneLM + "/tokenizer.json")))
+            as! [String: Any]
         let merges = (root["model"] as! [String: Any])["merges"] as! [[String]]
         var d: [String: Int] = [:]
         for (i, m) in merges.enumerated() where d[m[0] + " " + m[1]] == nil { d[m[0] + " " + m[1]] = i }
@@ -145,7 +155,8 @@ final class TokenizerConfigTests: XCTestCase {
             let p = try save(root)
             do { _ = try Tokenizer(path: p); return "no error" } catch { return "\(error)" }
         }
-        XCTAssertTrue(try err(tiny { $0["pre_tokenizer"] = ["type": "Metaspace", "replacement": "▁"] }).contains("Metaspace is not supported"))
+        XCTAssertTrue(
+            try err(tiny { $0["pre_tokenizer"] = ["type": "Metaspace", "replacement": "▁"] }).contains("Metaspace is not supported"))
         XCTAssertTrue(try err(tiny { $0["pre_tokenizer"] = NSNull() }).contains("pre_tokenizer is null"))
         XCTAssertTrue(try err(tiny { $0["normalizer"] = ["type": "Replace"] }).contains("normalizer type Replace"))
         XCTAssertTrue(try err(tiny { $0["decoder"] = ["type": "Metaspace"] }).contains("decoder type Metaspace"))
@@ -156,8 +167,12 @@ final class TokenizerConfigTests: XCTestCase {
         XCTAssertTrue(try err(tiny { r in self.model(&r) { $0["merges"] = ["a zz"] } }).contains("model.merges[0] uses \"zz\""))
         XCTAssertTrue(try err(tiny { r in self.model(&r) { $0["merges"] = ["a c"] } }).contains("produces \"ac\""))
         XCTAssertTrue(try err(tiny { r in self.model(&r) { $0["vocab"] = ["▁the": 0] } }).contains("not a byte-level token"))
-        XCTAssertTrue(try err(tiny { $0["pre_tokenizer"] = ["type": "Split", "pattern": ["Regex": "x"], "behavior": "Contiguous"] }).contains("Contiguous"))
-        XCTAssertTrue(try err(tiny { $0["pre_tokenizer"] = ["type": "Split", "pattern": ["Regex": "x"], "behavior": "Isolated"] }).contains("no ByteLevel"))
+        XCTAssertTrue(
+            try err(tiny { $0["pre_tokenizer"] = ["type": "Split", "pattern": ["Regex": "x"], "behavior": "Contiguous"] }).contains(
+                "Contiguous"))
+        XCTAssertTrue(
+            try err(tiny { $0["pre_tokenizer"] = ["type": "Split", "pattern": ["Regex": "x"], "behavior": "Isolated"] }).contains(
+                "no ByteLevel"))
         XCTAssertTrue(try err(tiny { $0["model"] = nil }).contains("missing key \"model\""))
         try Data("{not json".utf8).write(to: dir.appendingPathComponent("tokenizer.json"))
         XCTAssertThrowsError(try Tokenizer(path: dir.path)) { XCTAssertTrue("\($0)".contains("not valid JSON")) }

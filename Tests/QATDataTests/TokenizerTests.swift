@@ -38,12 +38,14 @@ final class TokenizerTests: XCTestCase {
             XCTAssertEqual(got.count, expected.count, split)
             if let i = (0..<min(got.count, expected.count)).first(where: { got[$0] != expected[$0] }) {
                 let lo = max(0, i - 8), hi = min(got.count, i + 8)
-                XCTFail("\(split): first difference at \(i): got \(Array(got[lo..<hi])) expected \(Array(expected[lo..<hi])) " +
-                        "text \(tok.decode(Array(expected[lo..<hi])).debugDescription)")
+                XCTFail(
+                    "\(split): first difference at \(i): got \(Array(got[lo..<hi])) expected \(Array(expected[lo..<hi])) "
+                        + "text \(tok.decode(Array(expected[lo..<hi])).debugDescription)")
             }
             // Through the directory entry point too (it picks tokens.h5).
             if split == "validation" {
-                XCTAssertEqual(try TokenData.load(path: Fixtures.fortuneLM, split: split, tokenizer: tok, vocabSize: tok.vocabSize), expected)
+                XCTAssertEqual(
+                    try TokenData.load(path: Fixtures.fortuneLM, split: split, tokenizer: tok, vocabSize: tok.vocabSize), expected)
             }
         }
     }

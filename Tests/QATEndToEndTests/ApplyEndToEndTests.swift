@@ -1,7 +1,7 @@
 import Foundation
-import XCTest
 import QATIO
 import TestSupport
+import XCTest
 
 /// `qat apply` as a user runs it: a short QAT of the embedded fortune-lm (short sequences,
 /// a few steps) so the whole pipeline runs in seconds.
@@ -54,7 +54,9 @@ final class ApplyEndToEndTests: XCTestCase {
             p.waitUntilExit()
             // Whatever was interrupted, a complete checkpoint (or none) is what remains.
             for c in (try? FileManager.default.contentsOfDirectory(atPath: ckpts.path)) ?? [] where c.hasPrefix("checkpoint-") {
-                XCTAssertTrue(FileManager.default.fileExists(atPath: ckpts.appendingPathComponent(c + "/trainer_state.json").path), "\(label): \(c) incomplete")
+                XCTAssertTrue(
+                    FileManager.default.fileExists(atPath: ckpts.appendingPathComponent(c + "/trainer_state.json").path),
+                    "\(label): \(c) incomplete")
             }
         }
         XCTAssertGreaterThanOrEqual(kills, 2, "the runs should have been killed before finishing")
@@ -92,7 +94,8 @@ final class ApplyEndToEndTests: XCTestCase {
         let metrics = dir.appendingPathComponent("export.work/metrics.jsonl")
         let deadline = Date().addingTimeInterval(120)
         while p.isRunning, Date() < deadline,
-              ((try? String(contentsOf: metrics, encoding: .utf8)) ?? "").split(separator: "\n").count < 3 { usleep(2_000) }
+            ((try? String(contentsOf: metrics, encoding: .utf8)) ?? "").split(separator: "\n").count < 3
+        { usleep(2_000) }
         kill(p.processIdentifier, SIGINT)
         p.waitUntilExit()
         let err = try String(contentsOf: errURL, encoding: .utf8)
@@ -101,7 +104,9 @@ final class ApplyEndToEndTests: XCTestCase {
         let ckpts = dir.appendingPathComponent("export.work/checkpoints")
         let saved = try FileManager.default.contentsOfDirectory(atPath: ckpts.path).filter { $0.hasPrefix("checkpoint-") }
         XCTAssertEqual(saved.count, 1, "one checkpoint written on Ctrl-C: \(saved)")
-        let resumed = try Fixtures.runQAT(["apply", path, "--set", "train.save_every=0", "--set", "train.steps=6", "--resume", "--force-resume"])
+        let resumed = try Fixtures.runQAT([
+            "apply", path, "--set", "train.save_every=0", "--set", "train.steps=6", "--resume", "--force-resume",
+        ])
         XCTAssertEqual(resumed.status, 0, resumed.err)
         XCTAssertTrue(resumed.err.contains("resumed from"), resumed.err)
     }
@@ -129,8 +134,10 @@ final class ApplyEndToEndTests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.err)
         let export = dir.appendingPathComponent("export")
         let files = Set(try FileManager.default.contentsOfDirectory(atPath: export.path))
-        for f in ["model.safetensors", "config.json", "hf_quant_config.json", "generation_config.json", "tokenizer.json",
-                  "qat_summary.json", "metrics.jsonl", "loss_curve.svg"] {
+        for f in [
+            "model.safetensors", "config.json", "hf_quant_config.json", "generation_config.json", "tokenizer.json",
+            "qat_summary.json", "metrics.jsonl", "loss_curve.svg",
+        ] {
             XCTAssertTrue(files.contains(f), "missing \(f) in \(files.sorted())")
         }
         XCTAssertFalse(files.contains { $0.contains(".tmp") }, "leftover temporary files: \(files.sorted())")
@@ -145,8 +152,10 @@ final class ApplyEndToEndTests: XCTestCase {
         XCTAssertGreaterThan(summary["source_bytes"]?.intValue ?? 0, 2 * (summary["export_bytes"]?.intValue ?? .max) - 1)
 
         // qat eval of the export, same protocol, reproduces the summary's figure.
-        let e = try Fixtures.runQAT(["eval", "--model", export.path, "--data", "models/fortune-lm/tokens.h5", "--split", "validation",
-                                     "--seq-len", "32", "--batch-size", "2", "--max-sequences", "4", "--json"])
+        let e = try Fixtures.runQAT([
+            "eval", "--model", export.path, "--data", "models/fortune-lm/tokens.h5", "--split", "validation",
+            "--seq-len", "32", "--batch-size", "2", "--max-sequences", "4", "--json",
+        ])
         XCTAssertEqual(e.status, 0, e.err)
         let evalLoss = try XCTUnwrap(try JSONValue.parse(e.out)["loss"]?.doubleValue)
         XCTAssertEqual(evalLoss, exportedLoss, accuracy: 1e-6)

@@ -43,22 +43,28 @@ final class DeployEndToEndTests: XCTestCase {
         // qat generate: the CLI's greedy ids are transformers' on the original model; the
         // export generates and its loss evaluates.
         let ids = try XCTUnwrap(first["new_ids"]?.arrayValue).map { $0.intValue! }
-        let g = try Fixtures.runQAT(["generate", "--model", "models/fortune-lm", "--prompt", try first.string("prompt"),
-                                     "--max-new-tokens", "30", "--ignore-eos", "--json"])
+        let g = try Fixtures.runQAT([
+            "generate", "--model", "models/fortune-lm", "--prompt", try first.string("prompt"),
+            "--max-new-tokens", "30", "--ignore-eos", "--json",
+        ])
         XCTAssertEqual(g.status, 0, g.err)
         let got = try JSONValue.parse(g.out)["models"]?.arrayValue?.first?["ids"]?.arrayValue?.map { $0.intValue! }
         XCTAssertEqual(got, ids)
-        let c = try Fixtures.runQAT(["generate", "--model", "models/fortune-lm", "--compare", export, "--prompt", "Q:",
-                                     "--max-new-tokens", "8", "--json"])
+        let c = try Fixtures.runQAT([
+            "generate", "--model", "models/fortune-lm", "--compare", export, "--prompt", "Q:",
+            "--max-new-tokens", "8", "--json",
+        ])
         XCTAssertEqual(c.status, 0, c.err)
         XCTAssertEqual(try JSONValue.parse(c.out)["models"]?.arrayValue?.count, 2)
         let e = try Fixtures.runQAT(["eval", "--model", export, "--max-sequences", "2", "--seq-len", "32", "--json"])
         XCTAssertEqual(e.status, 0, e.err)
 
         // Bad input: one clear line, exit 1.
-        for args in [["convert", export, "--to", "gguf", "--out", dir.appendingPathComponent("x").path],
-                     ["generate", "--model", "models/fortune-lm", "--prompt", "hi", "--chat"],
-                     ["generate", "--model", "models/fortune-lm", "--prompt", "hi", "--top-p", "2"]] {
+        for args in [
+            ["convert", export, "--to", "gguf", "--out", dir.appendingPathComponent("x").path],
+            ["generate", "--model", "models/fortune-lm", "--prompt", "hi", "--chat"],
+            ["generate", "--model", "models/fortune-lm", "--prompt", "hi", "--top-p", "2"],
+        ] {
             let r = try Fixtures.runQAT(args)
             XCTAssertEqual(r.status, 1, "\(args)")
             XCTAssertTrue(r.err.hasPrefix("error: ") && r.err.split(separator: "\n").count == 1, "\(args): \(r.err)")

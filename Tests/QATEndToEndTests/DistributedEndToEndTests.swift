@@ -1,7 +1,7 @@
 import Foundation
-import XCTest
 import QATIO
 import TestSupport
+import XCTest
 
 /// Data-parallel `qat apply` under `mpirun -np 2` (Open MPI, loopback). Skipped when mpirun
 /// is not installed (CI installs openmpi-bin through scripts/deps.sh).
@@ -60,7 +60,8 @@ final class DistributedEndToEndTests: XCTestCase, MPITesting {
         let steps = 300
         let path = try recipe(dir, steps: steps, batch: 2, saveEvery: 2)
         let ckpts = dir.path + "/export.work/checkpoints"
-        try killRankAfterFirstCheckpoint(mpirun, qat, args: ["apply", path, "--quiet"], checkpoints: ckpts, log: dir.appendingPathComponent("run1.log"))
+        try killRankAfterFirstCheckpoint(
+            mpirun, qat, args: ["apply", path, "--quiet"], checkpoints: ckpts, log: dir.appendingPathComponent("run1.log"))
 
         let r = try runMPI(mpirun, qat, ranks: 2, args: ["apply", path, "--resume", "--quiet"], dir: dir)
         XCTAssertEqual(r.status, 0, r.log)

@@ -1,7 +1,8 @@
 import Foundation
-import XCTest
 import QATIO
 import TestSupport
+import XCTest
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,8 +13,10 @@ protocol MPITesting {}
 
 extension MPITesting {
     static var mpiEnv: [String: String] {
-        ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-         "OMPI_MCA_btl": "self,vader,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"]
+        [
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_btl": "self,vader,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo",
+        ]
     }
 
     var mpirun: String? {
@@ -25,8 +28,9 @@ extension MPITesting {
     }
 
     func recipe(_ dir: URL, steps: Int, batch: Int, saveEvery: Int = 3, evalEvery: Int = 0, trainExtra: [String] = []) throws -> String {
-        try Fixtures.shortRecipe(in: dir, steps: steps, batch: batch, evalEvery: evalEvery, saveEvery: saveEvery, trainExtra: trainExtra,
-                                 exportExtra: ["verify: false"])
+        try Fixtures.shortRecipe(
+            in: dir, steps: steps, batch: batch, evalEvery: evalEvery, saveEvery: saveEvery, trainExtra: trainExtra,
+            exportExtra: ["verify: false"])
     }
 
     func prerequisites() throws -> (mpirun: String, qat: String) {
@@ -88,13 +92,17 @@ extension MPITesting {
     /// Starts `qat <args>` under mpirun with 2 ranks, waits for the first complete checkpoint
     /// in `checkpoints`, SIGKILLs the last rank (a child of mpirun) and waits for the job to
     /// end; asserts that it failed and left that checkpoint.
-    func killRankAfterFirstCheckpoint(_ mpirun: String, _ qat: String, args: [String], checkpoints: String, log: URL,
-                                      file: StaticString = #filePath, line: UInt = #line) throws {
+    func killRankAfterFirstCheckpoint(
+        _ mpirun: String, _ qat: String, args: [String], checkpoints: String, log: URL,
+        file: StaticString = #filePath, line: UInt = #line
+    ) throws {
         let p = try mpiProcess(mpirun, qat, ranks: 2, args: args, log: log)
         try p.run()
         let deadline = Date().addingTimeInterval(120)
         func hasCheckpoint() -> Bool {
-            ((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).contains { $0.hasPrefix("checkpoint-") && !$0.contains(".tmp") }
+            ((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).contains {
+                $0.hasPrefix("checkpoint-") && !$0.contains(".tmp")
+            }
         }
         while !hasCheckpoint() && p.isRunning && Date() < deadline { usleep(20_000) }
         XCTAssertTrue(p.isRunning, "the run ended before it could be killed", file: file, line: line)

@@ -1,8 +1,8 @@
 import Foundation
-import XCTest
 import QATData
 import QATIO
 import TestSupport
+import XCTest
 
 /// Data-parallel `qat apply` of the tiny Qwen3-MoE under `mpirun -np 2`: 2 ranks × batch 2
 /// = 1 rank × batch 4 (same sequences, same routing, gradients summed over ranks), weights
@@ -21,9 +21,10 @@ final class MoEDistributedEndToEndTests: XCTestCase, MPITesting {
         }
         func moeRecipe(_ d: URL, batch: Int) throws -> String {
             try FileManager.default.createDirectory(at: d, withIntermediateDirectories: true)
-            return try Fixtures.shortRecipe(in: d, steps: 4, batch: batch, evalEvery: 0, saveEvery: 4,
-                                            model: Fixtures.path("tiny-qwen3-moe"),
-                                            data: tokens, exportExtra: ["verify: false"])
+            return try Fixtures.shortRecipe(
+                in: d, steps: 4, batch: batch, evalEvery: 0, saveEvery: 4,
+                model: Fixtures.path("tiny-qwen3-moe"),
+                data: tokens, exportExtra: ["verify: false"])
         }
         let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
         let r1 = try Fixtures.runQAT(["apply", try moeRecipe(d1, batch: 4), "--quiet"])

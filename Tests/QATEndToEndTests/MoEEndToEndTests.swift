@@ -1,8 +1,8 @@
 import Foundation
-import XCTest
 import QATData
 import QATIO
 import TestSupport
+import XCTest
 
 /// `qat apply` on the tiny Qwen3-MoE fixture (2 sparse layers × 4 experts, top-2): QAT and
 /// QAD, export, verify. The export must reproduce the fake-quant logits exactly, hold every
@@ -39,8 +39,10 @@ final class MoEEndToEndTests: XCTestCase {
         defer { try? FileManager.default.removeItem(at: dir) }
         let tokens = try foldedTokens(dir)
         let cache = dir.appendingPathComponent("teacher.h5").path
-        let t = try Fixtures.runQAT(["teacher-logprobs", "--model", Fixtures.path("tiny-qwen3-moe"), "--data", tokens, "--seq-len", "32",
-                                     "--top-k", "8", "--out", cache])
+        let t = try Fixtures.runQAT([
+            "teacher-logprobs", "--model", Fixtures.path("tiny-qwen3-moe"), "--data", tokens, "--seq-len", "32",
+            "--top-k", "8", "--out", cache,
+        ])
         XCTAssertEqual(t.status, 0, t.err)
         try run(mode: "qad", trainExtra: ["distill:", "  teacher_logprobs: \(cache)"], tokens: tokens)
     }
@@ -66,8 +68,9 @@ final class MoEEndToEndTests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.err)
         let out = dir.appendingPathComponent("export").path
         let summary = try JSONValue.parseObject(file: out + "/qat_summary.json")
-        XCTAssertEqual(try XCTUnwrap(summary.optionalDouble("verify_max_abs_logit_diff")), 0,
-                       "\(mode): export reproduces the fake-quant logits")
+        XCTAssertEqual(
+            try XCTUnwrap(summary.optionalDouble("verify_max_abs_logit_diff")), 0,
+            "\(mode): export reproduces the fake-quant logits")
 
         let ck = try ModelWeights(path: out)
         let E = 4

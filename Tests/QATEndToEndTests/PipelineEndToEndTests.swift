@@ -1,8 +1,9 @@
 import Foundation
-import XCTest
 import QATData
 import QATIO
 import TestSupport
+import XCTest
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,12 +12,15 @@ import Glibc
 /// same recipe run by one process.
 final class PipelineEndToEndTests: XCTestCase, MPITesting {
     /// QAD mixes CE and KD (kd_ratio 0.5), so both logged terms are compared.
-    func pipelineRecipe(_ dir: URL, mode: String, stages: Int, steps: Int = 4, gradAccum: Int = 3, saveEvery: Int = 2,
-                        model: String = "models/fortune-lm", data: String? = nil) throws -> String {
+    func pipelineRecipe(
+        _ dir: URL, mode: String, stages: Int, steps: Int = 4, gradAccum: Int = 3, saveEvery: Int = 2,
+        model: String = "models/fortune-lm", data: String? = nil
+    ) throws -> String {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let distill = mode == "qad" ? ["distill:", "  kd_ratio: 0.5"] : []
-        return try Fixtures.shortRecipe(in: dir, steps: steps, batch: 2, evalEvery: 2, saveEvery: saveEvery, model: model, data: data, mode: mode,
-                                        trainExtra: ["grad_accum: \(gradAccum)", "pipeline_stages: \(stages)"] + distill)
+        return try Fixtures.shortRecipe(
+            in: dir, steps: steps, batch: 2, evalEvery: 2, saveEvery: saveEvery, model: model, data: data, mode: mode,
+            trainExtra: ["grad_accum: \(gradAccum)", "pipeline_stages: \(stages)"] + distill)
     }
 
     /// Per-step figures of metrics.jsonl without the timing ones.
@@ -45,7 +49,8 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
                 let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: mode, stages: 1), "--quiet"])
                 XCTAssertEqual(r1.status, 0, r1.err)
             }
-            let r2 = try runMPI(mpirun, qat, ranks: stages, args: ["apply", try pipelineRecipe(d2, mode: mode, stages: stages), "--quiet"], dir: dir)
+            let r2 = try runMPI(
+                mpirun, qat, ranks: stages, args: ["apply", try pipelineRecipe(d2, mode: mode, stages: stages), "--quiet"], dir: dir)
             XCTAssertEqual(r2.status, 0, r2.log)
             XCTAssertEqual(r2.log.components(separatedBy: "after \(mode.uppercased())").count - 1, 1, r2.log)
 
@@ -57,8 +62,11 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
             if mode == "qad" { XCTAssertNotNil(m1[0]["kd"]) }
             for step in ["000002", "000004"] {
                 for file in ["model.safetensors", "optimizer.safetensors", "state.safetensors"] {
-                    let a = "\(d1.path)/export.work/checkpoints/checkpoint-\(step)/\(file)", b = "\(d2.path)/export.work/checkpoints/checkpoint-\(step)/\(file)"
-                    XCTAssertEqual(FileManager.default.contents(atPath: a), FileManager.default.contents(atPath: b), "\(mode): \(step)/\(file) differs")
+                    let a = "\(d1.path)/export.work/checkpoints/checkpoint-\(step)/\(file)",
+                        b = "\(d2.path)/export.work/checkpoints/checkpoint-\(step)/\(file)"
+                    XCTAssertEqual(
+                        FileManager.default.contents(atPath: a), FileManager.default.contents(atPath: b), "\(mode): \(step)/\(file) differs"
+                    )
                 }
             }
             let e1 = FileManager.default.contents(atPath: d1.path + "/export/model.safetensors")
@@ -80,9 +88,11 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
         let dir = Fixtures.tempDir("qat-pp-dp")
         defer { try? FileManager.default.removeItem(at: dir) }
         let dp = dir.appendingPathComponent("dp"), pp = dir.appendingPathComponent("pp")
-        let r1 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(dp, mode: "qad", stages: 1, gradAccum: 2), "--quiet"], dir: dir)
+        let r1 = try runMPI(
+            mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(dp, mode: "qad", stages: 1, gradAccum: 2), "--quiet"], dir: dir)
         XCTAssertEqual(r1.status, 0, r1.log)
-        let r2 = try runMPI(mpirun, qat, ranks: 4, args: ["apply", try pipelineRecipe(pp, mode: "qad", stages: 2, gradAccum: 2), "--quiet"], dir: dir)
+        let r2 = try runMPI(
+            mpirun, qat, ranks: 4, args: ["apply", try pipelineRecipe(pp, mode: "qad", stages: 2, gradAccum: 2), "--quiet"], dir: dir)
         XCTAssertEqual(r2.status, 0, r2.log)
         XCTAssertEqual(r2.log.components(separatedBy: "after QAD").count - 1, 1, r2.log)
         XCTAssertEqual(try stepFigures(dp.path + "/export.work/metrics.jsonl"), try stepFigures(pp.path + "/export.work/metrics.jsonl"))
@@ -91,8 +101,9 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
             XCTAssertNotNil(a)
             XCTAssertEqual(a, FileManager.default.contents(atPath: "\(pp.path)/export.work/checkpoints/checkpoint-000004/\(file)"), file)
         }
-        XCTAssertEqual(FileManager.default.contents(atPath: dp.path + "/export/model.safetensors"),
-                       FileManager.default.contents(atPath: pp.path + "/export/model.safetensors"))
+        XCTAssertEqual(
+            FileManager.default.contents(atPath: dp.path + "/export/model.safetensors"),
+            FileManager.default.contents(atPath: pp.path + "/export/model.safetensors"))
 
         // ZeRO-1 across the pipelines (each stage's AdamW state sharded over its 2 data-parallel
         // ranks): the same checkpoint bytes, also after resuming from the sharded step-2 checkpoint.
@@ -102,13 +113,16 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
         XCTAssertEqual(r3.status, 0, r3.log)
         func sameCheckpoint(_ label: String) {
             for file in ["model.safetensors", "optimizer.safetensors", "state.safetensors"] {
-                XCTAssertEqual(FileManager.default.contents(atPath: "\(dp.path)/export.work/checkpoints/checkpoint-000004/\(file)"),
-                               FileManager.default.contents(atPath: "\(zero.path)/export.work/checkpoints/checkpoint-000004/\(file)"), "\(label): \(file)")
+                XCTAssertEqual(
+                    FileManager.default.contents(atPath: "\(dp.path)/export.work/checkpoints/checkpoint-000004/\(file)"),
+                    FileManager.default.contents(atPath: "\(zero.path)/export.work/checkpoints/checkpoint-000004/\(file)"),
+                    "\(label): \(file)")
             }
         }
         sameCheckpoint("ZeRO-1 + pipelines")
         try FileManager.default.removeItem(atPath: zero.path + "/export.work/checkpoints/checkpoint-000004")
-        let r4 = try runMPI(mpirun, qat, ranks: 4, args: ["apply", path, "--quiet", "--resume", "--set", "train.shard_optimizer_state=true"], dir: dir)
+        let r4 = try runMPI(
+            mpirun, qat, ranks: 4, args: ["apply", path, "--quiet", "--resume", "--set", "train.shard_optimizer_state=true"], dir: dir)
         XCTAssertEqual(r4.status, 0, r4.log)
         sameCheckpoint("resumed ZeRO-1 + pipelines")
     }
@@ -133,11 +147,16 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
         }
         let model = Fixtures.path("tiny-qwen3")
         let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
-        let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: "qad", stages: 1, gradAccum: 1, model: model, data: tokens), "--quiet"])
+        let r1 = try Fixtures.runQAT([
+            "apply", try pipelineRecipe(d1, mode: "qad", stages: 1, gradAccum: 1, model: model, data: tokens), "--quiet",
+        ])
         XCTAssertEqual(r1.status, 0, r1.err)
-        let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try pipelineRecipe(d2, mode: "qad", stages: 2, gradAccum: 1, model: model, data: tokens), "--quiet"], dir: dir)
+        let r2 = try runMPI(
+            mpirun, qat, ranks: 2,
+            args: ["apply", try pipelineRecipe(d2, mode: "qad", stages: 2, gradAccum: 1, model: model, data: tokens), "--quiet"], dir: dir)
         XCTAssertEqual(r2.status, 0, r2.log)
-        let w1 = try weights(d1.path + "/export.work/checkpoints/checkpoint-000004"), w2 = try weights(d2.path + "/export.work/checkpoints/checkpoint-000004")
+        let w1 = try weights(d1.path + "/export.work/checkpoints/checkpoint-000004"),
+            w2 = try weights(d2.path + "/export.work/checkpoints/checkpoint-000004")
         XCTAssertNil(w1["lm_head.weight"])
         let maxDiff = maxAbsDiff(w1, w2)
         for (n, a) in w1 {
@@ -162,19 +181,24 @@ final class PipelineEndToEndTests: XCTestCase, MPITesting {
         let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
         let path = try pipelineRecipe(d2, mode: "qad", stages: 2, steps: steps, gradAccum: 2, saveEvery: 2)
         let ckpts = d2.path + "/export.work/checkpoints"
-        try killRankAfterFirstCheckpoint(mpirun, qat, args: ["apply", path, "--quiet"], checkpoints: ckpts, log: dir.appendingPathComponent("run1.log"))
+        try killRankAfterFirstCheckpoint(
+            mpirun, qat, args: ["apply", path, "--quiet"], checkpoints: ckpts, log: dir.appendingPathComponent("run1.log"))
         XCTAssertFalse(FileManager.default.fileExists(atPath: String(format: "%@/checkpoint-%06d", ckpts, steps)), "killed too late")
 
         let r = try runMPI(mpirun, qat, ranks: 2, args: ["apply", path, "--resume", "--quiet"], dir: dir)
         XCTAssertEqual(r.status, 0, r.log)
-        let r1 = try Fixtures.runQAT(["apply", try pipelineRecipe(d1, mode: "qad", stages: 1, steps: steps, gradAccum: 2, saveEvery: 2), "--quiet"])
+        let r1 = try Fixtures.runQAT([
+            "apply", try pipelineRecipe(d1, mode: "qad", stages: 1, steps: steps, gradAccum: 2, saveEvery: 2), "--quiet",
+        ])
         XCTAssertEqual(r1.status, 0, r1.err)
         let last = String(format: "checkpoint-%06d/model.safetensors", steps)
         let a = FileManager.default.contents(atPath: d1.path + "/export.work/checkpoints/" + last)
         XCTAssertNotNil(a)
-        XCTAssertEqual(a, FileManager.default.contents(atPath: ckpts + "/" + last), "resumed pipeline run differs from one uninterrupted process")
-        XCTAssertEqual(try stepFigures(d2.path + "/export.work/metrics.jsonl").map { $0["loss"]! },
-                       try stepFigures(d1.path + "/export.work/metrics.jsonl").map { $0["loss"]! })
+        XCTAssertEqual(
+            a, FileManager.default.contents(atPath: ckpts + "/" + last), "resumed pipeline run differs from one uninterrupted process")
+        XCTAssertEqual(
+            try stepFigures(d2.path + "/export.work/metrics.jsonl").map { $0["loss"]! },
+            try stepFigures(d1.path + "/export.work/metrics.jsonl").map { $0["loss"]! })
     }
 
     /// Misconfigurations fail at once with the fix in the message.

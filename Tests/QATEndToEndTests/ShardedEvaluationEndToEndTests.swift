@@ -1,7 +1,7 @@
 import Foundation
-import XCTest
 import QATIO
 import TestSupport
+import XCTest
 
 /// Data-parallel validation: under `mpirun -np 2` each rank evaluates half of the validation
 /// sequences and the loss sums and token counts are all-reduced; every figure `qat apply`
@@ -22,7 +22,8 @@ final class ShardedEvaluationEndToEndTests: XCTestCase, MPITesting {
         for d in [one, two] { try FileManager.default.createDirectory(at: d, withIntermediateDirectories: true) }
         let r1 = try Fixtures.runQAT(["apply", try recipe(one, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets)
         XCTAssertEqual(r1.status, 0, r1.err)
-        let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try recipe(two, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets, dir: dir)
+        let r2 = try runMPI(
+            mpirun, qat, ranks: 2, args: ["apply", try recipe(two, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets, dir: dir)
         XCTAssertEqual(r2.status, 0, r2.log)
 
         func figures(_ d: URL) throws -> [String: Double] {
@@ -46,6 +47,9 @@ final class ShardedEvaluationEndToEndTests: XCTestCase, MPITesting {
         }
         // Each rank reports the whole split (9 sequences), not its share.
         XCTAssertTrue(r2.log.contains("9 sequences"), r2.log)
-        print(String(format: "sharded evaluation, 2 ranks vs 1: max |Δ val_loss| = %g over %d figures (unquantized %.9f)", worst, f1.count, f1["unquantized"] ?? .nan))
+        print(
+            String(
+                format: "sharded evaluation, 2 ranks vs 1: max |Δ val_loss| = %g over %d figures (unquantized %.9f)", worst, f1.count,
+                f1["unquantized"] ?? .nan))
     }
 }

@@ -1,7 +1,7 @@
 import Foundation
-import XCTest
 import QATIO
 import TestSupport
+import XCTest
 
 /// Stopping `mpirun -np 2 qat apply` mid-training. Open MPI 4.1's mpirun forwards SIGUSR1 and
 /// SIGUSR2 to the ranks at once and kills nothing; its own SIGINT (Ctrl-C) or SIGTERM becomes
@@ -11,7 +11,9 @@ import TestSupport
 final class StopSignalEndToEndTests: XCTestCase, MPITesting {
     /// Starts a long run, waits until rank 0 has logged `steps` steps, signals mpirun and
     /// waits for the job to end.
-    func interruptedRun(_ dir: URL, steps total: Int, signal sig: Int32, mpiArgs: [String] = [], afterSteps steps: Int = 3) throws -> (status: Int32, log: String, recipe: String) {
+    func interruptedRun(_ dir: URL, steps total: Int, signal sig: Int32, mpiArgs: [String] = [], afterSteps steps: Int = 3) throws -> (
+        status: Int32, log: String, recipe: String
+    ) {
         let (mpirun, qat) = try prerequisites()
         let path = try recipe(dir, steps: total, batch: 2, saveEvery: 0)  // the interrupt writes the only checkpoint
         let logURL = dir.appendingPathComponent("run.log")
@@ -50,7 +52,9 @@ final class StopSignalEndToEndTests: XCTestCase, MPITesting {
 
         let res = try runMPI(mpirun, qat, ranks: 2, args: ["apply", r.recipe, "--resume"], dir: dir)
         XCTAssertEqual(res.status, 0, res.log)
-        XCTAssertTrue(res.log.contains(String(format: "checkpoint-%06d at step %d", step, step)), res.log.split(separator: "\n").filter { $0.contains("resum") }.joined(separator: "\n"))
+        XCTAssertTrue(
+            res.log.contains(String(format: "checkpoint-%06d at step %d", step, step)),
+            res.log.split(separator: "\n").filter { $0.contains("resum") }.joined(separator: "\n"))
         XCTAssertEqual(try metricsLosses(dir.path + "/export.work/metrics.jsonl").count, total)
         XCTAssertTrue(FileManager.default.fileExists(atPath: dir.path + "/export/model.safetensors"))
     }
@@ -73,8 +77,12 @@ final class StopSignalEndToEndTests: XCTestCase, MPITesting {
             XCTAssertTrue(FileManager.default.fileExists(atPath: dir.path + "/export.work/checkpoints/\(ckpts.first ?? "-")/\(f)"), f)
         }
         // Resume for two more steps (a changed step count is a changed recipe: forced).
-        let res = try runMPI(mpirun, qat, ranks: 2, args: ["apply", r.recipe, "--resume", "--force-resume",
-                                                            "--set", "train.steps=\(step + 2)"], dir: dir)
+        let res = try runMPI(
+            mpirun, qat, ranks: 2,
+            args: [
+                "apply", r.recipe, "--resume", "--force-resume",
+                "--set", "train.steps=\(step + 2)",
+            ], dir: dir)
         XCTAssertEqual(res.status, 0, res.log)
         XCTAssertTrue(res.log.contains(String(format: "checkpoint-%06d at step %d", step, step)), res.log)
         XCTAssertEqual(try metricsLosses(dir.path + "/export.work/metrics.jsonl").count, step + 2)

@@ -1,6 +1,6 @@
 import Foundation
-import XCTest
 import TestSupport
+import XCTest
 
 /// Results do not depend on the thread count: the same short `qat apply` (fortune-lm, 64-token
 /// sequences in batches of 4, so the matrix products, the fake quant and the attention are split
@@ -12,8 +12,10 @@ final class ThreadDeterminismEndToEndTests: XCTestCase {
         let dir = Fixtures.tempDir("qat-threads-\(mode)-\(threads)")
         defer { try? FileManager.default.removeItem(at: dir) }
         let path = try Fixtures.shortRecipe(in: dir, steps: steps, batch: 4, evalEvery: 0, saveEvery: steps, mode: mode)
-        let r = try Fixtures.runQAT(["apply", path, "--quiet", "--threads", String(threads), "--set", "data.seq_len=64",
-                                     "--set", "export.verify=false"])
+        let r = try Fixtures.runQAT([
+            "apply", path, "--quiet", "--threads", String(threads), "--set", "data.seq_len=64",
+            "--set", "export.verify=false",
+        ])
         XCTAssertEqual(r.status, 0, r.err)
         let ckpt = dir.appendingPathComponent(String(format: "export.work/checkpoints/checkpoint-%06d/model.safetensors", steps))
         return (try Data(contentsOf: ckpt), try Data(contentsOf: dir.appendingPathComponent("export/model.safetensors")))

@@ -1,7 +1,7 @@
 import Foundation
-import XCTest
 import QATIO
 import TestSupport
+import XCTest
 
 /// ZeRO-1 (`train.shard_optimizer_state: true`) under `mpirun -np 2`: the same weights and
 /// optimizer moments, bit for bit, as the unsharded data-parallel run; the checkpoint keeps
@@ -42,9 +42,12 @@ final class ZeROEndToEndTests: XCTestCase, MPITesting {
         let dm = maxAbsDiff(plainMoments, try tensors(checkpoint(zero, 4) + "/optimizer.safetensors"))
         XCTAssertEqual(dw, 0); XCTAssertEqual(dm, 0)
         XCTAssertFalse(plainMoments.isEmpty)
-        XCTAssertEqual(try metricsLosses(plain.path + "/export.work/metrics.jsonl"), try metricsLosses(zero.path + "/export.work/metrics.jsonl"))
-        print(String(format: "ZeRO vs plain, 2 ranks, 4 steps: max |Δw| = %g, max |Δm|,|Δv| = %g; tokens/s plain %.0f, sharded %.0f",
-                     dw, dm, try meanTokensPerSecond(plain), try meanTokensPerSecond(zero)))
+        XCTAssertEqual(
+            try metricsLosses(plain.path + "/export.work/metrics.jsonl"), try metricsLosses(zero.path + "/export.work/metrics.jsonl"))
+        print(
+            String(
+                format: "ZeRO vs plain, 2 ranks, 4 steps: max |Δw| = %g, max |Δm|,|Δv| = %g; tokens/s plain %.0f, sharded %.0f",
+                dw, dm, try meanTokensPerSecond(plain), try meanTokensPerSecond(zero)))
 
         // Resume the sharded step-2 checkpoint, sharded and then unsharded (--set changes the
         // recipe hash, hence --force-resume): both land on the same step-4 state.

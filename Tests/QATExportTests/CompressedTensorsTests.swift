@@ -26,7 +26,8 @@ final class CompressedTensorsTests: XCTestCase {
         defer { try? FileManager.default.removeItem(at: tmp) }
         let mo = tmp.appendingPathComponent("modelopt").path, ct = tmp.appendingPathComponent("ct").path
         try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: mo)
-        try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: ct, options: ExportOptions(format: .compressedTensors))
+        try Exporter.export(
+            model: model, quantizers: set, sourceDirectory: tiny, to: ct, options: ExportOptions(format: .compressedTensors))
         XCTAssertEqual(try ExportFormat.of(directory: ct), .compressedTensors)
         XCTAssertFalse(FileManager.default.fileExists(atPath: "\(ct)/hf_quant_config.json"))
 
@@ -59,7 +60,8 @@ final class CompressedTensorsTests: XCTestCase {
         XCTAssertEqual(c.info("model.layers.1.self_attn.k_scale")?.shape, [1])
         XCTAssertNil(c.info("model.layers.1.self_attn.k_proj.k_scale"))
         let m = try ModelWeights(path: mo)
-        let s2 = try m.floats("model.layers.0.mlp.up_proj.weight_scale_2")[0], g = try c.floats("model.layers.0.mlp.up_proj.weight_global_scale")[0]
+        let s2 = try m.floats("model.layers.0.mlp.up_proj.weight_scale_2")[0],
+            g = try c.floats("model.layers.0.mlp.up_proj.weight_global_scale")[0]
         XCTAssertEqual(g, 1 / s2)
         XCTAssertEqual(1 / g, s2, "qat's scales are reciprocal-safe")
 
@@ -125,15 +127,19 @@ final class CompressedTensorsTests: XCTestCase {
         let tmp = Fixtures.tempDir("ct-bad")
         defer { try? FileManager.default.removeItem(at: tmp) }
         // Not an export.
-        XCTAssertThrowsError(try CompressedTensors.convert(source: tiny, to: .compressedTensors, out: tmp.appendingPathComponent("x").path)) {
+        XCTAssertThrowsError(try CompressedTensors.convert(source: tiny, to: .compressedTensors, out: tmp.appendingPathComponent("x").path))
+        {
             XCTAssertTrue("\($0)".contains("not a quantized export"), "\($0)")
         }
         XCTAssertThrowsError(try ExportFormat.parse("gguf"))
         // FP8 has no nvfp4-pack-quantized layout.
         let (model, set) = try ptqModel(tiny, preset: "fp8_default-kv_fp8")
         let out = tmp.appendingPathComponent("fp8").path
-        XCTAssertThrowsError(try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: out,
-                                                 options: ExportOptions(format: .compressedTensors))) {
+        XCTAssertThrowsError(
+            try Exporter.export(
+                model: model, quantizers: set, sourceDirectory: tiny, to: out,
+                options: ExportOptions(format: .compressedTensors))
+        ) {
             XCTAssertTrue("\($0)".contains("compressed-tensors writes NVFP4"), "\($0)")
         }
         XCTAssertFalse(FileManager.default.fileExists(atPath: out), "nothing half-written")

@@ -64,7 +64,9 @@ final class ExportFormatTests: XCTestCase {
         // A config with only "torch_dtype".
         let src2 = tmp.appendingPathComponent("src-torch-dtype").path
         try FileManager.default.createDirectory(atPath: src2, withIntermediateDirectories: true)
-        for f in ["model.safetensors", "generation_config.json"] { try FileManager.default.copyItem(atPath: "\(tiny)/\(f)", toPath: "\(src2)/\(f)") }
+        for f in ["model.safetensors", "generation_config.json"] {
+            try FileManager.default.copyItem(atPath: "\(tiny)/\(f)", toPath: "\(src2)/\(f)")
+        }
         let torchText = original.replacingOccurrences(of: "\"dtype\": \"bfloat16\"", with: "\"torch_dtype\": \"bfloat16\"")
         XCTAssertNotEqual(torchText, original)
         try torchText.write(toFile: "\(src2)/config.json", atomically: true, encoding: .utf8)
@@ -84,7 +86,8 @@ final class ExportFormatTests: XCTestCase {
         let exported = try readText("\(keep)/config.json")
         XCTAssertTrue(original.hasSuffix("\n}\n"))
         let head = String(original.dropLast(3))
-        XCTAssertTrue(exported.hasPrefix(head + ",\n  \"quantization_config\": {"), "config.json must be the original text with the block appended")
+        XCTAssertTrue(
+            exported.hasPrefix(head + ",\n  \"quantization_config\": {"), "config.json must be the original text with the block appended")
         var stripped = try JSONValue.parseObject(file: "\(keep)/config.json")
         XCTAssertEqual(stripped.remove("quantization_config"), .object(summary.quantizationConfig))
         XCTAssertEqual(stripped.fileText, original)
@@ -106,7 +109,8 @@ final class ExportFormatTests: XCTestCase {
         var expectedNames = Set<String>()
         for layer in model.layers {
             for l in layer.linears {
-                let wq = try XCTUnwrap(set.byName[l.name + ".weight_quantizer"]), iq = try XCTUnwrap(set.byName[l.name + ".input_quantizer"])
+                let wq = try XCTUnwrap(set.byName[l.name + ".weight_quantizer"]),
+                    iq = try XCTUnwrap(set.byName[l.name + ".input_quantizer"])
                 let amax = try XCTUnwrap(wq.amax)
                 let q = NVFP4.quantize(Array(l.weight.value.buffer), rows: l.outFeatures, cols: l.inFeatures, globalAmax: amax)
                 let w = try XCTUnwrap(ck.info(l.name + ".weight"))
@@ -144,29 +148,33 @@ final class ExportFormatTests: XCTestCase {
         XCTAssertEqual(ck.info("lm_head.weight")?.dtype, .bf16)
         XCTAssertFalse(ck.names.contains { $0.contains("amax") || $0.contains("quantizer") })
 
-        XCTAssertEqual(try readText("\(out)/hf_quant_config.json"), """
-        {
-            "producer": {
-                "name": "qat",
-                "version": "\(qatExportVersion)"
-            },
-            "quantization": {
-                "quant_algo": "NVFP4",
-                "kv_cache_quant_algo": "FP8",
-                "group_size": 16,
-                "exclude_modules": [
-                    "lm_head"
-                ]
+        XCTAssertEqual(
+            try readText("\(out)/hf_quant_config.json"),
+            """
+            {
+                "producer": {
+                    "name": "qat",
+                    "version": "\(qatExportVersion)"
+                },
+                "quantization": {
+                    "quant_algo": "NVFP4",
+                    "kv_cache_quant_algo": "FP8",
+                    "group_size": 16,
+                    "exclude_modules": [
+                        "lm_head"
+                    ]
+                }
             }
-        }
-        """)
+            """)
         let qc = try JSONValue.parseObject(file: "\(out)/config.json").object("quantization_config")
-        XCTAssertEqual(JSONValue.object(qc).serialized(indent: nil), """
-        {"config_groups":{"group_0":{"input_activations":{"dynamic":false,"num_bits":4,"type":"float","group_size":16},\
-        "weights":{"dynamic":false,"num_bits":4,"type":"float","group_size":16},"targets":["Linear"]}},"ignore":["lm_head"],\
-        "quant_algo":"NVFP4","kv_cache_scheme":{"dynamic":false,"num_bits":8,"type":"float"},\
-        "producer":{"name":"qat","version":"\(qatExportVersion)"},"quant_method":"modelopt"}
-        """)
+        XCTAssertEqual(
+            JSONValue.object(qc).serialized(indent: nil),
+            """
+            {"config_groups":{"group_0":{"input_activations":{"dynamic":false,"num_bits":4,"type":"float","group_size":16},\
+            "weights":{"dynamic":false,"num_bits":4,"type":"float","group_size":16},"targets":["Linear"]}},"ignore":["lm_head"],\
+            "quant_algo":"NVFP4","kv_cache_scheme":{"dynamic":false,"num_bits":8,"type":"float"},\
+            "producer":{"name":"qat","version":"\(qatExportVersion)"},"quant_method":"modelopt"}
+            """)
     }
 
     func testShardedIndexListsEveryTensorOnce() throws {
@@ -208,7 +216,9 @@ final class ExportFormatTests: XCTestCase {
         XCTAssertThrowsError(try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: out, options: opts)) {
             XCTAssertTrue($0 is Injected)
         }
-        XCTAssertTrue(sawFiles.contains("model.safetensors") && sawFiles.contains("config.json"), "the failure came after the files were written: \(sawFiles)")
+        XCTAssertTrue(
+            sawFiles.contains("model.safetensors") && sawFiles.contains("config.json"),
+            "the failure came after the files were written: \(sawFiles)")
         XCTAssertFalse(FileManager.default.fileExists(atPath: out))
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: tmp.path), [], "no temporary leftovers")
 
@@ -234,7 +244,9 @@ final class ExportFormatTests: XCTestCase {
     }
 
     func testRoundTripReproducesFakeQuantLogits() throws {
-        for (fixture, preset) in [("tiny-llama", "nvfp4_default-kv_fp8"), ("tiny-qwen3", "nvfp4_default-kv_fp8"), ("tiny-llama", "nvfp4_weight_only")] {
+        for (fixture, preset) in [
+            ("tiny-llama", "nvfp4_default-kv_fp8"), ("tiny-qwen3", "nvfp4_default-kv_fp8"), ("tiny-llama", "nvfp4_weight_only"),
+        ] {
             let dir = Fixtures.path(fixture)
             let (model, set) = try ptqModel(dir, preset: preset)
             let tmp = Fixtures.tempDir("export-rt")
@@ -252,7 +264,9 @@ final class ExportFormatTests: XCTestCase {
             for (name, q) in exported.quantizers.byName where q.enabled {
                 let original = try XCTUnwrap(set.byName[name]?.amax)
                 let a = try XCTUnwrap(q.amax)
-                if case .nvfp4 = q.format { XCTAssertEqual((a / 2688).bitPattern, (original / 2688).bitPattern, name) } else {
+                if case .nvfp4 = q.format {
+                    XCTAssertEqual((a / 2688).bitPattern, (original / 2688).bitPattern, name)
+                } else {
                     XCTAssertEqual((a / 448).bitPattern, (original / 448).bitPattern, name)
                 }
             }
@@ -286,8 +300,10 @@ final class ExportFormatTests: XCTestCase {
         let hf = try JSONValue.parseObject(file: "\(out)/hf_quant_config.json").object("quantization")
         XCTAssertEqual(hf.keys, ["quant_algo", "kv_cache_quant_algo", "exclude_modules"])
         XCTAssertEqual(try hf.string("quant_algo"), "FP8")
-        XCTAssertEqual(try JSONValue.parseObject(file: "\(out)/config.json").object("quantization_config").object("config_groups").object("group_0").keys,
-                       ["input_activations", "weights", "targets"])
+        XCTAssertEqual(
+            try JSONValue.parseObject(file: "\(out)/config.json").object("quantization_config").object("config_groups").object("group_0")
+                .keys,
+            ["input_activations", "weights", "targets"])
         // The export's per-weight mismatch counts, checked independently: the model's own
         // fake-quant weight against the stored codes decoded. Where they differ, the fake quant
         // (code / (448/amax)) and the decoded export (code · amax/448) are 1 ulp apart, or, on an
@@ -318,7 +334,8 @@ final class ExportFormatTests: XCTestCase {
         // FP8 weights are not bit-exact with ModelOpt's multiply-form fake quant; the
         // an element on an E4M3 rounding boundary lands on the neighbouring code (counted above): far below the bound.
         let loaded = try loadModelForEval(directory: out)
-        let cmp = try Verification.compare(reference: model, candidate: loaded, sequences: randomSequences(count: 2, seqLen: 17, vocab: 512, seed: 3))
+        let cmp = try Verification.compare(
+            reference: model, candidate: loaded, sequences: randomSequences(count: 2, seqLen: 17, vocab: 512, seed: 3))
         XCTAssertLessThan(cmp.maxAbsDiff, 1e-3)
 
         // Mixed: NVFP4 everywhere, FP8 down_proj.
@@ -335,7 +352,8 @@ final class ExportFormatTests: XCTestCase {
         XCTAssertEqual(layers["model.layers.0.mlp.down_proj"], ["quant_algo": "FP8"])
         XCTAssertEqual(layers["model.layers.1.self_attn.o_proj"], ["quant_algo": "NVFP4", "group_size": 16])
         let qc2 = try JSONValue.parseObject(file: "\(out2)/config.json").object("quantization_config")
-        XCTAssertEqual(qc2.keys, ["config_groups", "quantized_layers", "ignore", "quant_algo", "kv_cache_scheme", "producer", "quant_method"])
+        XCTAssertEqual(
+            qc2.keys, ["config_groups", "quantized_layers", "ignore", "quant_algo", "kv_cache_scheme", "producer", "quant_method"])
         let groups = try qc2.object("config_groups")
         XCTAssertEqual(groups.keys, ["group_0", "group_1"])
         XCTAssertEqual(try groups.object("group_1").strings("targets"), ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"])
@@ -353,21 +371,26 @@ final class ExportFormatTests: XCTestCase {
         let k = try XCTUnwrap(set.byName["model.layers.0.self_attn.k_proj.weight_quantizer"])
         let saved = k.amax
         k.amax = saved! * 2
-        XCTAssertThrowsError(try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: tmp.appendingPathComponent("a").path)) {
+        XCTAssertThrowsError(
+            try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: tmp.appendingPathComponent("a").path)
+        ) {
             XCTAssertTrue("\($0)".contains("fused GEMM"), "\($0)")
         }
         k.amax = saved
         // Uncalibrated quantizer.
         let fresh = try CausalLM(directory: tiny)
         let unset = QuantizerSet(model: fresh, config: try QuantConfig.preset("nvfp4_default"))
-        XCTAssertThrowsError(try Exporter.export(model: fresh, quantizers: unset, sourceDirectory: tiny, to: tmp.appendingPathComponent("b").path)) {
+        XCTAssertThrowsError(
+            try Exporter.export(model: fresh, quantizers: unset, sourceDirectory: tiny, to: tmp.appendingPathComponent("b").path)
+        ) {
             XCTAssertTrue("\($0)".contains("never calibrated"), "\($0)")
         }
         // Unknown quant_algo when reading back.
         let out = tmp.appendingPathComponent("c").path
         try Exporter.export(model: model, quantizers: set, sourceDirectory: tiny, to: out)
         let hfPath = "\(out)/hf_quant_config.json"
-        try readText(hfPath).replacingOccurrences(of: "\"NVFP4\"", with: "\"W4A8_AWQ\"").write(toFile: hfPath, atomically: true, encoding: .utf8)
+        try readText(hfPath).replacingOccurrences(of: "\"NVFP4\"", with: "\"W4A8_AWQ\"").write(
+            toFile: hfPath, atomically: true, encoding: .utf8)
         XCTAssertThrowsError(try loadModelForEval(directory: out)) { XCTAssertTrue("\($0)".contains("W4A8_AWQ"), "\($0)") }
         // Without hf_quant_config.json the config.json block is read instead.
         try FileManager.default.removeItem(atPath: hfPath)
@@ -382,12 +405,16 @@ final class ExportFormatTests: XCTestCase {
         XCTAssertEqual(ExportPlan.summarizeExcludeModules(unquantized: ["lm_head"], quantized: q), ["lm_head"])
         // A whole layer: one prefix wildcard; layer 1 must not swallow layers 10 and 11.
         let layer1 = ["model.layers.1.x.q_proj", "model.layers.1.x.down_proj"]
-        XCTAssertEqual(ExportPlan.summarizeExcludeModules(unquantized: layer1 + ["lm_head"], quantized: q.filter { !layer1.contains($0) }),
-                       ["lm_head", "model.layers.1.*"])
+        XCTAssertEqual(
+            ExportPlan.summarizeExcludeModules(unquantized: layer1 + ["lm_head"], quantized: q.filter { !layer1.contains($0) }),
+            ["lm_head", "model.layers.1.*"])
         let layer3 = ["model.layers.3.x.q_proj", "model.layers.3.x.down_proj"]
-        XCTAssertEqual(ExportPlan.summarizeExcludeModules(unquantized: layer3, quantized: q.filter { !layer3.contains($0) }), ["model.layers.3*"])
-        XCTAssertEqual(ExportPlan.summarizeExcludeModules(unquantized: ["model.layers.0.x.down_proj"], quantized: q.filter { $0 != "model.layers.0.x.down_proj" }),
-                       ["model.layers.0.x.down_proj"])
+        XCTAssertEqual(
+            ExportPlan.summarizeExcludeModules(unquantized: layer3, quantized: q.filter { !layer3.contains($0) }), ["model.layers.3*"])
+        XCTAssertEqual(
+            ExportPlan.summarizeExcludeModules(
+                unquantized: ["model.layers.0.x.down_proj"], quantized: q.filter { $0 != "model.layers.0.x.down_proj" }),
+            ["model.layers.0.x.down_proj"])
     }
 }
 
@@ -411,11 +438,16 @@ final class FortuneLMExportTests: XCTestCase {
         let out = tmp.appendingPathComponent("fortune-lm-nvfp4").path
         let summary = try Exporter.export(model: model, quantizers: set, sourceDirectory: dir, to: out)
         XCTAssertTrue(summary.weightMismatches.isEmpty, "\(summary.weightMismatches)")
-        XCTAssertEqual(summary.files, ["config.json", "generation_config.json", "hf_quant_config.json", "model.safetensors",
-                                       "tokenizer.json", "tokenizer_config.json"])
+        XCTAssertEqual(
+            summary.files,
+            [
+                "config.json", "generation_config.json", "hf_quant_config.json", "model.safetensors",
+                "tokenizer.json", "tokenizer_config.json",
+            ])
 
-        let stream = try TokenData.load(path: recipe.data.validation, split: "validation", modelDirectory: dir,
-                                        vocabSize: model.config.vocabSize)
+        let stream = try TokenData.load(
+            path: recipe.data.validation, split: "validation", modelDirectory: dir,
+            vocabSize: model.config.vocabSize)
         let ref = try Evaluation.evaluate(model: model, stream: stream, seqLen: 256, maxSequences: 16)
         let exported = try loadModelForEval(directory: out)
         let reread = try ExportedModel.load(directory: out)
@@ -431,8 +463,10 @@ final class FortuneLMExportTests: XCTestCase {
         let bf16 = try FileManager.default.attributesOfItem(atPath: "\(dir)/model.safetensors")[.size] as! Int
         let fp4 = try FileManager.default.attributesOfItem(atPath: "\(out)/model.safetensors")[.size] as! Int
         let factor = Double(bf16) / Double(fp4)
-        print(String(format: "fortune-lm: fake-quant loss %.6f, export loss %.6f, max |Δlogit| %g, bf16 %d B, export %d B, factor %.2fx",
-                     ref.loss, exp.loss, cmp.maxAbsDiff, bf16, fp4, factor))
+        print(
+            String(
+                format: "fortune-lm: fake-quant loss %.6f, export loss %.6f, max |Δlogit| %g, bf16 %d B, export %d B, factor %.2fx",
+                ref.loss, exp.loss, cmp.maxAbsDiff, bf16, fp4, factor))
         XCTAssertGreaterThan(factor, 1.8)
     }
 }

@@ -36,8 +36,9 @@ final class MoEExportTests: XCTestCase {
                         XCTAssertNotNil(set.byName[l.name + ".weight_quantizer"]?.amax, l.name)
                         XCTAssertNotNil(set.byName[l.name + ".input_quantizer"]?.amax, l.name)
                     }
-                    XCTAssertEqual(set.byName[ex.gate.name + ".weight_quantizer"]?.amax, set.byName[ex.up.name + ".weight_quantizer"]?.amax,
-                                   "\(ex.gate.name): gate/up weight amax shared")
+                    XCTAssertEqual(
+                        set.byName[ex.gate.name + ".weight_quantizer"]?.amax, set.byName[ex.up.name + ".weight_quantizer"]?.amax,
+                        "\(ex.gate.name): gate/up weight amax shared")
                 }
                 let inputs = Set(moe.experts.map { set.byName[$0.gate.name + ".input_quantizer"]!.amax! })
                 XCTAssertEqual(inputs.count, 1, "\(fixture) \(layer.prefix): every expert observed every token")
@@ -73,8 +74,9 @@ final class MoEExportTests: XCTestCase {
             let out = tmp.appendingPathComponent("e").path
             // Sharded (≈ 64 KiB shards): the per-expert tensors spread over several files and
             // are read back through the index.
-            let summary = try Exporter.export(model: model, quantizers: set, sourceDirectory: dir, to: out,
-                                              options: ExportOptions(maxShardBytes: 64 << 10))
+            let summary = try Exporter.export(
+                model: model, quantizers: set, sourceDirectory: dir, to: out,
+                options: ExportOptions(maxShardBytes: 64 << 10))
             XCTAssertTrue(summary.weightMismatches.isEmpty)
             XCTAssertGreaterThanOrEqual(summary.files.filter { $0.hasSuffix(".safetensors") }.count, 2, "\(summary.files)")
             let ck = try ModelWeights(path: out)

@@ -1,5 +1,4 @@
 import Foundation
-import XCTest
 import QATCore
 import QATData
 import QATExport
@@ -8,14 +7,17 @@ import QATModels
 import QATQuant
 import QATTrain
 import TestSupport
+import XCTest
 
 /// One test per class of hostile or broken input: each must fail with a `QATError` whose
 /// message says what is wrong, and leave no half-written file behind.
 final class BadInputTests: XCTestCase {
     /// The message of the `QATError` that `body` throws, asserting its kind (bad input unless
     /// said otherwise); the callers assert the message's key words.
-    func message(kind: QATError.Kind = .userInput, _ body: () throws -> Void,
-                 file: StaticString = #filePath, line: UInt = #line) -> String {
+    func message(
+        kind: QATError.Kind = .userInput, _ body: () throws -> Void,
+        file: StaticString = #filePath, line: UInt = #line
+    ) -> String {
         assertQATError(kind: kind, file: file, line: line, body)
     }
 
@@ -48,7 +50,8 @@ final class BadInputTests: XCTestCase {
         // A model directory with the truncated file: the loader says the same, naming the file.
         let model = dir.appendingPathComponent("model")
         try? FileManager.default.createDirectory(at: model, withIntermediateDirectories: true)
-        try? FileManager.default.copyItem(atPath: FuzzSeeds.microDir + "/config.json", toPath: model.appendingPathComponent("config.json").path)
+        try? FileManager.default.copyItem(
+            atPath: FuzzSeeds.microDir + "/config.json", toPath: model.appendingPathComponent("config.json").path)
         _ = write(Array(full.prefix(full.count / 2)), "model.safetensors", in: model)
         m = message { _ = try CausalLM(directory: model.path) }
         XCTAssertTrue(m.contains("model.safetensors") && m.contains("truncated"), m)
@@ -58,11 +61,15 @@ final class BadInputTests: XCTestCase {
         let dir = Fixtures.tempDir("qat-bad")
         let entry = #"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#
         // Header length beyond the file.
-        var m = message { _ = try SafeTensorsFile(path: self.write(self.safetensors(entry, dataBytes: 16, headerLength: 4096), "a.safetensors", in: dir)) }
+        var m = message {
+            _ = try SafeTensorsFile(path: self.write(self.safetensors(entry, dataBytes: 16, headerLength: 4096), "a.safetensors", in: dir))
+        }
         XCTAssertTrue(m.contains("header length 4096 bytes runs past the end of the file"), m)
         // Header length of 2^63 and 2^64 − 1: above the cap, refused before any allocation.
         for n: UInt64 in [1 << 63, .max, 100 << 20 + 1] {
-            m = message { _ = try SafeTensorsFile(path: self.write(self.safetensors(entry, dataBytes: 16, headerLength: n), "b.safetensors", in: dir)) }
+            m = message {
+                _ = try SafeTensorsFile(path: self.write(self.safetensors(entry, dataBytes: 16, headerLength: n), "b.safetensors", in: dir))
+            }
             XCTAssertTrue(m.contains("is above the \(100 << 20)-byte limit"), m)
         }
         // Offsets beyond the data region.
@@ -117,13 +124,19 @@ final class BadInputTests: XCTestCase {
         var cfg = try JSONValue.parseObject(file: Fixtures.path("tiny-llama/config.json"))
         edit(&cfg)
         try JSONValue.object(cfg).serialized().write(to: dir.appendingPathComponent("config.json"), atomically: true, encoding: .utf8)
-        try FileManager.default.createSymbolicLink(atPath: dir.appendingPathComponent("model.safetensors").path,
-                                                   withDestinationPath: Fixtures.path("tiny-llama/model.safetensors"))
+        try FileManager.default.createSymbolicLink(
+            atPath: dir.appendingPathComponent("model.safetensors").path,
+            withDestinationPath: Fixtures.path("tiny-llama/model.safetensors"))
         return dir.path
     }
 
     func testShapeMismatchBetweenCheckpointAndConfig() throws {
-        var m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["hidden_size"] = 64; $0["head_dim"] = 16 }) }
+        var m = message {
+            _ = try CausalLM(
+                directory: try self.tinyLlama {
+                    $0["hidden_size"] = 64; $0["head_dim"] = 16
+                })
+        }
         XCTAssertTrue(m.contains("model.embed_tokens.weight") && m.contains("[512, 128]") && m.contains("config.json implies [512, 64]"), m)
         m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["intermediate_size"] = 353 }) }
         XCTAssertTrue(m.contains("model.layers.0.mlp.gate_proj.weight") && m.contains("[352, 128]") && m.contains("[353, 128]"), m)
@@ -140,13 +153,21 @@ final class BadInputTests: XCTestCase {
         XCTAssertTrue(m.contains("num_hidden_layers = 3") && m.contains("holds 2 layer(s)"), m)
         m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["max_position_embeddings"] = .int(1 << 40) }) }
         XCTAssertTrue(m.contains("max_position_embeddings = 1099511627776 is out of range"), m)
-        m = message { _ = try CausalLM(directory: try self.tinyLlama { $0["model_type"] = "mistral"; $0["sliding_window"] = -1000 }) }
+        m = message {
+            _ = try CausalLM(
+                directory: try self.tinyLlama {
+                    $0["model_type"] = "mistral"; $0["sliding_window"] = -1000
+                })
+        }
         XCTAssertTrue(m.contains("sliding_window = -1000 must be at least 1"), m)
         m = message {
-            _ = try CausalLM(directory: try self.tinyLlama {
-                $0["rope_parameters"] = ["rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 4.0,
-                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192]
-            })
+            _ = try CausalLM(
+                directory: try self.tinyLlama {
+                    $0["rope_parameters"] = [
+                        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 4.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                    ]
+                })
         }
         XCTAssertTrue(m.contains("low_freq_factor < high_freq_factor"), m)
     }
@@ -177,7 +198,9 @@ final class BadInputTests: XCTestCase {
 
     func testUnsupportedTokenizerType() throws {
         for type in ["WordPiece", "Unigram", "WordLevel"] {
-            let p = try tokenizerFile { o in var m = o["model"] as! [String: Any]; m["type"] = type; o["model"] = m }
+            let p = try tokenizerFile { o in
+                var m = o["model"] as! [String: Any]; m["type"] = type; o["model"] = m
+            }
             let m = message(kind: .unsupported) { _ = try Tokenizer(path: p) }
             XCTAssertTrue(m.contains("model.type is \(type); only BPE tokenizers are supported"), m)
         }
@@ -270,7 +293,9 @@ final class BadInputTests: XCTestCase {
         text += "train:\n  lr_config: *a9\n"
         var m = message { _ = try Recipe.parse(text, source: "bomb.yaml") }
         XCTAssertTrue(m.contains("bomb.yaml") && m.contains("expands to more than"), m)
-        m = message { _ = try Recipe.parse("model: " + String(repeating: "[", count: 500) + String(repeating: "]", count: 500), source: "deep.yaml") }
+        m = message {
+            _ = try Recipe.parse("model: " + String(repeating: "[", count: 500) + String(repeating: "]", count: 500), source: "deep.yaml")
+        }
         XCTAssertTrue(m.contains("deep.yaml, line 1: YAML nesting deeper than 64 levels"), m)
         // Deeper than libyaml's own limit (1000): its error, still no crash.
         m = message { _ = try Recipe.parse("model: " + String(repeating: "[", count: 50_000), source: "deeper.yaml") }
@@ -287,7 +312,9 @@ final class BadInputTests: XCTestCase {
         m = message { _ = try Recipe.parse("data:\n  seq_len: 1:0:0:0:0:0:0:0:0:0:0:0\n", source: "r.yaml") }
         XCTAssertTrue(m.contains("data.seq_len: expected an integer"), m)
         XCTAssertEqual(try Recipe.parse("data:\n  seq_len: 1:30\n", source: "r.yaml").data.seqLen, 90)
-        m = message { _ = try Recipe.parse("data:\n  seq_len: 1:30\n", source: "r.yaml", overrides: ["data.seq_len=99999999999:0:0:0:0:0"]) }
+        m = message {
+            _ = try Recipe.parse("data:\n  seq_len: 1:30\n", source: "r.yaml", overrides: ["data.seq_len=99999999999:0:0:0:0:0"])
+        }
         XCTAssertTrue(m.contains("expected an integer"), m)
     }
 
@@ -300,26 +327,26 @@ final class BadInputTests: XCTestCase {
         let dir = Fixtures.tempDir("qat-missing-teacher")
         let export = dir.appendingPathComponent("export")
         let recipe = """
-        model: models/fortune-lm
-        data:
-          train: models/fortune-lm/tokens.h5
-          validation: models/fortune-lm/tokens.h5
-          seq_len: 16
-          validation_sequences: 1
-        quantize:
-          preset: nvfp4_default-kv_fp8
-        calibration:
-          samples: 1
-          batch_size: 1
-        train:
-          mode: qad
-          steps: 2
-          batch_size: 1
-          distill:
-            teacher: \(dir.appendingPathComponent("no-such-teacher").path)
-        export:
-          dir: \(export.path)
-        """
+            model: models/fortune-lm
+            data:
+              train: models/fortune-lm/tokens.h5
+              validation: models/fortune-lm/tokens.h5
+              seq_len: 16
+              validation_sequences: 1
+            quantize:
+              preset: nvfp4_default-kv_fp8
+            calibration:
+              samples: 1
+              batch_size: 1
+            train:
+              mode: qad
+              steps: 2
+              batch_size: 1
+              distill:
+                teacher: \(dir.appendingPathComponent("no-such-teacher").path)
+            export:
+              dir: \(export.path)
+            """
         let path = dir.appendingPathComponent("recipe.yaml").path
         try recipe.write(toFile: path, atomically: true, encoding: .utf8)
         let r = try Fixtures.runQAT(["apply", path, "--quiet"])

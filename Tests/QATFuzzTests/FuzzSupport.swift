@@ -1,7 +1,7 @@
 import Foundation
-import XCTest
 import QATCore
 import TestSupport
+import XCTest
 
 /// Seeded mutation fuzzing of the parsers that read user files.
 ///
@@ -170,7 +170,9 @@ struct Mutator {
                 i += 1
                 while i < b.count, isDigit(b[i]) || b[i] == 0x2E || b[i] == 0x65 || b[i] == 0x45 || b[i] == 0x2B || b[i] == 0x2D { i += 1 }
                 out.append(s..<i)
-            } else { i += 1 }
+            } else {
+                i += 1
+            }
         }
         return out
     }
@@ -205,8 +207,10 @@ struct Mutator {
             guard quotes.count >= 2 else { return }
             let q = rng.below(quotes.count - 1)
             let r = (quotes[q] + 1)..<quotes[q + 1]
-            let repl = rng.pick(["", "x", "F64", "I4", "BPE", "WordPiece", "Unigram", "NVFP4", "model.embed_tokens.weight",
-                                 "../../etc/passwd", "/dev/zero", String(repeating: "a", count: 10_000), "linear", "llama3"])
+            let repl = rng.pick([
+                "", "x", "F64", "I4", "BPE", "WordPiece", "Unigram", "NVFP4", "model.embed_tokens.weight",
+                "../../etc/passwd", "/dev/zero", String(repeating: "a", count: 10_000), "linear", "llama3",
+            ])
             b.replaceSubrange(r, with: Array(repl.utf8))
         }
     }
@@ -255,8 +259,9 @@ struct FuzzCampaign {
             mutants += 1
         }
         let seconds = String(format: "%.1f", Date().timeIntervalSince(start))
-        print("fuzz \(parser): \(tried) inputs (\(seeds.count) seeds + \(mutants) mutants; \(accepted) accepted, "
-              + "\(rejected) rejected with QATError) in \(seconds)s, QAT_FUZZ_SEED=\(Fuzz.seed)")
+        print(
+            "fuzz \(parser): \(tried) inputs (\(seeds.count) seeds + \(mutants) mutants; \(accepted) accepted, "
+                + "\(rejected) rejected with QATError) in \(seconds)s, QAT_FUZZ_SEED=\(Fuzz.seed)")
         XCTAssertEqual(tried, seeds.count + mutants, "\(parser): every input is parsed", file: file, line: line)
         XCTAssertGreaterThanOrEqual(mutants, minimumIterations, "\(parser): fewer mutants than the minimum", file: file, line: line)
         try? FileManager.default.removeItem(atPath: currentPath)
@@ -275,8 +280,9 @@ struct FuzzCampaign {
         } catch {
             let keep = dir.appendingPathComponent("failure-\(tried)-\(fileName)")
             try? Data(input).write(to: keep)
-            XCTFail("\(parser): input \(tried) threw a non-QATError \(type(of: error)): \(error) (input kept at \(keep.path))",
-                    file: file, line: line)
+            XCTFail(
+                "\(parser): input \(tried) threw a non-QATError \(type(of: error)): \(error) (input kept at \(keep.path))",
+                file: file, line: line)
         }
     }
 }
@@ -293,8 +299,10 @@ extension String {
 /// Replays `Tests/Fuzz/regressions/<parser>/*` (inputs that once crashed): each must now
 /// parse or be rejected with a `QATError`. Returns the messages, by file name.
 @discardableResult
-func replayRegressions(_ parser: String, fileName: String, file: StaticString = #filePath, line: UInt = #line,
-                       _ body: (String) throws -> Void) -> [String: String] {
+func replayRegressions(
+    _ parser: String, fileName: String, file: StaticString = #filePath, line: UInt = #line,
+    _ body: (String) throws -> Void
+) -> [String: String] {
     var messages: [String: String] = [:]
     let dir = Fuzz.workDir("regress-\(parser)")
     for url in Fuzz.files("regressions", parser) {

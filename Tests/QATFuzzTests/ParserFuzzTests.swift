@@ -1,5 +1,4 @@
 import Foundation
-import XCTest
 import QATCore
 import QATData
 import QATExport
@@ -8,6 +7,7 @@ import QATModels
 import QATQuant
 import QATTrain
 import TestSupport
+import XCTest
 
 /// One bounded campaign per parser that reads user files (see `FuzzSupport.swift`), plus
 /// the replay of every input that once crashed (`Tests/Fuzz/regressions/<parser>/`).
@@ -65,8 +65,9 @@ final class ParserFuzzTests: XCTestCase {
     }
 
     func testFuzzSafeTensors() {
-        var c = FuzzCampaign(parser: "safetensors", fileName: "input.safetensors", seeds: FuzzSeeds.safetensors,
-                             text: false, defaultIterations: 3000)
+        var c = FuzzCampaign(
+            parser: "safetensors", fileName: "input.safetensors", seeds: FuzzSeeds.safetensors,
+            text: false, defaultIterations: 3000)
         c.run(mutate: Self.mutateSafetensorsHeader) { try Self.readAll(try SafeTensorsFile(path: $0)) }
         replayRegressions("safetensors", fileName: "input.safetensors") { try Self.readAll(try SafeTensorsFile(path: $0)) }
     }
@@ -74,8 +75,10 @@ final class ParserFuzzTests: XCTestCase {
     // MARK: JSON (json-c) and config.json
 
     func testFuzzJSON() {
-        let seeds = [Fixtures.path("tiny-llama/config.json"), Fixtures.path("tiny-qwen3/config.json"),
-                     Fixtures.fortuneLM + "/tokenizer_config.json", FuzzSeeds.shardedDir + "/model.safetensors.index.json"].map(Fuzz.read)
+        let seeds = [
+            Fixtures.path("tiny-llama/config.json"), Fixtures.path("tiny-qwen3/config.json"),
+            Fixtures.fortuneLM + "/tokenizer_config.json", FuzzSeeds.shardedDir + "/model.safetensors.index.json",
+        ].map(Fuzz.read)
         var c = FuzzCampaign(parser: "json", fileName: "input.json", seeds: seeds, text: true, defaultIterations: 2000)
         c.run { _ = try JSONValue.parse(file: $0) }
         replayRegressions("json", fileName: "input.json") { _ = try JSONValue.parse(file: $0) }
@@ -84,8 +87,11 @@ final class ParserFuzzTests: XCTestCase {
     static func loadConfig(_ path: String) throws { _ = try ModelConfig(json: JSONValue.parseObject(file: path)) }
 
     func testFuzzModelConfig() {
-        let seeds = [Fixtures.path("tiny-llama/config.json"), Fixtures.path("tiny-qwen3/config.json"),
-                     Fixtures.fortuneLM + "/config.json"].map(Fuzz.read) + [Array(FuzzSeeds.microConfigText.utf8)]
+        let seeds =
+            [
+                Fixtures.path("tiny-llama/config.json"), Fixtures.path("tiny-qwen3/config.json"),
+                Fixtures.fortuneLM + "/config.json",
+            ].map(Fuzz.read) + [Array(FuzzSeeds.microConfigText.utf8)]
         var c = FuzzCampaign(parser: "config", fileName: "config.json", seeds: seeds, text: true, defaultIterations: 2000)
         c.run { try Self.loadConfig($0) }
         replayRegressions("config", fileName: "config.json") { try Self.loadConfig($0) }
@@ -97,8 +103,9 @@ final class ParserFuzzTests: XCTestCase {
     /// tensors must fail on the shapes, before any allocation the file does not back.
     func testFuzzModelDirectoryConfig() {
         stage("model", [(FuzzSeeds.microDir + "/model.safetensors", "model.safetensors")])
-        var c = FuzzCampaign(parser: "model", fileName: "config.json", seeds: [Array(FuzzSeeds.microConfigText.utf8)],
-                             text: true, defaultIterations: 1000)
+        var c = FuzzCampaign(
+            parser: "model", fileName: "config.json", seeds: [Array(FuzzSeeds.microConfigText.utf8)],
+            text: true, defaultIterations: 1000)
         let dir = Fuzz.workDir("model").path
         c.run { _ in _ = try CausalLM(directory: dir) }
         stage("regress-model", [(FuzzSeeds.microDir + "/model.safetensors", "model.safetensors")])
@@ -108,8 +115,9 @@ final class ParserFuzzTests: XCTestCase {
     /// Mutated checkpoint beside a valid config.
     func testFuzzModelDirectoryWeights() {
         stage("model-weights", [(FuzzSeeds.microDir + "/config.json", "config.json")])
-        var c = FuzzCampaign(parser: "model-weights", fileName: "model.safetensors", seeds: [FuzzSeeds.microCheckpoint],
-                             text: false, defaultIterations: 1000)
+        var c = FuzzCampaign(
+            parser: "model-weights", fileName: "model.safetensors", seeds: [FuzzSeeds.microCheckpoint],
+            text: false, defaultIterations: 1000)
         let dir = Fuzz.workDir("model-weights").path
         c.run(mutate: Self.mutateSafetensorsHeader) { _ in _ = try CausalLM(directory: dir) }
     }
@@ -117,11 +125,14 @@ final class ParserFuzzTests: XCTestCase {
     /// Mutated sharded index beside its shards (paths outside the folder, missing shards,
     /// tensors in the wrong shard).
     func testFuzzShardedIndex() {
-        let shards = ((try? FileManager.default.contentsOfDirectory(atPath: FuzzSeeds.shardedDir)) ?? []).filter { $0.hasSuffix(".safetensors") }
+        let shards = ((try? FileManager.default.contentsOfDirectory(atPath: FuzzSeeds.shardedDir)) ?? []).filter {
+            $0.hasSuffix(".safetensors")
+        }
         XCTAssertGreaterThan(shards.count, 1)
         stage("sharded", shards.map { (FuzzSeeds.shardedDir + "/" + $0, $0) })
-        var c = FuzzCampaign(parser: "sharded", fileName: "model.safetensors.index.json",
-                             seeds: [Fuzz.read(FuzzSeeds.shardedDir + "/model.safetensors.index.json")], text: true, defaultIterations: 1000)
+        var c = FuzzCampaign(
+            parser: "sharded", fileName: "model.safetensors.index.json",
+            seeds: [Fuzz.read(FuzzSeeds.shardedDir + "/model.safetensors.index.json")], text: true, defaultIterations: 1000)
         let dir = Fuzz.workDir("sharded").path
         c.run { _ in
             let ck = try ModelWeights(path: dir)
@@ -139,8 +150,9 @@ final class ParserFuzzTests: XCTestCase {
     }
 
     func testFuzzTokenizer() {
-        var c = FuzzCampaign(parser: "tokenizer", fileName: "tokenizer.json", seeds: [FuzzSeeds.tokenizerJSON],
-                             text: true, defaultIterations: 1500)
+        var c = FuzzCampaign(
+            parser: "tokenizer", fileName: "tokenizer.json", seeds: [FuzzSeeds.tokenizerJSON],
+            text: true, defaultIterations: 1500)
         c.run { try Self.useTokenizer($0) }
         replayRegressions("tokenizer", fileName: "tokenizer.json") { try Self.useTokenizer($0) }
     }
@@ -150,8 +162,9 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzRecipe() {
         let dir = Fixtures.repoRoot.appendingPathComponent("recipes").path
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".yaml") }.sorted()
-        var c = FuzzCampaign(parser: "recipe", fileName: "recipe.yaml", seeds: names.map { Fuzz.read(dir + "/" + $0) },
-                             text: true, defaultIterations: 1500)
+        var c = FuzzCampaign(
+            parser: "recipe", fileName: "recipe.yaml", seeds: names.map { Fuzz.read(dir + "/" + $0) },
+            text: true, defaultIterations: 1500)
         c.run { _ = try Recipe.load(path: $0) }
         replayRegressions("recipe", fileName: "recipe.yaml") { _ = try Recipe.load(path: $0) }
     }
@@ -161,7 +174,9 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzTokenHDF5() {
         var c = FuzzCampaign(parser: "tokens-h5", fileName: "tokens.h5", seeds: FuzzSeeds.tokenFiles, text: false, defaultIterations: 750)
         c.run { _ = try TokenData.load(path: $0, split: "train", tokenizer: nil, vocabSize: 48) }
-        replayRegressions("tokens-h5", fileName: "tokens.h5") { _ = try TokenData.load(path: $0, split: "train", tokenizer: nil, vocabSize: 48) }
+        replayRegressions("tokens-h5", fileName: "tokens.h5") {
+            _ = try TokenData.load(path: $0, split: "train", tokenizer: nil, vocabSize: 48)
+        }
     }
 
     static func readCache(_ path: String) throws {
@@ -181,8 +196,9 @@ final class ParserFuzzTests: XCTestCase {
     func testFuzzTrainingCheckpointState() {
         let src = FuzzSeeds.trainingCheckpointDir
         stage("train-state", ["model.safetensors", "optimizer.safetensors", "state.safetensors"].map { (src + "/" + $0, $0) })
-        var c = FuzzCampaign(parser: "train-state", fileName: "trainer_state.json", seeds: [Fuzz.read(src + "/trainer_state.json")],
-                             text: true, defaultIterations: 500)
+        var c = FuzzCampaign(
+            parser: "train-state", fileName: "trainer_state.json", seeds: [Fuzz.read(src + "/trainer_state.json")],
+            text: true, defaultIterations: 500)
         let dir = Fuzz.workDir("train-state").path
         c.run { _ in _ = try TrainingCheckpoint.read(dir) }
     }

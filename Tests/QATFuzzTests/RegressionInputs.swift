@@ -1,9 +1,9 @@
 import Foundation
-import XCTest
 import QATCore
 import QATData
 import QATIO
 import TestSupport
+import XCTest
 
 /// How the binary regression inputs under `Tests/Fuzz/regressions/` were made (the text
 /// ones are plain files). Each crashed (trap, stack overflow or out-of-memory kill) the
@@ -37,7 +37,9 @@ final class RegressionInputs: XCTestCase {
             try f.createDataset("input_ids", of: Int32.self, shape: [1, L], chunkRows: 1)
             try f.createDataset("topk_ids", of: Int32.self, shape: [1, L, K], chunkRows: 1)
             try f.createDataset("topk_logprobs", of: Float.self, shape: [1, L, K], chunkRows: 1)
-            for (k, v) in [("format", "qat-topk-logprobs-v1"), ("seq_len", String(L)), ("top_k", String(K)), ("vocab_size", "48"), ("sequences", "1")] {
+            for (k, v) in [
+                ("format", "qat-topk-logprobs-v1"), ("seq_len", String(L)), ("top_k", String(K)), ("vocab_size", "48"), ("sequences", "1"),
+            ] {
                 try f.setAttribute(k, v)
             }
             try f.flush()

@@ -132,7 +132,8 @@ final class JSONTests: XCTestCase {
         XCTAssertTrue(message(#"{"a": 1} x"#).hasPrefix("cfg.json: invalid JSON at line 1, column 10"), message(#"{"a": 1} x"#))
         XCTAssertTrue(message("{'a': 1}").hasPrefix("cfg.json: invalid JSON at line 1, column 2"), message("{'a': 1}"))
         XCTAssertEqual(message(#"{"a": 1.}"#), "cfg.json: invalid JSON at line 1, column 8 (byte 7): a digit must follow the decimal point")
-        XCTAssertEqual(message("{\"a\": \"x\ty\"}"), "cfg.json: invalid JSON at line 1, column 9 (byte 8): unescaped control character in a string")
+        XCTAssertEqual(
+            message("{\"a\": \"x\ty\"}"), "cfg.json: invalid JSON at line 1, column 9 (byte 8): unescaped control character in a string")
         XCTAssertEqual(message("{'a': 1}"), "cfg.json: invalid JSON at line 1, column 2 (byte 1): single-quoted strings are not JSON")
         XCTAssertEqual(message(#"{"a": TRUE}"#), "cfg.json: invalid JSON at line 1, column 7 (byte 6): boolean expected")
         XCTAssertEqual(message(""), "cfg.json: invalid JSON: the input is empty")
@@ -162,7 +163,8 @@ final class JSONTests: XCTestCase {
     func testStringEscapingLikePython() throws {
         let v: JSONValue = ["k\u{e9}y": "caf\u{e9} \u{1F600} \"q\" \\ \n\t\u{1}\u{7F}/"]
         XCTAssertEqual(v.serialized(indent: nil), #"{"k\u00e9y":"caf\u00e9 \ud83d\ude00 \"q\" \\ \n\t\u0001\u007f/"}"#)
-        XCTAssertEqual(v.serialized(indent: nil, asciiOnly: false), "{\"k\u{e9}y\":\"caf\u{e9} \u{1F600} \\\"q\\\" \\\\ \\n\\t\\u0001\u{7F}/\"}")
+        XCTAssertEqual(
+            v.serialized(indent: nil, asciiOnly: false), "{\"k\u{e9}y\":\"caf\u{e9} \u{1F600} \\\"q\\\" \\\\ \\n\\t\\u0001\u{7F}/\"}")
         // Escapes parse back to the same string.
         XCTAssertEqual(try JSONValue.parse(v.serialized()), v)
     }
@@ -170,7 +172,8 @@ final class JSONTests: XCTestCase {
     func testCompactAndEmptyContainers() throws {
         let v: JSONValue = ["a": 1, "b": [1, 2.5, true, nil], "c": [:], "d": []]
         XCTAssertEqual(v.serialized(indent: nil), #"{"a":1,"b":[1,2.5,true,null],"c":{},"d":[]}"#)
-        XCTAssertEqual(v.serialized(), "{\n  \"a\": 1,\n  \"b\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"c\": {},\n  \"d\": []\n}")
+        XCTAssertEqual(
+            v.serialized(), "{\n  \"a\": 1,\n  \"b\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"c\": {},\n  \"d\": []\n}")
         XCTAssertEqual(JSONValue.array([]).serialized(), "[]")
         XCTAssertEqual(try JSONValue.parse(v.serialized()), v)
     }

@@ -232,13 +232,17 @@ final class SafeTensorsTests: XCTestCase {
         XCTAssertEqual(written.count, 3)
         try FileManager.default.removeItem(atPath: written[1])
         XCTAssertThrowsError(try ModelWeights(path: out)) { e in
-            XCTAssertEqual("\(e)", "\(out)/model.safetensors.index.json: shard \"model-00002-of-00002.safetensors\" (holding \"b\") is missing from \(out)")
+            XCTAssertEqual(
+                "\(e)",
+                "\(out)/model.safetensors.index.json: shard \"model-00002-of-00002.safetensors\" (holding \"b\") is missing from \(out)")
         }
         // A tensor the index lists but the shard lacks.
         try #"{"weight_map": {"a": "model-00001-of-00002.safetensors", "zzz": "model-00001-of-00002.safetensors"}}"#
             .write(toFile: written[2], atomically: true, encoding: .utf8)
         XCTAssertThrowsError(try ModelWeights(path: out)) { e in
-            XCTAssertTrue("\(e)".contains("tensor \"zzz\" is listed in shard \"model-00001-of-00002.safetensors\" but that file does not contain it"), "\(e)")
+            XCTAssertTrue(
+                "\(e)".contains("tensor \"zzz\" is listed in shard \"model-00001-of-00002.safetensors\" but that file does not contain it"),
+                "\(e)")
         }
         try #"{"weight_map": {"a": "../x.safetensors"}}"#.write(toFile: written[2], atomically: true, encoding: .utf8)
         XCTAssertThrowsError(try ModelWeights(path: out)) { e in XCTAssertTrue("\(e)".contains("not a file inside"), "\(e)") }
@@ -263,8 +267,10 @@ final class SafeTensorsTests: XCTestCase {
         return p
     }
 
-    func assertRejected(_ header: String, data: [UInt8] = Array(repeating: 0, count: 16), length: UInt64? = nil,
-                        contains expected: String, file: StaticString = #filePath, line: UInt = #line) {
+    func assertRejected(
+        _ header: String, data: [UInt8] = Array(repeating: 0, count: 16), length: UInt64? = nil,
+        contains expected: String, file: StaticString = #filePath, line: UInt = #line
+    ) {
         let p = rawFile("bad-\(UUID().uuidString).safetensors", header: header, data: data, length: length)
         XCTAssertThrowsError(try SafeTensorsFile(path: p), file: file, line: line) { e in
             let m = "\(e)"
@@ -292,30 +298,44 @@ final class SafeTensorsTests: XCTestCase {
         assertRejected("[1, 2]", contains: "header is not a JSON object (found an array)")
         // Unknown dtype.
         let t = #""dtype":"F32","shape":[2],"data_offsets":[0,8]"#
-        assertRejected(#"{"w":{"dtype":"F64","shape":[2],"data_offsets":[0,16]}}"#, contains: #"tensor "w": unknown or unsupported dtype "F64""#)
+        assertRejected(
+            #"{"w":{"dtype":"F64","shape":[2],"data_offsets":[0,16]}}"#, contains: #"tensor "w": unknown or unsupported dtype "F64""#)
         assertRejected(#"{"w":{"dtype":7,"shape":[2],"data_offsets":[0,8]}}"#, contains: #"tensor "w": dtype must be a string"#)
         // Shapes.
-        assertRejected(#"{"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, contains: #"tensor "w": shape [-2] has a negative dimension -2"#)
-        assertRejected(#"{"w":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}"#, contains: #"tensor "w": shape [2.0] has a non-integer entry 2.0"#)
+        assertRejected(
+            #"{"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, contains: #"tensor "w": shape [-2] has a negative dimension -2"#)
+        assertRejected(
+            #"{"w":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}"#, contains: #"tensor "w": shape [2.0] has a non-integer entry 2.0"#)
         assertRejected(#"{"w":{"dtype":"F32","shape":["2"],"data_offsets":[0,8]}}"#, contains: "has a non-integer entry \"2\"")
         assertRejected(#"{"w":{"dtype":"F32","shape":2,"data_offsets":[0,8]}}"#, contains: "shape must be an array")
         assertRejected(#"{"w":{"dtype":"F32","data_offsets":[0,8]}}"#, contains: #"tensor "w": missing "shape""#)
         // Offsets.
-        assertRejected(#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0]}}"#, contains: "data_offsets must be two non-negative integers [begin, end], found [0]")
-        assertRejected(#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,"8"]}}"#, contains: "data_offsets must be two non-negative integers")
-        assertRejected(#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[-8,0]}}"#, contains: "data_offsets must be two non-negative integers")
+        assertRejected(
+            #"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0]}}"#,
+            contains: "data_offsets must be two non-negative integers [begin, end], found [0]")
+        assertRejected(
+            #"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,"8"]}}"#, contains: "data_offsets must be two non-negative integers")
+        assertRejected(
+            #"{"w":{"dtype":"F32","shape":[2],"data_offsets":[-8,0]}}"#, contains: "data_offsets must be two non-negative integers")
         assertRejected(#"{"w":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#, contains: "data_offsets [8, 0] have begin > end")
-        assertRejected("{\"w\":{\(t)}}", data: [0, 0, 0, 0], contains: #"tensor "w": data_offsets [0, 8] run past the end of the data region (4 bytes): the file is truncated"#)
+        assertRejected(
+            "{\"w\":{\(t)}}", data: [0, 0, 0, 0],
+            contains: #"tensor "w": data_offsets [0, 8] run past the end of the data region (4 bytes): the file is truncated"#)
         // Overlap.
-        assertRejected(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
-                       contains: #"tensors "a" [0, 8) and "b" [4, 12) overlap in the data region"#)
+        assertRejected(
+            #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            contains: #"tensors "a" [0, 8) and "b" [4, 12) overlap in the data region"#)
         // Byte length mismatch.
-        assertRejected(#"{"w":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,8]}}"#, contains: #"tensor "w": shape [2, 3] of BF16 needs 12 bytes but data_offsets [0, 8] span 8"#)
+        assertRejected(
+            #"{"w":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,8]}}"#,
+            contains: #"tensor "w": shape [2, 3] of BF16 needs 12 bytes but data_offsets [0, 8] span 8"#)
         // Duplicate names (json-c would silently keep the last one).
         assertRejected("{\"w\":{\(t)},\"w\":{\(t)}}", contains: #"duplicate tensor name "w" in the header"#)
         assertRejected("{\"w\":{\(t)},\"\\u0077\":{\(t)}}", contains: #"duplicate tensor name "w""#)
         // Element-count overflow.
-        assertRejected(#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, contains: #"tensor "w": element count of shape [4294967296,4294967296] overflows"#)
+        assertRejected(
+            #"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
+            contains: #"tensor "w": element count of shape [4294967296,4294967296] overflows"#)
         assertRejected(#"{"w":{"dtype":"I64","shape":[2305843009213693952],"data_offsets":[0,8]}}"#, contains: "overflows")
         // Metadata must be strings.
         assertRejected(#"{"__metadata__":{"format":1}}"#, contains: #"__metadata__ "format" must be a string"#)
@@ -323,7 +343,9 @@ final class SafeTensorsTests: XCTestCase {
         assertRejected(#"{"w":[1]}"#, contains: #"tensor "w": entry must be an object"#)
 
         // Valid edge cases are accepted: padding spaces, zero-sized tensors sharing an offset, gaps.
-        let ok = rawFile("ok.safetensors", header: #"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"#
+        let ok = rawFile(
+            "ok.safetensors",
+            header: #"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"#
                 + #""c":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}   "#, data: [9, 9, 1, 2])
         let f = try SafeTensorsFile(path: ok)
         XCTAssertEqual(f.names, ["a", "b", "c"])

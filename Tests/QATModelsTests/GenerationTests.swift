@@ -78,7 +78,7 @@ final class GenerationTests: XCTestCase {
     /// string ends the text and is never emitted, even when it arrives in pieces.
     func testTextStream() {
         var s = TextStream(stops: [])
-        let euro = Array("€".utf8)   // 3 bytes
+        let euro = Array("€".utf8)  // 3 bytes
         XCTAssertEqual(s.push([0x41, euro[0]]), "A")
         XCTAssertNil(s.push([euro[1]]))
         XCTAssertEqual(s.push([euro[2], 0x42]), "€B")

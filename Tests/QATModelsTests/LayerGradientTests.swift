@@ -1,6 +1,6 @@
-import XCTest
-import QATModels
 import QATCore
+import QATModels
+import XCTest
 
 /// Finite-difference checks of every layer's hand-written backward: the loss is Σ y∘R for a
 /// fixed random R, so d loss/d y = R is what each backward receives.
@@ -10,8 +10,10 @@ final class LayerGradientTests: XCTestCase {
     func random(_ n: Int, scale: Float = 1) -> [Float] { (0..<n).map { _ in rng.nextGaussian() * scale } }
 
     /// Central differences of `loss` w.r.t. each entry of `x`, compared with `analytic`.
-    func checkGradient(_ name: String, _ x: inout [Float], analytic: [Float], h: Float = 1e-2, tol: Double = 2e-2,
-                       loss: ([Float]) -> Double, file: StaticString = #filePath, line: UInt = #line) {
+    func checkGradient(
+        _ name: String, _ x: inout [Float], analytic: [Float], h: Float = 1e-2, tol: Double = 2e-2,
+        loss: ([Float]) -> Double, file: StaticString = #filePath, line: UInt = #line
+    ) {
         var maxErr = 0.0, scale = 1e-6
         for i in 0..<x.count {
             let saved = x[i]
@@ -52,7 +54,9 @@ final class LayerGradientTests: XCTestCase {
     func testSwiGLU() {
         let n = 16
         var g = random(n), u = random(n), r = random(n)
-        func f(_ g: [Float], _ u: [Float]) -> [Float] { var o = [Float](repeating: 0, count: n); SwiGLU.forward(out: &o, gate: g, up: u, n: n); return o }
+        func f(_ g: [Float], _ u: [Float]) -> [Float] {
+            var o = [Float](repeating: 0, count: n); SwiGLU.forward(out: &o, gate: g, up: u, n: n); return o
+        }
         var dg = [Float](repeating: 0, count: n), du = dg
         SwiGLU.backward(dgate: &dg, dup: &du, dout: r, gate: g, up: u, n: n)
         let g0 = g, u0 = u
@@ -106,7 +110,9 @@ final class LayerGradientTests: XCTestCase {
         let lin = Linear(name: "l", weight: w, bias: b)
         var x = random(n * inF)
         let r = random(n * outF)
-        func f(_ x: [Float]) throws -> Double { var y = [Float](repeating: 0, count: n * outF); try lin.forward(x, out: &y, n: n); return dot(y, r) }
+        func f(_ x: [Float]) throws -> Double {
+            var y = [Float](repeating: 0, count: n * outF); try lin.forward(x, out: &y, n: n); return dot(y, r)
+        }
         var y = [Float](repeating: 0, count: n * outF)
         let used = try lin.forward(x, out: &y, n: n)
         var dx = [Float](repeating: 0, count: n * inF)
@@ -134,7 +140,9 @@ final class LayerGradientTests: XCTestCase {
         let loss = CrossEntropy.row(&g, vocab: v, target: 3, gradScale: 1)
         var copy = z
         XCTAssertEqual(loss, CrossEntropy.row(&copy, vocab: v, target: 3, gradScale: nil), accuracy: 1e-12)
-        checkGradient("ce dz", &z, analytic: g, h: 1e-3) { zz in var t = zz; return CrossEntropy.row(&t, vocab: v, target: 3, gradScale: nil) }
+        checkGradient("ce dz", &z, analytic: g, h: 1e-3) { zz in
+            var t = zz; return CrossEntropy.row(&t, vocab: v, target: 3, gradScale: nil)
+        }
         var ignored = z
         XCTAssertEqual(CrossEntropy.row(&ignored, vocab: v, target: -100, gradScale: 1), 0)
         XCTAssertEqual(ignored, [Float](repeating: 0, count: v))
@@ -151,10 +159,12 @@ final class LayerGradientTests: XCTestCase {
     /// Mistral (sliding window), tied and untied heads; a few entries of every parameter.
     func testWholeModelFiniteDifferences() throws {
         let configs = [
-            ModelConfig(family: .qwen2, vocabSize: 32, hiddenSize: 16, intermediateSize: 24, numLayers: 2, numHeads: 4,
-                        numKVHeads: 2, attentionBias: true, qkNorm: false),
-            ModelConfig(family: .mistral, vocabSize: 32, hiddenSize: 16, intermediateSize: 24, numLayers: 1, numHeads: 2,
-                        numKVHeads: 1, tieWordEmbeddings: true, slidingWindow: 3),
+            ModelConfig(
+                family: .qwen2, vocabSize: 32, hiddenSize: 16, intermediateSize: 24, numLayers: 2, numHeads: 4,
+                numKVHeads: 2, attentionBias: true, qkNorm: false),
+            ModelConfig(
+                family: .mistral, vocabSize: 32, hiddenSize: 16, intermediateSize: 24, numLayers: 1, numHeads: 2,
+                numKVHeads: 1, tieWordEmbeddings: true, slidingWindow: 3),
         ]
         for config in configs {
             let model = try CausalLM(config: config, seed: 3, std: 0.3)

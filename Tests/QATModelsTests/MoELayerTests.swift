@@ -1,6 +1,6 @@
-import XCTest
 import QATCore
 import QATModels
+import XCTest
 
 /// `MoEBlock` backward against central finite differences of L = Σ r ∘ block(x) (r fixed
 /// random): the input, the router, every expert and the shared expert, with and without
@@ -41,13 +41,18 @@ final class MoELayerTests: XCTestCase {
             return Linear(name: name, weight: p, bias: nil)
         }
         let experts = (0..<E).map { e in
-            Expert(gate: linear("e\(e).gate", I, C, std: 0.5), up: linear("e\(e).up", I, C, std: 0.5),
-                   down: linear("e\(e).down", C, I, std: 0.5))
+            Expert(
+                gate: linear("e\(e).gate", I, C, std: 0.5), up: linear("e\(e).up", I, C, std: 0.5),
+                down: linear("e\(e).down", C, I, std: 0.5))
         }
-        let sh = shared ? Expert(gate: linear("s.gate", 5, C, std: 0.5), up: linear("s.up", 5, C, std: 0.5),
-                                 down: linear("s.down", C, 5, std: 0.5)) : nil
-        return MoEBlock(router: linear("router", E, C, std: 1.5), experts: experts, sharedExpert: sh,
-                        sharedExpertGate: shared ? linear("s.gate_w", 1, C, std: 0.5) : nil, topK: topK, normTopKProb: norm)
+        let sh =
+            shared
+            ? Expert(
+                gate: linear("s.gate", 5, C, std: 0.5), up: linear("s.up", 5, C, std: 0.5),
+                down: linear("s.down", C, 5, std: 0.5)) : nil
+        return MoEBlock(
+            router: linear("router", E, C, std: 1.5), experts: experts, sharedExpert: sh,
+            sharedExpertGate: shared ? linear("s.gate_w", 1, C, std: 0.5) : nil, topK: topK, normTopKProb: norm)
     }
 
     private func check(norm: Bool, shared: Bool, topK: Int) throws {

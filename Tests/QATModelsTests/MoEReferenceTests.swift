@@ -1,7 +1,7 @@
-import XCTest
 import QATIO
 import QATModels
 import TestSupport
+import XCTest
 
 /// The mixture-of-experts fixtures from transformers (`Tests/Fixtures/make_moe_fixtures.py`,
 /// fp32 compute on bf16-rounded weights): logits within 1e-4, loss within 1e-5, every
@@ -57,23 +57,25 @@ final class MoEReferenceTests: XCTestCase {
     func testConfigDecodingAndErrors() throws {
         func config(_ extra: String) throws -> ModelConfig {
             let text = """
-            {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
-             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "moe_intermediate_size": 16\(extra)}
-            """
+                {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "moe_intermediate_size": 16\(extra)}
+                """
             return try ModelConfig(json: XCTUnwrap(JSONValue.parse(text).objectValue))
         }
         let c = try config(#", "num_local_experts": 6, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "mlp_only_layers": [3]"#)
         XCTAssertEqual(c.moe?.numExperts, 6)
         XCTAssertEqual((0..<4).map { c.isSparse(layer: $0) }, [false, true, false, false])
-        for (extra, needle) in [(#", "num_experts": 4, "num_experts_per_tok": 5"#, "num_experts_per_tok"),
-                                (#", "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 0"#, "decoder_sparse_step"),
-                                (#", "num_experts": 0"#, "experts")] {
+        for (extra, needle) in [
+            (#", "num_experts": 4, "num_experts_per_tok": 5"#, "num_experts_per_tok"),
+            (#", "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 0"#, "decoder_sparse_step"),
+            (#", "num_experts": 0"#, "experts"),
+        ] {
             XCTAssertThrowsError(try config(extra)) { XCTAssertTrue("\($0)".contains(needle), "\($0)") }
         }
         let mixtral = """
-        {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "num_key_value_heads": 1, "router_jitter_noise": 0.1}
-        """
+            {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "router_jitter_noise": 0.1}
+            """
         XCTAssertThrowsError(try ModelConfig(json: XCTUnwrap(JSONValue.parse(mixtral).objectValue))) {
             XCTAssertTrue("\($0)".contains("router_jitter_noise"), "\($0)")
         }
@@ -105,8 +107,9 @@ final class MoEReferenceTests: XCTestCase {
         let validCount = targets.filter { $0 != CrossEntropy.ignoreIndex }.count
         let dHidden = Tensor(shape: [N, C])
         let head = ChunkedCrossEntropy(vocab: V, budgetBytes: 7 * V * 4)
-        let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: N, gradScale: 1 / Float(validCount),
-                             dHidden: dHidden.data)
+        let r = try head.run(
+            head: model.lmHead, hidden: hidden, targets: targets, n: N, gradScale: 1 / Float(validCount),
+            dHidden: dHidden.data)
         var loss = r.sum / Double(r.valid)
         if let refAux {
             let aux = try XCTUnwrap(model.routerAuxLoss())

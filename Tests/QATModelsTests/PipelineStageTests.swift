@@ -1,7 +1,7 @@
-import XCTest
 import QATCore
 import QATModels
 import TestSupport
+import XCTest
 
 /// A model split into pipeline stages (`layerRange`) computes, stage after stage, exactly
 /// what the whole model computes: the same final hidden states and, backward, the same
@@ -46,8 +46,9 @@ final class PipelineStageTests: XCTestCase {
         let dInput = try XCTUnwrap(try last.backward(dHidden: dHidden.data))
         XCTAssertNil(try first.backward(dHidden: dInput))
 
-        let grads = Dictionary(uniqueKeysWithValues: (first.parameters + last.parameters).map { ($0.name, $0.grad!) }
-            .filter { !(c.tieWordEmbeddings && $0.0 == "model.embed_tokens.weight") })
+        let grads = Dictionary(
+            uniqueKeysWithValues: (first.parameters + last.parameters).map { ($0.name, $0.grad!) }
+                .filter { !(c.tieWordEmbeddings && $0.0 == "model.embed_tokens.weight") })
         for p in whole.parameters {
             if c.tieWordEmbeddings && p.name == "model.embed_tokens.weight" {
                 // Tied: the whole model accumulates lm_head then embedding into one buffer;

@@ -1,7 +1,7 @@
-import XCTest
 import QATIO
 import QATModels
 import TestSupport
+import XCTest
 
 /// The transformers fixtures (fp32 compute on bf16-rounded weights): logits within 1e-4,
 /// loss within 1e-5, every parameter gradient within 1e-3 of the tensor's largest entry.
@@ -33,7 +33,8 @@ final class ReferenceModelTests: XCTestCase {
         let validCount = targets.filter { $0 != CrossEntropy.ignoreIndex }.count
         let dHidden = Tensor(shape: [N, C])
         let head = ChunkedCrossEntropy(vocab: V, budgetBytes: 7 * V * 4)
-        let r = try head.run(head: model.lmHead, hidden: hidden, targets: targets, n: N, gradScale: 1 / Float(validCount), dHidden: dHidden.data)
+        let r = try head.run(
+            head: model.lmHead, hidden: hidden, targets: targets, n: N, gradScale: 1 / Float(validCount), dHidden: dHidden.data)
         XCTAssertEqual(r.valid, validCount)
         let loss = r.sum / Double(r.valid)
         XCTAssertEqual(loss, Double(try ref.floats("loss")[0]), accuracy: 1e-5, "\(name): loss")

@@ -1,7 +1,7 @@
-import XCTest
 import QATCore
 import QATModels
 import TestSupport
+import XCTest
 
 /// `Evaluation.evaluate` with a shard: the shares partition the sequences, and their sums add
 /// up to the one-process figure.

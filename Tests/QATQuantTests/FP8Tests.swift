@@ -1,5 +1,5 @@
-import XCTest
 import QATQuant
+import XCTest
 
 final class FP8CodecTests: XCTestCase {
     func testE4M3DecodeAllCodes() throws {
@@ -32,8 +32,11 @@ final class FP8CodecTests: XCTestCase {
         XCTAssertEqual(x.count, enc.count)
         var bad = 0
         for (v, e) in zip(x, enc) where floatToE4M3(v) != e {
-            if bad < 10 { XCTFail("x=\(v) (0x\(String(v.bitPattern, radix: 16))): got "
-                + "0x\(String(floatToE4M3(v), radix: 16)) want 0x\(String(e, radix: 16))") }
+            if bad < 10 {
+                XCTFail(
+                    "x=\(v) (0x\(String(v.bitPattern, radix: 16))): got "
+                        + "0x\(String(floatToE4M3(v), radix: 16)) want 0x\(String(e, radix: 16))")
+            }
             bad += 1
         }
         XCTAssertEqual(bad, 0)
@@ -44,12 +47,12 @@ final class FP8CodecTests: XCTestCase {
         XCTAssertEqual(floatToE4M3(1000), 0x7E)
         XCTAssertEqual(floatToE4M3(-1000), 0xFE)
         XCTAssertEqual(floatToE4M3(.infinity), 0x7E)
-        XCTAssertEqual(floatToE4M3(464), 0x7E)            // tie above 448 saturates
-        XCTAssertEqual(floatToE4M3(0.001953125), 0x01)    // 2^-9, min subnormal
-        XCTAssertEqual(floatToE4M3(0.0009765625), 0x00)   // 2^-10: tie to even (0)
-        XCTAssertEqual(floatToE4M3(0.0029296875), 0x02)   // 1.5·2^-9: tie to even (2)
-        XCTAssertEqual(floatToE4M3(1.0625), 0x38)         // 1 + 1/16: tie to even → 1.0
-        XCTAssertEqual(floatToE4M3(1.1875), 0x3A)         // 1 + 3/16: tie to even → 1.25
+        XCTAssertEqual(floatToE4M3(464), 0x7E)  // tie above 448 saturates
+        XCTAssertEqual(floatToE4M3(0.001953125), 0x01)  // 2^-9, min subnormal
+        XCTAssertEqual(floatToE4M3(0.0009765625), 0x00)  // 2^-10: tie to even (0)
+        XCTAssertEqual(floatToE4M3(0.0029296875), 0x02)  // 1.5·2^-9: tie to even (2)
+        XCTAssertEqual(floatToE4M3(1.0625), 0x38)  // 1 + 1/16: tie to even → 1.0
+        XCTAssertEqual(floatToE4M3(1.1875), 0x3A)  // 1 + 3/16: tie to even → 1.25
         XCTAssertEqual(floatToE4M3(-0.0), 0x80)
     }
 
@@ -65,8 +68,8 @@ final class FP8CodecTests: XCTestCase {
         XCTAssertEqual(floatToE5M2(-.infinity), 0xFB)
         XCTAssertEqual(floatToE5M2(.nan), 0x7F)
         XCTAssertEqual(e5m2ToFloat(0x01), 1.52587890625e-05)
-        XCTAssertEqual(floatToE5M2(1.125), 0x3C)          // tie → even (1.0)
-        XCTAssertEqual(floatToE5M2(1.375), 0x3E)          // tie → even (1.5)
+        XCTAssertEqual(floatToE5M2(1.125), 0x3C)  // tie → even (1.0)
+        XCTAssertEqual(floatToE5M2(1.375), 0x3E)  // tie → even (1.5)
         XCTAssertTrue(e5m2ToFloat(0x7C).isInfinite)
     }
 }

@@ -1,6 +1,6 @@
 import Foundation
-import XCTest
 import TestSupport
+import XCTest
 
 /// A minimal safetensors reader for the quantization fixtures, so that these tests depend
 /// only on the file format (not on QATIO's reader, which has its own tests).
@@ -20,7 +20,7 @@ struct RefFile {
 
     func entry(_ name: String) throws -> (dtype: String, shape: [Int], range: Range<Int>) {
         guard let e = header[name] as? [String: Any], let dtype = e["dtype"] as? String,
-              let shape = e["shape"] as? [Int], let off = e["data_offsets"] as? [Int]
+            let shape = e["shape"] as? [Int], let off = e["data_offsets"] as? [Int]
         else { throw FixtureMissing(description: "fixture tensor \(name) missing") }  // a failure, never a skip
         return (dtype, shape, (base + off[0])..<(base + off[1]))
     }

@@ -1,6 +1,6 @@
-import XCTest
 import QATModels
 import QATQuant
+import XCTest
 
 final class NVFP4Tests: XCTestCase {
     static let cases = ["normal", "outliers", "with_zero_block", "tiny", "huge", "ties", "bf16_weight"]
@@ -20,13 +20,17 @@ final class NVFP4Tests: XCTestCase {
             let refPacked = try f.bytes("\(name).packed")
             XCTAssertEqual(packed.count, refPacked.count, name)
             let badP = zip(packed, refPacked).enumerated().filter { $0.element.0 != $0.element.1 }
-            XCTAssertTrue(badP.isEmpty, "\(name): \(badP.count) packed bytes differ, first "
-                + "\(badP.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
+            XCTAssertTrue(
+                badP.isEmpty,
+                "\(name): \(badP.count) packed bytes differ, first "
+                    + "\(badP.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
             let deq = NVFP4.dequantize(packed: packed, scales: scales, globalScale: gs, rows: rows, cols: cols)
             let ref = try f.floats("\(name).dequantized")
             let badD = zip(deq, ref).enumerated().filter { $0.element.0.bitPattern != $0.element.1.bitPattern }
-            XCTAssertTrue(badD.isEmpty, "\(name): \(badD.count) dequantized values differ, first "
-                + "\(badD.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
+            XCTAssertTrue(
+                badD.isEmpty,
+                "\(name): \(badD.count) dequantized values differ, first "
+                    + "\(badD.prefix(3).map { "[\($0.offset)] \($0.element.0) vs \($0.element.1)" })")
             // Decoding the reference bytes gives the reference values, too.
             let deqRef = NVFP4.dequantize(packed: refPacked, scales: refScales, globalScale: gs, rows: rows, cols: cols)
             XCTAssertEqual(deqRef.map(\.bitPattern), ref.map(\.bitPattern), "\(name) dequantize(reference bytes)")
@@ -140,16 +144,21 @@ final class NVFP4Tests: XCTestCase {
             XCTAssertEqual(q.packed, qp.packed, "cols \(cols)")
             XCTAssertEqual(q.scales, qp.scales, "cols \(cols)")
             // Padded nibbles are zero codes.
-            for r in 0..<rows { for c in cols..<padCols where c % 2 == 0 {
-                XCTAssertEqual(q.packed[r * nb * 8 + c / 2] & 0xF, 0)
-            } }
+            for r in 0..<rows {
+                for c in cols..<padCols where c % 2 == 0 {
+                    XCTAssertEqual(q.packed[r * nb * 8 + c / 2] & 0xF, 0)
+                }
+            }
             let deq = NVFP4.dequantize(packed: q.packed, scales: q.scales, globalScale: q.globalScale, rows: rows, cols: cols)
             XCTAssertEqual(deq.count, rows * cols)
             for mode in NVFP4.FakeQuantMode.allCases {
                 var out = [Float](repeating: .nan, count: x.count)
                 NVFP4.fakeQuant(x, &out, rows: rows, cols: cols, globalAmax: amax, mode: mode)
-                if mode == .export { XCTAssertEqual(out.map(\.bitPattern), deq.map(\.bitPattern), "cols \(cols)") }
-                else { XCTAssertEqual(out, deq, "cols \(cols)") }
+                if mode == .export {
+                    XCTAssertEqual(out.map(\.bitPattern), deq.map(\.bitPattern), "cols \(cols)")
+                } else {
+                    XCTAssertEqual(out, deq, "cols \(cols)")
+                }
             }
         }
     }
@@ -183,7 +192,10 @@ final class NVFP4Tests: XCTestCase {
         var g = SplitMix64(seed: 0xE4_3)
         for _ in 0..<20000 { xs.append(Float(bitPattern: UInt32(truncatingIfNeeded: g.next() >> 32))) }
         for v in xs where !v.isNaN {
-            XCTAssertEqual(e4m3Round(v).bitPattern, e4m3ToFloat(floatToE4M3(v)).bitPattern == 0x8000_0000 && v.sign == .minus ? 0x8000_0000 : e4m3ToFloat(floatToE4M3(v)).bitPattern, "\(v)")
+            XCTAssertEqual(
+                e4m3Round(v).bitPattern,
+                e4m3ToFloat(floatToE4M3(v)).bitPattern == 0x8000_0000 && v.sign == .minus
+                    ? 0x8000_0000 : e4m3ToFloat(floatToE4M3(v)).bitPattern, "\(v)")
         }
         XCTAssertTrue(e4m3Round(.nan).isNaN)
     }

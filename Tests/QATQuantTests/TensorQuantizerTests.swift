@@ -1,6 +1,6 @@
 import Foundation
-import XCTest
 import QATQuant
+import XCTest
 
 final class TensorQuantizerTests: XCTestCase {
     let wname = "model.layers.0.self_attn.q_proj.weight_quantizer"

@@ -1,9 +1,9 @@
 import Foundation
-import XCTest
 import QATCore
 import QATModels
 import QATTrain
 import TestSupport
+import XCTest
 
 // MARK: - Shared helpers (also used by TopKDistillationTests)
 
@@ -16,7 +16,8 @@ func gaussians(_ n: Int, std: Float, seed: UInt64) -> [Float] {
 /// A tiny Llama whose lm_head is scaled up so that its distributions are far from uniform
 /// (a KL between two near-uniform models is too small to test anything).
 func tinyModel(vocab: Int = 64, hidden: Int = 32, seed: UInt64, headScale: Float = 25) throws -> CausalLM {
-    let cfg = ModelConfig(family: .llama, vocabSize: vocab, hiddenSize: hidden, intermediateSize: 48, numLayers: 1, numHeads: 4, numKVHeads: 2)
+    let cfg = ModelConfig(
+        family: .llama, vocabSize: vocab, hiddenSize: hidden, intermediateSize: 48, numLayers: 1, numHeads: 4, numKVHeads: 2)
     let m = try CausalLM(config: cfg, seed: seed)
     let w = m.lmHead.weight.value
     for i in 0..<w.count { w[i] *= headScale }
@@ -30,7 +31,9 @@ func spec(_ loss: Recipe.KDLoss, beta: Double = 0.5, temperature: Double = 1, kd
 }
 
 /// Max |a − b| ≤ rel · max|b| + abs.
-func assertClose(_ a: [Float], _ b: [Double], rel: Double, abs absTol: Double = 1e-9, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+func assertClose(
+    _ a: [Float], _ b: [Double], rel: Double, abs absTol: Double = 1e-9, _ what: String, file: StaticString = #filePath, line: UInt = #line
+) {
     XCTAssertEqual(a.count, b.count, what, file: file, line: line)
     let scale = b.map { Swift.abs($0) }.max() ?? 0
     var worst = 0.0, at = 0
@@ -74,7 +77,9 @@ enum DirectKD {
     }
 
     /// (Σ total, Σ CE, Σ T²·KD) over valid rows.
-    static func sums(s: [Double], u: [Double], n: Int, V: Int, Vt: Int, targets: [Int32], spec d: Recipe.DistillSpec) -> (total: Double, ce: Double, kd: Double) {
+    static func sums(s: [Double], u: [Double], n: Int, V: Int, Vt: Int, targets: [Int32], spec d: Recipe.DistillSpec) -> (
+        total: Double, ce: Double, kd: Double
+    ) {
         var total = 0.0, ce = 0.0, kd = 0.0
         let T = d.temperature
         for r in 0..<n where targets[r] != -100 {
@@ -127,8 +132,10 @@ final class DistillationTests: XCTestCase {
             let w = Parameter(name: "lm_head.weight", value: Tensor(shape: [V, C], values: gaussians(V * C, std: 0.5, seed: seed)))
             w.setRequiresGrad(true)
             student = Linear(name: "lm_head", weight: w, bias: nil)
-            teacher = try CausalLM(config: ModelConfig(family: .llama, vocabSize: Vt, hiddenSize: Ct, intermediateSize: 8, numLayers: 1,
-                                                       numHeads: 2, numKVHeads: 1), seed: seed + 100)
+            teacher = try CausalLM(
+                config: ModelConfig(
+                    family: .llama, vocabSize: Vt, hiddenSize: Ct, intermediateSize: 8, numLayers: 1,
+                    numHeads: 2, numKVHeads: 1), seed: seed + 100)
             let tw = gaussians(Vt * Ct, std: 0.6, seed: seed + 2)
             for i in 0..<tw.count { teacher.lmHead.weight.value[i] = tw[i] }
             hidden = gaussians(n * C, std: 1, seed: seed + 3)
@@ -149,8 +156,12 @@ final class DistillationTests: XCTestCase {
                 try teacherHidden.withUnsafeBufferPointer { th in
                     try dH.withUnsafeMutableBufferPointer { d in
                         unfused
-                            ? try loss.reference(student: student, hidden: h.baseAddress!, teacherHidden: th.baseAddress!, targets: targets, n: n, gradScale: gs, dHidden: d.baseAddress!)
-                            : try loss.fused(student: student, hidden: h.baseAddress!, teacherHidden: th.baseAddress!, targets: targets, n: n, gradScale: gs, dHidden: d.baseAddress!)
+                            ? try loss.reference(
+                                student: student, hidden: h.baseAddress!, teacherHidden: th.baseAddress!, targets: targets, n: n,
+                                gradScale: gs, dHidden: d.baseAddress!)
+                            : try loss.fused(
+                                student: student, hidden: h.baseAddress!, teacherHidden: th.baseAddress!, targets: targets, n: n,
+                                gradScale: gs, dHidden: d.baseAddress!)
                     }
                 }
             }
@@ -176,17 +187,26 @@ final class DistillationTests: XCTestCase {
             XCTAssertEqual(loss.chunkRows, 3)
             let (parts, dH, dW) = try p.run(loss)
             let u = p.teacherLogitsD, hD = p.hidden.map(Double.init), wD = p.studentWeightD
-            let want = DirectKD.sums(s: DirectKD.matmulT(hD, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d)
+            let want = DirectKD.sums(
+                s: DirectKD.matmulT(hD, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d)
             assertClose(parts.total, want.total, rel: 1e-5, "\(label) total")
             assertClose(parts.kd, want.kd, rel: 1e-5, "\(label) kd")
-            if r == 1 { XCTAssertEqual(parts.ce, 0, "\(label): kd_ratio 1 computes no CE") } else { assertClose(parts.ce, want.ce, rel: 1e-5, "\(label) ce") }
+            if r == 1 {
+                XCTAssertEqual(parts.ce, 0, "\(label): kd_ratio 1 computes no CE")
+            } else {
+                assertClose(parts.ce, want.ce, rel: 1e-5, "\(label) ce")
+            }
             XCTAssertEqual(parts.valid, p.valid)
             let gs = 1 / Double(p.valid)
             let fdH = finiteDifferences(hD) { h in
-                DirectKD.sums(s: DirectKD.matmulT(h, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d).total * gs
+                DirectKD.sums(
+                    s: DirectKD.matmulT(h, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d
+                ).total * gs
             }
             let fdW = finiteDifferences(wD) { w in
-                DirectKD.sums(s: DirectKD.matmulT(hD, w, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d).total * gs
+                DirectKD.sums(
+                    s: DirectKD.matmulT(hD, w, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d
+                ).total * gs
             }
             assertClose(dH, fdH, rel: 2e-4, abs: 1e-7, "\(label) d hidden")
             assertClose(dW, fdW, rel: 2e-4, abs: 1e-7, "\(label) d lm_head")
@@ -232,8 +252,9 @@ final class DistillationTests: XCTestCase {
     func testFusedEqualsUnfusedOnExplicitProblem() throws {
         for (kind, beta, T, r) in Self.cases {
             let p = try Problem(seed: 9)
-            let loss = try DistillationLoss(teacher: p.teacher, studentVocab: p.V, spec: spec(kind, beta: beta, temperature: T, kdRatio: r),
-                                            budgetBytes: 2 * (p.V + p.Vt) * 4)   // 2-row chunks: 7 = 2+2+2+1
+            let loss = try DistillationLoss(
+                teacher: p.teacher, studentVocab: p.V, spec: spec(kind, beta: beta, temperature: T, kdRatio: r),
+                budgetBytes: 2 * (p.V + p.Vt) * 4)  // 2-row chunks: 7 = 2+2+2+1
             let a = try p.run(loss), b = try p.run(loss, unfused: true)
             assertClose(a.0.total, b.0.total, rel: 1e-6, "\(kind) total")
             assertClose(a.0.kd, b.0.kd, rel: 1e-6, "\(kind) kd")
@@ -258,14 +279,16 @@ final class DistillationTests: XCTestCase {
         let valid = targets.filter { $0 != -100 }.count
         XCTAssertEqual(valid, B * (L - 1) - 2)
         for (kind, beta, T, r) in [(Recipe.KDLoss.forwardKL, 0.5, 2.0, 0.5), (.reverseKL, 0.5, 1.0, 1.0), (.jsd, 0.4, 1.5, 0.25)] {
-            let loss = try DistillationLoss(teacher: teacher, studentVocab: V, spec: spec(kind, beta: beta, temperature: T, kdRatio: r),
-                                            budgetBytes: 4 * (V + V) * 4)   // 4-row chunks: 21 = 5·4 + 1
+            let loss = try DistillationLoss(
+                teacher: teacher, studentVocab: V, spec: spec(kind, beta: beta, temperature: T, kdRatio: r),
+                budgetBytes: 4 * (V + V) * 4)  // 4-row chunks: 21 = 5·4 + 1
             XCTAssertEqual(loss.chunkRows, 4)
             func pass(unfused: Bool) throws -> (LossParts, [String: [Float]]) {
                 for p in student.parameters { p.grad?.zero() }
                 let h = try student.forward(tokens: tokens, batch: B, seqLen: L, saveForBackward: true)
                 let dH = Tensor(shape: [B * L, student.config.hiddenSize])
-                let parts = unfused
+                let parts =
+                    unfused
                     ? try loss.reference(model: student, hidden: h, batch: mb, gradScale: 1 / Float(valid), dHidden: dH.data)
                     : try loss.run(model: student, hidden: h, batch: mb, gradScale: 1 / Float(valid), dHidden: dH.data)
                 try student.backward(dHidden: dH.data)
@@ -291,7 +314,9 @@ final class DistillationTests: XCTestCase {
             XCTAssertTrue(m.contains("29") && m.contains("24"), m)
             XCTAssertTrue(m.contains("mask_extra_vocab"), m)
         }
-        let small = try CausalLM(config: ModelConfig(family: .llama, vocabSize: 20, hiddenSize: 8, intermediateSize: 8, numLayers: 1, numHeads: 2, numKVHeads: 1), seed: 1)
+        let small = try CausalLM(
+            config: ModelConfig(
+                family: .llama, vocabSize: 20, hiddenSize: 8, intermediateSize: 8, numLayers: 1, numHeads: 2, numKVHeads: 1), seed: 1)
         XCTAssertThrowsError(try DistillationLoss(teacher: small, studentVocab: 24, spec: spec(.forwardKL), maskExtraVocab: true)) { e in
             let m = (e as? QATError)?.message ?? ""
             XCTAssertTrue(m.contains("24") && m.contains("20"), m)
@@ -303,14 +328,17 @@ final class DistillationTests: XCTestCase {
     func testMaskedExtraTeacherVocab() throws {
         let p = try Problem(extraTeacherVocab: 5, seed: 3)
         let d = spec(.jsd, beta: 0.5, temperature: 1.5, kdRatio: 0.5)
-        let loss = try DistillationLoss(teacher: p.teacher, studentVocab: p.V, spec: d, maskExtraVocab: true, budgetBytes: 3 * (p.V + p.Vt) * 4)
+        let loss = try DistillationLoss(
+            teacher: p.teacher, studentVocab: p.V, spec: d, maskExtraVocab: true, budgetBytes: 3 * (p.V + p.Vt) * 4)
         let (parts, dH, _) = try p.run(loss)
         let hD = p.hidden.map(Double.init), wD = p.studentWeightD, u = p.teacherLogitsD
-        let want = DirectKD.sums(s: DirectKD.matmulT(hD, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d)
+        let want = DirectKD.sums(
+            s: DirectKD.matmulT(hD, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d)
         assertClose(parts.total, want.total, rel: 1e-5, "masked total")
         let gs = 1 / Double(p.valid)
         let fdH = finiteDifferences(hD) { h in
-            DirectKD.sums(s: DirectKD.matmulT(h, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d).total * gs
+            DirectKD.sums(s: DirectKD.matmulT(h, wD, n: p.n, C: p.C, V: p.V), u: u, n: p.n, V: p.V, Vt: p.Vt, targets: p.targets, spec: d)
+                .total * gs
         }
         assertClose(dH, fdH, rel: 2e-4, abs: 1e-7, "masked d hidden")
     }
@@ -324,8 +352,11 @@ final class DistillationTests: XCTestCase {
         let loss = try DistillationLoss(teacher: m, studentVocab: 64, spec: spec(.forwardKL))
         let h = try m.forward(tokens: [1, 2, 3, 4], batch: 1, seqLen: 4, saveForBackward: true)
         let dH = Tensor(shape: [4, 32])
-        XCTAssertThrowsError(try loss.run(model: m, hidden: h, batch: MicroBatch(tokens: [1, 2, 3, 4], targets: [2, 3, 4, -100], batch: 1, seqLen: 4),
-                                          gradScale: 1, dHidden: dH.data)) { e in
+        XCTAssertThrowsError(
+            try loss.run(
+                model: m, hidden: h, batch: MicroBatch(tokens: [1, 2, 3, 4], targets: [2, 3, 4, -100], batch: 1, seqLen: 4),
+                gradScale: 1, dHidden: dH.data)
+        ) { e in
             XCTAssertTrue(((e as? QATError)?.message ?? "").contains("separate model"))
         }
     }

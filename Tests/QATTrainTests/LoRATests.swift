@@ -1,11 +1,11 @@
 import Foundation
-import XCTest
 import QATCore
 import QATIO
 import QATModels
 import QATQuant
 import QATTrain
 import TestSupport
+import XCTest
 
 final class LoRATests: XCTestCase {
     func randomTensor(_ shape: [Int], seed: UInt64, scale: Float = 1) -> Tensor {
@@ -28,12 +28,14 @@ final class LoRATests: XCTestCase {
     func testAdapterGradientsMatchFiniteDifferences() throws {
         for dropout in [0.0, 0.3] {
             let n = 6, inF = 40, outF = 24
-            let lin = Linear(name: "model.layers.0.self_attn.q_proj", weight: Parameter(name: "w", value: randomTensor([outF, inF], seed: 1, scale: 0.2)),
-                             bias: Parameter(name: "b", value: randomTensor([outF], seed: 2)))
+            let lin = Linear(
+                name: "model.layers.0.self_attn.q_proj",
+                weight: Parameter(name: "w", value: randomTensor([outF, inF], seed: 1, scale: 0.2)),
+                bias: Parameter(name: "b", value: randomTensor([outF], seed: 2)))
             let ctx = LoRAContext(rank: 4, alpha: 8, dropout: dropout, seed: 7)
             ctx.isTraining = { true }
             let ad = LoRAAdapter(module: lin.name, index: 1, inFeatures: inF, outFeatures: outF, context: ctx)
-            ad.B.value.copy(from: randomTensor([outF, 4], seed: 3, scale: 0.3))   // B = 0 would make dA vanish
+            ad.B.value.copy(from: randomTensor([outF, 4], seed: 3, scale: 0.3))  // B = 0 would make dA vanish
             ad.A.setRequiresGrad(true); ad.B.setRequiresGrad(true)
             lin.adapter = ad
             let x = randomTensor([n, inF], seed: 4), G = randomTensor([n, outF], seed: 5)
@@ -58,7 +60,7 @@ final class LoRATests: XCTestCase {
                 }
                 XCTAssertLessThan(worst, 2e-3 * scale, "d\(name) vs finite differences (dropout \(dropout))")
             }
-            if dropout > 0 {   // dropout really drops: outside training it is off and the output differs
+            if dropout > 0 {  // dropout really drops: outside training it is off and the output differs
                 try lin.forward(x.data, out: out.data, n: n)
                 let train = out.array
                 ctx.isTraining = { false }
@@ -78,7 +80,8 @@ final class LoRATests: XCTestCase {
         XCTAssertTrue(a.B.value.array.allSatisfy { $0 == 0 })
         let m = a.A.value.array.map(abs).max()!
         XCTAssertLessThanOrEqual(m, 1 / 8); XCTAssertGreaterThan(m, 0.9 / 8)
-        let b = LoRAAdapter(module: "x", index: 3, inFeatures: 64, outFeatures: 96, context: LoRAContext(rank: 8, alpha: 16, dropout: 0, seed: 42))
+        let b = LoRAAdapter(
+            module: "x", index: 3, inFeatures: 64, outFeatures: 96, context: LoRAContext(rank: 8, alpha: 16, dropout: 0, seed: 42))
         XCTAssertEqual(a.A.value.array, b.A.value.array, "seeded")
     }
 
@@ -89,7 +92,8 @@ final class LoRATests: XCTestCase {
         let config = try QuantConfig.preset("nvfp4_default-kv_fp8")
         let set = QuantizerSet(model: model, config: config)
         let s = stream(16 * 8 + 1, seed: 3)
-        try Calibration.run(model: model, quantizers: set, sequences: try Calibration.sequences(from: s, seqLen: 16, count: 8), seqLen: 16, batchSize: 4)
+        try Calibration.run(
+            model: model, quantizers: set, sequences: try Calibration.sequences(from: s, seqLen: 16, count: 8), seqLen: 16, batchSize: 4)
         return (model, set, config)
     }
 
@@ -138,8 +142,9 @@ final class LoRATests: XCTestCase {
         XCTAssertEqual(base.tensors.count, 14)
         for l in model.linears where base.tensors[l.name] != nil {
             let ref = Tensor(shape: l.weight.shape, zeroed: false)
-            NVFP4.fakeQuant(l.weight.value.data, ref.data, rows: l.outFeatures, cols: l.inFeatures,
-                            globalAmax: (l.weightQuantizer as! TensorQuantizer).amax!, mode: .export)
+            NVFP4.fakeQuant(
+                l.weight.value.data, ref.data, rows: l.outFeatures, cols: l.inFeatures,
+                globalAmax: (l.weightQuantizer as! TensorQuantizer).amax!, mode: .export)
             let dec = Tensor(shape: l.weight.shape, zeroed: false)
             base.decode(l.name, into: dec.data)
             XCTAssertEqual(dec.array.map(\.bitPattern), ref.array.map(\.bitPattern), l.name)
@@ -161,8 +166,10 @@ final class LoRATests: XCTestCase {
         for qlora in [false, true] {
             let (model, set, config) = try calibrated()
             var spec = Recipe.LoRASpec(); spec.rank = 4; spec.alpha = 8; spec.dropout = 0.1; spec.qlora = qlora
-            let lora = qlora ? try LoRA.qlora(source: model, quantizers: set, config: config, ste: .passThrough, nvfp4Mode: .export, spec: spec, seed: 5)
-                             : try LoRA.attach(to: model, quantizers: set, spec: spec, seed: 5)
+            let lora =
+                qlora
+                ? try LoRA.qlora(source: model, quantizers: set, config: config, ste: .passThrough, nvfp4Mode: .export, spec: spec, seed: 5)
+                : try LoRA.attach(to: model, quantizers: set, spec: spec, seed: 5)
             let m = lora.model
             var ts = Recipe.TrainSpec()
             ts.steps = 3; ts.batchSize = 2; ts.lr = 1e-2; ts.evalEvery = 0; ts.saveEvery = 0
@@ -170,8 +177,9 @@ final class LoRATests: XCTestCase {
             let dir = Fixtures.tempDir()
             var opts = Trainer.Options(outputDir: dir.path, checkpointDir: dir.appendingPathComponent("ck").path)
             opts.quiet = true; opts.finalEvaluation = false
-            let t = try QATTrainer(model: m, quantizers: lora.quantizers!, calibrationSequences: [], calibrationBatchSize: 1, spec: ts, seqLen: 16,
-                                   trainStream: stream(16 * 20 + 1), validationStream: stream(16 * 2 + 1, seed: 2), validationSequences: nil, options: opts)
+            let t = try QATTrainer(
+                model: m, quantizers: lora.quantizers!, calibrationSequences: [], calibrationBatchSize: 1, spec: ts, seqLen: 16,
+                trainStream: stream(16 * 20 + 1), validationStream: stream(16 * 2 + 1, seed: 2), validationSequences: nil, options: opts)
             lora.bind(to: t)
             let baseBefore = m.linears.map { lora.baseWeight($0).array }
             let others = m.parameters.filter { !$0.name.contains("lora_") }.map { ($0.name, $0.value.array) }
@@ -193,14 +201,16 @@ final class LoRATests: XCTestCase {
         func trainer(resume: Bool) throws -> (Trainer, LoRA) {
             let (model, set, config) = try calibrated()
             var spec = Recipe.LoRASpec(); spec.rank = 4; spec.alpha = 8; spec.dropout = 0.2; spec.qlora = true
-            let lora = try LoRA.qlora(source: model, quantizers: set, config: config, ste: .passThrough, nvfp4Mode: .export, spec: spec, seed: 5)
+            let lora = try LoRA.qlora(
+                source: model, quantizers: set, config: config, ste: .passThrough, nvfp4Mode: .export, spec: spec, seed: 5)
             var ts = Recipe.TrainSpec()
             ts.steps = 4; ts.batchSize = 2; ts.gradAccum = 2; ts.lr = 1e-2; ts.evalEvery = 2; ts.saveEvery = 2; ts.keepCheckpoints = 5
             ts.trainableParams = LoRA.trainableGlobs
             var opts = Trainer.Options(outputDir: dir.path, checkpointDir: dir.appendingPathComponent("ck").path)
             opts.quiet = true; opts.finalEvaluation = false; opts.resume = resume
-            let t = try QATTrainer(model: lora.model, quantizers: lora.quantizers!, calibrationSequences: [], calibrationBatchSize: 1, spec: ts, seqLen: 16,
-                                   trainStream: stream(16 * 20 + 1), validationStream: stream(16 * 2 + 1, seed: 2), validationSequences: nil, options: opts)
+            let t = try QATTrainer(
+                model: lora.model, quantizers: lora.quantizers!, calibrationSequences: [], calibrationBatchSize: 1, spec: ts, seqLen: 16,
+                trainStream: stream(16 * 20 + 1), validationStream: stream(16 * 2 + 1, seed: 2), validationSequences: nil, options: opts)
             lora.bind(to: t)
             return (t, lora)
         }
@@ -250,13 +260,20 @@ final class LoRATests: XCTestCase {
         let dir = Fixtures.tempDir().appendingPathComponent("adapters").path
         try lora.exportAdapters(to: dir, baseModel: "models/tiny-llama")
         let f = try SafeTensorsFile(path: dir + "/adapter_model.safetensors")
-        XCTAssertEqual(Set(f.names), Set((0..<2).flatMap { i in ["q_proj", "v_proj"].flatMap { p in
-            ["lora_A", "lora_B"].map { "base_model.model.model.layers.\(i).self_attn.\(p).\($0).weight" } } }))
+        XCTAssertEqual(
+            Set(f.names),
+            Set(
+                (0..<2).flatMap { i in
+                    ["q_proj", "v_proj"].flatMap { p in
+                        ["lora_A", "lora_B"].map { "base_model.model.model.layers.\(i).self_attn.\(p).\($0).weight" }
+                    }
+                }))
         let c = model.config
         XCTAssertEqual(try f.floats("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight").shape, [4, c.hiddenSize])
         XCTAssertEqual(try f.floats("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight").shape, [c.numKVHeads * c.headDim, 4])
-        XCTAssertEqual(try f.floats("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").array,
-                       lora.adapters[0].B.value.array)
+        XCTAssertEqual(
+            try f.floats("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").array,
+            lora.adapters[0].B.value.array)
         let cfg = try JSONValue.parse(String(contentsOfFile: dir + "/adapter_config.json", encoding: .utf8))
         XCTAssertEqual(cfg["peft_type"]?.stringValue, "LORA")
         XCTAssertEqual(cfg["task_type"]?.stringValue, "CAUSAL_LM")
@@ -275,19 +292,23 @@ final class LoRATests: XCTestCase {
 
     func testRecipeKeys() throws {
         let base = "train:\n  mode: qad\n  lora:\n"
-        let r = try Recipe.parse(base + "    rank: 8\n    alpha: 16\n    dropout: 0.1\n    qlora: true\n    export: adapters\n    "
-            + "target_modules: [\"*.q_proj\"]\n", source: "t.yaml")
+        let r = try Recipe.parse(
+            base + "    rank: 8\n    alpha: 16\n    dropout: 0.1\n    qlora: true\n    export: adapters\n    "
+                + "target_modules: [\"*.q_proj\"]\n", source: "t.yaml")
         let l = try XCTUnwrap(r.train.lora)
         XCTAssertEqual(l.rank, 8); XCTAssertEqual(l.alpha, 16); XCTAssertEqual(l.dropout, 0.1); XCTAssertTrue(l.qlora)
         XCTAssertEqual(l.export, .adapters); XCTAssertEqual(l.targetModules, ["*.q_proj"])
-        let d = try XCTUnwrap(try Recipe.parse(base + "    {}\n".replacingOccurrences(of: "    {}", with: "    rank: 16"), source: "t.yaml").train.lora)
+        let d = try XCTUnwrap(
+            try Recipe.parse(base + "    {}\n".replacingOccurrences(of: "    {}", with: "    rank: 16"), source: "t.yaml").train.lora)
         XCTAssertEqual(d.targetModules, Recipe.LoRASpec.defaultTargets); XCTAssertFalse(d.qlora); XCTAssertEqual(d.export, .merged)
         XCTAssertNil(try Recipe.parse("train:\n  lora: null\n", source: "t.yaml").train.lora)
         // Round trip through `recipe show`.
         XCTAssertEqual(try Recipe.parse(r.yaml, source: "shown").train.lora, l)
-        for (bad, key) in [("    rnk: 8\n", "train.lora.rnk"), ("    rank: 0\n", "train.lora.rank"), ("    qlora: maybe\n", "train.lora.qlora"),
-                           ("    export: both\n", "train.lora.export"), ("    dropout: 1.0\n", "train.lora.dropout"),
-                           ("    target_modules: []\n", "train.lora.target_modules")] {
+        for (bad, key) in [
+            ("    rnk: 8\n", "train.lora.rnk"), ("    rank: 0\n", "train.lora.rank"), ("    qlora: maybe\n", "train.lora.qlora"),
+            ("    export: both\n", "train.lora.export"), ("    dropout: 1.0\n", "train.lora.dropout"),
+            ("    target_modules: []\n", "train.lora.target_modules"),
+        ] {
             XCTAssertThrowsError(try Recipe.parse(base + bad, source: "t.yaml"), bad) { e in
                 let msg = "\(e)"
                 XCTAssertTrue(msg.contains(key) && msg.contains("line 4"), msg)
@@ -336,7 +357,9 @@ final class LoRATests: XCTestCase {
         let summary = try JSONValue.parse(String(contentsOfFile: tmp.path + "/out/qat_summary.json", encoding: .utf8))
         XCTAssertEqual(summary["verify_max_abs_logit_diff"]?.doubleValue, 0, "\(summary)")
         XCTAssertTrue(FileManager.default.fileExists(atPath: tmp.path + "/out/hf_quant_config.json"))
-        let r2 = try Fixtures.runQAT(["apply", recipe, "--quiet", "--set", "train.lora.export=adapters", "--set", "export.dir=\(tmp.path)/ad"])
+        let r2 = try Fixtures.runQAT([
+            "apply", recipe, "--quiet", "--set", "train.lora.export=adapters", "--set", "export.dir=\(tmp.path)/ad",
+        ])
         XCTAssertEqual(r2.status, 0, r2.err)
         let f = try SafeTensorsFile(path: tmp.path + "/ad/adapter_model.safetensors")
         XCTAssertEqual(f.names.count, 4 * 7 * 2)
@@ -356,7 +379,9 @@ final class LoRATests: XCTestCase {
             let recipe = try loraRecipe(tmp.appendingPathComponent("r-\(qlora).yaml").path, export: out, qlora: qlora, saveEvery: 3)
             let r = try Fixtures.runQAT(["apply", recipe, "--quiet"])
             XCTAssertEqual(r.status, 0, r.err)
-            let e = try Fixtures.runQAT(["export", "--recipe", recipe, "--checkpoint", out + ".work/checkpoints", "--out", tmp.path + "/ck-\(qlora)"])
+            let e = try Fixtures.runQAT([
+                "export", "--recipe", recipe, "--checkpoint", out + ".work/checkpoints", "--out", tmp.path + "/ck-\(qlora)",
+            ])
             XCTAssertEqual(e.status, 0, e.err)
             XCTAssertTrue(e.out.contains("adapters merged"), e.out)
             XCTAssertTrue(e.out.contains("max |Δlogit| 0 "), e.out)
@@ -364,8 +389,10 @@ final class LoRATests: XCTestCase {
             XCTAssertNotNil(a)
             XCTAssertEqual(a, FileManager.default.contents(atPath: tmp.path + "/ck-\(qlora)/model.safetensors"), "qlora \(qlora)")
         }
-        let e = try Fixtures.runQAT(["export", "--recipe", "recipes/fortune-lm-ptq.yaml", "--checkpoint", tmp.path + "/out-false.work/checkpoints",
-                                     "--out", tmp.path + "/wrong"])
+        let e = try Fixtures.runQAT([
+            "export", "--recipe", "recipes/fortune-lm-ptq.yaml", "--checkpoint", tmp.path + "/out-false.work/checkpoints",
+            "--out", tmp.path + "/wrong",
+        ])
         XCTAssertNotEqual(e.status, 0)
         XCTAssertTrue(e.err.contains("holds LoRA adapters: pass the recipe it was trained with"), e.err)
     }

@@ -53,7 +53,7 @@ final class ParameterGroupTests: XCTestCase {
             XCTAssert("\(e)".contains("trainable_params"), "\(e)")
             XCTAssertFalse("\(e)".contains("'*mlp*'"), "the good pattern must not be blamed: \(e)")
         }
-        let fro = try ParameterSelection(frozen: ["model.layer.*"])   // missing "s"
+        let fro = try ParameterSelection(frozen: ["model.layer.*"])  // missing "s"
         XCTAssertThrowsError(try ParamGroupPlan.build(names: names, config: OptimizerConfig(selection: fro))) { e in
             XCTAssert("\(e)".contains("'model.layer.*'") && "\(e)".contains("frozen_params"), "\(e)")
         }
@@ -63,20 +63,22 @@ final class ParameterGroupTests: XCTestCase {
 
     func testLRConfigFirstMatchWinsAndOrderMatters() throws {
         let yamlA = """
-        "*self_attn*":
-          lr: 1e-4
-        "*q_proj*":
-          lr: 1e-3
-        """
+            "*self_attn*":
+              lr: 1e-4
+            "*q_proj*":
+              lr: 1e-3
+            """
         let yamlB = """
-        "*q_proj*":
-          lr: 1e-3
-        "*self_attn*":
-          lr: 1e-4
-        """
+            "*q_proj*":
+              lr: 1e-3
+            "*self_attn*":
+              lr: 1e-4
+            """
         let defaults = AdamWHyperparameters(lr: 5e-5, weightDecay: 0.01)
-        let planA = try ParamGroupPlan.build(names: names, config: OptimizerConfig(defaults: defaults, lrConfig: try LRConfig.parse(yaml: yamlA)))
-        let planB = try ParamGroupPlan.build(names: names, config: OptimizerConfig(defaults: defaults, lrConfig: try LRConfig.parse(yaml: yamlB)))
+        let planA = try ParamGroupPlan.build(
+            names: names, config: OptimizerConfig(defaults: defaults, lrConfig: try LRConfig.parse(yaml: yamlA)))
+        let planB = try ParamGroupPlan.build(
+            names: names, config: OptimizerConfig(defaults: defaults, lrConfig: try LRConfig.parse(yaml: yamlB)))
         let q = "model.layers.0.self_attn.q_proj.weight", k = "model.layers.0.self_attn.k_proj.weight"
         XCTAssertEqual(group(of: q, in: planA)?.hyper.lr, 1e-4, "A: *self_attn* comes first and wins for q_proj")
         XCTAssertEqual(group(of: q, in: planB)?.hyper.lr, 1e-3, "B: *q_proj* comes first and wins")
@@ -94,16 +96,18 @@ final class ParameterGroupTests: XCTestCase {
 
     func testLRConfigOverridesAndNoDecayInteraction() throws {
         let yaml = """
-        "*mlp*":
-          lr: "2e-5"
-          betas: [0.8, 0.95]
-          eps: 1e-6
-        "*layernorm*":
-          weight_decay: 0.05
-        """
+            "*mlp*":
+              lr: "2e-5"
+              betas: [0.8, 0.95]
+              eps: 1e-6
+            "*layernorm*":
+              weight_decay: 0.05
+            """
         let cfg = try LRConfig.parse(yaml: yaml)
-        let plan = try ParamGroupPlan.build(names: names, config: OptimizerConfig(
-            defaults: AdamWHyperparameters(lr: 1e-4, weightDecay: 0.1), lrConfig: cfg))
+        let plan = try ParamGroupPlan.build(
+            names: names,
+            config: OptimizerConfig(
+                defaults: AdamWHyperparameters(lr: 1e-4, weightDecay: 0.1), lrConfig: cfg))
         let mlp = try XCTUnwrap(group(of: "model.layers.0.mlp.down_proj.weight", in: plan))
         XCTAssertEqual(mlp.hyper, AdamWHyperparameters(lr: 2e-5, weightDecay: 0.1, beta1: 0.8, beta2: 0.95, eps: 1e-6))
         // ModelOpt applies lr_config after the no-decay rule: an explicit weight_decay wins.
@@ -152,7 +156,8 @@ final class ParameterGroupTests: XCTestCase {
         let text = "\"*lm_head*\":\n  lr: 1e-5\n\"*mlp*\":\n  lr: 5e-5\n"
         try text.write(to: dir.appendingPathComponent("lr.yaml"), atomically: true, encoding: .utf8)
 
-        let recipe = try XCTUnwrap(try Yams.compose(yaml: "lr_config: lr.yaml\ninline:\n  \"*lm_head*\":\n    lr: 1e-5\n  \"*mlp*\":\n    lr: 5e-5\n"))
+        let recipe = try XCTUnwrap(
+            try Yams.compose(yaml: "lr_config: lr.yaml\ninline:\n  \"*lm_head*\":\n    lr: 1e-5\n  \"*mlp*\":\n    lr: 5e-5\n"))
         let fromFile = try LRConfig.fromRecipe(try XCTUnwrap(recipe["lr_config"]), baseDirectory: dir.path)
         let inline = try LRConfig.fromRecipe(try XCTUnwrap(recipe["inline"]))
         XCTAssertEqual(fromFile.entries.map(\.pattern), ["*lm_head*", "*mlp*"])
@@ -166,7 +171,8 @@ final class ParameterGroupTests: XCTestCase {
     }
 
     func testSummaryMentionsGroups() throws {
-        let plan = try ParamGroupPlan.build(names: names, config: OptimizerConfig(lrConfig: try LRConfig.parse(yaml: "\"*mlp*\":\n  lr: 1e-5\n")))
+        let plan = try ParamGroupPlan.build(
+            names: names, config: OptimizerConfig(lrConfig: try LRConfig.parse(yaml: "\"*mlp*\":\n  lr: 1e-5\n")))
         XCTAssert(plan.summary.contains("lr_config '*mlp*'"), plan.summary)
     }
 }

@@ -1,5 +1,5 @@
-import XCTest
 import QATTrain
+import XCTest
 
 final class PipelineLayoutTests: XCTestCase {
     func testLayersSplitEvenlyFirstStagesTakeTheRemainder() throws {

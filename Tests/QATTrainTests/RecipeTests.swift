@@ -1,28 +1,29 @@
-import XCTest
 import QATQuant
 import QATTrain
 import TestSupport
+import XCTest
 
 final class RecipeTests: XCTestCase {
     func testDefaultsAndFullRecipe() throws {
-        let r = try Recipe.parse("""
-        model: some/model
-        data:
-          train: a.h5
-          seq_len: 128
-        quantize:
-          preset: nvfp4_default-kv_fp8
-          ste: clipped
-        calibration: {samples: 16}
-        train:
-          mode: qad
-          steps: 10
-          lr: 2.0e-5
-          betas: [0.9, 0.95]
-          frozen_params: ["*embed_tokens*"]
-          distill: {kd_ratio: 0.5, temperature: 2.0, loss: jsd, beta: 0.25}
-        export: {dir: out, save_dtype: float16}
-        """, source: "r.yaml")
+        let r = try Recipe.parse(
+            """
+            model: some/model
+            data:
+              train: a.h5
+              seq_len: 128
+            quantize:
+              preset: nvfp4_default-kv_fp8
+              ste: clipped
+            calibration: {samples: 16}
+            train:
+              mode: qad
+              steps: 10
+              lr: 2.0e-5
+              betas: [0.9, 0.95]
+              frozen_params: ["*embed_tokens*"]
+              distill: {kd_ratio: 0.5, temperature: 2.0, loss: jsd, beta: 0.25}
+            export: {dir: out, save_dtype: float16}
+            """, source: "r.yaml")
         XCTAssertEqual(r.model, "some/model")
         XCTAssertEqual(r.data.seqLen, 128)
         XCTAssertEqual(r.data.validation, Recipe.DataSpec().validation)
@@ -41,15 +42,16 @@ final class RecipeTests: XCTestCase {
     }
 
     func testModelOptListSyntaxAndNullQuantize() throws {
-        let r = try Recipe.parse("""
-        quantize:
-          quant_cfg:
-            - quantizer_name: "*"
-              enable: false
-            - quantizer_name: "*weight_quantizer"
-              cfg: {num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}}
-          algorithm: max
-        """, source: "r.yaml")
+        let r = try Recipe.parse(
+            """
+            quantize:
+              quant_cfg:
+                - quantizer_name: "*"
+                  enable: false
+                - quantizer_name: "*weight_quantizer"
+                  cfg: {num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}}
+              algorithm: max
+            """, source: "r.yaml")
         let q = try XCTUnwrap(r.quantize)
         XCTAssertEqual(q.resolve(quantizerName: "model.layers.0.self_attn.q_proj.weight_quantizer")?.enabled, true)
         XCTAssertEqual(q.resolve(quantizerName: "model.layers.0.self_attn.q_proj.input_quantizer")?.enabled, false)
@@ -79,8 +81,9 @@ final class RecipeTests: XCTestCase {
     }
 
     func testOverrides() throws {
-        let r = try Recipe.parse("train:\n  lr: 1.0e-4\n", source: "r.yaml",
-                                 overrides: ["train.lr=2e-5", "train.steps=7", "export.save_dtype=null", "data.validation_sequences=3"])
+        let r = try Recipe.parse(
+            "train:\n  lr: 1.0e-4\n", source: "r.yaml",
+            overrides: ["train.lr=2e-5", "train.steps=7", "export.save_dtype=null", "data.validation_sequences=3"])
         XCTAssertEqual(r.train.lr, 2e-5)
         XCTAssertEqual(r.train.steps, 7)
         XCTAssertNil(r.export.saveDtype)
@@ -95,20 +98,22 @@ final class RecipeTests: XCTestCase {
 final class RecipeRenderTests: XCTestCase {
     /// `recipe show` output reads back to the same recipe.
     func testShowRoundTrips() throws {
-        let original = try Recipe.parse("""
-        model: m
-        quantize: {preset: nvfp4_default-kv_fp8, ste: clipped}
-        train: {mode: qad, steps: 3, frozen_params: ["*norm*"], distill: {loss: reverse_kl, temperature: 2.0}}
-        export: {save_dtype: bfloat16}
-        """, source: "r.yaml")
+        let original = try Recipe.parse(
+            """
+            model: m
+            quantize: {preset: nvfp4_default-kv_fp8, ste: clipped}
+            train: {mode: qad, steps: 3, frozen_params: ["*norm*"], distill: {loss: reverse_kl, temperature: 2.0}}
+            export: {save_dtype: bfloat16}
+            """, source: "r.yaml")
         let again = try Recipe.parse(original.yaml, source: "shown.yaml")
         XCTAssertEqual(again.data, original.data)
         XCTAssertEqual(again.train, original.train)
         XCTAssertEqual(again.export, original.export)
         XCTAssertEqual(again.calibration, original.calibration)
         XCTAssertEqual(again.ste, original.ste)
-        XCTAssertEqual(again.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] },
-                       original.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] })
+        XCTAssertEqual(
+            again.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] },
+            original.quantize?.entries.map { [$0.quantizerName, "\($0.enable)", "\(String(describing: $0.cfg))"] })
     }
 }
 

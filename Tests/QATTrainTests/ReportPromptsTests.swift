@@ -15,8 +15,14 @@ final class ReportPromptsTests: XCTestCase {
         XCTAssertEqual(try Recipe.parse("model: models/fortune-lm\n", source: "plain.yaml").reportPrompts, [])
         XCTAssertEqual(try Recipe.parse("model: models/fortune-lm\n", source: "plain.yaml").export.format, "modelopt")
         // Errors name the key.
-        XCTAssertThrowsError(try Recipe.parse("report:\n  prompt: [x]\n", source: "bad.yaml")) { XCTAssertTrue("\($0)".contains("prompt"), "\($0)") }
-        XCTAssertThrowsError(try Recipe.parse("export:\n  format: gguf\n", source: "bad.yaml")) { XCTAssertTrue("\($0)".contains("format"), "\($0)") }
-        XCTAssertThrowsError(try Recipe.parse("report:\n  prompts: {a: 1}\n", source: "bad.yaml")) { XCTAssertTrue("\($0)".contains("prompts"), "\($0)") }
+        XCTAssertThrowsError(try Recipe.parse("report:\n  prompt: [x]\n", source: "bad.yaml")) {
+            XCTAssertTrue("\($0)".contains("prompt"), "\($0)")
+        }
+        XCTAssertThrowsError(try Recipe.parse("export:\n  format: gguf\n", source: "bad.yaml")) {
+            XCTAssertTrue("\($0)".contains("format"), "\($0)")
+        }
+        XCTAssertThrowsError(try Recipe.parse("report:\n  prompts: {a: 1}\n", source: "bad.yaml")) {
+            XCTAssertTrue("\($0)".contains("prompts"), "\($0)")
+        }
     }
 }

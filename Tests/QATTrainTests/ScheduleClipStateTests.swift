@@ -23,16 +23,21 @@ final class ScheduleTests: XCTestCase {
     }
 
     func testCosineWithWarmup() throws {
-        check(try LRSchedule(kind: .cosine, totalSteps: 10, warmupSteps: 2),
-              [0, 0.5, 1, 0.9619397662556434, 0.6913417161825449, 0.30865828381745514, 0.03806023374435663, 0, 0.14644660940672616])
-        check(try LRSchedule(kind: .cosine, totalSteps: 10),
-              [1, 0.9755282581475768, 0.9045084971874737, 0.7938926261462366, 0.5, 0.2061073738537635, 0.024471741852423234, 0, 0.09549150281252622])
+        check(
+            try LRSchedule(kind: .cosine, totalSteps: 10, warmupSteps: 2),
+            [0, 0.5, 1, 0.9619397662556434, 0.6913417161825449, 0.30865828381745514, 0.03806023374435663, 0, 0.14644660940672616])
+        check(
+            try LRSchedule(kind: .cosine, totalSteps: 10),
+            [
+                1, 0.9755282581475768, 0.9045084971874737, 0.7938926261462366, 0.5, 0.2061073738537635, 0.024471741852423234, 0,
+                0.09549150281252622,
+            ])
     }
 
     func testWarmupRatioIsCeiledAndStepsWin() throws {
         XCTAssertEqual(try LRSchedule(kind: .linear, totalSteps: 10, warmupRatio: 0.15).warmupSteps, 2)  // ceil(1.5)
         XCTAssertEqual(try LRSchedule(kind: .linear, totalSteps: 10, warmupRatio: 0.1).warmupSteps, 1)
-        XCTAssertEqual(try LRSchedule(kind: .linear, totalSteps: 7, warmupRatio: 0.3).warmupSteps, 3)   // ceil(2.1)
+        XCTAssertEqual(try LRSchedule(kind: .linear, totalSteps: 7, warmupRatio: 0.3).warmupSteps, 3)  // ceil(2.1)
         XCTAssertEqual(try LRSchedule(kind: .linear, totalSteps: 10, warmupSteps: 4, warmupRatio: 0.5).warmupSteps, 4)
         check(try LRSchedule(kind: .linear, totalSteps: 10, warmupRatio: 0.15), [0, 0.5, 1, 0.875, 0.625, 0.375, 0.125, 0, 0])
         XCTAssertThrowsError(try LRSchedule(kind: .linear, totalSteps: 10, warmupRatio: 1.5))
@@ -73,7 +78,7 @@ final class ClippingTests: XCTestCase {
         let a = Tensor(shape: [20], values: Array(repeating: 1, count: 20))
         let b = Tensor(shape: [20], values: Array(repeating: 1, count: 20))
         let c = Tensor(shape: [3], values: [1, .nan, 1])
-        b[17] = .infinity   // past the SIMD body: the tail path must see it too
+        b[17] = .infinity  // past the SIMD body: the tail path must see it too
         XCTAssertEqual(GradientClipping.firstNonFinite([("a", a), ("b", b), ("c", c)]), "b")
         XCTAssertEqual(GradientClipping.firstNonFinite([("a", a), ("c", c)]), "c")
         XCTAssertNil(GradientClipping.firstNonFinite([("a", a)]))
@@ -88,8 +93,9 @@ final class ClippingTests: XCTestCase {
     func testOptimizerHelpersCoverOnlyTrainable() throws {
         let p1 = Tensor(shape: [2]), g1 = Tensor(shape: [2], values: [3, 4])
         let p2 = Tensor(shape: [2]), g2 = Tensor(shape: [2], values: [.nan, 0])
-        let opt = try AdamW(parameters: [("model.layers.0.mlp.up_proj.weight", p1, g1), ("model.embed_tokens.weight", p2, g2)],
-                            config: OptimizerConfig(selection: try ParameterSelection(frozen: ["model.embed_tokens.*"])))
+        let opt = try AdamW(
+            parameters: [("model.layers.0.mlp.up_proj.weight", p1, g1), ("model.embed_tokens.weight", p2, g2)],
+            config: OptimizerConfig(selection: try ParameterSelection(frozen: ["model.embed_tokens.*"])))
         XCTAssertNil(opt.firstNonFiniteGradient(), "frozen gradients are not the optimizer's concern")
         XCTAssertEqual(opt.clipGradNorm(maxNorm: 1), 5)
         XCTAssertEqual(Double(g1[1]), 4 / (5 + 1e-6), accuracy: 1e-6)
@@ -115,7 +121,7 @@ final class OptimizerStateTests: XCTestCase {
         let specs: [(String, [Int])] = [
             ("model.embed_tokens.weight", [64, 32]),
             ("model.layers.0.input_layernorm.weight", [32]),
-            ("model.layers.0.mlp.up_proj.weight", [300, 200]),   // 60k elements: parallel path
+            ("model.layers.0.mlp.up_proj.weight", [300, 200]),  // 60k elements: parallel path
             ("lm_head.weight", [64, 32]),
         ]
         return specs.enumerated().map { i, s in
@@ -126,9 +132,10 @@ final class OptimizerStateTests: XCTestCase {
     }
 
     func config() throws -> OptimizerConfig {
-        OptimizerConfig(defaults: AdamWHyperparameters(lr: 1e-3, weightDecay: 0.01),
-                        selection: try ParameterSelection(frozen: ["model.embed_tokens.*"]),
-                        lrConfig: try LRConfig.parse(yaml: "\"*mlp*\":\n  lr: 3e-3\n  betas: [0.8, 0.99]\n"))
+        OptimizerConfig(
+            defaults: AdamWHyperparameters(lr: 1e-3, weightDecay: 0.01),
+            selection: try ParameterSelection(frozen: ["model.embed_tokens.*"]),
+            lrConfig: try LRConfig.parse(yaml: "\"*mlp*\":\n  lr: 3e-3\n  betas: [0.8, 0.99]\n"))
     }
 
     func setGrads(_ model: [(name: String, value: Tensor, grad: Tensor?)], step: Int) {

@@ -1,10 +1,10 @@
 import Foundation
-import XCTest
 import QATCore
 import QATData
 import QATModels
 import QATTrain
 import TestSupport
+import XCTest
 
 final class TopKDistillationTests: XCTestCase {
     let V = 64, L = 8
@@ -24,8 +24,9 @@ final class TopKDistillationTests: XCTestCase {
 
     func writeCache(_ teacher: CausalLM, topK: Int, stream s: [Int32], maxSequences: Int? = nil, sampled: Bool = false) throws -> String {
         let path = Fixtures.tempDir("topk").appendingPathComponent("cache.h5").path
-        try TopKCache.write(teacher: teacher, stream: s, seqLen: L, topK: topK, to: path, batchSize: 3, maxSequences: maxSequences,
-                            dataPath: "mem", split: "train", modelPath: "tiny", sampled: sampled, seed: 5, budgetBytes: 5 * V * 4)
+        try TopKCache.write(
+            teacher: teacher, stream: s, seqLen: L, topK: topK, to: path, batchSize: 3, maxSequences: maxSequences,
+            dataPath: "mem", split: "train", modelPath: "tiny", sampled: sampled, seed: 5, budgetBytes: 5 * V * 4)
         return path
     }
 
@@ -37,8 +38,10 @@ final class TopKDistillationTests: XCTestCase {
         try f.createDataset("input_ids", of: Int32.self, shape: [S, L], chunkRows: 1)
         try f.createDataset("topk_ids", of: Int32.self, shape: [S, L, K], chunkRows: 1)
         try f.createDataset("topk_logprobs", of: Float.self, shape: [S, L, K], chunkRows: 1)
-        for (k, v) in [("format", "qat-topk-logprobs-v1"), ("seq_len", String(L)), ("top_k", String(K)), ("vocab_size", String(V)),
-                       ("sequences", String(S))] { try f.setAttribute(k, v) }
+        for (k, v) in [
+            ("format", "qat-topk-logprobs-v1"), ("seq_len", String(L)), ("top_k", String(K)), ("vocab_size", String(V)),
+            ("sequences", String(S)),
+        ] { try f.setAttribute(k, v) }
         for i in 0..<S {
             let tokens = Array(s[(i * L)..<((i + 1) * L)])
             let z = try teacherLogits(teacher, tokens).map(Float.init)
@@ -58,17 +61,20 @@ final class TopKDistillationTests: XCTestCase {
     /// the mass outside them — checked against a direct teacher forward. Ids are uint16 here.
     func testCacheContents() throws {
         let teacher = try tinyModel(seed: 2)
-        let s = stream(L * 5 + 1 + 3)     // 5 sequences (+1 and 3 spare tokens), batches of 3: 3 + 2
+        let s = stream(L * 5 + 1 + 3)  // 5 sequences (+1 and 3 spare tokens), batches of 3: 3 + 2
         let path = try writeCache(teacher, topK: 6, stream: s)
         XCTAssertFalse(FileManager.default.fileExists(atPath: path + ".partial"))
         let r = try TopKCacheReader(path: path)
-        XCTAssertEqual(r.header, TopKCache.Header(seqLen: L, topK: 6, vocabSize: V, sequences: 5, data: "mem", split: "train", model: "tiny",
-                                                  version: 2, kind: .topK))
+        XCTAssertEqual(
+            r.header,
+            TopKCache.Header(
+                seqLen: L, topK: 6, vocabSize: V, sequences: 5, data: "mem", split: "train", model: "tiny",
+                version: 2, kind: .topK))
         let f = try HDF5File(path: path)
         XCTAssertEqual(try f.info("topk_ids").shape, [5, L, 6])
         XCTAssertEqual(try f.info("topk_ids").typeName, "uint16")
         XCTAssertEqual(try f.info("input_ids").typeName, "uint16")
-        XCTAssertEqual(try f.info("topk_logprobs").typeName, "float16")   // 2-byte float: bfloat16, per the attribute
+        XCTAssertEqual(try f.info("topk_logprobs").typeName, "float16")  // 2-byte float: bfloat16, per the attribute
         XCTAssertEqual(try f.stringAttribute("logprob_dtype"), "bfloat16")
         XCTAssertEqual(try f.info("rest_logprob").shape, [5, L])
         XCTAssertEqual(try f.stringAttribute("version"), "2")
@@ -88,7 +94,7 @@ final class TopKDistillationTests: XCTestCase {
                     XCTAssertEqual(Double(row.logprobs[t * 6 + k]), lsm[top[k]], accuracy: 4e-3 * max(1, abs(lsm[top[k]])))
                 }
                 let rest = log(order[6...].reduce(0.0) { $0 + exp(lsm[$1]) })
-                XCTAssertEqual(Double(row.restLogprob[t]), rest, accuracy: 1e-3 * max(1, abs(rest)))   // float16
+                XCTAssertEqual(Double(row.restLogprob[t]), rest, accuracy: 1e-3 * max(1, abs(rest)))  // float16
             }
         }
         XCTAssertThrowsError(try r.sequence(5))
@@ -135,7 +141,8 @@ final class TopKDistillationTests: XCTestCase {
                 var d = spec(.forwardKL, temperature: T, kdRatio: r)
                 d.topkObjective = objective
                 let path = objective == .sampled ? sampledPath : topPath
-                let loss = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: d, sequenceCount: 6, budgetBytes: 3 * V * 4)
+                let loss = try TopKDistillationLoss(
+                    cache: path, studentVocab: V, seqLen: L, spec: d, sequenceCount: 6, budgetBytes: 3 * V * 4)
                 let mb = MicroBatch(tokens: tokens, targets: targets, batch: 2, seqLen: L, sequenceIndices: indices)
                 let rows = try loss.teacherRows(for: mb)
                 let Kc = loss.reader.header.topK
@@ -147,8 +154,9 @@ final class TopKDistillationTests: XCTestCase {
                 var dH = [Float](repeating: .nan, count: n * C)
                 let parts = try hidden.withUnsafeBufferPointer { h in
                     try dH.withUnsafeMutableBufferPointer {
-                        try loss.fused(student: head, hidden: h.baseAddress!, ids: rows.ids, logprobs: rows.logprobs, rest: rows.rest,
-                                       counts: rows.counts, targets: targets, n: n, gradScale: 1 / Float(valid), dHidden: $0.baseAddress!)
+                        try loss.fused(
+                            student: head, hidden: h.baseAddress!, ids: rows.ids, logprobs: rows.logprobs, rest: rows.rest,
+                            counts: rows.counts, targets: targets, n: n, gradScale: 1 / Float(valid), dHidden: $0.baseAddress!)
                     }
                 }
                 func direct(_ h: [Double], _ wd: [Double]) -> (total: Double, ce: Double, kd: Double) {
@@ -157,10 +165,11 @@ final class TopKDistillationTests: XCTestCase {
                     for i in 0..<n where targets[i] != -100 {
                         let row = sl[(i * V)..<((i + 1) * V)]
                         let slot = (i * Kc)..<((i + 1) * Kc)
-                        let kl = TopKObjectiveReference.kd(objective, s: Array(row), ids: rows.ids[slot].map(Int.init),
-                                                           logprobs: rows.logprobs[slot].map(Double.init),
-                                                           rest: objective == .coarseKL ? Double(rows.rest[i]) : -.infinity,
-                                                           counts: objective == .sampled ? rows.counts[slot].map(Double.init) : [], T: T)
+                        let kl = TopKObjectiveReference.kd(
+                            objective, s: Array(row), ids: rows.ids[slot].map(Int.init),
+                            logprobs: rows.logprobs[slot].map(Double.init),
+                            rest: objective == .coarseKL ? Double(rows.rest[i]) : -.infinity,
+                            counts: objective == .sampled ? rows.counts[slot].map(Double.init) : [], T: T)
                         let c = r < 1 ? -DirectKD.logSoftmax(row)[Int(targets[i])] : 0
                         total += (1 - r) * c + r * T * T * kl; ce += c; kd += T * T * kl
                     }
@@ -199,27 +208,28 @@ final class TopKDistillationTests: XCTestCase {
         let valid = targets.filter { $0 != -100 }.count
         let mb = MicroBatch(tokens: tokens, targets: targets, batch: B, seqLen: L, sequenceIndices: indices)
         for objective in [Recipe.TopKObjective.coarseKL, .teacherNormalized, .bothNormalized] {
-          for (T, r) in [(1.0, 1.0), (2.0, 0.5)] {
-            var d = spec(.forwardKL, temperature: T, kdRatio: r)
-            d.topkObjective = objective
-            let live = try DistillationLoss(teacher: teacher, studentVocab: V, spec: d, budgetBytes: 5 * 2 * V * 4)
-            let cached = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: d, sequenceCount: 4, budgetBytes: 7 * V * 4)
-            func pass(_ loss: TrainingLoss) throws -> (LossParts, [String: [Float]]) {
-                for p in student.parameters { p.grad?.zero() }
-                let h = try student.forward(tokens: tokens, batch: B, seqLen: L, saveForBackward: true)
-                let dH = Tensor(shape: [B * L, student.config.hiddenSize])
-                let parts = try loss.run(model: student, hidden: h, batch: mb, gradScale: 1 / Float(valid), dHidden: dH.data)
-                try student.backward(dHidden: dH.data)
-                return (parts, Dictionary(uniqueKeysWithValues: student.parameters.map { ($0.name, $0.grad!.array) }))
+            for (T, r) in [(1.0, 1.0), (2.0, 0.5)] {
+                var d = spec(.forwardKL, temperature: T, kdRatio: r)
+                d.topkObjective = objective
+                let live = try DistillationLoss(teacher: teacher, studentVocab: V, spec: d, budgetBytes: 5 * 2 * V * 4)
+                let cached = try TopKDistillationLoss(
+                    cache: path, studentVocab: V, seqLen: L, spec: d, sequenceCount: 4, budgetBytes: 7 * V * 4)
+                func pass(_ loss: TrainingLoss) throws -> (LossParts, [String: [Float]]) {
+                    for p in student.parameters { p.grad?.zero() }
+                    let h = try student.forward(tokens: tokens, batch: B, seqLen: L, saveForBackward: true)
+                    let dH = Tensor(shape: [B * L, student.config.hiddenSize])
+                    let parts = try loss.run(model: student, hidden: h, batch: mb, gradScale: 1 / Float(valid), dHidden: dH.data)
+                    try student.backward(dHidden: dH.data)
+                    return (parts, Dictionary(uniqueKeysWithValues: student.parameters.map { ($0.name, $0.grad!.array) }))
+                }
+                let a = try pass(cached), b = try pass(live)
+                let label = "k = V \(objective.rawValue) at T \(T)"
+                XCTAssertGreaterThan(b.0.kd, 0.05 * Double(valid))
+                assertClose(a.0.kd, b.0.kd, rel: 2e-5, "\(label) kd")
+                assertClose(a.0.total, b.0.total, rel: 2e-5, "\(label) total")
+                XCTAssertEqual(a.0.ce, b.0.ce, accuracy: 1e-6 * max(1, b.0.ce))
+                for (name, g) in b.1 { assertClose(a.1[name]!, g.map(Double.init), rel: 1e-4, abs: 1e-9, "\(label) grad \(name)") }
             }
-            let a = try pass(cached), b = try pass(live)
-            let label = "k = V \(objective.rawValue) at T \(T)"
-            XCTAssertGreaterThan(b.0.kd, 0.05 * Double(valid))
-            assertClose(a.0.kd, b.0.kd, rel: 2e-5, "\(label) kd")
-            assertClose(a.0.total, b.0.total, rel: 2e-5, "\(label) total")
-            XCTAssertEqual(a.0.ce, b.0.ce, accuracy: 1e-6 * max(1, b.0.ce))
-            for (name, g) in b.1 { assertClose(a.1[name]!, g.map(Double.init), rel: 1e-4, abs: 1e-9, "\(label) grad \(name)") }
-          }
         }
     }
 
@@ -239,15 +249,23 @@ final class TopKDistillationTests: XCTestCase {
         XCTAssertTrue(m.contains("3 sequences") && m.contains("9"), m)
         m = message { _ = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: spec(.reverseKL)) }
         XCTAssertTrue(m.contains("forward_kl"), m)
-        m = message { _ = try TopKDistillationLoss(cache: Fixtures.tempDir().appendingPathComponent("none.h5").path, studentVocab: V, seqLen: L, spec: spec(.forwardKL)) }
+        m = message {
+            _ = try TopKDistillationLoss(
+                cache: Fixtures.tempDir().appendingPathComponent("none.h5").path, studentVocab: V, seqLen: L, spec: spec(.forwardKL))
+        }
         XCTAssertTrue(m.contains("not found"), m)
         // Tokens that are not the cached sequence's.
         let loss = try TopKDistillationLoss(cache: path, studentVocab: V, seqLen: L, spec: spec(.forwardKL), sequenceCount: 3)
         var tokens = Array(s[(1 * L)..<(2 * L)])
         tokens[3] = (tokens[3] + 1) % 64
-        m = message { _ = try loss.teacherRows(for: MicroBatch(tokens: tokens, targets: [Int32](repeating: 1, count: L), batch: 1, seqLen: L, sequenceIndices: [1])) }
+        m = message {
+            _ = try loss.teacherRows(
+                for: MicroBatch(tokens: tokens, targets: [Int32](repeating: 1, count: L), batch: 1, seqLen: L, sequenceIndices: [1]))
+        }
         XCTAssertTrue(m.contains("differ"), m)
-        m = message { _ = try loss.teacherRows(for: MicroBatch(tokens: tokens, targets: [Int32](repeating: 1, count: L), batch: 1, seqLen: L)) }
+        m = message {
+            _ = try loss.teacherRows(for: MicroBatch(tokens: tokens, targets: [Int32](repeating: 1, count: L), batch: 1, seqLen: L))
+        }
         XCTAssertTrue(m.contains("sequence indices"), m)
         // Objective and cache kind must fit each other.
         var d = spec(.forwardKL)
@@ -336,7 +354,9 @@ final class TopKDistillationTests: XCTestCase {
             }
         }
         for j in 0..<V where expected[j] > 5 {
-            XCTAssertLessThan(abs(observed[j] - expected[j]), 5 * expected[j].squareRoot() + 1, "token \(j): \(observed[j]) draws, expected \(expected[j])")
+            XCTAssertLessThan(
+                abs(observed[j] - expected[j]), 5 * expected[j].squareRoot() + 1,
+                "token \(j): \(observed[j]) draws, expected \(expected[j])")
         }
         let again = try writeCache(teacher, topK: draws, stream: s, sampled: true)
         XCTAssertEqual(try TopKCacheReader(path: again).sequence(2).ids, try r.sequence(2).ids)

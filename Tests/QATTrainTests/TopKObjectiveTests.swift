@@ -1,9 +1,9 @@
 import Foundation
-import XCTest
 import QATCore
 import QATModels
 import QATTrain
 import TestSupport
+import XCTest
 
 /// The top-k objectives written out directly in Double from their definitions (see
 /// `TopKKernels`), for one row: student logits s [V], slot ids (−1 absent), T = 1 teacher
@@ -20,7 +20,9 @@ enum TopKObjectiveReference {
         zip(lp, lq).reduce(0) { $1.0 == -.infinity ? $0 : $0 + exp($1.0) * ($1.0 - $1.1) }
     }
 
-    static func kd(_ o: Recipe.TopKObjective, s: [Double], ids: [Int], logprobs: [Double], rest: Double, counts: [Double], T: Double) -> Double {
+    static func kd(_ o: Recipe.TopKObjective, s: [Double], ids: [Int], logprobs: [Double], rest: Double, counts: [Double], T: Double)
+        -> Double
+    {
         let slots = ids.indices.filter { ids[$0] >= 0 }
         switch o {
         case .teacherNormalized:
@@ -63,8 +65,10 @@ final class TopKObjectiveTests: XCTestCase {
     }
 
     /// (KD, d(T²·KD)/ds) of one row at student logits s.
-    func gradient(_ o: Recipe.TopKObjective, s: [Float], ids: [Int32], logprobs: [Float], rest: Float, counts: [Float] = [],
-                  T: Double = 1) throws -> (kd: Double, grad: [Float]) {
+    func gradient(
+        _ o: Recipe.TopKObjective, s: [Float], ids: [Int32], logprobs: [Float], rest: Float, counts: [Float] = [],
+        T: Double = 1
+    ) throws -> (kd: Double, grad: [Float]) {
         var d = Recipe.DistillSpec()
         d.temperature = T
         d.topkObjective = o
@@ -75,9 +79,10 @@ final class TopKObjectiveTests: XCTestCase {
             logprobs.withUnsafeBufferPointer { lb in
                 counts.withUnsafeBufferPointer { cb in
                     withUnsafePointer(to: rest) { rp in
-                        TopKKernels.rows(o, student: &g, n: 1, vocab: V, ids: ib.baseAddress!, logprobs: lb.baseAddress!,
-                                         rest: o == .coarseKL ? rp : nil, counts: o == .sampled ? cb.baseAddress : nil, topK: K,
-                                         targets: [0], k: k, gradScale: 1)
+                        TopKKernels.rows(
+                            o, student: &g, n: 1, vocab: V, ids: ib.baseAddress!, logprobs: lb.baseAddress!,
+                            rest: o == .coarseKL ? rp : nil, counts: o == .sampled ? cb.baseAddress : nil, topK: K,
+                            targets: [0], k: k, gradScale: 1)
                     }
                 }
             }
@@ -129,8 +134,9 @@ final class TopKObjectiveTests: XCTestCase {
         let steps = 8000
         for step in 0..<steps {
             var ids = [Int32](repeating: 0, count: 64), lps = [Float](repeating: 0, count: 64), counts = [Float](repeating: 0, count: 64)
-            TopKCache.sampleRows(logits: teacherLogits, n: 1, vocab: V, draws: 64, seed: rng.next(), firstRow: 0, ids: &ids,
-                                 logprobs: &lps, counts: &counts)
+            TopKCache.sampleRows(
+                logits: teacherLogits, n: 1, vocab: V, draws: 64, seed: rng.next(), firstRow: 0, ids: &ids,
+                logprobs: &lps, counts: &counts)
             for i in 0..<64 where counts[i] == 0 { ids[i] = -1 }
             let g = try gradient(.sampled, s: s, ids: ids, logprobs: lps, rest: 0, counts: counts).grad
             let lr = Float(4 / (1 + Double(step) / 100))
@@ -170,15 +176,18 @@ final class TopKObjectiveTests: XCTestCase {
             off[Int(row.ids[0])] += 0.5
             let o = try gradient(.coarseKL, s: off, ids: row.ids, logprobs: row.logprobs, rest: row.rest, T: T)
             XCTAssertGreaterThan(o.kd, 1e-4, "coarse_kl away from its minimiser, T \(T)")
-            let want = TopKObjectiveReference.kd(.coarseKL, s: off.map(Double.init), ids: row.ids.map(Int.init),
-                                                 logprobs: row.logprobs.map(Double.init), rest: Double(row.rest), counts: [], T: T)
+            let want = TopKObjectiveReference.kd(
+                .coarseKL, s: off.map(Double.init), ids: row.ids.map(Int.init),
+                logprobs: row.logprobs.map(Double.init), rest: Double(row.rest), counts: [], T: T)
             XCTAssertEqual(o.kd, T * T * want, accuracy: 1e-6 * T * T * want)
         }
         // Sampled at T = 2 with 400,000 draws against the full KL at T = 2 (the estimate's
         // standard error is about 1.5% here).
         let draws = 400_000
-        var ids = [Int32](repeating: 0, count: draws), lps = [Float](repeating: 0, count: draws), counts = [Float](repeating: 0, count: draws)
-        TopKCache.sampleRows(logits: teacherLogits, n: 1, vocab: V, draws: draws, seed: 3, firstRow: 0, ids: &ids, logprobs: &lps, counts: &counts)
+        var ids = [Int32](repeating: 0, count: draws), lps = [Float](repeating: 0, count: draws),
+            counts = [Float](repeating: 0, count: draws)
+        TopKCache.sampleRows(
+            logits: teacherLogits, n: 1, vocab: V, draws: draws, seed: 3, firstRow: 0, ids: &ids, logprobs: &lps, counts: &counts)
         for i in 0..<draws where counts[i] == 0 { ids[i] = -1 }
         let student = (0..<V).map { Float(0.2 * cos(Double($0))) }
         let T = 2.0
@@ -204,9 +213,11 @@ final class TopKObjectiveTests: XCTestCase {
         let m = 3000, draws = 8
         var kds = [Double](), grads = [[Double]]()
         for i in 0..<m {
-            var ids = [Int32](repeating: 0, count: draws), lps = [Float](repeating: 0, count: draws), counts = [Float](repeating: 0, count: draws)
-            TopKCache.sampleRows(logits: teacherLogits, n: 1, vocab: V, draws: draws, seed: 77, firstRow: i, ids: &ids, logprobs: &lps,
-                                 counts: &counts)
+            var ids = [Int32](repeating: 0, count: draws), lps = [Float](repeating: 0, count: draws),
+                counts = [Float](repeating: 0, count: draws)
+            TopKCache.sampleRows(
+                logits: teacherLogits, n: 1, vocab: V, draws: draws, seed: 77, firstRow: i, ids: &ids, logprobs: &lps,
+                counts: &counts)
             for j in 0..<draws where counts[j] == 0 { ids[j] = -1 }
             let r = try gradient(.sampled, s: student, ids: ids, logprobs: lps, rest: 0, counts: counts)
             kds.append(r.kd); grads.append(r.grad.map(Double.init))
@@ -214,7 +225,8 @@ final class TopKObjectiveTests: XCTestCase {
         func check(_ xs: [Double], _ want: Double, _ what: String) {
             let mean = xs.reduce(0, +) / Double(xs.count)
             let sd = (xs.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(xs.count - 1)).squareRoot()
-            XCTAssertLessThan(abs(mean - want), 4 * sd / Double(xs.count).squareRoot() + 1e-6, "\(what): mean \(mean) vs \(want) (sd \(sd))")
+            XCTAssertLessThan(
+                abs(mean - want), 4 * sd / Double(xs.count).squareRoot() + 1e-6, "\(what): mean \(mean) vs \(want) (sd \(sd))")
         }
         check(kds, full, "KD")
         XCTAssertGreaterThan(kds.map { abs($0 - full) }.max()!, 0.2 * full, "single estimates vary")

@@ -1,9 +1,9 @@
 import Foundation
-import XCTest
 import QATCore
 import QATModels
 import QATTrain
 import TestSupport
+import XCTest
 
 final class TrainerTests: XCTestCase {
     /// A deterministic synthetic stream over tiny-llama's vocabulary.
@@ -20,17 +20,24 @@ final class TrainerTests: XCTestCase {
         configure(&spec)
         var opts = Trainer.Options(outputDir: dir.path, checkpointDir: dir.appendingPathComponent("checkpoints").path)
         opts.quiet = true
-        return try Trainer(model: model, spec: spec, seqLen: 16, trainStream: stream(16 * 40 + 1), validationStream: stream(16 * 4 + 1, seed: 5),
-                           validationSequences: nil, options: opts)
+        return try Trainer(
+            model: model, spec: spec, seqLen: 16, trainStream: stream(16 * 40 + 1), validationStream: stream(16 * 4 + 1, seed: 5),
+            validationSequences: nil, options: opts)
     }
 
-    func weights(_ t: Trainer) -> [String: [Float]] { Dictionary(uniqueKeysWithValues: t.model.parameters.map { ($0.name, $0.value.array) }) }
+    func weights(_ t: Trainer) -> [String: [Float]] {
+        Dictionary(uniqueKeysWithValues: t.model.parameters.map { ($0.name, $0.value.array) })
+    }
 
     /// (batch 4, accumulation 1) and (batch 1, accumulation 4) see the same sequences; the
     /// step's loss is Σ over its valid tokens / their count, so loss and update agree.
     func testLossNormalisationIndependentOfMicroBatching() throws {
-        let a = try makeTrainer(Fixtures.tempDir()) { $0.batchSize = 4; $0.gradAccum = 1; $0.steps = 1 }
-        let b = try makeTrainer(Fixtures.tempDir()) { $0.batchSize = 1; $0.gradAccum = 4; $0.steps = 1 }
+        let a = try makeTrainer(Fixtures.tempDir()) {
+            $0.batchSize = 4; $0.gradAccum = 1; $0.steps = 1
+        }
+        let b = try makeTrainer(Fixtures.tempDir()) {
+            $0.batchSize = 1; $0.gradAccum = 4; $0.steps = 1
+        }
         _ = try a.run(); _ = try b.run()
         XCTAssertEqual(a.history[0].loss, b.history[0].loss, accuracy: 1e-6)
         XCTAssertEqual(a.history[0].gradNorm, b.history[0].gradNorm, accuracy: 1e-5 * a.history[0].gradNorm)
@@ -43,7 +50,9 @@ final class TrainerTests: XCTestCase {
     }
 
     func testFrozenParametersUnchangedAndTrainableMove() throws {
-        let t = try makeTrainer(Fixtures.tempDir()) { $0.frozenParams = ["*embed_tokens*", "*layers.0.*"]; $0.steps = 2 }
+        let t = try makeTrainer(Fixtures.tempDir()) {
+            $0.frozenParams = ["*embed_tokens*", "*layers.0.*"]; $0.steps = 2
+        }
         let before = weights(t)
         _ = try t.run()
         let after = weights(t)
@@ -61,7 +70,9 @@ final class TrainerTests: XCTestCase {
 
     func testLossDecreasesAndMetricsAreWritten() throws {
         let dir = Fixtures.tempDir()
-        let t = try makeTrainer(dir) { $0.steps = 8; $0.lr = 3e-3; $0.evalEvery = 4 }
+        let t = try makeTrainer(dir) {
+            $0.steps = 8; $0.lr = 3e-3; $0.evalEvery = 4
+        }
         let r = try t.run()
         XCTAssertEqual(r.steps, 8)
         XCTAssertLessThan(t.history.last!.loss, t.history.first!.loss)
@@ -103,8 +114,9 @@ final class NonFiniteTests: XCTestCase {
         opts.quiet = true
         var rng = SplitMix64(seed: 1)
         let stream = (0..<(16 * 8 + 1)).map { _ in Int32(rng.next() % 512) }
-        return try Trainer(model: model, spec: spec, seqLen: 16, trainStream: stream, validationStream: stream,
-                           validationSequences: 1, options: opts)
+        return try Trainer(
+            model: model, spec: spec, seqLen: 16, trainStream: stream, validationStream: stream,
+            validationSequences: 1, options: opts)
     }
 
     /// A NaN appearing mid-run stops with the step named; the last good checkpoint is intact.
@@ -166,8 +178,11 @@ final class MemoryEstimateTests: XCTestCase {
         let stream = [Int32](repeating: 1, count: 4097)
         var opts = Trainer.Options(outputDir: Fixtures.tempDir().path, checkpointDir: Fixtures.tempDir().path)
         opts.quiet = true
-        XCTAssertThrowsError(try Trainer(model: model, spec: spec, seqLen: 256, trainStream: stream, validationStream: stream,
-                                         validationSequences: 1, options: opts)) { e in
+        XCTAssertThrowsError(
+            try Trainer(
+                model: model, spec: spec, seqLen: 256, trainStream: stream, validationStream: stream,
+                validationSequences: 1, options: opts)
+        ) { e in
             let m = "\(e)"
             XCTAssertTrue(m.contains("needs about") && m.contains("activations") && m.contains("batch_size"), m)
         }
@@ -176,12 +191,14 @@ final class MemoryEstimateTests: XCTestCase {
     /// The paper figure for the SmolLM2-135M shape (QAT, batch 8×256): weights, gradients
     /// and AdamW are 16 bytes per parameter.
     func testPaperFigureForSmolLMShape() {
-        let c = ModelConfig(family: .llama, vocabSize: 49152, hiddenSize: 576, intermediateSize: 1536, numLayers: 30, numHeads: 9,
-                            numKVHeads: 3, tieWordEmbeddings: true)
+        let c = ModelConfig(
+            family: .llama, vocabSize: 49152, hiddenSize: 576, intermediateSize: 1536, numLayers: 30, numHeads: 9,
+            numKVHeads: 3, tieWordEmbeddings: true)
         let params = CausalLM.parameterShapes(c).reduce(0) { $0 + $1.1.reduce(1, *) }
         XCTAssertEqual(params, 134_515_008)
-        let e = MemoryEstimate.training(config: c, batch: 8, seqLen: 256, parameterCount: params, trainableCount: params,
-                                        quantizedWeightCount: params - 49152 * 576, liveTeacher: false, lossBufferBytes: 0)
+        let e = MemoryEstimate.training(
+            config: c, batch: 8, seqLen: 256, parameterCount: params, trainableCount: params,
+            quantizedWeightCount: params - 49152 * 576, liveTeacher: false, lossBufferBytes: 0)
         XCTAssertEqual(e.weights + e.gradients + e.optimizer, 16 * Double(params))
         XCTAssertGreaterThan(e.activations, 1e9)
         XCTAssertLessThan(e.total, 8e9)
@@ -192,17 +209,20 @@ final class MemoryEstimateTests: XCTestCase {
     /// so 128 experts cost only their router probabilities over 32.
     func testMoEShapeParametersAndActivations() {
         func shape(_ experts: Int) -> ModelConfig {
-            ModelConfig(family: .qwen3Moe, vocabSize: 151_936, hiddenSize: 2048, intermediateSize: 6144, numLayers: 48, numHeads: 32,
-                        numKVHeads: 4, headDim: 128, qkNorm: true,
-                        moe: MoEConfig(naming: .qwen, numExperts: experts, topK: 8, expertIntermediateSize: 768, normTopKProb: true))
+            ModelConfig(
+                family: .qwen3Moe, vocabSize: 151_936, hiddenSize: 2048, intermediateSize: 6144, numLayers: 48, numHeads: 32,
+                numKVHeads: 4, headDim: 128, qkNorm: true,
+                moe: MoEConfig(naming: .qwen, numExperts: experts, topK: 8, expertIntermediateSize: 768, normTopKProb: true))
         }
         let params = CausalLM.parameterShapes(shape(128)).reduce(0) { $0 + $1.1.reduce(1, *) }
         XCTAssertEqual(Double(params), 30.5e9, accuracy: 0.05e9)
         func act(_ e: Int) -> Double {
-            MemoryEstimate.training(config: shape(e), batch: 1, seqLen: 256, parameterCount: 1, trainableCount: 1,
-                                    quantizedWeightCount: 0, liveTeacher: false, lossBufferBytes: 0).activations
+            MemoryEstimate.training(
+                config: shape(e), batch: 1, seqLen: 256, parameterCount: 1, trainableCount: 1,
+                quantizedWeightCount: 0, liveTeacher: false, lossBufferBytes: 0
+            ).activations
         }
-        let n: Double = 256, routerExtra: Double = 4 * n * 96 * 49   // [n, E] per layer and once in backward
+        let n: Double = 256, routerExtra: Double = 4 * n * 96 * 49  // [n, E] per layer and once in backward
         XCTAssertEqual(act(128) - act(32), routerExtra, accuracy: 1)
         // Per layer: at least the 8 routed rows' expert activations per token.
         let routed: Double = 4 * 48 * n * 8 * (2 * 2048 + 3 * 768)

@@ -1,6 +1,6 @@
-import XCTest
 import QATCore
 import QATTrain
+import XCTest
 
 /// ZeRO-1 bookkeeping without MPI: the owner assignment, and what a rank of a (pretend)
 /// two-rank group allocates, steps and loads.
@@ -112,7 +112,8 @@ final class ZeROTests: XCTestCase {
             let names = full.stateTensors().map(\.name)
             let wanted = names.filter(z.ownsStateTensor)
             XCTAssertEqual(wanted.count, 2 * p.owners.filter { $0 == rank }.count)
-            let saved = Dictionary(uniqueKeysWithValues: full.stateTensors().filter { wanted.contains($0.name) }.map { ($0.name, $0.tensor) })
+            let saved = Dictionary(
+                uniqueKeysWithValues: full.stateTensors().filter { wanted.contains($0.name) }.map { ($0.name, $0.tensor) })
             let fresh = try AdamW(parameters: makeParameters(), plan: plan, shardOver: LocalComm(rank: rank, size: 2))
             try fresh.loadState(tensors: saved, metadata: full.stateMetadata())
             XCTAssertEqual(fresh.stepCount, 2)

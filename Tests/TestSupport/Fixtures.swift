@@ -37,7 +37,9 @@ extension Fixtures {
     /// Runs `qat` with arguments from the repository root; returns (exit code, stdout, stderr).
     @discardableResult
     public static func runQAT(_ args: [String], environment: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
-        guard let bin = qatBinary else { throw NSError(domain: "qat-tests", code: 1, userInfo: [NSLocalizedDescriptionKey: "qat binary not built"]) }
+        guard let bin = qatBinary else {
+            throw NSError(domain: "qat-tests", code: 1, userInfo: [NSLocalizedDescriptionKey: "qat binary not built"])
+        }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: bin)
         p.arguments = args
@@ -64,33 +66,35 @@ extension Fixtures {
     /// Writes `<dir>/recipe.yaml`: a short QAT of the embedded fortune-lm (sequences of 32
     /// tokens, a few steps) that runs the whole pipeline in seconds. `trainExtra` and
     /// `exportExtra` are extra YAML lines (indented two spaces) for those sections.
-    public static func shortRecipe(in dir: URL, steps: Int, batch: Int = 2, evalEvery: Int = 4, saveEvery: Int = 2,
-                                   model: String = "models/fortune-lm", data: String? = nil, mode: String = "qat",
-                                   trainExtra: [String] = [], exportExtra: [String] = []) throws -> String {
+    public static func shortRecipe(
+        in dir: URL, steps: Int, batch: Int = 2, evalEvery: Int = 4, saveEvery: Int = 2,
+        model: String = "models/fortune-lm", data: String? = nil, mode: String = "qat",
+        trainExtra: [String] = [], exportExtra: [String] = []
+    ) throws -> String {
         let tokens = data ?? "\(model)/tokens.h5"
         var text = """
-        model: \(model)
-        data:
-          train: \(tokens)
-          validation: \(tokens)
-          seq_len: 32
-          validation_sequences: 4
-        quantize:
-          preset: nvfp4_default-kv_fp8
-        calibration:
-          samples: 4
-          batch_size: 4
-        train:
-          mode: \(mode)
-          steps: \(steps)
-          batch_size: \(batch)
-          lr: 1.0e-4
-          warmup_steps: 1
-          eval_every: \(evalEvery)
-          save_every: \(saveEvery)
-          log_every: 1
+            model: \(model)
+            data:
+              train: \(tokens)
+              validation: \(tokens)
+              seq_len: 32
+              validation_sequences: 4
+            quantize:
+              preset: nvfp4_default-kv_fp8
+            calibration:
+              samples: 4
+              batch_size: 4
+            train:
+              mode: \(mode)
+              steps: \(steps)
+              batch_size: \(batch)
+              lr: 1.0e-4
+              warmup_steps: 1
+              eval_every: \(evalEvery)
+              save_every: \(saveEvery)
+              log_every: 1
 
-        """
+            """
         for l in trainExtra { text += "  \(l)\n" }
         text += "export:\n  dir: \(dir.appendingPathComponent("export").path)\n"
         for l in exportExtra { text += "  \(l)\n" }

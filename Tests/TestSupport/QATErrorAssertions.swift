@@ -4,8 +4,10 @@ import XCTest
 /// Asserts that `body` throws a `QATError` of `kind` whose message contains every one of
 /// `words`; returns the message (empty when it threw nothing or something else).
 @discardableResult
-public func assertQATError(kind: QATError.Kind, _ words: [String] = [], file: StaticString = #filePath, line: UInt = #line,
-                           _ body: () throws -> Void) -> String {
+public func assertQATError(
+    kind: QATError.Kind, _ words: [String] = [], file: StaticString = #filePath, line: UInt = #line,
+    _ body: () throws -> Void
+) -> String {
     do {
         try body()
         XCTFail("expected a QATError (\(kind.rawValue))", file: file, line: line)

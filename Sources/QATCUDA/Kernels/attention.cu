@@ -308,12 +308,12 @@ __device__ void flash_forward_bf16(float *out, float *lse, const float *q, const
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d64(float *out, float *lse, const float *q, const float *k,
-                                                                             const float *v, int T, int H, int Hkv, int window, float scale) {
+extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d64(
+    float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv, int window, float scale) {
     flash_forward_bf16<64, 64>(out, lse, q, k, v, T, H, Hkv, window, scale);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d128(float *out, float *lse, const float *q, const float *k,
-                                                                              const float *v, int T, int H, int Hkv, int window, float scale) {
+extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d128(
+    float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv, int window, float scale) {
     flash_forward_bf16<128, 32>(out, lse, q, k, v, T, H, Hkv, window, scale);
 }
 

@@ -43,8 +43,9 @@ public enum Attention {
                 var r0 = 0
                 while r0 < T {
                     let r1 = min(T, r0 + blockRows)
-                    BLAS.gemm(transB: true, m: r1 - r0, n: r1, k: D, alpha: s.scale, a: qh + r0 * qs, lda: qs, b: kh, ldb: ks,
-                              c: p + r0 * T, ldc: T, parallel: false)
+                    BLAS.gemm(
+                        transB: true, m: r1 - r0, n: r1, k: D, alpha: s.scale, a: qh + r0 * qs, lda: qs, b: kh, ldb: ks,
+                        c: p + r0 * T, ldc: T, parallel: false)
                     for i in r0..<r1 { softmaxRow(p + i * T, i: i, T: T, window: s.window) }
                     BLAS.gemm(m: r1 - r0, n: D, k: r1, a: p + r0 * T, lda: T, b: vh, ldb: ks, c: o + r0 * qs, ldc: qs, parallel: false)
                     r0 = r1
@@ -98,23 +99,27 @@ public enum Attention {
                     while r0 < T {
                         let r1 = min(T, r0 + blockRows)
                         // dV_g[r0..<r1] += P[r0..<T, r0..<r1]ᵀ dO[r0..<T]   (P is zero above the diagonal)
-                        BLAS.gemm(transA: true, m: r1 - r0, n: D, k: T - r0, a: p + r0 * T + r0, lda: T, b: doh + r0 * qs, ldb: qs,
-                                  beta: 1, c: dvg + r0 * ks, ldc: ks, parallel: false)
+                        BLAS.gemm(
+                            transA: true, m: r1 - r0, n: D, k: T - r0, a: p + r0 * T + r0, lda: T, b: doh + r0 * qs, ldb: qs,
+                            beta: 1, c: dvg + r0 * ks, ldc: ks, parallel: false)
                         // dP[r0..<r1, 0..<r1] = dO Vᵀ, then dS = P ∘ (dP − Σ_j dP∘P) in place
-                        BLAS.gemm(transB: true, m: r1 - r0, n: r1, k: D, a: doh + r0 * qs, lda: qs, b: vg, ldb: ks,
-                                  c: ds + r0 * T, ldc: T, parallel: false)
+                        BLAS.gemm(
+                            transB: true, m: r1 - r0, n: r1, k: D, a: doh + r0 * qs, lda: qs, b: vg, ldb: ks,
+                            c: ds + r0 * T, ldc: T, parallel: false)
                         for i in r0..<r1 { softmaxBackwardRow(ds + i * T, p + i * T, i: i, width: r1) }
                         // dQ[r0..<r1] = scale · dS K
-                        BLAS.gemm(m: r1 - r0, n: D, k: r1, alpha: s.scale, a: ds + r0 * T, lda: T, b: kg, ldb: ks,
-                                  c: dqh + r0 * qs, ldc: qs, parallel: false)
+                        BLAS.gemm(
+                            m: r1 - r0, n: D, k: r1, alpha: s.scale, a: ds + r0 * T, lda: T, b: kg, ldb: ks,
+                            c: dqh + r0 * qs, ldc: qs, parallel: false)
                         r0 = r1
                     }
                     // dK_g[c0..<c1] += scale · dS[c0..<T, c0..<c1]ᵀ Q[c0..<T]
                     var c0 = 0
                     while c0 < T {
                         let c1 = min(T, c0 + blockRows)
-                        BLAS.gemm(transA: true, m: c1 - c0, n: D, k: T - c0, alpha: s.scale, a: ds + c0 * T + c0, lda: T,
-                                  b: qh + c0 * qs, ldb: qs, beta: 1, c: dkg + c0 * ks, ldc: ks, parallel: false)
+                        BLAS.gemm(
+                            transA: true, m: c1 - c0, n: D, k: T - c0, alpha: s.scale, a: ds + c0 * T + c0, lda: T,
+                            b: qh + c0 * qs, ldb: qs, beta: 1, c: dkg + c0 * ks, ldc: ks, parallel: false)
                         c0 = c1
                     }
                 }

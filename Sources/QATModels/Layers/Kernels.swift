@@ -120,7 +120,7 @@ public enum Kernels {
         let hi = V8(repeating: 88.0), lo = V8(repeating: -87.33654)
         var x = x0.replacing(with: hi, where: x0 .> hi)
         x = x.replacing(with: lo, where: x .< lo)
-        let magic = V8(repeating: 12_582_912)             // 1.5·2^23: adding it rounds to an integer
+        let magic = V8(repeating: 12_582_912)  // 1.5·2^23: adding it rounds to an integer
         let t = x * V8(repeating: 1.442_695_040_888_963_4) + magic
         let n = t - magic
         var r = x - n * V8(repeating: 0.693_359_375)

@@ -98,7 +98,7 @@ public final class Linear: @unchecked Sendable {
         dy: UnsafePointer<Float>, x: UnsafePointer<Float>, xUsed: UnsafePointer<Float>, n: Int,
         dx: UnsafeMutablePointer<Float>?, accumulateDx: Bool
     ) {
-        defer { adapter?.backward(dy: dy, x: x, n: n, dx: dx) }   // after dx is written
+        defer { adapter?.backward(dy: dy, x: x, n: n, dx: dx) }  // after dx is written
         if let g = weight.grad {
             if let wq = weightQuantizer, wq.isQuantizing {
                 let tmp = scratchBuffer(weight.count)
@@ -108,7 +108,9 @@ public final class Linear: @unchecked Sendable {
                     Kernels.addParallel(g.data, tmp, weight.count)
                 }
             } else {
-                StepProfiler.measure(pGemmDW) { BLAS.gemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dy, b: xUsed, beta: 1, c: g.data) }
+                StepProfiler.measure(pGemmDW) {
+                    BLAS.gemm(transA: true, m: outFeatures, n: inFeatures, k: n, a: dy, b: xUsed, beta: 1, c: g.data)
+                }
             }
         }
         if let b = bias, let g = b.grad {
@@ -120,15 +122,17 @@ public final class Linear: @unchecked Sendable {
             let tmp = scratchBuffer(n * inFeatures)
             StepProfiler.measure(pGemmDX) { BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, c: tmp) }
             StepProfiler.measure(pSTE) {
-            if accumulateDx {
-                iq.backward(x: x, gradOut: tmp, gradIn: tmp, count: n * inFeatures)
-                Kernels.addParallel(dx, tmp, n * inFeatures)
-            } else {
-                iq.backward(x: x, gradOut: tmp, gradIn: dx, count: n * inFeatures)
-            }
+                if accumulateDx {
+                    iq.backward(x: x, gradOut: tmp, gradIn: tmp, count: n * inFeatures)
+                    Kernels.addParallel(dx, tmp, n * inFeatures)
+                } else {
+                    iq.backward(x: x, gradOut: tmp, gradIn: dx, count: n * inFeatures)
+                }
             }
         } else {
-            StepProfiler.measure(pGemmDX) { BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, beta: accumulateDx ? 1 : 0, c: dx) }
+            StepProfiler.measure(pGemmDX) {
+                BLAS.gemm(m: n, n: inFeatures, k: outFeatures, a: dy, b: effectiveWeight, beta: accumulateDx ? 1 : 0, c: dx)
+            }
         }
     }
 

@@ -82,8 +82,9 @@ public final class MoEBlock: @unchecked Sendable {
 
     /// A block with a router and no experts, for routing alone (`route`).
     public static func routerOnly(weight: Tensor, topK: Int, normTopKProb: Bool) -> MoEBlock {
-        MoEBlock(router: Linear(name: "router", weight: Parameter(name: "router.weight", value: weight), bias: nil),
-                 experts: [], sharedExpert: nil, sharedExpertGate: nil, topK: topK, normTopKProb: normTopKProb)
+        MoEBlock(
+            router: Linear(name: "router", weight: Parameter(name: "router.weight", value: weight), bias: nil),
+            experts: [], sharedExpert: nil, sharedExpertGate: nil, topK: topK, normTopKProb: normTopKProb)
     }
 
     /// Routes x [N, C]: per token its k experts (in expert order) and their weights, [N·k] each.
@@ -259,8 +260,10 @@ public final class MoEBlock: @unchecked Sendable {
     /// dout: d loss / d block output [N, C]; x: the forward input; dx: written [N, C].
     /// `dProbs`, when given, is an extra d loss / d router probability [N, E] (the auxiliary
     /// loss), added before the softmax backward.
-    public func backward(dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>,
-                         dProbs: UnsafePointer<Float>? = nil) {
+    public func backward(
+        dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>,
+        dProbs: UnsafePointer<Float>? = nil
+    ) {
         let N = n, C = hidden, I = inter, E = numExperts, K = topK, R = N * K
         let dy = Tensor(shape: [R * C], zeroed: false), dh = Tensor(shape: [R * I], zeroed: false)
         let dg = Tensor(shape: [R * I], zeroed: false), du = Tensor(shape: [R * I], zeroed: false)
@@ -291,8 +294,9 @@ public final class MoEBlock: @unchecked Sendable {
         }
         for e in 0..<E where offsets[e + 1] > offsets[e] {
             let o = offsets[e], ne = offsets[e + 1] - o
-            experts[e].down.backward(dy: dy.data + o * C, x: gh.data + o * I, xUsed: used[e]!.down, n: ne,
-                                     dx: dh.data + o * I, accumulateDx: false)
+            experts[e].down.backward(
+                dy: dy.data + o * C, x: gh.data + o * I, xUsed: used[e]!.down, n: ne,
+                dx: dh.data + o * I, accumulateDx: false)
         }
         StepProfiler.measure("bwd.swiglu") {
             SwiGLU.backward(dgate: dg.data, dup: du.data, dout: dh.data, gate: gg.data, up: gu.data, n: R * I)
@@ -301,8 +305,9 @@ public final class MoEBlock: @unchecked Sendable {
         let dgx = dy
         for e in 0..<E where offsets[e + 1] > offsets[e] {
             let o = offsets[e], ne = offsets[e + 1] - o, ex = experts[e]
-            ex.gate.backward(dy: dg.data + o * I, x: gx.data + o * C, xUsed: used[e]!.gate, n: ne,
-                             dx: dgx.data + o * C, accumulateDx: false)
+            ex.gate.backward(
+                dy: dg.data + o * I, x: gx.data + o * C, xUsed: used[e]!.gate, n: ne,
+                dx: dgx.data + o * C, accumulateDx: false)
             ex.up.backward(dy: du.data + o * I, x: gx.data + o * C, xUsed: used[e]!.up, n: ne, dx: dgx.data + o * C, accumulateDx: true)
         }
         // dx_t = Σ_j d(grouped input)[row(t, j)].

@@ -7,7 +7,8 @@ public enum SwiGLU {
 
     /// gate, up, out: [n] (n = tokens × intermediate).
     public static func forward(out: UnsafeMutablePointer<Float>, gate: UnsafePointer<Float>, up: UnsafePointer<Float>, n: Int) {
-        let o = SendablePointer(out), g = SendablePointer(UnsafeMutablePointer(mutating: gate)), u = SendablePointer(UnsafeMutablePointer(mutating: up))
+        let o = SendablePointer(out), g = SendablePointer(UnsafeMutablePointer(mutating: gate)),
+            u = SendablePointer(UnsafeMutablePointer(mutating: up))
         Parallel.forRange((n + 7) / 8, costPerItem: 64) { s, e in
             for c in s..<e {
                 let i = c * 8

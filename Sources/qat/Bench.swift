@@ -222,7 +222,8 @@ struct Bench: ParsableCommand {
         } else {
             let teacher = try freshModel(name, like: model)
             trainer = try QADTrainer(model: m, teacher: teacher, quantizers: set, calibrationSequences: calib, calibrationBatchSize: B,
-                                     spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1, options: opts)
+                                     spec: spec, seqLen: T, trainStream: stream, validationStream: evalStream, validationSequences: 1,
+                                     options: opts)
         }
         laps.between = between
         StepProfiler.reset()

@@ -5,7 +5,7 @@ import Synchronization
 import Glibc
 #endif
 
-/// A raw pointer that may cross into `concurrentPerform` workers. Workers write disjoint
+/// A raw pointer that may cross into the pool's workers. Workers write disjoint
 /// ranges; the caller guarantees it.
 public struct SendablePointer<T>: @unchecked Sendable {
     public let p: UnsafeMutablePointer<T>
@@ -16,7 +16,8 @@ public struct SendablePointer<T>: @unchecked Sendable {
 ///
 /// Threading model: OpenBLAS is kept single-threaded (see `BLAS`), and every parallel loop,
 /// large matrix products included, is split here into `threads` fixed contiguous chunks run
-/// by the persistent `WorkerPool` (chunk w on worker w). So there is exactly one set of workers (no
+/// by the persistent `WorkerPool` (whichever of its threads claims a chunk computes it the
+/// same way). So there is exactly one set of workers (no
 /// OpenBLAS pthreads spinning in `sched_yield` next to ours), and the split of every loop
 /// depends only on its size and `threads`, never on timing: results are run-to-run
 /// deterministic.
@@ -64,7 +65,9 @@ public enum Parallel {
             let line = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             return line.split(whereSeparator: { $0 == " " || $0 == "\n" })
         }
-        if let v2 = read("/sys/fs/cgroup/cpu.max"), v2.count == 2, let q = Double(v2[0]), let p = Double(v2[1]), p > 0 { return q / p }
+        if let v2 = read("/sys/fs/cgroup/cpu.max"), v2.count == 2, let q = Double(v2[0]), let p = Double(v2[1]), p > 0 {
+            return q / p  // "max 100000" (no quota) does not parse as a number
+        }
         if let q = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")?.first.flatMap({ Double($0) }), q > 0,
             let p = read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")?.first.flatMap({ Double($0) }), p > 0
         {

@@ -74,6 +74,7 @@ final class ApplyRun {
         summary.mode = recipe.train.mode.rawValue
         summary.quantize = recipe.quantizeDescription
         log("recipe \(recipePath): model \(recipe.model), quantize \(recipe.quantizeDescription), mode \(recipe.train.mode.rawValue)")
+        try checkDeviceSupport()
         try preflight()
         try planPipeline()
         try loadModelAndData()
@@ -118,21 +119,26 @@ final class ApplyRun {
     func onGPU(_ m: CausalLM) throws -> CUDAModel? { try device?.copy(m) }
 
     /// `device: cuda`: every phase runs on the GPU (calibration, QAT/QAD training through
-    /// `CUDAStepBackend`, evaluation, verification); what this version trains on the CPU only is
-    /// refused here, before anything is loaded.
+    /// `CUDAStepBackend`, evaluation, verification); what this version trains on the CPU only was
+    /// refused by `checkDeviceSupport`, before any work.
     func openDevice() throws {
         guard recipe.device.isCUDA else { return }
-        if recipe.train.mode != .none {
-            let train = recipe.train
-            let cpuOnly: String? =
-                world.isDistributed || pipeline != nil
-                ? "multi-process training (mpirun, pipeline stages)"
-                : train.lora != nil ? "LoRA/QLoRA training" : train.distill.teacherLogprobs != nil ? "QAD from a top-k teacher cache" : nil
-            if let what = cpuOnly {
-                throw QATError.unsupported("device \(recipe.device): \(what) runs on the CPU only in this version: use device: cpu")
-            }
-        }
         device = try DeviceRunner(recipe.device, precision: recipe.precision)
+    }
+
+    /// What this version trains on the CPU only, refused for `device: cuda` before any work.
+    func checkDeviceSupport() throws {
+        guard recipe.device.isCUDA, recipe.train.mode != .none else { return }
+        let train = recipe.train
+        let cpuOnly: String? =
+            world.isDistributed || train.pipelineStages > 1
+            ? "multi-process training (mpirun, pipeline stages)"
+            : train.lora != nil
+                ? "LoRA/QLoRA training"
+                : train.distill.teacherLogprobs != nil ? "QAD from a top-k teacher cache" : nil
+        if let what = cpuOnly {
+            throw QATError.unsupported("device \(recipe.device): \(what) runs on the CPU only in this version: use device: cpu")
+        }
     }
 
     func loadModelAndData() throws {

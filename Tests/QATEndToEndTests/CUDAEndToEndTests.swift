@@ -38,13 +38,28 @@ final class CUDAEndToEndTests: XCTestCase {
         XCTAssertTrue(r.err.contains("device") && r.err.contains("line 2"), r.err)
     }
 
-    /// Training on the GPU is refused with a clear error before any work (this version runs PTQ,
-    /// evaluation and verification there).
-    func testTrainingOnCUDAIsRefusedClearly() throws {
+    /// QAT/QAD run on the GPU (`CUDAStepBackend`): without a GPU, one line that says so; what this
+    /// version trains on the CPU only (LoRA, a top-k teacher cache) is refused by name before
+    /// any work, GPU or not.
+    func testTrainingOnCUDA() throws {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
-        let r = try Fixtures.runQAT(["apply", "recipes/default.yaml", "--device", "cuda", "--quiet"])
-        XCTAssertEqual(r.status, 1)
-        XCTAssertTrue(r.err.contains("runs on the CPU in this version"), r.err)
-        XCTAssertEqual(r.err.split(separator: "\n").filter { !$0.isEmpty }.count, 1, r.err)
+        let r = try Fixtures.runQAT([
+            "apply", "recipes/default.yaml", "--device", "cuda", "--quiet", "--set", "train.steps=2",
+            "--set", "export.dir=" + Fixtures.tempDir("qat-cuda-train").path,
+        ])
+        if r.status != 0 {
+            XCTAssertEqual(r.status, 1, r.err)
+            XCTAssertEqual(r.err.split(separator: "\n").filter { !$0.isEmpty }.count, 1, r.err)
+            XCTAssertTrue(r.err.contains("CUDA") || r.err.contains("GPU"), r.err)
+        }
+        for (recipe, what) in [
+            ("recipes/fortune-lm-lora-qat.yaml", "LoRA/QLoRA training"),
+            ("recipes/fortune-lm-qad-topk.yaml", "QAD from a top-k teacher cache"),
+        ] {
+            let refused = try Fixtures.runQAT(["apply", recipe, "--device", "cuda", "--quiet"])
+            XCTAssertEqual(refused.status, 1, refused.err)
+            XCTAssertTrue(refused.err.contains(what) && refused.err.contains("runs on the CPU only in this version"), refused.err)
+            XCTAssertEqual(refused.err.split(separator: "\n").filter { !$0.isEmpty }.count, 1, refused.err)
+        }
     }
 }

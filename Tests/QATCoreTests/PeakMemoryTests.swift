@@ -1,16 +1,24 @@
+import Foundation
 import QATCore
 import XCTest
 
 /// The peak-memory helper the benchmarks use: each measured stretch shows its own peak, not the
 /// process's high-water mark from an earlier, larger one.
 final class PeakMemoryTests: XCTestCase {
-    /// Allocates `bytes` and writes one byte per page, so every page becomes resident.
-    private func touched(_ bytes: Int) -> UnsafeMutableRawPointer {
-        let p = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+    /// Maps `bytes` of fresh anonymous memory and writes one byte per page, so every page becomes
+    /// resident. (mmap, not malloc: after a large free glibc raises its mmap threshold and serves
+    /// the next allocation from heap pages that may already be resident, which a reading would
+    /// not count.)
+    private func touched(_ bytes: Int, _ body: (UnsafeMutableRawPointer) -> Int) -> Int {
+        guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else {
+            XCTFail("mmap of \(bytes) bytes failed")
+            return 0
+        }
+        defer { munmap(p, bytes) }
         for i in stride(from: 0, to: bytes, by: 4096) {
             p.storeBytes(of: UInt8(truncatingIfNeeded: i >> 12 | 1), toByteOffset: i, as: UInt8.self)
         }
-        return p
+        return body(p)
     }
 
     func testResetMakesASmallerLaterPeakVisible() throws {
@@ -18,17 +26,13 @@ final class PeakMemoryTests: XCTestCase {
         let mb = 1_000_000
         // 200 MB touched: the reading sees all of it.
         let big = PeakMemory.measure { () -> Int in
-            let p = touched(200 * mb)
-            defer { p.deallocate() }
-            return Int(p.load(fromByteOffset: 4096, as: UInt8.self))
+            touched(200 * mb) { Int($0.load(fromByteOffset: 4096, as: UInt8.self)) }
         }
         let first = try XCTUnwrap(big.peakBytes)
         XCTAssertGreaterThanOrEqual(first, 190 * mb)  // the kernel updates its RSS counters lazily: within 5%
         // Reset, then 20 MB touched: the reading is that run's own peak, not the 200 MB one.
         let small = PeakMemory.measure { () -> Int in
-            let p = touched(20 * mb)
-            defer { p.deallocate() }
-            return Int(p.load(fromByteOffset: 4096, as: UInt8.self))
+            touched(20 * mb) { Int($0.load(fromByteOffset: 4096, as: UInt8.self)) }
         }
         let second = try XCTUnwrap(small.peakBytes)
         XCTAssertLessThan(second, 100 * mb, "the 200 MB high-water mark survived the reset")

@@ -133,19 +133,27 @@ extension CUDADevice {
 
 /// A micro-batch's positions grouped by token for `embeddingBackward` (built on the host:
 /// positions sorted by token, then position).
-final class EmbeddingGroups {
+public final class EmbeddingGroups {
     let order, starts, ids: DeviceBuffer
     let count: Int
     init(_ device: CUDADevice, tokens: [Int32]) throws {
+        let g = EmbeddingGroups.plan(tokens)
+        order = try DeviceBuffer(device, ints: g.order)
+        starts = try DeviceBuffer(device, ints: g.starts)
+        ids = try DeviceBuffer(device, ints: g.ids)
+        count = g.ids.count
+    }
+
+    /// The host side: positions sorted by token, then position (`order`); token `ids[u]` owns
+    /// `order[starts[u] ..< starts[u + 1]]`.
+    public static func plan(_ tokens: [Int32]) -> (order: [Int32], starts: [Int32], ids: [Int32]) {
         let order = tokens.indices.sorted { tokens[$0] != tokens[$1] ? tokens[$0] < tokens[$1] : $0 < $1 }
         var starts: [Int32] = [], ids: [Int32] = []
         for (i, p) in order.enumerated() where i == 0 || tokens[order[i - 1]] != tokens[p] {
-            starts.append(Int32(i)); ids.append(tokens[p])
+            starts.append(Int32(i))
+            ids.append(tokens[p])
         }
         starts.append(Int32(order.count))
-        self.order = try DeviceBuffer(device, ints: order.map { Int32($0) })
-        self.starts = try DeviceBuffer(device, ints: starts)
-        self.ids = try DeviceBuffer(device, ints: ids)
-        count = ids.count
+        return (order.map { Int32($0) }, starts, ids)
     }
 }

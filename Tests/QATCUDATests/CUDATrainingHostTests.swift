@@ -1,0 +1,23 @@
+import QATCUDA
+import XCTest
+
+/// The host side of GPU training that runs without a GPU.
+final class CUDATrainingHostTests: XCTestCase {
+    /// The embedding backward's grouping: every position once, grouped by token in increasing
+    /// id, positions increasing within a token (the CPU's summation order), one start per token.
+    func testEmbeddingGroupsKeepThePositionOrderOfEveryToken() {
+        let tokens: [Int32] = [5, 2, 5, 9, 2, 2, 0, 5]
+        let g = EmbeddingGroups.plan(tokens)
+        XCTAssertEqual(g.ids, [0, 2, 5, 9])
+        XCTAssertEqual(g.starts, [0, 1, 4, 7, 8])
+        XCTAssertEqual(g.order, [6, 1, 4, 5, 0, 2, 7, 3])
+        for u in 0..<g.ids.count {
+            let positions = g.order[Int(g.starts[u])..<Int(g.starts[u + 1])]
+            XCTAssertEqual(Array(positions), positions.sorted())
+            XCTAssertTrue(positions.allSatisfy { tokens[Int($0)] == g.ids[u] })
+        }
+        let empty = EmbeddingGroups.plan([])
+        XCTAssertEqual(empty.ids, [])
+        XCTAssertEqual(empty.starts, [0])
+    }
+}

@@ -183,6 +183,30 @@ final class AdamWTests: XCTestCase {
         XCTAssertEqual(p[1], -0.995, accuracy: 1e-6)
     }
 
+    /// A device optimizer's step (`step(lrFactor:update:)`): the step count advances once, every
+    /// slot is handed over with the coefficients `step(lrFactor:)` uses, and the host tensors are
+    /// left to the caller.
+    func testStepWithAnUpdateClosureHandsOverEverySlotAndItsCoefficients() throws {
+        let (opt, p, g) = try makeOptimizer(weightDecay: 0.1)
+        g.copy(from: Tensor(shape: [20], values: rep(g1)))
+        var seen: [(Int, String, AdamW.Coefficients)] = []
+        opt.step(lrFactor: 0.5) { i, slot, c in seen.append((i, slot.name, c)) }
+        XCTAssertEqual(opt.stepCount, 1)
+        XCTAssertEqual(p.array, rep(p0))  // the closure did not touch them
+        XCTAssertEqual(seen.map(\.0), [0])
+        XCTAssertEqual(seen.map(\.1), ["model.layers.0.mlp.up_proj.weight"])
+        let h = opt.groups[0].hyper, expected = AdamW.coefficients(h, lr: h.lr * 0.5, step: 1)
+        let c = try XCTUnwrap(seen.first?.2)
+        XCTAssertEqual(
+            [c.decay, c.lerpWeight, c.beta2, c.oneMinusBeta2, c.bc2Sqrt, c.eps, c.negStepSize],
+            [
+                expected.decay, expected.lerpWeight, expected.beta2, expected.oneMinusBeta2, expected.bc2Sqrt,
+                expected.eps, expected.negStepSize,
+            ])
+        XCTAssertEqual(c.decay, Float(1 - 1e-2 * 0.5 * 0.1))
+        XCTAssertEqual(c.negStepSize, Float(-(1e-2 * 0.5 / (1 - 0.9))))
+    }
+
     /// beta1 >= 0.5 takes the other lerp branch; compare with a float64 textbook AdamW.
     func testLargeLerpWeightBranch() throws {
         let p = Tensor(shape: [3], values: [1, -2, 0.5])

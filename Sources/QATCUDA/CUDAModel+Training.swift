@@ -15,7 +15,7 @@ extension CUDAModel {
         init(_ d: CUDADevice, parameters: [Parameter]) throws {
             var offsets: [ObjectIdentifier: (Int, Int)] = [:]
             var total = 0
-            for p in parameters where p.grad != nil && offsets[ObjectIdentifier(p)] == nil {
+            for p in parameters where p.grad != nil {  // (each once: a tied lm_head is the embedding)
                 offsets[ObjectIdentifier(p)] = (total, p.count)
                 total += (p.count + 63) / 64 * 64  // 256-byte aligned slices
             }
@@ -67,11 +67,7 @@ extension CUDAModel {
     /// The trainable parameters' device gradients, by name (host parameter order).
     var gradientList: [(name: String, ptr: CUdeviceptr, count: Int)] {
         guard let t = training else { return [] }
-        var seen = Set<ObjectIdentifier>()
-        return model.parameters.compactMap { p in
-            guard seen.insert(ObjectIdentifier(p)).inserted, let g = t.gradients.pointer(p) else { return nil }
-            return (p.name, g, p.count)
-        }
+        return model.parameters.compactMap { p in t.gradients.pointer(p).map { (p.name, $0, p.count) } }
     }
 
     private func backwardBuffers(_ b: Buffers) throws -> BackwardBuffers {
@@ -84,25 +80,6 @@ extension CUDAModel {
     }
 
     // MARK: Linear backward
-
-    /// Writes x through the input quantizer (as the forward multiplied it) to `out32`
-    /// (fp32 precision) or its bf16 copy to `out16`; returns the pointer to multiply.
-    private func quantizedInput(_ l: Linear, _ x: CUdeviceptr, n: Int, b: Buffers) throws -> CUdeviceptr {
-        let count = n * l.inFeatures
-        if precision == .bf16 {
-            if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
-                try device.nvfp4FakeQuant(
-                    x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
-                    exportMode: q.nvfp4Mode == .export)
-            } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
-                try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: count)
-            } else {
-                try device.toBF16(out: b.b16.ptr, x, count: count)
-            }
-            return b.b16.ptr
-        }
-        return try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) ? b.qin.ptr : x
-    }
 
     /// The clipped STE's amax of a quantizer, nil when its backward passes gradients through.
     private func clipAmax(_ hook: FakeQuantHook?) -> Float? {
@@ -128,7 +105,7 @@ extension CUDAModel {
             dyIn = d16
         }
         if let gw = gradient(l.weight) {
-            let xu = try quantizedInput(l, x, n: n, b: b)
+            let xu = try productInput(l, x, n: n, buffers: b)
             if let a = clipAmax(l.weightQuantizer) {
                 let t = try scratch("weight-ste", bytes: out * inp * 4)
                 try device.gemm(transA: true, m: out, n: inp, k: n, a: dyIn, lda: out, b: xu, ldb: inp, c: t, ldc: inp, bf16: bf)

@@ -238,32 +238,35 @@ public final class CUDAModel: @unchecked Sendable {
         dl.stale = false
     }
 
+    /// What a Linear's products multiply for input x [n, in]: x through its input quantizer, in
+    /// bf16 precision as a bf16 copy in `b16` (an NVFP4 input quantizer writes it directly, in one
+    /// pass; `x16`, x's bf16 copy when its producer wrote one, is used when no quantizer changes
+    /// x), in fp32 in `qin` or x itself. The forward and the weight gradient both call this.
+    func productInput(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, n: Int, buffers b: Buffers) throws -> CUdeviceptr {
+        guard precision == .bf16 else {
+            return try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) ? b.qin.ptr : x
+        }
+        if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
+            try device.nvfp4FakeQuant(
+                x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a, exportMode: q.nvfp4Mode == .export)
+        } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
+            try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: n * l.inFeatures)
+        } else if let x16 {
+            return x16
+        } else {
+            try device.toBF16(out: b.b16.ptr, x, count: n * l.inFeatures)
+        }
+        return b.b16.ptr
+    }
+
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
     /// when its producer wrote one (used when no quantizer changes x).
     func linear(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
-        if precision == .bf16 {
-            // An NVFP4 input quantizer writes the bf16 product input directly (one pass).
-            var input = b.b16.ptr
-            if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
-                try device.nvfp4FakeQuant(
-                    x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a,
-                    exportMode: q.nvfp4Mode == .export)
-            } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
-                try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: n * l.inFeatures)
-            } else if let x16 {
-                input = x16
-            } else {
-                try device.toBF16(out: b.b16.ptr, x, count: n * l.inFeatures)
-            }
-            try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: dl.bf16!.ptr, c: out, bf16: true)
-        } else {
-            let quantized = try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures)
-            try device.gemmXWt(
-                n: n, out: l.outFeatures, k: l.inFeatures, x: quantized ? b.qin.ptr : x, w: (dl.fakeQuant ?? dl.weight).ptr, c: out,
-                bf16: false)
-        }
+        let input = try productInput(l, x, x16: x16, n: n, buffers: b)
+        let w = precision == .bf16 ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
+        try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16)
         if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
     }
 

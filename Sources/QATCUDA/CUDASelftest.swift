@@ -345,13 +345,7 @@ public struct CUDASelftest {
     mutating func models() throws {
         let (batch, seqLen) = (2, 40)
         for (name, config) in Self.modelConfigs {
-            let model = try CausalLM(config: config, seed: 11, std: 0.08)
-            if config.attentionBias {  // random biases, not zeros
-                for p in model.parameters where p.name.hasSuffix(".bias") {
-                    let r = Self.random(p.value.count, seed: 12, scale: 0.1)
-                    for i in 0..<r.count { p.value[i] = r[i] }
-                }
-            }
+            let model = try Self.selftestModel(config)
             var g = SplitMix64(seed: 13)
             let tokens = (0..<(batch * seqLen)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
             let cpu = try hostLogits(model, tokens, batch, seqLen)

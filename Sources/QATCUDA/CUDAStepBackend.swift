@@ -164,8 +164,7 @@ public final class CUDAStepBackend: StepBackend {
     }
 
     public func synchronizeHost(_ optimizer: AdamW) throws {
-        var seen = Set<ObjectIdentifier>()
-        for p in model.model.parameters where seen.insert(ObjectIdentifier(p)).inserted {
+        for p in model.model.parameters {  // (each once: a tied lm_head is the embedding)
             try model.device.check(model.device.api.cuMemcpyDtoH(p.value.data, model.tensor(p), p.count * 4), "cuMemcpyDtoH(\(p.name))")
         }
         guard moments != nil else { return }
@@ -177,8 +176,7 @@ public final class CUDAStepBackend: StepBackend {
     }
 
     public func hostStateChanged(_ optimizer: AdamW, model host: CausalLM) throws {
-        var seen = Set<ObjectIdentifier>()
-        for p in model.model.parameters where seen.insert(ObjectIdentifier(p)).inserted {
+        for p in model.model.parameters {
             try model.device.check(model.device.api.cuMemcpyHtoD(model.tensor(p), p.value.data, p.count * 4), "cuMemcpyHtoD(\(p.name))")
         }
         try uploadMoments(optimizer)

@@ -204,7 +204,8 @@ extension CUDAModel {
         if let key = ad.maskKey {
             let t = try scratch("lora-x", bytes: n * inp * 4)
             try device.gemm(m: n, n: inp, k: r, a: dh16, lda: r, b: A, ldb: inp, c: t, ldc: inp, bf16: bf)
-            try device.loraDropout(t, out: dx, count: n * inp, key: key, threshold: c.dropoutThreshold, scale: c.dropoutScale, accumulate: true)
+            try device.loraDropout(
+                t, out: dx, count: n * inp, key: key, threshold: c.dropoutThreshold, scale: c.dropoutScale, accumulate: true)
         } else {
             try device.gemm(m: n, n: inp, k: r, a: dh16, lda: r, b: A, ldb: inp, c: dx, ldc: inp, beta: 1, bf16: bf)
         }

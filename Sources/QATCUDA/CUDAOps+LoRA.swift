@@ -6,7 +6,9 @@ extension CUDADevice {
     /// QLoRA's base: NVFP4 `packed` [rows, nb·8] and E4M3 `scales` [rows, nb] (nb = ⌈cols/16⌉)
     /// with global scale `gs` decoded into `out` [rows, cols] fp32 (and its bf16 rounding into
     /// `out16` when non-zero), bit for bit `NVFP4.dequantize`.
-    func nvfp4Decode(packed: CUdeviceptr, scales: CUdeviceptr, globalScale gs: Float, rows: Int, cols: Int, out: CUdeviceptr, out16: CUdeviceptr = 0)
+    func nvfp4Decode(
+        packed: CUdeviceptr, scales: CUdeviceptr, globalScale gs: Float, rows: Int, cols: Int, out: CUdeviceptr, out16: CUdeviceptr = 0
+    )
         throws
     {
         try kernels.launch1D(

@@ -84,7 +84,8 @@ extension CUDASelftest {
         let cpu = (0..<n).map { LoRAContext.keeps(key: key, element: $0, threshold: threshold) ? x[$0] * scale : 0 }
         let xd = try gpu(x), out = try DeviceBuffer(device, floats: n), acc = try gpu(base)
         let out16 = try DeviceBuffer(device, bytes: n * 2), ref16 = try DeviceBuffer(device, bytes: n * 2)
-        try device.loraDropout(xd.ptr, out: out.ptr, out16: out16.ptr, count: n, key: key, threshold: threshold, scale: scale, accumulate: false)
+        try device.loraDropout(
+            xd.ptr, out: out.ptr, out16: out16.ptr, count: n, key: key, threshold: threshold, scale: scale, accumulate: false)
         try device.loraDropout(xd.ptr, out: acc.ptr, count: n, key: key, threshold: threshold, scale: scale, accumulate: true)
         let kept = Double(cpu.filter { $0 != 0 }.count) / Double(n)
         add("LoRA dropout mask p=0.3 (kept \(String(format: "%.3f", kept)))", Self.bitMismatches(cpu, try out.floats(n)), 0, "bits ≠")
@@ -220,7 +221,8 @@ extension CUDASelftest {
             }
             try backend.synchronizeHost(opt)
             losses.append(l)
-            trained.append(lora.adapters.flatMap { [$0.A, $0.B] }.flatMap { Array(UnsafeBufferPointer(start: $0.value.data, count: $0.count)) })
+            trained.append(
+                lora.adapters.flatMap { [$0.A, $0.B] }.flatMap { Array(UnsafeBufferPointer(start: $0.value.data, count: $0.count)) })
             for p in model.parameters { p.setRequiresGrad(false) }
         }
         let lossError = zip(losses[0], losses[1]).map { abs($0 - $1) / abs($0) }.max() ?? .nan

@@ -245,6 +245,9 @@ final class ApplyRun {
                 guard let copy = try device.copy(teacher) else { throw QATError.internal("no device copy of the teacher") }
                 return copy
             }
+            if gpuModel.packedBaseBytes > 0 {
+                log("QLoRA on the GPU: base packed in device memory (\(formatBytes(gpuModel.packedBaseBytes))), decoded at each use")
+            }
         }
         var spec = recipe.train
         if lora != nil && spec.trainableParams == nil && spec.frozenParams == nil { spec.trainableParams = LoRA.trainableGlobs }

@@ -220,6 +220,7 @@ extension CUDASelftest {
                 try backend.optimizerStep(opt, model: model, lrFactor: 1)
             }
             try backend.synchronizeHost(opt)
+            lora.context.step = { 0 }  // (the optimizer goes with this scope)
             losses.append(l)
             trained.append(
                 lora.adapters.flatMap { [$0.A, $0.B] }.flatMap { Array(UnsafeBufferPointer(start: $0.value.data, count: $0.count)) })

@@ -41,6 +41,7 @@ public struct CUDASelftest {
         try kernels()
         try models()
         try training()
+        try loraChecks()
         return checks.allSatisfy(\.passed)
     }
 

@@ -18,6 +18,7 @@ public enum KernelSources {
         ("quant", String(decoding: PackageResources.quant_cu, as: UTF8.self)),
         ("loss", String(decoding: PackageResources.loss_cu, as: UTF8.self)),
         ("optim", String(decoding: PackageResources.optim_cu, as: UTF8.self)),
+        ("lora", String(decoding: PackageResources.lora_cu, as: UTF8.self)),
     ]
 
     /// The kernels a file defines (`extern "C" __global__ void NAME(`).

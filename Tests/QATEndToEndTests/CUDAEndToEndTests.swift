@@ -38,23 +38,26 @@ final class CUDAEndToEndTests: XCTestCase {
         XCTAssertTrue(r.err.contains("device") && r.err.contains("line 2"), r.err)
     }
 
-    /// QAT/QAD run on the GPU (`CUDAStepBackend`): without a GPU, one line that says so; what this
-    /// version trains on the CPU only (LoRA, a top-k teacher cache) is refused by name before
-    /// any work, GPU or not.
+    /// QAT/QAD, LoRA-QAT and QLoRA-QAD run on the GPU (`CUDAStepBackend`): without a GPU, one
+    /// line that says so; what this version trains on the CPU only (a top-k teacher cache) is
+    /// refused by name before any work, GPU or not.
     func testTrainingOnCUDA() throws {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
-        let r = try Fixtures.runQAT([
-            "apply", "recipes/default.yaml", "--device", "cuda", "--quiet", "--set", "train.steps=2",
-            "--set", "export.dir=" + Fixtures.tempDir("qat-cuda-train").path,
-        ])
-        if r.status != 0 {
-            XCTAssertEqual(r.status, 1, r.err)
-            XCTAssertEqual(r.err.split(separator: "\n").filter { !$0.isEmpty }.count, 1, r.err)
-            XCTAssertTrue(r.err.contains("CUDA") || r.err.contains("GPU"), r.err)
+        for recipe in ["recipes/default.yaml", "recipes/fortune-lm-lora-qat.yaml", "recipes/fortune-lm-qlora-qad.yaml"] {
+            let dir = Fixtures.tempDir("qat-cuda-train")
+            defer { try? FileManager.default.removeItem(at: dir) }
+            let r = try Fixtures.runQAT([
+                "apply", recipe, "--device", "cuda", "--quiet", "--set", "train.steps=2", "--set", "export.dir=" + dir.path,
+            ])
+            if r.status != 0 {
+                XCTAssertEqual(r.status, 1, recipe + ": " + r.err)
+                XCTAssertEqual(r.err.split(separator: "\n").filter { !$0.isEmpty }.count, 1, recipe + ": " + r.err)
+                XCTAssertTrue(r.err.contains("CUDA") || r.err.contains("GPU"), recipe + ": " + r.err)
+                XCTAssertFalse(r.err.contains("CPU only"), recipe + ": " + r.err)
+            }
         }
         for (recipe, what) in [
-            ("recipes/fortune-lm-lora-qat.yaml", "LoRA/QLoRA training"),
-            ("recipes/fortune-lm-qad-topk.yaml", "QAD from a top-k teacher cache"),
+            ("recipes/fortune-lm-qad-topk.yaml", "QAD from a top-k teacher cache")
         ] {
             let refused = try Fixtures.runQAT(["apply", recipe, "--device", "cuda", "--quiet"])
             XCTAssertEqual(refused.status, 1, refused.err)

@@ -2,13 +2,20 @@
 # Runs the attention kernels on the CPU (no GPU): scripts/cuda-emu/prelude.h emulates the CUDA
 # subset they use (one fiber per thread; barriers, shuffles, mma.sync, ldmatrix, cp.async), and
 # attention_check.cpp compares them with a float64 reference. About a minute; `run.sh bf16` runs
-# only the tensor-core kernels. Not part of scripts/test.sh; run it after changing attention.cu.
+# only the tensor-core kernels; `run.sh lora` runs lora_check.cpp (the LoRA / QLoRA kernels of lora.cu
+# against transcriptions of the Swift CPU code, bit for bit). Not part of scripts/test.sh; run it after
+# changing attention.cu or lora.cu.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-python3 "$here/gen.py"
 cp "$here/prelude.h" .
+if [ "${1:-}" = lora ]; then  # the LoRA / QLoRA kernels (lora.cu), a few seconds
+  python3 "$here/gen.py" lora.cu
+  g++ -std=c++17 -O2 -w -I. -o check "$here/lora_check.cpp" "$here/runtime.cpp"
+  exec ./check
+fi
+python3 "$here/gen.py"
 g++ -std=c++17 -O2 -w -I. -o check "$here/attention_check.cpp" "$here/runtime.cpp"
 ./check "$@"

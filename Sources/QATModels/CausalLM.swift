@@ -168,7 +168,10 @@ public final class CausalLM: @unchecked Sendable {
 
     /// Random N(0, std²) weights and unit norms, for benchmarks on a model shape.
     public convenience init(config: ModelConfig, seed: UInt64, std: Float = 0.02) throws {
-        var rng = SplitMix64(seed: seed)
+        // One SplitMix64 stream over every random tensor in model order, two draws per value;
+        // SplitMix64's state is a counter, so a chunk starting at value j starts its own
+        // generator at seed + 2j·γ and the chunks fill in parallel with the sequential values.
+        var drawn: UInt64 = 0  // values drawn before the current tensor
         var params: [String: Tensor] = [:]
         for (name, shape) in CausalLM.parameterShapes(config) {
             let t = Tensor(shape: shape, zeroed: false)
@@ -177,7 +180,12 @@ public final class CausalLM: @unchecked Sendable {
             } else if name.hasSuffix(".bias") {
                 t.zero()
             } else {
-                for i in 0..<t.count { t[i] = rng.nextGaussian() * std }
+                let out = t.data, first = drawn
+                Parallel.forRange(t.count, costPerItem: 64) { start, end in
+                    var rng = SplitMix64(seed: seed &+ (2 &* (first &+ UInt64(start))) &* SplitMix64.gamma)
+                    for i in start..<end { out[i] = rng.nextGaussian() * std }
+                }
+                drawn &+= UInt64(t.count)
             }
             params[name] = t
         }
@@ -475,8 +483,10 @@ final class BackwardBuffers {
 public struct SplitMix64: RandomNumberGenerator, Sendable {
     public var state: UInt64
     public init(seed: UInt64) { state = seed }
+    /// The state's increment per draw.
+    public static let gamma: UInt64 = 0x9E37_79B9_7F4A_7C15
     public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
+        state &+= Self.gamma
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB

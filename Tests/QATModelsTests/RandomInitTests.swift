@@ -1,7 +1,6 @@
 import QATCore
-import XCTest
-
 import QATModels
+import XCTest
 
 /// `CausalLM(config:seed:std:)` fills its tensors in parallel chunks; every value must be the
 /// one the single sequential SplitMix64 stream (two draws per value, tensors in model order)

@@ -41,6 +41,8 @@ public struct CUDASelftest {
         try kernels()
         try models()
         try training()
+        try checkpointing()
+        try parity()
         return checks.allSatisfy(\.passed)
     }
 

@@ -156,7 +156,7 @@ extension CUDASelftest {
     /// differ by at most `ulps` ulps of the block's largest magnitude (so the boundary is that
     /// close to both); a differing block scale when the two block maxima are within `ulps` ulps.
     /// Distances are reported in ulps of the block's largest magnitude.
-    static func nvfp4Flips(cpu x: [Float], gpu y: [Float], rows: Int, cols: Int, globalAmax: Float, ulps: Float = 8) -> (
+    public static func nvfp4Flips(cpu x: [Float], gpu y: [Float], rows: Int, cols: Int, globalAmax: Float, ulps: Float = 8) -> (
         codes: Int, scaleFlips: Int, underScaleFlips: Int, notNearBoundary: Int, maxInputDiff: Double, maxInputUlps: Double,
         maxBoundaryUlps: Double
     ) {

@@ -9,8 +9,8 @@ import QATCore
 extension CausalLM {
     /// What a recompute cannot reproduce, refused before a training forward: LoRA dropout
     /// draws its masks by forward count, a mixture-of-experts layer keeps router state for the
-    /// auxiliary loss.
-    func checkCheckpointable() throws {
+    /// auxiliary loss. The trainer asks before the first step; a training forward asks again.
+    public func checkCheckpointable() throws {
         if layers.contains(where: { $0.moe != nil }) {
             throw QATError.unsupported("train.activation_checkpointing does not support mixture-of-experts models in this version")
         }

@@ -143,6 +143,7 @@ open class Trainer {
         self.validationStream = validationStream; self.validationSequences = validationSequences
         try Trainer.configureRouterAuxLoss(model: model, spec: spec, pipeline: options.pipeline != nil)
         model.activationCheckpointing = spec.activationCheckpointing  // (a CUDAModel of it follows the flag)
+        if spec.activationCheckpointing { try model.checkCheckpointable() }
         // Data parallel: the loader draws the global batch (world size × batch_size) and each
         // rank keeps its own rows (see `trainStep`).
         let world = options.pipeline?.dataParallel.size ?? options.world.size

@@ -57,6 +57,17 @@ final class ActivationCheckpointingTests: XCTestCase {
         }
         // Inference forwards are not affected.
         XCTAssertNoThrow(try model.forward(tokens: [1, 2, 3, 4], batch: 1, seqLen: 4, saveForBackward: false))
+        // The trainer refuses before any step.
+        var spec = Recipe.TrainSpec()
+        spec.activationCheckpointing = true; spec.batchSize = 1
+        let dir = NSTemporaryDirectory() + "qat-ckpt-moe-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let options = Trainer.Options(outputDir: dir, checkpointDir: dir + "/checkpoints")
+        XCTAssertThrowsError(
+            try Trainer(
+                model: model, spec: spec, seqLen: 4, trainStream: (0..<64).map { Int32($0 % 8) }, validationStream: [],
+                validationSequences: nil, options: options)
+        ) { e in XCTAssertTrue("\(e)".contains("mixture-of-experts"), "\(e)") }
     }
 
     /// The recipe key parses, shows and round-trips; the trainer hands it to the model.

@@ -146,7 +146,8 @@ extension CUDAModel {
     // MARK: Backward
 
     /// d loss / d final hidden (`dHidden` [B·T, C], e.g. the loss head's) → every trainable
-    /// parameter's device gradient accumulated. Needs a forward with saveForBackward.
+    /// parameter's device gradient accumulated. Needs a forward with saveForBackward (with
+    /// activation checkpointing, each layer's forward is recomputed just before its backward).
     public func backward(dHidden: CUdeviceptr) throws {
         guard let b = buffers, b.training else { throw QATError.internal("backward needs a forward with saveForBackward") }
         let g = try backwardBuffers(b)
@@ -155,7 +156,8 @@ extension CUDAModel {
             model.finalNorm, dinp: g.dres.ptr, dout: dHidden, inp: b.residuals[model.layers.count].ptr,
             rstd: b.finalRstd.ptr, n: N, c: C, accumulate: false)
         for l in stride(from: model.layers.count - 1, through: 0, by: -1) {
-            try layerBackward(model.layers[l], b.layers[l], xin: b.residuals[l].ptr, b: b, g: g)
+            if b.checkpointed { try recomputeLayer(l, b) }
+            try layerBackward(model.layers[l], b.layers[b.checkpointed ? 0 : l], xin: b.residuals[l].ptr, b: b, g: g)
         }
         if let de = gradient(model.embed) {
             let groups = try EmbeddingGroups(device, tokens: lastTokens)

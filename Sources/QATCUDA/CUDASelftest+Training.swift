@@ -55,7 +55,7 @@ extension CUDASelftest {
     }
 
     /// One micro-batch's loss and every parameter gradient, CPU against GPU (fp32 and bf16).
-    private mutating func gradientCheck(
+    mutating func gradientCheck(
         _ label: String, model: CausalLM, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
         loss kd: DistillationLoss?, quantized: Bool = false
     ) throws {

@@ -42,6 +42,8 @@ public struct CUDASelftest {
         try models()
         try training()
         try loraChecks()
+        try checkpointing()
+        try parity()
         return checks.allSatisfy(\.passed)
     }
 

@@ -42,12 +42,8 @@ public final class CUDAStepBackend: StepBackend {
                 r = try model.lossBackward(.crossEntropy, targets: batch.targets, gradScale: gradScale)
                 parts += LossParts(total: r.ce, ce: r.ce, kd: 0, valid: valid)
             case let d as DistillationLoss:
-                guard d.teacherVocab == d.studentVocab else {
-                    throw QATError.unsupported(
-                        "a teacher vocabulary larger than the student's (mask_extra_vocab) is not supported on the GPU in this "
-                            + "version: use device: cpu"
-                    )
-                }
+                // A larger teacher vocabulary (mask_extra_vocab): kd_rows reads the first V logits of each
+                // teacher row (stride V_t), as the CPU's DistillationKernels.fullRow does.
                 let teacher = try teacherCopy(d.teacher)
                 let th = try teacher.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen)
                 let k = d.constants

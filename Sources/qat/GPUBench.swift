@@ -146,11 +146,20 @@ struct GPUBench {
             // on the GPU), a copy of its master weights as the QAD teacher.
             let teacher = try CausalLM(
                 config: config, parameters: Dictionary(uniqueKeysWithValues: model.parameters.map { ($0.name, $0.value.copy()) }))
+            // Each mode without and with activation checkpointing (step time and peak memory side by side).
             for mode in [Recipe.Mode.qat, .qad] {
-                do { emit(try trainSteps(shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode)) } catch {
-                    emit(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
+                for checkpointing in [false, true] {
+                    do {
+                        emit(
+                            try trainSteps(
+                                shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode,
+                                checkpointing: checkpointing))
+                    } catch {
+                        emit(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
+                    }
                 }
             }
+            model.activationCheckpointing = false
             if let script = peerScript {
                 emit(peer(script: script, shape: shape, modes: "fwd,qat,qad", config: config))
             }
@@ -160,9 +169,10 @@ struct GPUBench {
     /// QAT or QAD steps of NVFP4 W4A4 + FP8 KV in bf16 on the GPU, through the trainer's loop
     /// (`Trainer.run` with `CUDAStepBackend`: forward, fused loss head, backward, gradient norm
     /// and clipping at 1.0, AdamW): median step time after 2 warm-up steps, and the run's peak
-    /// GPU memory (the QAD teacher included).
-    func trainSteps(shape: String, model: CausalLM, teacher: CausalLM, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode) throws -> String
-    {
+    /// GPU memory (the QAD teacher included). `checkpointing`: train.activation_checkpointing.
+    func trainSteps(
+        shape: String, model: CausalLM, teacher: CausalLM, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode, checkpointing: Bool
+    ) throws -> String {
         let config = model.config
         let before = gpu.bytesInUse
         gpu.resetPeak()
@@ -170,7 +180,7 @@ struct GPUBench {
         var spec = Recipe.TrainSpec()
         // With --profile one more step runs, every launch timed (synchronised), outside the median.
         spec.mode = mode; spec.steps = repeats + (profile ? 3 : 2); spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"
-        spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1
+        spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1; spec.activationCheckpointing = checkpointing
         var g = SplitMix64(seed: 9)
         let stream = (0..<((spec.steps + 1) * batch * seq)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
         let dir = NSTemporaryDirectory() + "qat-gpu-bench-\(getpid())"
@@ -215,7 +225,8 @@ struct GPUBench {
         let med = times[times.count / 2]
         return String(
             format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString,
-            "\(mode.rawValue.uppercased()) step nvfp4 bf16" as NSString, med * 1e3, times.first! * 1e3, times.last! * 1e3,
+            "\(mode.rawValue.uppercased()) \(checkpointing ? "ckpt" : "step") nvfp4 bf16" as NSString, med * 1e3, times.first! * 1e3,
+            times.last! * 1e3,
             Double(batch * seq) / med, (gpu.peakBytes - before) >> 20, loss)
             + Self.mfu(Self.stepFLOPs(config, batch: batch, seq: seq, mode: mode), seconds: med)
     }

@@ -69,7 +69,7 @@ let package = Package(
         .testTarget(name: "QATModelsTests", dependencies: ["QATModels", "QATData", "TestSupport"]),
         .testTarget(name: "QATQuantTests", dependencies: ["QATQuant", "TestSupport"]),
         .testTarget(name: "QATTrainTests", dependencies: ["QATTrain", "TestSupport"]),
-        .testTarget(name: "QATCUDATests", dependencies: ["QATCUDA", "QATModels", "TestSupport"]),
+        .testTarget(name: "QATCUDATests", dependencies: ["QATCUDA", "QATModels", "QATTrain", "TestSupport"]),
         .testTarget(name: "QATExportTests", dependencies: ["QATExport", "QATTrain", "TestSupport"]),
         // Seeded mutation fuzzing of every parser that reads user files (bounded time).
         .testTarget(

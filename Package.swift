@@ -50,7 +50,7 @@ let package = Package(
         .target(name: "CCUDA", linkerSettings: [.linkedLibrary("dl")]),
         .target(
             name: "QATCUDA", dependencies: ["QATCore", "QATModels", "QATQuant", "QATTrain", "CCUDA"],
-            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss", "topk", "optim"].map {
+            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss", "topk", "optim", "lora"].map {
                 .embedInCode("Kernels/\($0).cu")
             },
             swiftSettings: settings),

@@ -118,7 +118,7 @@ extension CUDAModel {
             try device.columnSum(
                 out: gb, a: dy, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
         }
-        guard let dx else { return }
+        guard let dx else { return try adapterBackward(l, dy: dy, dy16: bf ? dyIn : nil, x: x, n: n, dx: nil) }
         let w = bf ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
         if let a = clipAmax(l.inputQuantizer) {
             let t = tmpBuffer ?? g.tmp.ptr
@@ -127,6 +127,7 @@ extension CUDAModel {
         } else {
             try device.gemm(m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: dx, ldc: inp, beta: accumulateDx ? 1 : 0, bf16: bf)
         }
+        try adapterBackward(l, dy: dy, dy16: bf ? dyIn : nil, x: x, n: n, dx: dx)  // after dx is written, as `Linear.backward`
     }
 
     /// RMSNorm backward with its weight gradient (when trainable).

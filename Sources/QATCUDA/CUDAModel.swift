@@ -26,6 +26,8 @@ public final class CUDAModel: @unchecked Sendable {
         var fakeQuant: DeviceBuffer?
         var bf16: DeviceBuffer?
         var stale = true
+        /// QLoRA: the packed NVFP4 base, decoded into `weight` (and `bf16`), shared scratch, at every use.
+        var packed: PackedWeight?
         init(linear: Linear, weight: DeviceBuffer, bias: DeviceBuffer?) { self.linear = linear; self.weight = weight; self.bias = bias }
     }
 
@@ -44,6 +46,8 @@ public final class CUDAModel: @unchecked Sendable {
     /// Training only: gradients and backward scratch (`prepareTraining`).
     var training: TrainingState?
     var scratchBuffers: [String: DeviceBuffer] = [:]
+    /// LoRA adapters and QLoRA's packed bases (CUDAModel+LoRA.swift); nil without them.
+    var lora: LoRAState?
 
     public init(model: CausalLM, device: CUDADevice, precision: Precision) throws {
         guard model.isFirstStage && model.isLastStage else {
@@ -73,16 +77,14 @@ public final class CUDAModel: @unchecked Sendable {
             for p in [layer.inputNorm, layer.postNorm] + [layer.qNorm, layer.kNorm].compactMap({ $0 }) { _ = try upload(p) }
         }
         var dls: [ObjectIdentifier: DeviceLinear] = [:]
-        for l in model.linears {
-            if l.adapter != nil || l.weightSource != nil {
-                throw QATError("LoRA/QLoRA adapters (\(l.name)) run on the CPU only in this version: use device: cpu")
-            }
+        for l in model.linears where l.weightSource == nil {  // (QLoRA's packed bases: `uploadLoRA`)
             let w = try upload(l.weight)
             let b = try l.bias.map { try upload($0) }
             dls[ObjectIdentifier(l)] = DeviceLinear(linear: l, weight: w, bias: b)
         }
         tensors = uploaded
         linears = dls
+        try uploadLoRA()
     }
 
     /// Call after the host weights or any weight quantizer changed (calibration, a step).
@@ -221,6 +223,7 @@ public final class CUDAModel: @unchecked Sendable {
     /// Makes a Linear's device weight current: the fake-quant copy when its weight quantizer
     /// quantizes, and the bf16 copy in bf16 precision.
     func prepare(_ dl: DeviceLinear) throws {
+        if let p = dl.packed { return try decode(p, into: dl) }  // QLoRA: stays stale, decoded again at the next use
         let l = dl.linear
         var source = dl.weight.ptr
         let count = l.outFeatures * l.inFeatures
@@ -268,6 +271,7 @@ public final class CUDAModel: @unchecked Sendable {
         let w = precision == .bf16 ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
         try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16)
         if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
+        if let ad = lora?.adapters[ObjectIdentifier(l)] { try adapterForward(ad, x: x, x16: x16, out: out, n: n, training: b.training) }
     }
 
     /// tokens [B, T] → the final normalised hidden states [B·T, C] on the device (valid until

@@ -42,6 +42,7 @@ public struct CUDASelftest {
         try topKKernels()
         try models()
         try training()
+        try loraChecks()
         return checks.allSatisfy(\.passed)
     }
 

@@ -19,6 +19,7 @@ public enum KernelSources {
         ("loss", String(decoding: PackageResources.loss_cu, as: UTF8.self)),
         ("topk", String(decoding: PackageResources.topk_cu, as: UTF8.self)),
         ("optim", String(decoding: PackageResources.optim_cu, as: UTF8.self)),
+        ("lora", String(decoding: PackageResources.lora_cu, as: UTF8.self)),
     ]
 
     /// The kernels a file defines (`extern "C" __global__ void NAME(`).

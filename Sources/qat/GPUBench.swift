@@ -105,7 +105,7 @@ struct GPUBench {
                         let gm = try CUDAModel(model: model, device: gpu, precision: precision)
                         let hidden = try gm.forward(tokens: tokens, batch: batch, seqLen: seq)
                         _ = try gm.lossSums(hidden: hidden, targets: targets, n: batch * seq)
-                        for line in gpu.profileReport().prefix(14) { emit(line) }
+                        for line in gpu.profileReport().prefix(20) { emit(line) }
                         gpu.profile = nil
                     }
                 }
@@ -136,7 +136,8 @@ struct GPUBench {
         gpu.resetPeak()
         let gm = try CUDAModel(model: model, device: gpu, precision: .bf16)
         var spec = Recipe.TrainSpec()
-        spec.mode = mode; spec.steps = repeats + 2; spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"
+        // With --profile one more step runs, every launch timed (synchronised), outside the median.
+        spec.mode = mode; spec.steps = repeats + (profile ? 3 : 2); spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"
         spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1
         var g = SplitMix64(seed: 9)
         let stream = (0..<((spec.steps + 1) * batch * seq)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
@@ -153,9 +154,14 @@ struct GPUBench {
         }
         var times: [Double] = []
         var loss = 0.0
-        options.onStep = { m in
-            if m.step > 2 { times.append(Double(batch * seq) / m.tokensPerSecond) }
+        var profiled = false
+        options.onStep = { [profile, steps = spec.steps] m in
+            if m.step > 2 && !profiled { times.append(Double(batch * seq) / m.tokensPerSecond) }
             loss = m.loss
+            if profile && m.step == steps - 1 {
+                gpu.profile = [:]
+                profiled = true
+            }
         }
         let trainer = try Trainer(
             model: model, spec: spec, seqLen: seq, trainStream: stream, validationStream: [], validationSequences: nil,
@@ -167,6 +173,12 @@ struct GPUBench {
         }
         _ = try trainer.run()
         try gpu.synchronize()
+        if let p = gpu.profile {
+            let total = p.values.reduce(0) { $0 + $1.seconds }
+            emit(String(format: "  profile of one %@ step (every launch synchronised): %.1f ms of device work", mode.rawValue, total * 1e3))
+            for line in gpu.profileReport().prefix(20) { emit(line) }
+            gpu.profile = nil
+        }
         times.sort()
         let med = times[times.count / 2]
         return String(

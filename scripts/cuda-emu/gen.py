@@ -1,10 +1,10 @@
 # Writes kernels.cpp (in the current directory): common.cu + attention.cu (or the kernel file named
-# by the first argument, e.g. topk) made plain C++ for the emulator of prelude.h (dynamic shared
-# memory, mma.sync, ldmatrix and cp.async replaced by calls; static __shared__ arrays become
+# as the first argument, e.g. lora.cu or topk.cu) made plain C++ for the emulator of prelude.h (dynamic
+# shared memory, mma.sync, ldmatrix and cp.async replaced by calls; static __shared__ arrays become
 # statics, which is shared memory when blocks run one at a time).
 import os, re, sys
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '../../Sources/QATCUDA/Kernels/')
-src = open(root + 'common.cu').read() + '\n' + open(root + (sys.argv[1] if len(sys.argv) > 1 else 'attention') + '.cu').read()
+src = open(root + 'common.cu').read() + '\n' + open(root + (sys.argv[1] if len(sys.argv) > 1 else 'attention.cu')).read()
 src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];', r'\1 *\2 = (\1 *)emu_smem;', src)
 src = re.sub(r'asm volatile\("mma\.sync.*?\);', 'emu_mma(c, a, b0, b1);', src, flags=re.S)
 src = re.sub(r'asm volatile\("ldmatrix\.sync\.aligned\.m8n8\.x2\.trans\.shared\.b16 \{%0,%1\}, \[%2\];\\n"'

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # Runs the attention kernels on the CPU (no GPU): scripts/cuda-emu/prelude.h emulates the CUDA
-# subset they use (one fiber per thread; barriers, shuffles, ballots, mma.sync, ldmatrix,
-# cp.async), and attention_check.cpp compares them with a float64 reference. About a minute;
-# `run.sh bf16` runs only the tensor-core kernels. `run.sh topk` runs the top-k kernels (topk.cu)
-# against ports of the CPU code instead (topk_check.cpp). Not part of scripts/test.sh; run it
-# after changing attention.cu or topk.cu.
+# subset they use (one fiber per thread; barriers, shuffles, mma.sync, ldmatrix, cp.async), and
+# attention_check.cpp compares them with a float64 reference. About a minute; `run.sh bf16` runs
+# only the tensor-core kernels; `run.sh lora` runs lora_check.cpp (the LoRA / QLoRA kernels of lora.cu
+# against transcriptions of the Swift CPU code, bit for bit). Not part of scripts/test.sh; run it after
+# changing attention.cu or lora.cu. `run.sh topk` runs topk_check.cpp (the top-k kernels of topk.cu, ballots
+# and __match_any_sync emulated too, against ports of the CPU code). Not part of scripts/test.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 cp "$here/prelude.h" .
-if [ "${1:-}" = topk ]; then
-  python3 "$here/gen.py" topk
+if [ "${1:-}" = topk ]; then  # the top-k kernels (topk.cu), about 30 s
+  python3 "$here/gen.py" topk.cu
   g++ -std=c++17 -O2 -w -I. -o check "$here/topk_check.cpp" "$here/runtime.cpp"
-  ./check
-else
-  python3 "$here/gen.py"
-  g++ -std=c++17 -O2 -w -I. -o check "$here/attention_check.cpp" "$here/runtime.cpp"
-  ./check "$@"
+  exec ./check
 fi
+if [ "${1:-}" = lora ]; then  # the LoRA / QLoRA kernels (lora.cu), a few seconds
+  python3 "$here/gen.py" lora.cu
+  g++ -std=c++17 -O2 -w -I. -o check "$here/lora_check.cpp" "$here/runtime.cpp"
+  exec ./check
+fi
+python3 "$here/gen.py"
+g++ -std=c++17 -O2 -w -I. -o check "$here/attention_check.cpp" "$here/runtime.cpp"
+./check "$@"

@@ -19,7 +19,9 @@ struct TeacherLogprobs: ParsableCommand {
             With --sample N it stores N draws from the teacher instead (distinct ids, their counts \
             and log-probabilities: the sampled objective). Ids are uint16 when the vocabulary fits. \
             Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data \
-            must match the cache's (checked).
+            must match the cache's (checked). With --device cuda the teacher's forward, lm_head and \
+            top-k selection run on the GPU (k ≤ 2048; the same cache as the CPU's up to fp32 round-off; \
+            --sample stays on the CPU).
 
             Example: qat teacher-logprobs --model models/fortune-lm --data models/fortune-lm/tokens.h5 --top-k 64 --out teacher-top64.h5
             """)

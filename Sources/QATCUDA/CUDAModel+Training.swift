@@ -213,6 +213,9 @@ extension CUDAModel {
         /// Distillation against `teacher`'s final hidden states [n, C_t] (already computed):
         /// kind 0 forward KL, 1 reverse KL, 2 JSD(beta) (`kd_rows`).
         case distillation(teacher: CUDAModel, hidden: CUdeviceptr, kind: Int, beta: Float, temperature: Double, kdRatio: Double)
+        /// QAD from a top-k teacher cache: the micro-batch's cache rows on the device (`topk_kd_rows`,
+        /// CUDAModel+TopK.swift).
+        case topK(TopKTeacher)
     }
 
     /// The fused chunked lm_head loss over this model's last training forward: returns (Σ CE,
@@ -262,6 +265,10 @@ extension CUDAModel {
                 for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex {
                     ce += out[2 * i]; kd += T * T * out[2 * i + 1]
                 }
+            case .topK(let teacher):
+                let p = try topKChunk(
+                    teacher, logits: logits, targets: t, hostTargets: targets, start: start, rows: r, gradScale: gradScale, rowOut: rowOut)
+                ce += p.ce; kd += p.kd
             }
             try linearBackward(
                 model.lmHead, dy: logits, x: h, n: r, dx: g.dHidden.ptr + CUdeviceptr(start * C * 4), accumulateDx: false,

@@ -133,7 +133,7 @@ final class ApplyRun {
         let cpuOnly: String? =
             world.isDistributed || train.pipelineStages > 1
             ? "multi-process training (mpirun, pipeline stages)"
-            : train.distill.teacherLogprobs != nil ? "QAD from a top-k teacher cache" : nil
+            : nil
         if let what = cpuOnly {
             throw QATError.unsupported("device \(recipe.device): \(what) runs on the CPU only in this version: use device: cpu")
         }

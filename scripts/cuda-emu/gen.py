@@ -1,6 +1,7 @@
 # Writes kernels.cpp (in the current directory): common.cu + attention.cu (or the kernel file named
-# as the first argument, e.g. lora.cu) made plain C++ for the emulator of prelude.h (dynamic shared
-# memory, mma.sync, ldmatrix and cp.async replaced by calls).
+# as the first argument, e.g. lora.cu or topk.cu) made plain C++ for the emulator of prelude.h (dynamic
+# shared memory, mma.sync, ldmatrix and cp.async replaced by calls; static __shared__ arrays become
+# statics, which is shared memory when blocks run one at a time).
 import os, re, sys
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '../../Sources/QATCUDA/Kernels/')
 src = open(root + 'common.cu').read() + '\n' + open(root + (sys.argv[1] if len(sys.argv) > 1 else 'attention.cu')).read()
@@ -13,5 +14,6 @@ src = re.sub(r'asm volatile\("cp\.async\.c[ag]\.shared\.global \[%0\], \[%1\], (
              r'emu_cp_async(s, src, \1, n);', src)
 src = re.sub(r'asm volatile\("cp\.async\.(commit_group|wait_group 0);\\n" ::(: "memory")?\);', ';', src)
 src = re.sub(r'__shared__ (double|float) (\w+)\[32\];', r'static \1 \2[32];', src)
+src = re.sub(r'(?<!extern )__shared__ ', 'static ', src)
 assert 'asm' not in src, [l for l in src.split('\n') if 'asm' in l]
 open('kernels.cpp', 'w').write('#include "prelude.h"\n' + src)

@@ -4,13 +4,19 @@
 # attention_check.cpp compares them with a float64 reference. About a minute; `run.sh bf16` runs
 # only the tensor-core kernels; `run.sh lora` runs lora_check.cpp (the LoRA / QLoRA kernels of lora.cu
 # against transcriptions of the Swift CPU code, bit for bit). Not part of scripts/test.sh; run it after
-# changing attention.cu or lora.cu.
+# changing attention.cu or lora.cu. `run.sh topk` runs topk_check.cpp (the top-k kernels of topk.cu, ballots
+# and __match_any_sync emulated too, against ports of the CPU code). Not part of scripts/test.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 cp "$here/prelude.h" .
+if [ "${1:-}" = topk ]; then  # the top-k kernels (topk.cu), about 30 s
+  python3 "$here/gen.py" topk.cu
+  g++ -std=c++17 -O2 -w -I. -o check "$here/topk_check.cpp" "$here/runtime.cpp"
+  exec ./check
+fi
 if [ "${1:-}" = lora ]; then  # the LoRA / QLoRA kernels (lora.cu), a few seconds
   python3 "$here/gen.py" lora.cu
   g++ -std=c++17 -O2 -w -I. -o check "$here/lora_check.cpp" "$here/runtime.cpp"

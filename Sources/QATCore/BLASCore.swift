@@ -48,7 +48,7 @@ public enum BLASCore {
     /// kernels on a CPU with AVX2/AVX-512 (see the type's doc). Returns when nothing is to be done.
     public static func ensureKernels() {
         let env = ProcessInfo.processInfo.environment
-        guard env["OPENBLAS_CORETYPE"] == nil, env["QAT_KEEP_BLAS_CORE"] != "1",
+        guard (env["OPENBLAS_CORETYPE"] ?? "").isEmpty, env["QAT_KEEP_BLAS_CORE"] != "1",  // (empty: "detect", as OpenBLAS reads it)
             fallbacks.contains(coreName.lowercased()), let best = bestCore(flags: cpuFlags())
         else { return }
         setenv("OPENBLAS_CORETYPE", best, 1)

@@ -16,8 +16,16 @@ extension MPITesting {
         [
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             "OMPI_MCA_btl": "self,vader,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo",
-        ]
+        ].merging(naturalBLAS) { $1 }
     }
+
+    /// The BLAS kernels these comparisons run with, in the single-process run too: the ones
+    /// OpenBLAS (and qat's own fallback fix) picks for this CPU, whatever OPENBLAS_CORETYPE the
+    /// caller's shell forces (an empty value means "detect"). Splitting a batch over ranks moves
+    /// rows between products; the AVX-512 kernels give every row the same bits wherever it
+    /// sits, the Haswell ones do not (README, "Determinism on AVX2 machines"), so a forced
+    /// Haswell family would turn these exactness checks into checks of that kernel.
+    static var naturalBLAS: [String: String] { ["OPENBLAS_CORETYPE": ""] }
 
     var mpirun: String? {
         for d in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") + ["/usr/bin"] {

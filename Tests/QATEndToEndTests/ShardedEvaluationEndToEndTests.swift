@@ -20,7 +20,8 @@ final class ShardedEvaluationEndToEndTests: XCTestCase, MPITesting {
         let one = dir.appendingPathComponent("one"), two = dir.appendingPathComponent("two")
         let sets = ["--set", "data.validation_sequences=9", "--set", "train.lr=0"]
         for d in [one, two] { try FileManager.default.createDirectory(at: d, withIntermediateDirectories: true) }
-        let r1 = try Fixtures.runQAT(["apply", try recipe(one, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets)
+        let r1 = try Fixtures.runQAT(
+            ["apply", try recipe(one, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets, environment: Self.naturalBLAS)
         XCTAssertEqual(r1.status, 0, r1.err)
         let r2 = try runMPI(
             mpirun, qat, ranks: 2, args: ["apply", try recipe(two, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets, dir: dir)

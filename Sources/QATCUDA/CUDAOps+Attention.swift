@@ -33,7 +33,8 @@ extension CUDADevice {
             let shared = Self.attentionForwardShared(headDim: headDim)
             if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
             try kernels.launch(
-                name, grid: (batch * heads, (seqLen + 63) / 64, 1), block: (128, 1, 1), shared: shared,
+                name, grid: (batch * heads, (seqLen + Self.attentionForwardRows - 1) / Self.attentionForwardRows, 1), block: (128, 1, 1),
+                shared: shared,
                 [
                     .ptr(out), .ptr(lse), .ptr(q16), .ptr(k16), .ptr(v16), .i32(seqLen), .i32(heads), .i32(kvHeads),
                     .i32(window ?? 0), .f32(scale),
@@ -123,8 +124,11 @@ extension CUDADevice {
     /// `nq` = B·T·H·D and `nk` = B·T·Hkv·D elements.
     public static func attentionScratchBytes(nq: Int, nk: Int) -> Int { 2 * (2 * nq + 2 * nk) }
 
-    /// Dynamic shared memory of the bf16 forward: two stages of K and V tiles [64][D+8] bf16 (attention.cu).
-    public static func attentionForwardShared(headDim: Int) -> Int { 4 * 64 * (headDim + 8) * 2 }
+    /// Query rows per block of the bf16 forward (FA_BQ in attention.cu).
+    public static let attentionForwardRows = 128
+
+    /// Dynamic shared memory of the bf16 forward: Q [128][D+8] and two stages of K and V tiles [64][D+8] bf16 (attention.cu).
+    public static func attentionForwardShared(headDim: Int) -> Int { (attentionForwardRows + 4 * 64) * (headDim + 8) * 2 }
 
     /// Dynamic shared memory of the bf16 backward kernels (dK/dV, dQ) as instantiated in attention.cu: K, V (dK/dV) or
     /// Q, dO (dQ) [64][D+8] bf16, two stages of the streamed [tile][D+8] pairs, and (dK/dV) two stages of lse, delta.

@@ -100,8 +100,8 @@ int main(int argc, char **argv) {
             const unsigned short *pq16 = q16.data(), *pk16 = k16.data(), *pv16 = v16.data(), *pg16 = g16.data();
             unsigned qTiles = (T + 63) / 64;
             if (bf) {
-                size_t sh = 4 * 64 * (D + 8) * 2;
-                emu_launch({(unsigned)(B * H), qTiles, 1}, 128, sh, [&] {
+                size_t sh = (128 + 4 * 64) * (D + 8) * 2;
+                emu_launch({(unsigned)(B * H), (unsigned)((T + 127) / 128), 1}, 128, sh, [&] {
                     if (D == 64) attention_forward_bf16_d64(po, pl, pq16, pk16, pv16, T, H, Hkv, W, scale);
                     else attention_forward_bf16_d128(po, pl, pq16, pk16, pv16, T, H, Hkv, W, scale);
                 });

@@ -51,8 +51,8 @@ int main() {
         auto conv = [&](u16 *o16, const float *x, size_t n) {
             long n4 = n / 4; attention_to_bf16<<<(unsigned)std::min<long>((n4 + 255) / 256, 132 * 16), 256>>>(o16, x, n4);
         };
-        dim3 fg(B * H, (T + 63) / 64);
-        size_t fsh = 4 * 64 * QS * 2;
+        dim3 fg(B * H, (T + FA_BQ - 1) / FA_BQ), bg(B * H, (T + 63) / 64);
+        size_t fsh = (FA_BQ + 4 * 64) * QS * 2;
         int tile = D == 64 ? 64 : 32;
         size_t s1 = (2 * 64 * QS + 4 * tile * QS) * 2 + 4 * tile * 4, s2 = (2 * 64 * QS + 4 * tile * QS) * 2;
         auto fwd = D == 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128;
@@ -77,7 +77,7 @@ int main() {
         fwd<<<fg, 128, fsh>>>(o2, l2, q16, k16, v16, T, H, Hkv, 0, scale);
         attention_backward_delta<<<(B * T * H + 7) / 8, 256>>>(delta, g, o2, B, T, H, D);
         bkv<<<dim3(B * Hkv, (T + 63) / 64), 128, s1>>>(dk2, dv2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale);
-        bq<<<fg, 128, s2>>>(dq2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale);
+        bq<<<bg, 128, s2>>>(dq2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale);
         CK(cudaDeviceSynchronize());
         printf("%s B=%d T=%d H=%d Hkv=%d D=%d\n", s.name, B, T, H, Hkv, D);
         printf("  bf16 vs fp32 (max|d|/max): out %.3g lse %.3g dq %.3g dk %.3g dv %.3g\n", rel(host(o, nq), host(o2, nq)),
@@ -87,7 +87,7 @@ int main() {
         float tc = timeit([&] { conv(q16, q, nq); conv(k16, k, nk); conv(v16, v, nk); });
         float tf = timeit([&] { fwd<<<fg, 128, fsh>>>(o2, l2, q16, k16, v16, T, H, Hkv, 0, scale); });
         float tk = timeit([&] { bkv<<<dim3(B * Hkv, (T + 63) / 64), 128, s1>>>(dk2, dv2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); });
-        float tq = timeit([&] { bq<<<fg, 128, s2>>>(dq2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); });
+        float tq = timeit([&] { bq<<<bg, 128, s2>>>(dq2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); });
         CK(cudaGetLastError());
         printf("  to_bf16 q,k,v %.3f ms | forward %.3f ms %.0f TFLOP/s | dkdv %.3f ms %.0f TFLOP/s | dq %.3f ms %.0f TFLOP/s\n", tc,
                tf, flops / tf / 1e9, tk, 2 * flops / tk / 1e9, tq, 1.5 * flops / tq / 1e9);

@@ -2,7 +2,8 @@
 // against the fp32 kernels of the same file at the models' shapes (max |Δ| / max, the selftest's
 // measure), and their times (CUDA events, mean of 20 launches after 3 warm-ups).
 //   nvcc -O3 -arch=sm_90 --fmad=false -Xptxas -v -o gpu_bench scripts/cuda-emu/gpu_bench.cu && ./gpu_bench
-// (scripts/cuda-emu/gpu_bench.sh does that.) Not part of the test suite.
+// (--fmad=false as KernelLibrary compiles them; -Xptxas -v prints registers and spills). sdpa_bench.py times
+// PyTorch's sdpa at the same shapes. Neither is part of the test suite.
 #include <cstdio>
 #include <cmath>
 #include <vector>

@@ -31,6 +31,7 @@ inline unsigned __float_as_uint(float f) { unsigned i; memcpy(&i, &f, 4); return
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 
 struct EmuFiber { ucontext_t ctx; std::vector<char> stack; dim3e tid; bool done; };
 struct EmuBar { int count = 0, gen = 0; };

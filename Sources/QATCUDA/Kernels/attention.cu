@@ -134,6 +134,13 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 *r, u32 addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 __device__ __forceinline__ u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(p); }
+// 2^x on the special-function unit alone (ex2.approx.ftz: about 2 ulp, subnormal results flushed to zero; plenty
+// for probabilities rounded to bf16). exp2f adds the instructions of its subnormal range to every score.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
     u32 s = (u32)__cvta_generic_to_shared(dst);
@@ -269,9 +276,7 @@ __device__ void flash_forward_bf16(float *out, float *lse, const u16 *q, const u
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
-                    float x = s[mt][n][e] * sl2;
-                    if (needMask && (key > row || key >= T || (window > 0 && row - key >= window))) x = -INFINITY;
-                    s[mt][n][e] = x;
+                    if (needMask && (key > row || key >= T || (window > 0 && row - key >= window))) s[mt][n][e] = -INFINITY;
                 }
                 mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
                 mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
@@ -280,14 +285,17 @@ __device__ void flash_forward_bf16(float *out, float *lse, const u16 *q, const u
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-            float mn0 = fmaxf(m[2 * mt], mx0), mn1 = fmaxf(m[2 * mt + 1], mx1);
+            // Scores in log2 units: s·scale·log2(e) (the scale is positive, so the max of the raw scores gives theirs).
+            float mn0 = fmaxf(m[2 * mt], mx0 * sl2), mn1 = fmaxf(m[2 * mt + 1], mx1 * sl2);
             float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-            float c0 = exp2f(m[2 * mt] - base0), c1 = exp2f(m[2 * mt + 1] - base1);
+            float c0 = fast_exp2(m[2 * mt] - base0), c1 = fast_exp2(m[2 * mt + 1] - base1);
             float rs0 = 0, rs1 = 0;
 #pragma unroll
             for (int n = 0; n < BK / 8; n++) {
-                s[mt][n][0] = exp2f(s[mt][n][0] - base0); s[mt][n][1] = exp2f(s[mt][n][1] - base0);
-                s[mt][n][2] = exp2f(s[mt][n][2] - base1); s[mt][n][3] = exp2f(s[mt][n][3] - base1);
+                s[mt][n][0] = fast_exp2(__fmaf_rn(s[mt][n][0], sl2, -base0));
+                s[mt][n][1] = fast_exp2(__fmaf_rn(s[mt][n][1], sl2, -base0));
+                s[mt][n][2] = fast_exp2(__fmaf_rn(s[mt][n][2], sl2, -base1));
+                s[mt][n][3] = fast_exp2(__fmaf_rn(s[mt][n][3], sl2, -base1));
                 rs0 += s[mt][n][0] + s[mt][n][1];
                 rs1 += s[mt][n][2] + s[mt][n][3];
             }
@@ -662,7 +670,7 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const u16 *dout, 
             for (int e = 0; e < 4; e++) {
                 int qi = n * 8 + 2 * tq + (e & 1), row = r0 + qi, key = e < 2 ? key0 : key1;
                 bool valid = !needMask || (row < T && key <= row && (window <= 0 || row - key < window));
-                float p = valid ? exp2f(sc[n][e] * sl2 - Ls[qi] * log2e) : 0.0f;
+                float p = valid ? fast_exp2(__fmaf_rn(sc[n][e], sl2, -Ls[qi] * log2e)) : 0.0f;
                 sc[n][e] = p;
                 dp[n][e] = p * (dp[n][e] - Dl[qi]);
             }
@@ -784,7 +792,7 @@ __device__ void flash_backward_dq_bf16(float *dq, const u16 *dout, const float *
             for (int e = 0; e < 4; e++) {
                 int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
                 bool valid = !needMask || (row < T && key <= row && (window <= 0 || row - key < window));
-                float p = valid ? exp2f(s[n][e] * sl2 - (e < 2 ? L0 : L1)) : 0.0f;
+                float p = valid ? fast_exp2(__fmaf_rn(s[n][e], sl2, -(e < 2 ? L0 : L1))) : 0.0f;
                 s[n][e] = p * (dp[n][e] - (e < 2 ? D0 : D1));
             }
         }

@@ -12,7 +12,7 @@ extension CUDADevice {
     /// Causal GQA attention. `bf16`: the tensor-core kernel (bf16 inputs, fp32 accumulation) for
     /// head_dim 64 and 128; otherwise, and always in fp32, the fp32 kernel. `lse` (optional,
     /// [B, H, T]): the natural-log log-sum-exp of each row's scaled scores, for the backward.
-    /// `scratch16`: `attentionScratchBytes` of device memory for the bf16 copies of q, k, v the
+    /// `scratch16`: `attentionScratchBytes` of device memory for the bf16 copies of k and v the
     /// tensor-core kernel reads (0: allocated for this call).
     func attention(
         out: CUdeviceptr, lse: CUdeviceptr, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr,
@@ -27,8 +27,8 @@ extension CUDADevice {
             let nq = batch * seqLen * heads * headDim, nk = batch * seqLen * kvHeads * headDim
             let owned = try scratch16 == 0 ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
             let base = owned?.ptr ?? scratch16
-            let q16 = base, k16 = q16 + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk)
-            try attentionInputsBF16([(q16, q, nq), (k16, k, nk), (v16, v, nk)])
+            let k16 = base + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk)  // q is read as fp32 (once per block)
+            try attentionInputsBF16([(k16, k, nk), (v16, v, nk)])
             let name = "attention_forward_bf16_d\(headDim)"
             let shared = Self.attentionForwardShared(headDim: headDim)
             if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
@@ -36,7 +36,7 @@ extension CUDADevice {
                 name, grid: (batch * heads, (seqLen + Self.attentionForwardRows - 1) / Self.attentionForwardRows, 1), block: (128, 1, 1),
                 shared: shared,
                 [
-                    .ptr(out), .ptr(lse), .ptr(q16), .ptr(k16), .ptr(v16), .i32(seqLen), .i32(heads), .i32(kvHeads),
+                    .ptr(out), .ptr(lse), .ptr(q), .ptr(k16), .ptr(v16), .i32(seqLen), .i32(heads), .i32(kvHeads),
                     .i32(window ?? 0), .f32(scale),
                 ])
             withExtendedLifetime(owned) {}

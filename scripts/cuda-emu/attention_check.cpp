@@ -102,8 +102,8 @@ int main(int argc, char **argv) {
             if (bf) {
                 size_t sh = (128 + 4 * 64) * (D + 8) * 2;
                 emu_launch({(unsigned)(B * H), (unsigned)((T + 127) / 128), 1}, 128, sh, [&] {
-                    if (D == 64) attention_forward_bf16_d64(po, pl, pq16, pk16, pv16, T, H, Hkv, W, scale);
-                    else attention_forward_bf16_d128(po, pl, pq16, pk16, pv16, T, H, Hkv, W, scale);
+                    if (D == 64) attention_forward_bf16_d64(po, pl, pq, pk16, pv16, T, H, Hkv, W, scale);
+                    else attention_forward_bf16_d128(po, pl, pq, pk16, pv16, T, H, Hkv, W, scale);
                 });
             } else {
                 size_t sh = (32 * (D + 1) + 32 * D + 16 * D) * 4;

@@ -100,12 +100,12 @@ extern "C" __global__ void attention_forward(float *out, float *lse, const float
 
 // ---------------------------------------------------------------------------------------------
 // bf16 precision: the same attention on the tensor cores (mma.sync m16n8k16, bf16 inputs, fp32
-// accumulation), FlashAttention-2 style. The inputs are bf16 copies of q, k, v (attention_to_bf16,
-// one pass per tensor), copied global → shared with cp.async straight into padded rows of D+8
-// (the 16-byte rows of an 8×8 ldmatrix read hit distinct banks: the row stride is 4 banks mod 32).
+// accumulation), FlashAttention-2 style. K and V are read as bf16 copies (attention_to_bf16, one
+// pass per tensor), copied global → shared with cp.async straight into padded rows of D+8 (the
+// 16-byte rows of an 8×8 ldmatrix read hit distinct banks: the row stride is 4 banks mod 32); Q,
+// read by one block only, is converted from fp32 as it is loaded.
 // A block of 4 warps owns 128 query rows: each warp 32 rows as two m16 tiles, so that every K and V
-// fragment read from shared memory feeds two mma (shared memory bandwidth, not the tensor cores,
-// bounds a warp of 16 rows). Key and value tiles of 64 rows are double-buffered: tile j+1 is in
+// fragment read from shared memory feeds two mma (half the ldmatrix traffic of 16-row warps). Key and value tiles of 64 rows are double-buffered: tile j+1 is in
 // flight while tile j is computed, one __syncthreads per tile. K fragments come from ldmatrix.x4,
 // V fragments from ldmatrix.x4.trans, Q fragments from registers (D=64) or ldmatrix.x4 per tile
 // (D=128: the 2×64 fp32 accumulators of O leave no room); scores, the online softmax and the
@@ -169,6 +169,28 @@ __device__ __forceinline__ void load_tile16(u16 *dst, const u16 *src, long strid
     }
 }
 
+// Rows first ..< first+ROWS of a [*, stride] fp32 matrix (zeros at and past T) as bf16 rows of D+8 in dst, 128
+// threads, four float4 loads in flight per thread: the forward's Q tile, which only its block reads.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_rows_bf16(u16 *dst, const float *src, long stride, int first, int T) {
+    const int D4 = D / 4, QS = D + 8, N = ROWS * D4, PER = 4;
+    static_assert(N % (128 * PER) == 0, "tile size");
+#pragma unroll
+    for (int base = 0; base < N; base += 128 * PER) {
+        float4 x[PER];
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
+            x[u] = first + r < T ? *(const float4 *)(src + (long)(first + r) * stride + d) : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < PER; u++) {
+            int i = base + threadIdx.x + u * 128, r = i / D4, d = (i - r * D4) * 4;
+            *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x[u].x, x[u].y), pack_bf16(x[u].z, x[u].w));
+        }
+    }
+}
+
 // bf16 copy (round to nearest even) of n4 float4s: the inputs of the tensor-core attention kernels.
 extern "C" __global__ void attention_to_bf16(u16 *out, const float *x, long n4) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += (long)gridDim.x * blockDim.x) {
@@ -178,7 +200,7 @@ extern "C" __global__ void attention_to_bf16(u16 *out, const float *x, long n4) 
 }
 
 template <int D>
-__device__ void flash_forward_bf16(float *out, float *lse, const u16 *q, const u16 *k, const u16 *v, int T, int H, int Hkv,
+__device__ void flash_forward_bf16(float *out, float *lse, const float *q, const u16 *k, const u16 *v, int T, int H, int Hkv,
                                    int window, float scale) {
     extern __shared__ u16 fsm[];
     const int QS = D + 8, BK = FA_BK, TILE = BK * QS, MT = FA_BQ / 64;   // MT m16 tiles (16 rows each) per warp
@@ -189,17 +211,17 @@ __device__ void flash_forward_bf16(float *out, float *lse, const u16 *q, const u
     int r0 = (gridDim.y - 1 - blockIdx.y) * FA_BQ;   // the longest rows first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
-    const u16 *qb = q + (long)b * T * qStride + (long)h * D;
+    const float *qb = q + (long)b * T * qStride + (long)h * D;
     const u16 *kb = k + (long)b * T * kStride + (long)g * D;
     const u16 *vb = v + (long)b * T * kStride + (long)g * D;
     int rLast = min(T - 1, r0 + FA_BQ - 1);
     int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
     kFirst = (kFirst / BK) * BK;
     int tiles = (rLast - kFirst) / BK + 1;
-    load_tile16<FA_BQ, D>(Qs, qb, qStride, r0, T);
-    load_tile16<BK, D>(KV, kb, kStride, kFirst, T);
+    load_tile16<BK, D>(KV, kb, kStride, kFirst, T);   // the first key tile, in flight during the Q load
     load_tile16<BK, D>(KV + TILE, vb, kStride, kFirst, T);
     cp_async_commit();
+    load_rows_bf16<FA_BQ, D>(Qs, qb, qStride, r0, T);   // fp32 q read once, by this block alone: no bf16 copy
     int wr = warp * 16 * MT;
     // A fragments of Q: lanes 0-15 address rows wr+16·mt+0..15 at column 16·ks, lanes 16-31 the same rows at 16·ks+8.
     const u32 qAddr = smem_addr(&Qs[(wr + (lane & 15)) * QS + (lane >> 4) * 8]);
@@ -352,18 +374,18 @@ __device__ void flash_forward_bf16(float *out, float *lse, const u16 *q, const u
     }
 }
 
-// q16: [B, T, H, D], k16, v16: [B, T, Hkv, D] bf16 (attention_to_bf16 of q, k, v); out, lse as above.
+// q: [B, T, H, D] fp32; k16, v16: [B, T, Hkv, D] bf16 (attention_to_bf16 of k, v); out, lse as above.
 // Grid (B*H, ceil(T / 128)), 128 threads, shared (128 + 4·64)·(D+8)·2 bytes, two blocks per multiprocessor.
 // Launch bounds of the backward kernels as measured on an H200 (nvcc 13.0, ptxas -v): three blocks per
 // multiprocessor (≤ 168 registers) made the D=128 dK/dV and the D=64 dQ kernels faster (the D=128 one spills a
 // few bytes), the D=128 dQ and D=64 dK/dV kernels slower.
 extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_bf16_d64(
-    float *out, float *lse, const u16 *q16, const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<64>(out, lse, q16, k16, v16, T, H, Hkv, window, scale);
+    float *out, float *lse, const float *q, const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale) {
+    flash_forward_bf16<64>(out, lse, q, k16, v16, T, H, Hkv, window, scale);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_bf16_d128(
-    float *out, float *lse, const u16 *q16, const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<128>(out, lse, q16, k16, v16, T, H, Hkv, window, scale);
+    float *out, float *lse, const float *q, const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale) {
+    flash_forward_bf16<128>(out, lse, q, k16, v16, T, H, Hkv, window, scale);
 }
 
 // =============================================================================================

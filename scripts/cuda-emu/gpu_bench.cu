@@ -87,7 +87,8 @@ int main() {
         double flops = 4.0 * B * H * (double)T * T / 2 * D;   // causal forward
         float tc = timeit([&] { conv(k16, k, nk); conv(v16, v, nk); });
         float tf = timeit([&] { fwd<<<fg, 128, fsh>>>(o2, l2, q, k16, v16, T, H, Hkv, 0, scale); });
-        float tk = timeit([&] { bkv<<<dim3(B * Hkv, (T + 63) / 64), 128, s1>>>(dk2, dv2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); });
+        dim3 kg(B * Hkv, (T + 63) / 64);
+        float tk = timeit([&] { bkv<<<kg, 128, s1>>>(dk2, dv2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); });
         float tq = timeit([&] { bq<<<bg, 128, s2>>>(dq2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); });
         CK(cudaGetLastError());
         printf("  to_bf16 k,v %.3f ms | forward %.3f ms %.0f TFLOP/s | dkdv %.3f ms %.0f TFLOP/s | dq %.3f ms %.0f TFLOP/s\n", tc,

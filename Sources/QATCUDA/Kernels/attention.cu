@@ -105,8 +105,9 @@ extern "C" __global__ void attention_forward(float *out, float *lse, const float
 // 16-byte rows of an 8×8 ldmatrix read hit distinct banks: the row stride is 4 banks mod 32); Q,
 // read by one block only, is converted from fp32 as it is loaded.
 // A block of 4 warps owns 128 query rows: each warp 32 rows as two m16 tiles, so that every K and V
-// fragment read from shared memory feeds two mma (half the ldmatrix traffic of 16-row warps). Key and value tiles of 64 rows are double-buffered: tile j+1 is in
-// flight while tile j is computed, one __syncthreads per tile. K fragments come from ldmatrix.x4,
+// fragment read from shared memory feeds two mma (half the ldmatrix traffic of 16-row warps).
+// Key and value tiles of 64 rows are double-buffered: tile j+1 is in flight while tile j is
+// computed, one __syncthreads per tile. Exponentials use ex2.approx (fast_exp2). K fragments come from ldmatrix.x4,
 // V fragments from ldmatrix.x4.trans, Q fragments from registers (D=64) or ldmatrix.x4 per tile
 // (D=128: the 2×64 fp32 accumulators of O leave no room); scores, the online softmax and the
 // output stay in registers. Grid: (B*H, ceil(T / 128)), the query tile reversed so that the

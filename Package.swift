@@ -50,7 +50,7 @@ let package = Package(
         .target(name: "CCUDA", linkerSettings: [.linkedLibrary("dl")]),
         .target(
             name: "QATCUDA", dependencies: ["QATCore", "QATModels", "QATQuant", "QATTrain", "CCUDA"],
-            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss", "optim"].map {
+            resources: ["common", "elementwise", "rmsnorm", "rope", "attention", "quant", "loss", "topk", "optim", "lora"].map {
                 .embedInCode("Kernels/\($0).cu")
             },
             swiftSettings: settings),
@@ -69,7 +69,7 @@ let package = Package(
         .testTarget(name: "QATModelsTests", dependencies: ["QATModels", "QATData", "TestSupport"]),
         .testTarget(name: "QATQuantTests", dependencies: ["QATQuant", "TestSupport"]),
         .testTarget(name: "QATTrainTests", dependencies: ["QATTrain", "TestSupport"]),
-        .testTarget(name: "QATCUDATests", dependencies: ["QATCUDA", "QATModels", "TestSupport"]),
+        .testTarget(name: "QATCUDATests", dependencies: ["QATCUDA", "QATModels", "QATTrain", "TestSupport"]),
         .testTarget(name: "QATExportTests", dependencies: ["QATExport", "QATTrain", "TestSupport"]),
         // Seeded mutation fuzzing of every parser that reads user files (bounded time).
         .testTarget(

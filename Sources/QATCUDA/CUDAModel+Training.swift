@@ -118,7 +118,7 @@ extension CUDAModel {
             try device.columnSum(
                 out: gb, a: dy, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
         }
-        guard let dx else { return }
+        guard let dx else { return try adapterBackward(l, dy: dy, dy16: bf ? dyIn : nil, x: x, n: n, dx: nil) }
         let w = bf ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
         if let a = clipAmax(l.inputQuantizer) {
             let t = tmpBuffer ?? g.tmp.ptr
@@ -127,6 +127,7 @@ extension CUDAModel {
         } else {
             try device.gemm(m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: dx, ldc: inp, beta: accumulateDx ? 1 : 0, bf16: bf)
         }
+        try adapterBackward(l, dy: dy, dy16: bf ? dyIn : nil, x: x, n: n, dx: dx)  // after dx is written, as `Linear.backward`
     }
 
     /// RMSNorm backward with its weight gradient (when trainable).
@@ -145,7 +146,8 @@ extension CUDAModel {
     // MARK: Backward
 
     /// d loss / d final hidden (`dHidden` [B·T, C], e.g. the loss head's) → every trainable
-    /// parameter's device gradient accumulated. Needs a forward with saveForBackward.
+    /// parameter's device gradient accumulated. Needs a forward with saveForBackward (with
+    /// activation checkpointing, each layer's forward is recomputed just before its backward).
     public func backward(dHidden: CUdeviceptr) throws {
         guard let b = buffers, b.training else { throw QATError.internal("backward needs a forward with saveForBackward") }
         let g = try backwardBuffers(b)
@@ -154,7 +156,8 @@ extension CUDAModel {
             model.finalNorm, dinp: g.dres.ptr, dout: dHidden, inp: b.residuals[model.layers.count].ptr,
             rstd: b.finalRstd.ptr, n: N, c: C, accumulate: false)
         for l in stride(from: model.layers.count - 1, through: 0, by: -1) {
-            try layerBackward(model.layers[l], b.layers[l], xin: b.residuals[l].ptr, b: b, g: g)
+            if b.checkpointed { try recomputeLayer(l, b) }
+            try layerBackward(model.layers[l], b.layers[b.checkpointed ? 0 : l], xin: b.residuals[l].ptr, b: b, g: g)
         }
         if let de = gradient(model.embed) {
             let groups = try EmbeddingGroups(device, tokens: lastTokens)
@@ -210,6 +213,9 @@ extension CUDAModel {
         /// Distillation against `teacher`'s final hidden states [n, C_t] (already computed):
         /// kind 0 forward KL, 1 reverse KL, 2 JSD(beta) (`kd_rows`).
         case distillation(teacher: CUDAModel, hidden: CUdeviceptr, kind: Int, beta: Float, temperature: Double, kdRatio: Double)
+        /// QAD from a top-k teacher cache: the micro-batch's cache rows on the device (`topk_kd_rows`,
+        /// CUDAModel+TopK.swift).
+        case topK(TopKTeacher)
     }
 
     /// The fused chunked lm_head loss over this model's last training forward: returns (Σ CE,
@@ -259,6 +265,10 @@ extension CUDAModel {
                 for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex {
                     ce += out[2 * i]; kd += T * T * out[2 * i + 1]
                 }
+            case .topK(let teacher):
+                let p = try topKChunk(
+                    teacher, logits: logits, targets: t, hostTargets: targets, start: start, rows: r, gradScale: gradScale, rowOut: rowOut)
+                ce += p.ce; kd += p.kd
             }
             try linearBackward(
                 model.lmHead, dy: logits, x: h, n: r, dx: g.dHidden.ptr + CUdeviceptr(start * C * 4), accumulateDx: false,

@@ -26,6 +26,8 @@ public final class CUDAModel: @unchecked Sendable {
         var fakeQuant: DeviceBuffer?
         var bf16: DeviceBuffer?
         var stale = true
+        /// QLoRA: the packed NVFP4 base, decoded into `weight` (and `bf16`), shared scratch, at every use.
+        var packed: PackedWeight?
         init(linear: Linear, weight: DeviceBuffer, bias: DeviceBuffer?) { self.linear = linear; self.weight = weight; self.bias = bias }
     }
 
@@ -44,6 +46,11 @@ public final class CUDAModel: @unchecked Sendable {
     /// Training only: gradients and backward scratch (`prepareTraining`).
     var training: TrainingState?
     var scratchBuffers: [String: DeviceBuffer] = [:]
+    /// LoRA adapters and QLoRA's packed bases (CUDAModel+LoRA.swift); nil without them.
+    var lora: LoRAState?
+    /// True while backward recomputes a layer's forward (activation checkpointing): quantizers
+    /// that calibrate record nothing then (the forward already did).
+    var recomputing = false
 
     public init(model: CausalLM, device: CUDADevice, precision: Precision) throws {
         guard model.isFirstStage && model.isLastStage else {
@@ -73,16 +80,14 @@ public final class CUDAModel: @unchecked Sendable {
             for p in [layer.inputNorm, layer.postNorm] + [layer.qNorm, layer.kNorm].compactMap({ $0 }) { _ = try upload(p) }
         }
         var dls: [ObjectIdentifier: DeviceLinear] = [:]
-        for l in model.linears {
-            if l.adapter != nil || l.weightSource != nil {
-                throw QATError("LoRA/QLoRA adapters (\(l.name)) run on the CPU only in this version: use device: cpu")
-            }
+        for l in model.linears where l.weightSource == nil {  // (QLoRA's packed bases: `uploadLoRA`)
             let w = try upload(l.weight)
             let b = try l.bias.map { try upload($0) }
             dls[ObjectIdentifier(l)] = DeviceLinear(linear: l, weight: w, bias: b)
         }
         tensors = uploaded
         linears = dls
+        try uploadLoRA()
     }
 
     /// Call after the host weights or any weight quantizer changed (calibration, a step).
@@ -95,7 +100,8 @@ public final class CUDAModel: @unchecked Sendable {
     // MARK: Buffers
 
     /// One decoder layer's activations: every layer keeps its own set in a training forward
-    /// (backward reads them), an inference forward reuses one.
+    /// (backward reads them), an inference forward reuses one, and so does a training forward
+    /// with activation checkpointing (backward recomputes each layer into it).
     final class LayerActivations {
         let ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq, vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up, h: DeviceBuffer
         /// What attention read: the quantized k/v, or kRope/vRaw when their quantizers are off.
@@ -117,6 +123,8 @@ public final class CUDAModel: @unchecked Sendable {
     final class Buffers {
         let batch, seqLen: Int
         let training: Bool
+        /// Training with activation checkpointing: `layers` holds one reusable set.
+        let checkpointed: Bool
         /// The residual stream: the input of every layer and the last layer's output (training),
         /// or one buffer updated in place.
         let residuals: [DeviceBuffer]
@@ -127,12 +135,17 @@ public final class CUDAModel: @unchecked Sendable {
         let ln16, h16, final16: DeviceBuffer?
         /// Widest row of the layers' inputs and outputs (scratch sizes).
         let widest: Int
-        init(_ d: CUDADevice, batch: Int, seqLen: Int, c: ModelConfig, layers L: Int, bf16: Bool, training: Bool) throws {
-            self.batch = batch; self.seqLen = seqLen; self.training = training
+        init(
+            _ d: CUDADevice, batch: Int, seqLen: Int, c: ModelConfig, layers L: Int, bf16: Bool, training: Bool,
+            checkpointed: Bool = false
+        ) throws {
+            self.batch = batch; self.seqLen = seqLen; self.training = training; self.checkpointed = training && checkpointed
             let n = batch * seqLen, C = c.hiddenSize, I = c.intermediateSize
             widest = max(C, c.numHeads * c.headDim, I)
             residuals = try (0..<(training ? L + 1 : 1)).map { _ in try DeviceBuffer(d, floats: n * C) }
-            layers = try (0..<(training ? L : 1)).map { _ in try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c) }
+            layers = try (0..<(training && !checkpointed ? L : 1)).map { _ in
+                try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c)
+            }
             final = try DeviceBuffer(d, floats: n * C); finalRstd = try DeviceBuffer(d, floats: n)
             qin = try DeviceBuffer(d, floats: n * widest)
             b16 = try DeviceBuffer(d, bytes: n * widest * 2)
@@ -144,11 +157,12 @@ public final class CUDAModel: @unchecked Sendable {
     }
 
     func ensureBuffers(batch: Int, seqLen: Int, training: Bool) throws -> Buffers {
-        if let b = buffers, b.batch == batch, b.seqLen == seqLen, b.training == training { return b }
+        let checkpointed = training && model.activationCheckpointing
+        if let b = buffers, b.batch == batch, b.seqLen == seqLen, b.training == training, b.checkpointed == checkpointed { return b }
         buffers = nil  // release first: peak memory is one set
         let b = try Buffers(
             device, batch: batch, seqLen: seqLen, c: config, layers: model.layers.count, bf16: precision == .bf16,
-            training: training)
+            training: training, checkpointed: checkpointed)
         buffers = b
         return b
     }
@@ -166,7 +180,7 @@ public final class CUDAModel: @unchecked Sendable {
         guard let q = hook as? TensorQuantizer else { throw QATError("internal: quantizer \(hook.name) is not a TensorQuantizer") }
         guard q.enabled else { return false }
         if q.isCalibrating {
-            try recordCalibration(q, x, count: rows * cols)
+            if !recomputing { try recordCalibration(q, x, count: rows * cols) }  // (a recompute records nothing)
             return false
         }
         guard let a = q.amax else {
@@ -221,6 +235,7 @@ public final class CUDAModel: @unchecked Sendable {
     /// Makes a Linear's device weight current: the fake-quant copy when its weight quantizer
     /// quantizes, and the bf16 copy in bf16 precision.
     func prepare(_ dl: DeviceLinear) throws {
+        if let p = dl.packed { return try decode(p, into: dl) }  // QLoRA: stays stale, decoded again at the next use
         let l = dl.linear
         var source = dl.weight.ptr
         let count = l.outFeatures * l.inFeatures
@@ -268,10 +283,12 @@ public final class CUDAModel: @unchecked Sendable {
         let w = precision == .bf16 ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
         try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16)
         if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
+        if let ad = lora?.adapters[ObjectIdentifier(l)] { try adapterForward(ad, x: x, x16: x16, out: out, n: n, training: b.training) }
     }
 
     /// tokens [B, T] → the final normalised hidden states [B·T, C] on the device (valid until
-    /// the next forward). `saveForBackward`: every layer keeps its activations (training).
+    /// the next forward). `saveForBackward`: every layer keeps its activations (training), or,
+    /// with the host model's `activationCheckpointing`, only its input (backward recomputes).
     public func forward(tokens: [Int32], batch: Int, seqLen: Int, saveForBackward: Bool = false) throws -> CUdeviceptr {
         let c = config, C = c.hiddenSize, N = batch * seqLen
         guard tokens.count == N else { throw QATError("forward: \(tokens.count) tokens for batch \(batch) × seq_len \(seqLen)") }
@@ -286,7 +303,7 @@ public final class CUDAModel: @unchecked Sendable {
         if saveForBackward { lastTokens = tokens }
         try device.embedding(out: b.residuals[0].ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C)
         for (l, L) in model.layers.enumerated() {
-            let a = b.layers[saveForBackward ? l : 0]
+            let a = b.layers[saveForBackward && !b.checkpointed ? l : 0]
             let xin = b.residuals[saveForBackward ? l : 0].ptr, xout = b.residuals[saveForBackward ? l + 1 : 0].ptr
             try layerForward(L, a, xin: xin, xout: xout, b: b)
         }
@@ -299,7 +316,7 @@ public final class CUDAModel: @unchecked Sendable {
     }
 
     /// One decoder layer: xout = mid + mlp(ln2(mid)), mid = xin + attention(ln1(xin)) (xout may be xin).
-    private func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: CUdeviceptr, xout: CUdeviceptr, b: Buffers) throws {
+    func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: CUdeviceptr, xout: CUdeviceptr, b: Buffers) throws {
         let c = config, C = c.hiddenSize, N = b.batch * b.seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim, eps = c.rmsNormEps
         let ln16 = b.ln16?.ptr
         try device.rmsnorm(out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)

@@ -42,6 +42,7 @@ extension CUDASelftest {
                 "tiny-qwen3 QAD \(loss.rawValue)", model: student, tokens: tokens, targets: targets, batch: batch, seqLen: seqLen,
                 loss: kd)
         }
+        try topKTraining()
         try adamwCheck()
     }
 
@@ -54,11 +55,14 @@ extension CUDASelftest {
         return model
     }
 
-    /// One micro-batch's loss and every parameter gradient, CPU against GPU (fp32 and bf16).
-    private mutating func gradientCheck(
+    /// One micro-batch's loss and every parameter gradient, CPU against GPU (fp32 and bf16);
+    /// `loss`: nil (cross-entropy), a `DistillationLoss` or a `TopKDistillationLoss` (whose cache
+    /// holds the batch's sequences 0..<batch).
+    mutating func gradientCheck(
         _ label: String, model: CausalLM, tokens: [Int32], targets: [Int32], batch: Int, seqLen: Int,
-        loss kd: DistillationLoss?, quantized: Bool = false
+        loss other: TrainingLoss?, quantized: Bool = false
     ) throws {
+        let kd = other as? DistillationLoss, topK = other as? TopKDistillationLoss
         // (Quantized: both sides use the host's calibration, so the fake quant sees the same amax.)
         let n = batch * seqLen, C = model.config.hiddenSize
         let valid = targets.filter { $0 != CrossEntropy.ignoreIndex }.count, scale = 1 / Float(valid)
@@ -66,8 +70,8 @@ extension CUDASelftest {
         model.markWeightsChanged()
         let hidden = try model.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
         let dHidden = Tensor(shape: [n, C])
-        let micro = MicroBatch(tokens: tokens, targets: targets, batch: batch, seqLen: seqLen)
-        let loss: TrainingLoss = kd ?? CrossEntropyLoss(vocab: model.config.vocabSize)
+        let micro = MicroBatch(tokens: tokens, targets: targets, batch: batch, seqLen: seqLen, sequenceIndices: Array(0..<batch))
+        let loss: TrainingLoss = other ?? CrossEntropyLoss(vocab: model.config.vocabSize)
         let cpu = try loss.run(model: model, hidden: hidden, batch: micro, gradScale: scale, dHidden: dHidden.data)
         try model.backward(dHidden: dHidden.data)
         let cpuGrads = model.parameters.map { Array(UnsafeBufferPointer(start: $0.grad!.data, count: $0.count)) }
@@ -88,6 +92,12 @@ extension CUDASelftest {
                     if case .jsd(let b) = k.divergence { return Float(b) }; return 0
                 }()
                 head = .distillation(teacher: teacher, hidden: th, kind: kind, beta: beta, temperature: k.temperature, kdRatio: k.kdRatio)
+            } else if let topK {
+                let t = try topK.teacherRows(for: micro)
+                head = .topK(
+                    try gm.uploadTopKTeacher(
+                        ids: t.ids, logprobs: t.logprobs, rest: t.rest, counts: t.counts, topK: topK.reader.header.topK,
+                        objective: topK.objective, constants: topK.constants))
             } else {
                 head = .crossEntropy
             }

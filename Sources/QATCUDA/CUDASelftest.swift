@@ -39,8 +39,12 @@ public struct CUDASelftest {
     /// Runs every check; true when all pass.
     public mutating func run() throws -> Bool {
         try kernels()
+        try topKKernels()
         try models()
         try training()
+        try loraChecks()
+        try checkpointing()
+        try parity()
         return checks.allSatisfy(\.passed)
     }
 

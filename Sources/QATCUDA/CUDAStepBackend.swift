@@ -42,12 +42,8 @@ public final class CUDAStepBackend: StepBackend {
                 r = try model.lossBackward(.crossEntropy, targets: batch.targets, gradScale: gradScale)
                 parts += LossParts(total: r.ce, ce: r.ce, kd: 0, valid: valid)
             case let d as DistillationLoss:
-                guard d.teacherVocab == d.studentVocab else {
-                    throw QATError.unsupported(
-                        "a teacher vocabulary larger than the student's (mask_extra_vocab) is not supported on the GPU in this "
-                            + "version: use device: cpu"
-                    )
-                }
+                // A larger teacher vocabulary (mask_extra_vocab): kd_rows reads the first V logits of each
+                // teacher row (stride V_t), as the CPU's DistillationKernels.fullRow does.
                 let teacher = try teacherCopy(d.teacher)
                 let th = try teacher.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen)
                 let k = d.constants
@@ -62,10 +58,22 @@ public final class CUDAStepBackend: StepBackend {
                         teacher: teacher, hidden: th, kind: kind, beta: beta, temperature: k.temperature,
                         kdRatio: k.kdRatio), targets: batch.targets, gradScale: gradScale)
                 parts += LossParts(total: (1 - k.kdRatio) * r.ce + k.kdRatio * r.kd, ce: r.ce, kd: r.kd, valid: valid)
+            case let tk as TopKDistillationLoss:
+                guard tk.studentVocab == model.config.vocabSize else {
+                    throw QATError(
+                        "top-k distillation: the loss's vocabulary \(tk.studentVocab) is not the model's \(model.config.vocabSize)")
+                }
+                let rows = try tk.teacherRows(for: batch)
+                let k = tk.constants
+                let teacher = try model.uploadTopKTeacher(
+                    ids: rows.ids, logprobs: rows.logprobs, rest: rows.rest, counts: rows.counts, topK: tk.reader.header.topK,
+                    objective: tk.objective, constants: k)
+                r = try model.lossBackward(.topK(teacher), targets: batch.targets, gradScale: gradScale)
+                parts += LossParts(total: (1 - k.kdRatio) * r.ce + k.kdRatio * r.kd, ce: r.ce, kd: r.kd, valid: valid)
             default:
                 throw QATError.unsupported(
-                    "\(loss.description) runs on the CPU only in this version (the GPU trains with cross-entropy and "
-                        + "live-teacher distillation): use device: cpu"
+                    "\(loss.description) runs on the CPU only in this version (the GPU trains with cross-entropy, "
+                        + "live-teacher distillation and a top-k teacher cache): use device: cpu"
                 )
             }
             try model.backward(dHidden: r.dHidden)

@@ -17,7 +17,9 @@ public enum KernelSources {
         ("attention", String(decoding: PackageResources.attention_cu, as: UTF8.self)),
         ("quant", String(decoding: PackageResources.quant_cu, as: UTF8.self)),
         ("loss", String(decoding: PackageResources.loss_cu, as: UTF8.self)),
+        ("topk", String(decoding: PackageResources.topk_cu, as: UTF8.self)),
         ("optim", String(decoding: PackageResources.optim_cu, as: UTF8.self)),
+        ("lora", String(decoding: PackageResources.lora_cu, as: UTF8.self)),
     ]
 
     /// The kernels a file defines (`extern "C" __global__ void NAME(`).
@@ -129,6 +131,7 @@ public enum KernelArg {
     case i32(Int)
     case i64(Int)
     case f32(Float)
+    case f64(Double)
 }
 
 /// The device's loaded kernels, by name.
@@ -183,6 +186,7 @@ final class KernelLibrary {
             case .i32(let v): p.storeBytes(of: Int32(v), as: Int32.self)
             case .i64(let v): p.storeBytes(of: Int64(v), as: Int64.self)
             case .f32(let v): p.storeBytes(of: v, as: Float.self)
+            case .f64(let v): p.storeBytes(of: v, as: Double.self)
             }
             ptrs[i] = p
         }

@@ -42,12 +42,13 @@ public enum BLAS {
         // K · (M · pn + N · pm): a 1-D split at 16 threads would pack all of B 16 times.
         // Block boundaries depend only on the shape and thread count, and each element of C is
         // still one full-length dot product by one call: results do not depend on the threads.
-        let (pm, pn) = grid(m: m, n: n, k: k, workers: workers)
-        let bm = (m + 15) / 16, bn = (n + 15) / 16, parts = pm * pn
+        let policy = splitPolicy
+        let (pm, pn) = grid(m: m, n: n, k: k, workers: workers, policy: policy)
+        let g = policy.rowGranule, bm = (m + g - 1) / g, bn = (n + 15) / 16, parts = pm * pn
         let ap = UncheckedBox(a), bp = UncheckedBox(b), cp = SendablePointer(c)
         Parallel.tasks(parts) { w in
             let i = w / pn, j = w - i * pn
-            let rs = min(m, bm * i / pm * 16), re = min(m, bm * (i + 1) / pm * 16)
+            let rs = min(m, bm * i / pm * g), re = min(m, bm * (i + 1) / pm * g)
             let cs = min(n, bn * j / pn * 16), ce = min(n, bn * (j + 1) / pn * 16)
             guard re > rs, ce > cs else { return }
             let aOff = transA ? rs : rs * lda, bOff = transB ? cs * ldb : cs
@@ -64,16 +65,36 @@ public enum BLAS {
     /// is every block.
     public static let minBlockWork = 7_500_000
 
+    /// Where a product may be cut without changing any bit of C. OpenBLAS computes row-major C
+    /// as its column-major transpose, so our rows are its N and our columns its M. On the AVX-512
+    /// kernels (SkylakeX, Cooperlake, Sapphire Rapids) any cut at 16 rows or columns gives the
+    /// whole product's bits. The Haswell kernels (also Zen's) sum an element differently
+    /// depending on where it sits in the whole M range, so a cut between columns changes bits at
+    /// any offset, while cuts between rows are exact at multiples of 12 (measured with OpenBLAS
+    /// 0.3.21, NN/NT/TN, five shapes): there, and for any other kernel family, only rows are cut,
+    /// at multiples of 48.
+    public struct SplitPolicy: Sendable, Equatable {
+        public var rowGranule: Int
+        public var splitColumns: Bool
+        public static let avx512 = SplitPolicy(rowGranule: 16, splitColumns: true)
+        public static let rowsOnly = SplitPolicy(rowGranule: 48, splitColumns: false)
+    }
+
+    /// The split policy of the kernel family OpenBLAS runs on this machine.
+    public static let splitPolicy: SplitPolicy = {
+        ["skylakex", "cooperlake", "sapphirerapids"].contains(BLASCore.coreName.lowercased()) ? .avx512 : .rowsOnly
+    }()
+
     /// The block grid (rows × columns of C) of a parallel product: pm · pn = 2 · workers blocks
     /// when each has ≥ 128 × 128 outputs, else `workers`, fewer when the 16-blocks run out or a
     /// block would do less than `minBlockWork`; of those, the factorization that packs the least
     /// (M · pn + N · pm). (1, 1): no split.
-    public static func grid(m: Int, n: Int, k: Int, workers: Int) -> (Int, Int) {
-        let bm = (m + 15) / 16, bn = (n + 15) / 16
-        // The smallest of `parts` blocks of whole 16-blocks over `dim` (`blocks` of them).
-        func smallest(_ dim: Int, _ blocks: Int, _ parts: Int) -> Int {
+    public static func grid(m: Int, n: Int, k: Int, workers: Int, policy: SplitPolicy = splitPolicy) -> (Int, Int) {
+        let g = policy.rowGranule, bm = (m + g - 1) / g, bn = (n + 15) / 16
+        // The smallest of `parts` blocks of whole granules (`size` each) over `dim` (`blocks` of them).
+        func smallest(_ dim: Int, _ blocks: Int, _ parts: Int, _ size: Int) -> Int {
             var least = Int.max
-            for i in 0..<parts { least = min(least, min(dim, blocks * (i + 1) / parts * 16) - min(dim, blocks * i / parts * 16)) }
+            for i in 0..<parts { least = min(least, min(dim, blocks * (i + 1) / parts * size) - min(dim, blocks * i / parts * size)) }
             return least
         }
         guard m * n * k >= 2 * minBlockWork else { return (1, 1) }
@@ -83,7 +104,9 @@ public enum BLAS {
             var bestCost = Int.max
             for pm in 1...target where target % pm == 0 {
                 let pn = target / pm
-                guard pm <= bm, pn <= bn, smallest(m, bm, pm) * smallest(n, bn, pn) * k >= minBlockWork else { continue }
+                guard pm <= bm, pn <= bn, pn == 1 || policy.splitColumns,
+                    smallest(m, bm, pm, g) * smallest(n, bn, pn, 16) * k >= minBlockWork
+                else { continue }
                 let cost = m * pn + n * pm
                 if cost < bestCost { bestCost = cost; best = (pm, pn) }
             }

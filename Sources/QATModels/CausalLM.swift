@@ -29,10 +29,14 @@ public final class CausalLM: @unchecked Sendable {
     var auxGradientBuffer: Tensor?
 
     // Activation state of the last forward.
-    private var shape: (batch: Int, seqLen: Int, saved: Bool)?
+    private var shape: (batch: Int, seqLen: Int, saved: Bool, checkpointed: Bool)?
     private var tokens: [Int32] = []
-    private var residuals: [Tensor] = []  // saved: L+1 buffers [N, C]; else 1
-    private var acts: [LayerActivations] = []  // saved: L; else 1 reused
+    var residuals: [Tensor] = []  // saved: L+1 buffers [N, C]; else 1
+    var acts: [LayerActivations] = []  // saved: L (1 reused with activation checkpointing); else 1 reused
+    /// Activation checkpointing (`train.activation_checkpointing`): a training forward keeps
+    /// only each layer's input and one reusable activation set; backward recomputes each layer
+    /// (`CausalLM+Checkpointing.swift`). A `CUDAModel` of this model follows the same flag.
+    public var activationCheckpointing = false
     private var finalHidden: Tensor?
     private var finalRstd: Tensor?
     private var grads: BackwardBuffers?
@@ -168,7 +172,10 @@ public final class CausalLM: @unchecked Sendable {
 
     /// Random N(0, std²) weights and unit norms, for benchmarks on a model shape.
     public convenience init(config: ModelConfig, seed: UInt64, std: Float = 0.02) throws {
-        var rng = SplitMix64(seed: seed)
+        // One SplitMix64 stream over every random tensor in model order, two draws per value;
+        // SplitMix64's state is a counter, so a chunk starting at value j starts its own
+        // generator at seed + 2j·γ and the chunks fill in parallel with the sequential values.
+        var drawn: UInt64 = 0  // values drawn before the current tensor
         var params: [String: Tensor] = [:]
         for (name, shape) in CausalLM.parameterShapes(config) {
             let t = Tensor(shape: shape, zeroed: false)
@@ -177,7 +184,12 @@ public final class CausalLM: @unchecked Sendable {
             } else if name.hasSuffix(".bias") {
                 t.zero()
             } else {
-                for i in 0..<t.count { t[i] = rng.nextGaussian() * std }
+                let out = t.data, first = drawn
+                Parallel.forRange(t.count, costPerItem: 64) { start, end in
+                    var rng = SplitMix64(seed: seed &+ (2 &* (first &+ UInt64(start))) &* SplitMix64.gamma)
+                    for i in start..<end { out[i] = rng.nextGaussian() * std }
+                }
+                drawn &+= UInt64(t.count)
             }
             params[name] = t
         }
@@ -252,6 +264,7 @@ public final class CausalLM: @unchecked Sendable {
         for (i, t) in tokens.enumerated() where t < 0 || Int(t) >= c.vocabSize {
             throw QATError("token id \(t) at position \(i) is outside the vocabulary (size \(c.vocabSize))")
         }
+        if saveForBackward && activationCheckpointing { try checkCheckpointable() }
         ensureBuffers(batch: batch, seqLen: seqLen, saved: saveForBackward)
         isTrainingForward = saveForBackward
         auxGradientBuffer = nil
@@ -265,7 +278,7 @@ public final class CausalLM: @unchecked Sendable {
             }
         }
         for (l, layer) in layers.enumerated() {
-            let a = saveForBackward ? acts[l] : acts[0]
+            let a = saveForBackward && !activationCheckpointing ? acts[l] : acts[0]
             let xin = saveForBackward ? residuals[l].data : x0
             let xout = saveForBackward ? residuals[l + 1].data : x0
             try layerForward(layer, a, xin: xin, xout: xout, batch: batch, seqLen: seqLen)
@@ -279,7 +292,7 @@ public final class CausalLM: @unchecked Sendable {
         return finalHidden!.data
     }
 
-    private func layerForward(
+    func layerForward(
         _ L: DecoderLayer, _ a: LayerActivations, xin: UnsafeMutablePointer<Float>, xout: UnsafeMutablePointer<Float>,
         batch: Int, seqLen: Int
     ) throws {
@@ -356,7 +369,8 @@ public final class CausalLM: @unchecked Sendable {
             g.dres.data.update(from: dHidden, count: N * C)
         }
         for l in stride(from: layers.count - 1, through: 0, by: -1) {
-            layerBackward(layers[l], acts[l], xin: residuals[l].data, g: g, batch: s.batch, seqLen: s.seqLen)
+            if s.checkpointed { try recomputeLayer(l, batch: s.batch, seqLen: s.seqLen) }
+            layerBackward(layers[l], acts[s.checkpointed ? 0 : l], xin: residuals[l].data, g: g, batch: s.batch, seqLen: s.seqLen)
         }
         guard isFirstStage else { return UnsafePointer(g.dres.data) }
         if let de = embed.grad {
@@ -439,7 +453,8 @@ public final class CausalLM: @unchecked Sendable {
     // MARK: - Buffers
 
     private func ensureBuffers(batch: Int, seqLen: Int, saved: Bool) {
-        if let s = shape, s.batch == batch, s.seqLen == seqLen, s.saved == saved { return }
+        let checkpointed = saved && activationCheckpointing
+        if let s = shape, s.batch == batch, s.seqLen == seqLen, s.saved == saved, s.checkpointed == checkpointed { return }
         let c = config, N = batch * seqLen
         let lc = LayerActivations.Config(
             batch: batch, seqLen: seqLen, hidden: c.hiddenSize, heads: c.numHeads,
@@ -448,11 +463,11 @@ public final class CausalLM: @unchecked Sendable {
         // Release the old set first so peak memory is one set, not two.
         residuals = []; acts = []; grads = nil
         residuals = (0..<(saved ? layers.count + 1 : 1)).map { _ in Tensor(shape: [N, c.hiddenSize]) }
-        acts = (0..<(saved ? layers.count : 1)).map { _ in LayerActivations(n: N, c: lc) }
+        acts = (0..<(saved && !checkpointed ? layers.count : 1)).map { _ in LayerActivations(n: N, c: lc) }
         finalHidden = Tensor(shape: [N, c.hiddenSize])
         finalRstd = Tensor(shape: [N])
         grads = saved ? BackwardBuffers(n: N, c: lc) : nil
-        shape = (batch, seqLen, saved)
+        shape = (batch, seqLen, saved, checkpointed)
     }
 }
 
@@ -475,8 +490,10 @@ final class BackwardBuffers {
 public struct SplitMix64: RandomNumberGenerator, Sendable {
     public var state: UInt64
     public init(seed: UInt64) { state = seed }
+    /// The state's increment per draw.
+    public static let gamma: UInt64 = 0x9E37_79B9_7F4A_7C15
     public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
+        state &+= Self.gamma
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB

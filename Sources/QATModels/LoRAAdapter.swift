@@ -42,13 +42,19 @@ public final class LoRAContext: @unchecked Sendable {
         self.rank = rank; self.alpha = alpha; self.dropout = Float(dropout); self.seed = seed
     }
 
-    /// Called by the first adapter of every training forward: the micro-batch counter.
-    func beginForward() {
+    /// Called by the first adapter of every training forward (the CPU's, or the GPU model's in
+    /// its place): the micro-batch counter.
+    public func beginForward() {
         let s = step()
         if s != lastStep { lastStep = s; micro = 0 } else { micro += 1 }
     }
 
-    func key(adapter: Int) -> UInt64 {
+    /// Forgets the micro-batch counter: the next training forward is micro-batch 0 of its step
+    /// (the GPU selftest runs the same micro-batch on both devices).
+    public func resetMicroBatches() { lastStep = Int.min; micro = 0 }
+
+    /// The dropout mask key of adapter `adapter` in the current training forward.
+    public func key(adapter: Int) -> UInt64 {
         var g = SplitMix64(seed: seed ^ 0x4C6F_5241_4452_4F50)
         var k = g.next() ^ UInt64(truncatingIfNeeded: lastStep) &* 0x9E37_79B9_7F4A_7C15
         k = SplitMix64.mix(k ^ UInt64(micro) &* 0xC2B2_AE3D_27D4_EB4F)
@@ -60,14 +66,24 @@ public final class LoRAContext: @unchecked Sendable {
         return scratch!.data
     }
 
+    /// An element is kept when the top 24 bits of its draw are ≥ this (p · 2²⁴, rounded).
+    public var dropoutThreshold: UInt64 { UInt64((Double(dropout) * 16_777_216).rounded()) }
+    /// What a kept element is multiplied by: 1 / (1 − p) in fp32.
+    public var dropoutScale: Float { 1 / (1 - dropout) }
+
+    /// Whether element `i` survives the mask `key` (the GPU's `lora_dropout` kernel draws the same).
+    @inline(__always) public static func keeps(key: UInt64, element i: Int, threshold: UInt64) -> Bool {
+        (SplitMix64.mix(key &+ UInt64(i) &* 0x9E37_79B9_7F4A_7C15) >> 40) >= threshold
+    }
+
     /// out[i] = keep(key, i) ? x[i] / (1 − p) : 0 (or, with `accumulate`, out[i] += that).
     func applyMask(key: UInt64, _ x: UnsafePointer<Float>, _ out: UnsafeMutablePointer<Float>, count: Int, accumulate: Bool) {
-        let threshold = UInt64((Double(dropout) * 16_777_216).rounded())
-        let scale = 1 / (1 - dropout)
+        let threshold = dropoutThreshold
+        let scale = dropoutScale
         let o = SendablePointer(out)
         Parallel.forRange(count, costPerItem: 8) { s, e in
             for i in s..<e {
-                let keep = (SplitMix64.mix(key &+ UInt64(i) &* 0x9E37_79B9_7F4A_7C15) >> 40) >= threshold
+                let keep = Self.keeps(key: key, element: i, threshold: threshold)
                 let v = keep ? x[i] * scale : 0
                 if accumulate { o.p[i] += v } else { o.p[i] = v }
             }

@@ -89,6 +89,10 @@ public struct Recipe: Sendable {
         /// Mixture-of-experts models: weight of the load-balancing auxiliary loss (transformers'
         /// formula); nil: the config's router_aux_loss_coef when it sets output_router_logits, else 0.
         public var routerAuxLossCoef: Double? = nil
+        /// Activation checkpointing: a training forward keeps only each layer's input and the
+        /// backward recomputes the layer's activations (bit-identical gradients, less memory,
+        /// one more forward per step).
+        public var activationCheckpointing = false
         public var distill = DistillSpec()
         /// LoRA / QLoRA adapters (`train.lora`); nil: full-weight training.
         public var lora: LoRASpec? = nil
@@ -245,6 +249,7 @@ public struct Recipe: Sendable {
             s.shardOptimizerState = try t.bool("shard_optimizer_state") ?? s.shardOptimizerState
             s.pipelineStages = try t.int("pipeline_stages", min: 1) ?? s.pipelineStages
             s.routerAuxLossCoef = try t.double("router_aux_loss_coef", min: 0)
+            s.activationCheckpointing = try t.bool("activation_checkpointing") ?? s.activationCheckpointing
             if let d = try t.map("distill") {
                 s.distill.teacher = try d.string("teacher")
                 s.distill.kdRatio = try d.double("kd_ratio", min: 0, max: 1) ?? s.distill.kdRatio

@@ -56,7 +56,7 @@ extension Recipe {
             "  checkpoint_dir: \(opt(t.checkpointDir))\n  keep_checkpoints: \(t.keepCheckpoints)\n  "
             + "on_nonfinite: \(t.onNonFinite)\n  shard_optimizer_state: \(t.shardOptimizerState)\n  "
             + "pipeline_stages: \(t.pipelineStages)\n  router_aux_loss_coef: "
-            + "\(t.routerAuxLossCoef.map { "\($0)" } ?? "null")\n"
+            + "\(t.routerAuxLossCoef.map { "\($0)" } ?? "null")\n  activation_checkpointing: \(t.activationCheckpointing)\n"
         let d = t.distill
         y += "  distill:\n    teacher: \(opt(d.teacher))\n    kd_ratio: \(num(d.kdRatio))\n    temperature: \(num(d.temperature))\n"
         y +=

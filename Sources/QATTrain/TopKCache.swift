@@ -66,14 +66,18 @@ public enum TopKCache {
     /// `path`: the top-`topK` per position, or with `sampled` `topK` draws per position
     /// (seeded by `seed`, the sequence and the position, so a cache is reproducible). The file
     /// is written under a temporary name and renamed at the end, so an interrupted run leaves
-    /// no cache that looks complete.
+    /// no cache that looks complete. `topKOf` (a device's teacher, e.g. `CUDAModel.topKRows`)
+    /// replaces the host forward and `selectTopK` for a top-k cache: given a batch's tokens and
+    /// sequence count it returns what `selectTopK` writes for those rows.
     @discardableResult
     public static func write(
         teacher: CausalLM, stream: [Int32], seqLen: Int, topK: Int, to path: String, batchSize: Int = 8,
         maxSequences: Int? = nil, dataPath: String = "", split: String = "", modelPath: String = "",
         sampled: Bool = false, seed: UInt64 = 0, logprobStorage: HDF5File.Storage = .bfloat16,
-        budgetBytes: Int = 32 << 20, progress: ((_ done: Int, _ total: Int) -> Void)? = nil
+        budgetBytes: Int = 32 << 20, progress: ((_ done: Int, _ total: Int) -> Void)? = nil,
+        topKOf: ((_ tokens: [Int32], _ batch: Int) throws -> (ids: [Int32], logprobs: [Float], rest: [Float]))? = nil
     ) throws -> Header {
+        if topKOf != nil, sampled { throw QATError.internal("TopKCache.write: a device top-k for a sampled cache") }
         let V = teacher.config.vocabSize
         guard seqLen >= 2 else { throw QATError("seq_len must be at least 2 (got \(seqLen))") }
         guard batchSize >= 1 else { throw QATError("batch size must be at least 1 (got \(batchSize))") }
@@ -102,6 +106,16 @@ public enum TopKCache {
                 let b = min(batchSize, S - done)
                 let tokens = Array(stream[(done * seqLen)..<((done + b) * seqLen)])
                 let n = b * seqLen
+                if let topKOf {
+                    var d = try topKOf(tokens, b)
+                    guard d.ids.count == n * topK, d.logprobs.count == n * topK, d.rest.count == n else {
+                        throw QATError.internal("device top-k: \(d.ids.count) ids, \(d.rest.count) rest masses for \(n) rows of \(topK)")
+                    }
+                    try w.append(at: done, tokens: tokens, ids: &d.ids, logprobs: &d.logprobs, extra: &d.rest)
+                    done += b
+                    progress?(done, S)
+                    continue
+                }
                 let hidden = try teacher.forward(tokens: tokens, batch: b, seqLen: seqLen, saveForBackward: false)
                 var ids = [Int32](repeating: 0, count: n * topK)
                 var lps = [Float](repeating: 0, count: n * topK)

@@ -142,6 +142,8 @@ open class Trainer {
         self.model = model; self.spec = spec; self.seqLen = seqLen; self.options = options
         self.validationStream = validationStream; self.validationSequences = validationSequences
         try Trainer.configureRouterAuxLoss(model: model, spec: spec, pipeline: options.pipeline != nil)
+        model.activationCheckpointing = spec.activationCheckpointing  // (a CUDAModel of it follows the flag)
+        if spec.activationCheckpointing { try model.checkCheckpointable() }
         // Data parallel: the loader draws the global batch (world size × batch_size) and each
         // rank keeps its own rows (see `trainStep`).
         let world = options.pipeline?.dataParallel.size ?? options.world.size

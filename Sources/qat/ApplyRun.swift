@@ -133,9 +133,7 @@ final class ApplyRun {
         let cpuOnly: String? =
             world.isDistributed || train.pipelineStages > 1
             ? "multi-process training (mpirun, pipeline stages)"
-            : train.lora != nil
-                ? "LoRA/QLoRA training"
-                : train.distill.teacherLogprobs != nil ? "QAD from a top-k teacher cache" : nil
+            : nil
         if let what = cpuOnly {
             throw QATError.unsupported("device \(recipe.device): \(what) runs on the CPU only in this version: use device: cpu")
         }
@@ -216,6 +214,9 @@ final class ApplyRun {
     func attachLoRA() throws {
         guard let spec = recipe.train.lora else { return }
         guard recipe.train.mode != .none else { throw QATError("train.lora needs train.mode qat or qad") }
+        // The device copy made before the adapters has none (LoRA), or is of the dropped fp32 model
+        // (QLoRA): the next `onGPU` copies the model with its adapters and packed base.
+        device?.forget(model)
         let built = try LoRA.build(on: model, quantizers: quantizers, recipe: recipe)
         model = built.model
         quantizers = built.quantizers
@@ -243,6 +244,9 @@ final class ApplyRun {
             options.backend = CUDAStepBackend(model: gpuModel) { teacher in
                 guard let copy = try device.copy(teacher) else { throw QATError.internal("no device copy of the teacher") }
                 return copy
+            }
+            if gpuModel.packedBaseBytes > 0 {
+                log("QLoRA on the GPU: base packed in device memory (\(formatBytes(gpuModel.packedBaseBytes))), decoded at each use")
             }
         }
         var spec = recipe.train

@@ -40,6 +40,34 @@ struct GPUBench {
         }
     }
 
+    /// The bf16 dense matmul rate MFU is stated against: the H200's, as the CUDA issues measured it
+    /// (about 790 TFLOP/s; the data sheet says 989).
+    static let peakTFLOPs = 790.0
+
+    /// Model FLOPs of one step, the convention of the issue (and of PaLM's MFU): a forward is
+    /// 2 · matmul parameters · tokens (every Linear and the lm_head; not the embedding lookup)
+    /// plus causal attention, 2 · layers · T · heads · head_dim per token (QKᵀ and PV, each over
+    /// T/2 keys on average); a training step is 3 forwards (the backward twice the forward); QAD
+    /// adds the teacher's forward. Both sides of a comparison are counted by this one formula.
+    static func stepFLOPs(_ c: ModelConfig, batch: Int, seq: Int, mode: Recipe.Mode?) -> Double {
+        let h = Double(c.hiddenSize), q = Double(c.numHeads * c.headDim), kv = Double(c.numKVHeads * c.headDim)
+        let perLayer = h * q + 2 * h * kv + q * h + 3 * h * Double(c.intermediateSize)
+        let matmul = Double(c.numLayers) * perLayer + Double(c.vocabSize) * h
+        let tokens = Double(batch * seq)
+        let forward = 2 * matmul * tokens + 2 * Double(c.numLayers) * Double(seq) * q * tokens
+        switch mode {
+        case nil, .some(.none): return forward
+        case .some(.qat): return 3 * forward
+        case .some(.qad): return 4 * forward
+        }
+    }
+
+    /// "  N TFLOP/s  M% MFU" of a step of `flops` in `seconds`.
+    static func mfu(_ flops: Double, seconds: Double) -> String {
+        let rate = flops / seconds / 1e12
+        return String(format: "   %6.1f TFLOP/s %5.1f%% MFU", rate, 100 * rate / peakTFLOPs)
+    }
+
     /// One line to stdout at once (unbuffered: a run cut short keeps what it measured).
     func emit(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
 
@@ -50,7 +78,9 @@ struct GPUBench {
             "GPU forward (evaluation: forward + chunked lm_head cross-entropy), \(batch)×\(seq) tokens per step, "
                 + "median of \(repeats) after 2 warm-ups"
         )
-        emit("shape          mode                 ms/step   [min, max]      tokens/s   peak GPU MiB")
+        emit(
+            "shape          mode                 ms/step   [min, max]      tokens/s   peak GPU MiB              model FLOPs "
+                + "(MFU: of \(Int(Self.peakTFLOPs)) TFLOP/s)")
         for shape in shapes {
             let config = try Self.config(shape)
             let t0 = Date()
@@ -94,10 +124,12 @@ struct GPUBench {
                         times.sort()
                         let med = times[times.count / 2]
                         let mode = (quantized ? "nvfp4+fp8kv " : "unquantized ") + precision.rawValue
-                        line = String(
-                            format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString, mode as NSString,
-                            med * 1e3, times.first! * 1e3, times.last! * 1e3, Double(batch * seq) / med,
-                            (gpu.peakBytes - before) >> 20, loss)
+                        line =
+                            String(
+                                format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString, mode as NSString,
+                                med * 1e3, times.first! * 1e3, times.last! * 1e3, Double(batch * seq) / med,
+                                (gpu.peakBytes - before) >> 20, loss)
+                            + Self.mfu(Self.stepFLOPs(config, batch: batch, seq: seq, mode: nil), seconds: med)
                     }
                     emit(line)
                     if profile {
@@ -114,13 +146,22 @@ struct GPUBench {
             // on the GPU), a copy of its master weights as the QAD teacher.
             let teacher = try CausalLM(
                 config: config, parameters: Dictionary(uniqueKeysWithValues: model.parameters.map { ($0.name, $0.value.copy()) }))
+            // Each mode without and with activation checkpointing (step time and peak memory side by side).
             for mode in [Recipe.Mode.qat, .qad] {
-                do { emit(try trainSteps(shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode)) } catch {
-                    emit(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
+                for checkpointing in [false, true] {
+                    do {
+                        emit(
+                            try trainSteps(
+                                shape: shape, model: model, teacher: teacher, tokens: tokens, gpu: gpu, mode: mode,
+                                checkpointing: checkpointing))
+                    } catch {
+                        emit(String(format: "%-14@ %@ step: failed: %@", shape as NSString, mode.rawValue, "\(error)"))
+                    }
                 }
             }
+            model.activationCheckpointing = false
             if let script = peerScript {
-                emit(peer(script: script, shape: shape, modes: "fwd,qat,qad"))
+                emit(peer(script: script, shape: shape, modes: "fwd,qat,qad", config: config))
             }
         }
     }
@@ -128,9 +169,10 @@ struct GPUBench {
     /// QAT or QAD steps of NVFP4 W4A4 + FP8 KV in bf16 on the GPU, through the trainer's loop
     /// (`Trainer.run` with `CUDAStepBackend`: forward, fused loss head, backward, gradient norm
     /// and clipping at 1.0, AdamW): median step time after 2 warm-up steps, and the run's peak
-    /// GPU memory (the QAD teacher included).
-    func trainSteps(shape: String, model: CausalLM, teacher: CausalLM, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode) throws -> String
-    {
+    /// GPU memory (the QAD teacher included). `checkpointing`: train.activation_checkpointing.
+    func trainSteps(
+        shape: String, model: CausalLM, teacher: CausalLM, tokens: [Int32], gpu: CUDADevice, mode: Recipe.Mode, checkpointing: Bool
+    ) throws -> String {
         let config = model.config
         let before = gpu.bytesInUse
         gpu.resetPeak()
@@ -138,7 +180,7 @@ struct GPUBench {
         var spec = Recipe.TrainSpec()
         // With --profile one more step runs, every launch timed (synchronised), outside the median.
         spec.mode = mode; spec.steps = repeats + (profile ? 3 : 2); spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"
-        spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1
+        spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1; spec.activationCheckpointing = checkpointing
         var g = SplitMix64(seed: 9)
         let stream = (0..<((spec.steps + 1) * batch * seq)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
         let dir = NSTemporaryDirectory() + "qat-gpu-bench-\(getpid())"
@@ -183,13 +225,15 @@ struct GPUBench {
         let med = times[times.count / 2]
         return String(
             format: "%-14@ %-20@ %7.1f   [%.1f, %.1f]   %9.0f   %8d   (loss %.3f)", shape as NSString,
-            "\(mode.rawValue.uppercased()) step nvfp4 bf16" as NSString, med * 1e3, times.first! * 1e3, times.last! * 1e3,
+            "\(mode.rawValue.uppercased()) \(checkpointing ? "ckpt" : "step") nvfp4 bf16" as NSString, med * 1e3, times.first! * 1e3,
+            times.last! * 1e3,
             Double(batch * seq) / med, (gpu.peakBytes - before) >> 20, loss)
+            + Self.mfu(Self.stepFLOPs(config, batch: batch, seq: seq, mode: mode), seconds: med)
     }
 
     /// The peer script's modes: PyTorch's eager bf16 forward with the full logits (`fwd`),
     /// ModelOpt's QAT and QAD steps (`qat`, `qad`; they need nvidia-modelopt on the host).
-    func peer(script: String, shape: String, modes: String) -> String {
+    func peer(script: String, shape: String, modes: String, config: ModelConfig) -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = [
@@ -203,6 +247,17 @@ struct GPUBench {
         let out = String(decoding: data, as: UTF8.self)
         let lines = out.split(separator: "\n").filter { $0.contains("\"mode\"") }
         guard !lines.isEmpty else { return "peer: no result (exit \(p.terminationStatus))" }
-        return lines.map { "peer (PyTorch eager bf16 sdpa / ModelOpt 0.47): \($0)" }.joined(separator: "\n")
+        return lines.map { line in
+            var figures = ""
+            if let json = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                let ms = (json["median_step_ms"] as? NSNumber)?.doubleValue, let name = json["mode"] as? String
+            {
+                let mode: Recipe.Mode? = name == "qat" || name == "bf16" ? .qat : name == "qad" ? .qad : name == "fwd" ? nil : .some(.none)
+                if mode != .some(.none) {
+                    figures = Self.mfu(Self.stepFLOPs(config, batch: batch, seq: seq, mode: mode), seconds: ms / 1e3)
+                }
+            }
+            return "peer (PyTorch eager bf16 sdpa / ModelOpt 0.47): \(line)\(figures)"
+        }.joined(separator: "\n")
     }
 }

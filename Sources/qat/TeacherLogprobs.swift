@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import QATCUDA
 import QATCore
 import QATData
 import QATModels
@@ -18,7 +19,9 @@ struct TeacherLogprobs: ParsableCommand {
             With --sample N it stores N draws from the teacher instead (distinct ids, their counts \
             and log-probabilities: the sampled objective). Ids are uint16 when the vocabulary fits. \
             Point a recipe's train.distill.teacher_logprobs at the file; the run's seq_len and data \
-            must match the cache's (checked).
+            must match the cache's (checked). With --device cuda the teacher's forward, lm_head and \
+            top-k selection run on the GPU (k ≤ 2048; the same cache as the CPU's up to fp32 round-off; \
+            --sample stays on the CPU).
 
             Example: qat teacher-logprobs --model models/fortune-lm --data models/fortune-lm/tokens.h5 --top-k 64 --out teacher-top64.h5
             """)
@@ -72,11 +75,11 @@ struct TeacherLogprobs: ParsableCommand {
                 throw QATError("--logprob-dtype must be bfloat16 or float16 (got \(logprobDtype))")
             }
             modelOptions.applyThreads()
-            if try modelOptions.compute().device.isCUDA {
-                throw QATError.unsupported(
-                    "qat teacher-logprobs runs on the CPU in this version (the GPU top-k kernel is not written yet): use --device cpu")
+            let compute = try modelOptions.compute()
+            if fromCache == nil, let refusal = Self.deviceRefusal(compute.device, sample: sample, topK: topK) {
+                throw QATError.unsupported(refusal)
             }
-            if let src = fromCache {
+            if let src = fromCache {  // (no teacher runs: on the host for every --device)
                 let start = Date()
                 let h = try TopKCache.narrow(from: src, to: out, topK: sample ?? topK)
                 report(h, seconds: Date().timeIntervalSince(start))
@@ -86,19 +89,37 @@ struct TeacherLogprobs: ParsableCommand {
             let tokenizer = data.hasSuffix(".jsonl") ? try Tokenizer(path: modelOptions.model) : nil
             let stream = try TokenData.load(path: data, split: split, tokenizer: tokenizer, vocabSize: teacher.config.vocabSize)
             let total = min(max(1, (stream.count - 1) / max(seqLen, 1)), maxSequences ?? Int.max)
+            // --device cuda: the teacher's forward, lm_head and top-k selection on the GPU (CUDAModel.topKRows).
+            let gpuTeacher =
+                try compute.device.isCUDA
+                ? CUDAModel(model: teacher, device: try GPU.open(compute.device), precision: compute.precision) : nil
             let bar = ProgressBar(total: total, label: "teacher", unit: "seq", enabled: !json)
             let start = Date()
+            let k = sample ?? topK, L = seqLen
             let h = try TopKCache.write(
                 teacher: teacher, stream: stream, seqLen: seqLen, topK: sample ?? topK, to: out, batchSize: batchSize,
                 maxSequences: maxSequences, dataPath: data, split: split, modelPath: modelOptions.model,
                 sampled: sample != nil, seed: seed,
-                logprobStorage: logprobDtype == "float16" ? .float16 : .bfloat16
-            ) { done, _ in
-                bar.update(done)
-            }
+                logprobStorage: logprobDtype == "float16" ? .float16 : .bfloat16,
+                progress: { done, _ in bar.update(done) },
+                topKOf: gpuTeacher.map { g in { tokens, b in try g.topKRows(tokens: tokens, batch: b, seqLen: L, topK: k) } })
             bar.finish()
             report(h, seconds: Date().timeIntervalSince(start))
         }
+    }
+
+    /// Why `--device` cannot write this cache (nil: it can). The GPU writes top-k caches with
+    /// k ≤ `CUDADevice.topKSelectMaxK`; sampled caches are drawn on the CPU.
+    static func deviceRefusal(_ device: ComputeDevice, sample: Int?, topK: Int) -> String? {
+        guard device.isCUDA else { return nil }
+        if sample != nil {
+            return "qat teacher-logprobs --sample runs on the CPU in this version (the GPU writes top-k caches): use --device cpu"
+        }
+        if topK > CUDADevice.topKSelectMaxK {
+            return "qat teacher-logprobs --device \(device): --top-k \(topK) is above the GPU's limit of "
+                + "\(CUDADevice.topKSelectMaxK): use --device cpu, or a smaller --top-k"
+        }
+        return nil
     }
 
     func report(_ h: TopKCache.Header, seconds: Double) {

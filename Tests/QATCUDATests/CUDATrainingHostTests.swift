@@ -1,4 +1,5 @@
 import QATCUDA
+import QATTrain
 import XCTest
 
 /// The host side of GPU training that runs without a GPU.
@@ -19,5 +20,22 @@ final class CUDATrainingHostTests: XCTestCase {
         let empty = EmbeddingGroups.plan([])
         XCTAssertEqual(empty.ids, [])
         XCTAssertEqual(empty.starts, [0])
+    }
+}
+
+/// The host side of the GPU top-k kernels (`Kernels/topk.cu`) that runs without a GPU.
+final class CUDATopKHostTests: XCTestCase {
+    /// `topk_kd_rows` branches on objective codes 0…3 in this order; each objective has its own.
+    func testObjectiveCodesAreTheKernelsBranches() throws {
+        let codes = Recipe.TopKObjective.allCases.map { CUDAModel.topKObjectiveCode($0) }
+        XCTAssertEqual(Set(codes), [0, 1, 2, 3])
+        XCTAssertEqual(CUDAModel.topKObjectiveCode(.coarseKL), 0)
+        XCTAssertEqual(CUDAModel.topKObjectiveCode(.bothNormalized), 1)
+        XCTAssertEqual(CUDAModel.topKObjectiveCode(.teacherNormalized), 2)
+        XCTAssertEqual(CUDAModel.topKObjectiveCode(.sampled), 3)
+        let source = try XCTUnwrap(KernelSources.files.first { $0.name == "topk" }?.source)
+        XCTAssertEqual(KernelSources.kernelNames(in: source), ["topk_kd_rows", "topk_select_rows"])
+        XCTAssertTrue(source.contains("#define TK_MAX_K \(CUDADevice.topKSelectMaxK)"))
+        for code in 0...2 { XCTAssertTrue(source.contains("objective == \(code)")) }
     }
 }

@@ -111,23 +111,28 @@ final class ParallelTests: XCTestCase {
     }
 
     func testGridPacksLeastAndKeepsBlocksLarge() {
-        XCTAssertTrue(BLAS.grid(m: 256, n: 256, k: 2048, workers: 16) == (4, 4))
-        XCTAssertTrue(BLAS.grid(m: 2048, n: 704, k: 256, workers: 2) == (4, 1))
-        XCTAssertTrue(BLAS.grid(m: 2048, n: 128, k: 256, workers: 16) == (8, 1))  // 8.4 M multiply-adds per block, not 4.2 M
-        XCTAssertTrue(BLAS.grid(m: 100, n: 1000, k: 64, workers: 16) == (1, 1))  // 6.4 M in all: not split
-        for (m, n, k) in [(2048, 256, 256), (576, 1536, 2048), (49152, 576, 2048), (333, 190, 970)] {
-            for w in [2, 3, 8, 16, 64] {
-                let (pm, pn) = BLAS.grid(m: m, n: n, k: k, workers: w)
-                XCTAssertLessThanOrEqual(pm * pn, 2 * w)
-                // Every block as BLAS.gemm cuts it: whole 16-blocks, bm · i / pm of them before block i.
-                func sizes(_ dim: Int, _ parts: Int) -> [Int] {
-                    let blocks = (dim + 15) / 16
-                    return (0..<parts).map { min(dim, blocks * ($0 + 1) / parts * 16) - min(dim, blocks * $0 / parts * 16) }
-                }
-                if pm * pn > 1 {
-                    XCTAssertGreaterThanOrEqual(
-                        sizes(m, pm).min()! * sizes(n, pn).min()! * k, BLAS.minBlockWork,
-                        "\(m)×\(n)×\(k) at \(w)")
+        let wide = BLAS.SplitPolicy.avx512, rows = BLAS.SplitPolicy.rowsOnly
+        XCTAssertTrue(BLAS.grid(m: 256, n: 256, k: 2048, workers: 16, policy: wide) == (4, 4))
+        XCTAssertTrue(BLAS.grid(m: 2048, n: 704, k: 256, workers: 2, policy: wide) == (4, 1))
+        XCTAssertTrue(BLAS.grid(m: 2048, n: 128, k: 256, workers: 16, policy: wide) == (8, 1))  // 8.4 M multiply-adds per block
+        XCTAssertTrue(BLAS.grid(m: 100, n: 1000, k: 64, workers: 16, policy: wide) == (1, 1))  // 6.4 M in all: not split
+        XCTAssertTrue(BLAS.grid(m: 256, n: 256, k: 2048, workers: 16, policy: rows) == (6, 1))  // rows only, 48-row cuts
+        for policy in [wide, rows] {
+            for (m, n, k) in [(2048, 256, 256), (576, 1536, 2048), (49152, 576, 2048), (333, 190, 970)] {
+                for w in [2, 3, 8, 16, 64] {
+                    let (pm, pn) = BLAS.grid(m: m, n: n, k: k, workers: w, policy: policy)
+                    XCTAssertLessThanOrEqual(pm * pn, 2 * w)
+                    XCTAssertTrue(pn == 1 || policy.splitColumns)
+                    // Every block as BLAS.gemm cuts it: whole granules, bm · i / pm of them before block i.
+                    func sizes(_ dim: Int, _ parts: Int, _ g: Int) -> [Int] {
+                        let blocks = (dim + g - 1) / g
+                        return (0..<parts).map { min(dim, blocks * ($0 + 1) / parts * g) - min(dim, blocks * $0 / parts * g) }
+                    }
+                    if pm * pn > 1 {
+                        XCTAssertGreaterThanOrEqual(
+                            sizes(m, pm, policy.rowGranule).min()! * sizes(n, pn, 16).min()! * k, BLAS.minBlockWork,
+                            "\(m)×\(n)×\(k) at \(w)")
+                    }
                 }
             }
         }

@@ -70,6 +70,35 @@ final class LoRATests: XCTestCase {
         }
     }
 
+    /// The dropout mask an adapter applies is the public rule the GPU kernel draws
+    /// (`LoRAContext.keeps` with `key(adapter:)`, `dropoutThreshold`, `dropoutScale`): with A = B = I,
+    /// scaling 1 and a zero base, the output is the masked input exactly. A second forward of the
+    /// same step is the next micro-batch (another mask); `resetMicroBatches` draws the first again.
+    func testDropoutMaskIsThePublicRule() throws {
+        let n = 16, f = 16
+        let lin = Linear(name: "model.layers.0.mlp.up_proj", weight: Parameter(name: "w", value: Tensor(shape: [f, f])), bias: nil)
+        let ctx = LoRAContext(rank: f, alpha: Double(f), dropout: 0.05, seed: 3)
+        ctx.isTraining = { true }
+        XCTAssertEqual(ctx.dropoutThreshold, 838_861)  // 0.05 · 2²⁴ rounded
+        XCTAssertEqual(ctx.dropoutScale, 1 / Float(0.95))
+        let ad = LoRAAdapter(module: lin.name, index: 0, inFeatures: f, outFeatures: f, context: ctx)
+        for i in 0..<f * f { ad.A.value[i] = i / f == i % f ? 1 : 0; ad.B.value[i] = i / f == i % f ? 1 : 0 }
+        lin.adapter = ad
+        let x = randomTensor([n, f], seed: 9), out = Tensor(shape: [n, f])
+        try lin.forward(x.data, out: out.data, n: n)
+        let key = ctx.key(adapter: 0)
+        let expected = (0..<n * f).map { i in
+            LoRAContext.keeps(key: key, element: i, threshold: ctx.dropoutThreshold) ? x[i] * ctx.dropoutScale : 0
+        }
+        XCTAssertEqual(out.array, expected)
+        XCTAssertTrue(expected.contains(0) && expected.contains { $0 != 0 })
+        try lin.forward(x.data, out: out.data, n: n)
+        XCTAssertNotEqual(out.array, expected)
+        ctx.resetMicroBatches()
+        try lin.forward(x.data, out: out.data, n: n)
+        XCTAssertEqual(out.array, expected)
+    }
+
     /// PEFT's init: A ~ U(±1/√in) (kaiming-uniform, a = √5), B = 0; names `<module>.lora_A.weight`.
     func testAdapterInitAndNames() {
         let ctx = LoRAContext(rank: 8, alpha: 16, dropout: 0, seed: 42)

@@ -1,8 +1,10 @@
-# Writes kernels.cpp (in the current directory): common.cu + attention.cu made plain C++ for the
-# emulator of prelude.h (dynamic shared memory, mma.sync, ldmatrix and cp.async replaced by calls).
+# Writes kernels.cpp (in the current directory): common.cu + attention.cu (or the kernel file named
+# as the first argument, e.g. lora.cu or topk.cu) made plain C++ for the emulator of prelude.h (dynamic
+# shared memory, mma.sync, ldmatrix and cp.async replaced by calls; static __shared__ arrays become
+# statics, which is shared memory when blocks run one at a time).
 import os, re, sys
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '../../Sources/QATCUDA/Kernels/')
-src = open(root + 'common.cu').read() + '\n' + open(root + 'attention.cu').read()
+src = open(root + 'common.cu').read() + '\n' + open(root + (sys.argv[1] if len(sys.argv) > 1 else 'attention.cu')).read()
 src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];', r'\1 *\2 = (\1 *)emu_smem;', src)
 src = re.sub(r'asm volatile\("mma\.sync.*?\);', 'emu_mma(c, a, b0, b1);', src, flags=re.S)
 src = re.sub(r'asm volatile\("ldmatrix\.sync\.aligned\.m8n8\.x2\.trans\.shared\.b16 \{%0,%1\}, \[%2\];\\n"'
@@ -17,5 +19,6 @@ src = re.sub(r'asm volatile\("cp\.async\.c[ag]\.shared\.global \[%0\], \[%1\], (
 src = re.sub(r'asm volatile\("cp\.async\.commit_group;\\n" ::\);', ';', src)
 src = re.sub(r'asm volatile\("cp\.async\.wait_group 0;\\n" ::: "memory"\);', 'emu_cp_async_wait();', src)
 src = re.sub(r'__shared__ (double|float) (\w+)\[32\];', r'static \1 \2[32];', src)
+src = re.sub(r'(?<!extern )__shared__ ', 'static ', src)
 assert 'asm' not in src, [l for l in src.split('\n') if 'asm' in l]
 open('kernels.cpp', 'w').write('#include "prelude.h"\n' + src)

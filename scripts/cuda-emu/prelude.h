@@ -64,6 +64,28 @@ template <class T> T emu_shfl(T v, int src) {
     return r;
 }
 template <class T> T __shfl_xor_sync(unsigned, T v, int o) { return emu_shfl(v, emu_lane() ^ o); }
+// Warp votes: every lane's value through the exchange slots, then each lane reads all 32.
+inline unsigned __ballot_sync(unsigned, bool pred) {
+    int w = emu_warp(), l = emu_lane();
+    emu_xchg[w][l][6] = pred ? 1 : 0;
+    emu_warp_sync();
+    unsigned r = 0;
+    for (int t = 0; t < 32; t++) if (emu_xchg[w][t][6]) r |= 1u << t;
+    emu_warp_sync();
+    return r;
+}
+inline unsigned __match_any_sync(unsigned, int v) {
+    int w = emu_warp(), l = emu_lane();
+    emu_xchg[w][l][6] = (uint64_t)(int64_t)v;
+    emu_warp_sync();
+    unsigned r = 0;
+    for (int t = 0; t < 32; t++) if (emu_xchg[w][t][6] == (uint64_t)(int64_t)v) r |= 1u << t;
+    emu_warp_sync();
+    return r;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int atomicAdd(int *p, int v) { int o = *p; *p = o + v; return o; }  // fibers never interleave inside
 template <class T> T __shfl_sync(unsigned, T v, int j) { return emu_shfl(v, j); }
 inline float emu_bf(unsigned h) { return __uint_as_float((h & 0xffffu) << 16); }
 // D = A·B + C, m16n8k16 row.col bf16 → f32 (PTX ISA fragment layouts).

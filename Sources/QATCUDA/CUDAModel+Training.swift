@@ -181,7 +181,7 @@ extension CUDAModel {
         try device.attentionBackward(
             dq: g.dq.ptr, dk: g.dk.ptr, dv: g.dv.ptr, dout: g.dattn.ptr, out: a.attn.ptr, lse: a.lse.ptr,
             q: a.q.ptr, k: a.kUsed, v: a.vUsed, delta: g.delta.ptr, batch: b.batch, seqLen: b.seqLen, heads: H,
-            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
+            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b))
         if a.kUsed != a.kRope.ptr, let amax = clipAmax(L.kQuantizer) {
             try device.steClip(out: g.dk.ptr, grad: g.dk.ptr, x: a.kRope.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
         }

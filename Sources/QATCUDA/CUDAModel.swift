@@ -333,7 +333,7 @@ public final class CUDAModel: @unchecked Sendable {
         a.vUsed = try quantize(L.vQuantizer, a.vRaw.ptr, into: a.vq.ptr, rows: N * Hkv, cols: D) ? a.vq.ptr : a.vRaw.ptr
         try device.attention(
             out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
-            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16)
+            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b))
         try linear(L.oProj, a.attn.ptr, out: a.mid.ptr, n: N, buffers: b)
         try device.add(a.mid.ptr, xin, count: N * C)  // mid = x + attn
         try device.rmsnorm(
@@ -347,6 +347,13 @@ public final class CUDAModel: @unchecked Sendable {
         try device.swiglu(out: a.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
         try linear(down, a.h.ptr, x16: b.h16?.ptr, out: xout, n: N, buffers: b)
         try device.add(xout, a.mid.ptr, count: N * C)  // out = mid + mlp
+    }
+
+    /// The bf16 copies of the attention inputs (q, k, v, and dout in the backward) for the tensor-core kernels; 0 in fp32.
+    func attentionScratch16(_ b: Buffers) throws -> CUdeviceptr {
+        guard precision == .bf16 else { return 0 }
+        let c = config, n = b.batch * b.seqLen * c.headDim
+        return try scratch("attention16", bytes: CUDADevice.attentionScratchBytes(nq: n * c.numHeads, nk: n * c.numKVHeads))
     }
 
     // MARK: Loss head

@@ -12,24 +12,34 @@ extension CUDADevice {
     /// Causal GQA attention. `bf16`: the tensor-core kernel (bf16 inputs, fp32 accumulation) for
     /// head_dim 64 and 128; otherwise, and always in fp32, the fp32 kernel. `lse` (optional,
     /// [B, H, T]): the natural-log log-sum-exp of each row's scaled scores, for the backward.
+    /// `scratch16`: `attentionScratchBytes` of device memory for the bf16 copies of k and v the
+    /// tensor-core kernel reads (0: allocated for this call).
     func attention(
         out: CUdeviceptr, lse: CUdeviceptr, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr,
-        batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int, window: Int?, bf16: Bool = false
+        batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int, window: Int?, bf16: Bool = false,
+        scratch16: CUdeviceptr = 0
     ) throws {
         try checkAttentionShape(heads: heads, kvHeads: kvHeads, headDim: headDim)
         let scale = 1 / Float(headDim).squareRoot()
         if bf16 && (headDim == 64 || headDim == 128) {
+            guard batch > 0 && seqLen > 0 else { return }
             try checkAligned(["out": out, "q": q, "k": k, "v": v])
+            let nq = batch * seqLen * heads * headDim, nk = batch * seqLen * kvHeads * headDim
+            let owned = try scratch16 == 0 ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
+            let base = owned?.ptr ?? scratch16
+            let k16 = base + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk)  // q is read as fp32 (once per block)
+            try attentionInputsBF16([(k16, k, nk), (v16, v, nk)])
             let name = "attention_forward_bf16_d\(headDim)"
-            // Q [64] and K, V [BK] bf16 rows of D+8, the K, V staging [BK][D] fp32; BK as instantiated in attention.cu.
-            let bk = headDim == 64 ? 64 : 32, shared = (64 + 2 * bk) * (headDim + 8) * 2 + 2 * bk * headDim * 4
+            let shared = Self.attentionForwardShared(headDim: headDim)
             if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
             try kernels.launch(
-                name, grid: ((seqLen + 63) / 64, batch * heads, 1), block: (128, 1, 1), shared: shared,
+                name, grid: (batch * heads, (seqLen + Self.attentionForwardRows - 1) / Self.attentionForwardRows, 1), block: (128, 1, 1),
+                shared: shared,
                 [
-                    .ptr(out), .ptr(lse), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen), .i32(heads), .i32(kvHeads),
+                    .ptr(out), .ptr(lse), .ptr(q), .ptr(k16), .ptr(v16), .i32(seqLen), .i32(heads), .i32(kvHeads),
                     .i32(window ?? 0), .f32(scale),
                 ])
+            withExtendedLifetime(owned) {}
             return
         }
         let shared = (Self.attentionKeys * (headDim + 1) + Self.attentionKeys * headDim + Self.attentionRows * headDim) * 4
@@ -47,14 +57,15 @@ extension CUDADevice {
     /// lse [B,H,T] as written by the forward). dq, dk and dv are overwritten (not accumulated); dk/dv sum over the
     /// query heads of each KV group. `delta`: scratch of B·H·T floats (rowsum(dout ∘ out)).
     /// bf16: tensor-core path for head_dim 64 and 128 (fp32 inputs/outputs, bf16 products, fp32 accumulation),
-    /// otherwise (and always when bf16 is false) the fp32 path.
+    /// otherwise (and always when bf16 is false) the fp32 path. `scratch16`: `attentionScratchBytes` of device memory
+    /// for the bf16 copies of q, k, v and dout the tensor-core kernels read (0: allocated for this call).
     ///
     /// Deterministic (no atomics): dK/dV by one kernel per (batch, kv head, key tile) looping over the group's
     /// query heads and query tiles in order, dQ by another per (batch, head, query tile) looping over key tiles.
     func attentionBackward(
         dq: CUdeviceptr, dk: CUdeviceptr, dv: CUdeviceptr, dout: CUdeviceptr, out: CUdeviceptr, lse: CUdeviceptr,
         q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr, delta: CUdeviceptr, batch: Int, seqLen: Int, heads: Int,
-        kvHeads: Int, headDim: Int, window: Int?, bf16: Bool
+        kvHeads: Int, headDim: Int, window: Int?, bf16: Bool, scratch16: CUdeviceptr = 0
     ) throws {
         try checkAttentionShape(heads: heads, kvHeads: kvHeads, headDim: headDim)
         guard batch > 0 && seqLen > 0 else { return }
@@ -65,27 +76,29 @@ extension CUDADevice {
             [.ptr(delta), .ptr(dout), .ptr(out), .i32(batch), .i32(seqLen), .i32(heads), .i32(headDim)])
         if bf16 && (headDim == 64 || headDim == 128) {
             try checkAligned(["dq": dq, "dk": dk, "dv": dv, "dout": dout, "q": q, "k": k, "v": v])
-            // Query tile of the dK/dV kernel and key tile of the dQ kernel (as instantiated in attention.cu).
-            let tile = headDim == 64 ? 64 : 32, rowBytes = (headDim + 8) * 2
+            let nq = batch * seqLen * heads * headDim, nk = batch * seqLen * kvHeads * headDim
+            let owned = try scratch16 == 0 ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
+            let base = owned?.ptr ?? scratch16
+            let q16 = base, k16 = q16 + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk), g16 = v16 + CUdeviceptr(2 * nk)
+            try attentionInputsBF16([(q16, q, nq), (k16, k, nk), (v16, v, nk), (g16, dout, nq)])
             let dkdv = "attention_backward_dkdv_bf16_d\(headDim)", dqName = "attention_backward_dq_bf16_d\(headDim)"
-            // bf16 tiles, then (dK/dV) lse and delta, then the fp32 staging of the next tile's rows.
-            let dkdvShared = (128 + 2 * tile) * rowBytes + 2 * tile * 4 + (2 * tile * headDim + 2 * tile) * 4
-            let dqShared = (128 + 2 * tile) * rowBytes + 2 * tile * headDim * 4
+            let (dkdvShared, dqShared) = Self.attentionBackwardShared(headDim: headDim)
             if dkdvShared > 48 * 1024 { try kernels.allowSharedMemory(dkdv, bytes: dkdvShared) }
             if dqShared > 48 * 1024 { try kernels.allowSharedMemory(dqName, bytes: dqShared) }
             let tiles = (seqLen + 63) / 64
             try kernels.launch(
-                dkdv, grid: (tiles, batch * kvHeads, 1), block: (128, 1, 1), shared: dkdvShared,
+                dkdv, grid: (batch * kvHeads, tiles, 1), block: (128, 1, 1), shared: dkdvShared,
                 [
-                    .ptr(dk), .ptr(dv), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen),
+                    .ptr(dk), .ptr(dv), .ptr(g16), .ptr(lse), .ptr(delta), .ptr(q16), .ptr(k16), .ptr(v16), .i32(seqLen),
                     .i32(heads), .i32(kvHeads), .i32(win), .f32(scale),
                 ])
             try kernels.launch(
-                dqName, grid: (tiles, batch * heads, 1), block: (128, 1, 1), shared: dqShared,
+                dqName, grid: (batch * heads, tiles, 1), block: (128, 1, 1), shared: dqShared,
                 [
-                    .ptr(dq), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(seqLen),
+                    .ptr(dq), .ptr(g16), .ptr(lse), .ptr(delta), .ptr(q16), .ptr(k16), .ptr(v16), .i32(seqLen),
                     .i32(heads), .i32(kvHeads), .i32(win), .f32(scale),
                 ])
+            withExtendedLifetime(owned) {}
             return
         }
         let R = Self.attentionBackwardRows, K = Self.attentionBackwardKeys
@@ -105,6 +118,31 @@ extension CUDADevice {
                 .ptr(dq), .ptr(dout), .ptr(lse), .ptr(delta), .ptr(q), .ptr(k), .ptr(v), .i32(batch), .i32(seqLen),
                 .i32(heads), .i32(kvHeads), .i32(headDim), .i32(win), .f32(scale),
             ])
+    }
+
+    /// Bytes of the bf16 copies of the tensor-core attention's inputs, forward (q, k, v) and backward (q, k, v, dout):
+    /// `nq` = B·T·H·D and `nk` = B·T·Hkv·D elements.
+    public static func attentionScratchBytes(nq: Int, nk: Int) -> Int { 2 * (2 * nq + 2 * nk) }
+
+    /// Query rows per block of the bf16 forward (FA_BQ in attention.cu).
+    public static let attentionForwardRows = 128
+
+    /// Dynamic shared memory of the bf16 forward: Q [128][D+8] and two stages of K and V tiles [64][D+8] bf16 (attention.cu).
+    public static func attentionForwardShared(headDim: Int) -> Int { (attentionForwardRows + 4 * 64) * (headDim + 8) * 2 }
+
+    /// Dynamic shared memory of the bf16 backward kernels (dK/dV, dQ) as instantiated in attention.cu: K, V (dK/dV) or
+    /// Q, dO (dQ) [64][D+8] bf16, two stages of the streamed [tile][D+8] pairs, and (dK/dV) two stages of lse, delta.
+    public static func attentionBackwardShared(headDim: Int) -> (dkdv: Int, dq: Int) {
+        let tile = headDim == 64 ? 64 : 32, rows = headDim + 8
+        let tiles = (2 * 64 * rows + 4 * tile * rows) * 2
+        return (tiles + 4 * tile * 4, tiles)
+    }
+
+    /// bf16 copies (round to nearest even) of fp32 tensors whose sizes are multiples of 4.
+    private func attentionInputsBF16(_ copies: [(out: CUdeviceptr, x: CUdeviceptr, count: Int)]) throws {
+        for c in copies {
+            try kernels.launch1D("attention_to_bf16", c.count / 4, [.ptr(c.out), .ptr(c.x), .i64(c.count / 4)])
+        }
     }
 
     /// The tensor-core kernels move rows as 16-byte vectors (float4, cp.async).

@@ -187,7 +187,7 @@ public struct CUDASelftest {
         for (heads, kvHeads, headDim, window, seqLen) in [
             (4, 2, 32, nil, 70), (6, 2, 48, 20, 45), (2, 1, 128, nil, 33),
             (4, 2, 64, nil, 150), (4, 1, 128, 50, 130), (2, 2, 64, nil, 7),
-            (4, 2, 96, nil, 100), (4, 1, 64, 40, 200),
+            (4, 2, 96, nil, 100), (4, 1, 64, 40, 200), (4, 2, 128, nil, 300),
         ] as [(Int, Int, Int, Int?, Int)] {
             let batch = 2, N = batch * seqLen
             let inv = (0..<(headDim / 2)).map { Float(1 / pow(10000.0, Double(2 * $0) / Double(headDim))) }

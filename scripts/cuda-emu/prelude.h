@@ -31,6 +31,7 @@ inline unsigned __float_as_uint(float f) { unsigned i; memcpy(&i, &f, 4); return
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 
 struct EmuFiber { ucontext_t ctx; std::vector<char> stack; dim3e tid; bool done; };
 struct EmuBar { int count = 0, gen = 0; };
@@ -139,8 +140,21 @@ inline void emu_ldsm(unsigned *r, int nmat, bool trans, unsigned addr) {
     do { unsigned r_[4]; emu_ldsm(r_, 4, tr, (addr)); b0 = r_[0]; b1 = r_[1]; b2 = r_[2]; b3 = r_[3]; } while (0)
 #define emu_ldsm_x4(b0, b1, b2, b3, addr) emu_ldsm_x4_(b0, b1, b2, b3, addr, false)
 #define emu_ldsm_x4_trans(b0, b1, b2, b3, addr) emu_ldsm_x4_(b0, b1, b2, b3, addr, true)
-// cp.async: copied at once (the kernels wait and synchronise before reading).
+// cp.async: copied at once (EMU_CP_ASYNC unset: a buffer overwritten while another warp still reads it shows),
+// or, with EMU_CP_ASYNC=late, only when the issuing thread waits (cp.async.wait_group 0: a tile read before its
+// wait shows). run.sh runs both.
+struct EmuCopy { unsigned s; const void *src; int size, n; };
+extern std::vector<EmuCopy> emu_pending[1024];
+extern bool emu_late;
+inline void emu_cp_do(const EmuCopy &c) {
+    memset(emu_smem + c.s, 0, c.size);
+    if (c.n) memcpy(emu_smem + c.s, c.src, c.n);
+}
 inline void emu_cp_async(unsigned s, const void *src, int size, int n) {
-    memset(emu_smem + s, 0, size);
-    if (n) memcpy(emu_smem + s, src, n);
+    if (emu_late) emu_pending[threadIdx.x].push_back({s, src, size, n});
+    else emu_cp_do({s, src, size, n});
+}
+inline void emu_cp_async_wait() {
+    for (auto &c : emu_pending[threadIdx.x]) emu_cp_do(c);
+    emu_pending[threadIdx.x].clear();
 }

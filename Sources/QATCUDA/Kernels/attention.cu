@@ -100,13 +100,22 @@ extern "C" __global__ void attention_forward(float *out, float *lse, const float
 
 // ---------------------------------------------------------------------------------------------
 // bf16 precision: the same attention on the tensor cores (mma.sync m16n8k16, bf16 inputs, fp32
-// accumulation), FlashAttention-2 style. A block of 4 warps owns 64 query rows (16 per warp); key
-// and value tiles of BK (64 for D=64, 32 for D=128) are converted to bf16 into shared memory, the
-// next tile's fp32 rows copied (cp.async) during the current one; scores, the online softmax and
-// the output stay in registers. Blocks run the longest rows first (causal load balance).
+// accumulation), FlashAttention-2 style. K and V are read as bf16 copies (attention_to_bf16, one
+// pass per tensor), copied global → shared with cp.async straight into padded rows of D+8 (the
+// 16-byte rows of an 8×8 ldmatrix read hit distinct banks: the row stride is 4 banks mod 32); Q,
+// read by one block only, is converted from fp32 as it is loaded.
+// A block of 4 warps owns 128 query rows: each warp 32 rows as two m16 tiles, so that every K and V
+// fragment read from shared memory feeds two mma (half the ldmatrix traffic of 16-row warps).
+// Key and value tiles of 64 rows are double-buffered: tile j+1 is in flight while tile j is
+// computed, one __syncthreads per tile. Exponentials use ex2.approx (fast_exp2). K fragments come from ldmatrix.x4,
+// V fragments from ldmatrix.x4.trans, Q fragments from registers (D=64) or ldmatrix.x4 per tile
+// (D=128: the 2×64 fp32 accumulators of O leave no room); scores, the online softmax and the
+// output stay in registers. Grid: (B*H, ceil(T / 128)), the query tile reversed so that the
+// longest rows (causal) of every head start first.
 // D is a template parameter (64 or 128); other head sizes use the fp32 kernel above.
-// Shared memory: Q [64][D+8], K, V [BK][D+8] bf16; staging K, V [BK][D] fp32.
-#define FA_BQ 64
+// Shared memory: Q [128][D+8] and two stages of K, V [64][D+8] bf16.
+#define FA_BQ 128
+#define FA_BK 64
 
 __device__ __forceinline__ void mma_bf16(float *c, const u32 *a, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -116,9 +125,53 @@ __device__ __forceinline__ void mma_bf16(float *c, const u32 *a, u32 b0, u32 b1)
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }
+// Four 8×8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m (register m).
+__device__ __forceinline__ void ldsm_x4(u32 *r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32 *r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(p); }
+// 2^x on the special-function unit alone (ex2.approx.ftz: about 2 ulp, subnormal results flushed to zero; plenty
+// for probabilities rounded to bf16). exp2f adds the instructions of its subnormal range to every score.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 
-// Rows first ..< first+ROWS of a [*, stride] fp32 matrix (zeros at and past T) as bf16 rows of
-// D+8 in dst; float4 loads, four in flight per thread.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 16 : 0;   // 0: nothing is read, the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool ok) {
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    int n = ok ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Starts copying rows first ..< first+ROWS of a [*, stride] bf16 matrix into dst [ROWS][D+8] (zeros
+// at and past T), 16 bytes per cp.async, 128 threads. The caller commits, waits and synchronises.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_tile16(u16 *dst, const u16 *src, long stride, int first, int T) {
+    const int C = D / 8, QS = D + 8;
+    static_assert(ROWS * C % 128 == 0, "tile size");
+#pragma unroll
+    for (int u = 0; u < ROWS * C / 128; u++) {
+        int i = threadIdx.x + u * 128, r = i / C, c = i - r * C;
+        bool ok = first + r < T;
+        cp_async16(dst + r * QS + c * 8, ok ? src + (long)(first + r) * stride + c * 8 : src, ok);
+    }
+}
+
+// Rows first ..< first+ROWS of a [*, stride] fp32 matrix (zeros at and past T) as bf16 rows of D+8 in dst, 128
+// threads, four float4 loads in flight per thread: the forward's Q tile, which only its block reads.
 template <int ROWS, int D>
 __device__ __forceinline__ void load_rows_bf16(u16 *dst, const float *src, long stride, int first, int T) {
     const int D4 = D / 4, QS = D + 8, N = ROWS * D4, PER = 4;
@@ -139,182 +192,201 @@ __device__ __forceinline__ void load_rows_bf16(u16 *dst, const float *src, long 
     }
 }
 
-// Software pipelining: the next tile's fp32 rows are copied global → shared with cp.async (no
-// registers, zeros past T) while the current tile is computed, then converted to bf16 in shared.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
-    u32 s = (u32)__cvta_generic_to_shared(dst);
-    int n = ok ? 16 : 0;   // 0: nothing is read, the 16 bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool ok) {
-    u32 s = (u32)__cvta_generic_to_shared(dst);
-    int n = ok ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Starts copying rows first ..< first+ROWS of a [*, stride] fp32 matrix into stage [ROWS][D] (zeros
-// at and past T). The caller commits, waits (cp_async_wait_all) and synchronises the block.
-template <int ROWS, int D>
-__device__ __forceinline__ void stage_rows(float *stage, const float *src, long stride, int first, int T) {
-    const int D4 = D / 4;
-#pragma unroll
-    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
-        int r = i / D4, d = (i - r * D4) * 4;
-        bool ok = first + r < T;
-        cp_async16(stage + r * D + d, ok ? src + (long)(first + r) * stride + d : src, ok);
-    }
-}
-// stage [ROWS][D] fp32 → dst [ROWS][D+8] bf16.
-template <int ROWS, int D>
-__device__ __forceinline__ void convert_rows(u16 *dst, const float *stage) {
-    const int D4 = D / 4, QS = D + 8;
-#pragma unroll
-    for (int i = threadIdx.x; i < ROWS * D4; i += 128) {
-        int r = i / D4, d = (i - r * D4) * 4;
-        float4 x = *(const float4 *)(stage + r * D + d);
-        *(uint2 *)&dst[r * QS + d] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+// bf16 copy (round to nearest even) of n4 float4s: the inputs of the tensor-core attention kernels.
+extern "C" __global__ void attention_to_bf16(u16 *out, const float *x, long n4) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += (long)gridDim.x * blockDim.x) {
+        float4 f = ((const float4 *)x)[i];
+        ((uint2 *)out)[i] = make_uint2(pack_bf16(f.x, f.y), pack_bf16(f.z, f.w));
     }
 }
 
-template <int D, int BK>
-__device__ void flash_forward_bf16(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv,
+template <int D>
+__device__ void flash_forward_bf16(float *out, float *lse, const float *q, const u16 *k, const u16 *v, int T, int H, int Hkv,
                                    int window, float scale) {
     extern __shared__ u16 fsm[];
-    const int QS = D + 8;   // padded rows: fragment loads hit distinct banks
-    u16 *Qs = fsm, *Ks = Qs + FA_BQ * QS, *Vs = Ks + BK * QS;
-    float *Kst = (float *)(Vs + BK * QS), *Vst = Kst + BK * D;   // the next key tile, in flight (cp.async)
-    int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
-    int r0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;   // the longest rows first
+    const int QS = D + 8, BK = FA_BK, TILE = BK * QS, MT = FA_BQ / 64;   // MT m16 tiles (16 rows each) per warp
+    // Q fragments stay in registers for D=64; for D=128 (128 accumulators of O) they are re-read from shared memory.
+    constexpr bool qInRegs = D == 64;
+    u16 *Qs = fsm, *KV = Qs + FA_BQ * QS;   // stage s: K at KV + 2s·TILE, V after it
+    int bh = blockIdx.x, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
+    int r0 = (gridDim.y - 1 - blockIdx.y) * FA_BQ;   // the longest rows first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
     const float *qb = q + (long)b * T * qStride + (long)h * D;
-    const float *kb = k + (long)b * T * kStride + (long)g * D;
-    const float *vb = v + (long)b * T * kStride + (long)g * D;
+    const u16 *kb = k + (long)b * T * kStride + (long)g * D;
+    const u16 *vb = v + (long)b * T * kStride + (long)g * D;
     int rLast = min(T - 1, r0 + FA_BQ - 1);
     int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
     kFirst = (kFirst / BK) * BK;
-    stage_rows<BK, D>(Kst, kb, kStride, kFirst, T);   // the first key tile, in flight during the Q load
-    stage_rows<BK, D>(Vst, vb, kStride, kFirst, T);
+    int tiles = (rLast - kFirst) / BK + 1;
+    load_tile16<BK, D>(KV, kb, kStride, kFirst, T);   // the first key tile, in flight during the Q load
+    load_tile16<BK, D>(KV + TILE, vb, kStride, kFirst, T);
     cp_async_commit();
-    load_rows_bf16<FA_BQ, D>(Qs, qb, qStride, r0, T);
-    __syncthreads();
-    int wr = warp * 16;
-    u32 qf[D / 16][4];
+    load_rows_bf16<FA_BQ, D>(Qs, qb, qStride, r0, T);   // fp32 q read once, by this block alone: no bf16 copy
+    int wr = warp * 16 * MT;
+    // A fragments of Q: lanes 0-15 address rows wr+16·mt+0..15 at column 16·ks, lanes 16-31 the same rows at 16·ks+8.
+    const u32 qAddr = smem_addr(&Qs[(wr + (lane & 15)) * QS + (lane >> 4) * 8]);
+    u32 qf[MT][D / 16][4];   // used when qInRegs
+    // Per-lane offsets (bytes) of the ldmatrix reads in a stage: K (keys n·8.., two key groups per x4) and V (.trans).
+    const u32 kOff = (((lane >> 4) * 8 + (lane & 7)) * QS + ((lane >> 3) & 1) * 8) * 2;
+    const u32 vOff = ((lane & 15) * QS + (lane >> 4) * 8) * 2;
+    const u32 base = smem_addr(KV);
+    float o[MT][D / 8][4];
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ks++) {
-        qf[ks][0] = *(const u32 *)&Qs[(wr + gq) * QS + ks * 16 + 2 * tq];
-        qf[ks][1] = *(const u32 *)&Qs[(wr + gq + 8) * QS + ks * 16 + 2 * tq];
-        qf[ks][2] = *(const u32 *)&Qs[(wr + gq) * QS + ks * 16 + 8 + 2 * tq];
-        qf[ks][3] = *(const u32 *)&Qs[(wr + gq + 8) * QS + ks * 16 + 8 + 2 * tq];
-    }
-    float o[D / 8][4];
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
-    int row0 = r0 + wr + gq, row1 = row0 + 8;
+        for (int i = 0; i < D / 8; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0;
+    // Row state of rows r0 + wr + 16·mt + gq (index 2·mt) and + 8 (2·mt + 1).
+    float m[2 * MT], l[2 * MT];
+#pragma unroll
+    for (int i = 0; i < 2 * MT; i++) { m[i] = -INFINITY; l[i] = 0; }
     const float sl2 = scale * 1.4426950408889634f;
-    int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
-    for (int t0 = kFirst; t0 <= rLast; t0 += BK) {
+    int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 16 * MT - 1);
+    for (int j = 0; j < tiles; j++) {
+        int t0 = kFirst + j * BK;
         cp_async_wait_all();
-        __syncthreads();   // every thread's copies of this tile landed; every warp is done with the previous tile
-        convert_rows<BK, D>(Ks, Kst);
-        convert_rows<BK, D>(Vs, Vst);
-        __syncthreads();   // the bf16 tile is ready; the staging buffers are free
-        if (t0 + BK <= rLast) {
-            stage_rows<BK, D>(Kst, kb, kStride, t0 + BK, T);
-            stage_rows<BK, D>(Vst, vb, kStride, t0 + BK, T);
+        __syncthreads();   // tile j (and Q) landed for every thread; every warp is done with tile j-1
+        if (j + 1 < tiles) {
+            u16 *next = KV + ((j + 1) & 1) * 2 * TILE;
+            load_tile16<BK, D>(next, kb, kStride, t0 + BK, T);
+            load_tile16<BK, D>(next + TILE, vb, kStride, t0 + BK, T);
             cp_async_commit();
+        }
+        if constexpr (qInRegs) if (j == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int ks = 0; ks < D / 16; ks++) ldsm_x4(qf[mt][ks], qAddr + (mt * 16 * QS + ks * 16) * 2);
         }
         if (wFirst >= T || t0 > wLast) continue;
         if (window > 0 && t0 + BK - 1 < wFirst - window + 1) continue;
-        float s[BK / 8][4];
+        const u32 ks0 = base + (j & 1) * 2 * TILE * 2, vs0 = ks0 + TILE * 2;
+        float s[MT][BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < BK / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int ks = 0; ks < D / 16; ks++) {
-                u32 b0 = *(const u32 *)&Ks[(n * 8 + gq) * QS + ks * 16 + 2 * tq];
-                u32 b1 = *(const u32 *)&Ks[(n * 8 + gq) * QS + ks * 16 + 8 + 2 * tq];
-                mma_bf16(s[n], qf[ks], b0, b1);
+            for (int n = 0; n < BK / 8; n++) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+            u32 qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                if constexpr (qInRegs) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) qa[mt][e] = qf[mt][ks][e];
+                } else {
+                    ldsm_x4(qa[mt], qAddr + (mt * 16 * QS + ks * 16) * 2);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < BK / 8; n += 2) {
+                u32 bb[4];
+                ldsm_x4(bb, ks0 + kOff + (n * 8 * QS + ks * 16) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_bf16(s[mt][n], qa[mt], bb[0], bb[1]);
+                    mma_bf16(s[mt][n + 1], qa[mt], bb[2], bb[3]);
+                }
             }
         }
         bool needMask = t0 + BK - 1 > wFirst || window > 0 || t0 + BK > T;
-        float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < BK / 8; n++) {
+        for (int mt = 0; mt < MT; mt++) {
+            int row0 = r0 + wr + mt * 16 + gq, row1 = row0 + 8;
+            float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
-                float x = s[n][e] * sl2;
-                if (needMask && (key > row || key >= T || (window > 0 && row - key >= window))) x = -INFINITY;
-                s[n][e] = x;
+            for (int n = 0; n < BK / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
+                    if (needMask && (key > row || key >= T || (window > 0 && row - key >= window))) s[mt][n][e] = -INFINITY;
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
             }
-            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-        float c0 = exp2f(m0 - base0), c1 = exp2f(m1 - base1);
-        float rs0 = 0, rs1 = 0;
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            // Scores in log2 units: s·scale·log2(e) (the scale is positive, so the max of the raw scores gives theirs).
+            float mn0 = fmaxf(m[2 * mt], mx0 * sl2), mn1 = fmaxf(m[2 * mt + 1], mx1 * sl2);
+            float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
+            float c0 = fast_exp2(m[2 * mt] - base0), c1 = fast_exp2(m[2 * mt + 1] - base1);
+            float rs0 = 0, rs1 = 0;
 #pragma unroll
-        for (int n = 0; n < BK / 8; n++) {
-            s[n][0] = exp2f(s[n][0] - base0); s[n][1] = exp2f(s[n][1] - base0);
-            s[n][2] = exp2f(s[n][2] - base1); s[n][3] = exp2f(s[n][3] - base1);
-            rs0 += s[n][0] + s[n][1];
-            rs1 += s[n][2] + s[n][3];
-        }
-        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
-        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
-        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
-        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
-        l0 = l0 * c0 + rs0; l1 = l1 * c1 + rs1;
-        m0 = mn0; m1 = mn1;
+            for (int n = 0; n < BK / 8; n++) {
+                s[mt][n][0] = fast_exp2(__fmaf_rn(s[mt][n][0], sl2, -base0));
+                s[mt][n][1] = fast_exp2(__fmaf_rn(s[mt][n][1], sl2, -base0));
+                s[mt][n][2] = fast_exp2(__fmaf_rn(s[mt][n][2], sl2, -base1));
+                s[mt][n][3] = fast_exp2(__fmaf_rn(s[mt][n][3], sl2, -base1));
+                rs0 += s[mt][n][0] + s[mt][n][1];
+                rs1 += s[mt][n][2] + s[mt][n][3];
+            }
+            rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+            rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+            rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+            rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+            l[2 * mt] = l[2 * mt] * c0 + rs0; l[2 * mt + 1] = l[2 * mt + 1] * c1 + rs1;
+            m[2 * mt] = mn0; m[2 * mt + 1] = mn1;
 #pragma unroll
-        for (int i = 0; i < D / 8; i++) { o[i][0] *= c0; o[i][1] *= c0; o[i][2] *= c1; o[i][3] *= c1; }
+            for (int i = 0; i < D / 8; i++) { o[mt][i][0] *= c0; o[mt][i][1] *= c0; o[mt][i][2] *= c1; o[mt][i][3] *= c1; }
+        }
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
-            u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                        pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            // B fragments of V (keys × dims) straight from its row-major tile: ldmatrix.trans,
-            // lanes 0-15 addressing the 16 key rows of this step.
-            u32 vaddr = (u32)__cvta_generic_to_shared(&Vs[(kk * 16 + (lane & 15)) * QS]);
+            u32 a[MT][4];
 #pragma unroll
-            for (int dn = 0; dn < D / 8; dn++) {
-                u32 b0, b1;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                             : "=r"(b0), "=r"(b1) : "r"(vaddr + dn * 16));
-                mma_bf16(o[dn], a, b0, b1);
+            for (int mt = 0; mt < MT; mt++) {
+                a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+            // B fragments of V (keys × dims) from its row-major tile: lanes 0-15 address the 16 key rows of this
+            // step at dims dn·8, lanes 16-31 the same rows at (dn+1)·8; each feeds the warp's MT row tiles.
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                u32 bb[4];
+                ldsm_x4_trans(bb, vs0 + vOff + (kk * 16 * QS + dn * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_bf16(o[mt][dn], a[mt], bb[0], bb[1]);
+                    mma_bf16(o[mt][dn + 1], a[mt], bb[2], bb[3]);
+                }
             }
         }
     }
-    float inv0 = l0 > 0 ? 1.0f / l0 : 0.0f, inv1 = l1 > 0 ? 1.0f / l1 : 0.0f;
     float *ob = out + (long)b * T * qStride + (long)h * D;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; dn++) {
-        int d = dn * 8 + 2 * tq;
-        if (row0 < T) { ob[(long)row0 * qStride + d] = o[dn][0] * inv0; ob[(long)row0 * qStride + d + 1] = o[dn][1] * inv0; }
-        if (row1 < T) { ob[(long)row1 * qStride + d] = o[dn][2] * inv1; ob[(long)row1 * qStride + d + 1] = o[dn][3] * inv1; }
-    }
-    if (lse && tq == 0) {
-        const float ln2 = 0.6931471805599453f;
-        if (row0 < T) lse[((long)b * H + h) * T + row0] = (m0 + log2f(l0)) * ln2;
-        if (row1 < T) lse[((long)b * H + h) * T + row1] = (m1 + log2f(l1)) * ln2;
+    for (int mt = 0; mt < MT; mt++) {
+        int row0 = r0 + wr + mt * 16 + gq, row1 = row0 + 8;
+        float l0 = l[2 * mt], l1 = l[2 * mt + 1];
+        float inv0 = l0 > 0 ? 1.0f / l0 : 0.0f, inv1 = l1 > 0 ? 1.0f / l1 : 0.0f;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++) {
+            int d = dn * 8 + 2 * tq;
+            if (row0 < T) *(float2 *)(ob + (long)row0 * qStride + d) = make_float2(o[mt][dn][0] * inv0, o[mt][dn][1] * inv0);
+            if (row1 < T) *(float2 *)(ob + (long)row1 * qStride + d) = make_float2(o[mt][dn][2] * inv1, o[mt][dn][3] * inv1);
+        }
+        if (lse && tq == 0) {
+            const float ln2 = 0.6931471805599453f;
+            if (row0 < T) lse[((long)b * H + h) * T + row0] = (m[2 * mt] + log2f(l0)) * ln2;
+            if (row1 < T) lse[((long)b * H + h) * T + row1] = (m[2 * mt + 1] + log2f(l1)) * ln2;
+        }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d64(
-    float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<64, 64>(out, lse, q, k, v, T, H, Hkv, window, scale);
+// q: [B, T, H, D] fp32; k16, v16: [B, T, Hkv, D] bf16 (attention_to_bf16 of k, v); out, lse as above.
+// Grid (B*H, ceil(T / 128)), 128 threads, shared (128 + 4·64)·(D+8)·2 bytes, two blocks per multiprocessor.
+// Launch bounds of the backward kernels as measured on an H200 (nvcc 13.0, ptxas -v): three blocks per
+// multiprocessor (≤ 168 registers) made the D=128 dK/dV and the D=64 dQ kernels faster (the D=128 one spills a
+// few bytes), the D=128 dQ and D=64 dK/dV kernels slower.
+extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_bf16_d64(
+    float *out, float *lse, const float *q, const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale) {
+    flash_forward_bf16<64>(out, lse, q, k16, v16, T, H, Hkv, window, scale);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_forward_bf16_d128(
-    float *out, float *lse, const float *q, const float *k, const float *v, int T, int H, int Hkv, int window, float scale) {
-    flash_forward_bf16<128, 32>(out, lse, q, k, v, T, H, Hkv, window, scale);
+extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_bf16_d128(
+    float *out, float *lse, const float *q, const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale) {
+    flash_forward_bf16<128>(out, lse, q, k16, v16, T, H, Hkv, window, scale);
 }
 
 // =============================================================================================
@@ -529,25 +601,26 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dq(float *d
 
 // ---------------------------------------------------------------------------------------------
 // bf16 path: tensor cores (mma.sync m16n8k16, bf16 products, fp32 accumulation), blocks of 128
-// threads = 4 warps. Tiles are converted to bf16 into shared memory, rows padded to D+8.
+// threads = 4 warps. The inputs q, k, v, dO are bf16 copies (attention_to_bf16), copied into
+// shared memory with cp.async (rows padded to D+8, as in the forward), the next tile's rows in
+// flight while the current one is computed (two stages, one __syncthreads per step); fragments
+// through ldmatrix.x4 (.trans where the tile is the k × n operand).
 
 // dK, dV of keys k0 ..< k0+64 of kv head g: warp w owns keys k0+16w ..< k0+16w+16 and computes
 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for query tiles of BQ rows (K, V as A fragments, Q and dO rows as B
 // fragments), then dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ, dSᵀ as A fragments straight from the
-// accumulators, dO and Q through ldmatrix.trans). Grid: (ceil(T / 64), B*Hkv).
-// The (query head, query tile) steps run in a fixed order, the next one's rows staged during the current one.
-// Shared memory: K, V [64][D+8], Q, dO [BQ][D+8] bf16; lse·log2(e), delta [BQ]; staging: Q, dO [BQ][D],
-// lse, delta [BQ] fp32.
+// accumulators, dO and Q through ldmatrix.trans). Grid: (B*Hkv, ceil(T / 64)); the first key
+// tiles (the most causal rows) start first. The (query head, query tile) steps run in a fixed order.
+// Shared memory: K, V [64][D+8] bf16; two stages of Q, dO [BQ][D+8] bf16 and lse, delta [BQ] fp32.
 template <int D, int BQ>
-__device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout, const float *lse, const float *delta, const float *q,
-                                         const float *k, const float *v, int T, int H, int Hkv, int window, float scale) {
+__device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const u16 *dout, const float *lse, const float *delta, const u16 *q,
+                                         const u16 *k, const u16 *v, int T, int H, int Hkv, int window, float scale) {
     extern __shared__ u16 bsm16[];
-    const int QS = D + 8;
-    u16 *Ks = bsm16, *Vs = Ks + 64 * QS, *Qs = Vs + 64 * QS, *Gs = Qs + BQ * QS;
-    float *Ls = (float *)(Gs + BQ * QS), *Dl = Ls + BQ;
-    float *Qst = Dl + BQ, *Gst = Qst + BQ * D, *Lst = Gst + BQ * D, *Dst = Lst + BQ;
-    int bg = blockIdx.y, b = bg / Hkv, g = bg - b * Hkv, group = H / Hkv;
-    int k0 = blockIdx.x * 64;   // the longest key tiles (most rows) first
+    const int QS = D + 8, QT = BQ * QS;
+    u16 *Ks = bsm16, *Vs = Ks + 64 * QS, *St = Vs + 64 * QS;   // stage s: Q at St + 2s·QT, dO after it
+    float *LD = (float *)(St + 4 * QT);                          // stage s: lse at LD + 2s·BQ, delta after it
+    int bg = blockIdx.x, b = bg / Hkv, g = bg - b * Hkv, group = H / Hkv;
+    int k0 = blockIdx.y * 64;   // the first key tiles (most rows) first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
     float dka[D / 8][4], dva[D / 8][4];
@@ -556,84 +629,90 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout
     int wk = warp * 16, key0 = k0 + wk + gq, key1 = key0 + 8;
     int wKeyFirst = k0 + wk, wKeyLast = wKeyFirst + 15;
     int rEnd = window > 0 ? min(T, k0 + 63 + window) : T;   // rows that see a key of this tile
-    const float sl2 = scale * 1.4426950408889634f;
-    // Step i: query head g*group + i / tiles, rows k0 + (i % tiles)·BQ ..< +BQ (rEnd > k0: tiles >= 1). Step i is staged
-    // (cp.async) while step i-1 is computed.
+    const float sl2 = scale * 1.4426950408889634f, log2e = 1.4426950408889634f;
+    // Step i: query head g*group + i / tiles, rows k0 + (i % tiles)·BQ ..< +BQ (rEnd > k0: tiles >= 1).
     int tiles = (rEnd - k0 + BQ - 1) / BQ, steps = group * tiles;
     auto stage = [&](int i) {
-        int hs = g * group + i / tiles, rs = k0 + (i % tiles) * BQ;
+        int hs = g * group + i / tiles, rs = k0 + (i % tiles) * BQ, s = i & 1;
         long qo = (long)b * T * qStride + (long)hs * D, lo = ((long)b * H + hs) * T;
-        stage_rows<BQ, D>(Qst, q + qo, qStride, rs, T);
-        stage_rows<BQ, D>(Gst, dout + qo, qStride, rs, T);
+        load_tile16<BQ, D>(St + 2 * s * QT, q + qo, qStride, rs, T);
+        load_tile16<BQ, D>(St + (2 * s + 1) * QT, dout + qo, qStride, rs, T);
         if (tid < BQ) {
             bool ok = rs + tid < T;
-            cp_async4(Lst + tid, lse + lo + (ok ? rs + tid : 0), ok);
-            cp_async4(Dst + tid, delta + lo + (ok ? rs + tid : 0), ok);
+            cp_async4(LD + 2 * s * BQ + tid, lse + lo + (ok ? rs + tid : 0), ok);
+            cp_async4(LD + (2 * s + 1) * BQ + tid, delta + lo + (ok ? rs + tid : 0), ok);
         }
-        cp_async_commit();
     };
+    load_tile16<64, D>(Ks, k + (long)b * T * kStride + (long)g * D, kStride, k0, T);
+    load_tile16<64, D>(Vs, v + (long)b * T * kStride + (long)g * D, kStride, k0, T);
     stage(0);
-    load_rows_bf16<64, D>(Ks, k + (long)b * T * kStride + (long)g * D, kStride, k0, T);   // while step 0 is in flight
-    load_rows_bf16<64, D>(Vs, v + (long)b * T * kStride + (long)g * D, kStride, k0, T);
-    for (int it = 1; it <= steps; it++) {
+    cp_async_commit();
+    // A fragments of K and V (rows wk+0..15; lanes 16-31 at column +8), B fragments of Q and dO rows (two query
+    // groups per x4), .trans B fragments of dO and Q (lanes 0-15: the 16 rows of a step, lanes 16-31 at dims +8).
+    const u32 aOff = ((wk + (lane & 15)) * QS + (lane >> 4) * 8) * 2;
+    const u32 bOff = (((lane >> 4) * 8 + (lane & 7)) * QS + ((lane >> 3) & 1) * 8) * 2;
+    const u32 tOff = ((lane & 15) * QS + (lane >> 4) * 8) * 2;
+    const u32 kAddr = smem_addr(Ks) + aOff, vAddr = smem_addr(Vs) + aOff;
+    for (int it = 0; it < steps; it++) {
         cp_async_wait_all();
-        __syncthreads();   // every thread's copies of step it-1 landed; every warp is done with step it-2 (and K, V are stored)
-        convert_rows<BQ, D>(Qs, Qst);
-        convert_rows<BQ, D>(Gs, Gst);
-        if (tid < BQ) { Ls[tid] = Lst[tid] * 1.4426950408889634f; Dl[tid] = Dst[tid]; }
-        __syncthreads();   // the bf16 tiles are ready; the staging buffers are free
-        if (it < steps) stage(it);
-        {
-            int r0 = k0 + ((it - 1) % tiles) * BQ;
-            if (wKeyFirst >= T || wKeyFirst > r0 + BQ - 1) continue;   // every row is before the warp's keys
-            if (window > 0 && r0 - wKeyLast >= window) continue;      // every row is past the window of its keys
-            float s[BQ / 8][4], dp[BQ / 8][4];
+        __syncthreads();   // step it landed for every thread; every warp is done with step it-1
+        if (it + 1 < steps) {
+            stage(it + 1);
+            cp_async_commit();
+        }
+        int r0 = k0 + (it % tiles) * BQ, s = it & 1;
+        if (wKeyFirst >= T || wKeyFirst > r0 + BQ - 1) continue;   // every row is before the warp's keys
+        if (window > 0 && r0 - wKeyLast >= window) continue;      // every row is past the window of its keys
+        const u16 *Qs = St + 2 * s * QT;
+        const float *Ls = LD + 2 * s * BQ, *Dl = Ls + BQ;
+        const u32 qAddr = smem_addr(Qs), gAddr = qAddr + QT * 2;
+        float sc[BQ / 8][4], dp[BQ / 8][4];
 #pragma unroll
-            for (int n = 0; n < BQ / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0;
+        for (int n = 0; n < BQ / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0;
 #pragma unroll
-            for (int ks = 0; ks < D / 16; ks++) {
-                const u16 *kr0 = Ks + (wk + gq) * QS + ks * 16 + 2 * tq, *kr1 = kr0 + 8 * QS;
-                const u16 *vr0 = Vs + (wk + gq) * QS + ks * 16 + 2 * tq, *vr1 = vr0 + 8 * QS;
-                u32 ka[4] = {*(const u32 *)kr0, *(const u32 *)kr1, *(const u32 *)(kr0 + 8), *(const u32 *)(kr1 + 8)};
-                u32 va[4] = {*(const u32 *)vr0, *(const u32 *)vr1, *(const u32 *)(vr0 + 8), *(const u32 *)(vr1 + 8)};
+        for (int ks = 0; ks < D / 16; ks++) {
+            u32 ka[4], va[4];
+            ldsm_x4(ka, kAddr + ks * 32);
+            ldsm_x4(va, vAddr + ks * 32);
 #pragma unroll
-                for (int n = 0; n < BQ / 8; n++) {
-                    const u16 *qr = Qs + (n * 8 + gq) * QS + ks * 16 + 2 * tq, *gr = Gs + (n * 8 + gq) * QS + ks * 16 + 2 * tq;
-                    mma_bf16(s[n], ka, *(const u32 *)qr, *(const u32 *)(qr + 8));
-                    mma_bf16(dp[n], va, *(const u32 *)gr, *(const u32 *)(gr + 8));
-                }
+            for (int n = 0; n < BQ / 8; n += 2) {
+                u32 bq[4], bg4[4];
+                ldsm_x4(bq, qAddr + bOff + (n * 8 * QS + ks * 16) * 2);
+                ldsm_x4(bg4, gAddr + bOff + (n * 8 * QS + ks * 16) * 2);
+                mma_bf16(sc[n], ka, bq[0], bq[1]);
+                mma_bf16(sc[n + 1], ka, bq[2], bq[3]);
+                mma_bf16(dp[n], va, bg4[0], bg4[1]);
+                mma_bf16(dp[n + 1], va, bg4[2], bg4[3]);
             }
-            // Accumulator element e of tile n: key key0 (e < 2) or key1, query row r0 + n*8 + 2*tq + (e & 1).
-            bool needMask = r0 < wKeyLast || window > 0 || r0 + BQ > T;
+        }
+        // Accumulator element e of tile n: key key0 (e < 2) or key1, query row r0 + n*8 + 2*tq + (e & 1).
+        bool needMask = r0 < wKeyLast || window > 0 || r0 + BQ > T;
 #pragma unroll
-            for (int n = 0; n < BQ / 8; n++) {
+        for (int n = 0; n < BQ / 8; n++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int qi = n * 8 + 2 * tq + (e & 1), row = r0 + qi, key = e < 2 ? key0 : key1;
-                    bool valid = !needMask || (row < T && key <= row && (window <= 0 || row - key < window));
-                    float p = valid ? exp2f(s[n][e] * sl2 - Ls[qi]) : 0.0f;
-                    s[n][e] = p;
-                    dp[n][e] = p * (dp[n][e] - Dl[qi]);
-                }
+            for (int e = 0; e < 4; e++) {
+                int qi = n * 8 + 2 * tq + (e & 1), row = r0 + qi, key = e < 2 ? key0 : key1;
+                bool valid = !needMask || (row < T && key <= row && (window <= 0 || row - key < window));
+                float p = valid ? fast_exp2(__fmaf_rn(sc[n][e], sl2, -Ls[qi] * log2e)) : 0.0f;
+                sc[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - Dl[qi]);
             }
+        }
 #pragma unroll
-            for (int kk = 0; kk < BQ / 16; kk++) {
-                u32 pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-                u32 da[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
-                             pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-                u32 gaddr = (u32)__cvta_generic_to_shared(&Gs[(kk * 16 + (lane & 15)) * QS]);
-                u32 qaddr = (u32)__cvta_generic_to_shared(&Qs[(kk * 16 + (lane & 15)) * QS]);
+        for (int kk = 0; kk < BQ / 16; kk++) {
+            u32 pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                         pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            u32 da[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
+                         pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
 #pragma unroll
-                for (int dn = 0; dn < D / 8; dn++) {
-                    u32 b0, b1;
-                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                                 : "=r"(b0), "=r"(b1) : "r"(gaddr + dn * 16));
-                    mma_bf16(dva[dn], pa, b0, b1);
-                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                                 : "=r"(b0), "=r"(b1) : "r"(qaddr + dn * 16));
-                    mma_bf16(dka[dn], da, b0, b1);
-                }
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                u32 bb[4];
+                ldsm_x4_trans(bb, gAddr + tOff + (kk * 16 * QS + dn * 8) * 2);
+                mma_bf16(dva[dn], pa, bb[0], bb[1]);
+                mma_bf16(dva[dn + 1], pa, bb[2], bb[3]);
+                ldsm_x4_trans(bb, qAddr + tOff + (kk * 16 * QS + dn * 8) * 2);
+                mma_bf16(dka[dn], da, bb[0], bb[1]);
+                mma_bf16(dka[dn + 1], da, bb[2], bb[3]);
             }
         }
     }
@@ -654,72 +733,78 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const float *dout
 
 // dQ of rows r0 ..< r0+64 of head h: warp w owns rows r0+16w ..< r0+16w+16 (Q and dO as A
 // fragments in registers), computes S = Q Kᵀ and dP = dO Vᵀ for key tiles of BK, then
-// dQ += dS K (K through ldmatrix.trans). Grid: (ceil(T / 64), B*H).
-// The next key tile is staged during the current one.
-// Shared memory: Q, dO [64][D+8], K, V [BK][D+8] bf16; staging: K, V [BK][D] fp32.
+// dQ += dS K (K through ldmatrix.trans). Grid: (B*H, ceil(T / 64)), the longest rows first.
+// Shared memory: Q, dO [64][D+8]; two stages of K, V [BK][D+8] bf16.
 template <int D, int BK>
-__device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float *lse, const float *delta, const float *q, const float *k,
-                                       const float *v, int T, int H, int Hkv, int window, float scale) {
+__device__ void flash_backward_dq_bf16(float *dq, const u16 *dout, const float *lse, const float *delta, const u16 *q, const u16 *k,
+                                       const u16 *v, int T, int H, int Hkv, int window, float scale) {
     extern __shared__ u16 bsm16[];
-    const int QS = D + 8;
-    u16 *Qs = bsm16, *Gs = Qs + 64 * QS, *Ks = Gs + 64 * QS, *Vs = Ks + BK * QS;
-    float *Kst = (float *)(Vs + BK * QS), *Vst = Kst + BK * D;
-    int bh = blockIdx.y, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
-    int r0 = (gridDim.x - 1 - blockIdx.x) * 64;   // the longest rows first
+    const int QS = D + 8, TILE = BK * QS;
+    u16 *Qs = bsm16, *Gs = Qs + 64 * QS, *KV = Gs + 64 * QS;   // stage s: K at KV + 2s·TILE, V after it
+    int bh = blockIdx.x, b = bh / H, h = bh - b * H, g = h / (H / Hkv);
+    int r0 = (gridDim.y - 1 - blockIdx.y) * 64;   // the longest rows first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
     long qStride = (long)H * D, kStride = (long)Hkv * D;
     long qo = (long)b * T * qStride + (long)h * D;
-    const float *kb = k + (long)b * T * kStride + (long)g * D, *vb = v + (long)b * T * kStride + (long)g * D;
+    const u16 *kb = k + (long)b * T * kStride + (long)g * D, *vb = v + (long)b * T * kStride + (long)g * D;
     int rLast = min(T - 1, r0 + 63);
     int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
     kFirst = (kFirst / BK) * BK;
-    stage_rows<BK, D>(Kst, kb, kStride, kFirst, T);   // the first key tile, in flight during the row loads
-    stage_rows<BK, D>(Vst, vb, kStride, kFirst, T);
+    int tiles = (rLast - kFirst) / BK + 1;
+    load_tile16<64, D>(Qs, q + qo, qStride, r0, T);
+    load_tile16<64, D>(Gs, dout + qo, qStride, r0, T);
+    load_tile16<BK, D>(KV, kb, kStride, kFirst, T);
+    load_tile16<BK, D>(KV + TILE, vb, kStride, kFirst, T);
     cp_async_commit();
-    load_rows_bf16<64, D>(Qs, q + qo, qStride, r0, T);
-    load_rows_bf16<64, D>(Gs, dout + qo, qStride, r0, T);
-    __syncthreads();
     int wr = warp * 16;
-    u32 qf[D / 16][4], gf[D / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ks++) {
-        const u16 *q0 = Qs + (wr + gq) * QS + ks * 16 + 2 * tq, *g0 = Gs + (wr + gq) * QS + ks * 16 + 2 * tq;
-        qf[ks][0] = *(const u32 *)q0; qf[ks][1] = *(const u32 *)(q0 + 8 * QS);
-        qf[ks][2] = *(const u32 *)(q0 + 8); qf[ks][3] = *(const u32 *)(q0 + 8 * QS + 8);
-        gf[ks][0] = *(const u32 *)g0; gf[ks][1] = *(const u32 *)(g0 + 8 * QS);
-        gf[ks][2] = *(const u32 *)(g0 + 8); gf[ks][3] = *(const u32 *)(g0 + 8 * QS + 8);
-    }
     int row0 = r0 + wr + gq, row1 = row0 + 8;
     const float *lrow = lse + ((long)b * H + h) * T, *drow = delta + ((long)b * H + h) * T;
     float L0 = row0 < T ? lrow[row0] * 1.4426950408889634f : 0.0f, L1 = row1 < T ? lrow[row1] * 1.4426950408889634f : 0.0f;
     float D0 = row0 < T ? drow[row0] : 0.0f, D1 = row1 < T ? drow[row1] : 0.0f;
+    cp_async_wait_all();
+    __syncthreads();
+    u32 qf[D / 16][4], gf[D / 16][4];
+    const u32 aOff = ((wr + (lane & 15)) * QS + (lane >> 4) * 8) * 2;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ks++) {
+        ldsm_x4(qf[ks], smem_addr(Qs) + aOff + ks * 32);
+        ldsm_x4(gf[ks], smem_addr(Gs) + aOff + ks * 32);
+    }
+    const u32 bOff = (((lane >> 4) * 8 + (lane & 7)) * QS + ((lane >> 3) & 1) * 8) * 2;
+    const u32 tOff = ((lane & 15) * QS + (lane >> 4) * 8) * 2;
+    const u32 base = smem_addr(KV);
     float dqa[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0;
     const float sl2 = scale * 1.4426950408889634f;
     int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
-    for (int t0 = kFirst; t0 <= rLast; t0 += BK) {
+    for (int j = 0; j < tiles; j++) {
+        int t0 = kFirst + j * BK;
         cp_async_wait_all();
-        __syncthreads();   // every thread's copies of this tile landed; every warp is done with the previous tile
-        convert_rows<BK, D>(Ks, Kst);
-        convert_rows<BK, D>(Vs, Vst);
-        __syncthreads();   // the bf16 tile is ready; the staging buffers are free
-        if (t0 + BK <= rLast) {
-            stage_rows<BK, D>(Kst, kb, kStride, t0 + BK, T);
-            stage_rows<BK, D>(Vst, vb, kStride, t0 + BK, T);
+        __syncthreads();   // tile j landed for every thread; every warp is done with tile j-1
+        if (j + 1 < tiles) {
+            u16 *next = KV + ((j + 1) & 1) * 2 * TILE;
+            load_tile16<BK, D>(next, kb, kStride, t0 + BK, T);
+            load_tile16<BK, D>(next + TILE, vb, kStride, t0 + BK, T);
             cp_async_commit();
         }
         if (wFirst >= T || t0 > wLast) continue;                             // every key is after the warp's rows
         if (window > 0 && t0 + BK - 1 < wFirst - window + 1) continue;       // every key is before the warp's windows
+        const u32 ka0 = base + (j & 1) * 2 * TILE * 2, va0 = ka0 + TILE * 2;
         float s[BK / 8][4], dp[BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < BK / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0;
+        for (int n = 0; n < BK / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0;
 #pragma unroll
-            for (int ks = 0; ks < D / 16; ks++) {
-                const u16 *kr = Ks + (n * 8 + gq) * QS + ks * 16 + 2 * tq, *vr = Vs + (n * 8 + gq) * QS + ks * 16 + 2 * tq;
-                mma_bf16(s[n], qf[ks], *(const u32 *)kr, *(const u32 *)(kr + 8));
-                mma_bf16(dp[n], gf[ks], *(const u32 *)vr, *(const u32 *)(vr + 8));
+        for (int ks = 0; ks < D / 16; ks++) {
+#pragma unroll
+            for (int n = 0; n < BK / 8; n += 2) {
+                u32 bk[4], bv[4];
+                ldsm_x4(bk, ka0 + bOff + (n * 8 * QS + ks * 16) * 2);
+                ldsm_x4(bv, va0 + bOff + (n * 8 * QS + ks * 16) * 2);
+                mma_bf16(s[n], qf[ks], bk[0], bk[1]);
+                mma_bf16(s[n + 1], qf[ks], bk[2], bk[3]);
+                mma_bf16(dp[n], gf[ks], bv[0], bv[1]);
+                mma_bf16(dp[n + 1], gf[ks], bv[2], bv[3]);
             }
         }
         // Accumulator element e of tile n: row row0 (e < 2) or row1, key t0 + n*8 + 2*tq + (e & 1).
@@ -730,7 +815,7 @@ __device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float
             for (int e = 0; e < 4; e++) {
                 int key = t0 + n * 8 + 2 * tq + (e & 1), row = e < 2 ? row0 : row1;
                 bool valid = !needMask || (row < T && key <= row && (window <= 0 || row - key < window));
-                float p = valid ? exp2f(s[n][e] * sl2 - (e < 2 ? L0 : L1)) : 0.0f;
+                float p = valid ? fast_exp2(__fmaf_rn(s[n][e], sl2, -(e < 2 ? L0 : L1))) : 0.0f;
                 s[n][e] = p * (dp[n][e] - (e < 2 ? D0 : D1));
             }
         }
@@ -738,13 +823,12 @@ __device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float
         for (int kk = 0; kk < BK / 16; kk++) {
             u32 a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                         pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            u32 kaddr = (u32)__cvta_generic_to_shared(&Ks[(kk * 16 + (lane & 15)) * QS]);
 #pragma unroll
-            for (int dn = 0; dn < D / 8; dn++) {
-                u32 b0, b1;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                             : "=r"(b0), "=r"(b1) : "r"(kaddr + dn * 16));
-                mma_bf16(dqa[dn], a, b0, b1);
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                u32 bb[4];
+                ldsm_x4_trans(bb, ka0 + tOff + (kk * 16 * QS + dn * 8) * 2);
+                mma_bf16(dqa[dn], a, bb[0], bb[1]);
+                mma_bf16(dqa[dn + 1], a, bb[2], bb[3]);
             }
         }
     }
@@ -759,19 +843,20 @@ __device__ void flash_backward_dq_bf16(float *dq, const float *dout, const float
 
 // Query tile of the dK/dV kernel and key tile of the dQ kernel: 64 for D=64, 32 for D=128 (two 16×D fp32
 // accumulators per warp). Written out, not by a macro: KernelLibrary finds kernels by their declared names.
-#define ATT_BWD_DKDV_ARGS float *dk, float *dv, const float *dout, const float *lse, const float *delta, const float *q, \
-                          const float *k, const float *v, int T, int H, int Hkv, int window, float scale
-#define ATT_BWD_DQ_ARGS float *dq, const float *dout, const float *lse, const float *delta, const float *q, const float *k, \
-                        const float *v, int T, int H, int Hkv, int window, float scale
+// q16, dout16: [B, T, H, D], k16, v16: [B, T, Hkv, D] bf16 (attention_to_bf16); lse, delta fp32 [B, H, T].
+#define ATT_BWD_DKDV_ARGS float *dk, float *dv, const u16 *dout16, const float *lse, const float *delta, const u16 *q16, \
+                          const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale
+#define ATT_BWD_DQ_ARGS float *dq, const u16 *dout16, const float *lse, const float *delta, const u16 *q16, const u16 *k16, \
+                        const u16 *v16, int T, int H, int Hkv, int window, float scale
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d64(ATT_BWD_DKDV_ARGS) {
-    flash_backward_dkdv_bf16<64, 64>(dk, dv, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+    flash_backward_dkdv_bf16<64, 64>(dk, dv, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d128(ATT_BWD_DKDV_ARGS) {
-    flash_backward_dkdv_bf16<128, 32>(dk, dv, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dkdv_bf16_d128(ATT_BWD_DKDV_ARGS) {
+    flash_backward_dkdv_bf16<128, 32>(dk, dv, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d64(ATT_BWD_DQ_ARGS) {
-    flash_backward_dq_bf16<64, 64>(dq, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dq_bf16_d64(ATT_BWD_DQ_ARGS) {
+    flash_backward_dq_bf16<64, 64>(dq, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d128(ATT_BWD_DQ_ARGS) {
-    flash_backward_dq_bf16<128, 32>(dq, dout, lse, delta, q, k, v, T, H, Hkv, window, scale);
+    flash_backward_dq_bf16<128, 32>(dq, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }

@@ -108,26 +108,26 @@ extension CUDADevice {
             ])
     }
 
-    /// AdamW over one parameter (scalars as `AdamW.Coefficients`).
+    /// AdamW over one parameter (scalars as `AdamW.Coefficients`), the gradient read as g·clip
+    /// (gradient clipping's fp32 coefficient, `CUDAStepBackend.clipCoefficient`; 1: unclipped).
     func adamw(
         p: CUdeviceptr, g: CUdeviceptr, m: CUdeviceptr, v: CUdeviceptr, count: Int, decay: Float, lerpSmall: Bool, lerpWeight: Float,
-        beta2: Float, oneMinusBeta2: Float, bc2Sqrt: Float, eps: Float, negStepSize: Float
+        beta2: Float, oneMinusBeta2: Float, bc2Sqrt: Float, eps: Float, negStepSize: Float, clip: Float = 1
     ) throws {
         try kernels.launch1D(
             "adamw_update", count,
             [
                 .ptr(p), .ptr(g), .ptr(m), .ptr(v), .i64(count), .f32(decay), .i32(lerpSmall ? 1 : 0), .f32(lerpWeight),
-                .f32(beta2), .f32(oneMinusBeta2), .f32(bc2Sqrt), .f32(eps), .f32(negStepSize),
+                .f32(beta2), .f32(oneMinusBeta2), .f32(bc2Sqrt), .f32(eps), .f32(negStepSize), .f32(clip),
             ])
     }
 
-    /// Partials of Σ x² (doubles) written at `partials`; returns how many.
-    static func sumOfSquaresBlocks(_ count: Int) -> Int { max(1, min(256, (count + 2047) / 2048)) }
-
-    func sumOfSquaresPartials(_ x: CUdeviceptr, count: Int, partials: CUdeviceptr) throws {
+    /// Σ x² (double) of every chunk of a `GradientChunks` table (uploaded at `table`) into
+    /// `partials` (one double per chunk), in one launch.
+    func sumOfSquares(chunks table: CUdeviceptr, count: Int, partials: CUdeviceptr) throws {
+        guard count > 0 else { return }
         try kernels.launch(
-            "sumsq_partial", grid: (Self.sumOfSquaresBlocks(count), 1, 1), block: (256, 1, 1),
-            [.ptr(partials), .ptr(x), .i64(count)])
+            "sumsq_chunks", grid: (count, 1, 1), block: (256, 1, 1), [.ptr(partials), .ptr(table), .i32(count)])
     }
 }
 

@@ -96,7 +96,7 @@ extension CUDADevice {
 
     func crossEntropyRows(rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int) throws {
         try kernels.launch(
-            "cross_entropy_rows", grid: (rows, 1, 1), block: (256, 1, 1),
+            "cross_entropy_rows", grid: (rows, 1, 1), block: (512, 1, 1),
             [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab)])
     }
 }

@@ -44,6 +44,7 @@ extension CUDASelftest {
         }
         try topKTraining()
         try adamwCheck()
+        try lossRows()
     }
 
     static func selftestModel(_ config: ModelConfig) throws -> CausalLM {
@@ -125,7 +126,9 @@ extension CUDASelftest {
         for p in model.parameters { p.setRequiresGrad(false) }
     }
 
-    /// Two AdamW steps on the device against the CPU optimizer, bit for bit.
+    /// Three AdamW steps on the device against the CPU optimizer, bit for bit; the second with
+    /// its gradient clipped (the CPU scales the gradient by `GradientClipping.scale`, the device
+    /// reads the unclipped one times `CUDAStepBackend.clipCoefficient` in `adamw_update`).
     private mutating func adamwCheck() throws {
         let count = 5000
         let value = Tensor(shape: [count], values: Self.random(count, seed: 41)), grad = Tensor(shape: [count])
@@ -136,18 +139,28 @@ extension CUDASelftest {
         let p = try gpu(Self.random(count, seed: 41)), gd = try DeviceBuffer(device, floats: count)
         let m = try DeviceBuffer(device, floats: count), v = try DeviceBuffer(device, floats: count)
         try m.zero(); try v.zero()
-        for step in 0..<2 {
+        var clipped: Float = 1
+        for step in 0..<3 {
             let gv = Self.random(count, seed: 42 + UInt64(step), scale: 0.01)
             for i in 0..<count { grad[i] = gv[i] }
             try gv.withUnsafeBytes { try gd.upload($0.baseAddress!, bytes: $0.count) }
+            var clip: Float = 1
+            if step == 1 {
+                let norm = GradientClipping.globalNorm([grad]), maxNorm = 0.37 * norm
+                GradientClipping.scale([grad], norm: norm, maxNorm: maxNorm)
+                clip = CUDAStepBackend.clipCoefficient(norm: norm, maxNorm: maxNorm)
+                clipped = clip
+            }
             opt.step(lrFactor: 0.5)
             let c = AdamW.coefficients(opt.groups[0].hyper, lr: opt.groups[0].hyper.lr * 0.5, step: step + 1)
             try device.adamw(
                 p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall,
                 lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
-                negStepSize: c.negStepSize)
+                negStepSize: c.negStepSize, clip: clip)
         }
         let host = Array(UnsafeBufferPointer(start: value.data, count: count))
-        add("AdamW 2 steps (weight decay, lr factor)", Self.bitMismatches(host, try p.floats(count)), 0, "mismatches")
+        let mismatches = Self.bitMismatches(host, try p.floats(count))
+        // (A coefficient of 1 would not exercise the clipped read: then the check itself is wrong.)
+        add("AdamW 3 steps (weight decay, lr factor, clip \(clipped))", clipped < 1 ? mismatches : .nan, 0, "mismatches")
     }
 }

@@ -21,6 +21,13 @@ public final class CUDAStepBackend: StepBackend {
     private var moments: DeviceBuffer?
     private var momentOffsets: [Int] = []
     private var squares: [Double]?  // per-gradient Σ g² of the current step (before clipping)
+    /// The `sumsq_chunks` table of the gradient list (rebuilt when the list changes).
+    private var chunks: (plan: GradientChunks, table: DeviceBuffer)?
+    /// Gradient clipping's coefficient for the next optimizer step (1: none). Clipping is
+    /// folded into `adamw_update`, which reads g·clip: the device gradients stay unclipped
+    /// between `clipGradients` and `optimizerStep` (the trainer reads none of them there, and
+    /// neither a checkpoint nor `synchronizeHost` holds gradients).
+    private var pendingClip: Float = 1
 
     public init(model: CUDAModel, teacherCopy: @escaping (CausalLM) throws -> CUDAModel) {
         self.model = model
@@ -32,6 +39,7 @@ public final class CUDAStepBackend: StepBackend {
     public func forwardBackward(batches: [MicroBatch], loss: TrainingLoss, gradScale: Float, optimizer: AdamW) throws -> LossParts {
         try model.prepareTraining()
         squares = nil
+        pendingClip = 1
         var parts = LossParts()
         for batch in batches {
             _ = try model.forward(tokens: batch.tokens, batch: batch.batch, seqLen: batch.seqLen, saveForBackward: true)
@@ -81,30 +89,24 @@ public final class CUDAStepBackend: StepBackend {
         return parts
     }
 
-    /// Σ g² of every trainable gradient (one reduction per step, shared by the non-finite check
-    /// and the norm).
+    /// Σ g² of every trainable gradient (one `sumsq_chunks` launch per step over the whole
+    /// arena, shared by the non-finite check and the norm).
     private func gradientSquares() throws -> [Double] {
         if let s = squares { return s }
         let list = model.gradientList
-        let counts = list.map { CUDADevice.sumOfSquaresBlocks($0.count) }
-        let partials = try model.scratch("sumsq", bytes: max(1, counts.reduce(0, +)) * 8)
-        var offset = 0
-        for (g, c) in zip(list, counts) {
-            try model.device.sumOfSquaresPartials(g.ptr, count: g.count, partials: partials + CUdeviceptr(offset * 8))
-            offset += c
+        let plan = GradientChunks(list.map { (UInt64($0.ptr), $0.count) })
+        if chunks?.plan != plan {
+            let table = try DeviceBuffer(model.device, bytes: max(1, plan.table.count) * 8)
+            try plan.table.withUnsafeBytes { if $0.count > 0 { try table.upload($0.baseAddress!, bytes: $0.count) } }
+            chunks = (plan, table)
         }
-        var host = [Double](repeating: 0, count: offset)
+        let partials = try model.scratch("sumsq", bytes: max(1, plan.count) * 8)
+        try model.device.sumOfSquares(chunks: chunks!.table.ptr, count: plan.count, partials: partials)
+        var host = [Double](repeating: 0, count: plan.count)
         try host.withUnsafeMutableBytes {
-            try model.device.check(model.device.api.cuMemcpyDtoH($0.baseAddress!, partials, offset * 8), "cuMemcpyDtoH")
+            if $0.count > 0 { try model.device.check(model.device.api.cuMemcpyDtoH($0.baseAddress!, partials, $0.count), "cuMemcpyDtoH") }
         }
-        var result: [Double] = []
-        offset = 0
-        for c in counts {
-            var s = 0.0
-            for i in offset..<(offset + c) { s += host[i] }
-            result.append(s)
-            offset += c
-        }
+        let result = plan.tensorSums(host)
         squares = result
         return result
     }
@@ -114,19 +116,28 @@ public final class CUDAStepBackend: StepBackend {
         return zip(model.gradientList, s).first { !$0.1.isFinite }?.0.name
     }
 
+    /// The norm; the scaling itself is left to `optimizerStep` (`pendingClip`).
     public func clipGradients(_ optimizer: AdamW, maxNorm: Double?) throws -> Double {
         let norm = try gradientSquares().reduce(0, +).squareRoot()
-        if let maxNorm, norm.isFinite {
-            let coef = maxNorm / (norm + 1e-6)
-            if coef < 1 { for g in model.gradientList { try model.device.scale(g.ptr, by: Float(coef), count: g.count) } }
-        }
+        pendingClip = Self.clipCoefficient(norm: norm, maxNorm: maxNorm)
         return norm
+    }
+
+    /// The fp32 factor by which `GradientClipping.scale` multiplies every gradient for this
+    /// norm: Float(maxNorm / (norm + 1e-6)) when that is below 1, else 1 (no maxNorm, a
+    /// non-finite norm, or a norm within the bound leave the gradients as they are, and ×1 is
+    /// exact).
+    public static func clipCoefficient(norm: Double, maxNorm: Double?) -> Float {
+        guard let maxNorm, norm.isFinite else { return 1 }
+        let coef = maxNorm / (norm + 1e-6)
+        return coef < 1 ? Float(coef) : 1
     }
 
     public func zeroGradients(_ optimizer: AdamW) throws {
         try model.prepareTraining()
         try model.zeroGradients()
         squares = nil
+        pendingClip = 1
     }
 
     /// The device moments, laid out in slot order (allocated and uploaded from the host on first use).
@@ -157,6 +168,8 @@ public final class CUDAStepBackend: StepBackend {
 
     public func optimizerStep(_ optimizer: AdamW, model host: CausalLM, lrFactor: Double) throws {
         _ = try deviceMoments(optimizer)
+        let clip = pendingClip
+        pendingClip = 1
         let byName = Dictionary(model.model.parameters.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         try optimizer.step(lrFactor: lrFactor) { i, slot, c in
             guard let p = byName[slot.name], let g = model.gradient(p) else {
@@ -166,7 +179,7 @@ public final class CUDAStepBackend: StepBackend {
             try model.device.adamw(
                 p: model.tensor(p), g: g, m: m, v: v, count: p.count, decay: c.decay, lerpSmall: c.lerpSmall,
                 lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
-                negStepSize: c.negStepSize)
+                negStepSize: c.negStepSize, clip: clip)
         }
         model.markWeightsChanged()
     }

@@ -272,6 +272,16 @@ public enum DistillationKernels {
         return (ces.reduce(0, +), kds.reduce(0, +))
     }
 
+    /// `fullRows` for a caller outside this module (the GPU selftest's reference for `kd_rows`):
+    /// returns (Σ CE, Σ T²·KD) over the n rows; the student rows become their gradients.
+    public static func fullRowsReference(
+        student: UnsafeMutablePointer<Float>, teacher: UnsafePointer<Float>, teacherStride: Int, n: Int, vocab V: Int,
+        targets: UnsafePointer<Int32>, constants k: DistillationConstants, gradScale: Float
+    ) -> (ce: Double, kd: Double) {
+        fullRows(
+            student: student, teacher: teacher, teacherStride: teacherStride, n: n, vocab: V, targets: targets, k: k, gradScale: gradScale)
+    }
+
     /// `topKRow` over n rows in parallel (row-ordered sums).
     static func topKRows(
         student: UnsafeMutablePointer<Float>, n: Int, vocab V: Int, ids: UnsafePointer<Int32>, logprobs: UnsafePointer<Float>,

@@ -1,47 +1,112 @@
+// The lm_head loss rows: cross-entropy (evaluation, and forward + backward for QAT) and the fused
+// distillation row (QAD). One block of up to 512 threads per row; every kernel reads a row once to
+// get its statistics (an online max and Σ exp in one pass: a thread's sums are rescaled by
+// exp(old max − new max) when its running maximum grows, then brought to the block maximum) and,
+// for a gradient, once more to write it. Rows are read as float4 groups when V (and the teacher's
+// stride) are multiples of 4 and the rows 16-byte aligned, else element by element. The four
+// terms of a group are added in fp32, every sum over the row in double, in a fixed order (each
+// thread its own elements in order, then the fixed block reductions of common.cu): the results
+// do not depend on the launch.
+
+#define LOSS_THREADS 512
+
+// Group g of a row: N = 4, the float4 at 4g; N = 1, element g.
+template <int N> __device__ __forceinline__ void load_group(const float *x, int g, float (&v)[N]) {
+    if constexpr (N == 4) {
+        float4 q = *(const float4 *)(x + 4 * g);
+        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+    } else {
+        v[0] = x[g];
+    }
+}
+template <int N> __device__ __forceinline__ void store_group(float *x, int g, const float (&v)[N]) {
+    if constexpr (N == 4) {
+        *(float4 *)(x + 4 * g) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        x[g] = v[0];
+    }
+}
+
+// A group maximum gm above the running maximum m: m becomes gm and the returned factor
+// exp(m − gm) (0 from m = −∞) rescales the sums tied to m; otherwise the factor is 1.
+__device__ __forceinline__ double raise_max(float &m, float gm) {
+    if (!(gm > m)) return 1.0;
+    double f = m == -INFINITY ? 0.0 : exp((double)m - (double)gm);
+    m = gm;
+    return f;
+}
+
+// The block maximum of the threads' running maxima (to *M) and the factor exp(m − M) that brings
+// this thread's sums to it: 0 for a thread that saw no element (its sums are 0, or NaN when it
+// saw only NaNs, which 0 keeps NaN).
+__device__ __forceinline__ double to_block_max(float m, float *M) {
+    float bm = block_max(m);
+    *M = bm;
+    return m == -INFINITY ? 0.0 : exp((double)m - (double)bm);
+}
+
+// A row's 16-byte alignment for float4 groups.
+__device__ __forceinline__ bool aligned16(const void *p) { return (((unsigned long long)p) & 15) == 0; }
+
+// Max and Σ exp(x − max) of one row over the block (every thread gets both): one pass.
+template <int N> __device__ void lse_stats(const float *x, int groups, float *maxOut, double *sumOut) {
+    float m = -INFINITY;
+    double s = 0;
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float v[N];
+        load_group<N>(x, g, v);
+        float gm = v[0];
+#pragma unroll
+        for (int k = 1; k < N; k++) gm = fmaxf(gm, v[k]);
+        double f = raise_max(m, gm);
+        if (f != 1.0) s *= f;
+        float e = 0;
+#pragma unroll
+        for (int k = 0; k < N; k++) e += expf(v[k] - m);
+        s += (double)e;
+    }
+    double f = to_block_max(m, maxOut);
+    *sumOut = block_sum_d(s * f);
+}
+
 // The lm_head loss over one chunk of logits [rows, V] (Sources/QATModels/Layers/CrossEntropy.swift):
 // per row, loss = logsumexp(logits) - logits[target]; rows whose target is the ignore index (-100)
-// give 0 and are not counted. One block per row; the per-row losses go back to the host, which
-// sums them in row order (so the figure does not depend on the launch).
-extern "C" __global__ void cross_entropy_rows(float *rowLoss, const float *logits, const int *targets, int rows, int V) {
+// give 0 and are not counted. The per-row losses go back to the host, which sums them in row
+// order (so the figure does not depend on the launch).
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_rows(float *rowLoss, const float *logits,
+                                                                                  const int *targets, int rows, int V) {
     int r = blockIdx.x;
     if (r >= rows) return;
     int t = targets[r];
     const float *x = logits + (long)r * V;
-    // One pass: a running (max, sum of exp) per thread, float4 loads where the row allows.
-    float m = -INFINITY, s = 0;
-    int head = (V & 3) == 0 ? V : 0;
-    for (int j = threadIdx.x * 4; j < head; j += blockDim.x * 4) {
-        float4 v = *(const float4 *)(x + j);
-        float mx = fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
-        if (mx > m) { s *= expf(m - mx); m = mx; }
-        s += expf(v.x - m) + expf(v.y - m) + expf(v.z - m) + expf(v.w - m);
-    }
-    for (int j = head + threadIdx.x; j < V; j += blockDim.x) {
-        float v = x[j];
-        if (v > m) { s *= expf(m - v); m = v; }
-        s += expf(v - m);
-    }
-    float bm = block_max(m);
-    double part = m == -INFINITY ? 0.0 : (double)s * exp((double)(m - bm));
-    double total = block_sum_d(part);
-    if (threadIdx.x == 0) rowLoss[r] = t < 0 ? 0.0f : (float)((double)bm + log(total) - (double)x[t]);
+    float m;
+    double s;
+    if ((V & 3) == 0 && aligned16(logits)) lse_stats<4>(x, V >> 2, &m, &s);
+    else lse_stats<1>(x, V, &m, &s);
+    if (threadIdx.x == 0) rowLoss[r] = t < 0 ? 0.0f : (float)((double)m + log(s) - (double)x[t]);
 }
 
-// Row max and Σ exp(x − max) of x[0..V) over the block (every thread gets both).
-__device__ void row_max_sum(const float *x, int V, float scale, float *maxOut, double *sumOut) {
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, __fmul_rn(x[j], scale));
-    m = block_max(m);
-    double s = 0;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) s += (double)expf(__fmul_rn(x[j], scale) - m);
-    *maxOut = m;
-    *sumOut = block_sum_d(s);
+// The gradient pass of cross-entropy: z ← expf(z − m)·k, k·gradScale subtracted at the target.
+template <int N> __device__ void ce_grad(float *z, int groups, int t, float m, float k, float gradScale) {
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float v[N];
+        load_group<N>(z, g, v);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            float e = __fmul_rn(expf(v[i] - m), k);
+            v[i] = N * g + i == t ? __fsub_rn(e, gradScale) : e;
+        }
+        store_group<N>(z, g, v);
+    }
 }
 
 // Cross-entropy forward and backward of one chunk (CrossEntropy.row with gradScale): per row
 // the loss logsumexp(z) − z[t] to rowLoss, and z replaced in place by
 // gradScale·(softmax(z) − onehot(t)); an ignored row (t < 0) gives 0 and a zero gradient.
-extern "C" __global__ void cross_entropy_backward(float *rowLoss, float *logits, const int *targets, int rows, int V, float gradScale) {
+// Two passes over the row: the statistics, then the gradient.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_backward(float *rowLoss, float *logits,
+                                                                                      const int *targets, int rows, int V,
+                                                                                      float gradScale) {
     int r = blockIdx.x;
     if (r >= rows) return;
     int t = targets[r];
@@ -51,17 +116,127 @@ extern "C" __global__ void cross_entropy_backward(float *rowLoss, float *logits,
         if (threadIdx.x == 0) rowLoss[r] = 0.0f;
         return;
     }
+    float zt = z[t];   // read before the block reductions below, so before any thread writes z
+    bool vec = (V & 3) == 0 && aligned16(logits);
     float m;
     double s;
-    row_max_sum(z, V, 1.0f, &m, &s);
-    float zt = z[t];
-    __syncthreads();   // z[t] is read before any thread overwrites it
+    if (vec) lse_stats<4>(z, V >> 2, &m, &s);
+    else lse_stats<1>(z, V, &m, &s);
     float k = (float)((double)gradScale / s);
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        float g = __fmul_rn(expf(z[j] - m), k);
-        z[j] = j == t ? __fsub_rn(g, gradScale) : g;
-    }
+    if (vec) ce_grad<4>(z, V >> 2, t, m, k, gradScale);
+    else ce_grad<1>(z, V, t, m, k, gradScale);
     if (threadIdx.x == 0) rowLoss[r] = (float)((double)m + log(s) - (double)zt);
+}
+
+// Per-thread running statistics of a distillation row: maxima of s/T (A), u/T (B) and s (S, CE
+// at T = 1 when T ≠ 1), Σ exp(· − max) of each, and the dot products Σ eB·(u − s) (tied to B's
+// maximum) and Σ eA·(s − u) (tied to A's).
+struct KDStats {
+    float mA, mB, mS;
+    double sA, sB, sS, dPD, dQD;
+};
+
+// The statistics pass of kd_rows over this thread's groups.
+template <int N> __device__ void kd_stats(const float *sr, const float *ur, int groups, float invT, bool ceSeparate, KDStats &st) {
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float x[N], y[N], a[N], b[N];
+        load_group<N>(sr, g, x);
+        load_group<N>(ur, g, y);
+        float ga = -INFINITY, gb = -INFINITY, gs = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            a[k] = x[k] * invT;
+            b[k] = y[k] * invT;
+            ga = fmaxf(ga, a[k]);
+            gb = fmaxf(gb, b[k]);
+            gs = fmaxf(gs, x[k]);
+        }
+        double f = raise_max(st.mA, ga);
+        if (f != 1.0) { st.sA *= f; st.dQD *= f; }
+        f = raise_max(st.mB, gb);
+        if (f != 1.0) { st.sB *= f; st.dPD *= f; }
+        float ea = 0, eb = 0, pd = 0, qd = 0, es = 0;
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            float e1 = expf(a[k] - st.mA), e2 = expf(b[k] - st.mB), d = y[k] - x[k];
+            ea += e1;
+            eb += e2;
+            pd += e2 * d;
+            qd -= e1 * d;
+        }
+        if (ceSeparate) {
+            f = raise_max(st.mS, gs);
+            if (f != 1.0) st.sS *= f;
+#pragma unroll
+            for (int k = 0; k < N; k++) es += expf(x[k] - st.mS);
+            st.sS += (double)es;
+        }
+        st.sA += (double)ea;
+        st.sB += (double)eb;
+        st.dPD += (double)pd;
+        st.dQD += (double)qd;
+    }
+}
+
+// The row-wide constants of kd_rows, the same in every thread after the statistics pass.
+struct KDRow {
+    float maxA, maxB, maxS, iA, iB, iS, beta, invT, cKD, cCE, w;
+    double lseA, lseB, shift, klQM, sumA, sumB, sumS;
+    int kind, t, computeCE, ceSeparate;
+};
+
+// The generalized JSD pass (kind 2): Σ over the row of β·p·(log p − log m) + (1−β)·q·(log q − log m)
+// and of q·(log q − log m) (thread partials).
+template <int N> __device__ void kd_jsd(const float *sr, const float *ur, int groups, const KDRow &c, double *j2, double *klQM) {
+    double betaD = c.beta, invTD = c.invT;
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float x[N], y[N];
+        load_group<N>(sr, g, x);
+        load_group<N>(ur, g, y);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            float p = expf(y[k] * c.invT - c.maxB) * c.iB, q = expf(x[k] * c.invT - c.maxA) * c.iA;
+            float mm = c.beta * p + (1.0f - c.beta) * q;
+            if (!(mm > 0)) continue;
+            double logm = (double)logf(mm);
+            double lp = (double)y[k] * invTD - c.lseB, lq = (double)x[k] * invTD - c.lseA;
+            double tq = (double)q * (lq - logm);
+            *j2 += betaD * (double)p * (lp - logm) + (1.0 - betaD) * tq;
+            *klQM += tq;
+        }
+    }
+}
+
+// The gradient pass of kd_rows: s ← d(loss·gradScale)/ds (DistillationKernels.fullRow's fp32 and
+// double steps).
+template <int N> __device__ void kd_grad(float *sr, const float *ur, int groups, const KDRow &c) {
+    double invTD = c.invT;
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float x[N], y[N];
+        load_group<N>(sr, g, x);
+        load_group<N>(ur, g, y);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            float ea = expf(x[k] * c.invT - c.maxA), q = ea * c.iA, gk;
+            if (c.kind == 0) {
+                gk = c.cKD * (q - expf(y[k] * c.invT - c.maxB) * c.iB);
+            } else if (c.kind == 1) {
+                gk = c.cKD * q * (float)(((double)x[k] - (double)y[k]) * invTD + c.shift);
+            } else {
+                float p = expf(y[k] * c.invT - c.maxB) * c.iB;
+                float mm = c.beta * p + (1.0f - c.beta) * q;
+                float lm = mm > 0 ? logf(mm) : 0.0f;
+                gk = q > 0 ? c.w * q * (float)((double)x[k] * invTD - c.lseA - (double)lm - c.klQM) : 0.0f;
+            }
+            if (c.computeCE) {
+                float e = c.ceSeparate ? expf(x[k] - c.maxS) : ea;
+                gk += c.cCE * e * c.iS;
+                if (N * g + k == c.t) gk -= c.cCE;
+            }
+            x[k] = gk;
+        }
+        store_group<N>(sr, g, x);
+    }
 }
 
 // Distillation over full vocabulary rows (DistillationKernels.fullRow; DistillationConstants
@@ -69,9 +244,11 @@ extern "C" __global__ void cross_entropy_backward(float *rowLoss, float *logits,
 // u = teacher logits (row stride teacherStride ≥ V: a larger teacher vocabulary is cut to V).
 // kind 0 forward KL(p‖q), 1 reverse KL(q‖p), 2 generalized JSD(beta). rowOut[2r] = CE at T = 1
 // (0 without CE), rowOut[2r+1] = KD (before T²). cKD = kd_ratio·gradScale·T,
-// cCE = (1 − kd_ratio)·gradScale. Ignored rows: zeros. One block per row.
-extern "C" __global__ void kd_rows(double *rowOut, float *s, const float *u, const int *targets, int rows, int V, long teacherStride,
-                                   int kind, float beta, float invT, float cKD, float cCE, int computeCE) {
+// cCE = (1 − kd_ratio)·gradScale. Ignored rows: zeros. One block per row; two passes over the
+// row (statistics with the dot products folded in, then the gradient), three for JSD.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *rowOut, float *s, const float *u, const int *targets,
+                                                                       int rows, int V, long teacherStride, int kind, float beta,
+                                                                       float invT, float cKD, float cCE, int computeCE) {
     int r = blockIdx.x;
     if (r >= rows) return;
     int t = targets[r];
@@ -82,69 +259,49 @@ extern "C" __global__ void kd_rows(double *rowOut, float *s, const float *u, con
         if (threadIdx.x == 0) { rowOut[2 * r] = 0; rowOut[2 * r + 1] = 0; }
         return;
     }
-    float maxA, maxB, ms = 0;
-    double sumA, sumB, sumS = 0;
-    row_max_sum(sr, V, invT, &maxA, &sumA);
-    row_max_sum(ur, V, invT, &maxB, &sumB);
-    bool ceSeparate = computeCE && invT != 1.0f;
-    if (ceSeparate) row_max_sum(sr, V, 1.0f, &ms, &sumS);
-    double lseA = (double)maxA + log(sumA), lseB = (double)maxB + log(sumB);
-    double dotPD = 0, dotQD = 0;   // Σ eB·(u − s), Σ eA·(s − u)
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        double ea = expf(__fmul_rn(sr[j], invT) - maxA), eb = expf(__fmul_rn(ur[j], invT) - maxB);
-        double d = (double)ur[j] - (double)sr[j];
-        dotPD += eb * d;
-        dotQD -= ea * d;
+    float zt = sr[t];   // read before the block reductions below, so before any thread writes s
+    bool vec = (V & 3) == 0 && (teacherStride & 3) == 0 && aligned16(s) && aligned16(u);
+    int groups = vec ? V >> 2 : V;
+    KDRow c;
+    c.kind = kind; c.t = t; c.computeCE = computeCE; c.ceSeparate = computeCE && invT != 1.0f;
+    c.beta = beta; c.invT = invT; c.cKD = cKD; c.cCE = cCE; c.w = cKD * (1.0f - beta);
+    KDStats st = {-INFINITY, -INFINITY, -INFINITY, 0, 0, 0, 0, 0};
+    if (vec) kd_stats<4>(sr, ur, groups, invT, c.ceSeparate, st);
+    else kd_stats<1>(sr, ur, groups, invT, c.ceSeparate, st);
+    double fA = to_block_max(st.mA, &c.maxA), fB = to_block_max(st.mB, &c.maxB);
+    c.sumA = block_sum_d(st.sA * fA);
+    c.sumB = block_sum_d(st.sB * fB);
+    double dotPD = block_sum_d(st.dPD * fB), dotQD = block_sum_d(st.dQD * fA);
+    c.maxS = 0; c.sumS = 0;
+    if (c.ceSeparate) {
+        double fS = to_block_max(st.mS, &c.maxS);
+        c.sumS = block_sum_d(st.sS * fS);
     }
-    dotPD = block_sum_d(dotPD);
-    dotQD = block_sum_d(dotQD);
-    double ce = 0, iS = 0, lseCE = lseA, mCE = maxA;
-    float scaleCE = invT;
-    float zt = sr[t];
+    c.lseA = (double)c.maxA + log(c.sumA);
+    c.lseB = (double)c.maxB + log(c.sumB);
+    c.iA = (float)(1.0 / c.sumA);
+    c.iB = (float)(1.0 / c.sumB);
+    double ce = 0;
+    c.iS = 0;
     if (computeCE) {
-        if (ceSeparate) { lseCE = (double)ms + log(sumS); mCE = ms; iS = 1.0 / sumS; scaleCE = 1.0f; }
-        else iS = 1.0 / sumA;
-        ce = lseCE - (double)zt;
+        if (c.ceSeparate) { ce = (double)c.maxS + log(c.sumS) - (double)zt; c.iS = (float)(1.0 / c.sumS); }
+        else { ce = c.lseA - (double)zt; c.iS = c.iA; }
     }
-    double iA = 1.0 / sumA, iB = 1.0 / sumB;
-    double kd = 0, shift = 0, klQM = 0;
+    double kd = 0;
+    c.shift = 0; c.klQM = 0;
     if (kind == 0) {
-        kd = (double)invT * dotPD / sumB + lseA - lseB;
+        kd = (double)invT * dotPD / c.sumB + c.lseA - c.lseB;
     } else if (kind == 1) {
-        kd = (double)invT * dotQD / sumA - lseA + lseB;
-        shift = -lseA + lseB - kd;
+        kd = (double)invT * dotQD / c.sumA - c.lseA + c.lseB;
+        c.shift = -c.lseA + c.lseB - kd;
     } else {
-        double j2 = 0;
-        for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            double p = expf(__fmul_rn(ur[j], invT) - maxB) * iB, q = expf(__fmul_rn(sr[j], invT) - maxA) * iA;
-            double mm = beta * p + (1.0 - beta) * q;
-            if (mm <= 0) continue;
-            double logm = log(mm);
-            double lp = (double)ur[j] * invT - lseB, lq = (double)sr[j] * invT - lseA;
-            double tq = q * (lq - logm);
-            j2 += beta * p * (lp - logm) + (1.0 - beta) * tq;
-            klQM += tq;
-        }
+        double j2 = 0, kl = 0;
+        if (vec) kd_jsd<4>(sr, ur, groups, c, &j2, &kl);
+        else kd_jsd<1>(sr, ur, groups, c, &j2, &kl);
         kd = block_sum_d(j2);
-        klQM = block_sum_d(klQM);
+        c.klQM = block_sum_d(kl);
     }
-    __syncthreads();   // every read of s precedes the writes below
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        double a = sr[j];
-        double q = expf(__fmul_rn((float)a, invT) - maxA) * iA;
-        double g;
-        if (kind == 0) {
-            g = cKD * (q - expf(__fmul_rn(ur[j], invT) - maxB) * iB);
-        } else if (kind == 1) {
-            g = cKD * q * ((a - (double)ur[j]) * invT + shift);
-        } else {
-            double p = expf(__fmul_rn(ur[j], invT) - maxB) * iB;
-            double mm = beta * p + (1.0 - beta) * q;
-            g = (q > 0 && mm > 0) ? cKD * (1.0 - beta) * q * (a * invT - lseA - log(mm) - klQM) : 0.0;
-        }
-        if (computeCE) g += cCE * exp((double)__fmul_rn((float)a, scaleCE) - mCE) * iS;
-        if (computeCE && j == t) g -= cCE;
-        sr[j] = (float)g;
-    }
+    if (vec) kd_grad<4>(sr, ur, groups, c);
+    else kd_grad<1>(sr, ur, groups, c);
     if (threadIdx.x == 0) { rowOut[2 * r] = ce; rowOut[2 * r + 1] = kd; }
 }

@@ -18,7 +18,7 @@ final class DistributedEndToEndTests: XCTestCase, MPITesting {
         defer { try? FileManager.default.removeItem(at: dir) }
         let d1 = dir.appendingPathComponent("one"), d2 = dir.appendingPathComponent("two")
         for d in [d1, d2] { try FileManager.default.createDirectory(at: d, withIntermediateDirectories: true) }
-        let r1 = try Fixtures.runQAT(["apply", try recipe(d1, steps: 6, batch: 4), "--quiet"], environment: Self.naturalBLAS)
+        let r1 = try Fixtures.runQAT(["apply", try recipe(d1, steps: 6, batch: 4), "--quiet"])
         XCTAssertEqual(r1.status, 0, r1.err)
         let r2 = try runMPI(mpirun, qat, ranks: 2, args: ["apply", try recipe(d2, steps: 6, batch: 2), "--quiet"], dir: dir)
         XCTAssertEqual(r2.status, 0, r2.log)

@@ -21,7 +21,7 @@ final class ShardedEvaluationEndToEndTests: XCTestCase, MPITesting {
         let sets = ["--set", "data.validation_sequences=9", "--set", "train.lr=0"]
         for d in [one, two] { try FileManager.default.createDirectory(at: d, withIntermediateDirectories: true) }
         let r1 = try Fixtures.runQAT(
-            ["apply", try recipe(one, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets, environment: Self.naturalBLAS)
+            ["apply", try recipe(one, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets)
         XCTAssertEqual(r1.status, 0, r1.err)
         let r2 = try runMPI(
             mpirun, qat, ranks: 2, args: ["apply", try recipe(two, steps: 3, batch: 3, saveEvery: 0, evalEvery: 1)] + sets, dir: dir)

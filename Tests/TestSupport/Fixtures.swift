@@ -45,6 +45,11 @@ extension Fixtures {
         p.arguments = args
         p.currentDirectoryURL = repoRoot
         var env = ProcessInfo.processInfo.environment
+        // The BLAS kernels OpenBLAS detects for this CPU, whatever OPENBLAS_CORETYPE the shell
+        // forces (empty means "detect"), as the mpirun launches of MPITesting do: the end-to-end
+        // comparisons of multi-process runs with one process move rows between products, which
+        // keeps every bit on the AVX-512 kernels only (README, "Determinism on AVX2 machines").
+        env["OPENBLAS_CORETYPE"] = ""
         for (k, v) in environment { env[k] = v }
         p.environment = env
         // Output goes to files, so a chatty child can never block on a full pipe.

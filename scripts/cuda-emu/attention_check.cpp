@@ -3,30 +3,7 @@
 // Launch geometry and shared memory sizes as in Sources/QATCUDA/CUDAOps+Attention.swift.
 #include <string>
 #include "kernels.cpp"  // written by gen.py
-void emu_launch(dim3e grid, int threads, size_t smem, std::function<void()> body);
-static uint64_t rs = 1;
-static float gauss() {
-    auto u = [] { rs = rs * 6364136223846793005ULL + 1442695040888963407ULL; return ((rs >> 11) + 0.5) / 9007199254740992.0; };
-    double a = u(), b = u();
-    return (float)(sqrt(-2 * log(a)) * cos(2 * M_PI * b));
-}
-// max |ref - got| / max(max |ref|, floor)
-static double relerr(const std::vector<float> &ref, const std::vector<float> &got, double floor = 0) {
-    double m = floor, d = 0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        m = std::max(m, (double)fabs(ref[i]));
-        double x = fabs((double)ref[i] - got[i]);
-        if (std::isnan(x)) return NAN;
-        d = std::max(d, x);
-    }
-    return d / std::max(m, 1e-30);
-}
-int fails = 0;
-static void report(const char *what, double e, double tol) {
-    bool ok = e <= tol && !std::isnan(e);
-    if (!ok) fails++;
-    printf("%s %-60s %.3g (tol %.1g)\n", ok ? "ok  " : "FAIL", what, e, tol);
-}
+#include "check.h"
 int main(int argc, char **argv) {
     struct Case { int H, Hkv, D, W, T, B; };
     std::vector<Case> cases = {{4, 2, 32, 0, 70, 2}, {6, 2, 48, 20, 45, 2}, {2, 1, 128, 0, 33, 2}, {4, 2, 64, 0, 150, 2},

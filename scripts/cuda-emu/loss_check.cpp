@@ -3,29 +3,7 @@
 // Launch geometry as in Sources/QATCUDA/CUDAOps*.swift (one block of 512 threads per row).
 #include <string>
 #include "kernels.cpp"  // written by loss.sh
-void emu_launch(dim3e grid, int threads, size_t smem, std::function<void()> body);
-static uint64_t rs = 1;
-static float gauss() {
-    auto u = [] { rs = rs * 6364136223846793005ULL + 1442695040888963407ULL; return ((rs >> 11) + 0.5) / 9007199254740992.0; };
-    double a = u(), b = u();
-    return (float)(sqrt(-2 * log(a)) * cos(2 * M_PI * b));
-}
-static double relerr(const std::vector<float> &ref, const std::vector<float> &got) {
-    double m = 0, d = 0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        m = std::max(m, (double)fabs(ref[i]));
-        double x = fabs((double)ref[i] - got[i]);
-        if (std::isnan(x)) return NAN;
-        d = std::max(d, x);
-    }
-    return d / std::max(m, 1e-30);
-}
-int fails = 0;
-static void report(const std::string &what, double e, double tol) {
-    bool ok = e <= tol && !std::isnan(e);
-    if (!ok) fails++;
-    printf("%s %-78s %.3g (tol %.1g)\n", ok ? "ok  " : "FAIL", what.c_str(), e, tol);
-}
+#include "check.h"
 static float smax_(float x, float y) { return y >= x ? y : x; }
 
 // DistillationKernels.fullRow (Sources/QATTrain/DistillationKernels.swift), line for line.

@@ -4,20 +4,8 @@
 // Launch geometry as in Sources/QATCUDA/CUDAModel+TopK.swift (one block of 512 per row).
 #include <string>
 #include "kernels.cpp"  // written by gen.py
-void emu_launch(dim3e grid, int threads, size_t smem, std::function<void()> body);
-static uint64_t rs = 1;
-static float gauss() {
-    auto u = [] { rs = rs * 6364136223846793005ULL + 1442695040888963407ULL; return ((rs >> 11) + 0.5) / 9007199254740992.0; };
-    double a = u(), b = u();
-    return (float)(sqrt(-2 * log(a)) * cos(2 * M_PI * b));
-}
+#include "check.h"
 static unsigned urand(unsigned n) { rs = rs * 6364136223846793005ULL + 1442695040888963407ULL; return (unsigned)((rs >> 33) % n); }
-int fails = 0;
-static void report(const std::string &what, double e, double tol) {
-    bool ok = e <= tol && !std::isnan(e);
-    if (!ok) fails++;
-    printf("%s %-72s %.3g (tol %.1g)\n", ok ? "ok  " : "FAIL", what.c_str(), e, tol);
-}
 
 // TopKCache.selectTopK: decreasing value, ties lower id; log-probs; log rest mass (−∞ when k = V).
 static void ref_select(const float *z, int V, int K, int *ids, float *lps, float *rest) {
@@ -166,16 +154,6 @@ static std::pair<double, double> ref_row(int obj, float *s, int V, const int *id
     return {ce, t2 * kd * kdOn};
 }
 
-static double max_rel(const std::vector<float> &ref, const std::vector<float> &got) {
-    double m = 0, d = 0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        m = std::max(m, (double)fabs(ref[i]));
-        double x = fabs((double)ref[i] - got[i]);
-        if (std::isnan(x)) return NAN;
-        d = std::max(d, x);
-    }
-    return d / std::max(m, 1e-30);
-}
 
 static void kd_case(int obj, int V, int K, double T, double ratio) {
     const int n = 10;
@@ -225,7 +203,7 @@ static void kd_case(int obj, int V, int K, double T, double ratio) {
     std::string label = std::string(names[obj]) + " V=" + std::to_string(V) + " k=" + std::to_string(K) + " T=" +
                         std::to_string(T).substr(0, 4) + " kd_ratio=" + std::to_string(ratio).substr(0, 4);
     report(label + ": loss", (fabs(gce - ce) + fabs(gkd - kd)) / valid, 1e-6);
-    report(label + ": gradient, relative", max_rel(ref, got), 1e-5);
+    report(label + ": gradient, relative", relerr(ref, got), 1e-5);
 }
 
 static void select_case(int V, int K, int n, bool ties) {

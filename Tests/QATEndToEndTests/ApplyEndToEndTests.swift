@@ -42,6 +42,7 @@ final class ApplyEndToEndTests: XCTestCase {
             p.executableURL = URL(fileURLWithPath: Fixtures.qatBinary!)
             p.arguments = ["apply", path, "--quiet", "--resume"]
             p.currentDirectoryURL = Fixtures.repoRoot
+            p.environment = Fixtures.childEnvironment()
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
             try p.run()
@@ -86,6 +87,7 @@ final class ApplyEndToEndTests: XCTestCase {
         p.executableURL = URL(fileURLWithPath: Fixtures.qatBinary!)
         p.arguments = ["apply", path, "--set", "train.save_every=0"]
         p.currentDirectoryURL = Fixtures.repoRoot
+        p.environment = Fixtures.childEnvironment()
         let errURL = dir.appendingPathComponent("stderr")
         FileManager.default.createFile(atPath: errURL.path, contents: nil)
         p.standardError = try FileHandle(forWritingTo: errURL)

@@ -16,16 +16,8 @@ extension MPITesting {
         [
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             "OMPI_MCA_btl": "self,vader,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo",
-        ].merging(naturalBLAS) { $1 }
+        ]
     }
-
-    /// The BLAS kernels these comparisons run with, in the single-process run too: the ones
-    /// OpenBLAS (and qat's own fallback fix) picks for this CPU, whatever OPENBLAS_CORETYPE the
-    /// caller's shell forces (an empty value means "detect"). Splitting a batch over ranks moves
-    /// rows between products; the AVX-512 kernels give every row the same bits wherever it
-    /// sits, the Haswell ones do not (README, "Determinism on AVX2 machines"), so a forced
-    /// Haswell family would turn these exactness checks into checks of that kernel.
-    static var naturalBLAS: [String: String] { ["OPENBLAS_CORETYPE": ""] }
 
     var mpirun: String? {
         for d in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") + ["/usr/bin"] {
@@ -52,9 +44,7 @@ extension MPITesting {
         p.executableURL = URL(fileURLWithPath: mpirun)
         p.arguments = ["-np", "\(ranks)", "--oversubscribe", "--allow-run-as-root", "--bind-to", "none"] + mpiArgs + [qat] + args
         p.currentDirectoryURL = Fixtures.repoRoot
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in Self.mpiEnv { env[k] = v }
-        p.environment = env
+        p.environment = Fixtures.childEnvironment(Self.mpiEnv)
         FileManager.default.createFile(atPath: log.path, contents: nil)
         let h = try FileHandle(forWritingTo: log)
         p.standardOutput = h; p.standardError = h

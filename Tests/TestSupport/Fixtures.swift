@@ -36,6 +36,18 @@ extension Fixtures {
 
     /// Runs `qat` with arguments from the repository root; returns (exit code, stdout, stderr).
     @discardableResult
+    /// The environment of every qat process a test starts: this one's, with the BLAS kernels
+    /// OpenBLAS detects for this CPU whatever OPENBLAS_CORETYPE the shell forces (empty means
+    /// "detect"), then `overrides`. End-to-end tests compare runs with each other (resumed with
+    /// uninterrupted, several ranks with one process), and a shell's forced Haswell family moves
+    /// bits when rows move between products (README, "Determinism on AVX2 machines").
+    public static func childEnvironment(_ overrides: [String: String] = [:]) -> [String: String] {
+        var env = ProcessInfo.processInfo.environment
+        env["OPENBLAS_CORETYPE"] = ""
+        for (k, v) in overrides { env[k] = v }
+        return env
+    }
+
     public static func runQAT(_ args: [String], environment: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
         guard let bin = qatBinary else {
             throw NSError(domain: "qat-tests", code: 1, userInfo: [NSLocalizedDescriptionKey: "qat binary not built"])
@@ -44,14 +56,7 @@ extension Fixtures {
         p.executableURL = URL(fileURLWithPath: bin)
         p.arguments = args
         p.currentDirectoryURL = repoRoot
-        var env = ProcessInfo.processInfo.environment
-        // The BLAS kernels OpenBLAS detects for this CPU, whatever OPENBLAS_CORETYPE the shell
-        // forces (empty means "detect"), as the mpirun launches of MPITesting do: the end-to-end
-        // comparisons of multi-process runs with one process move rows between products, which
-        // keeps every bit on the AVX-512 kernels only (README, "Determinism on AVX2 machines").
-        env["OPENBLAS_CORETYPE"] = ""
-        for (k, v) in environment { env[k] = v }
-        p.environment = env
+        p.environment = childEnvironment(environment)
         // Output goes to files, so a chatty child can never block on a full pipe.
         let tmp = tempDir("qat-run")
         let outURL = tmp.appendingPathComponent("out"), errURL = tmp.appendingPathComponent("err")

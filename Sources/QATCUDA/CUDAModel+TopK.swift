@@ -104,12 +104,8 @@ extension CUDAModel {
             rest: t.rest == 0 ? 0 : t.rest + CUdeviceptr(start * 4), counts: t.counts == 0 ? 0 : t.counts + CUdeviceptr(start * K * 4),
             slots: slots, targets: targets, rows: rows, vocab: config.vocabSize, topK: K, objective: t.objective, invT: 1 / T,
             cKD: Float(t.kdRatio * Double(gradScale) * T), cCE: Float((1 - t.kdRatio) * Double(gradScale)), computeCE: t.kdRatio < 1)
-        var out = [Double](repeating: 0, count: 2 * rows)
-        try out.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, rows * 16), "cuMemcpyDtoH") }
         var ce = 0.0, kd = 0.0
-        for i in 0..<rows where hostTargets[start + i] != CrossEntropy.ignoreIndex {
-            ce += out[2 * i]; kd += T * T * out[2 * i + 1]
-        }
+        try device.addDistillationSums(rowOut, targets: hostTargets[start..<(start + rows)], temperature: T, ce: &ce, kd: &kd)
         return (ce, kd)
     }
 

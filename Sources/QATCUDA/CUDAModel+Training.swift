@@ -258,13 +258,7 @@ extension CUDAModel {
                     rowOut: rowOut, student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r, vocab: V,
                     kind: kind, beta: beta, invT: Float(1 / T), cKD: Float(kdRatio * Double(gradScale) * T),
                     cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1)
-                var out = [Double](repeating: 0, count: 2 * r)
-                try out.withUnsafeMutableBytes {
-                    try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 16), "cuMemcpyDtoH")
-                }
-                for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex {
-                    ce += out[2 * i]; kd += T * T * out[2 * i + 1]
-                }
+                try device.addDistillationSums(rowOut, targets: targets[start..<(start + r)], temperature: T, ce: &ce, kd: &kd)
             case .topK(let teacher):
                 let p = try topKChunk(
                     teacher, logits: logits, targets: t, hostTargets: targets, start: start, rows: r, gradScale: gradScale, rowOut: rowOut)

@@ -1,5 +1,6 @@
 import CCUDA
 import QATCore
+import QATModels
 
 /// Host-side wrappers of the backward, loss and optimizer kernels (training), next to the
 /// forward ones in CUDAOps.swift.
@@ -106,6 +107,19 @@ extension CUDADevice {
                 .ptr(rowOut), .ptr(student), .ptr(teacher), .ptr(targets), .i32(rows), .i32(vocab), .i64(teacherStride),
                 .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0),
             ])
+    }
+
+    /// Adds the (CE, KD) pairs a distillation row kernel (`kd_rows`, `topk_kd_rows`) wrote to
+    /// rowOut (doubles, [rows, 2]) to the running sums, in row order, over the rows whose target
+    /// is not ignored: ce += CE, kd += T²·KD (the loss parts the trainer reports).
+    func addDistillationSums(
+        _ rowOut: CUdeviceptr, targets: ArraySlice<Int32>, temperature T: Double, ce: inout Double, kd: inout Double
+    ) throws {
+        var out = [Double](repeating: 0, count: 2 * targets.count)
+        try out.withUnsafeMutableBytes { try check(api.cuMemcpyDtoH($0.baseAddress!, rowOut, $0.count), "cuMemcpyDtoH") }
+        for (i, t) in targets.enumerated() where t != CrossEntropy.ignoreIndex {
+            ce += out[2 * i]; kd += T * T * out[2 * i + 1]
+        }
     }
 
     /// AdamW over one parameter (scalars as `AdamW.Coefficients`), the gradient read as g·clip

@@ -97,10 +97,8 @@ extension CUDASelftest {
             rowOut: out.ptr, student: sd.ptr, teacher: ud.ptr, teacherStride: teacherStride, targets: td.ptr, rows: r, vocab: V,
             kind: kind, beta: b, invT: Float(1 / T), cKD: Float(kdRatio * Double(scale) * T), cCE: Float((1 - kdRatio) * Double(scale)),
             computeCE: k.computeCE)
-        var rowOut = [Double](repeating: 0, count: 2 * r)
-        try rowOut.withUnsafeMutableBytes { try out.download($0.baseAddress!, bytes: $0.count) }
         var ce = 0.0, kd = 0.0
-        for i in 0..<r where targets[i] != CrossEntropy.ignoreIndex { ce += rowOut[2 * i]; kd += T * T * rowOut[2 * i + 1] }
+        try device.addDistillationSums(out.ptr, targets: targets[0..<r], temperature: T, ce: &ce, kd: &kd)
         let label = "kd_rows \(loss.rawValue) V=\(V) stride \(teacherStride) T=\(T) kd_ratio \(kdRatio)"
         add("\(label): loss", (abs(ce - cpu.ce) + abs(kd - cpu.kd)) / Double(valid), 1e-5, "|Δ| mean")
         let m = Double(grad.map { abs($0) }.max() ?? 0)

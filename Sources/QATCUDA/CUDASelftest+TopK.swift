@@ -73,10 +73,8 @@ extension CUDASelftest {
             counts: objective == .sampled ? cd.ptr : 0, slots: slots.ptr, targets: td.ptr, rows: n, vocab: V, topK: K,
             objective: CUDAModel.topKObjectiveCode(objective), invT: 1 / T, cKD: Float(kdRatio * Double(gradScale) * T),
             cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1)
-        var rows = [Double](repeating: 0, count: 2 * n)
-        try rows.withUnsafeMutableBytes { try out.download($0.baseAddress!, bytes: $0.count) }
         var ce = 0.0, kd = 0.0
-        for i in 0..<n where targets[i] != CrossEntropy.ignoreIndex { ce += rows[2 * i]; kd += T * T * rows[2 * i + 1] }
+        try device.addDistillationSums(out.ptr, targets: targets[0..<n], temperature: T, ce: &ce, kd: &kd)
         let label = "top-k row \(objective.rawValue) V=\(V) k=\(K) T=\(T) kd_ratio=\(kdRatio)"
         add("\(label): loss", (abs(ce - cpu.ce) + abs(kd - cpu.kd)) / Double(valid), 5e-6, "|Δ| mean")
         let scale = max(Double(cpuGrad.map { abs($0) }.max() ?? 0), 1e-30)

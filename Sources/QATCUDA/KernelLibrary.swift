@@ -6,21 +6,39 @@ import QATCore
 /// NVRTC at first use for the device's compute capability and cached on disk, keyed by the
 /// source hash, the architecture and NVRTC's version. The host's NVRTC is used: PTX or cubin
 /// from an NVRTC newer than the driver would not load.
+///
+/// `QAT_KERNEL_SOURCES=DIR` reads the `.cu` files from DIR instead (a developer's switch: a kernel
+/// fix runs with an existing bundle, without rebuilding it); a file missing there fails to compile.
 public enum KernelSources {
     /// Prepended to every file: shared helpers (bf16, E4M3 rounding, reductions).
-    public static let common = String(decoding: PackageResources.common_cu, as: UTF8.self)
+    public static let common = source("common", PackageResources.common_cu)
     /// One file per layer family, forward (and backward) side by side.
     public static let files: [(name: String, source: String)] = [
-        ("elementwise", String(decoding: PackageResources.elementwise_cu, as: UTF8.self)),
-        ("rmsnorm", String(decoding: PackageResources.rmsnorm_cu, as: UTF8.self)),
-        ("rope", String(decoding: PackageResources.rope_cu, as: UTF8.self)),
-        ("attention", String(decoding: PackageResources.attention_cu, as: UTF8.self)),
-        ("quant", String(decoding: PackageResources.quant_cu, as: UTF8.self)),
-        ("loss", String(decoding: PackageResources.loss_cu, as: UTF8.self)),
-        ("topk", String(decoding: PackageResources.topk_cu, as: UTF8.self)),
-        ("optim", String(decoding: PackageResources.optim_cu, as: UTF8.self)),
-        ("lora", String(decoding: PackageResources.lora_cu, as: UTF8.self)),
+        ("elementwise", source("elementwise", PackageResources.elementwise_cu)),
+        ("rmsnorm", source("rmsnorm", PackageResources.rmsnorm_cu)),
+        ("rope", source("rope", PackageResources.rope_cu)),
+        ("attention", source("attention", PackageResources.attention_cu)),
+        ("quant", source("quant", PackageResources.quant_cu)),
+        ("loss", source("loss", PackageResources.loss_cu)),
+        ("topk", source("topk", PackageResources.topk_cu)),
+        ("optim", source("optim", PackageResources.optim_cu)),
+        ("lora", source("lora", PackageResources.lora_cu)),
     ]
+
+    /// The directory of `QAT_KERNEL_SOURCES`, if set.
+    public static let overrideDirectory: String? = {
+        guard let d = ProcessInfo.processInfo.environment["QAT_KERNEL_SOURCES"], !d.isEmpty else { return nil }
+        return d
+    }()
+
+    private static func source(_ name: String, _ embedded: [UInt8]) -> String {
+        guard let dir = overrideDirectory else { return String(decoding: embedded, as: UTF8.self) }
+        guard let data = FileManager.default.contents(atPath: "\(dir)/\(name).cu") else {
+            // NVRTC then fails on this file with the reason.
+            return "#error \"QAT_KERNEL_SOURCES=\(dir) has no \(name).cu\"\n"
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
 
     /// The kernels a file defines (`extern "C" __global__ void NAME(`).
     public static func kernelNames(in source: String) -> [String] {

@@ -10,6 +10,7 @@
 # Writes OUT/selftest.txt, OUT/bench.txt and OUT/features.tgz (few files: the device tool brings
 # back at most 8).
 #   bash scripts/gpu-session-check.sh BUNDLE.tar.xz SITE.tar.xz PEER_SCRIPT OUT_DIR [SECONDS]
+# (BENCH_EXTRA: more flags for the bench, e.g. --profile.)
 set -uo pipefail
 bundle=$(readlink -f "$1") site=$(readlink -f "$2") peer=$(readlink -f "$3") out=$(mkdir -p "$4" && readlink -f "$4")
 budget=${5:-560}
@@ -21,7 +22,7 @@ Q=/tmp/qatb/qat-linux-x86_64/qat
 export QAT_KERNEL_CACHE=/tmp/qat-kernels PYTHONPATH=/tmp/py/site PYTHONUNBUFFERED=1
 timeout 120 $Q selftest --device cuda >"$out/selftest.txt" 2>&1
 echo "selftest rc=$? at $((SECONDS - start)) s" | tee -a "$out/selftest.txt"
-timeout $(($(left) - 60)) $Q bench --device cuda --shapes qwen3-0.6b,llama-3.2-1b --batch 8 --seq 1024 --repeats 5 \
+timeout $(($(left) - 60)) $Q bench --device cuda --shapes qwen3-0.6b,llama-3.2-1b --batch 8 --seq 1024 --repeats 5 ${BENCH_EXTRA:-} \
   --peer python3 --peer-script "$peer" >"$out/bench.txt" 2>&1
 echo "bench rc=$? at $((SECONDS - start)) s" | tee -a "$out/bench.txt"
 if [ "$(left)" -gt 40 ]; then

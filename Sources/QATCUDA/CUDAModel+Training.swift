@@ -90,10 +90,11 @@ extension CUDAModel {
     }
 
     /// dx (+)= dy·W (through the input STE); dW += dyᵀ·x_used (through the weight STE);
-    /// db += Σ dy (`Linear.backward`). `x` is the Linear's original input [n, in], dy [n, out].
+    /// db += Σ dy (`Linear.backward`). `x` is the Linear's original input [n, in], dy [n, out];
+    /// `input`: x_used already made (`sharedProductInput`).
     func linearBackward(
         _ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, n: Int, dx: CUdeviceptr?, accumulateDx: Bool, b: Buffers,
-        g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, tmp tmpBuffer: CUdeviceptr? = nil
+        g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, tmp tmpBuffer: CUdeviceptr? = nil, input made: CUdeviceptr? = nil
     ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
@@ -105,7 +106,7 @@ extension CUDAModel {
             dyIn = d16
         }
         if let gw = gradient(l.weight) {
-            let xu = try productInput(l, x, n: n, buffers: b)
+            let xu = try made ?? productInput(l, x, n: n, buffers: b)
             if let a = clipAmax(l.weightQuantizer) {
                 let t = try scratch("weight-ste", bytes: out * inp * 4)
                 try device.gemm(transA: true, m: out, n: inp, k: n, a: dyIn, lda: out, b: xu, ldb: inp, c: t, ldc: inp, bf16: bf)
@@ -173,8 +174,9 @@ extension CUDAModel {
         try linearBackward(dp, dy: dres, x: a.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g)
         try device.swigluBackward(
             dgate: g.dgate.ptr, dup: g.dup.ptr, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize)
-        try linearBackward(gp, dy: g.dgate.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g)
-        try linearBackward(up, dy: g.dup.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g)
+        let gateUp = try sharedProductInput([gp, up], a.ln2.ptr, n: N, buffers: b)
+        try linearBackward(gp, dy: g.dgate.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, input: gateUp)
+        try linearBackward(up, dy: g.dup.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: gateUp)
         try rmsnormBackward(L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true)
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
         try linearBackward(L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g)
@@ -198,9 +200,10 @@ extension CUDAModel {
                 kn, dinp: g.dkRaw.ptr, dout: g.dk.ptr, inp: a.kRaw.ptr, rstd: a.kRstd.ptr, n: N * Hkv, c: D, accumulate: false)
             dqIn = g.dqRaw.ptr; dkIn = g.dkRaw.ptr
         }
-        try linearBackward(L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g)
-        try linearBackward(L.kProj, dy: dkIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g)
-        try linearBackward(L.vProj, dy: g.dv.ptr, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g)
+        let qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, n: N, buffers: b)
+        try linearBackward(L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, input: qkv)
+        try linearBackward(L.kProj, dy: dkIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
+        try linearBackward(L.vProj, dy: g.dv.ptr, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
         try rmsnormBackward(L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true)
     }
 

@@ -274,12 +274,26 @@ public final class CUDAModel: @unchecked Sendable {
         return b.b16.ptr
     }
 
+    /// The product input of Linears that read the same x (q/k/v, gate/up), computed once, when
+    /// all their input quantizers quantize alike (calibration gives each fused group one amax);
+    /// nil otherwise (each Linear then makes its own). Valid until `b.b16`/`b.qin` is next written.
+    func sharedProductInput(_ ls: [Linear], _ x: CUdeviceptr, x16: CUdeviceptr? = nil, n: Int, buffers b: Buffers) throws -> CUdeviceptr? {
+        guard let first = ls.first?.inputQuantizer, first.isQuantizing,
+            ls.dropFirst().allSatisfy({ $0.inFeatures == ls[0].inFeatures && $0.inputQuantizer?.quantizesLike(first) == true })
+        else { return nil }
+        return try productInput(ls[0], x, x16: x16, n: n, buffers: b)
+    }
+
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
-    /// when its producer wrote one (used when no quantizer changes x).
-    func linear(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, out: CUdeviceptr, n: Int, buffers b: Buffers) throws {
+    /// when its producer wrote one (used when no quantizer changes x). `input`: the product
+    /// input already made (`sharedProductInput`).
+    func linear(
+        _ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, input made: CUdeviceptr? = nil, out: CUdeviceptr, n: Int,
+        buffers b: Buffers
+    ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
-        let input = try productInput(l, x, x16: x16, n: n, buffers: b)
+        let input = try made ?? productInput(l, x, x16: x16, n: n, buffers: b)
         let w = precision == .bf16 ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
         try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16)
         if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
@@ -320,9 +334,10 @@ public final class CUDAModel: @unchecked Sendable {
         let c = config, C = c.hiddenSize, N = b.batch * b.seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim, eps = c.rmsNormEps
         let ln16 = b.ln16?.ptr
         try device.rmsnorm(out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
-        try linear(L.qProj, a.ln.ptr, x16: ln16, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)
-        try linear(L.kProj, a.ln.ptr, x16: ln16, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
-        try linear(L.vProj, a.ln.ptr, x16: ln16, out: a.vRaw.ptr, n: N, buffers: b)
+        let qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, x16: ln16, n: N, buffers: b)
+        try linear(L.qProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)
+        try linear(L.kProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
+        try linear(L.vProj, a.ln.ptr, x16: ln16, input: qkv, out: a.vRaw.ptr, n: N, buffers: b)
         if let qn = L.qNorm, let kn = L.kNorm {
             try device.rmsnorm(out: a.q.ptr, rstd: a.qRstd.ptr, inp: a.qRaw.ptr, weight: tensor(qn), n: N * H, c: D, eps: eps)
             try device.rmsnorm(out: a.kRope.ptr, rstd: a.kRstd.ptr, inp: a.kRaw.ptr, weight: tensor(kn), n: N * Hkv, c: D, eps: eps)
@@ -342,8 +357,9 @@ public final class CUDAModel: @unchecked Sendable {
         guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
             throw QATError.internal("layer \(L.index) has no MLP")
         }
-        try linear(gate, a.ln2.ptr, x16: ln16, out: a.gate.ptr, n: N, buffers: b)
-        try linear(up, a.ln2.ptr, x16: ln16, out: a.up.ptr, n: N, buffers: b)
+        let gateUp = try sharedProductInput([gate, up], a.ln2.ptr, x16: ln16, n: N, buffers: b)
+        try linear(gate, a.ln2.ptr, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
+        try linear(up, a.ln2.ptr, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
         try device.swiglu(out: a.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
         try linear(down, a.h.ptr, x16: b.h16?.ptr, out: xout, n: N, buffers: b)
         try device.add(xout, a.mid.ptr, count: N * C)  // out = mid + mlp

@@ -18,8 +18,13 @@ public protocol FakeQuantHook: AnyObject {
     /// True when `backward` is the identity (`gradIn = gradOut`), so a layer may write the
     /// gradient where it is needed instead of copying it there.
     var isPassThrough: Bool { get }
+    /// True when `forward` of this and of `other` give the same output for every input (both
+    /// quantizing, same format, amax and rounding mode): layers that read one input (q/k/v,
+    /// gate/up) then quantize it once.
+    func quantizesLike(_ other: FakeQuantHook) -> Bool
 }
 
 extension FakeQuantHook {
     public var isPassThrough: Bool { false }
+    public func quantizesLike(_ other: FakeQuantHook) -> Bool { false }
 }

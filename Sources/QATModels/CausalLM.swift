@@ -302,8 +302,9 @@ public final class CausalLM: @unchecked Sendable {
             RMSNorm.forward(out: a.ln1.data, rstd: a.rstd1.data, inp: xin, weight: L.inputNorm.value.data, n: N, c: C, eps: eps)
         }
         a.qUsed = try L.qProj.forward(a.ln1.data, out: c.qkNorm ? a.qRaw.data : a.q.data, n: N)
-        a.kUsed = try L.kProj.forward(a.ln1.data, out: c.qkNorm ? a.kRaw.data : a.kRope.data, n: N)
-        a.vUsed = try L.vProj.forward(a.ln1.data, out: a.vRaw.data, n: N)
+        // k and v reuse q's quantized input when their quantizers quantize alike (one amax after calibration).
+        a.kUsed = try L.kProj.forward(a.ln1.data, out: c.qkNorm ? a.kRaw.data : a.kRope.data, n: N, sharing: (L.qProj, a.qUsed!))
+        a.vUsed = try L.vProj.forward(a.ln1.data, out: a.vRaw.data, n: N, sharing: (L.qProj, a.qUsed!))
         if let qn = L.qNorm, let kn = L.kNorm {
             StepProfiler.measure("fwd.rmsnorm") {
                 RMSNorm.forward(out: a.q.data, rstd: a.qRstd.data, inp: a.qRaw.data, weight: qn.value.data, n: N * H, c: D, eps: eps)
@@ -329,7 +330,7 @@ public final class CausalLM: @unchecked Sendable {
             try moe.forward(a.ln2.data, out: xout, n: N)
         } else if let gp = L.gateProj, let up = L.upProj, let dp = L.downProj {
             a.gateUsed = try gp.forward(a.ln2.data, out: a.gate.data, n: N)
-            a.upUsed = try up.forward(a.ln2.data, out: a.up.data, n: N)
+            a.upUsed = try up.forward(a.ln2.data, out: a.up.data, n: N, sharing: (gp, a.gateUsed!))
             StepProfiler.measure("fwd.swiglu") {
                 SwiGLU.forward(out: a.h.data, gate: a.gate.data, up: a.up.data, n: N * c.intermediateSize)
             }

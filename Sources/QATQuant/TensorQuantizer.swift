@@ -68,6 +68,13 @@ public final class TensorQuantizer: CustomStringConvertible {
         self.nvfp4Mode = nvfp4Mode
     }
 
+    /// Same output for every input: both quantizing, same format, amax bits and NVFP4 mode
+    /// (calibration gives the fused groups one amax, `shareAmax`).
+    public func quantizesLike(_ other: FakeQuantHook) -> Bool {
+        guard let o = other as? TensorQuantizer, isQuantizing, o.isQuantizing, let a = amax, let b = o.amax else { return false }
+        return format == o.format && a.bitPattern == b.bitPattern && nvfp4Mode == o.nvfp4Mode
+    }
+
     /// Builds a quantizer from a resolved quant_cfg spec.
     public convenience init(name: String, spec: QuantizerSpec) {
         self.init(name: name, format: spec.format, enabled: spec.enabled, ste: spec.ste)

@@ -66,12 +66,22 @@ public final class Linear: @unchecked Sendable {
 
     /// x: [n, in] → out: [n, out]. Returns the pointer of the input actually multiplied
     /// (the fake-quant copy when the input quantizer quantizes), which backward needs.
+    /// `sharing`: another Linear that has just multiplied the same x, and what its forward
+    /// returned; when its input quantizer quantizes like this one's (q/k/v, gate/up after
+    /// calibration), that copy is used instead of quantizing x again (the same values). It must
+    /// live as long as this layer's backward needs it, as the other Linear's own does.
     @discardableResult
-    public func forward(_ x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, n: Int) throws -> UnsafePointer<Float> {
+    public func forward(
+        _ x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, n: Int, sharing: (Linear, UnsafePointer<Float>)? = nil
+    ) throws -> UnsafePointer<Float> {
         if quantizedWeightStale, weightQuantizer != nil { try StepProfiler.measure(pFQW) { try refreshQuantizedWeight() } }
         var xin = x
         if let iq = inputQuantizer {
-            if iq.isQuantizing {
+            if let (other, used) = sharing, used != x, other.inFeatures == inFeatures, let oq = other.inputQuantizer,
+                iq.quantizesLike(oq)
+            {
+                xin = used
+            } else if iq.isQuantizing {
                 if quantizedInput == nil || quantizedInput!.count < n * inFeatures {
                     quantizedInput = Tensor(shape: [n * inFeatures], zeroed: false)
                 }

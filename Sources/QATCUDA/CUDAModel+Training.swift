@@ -91,18 +91,21 @@ extension CUDAModel {
 
     /// dx (+)= dy·W (through the input STE); dW += dyᵀ·x_used (through the weight STE);
     /// db += Σ dy (`Linear.backward`). `x` is the Linear's original input [n, in], dy [n, out];
-    /// `input`: x_used already made (`sharedProductInput`).
+    /// `input`: x_used already made (`sharedProductInput`). `dy16Ready`: `dy16` already holds
+    /// dy's bf16 copy (its producer wrote it); dy itself may then be 0 unless a bias or an adapter reads it.
     func linearBackward(
         _ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, n: Int, dx: CUdeviceptr?, accumulateDx: Bool, b: Buffers,
-        g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, tmp tmpBuffer: CUdeviceptr? = nil, input made: CUdeviceptr? = nil
+        g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, dy16Ready: Bool = false, tmp tmpBuffer: CUdeviceptr? = nil,
+        input made: CUdeviceptr? = nil
     ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
         let bf = precision == .bf16, out = l.outFeatures, inp = l.inFeatures
+        guard dy != 0 || (dy16Ready && l.bias == nil && !hasAdapter(l)) else { throw QATError.internal("\(l.name): no fp32 dy") }
         var dyIn = dy
         if bf {
             let d16 = dy16Buffer ?? g.dy16.ptr
-            try device.toBF16(out: d16, dy, count: n * out)
+            if !dy16Ready { try device.toBF16(out: d16, dy, count: n * out) }
             dyIn = d16
         }
         if let gw = gradient(l.weight) {
@@ -171,12 +174,23 @@ extension CUDAModel {
         guard let gp = L.gateProj, let up = L.upProj, let dp = L.downProj else { throw QATError.internal("layer \(L.index) has no MLP") }
         let dres = g.dres.ptr
         // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
-        try linearBackward(dp, dy: dres, x: a.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g)
+        let I = c.intermediateSize
+        try device.swiglu(out: b.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I)  // h again (not kept per layer)
+        try linearBackward(dp, dy: dres, x: b.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g)
+        // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
+        // the fp32 ones only when a bias or an adapter reads them.
+        let bf = precision == .bf16, fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }
+        let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
         try device.swigluBackward(
-            dgate: g.dgate.ptr, dup: g.dup.ptr, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize)
+            dgate: fp32Grads ? g.dgate.ptr : 0, dup: fp32Grads ? g.dup.ptr : 0, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr,
+            count: N * I, dgate16: dgate16, dup16: dup16)
         let gateUp = try sharedProductInput([gp, up], a.ln2.ptr, n: N, buffers: b)
-        try linearBackward(gp, dy: g.dgate.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, input: gateUp)
-        try linearBackward(up, dy: g.dup.ptr, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: gateUp)
+        try linearBackward(
+            gp, dy: fp32Grads ? g.dgate.ptr : 0, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
+            dy16: bf ? dgate16 : nil, dy16Ready: bf, input: gateUp)
+        try linearBackward(
+            up, dy: fp32Grads ? g.dup.ptr : 0, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
+            dy16: bf ? dup16 : nil, dy16Ready: bf, input: gateUp)
         try rmsnormBackward(L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true)
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
         try linearBackward(L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g)

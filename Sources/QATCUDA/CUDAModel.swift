@@ -101,22 +101,24 @@ public final class CUDAModel: @unchecked Sendable {
 
     /// One decoder layer's activations: every layer keeps its own set in a training forward
     /// (backward reads them), an inference forward reuses one, and so does a training forward
-    /// with activation checkpointing (backward recomputes each layer into it).
+    /// with activation checkpointing (backward recomputes each layer into it). The MLP's h is not
+    /// kept (`Buffers.h`: backward recomputes it from gate and up), nor are qRaw/kRaw without q/k norms.
     final class LayerActivations {
-        let ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq, vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up, h: DeviceBuffer
+        let ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq, vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up: DeviceBuffer
         /// What attention read: the quantized k/v, or kRope/vRaw when their quantizers are off.
         var kUsed: CUdeviceptr = 0, vUsed: CUdeviceptr = 0
         init(_ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig) throws {
             let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
             ln = try DeviceBuffer(d, floats: n * C); rstd1 = try DeviceBuffer(d, floats: n)
-            qRaw = try DeviceBuffer(d, floats: n * qd); q = try DeviceBuffer(d, floats: n * qd);
+            let raw = c.qkNorm ? n : 1  // (one float when unused)
+            qRaw = try DeviceBuffer(d, floats: raw * qd); q = try DeviceBuffer(d, floats: n * qd);
             qRstd = try DeviceBuffer(d, floats: n * c.numHeads)
-            kRaw = try DeviceBuffer(d, floats: n * kd); kRope = try DeviceBuffer(d, floats: n * kd)
+            kRaw = try DeviceBuffer(d, floats: raw * kd); kRope = try DeviceBuffer(d, floats: n * kd)
             kRstd = try DeviceBuffer(d, floats: n * c.numKVHeads); kq = try DeviceBuffer(d, floats: n * kd)
             vRaw = try DeviceBuffer(d, floats: n * kd); vq = try DeviceBuffer(d, floats: n * kd)
             attn = try DeviceBuffer(d, floats: n * qd); lse = try DeviceBuffer(d, floats: batch * c.numHeads * seqLen)
             mid = try DeviceBuffer(d, floats: n * C); ln2 = try DeviceBuffer(d, floats: n * C); rstd2 = try DeviceBuffer(d, floats: n)
-            gate = try DeviceBuffer(d, floats: n * I); up = try DeviceBuffer(d, floats: n * I); h = try DeviceBuffer(d, floats: n * I)
+            gate = try DeviceBuffer(d, floats: n * I); up = try DeviceBuffer(d, floats: n * I)
         }
     }
 
@@ -130,6 +132,8 @@ public final class CUDAModel: @unchecked Sendable {
         let residuals: [DeviceBuffer]
         let layers: [LayerActivations]
         let final, finalRstd, qin, b16, tokens: DeviceBuffer
+        /// The MLP's h = silu(gate)·up [n, I] of the layer at hand (one for all layers).
+        let h: DeviceBuffer
         /// bf16 precision: bf16 copies of the normalised inputs and of h, written by the kernels
         /// that produce them (scratch: used at once by the products that follow).
         let ln16, h16, final16: DeviceBuffer?
@@ -150,6 +154,7 @@ public final class CUDAModel: @unchecked Sendable {
             qin = try DeviceBuffer(d, floats: n * widest)
             b16 = try DeviceBuffer(d, bytes: n * widest * 2)
             tokens = try DeviceBuffer(d, bytes: n * 4)
+            h = try DeviceBuffer(d, floats: n * I)
             ln16 = bf16 ? try DeviceBuffer(d, bytes: n * C * 2) : nil
             h16 = bf16 ? try DeviceBuffer(d, bytes: n * I * 2) : nil
             final16 = bf16 ? try DeviceBuffer(d, bytes: n * C * 2) : nil
@@ -239,6 +244,15 @@ public final class CUDAModel: @unchecked Sendable {
         let l = dl.linear
         var source = dl.weight.ptr
         let count = l.outFeatures * l.inFeatures
+        if precision == .bf16, let (a, export) = nvfp4Quantizing(l.weightQuantizer) {
+            // Straight into the bf16 copy, in one pass: no fp32 fake-quant copy is kept.
+            dl.fakeQuant = nil
+            if dl.bf16 == nil { dl.bf16 = try DeviceBuffer(device, bytes: count * 2) }
+            try device.nvfp4FakeQuant(
+                dl.weight.ptr, out: 0, bf16Out: dl.bf16!.ptr, rows: l.outFeatures, cols: l.inFeatures, globalAmax: a, exportMode: export)
+            dl.stale = false
+            return
+        }
         if let wq = l.weightQuantizer, wq.isQuantizing {
             if dl.fakeQuant == nil { dl.fakeQuant = try DeviceBuffer(device, floats: count) }
             _ = try quantize(wq, dl.weight.ptr, into: dl.fakeQuant!.ptr, rows: l.outFeatures, cols: l.inFeatures)
@@ -253,6 +267,15 @@ public final class CUDAModel: @unchecked Sendable {
         dl.stale = false
     }
 
+    /// (amax, export mode) of an NVFP4 quantizer that quantizes with a valid amax: its fake quant
+    /// can write a bf16 result directly. nil otherwise (`quantize` then handles it, or says what is wrong).
+    func nvfp4Quantizing(_ hook: FakeQuantHook?) -> (Float, Bool)? {
+        guard let q = hook as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 else {
+            return nil
+        }
+        return (a, q.nvfp4Mode == .export)
+    }
+
     /// What a Linear's products multiply for input x [n, in]: x through its input quantizer, in
     /// bf16 precision as a bf16 copy in `b16` (an NVFP4 input quantizer writes it directly, in one
     /// pass; `x16`, x's bf16 copy when its producer wrote one, is used when no quantizer changes
@@ -261,9 +284,8 @@ public final class CUDAModel: @unchecked Sendable {
         guard precision == .bf16 else {
             return try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) ? b.qin.ptr : x
         }
-        if let q = l.inputQuantizer as? TensorQuantizer, q.isQuantizing, case .nvfp4(16) = q.format, let a = q.amax, a.isFinite, a > 0 {
-            try device.nvfp4FakeQuant(
-                x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a, exportMode: q.nvfp4Mode == .export)
+        if let (a, export) = nvfp4Quantizing(l.inputQuantizer) {
+            try device.nvfp4FakeQuant(x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a, exportMode: export)
         } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
             try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: n * l.inFeatures)
         } else if let x16 {
@@ -360,8 +382,11 @@ public final class CUDAModel: @unchecked Sendable {
         let gateUp = try sharedProductInput([gate, up], a.ln2.ptr, x16: ln16, n: N, buffers: b)
         try linear(gate, a.ln2.ptr, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
         try linear(up, a.ln2.ptr, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
-        try device.swiglu(out: a.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
-        try linear(down, a.h.ptr, x16: b.h16?.ptr, out: xout, n: N, buffers: b)
+        // fp32 h only when something reads it: an input quantizer, a LoRA adapter, the fp32 product.
+        let h32 = precision == .fp32 || down.inputQuantizer.map { $0.isQuantizing || $0.isCalibrating } == true || hasAdapter(down)
+        try device.swiglu(
+            out: h32 ? b.h.ptr : 0, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
+        try linear(down, b.h.ptr, x16: b.h16?.ptr, out: xout, n: N, buffers: b)
         try device.add(xout, a.mid.ptr, count: N * C)  // out = mid + mlp
     }
 

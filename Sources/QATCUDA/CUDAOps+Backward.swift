@@ -59,8 +59,14 @@ extension CUDADevice {
             [.ptr(out), .ptr(scratch), .i32(blocks), .i32(c)])
     }
 
-    func swigluBackward(dgate: CUdeviceptr, dup: CUdeviceptr, dout: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int) throws {
-        try kernels.launch1D("swiglu_backward", count, [.ptr(dgate), .ptr(dup), .ptr(dout), .ptr(gate), .ptr(up), .i64(count)])
+    /// Writes the fp32 gradients (dgate, dup) and/or their bf16 copies (dgate16, dup16): each where its pointer is not 0.
+    func swigluBackward(
+        dgate: CUdeviceptr, dup: CUdeviceptr, dout: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int,
+        dgate16: CUdeviceptr = 0, dup16: CUdeviceptr = 0
+    ) throws {
+        try kernels.launch1D(
+            "swiglu_backward", count,
+            [.ptr(dgate), .ptr(dup), .ptr(dout), .ptr(gate), .ptr(up), .i64(count), .ptr(dgate16), .ptr(dup16)])
     }
 
     /// dtable rows += the dout rows of their positions (`order`/`starts`/`ids` from `EmbeddingGroups`).

@@ -139,7 +139,7 @@ extension CUDASelftest {
         let n = batch * seqLen
         let gpuInputs = [
             try b.layers[0].ln.floats(n * config.hiddenSize), try b.layers[0].attn.floats(n * config.numHeads * config.headDim),
-            try b.layers[last].h.floats(n * config.intermediateSize),
+            try b.h.floats(n * config.intermediateSize),  // (the last layer's h: the forward writes each layer's there in turn)
         ]
         for (i, (l, r)) in zip(probes, recorders).enumerated() {
             guard let q = r.inner as? TensorQuantizer, let amax = q.amax, let x = r.captured else {

@@ -182,6 +182,23 @@ public struct CUDASelftest {
         let ud = try gpu(up)
         try d.swiglu(out: od.ptr, gate: xd.ptr, up: ud.ptr, count: rows * c)
         add("swiglu forward", Self.maxAbsDiff(h, try od.floats(rows * c)), 1e-5)
+        do {  // backward: fp32 against the CPU, and the bf16 copies are the bf16 rounding of the fp32 outputs
+            let n = rows * c, dh = Self.random(n, seed: 17)
+            var dg = [Float](repeating: 0, count: n), du = dg
+            SwiGLU.backward(dgate: &dg, dup: &du, dout: dh, gate: x, up: up, n: n)
+            let dhd = try gpu(dh), dgd = try DeviceBuffer(d, floats: n), dud = try DeviceBuffer(d, floats: n)
+            let dg16 = try DeviceBuffer(d, bytes: n * 2), du16 = try DeviceBuffer(d, bytes: n * 2)
+            try d.swigluBackward(
+                dgate: dgd.ptr, dup: dud.ptr, dout: dhd.ptr, gate: xd.ptr, up: ud.ptr, count: n, dgate16: dg16.ptr, dup16: du16.ptr)
+            let gpuG = try dgd.floats(n), gpuU = try dud.floats(n)
+            let scale = Double(max(dg.map { abs($0) }.max()!, du.map { abs($0) }.max()!))
+            add("swiglu backward, relative", max(Self.maxAbsDiff(dg, gpuG), Self.maxAbsDiff(du, gpuU)) / scale, 1e-5, "max |Δ|/max")
+            var g16 = [UInt16](repeating: 0, count: n), u16 = g16
+            try g16.withUnsafeMutableBytes { try dg16.download($0.baseAddress!, bytes: $0.count) }
+            try u16.withUnsafeMutableBytes { try du16.download($0.baseAddress!, bytes: $0.count) }
+            let differ = zip(g16, gpuG).filter { $0 != floatToBF16($1) }.count + zip(u16, gpuU).filter { $0 != floatToBF16($1) }.count
+            add("swiglu backward bf16 copies vs bf16(fp32 outputs)", Double(differ), 0, "values differ")
+        }
 
         // RoPE (llama3-scaled frequencies) and attention (GQA, with and without a window).
         for (heads, kvHeads, headDim, window, seqLen) in [

@@ -21,7 +21,7 @@ extern "C" __global__ void swiglu_forward(float *out, const float *gate, const f
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float x = gate[i];
         float y = x / (1.0f + expf(-x)) * up[i];
-        out[i] = y;
+        if (out) out[i] = y;  // (null: only the bf16 copy is used)
         if (out16) out16[i] = f32_to_bf16(y);
     }
 }
@@ -41,13 +41,19 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
 // ---- Backward ----
 
 // SwiGLU backward (SwiGLU.backward): with s = sigmoid(gate), dup = dh·gate·s and
-// dgate = dh·up·s·(1 + gate·(1 − s)).
-extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n) {
+// dgate = dh·up·s·(1 + gate·(1 − s)). Each output is written where its pointer is not null:
+// fp32 (dgate, dup) and/or the bf16 copies the bf16 products read (dgate16, dup16).
+extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n,
+                                           u16 *dgate16, u16 *dup16) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float x = gate[i], dh = dout[i];
         float s = 1.0f / (1.0f + expf(-x));
-        dup[i] = __fmul_rn(__fmul_rn(dh, x), s);
-        dgate[i] = __fmul_rn(__fmul_rn(__fmul_rn(dh, up[i]), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
+        float du = __fmul_rn(__fmul_rn(dh, x), s);
+        float dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, up[i]), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
+        if (dup) dup[i] = du;
+        if (dgate) dgate[i] = dg;
+        if (dup16) dup16[i] = f32_to_bf16(du);
+        if (dgate16) dgate16[i] = f32_to_bf16(dg);
     }
 }
 

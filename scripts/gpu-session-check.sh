@@ -2,15 +2,15 @@
 # One GPU-host call that checks a new bundle and measures it against ModelOpt, in the order that
 # matters if the call is cut short (each step under its own limit, every log unbuffered):
 #   1. `qat selftest --device cuda` (every kernel and model path against the CPU);
-#   2. `qat bench --device cuda` on the Qwen3-0.6B and Llama-3.2-1B shapes at 8×1024, forward and
+#   2. `qat bench --device cuda` on the Llama-3.2-1B and Qwen3-0.6B shapes (SHAPES) at 8×1024, forward and
 #      QAT/QAD steps, with ModelOpt's QAT/QAD steps and PyTorch's forward in the same run (the peer
 #      script, ModelOpt from SITE_TAR: a tar.xz of a pip --target folder named site, see
 #      ../shared/peer/README.md);
 #   3. scripts/gpu-features-check.sh (LoRA, QLoRA, top-k, checkpointing recipes) with what is left.
-# Writes OUT/selftest.txt, OUT/bench.txt and OUT/features.tgz (few files: the device tool brings
+# Writes OUT/selftest.txt, OUT/bench.txt, OUT/features.tgz (and OUT/cpu-profile.txt) (few files: the device tool brings
 # back at most 8).
 #   bash scripts/gpu-session-check.sh BUNDLE.tar.xz SITE.tar.xz PEER_SCRIPT OUT_DIR [SECONDS]
-# (BENCH_EXTRA: more flags for the bench, e.g. --profile.)
+# (BENCH_EXTRA: more flags for the bench, e.g. --profile; SHAPE_LIMIT: seconds per shape, default 330.)
 set -uo pipefail
 bundle=$(readlink -f "$1") site=$(readlink -f "$2") peer=$(readlink -f "$3") out=$(mkdir -p "$4" && readlink -f "$4")
 budget=${5:-560}
@@ -22,12 +22,22 @@ Q=/tmp/qatb/qat-linux-x86_64/qat
 export QAT_KERNEL_CACHE=/tmp/qat-kernels PYTHONPATH=/tmp/py/site PYTHONUNBUFFERED=1
 timeout 120 $Q selftest --device cuda >"$out/selftest.txt" 2>&1
 echo "selftest rc=$? at $((SECONDS - start)) s" | tee -a "$out/selftest.txt"
-timeout $(($(left) - 60)) $Q bench --device cuda --shapes qwen3-0.6b,llama-3.2-1b --batch 8 --seq 1024 --repeats 5 ${BENCH_EXTRA:-} \
-  --peer python3 --peer-script "$peer" >"$out/bench.txt" 2>&1
-echo "bench rc=$? at $((SECONDS - start)) s" | tee -a "$out/bench.txt"
+# One bench per shape (SHAPES, in order), each with its own limit, so a slow peer cannot take the next shape's time.
+for shape in ${SHAPES:-llama-3.2-1b qwen3-0.6b}; do
+  [ "$(left)" -gt 120 ] || { echo "== $shape skipped: $(left) s left" | tee -a "$out/bench.txt"; continue; }
+  echo "== $shape at $((SECONDS - start)) s" >>"$out/bench.txt"
+  limit=$(($(left) - 60)); [ "$limit" -gt "${SHAPE_LIMIT:-330}" ] && limit=${SHAPE_LIMIT:-330}
+  timeout "$limit" $Q bench --device cuda --shapes "$shape" --batch 8 --seq 1024 --repeats 5 ${BENCH_EXTRA:-} \
+    --peer python3 --peer-script "$peer" >>"$out/bench.txt" 2>&1
+  echo "bench $shape rc=$? at $((SECONDS - start)) s" | tee -a "$out/bench.txt"
+done
 if [ "$(left)" -gt 40 ]; then
   mkdir -p /tmp/features
   SKIP_SELFTEST=1 timeout $(($(left) - 10)) bash scripts/gpu-features-check.sh "$bundle" /tmp/features >/tmp/features/run.log 2>&1
 fi
 tar -C /tmp -czf "$out/features.tgz" features 2>/dev/null
+# CPU_PROFILE=1: the SmolLM2 QAT/QAD step phases on all of the host's cores with the time left (issue 18).
+if [ -n "${CPU_PROFILE:-}" ] && [ "$(left)" -gt 60 ]; then
+  timeout $(($(left) - 5)) $Q bench --shapes smollm --threads "$(nproc)" --repeats 1 --no-micro --profile >"$out/cpu-profile.txt" 2>&1
+fi
 echo "done at $((SECONDS - start)) s"

@@ -161,7 +161,7 @@ struct GPUBench {
             }
             model.activationCheckpointing = false
             if let script = peerScript {
-                emit(peer(script: script, shape: shape, modes: "fwd,qat,qad", config: config))
+                peer(script: script, shape: shape, modes: "fwd,qat,qad", config: config)
             }
         }
     }
@@ -233,7 +233,7 @@ struct GPUBench {
 
     /// The peer script's modes: PyTorch's eager bf16 forward with the full logits (`fwd`),
     /// ModelOpt's QAT and QAD steps (`qat`, `qad`; they need nvidia-modelopt on the host).
-    func peer(script: String, shape: String, modes: String, config: ModelConfig) -> String {
+    func peer(script: String, shape: String, modes: String, config: ModelConfig) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = [
@@ -241,23 +241,33 @@ struct GPUBench {
         ]
         let pipe = Pipe()
         p.standardOutput = pipe
-        do { try p.run() } catch { return "peer: could not run \(python) \(script): \(error)" }
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        let out = String(decoding: data, as: UTF8.self)
-        let lines = out.split(separator: "\n").filter { $0.contains("\"mode\"") }
-        guard !lines.isEmpty else { return "peer: no result (exit \(p.terminationStatus))" }
-        return lines.map { line in
-            var figures = ""
-            if let json = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-                let ms = (json["median_step_ms"] as? NSNumber)?.doubleValue, let name = json["mode"] as? String
-            {
-                let mode: Recipe.Mode? = name == "qat" || name == "bf16" ? .qat : name == "qad" ? .qad : name == "fwd" ? nil : .some(.none)
-                if mode != .some(.none) {
-                    figures = Self.mfu(Self.stepFLOPs(config, batch: batch, seq: seq, mode: mode), seconds: ms / 1e3)
-                }
+        do { try p.run() } catch { return emit("peer: could not run \(python) \(script): \(error)") }
+        // Each mode's line as it comes (a run cut short keeps the modes that finished).
+        var pending = Data(), results = 0
+        func flush(_ line: Substring) {
+            guard line.contains("\"mode\"") else { return }
+            results += 1
+            emit("peer (PyTorch eager bf16 sdpa / ModelOpt 0.47): \(line)\(peerFigures(String(line), config: config))")
+        }
+        while case let chunk = pipe.fileHandleForReading.availableData, !chunk.isEmpty {
+            pending.append(chunk)
+            while let nl = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                flush(Substring(String(decoding: pending[pending.startIndex..<nl], as: UTF8.self)))
+                pending = Data(pending[(nl + 1)...])
             }
-            return "peer (PyTorch eager bf16 sdpa / ModelOpt 0.47): \(line)\(figures)"
-        }.joined(separator: "\n")
+        }
+        flush(Substring(String(decoding: pending, as: UTF8.self)))
+        p.waitUntilExit()
+        if results == 0 { emit("peer: no result (exit \(p.terminationStatus))") }
+    }
+
+    /// The model TFLOP/s and MFU of a peer result line (its median step time, by the same formula as ours).
+    func peerFigures(_ line: String, config: ModelConfig) -> String {
+        guard let json = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+            let ms = (json["median_step_ms"] as? NSNumber)?.doubleValue, let name = json["mode"] as? String
+        else { return "" }
+        let mode: Recipe.Mode? = name == "qat" || name == "bf16" ? .qat : name == "qad" ? .qad : name == "fwd" ? nil : .some(.none)
+        guard mode != .some(.none) else { return "" }
+        return Self.mfu(Self.stepFLOPs(config, batch: batch, seq: seq, mode: mode), seconds: ms / 1e3)
     }
 }

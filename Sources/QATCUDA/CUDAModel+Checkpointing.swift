@@ -26,9 +26,10 @@ extension CUDAModel {
     /// saves per layer (all but one set), for logs and the selftest.
     public func layerActivationBytes(batch: Int, seqLen: Int) -> Int {
         let c = config, n = batch * seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim
+        let raw = c.qkNorm ? n : 1  // qRaw and kRaw (one float each without q/k norms)
         let floats =
-            3 * n * C + 2 * n + 3 * n * qd + n * c.numHeads + 5 * n * kd + n * c.numKVHeads + batch * c.numHeads * seqLen
-            + 3 * n * c.intermediateSize
+            3 * n * C + 2 * n + (2 * n + raw) * qd + n * c.numHeads + (4 * n + raw) * kd + n * c.numKVHeads + batch * c.numHeads * seqLen
+            + 2 * n * c.intermediateSize
         return floats * 4
     }
 }

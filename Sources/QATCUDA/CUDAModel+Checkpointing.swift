@@ -25,11 +25,6 @@ extension CUDAModel {
     /// Device bytes of one decoder layer's activations at a batch shape: what checkpointing
     /// saves per layer (all but one set), for logs and the selftest.
     public func layerActivationBytes(batch: Int, seqLen: Int) -> Int {
-        let c = config, n = batch * seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim
-        let raw = c.qkNorm ? n : 1  // qRaw and kRaw (one float each without q/k norms)
-        let floats =
-            3 * n * C + 2 * n + (2 * n + raw) * qd + n * c.numHeads + (4 * n + raw) * kd + n * c.numKVHeads + batch * c.numHeads * seqLen
-            + 2 * n * c.intermediateSize
-        return floats * 4
+        LayerActivations.floats(n: batch * seqLen, batch: batch, seqLen: seqLen, c: config).reduce(0, +) * 4
     }
 }

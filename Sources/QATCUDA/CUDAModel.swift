@@ -108,17 +108,20 @@ public final class CUDAModel: @unchecked Sendable {
         /// What attention read: the quantized k/v, or kRope/vRaw when their quantizers are off.
         var kUsed: CUdeviceptr = 0, vUsed: CUdeviceptr = 0
         init(_ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig) throws {
+            let f = try Self.floats(n: n, batch: batch, seqLen: seqLen, c: c).map { try DeviceBuffer(d, floats: $0) }
+            (ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq) = (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8])
+            (vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up) = (f[9], f[10], f[11], f[12], f[13], f[14], f[15], f[16], f[17])
+        }
+
+        /// The floats of each buffer, in the order of the stored properties (the one place
+        /// their sizes are written: `layerActivationBytes` sums them).
+        static func floats(n: Int, batch: Int, seqLen: Int, c: ModelConfig) -> [Int] {
             let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
-            ln = try DeviceBuffer(d, floats: n * C); rstd1 = try DeviceBuffer(d, floats: n)
-            let raw = c.qkNorm ? n : 1  // (one float when unused)
-            qRaw = try DeviceBuffer(d, floats: raw * qd); q = try DeviceBuffer(d, floats: n * qd);
-            qRstd = try DeviceBuffer(d, floats: n * c.numHeads)
-            kRaw = try DeviceBuffer(d, floats: raw * kd); kRope = try DeviceBuffer(d, floats: n * kd)
-            kRstd = try DeviceBuffer(d, floats: n * c.numKVHeads); kq = try DeviceBuffer(d, floats: n * kd)
-            vRaw = try DeviceBuffer(d, floats: n * kd); vq = try DeviceBuffer(d, floats: n * kd)
-            attn = try DeviceBuffer(d, floats: n * qd); lse = try DeviceBuffer(d, floats: batch * c.numHeads * seqLen)
-            mid = try DeviceBuffer(d, floats: n * C); ln2 = try DeviceBuffer(d, floats: n * C); rstd2 = try DeviceBuffer(d, floats: n)
-            gate = try DeviceBuffer(d, floats: n * I); up = try DeviceBuffer(d, floats: n * I)
+            let raw = c.qkNorm ? n : 1  // qRaw, kRaw: one float without q/k norms
+            return [
+                n * C, n, raw * qd, n * qd, n * c.numHeads, raw * kd, n * kd, n * c.numKVHeads, n * kd,  // ln … kq
+                n * kd, n * kd, n * qd, batch * c.numHeads * seqLen, n * C, n * C, n, n * I, n * I,  // vRaw … up
+            ]
         }
     }
 

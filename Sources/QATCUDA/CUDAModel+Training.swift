@@ -175,8 +175,10 @@ extension CUDAModel {
         let dres = g.dres.ptr
         // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
         let I = c.intermediateSize
-        try device.swiglu(out: b.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I)  // h again (not kept per layer)
-        try linearBackward(dp, dy: dres, x: b.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g)
+        // h again (not kept per layer): its quantized bf16 copy in one pass when nothing else reads it.
+        let downInput = try fusedDownInput(dp, a, b)
+        if downInput == nil { try device.swiglu(out: b.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I) }
+        try linearBackward(dp, dy: dres, x: b.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, input: downInput)
         // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
         // the fp32 ones only when a bias or an adapter reads them.
         let bf = precision == .bf16, fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }

@@ -385,12 +385,30 @@ public final class CUDAModel: @unchecked Sendable {
         let gateUp = try sharedProductInput([gate, up], a.ln2.ptr, x16: ln16, n: N, buffers: b)
         try linear(gate, a.ln2.ptr, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
         try linear(up, a.ln2.ptr, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
-        // fp32 h only when something reads it: an input quantizer, a LoRA adapter, the fp32 product.
-        let h32 = precision == .fp32 || down.inputQuantizer.map { $0.isQuantizing || $0.isCalibrating } == true || hasAdapter(down)
-        try device.swiglu(
-            out: h32 ? b.h.ptr : 0, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: b.h16?.ptr ?? 0)
-        try linear(down, b.h.ptr, x16: b.h16?.ptr, out: xout, n: N, buffers: b)
+        if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy
+            try linear(down, b.h.ptr, input: downInput, out: xout, n: N, buffers: b)
+        } else {
+            // fp32 h only when something reads it (an input quantizer, a LoRA adapter, the fp32 product);
+            // its bf16 copy only when the product reads h unchanged.
+            let quantizes = down.inputQuantizer.map { $0.isQuantizing || $0.isCalibrating } == true
+            let h32 = precision == .fp32 || quantizes || hasAdapter(down), h16 = quantizes ? nil : b.h16?.ptr
+            try device.swiglu(out: h32 ? b.h.ptr : 0, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: h16 ?? 0)
+            try linear(down, b.h.ptr, x16: h16, out: xout, n: N, buffers: b)
+        }
         try device.add(xout, a.mid.ptr, count: N * C)  // out = mid + mlp
+    }
+
+    /// down_proj's product input made by `swiglu_nvfp4` from gate and up in one pass (into `b.b16`),
+    /// when that is all anything reads of h: bf16 precision, an NVFP4 input quantizer that
+    /// quantizes, no LoRA adapter (it reads h), no clipped STE (its backward reads h). nil otherwise.
+    func fusedDownInput(_ down: Linear, _ a: LayerActivations, _ b: Buffers) throws -> CUdeviceptr? {
+        guard precision == .bf16, let (amax, export) = nvfp4Quantizing(down.inputQuantizer), !hasAdapter(down),
+            (down.inputQuantizer as? TensorQuantizer)?.ste != .clipped
+        else { return nil }
+        try device.swigluNVFP4(
+            gate: a.gate.ptr, up: a.up.ptr, bf16Out: b.b16.ptr, rows: b.batch * b.seqLen, cols: config.intermediateSize,
+            globalAmax: amax, exportMode: export)
+        return b.b16.ptr
     }
 
     /// The bf16 copies of the attention inputs (q, k, v, and dout in the backward) for the tensor-core kernels; 0 in fp32.

@@ -81,6 +81,15 @@ extension CUDADevice {
             [.ptr(x), .ptr(out), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
     }
 
+    /// bf16Out = bf16(NVFP4 fake quant of silu(gate)·up), in one pass: `swiglu` then `nvfp4FakeQuant(bf16Out:)`, bit for bit.
+    func swigluNVFP4(gate: CUdeviceptr, up: CUdeviceptr, bf16Out: CUdeviceptr, rows: Int, cols: Int, globalAmax: Float, exportMode: Bool)
+        throws
+    {
+        try kernels.launch1D(
+            "swiglu_nvfp4", rows * ((cols + 15) / 16),
+            [.ptr(gate), .ptr(up), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
+    }
+
     func fp8FakeQuant(_ x: CUdeviceptr, out: CUdeviceptr, count: Int, amax: Float) throws {
         try kernels.launch1D("fp8_fake_quant", count, [.ptr(x), .ptr(out), .i64(count), .f32(amax)])
     }

@@ -199,6 +199,26 @@ public struct CUDASelftest {
             let differ = zip(g16, gpuG).filter { $0 != floatToBF16($1) }.count + zip(u16, gpuU).filter { $0 != floatToBF16($1) }.count
             add("swiglu backward bf16 copies vs bf16(fp32 outputs)", Double(differ), 0, "values differ")
         }
+        // swiglu_nvfp4 (down_proj's quantized bf16 input in one pass) against swiglu_forward then
+        // nvfp4_fake_quant(bf16Out): bit for bit, both modes, whole blocks, a partial one, cols not a multiple of 4.
+        for (r, cols) in [(33, 3072), (7, 100), (5, 102)] {
+            let g = Self.random(r * cols, seed: 18, scale: 3), u = Self.random(r * cols, seed: 19, scale: 2)
+            let gd = try gpu(g), upd = try gpu(u), hd = try DeviceBuffer(d, floats: r * cols)
+            let ref16 = try DeviceBuffer(d, bytes: r * cols * 2), fused16 = try DeviceBuffer(d, bytes: r * cols * 2)
+            try d.swiglu(out: hd.ptr, gate: gd.ptr, up: upd.ptr, count: r * cols)
+            let amax = NVFP4.absMax(try hd.floats(r * cols), count: r * cols)
+            for export in [false, true] {
+                try d.nvfp4FakeQuant(hd.ptr, out: 0, bf16Out: ref16.ptr, rows: r, cols: cols, globalAmax: amax, exportMode: export)
+                try d.swigluNVFP4(
+                    gate: gd.ptr, up: upd.ptr, bf16Out: fused16.ptr, rows: r, cols: cols, globalAmax: amax, exportMode: export)
+                var a16 = [UInt16](repeating: 0, count: r * cols), b16 = a16
+                try a16.withUnsafeMutableBytes { try ref16.download($0.baseAddress!, bytes: $0.count) }
+                try b16.withUnsafeMutableBytes { try fused16.download($0.baseAddress!, bytes: $0.count) }
+                add(
+                    "swiglu_nvfp4 vs swiglu + nvfp4 bf16 [\(r)×\(cols)] \(export ? "export" : "modelopt")",
+                    Double(zip(a16, b16).filter { $0 != $1 }.count), 0, "values differ")
+            }
+        }
 
         // RoPE (llama3-scaled frequencies) and attention (GQA, with and without a window).
         for (heads, kvHeads, headDim, window, seqLen) in [

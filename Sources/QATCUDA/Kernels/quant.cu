@@ -28,6 +28,53 @@ __device__ __forceinline__ float nvfp4_elem(float v, float S, float zeroFix) {
     return __fadd_rn(__uint_as_float(__float_as_uint(r) ^ neg), zeroFix);
 }
 
+// One 16-block of NVFP4 fake quant: v holds the block's w values (zeros past w); writes them
+// quantized to dst (fp32), or, when d16 is given, their bf16 rounding there instead. `vec`: the
+// block is whole and 16-byte aligned (vector stores).
+__device__ __forceinline__ void nvfp4_block(float v[16], int w, bool vec, float *dst, u16 *d16, float gs, int mode, float zeroFix) {
+    u32 m = 0;
+#pragma unroll
+    for (int i = 0; i < 16; i++) m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
+    float S = nvfp4_block_scale(__uint_as_float(m), gs, mode);
+    if (mode == 1 && S == 0) {
+        for (int i = 0; i < w; i++) {
+            if (d16) d16[i] = 0; else dst[i] = 0;
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 16; i++) v[i] = nvfp4_elem(v[i], S, zeroFix);
+    if (d16) {
+        if (vec) {
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                ((uint2 *)d16)[i] = make_uint2((u32)f32_to_bf16(v[4 * i]) | ((u32)f32_to_bf16(v[4 * i + 1]) << 16),
+                                               (u32)f32_to_bf16(v[4 * i + 2]) | ((u32)f32_to_bf16(v[4 * i + 3]) << 16));
+        } else {
+            for (int i = 0; i < w; i++) d16[i] = f32_to_bf16(v[i]);
+        }
+    } else if (vec) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) ((float4 *)dst)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+    } else {
+        for (int i = 0; i < w; i++) dst[i] = v[i];
+    }
+}
+
+// The 16 values of a block starting at src (w of them; zeros past w), with 16-byte loads when `vec`.
+__device__ __forceinline__ void load_block16(float v[16], const float *src, int w, bool vec) {
+    if (vec) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float4 t = ((const float4 *)src)[i];
+            v[4 * i] = t.x; v[4 * i + 1] = t.y; v[4 * i + 2] = t.z; v[4 * i + 3] = t.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; i++) v[i] = i < w ? src[i] : 0.0f;
+    }
+}
+
 // NVFP4 fake quant of x [rows, cols] (blocks of 16 along cols) into out (may alias x), or, when
 // bf16out is given, into its bf16 rounding there instead (the input of a bf16 product): one thread
 // per 16-block. gs = globalAmax / 2688.
@@ -40,47 +87,35 @@ extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf1
     for (long b = blockIdx.x * (long)blockDim.x + threadIdx.x; b < total; b += (long)gridDim.x * blockDim.x) {
         long r = b / nb;
         int c0 = (int)(b - r * nb) * 16, w = min(16, cols - c0);
-        const float *src = x + r * cols + c0;
-        float *dst = out + r * cols + c0;
+        bool vec = w == 16 && (cols & 3) == 0;
         float v[16];
-        u32 m = 0;
-        if (w == 16 && (cols & 3) == 0) {   // four 16-byte loads
+        load_block16(v, x + r * cols + c0, w, vec);
+        nvfp4_block(v, w, vec, out + r * cols + c0, bf16out ? bf16out + r * cols + c0 : 0, gs, mode, zeroFix);
+    }
+}
+
+// SwiGLU fused with the NVFP4 fake quant of its output, written as bf16 only (down_proj's product
+// input in bf16; h itself is not stored): h = gate / (1 + e^-gate) · up exactly as swiglu_forward
+// computes it, then nvfp4_fake_quant's blocks. Bit-identical to those two kernels in a row.
+extern "C" __global__ void swiglu_nvfp4(const float *gate, const float *up, u16 *bf16out, long rows, int cols, float globalAmax,
+                                        int mode) {
+    int nb = (cols + 15) / 16;
+    long total = rows * nb;
+    float gs = __fdiv_rn(globalAmax, 2688.0f);
+    float zeroFix = mode == 1 ? 0.0f : -0.0f;
+    for (long b = blockIdx.x * (long)blockDim.x + threadIdx.x; b < total; b += (long)gridDim.x * blockDim.x) {
+        long r = b / nb;
+        int c0 = (int)(b - r * nb) * 16, w = min(16, cols - c0);
+        bool vec = w == 16 && (cols & 3) == 0;
+        float v[16], u[16];
+        load_block16(v, gate + r * cols + c0, w, vec);
+        load_block16(u, up + r * cols + c0, w, vec);
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                float4 t = ((const float4 *)src)[i];
-                v[4 * i] = t.x; v[4 * i + 1] = t.y; v[4 * i + 2] = t.z; v[4 * i + 3] = t.w;
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 16; i++) v[i] = i < w ? src[i] : 0.0f;
+        for (int i = 0; i < 16; i++) {
+            float x = v[i];
+            v[i] = i < w ? x / (1.0f + expf(-x)) * u[i] : 0.0f;
         }
-#pragma unroll
-        for (int i = 0; i < 16; i++) m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
-        float S = nvfp4_block_scale(__uint_as_float(m), gs, mode);
-        if (mode == 1 && S == 0) {
-            for (int i = 0; i < w; i++) {
-                if (bf16out) bf16out[r * cols + c0 + i] = 0; else dst[i] = 0;
-            }
-            continue;
-        }
-#pragma unroll
-        for (int i = 0; i < 16; i++) v[i] = nvfp4_elem(v[i], S, zeroFix);
-        if (bf16out) {
-            u16 *d16 = bf16out + r * cols + c0;
-            if (w == 16 && (cols & 3) == 0) {
-#pragma unroll
-                for (int i = 0; i < 4; i++)
-                    ((uint2 *)d16)[i] = make_uint2((u32)f32_to_bf16(v[4 * i]) | ((u32)f32_to_bf16(v[4 * i + 1]) << 16),
-                                                   (u32)f32_to_bf16(v[4 * i + 2]) | ((u32)f32_to_bf16(v[4 * i + 3]) << 16));
-            } else {
-                for (int i = 0; i < w; i++) d16[i] = f32_to_bf16(v[i]);
-            }
-        } else if (w == 16 && (cols & 3) == 0) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) ((float4 *)dst)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
-        } else {
-            for (int i = 0; i < w; i++) dst[i] = v[i];
-        }
+        nvfp4_block(v, w, vec, 0, bf16out + r * cols + c0, gs, mode, zeroFix);
     }
 }
 

@@ -30,11 +30,11 @@ extension CUDAModel {
 
     /// Backward scratch of one batch shape.
     final class BackwardBuffers {
-        let dres, dln, dh, dgate, dup, dattn, dq, dqRaw, dk, dkRaw, dv, delta, dHidden, dy16, tmp: DeviceBuffer
+        let dres, dln, dh, dattn, dq, dqRaw, dk, dkRaw, dv, delta, dHidden, dy16, tmp: DeviceBuffer
         init(_ d: CUDADevice, b: Buffers, c: ModelConfig) throws {
             let n = b.batch * b.seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
             dres = try DeviceBuffer(d, floats: n * C); dln = try DeviceBuffer(d, floats: n * C)
-            dh = try DeviceBuffer(d, floats: n * I); dgate = try DeviceBuffer(d, floats: n * I); dup = try DeviceBuffer(d, floats: n * I)
+            dh = try DeviceBuffer(d, floats: n * I)  // (dgate/dup in fp32: scratch, only when read, `layerBackward`)
             dattn = try DeviceBuffer(d, floats: n * qd); dq = try DeviceBuffer(d, floats: n * qd);
             dqRaw = try DeviceBuffer(d, floats: n * qd)
             dk = try DeviceBuffer(d, floats: n * kd); dkRaw = try DeviceBuffer(d, floats: n * kd); dv = try DeviceBuffer(d, floats: n * kd)
@@ -177,21 +177,22 @@ extension CUDAModel {
         let I = c.intermediateSize
         // h again (not kept per layer): its quantized bf16 copy in one pass when nothing else reads it.
         let downInput = try fusedDownInput(dp, a, b)
-        if downInput == nil { try device.swiglu(out: b.h.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I) }
-        try linearBackward(dp, dy: dres, x: b.h.ptr, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, input: downInput)
+        let h = downInput == nil ? try hBuffer(b) : 0  // (with downInput nothing reads h)
+        if downInput == nil { try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * I) }
+        try linearBackward(dp, dy: dres, x: h, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, input: downInput)
         // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
         // the fp32 ones only when a bias or an adapter reads them.
         let bf = precision == .bf16, fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }
         let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
+        let dgate = fp32Grads ? try scratch("dgate32", bytes: N * I * 4) : 0, dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
         try device.swigluBackward(
-            dgate: fp32Grads ? g.dgate.ptr : 0, dup: fp32Grads ? g.dup.ptr : 0, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr,
-            count: N * I, dgate16: dgate16, dup16: dup16)
+            dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, dgate16: dgate16, dup16: dup16)
         let gateUp = try sharedProductInput([gp, up], a.ln2.ptr, n: N, buffers: b)
         try linearBackward(
-            gp, dy: fp32Grads ? g.dgate.ptr : 0, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
+            gp, dy: dgate, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
             dy16: bf ? dgate16 : nil, dy16Ready: bf, input: gateUp)
         try linearBackward(
-            up, dy: fp32Grads ? g.dup.ptr : 0, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
+            up, dy: dup, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
             dy16: bf ? dup16 : nil, dy16Ready: bf, input: gateUp)
         try rmsnormBackward(L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true)
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))

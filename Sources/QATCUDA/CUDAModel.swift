@@ -134,9 +134,7 @@ public final class CUDAModel: @unchecked Sendable {
         /// or one buffer updated in place.
         let residuals: [DeviceBuffer]
         let layers: [LayerActivations]
-        let final, finalRstd, qin, b16, tokens: DeviceBuffer
-        /// The MLP's h = silu(gate)·up [n, I] of the layer at hand (one for all layers).
-        let h: DeviceBuffer
+        let final, finalRstd, b16, tokens: DeviceBuffer
         /// bf16 precision: bf16 copies of the normalised inputs and of h, written by the kernels
         /// that produce them (scratch: used at once by the products that follow).
         let ln16, h16, final16: DeviceBuffer?
@@ -154,10 +152,8 @@ public final class CUDAModel: @unchecked Sendable {
                 try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c)
             }
             final = try DeviceBuffer(d, floats: n * C); finalRstd = try DeviceBuffer(d, floats: n)
-            qin = try DeviceBuffer(d, floats: n * widest)
             b16 = try DeviceBuffer(d, bytes: n * widest * 2)
             tokens = try DeviceBuffer(d, bytes: n * 4)
-            h = try DeviceBuffer(d, floats: n * I)
             ln16 = bf16 ? try DeviceBuffer(d, bytes: n * C * 2) : nil
             h16 = bf16 ? try DeviceBuffer(d, bytes: n * I * 2) : nil
             final16 = bf16 ? try DeviceBuffer(d, bytes: n * C * 2) : nil
@@ -285,12 +281,13 @@ public final class CUDAModel: @unchecked Sendable {
     /// x), in fp32 in `qin` or x itself. The forward and the weight gradient both call this.
     func productInput(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, n: Int, buffers b: Buffers) throws -> CUdeviceptr {
         guard precision == .bf16 else {
-            return try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) ? b.qin.ptr : x
+            let qin = try quantizedInputBuffer(b)
+            return try quantize(l.inputQuantizer, x, into: qin, rows: n, cols: l.inFeatures) ? qin : x
         }
         if let (a, export) = nvfp4Quantizing(l.inputQuantizer) {
             try device.nvfp4FakeQuant(x, out: 0, bf16Out: b.b16.ptr, rows: n, cols: l.inFeatures, globalAmax: a, exportMode: export)
-        } else if try quantize(l.inputQuantizer, x, into: b.qin.ptr, rows: n, cols: l.inFeatures) {
-            try device.toBF16(out: b.b16.ptr, b.qin.ptr, count: n * l.inFeatures)
+        } else if try quantize(l.inputQuantizer, x, into: try quantizedInputBuffer(b), rows: n, cols: l.inFeatures) {
+            try device.toBF16(out: b.b16.ptr, try quantizedInputBuffer(b), count: n * l.inFeatures)
         } else if let x16 {
             return x16
         } else {
@@ -301,7 +298,7 @@ public final class CUDAModel: @unchecked Sendable {
 
     /// The product input of Linears that read the same x (q/k/v, gate/up), computed once, when
     /// all their input quantizers quantize alike (calibration gives each fused group one amax);
-    /// nil otherwise (each Linear then makes its own). Valid until `b.b16`/`b.qin` is next written.
+    /// nil otherwise (each Linear then makes its own). Valid until `b.b16` / the fp32 quantized input is next written.
     func sharedProductInput(_ ls: [Linear], _ x: CUdeviceptr, x16: CUdeviceptr? = nil, n: Int, buffers b: Buffers) throws -> CUdeviceptr? {
         guard let first = ls.first?.inputQuantizer, first.isQuantizing,
             ls.dropFirst().allSatisfy({ $0.inFeatures == ls[0].inFeatures && $0.inputQuantizer?.quantizesLike(first) == true })
@@ -386,17 +383,32 @@ public final class CUDAModel: @unchecked Sendable {
         try linear(gate, a.ln2.ptr, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
         try linear(up, a.ln2.ptr, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
         if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy
-            try linear(down, b.h.ptr, input: downInput, out: xout, n: N, buffers: b)
+            try linear(down, 0, input: downInput, out: xout, n: N, buffers: b)  // (h itself is not stored)
         } else {
             // fp32 h only when something reads it (an input quantizer, a LoRA adapter, the fp32 product);
             // its bf16 copy only when the product reads h unchanged.
             let quantizes = down.inputQuantizer.map { $0.isQuantizing || $0.isCalibrating } == true
             let h32 = precision == .fp32 || quantizes || hasAdapter(down), h16 = quantizes ? nil : b.h16?.ptr
-            try device.swiglu(out: h32 ? b.h.ptr : 0, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: h16 ?? 0)
-            try linear(down, b.h.ptr, x16: h16, out: xout, n: N, buffers: b)
+            let h = h32 ? try hBuffer(b) : 0
+            try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: h16 ?? 0)
+            try linear(down, h, x16: h16, out: xout, n: N, buffers: b)
         }
         try device.add(xout, a.mid.ptr, count: N * C)  // out = mid + mlp
     }
+
+    /// The fp32 products' quantized input [n, widest] (fp32 precision, and quantizers other than
+    /// NVFP4 in bf16): allocated at first use, so bf16 NVFP4 runs never hold it.
+    func quantizedInputBuffer(_ b: Buffers) throws -> CUdeviceptr {
+        try scratch("quantized-input", bytes: b.batch * b.seqLen * b.widest * 4)
+    }
+
+    /// The MLP's h = silu(gate)·up [n, I] of the layer at hand, one for all layers (not kept per
+    /// layer: backward recomputes it), allocated at first use (never when `swiglu_nvfp4` makes
+    /// down_proj's input directly).
+    func hBuffer(_ b: Buffers) throws -> CUdeviceptr {
+        try scratch(Self.hScratch, bytes: b.batch * b.seqLen * config.intermediateSize * 4)
+    }
+    static let hScratch = "mlp-h"
 
     /// down_proj's product input made by `swiglu_nvfp4` from gate and up in one pass (into `b.b16`),
     /// when that is all anything reads of h: bf16 precision, an NVFP4 input quantizer that

@@ -137,9 +137,11 @@ extension CUDASelftest {
         _ = try gm.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
         guard let b = gm.buffers else { throw QATError.internal("no device buffers after a forward") }
         let n = batch * seqLen
+        // (the last layer's h: each layer's is written to this scratch in turn)
+        guard let h = gm.scratchBuffers[CUDAModel.hScratch] else { throw QATError.internal("selftest: no fp32 h after an fp32 forward") }
         let gpuInputs = [
             try b.layers[0].ln.floats(n * config.hiddenSize), try b.layers[0].attn.floats(n * config.numHeads * config.headDim),
-            try b.h.floats(n * config.intermediateSize),  // (the last layer's h: the forward writes each layer's there in turn)
+            try h.floats(n * config.intermediateSize),
         ]
         for (i, (l, r)) in zip(probes, recorders).enumerated() {
             guard let q = r.inner as? TensorQuantizer, let amax = q.amax, let x = r.captured else {

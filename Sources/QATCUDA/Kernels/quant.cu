@@ -75,11 +75,11 @@ __device__ __forceinline__ void load_block16(float v[16], const float *src, int 
     }
 }
 
-// NVFP4 fake quant of x [rows, cols] (blocks of 16 along cols) into out (may alias x), or, when
-// bf16out is given, into its bf16 rounding there instead (the input of a bf16 product): one thread
-// per 16-block. gs = globalAmax / 2688.
-extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf16out, long rows, int cols, float globalAmax,
-                                            int mode) {
+// The grid-stride loop over the 16-blocks of [rows, cols] (blocks along cols) of the NVFP4
+// kernels: `fill(v, offset, w, vec)` puts a block's values into v, which are then quantized into
+// out, or, when bf16out is given, as their bf16 rounding there. One thread per block.
+template <typename Fill>
+__device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAmax, int mode, float *out, u16 *bf16out, Fill fill) {
     int nb = (cols + 15) / 16;
     long total = rows * nb;
     float gs = __fdiv_rn(globalAmax, 2688.0f);
@@ -88,10 +88,18 @@ extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf1
         long r = b / nb;
         int c0 = (int)(b - r * nb) * 16, w = min(16, cols - c0);
         bool vec = w == 16 && (cols & 3) == 0;
+        long o = r * cols + c0;
         float v[16];
-        load_block16(v, x + r * cols + c0, w, vec);
-        nvfp4_block(v, w, vec, out + r * cols + c0, bf16out ? bf16out + r * cols + c0 : 0, gs, mode, zeroFix);
+        fill(v, o, w, vec);
+        nvfp4_block(v, w, vec, out ? out + o : 0, bf16out ? bf16out + o : 0, gs, mode, zeroFix);
     }
+}
+
+// NVFP4 fake quant of x [rows, cols] into out (may alias x), or, when bf16out is given, into its
+// bf16 rounding there instead (the input of a bf16 product). gs = globalAmax / 2688.
+extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf16out, long rows, int cols, float globalAmax,
+                                            int mode) {
+    nvfp4_blocks(rows, cols, globalAmax, mode, out, bf16out, [&](float *v, long o, int w, bool vec) { load_block16(v, x + o, w, vec); });
 }
 
 // SwiGLU fused with the NVFP4 fake quant of its output, written as bf16 only (down_proj's product
@@ -99,24 +107,16 @@ extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf1
 // computes it, then nvfp4_fake_quant's blocks. Bit-identical to those two kernels in a row.
 extern "C" __global__ void swiglu_nvfp4(const float *gate, const float *up, u16 *bf16out, long rows, int cols, float globalAmax,
                                         int mode) {
-    int nb = (cols + 15) / 16;
-    long total = rows * nb;
-    float gs = __fdiv_rn(globalAmax, 2688.0f);
-    float zeroFix = mode == 1 ? 0.0f : -0.0f;
-    for (long b = blockIdx.x * (long)blockDim.x + threadIdx.x; b < total; b += (long)gridDim.x * blockDim.x) {
-        long r = b / nb;
-        int c0 = (int)(b - r * nb) * 16, w = min(16, cols - c0);
-        bool vec = w == 16 && (cols & 3) == 0;
-        float v[16], u[16];
-        load_block16(v, gate + r * cols + c0, w, vec);
-        load_block16(u, up + r * cols + c0, w, vec);
+    nvfp4_blocks(rows, cols, globalAmax, mode, (float *)0, bf16out, [&](float *v, long o, int w, bool vec) {
+        float u[16];
+        load_block16(v, gate + o, w, vec);
+        load_block16(u, up + o, w, vec);
 #pragma unroll
         for (int i = 0; i < 16; i++) {
             float x = v[i];
             v[i] = i < w ? x / (1.0f + expf(-x)) * u[i] : 0.0f;
         }
-        nvfp4_block(v, w, vec, 0, bf16out + r * cols + c0, gs, mode, zeroFix);
-    }
+    });
 }
 
 // Per-tensor FP8 E4M3 fake quant: e4m3(x * (448/amax)) / (448/amax); |x| < 2^-24 -> 0.

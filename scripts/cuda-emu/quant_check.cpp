@@ -1,0 +1,103 @@
+// The NVFP4 kernels of quant.cu run by the CPU emulator of prelude.h: nvfp4_fake_quant against a
+// C++ port of NVFP4.fakeQuant (Sources/QATQuant/NVFP4.swift: blockScale, fakeElem) and swiglu_nvfp4
+// against swiglu_forward then nvfp4_fake_quant, all bit for bit: `bash scripts/cuda-emu/quant.sh`.
+// Launch geometry as in Sources/QATCUDA/CUDAOps.swift (launch1D: 256 threads, one thread per block of 16).
+#include <cstring>
+#include <string>
+#include "kernels.cpp"  // written by quant.sh
+#include "check.h"
+
+static unsigned bits(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static float fromBits(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+
+// NVFP4.blockScale and NVFP4.fakeElem, line for line (mode 0: ModelOpt, 1: export).
+static float blockScale(float bmax, float gs, int mode) {
+    if (mode == 0) {
+        float gsSafe = gs > 0 ? gs : 1e-12f;
+        float s = std::min(bmax / (6 * gsSafe), 448.0f);
+        float S = e4m3_round(s) * gs;
+        return S >= 1e-5f ? S : 1;
+    }
+    if (gs == 0) return 0;
+    float s = bmax / (6 * gs);
+    if (s == 0) s = 1;
+    s = std::min(std::max(s, 0.001953125f), 448.0f);
+    return e4m3_round(s) * gs;
+}
+static float fakeElem(float v, float S, float zeroFix) {
+    float a = fromBits(bits(v) & 0x7fffffffu) / S;
+    float c = a < 6 ? a : 6;
+    float magic = c < 2 ? 4194304.0f : (c < 4 ? 8388608.0f : 16777216.0f);
+    float r = ((c + magic) - magic) * S;
+    unsigned neg = v < 0 ? 0x80000000u : 0;
+    return fromBits(bits(r) ^ neg) + zeroFix;
+}
+// NVFP4.fakeQuant over [rows, cols]: per block of 16 along cols (the last one partial).
+static std::vector<float> fakeQuantRef(const std::vector<float> &x, int rows, int cols, float amax, int mode) {
+    std::vector<float> out(x.size());
+    float gs = amax / 2688, zeroFix = mode == 1 ? 0.0f : -0.0f;
+    for (int r = 0; r < rows; r++)
+        for (int c0 = 0; c0 < cols; c0 += 16) {
+            int w = std::min(16, cols - c0);
+            unsigned m = 0;
+            for (int i = 0; i < w; i++) m = std::max(m, bits(x[(size_t)r * cols + c0 + i]) & 0x7fffffffu);
+            float S = blockScale(fromBits(m), gs, mode);
+            for (int i = 0; i < w; i++) {
+                size_t j = (size_t)r * cols + c0 + i;
+                out[j] = mode == 1 && S == 0 ? 0.0f : fakeElem(x[j], S, zeroFix);
+            }
+        }
+    return out;
+}
+
+static int differing(const std::vector<u16> &a, const std::vector<u16> &b) {
+    int d = 0;
+    for (size_t i = 0; i < a.size(); i++) d += a[i] != b[i];
+    return d;
+}
+static int differing(const std::vector<float> &a, const std::vector<float> &b) {
+    int d = 0;
+    for (size_t i = 0; i < a.size(); i++) d += bits(a[i]) != bits(b[i]);
+    return d;
+}
+static void launch(long blocks, std::function<void()> body) { emu_launch({(unsigned)((blocks + 255) / 256), 1, 1}, 256, 0, body); }
+
+int main() {
+    struct Shape { int rows, cols; float scale; };
+    for (Shape s : {Shape{33, 3072, 3}, Shape{7, 100, 1}, Shape{5, 102, 2}, Shape{3, 16, 1e-7f}, Shape{2, 15, 40}}) {
+        int rows = s.rows, cols = s.cols;
+        size_t n = (size_t)rows * cols;
+        long blocks = (long)rows * ((cols + 15) / 16);
+        std::vector<float> g(n), u(n);
+        for (auto &v : g) v = gauss() * s.scale;
+        for (auto &v : u) v = gauss() * 2;
+        for (int i = 0; i < std::min<int>(16, cols); i++) g[i] = 0;  // an all-zero block
+        float amax = 0;
+        for (float v : g) amax = std::max(amax, fabsf(v));
+        std::string shape = std::to_string(rows) + "x" + std::to_string(cols);
+        for (int mode = 0; mode < 2; mode++) {
+            std::string tag = shape + (mode ? " export" : " modelopt");
+            for (float a : {amax, mode == 1 ? 0.0f : amax * 3}) {  // (export with a zero global amax: every block 0)
+                std::vector<float> ref = fakeQuantRef(g, rows, cols, a, mode), got(n);
+                launch(blocks, [&] { nvfp4_fake_quant(g.data(), got.data(), nullptr, rows, cols, a, mode); });
+                report("nvfp4_fake_quant fp32 " + tag + " amax " + std::to_string(a) + ": values differing from NVFP4.fakeQuant",
+                       differing(ref, got), 0);
+                std::vector<u16> got16(n), ref16(n);
+                launch(blocks, [&] { nvfp4_fake_quant(g.data(), nullptr, got16.data(), rows, cols, a, mode); });
+                for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(ref[i]);
+                report("nvfp4_fake_quant bf16 " + tag + ": values differing from bf16(NVFP4.fakeQuant)", differing(ref16, got16), 0);
+            }
+            // swiglu_nvfp4 against swiglu_forward then nvfp4_fake_quant(bf16out).
+            std::vector<float> h(n);
+            emu_launch({(unsigned)((n + 255) / 256), 1, 1}, 256, 0, [&] { swiglu_forward(h.data(), g.data(), u.data(), (long)n, nullptr); });
+            float hmax = 0;
+            for (float v : h) hmax = std::max(hmax, fabsf(v));
+            std::vector<u16> two(n), fused(n);
+            launch(blocks, [&] { nvfp4_fake_quant(h.data(), nullptr, two.data(), rows, cols, hmax, mode); });
+            launch(blocks, [&] { swiglu_nvfp4(g.data(), u.data(), fused.data(), rows, cols, hmax, mode); });
+            report("swiglu_nvfp4 " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, fused), 0);
+        }
+    }
+    printf("%s: %d failed\n", fails ? "FAIL" : "ok", fails);
+    return fails ? 1 : 0;
+}

@@ -102,7 +102,7 @@ public final class CUDAModel: @unchecked Sendable {
     /// One decoder layer's activations: every layer keeps its own set in a training forward
     /// (backward reads them), an inference forward reuses one, and so does a training forward
     /// with activation checkpointing (backward recomputes each layer into it). The MLP's h is not
-    /// kept (`Buffers.h`: backward recomputes it from gate and up), nor are qRaw/kRaw without q/k norms.
+    /// kept (`hBuffer`: backward recomputes it from gate and up), nor are qRaw/kRaw without q/k norms.
     final class LayerActivations {
         let ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq, vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up: DeviceBuffer
         /// What attention read: the quantized k/v, or kRope/vRaw when their quantizers are off.
@@ -278,7 +278,7 @@ public final class CUDAModel: @unchecked Sendable {
     /// What a Linear's products multiply for input x [n, in]: x through its input quantizer, in
     /// bf16 precision as a bf16 copy in `b16` (an NVFP4 input quantizer writes it directly, in one
     /// pass; `x16`, x's bf16 copy when its producer wrote one, is used when no quantizer changes
-    /// x), in fp32 in `qin` or x itself. The forward and the weight gradient both call this.
+    /// x), in fp32 in the quantized-input scratch or x itself. The forward and the weight gradient both call this.
     func productInput(_ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, n: Int, buffers b: Buffers) throws -> CUdeviceptr {
         guard precision == .bf16 else {
             let qin = try quantizedInputBuffer(b)

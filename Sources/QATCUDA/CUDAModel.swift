@@ -21,11 +21,14 @@ public final class CUDAModel: @unchecked Sendable {
     /// quantizer quantizes, and the bf16 copy the bf16 products use.
     final class DeviceLinear {
         let linear: Linear
-        let weight: DeviceBuffer
+        /// (A one-float placeholder once the model is `frozen` in bf16: the products read `bf16`.)
+        var weight: DeviceBuffer
         let bias: DeviceBuffer?
         var fakeQuant: DeviceBuffer?
         var bf16: DeviceBuffer?
         var stale = true
+        /// `freezeForInference`: the bf16 copy is final and the fp32 weight released.
+        var frozen = false
         /// QLoRA: the packed NVFP4 base, decoded into `weight` (and `bf16`), shared scratch, at every use.
         var packed: PackedWeight?
         init(linear: Linear, weight: DeviceBuffer, bias: DeviceBuffer?) { self.linear = linear; self.weight = weight; self.bias = bias }
@@ -92,6 +95,24 @@ public final class CUDAModel: @unchecked Sendable {
 
     /// Call after the host weights or any weight quantizer changed (calibration, a step).
     public func markWeightsChanged() { for l in linears.values { l.stale = true } }
+
+    /// A forward-only copy in bf16 (the QAD teacher, `teacher-logprobs`): every Linear's bf16
+    /// weight is made now and its fp32 weight released (not a tied embedding's, which the lookup
+    /// reads), so the products' weights live on the device in bf16 only. The host weights must
+    /// not change afterwards (a use after `markWeightsChanged` throws). Nothing changes in fp32
+    /// precision (its products read the fp32 weights) or with LoRA adapters.
+    public func freezeForInference() throws {
+        guard precision == .bf16, lora == nil else { return }
+        let embedding = ObjectIdentifier(model.embed)
+        for dl in linears.values where !dl.frozen {
+            if dl.stale { try prepare(dl) }
+            dl.frozen = true
+            let id = ObjectIdentifier(dl.linear.weight)
+            guard id != embedding else { continue }
+            tensors[id] = nil
+            dl.weight = try DeviceBuffer(device, floats: 1)
+        }
+    }
 
     func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
     /// The tokens of the last training forward (the embedding backward groups them).
@@ -239,6 +260,7 @@ public final class CUDAModel: @unchecked Sendable {
     /// Makes a Linear's device weight current: the fake-quant copy when its weight quantizer
     /// quantizes, and the bf16 copy in bf16 precision.
     func prepare(_ dl: DeviceLinear) throws {
+        if dl.frozen { throw QATError.internal("\(dl.linear.name): the weights of a frozen (inference-only) device copy changed") }
         if let p = dl.packed { return try decode(p, into: dl) }  // QLoRA: stays stale, decoded again at the next use
         let l = dl.linear
         var source = dl.weight.ptr

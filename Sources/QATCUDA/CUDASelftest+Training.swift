@@ -86,6 +86,7 @@ extension CUDASelftest {
             let head: CUDAModel.LossHead
             if let kd {
                 let teacher = try CUDAModel(model: kd.teacher, device: device, precision: precision)
+                try teacher.freezeForInference()  // as the trainer's (bf16: weights in bf16 only)
                 let th = try teacher.forward(tokens: tokens, batch: batch, seqLen: seqLen)
                 let k = kd.constants
                 let kind = k.divergence == .forwardKL ? 0 : (k.divergence == .reverseKL ? 1 : 2)

@@ -243,6 +243,7 @@ final class ApplyRun {
         if let device, let gpuModel = try onGPU(model) {
             options.backend = CUDAStepBackend(model: gpuModel) { teacher in
                 guard let copy = try device.copy(teacher) else { throw QATError.internal("no device copy of the teacher") }
+                try copy.freezeForInference()  // forward-only: in bf16 its weights live on the device in bf16 only
                 return copy
             }
             if gpuModel.packedBaseBytes > 0 {

@@ -191,6 +191,7 @@ struct GPUBench {
         options.backend = CUDAStepBackend(model: gm) { teacher in
             if let t = teacherCopy { return t }
             let t = try CUDAModel(model: teacher, device: gpu, precision: .bf16)
+            try t.freezeForInference()
             teacherCopy = t
             return t
         }

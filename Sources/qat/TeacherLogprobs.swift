@@ -93,6 +93,7 @@ struct TeacherLogprobs: ParsableCommand {
             let gpuTeacher =
                 try compute.device.isCUDA
                 ? CUDAModel(model: teacher, device: try GPU.open(compute.device), precision: compute.precision) : nil
+            try gpuTeacher?.freezeForInference()  // (bf16: the products' weights in bf16 only)
             let bar = ProgressBar(total: total, label: "teacher", unit: "seq", enabled: !json)
             let start = Date()
             let k = sample ?? topK, L = seqLen

@@ -1,6 +1,7 @@
 // The NVFP4 kernels of quant.cu run by the CPU emulator of prelude.h: nvfp4_fake_quant against a
 // C++ port of NVFP4.fakeQuant (Sources/QATQuant/NVFP4.swift: blockScale, fakeElem) and swiglu_nvfp4
-// against swiglu_forward then nvfp4_fake_quant, all bit for bit: `bash scripts/cuda-emu/quant.sh`.
+// against swiglu_forward then nvfp4_fake_quant, all bit for bit, and swiglu_backward's optional
+// outputs: `bash scripts/cuda-emu/quant.sh`.
 // Launch geometry as in Sources/QATCUDA/CUDAOps.swift (launch1D: 256 threads, one thread per block of 16).
 #include <cstring>
 #include <string>
@@ -97,6 +98,27 @@ int main() {
             launch(blocks, [&] { swiglu_nvfp4(g.data(), u.data(), fused.data(), rows, cols, hmax, mode); });
             report("swiglu_nvfp4 " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, fused), 0);
         }
+    }
+    // swiglu_backward's outputs each on its own (a null pointer writes nothing): the fp32 pair alone,
+    // then the bf16 pair alone, which must be the bf16 rounding of the first run's values.
+    for (size_t n : {(size_t)4096, (size_t)1001}) {
+        std::vector<float> dh(n), g(n), u(n), dg(n), du(n);
+        for (size_t i = 0; i < n; i++) { dh[i] = gauss(); g[i] = gauss() * 3; u[i] = gauss(); }
+        std::vector<u16> dg16(n, 0xffff), du16(n, 0xffff);
+        dim3e grid{(unsigned)((n + 255) / 256), 1, 1};
+        emu_launch(grid, 256, 0, [&] { swiglu_backward(dg.data(), du.data(), dh.data(), g.data(), u.data(), (long)n, nullptr, nullptr); });
+        emu_launch(grid, 256, 0, [&] { swiglu_backward(nullptr, nullptr, dh.data(), g.data(), u.data(), (long)n, dg16.data(), du16.data()); });
+        int d = 0;
+        for (size_t i = 0; i < n; i++) d += (dg16[i] != f32_to_bf16(dg[i])) + (du16[i] != f32_to_bf16(du[i]));
+        report("swiglu_backward n=" + std::to_string(n) + ": bf16 outputs differing from bf16(fp32 outputs)", d, 0);
+        double e = 0, m = 0;  // against SwiGLU.backward's formulas in double, relative to the largest value
+        for (size_t i = 0; i < n; i++) {
+            double x = g[i], s = 1 / (1 + exp(-x));
+            double rg = dh[i] * u[i] * s * (1 + x * (1 - s)), ru = dh[i] * x * s;
+            e = std::max(e, std::max(fabs(rg - dg[i]), fabs(ru - du[i])));
+            m = std::max(m, std::max(fabs(rg), fabs(ru)));
+        }
+        report("swiglu_backward n=" + std::to_string(n) + ": fp32 against the formulas in double, max |diff|/max", e / m, 1e-6);
     }
     printf("%s: %d failed\n", fails ? "FAIL" : "ok", fails);
     return fails ? 1 : 0;

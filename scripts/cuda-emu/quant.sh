@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs the NVFP4 kernels of quant.cu on the CPU emulator of prelude.h: nvfp4_fake_quant against a
-# C++ port of NVFP4.fakeQuant (Sources/QATQuant/NVFP4.swift) bit for bit, and swiglu_nvfp4 against
-# swiglu_forward (elementwise.cu) then nvfp4_fake_quant, bit for bit, and swiglu_backward's optional
-# fp32/bf16 outputs; both modes, fp32 and bf16
-# outputs, whole and partial blocks, rows not a multiple of 4. Seconds. Not part of
-# scripts/test.sh; run it after changing quant.cu.
+# C++ port of NVFP4.fakeQuant (Sources/QATQuant/NVFP4.swift) and swiglu_nvfp4 against
+# swiglu_forward (elementwise.cu) then nvfp4_fake_quant, bit for bit (both modes, fp32 and bf16
+# outputs, whole and partial blocks, rows not a multiple of 4); and swiglu_backward's optional
+# fp32 / bf16 outputs. Seconds. Not part of scripts/test.sh; run it after changing quant.cu or
+# the SwiGLU kernels.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work=$(mktemp -d)

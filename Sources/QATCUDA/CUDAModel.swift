@@ -21,13 +21,13 @@ public final class CUDAModel: @unchecked Sendable {
     /// quantizer quantizes, and the bf16 copy the bf16 products use.
     final class DeviceLinear {
         let linear: Linear
-        /// (A one-float placeholder once the model is `frozen` in bf16: the products read `bf16`.)
-        var weight: DeviceBuffer
+        /// (A one-float placeholder when `frozen`: the products read `bf16`.)
+        let weight: DeviceBuffer
         let bias: DeviceBuffer?
         var fakeQuant: DeviceBuffer?
         var bf16: DeviceBuffer?
         var stale = true
-        /// `freezeForInference`: the bf16 copy is final and the fp32 weight released.
+        /// An inference-only copy's Linear (`init(…inferenceOnly:)`): the bf16 copy is all there is.
         var frozen = false
         /// QLoRA: the packed NVFP4 base, decoded into `weight` (and `bf16`), shared scratch, at every use.
         var packed: PackedWeight?
@@ -55,7 +55,12 @@ public final class CUDAModel: @unchecked Sendable {
     /// that calibrate record nothing then (the forward already did).
     var recomputing = false
 
-    public init(model: CausalLM, device: CUDADevice, precision: Precision) throws {
+    /// `inferenceOnly` (a forward-only copy: the QAD teacher, `teacher-logprobs`' model): in bf16
+    /// each Linear's weight goes to the device as its bf16 copy only, converted through one
+    /// reused fp32 staging buffer, so the fp32 weights are never all on the device (a tied
+    /// embedding, which the lookup reads, and a Linear with a weight quantizer are uploaded as
+    /// usual). Such a copy's weights cannot change (a use after `markWeightsChanged` throws).
+    public init(model: CausalLM, device: CUDADevice, precision: Precision, inferenceOnly: Bool = false) throws {
         guard model.isFirstStage && model.isLastStage else {
             throw QATError("the CUDA backend runs whole models; pipeline stages run on the CPU")
         }
@@ -83,11 +88,27 @@ public final class CUDAModel: @unchecked Sendable {
             for p in [layer.inputNorm, layer.postNorm] + [layer.qNorm, layer.kNorm].compactMap({ $0 }) { _ = try upload(p) }
         }
         var dls: [ObjectIdentifier: DeviceLinear] = [:]
+        let bf16Only = model.linears.filter {
+            inferenceOnly && precision == .bf16 && $0.weightSource == nil && $0.weightQuantizer == nil && $0.weight !== model.embed
+        }
+        let staging = try bf16Only.map(\.weight.count).max().map { try DeviceBuffer(device, floats: $0) }
         for l in model.linears where l.weightSource == nil {  // (QLoRA's packed bases: `uploadLoRA`)
-            let w = try upload(l.weight)
             let b = try l.bias.map { try upload($0) }
+            if let staging, bf16Only.contains(where: { $0 === l }) {
+                let count = l.weight.count
+                try staging.upload(l.weight.value.data, bytes: count * 4)  // (after the last conversion: one stream)
+                let dl = DeviceLinear(linear: l, weight: try DeviceBuffer(device, floats: 1), bias: b)
+                dl.bf16 = try DeviceBuffer(device, bytes: count * 2)
+                try device.toBF16(out: dl.bf16!.ptr, staging.ptr, count: count)
+                dl.stale = false
+                dl.frozen = true
+                dls[ObjectIdentifier(l)] = dl
+                continue
+            }
+            let w = try upload(l.weight)
             dls[ObjectIdentifier(l)] = DeviceLinear(linear: l, weight: w, bias: b)
         }
+        try device.synchronize()  // (the staging buffer is released here)
         tensors = uploaded
         linears = dls
         try uploadLoRA()
@@ -95,24 +116,6 @@ public final class CUDAModel: @unchecked Sendable {
 
     /// Call after the host weights or any weight quantizer changed (calibration, a step).
     public func markWeightsChanged() { for l in linears.values { l.stale = true } }
-
-    /// A forward-only copy in bf16 (the QAD teacher, `teacher-logprobs`): every Linear's bf16
-    /// weight is made now and its fp32 weight released (not a tied embedding's, which the lookup
-    /// reads), so the products' weights live on the device in bf16 only. The host weights must
-    /// not change afterwards (a use after `markWeightsChanged` throws). Nothing changes in fp32
-    /// precision (its products read the fp32 weights) or with LoRA adapters.
-    public func freezeForInference() throws {
-        guard precision == .bf16, lora == nil else { return }
-        let embedding = ObjectIdentifier(model.embed)
-        for dl in linears.values where !dl.frozen {
-            if dl.stale { try prepare(dl) }
-            dl.frozen = true
-            let id = ObjectIdentifier(dl.linear.weight)
-            guard id != embedding else { continue }
-            tensors[id] = nil
-            dl.weight = try DeviceBuffer(device, floats: 1)
-        }
-    }
 
     func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
     /// The tokens of the last training forward (the embedding backward groups them).
@@ -260,7 +263,7 @@ public final class CUDAModel: @unchecked Sendable {
     /// Makes a Linear's device weight current: the fake-quant copy when its weight quantizer
     /// quantizes, and the bf16 copy in bf16 precision.
     func prepare(_ dl: DeviceLinear) throws {
-        if dl.frozen { throw QATError.internal("\(dl.linear.name): the weights of a frozen (inference-only) device copy changed") }
+        if dl.frozen { throw QATError.internal("\(dl.linear.name): the weights of an inference-only device copy changed") }
         if let p = dl.packed { return try decode(p, into: dl) }  // QLoRA: stays stale, decoded again at the next use
         let l = dl.linear
         var source = dl.weight.ptr

@@ -85,8 +85,8 @@ extension CUDASelftest {
             _ = try gm.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
             let head: CUDAModel.LossHead
             if let kd {
-                let teacher = try CUDAModel(model: kd.teacher, device: device, precision: precision)
-                try teacher.freezeForInference()  // as the trainer's (bf16: weights in bf16 only)
+                // Inference-only, as the trainer's (bf16: the Linear weights on the device in bf16 only).
+                let teacher = try CUDAModel(model: kd.teacher, device: device, precision: precision, inferenceOnly: true)
                 let th = try teacher.forward(tokens: tokens, batch: batch, seqLen: seqLen)
                 let k = kd.constants
                 let kind = k.divergence == .forwardKL ? 0 : (k.divergence == .reverseKL ? 1 : 2)

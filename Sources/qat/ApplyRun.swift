@@ -242,8 +242,10 @@ final class ApplyRun {
         options.world = world
         if let device, let gpuModel = try onGPU(model) {
             options.backend = CUDAStepBackend(model: gpuModel) { teacher in
-                guard let copy = try device.copy(teacher) else { throw QATError.internal("no device copy of the teacher") }
-                try copy.freezeForInference()  // forward-only: in bf16 its weights live on the device in bf16 only
+                // Forward-only: in bf16 its Linear weights live on the device in bf16 only.
+                guard let copy = try device.copy(teacher, inferenceOnly: true) else {
+                    throw QATError.internal("no device copy of the teacher")
+                }
                 return copy
             }
             if gpuModel.packedBaseBytes > 0 {

@@ -190,8 +190,7 @@ struct GPUBench {
         var teacherCopy: CUDAModel?
         options.backend = CUDAStepBackend(model: gm) { teacher in
             if let t = teacherCopy { return t }
-            let t = try CUDAModel(model: teacher, device: gpu, precision: .bf16)
-            try t.freezeForInference()
+            let t = try CUDAModel(model: teacher, device: gpu, precision: .bf16, inferenceOnly: true)
             teacherCopy = t
             return t
         }

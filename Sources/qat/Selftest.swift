@@ -83,11 +83,11 @@ final class DeviceRunner {
         self.precision = precision
     }
 
-    /// The device copy of `m` (made once), nil on the CPU.
-    func copy(_ m: CausalLM) throws -> CUDAModel? {
+    /// The device copy of `m` (made once; `inferenceOnly`: see `CUDAModel.init`), nil on the CPU.
+    func copy(_ m: CausalLM, inferenceOnly: Bool = false) throws -> CUDAModel? {
         guard let gpu else { return nil }
         if let c = copies[ObjectIdentifier(m)] { return c }
-        let c = try CUDAModel(model: m, device: gpu, precision: precision)
+        let c = try CUDAModel(model: m, device: gpu, precision: precision, inferenceOnly: inferenceOnly)
         copies[ObjectIdentifier(m)] = c
         return c
     }

@@ -92,8 +92,7 @@ struct TeacherLogprobs: ParsableCommand {
             // --device cuda: the teacher's forward, lm_head and top-k selection on the GPU (CUDAModel.topKRows).
             let gpuTeacher =
                 try compute.device.isCUDA
-                ? CUDAModel(model: teacher, device: try GPU.open(compute.device), precision: compute.precision) : nil
-            try gpuTeacher?.freezeForInference()  // (bf16: the products' weights in bf16 only)
+                ? CUDAModel(model: teacher, device: try GPU.open(compute.device), precision: compute.precision, inferenceOnly: true) : nil
             let bar = ProgressBar(total: total, label: "teacher", unit: "seq", enabled: !json)
             let start = Date()
             let k = sample ?? topK, L = seqLen

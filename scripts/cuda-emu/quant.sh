@@ -10,16 +10,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-python3 - "$here/../../Sources/QATCUDA/Kernels" <<'PY'
-import re, sys
-root = sys.argv[1] + '/'
-src = '\n'.join(open(root + f).read() for f in ['common.cu', 'elementwise.cu', 'quant.cu'])
-src = re.sub(r'__shared__ (double|float) (\w+)\[32\];', r'static \1 \2[32];', src)
-assert 'asm' not in src and '__shared__' not in src
-extra = ('inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }\n'
-         'inline unsigned atomicMax(unsigned *p, unsigned v) { unsigned o = *p; if (v > o) *p = v; return o; }\n')
-open('kernels.cpp', 'w').write('#include "prelude.h"\n' + extra + src)
-PY
+python3 "$here/plain.py" elementwise.cu quant.cu
 cp "$here/prelude.h" .
 g++ -std=c++17 -O2 -w -I. -o check "$here/quant_check.cpp" "$here/runtime.cpp"
 ./check "$@"

@@ -6,7 +6,8 @@
 #   peer.txt             fortune QAT/QAD steps at all cores, the PyTorch peer at as many threads,
 #                        interleaved (ratios of medians)
 #   scaling-fortune.*    qat bench --scaling, fortune shape, 1, 2, 4, … threads up to all cores
-#   scaling-smollm.*     the same for the SmolLM2-135M shape (2 threads up; 1 lap after a warm-up)
+#   scaling-smollm.*     the same for the SmolLM2-135M shape (2 threads up, SMOLLM_THREADS; SMOLLM_REPEATS
+#                        laps after a warm-up, default 1, under SMOLLM_LIMIT seconds, default 210)
 #   profile-*.txt        per-phase wall/CPU time of the steps at all cores (fortune, smollm)
 # (.txt: the table and progress; .json: `--json`). Every step has its own time limit and a
 # failing step does not stop the others; the whole script takes about 5 minutes on 16 cores.
@@ -54,7 +55,8 @@ else
   echo "== peer skipped: no peer script (.device/torch_qat_step.py)" | tee -a "$out/summary.txt"
 fi
 step scaling-fortune 120 "$Q" bench --scaling --shapes fortune --repeats 3 --json
-step scaling-smollm 210 "$Q" bench --scaling --shapes smollm --repeats 1 --scaling-threads "$smollm_threads" --json
+step scaling-smollm "${SMOLLM_LIMIT:-210}" "$Q" bench --scaling --shapes smollm --repeats "${SMOLLM_REPEATS:-1}" \
+  --scaling-threads "$smollm_threads" --json
 step profile-fortune 60 "$Q" bench --shapes fortune --threads "$threads" --repeats 2 --no-micro --profile
 [ $((SECONDS - start)) -lt 300 ] && step profile-smollm 90 "$Q" bench --shapes smollm --threads "$threads" --repeats 1 --no-micro --profile
 [ $((SECONDS - start)) -lt 330 ] && step nospin-fortune 30 env QAT_SPIN_US=0 "$Q" bench --shapes fortune --threads "$threads" --repeats 3 --no-micro

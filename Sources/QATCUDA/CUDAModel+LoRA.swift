@@ -176,12 +176,12 @@ extension CUDAModel {
             beta: 1, bf16: bf)
     }
 
-    /// The adapter's backward for dy [n, out] (`LoRAAdapter.backward`): dB += s·dyᵀ·h,
-    /// dh = s·dy·B, dA += dhᵀ·dropout(x), dx += dropout(dh·A) (after the base wrote dx; dx nil:
-    /// none). `dy16`: dy's bf16 copy in bf16 precision. Does nothing for a Linear without adapter.
     /// True when `l` has a LoRA adapter on the device.
     func hasAdapter(_ l: Linear) -> Bool { lora?.adapters[ObjectIdentifier(l)] != nil }
 
+    /// The adapter's backward for dy [n, out] (`LoRAAdapter.backward`): dB += s·dyᵀ·h,
+    /// dh = s·dy·B, dA += dhᵀ·dropout(x), dx += dropout(dh·A) (after the base wrote dx; dx nil:
+    /// none). `dy16`: dy's bf16 copy in bf16 precision. Does nothing for a Linear without adapter.
     func adapterBackward(_ l: Linear, dy: CUdeviceptr, dy16: CUdeviceptr?, x: CUdeviceptr, n: Int, dx: CUdeviceptr?) throws {
         guard let ad = lora?.adapters[ObjectIdentifier(l)] else { return }
         let a = ad.adapter, c = a.context, r = c.rank, s = c.scaling, inp = a.inFeatures, out = a.outFeatures, bf = precision == .bf16

@@ -244,19 +244,19 @@ struct GPUBench {
         do { try p.run() } catch { return emit("peer: could not run \(python) \(script): \(error)") }
         // Each mode's line as it comes (a run cut short keeps the modes that finished).
         var pending = Data(), results = 0
-        func flush(_ line: Substring) {
+        func flush(_ line: String) {
             guard line.contains("\"mode\"") else { return }
             results += 1
-            emit("peer (PyTorch eager bf16 sdpa / ModelOpt 0.47): \(line)\(peerFigures(String(line), config: config))")
+            emit("peer (PyTorch eager bf16 sdpa / ModelOpt 0.47): \(line)\(peerFigures(line, config: config))")
         }
         while case let chunk = pipe.fileHandleForReading.availableData, !chunk.isEmpty {
             pending.append(chunk)
             while let nl = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                flush(Substring(String(decoding: pending[pending.startIndex..<nl], as: UTF8.self)))
+                flush(String(decoding: pending[pending.startIndex..<nl], as: UTF8.self))
                 pending = Data(pending[(nl + 1)...])
             }
         }
-        flush(Substring(String(decoding: pending, as: UTF8.self)))
+        flush(String(decoding: pending, as: UTF8.self))
         p.waitUntilExit()
         if results == 0 { emit("peer: no result (exit \(p.terminationStatus))") }
     }

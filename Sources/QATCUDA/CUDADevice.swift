@@ -23,25 +23,27 @@ public final class CUDADevice: @unchecked Sendable {
     lazy var kernels = KernelLibrary(device: self)
     /// Per-operation device time (synchronising around every launch: for `qat bench --profile`
     /// only, as it removes all overlap). nil: off.
-    public var profile: [String: (count: Int, seconds: Double)]?
+    public var profile: [String: (count: Int, seconds: Double, flops: Double)]?
 
-    /// Runs `body` (one launch), timing it when profiling.
-    func timed(_ name: String, _ body: () throws -> Void) throws {
+    /// Runs `body` (one launch), timing it when profiling under `name` (made only then);
+    /// `flops`: the launch's floating-point operations (products), for the report's TFLOP/s.
+    func timed(_ name: @autoclosure () -> String, flops: Double = 0, _ body: () throws -> Void) throws {
         guard profile != nil else { return try body() }
         try synchronize()
         let t = DispatchTime.now().uptimeNanoseconds
         try body()
         try synchronize()
-        let e = profile![name, default: (0, 0)]
-        profile![name] = (e.count + 1, e.seconds + Double(DispatchTime.now().uptimeNanoseconds - t) * 1e-9)
+        let key = name(), e = profile![key, default: (0, 0, 0)]
+        profile![key] = (e.count + 1, e.seconds + Double(DispatchTime.now().uptimeNanoseconds - t) * 1e-9, e.flops + flops)
     }
 
-    /// The profile as lines, most expensive first.
+    /// The profile as lines, most expensive first (products with their TFLOP/s).
     public func profileReport() -> [String] {
         let total = profile?.values.reduce(0) { $0 + $1.seconds } ?? 0
         return (profile ?? [:]).sorted { $0.value.seconds > $1.value.seconds }.map { k, v in
             String(
-                format: "  %-34@ %6d calls %9.2f ms %5.1f%%", k as NSString, v.count, v.seconds * 1e3, 100 * v.seconds / max(total, 1e-12))
+                format: "  %-44@ %6d calls %9.2f ms %5.1f%%", k as NSString, v.count, v.seconds * 1e3, 100 * v.seconds / max(total, 1e-12))
+                + (v.flops > 0 ? String(format: " %6.0f TFLOP/s", v.flops / v.seconds * 1e-12) : "")
         }
     }
 

@@ -93,10 +93,11 @@ extension CUDAModel {
     /// db += Σ dy (`Linear.backward`). `x` is the Linear's original input [n, in], dy [n, out];
     /// `input`: x_used already made (`sharedProductInput`). `dy16Ready`: `dy16` already holds
     /// dy's bf16 copy (its producer wrote it); dy itself may then be 0 unless a bias or an adapter reads it.
+    /// `weightGradient: false`: no dW here (the caller makes it later over more rows, `weightGradientProduct`).
     func linearBackward(
         _ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, n: Int, dx: CUdeviceptr?, accumulateDx: Bool, b: Buffers,
         g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, dy16Ready: Bool = false, tmp tmpBuffer: CUdeviceptr? = nil,
-        input made: CUdeviceptr? = nil
+        input made: CUdeviceptr? = nil, weightGradient: Bool = true
     ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
@@ -108,16 +109,7 @@ extension CUDAModel {
             if !dy16Ready { try device.toBF16(out: d16, dy, count: n * out) }
             dyIn = d16
         }
-        if let gw = gradient(l.weight) {
-            let xu = try made ?? productInput(l, x, n: n, buffers: b)
-            if let a = clipAmax(l.weightQuantizer) {
-                let t = try scratch("weight-ste", bytes: out * inp * 4)
-                try device.gemm(transA: true, m: out, n: inp, k: n, a: dyIn, lda: out, b: xu, ldb: inp, c: t, ldc: inp, bf16: bf)
-                try device.steClip(out: gw, grad: t, x: dl.weight.ptr, amax: a, count: out * inp, accumulate: true)
-            } else {
-                try device.gemm(transA: true, m: out, n: inp, k: n, a: dyIn, lda: out, b: xu, ldb: inp, c: gw, ldc: inp, beta: 1, bf16: bf)
-            }
-        }
+        if weightGradient { try weightGradientProduct(l, dy: dyIn, x: x, n: n, b: b, input: made) }
         if let bias = l.bias, let gb = gradient(bias) {
             try device.columnSum(
                 out: gb, a: dy, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
@@ -132,6 +124,25 @@ extension CUDAModel {
             try device.gemm(m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: dx, ldc: inp, beta: accumulateDx ? 1 : 0, bf16: bf)
         }
         try adapterBackward(l, dy: dy, dy16: bf ? dyIn : nil, x: x, n: n, dx: dx)  // after dx is written, as `Linear.backward`
+    }
+
+    /// dW += dyᵀ·x_used (through the weight STE) of a Linear whose weight is trainable; `dy` [n, out] is
+    /// in the products' precision (bf16 or fp32), `x` the Linear's original input [n, in] (`x16`: its
+    /// bf16 copy when its producer wrote one), `input`: x_used already made.
+    func weightGradientProduct(
+        _ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, x16: CUdeviceptr? = nil, n: Int, b: Buffers, input made: CUdeviceptr? = nil
+    ) throws {
+        guard let gw = gradient(l.weight) else { return }
+        guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
+        let bf = precision == .bf16, out = l.outFeatures, inp = l.inFeatures
+        let xu = try made ?? productInput(l, x, x16: x16, n: n, buffers: b)
+        if let a = clipAmax(l.weightQuantizer) {
+            let t = try scratch("weight-ste", bytes: out * inp * 4)
+            try device.gemm(transA: true, m: out, n: inp, k: n, a: dy, lda: out, b: xu, ldb: inp, c: t, ldc: inp, bf16: bf)
+            try device.steClip(out: gw, grad: t, x: dl.weight.ptr, amax: a, count: out * inp, accumulate: true)
+        } else {
+            try device.gemm(transA: true, m: out, n: inp, k: n, a: dy, lda: out, b: xu, ldb: inp, c: gw, ldc: inp, beta: 1, bf16: bf)
+        }
     }
 
     /// RMSNorm backward with its weight gradient (when trainable).
@@ -249,7 +260,13 @@ extension CUDAModel {
         let n = b.batch * b.seqLen, V = config.vocabSize, C = config.hiddenSize, rows = chunkRows(n)
         guard targets.count == n else { throw QATError("loss: \(targets.count) targets for \(n) rows") }
         let logits = try scratch("logits", bytes: rows * V * 4)
-        let dy16 = precision == .bf16 ? try scratch("logits-bf16", bytes: rows * V * 2) : nil
+        // bf16: the lm_head's weight gradient is one product per `group` chunks (k = group·rows, their
+        // bf16 dlogits kept meanwhile), not one per chunk: each such product reads and writes the whole
+        // fp32 [V × C] gradient (1 GiB at Llama-3.2-1B's shape), which at k ≈ 500 costs more than its arithmetic.
+        let bf = precision == .bf16
+        let group = bf && gradient(model.lmHead.weight) != nil ? Self.lmHeadGroup(rows: rows, n: n) : 1
+        let dy16 = bf ? try scratch("logits-bf16", bytes: group * rows * V * 2) : nil
+        var groupStart = 0
         let rowOut = try scratch("row-out", bytes: rows * 16)
         let targetBuffer = try scratch("targets", bytes: n * 4)
         try targets.withUnsafeBytes { try device.check(device.api.cuMemcpyHtoD(targetBuffer, $0.baseAddress!, n * 4), "cuMemcpyHtoD") }
@@ -260,9 +277,13 @@ extension CUDAModel {
             let h = b.final.ptr + CUdeviceptr(start * C * 4), h16 = b.final16.map { $0.ptr + CUdeviceptr(start * C * 2) }
             try linear(model.lmHead, h, x16: h16, out: logits, n: r, buffers: b)
             let t = targetBuffer + CUdeviceptr(start * 4)
+            let slot = dy16.map { $0 + CUdeviceptr((start - groupStart) * V * 2) }  // this chunk's bf16 dlogits
+            var slotReady = false
             switch head {
             case .crossEntropy:
-                try device.crossEntropyBackward(rowLoss: rowOut, logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale)
+                try device.crossEntropyBackward(
+                    rowLoss: rowOut, logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale, logits16: slot ?? 0)
+                slotReady = slot != nil
                 var losses = [Float](repeating: 0, count: r)
                 try losses.withUnsafeMutableBytes {
                     try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 4), "cuMemcpyDtoH")
@@ -286,10 +307,23 @@ extension CUDAModel {
             }
             try linearBackward(
                 model.lmHead, dy: logits, x: h, n: r, dx: g.dHidden.ptr + CUdeviceptr(start * C * 4), accumulateDx: false,
-                b: b, g: g, dy16: dy16, tmp: try scratch("lm-head-dx", bytes: r * C * 4))
+                b: b, g: g, dy16: slot, dy16Ready: slotReady, tmp: try scratch("lm-head-dx", bytes: r * C * 4),
+                weightGradient: group == 1)
             start += r
+            if group > 1 && (start - groupStart == group * rows || start == n), let dy16 {
+                try weightGradientProduct(
+                    model.lmHead, dy: dy16, x: b.final.ptr + CUdeviceptr(groupStart * C * 4),
+                    x16: b.final16.map { $0.ptr + CUdeviceptr(groupStart * C * 2) }, n: start - groupStart, b: b)
+                groupStart = start
+            }
         }
         return (ce, kd, g.dHidden.ptr)
+    }
+
+    /// Chunks of `rows` (of n) whose lm_head weight gradient is one product: about 2,048 rows, at most 8 chunks.
+    public static func lmHeadGroup(rows: Int, n: Int) -> Int {
+        let r = max(rows, 1)
+        return max(1, min(8, (2048 + r / 2) / r, (n + r - 1) / r))
     }
 }
 

@@ -457,12 +457,14 @@ public final class CUDAModel: @unchecked Sendable {
 
     // MARK: Loss head
 
+    /// Rows per lm_head chunk instead of the 256 MiB of fp32 logits (the selftest's small models: several chunks).
+    var lossChunkRows: Int?
     var logitsChunk: DeviceBuffer?
     var rowLoss: DeviceBuffer?
     var targetsBuffer: DeviceBuffer?
 
     /// Rows of logits per lm_head chunk: about 256 MiB of fp32 logits at most.
-    func chunkRows(_ n: Int) -> Int { max(1, min(n, (256 << 20) / (4 * config.vocabSize))) }
+    func chunkRows(_ n: Int) -> Int { max(1, min(n, lossChunkRows ?? (256 << 20) / (4 * config.vocabSize))) }
 
     /// Cross-entropy sum and valid-target count over `n` rows of final hidden states, through a
     /// chunked lm_head: no [n × V] logits are held.

@@ -18,7 +18,14 @@ extension CUDADevice {
         let type = bf16 ? Int32(QAT_CUDA_R_16BF) : Int32(QAT_CUDA_R_32F)
         let compute = bf16 ? Int32(QAT_CUBLAS_COMPUTE_32F) : Int32(QAT_CUBLAS_COMPUTE_32F_PEDANTIC)
         var s: Int32 = 0
-        try timed(bf16 ? "gemm bf16 (backward)" : "gemm fp32 (backward)") {
+        // (Profile label: the row-major product C[m×n] = op(A)·op(B) over k, ᵀ marking a transposed operand, +C when accumulating.)
+        let flops = 2 * Double(m) * Double(n) * Double(k)
+        try timed(
+            bf16
+                ? "gemm bf16 bwd [\(m)x\(n)] k=\(k) A\(transA ? "ᵀ" : "")B\(transB ? "ᵀ" : "")\(beta != 0 ? " +C" : "")"
+                : "gemm fp32 (backward)",
+            flops: flops
+        ) {
             s = api.cublasGemmEx(
                 blas, Int32(transB ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N), Int32(transA ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N),
                 Int32(n), Int32(m), Int32(k), &al, UnsafeRawPointer(bitPattern: UInt(b)), type, Int32(ldb),
@@ -93,13 +100,14 @@ extension CUDADevice {
 
     func zero(_ p: CUdeviceptr, bytes: Int) throws { try check(api.cuMemsetD8(p, 0, bytes), "cuMemsetD8(\(bytes))") }
 
-    /// Cross-entropy of a chunk: per-row losses, logits replaced by d(gradScale·loss)/d logits.
-    func crossEntropyBackward(rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float)
-        throws
-    {
+    /// Cross-entropy of a chunk: per-row losses, logits replaced by d(gradScale·loss)/d logits;
+    /// `logits16` (not 0): that gradient's bf16 copy too, in the same pass.
+    func crossEntropyBackward(
+        rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float, logits16: CUdeviceptr = 0
+    ) throws {
         try kernels.launch(
             "cross_entropy_backward", grid: (rows, 1, 1), block: (512, 1, 1),
-            [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale)])
+            [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale), .ptr(logits16)])
     }
 
     /// Distillation rows (`kd_rows` in loss.cu): rowOut gets (CE, KD) per row as doubles.
@@ -135,7 +143,7 @@ extension CUDADevice {
         beta2: Float, oneMinusBeta2: Float, bc2Sqrt: Float, eps: Float, negStepSize: Float, clip: Float = 1
     ) throws {
         try kernels.launch1D(
-            "adamw_update", count,
+            "adamw_update", (count + 3) / 4,  // (float4 elements per thread)
             [
                 .ptr(p), .ptr(g), .ptr(m), .ptr(v), .i64(count), .f32(decay), .i32(lerpSmall ? 1 : 0), .f32(lerpWeight),
                 .f32(beta2), .f32(oneMinusBeta2), .f32(bc2Sqrt), .f32(eps), .f32(negStepSize), .f32(clip),

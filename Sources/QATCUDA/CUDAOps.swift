@@ -12,7 +12,7 @@ extension CUDADevice {
         let type = bf16 ? Int32(QAT_CUDA_R_16BF) : Int32(QAT_CUDA_R_32F)
         let compute = bf16 ? Int32(QAT_CUBLAS_COMPUTE_32F) : Int32(QAT_CUBLAS_COMPUTE_32F_PEDANTIC)
         var s: Int32 = 0
-        try timed(bf16 ? "gemm bf16 [\(n)x\(k)]x[\(out)x\(k)]" : "gemm fp32") {
+        try timed(bf16 ? "gemm bf16 [\(n)x\(k)]x[\(out)x\(k)]" : "gemm fp32", flops: 2 * Double(n) * Double(out) * Double(k)) {
             s = api.cublasGemmEx(
                 blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
                 &alpha, UnsafeRawPointer(bitPattern: UInt(w)), type, Int32(k),

@@ -52,12 +52,19 @@ extension CUDASelftest {
         }
         try device.crossEntropyRows(rowLoss: rl.ptr, logits: ld.ptr, targets: td.ptr, rows: r, vocab: V)
         add("cross_entropy_rows V=\(V)", abs(validSum(try rl.floats(r)) - cpu.sum) / Double(valid), 2e-5, "|Δ| mean")
-        try device.crossEntropyBackward(rowLoss: rl.ptr, logits: ld.ptr, targets: td.ptr, rows: r, vocab: V, gradScale: scale)
+        let g16 = try DeviceBuffer(device, bytes: r * V * 2)
+        try device.crossEntropyBackward(
+            rowLoss: rl.ptr, logits: ld.ptr, targets: td.ptr, rows: r, vocab: V, gradScale: scale, logits16: g16.ptr)
         add("cross_entropy_backward V=\(V): loss", abs(validSum(try rl.floats(r)) - cpuB.sum) / Double(valid), 2e-5, "|Δ| mean")
-        let m = Double(backward.map { abs($0) }.max() ?? 0)
+        let m = Double(backward.map { abs($0) }.max() ?? 0), gradient = try ld.floats(r * V)
         add(
-            "cross_entropy_backward V=\(V): gradient", Self.maxAbsDiff(backward, try ld.floats(r * V)) / max(m, 1e-30), 1e-4,
+            "cross_entropy_backward V=\(V): gradient", Self.maxAbsDiff(backward, gradient) / max(m, 1e-30), 1e-4,
             "max |Δ|/max")
+        // Its bf16 copy: the fp32 gradient rounded to nearest even, bit for bit.
+        var h16 = [UInt16](repeating: 0, count: r * V)
+        try h16.withUnsafeMutableBytes { try g16.download($0.baseAddress!, bytes: $0.count) }
+        let differ = zip(h16, gradient).filter { $0.0 != floatToBF16($0.1) }.count
+        add("cross_entropy_backward V=\(V): bf16 copy of the gradient", Double(differ), 0, "values differ")
     }
 
     /// kd_rows against DistillationKernels.fullRow: Σ CE and Σ T²·KD over the valid rows, and the gradient.

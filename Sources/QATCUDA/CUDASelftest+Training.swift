@@ -108,60 +108,91 @@ extension CUDASelftest {
             let tag = precision == .fp32 ? "fp32" : "bf16"
             let lossError = abs(r.ce - cpu.ce) / Double(valid) + abs(r.kd - cpu.kd) / Double(valid)
             add("train \(label): loss \(tag)", lossError, precision == .fp32 ? 1e-5 : 2e-2, "|Δ| mean")
-            var worst = 0.0, worstName = ""
-            for (p, cg) in zip(model.parameters, cpuGrads) {
-                guard let ptr = gm.gradient(p) else { continue }
-                var dg = [Float](repeating: 0, count: p.count)
-                try dg.withUnsafeMutableBytes {
-                    try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH")
-                }
-                let m = Double(cg.map { abs($0) }.max() ?? 0)
-                let e = Self.maxAbsDiff(cg, dg) / max(m, 1e-12)
-                if e > worst || e.isNaN { worst = e; worstName = p.name }
-                if e.isNaN { break }
-            }
+            let gpuGrads = try deviceGradients(gm, model)
+            let (worst, worstName) = Self.worstRelative(cpuGrads, gpuGrads, model)
             add(
                 "train \(label): gradients \(tag) (worst \(worstName.isEmpty ? "-" : worstName))", worst,
                 precision == .fp32 ? 2e-3 : 1e-1, "max |Δ|/max")
+            guard precision == .bf16 else { continue }
+            // The same step with the loss in chunks of 7 rows: 12 chunks, the lm_head's weight gradient one product
+            // per group of 8 (the last group 4 chunks, its last chunk 3 rows). Only the order of the lm_head dW
+            // sums changes, so every gradient must match the one-chunk step to fp32 round-off.
+            gm.lossChunkRows = 7
+            try gm.zeroGradients()
+            _ = try gm.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
+            let rc = try gm.lossBackward(head, targets: targets, gradScale: scale)
+            try gm.backward(dHidden: rc.dHidden)
+            let (w, wn) = Self.worstRelative(gpuGrads, try deviceGradients(gm, model), model)
+            add(
+                "train \(label): bf16 loss in 12 chunks (lm_head dW per 8) vs 1 (worst \(wn.isEmpty ? "-" : wn)), loss |Δ| \(abs(rc.ce - r.ce) + abs(rc.kd - r.kd))",
+                abs(rc.ce - r.ce) + abs(rc.kd - r.kd) > 1e-6 * Double(valid) ? .nan : w, 1e-5, "max |Δ|/max")
         }
         for p in model.parameters { p.setRequiresGrad(false) }
     }
 
+    /// Every parameter's device gradient (an empty array where the model has none).
+    private func deviceGradients(_ gm: CUDAModel, _ model: CausalLM) throws -> [[Float]] {
+        try model.parameters.map { p in
+            guard let ptr = gm.gradient(p) else { return [] }
+            var dg = [Float](repeating: 0, count: p.count)
+            try dg.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH") }
+            return dg
+        }
+    }
+
+    /// The largest max |Δ|/max over the parameters that both gradient lists have, and its parameter's name.
+    static func worstRelative(_ a: [[Float]], _ b: [[Float]], _ model: CausalLM) -> (Double, String) {
+        var worst = 0.0, worstName = ""
+        for (p, (x, y)) in zip(model.parameters, zip(a, b)) where !x.isEmpty && !y.isEmpty {
+            let m = Double(x.map { abs($0) }.max() ?? 0)
+            let e = maxAbsDiff(x, y) / max(m, 1e-12)
+            if e > worst || e.isNaN { worst = e; worstName = p.name }
+            if e.isNaN { break }
+        }
+        return (worst, worstName)
+    }
+
     /// Three AdamW steps on the device against the CPU optimizer, bit for bit; the second with
     /// its gradient clipped (the CPU scales the gradient by `GradientClipping.scale`, the device
-    /// reads the unclipped one times `CUDAStepBackend.clipCoefficient` in `adamw_update`).
+    /// reads the unclipped one times `CUDAStepBackend.clipCoefficient` in `adamw_update`). Three
+    /// layouts: float4 only, float4 and a tail of 3, and arrays one float off 16-byte alignment (element by element).
     private mutating func adamwCheck() throws {
-        let count = 5000
-        let value = Tensor(shape: [count], values: Self.random(count, seed: 41)), grad = Tensor(shape: [count])
-        let cfg = OptimizerConfig(
-            defaults: AdamWHyperparameters(lr: 1e-3, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8),
-            selection: try ParameterSelection(trainable: nil, frozen: nil), lrConfig: nil)
-        let opt = try AdamW(parameters: [("w.weight", value, grad)], config: cfg)
-        let p = try gpu(Self.random(count, seed: 41)), gd = try DeviceBuffer(device, floats: count)
-        let m = try DeviceBuffer(device, floats: count), v = try DeviceBuffer(device, floats: count)
-        try m.zero(); try v.zero()
-        var clipped: Float = 1
-        for step in 0..<3 {
-            let gv = Self.random(count, seed: 42 + UInt64(step), scale: 0.01)
-            for i in 0..<count { grad[i] = gv[i] }
-            try gv.withUnsafeBytes { try gd.upload($0.baseAddress!, bytes: $0.count) }
-            var clip: Float = 1
-            if step == 1 {
-                let norm = GradientClipping.globalNorm([grad]), maxNorm = 0.37 * norm
-                GradientClipping.scale([grad], norm: norm, maxNorm: maxNorm)
-                clip = CUDAStepBackend.clipCoefficient(norm: norm, maxNorm: maxNorm)
-                clipped = clip
+        for (count, offset) in [(5000, 0), (5003, 0), (5001, 1)] {
+            let value = Tensor(shape: [count], values: Self.random(count, seed: 41)), grad = Tensor(shape: [count])
+            let cfg = OptimizerConfig(
+                defaults: AdamWHyperparameters(lr: 1e-3, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8),
+                selection: try ParameterSelection(trainable: nil, frozen: nil), lrConfig: nil)
+            let opt = try AdamW(parameters: [("w.weight", value, grad)], config: cfg)
+            let skip = CUdeviceptr(4 * offset)
+            let p = try gpu([Float](repeating: 0, count: offset) + Self.random(count, seed: 41))
+            let gd = try DeviceBuffer(device, floats: count + offset)
+            let m = try DeviceBuffer(device, floats: count + offset), v = try DeviceBuffer(device, floats: count + offset)
+            try m.zero(); try v.zero()
+            var clipped: Float = 1
+            for step in 0..<3 {
+                let gv = [Float](repeating: 0, count: offset) + Self.random(count, seed: 42 + UInt64(step), scale: 0.01)
+                for i in 0..<count { grad[i] = gv[offset + i] }
+                try gv.withUnsafeBytes { try gd.upload($0.baseAddress!, bytes: $0.count) }
+                var clip: Float = 1
+                if step == 1 {
+                    let norm = GradientClipping.globalNorm([grad]), maxNorm = 0.37 * norm
+                    GradientClipping.scale([grad], norm: norm, maxNorm: maxNorm)
+                    clip = CUDAStepBackend.clipCoefficient(norm: norm, maxNorm: maxNorm)
+                    clipped = clip
+                }
+                opt.step(lrFactor: 0.5)
+                let c = AdamW.coefficients(opt.groups[0].hyper, lr: opt.groups[0].hyper.lr * 0.5, step: step + 1)
+                try device.adamw(
+                    p: p.ptr + skip, g: gd.ptr + skip, m: m.ptr + skip, v: v.ptr + skip, count: count, decay: c.decay,
+                    lerpSmall: c.lerpSmall, lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2,
+                    bc2Sqrt: c.bc2Sqrt, eps: c.eps, negStepSize: c.negStepSize, clip: clip)
             }
-            opt.step(lrFactor: 0.5)
-            let c = AdamW.coefficients(opt.groups[0].hyper, lr: opt.groups[0].hyper.lr * 0.5, step: step + 1)
-            try device.adamw(
-                p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall,
-                lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
-                negStepSize: c.negStepSize, clip: clip)
+            let host = Array(UnsafeBufferPointer(start: value.data, count: count))
+            let mismatches = Self.bitMismatches(host, Array(try p.floats(count + offset).dropFirst(offset)))
+            // (A coefficient of 1 would not exercise the clipped read: then the check itself is wrong.)
+            add(
+                "AdamW 3 steps (weight decay, lr factor, clip \(clipped)), \(count) floats\(offset > 0 ? ", unaligned" : "")",
+                clipped < 1 ? mismatches : .nan, 0, "mismatches")
         }
-        let host = Array(UnsafeBufferPointer(start: value.data, count: count))
-        let mismatches = Self.bitMismatches(host, try p.floats(count))
-        // (A coefficient of 1 would not exercise the clipped read: then the check itself is wrong.)
-        add("AdamW 3 steps (weight decay, lr factor, clip \(clipped))", clipped < 1 ? mismatches : .nan, 0, "mismatches")
     }
 }

@@ -218,7 +218,7 @@ struct GPUBench {
         if let p = gpu.profile {
             let total = p.values.reduce(0) { $0 + $1.seconds }
             emit(String(format: "  profile of one %@ step (every launch synchronised): %.1f ms of device work", mode.rawValue, total * 1e3))
-            for line in gpu.profileReport().prefix(20) { emit(line) }
+            for line in gpu.profileReport().prefix(36) { emit(line) }
             gpu.profile = nil
         }
         times.sort()

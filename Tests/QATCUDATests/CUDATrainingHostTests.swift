@@ -21,6 +21,17 @@ final class CUDATrainingHostTests: XCTestCase {
         XCTAssertEqual(empty.ids, [])
         XCTAssertEqual(empty.starts, [0])
     }
+
+    /// The lm_head's weight gradient is one product per group of loss chunks: about 2,048 rows,
+    /// never more chunks than the batch has, at most 8, at least 1.
+    func testLMHeadWeightGradientGroups() {
+        XCTAssertEqual(CUDAModel.lmHeadGroup(rows: 523, n: 8192), 4)  // Llama-3.2-1B's chunks: 2,092 rows a product
+        XCTAssertEqual(CUDAModel.lmHeadGroup(rows: 441, n: 8192), 5)  // Qwen3-0.6B's: 2,205
+        XCTAssertEqual(CUDAModel.lmHeadGroup(rows: 523, n: 1000), 2)  // two chunks in all
+        XCTAssertEqual(CUDAModel.lmHeadGroup(rows: 4096, n: 4096), 1)  // one chunk of 4,096 rows
+        XCTAssertEqual(CUDAModel.lmHeadGroup(rows: 16, n: 4096), 8)  // small vocabularies: at most 8 chunks
+        XCTAssertEqual(CUDAModel.lmHeadGroup(rows: 256, n: 256), 1)
+    }
 }
 
 /// The host side of the GPU top-k kernels (`Kernels/topk.cu`) that runs without a GPU.

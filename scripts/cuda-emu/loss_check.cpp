@@ -120,13 +120,20 @@ static void ceCase(int rows, int V) {
     }
     std::vector<float> rl(rows, -1), rl2(rows, -1);
     emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_rows(rl.data(), s.data(), t.data(), rows, V); });
-    emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_backward(rl2.data(), s.data(), t.data(), rows, V, gradScale); });
+    std::vector<u16> s16((size_t)rows * V, 0x1234);
+    emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_backward(rl2.data(), s.data(), t.data(), rows, V, gradScale, s16.data()); });
     double g1 = 0, g2 = 0;
     for (int r = 0; r < rows; r++) if (t[r] >= 0) { g1 += rl[r]; g2 += rl2[r]; }
     std::string name = "cross-entropy V=" + std::to_string(V);
     report(name + " rows: loss", fabs(g1 - loss) / valid, 1e-6);
     report(name + " backward: loss", fabs(g2 - loss) / valid, 1e-6);
     report(name + " backward: gradient", relerr(ref, s), 1e-5);
+    int differ = 0;   // the bf16 copy: the fp32 gradient rounded to nearest even
+    for (size_t i = 0; i < s.size(); i++) {
+        unsigned u; memcpy(&u, &s[i], 4);
+        differ += s16[i] != (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    report(name + " backward: bf16 copy (values differ)", differ, 0);
 }
 
 static void sumsqCase() {
@@ -153,6 +160,28 @@ static void sumsqCase() {
     report("sumsq_chunks per tensor (chunk 4096, one tensor misaligned)", e, 1e-12);
 }
 
+// adamw_update's float4 path (aligned arrays, with and without a tail) and its element path (arrays off
+// 16-byte alignment) against adamw_one applied element by element: the same bits.
+static void adamwCase(int n, int offset) {
+    std::vector<float> p0(n + 8), g(n + 8), m0(n + 8), v0(n + 8);
+    for (int i = 0; i < n + 8; i++) { p0[i] = gauss(); g[i] = 0.01f * gauss(); m0[i] = 0.001f * gauss(); v0[i] = 1e-5f * fabsf(gauss()); }
+    for (int lerpSmall = 0; lerpSmall < 2; lerpSmall++) {
+        std::vector<float> p = p0, m = m0, v = v0, rp = p0, rm = m0, rv = v0;
+        const float decay = 0.9999f, w = 0.1f, beta2 = 0.95f, omb2 = 0.05f, bc2 = 0.2236068f, eps = 1e-8f, negStep = -1e-3f,
+                    clip = 0.37f;
+        for (int i = offset; i < offset + n; i++)
+            adamw_one(rp[i], g[i], rm[i], rv[i], decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
+        emu_launch({3, 1, 1}, 64, 0, [&] {
+            adamw_update(p.data() + offset, g.data() + offset, m.data() + offset, v.data() + offset, n, decay, lerpSmall, w, beta2,
+                         omb2, bc2, eps, negStep, clip);
+        });
+        int differ = 0;
+        for (int i = 0; i < n + 8; i++) differ += memcmp(&p[i], &rp[i], 4) || memcmp(&m[i], &rm[i], 4) || memcmp(&v[i], &rv[i], 4);
+        report("adamw_update n=" + std::to_string(n) + " offset " + std::to_string(offset) + " lerpSmall " + std::to_string(lerpSmall) +
+                   " (elements differ)", differ, 0);
+    }
+}
+
 int main(int argc, char **argv) {
     for (int V : {1000, 1003}) ceCase(24, V);
     ceCase(2, 151936);
@@ -165,6 +194,8 @@ int main(int argc, char **argv) {
     kdCase(2, 151936, 151936, Consts{0, 0, 2, 0.5, true});
     kdCase(2, 151936, 151936, Consts{2, 0.7, 1, 0.5, true});
     sumsqCase();
+    for (int n : {1000, 1003, 1}) adamwCase(n, 0);
+    adamwCase(1001, 1);
     printf("%d failed\n", fails);
     return fails != 0;
 }

@@ -86,8 +86,9 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_rows
     if (threadIdx.x == 0) rowLoss[r] = t < 0 ? 0.0f : (float)((double)m + log(s) - (double)x[t]);
 }
 
-// The gradient pass of cross-entropy: z ← expf(z − m)·k, k·gradScale subtracted at the target.
-template <int N> __device__ void ce_grad(float *z, int groups, int t, float m, float k, float gradScale) {
+// The gradient pass of cross-entropy: z ← expf(z − m)·k, k·gradScale subtracted at the target;
+// z16 (when not null): the same values rounded to bf16 (the input of the lm_head's bf16 products).
+template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, float m, float k, float gradScale) {
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float v[N];
         load_group<N>(z, g, v);
@@ -97,22 +98,31 @@ template <int N> __device__ void ce_grad(float *z, int groups, int t, float m, f
             v[i] = N * g + i == t ? __fsub_rn(e, gradScale) : e;
         }
         store_group<N>(z, g, v);
+        if (z16) {
+#pragma unroll
+            for (int i = 0; i < N; i++) z16[N * g + i] = f32_to_bf16(v[i]);
+        }
     }
 }
 
 // Cross-entropy forward and backward of one chunk (CrossEntropy.row with gradScale): per row
 // the loss logsumexp(z) − z[t] to rowLoss, and z replaced in place by
 // gradScale·(softmax(z) − onehot(t)); an ignored row (t < 0) gives 0 and a zero gradient.
-// Two passes over the row: the statistics, then the gradient.
+// logits16 (when not null, [rows, V] bf16): the gradient's bf16 copy too, written in the same
+// pass (so no separate conversion reads the chunk again). Two passes over the row: the statistics, then the gradient.
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_backward(float *rowLoss, float *logits,
                                                                                       const int *targets, int rows, int V,
-                                                                                      float gradScale) {
+                                                                                      float gradScale, u16 *logits16) {
     int r = blockIdx.x;
     if (r >= rows) return;
     int t = targets[r];
     float *z = logits + (long)r * V;
+    u16 *z16 = logits16 ? logits16 + (long)r * V : nullptr;
     if (t < 0) {
-        for (int j = threadIdx.x; j < V; j += blockDim.x) z[j] = 0.0f;
+        for (int j = threadIdx.x; j < V; j += blockDim.x) {
+            z[j] = 0.0f;
+            if (z16) z16[j] = 0;
+        }
         if (threadIdx.x == 0) rowLoss[r] = 0.0f;
         return;
     }
@@ -123,8 +133,8 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_back
     if (vec) lse_stats<4>(z, V >> 2, &m, &s);
     else lse_stats<1>(z, V, &m, &s);
     float k = (float)((double)gradScale / s);
-    if (vec) ce_grad<4>(z, V >> 2, t, m, k, gradScale);
-    else ce_grad<1>(z, V, t, m, k, gradScale);
+    if (vec) ce_grad<4>(z, z16, V >> 2, t, m, k, gradScale);
+    else ce_grad<1>(z, z16, V, t, m, k, gradScale);
     if (threadIdx.x == 0) rowLoss[r] = (float)((double)m + log(s) - (double)zt);
 }
 

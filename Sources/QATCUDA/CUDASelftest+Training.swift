@@ -123,9 +123,10 @@ extension CUDASelftest {
             let rc = try gm.lossBackward(head, targets: targets, gradScale: scale)
             try gm.backward(dHidden: rc.dHidden)
             let (w, wn) = Self.worstRelative(gpuGrads, try deviceGradients(gm, model), model)
+            let lossDelta = abs(rc.ce - r.ce) + abs(rc.kd - r.kd)
             add(
-                "train \(label): bf16 loss in 12 chunks (lm_head dW per 8) vs 1 (worst \(wn.isEmpty ? "-" : wn)), loss |Δ| \(abs(rc.ce - r.ce) + abs(rc.kd - r.kd))",
-                abs(rc.ce - r.ce) + abs(rc.kd - r.kd) > 1e-6 * Double(valid) ? .nan : w, 1e-5, "max |Δ|/max")
+                "train \(label): bf16 loss in 12 chunks (lm_head dW per 8) vs 1 (worst \(wn.isEmpty ? "-" : wn)), loss |Δ| \(lossDelta)",
+                lossDelta > 1e-6 * Double(valid) ? .nan : w, 1e-5, "max |Δ|/max")
         }
         for p in model.parameters { p.setRequiresGrad(false) }
     }

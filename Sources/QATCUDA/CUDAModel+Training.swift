@@ -267,7 +267,9 @@ extension CUDAModel {
         let group = bf && gradient(model.lmHead.weight) != nil ? Self.lmHeadGroup(rows: rows, n: n) : 1
         let dy16 = bf ? try scratch("logits-bf16", bytes: group * rows * V * 2) : nil
         var groupStart = 0
-        let rowOut = try scratch("row-out", bytes: rows * 16)
+        // Per-row results of every chunk (CE: a float per row, distillation: two doubles), read back once after the
+        // loop, so the host does not wait for the device between chunks.
+        let rowOut = try scratch("row-out", bytes: n * 16)
         let targetBuffer = try scratch("targets", bytes: n * 4)
         try targets.withUnsafeBytes { try device.check(device.api.cuMemcpyHtoD(targetBuffer, $0.baseAddress!, n * 4), "cuMemcpyHtoD") }
         var ce = 0.0, kd = 0.0
@@ -282,13 +284,9 @@ extension CUDAModel {
             switch head {
             case .crossEntropy:
                 try device.crossEntropyBackward(
-                    rowLoss: rowOut, logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale, logits16: slot ?? 0)
+                    rowLoss: rowOut + CUdeviceptr(start * 4), logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale,
+                    logits16: slot ?? 0)
                 slotReady = slot != nil
-                var losses = [Float](repeating: 0, count: r)
-                try losses.withUnsafeMutableBytes {
-                    try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, r * 4), "cuMemcpyDtoH")
-                }
-                for i in 0..<r where targets[start + i] != CrossEntropy.ignoreIndex { ce += Double(losses[i]) }
             case .distillation(let teacher, let teacherHidden, let kind, let beta, let T, let kdRatio):
                 let Vt = teacher.config.vocabSize, Ct = teacher.config.hiddenSize
                 let tl = try scratch("teacher-logits", bytes: rows * Vt * 4)
@@ -296,10 +294,11 @@ extension CUDAModel {
                 let th16 = teacherHidden == tb.final.ptr ? tb.final16.map { $0.ptr + CUdeviceptr(start * Ct * 2) } : nil
                 try teacher.linear(teacher.model.lmHead, teacherHidden + CUdeviceptr(start * Ct * 4), x16: th16, out: tl, n: r, buffers: tb)
                 try device.distillationRows(
-                    rowOut: rowOut, student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r, vocab: V,
+                    rowOut: rowOut + CUdeviceptr(start * 16), student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r,
+                    vocab: V,
                     kind: kind, beta: beta, invT: Float(1 / T), cKD: Float(kdRatio * Double(gradScale) * T),
-                    cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1)
-                try device.addDistillationSums(rowOut, targets: targets[start..<(start + r)], temperature: T, ce: &ce, kd: &kd)
+                    cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1, student16: slot ?? 0)
+                slotReady = slot != nil
             case .topK(let teacher):
                 let p = try topKChunk(
                     teacher, logits: logits, targets: t, hostTargets: targets, start: start, rows: r, gradScale: gradScale, rowOut: rowOut)
@@ -316,6 +315,16 @@ extension CUDAModel {
                     x16: b.final16.map { $0.ptr + CUdeviceptr(groupStart * C * 2) }, n: start - groupStart, b: b)
                 groupStart = start
             }
+        }
+        switch head {  // the rows' sums in row order
+        case .crossEntropy:
+            var losses = [Float](repeating: 0, count: n)
+            try losses.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, rowOut, n * 4), "cuMemcpyDtoH") }
+            for i in 0..<n where targets[i] != CrossEntropy.ignoreIndex { ce += Double(losses[i]) }
+        case .distillation(_, _, _, _, let T, _):
+            try device.addDistillationSums(rowOut, targets: targets[0..<n], temperature: T, ce: &ce, kd: &kd)
+        case .topK:
+            break
         }
         return (ce, kd, g.dHidden.ptr)
     }

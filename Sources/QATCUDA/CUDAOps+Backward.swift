@@ -110,16 +110,17 @@ extension CUDADevice {
             [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale), .ptr(logits16)])
     }
 
-    /// Distillation rows (`kd_rows` in loss.cu): rowOut gets (CE, KD) per row as doubles.
+    /// Distillation rows (`kd_rows` in loss.cu): rowOut gets (CE, KD) per row as doubles;
+    /// `student16` (not 0): the gradient's bf16 copy too.
     func distillationRows(
         rowOut: CUdeviceptr, student: CUdeviceptr, teacher: CUdeviceptr, teacherStride: Int, targets: CUdeviceptr,
-        rows: Int, vocab: Int, kind: Int, beta: Float, invT: Float, cKD: Float, cCE: Float, computeCE: Bool
+        rows: Int, vocab: Int, kind: Int, beta: Float, invT: Float, cKD: Float, cCE: Float, computeCE: Bool, student16: CUdeviceptr = 0
     ) throws {
         try kernels.launch(
             "kd_rows", grid: (rows, 1, 1), block: (512, 1, 1),
             [
                 .ptr(rowOut), .ptr(student), .ptr(teacher), .ptr(targets), .i32(rows), .i32(vocab), .i64(teacherStride),
-                .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0),
+                .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0), .ptr(student16),
             ])
     }
 

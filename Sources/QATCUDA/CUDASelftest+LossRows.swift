@@ -99,17 +99,20 @@ extension CUDASelftest {
         case .jsd(let x): (kind, b) = (2, Float(x))
         }
         let sd = try gpu(student), ud = try gpu(teacher), td = try DeviceBuffer(device, ints: targets)
-        let out = try DeviceBuffer(device, bytes: r * 16)
+        let out = try DeviceBuffer(device, bytes: r * 16), s16 = try DeviceBuffer(device, bytes: r * V * 2)
         try device.distillationRows(
             rowOut: out.ptr, student: sd.ptr, teacher: ud.ptr, teacherStride: teacherStride, targets: td.ptr, rows: r, vocab: V,
             kind: kind, beta: b, invT: Float(1 / T), cKD: Float(kdRatio * Double(scale) * T), cCE: Float((1 - kdRatio) * Double(scale)),
-            computeCE: k.computeCE)
+            computeCE: k.computeCE, student16: s16.ptr)
         var ce = 0.0, kd = 0.0
         try device.addDistillationSums(out.ptr, targets: targets[0..<r], temperature: T, ce: &ce, kd: &kd)
         let label = "kd_rows \(loss.rawValue) V=\(V) stride \(teacherStride) T=\(T) kd_ratio \(kdRatio)"
         add("\(label): loss", (abs(ce - cpu.ce) + abs(kd - cpu.kd)) / Double(valid), 1e-5, "|Δ| mean")
-        let m = Double(grad.map { abs($0) }.max() ?? 0)
-        add("\(label): gradient", Self.maxAbsDiff(grad, try sd.floats(r * V)) / max(m, 1e-30), 1e-4, "max |Δ|/max")
+        let m = Double(grad.map { abs($0) }.max() ?? 0), gradient = try sd.floats(r * V)
+        add("\(label): gradient", Self.maxAbsDiff(grad, gradient) / max(m, 1e-30), 1e-4, "max |Δ|/max")
+        var h16 = [UInt16](repeating: 0, count: r * V)
+        try h16.withUnsafeMutableBytes { try s16.download($0.baseAddress!, bytes: $0.count) }
+        add("\(label): bf16 copy", Double(zip(h16, gradient).filter { $0.0 != floatToBF16($0.1) }.count), 0, "values differ")
     }
 
     /// sumsq_chunks over tensors of awkward sizes (one not 16-byte aligned, so read element by

@@ -218,8 +218,8 @@ template <int N> __device__ void kd_jsd(const float *sr, const float *ur, int gr
 }
 
 // The gradient pass of kd_rows: s ← d(loss·gradScale)/ds (DistillationKernels.fullRow's fp32 and
-// double steps).
-template <int N> __device__ void kd_grad(float *sr, const float *ur, int groups, const KDRow &c) {
+// double steps); s16 (when not null): the same values rounded to bf16.
+template <int N> __device__ void kd_grad(float *sr, u16 *s16, const float *ur, int groups, const KDRow &c) {
     double invTD = c.invT;
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float x[N], y[N];
@@ -246,6 +246,10 @@ template <int N> __device__ void kd_grad(float *sr, const float *ur, int groups,
             x[k] = gk;
         }
         store_group<N>(sr, g, x);
+        if (s16) {
+#pragma unroll
+            for (int k = 0; k < N; k++) s16[N * g + k] = f32_to_bf16(x[k]);
+        }
     }
 }
 
@@ -256,16 +260,20 @@ template <int N> __device__ void kd_grad(float *sr, const float *ur, int groups,
 // (0 without CE), rowOut[2r+1] = KD (before T²). cKD = kd_ratio·gradScale·T,
 // cCE = (1 − kd_ratio)·gradScale. Ignored rows: zeros. One block per row; two passes over the
 // row (statistics with the dot products folded in, then the gradient), three for JSD.
+// s16 (when not null, [rows, V] bf16): the gradient's bf16 copy too, written in the same pass.
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *rowOut, float *s, const float *u, const int *targets,
                                                                        int rows, int V, long teacherStride, int kind, float beta,
-                                                                       float invT, float cKD, float cCE, int computeCE) {
+                                                                       float invT, float cKD, float cCE, int computeCE, u16 *s16) {
     int r = blockIdx.x;
     if (r >= rows) return;
     int t = targets[r];
     float *sr = s + (long)r * V;
     const float *ur = u + (long)r * teacherStride;
     if (t < 0) {
-        for (int j = threadIdx.x; j < V; j += blockDim.x) sr[j] = 0.0f;
+        for (int j = threadIdx.x; j < V; j += blockDim.x) {
+            sr[j] = 0.0f;
+            if (s16) s16[(long)r * V + j] = 0;
+        }
         if (threadIdx.x == 0) { rowOut[2 * r] = 0; rowOut[2 * r + 1] = 0; }
         return;
     }
@@ -311,7 +319,8 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *ro
         kd = block_sum_d(j2);
         c.klQM = block_sum_d(kl);
     }
-    if (vec) kd_grad<4>(sr, ur, groups, c);
-    else kd_grad<1>(sr, ur, groups, c);
+    u16 *sr16 = s16 ? s16 + (long)r * V : nullptr;
+    if (vec) kd_grad<4>(sr, sr16, ur, groups, c);
+    else kd_grad<1>(sr, sr16, ur, groups, c);
     if (threadIdx.x == 0) { rowOut[2 * r] = ce; rowOut[2 * r + 1] = kd; }
 }

@@ -148,14 +148,15 @@ extension CUDAModel {
     /// RMSNorm backward with its weight gradient (when trainable).
     private func rmsnormBackward(
         _ weight: Parameter, dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, rstd: CUdeviceptr,
-        n: Int, c: Int, accumulate: Bool
+        n: Int, c: Int, accumulate: Bool, dinp16: CUdeviceptr = 0
     ) throws {
         if let gw = gradient(weight) {
             try device.columnSum(
                 out: gw, a: dout, b: inp, rowScale: rstd, n: n, c: c,
                 scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: c) * 4))
         }
-        try device.rmsnormBackward(dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate)
+        try device.rmsnormBackward(
+            dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16)
     }
 
     // MARK: Backward
@@ -167,9 +168,12 @@ extension CUDAModel {
         guard let b = buffers, b.training else { throw QATError.internal("backward needs a forward with saveForBackward") }
         let g = try backwardBuffers(b)
         let c = config, C = c.hiddenSize, N = b.batch * b.seqLen
+        // bf16: every RMSNorm backward also writes the residual gradient's bf16 copy into g.dy16, where the next
+        // product that reads it as dy (down_proj after the final or an input norm, o_proj after a post-attention
+        // norm) finds it (`dy16Ready`); nothing writes g.dy16 in between.
         try rmsnormBackward(
             model.finalNorm, dinp: g.dres.ptr, dout: dHidden, inp: b.residuals[model.layers.count].ptr,
-            rstd: b.finalRstd.ptr, n: N, c: C, accumulate: false)
+            rstd: b.finalRstd.ptr, n: N, c: C, accumulate: false, dinp16: precision == .bf16 ? g.dy16.ptr : 0)
         for l in stride(from: model.layers.count - 1, through: 0, by: -1) {
             if b.checkpointed { try recomputeLayer(l, b) }
             try layerBackward(model.layers[l], b.layers[b.checkpointed ? 0 : l], xin: b.residuals[l].ptr, b: b, g: g)
@@ -190,10 +194,11 @@ extension CUDAModel {
         let downInput = try fusedDownInput(dp, a, b)
         let h = downInput == nil ? try hBuffer(b) : 0  // (with downInput nothing reads h)
         if downInput == nil { try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * I) }
-        try linearBackward(dp, dy: dres, x: h, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, input: downInput)
+        let bf = precision == .bf16, dres16 = bf ? g.dy16.ptr : 0  // (dres's bf16 copy, see `backward`)
+        try linearBackward(dp, dy: dres, x: h, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf, input: downInput)
         // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
         // the fp32 ones only when a bias or an adapter reads them.
-        let bf = precision == .bf16, fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }
+        let fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }
         let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
         let dgate = fp32Grads ? try scratch("dgate32", bytes: N * I * 4) : 0, dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
         try device.swigluBackward(
@@ -205,9 +210,10 @@ extension CUDAModel {
         try linearBackward(
             up, dy: dup, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
             dy16: bf ? dup16 : nil, dy16Ready: bf, input: gateUp)
-        try rmsnormBackward(L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true)
+        try rmsnormBackward(
+            L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true, dinp16: dres16)
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
-        try linearBackward(L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g)
+        try linearBackward(L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf)
         try device.attentionBackward(
             dq: g.dq.ptr, dk: g.dk.ptr, dv: g.dv.ptr, dout: g.dattn.ptr, out: a.attn.ptr, lse: a.lse.ptr,
             q: a.q.ptr, k: a.kUsed, v: a.vUsed, delta: g.delta.ptr, batch: b.batch, seqLen: b.seqLen, heads: H,
@@ -232,7 +238,8 @@ extension CUDAModel {
         try linearBackward(L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, input: qkv)
         try linearBackward(L.kProj, dy: dkIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
         try linearBackward(L.vProj, dy: g.dv.ptr, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
-        try rmsnormBackward(L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true)
+        try rmsnormBackward(
+            L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true, dinp16: dres16)
     }
 
     // MARK: Loss heads

@@ -37,15 +37,16 @@ extension CUDADevice {
         if kernels.syncEachLaunch { try synchronize() }
     }
 
-    /// RMSNorm backward: dinp (+)= dx (the weight gradient is `columnSum(a: dout, b: inp, rowScale: rstd)`).
+    /// RMSNorm backward: dinp (+)= dx (the weight gradient is `columnSum(a: dout, b: inp, rowScale: rstd)`);
+    /// `dinp16` (not 0): dinp's new values in bf16 too.
     func rmsnormBackward(
         dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, rstd: CUdeviceptr, n: Int, c: Int,
-        accumulate: Bool
+        accumulate: Bool, dinp16: CUdeviceptr = 0
     ) throws {
         let threads = c >= 1024 ? 256 : (c >= 256 ? 128 : (c > 32 ? 64 : 32))
         try kernels.launch(
             "rmsnorm_backward", grid: (n, 1, 1), block: (threads, 1, 1),
-            [.ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0)])
+            [.ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0), .ptr(dinp16)])
     }
 
     /// Floats of scratch `columnSum` needs for an [n, c] matrix.

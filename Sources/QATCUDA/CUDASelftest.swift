@@ -173,6 +173,29 @@ public struct CUDASelftest {
             try h16.withUnsafeMutableBytes { try o16.download($0.baseAddress!, bytes: $0.count) }
             let back = h16.map { Float(bitPattern: UInt32($0) << 16) }
             add("rmsnorm bf16 copy, relative", Self.maxAbsDiff(o, back) / Double(o.map { abs($0) }.max()!), 4e-3, "max |Δ|/max")
+            // Backward, added to a gradient already there, with dinp's bf16 copy (round to nearest even, bit for bit).
+            let dy = Self.random(rows * c, seed: 16), d0 = Self.random(rows * c, seed: 17)
+            var dx = d0
+            dy.withUnsafeBufferPointer { dyp in
+                x.withUnsafeBufferPointer { xp in
+                    g.withUnsafeBufferPointer { gp in
+                        rs.withUnsafeBufferPointer { rp in
+                            RMSNorm.backward(
+                                dinp: &dx, dweight: nil, dout: dyp.baseAddress!, inp: xp.baseAddress!, weight: gp.baseAddress!,
+                                rstd: rp.baseAddress!, n: rows, c: c, accumulate: true)
+                        }
+                    }
+                }
+            }
+            let dxd = try gpu(d0), dyd = try gpu(dy), dx16 = try DeviceBuffer(d, bytes: rows * c * 2)
+            try d.rmsnormBackward(
+                dinp: dxd.ptr, dout: dyd.ptr, inp: xd.ptr, weight: gd.ptr, rstd: rd.ptr, n: rows, c: c, accumulate: true, dinp16: dx16.ptr)
+            let gdx = try dxd.floats(rows * c)
+            add(
+                "rmsnorm backward (accumulate), relative", Self.maxAbsDiff(dx, gdx) / Double(dx.map { abs($0) }.max()!), 1e-5, "max |Δ|/max"
+            )
+            try h16.withUnsafeMutableBytes { try dx16.download($0.baseAddress!, bytes: $0.count) }
+            add("rmsnorm backward bf16 copy", Double(zip(h16, gdx).filter { $0.0 != floatToBF16($0.1) }.count), 0, "values differ")
         }
 
         // SwiGLU and residual add.

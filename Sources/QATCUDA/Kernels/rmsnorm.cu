@@ -47,9 +47,10 @@ extern "C" __global__ void rmsnorm_forward_warp(float *out, float *rstd, const f
 // RMSNorm backward (RMSNorm.backward): per row, k = (Σ w·g·x)·rs²/c and dx = rs·(w·g − x·k),
 // written to dinp or added to it (accumulate != 0); dinp may alias dout only when writing. One
 // block per row (a multiple of 32 threads). The weight gradient Σ_rows g·(x·rs) is a column
-// sum (colsum_partial with rowScale = rstd).
+// sum (colsum_partial with rowScale = rstd). dinp16 (when not null): dinp's new values rounded to
+// bf16 (the residual stream's gradient is the next bf16 product's dy).
 extern "C" __global__ void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *w, const float *rstd,
-                                            int n, int c, int accumulate) {
+                                            int n, int c, int accumulate, u16 *dinp16) {
     long row = blockIdx.x;
     if (row >= n) return;
     const float *x = inp + row * c, *g = dout + row * c;
@@ -61,6 +62,8 @@ extern "C" __global__ void rmsnorm_backward(float *dinp, const float *dout, cons
     float k = __fdiv_rn(__fmul_rn(__fmul_rn((float)s, rs), rs), (float)c);
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         float v = __fmul_rn(rs, __fsub_rn(__fmul_rn(w[j], g[j]), __fmul_rn(x[j], k)));
-        d[j] = accumulate ? __fadd_rn(d[j], v) : v;
+        v = accumulate ? __fadd_rn(d[j], v) : v;
+        d[j] = v;
+        if (dinp16) dinp16[row * c + j] = f32_to_bf16(v);
     }
 }

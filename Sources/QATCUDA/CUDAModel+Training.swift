@@ -224,10 +224,18 @@ extension CUDAModel {
         if a.vUsed != a.vRaw.ptr, let amax = clipAmax(L.vQuantizer) {
             try device.steClip(out: g.dv.ptr, grad: g.dv.ptr, x: a.vRaw.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
         }
-        try device.rope(g.dq.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: H, headDim: D, sign: -1)
-        try device.rope(g.dk.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: Hkv, headDim: D, sign: -1)
+        // bf16 without q/k norms: the rope backward writes dq's (then dk's) bf16 copy into g.dy16 just before its product.
+        let qkNorms = L.qNorm != nil && L.kNorm != nil, ropeBF16 = bf && !qkNorms
+        func ropeBackward(_ x: CUdeviceptr, heads: Int, x16: CUdeviceptr = 0) throws {
+            try device.rope(
+                x, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: heads, headDim: D, sign: -1, x16: x16)
+        }
+        if !ropeBF16 {
+            try ropeBackward(g.dq.ptr, heads: H)
+            try ropeBackward(g.dk.ptr, heads: Hkv)
+        }
         var dqIn = g.dq.ptr, dkIn = g.dk.ptr
-        if let qn = L.qNorm, let kn = L.kNorm {
+        if qkNorms, let qn = L.qNorm, let kn = L.kNorm {
             try rmsnormBackward(
                 qn, dinp: g.dqRaw.ptr, dout: g.dq.ptr, inp: a.qRaw.ptr, rstd: a.qRstd.ptr, n: N * H, c: D, accumulate: false)
             try rmsnormBackward(
@@ -235,8 +243,12 @@ extension CUDAModel {
             dqIn = g.dqRaw.ptr; dkIn = g.dkRaw.ptr
         }
         let qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, n: N, buffers: b)
-        try linearBackward(L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, input: qkv)
-        try linearBackward(L.kProj, dy: dkIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
+        if ropeBF16 { try ropeBackward(g.dq.ptr, heads: H, x16: g.dy16.ptr) }
+        try linearBackward(
+            L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, dy16Ready: ropeBF16, input: qkv)
+        if ropeBF16 { try ropeBackward(g.dk.ptr, heads: Hkv, x16: g.dy16.ptr) }
+        try linearBackward(
+            L.kProj, dy: dkIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, dy16Ready: ropeBF16, input: qkv)
         try linearBackward(L.vProj, dy: g.dv.ptr, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
         try rmsnormBackward(
             L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true, dinp16: dres16)

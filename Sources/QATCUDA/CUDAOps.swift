@@ -47,12 +47,14 @@ extension CUDADevice {
             [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
     }
 
-    func rope(_ x: CUdeviceptr, cos: CUdeviceptr, sin: CUdeviceptr, rows: Int, seqLen: Int, heads: Int, headDim: Int, sign: Float = 1)
-        throws
-    {
+    /// RoPE in place (sign -1: its backward); `x16` (not 0): the result's bf16 copy too.
+    func rope(
+        _ x: CUdeviceptr, cos: CUdeviceptr, sin: CUdeviceptr, rows: Int, seqLen: Int, heads: Int, headDim: Int, sign: Float = 1,
+        x16: CUdeviceptr = 0
+    ) throws {
         try kernels.launch1D(
             "rope_apply", rows * heads * headDim / 2,
-            [.ptr(x), .ptr(cos), .ptr(sin), .i32(rows), .i32(seqLen), .i32(heads), .i32(headDim), .f32(sign)])
+            [.ptr(x), .ptr(cos), .ptr(sin), .i32(rows), .i32(seqLen), .i32(heads), .i32(headDim), .f32(sign), .ptr(x16)])
     }
 
     func add(_ a: CUdeviceptr, _ b: CUdeviceptr, count: Int) throws {

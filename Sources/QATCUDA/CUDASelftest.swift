@@ -260,6 +260,20 @@ public struct CUDASelftest {
             try d.rope(qd.ptr, cos: cosd.ptr, sin: sind.ptr, rows: N, seqLen: seqLen, heads: heads, headDim: headDim)
             try d.rope(kd.ptr, cos: cosd.ptr, sin: sind.ptr, rows: N, seqLen: seqLen, heads: kvHeads, headDim: headDim)
             add("rope forward D=\(headDim)", Self.maxAbsDiff(q, try qd.floats(q.count)), 1e-5)
+            do {  // the backward (sign −1) with its bf16 copy, bit for bit
+                var back = q
+                rope.backward(&back, batch: batch, seqLen: seqLen, heads: heads)
+                let bd = try gpu(q), b16 = try DeviceBuffer(d, bytes: q.count * 2)
+                try d.rope(
+                    bd.ptr, cos: cosd.ptr, sin: sind.ptr, rows: N, seqLen: seqLen, heads: heads, headDim: headDim, sign: -1, x16: b16.ptr)
+                let gb = try bd.floats(q.count)
+                var h16 = [UInt16](repeating: 0, count: q.count)
+                try h16.withUnsafeMutableBytes { try b16.download($0.baseAddress!, bytes: $0.count) }
+                add("rope backward D=\(headDim)", Self.maxAbsDiff(back, gb), 1e-5)
+                add(
+                    "rope backward D=\(headDim) bf16 copy", Double(zip(h16, gb).filter { $0.0 != floatToBF16($0.1) }.count), 0,
+                    "values differ")
+            }
             let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim, window: window)
             var out = [Float](repeating: 0, count: N * heads * headDim),
                 probs = [Float](repeating: 0, count: batch * heads * seqLen * seqLen)

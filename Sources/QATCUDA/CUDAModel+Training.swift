@@ -224,31 +224,39 @@ extension CUDAModel {
         if a.vUsed != a.vRaw.ptr, let amax = clipAmax(L.vQuantizer) {
             try device.steClip(out: g.dv.ptr, grad: g.dv.ptr, x: a.vRaw.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
         }
-        // bf16 without q/k norms: the rope backward writes dq's (then dk's) bf16 copy into g.dy16 just before its product.
-        let qkNorms = L.qNorm != nil && L.kNorm != nil, ropeBF16 = bf && !qkNorms
+        // dq, dk: the rope backward, then (Qwen3) the q/k norms' backward. In bf16 the last of these kernels before
+        // each product also writes its bf16 copy into g.dy16, which that product reads as dy (so q's chain runs,
+        // then q's product, then k's chain and product: no to_bf16 pass).
         func ropeBackward(_ x: CUdeviceptr, heads: Int, x16: CUdeviceptr = 0) throws {
             try device.rope(
                 x, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: heads, headDim: D, sign: -1, x16: x16)
         }
-        if !ropeBF16 {
-            try ropeBackward(g.dq.ptr, heads: H)
-            try ropeBackward(g.dk.ptr, heads: Hkv)
-        }
-        var dqIn = g.dq.ptr, dkIn = g.dk.ptr
-        if qkNorms, let qn = L.qNorm, let kn = L.kNorm {
-            try rmsnormBackward(
-                qn, dinp: g.dqRaw.ptr, dout: g.dq.ptr, inp: a.qRaw.ptr, rstd: a.qRstd.ptr, n: N * H, c: D, accumulate: false)
-            try rmsnormBackward(
-                kn, dinp: g.dkRaw.ptr, dout: g.dk.ptr, inp: a.kRaw.ptr, rstd: a.kRstd.ptr, n: N * Hkv, c: D, accumulate: false)
-            dqIn = g.dqRaw.ptr; dkIn = g.dkRaw.ptr
+        /// norm: the per-head norm's weight, its input's gradient buffer, its input and rstd.
+        func projectionGradient(
+            _ proj: Linear, d: CUdeviceptr, heads: Int, norm: (Parameter, dRaw: CUdeviceptr, raw: CUdeviceptr, rstd: CUdeviceptr)?,
+            accumulate: Bool, input: CUdeviceptr?
+        ) throws {
+            let d16 = bf ? g.dy16.ptr : 0
+            if let (weight, dRaw, raw, rstd) = norm {
+                try ropeBackward(d, heads: heads)
+                try rmsnormBackward(weight, dinp: dRaw, dout: d, inp: raw, rstd: rstd, n: N * heads, c: D, accumulate: false, dinp16: d16)
+            } else {
+                try ropeBackward(d, heads: heads, x16: d16)
+            }
+            try linearBackward(
+                proj, dy: norm?.dRaw ?? d, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: accumulate, b: b, g: g, dy16Ready: bf,
+                input: input)
         }
         let qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, n: N, buffers: b)
-        if ropeBF16 { try ropeBackward(g.dq.ptr, heads: H, x16: g.dy16.ptr) }
-        try linearBackward(
-            L.qProj, dy: dqIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, dy16Ready: ropeBF16, input: qkv)
-        if ropeBF16 { try ropeBackward(g.dk.ptr, heads: Hkv, x16: g.dy16.ptr) }
-        try linearBackward(
-            L.kProj, dy: dkIn, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, dy16Ready: ropeBF16, input: qkv)
+        if let qn = L.qNorm, let kn = L.kNorm {
+            try projectionGradient(
+                L.qProj, d: g.dq.ptr, heads: H, norm: (qn, g.dqRaw.ptr, a.qRaw.ptr, a.qRstd.ptr), accumulate: false, input: qkv)
+            try projectionGradient(
+                L.kProj, d: g.dk.ptr, heads: Hkv, norm: (kn, g.dkRaw.ptr, a.kRaw.ptr, a.kRstd.ptr), accumulate: true, input: qkv)
+        } else {
+            try projectionGradient(L.qProj, d: g.dq.ptr, heads: H, norm: nil, accumulate: false, input: qkv)
+            try projectionGradient(L.kProj, d: g.dk.ptr, heads: Hkv, norm: nil, accumulate: true, input: qkv)
+        }
         try linearBackward(L.vProj, dy: g.dv.ptr, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
         try rmsnormBackward(
             L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true, dinp16: dres16)

@@ -7,10 +7,11 @@
 #      script, ModelOpt from SITE_TAR: a tar.xz of a pip --target folder named site, see
 #      ../shared/peer/README.md);
 #   3. scripts/gpu-features-check.sh (LoRA, QLoRA, top-k, checkpointing recipes) with what is left.
-# Writes OUT/selftest.txt, OUT/peer-warmup.txt, OUT/bench.txt, OUT/features.tgz (and OUT/cpu-profile.txt) (few files: the device tool brings
+# Writes OUT/selftest.txt, OUT/peer-warmup.txt, OUT/bench.txt, OUT/features.tgz (and OUT/cpu-profile.txt, OUT/scaling-smollm.txt) (few files: the device tool brings
 # back at most 8).
 #   bash scripts/gpu-session-check.sh BUNDLE.tar.xz SITE.tar.xz PEER_SCRIPT OUT_DIR [SECONDS]
-# (BENCH_EXTRA: more flags for the bench, e.g. --profile; SHAPE_LIMIT: seconds per shape, default 330.)
+# (BENCH_EXTRA: more flags for the bench, e.g. --profile; SHAPE_LIMIT: seconds per shape, default 330; PEER_MODES:
+# the peer's modes, default fwd,qat,qad; SCALING=1: also the SmolLM2 CPU scaling, 2 and all threads, after the selftest.)
 set -uo pipefail
 bundle=$(readlink -f "$1") site=$(readlink -f "$2") peer=$(readlink -f "$3") out=$(mkdir -p "$4" && readlink -f "$4")
 budget=${5:-560}
@@ -29,13 +30,19 @@ timeout 120 $Q selftest --device cuda >"$out/selftest.txt" 2>&1
 echo "selftest rc=$? at $((SECONDS - start)) s" | tee -a "$out/selftest.txt"
 wait $warmup
 echo "ModelOpt extension warm-up rc=$? at $((SECONDS - start)) s" | tee -a "$out/peer-warmup.txt"
+# SCALING=1: the SmolLM2 shape's CPU scaling (issue 18) at 2 and all threads, 3 laps, while nothing else runs.
+if [ -n "${SCALING:-}" ]; then
+  timeout "${SCALING_LIMIT:-200}" $Q bench --scaling --shapes smollm --scaling-threads "2,$(nproc)" --repeats 3 \
+    >"$out/scaling-smollm.txt" 2>&1
+  echo "scaling rc=$? at $((SECONDS - start)) s" | tee -a "$out/scaling-smollm.txt"
+fi
 # One bench per shape (SHAPES, in order), each with its own limit, so a slow peer cannot take the next shape's time.
 for shape in ${SHAPES:-llama-3.2-1b qwen3-0.6b}; do
   [ "$(left)" -gt 120 ] || { echo "== $shape skipped: $(left) s left" | tee -a "$out/bench.txt"; continue; }
   echo "== $shape at $((SECONDS - start)) s" >>"$out/bench.txt"
   limit=$(($(left) - 60)); [ "$limit" -gt "${SHAPE_LIMIT:-330}" ] && limit=${SHAPE_LIMIT:-330}
   timeout "$limit" $Q bench --device cuda --shapes "$shape" --batch 8 --seq 1024 --repeats 5 ${BENCH_EXTRA:-} \
-    --peer python3 --peer-script "$peer" >>"$out/bench.txt" 2>&1
+    --peer python3 --peer-script "$peer" --peer-modes "${PEER_MODES:-fwd,qat,qad}" >>"$out/bench.txt" 2>&1
   echo "bench $shape rc=$? at $((SECONDS - start)) s" | tee -a "$out/bench.txt"
 done
 if [ "$(left)" -gt 40 ]; then

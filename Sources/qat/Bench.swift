@@ -90,6 +90,11 @@ struct Bench: ParsableCommand {
     var peerSteps: Int = 3
 
     @Option(
+        name: .customLong("peer-modes"),
+        help: "With --device cuda: the GPU peer script's modes (fwd: PyTorch's forward; qat, qad: ModelOpt's steps).")
+    var peerModes: String = "fwd,qat,qad"
+
+    @Option(
         name: .customLong("loss-tokens"),
         help: "Token counts for the fused vs unfused KD loss benchmark (vocab 151,936, hidden 1,024), e.g. 1024,4096,16384.")
     var lossTokens: String = ""
@@ -104,6 +109,10 @@ struct Bench: ParsableCommand {
         guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1") }
         guard batch >= 1, seq >= 2 else { throw ValidationError("--batch must be at least 1 and --seq at least 2") }
         guard peerSteps >= 1 else { throw ValidationError("--peer-steps must be at least 1") }
+        let modes = peerModes.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        guard !modes.isEmpty, modes.allSatisfy({ ["fwd", "qat", "qad"].contains($0) }) else {
+            throw ValidationError("--peer-modes: '\(peerModes)' is not a list of fwd, qat, qad")
+        }
         _ = try lossTokenCounts()
         _ = try scalingThreadCounts()
         if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
@@ -122,7 +131,7 @@ struct Bench: ParsableCommand {
                     ? (peerScript as NSString).deletingLastPathComponent + "/modelopt_gpu_speed.py" : peerScript
                 try GPUBench(
                     device: try ComputeDevice(parsing: device), shapes: shapeList, batch: batch, seq: seq == 256 ? 1024 : seq,
-                    repeats: repeats, python: peer ?? "python3", peerScript: peer == nil ? nil : script,
+                    repeats: repeats, python: peer ?? "python3", peerScript: peer == nil ? nil : script, peerModes: peerModes,
                     profile: profile || ProcessInfo.processInfo.environment["QAT_PROFILE"] == "1"
                 ).run()
             }

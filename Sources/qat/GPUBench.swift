@@ -18,6 +18,8 @@ struct GPUBench {
     let repeats: Int
     let python: String
     let peerScript: String?
+    /// The peer script's modes (`--peer-modes`).
+    var peerModes = "fwd,qat,qad"
     /// Also print a per-operation time breakdown of one step (synchronised launches).
     var profile = false
 
@@ -163,7 +165,7 @@ struct GPUBench {
             }
             model.activationCheckpointing = false
             if let script = peerScript {
-                peer(script: script, shape: shape, modes: "fwd,qat,qad", config: config)
+                peer(script: script, shape: shape, modes: peerModes, config: config)
             }
         }
     }

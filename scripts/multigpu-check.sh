@@ -53,8 +53,11 @@ fi
 mpi() {
   local n=$1
   shift
-  "$mpirun" -np "$n" --oversubscribe --allow-run-as-root --bind-to none --mca btl self,vader,tcp \
-    -x NCCL_NVLS_ENABLE -x QAT_NCCL_LIB -x QAT_KERNEL_CACHE -x QAT_GRAD_REDUCE -x LD_LIBRARY_PATH -x PATH "$@"
+  local pass=()
+  for v in NCCL_NVLS_ENABLE QAT_NCCL_LIB QAT_KERNEL_CACHE QAT_GRAD_REDUCE LD_LIBRARY_PATH PATH; do
+    [ -n "${!v:-}" ] && pass+=(-x "$v")
+  done
+  "$mpirun" -np "$n" --oversubscribe --allow-run-as-root --bind-to none --mca btl self,vader,tcp "${pass[@]}" "$@"
 }
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
@@ -91,13 +94,16 @@ equivalence() {
   local precision=$1 reduce=$2 ranks=2 b=4
   local common=(--device cuda --precision "$precision" --set train.steps="$steps" --set train.eval_every=0
     --set train.save_every="$steps" --set train.warmup_steps=2 --set calibration.samples=16
-    --set data.validation_sequences=8 --set export.verify=false --quiet)
+    --set data.validation_sequences=8 --set export.verify=false)
   local one=$out/one-$precision-$reduce two=$out/two-$precision-$reduce
   rm -rf "$one" "$one.work" "$two" "$two.work"
   step $Q apply recipes/fortune-lm-qat.yaml "${common[@]}" --set train.batch_size=$((ranks * b)) --set export.dir="$one" \
     >"$one.log" 2>&1 || { note "FAIL  1 rank × batch $((ranks * b)) ($precision): see $one.log"; return; }
-  QAT_GRAD_REDUCE=$reduce step mpi $ranks $Q apply recipes/fortune-lm-qat.yaml "${common[@]}" --set train.batch_size=$b \
-    --set export.dir="$two" >"$two.log" 2>&1 || { note "FAIL  $ranks ranks × batch $b ($precision, $reduce): see $two.log"; return; }
+  export QAT_GRAD_REDUCE=$reduce
+  step mpi $ranks $Q apply recipes/fortune-lm-qat.yaml "${common[@]}" --set train.batch_size=$b \
+    --set export.dir="$two" >"$two.log" 2>&1 || { unset QAT_GRAD_REDUCE; note "FAIL  $ranks ranks × batch $b ($precision, $reduce): see $two.log"; return; }
+  unset QAT_GRAD_REDUCE
+  grep -h "data parallel on GPUs" "$two.log" | head -1 | tee -a "$summary"
   local tl=1e-5 tg=1e-4
   [ "$precision" = bf16 ] && tl=2e-3 tg=2e-2
   compare "$one" "$two" "$ranks ranks ($reduce) × batch $b vs 1 × batch $((ranks * b)), $precision" $tl $tg | tee -a "$summary"

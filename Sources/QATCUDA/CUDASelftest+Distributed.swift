@@ -84,7 +84,9 @@ extension CUDASelftest {
         }
         let one = try run(nil), two = try run(DoublingCommunicator())
         add("data parallel: global valid count", Double(abs(two.valid - 2 * one.valid)), 0, "|Δ| tokens")
-        add("data parallel: loss sums over ranks", abs(two.parts.total - 2 * one.parts.total) / max(abs(one.parts.total), 1e-30), 1e-9, "|Δ|/|x|")
+        add(
+            "data parallel: loss sums over ranks", abs(two.parts.total - 2 * one.parts.total) / max(abs(one.parts.total), 1e-30), 1e-9,
+            "|Δ|/|x|")
         let m = Double(one.grads.map { abs($0) }.max() ?? 0)
         let e = one.grads.count == two.grads.count && !one.grads.isEmpty ? Self.maxAbsDiff(one.grads, two.grads) / max(m, 1e-30) : .nan
         add("data parallel: reduced gradients = one process", e, 1e-6, "max |Δ|/max")
@@ -133,7 +135,9 @@ final class DoublingCommunicator: Communicator {
     func send(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws { throw QATError("stand-in: no send") }
     func recv(_ buf: UnsafeMutablePointer<Float>, count: Int, from peer: Int, tag: Int) throws { throw QATError("stand-in: no recv") }
     func broadcast(_ buf: UnsafeMutablePointer<Float>, count: Int, root: Int) throws {}
-    func isend(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws -> SendRequest { throw QATError("stand-in: no send") }
+    func isend(_ buf: UnsafePointer<Float>, count: Int, to peer: Int, tag: Int) throws -> SendRequest {
+        throw QATError("stand-in: no send")
+    }
     func wait(_ request: SendRequest) throws {}
     var traffic: CommTraffic { CommTraffic() }
     func barrier() throws {}

@@ -44,7 +44,8 @@ public enum GPUDataParallel {
     public static func ordinal(requested: Int, localRank: Int, deviceCount: Int) throws -> Int {
         guard deviceCount > 0 else { throw QATError("no CUDA GPU found; run on a machine with an NVIDIA GPU or use device: cpu") }
         guard requested >= 0, requested < deviceCount else {
-            throw QATError("device cuda:\(requested) does not exist: this machine has \(deviceCount) GPU(s) (cuda:0…cuda:\(deviceCount - 1))")
+            throw QATError(
+                "device cuda:\(requested) does not exist: this machine has \(deviceCount) GPU(s) (cuda:0…cuda:\(deviceCount - 1))")
         }
         return (requested + max(0, localRank)) % deviceCount
     }

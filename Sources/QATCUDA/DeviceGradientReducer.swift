@@ -35,7 +35,8 @@ public final class DeviceGradientReducer {
         }
         var failures = [loadError == nil ? 0.0 : 1.0]
         try world.allReduceSum(&failures)
-        let share = GPUDataParallel.ranksShareGPUs(localSize: GPUDataParallel.localSize(environment: env), deviceCount: try CUDADevice.deviceCount())
+        let share = GPUDataParallel.ranksShareGPUs(
+            localSize: GPUDataParallel.localSize(environment: env), deviceCount: try CUDADevice.deviceCount())
         let mode = try GPUDataParallel.reduceMode(environment: env, ncclLoads: failures[0] == 0, ranksShareGPUs: share)
         if mode == .nccl && failures[0] != 0 {
             throw loadError ?? QATError("NCCL could not be loaded on \(Int(failures[0])) rank(s) (\(GPUDataParallel.reduceVariable)=nccl)")
@@ -49,7 +50,8 @@ public final class DeviceGradientReducer {
         let mb = bucketElements >> 18
         switch mode {
         case .nccl: return "gradients all-reduced by NCCL \(nccl?.library.version ?? "?") on the GPU, buckets of \(mb) MiB"
-        case .mpi: return "gradients all-reduced through host memory and MPI (\(GPUDataParallel.reduceVariable)=mpi path), buckets of \(mb) MiB"
+        case .mpi:
+            return "gradients all-reduced through host memory and MPI (\(GPUDataParallel.reduceVariable)=mpi path), buckets of \(mb) MiB"
         }
     }
 
@@ -97,9 +99,10 @@ extension CUDAModel {
         guard comm.isDistributed else {
             return try evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, progress: progress)
         }
+        let reduce: (inout [Double]) throws -> Void = { try comm.allReduceSum(&$0) }
         return try Evaluation.evaluate(
             stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, progress: progress,
-            shard: (comm.rank, comm.size), reduce: { try comm.allReduceSum(&$0) }
+            shard: (comm.rank, comm.size), reduce: reduce
         ) { tokens, targets, b in
             let hidden = try forward(tokens: tokens, batch: b, seqLen: seqLen)
             return try lossSums(hidden: hidden, targets: targets, n: b * seqLen)

@@ -60,7 +60,8 @@ public final class NCCLCommunicator {
         var failure: Error? = nil
         if control.isRoot {
             let lib = library
-            let r = id.withUnsafeMutableBytes { bytes in withUnsafePointer(to: lib.api) { qat_nccl_unique_id_bytes($0, bytes.baseAddress!) } }
+            let r = id.withUnsafeMutableBytes { bytes in withUnsafePointer(to: lib.api) { qat_nccl_unique_id_bytes($0, bytes.baseAddress!) }
+            }
             do { try lib.check(r, "ncclGetUniqueId") } catch { failure = error }
         }
         var failed: [Double] = [failure == nil ? 0 : 1]

@@ -12,6 +12,7 @@ extension Communicator {
         staging.withUnsafeMutableBytes { dst in bytes.withUnsafeBytes { dst.copyMemory(from: $0) } }
         try staging.withUnsafeMutableBufferPointer { try broadcast($0.baseAddress!, count: words, root: root) }
         let n = bytes.count
-        staging.withUnsafeBytes { src in bytes.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[0..<n])) } }
+        staging.withUnsafeBytes { src in bytes.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[0..<n])) }
+        }
     }
 }

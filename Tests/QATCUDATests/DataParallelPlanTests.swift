@@ -71,9 +71,13 @@ final class DataParallelPlanTests: XCTestCase {
         XCTAssertEqual(try GPUDataParallel.reduceMode(environment: [:], ncclLoads: true, ranksShareGPUs: false), M.nccl)
         XCTAssertEqual(try GPUDataParallel.reduceMode(environment: [:], ncclLoads: false, ranksShareGPUs: false), M.mpi)
         XCTAssertEqual(try GPUDataParallel.reduceMode(environment: [:], ncclLoads: true, ranksShareGPUs: true), M.mpi)
-        XCTAssertEqual(try GPUDataParallel.reduceMode(environment: ["QAT_GRAD_REDUCE": "mpi"], ncclLoads: true, ranksShareGPUs: false), M.mpi)
-        XCTAssertEqual(try GPUDataParallel.reduceMode(environment: ["QAT_GRAD_REDUCE": " NCCL"], ncclLoads: false, ranksShareGPUs: true), M.nccl)
-        XCTAssertThrowsError(try GPUDataParallel.reduceMode(environment: ["QAT_GRAD_REDUCE": "gloo"], ncclLoads: true, ranksShareGPUs: false)) {
+        XCTAssertEqual(
+            try GPUDataParallel.reduceMode(environment: ["QAT_GRAD_REDUCE": "mpi"], ncclLoads: true, ranksShareGPUs: false), M.mpi)
+        XCTAssertEqual(
+            try GPUDataParallel.reduceMode(environment: ["QAT_GRAD_REDUCE": " NCCL"], ncclLoads: false, ranksShareGPUs: true), M.nccl)
+        XCTAssertThrowsError(
+            try GPUDataParallel.reduceMode(environment: ["QAT_GRAD_REDUCE": "gloo"], ncclLoads: true, ranksShareGPUs: false)
+        ) {
             XCTAssertEqual("\($0)", "QAT_GRAD_REDUCE=gloo is not one of nccl, mpi")
         }
         XCTAssertEqual(try GPUDataParallel.bucketElements(environment: [:]), 64 << 18)
@@ -93,7 +97,9 @@ final class DataParallelPlanTests: XCTestCase {
             try StagedReduction.run(
                 buckets, staging: s.baseAddress!,
                 download: { r, host in for (k, i) in r.enumerated() { host[k] = arena[i] } },
-                reduce: { buf, n in for i in 0..<n { buf[i] *= 2 }; reduced += n },
+                reduce: { buf, n in
+                    for i in 0..<n { buf[i] *= 2 }; reduced += n
+                },
                 upload: { r, host in for (k, i) in r.enumerated() { arena[i] = host[k] } })
         }
         XCTAssertEqual(reduced, buckets.elements)

@@ -15,7 +15,8 @@
 #     through host memory and MPI (QAT_GRAD_REDUCE=mpi: NCCL refuses two ranks on one GPU);
 #   - no mpirun: says so (apt-get install openmpi-bin, or MPIRUN=/path/to/mpirun).
 # Environment: MPIRUN (default: mpirun on PATH), QAT_NCCL_LIB (default: NCCL of python3's
-# nvidia-nccl wheel, else the loader's), STEPS (default 12), SELFTEST=0 and LLAMA=0 skip those.
+# nvidia-nccl wheel, else the loader's), STEPS (default 12), SELFTEST=0 and LLAMA=0 skip those,
+# SELFTEST=distributed runs only the selftest's data-parallel and NCCL checks.
 # NVLink multicast stays off: NCCL_NVLS_ENABLE=0 here, passed to every rank (qat sets it too).
 set -uo pipefail
 bundle=$1 out=$2
@@ -41,7 +42,9 @@ note "host: $gpus GPU(s); mpirun: ${mpirun:-none}; NCCL: ${QAT_NCCL_LIB:-not fou
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
 if [ "${SELFTEST:-1}" != 0 ]; then
-  step $Q selftest --device cuda >"$out/selftest.txt" 2>&1
+  only=()
+  [ "${SELFTEST:-1}" = distributed ] && only=(--only distributed)
+  step $Q selftest --device cuda "${only[@]}" >"$out/selftest.txt" 2>&1
   grep -E "data parallel|NCCL|^selftest:" "$out/selftest.txt" | tee -a "$summary"
 fi
 

@@ -10,6 +10,12 @@ import QATTrain
 /// communicator against one process, and NCCL with a one-rank communicator (skipped, with the
 /// reason printed, when libnccl.so.2 cannot be loaded).
 extension CUDASelftest {
+    /// The data-parallel checks alone (`qat selftest --device cuda --only distributed`); true when all pass.
+    public mutating func runDistributed() throws -> Bool {
+        try distributed()
+        return checks.allSatisfy(\.passed)
+    }
+
     mutating func distributed() throws {
         try stagedReductionCheck()
         try dataParallelBackendCheck()

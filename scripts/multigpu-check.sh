@@ -2,7 +2,9 @@
 # Data parallelism on GPUs (issue 21), on a GPU host, in one call (the host needs no Swift
 # toolchain: the bundle of scripts/bundle.sh, plus Open MPI's mpirun, which the bundle does
 # not carry: qat opens libmpi with dlopen, as it opens CUDA and NCCL).
-#   bash scripts/multigpu-check.sh BUNDLE.tar.xz OUT_DIR
+#   bash scripts/multigpu-check.sh BUNDLE.tar.xz OUT_DIR [OMPI.tar.xz]
+# OMPI.tar.xz (scripts/ompi-carry.sh): Open MPI carried from a Debian/Ubuntu machine, unpacked
+# and used when the host has no mpirun.
 #
 # What runs, by what the host has:
 #   - always: `qat selftest --device cuda` (its "data parallel" and "NCCL" lines: the staged
@@ -19,7 +21,7 @@
 # SELFTEST=distributed runs only the selftest's data-parallel and NCCL checks.
 # NVLink multicast stays off: NCCL_NVLS_ENABLE=0 here, passed to every rank (qat sets it too).
 set -uo pipefail
-bundle=$1 out=$2
+bundle=$1 out=$2 ompi=${3:-}
 mkdir -p "$out" /tmp/qatb
 out=$(cd "$out" && pwd)
 tar -C /tmp/qatb -xJf "$bundle"
@@ -33,6 +35,17 @@ step() { echo "== $*"; local s=$SECONDS; "$@"; local rc=$?; echo "== rc=$rc ($((
 
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 mpirun=${MPIRUN:-$(command -v mpirun || true)}
+if [ -z "$mpirun" ] && [ -n "$ompi" ]; then
+  # The carried Open MPI: binaries and libraries from /tmp/ompi, plugin folders at their own paths
+  # (copied only where nothing is), loopback and shared memory only.
+  mkdir -p /tmp/ompi && tar -C /tmp/ompi -xJf "$ompi"
+  for d in usr/lib/x86_64-linux-gnu/openmpi usr/lib/x86_64-linux-gnu/pmix2 usr/share/openmpi usr/share/pmix etc/openmpi; do
+    [ -e "/$d" ] || { [ -e "/tmp/ompi/abs/$d" ] && cp -a "/tmp/ompi/abs/$d" "/$d"; }
+  done
+  export PATH=/tmp/ompi/bin:$PATH LD_LIBRARY_PATH=/tmp/ompi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export OMPI_MCA_pml=ob1 OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
+  mpirun=/tmp/ompi/bin/mpirun
+fi
 if [ -z "${QAT_NCCL_LIB:-}" ]; then
   QAT_NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; d = os.path.join(list(nvidia.nccl.__path__)[0], "lib"); print(os.path.join(d, "libnccl.so.2"))' 2>/dev/null || true)
   [ -f "$QAT_NCCL_LIB" ] || QAT_NCCL_LIB=$(ldconfig -p 2>/dev/null | awk '/libnccl.so.2 /{print $NF; exit}')
@@ -49,7 +62,7 @@ if [ "${SELFTEST:-1}" != 0 ]; then
 fi
 
 if [ -z "$mpirun" ]; then
-  note "no mpirun on this host: the multi-rank checks need Open MPI (apt-get install openmpi-bin, or MPIRUN=/path/to/mpirun)"
+  note "no mpirun on this host: the multi-rank checks need Open MPI (apt-get install openmpi-bin, MPIRUN=/path/to/mpirun, or a third argument from scripts/ompi-carry.sh)"
   exit 0
 fi
 # Open MPI as root, loopback only, no core binding; the variables qat reads go to every rank.
@@ -68,7 +81,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 compare() {
   python3 - "$@" <<'PY'
 import json, struct, sys, glob, math
-a, b, label, tol_loss, tol_gn = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+a, b, label = sys.argv[1:4]
+first_loss, first_gn, tol_loss, tol_gn = map(float, sys.argv[4:8])
 def metrics(d):
     rows = [json.loads(l) for l in open(d + ".work/metrics.jsonl") if l.strip()]
     return {r["step"]: r for r in rows if "loss" in r}
@@ -84,36 +98,56 @@ ma, mb = metrics(a), metrics(b)
 ok = sorted(ma) == sorted(mb) and len(ma) > 0
 dl = max((abs(ma[s]["loss"] - mb[s]["loss"]) / abs(ma[s]["loss"]) for s in ma if s in mb), default=math.nan)
 dg = max((abs(ma[s]["grad_norm"] - mb[s]["grad_norm"]) / abs(ma[s]["grad_norm"]) for s in ma if s in mb), default=math.nan)
+# Step 1 runs before any update: only the summation order differs, so it is held to round-off;
+# later steps carry AdamW's m/sqrt(v), which turns round-off in near-zero gradients into steps of
+# up to lr, and NVFP4 codes that flip on it.
+d1l = abs(ma[1]["loss"] - mb[1]["loss"]) / abs(ma[1]["loss"]) if 1 in ma and 1 in mb else math.nan
+d1g = abs(ma[1]["grad_norm"] - mb[1]["grad_norm"]) / abs(ma[1]["grad_norm"]) if 1 in ma and 1 in mb else math.nan
 wa, wb = weights(a), weights(b)
 dw = max((abs(x - y) for k in wa for x, y in zip(wa[k], wb.get(k, []))), default=math.nan)
-ok = ok and dl <= tol_loss and dg <= tol_gn and set(wa) == set(wb)
-print(f"{'PASS' if ok else 'FAIL'}  {label}: {len(ma)} steps, max rel |Δloss| {dl:.3g} (tol {tol_loss:g}), "
-      f"max rel |Δgrad_norm| {dg:.3g} (tol {tol_gn:g}), max |Δw| {dw:.3g}")
+ok = ok and d1l <= first_loss and d1g <= first_gn and dl <= tol_loss and dg <= tol_gn and set(wa) == set(wb)
+print(f"{'PASS' if ok else 'FAIL'}  {label}: {len(ma)} steps; step 1 rel |Δloss| {d1l:.3g} (tol {first_loss:g}), "
+      f"rel |Δgrad_norm| {d1g:.3g} (tol {first_gn:g}); all steps {dl:.3g} (tol {tol_loss:g}), {dg:.3g} (tol {tol_gn:g}); "
+      f"max |Δw| {dw:.3g}")
 PY
 }
 
-# "ranks × batch b = 1 rank × batch 2b" on fortune-lm: QAT NVFP4 W4A4 + FP8 KV, STEPS steps.
+# "ranks × batch b = 1 rank × batch 2b" on fortune-lm (QAT recipe, STEPS steps of 8 × 256 tokens),
+# unquantized (quantize: null) and with its NVFP4 W4A4 + FP8 KV. Calibration one sequence at a
+# time, so that both runs calibrate the same amax (a sequence's activations can round
+# differently with the number of rows in its product).
 equivalence() {
-  local precision=$1 reduce=$2 ranks=2 b=4
+  local precision=$1 reduce=$2 variant=$3 ranks=2 b=4
   local common=(--device cuda --precision "$precision" --set train.steps="$steps" --set train.eval_every=0
-    --set train.save_every="$steps" --set train.warmup_steps=2 --set calibration.samples=16
+    --set train.save_every="$steps" --set train.warmup_steps=2 --set calibration.samples=16 --set calibration.batch_size=1
     --set data.validation_sequences=8 --set export.verify=false)
-  local one=$out/one-$precision-$reduce two=$out/two-$precision-$reduce
+  [ "$variant" = unquantized ] && common+=(--set quantize=null)
+  local one=$out/one-$precision-$variant two=$out/two-$precision-$variant-$reduce
   rm -rf "$one" "$one.work" "$two" "$two.work"
   step $Q apply recipes/fortune-lm-qat.yaml "${common[@]}" --set train.batch_size=$((ranks * b)) --set export.dir="$one" \
-    >"$one.log" 2>&1 || { note "FAIL  1 rank × batch $((ranks * b)) ($precision): see $one.log"; return; }
+    >"$one.log" 2>&1 || { note "FAIL  1 rank × batch $((ranks * b)) ($precision, $variant): see $one.log"; return; }
   export QAT_GRAD_REDUCE=$reduce
   step mpi $ranks $Q apply recipes/fortune-lm-qat.yaml "${common[@]}" --set train.batch_size=$b \
-    --set export.dir="$two" >"$two.log" 2>&1 || { unset QAT_GRAD_REDUCE; note "FAIL  $ranks ranks × batch $b ($precision, $reduce): see $two.log"; return; }
+    --set export.dir="$two" >"$two.log" 2>&1 || { unset QAT_GRAD_REDUCE; note "FAIL  $ranks ranks × batch $b ($precision, $variant, $reduce): see $two.log"; return; }
   unset QAT_GRAD_REDUCE
   grep -h "data parallel on GPUs" "$two.log" | head -1 | tee -a "$summary"
-  local tl=1e-5 tg=1e-4
-  [ "$precision" = bf16 ] && tl=2e-3 tg=2e-2
-  compare "$one" "$two" "$ranks ranks ($reduce) × batch $b vs 1 × batch $((ranks * b)), $precision" $tl $tg | tee -a "$summary"
+  # Tolerances: step 1 (before any update: only the order of the sums differs) and every step.
+  # Measured for this comparison on the CPU (6 steps): unquantized, step 1 1.6e-9 / 3.3e-9 and
+  # every step 1.4e-8 / 3.3e-8 (loss / grad_norm, relative); NVFP4, step 1 4e-10 / 2e-9, but
+  # 2.3e-3 / 5.5e-3 by step 6: AdamW's m/sqrt(v) turns round-off in near-zero gradients into
+  # steps of up to lr, and NVFP4 codes flip on them. bf16: wider, not measured yet.
+  local tol
+  case $precision/$variant in
+    fp32/unquantized) tol=(1e-6 1e-5 1e-5 1e-4) ;;
+    fp32/*) tol=(1e-6 1e-5 1e-2 3e-2) ;;
+    *) tol=(2e-3 2e-2 1e-2 5e-2) ;;
+  esac
+  compare "$one" "$two" "$ranks ranks ($reduce) × batch $b vs 1 × batch $((ranks * b)), $precision, $variant" "${tol[@]}" |
+    tee -a "$summary"
 }
 
 if [ "$gpus" -ge 2 ]; then
-  for p in fp32 bf16; do equivalence $p nccl; done
+  for p in fp32 bf16; do for v in unquantized nvfp4; do equivalence $p nccl $v; done; done
   if [ "${LLAMA:-1}" != 0 ]; then
     # Llama-3.2-1B shape, random weights (transformers), random tokens: QAT NVFP4 in bf16,
     # 8 × 1024 tokens per GPU per step, activation checkpointing off.
@@ -152,7 +186,7 @@ YAML
   fi
 else
   note "1 GPU: two ranks share it, gradients staged through MPI (QAT_GRAD_REDUCE=mpi)"
-  for p in fp32 bf16; do equivalence $p mpi; done
+  for p in fp32 bf16; do for v in unquantized nvfp4; do equivalence $p mpi $v; done; done
 fi
 echo "== summary"
 cat "$summary"

@@ -22,7 +22,10 @@
 # NVLink multicast stays off: NCCL_NVLS_ENABLE=0 here, passed to every rank (qat sets it too).
 set -uo pipefail
 bundle=$1 out=$2 ompi=${3:-}
-mkdir -p "$out" /tmp/qatb
+# OUT gets a few files (summary.txt, selftest.txt, gpu.txt, logs.txt, metrics.txt); the runs
+# themselves (exports, checkpoints, logs) are under WORK (default /tmp/qat-multigpu).
+work=${WORK:-/tmp/qat-multigpu}
+mkdir -p "$out" "$work" /tmp/qatb
 out=$(cd "$out" && pwd)
 tar -C /tmp/qatb -xJf "$bundle"
 Q=/tmp/qatb/qat-linux-x86_64/qat
@@ -122,7 +125,7 @@ equivalence() {
     --set train.save_every="$steps" --set train.warmup_steps=2 --set calibration.samples=16 --set calibration.batch_size=1
     --set data.validation_sequences=8 --set export.verify=false)
   [ "$variant" = unquantized ] && common+=(--set quantize=null)
-  local one=$out/one-$precision-$variant two=$out/two-$precision-$variant-$reduce
+  local one=$work/one-$precision-$variant two=$work/two-$precision-$variant-$reduce
   rm -rf "$one" "$one.work" "$two" "$two.work"
   step $Q apply recipes/fortune-lm-qat.yaml "${common[@]}" --set train.batch_size=$((ranks * b)) --set export.dir="$one" \
     >"$one.log" 2>&1 || { note "FAIL  1 rank × batch $((ranks * b)) ($precision, $variant): see $one.log"; return; }
@@ -167,7 +170,7 @@ with h5py.File(d + "/tokens.h5", "w") as f:
     f["validation/input_ids"] = g.integers(0, 128256, 4 * 1025, dtype=np.int32)
 PY
     fi
-    cat >"$out/llama.yaml" <<YAML
+    cat >"$work/llama.yaml" <<YAML
 model: $llama
 device: cuda
 precision: bf16
@@ -175,18 +178,20 @@ data: {train: $llama/tokens.h5, validation: $llama/tokens.h5, seq_len: 1024, val
 quantize: {preset: nvfp4_default-kv_fp8}
 calibration: {samples: 8, batch_size: 4}
 train: {mode: qat, steps: 20, batch_size: 8, lr: 1.0e-5, schedule: constant, max_grad_norm: 1.0, eval_every: 0, save_every: 0}
-export: {dir: $out/llama-export, verify: false}
+export: {dir: $work/llama-export, verify: false}
 YAML
     rate() { python3 -c "import json,sys; r=[json.loads(l)['tokens_per_s'] for l in open(sys.argv[1]) if 'tokens_per_s' in l][5:]; r.sort(); print(r[len(r)//2] if r else 0)" "$1"; }
-    step $Q apply "$out/llama.yaml" --set export.dir="$out/llama1" --quiet >"$out/llama1.log" 2>&1
-    one=$(rate "$out/llama1.work/metrics.jsonl" 2>/dev/null || echo 0)
-    step mpi 2 $Q apply "$out/llama.yaml" --set export.dir="$out/llama2" --quiet >"$out/llama2.log" 2>&1
-    two=$(rate "$out/llama2.work/metrics.jsonl" 2>/dev/null || echo 0)
+    step $Q apply "$work/llama.yaml" --set export.dir="$work/llama1" >"$work/llama1.log" 2>&1
+    one=$(rate "$work/llama1.work/metrics.jsonl" 2>/dev/null || echo 0)
+    step mpi 2 $Q apply "$work/llama.yaml" --set export.dir="$work/llama2" >"$work/llama2.log" 2>&1
+    two=$(rate "$work/llama2.work/metrics.jsonl" 2>/dev/null || echo 0)
     python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); s=b/a if a else 0; print(f\"{'PASS' if s>=1.8 else 'FAIL'}  Llama-3.2-1B shape, 8x1024 per GPU: 1 GPU {a:.0f} tok/s, 2 GPUs {b:.0f} tok/s, speed-up {s:.2f} (need 1.8)\")" "$one" "$two" | tee -a "$summary"
   fi
 else
   note "1 GPU: two ranks share it, gradients staged through MPI (QAT_GRAD_REDUCE=mpi)"
   for p in fp32 bf16; do for v in unquantized nvfp4; do equivalence $p mpi $v; done; done
 fi
+for f in "$work"/*.log; do echo "=== $f"; tail -30 "$f"; done >"$out/logs.txt" 2>&1
+for f in "$work"/*.work/metrics.jsonl; do echo "=== $f"; cat "$f"; done >"$out/metrics.txt" 2>&1
 echo "== summary"
 cat "$summary"

@@ -11,9 +11,9 @@
 #     reduction, the step backend under a two-rank stand-in, one-rank NCCL);
 #   - 2+ GPUs and mpirun: "2 GPUs × batch b = 1 GPU × batch 2b" on fortune-lm, fp32 and bf16,
 #     gradients all-reduced by NCCL, compared step by step on loss and grad_norm
-#     (metrics.jsonl) and on the final weights; then the Llama-3.2-1B shape (random weights,
+#     (metrics.jsonl) and on the final weights; a rank killed mid-run and `--resume`; then the Llama-3.2-1B shape (random weights,
 #     8 × 1024 tokens per GPU, QAT NVFP4 bf16) on 1 and on 2 GPUs: tokens/s and the speed-up;
-#   - 1 GPU and mpirun: the same equivalence with two ranks sharing the GPU, gradients staged
+#   - 1 GPU and mpirun: the same equivalence and resume with two ranks sharing the GPU, gradients staged
 #     through host memory and MPI (QAT_GRAD_REDUCE=mpi: NCCL refuses two ranks on one GPU);
 #   - no mpirun: says so (apt-get install openmpi-bin, or MPIRUN=/path/to/mpirun).
 # Environment: MPIRUN (default: mpirun on PATH), QAT_NCCL_LIB (default: NCCL of python3's
@@ -149,8 +149,52 @@ equivalence() {
     tee -a "$summary"
 }
 
+# A rank killed (SIGKILL) once the first checkpoint is written ends the job; `--resume` under
+# mpirun then finishes the run from rank 0's last checkpoint.
+resume_check() {
+  local reduce=$1 dir=$work/resume total=400
+  rm -rf "$dir" "$dir.work"
+  local args=(apply recipes/fortune-lm-qat.yaml --device cuda --set train.steps=$total --set train.batch_size=4
+    --set train.save_every=5 --set train.eval_every=0 --set calibration.samples=16 --set data.validation_sequences=8
+    --set export.verify=false --set export.dir="$dir")
+  export QAT_GRAD_REDUCE=$reduce
+  mpi 2 $Q "${args[@]}" >"$work/resume-killed.log" 2>&1 &
+  local job=$! waited=0 launcher="" victim=""
+  until ls "$dir.work/checkpoints" 2>/dev/null | grep -v tmp | grep -q '^checkpoint-'; do
+    sleep 0.1
+    waited=$((waited + 1))
+    if [ $waited -gt 3000 ] || ! kill -0 $job 2>/dev/null; then break; fi
+  done
+  launcher=$(cat /proc/$job/task/$job/children 2>/dev/null | awk '{print $1}')
+  [ -n "$launcher" ] && victim=$(cat /proc/"$launcher"/task/"$launcher"/children 2>/dev/null | awk '{print $NF}')
+  if [ -z "$victim" ]; then
+    unset QAT_GRAD_REDUCE
+    wait $job
+    note "FAIL  resume ($reduce): no rank to kill (the run ended, or wrote no checkpoint); see $work/resume-killed.log"
+    return
+  fi
+  kill -KILL "$victim"
+  wait $job
+  local killed=$?
+  local at
+  at=$(ls "$dir.work/checkpoints" | grep -v tmp | grep '^checkpoint-' | tail -1)
+  step mpi 2 $Q "${args[@]}" --resume >"$work/resume.log" 2>&1
+  local rc=$?
+  unset QAT_GRAD_REDUCE
+  local last
+  last=$(printf "checkpoint-%06d" $total)
+  local lines
+  lines=$(grep -c '"loss"' "$dir.work/metrics.jsonl" 2>/dev/null || echo 0)
+  if [ $killed -ne 0 ] && [ $rc -eq 0 ] && [ -f "$dir.work/checkpoints/$last/model.safetensors" ] && [ "$lines" -eq $total ]; then
+    note "PASS  resume ($reduce): rank killed (job exit $killed) with $at written; --resume finished $total steps ($lines metrics lines)"
+  else
+    note "FAIL  resume ($reduce): job exit $killed, --resume exit $rc, $last present: $([ -f "$dir.work/checkpoints/$last/model.safetensors" ] && echo yes || echo no), $lines metrics lines; see $work/resume*.log"
+  fi
+}
+
 if [ "$gpus" -ge 2 ]; then
   for p in fp32 bf16; do for v in unquantized nvfp4; do equivalence $p nccl $v; done; done
+  resume_check nccl
   if [ "${LLAMA:-1}" != 0 ]; then
     # Llama-3.2-1B shape, random weights (transformers), random tokens: QAT NVFP4 in bf16,
     # 8 × 1024 tokens per GPU per step, activation checkpointing off.
@@ -190,6 +234,7 @@ YAML
 else
   note "1 GPU: two ranks share it, gradients staged through MPI (QAT_GRAD_REDUCE=mpi)"
   for p in fp32 bf16; do for v in unquantized nvfp4; do equivalence $p mpi $v; done; done
+  resume_check mpi
 fi
 for f in "$work"/*.log; do echo "=== $f"; tail -30 "$f"; done >"$out/logs.txt" 2>&1
 for f in "$work"/*.work/metrics.jsonl; do echo "=== $f"; cat "$f"; done >"$out/metrics.txt" 2>&1

@@ -1,4 +1,4 @@
-// dlopen/dlsym of the CUDA driver, cuBLAS and NVRTC (see include/ccuda.h).
+// dlopen/dlsym of the CUDA driver, cuBLAS, NVRTC and NCCL (see include/ccuda.h).
 #include "ccuda.h"
 #include <dlfcn.h>
 #include <stdio.h>
@@ -120,4 +120,52 @@ int qat_nvrtc_load(QATNvrtcAPI *api, const char *path, char *err, size_t errlen)
 CUresult qat_cuda_launch(const QATCudaAPI *api, CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                          unsigned by, unsigned bz, unsigned shmem, void **args) {
     return api->cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, NULL, args, NULL);
+}
+
+void qat_nccl_disable_nvls(void) { setenv("NCCL_NVLS_ENABLE", "0", 1); }
+
+int qat_nccl_load(QATNcclAPI *api, const char *path, char *err, size_t errlen) {
+    memset(api, 0, sizeof *api);
+    qat_nccl_disable_nvls();  // before NCCL reads its environment, and inherited by children
+    const char *lib = "libnccl.so.2";
+    if (!(path && *path)) path = getenv("QAT_NCCL_LIB");
+    void *h = NULL;
+    if (path && *path) {
+        h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+        if (!h) {
+            snprintf(err, errlen, "NCCL could not be opened from %s: %s", path, dlerror());
+            return 1;
+        }
+    } else {
+        const char *names[] = {"libnccl.so.2", "libnccl.so", NULL};
+        h = open_any(names);
+        if (!h) {
+            snprintf(err, errlen,
+                     "NCCL not found (libnccl.so.2): install it (apt-get install libnccl2, or pip install "
+                     "nvidia-nccl-cu13) and set QAT_NCCL_LIB to the library, or QAT_GRAD_REDUCE=mpi");
+            return 1;
+        }
+    }
+    SYM(h, ncclGetVersion, "ncclGetVersion");
+    SYM(h, ncclGetUniqueId, "ncclGetUniqueId");
+    SYM(h, ncclCommInitRank, "ncclCommInitRank");
+    SYM(h, ncclAllReduce, "ncclAllReduce");
+    SYM(h, ncclBroadcast, "ncclBroadcast");
+    SYM(h, ncclCommDestroy, "ncclCommDestroy");
+    SYM(h, ncclGetErrorString, "ncclGetErrorString");
+    return 0;
+}
+
+ncclResult_t qat_nccl_unique_id_bytes(const QATNcclAPI *api, void *id128) {
+    qat_nccl_unique_id id;
+    memset(&id, 0, sizeof id);
+    ncclResult_t r = api->ncclGetUniqueId(&id);
+    memcpy(id128, &id, sizeof id);
+    return r;
+}
+
+ncclResult_t qat_nccl_comm_init_rank(const QATNcclAPI *api, ncclComm_t *comm, int nranks, const void *id128, int rank) {
+    qat_nccl_unique_id id;
+    memcpy(&id, id128, sizeof id);
+    return api->ncclCommInitRank(comm, nranks, id, rank);
 }

@@ -45,6 +45,7 @@ public struct CUDASelftest {
         try loraChecks()
         try checkpointing()
         try parity()
+        try distributed()
         return checks.allSatisfy(\.passed)
     }
 

@@ -17,7 +17,10 @@ public final class CUDAStepBackend: StepBackend {
     public let model: CUDAModel
     /// The device copy of a QAD teacher (made on first use).
     let teacherCopy: (CausalLM) throws -> CUDAModel
-    public let dataParallel: Communicator = SingleProcessCommunicator()
+    /// The data-parallel ranks (one process per GPU under mpirun; `CUDAStepBackend+DataParallel`).
+    public let dataParallel: Communicator
+    /// Sums the device gradients over `dataParallel` (nil in a single process).
+    public let gradientReducer: DeviceGradientReducer?
     private var moments: DeviceBuffer?
     private var momentOffsets: [Int] = []
     private var squares: [Double]?  // per-gradient Σ g² of the current step (before clipping)
@@ -29,12 +32,17 @@ public final class CUDAStepBackend: StepBackend {
     /// neither a checkpoint nor `synchronizeHost` holds gradients).
     private var pendingClip: Float = 1
 
-    public init(model: CUDAModel, teacherCopy: @escaping (CausalLM) throws -> CUDAModel) {
+    public init(
+        model: CUDAModel, dataParallel: Communicator = SingleProcessCommunicator(), gradientReducer: DeviceGradientReducer? = nil,
+        teacherCopy: @escaping (CausalLM) throws -> CUDAModel
+    ) {
         self.model = model
+        self.dataParallel = dataParallel
+        self.gradientReducer = gradientReducer
         self.teacherCopy = teacherCopy
     }
 
-    public func globalValidCount(_ local: Int) throws -> Int { local }
+    public func globalValidCount(_ local: Int) throws -> Int { try globalSum(local) }
 
     public func forwardBackward(batches: [MicroBatch], loss: TrainingLoss, gradScale: Float, optimizer: AdamW) throws -> LossParts {
         try model.prepareTraining()
@@ -86,7 +94,7 @@ public final class CUDAStepBackend: StepBackend {
             }
             try model.backward(dHidden: r.dHidden)
         }
-        return parts
+        return try reducedOverRanks(parts)
     }
 
     /// Σ g² of every trainable gradient (one `sumsq_chunks` launch per step over the whole
@@ -206,10 +214,11 @@ public final class CUDAStepBackend: StepBackend {
     }
 
     public func evaluate(stream: [Int32], seqLen: Int, batchSize: Int, maxSequences: Int?) throws -> EvalResult? {
-        try model.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences)
+        try model.evaluate(stream: stream, seqLen: seqLen, batchSize: batchSize, maxSequences: maxSequences, over: dataParallel)
     }
 
     public var devicePeakMB: Double? { Double(model.device.peakBytes) / 1_048_576 }
 
-    public func gatherCheckpoint(_ state: CheckpointTensors) throws -> CheckpointTensors? { state }
+    /// Rank 0 writes (every rank holds the same state after `synchronizeHost`).
+    public func gatherCheckpoint(_ state: CheckpointTensors) throws -> CheckpointTensors? { dataParallel.isRoot ? state : nil }
 }

@@ -123,19 +123,31 @@ final class ApplyRun {
     /// refused by `checkDeviceSupport`, before any work.
     func openDevice() throws {
         guard recipe.device.isCUDA else { return }
-        device = try DeviceRunner(recipe.device, precision: recipe.precision)
+        device = try DeviceRunner(try rankDevice(), precision: recipe.precision)
+    }
+
+    /// The GPU of this rank: the recipe's device alone, or under mpirun GPU (N + local rank)
+    /// mod (GPUs on the host) for `cuda:N` (`GPUDataParallel.ordinal`), with NVLink multicast
+    /// off (NCCL_NVLS_ENABLE=0, inherited by child processes) before anything loads NCCL.
+    func rankDevice() throws -> ComputeDevice {
+        guard world.isDistributed, case .cuda(let requested) = recipe.device else { return recipe.device }
+        GPUDataParallel.disableNVLinkMulticast()
+        let env = ProcessInfo.processInfo.environment
+        let local = GPUDataParallel.localRank(environment: env, worldRank: world.rank)
+        return .cuda(try GPUDataParallel.ordinal(requested: requested, localRank: local, deviceCount: try CUDADevice.deviceCount()))
     }
 
     /// What this version trains on the CPU only, refused for `device: cuda` before any work.
     func checkDeviceSupport() throws {
         guard recipe.device.isCUDA, recipe.train.mode != .none else { return }
         let train = recipe.train
+        // Data parallelism on GPUs is built (one rank per GPU); these layouts are not yet.
         let cpuOnly: String? =
-            world.isDistributed || train.pipelineStages > 1
-            ? "multi-process training (mpirun, pipeline stages)"
-            : nil
+            train.pipelineStages > 1
+            ? "train.pipeline_stages"
+            : world.isDistributed && train.shardOptimizerState ? "train.shard_optimizer_state (ZeRO-1)" : nil
         if let what = cpuOnly {
-            throw QATError.unsupported("device \(recipe.device): \(what) runs on the CPU only in this version: use device: cpu")
+            throw QATError.unsupported("\(what) is not supported with device: cuda yet: use device: cpu, or leave it out")
         }
     }
 
@@ -166,7 +178,7 @@ final class ApplyRun {
         let result =
             try onGPU(model)?.evaluate(
                 stream: validationStream, seqLen: data.seqLen, batchSize: recipe.train.batchSize,
-                maxSequences: data.validationSequences
+                maxSequences: data.validationSequences, over: distributed ? world : SingleProcessCommunicator()
             ) { done, _ in bar.update(done) }
             ?? (distributed
                 ? try Distributed.evaluate(
@@ -241,7 +253,13 @@ final class ApplyRun {
         options.pipeline = pipeline
         options.world = world
         if let device, let gpuModel = try onGPU(model) {
-            options.backend = CUDAStepBackend(model: gpuModel) { teacher in
+            // Data parallel (mpirun): gradients summed on the GPUs (NCCL, or staged through MPI).
+            let reducer =
+                world.isDistributed
+                ? try DeviceGradientReducer.make(device: gpuModel.device, world: world, environment: ProcessInfo.processInfo.environment)
+                : nil
+            if let reducer { log("data parallel on GPUs: \(world.size) ranks, \(reducer.description)") }
+            options.backend = CUDAStepBackend(model: gpuModel, dataParallel: world, gradientReducer: reducer) { teacher in
                 // Forward-only: in bf16 its Linear weights live on the device in bf16 only.
                 guard let copy = try device.copy(teacher, inferenceOnly: true) else {
                     throw QATError.internal("no device copy of the teacher")

@@ -41,6 +41,9 @@ struct Selftest: ParsableCommand {
     @Option(name: .long, help: "The libnvrtc.so to use (default: $QAT_NVRTC, else found by name and in the usual CUDA folders).")
     var nvrtc: String?
 
+    @Option(name: .long, help: "Run one group of checks only: distributed (the data-parallel and NCCL checks).")
+    var only: String?
+
     func run() throws {
         try QAT.guarded {
             if let archs = compileOnly {
@@ -63,7 +66,8 @@ struct Selftest: ParsableCommand {
             }
             let d = try GPU.open(try ComputeDevice(parsing: device))
             var test = CUDASelftest(device: d) { print($0) }
-            let ok = try test.run()
+            guard only == nil || only == "distributed" else { throw QATError("--only \(only!): the one group is distributed") }
+            let ok = only == nil ? try test.run() : try test.runDistributed()
             let failed = test.checks.filter { !$0.passed }.count
             print("selftest: \(test.checks.count - failed) passed, \(failed) failed")
             if !ok { throw ExitCode(1) }

@@ -84,4 +84,34 @@ int qat_nvrtc_load(QATNvrtcAPI *api, const char *path, char *err, size_t errlen)
 /// Launch with up to 16 kernel arguments given as pointers to their values.
 CUresult qat_cuda_launch(const QATCudaAPI *api, CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                          unsigned by, unsigned bz, unsigned shmem, void **args);
+
+// NCCL (libnccl.so.2): the collectives of data-parallel training on several GPUs. ncclUniqueId
+// is 128 opaque bytes (NCCL_UNIQUE_ID_BYTES); ncclDataType_t and ncclRedOp_t are ints.
+typedef void *ncclComm_t;
+typedef int ncclResult_t;        // 0 = ncclSuccess
+enum { QAT_NCCL_UNIQUE_ID_BYTES = 128 };
+typedef struct { char internal[QAT_NCCL_UNIQUE_ID_BYTES]; } qat_nccl_unique_id;
+enum { QAT_NCCL_FLOAT32 = 7 };   // ncclFloat32
+enum { QAT_NCCL_SUM = 0 };       // ncclSum
+
+typedef struct {
+    ncclResult_t (*ncclGetVersion)(int *);
+    ncclResult_t (*ncclGetUniqueId)(qat_nccl_unique_id *);
+    ncclResult_t (*ncclCommInitRank)(ncclComm_t *, int, qat_nccl_unique_id, int);
+    ncclResult_t (*ncclAllReduce)(const void *, void *, size_t, int, int, ncclComm_t, CUstream);
+    ncclResult_t (*ncclBroadcast)(const void *, void *, size_t, int, int, ncclComm_t, CUstream);
+    ncclResult_t (*ncclCommDestroy)(ncclComm_t);
+    const char *(*ncclGetErrorString)(ncclResult_t);
+} QATNcclAPI;
+
+/// Sets NCCL_NVLS_ENABLE=0 in this process's environment (overwriting any value, so that child
+/// processes inherit it too): NVLink multicast stays off. Called by `qat_nccl_load` first.
+void qat_nccl_disable_nvls(void);
+/// Opens NCCL (`path`, else $QAT_NCCL_LIB, else libnccl.so.2 by name, in $QAT_CUDA_LIB_DIR and
+/// the usual CUDA folders). Returns 0, or 1 with a one-line reason in `err`.
+int qat_nccl_load(QATNcclAPI *api, const char *path, char *err, size_t errlen);
+/// ncclGetUniqueId into 128 bytes (so that Swift never passes the struct by value).
+ncclResult_t qat_nccl_unique_id_bytes(const QATNcclAPI *api, void *id128);
+/// ncclCommInitRank with the unique id given as its 128 bytes.
+ncclResult_t qat_nccl_comm_init_rank(const QATNcclAPI *api, ncclComm_t *comm, int nranks, const void *id128, int rank);
 #endif

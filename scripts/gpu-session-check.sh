@@ -11,7 +11,8 @@
 # back at most 8).
 #   bash scripts/gpu-session-check.sh BUNDLE.tar.xz SITE.tar.xz PEER_SCRIPT OUT_DIR [SECONDS]
 # (BENCH_EXTRA: more flags for the bench, e.g. --profile; SHAPE_LIMIT: seconds per shape, default 330; PEER_MODES:
-# the peer's modes, default fwd,qat,qad; SCALING=1: also the SmolLM2 CPU scaling, 2 and all threads, after the selftest.)
+# the peer's modes, default fwd,qat,qad; SCALING=1: also the SmolLM2 CPU scaling, 2 and all threads, after the selftest;
+# MULTIGPU=OMPI.tar.xz: scripts/multigpu-check.sh's data-parallel rank checks, to OUT/multigpu.txt.)
 set -uo pipefail
 bundle=$(readlink -f "$1") site=$(readlink -f "$2") peer=$(readlink -f "$3") out=$(mkdir -p "$4" && readlink -f "$4")
 budget=${5:-560}
@@ -21,21 +22,34 @@ left() { echo $((budget - (SECONDS - start))); }
 mkdir -p /tmp/qatb /tmp/py && tar -C /tmp/qatb -xJf "$bundle" && tar -C /tmp/py -xJf "$site" || exit 1
 Q=/tmp/qatb/qat-linux-x86_64/qat
 export QAT_KERNEL_CACHE=/tmp/qat-kernels PYTHONPATH=/tmp/py/site PYTHONUNBUFFERED=1
-# ModelOpt builds its FP8 CUDA extension (about 70 s of nvcc) at its first QAT run: build it now,
-# beside the selftest (which times nothing), so it takes no bench's time.
-timeout 200 python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext_fp8; get_cuda_ext_fp8()" \
-  >"$out/peer-warmup.txt" 2>&1 &
-warmup=$!
+# ModelOpt builds its FP8 CUDA extension (about 70 s of nvcc) at its first QAT run: build it
+# beforehand, beside work that times nothing (the selftest; with SCALING, the MULTIGPU checks).
+warm_up() {
+  timeout 200 python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext_fp8; get_cuda_ext_fp8()" \
+    >"$out/peer-warmup.txt" 2>&1 &
+  warmup=$!
+}
+[ -z "${SCALING:-}" ] && warm_up
 timeout 120 $Q selftest --device cuda >"$out/selftest.txt" 2>&1
 echo "selftest rc=$? at $((SECONDS - start)) s" | tee -a "$out/selftest.txt"
-wait $warmup
-echo "ModelOpt extension warm-up rc=$? at $((SECONDS - start)) s" | tee -a "$out/peer-warmup.txt"
 # SCALING=1: the SmolLM2 shape's CPU scaling (issue 18) at 2 and all threads, 3 laps, while nothing else runs.
 if [ -n "${SCALING:-}" ]; then
   timeout "${SCALING_LIMIT:-200}" $Q bench --scaling --shapes smollm --scaling-threads "2,$(nproc)" --repeats 3 \
     >"$out/scaling-smollm.txt" 2>&1
   echo "scaling rc=$? at $((SECONDS - start)) s" | tee -a "$out/scaling-smollm.txt"
+  warm_up
 fi
+# MULTIGPU=OMPI.tar.xz (scripts/ompi-carry.sh): scripts/multigpu-check.sh's rank checks (no selftest, no Llama),
+# beside the warm-up, under MULTIGPU_LIMIT seconds (default 150); its summary to OUT/multigpu.txt.
+if [ -n "${MULTIGPU:-}" ]; then
+  mkdir -p /tmp/multigpu
+  SELFTEST=0 LLAMA=0 timeout "${MULTIGPU_LIMIT:-150}" bash scripts/multigpu-check.sh "$bundle" /tmp/multigpu "$(readlink -f "$MULTIGPU")" \
+    >/tmp/multigpu/run.log 2>&1
+  echo "multigpu rc=$? at $((SECONDS - start)) s" >>/tmp/multigpu/summary.txt
+  cat /tmp/multigpu/summary.txt >"$out/multigpu.txt"; tail -40 /tmp/multigpu/run.log >>"$out/multigpu.txt"
+fi
+wait $warmup
+echo "ModelOpt extension warm-up rc=$? at $((SECONDS - start)) s" | tee -a "$out/peer-warmup.txt"
 # One bench per shape (SHAPES, in order), each with its own limit, so a slow peer cannot take the next shape's time.
 for shape in ${SHAPES:-llama-3.2-1b qwen3-0.6b}; do
   [ "$(left)" -gt 120 ] || { echo "== $shape skipped: $(left) s left" | tee -a "$out/bench.txt"; continue; }

@@ -142,7 +142,10 @@ equivalence() {
   local tol
   case $precision/$variant in
     fp32/unquantized) tol=(1e-6 1e-5 1e-5 1e-4) ;;
-    fp32/*) tol=(1e-6 1e-5 1e-2 3e-2) ;;
+    # fp32 NVFP4 on a GPU: the two runs' products have other row counts (4 vs 8 sequences), which cuBLAS may sum
+    # in another order (OpenBLAS's row split does not), and NVFP4 codes flip on the last-bit change already at
+    # step 1: on the H200, 2.8e-4 / 3.6e-4 at step 1, 2.8e-3 / 6.4e-3 over 12 steps (the unquantized fp32 pair: 2.3e-8).
+    fp32/*) tol=(2e-3 2e-2 1e-2 3e-2) ;;
     *) tol=(2e-3 2e-2 1e-2 5e-2) ;;
   esac
   compare "$one" "$two" "$ranks ranks ($reduce) × batch $b vs 1 × batch $((ranks * b)), $precision, $variant" "${tol[@]}" |

@@ -115,8 +115,11 @@ extension CUDASelftest {
                 precision == .fp32 ? 2e-3 : 1e-1, "max |Δ|/max")
             guard precision == .bf16 else { continue }
             // The same step with the loss in chunks of 7 rows: 12 chunks, the lm_head's weight gradient one product
-            // per group of 8 (the last group 4 chunks, its last chunk 3 rows). Only the order of the lm_head dW
-            // sums changes, so every gradient must match the one-chunk step to fp32 round-off.
+            // per group of 8 (the last group 4 chunks, its last chunk 3 rows). The losses must be equal. The
+            // gradients match to bf16 round-off, not fp32's: besides the order of the lm_head dW sums, the dX
+            // products have other shapes (7 rows, not 80), which cuBLAS may sum in another order, and a last-bit
+            // change of dHidden can flip the bf16 rounding of a later dy (on the H200: 1.75e-3 on the Mistral shape,
+            // under 3.3e-7 on the others). A wrong group offset or row count would be off by O(1).
             gm.lossChunkRows = 7
             try gm.zeroGradients()
             _ = try gm.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
@@ -126,7 +129,7 @@ extension CUDASelftest {
             let lossDelta = abs(rc.ce - r.ce) + abs(rc.kd - r.kd)
             add(
                 "train \(label): bf16 loss in 12 chunks (lm_head dW per 8) vs 1 (worst \(wn.isEmpty ? "-" : wn)), loss |Δ| \(lossDelta)",
-                lossDelta > 1e-6 * Double(valid) ? .nan : w, 1e-5, "max |Δ|/max")
+                lossDelta > 1e-6 * Double(valid) ? .nan : w, 2e-2, "max |Δ|/max")
         }
         for p in model.parameters { p.setRequiresGrad(false) }
     }

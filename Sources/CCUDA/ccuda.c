@@ -31,6 +31,21 @@ static void *open_any(const char *const *names) {
     return NULL;
 }
 
+// A library at an explicit `path` (the user's choice: an error names it when it cannot be
+// opened), else the first of `names` by open_any; NULL with `err` set when neither works
+// (`missing`: the message for a library not found anywhere).
+static void *open_path_or_any(const char *path, const char *const *names, const char *what, const char *missing, char *err,
+                              size_t errlen) {
+    if (path && *path) {
+        void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+        if (!h) snprintf(err, errlen, "%s could not be opened from %s: %s", what, path, dlerror());
+        return h;
+    }
+    void *h = open_any(names);
+    if (!h) snprintf(err, errlen, "%s", missing);
+    return h;
+}
+
 #define SYM(h, field, name)                                                             \
     do {                                                                                \
         *(void **)(&api->field) = dlsym(h, name);                                       \
@@ -90,21 +105,11 @@ int qat_cuda_load(QATCudaAPI *api, char *err, size_t errlen) {
 int qat_nvrtc_load(QATNvrtcAPI *api, const char *path, char *err, size_t errlen) {
     memset(api, 0, sizeof *api);
     const char *lib = "NVRTC";
-    void *h = NULL;
-    if (path && *path) {
-        h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
-        if (!h) {
-            snprintf(err, errlen, "NVRTC could not be opened from %s: %s", path, dlerror());
-            return 1;
-        }
-    } else {
-        const char *names[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", NULL};
-        h = open_any(names);
-        if (!h) {
-            snprintf(err, errlen, "NVRTC not found (libnvrtc.so.13 or .12): install the CUDA toolkit's NVRTC or set QAT_NVRTC");
-            return 1;
-        }
-    }
+    const char *names[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", NULL};
+    void *h = open_path_or_any(path, names, lib,
+                               "NVRTC not found (libnvrtc.so.13 or .12): install the CUDA toolkit's NVRTC or set QAT_NVRTC", err,
+                               errlen);
+    if (!h) return 1;
     SYM(h, nvrtcVersion, "nvrtcVersion");
     SYM(h, nvrtcCreateProgram, "nvrtcCreateProgram");
     SYM(h, nvrtcCompileProgram, "nvrtcCompileProgram");
@@ -129,23 +134,12 @@ int qat_nccl_load(QATNcclAPI *api, const char *path, char *err, size_t errlen) {
     qat_nccl_disable_nvls();  // before NCCL reads its environment, and inherited by children
     const char *lib = "libnccl.so.2";
     if (!(path && *path)) path = getenv("QAT_NCCL_LIB");
-    void *h = NULL;
-    if (path && *path) {
-        h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
-        if (!h) {
-            snprintf(err, errlen, "NCCL could not be opened from %s: %s", path, dlerror());
-            return 1;
-        }
-    } else {
-        const char *names[] = {"libnccl.so.2", "libnccl.so", NULL};
-        h = open_any(names);
-        if (!h) {
-            snprintf(err, errlen,
-                     "NCCL not found (libnccl.so.2): install it (apt-get install libnccl2, or pip install "
-                     "nvidia-nccl-cu13) and set QAT_NCCL_LIB to the library, or QAT_GRAD_REDUCE=mpi");
-            return 1;
-        }
-    }
+    const char *names[] = {"libnccl.so.2", "libnccl.so", NULL};
+    void *h = open_path_or_any(path, names, "NCCL",
+                               "NCCL not found (libnccl.so.2): install it (apt-get install libnccl2, or pip install "
+                               "nvidia-nccl-cu13) and set QAT_NCCL_LIB to the library, or QAT_GRAD_REDUCE=mpi",
+                               err, errlen);
+    if (!h) return 1;
     SYM(h, ncclGetVersion, "ncclGetVersion");
     SYM(h, ncclGetUniqueId, "ncclGetUniqueId");
     SYM(h, ncclCommInitRank, "ncclCommInitRank");

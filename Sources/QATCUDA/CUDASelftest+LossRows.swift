@@ -61,10 +61,7 @@ extension CUDASelftest {
             "cross_entropy_backward V=\(V): gradient", Self.maxAbsDiff(backward, gradient) / max(m, 1e-30), 1e-4,
             "max |Δ|/max")
         // Its bf16 copy: the fp32 gradient rounded to nearest even, bit for bit.
-        var h16 = [UInt16](repeating: 0, count: r * V)
-        try h16.withUnsafeMutableBytes { try g16.download($0.baseAddress!, bytes: $0.count) }
-        let differ = zip(h16, gradient).filter { $0.0 != floatToBF16($0.1) }.count
-        add("cross_entropy_backward V=\(V): bf16 copy of the gradient", Double(differ), 0, "values differ")
+        add("cross_entropy_backward V=\(V): bf16 copy of the gradient", try bf16Mismatches(g16, of: gradient), 0, "values differ")
     }
 
     /// kd_rows against DistillationKernels.fullRow: Σ CE and Σ T²·KD over the valid rows, and the gradient.
@@ -110,9 +107,7 @@ extension CUDASelftest {
         add("\(label): loss", (abs(ce - cpu.ce) + abs(kd - cpu.kd)) / Double(valid), 1e-5, "|Δ| mean")
         let m = Double(grad.map { abs($0) }.max() ?? 0), gradient = try sd.floats(r * V)
         add("\(label): gradient", Self.maxAbsDiff(grad, gradient) / max(m, 1e-30), 1e-4, "max |Δ|/max")
-        var h16 = [UInt16](repeating: 0, count: r * V)
-        try h16.withUnsafeMutableBytes { try s16.download($0.baseAddress!, bytes: $0.count) }
-        add("\(label): bf16 copy", Double(zip(h16, gradient).filter { $0.0 != floatToBF16($0.1) }.count), 0, "values differ")
+        add("\(label): bf16 copy", try bf16Mismatches(s16, of: gradient), 0, "values differ")
     }
 
     /// sumsq_chunks over tensors of awkward sizes (one not 16-byte aligned, so read element by

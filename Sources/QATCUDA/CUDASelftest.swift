@@ -96,6 +96,13 @@ public struct CUDASelftest {
 
     func gpu(_ x: [Float]) throws -> DeviceBuffer { try DeviceBuffer(device, floats: x) }
 
+    /// Elements of the bf16 buffer `copy` that are not `values` rounded to nearest even (`floatToBF16`).
+    func bf16Mismatches(_ copy: DeviceBuffer, of values: [Float]) throws -> Double {
+        var h16 = [UInt16](repeating: 0, count: values.count)
+        try h16.withUnsafeMutableBytes { try copy.download($0.baseAddress!, bytes: $0.count) }
+        return Double(zip(h16, values).filter { $0.0 != floatToBF16($0.1) }.count)
+    }
+
     // MARK: Kernels
 
     mutating func kernels() throws {
@@ -177,17 +184,7 @@ public struct CUDASelftest {
             // Backward, added to a gradient already there, with dinp's bf16 copy (round to nearest even, bit for bit).
             let dy = Self.random(rows * c, seed: 16), d0 = Self.random(rows * c, seed: 17)
             var dx = d0
-            dy.withUnsafeBufferPointer { dyp in
-                x.withUnsafeBufferPointer { xp in
-                    g.withUnsafeBufferPointer { gp in
-                        rs.withUnsafeBufferPointer { rp in
-                            RMSNorm.backward(
-                                dinp: &dx, dweight: nil, dout: dyp.baseAddress!, inp: xp.baseAddress!, weight: gp.baseAddress!,
-                                rstd: rp.baseAddress!, n: rows, c: c, accumulate: true)
-                        }
-                    }
-                }
-            }
+            RMSNorm.backward(dinp: &dx, dweight: nil, dout: dy, inp: x, weight: g, rstd: rs, n: rows, c: c, accumulate: true)
             let dxd = try gpu(d0), dyd = try gpu(dy), dx16 = try DeviceBuffer(d, bytes: rows * c * 2)
             try d.rmsnormBackward(
                 dinp: dxd.ptr, dout: dyd.ptr, inp: xd.ptr, weight: gd.ptr, rstd: rd.ptr, n: rows, c: c, accumulate: true, dinp16: dx16.ptr)
@@ -195,8 +192,7 @@ public struct CUDASelftest {
             add(
                 "rmsnorm backward (accumulate), relative", Self.maxAbsDiff(dx, gdx) / Double(dx.map { abs($0) }.max()!), 1e-5, "max |Δ|/max"
             )
-            try h16.withUnsafeMutableBytes { try dx16.download($0.baseAddress!, bytes: $0.count) }
-            add("rmsnorm backward bf16 copy", Double(zip(h16, gdx).filter { $0.0 != floatToBF16($0.1) }.count), 0, "values differ")
+            add("rmsnorm backward bf16 copy", try bf16Mismatches(dx16, of: gdx), 0, "values differ")
         }
 
         // SwiGLU and residual add.
@@ -217,11 +213,8 @@ public struct CUDASelftest {
             let gpuG = try dgd.floats(n), gpuU = try dud.floats(n)
             let scale = Double(max(dg.map { abs($0) }.max()!, du.map { abs($0) }.max()!))
             add("swiglu backward, relative", max(Self.maxAbsDiff(dg, gpuG), Self.maxAbsDiff(du, gpuU)) / scale, 1e-5, "max |Δ|/max")
-            var g16 = [UInt16](repeating: 0, count: n), u16 = g16
-            try g16.withUnsafeMutableBytes { try dg16.download($0.baseAddress!, bytes: $0.count) }
-            try u16.withUnsafeMutableBytes { try du16.download($0.baseAddress!, bytes: $0.count) }
-            let differ = zip(g16, gpuG).filter { $0 != floatToBF16($1) }.count + zip(u16, gpuU).filter { $0 != floatToBF16($1) }.count
-            add("swiglu backward bf16 copies vs bf16(fp32 outputs)", Double(differ), 0, "values differ")
+            let differ = try bf16Mismatches(dg16, of: gpuG) + bf16Mismatches(du16, of: gpuU)
+            add("swiglu backward bf16 copies vs bf16(fp32 outputs)", differ, 0, "values differ")
         }
         // swiglu_nvfp4 (down_proj's quantized bf16 input in one pass) against swiglu_forward then
         // nvfp4_fake_quant(bf16Out): bit for bit, both modes, whole blocks, a partial one, cols not a multiple of 4.
@@ -268,12 +261,8 @@ public struct CUDASelftest {
                 try d.rope(
                     bd.ptr, cos: cosd.ptr, sin: sind.ptr, rows: N, seqLen: seqLen, heads: heads, headDim: headDim, sign: -1, x16: b16.ptr)
                 let gb = try bd.floats(q.count)
-                var h16 = [UInt16](repeating: 0, count: q.count)
-                try h16.withUnsafeMutableBytes { try b16.download($0.baseAddress!, bytes: $0.count) }
                 add("rope backward D=\(headDim)", Self.maxAbsDiff(back, gb), 1e-5)
-                add(
-                    "rope backward D=\(headDim) bf16 copy", Double(zip(h16, gb).filter { $0.0 != floatToBF16($0.1) }.count), 0,
-                    "values differ")
+                add("rope backward D=\(headDim) bf16 copy", try bf16Mismatches(b16, of: gb), 0, "values differ")
             }
             let shape = Attention.Shape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim, window: window)
             var out = [Float](repeating: 0, count: N * heads * headDim),

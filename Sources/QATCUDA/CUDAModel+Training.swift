@@ -293,6 +293,8 @@ extension CUDAModel {
         let bf = precision == .bf16
         let group = bf && gradient(model.lmHead.weight) != nil ? Self.lmHeadGroup(rows: rows, n: n) : 1
         let dy16 = bf ? try scratch("logits-bf16", bytes: group * rows * V * 2) : nil
+        // The fp32 dlogits are written only when something reads them besides the bf16 products (a bias, an adapter).
+        let keepFP32 = !bf || model.lmHead.bias != nil || hasAdapter(model.lmHead)
         var groupStart = 0
         // Per-row results of every chunk (CE: a float per row, distillation: two doubles), read back once after the
         // loop, so the host does not wait for the device between chunks.
@@ -312,7 +314,7 @@ extension CUDAModel {
             case .crossEntropy:
                 try device.crossEntropyBackward(
                     rowLoss: rowOut + CUdeviceptr(start * 4), logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale,
-                    logits16: slot ?? 0)
+                    logits16: slot ?? 0, keepFP32: keepFP32)
                 slotReady = slot != nil
             case .distillation(let teacher, let teacherHidden, let kind, let beta, let T, let kdRatio):
                 let Vt = teacher.config.vocabSize, Ct = teacher.config.hiddenSize
@@ -324,7 +326,8 @@ extension CUDAModel {
                     rowOut: rowOut + CUdeviceptr(start * 16), student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r,
                     vocab: V,
                     kind: kind, beta: beta, invT: Float(1 / T), cKD: Float(kdRatio * Double(gradScale) * T),
-                    cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1, student16: slot ?? 0)
+                    cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1, student16: slot ?? 0,
+                    keepFP32: keepFP32)
                 slotReady = slot != nil
             case .topK(let teacher):
                 let p = try topKChunk(

@@ -30,10 +30,10 @@ extension CUDADevice {
             let k16 = base + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk)  // q is read as fp32 (once per block)
             try attentionInputsBF16([(k16, k, nk), (v16, v, nk)])
             let name = "attention_forward_bf16_d\(headDim)"
-            let shared = Self.attentionForwardShared(headDim: headDim)
+            let shared = Self.attentionForwardShared(headDim: headDim), rows = Self.attentionTiles(headDim: headDim).forwardRows
             if shared > 48 * 1024 { try kernels.allowSharedMemory(name, bytes: shared) }
             try kernels.launch(
-                name, grid: (batch * heads, (seqLen + Self.attentionForwardRows - 1) / Self.attentionForwardRows, 1), block: (128, 1, 1),
+                name, grid: (batch * heads, (seqLen + rows - 1) / rows, 1), block: (128, 1, 1),
                 shared: shared,
                 [
                     .ptr(out), .ptr(lse), .ptr(q), .ptr(k16), .ptr(v16), .i32(seqLen), .i32(heads), .i32(kvHeads),
@@ -71,29 +71,30 @@ extension CUDADevice {
         guard batch > 0 && seqLen > 0 else { return }
         let scale = 1 / Float(headDim).squareRoot(), win = window ?? 0
         let rows = batch * seqLen * heads
+        let tensorCores = bf16 && (headDim == 64 || headDim == 128)
+        let nq = batch * seqLen * heads * headDim, nk = batch * seqLen * kvHeads * headDim
+        let owned = try tensorCores && scratch16 == 0 ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
+        let q16 = owned?.ptr ?? scratch16, k16 = q16 + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk), g16 = v16 + CUdeviceptr(2 * nk)
+        // (tensor cores: dout's bf16 copy written by the same pass)
         try kernels.launch(
             "attention_backward_delta", grid: ((rows + 7) / 8, 1, 1), block: (256, 1, 1),
-            [.ptr(delta), .ptr(dout), .ptr(out), .i32(batch), .i32(seqLen), .i32(heads), .i32(headDim)])
-        if bf16 && (headDim == 64 || headDim == 128) {
+            [.ptr(delta), .ptr(dout), .ptr(out), .i32(batch), .i32(seqLen), .i32(heads), .i32(headDim), .ptr(tensorCores ? g16 : 0)])
+        if tensorCores {
             try checkAligned(["dq": dq, "dk": dk, "dv": dv, "dout": dout, "q": q, "k": k, "v": v])
-            let nq = batch * seqLen * heads * headDim, nk = batch * seqLen * kvHeads * headDim
-            let owned = try scratch16 == 0 ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
-            let base = owned?.ptr ?? scratch16
-            let q16 = base, k16 = q16 + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk), g16 = v16 + CUdeviceptr(2 * nk)
-            try attentionInputsBF16([(q16, q, nq), (k16, k, nk), (v16, v, nk), (g16, dout, nq)])
+            try attentionInputsBF16([(q16, q, nq), (k16, k, nk), (v16, v, nk)])
             let dkdv = "attention_backward_dkdv_bf16_d\(headDim)", dqName = "attention_backward_dq_bf16_d\(headDim)"
             let (dkdvShared, dqShared) = Self.attentionBackwardShared(headDim: headDim)
             if dkdvShared > 48 * 1024 { try kernels.allowSharedMemory(dkdv, bytes: dkdvShared) }
             if dqShared > 48 * 1024 { try kernels.allowSharedMemory(dqName, bytes: dqShared) }
-            let tiles = (seqLen + 63) / 64
+            let t = Self.attentionTiles(headDim: headDim)
             try kernels.launch(
-                dkdv, grid: (batch * kvHeads, tiles, 1), block: (128, 1, 1), shared: dkdvShared,
+                dkdv, grid: (batch * kvHeads, (seqLen + t.dkdvKeys - 1) / t.dkdvKeys, 1), block: (128, 1, 1), shared: dkdvShared,
                 [
                     .ptr(dk), .ptr(dv), .ptr(g16), .ptr(lse), .ptr(delta), .ptr(q16), .ptr(k16), .ptr(v16), .i32(seqLen),
                     .i32(heads), .i32(kvHeads), .i32(win), .f32(scale),
                 ])
             try kernels.launch(
-                dqName, grid: (batch * heads, tiles, 1), block: (128, 1, 1), shared: dqShared,
+                dqName, grid: (batch * heads, (seqLen + t.dqRows - 1) / t.dqRows, 1), block: (128, 1, 1), shared: dqShared,
                 [
                     .ptr(dq), .ptr(g16), .ptr(lse), .ptr(delta), .ptr(q16), .ptr(k16), .ptr(v16), .i32(seqLen),
                     .i32(heads), .i32(kvHeads), .i32(win), .f32(scale),
@@ -124,18 +125,32 @@ extension CUDADevice {
     /// `nq` = B·T·H·D and `nk` = B·T·Hkv·D elements.
     public static func attentionScratchBytes(nq: Int, nk: Int) -> Int { 2 * (2 * nq + 2 * nk) }
 
-    /// Query rows per block of the bf16 forward (FA_BQ in attention.cu).
-    public static let attentionForwardRows = 128
+    /// Tile sizes of the bf16 attention kernels of one head size, as instantiated in attention.cu (keep the two in
+    /// step): the forward's query rows and key tile per block (BQ, BK); the dK/dV kernel's keys per block (64·MT)
+    /// and query rows per step (BQ); the dQ kernel's query rows per block (64·MT) and key tile (BK).
+    public struct AttentionTiles: Equatable, Sendable {
+        public let forwardRows, forwardKeys, dkdvKeys, dkdvRows, dqRows, dqKeys: Int
+    }
 
-    /// Dynamic shared memory of the bf16 forward: Q [128][D+8] and two stages of K and V tiles [64][D+8] bf16 (attention.cu).
-    public static func attentionForwardShared(headDim: Int) -> Int { (attentionForwardRows + 4 * 64) * (headDim + 8) * 2 }
+    public static func attentionTiles(headDim: Int) -> AttentionTiles {
+        headDim == 64
+            ? AttentionTiles(forwardRows: 128, forwardKeys: 64, dkdvKeys: 64, dkdvRows: 64, dqRows: 64, dqKeys: 64)
+            : AttentionTiles(forwardRows: 128, forwardKeys: 64, dkdvKeys: 64, dkdvRows: 32, dqRows: 64, dqKeys: 32)
+    }
 
-    /// Dynamic shared memory of the bf16 backward kernels (dK/dV, dQ) as instantiated in attention.cu: K, V (dK/dV) or
-    /// Q, dO (dQ) [64][D+8] bf16, two stages of the streamed [tile][D+8] pairs, and (dK/dV) two stages of lse, delta.
+    /// Dynamic shared memory of the bf16 forward: Q [BQ][D+8] and two stages of K and V tiles [BK][D+8] bf16.
+    public static func attentionForwardShared(headDim: Int) -> Int {
+        let t = attentionTiles(headDim: headDim)
+        return (t.forwardRows + 4 * t.forwardKeys) * (headDim + 8) * 2
+    }
+
+    /// Dynamic shared memory of the bf16 backward kernels (dK/dV, dQ): the block's own K, V (dK/dV) or Q, dO (dQ)
+    /// rows [·][D+8] bf16, two stages of the streamed [tile][D+8] pairs, and (dK/dV) two stages of lse, delta.
     public static func attentionBackwardShared(headDim: Int) -> (dkdv: Int, dq: Int) {
-        let tile = headDim == 64 ? 64 : 32, rows = headDim + 8
-        let tiles = (2 * 64 * rows + 4 * tile * rows) * 2
-        return (tiles + 4 * tile * 4, tiles)
+        let t = attentionTiles(headDim: headDim), rows = headDim + 8
+        return (
+            (2 * t.dkdvKeys * rows + 4 * t.dkdvRows * rows) * 2 + 4 * t.dkdvRows * 4, (2 * t.dqRows * rows + 4 * t.dqKeys * rows) * 2
+        )
     }
 
     /// bf16 copies (round to nearest even) of fp32 tensors whose sizes are multiples of 4.

@@ -102,26 +102,33 @@ extension CUDADevice {
     func zero(_ p: CUdeviceptr, bytes: Int) throws { try check(api.cuMemsetD8(p, 0, bytes), "cuMemsetD8(\(bytes))") }
 
     /// Cross-entropy of a chunk: per-row losses, logits replaced by d(gradScale·loss)/d logits;
-    /// `logits16` (not 0): that gradient's bf16 copy too, in the same pass.
+    /// `logits16` (not 0): that gradient's bf16 copy too, in the same pass; the fp32 gradient is then written
+    /// only when `keepFP32` (logits keeps the logits otherwise: nothing but a bias or an adapter reads it).
     func crossEntropyBackward(
-        rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float, logits16: CUdeviceptr = 0
+        rowLoss: CUdeviceptr, logits: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float,
+        logits16: CUdeviceptr = 0, keepFP32: Bool = true
     ) throws {
         try kernels.launch(
             "cross_entropy_backward", grid: (rows, 1, 1), block: (512, 1, 1),
-            [.ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale), .ptr(logits16)])
+            [
+                .ptr(rowLoss), .ptr(logits), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale), .ptr(logits16),
+                .i32(keepFP32 ? 1 : 0),
+            ])
     }
 
     /// Distillation rows (`kd_rows` in loss.cu): rowOut gets (CE, KD) per row as doubles;
-    /// `student16` (not 0): the gradient's bf16 copy too.
+    /// `student16` (not 0): the gradient's bf16 copy too, and the fp32 gradient only when `keepFP32`.
     func distillationRows(
         rowOut: CUdeviceptr, student: CUdeviceptr, teacher: CUdeviceptr, teacherStride: Int, targets: CUdeviceptr,
-        rows: Int, vocab: Int, kind: Int, beta: Float, invT: Float, cKD: Float, cCE: Float, computeCE: Bool, student16: CUdeviceptr = 0
+        rows: Int, vocab: Int, kind: Int, beta: Float, invT: Float, cKD: Float, cCE: Float, computeCE: Bool, student16: CUdeviceptr = 0,
+        keepFP32: Bool = true
     ) throws {
         try kernels.launch(
             "kd_rows", grid: (rows, 1, 1), block: (512, 1, 1),
             [
                 .ptr(rowOut), .ptr(student), .ptr(teacher), .ptr(targets), .i32(rows), .i32(vocab), .i64(teacherStride),
                 .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0), .ptr(student16),
+                .i32(keepFP32 ? 1 : 0),
             ])
     }
 

@@ -62,6 +62,12 @@ extension CUDASelftest {
             "max |Δ|/max")
         // Its bf16 copy: the fp32 gradient rounded to nearest even, bit for bit.
         add("cross_entropy_backward V=\(V): bf16 copy of the gradient", try bf16Mismatches(g16, of: gradient), 0, "values differ")
+        // bf16 only (keepFP32 false, the training path without a bias or adapter): the same copy, the logits untouched.
+        let ld2 = try gpu(logits), g16b = try DeviceBuffer(device, bytes: r * V * 2)
+        try device.crossEntropyBackward(
+            rowLoss: rl.ptr, logits: ld2.ptr, targets: td.ptr, rows: r, vocab: V, gradScale: scale, logits16: g16b.ptr, keepFP32: false)
+        add("cross_entropy_backward V=\(V) bf16 only: the copy", try bf16Mismatches(g16b, of: gradient), 0, "values differ")
+        add("cross_entropy_backward V=\(V) bf16 only: logits kept", Self.maxAbsDiff(logits, try ld2.floats(r * V)), 0, "max |Δ|")
     }
 
     /// kd_rows against DistillationKernels.fullRow: Σ CE and Σ T²·KD over the valid rows, and the gradient.
@@ -108,6 +114,15 @@ extension CUDASelftest {
         let m = Double(grad.map { abs($0) }.max() ?? 0), gradient = try sd.floats(r * V)
         add("\(label): gradient", Self.maxAbsDiff(grad, gradient) / max(m, 1e-30), 1e-4, "max |Δ|/max")
         add("\(label): bf16 copy", try bf16Mismatches(s16, of: gradient), 0, "values differ")
+        if kind == 0 {  // bf16 only (keepFP32 false): the same copy, the logits untouched
+            let sd2 = try gpu(student), s16b = try DeviceBuffer(device, bytes: r * V * 2)
+            try device.distillationRows(
+                rowOut: out.ptr, student: sd2.ptr, teacher: ud.ptr, teacherStride: teacherStride, targets: td.ptr, rows: r, vocab: V,
+                kind: kind, beta: b, invT: Float(1 / T), cKD: Float(kdRatio * Double(scale) * T),
+                cCE: Float((1 - kdRatio) * Double(scale)), computeCE: k.computeCE, student16: s16b.ptr, keepFP32: false)
+            add("\(label) bf16 only: the copy", try bf16Mismatches(s16b, of: gradient), 0, "values differ")
+            add("\(label) bf16 only: logits kept", Self.maxAbsDiff(student, try sd2.floats(r * V)), 0, "max |Δ|")
+        }
     }
 
     /// sumsq_chunks over tensors of awkward sizes (one not 16-byte aligned, so read element by

@@ -92,7 +92,10 @@ int main(int argc, char **argv) {
             report(("forward out " + l).c_str(), relerr(out, go), tol);
             report(("forward lse " + l).c_str(), relerr(lse, gl), bf ? 1e-2 : 1e-5);
             int rows = B * T * H;
-            emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0, [&] { attention_backward_delta(pde, pg, po, B, T, H, D); });
+            std::vector<unsigned short> d16(bf ? nq : 0, 0x1234);   // the delta kernel's bf16 copy of dout: to16's bits
+            emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
+                       [&] { attention_backward_delta(pde, pg, po, B, T, H, D, bf ? d16.data() : nullptr); });
+            if (bf) report(("backward delta's dout copy (values differ) " + l).c_str(), d16 == g16 ? 0.0 : 1.0, 0);
             if (bf) {
                 int tile = D == 64 ? 64 : 32, QS = D + 8;
                 size_t s1 = (2 * 64 * QS + 4 * tile * QS) * 2 + 4 * tile * 4, s2 = (2 * 64 * QS + 4 * tile * QS) * 2;

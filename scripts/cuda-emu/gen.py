@@ -13,6 +13,8 @@ src = re.sub(r'asm volatile\("ldmatrix\.sync\.aligned\.m8n8\.x2\.trans\.shared\.
 src = re.sub(r'asm volatile\("ldmatrix\.sync\.aligned\.m8n8\.x4(\.trans)?\.shared\.b16 \{%0,%1,%2,%3\}, \[%4\];\\n"'
              r'\s*:\s*"=r"\(r\[0\]\), "=r"\(r\[1\]\), "=r"\(r\[2\]\), "=r"\(r\[3\]\)\s*:\s*"r"\((\w+)\)\);',
              lambda m: 'emu_ldsm(r, 4, %s, %s);' % ('true' if m.group(1) else 'false', m.group(2)), src)
+src = src.replace('asm("cvt.rn.bf16x2.f32 %0, %1, %2;\\n" : "=r"(r) : "f"(hi), "f"(lo));',
+                  'r = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);')
 src = src.replace('asm("ex2.approx.ftz.f32 %0, %1;\\n" : "=f"(y) : "f"(x));', 'y = exp2f(x);')
 src = re.sub(r'asm volatile\("cp\.async\.c[ag]\.shared\.global \[%0\], \[%1\], (\d+), %2;\\n" ::"r"\(s\), "l"\(src\), "r"\(n\)\);',
              r'emu_cp_async(s, src, \1, n);', src)

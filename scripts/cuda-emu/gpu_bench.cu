@@ -66,7 +66,7 @@ int main() {
         size_t sh32 = (32 * (D + 1) + 32 * D + 16 * D) * 4;
         CK(cudaFuncSetAttribute(attention_forward, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sh32));
         attention_forward<<<dim3((T + 15) / 16, B * H), 128, sh32>>>(o, l, q, k, v, B, T, H, Hkv, D, 0, scale);
-        attention_backward_delta<<<(B * T * H + 7) / 8, 256>>>(delta, g, o, B, T, H, D);
+        attention_backward_delta<<<(B * T * H + 7) / 8, 256>>>(delta, g, o, B, T, H, D, nullptr);
         size_t shb = (2 * 32 * (D + 1) + 2 * 16 * D + 2 * 16 * 33 + 2 * 16) * 4;
         CK(cudaFuncSetAttribute(attention_backward_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
         CK(cudaFuncSetAttribute(attention_backward_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
@@ -76,7 +76,7 @@ int main() {
         // bf16.
         conv(q16, q, nq); conv(k16, k, nk); conv(v16, v, nk); conv(g16, g, nq);
         fwd<<<fg, 128, fsh>>>(o2, l2, q, k16, v16, T, H, Hkv, 0, scale);
-        attention_backward_delta<<<(B * T * H + 7) / 8, 256>>>(delta, g, o2, B, T, H, D);
+        attention_backward_delta<<<(B * T * H + 7) / 8, 256>>>(delta, g, o2, B, T, H, D, nullptr);
         bkv<<<dim3(B * Hkv, (T + 63) / 64), 128, s1>>>(dk2, dv2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale);
         bq<<<bg, 128, s2>>>(dq2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale);
         CK(cudaDeviceSynchronize());

@@ -103,7 +103,7 @@ static void kdCase(int rows, int V, int stride, Consts k) {
     float invT = (float)(1 / k.T), cKD = (float)(k.kdRatio * (double)gradScale * k.T), cCE = (float)((1 - k.kdRatio) * (double)gradScale);
     emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] {
         kd_rows(out.data(), s.data(), u.data(), t.data(), rows, V, stride, k.kind, (float)k.beta, invT, cKD, cCE, k.computeCE ? 1 : 0,
-                s16.data());
+                s16.data(), 1);
     });
     double gce = 0, gkd = 0;
     for (int r = 0; r < rows; r++) if (t[r] >= 0) { gce += out[2 * r]; gkd += k.T * k.T * out[2 * r + 1]; }
@@ -131,10 +131,15 @@ static void ceCase(int rows, int V) {
         for (int j = 0; j < V; j++) z[j] = __fmul_rn(expf(z[j] - m), kk);
         z[t[r]] = __fsub_rn(z[t[r]], gradScale);
     }
-    std::vector<float> rl(rows, -1), rl2(rows, -1);
+    std::vector<float> rl(rows, -1), rl2(rows, -1), rl3(rows, -1);
     emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_rows(rl.data(), s.data(), t.data(), rows, V); });
+    // bf16 only (keep32 = 0): the same copy and losses, the logits untouched.
+    std::vector<float> s0 = s;
+    std::vector<u16> o16((size_t)rows * V, 0x1234);
+    emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_backward(rl3.data(), s0.data(), t.data(), rows, V, gradScale, o16.data(), 0); });
+    report("cross-entropy V=" + std::to_string(V) + " bf16 only: logits kept", relerr(s, s0), 0);
     std::vector<u16> s16((size_t)rows * V, 0x1234);
-    emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_backward(rl2.data(), s.data(), t.data(), rows, V, gradScale, s16.data()); });
+    emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_backward(rl2.data(), s.data(), t.data(), rows, V, gradScale, s16.data(), 1); });
     double g1 = 0, g2 = 0;
     for (int r = 0; r < rows; r++) if (t[r] >= 0) { g1 += rl[r]; g2 += rl2[r]; }
     std::string name = "cross-entropy V=" + std::to_string(V);
@@ -142,6 +147,9 @@ static void ceCase(int rows, int V) {
     report(name + " backward: loss", fabs(g2 - loss) / valid, 1e-6);
     report(name + " backward: gradient", relerr(ref, s), 1e-5);
     report(name + " backward: bf16 copy (values differ)", bf16Differ(s, s16), 0);
+    double same = 0; for (size_t i = 0; i < s16.size(); i++) same += s16[i] != o16[i];
+    for (int r = 0; r < rows; r++) same += rl3[r] != rl2[r];
+    report(name + " bf16 only: copy and losses (values differ)", same, 0);
 }
 
 static void sumsqCase() {

@@ -122,8 +122,13 @@ __device__ __forceinline__ void mma_bf16(float *c, const u32 *a, u32 b0, u32 b1)
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// Two floats as bf16 (round to nearest even) in one word, lo in the low half: one cvt instruction
+// (f32_to_bf16's rounding, bit for bit, for every non-NaN input; a NaN becomes the canonical 0x7fff)
+// instead of its integer sequence twice: these packs sit in the kernels' inner loops (P, dS, Q rows).
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 // Four 8×8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m (register m).
 __device__ __forceinline__ void ldsm_x4(u32 *r, u32 addr) {
@@ -400,14 +405,20 @@ extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_bf16_d128
 // exactly P = dS = 0.
 
 // delta[b, h, t] = Σ_d dout[b, t, h, d] · out[b, t, h, d]: a warp per (b, t, h) row, fp32.
-extern "C" __global__ void attention_backward_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int D) {
+// dout16 (when not null): dout's bf16 copy too (the tensor-core kernels' input), from the same read.
+extern "C" __global__ void attention_backward_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int D,
+                                                    u16 *dout16) {
     long rows = (long)B * T * H;
     long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const float *o = out + row * D, *g = dout + row * D;
     float s = 0;
-    for (int d = lane; d < D; d += 32) s = __fadd_rn(s, __fmul_rn(o[d], g[d]));
+    for (int d = lane; d < D; d += 32) {
+        float gd = g[d];
+        s = __fadd_rn(s, __fmul_rn(o[d], gd));
+        if (dout16) dout16[row * D + d] = f32_to_bf16(gd);
+    }
     s = warp_sum(s);
     long b = row / ((long)T * H), rest = row - b * T * H;
     int t = (int)(rest / H), h = (int)(rest - (long)t * H);

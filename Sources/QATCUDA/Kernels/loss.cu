@@ -87,8 +87,9 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_rows
 }
 
 // The gradient pass of cross-entropy: z ← expf(z − m)·k, k·gradScale subtracted at the target;
-// z16 (when not null): the same values rounded to bf16 (the input of the lm_head's bf16 products).
-template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, float m, float k, float gradScale) {
+// z16 (when not null): the same values rounded to bf16 (the input of the lm_head's bf16 products);
+// then z itself is written only when keep32 (a bias or an adapter of the lm_head reads the fp32 gradient).
+template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, float m, float k, float gradScale, bool keep32) {
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float v[N];
         load_group<N>(z, g, v);
@@ -97,7 +98,7 @@ template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, 
             float e = __fmul_rn(expf(v[i] - m), k);
             v[i] = N * g + i == t ? __fsub_rn(e, gradScale) : e;
         }
-        store_group<N>(z, g, v);
+        if (keep32) store_group<N>(z, g, v);
         if (z16) {
 #pragma unroll
             for (int i = 0; i < N; i++) z16[N * g + i] = f32_to_bf16(v[i]);
@@ -109,18 +110,20 @@ template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, 
 // the loss logsumexp(z) − z[t] to rowLoss, and z replaced in place by
 // gradScale·(softmax(z) − onehot(t)); an ignored row (t < 0) gives 0 and a zero gradient.
 // logits16 (when not null, [rows, V] bf16): the gradient's bf16 copy too, written in the same
-// pass (so no separate conversion reads the chunk again). Two passes over the row: the statistics, then the gradient.
+// pass (so no separate conversion reads the chunk again); z then keeps the logits unless keep32. Two passes over the
+// row: the statistics, then the gradient.
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_backward(float *rowLoss, float *logits,
                                                                                       const int *targets, int rows, int V,
-                                                                                      float gradScale, u16 *logits16) {
+                                                                                      float gradScale, u16 *logits16, int keep32) {
     int r = blockIdx.x;
     if (r >= rows) return;
     int t = targets[r];
     float *z = logits + (long)r * V;
     u16 *z16 = logits16 ? logits16 + (long)r * V : nullptr;
+    bool k32 = !z16 || keep32;
     if (t < 0) {
         for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            z[j] = 0.0f;
+            if (k32) z[j] = 0.0f;
             if (z16) z16[j] = 0;
         }
         if (threadIdx.x == 0) rowLoss[r] = 0.0f;
@@ -133,8 +136,8 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_back
     if (vec) lse_stats<4>(z, V >> 2, &m, &s);
     else lse_stats<1>(z, V, &m, &s);
     float k = (float)((double)gradScale / s);
-    if (vec) ce_grad<4>(z, z16, V >> 2, t, m, k, gradScale);
-    else ce_grad<1>(z, z16, V, t, m, k, gradScale);
+    if (vec) ce_grad<4>(z, z16, V >> 2, t, m, k, gradScale, k32);
+    else ce_grad<1>(z, z16, V, t, m, k, gradScale, k32);
     if (threadIdx.x == 0) rowLoss[r] = (float)((double)m + log(s) - (double)zt);
 }
 
@@ -218,8 +221,8 @@ template <int N> __device__ void kd_jsd(const float *sr, const float *ur, int gr
 }
 
 // The gradient pass of kd_rows: s ← d(loss·gradScale)/ds (DistillationKernels.fullRow's fp32 and
-// double steps); s16 (when not null): the same values rounded to bf16.
-template <int N> __device__ void kd_grad(float *sr, u16 *s16, const float *ur, int groups, const KDRow &c) {
+// double steps); s16 (when not null): the same values rounded to bf16, and s itself only when keep32.
+template <int N> __device__ void kd_grad(float *sr, u16 *s16, const float *ur, int groups, const KDRow &c, bool keep32) {
     double invTD = c.invT;
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float x[N], y[N];
@@ -245,7 +248,7 @@ template <int N> __device__ void kd_grad(float *sr, u16 *s16, const float *ur, i
             }
             x[k] = gk;
         }
-        store_group<N>(sr, g, x);
+        if (keep32) store_group<N>(sr, g, x);
         if (s16) {
 #pragma unroll
             for (int k = 0; k < N; k++) s16[N * g + k] = f32_to_bf16(x[k]);
@@ -260,18 +263,21 @@ template <int N> __device__ void kd_grad(float *sr, u16 *s16, const float *ur, i
 // (0 without CE), rowOut[2r+1] = KD (before T²). cKD = kd_ratio·gradScale·T,
 // cCE = (1 − kd_ratio)·gradScale. Ignored rows: zeros. One block per row; two passes over the
 // row (statistics with the dot products folded in, then the gradient), three for JSD.
-// s16 (when not null, [rows, V] bf16): the gradient's bf16 copy too, written in the same pass.
+// s16 (when not null, [rows, V] bf16): the gradient's bf16 copy too, written in the same pass; s then
+// keeps the logits unless keep32 (only the bf16 copy is read when the lm_head has no bias or adapter).
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *rowOut, float *s, const float *u, const int *targets,
                                                                        int rows, int V, long teacherStride, int kind, float beta,
-                                                                       float invT, float cKD, float cCE, int computeCE, u16 *s16) {
+                                                                       float invT, float cKD, float cCE, int computeCE, u16 *s16,
+                                                                       int keep32) {
     int r = blockIdx.x;
     if (r >= rows) return;
     int t = targets[r];
     float *sr = s + (long)r * V;
     const float *ur = u + (long)r * teacherStride;
+    bool k32 = !s16 || keep32;
     if (t < 0) {
         for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            sr[j] = 0.0f;
+            if (k32) sr[j] = 0.0f;
             if (s16) s16[(long)r * V + j] = 0;
         }
         if (threadIdx.x == 0) { rowOut[2 * r] = 0; rowOut[2 * r + 1] = 0; }
@@ -320,7 +326,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *ro
         c.klQM = block_sum_d(kl);
     }
     u16 *sr16 = s16 ? s16 + (long)r * V : nullptr;
-    if (vec) kd_grad<4>(sr, sr16, ur, groups, c);
-    else kd_grad<1>(sr, sr16, ur, groups, c);
+    if (vec) kd_grad<4>(sr, sr16, ur, groups, c, k32);
+    else kd_grad<1>(sr, sr16, ur, groups, c, k32);
     if (threadIdx.x == 0) { rowOut[2 * r] = ce; rowOut[2 * r + 1] = kd; }
 }

@@ -203,7 +203,9 @@ extension CUDAModel {
         let dgate = fp32Grads ? try scratch("dgate32", bytes: N * I * 4) : 0, dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
         try device.swigluBackward(
             dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, dgate16: dgate16, dup16: dup16)
-        let gateUp = try sharedProductInput([gp, up], a.ln2.ptr, n: N, buffers: b)
+        let gateUp =
+            try normalizedProductInput(L.postNorm, [gp, up], a.mid.ptr, rstd: 0, n: N, buffers: b)
+            ?? sharedProductInput([gp, up], a.ln2.ptr, n: N, buffers: b)
         try linearBackward(
             gp, dy: dgate, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
             dy16: bf ? dgate16 : nil, dy16Ready: bf, input: gateUp)
@@ -247,7 +249,9 @@ extension CUDAModel {
                 proj, dy: norm?.dRaw ?? d, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: accumulate, b: b, g: g, dy16Ready: bf,
                 input: input)
         }
-        let qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, n: N, buffers: b)
+        let qkv =
+            try normalizedProductInput(L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, rstd: 0, n: N, buffers: b)
+            ?? sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, n: N, buffers: b)
         if let qn = L.qNorm, let kn = L.kNorm {
             try projectionGradient(
                 L.qProj, d: g.dq.ptr, heads: H, norm: (qn, g.dqRaw.ptr, a.qRaw.ptr, a.qRstd.ptr), accumulate: false, input: qkv)

@@ -331,6 +331,28 @@ public final class CUDAModel: @unchecked Sendable {
         return try productInput(ls[0], x, x16: x16, n: n, buffers: b)
     }
 
+    /// RMSNorm of x [n, C] (weight `norm`) straight into the shared NVFP4 product input of the Linears that read it
+    /// (`b.b16`, in one pass: `rmsnorm_nvfp4`, bit for bit the norm then `sharedProductInput`), when nothing else
+    /// reads the normalised rows: bf16 products, every input quantizer NVFP4 and quantizing alike, no LoRA adapter
+    /// and no clipped STE (both read them). Then the layer's fp32 ln / ln2 (and their bf16 copies) are not written:
+    /// forward and backward take this path alike. `rstd`: written (the forward) or 0 (backward, which keeps it).
+    /// nil otherwise (the caller runs the norm and `sharedProductInput`).
+    func normalizedProductInput(
+        _ norm: Parameter, _ ls: [Linear], _ x: CUdeviceptr, rstd: CUdeviceptr, n: Int, buffers b: Buffers
+    ) throws -> CUdeviceptr? {
+        guard precision == .bf16, config.hiddenSize % 16 == 0, let first = ls.first?.inputQuantizer,
+            let (amax, export) = nvfp4Quantizing(first),
+            ls.allSatisfy({
+                $0.inFeatures == config.hiddenSize && $0.inputQuantizer?.quantizesLike(first) == true && !hasAdapter($0)
+                    && ($0.inputQuantizer as? TensorQuantizer)?.ste != .clipped
+            })
+        else { return nil }
+        try device.rmsnormNVFP4(
+            bf16Out: b.b16.ptr, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: config.hiddenSize, eps: config.rmsNormEps,
+            globalAmax: amax, exportMode: export)
+        return b.b16.ptr
+    }
+
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
     /// when its producer wrote one (used when no quantizer changes x). `input`: the product
     /// input already made (`sharedProductInput`).
@@ -380,8 +402,11 @@ public final class CUDAModel: @unchecked Sendable {
     func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: CUdeviceptr, xout: CUdeviceptr, b: Buffers) throws {
         let c = config, C = c.hiddenSize, N = b.batch * b.seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim, eps = c.rmsNormEps
         let ln16 = b.ln16?.ptr
-        try device.rmsnorm(out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
-        let qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, x16: ln16, n: N, buffers: b)
+        var qkv = try normalizedProductInput(L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, rstd: a.rstd1.ptr, n: N, buffers: b)
+        if qkv == nil {
+            try device.rmsnorm(out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
+            qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, x16: ln16, n: N, buffers: b)
+        }
         try linear(L.qProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)
         try linear(L.kProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
         try linear(L.vProj, a.ln.ptr, x16: ln16, input: qkv, out: a.vRaw.ptr, n: N, buffers: b)
@@ -398,13 +423,16 @@ public final class CUDAModel: @unchecked Sendable {
             kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b))
         try linear(L.oProj, a.attn.ptr, out: a.mid.ptr, n: N, buffers: b)
         try device.add(a.mid.ptr, xin, count: N * C)  // mid = x + attn
-        try device.rmsnorm(
-            out: a.ln2.ptr, rstd: a.rstd2.ptr, inp: a.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps,
-            out16: ln16 ?? 0)
         guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
             throw QATError.internal("layer \(L.index) has no MLP")
         }
-        let gateUp = try sharedProductInput([gate, up], a.ln2.ptr, x16: ln16, n: N, buffers: b)
+        var gateUp = try normalizedProductInput(L.postNorm, [gate, up], a.mid.ptr, rstd: a.rstd2.ptr, n: N, buffers: b)
+        if gateUp == nil {
+            try device.rmsnorm(
+                out: a.ln2.ptr, rstd: a.rstd2.ptr, inp: a.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps,
+                out16: ln16 ?? 0)
+            gateUp = try sharedProductInput([gate, up], a.ln2.ptr, x16: ln16, n: N, buffers: b)
+        }
         try linear(gate, a.ln2.ptr, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
         try linear(up, a.ln2.ptr, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
         if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy

@@ -41,10 +41,27 @@ extension CUDADevice {
                 [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps)])
             return
         }
-        let threads = c >= 1024 ? 256 : (c >= 256 ? 128 : 64)
         try kernels.launch(
-            "rmsnorm_forward", grid: (n, 1, 1), block: (threads, 1, 1),
+            "rmsnorm_forward", grid: (n, 1, 1), block: (Self.rmsnormThreads(c), 1, 1),
             [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
+    }
+
+    /// Threads per row of `rmsnorm_forward` (and `rmsnorm_nvfp4`, which must sum the squares in the same order).
+    static func rmsnormThreads(_ c: Int) -> Int { c >= 1024 ? 256 : (c >= 256 ? 128 : 64) }
+
+    /// bf16Out = bf16(NVFP4 fake quant of RMSNorm(inp)), in one pass: `rmsnorm` then `nvfp4FakeQuant(bf16Out:)`, bit
+    /// for bit (the normalised rows are not stored); `rstd` (not 0) gets the rows' rstd as `rmsnorm` writes it. c % 16 == 0.
+    func rmsnormNVFP4(
+        bf16Out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float, globalAmax: Float,
+        exportMode: Bool
+    ) throws {
+        guard c % 16 == 0 else { throw QATError.internal("rmsnorm_nvfp4 needs rows of whole 16-blocks (c = \(c))") }
+        try kernels.launch(
+            "rmsnorm_nvfp4", grid: (n, 1, 1), block: (Self.rmsnormThreads(c), 1, 1),
+            [
+                .ptr(bf16Out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .f32(globalAmax),
+                .i32(exportMode ? 1 : 0),
+            ])
     }
 
     /// RoPE in place (sign -1: its backward); `x16` (not 0): the result's bf16 copy too.

@@ -236,6 +236,29 @@ public struct CUDASelftest {
                     Double(zip(a16, b16).filter { $0 != $1 }.count), 0, "values differ")
             }
         }
+        // rmsnorm_nvfp4 (the q/k/v and gate/up product input in one pass) against rmsnorm_forward then
+        // nvfp4_fake_quant(bf16Out): bit for bit, rstd too, both modes, the three thread counts of the norm.
+        for (r, cols) in [(33, 2048), (5, 64), (3, 1040)] {
+            let x = Self.random(r * cols, seed: 20, scale: 2), w = Self.random(cols, seed: 21, scale: 1)
+            let xd = try gpu(x), wd = try gpu(w), yd = try DeviceBuffer(d, floats: r * cols)
+            let rs1 = try DeviceBuffer(d, floats: r), rs2 = try DeviceBuffer(d, floats: r)
+            let ref16 = try DeviceBuffer(d, bytes: r * cols * 2), fused16 = try DeviceBuffer(d, bytes: r * cols * 2)
+            try d.rmsnorm(out: yd.ptr, rstd: rs1.ptr, inp: xd.ptr, weight: wd.ptr, n: r, c: cols, eps: 1e-6)
+            let amax = NVFP4.absMax(try yd.floats(r * cols), count: r * cols)
+            for export in [false, true] {
+                try d.nvfp4FakeQuant(yd.ptr, out: 0, bf16Out: ref16.ptr, rows: r, cols: cols, globalAmax: amax, exportMode: export)
+                try d.rmsnormNVFP4(
+                    bf16Out: fused16.ptr, rstd: rs2.ptr, inp: xd.ptr, weight: wd.ptr, n: r, c: cols, eps: 1e-6, globalAmax: amax,
+                    exportMode: export)
+                var a16 = [UInt16](repeating: 0, count: r * cols), b16 = a16
+                try a16.withUnsafeMutableBytes { try ref16.download($0.baseAddress!, bytes: $0.count) }
+                try b16.withUnsafeMutableBytes { try fused16.download($0.baseAddress!, bytes: $0.count) }
+                let rstdDiffer = zip(try rs1.floats(r), try rs2.floats(r)).filter { $0.bitPattern != $1.bitPattern }.count
+                add(
+                    "rmsnorm_nvfp4 vs rmsnorm + nvfp4 bf16 [\(r)×\(cols)] \(export ? "export" : "modelopt")",
+                    Double(zip(a16, b16).filter { $0 != $1 }.count + rstdDiffer), 0, "values differ")
+            }
+        }
 
         // RoPE (llama3-scaled frequencies) and attention (GQA, with and without a window).
         for (heads, kvHeads, headDim, window, seqLen) in [

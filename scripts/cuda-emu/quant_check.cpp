@@ -97,6 +97,23 @@ int main() {
             launch(blocks, [&] { nvfp4_fake_quant(h.data(), nullptr, two.data(), rows, cols, hmax, mode); });
             launch(blocks, [&] { swiglu_nvfp4(g.data(), u.data(), fused.data(), rows, cols, hmax, mode); });
             report("swiglu_nvfp4 " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, fused), 0);
+            // rmsnorm_nvfp4 against rmsnorm_forward then nvfp4_fake_quant(bf16out), rstd too (rows of whole 16-blocks).
+            if (cols % 16 == 0) {
+                int threads = cols >= 1024 ? 256 : (cols >= 256 ? 128 : 64);   // CUDADevice.rmsnormThreads
+                std::vector<float> y(n), w(cols), rs1(rows), rs2(rows);
+                for (auto &v : w) v = 1 + 0.3f * gauss();
+                emu_launch({(unsigned)rows, 1, 1}, threads, 0,
+                           [&] { rmsnorm_forward(y.data(), rs1.data(), g.data(), w.data(), rows, cols, 1e-6f, nullptr); });
+                float ymax = 0;
+                for (float v : y) ymax = std::max(ymax, fabsf(v));
+                std::vector<u16> ref2(n), fused2(n);
+                launch(blocks, [&] { nvfp4_fake_quant(y.data(), nullptr, ref2.data(), rows, cols, ymax, mode); });
+                emu_launch({(unsigned)rows, 1, 1}, threads, 0, [&] {
+                    rmsnorm_nvfp4(fused2.data(), rs2.data(), g.data(), w.data(), rows, cols, 1e-6f, ymax, mode);
+                });
+                report("rmsnorm_nvfp4 " + tag + ": values differing from rmsnorm_forward + nvfp4_fake_quant",
+                       differing(ref2, fused2) + differing(rs1, rs2), 0);
+            }
         }
     }
     // swiglu_backward's outputs each on its own (a null pointer writes nothing): the fp32 pair alone,

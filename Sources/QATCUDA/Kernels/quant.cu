@@ -119,6 +119,31 @@ extern "C" __global__ void swiglu_nvfp4(const float *gate, const float *up, u16 
     });
 }
 
+// RMSNorm fused with the NVFP4 fake quant of its output, written as bf16 only (the shared product input of the
+// Linears that read the norm; the normalised rows are not stored): rmsnorm_forward's rstd and values (the same
+// double sum of squares in the same order, for the same block size) then nvfp4_fake_quant's blocks, bit for bit
+// with those two kernels in a row. One block per row, c a multiple of 16; rstd (when not null) gets the row's rstd.
+extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
+                                         float globalAmax, int mode) {
+    long row = blockIdx.x;
+    if (row >= n) return;
+    const float *x = inp + row * c;
+    double s = 0;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) { float v = x[j]; s += (double)__fmul_rn(v, v); }
+    s = block_sum_d(s);
+    float rs = 1.0f / sqrtf((float)(s / (double)c) + eps);
+    if (threadIdx.x == 0 && rstd) rstd[row] = rs;
+    float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
+    bool vec = (((unsigned long long)x | (unsigned long long)bf16out) & 15) == 0;   // (c % 16 == 0: every row alike)
+    for (int k = threadIdx.x; k < c / 16; k += blockDim.x) {
+        int c0 = 16 * k;
+        float v[16];
+        load_block16(v, x + c0, 16, vec);
+#pragma unroll
+        for (int i = 0; i < 16; i++) v[i] = __fmul_rn(w[c0 + i], __fmul_rn(v[i], rs));
+        nvfp4_block(v, 16, vec, (float *)0, bf16out + row * c + c0, gs, mode, zeroFix);
+    }
+}
 // Per-tensor FP8 E4M3 fake quant: e4m3(x * (448/amax)) / (448/amax); |x| < 2^-24 -> 0.
 extern "C" __global__ void fp8_fake_quant(const float *x, float *out, long n, float amax) {
     float scale = __fdiv_rn(448.0f, amax), tiny = 1.0f / 16777216.0f;

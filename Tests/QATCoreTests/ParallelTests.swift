@@ -29,6 +29,26 @@ final class ParallelTests: XCTestCase {
         }
     }
 
+    func testRangeChunksPerWorker() {
+        // Four chunks per worker where each keeps ≥ 16k operations (a SmolLM2 weight's 55,296
+        // NVFP4 blocks at cost 64), fewer where they would be smaller, never fewer than the
+        // workers nor more than the items.
+        XCTAssertEqual(Parallel.rangeChunks(55_296, costPerItem: 64, workers: 16), 64)
+        XCTAssertEqual(Parallel.rangeChunks(55_296, costPerItem: 64, workers: 2), 8)
+        XCTAssertEqual(Parallel.rangeChunks(40_000, costPerItem: 1, workers: 16), 16)
+        XCTAssertEqual(Parallel.rangeChunks(500_000, costPerItem: 1, workers: 16), 30)  // ⌊500,000 / 16,384⌋
+        XCTAssertEqual(Parallel.rangeChunks(3, costPerItem: 100_000, workers: 16), 3)
+        XCTAssertEqual(Parallel.rangeChunks(1 << 40, costPerItem: 1 << 30, workers: 8), 32)  // no overflow
+        // The chunks cover every item once, in order (forRange with 4 chunks per worker).
+        Parallel.threads = 3
+        var seen = [Int](repeating: 0, count: 100_003)
+        seen.withUnsafeMutableBufferPointer { sb in
+            let p = SendablePointer(sb.baseAddress!)
+            Parallel.forRange(100_003, costPerItem: 4) { s, e in for i in s..<e { p.p[i] += 1 } }
+        }
+        XCTAssertTrue(seen.allSatisfy { $0 == 1 })
+    }
+
     func testNestedAndConcurrentRegions() {
         Parallel.threads = 4
         let n = 64, inner = 50_000

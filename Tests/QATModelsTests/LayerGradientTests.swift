@@ -51,6 +51,29 @@ final class LayerGradientTests: XCTestCase {
         _ = r.count
     }
 
+    func testCrossEntropyChunksAreBalancedAndCoverEveryRow() {
+        // SmolLM2's vocabulary with the default budget: 682-row chunks, so 2,048 rows are 4 × 512
+        // (not 682 × 3 + 2); a budget of 7 rows over 20 rows: 3 chunks of 6, 7, 7.
+        let smol = ChunkedCrossEntropy(vocab: 49_152)
+        XCTAssertEqual(smol.chunkRows, 682)
+        XCTAssertEqual(smol.chunks(2048), [0..<512, 512..<1024, 1024..<1536, 1536..<2048])
+        XCTAssertEqual(smol.chunks(100), [0..<100])
+        XCTAssertEqual(smol.chunks(0), [])
+        XCTAssertEqual(ChunkedCrossEntropy(vocab: 32, budgetBytes: 7 * 32 * 4).chunks(20), [0..<6, 6..<13, 13..<20])
+        for rows in [1, 3, 7, 8, 64] {
+            let head = ChunkedCrossEntropy(vocab: 32, budgetBytes: rows * 32 * 4)
+            for n in [1, 5, 7, 8, 9, 100, 1001] {
+                let parts = head.chunks(n)
+                XCTAssertEqual(parts.count, (n + rows - 1) / rows, "\(n) rows in chunks of ≤ \(rows)")
+                XCTAssertEqual(parts.first?.lowerBound, 0)
+                XCTAssertEqual(parts.last?.upperBound, n)
+                for (a, b) in zip(parts, parts.dropFirst()) { XCTAssertEqual(a.upperBound, b.lowerBound) }
+                XCTAssertLessThanOrEqual(parts.map(\.count).max()! - parts.map(\.count).min()!, 1)
+                XCTAssertLessThanOrEqual(parts.map(\.count).max()!, rows)
+            }
+        }
+    }
+
     func testSwiGLU() {
         let n = 16
         var g = random(n), u = random(n), r = random(n)

@@ -51,6 +51,48 @@ final class LayerGradientTests: XCTestCase {
         _ = r.count
     }
 
+    func testRMSNormBackwardSameBitsForAnyThreadCount() {
+        // The hidden width (36 column blocks, many dx row blocks) and a head norm's (4 column
+        // blocks): one region of dynamic tasks must give the bits of the serial passes, also
+        // when dinp aliases dout (the passes then run one after the other).
+        for (n, c) in [(2048, 576), (4096, 64), (37, 40)] {
+            let x = random(n * c), w = random(c), r = random(n * c), base = random(n * c), dw0 = random(c)
+            var rstd = [Float](repeating: 0, count: n), out = [Float](repeating: 0, count: n * c)
+            RMSNorm.forward(out: &out, rstd: &rstd, inp: x, weight: w, n: n, c: c, eps: 1e-5)
+            func run(_ threads: Int, accumulate: Bool, alias: Bool) -> [Float] {
+                Parallel.threads = threads
+                defer { Parallel.threads = Parallel.availableCores }
+                var dx = alias ? r : base, dw = dw0
+                if alias {
+                    dx.withUnsafeMutableBufferPointer { d in
+                        RMSNorm.backward(
+                            dinp: d.baseAddress!, dweight: &dw, dout: d.baseAddress!, inp: x, weight: w, rstd: rstd, n: n, c: c,
+                            accumulate: false)
+                    }
+                } else {
+                    RMSNorm.backward(dinp: &dx, dweight: &dw, dout: r, inp: x, weight: w, rstd: rstd, n: n, c: c, accumulate: accumulate)
+                }
+                return dx + dw
+            }
+            for (accumulate, alias) in [(false, false), (true, false), (false, true)] {
+                let one = run(1, accumulate: accumulate, alias: alias)
+                if !alias {
+                    // The serial reference: dw[j] += Σ_i in row order, dx per row.
+                    var dw = dw0
+                    for i in 0..<n { for j in 0..<c { dw[j] += r[i * c + j] * (x[i * c + j] * rstd[i]) } }
+                    XCTAssertEqual(Array(one[(n * c)...]).map(\.bitPattern), dw.map(\.bitPattern), "\(n)×\(c) dw")
+                } else {
+                    XCTAssertEqual(one.map(\.bitPattern), run(1, accumulate: false, alias: false).map(\.bitPattern), "\(n)×\(c) aliased")
+                }
+                for t in [2, 3, 16] {
+                    XCTAssertEqual(
+                        run(t, accumulate: accumulate, alias: alias).map(\.bitPattern), one.map(\.bitPattern),
+                        "\(n)×\(c) accumulate \(accumulate) alias \(alias): \(t) threads differ from 1")
+                }
+            }
+        }
+    }
+
     func testCrossEntropyChunksAreBalancedAndCoverEveryRow() {
         // SmolLM2's vocabulary with the default budget: 682-row chunks, so 2,048 rows are 4 × 512
         // (not 682 × 3 + 2); a budget of 7 rows over 20 rows: 3 chunks of 6, 7, 7.

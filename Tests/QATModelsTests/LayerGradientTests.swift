@@ -167,6 +167,33 @@ final class LayerGradientTests: XCTestCase {
         }
     }
 
+    func testAttentionSameBitsForAnyThreadCount() {
+        // Forward tasks per (batch, head, causal block), largest first; backward's dV tasks beside
+        // the dS/dQ/dK ones: every thread count gives the serial run's bits (T = 200: a partial
+        // last block; groups of 3 heads; 16 threads: more workers than backward tasks).
+        let s = Attention.Shape(batch: 2, seqLen: 200, heads: 6, kvHeads: 2, headDim: 16)
+        let nq = s.batch * s.seqLen * s.heads * s.headDim, nk = s.batch * s.seqLen * s.kvHeads * s.headDim
+        let q = random(nq), k = random(nk), v = random(nk), r = random(nq)
+        func run(_ threads: Int) -> [[Float]] {
+            Parallel.threads = threads
+            defer { Parallel.threads = Parallel.availableCores }
+            var out = [Float](repeating: 0, count: nq), p = [Float](repeating: 0, count: s.batch * s.heads * s.seqLen * s.seqLen)
+            Attention.forward(out: &out, probs: &p, q: q, k: k, v: v, shape: s)
+            var dq = [Float](repeating: 0, count: nq), dk = [Float](repeating: .nan, count: nk), dv = dk
+            var scratch = [Float](repeating: 0, count: threads * s.seqLen * s.seqLen)
+            Attention.backward(
+                dq: &dq, dk: &dk, dv: &dv, dout: r, q: q, k: k, v: v, probs: p, scratch: &scratch, scratchSlots: threads, shape: s)
+            return [out, p, dq, dk, dv]
+        }
+        let one = run(1)
+        XCTAssertTrue(one.allSatisfy { $0.allSatisfy(\.isFinite) }, "dk and dv are written everywhere")
+        for t in [2, 3, 16] {
+            for (name, (a, b)) in zip(["out", "probs", "dq", "dk", "dv"], zip(one, run(t))) {
+                XCTAssertEqual(a.map(\.bitPattern), b.map(\.bitPattern), "attention \(name): \(t) threads differ from 1")
+            }
+        }
+    }
+
     func testLinearWithBias() throws {
         let n = 4, inF = 6, outF = 5
         let w = Parameter(name: "l.weight", value: Tensor(shape: [outF, inF], values: random(outF * inF)))

@@ -15,9 +15,9 @@ public struct SendablePointer<T>: @unchecked Sendable {
 /// The one place that decides how many threads compute.
 ///
 /// Threading model: OpenBLAS is kept single-threaded (see `BLAS`), and every parallel loop,
-/// large matrix products included, is split here into `threads` fixed contiguous chunks run
-/// by the persistent `WorkerPool` (whichever of its threads claims a chunk computes it the
-/// same way). So there is exactly one set of workers (no
+/// large matrix products included, is split here into fixed contiguous chunks (a function of
+/// its size and `threads`) run by the persistent `WorkerPool` (whichever of its threads claims
+/// a chunk computes it the same way). So there is exactly one set of workers (no
 /// OpenBLAS pthreads spinning in `sched_yield` next to ours), and the split of every loop
 /// depends only on its size and `threads`, never on timing: results are run-to-run
 /// deterministic.
@@ -76,11 +76,41 @@ public enum Parallel {
         return nil
     }
 
-    /// Runs `body(start, end)` over `n` items split into contiguous chunks, one per worker,
-    /// in parallel when the work is large enough (`n * costPerItem` ≥ ~32k operations).
-    /// `body` may call `BLAS.gemm` with `parallel: false` (OpenBLAS is single-threaded).
+    /// Runs `body(start, end)` over `n` items split into contiguous chunks, in parallel when
+    /// the work is large enough (`n * costPerItem` ≥ ~32k operations). `body` must compute
+    /// each item independently of where the chunks are cut (as every caller does: the cuts
+    /// depend on the thread count). `body` may call `BLAS.gemm` with `parallel: false`
+    /// (OpenBLAS is single-threaded).
+    ///
+    /// The chunks (`rangeChunks`: up to `chunksPerWorker` per worker, none under
+    /// `minChunkCost`) are claimed by the workers as they become free. With one chunk per
+    /// worker, a worker that starts late (woken from sleep, or the OS ran something else on its
+    /// core first) had its whole share taken by a worker that had already done its own, so the
+    /// region took up to twice as long; 16 workers make a late one likely. With four, such a
+    /// worker costs at most a quarter share.
     public static func forRange(_ n: Int, costPerItem: Int = 1, _ body: (Int, Int) -> Void) {
-        forWorkers(n, costPerItem: costPerItem) { _, s, e in body(s, e) }
+        let workers = min(threads, n)
+        if workers <= 1 || n * costPerItem < 32_768 {
+            if n > 0 { body(0, n) }
+            return
+        }
+        let chunks = rangeChunks(n, costPerItem: costPerItem, workers: workers)
+        forEachDynamic(chunks, maxWorkers: workers) { _, c in body(n * c / chunks, n * (c + 1) / chunks) }
+    }
+
+    /// Chunks per worker of a `forRange` loop, when the work allows.
+    public static let chunksPerWorker = 4
+
+    /// Operations (`n * costPerItem`) below which a `forRange` chunk is not cut smaller.
+    public static let minChunkCost = 16_384
+
+    /// How many chunks `forRange` cuts `n` items into for `workers` workers: `chunksPerWorker`
+    /// per worker, fewer where a chunk would fall under `minChunkCost`, never fewer than the
+    /// workers nor more than the items. A function of the sizes and the worker count only.
+    public static func rangeChunks(_ n: Int, costPerItem: Int, workers: Int) -> Int {
+        let byCost = n.multipliedReportingOverflow(by: max(1, costPerItem))
+        let affordable = byCost.overflow ? Int.max : byCost.partialValue / minChunkCost
+        return max(1, min(n, chunksPerWorker * workers, max(workers, affordable)))
     }
 
     /// As `forRange`, also passing the chunk's worker index (0 ..< min(threads, n)), for

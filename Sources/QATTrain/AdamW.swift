@@ -108,9 +108,10 @@ public final class AdamW {
     /// Gradients of the trainable parameters, in slot order (no copies).
     public var gradients: LazyMapCollection<[Slot], Tensor> { slots.lazy.map(\.grad) }
 
-    /// Zeroes the gradients of the trainable parameters.
+    /// Zeroes the gradients of the trainable parameters, in one parallel region over all of
+    /// them (most are too small to split over 16 workers on their own).
     public func zeroGrad() {
-        for s in slots { s.grad.zeroParallel() }
+        GradientClipping.zero(slots.map(\.grad))
     }
 
     /// Per-step scalars of one group, rounded as ATen rounds them (a device optimizer applies
@@ -233,7 +234,6 @@ public final class AdamW {
 
     /// Name of the first trainable parameter whose gradient holds a NaN or an infinity.
     public func firstNonFiniteGradient() -> String? {
-        for s in slots where !GradientClipping.isFinite(s.grad) { return s.name }
-        return nil
+        GradientClipping.firstNonFinite(slots.map(\.grad)).map { slots[$0].name }
     }
 }

@@ -44,12 +44,12 @@ public final class DistillationLoss: TrainingLoss {
 
     /// `budgetBytes` bounds the two chunk logits buffers together (default 256 MiB).
     ///
-    /// Why so large (ChunkedCrossEntropy uses 16 MiB): every chunk's lm_head backward reads
-    /// and writes the whole [V, C] weight gradient and reads both [V, C] weights, so small
-    /// chunks make the pass memory-bound. Measured at V = 151,936, C = 1,024, 1k tokens on
-    /// the 2-core machine: 32 MiB (27-row chunks) 16.4 s, 64 MiB 10.8 s, 128 MiB 9.0 s,
-    /// 256 MiB (220 rows) 8.2 s, unfused (1.2 GB of logits) 7.2 s. The buffers stay bounded
-    /// by the budget whatever the token count.
+    /// Why so large (ChunkedCrossEntropy's default is 128 MiB, for its one buffer): every
+    /// chunk's lm_head backward reads and writes the whole [V, C] weight gradient and reads
+    /// both [V, C] weights, so small chunks make the pass memory-bound. Measured at
+    /// V = 151,936, C = 1,024, 1k tokens on the 2-core machine: 32 MiB (27-row chunks)
+    /// 16.4 s, 64 MiB 10.8 s, 128 MiB 9.0 s, 256 MiB (220 rows) 8.2 s, unfused (1.2 GB of
+    /// logits) 7.2 s. The buffers stay bounded by the budget whatever the token count.
     public init(
         teacher: CausalLM, studentVocab: Int, spec: Recipe.DistillSpec, maskExtraVocab: Bool = false,
         budgetBytes: Int = 256 << 20

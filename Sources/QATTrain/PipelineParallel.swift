@@ -223,10 +223,10 @@ public final class PipelineEngine {
     public func globalGradNorm(optimizer: AdamW, order: [String]) throws -> Double {
         let index = Dictionary(uniqueKeysWithValues: order.enumerated().map { ($1, $0) })
         var sums = [Double](repeating: 0, count: order.count)
-        for s in optimizer.slots {
-            if s.name.hasPrefix("model.embed_tokens") && !layout.isFirst { continue }
+        let counted = optimizer.slots.filter { !($0.name.hasPrefix("model.embed_tokens") && !layout.isFirst) }
+        for (s, v) in zip(counted, GradientClipping.sumsOfSquares(counted.map(\.grad))) {
             guard let i = index[s.name] else { throw QATError("pipeline: parameter \(s.name) is not in the model's parameter order") }
-            sums[i] = GradientClipping.sumOfSquares(s.grad)
+            sums[i] = v
         }
         try comm.allReduceSum(&sums)
         var total = 0.0

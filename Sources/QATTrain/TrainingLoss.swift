@@ -51,7 +51,7 @@ public final class CrossEntropyLoss: TrainingLoss {
     let head: ChunkedCrossEntropy
     public var description: String { "cross-entropy (fused lm_head, \(head.chunkRows)-row chunks)" }
 
-    public init(vocab: Int, budgetBytes: Int = 16 << 20) {
+    public init(vocab: Int, budgetBytes: Int = ChunkedCrossEntropy.defaultBudgetBytes) {
         head = ChunkedCrossEntropy(vocab: vocab, budgetBytes: budgetBytes)
     }
 

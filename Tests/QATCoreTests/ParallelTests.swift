@@ -29,6 +29,26 @@ final class ParallelTests: XCTestCase {
         }
     }
 
+    func testRangeChunksPerWorker() {
+        // Four chunks per worker where each keeps ≥ 16k operations (a SmolLM2 weight's 55,296
+        // NVFP4 blocks at cost 64), fewer where they would be smaller, never fewer than the
+        // workers nor more than the items.
+        XCTAssertEqual(Parallel.rangeChunks(55_296, costPerItem: 64, workers: 16), 64)
+        XCTAssertEqual(Parallel.rangeChunks(55_296, costPerItem: 64, workers: 2), 8)
+        XCTAssertEqual(Parallel.rangeChunks(40_000, costPerItem: 1, workers: 16), 16)
+        XCTAssertEqual(Parallel.rangeChunks(500_000, costPerItem: 1, workers: 16), 30)  // ⌊500,000 / 16,384⌋
+        XCTAssertEqual(Parallel.rangeChunks(3, costPerItem: 100_000, workers: 16), 3)
+        XCTAssertEqual(Parallel.rangeChunks(1 << 40, costPerItem: 1 << 30, workers: 8), 32)  // no overflow
+        // The chunks cover every item once, in order (forRange with 4 chunks per worker).
+        Parallel.threads = 3
+        var seen = [Int](repeating: 0, count: 100_003)
+        seen.withUnsafeMutableBufferPointer { sb in
+            let p = SendablePointer(sb.baseAddress!)
+            Parallel.forRange(100_003, costPerItem: 4) { s, e in for i in s..<e { p.p[i] += 1 } }
+        }
+        XCTAssertTrue(seen.allSatisfy { $0 == 1 })
+    }
+
     func testNestedAndConcurrentRegions() {
         Parallel.threads = 4
         let n = 64, inner = 50_000
@@ -117,11 +137,23 @@ final class ParallelTests: XCTestCase {
         XCTAssertTrue(BLAS.grid(m: 2048, n: 128, k: 256, workers: 16, policy: wide) == (8, 1))  // 8.4 M multiply-adds per block
         XCTAssertTrue(BLAS.grid(m: 100, n: 1000, k: 64, workers: 16, policy: wide) == (1, 1))  // 6.4 M in all: not split
         XCTAssertTrue(BLAS.grid(m: 256, n: 256, k: 2048, workers: 16, policy: rows) == (6, 1))  // rows only, 48-row cuts
+        // SmolLM2's k/v dX at 16 workers: 32 blocks would fall below minBlockWork, and 28 (two
+        // rounds, 12 workers idle in the second) would finish after 16 (one round).
+        XCTAssertTrue(BLAS.grid(m: 2048, n: 576, k: 192, workers: 16, policy: wide) == (8, 2))
+        XCTAssertTrue(BLAS.grid(m: 2048, n: 576, k: 384, workers: 16, policy: wide) == (8, 4))  // 32 fit
+        // The lm_head's products of a 512-row cross-entropy chunk (V = 49,152, C = 576).
+        XCTAssertTrue(BLAS.grid(m: 512, n: 49152, k: 576, workers: 16, policy: wide) == (1, 32))
+        XCTAssertTrue(BLAS.grid(m: 512, n: 576, k: 49152, workers: 16, policy: wide) == (4, 4))
+        XCTAssertTrue(BLAS.grid(m: 49152, n: 576, k: 512, workers: 16, policy: wide) == (32, 1))
         for policy in [wide, rows] {
-            for (m, n, k) in [(2048, 256, 256), (576, 1536, 2048), (49152, 576, 2048), (333, 190, 970)] {
-                for w in [2, 3, 8, 16, 64] {
+            for (m, n, k) in [
+                (2048, 256, 256), (576, 1536, 2048), (49152, 576, 2048), (333, 190, 970), (2048, 576, 192), (2048, 192, 576),
+                (192, 576, 2048), (512, 576, 49152), (85, 576, 49152),
+            ] {
+                for w in [2, 3, 8, 12, 16, 64] {
                     let (pm, pn) = BLAS.grid(m: m, n: n, k: k, workers: w, policy: policy)
                     XCTAssertLessThanOrEqual(pm * pn, 2 * w)
+                    XCTAssertTrue(pm * pn <= w || pm * pn == 2 * w, "\(m)×\(n)×\(k) at \(w): \(pm * pn) blocks, two uneven rounds")
                     XCTAssertTrue(pn == 1 || policy.splitColumns)
                     // Every block as BLAS.gemm cuts it: whole granules, bm · i / pm of them before block i.
                     func sizes(_ dim: Int, _ parts: Int, _ g: Int) -> [Int] {

@@ -4,7 +4,7 @@ import XCTest
 
 /// Results do not depend on the thread count: the same short `qat apply` (fortune-lm, 64-token
 /// sequences in batches of 4, so the matrix products, the fake quant and the attention are split
-/// over the workers) run with 1, 2, 3 and 4 threads (4: the products split into 2-D grids) ends
+/// over the workers) run with 1, 2, 3, 4 and 16 threads (4, 16: the products split into 2-D grids) ends
 /// with byte-identical master weights (the last checkpoint) and a byte-identical export, for
 /// QAT and for QAD (live teacher).
 final class ThreadDeterminismEndToEndTests: XCTestCase {
@@ -25,7 +25,7 @@ final class ThreadDeterminismEndToEndTests: XCTestCase {
         if Fixtures.qatBinary == nil { throw XCTSkip("qat binary not built beside the tests") }
         let one = try final("qat", threads: 1)
         XCTAssertGreaterThan(one.weights.count, 1_000_000)
-        for t in [2, 3, 4] {
+        for t in [2, 3, 4, 16] {
             let other = try final("qat", threads: t)
             XCTAssertTrue(one.weights == other.weights, "QAT master weights differ between 1 and \(t) threads")
             XCTAssertTrue(one.export == other.export, "QAT export differs between 1 and \(t) threads")

@@ -51,6 +51,71 @@ final class LayerGradientTests: XCTestCase {
         _ = r.count
     }
 
+    func testRMSNormBackwardSameBitsForAnyThreadCount() {
+        // The hidden width (36 column blocks, many dx row blocks) and a head norm's (4 column
+        // blocks): one region of dynamic tasks must give the bits of the serial passes, also
+        // when dinp aliases dout (the passes then run one after the other).
+        for (n, c) in [(2048, 576), (4096, 64), (37, 40)] {
+            let x = random(n * c), w = random(c), r = random(n * c), base = random(n * c), dw0 = random(c)
+            var rstd = [Float](repeating: 0, count: n), out = [Float](repeating: 0, count: n * c)
+            RMSNorm.forward(out: &out, rstd: &rstd, inp: x, weight: w, n: n, c: c, eps: 1e-5)
+            func run(_ threads: Int, accumulate: Bool, alias: Bool) -> [Float] {
+                Parallel.threads = threads
+                defer { Parallel.threads = Parallel.availableCores }
+                var dx = alias ? r : base, dw = dw0
+                if alias {
+                    dx.withUnsafeMutableBufferPointer { d in
+                        RMSNorm.backward(
+                            dinp: d.baseAddress!, dweight: &dw, dout: d.baseAddress!, inp: x, weight: w, rstd: rstd, n: n, c: c,
+                            accumulate: false)
+                    }
+                } else {
+                    RMSNorm.backward(dinp: &dx, dweight: &dw, dout: r, inp: x, weight: w, rstd: rstd, n: n, c: c, accumulate: accumulate)
+                }
+                return dx + dw
+            }
+            for (accumulate, alias) in [(false, false), (true, false), (false, true)] {
+                let one = run(1, accumulate: accumulate, alias: alias)
+                if !alias {
+                    // The serial reference: dw[j] += Σ_i in row order, dx per row.
+                    var dw = dw0
+                    for i in 0..<n { for j in 0..<c { dw[j] += r[i * c + j] * (x[i * c + j] * rstd[i]) } }
+                    XCTAssertEqual(Array(one[(n * c)...]).map(\.bitPattern), dw.map(\.bitPattern), "\(n)×\(c) dw")
+                } else {
+                    XCTAssertEqual(one.map(\.bitPattern), run(1, accumulate: false, alias: false).map(\.bitPattern), "\(n)×\(c) aliased")
+                }
+                for t in [2, 3, 16] {
+                    XCTAssertEqual(
+                        run(t, accumulate: accumulate, alias: alias).map(\.bitPattern), one.map(\.bitPattern),
+                        "\(n)×\(c) accumulate \(accumulate) alias \(alias): \(t) threads differ from 1")
+                }
+            }
+        }
+    }
+
+    func testCrossEntropyChunksAreBalancedAndCoverEveryRow() {
+        // SmolLM2's vocabulary with the default budget: 682-row chunks, so 2,048 rows are 4 × 512
+        // (not 682 × 3 + 2); a budget of 7 rows over 20 rows: 3 chunks of 6, 7, 7.
+        let smol = ChunkedCrossEntropy(vocab: 49_152)
+        XCTAssertEqual(smol.chunkRows, 682)
+        XCTAssertEqual(smol.chunks(2048), [0..<512, 512..<1024, 1024..<1536, 1536..<2048])
+        XCTAssertEqual(smol.chunks(100), [0..<100])
+        XCTAssertEqual(smol.chunks(0), [])
+        XCTAssertEqual(ChunkedCrossEntropy(vocab: 32, budgetBytes: 7 * 32 * 4).chunks(20), [0..<6, 6..<13, 13..<20])
+        for rows in [1, 3, 7, 8, 64] {
+            let head = ChunkedCrossEntropy(vocab: 32, budgetBytes: rows * 32 * 4)
+            for n in [1, 5, 7, 8, 9, 100, 1001] {
+                let parts = head.chunks(n)
+                XCTAssertEqual(parts.count, (n + rows - 1) / rows, "\(n) rows in chunks of ≤ \(rows)")
+                XCTAssertEqual(parts.first?.lowerBound, 0)
+                XCTAssertEqual(parts.last?.upperBound, n)
+                for (a, b) in zip(parts, parts.dropFirst()) { XCTAssertEqual(a.upperBound, b.lowerBound) }
+                XCTAssertLessThanOrEqual(parts.map(\.count).max()! - parts.map(\.count).min()!, 1)
+                XCTAssertLessThanOrEqual(parts.map(\.count).max()!, rows)
+            }
+        }
+    }
+
     func testSwiGLU() {
         let n = 16
         var g = random(n), u = random(n), r = random(n)
@@ -99,6 +164,33 @@ final class LayerGradientTests: XCTestCase {
             checkGradient("attention dq w=\(String(describing: window))", &q, analytic: dq) { self.dot(f($0, k0, v0), r) }
             checkGradient("attention dk", &k, analytic: dk) { self.dot(f(q0, $0, v0), r) }
             checkGradient("attention dv", &v, analytic: dv) { self.dot(f(q0, k0, $0), r) }
+        }
+    }
+
+    func testAttentionSameBitsForAnyThreadCount() {
+        // Forward tasks per (batch, head, causal block), largest first; backward's dV tasks beside
+        // the dS/dQ/dK ones: every thread count gives the serial run's bits (T = 200: a partial
+        // last block; groups of 3 heads; 16 threads: more workers than backward tasks).
+        let s = Attention.Shape(batch: 2, seqLen: 200, heads: 6, kvHeads: 2, headDim: 16)
+        let nq = s.batch * s.seqLen * s.heads * s.headDim, nk = s.batch * s.seqLen * s.kvHeads * s.headDim
+        let q = random(nq), k = random(nk), v = random(nk), r = random(nq)
+        func run(_ threads: Int) -> [[Float]] {
+            Parallel.threads = threads
+            defer { Parallel.threads = Parallel.availableCores }
+            var out = [Float](repeating: 0, count: nq), p = [Float](repeating: 0, count: s.batch * s.heads * s.seqLen * s.seqLen)
+            Attention.forward(out: &out, probs: &p, q: q, k: k, v: v, shape: s)
+            var dq = [Float](repeating: 0, count: nq), dk = [Float](repeating: .nan, count: nk), dv = dk
+            var scratch = [Float](repeating: 0, count: threads * s.seqLen * s.seqLen)
+            Attention.backward(
+                dq: &dq, dk: &dk, dv: &dv, dout: r, q: q, k: k, v: v, probs: p, scratch: &scratch, scratchSlots: threads, shape: s)
+            return [out, p, dq, dk, dv]
+        }
+        let one = run(1)
+        XCTAssertTrue(one.allSatisfy { $0.allSatisfy(\.isFinite) }, "dk and dv are written everywhere")
+        for t in [2, 3, 16] {
+            for (name, (a, b)) in zip(["out", "probs", "dq", "dk", "dv"], zip(one, run(t))) {
+                XCTAssertEqual(a.map(\.bitPattern), b.map(\.bitPattern), "attention \(name): \(t) threads differ from 1")
+            }
         }
     }
 

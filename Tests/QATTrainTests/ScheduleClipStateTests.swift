@@ -1,4 +1,5 @@
 import Foundation
+import QATModels
 import QATTrain
 import XCTest
 
@@ -88,6 +89,44 @@ final class ClippingTests: XCTestCase {
         let big = Tensor(shape: [40_000])
         big[39_999] = -.infinity
         XCTAssertFalse(GradientClipping.isFinite(big))
+    }
+
+    func testManyTensorsInOneRegionMatchOneByOne() {
+        // Tensors of 0, 1, 576, one block ± 1 and several blocks (not multiples of the block):
+        // the one-region passes over all of them give each tensor's sum of squares bit for bit,
+        // the same norm, scaling and zeroing as one tensor at a time, for any thread count.
+        let rng = SplitMix64(seed: 11)
+        let block = 16_384  // GradientClipping's block
+        let counts = [0, 1, 576, block - 1, block + 1, 110_592, 3 * block + 7]
+        func make() -> [Tensor] {
+            var r = rng
+            return counts.map { n in Tensor(shape: [n], values: (0..<n).map { _ in r.nextGaussian() * 0.1 }) }
+        }
+        let reference = make()
+        let oneByOne = reference.map { GradientClipping.sumOfSquares($0) }
+        var expectedNorm = 0.0
+        for v in oneByOne { expectedNorm += v }
+        expectedNorm = expectedNorm.squareRoot()
+        let coef = Float(0.5 / (expectedNorm + 1e-6))
+        for threads in [1, 2, 3, 16] {
+            Parallel.threads = threads
+            defer { Parallel.threads = Parallel.availableCores }
+            let ts = make()
+            let sums = GradientClipping.sumsOfSquares(ts)
+            XCTAssertEqual(sums.map(\.bitPattern), oneByOne.map(\.bitPattern), "threads \(threads)")
+            XCTAssertEqual(GradientClipping.clipByGlobalNorm(ts, maxNorm: 0.5).bitPattern, expectedNorm.bitPattern)
+            for (t, r) in zip(ts, reference) {
+                XCTAssertTrue(t.array.elementsEqual(r.array.map { $0 * coef }) { $0.bitPattern == $1.bitPattern }, "scaled, \(threads)")
+            }
+            XCTAssertNil(GradientClipping.firstNonFinite(ts))
+            ts[5][110_591] = .nan
+            ts[6][17] = .infinity
+            XCTAssertEqual(GradientClipping.firstNonFinite(ts), 5)
+            ts[2][0] = -.infinity
+            XCTAssertEqual(GradientClipping.firstNonFinite(ts), 2)
+            GradientClipping.zero(ts)
+            XCTAssertTrue(ts.allSatisfy { $0.array.allSatisfy { $0.bitPattern == 0 } })
+        }
     }
 
     func testOptimizerHelpersCoverOnlyTrainable() throws {

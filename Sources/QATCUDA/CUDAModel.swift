@@ -404,7 +404,8 @@ public final class CUDAModel: @unchecked Sendable {
         let ln16 = b.ln16?.ptr
         var qkv = try normalizedProductInput(L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, rstd: a.rstd1.ptr, n: N, buffers: b)
         if qkv == nil {
-            try device.rmsnorm(out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
+            try device.rmsnorm(
+                out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
             qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, x16: ln16, n: N, buffers: b)
         }
         try linear(L.qProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)

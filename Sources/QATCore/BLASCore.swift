@@ -36,7 +36,7 @@ public enum BLASCore {
     }
 
     /// The flags of the first CPU in /proc/cpuinfo (empty where there is none).
-    static func cpuFlags() -> Set<String> {
+    public static func cpuFlags() -> Set<String> {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
             let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") }),
             let colon = line.firstIndex(of: ":")

@@ -12,8 +12,11 @@ final class ShardedEvaluationEndToEndTests: XCTestCase, MPITesting {
     /// unquantized and PTQ rows (ApplyRun), the in-training val_loss at steps 1 and 2 (of 3) and the
     /// final "after QAT" row (Trainer.evaluate) must all match the one-process run. Bound:
     /// |Δ| ≤ 1e-6 (fp64 summation order, plus fp32 logits where the GEMM blocking depends on
-    /// the batch's row count); measured: 0 for every figure (printed).
+    /// the batch's row count); measured: 0 for every figure (printed). Where the detected BLAS
+    /// kernels do not keep bits across row cuts (`Fixtures.detectedBLASKeepsRowCuts`), NVFP4
+    /// amplifies that round-off: bound 2e-3 (a rank reporting only its share is off by far more).
     func testTwoRankValidationLossEqualsOneRank() throws {
+        let bound = Fixtures.detectedBLASKeepsRowCuts ? 1e-6 : 2e-3
         let (mpirun, qat) = try prerequisites()
         let dir = Fixtures.tempDir("qat-dp-eval")
         defer { try? FileManager.default.removeItem(at: dir) }
@@ -44,7 +47,7 @@ final class ShardedEvaluationEndToEndTests: XCTestCase, MPITesting {
         for (k, a) in f1 {
             guard let b = f2[k] else { continue }
             worst = max(worst, abs(a - b))
-            XCTAssertEqual(a, b, accuracy: 1e-6, k)
+            XCTAssertEqual(a, b, accuracy: bound, k)
         }
         // Each rank reports the whole split (9 sequences), not its share.
         XCTAssertTrue(r2.log.contains("9 sequences"), r2.log)

@@ -1,4 +1,5 @@
 import Foundation
+import QATCore
 
 /// Paths of the reference fixtures copied into the repository (Tests/Fixtures) and of the
 /// embedded default model (models/fortune-lm), so tests need nothing outside the clone.
@@ -34,8 +35,14 @@ extension Fixtures {
         return nil
     }
 
-    /// Runs `qat` with arguments from the repository root; returns (exit code, stdout, stderr).
-    @discardableResult
+    /// Whether the kernels OpenBLAS detects for this CPU (what `childEnvironment` runs) keep a
+    /// product's bits when its rows are cut differently: the AVX-512 families do; the Haswell
+    /// family (AVX2 CPUs, AMD Zen included) does not (README, "Determinism on AVX2 machines"), so
+    /// there a batch split over ranks equals one process to round-off, which NVFP4 amplifies.
+    public static var detectedBLASKeepsRowCuts: Bool {
+        ["SkylakeX", "Cooperlake"].contains(BLASCore.bestCore(flags: BLASCore.cpuFlags()) ?? "")
+    }
+
     /// The environment of every qat process a test starts: this one's, with the BLAS kernels
     /// OpenBLAS detects for this CPU whatever OPENBLAS_CORETYPE the shell forces (empty means
     /// "detect"), then `overrides`. End-to-end tests compare runs with each other (resumed with
@@ -48,6 +55,8 @@ extension Fixtures {
         return env
     }
 
+    /// Runs `qat` with arguments from the repository root; returns (exit code, stdout, stderr).
+    @discardableResult
     public static func runQAT(_ args: [String], environment: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
         guard let bin = qatBinary else {
             throw NSError(domain: "qat-tests", code: 1, userInfo: [NSLocalizedDescriptionKey: "qat binary not built"])

@@ -66,3 +66,13 @@ __device__ float block_max(float v) {
     for (int i = 0; i < nw; i++) m = fmaxf(m, partm[i]);
     return m;
 }
+
+// 1/√(mean(x²) + eps) of one row of c floats over the block (RMSNorm.swift: the squares summed in
+// double, each thread its elements in order, then block_sum_d): every thread gets it. rmsnorm_forward
+// and rmsnorm_nvfp4 share it, so for the same block size they give the same bits.
+__device__ float rmsnorm_row_rstd(const float *x, int c, float eps) {
+    double s = 0;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) { float v = x[j]; s += (double)__fmul_rn(v, v); }
+    s = block_sum_d(s);
+    return 1.0f / sqrtf((float)(s / (double)c) + eps);
+}

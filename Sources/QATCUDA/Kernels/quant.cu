@@ -128,10 +128,7 @@ extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float 
     long row = blockIdx.x;
     if (row >= n) return;
     const float *x = inp + row * c;
-    double s = 0;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) { float v = x[j]; s += (double)__fmul_rn(v, v); }
-    s = block_sum_d(s);
-    float rs = 1.0f / sqrtf((float)(s / (double)c) + eps);
+    float rs = rmsnorm_row_rstd(x, c, eps);
     if (threadIdx.x == 0 && rstd) rstd[row] = rs;
     float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
     bool vec = (((unsigned long long)x | (unsigned long long)bf16out) & 15) == 0;   // (c % 16 == 0: every row alike)

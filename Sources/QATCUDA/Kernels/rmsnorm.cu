@@ -6,10 +6,7 @@ extern "C" __global__ void rmsnorm_forward(float *out, float *rstd, const float 
     long row = blockIdx.x;
     if (row >= n) return;
     const float *x = inp + row * c;
-    double s = 0;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) { float v = x[j]; s += (double)__fmul_rn(v, v); }
-    s = block_sum_d(s);
-    float rs = 1.0f / sqrtf((float)(s / (double)c) + eps);
+    float rs = rmsnorm_row_rstd(x, c, eps);
     if (threadIdx.x == 0 && rstd) rstd[row] = rs;
     float *o = out + row * c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {

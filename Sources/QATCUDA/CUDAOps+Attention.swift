@@ -126,8 +126,9 @@ extension CUDADevice {
     public static func attentionScratchBytes(nq: Int, nk: Int) -> Int { 2 * (2 * nq + 2 * nk) }
 
     /// Tile sizes of the bf16 attention kernels of one head size, as instantiated in attention.cu (keep the two in
-    /// step): the forward's query rows and key tile per block (BQ, BK); the dK/dV kernel's keys per block (64·MT)
-    /// and query rows per step (BQ); the dQ kernel's query rows per block (64·MT) and key tile (BK).
+    /// step): the forward's query rows and key tile per block (FA_BQ, FA_BK); the dK/dV kernel's keys per block and
+    /// query rows per step (BQ); the dQ kernel's query rows per block and key tile (BK). (Session 8 timed 2 key
+    /// tiles per dK/dV warp, 2 row tiles per dQ warp and other forward tiles: all slower on the H200.)
     public struct AttentionTiles: Equatable, Sendable {
         public let forwardRows, forwardKeys, dkdvKeys, dkdvRows, dqRows, dqKeys: Int
     }

@@ -2,7 +2,10 @@
 // against the fp32 kernels of the same file at the models' shapes (max |Δ| / max, the selftest's
 // measure), and their times (CUDA events, mean of 20 launches after 3 warm-ups).
 //   nvcc -O3 -arch=sm_90 --fmad=false -Xptxas -v -o gpu_bench scripts/cuda-emu/gpu_bench.cu && ./gpu_bench
-// (--fmad=false as KernelLibrary compiles them; -Xptxas -v prints registers and spills). sdpa_bench.py times
+// (--fmad=false as KernelLibrary compiles them; -Xptxas -v prints registers and spills). Registers and spills
+// without a GPU: `python3 -m venv /tmp/nvcc && /tmp/nvcc/bin/pip install nvidia-cuda-nvcc==13.0.88
+// nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88`, then that nvcc (under site-packages/nvidia/cu13/bin) with
+// -I…/cu13/include -c and the flags above (pin all three: a newer nvvm emits PTX its ptxas rejects). sdpa_bench.py times
 // PyTorch's sdpa at the same shapes. Neither is part of the test suite.
 #include <cstdio>
 #include <cmath>

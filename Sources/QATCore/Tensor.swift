@@ -40,12 +40,6 @@ public final class Tensor: @unchecked Sendable {
 
     public func zero() { data.update(repeating: 0, count: count) }
 
-    /// `zero()` split over the workers (for large tensors: a gradient of the embedding).
-    public func zeroParallel() {
-        let p = SendablePointer(data)
-        Parallel.forRange(count, costPerItem: 1) { s, e in (p.p + s).update(repeating: 0, count: e - s) }
-    }
-
     public func copy() -> Tensor {
         let t = Tensor(shape: shape, zeroed: false)
         t.data.update(from: data, count: count)

@@ -76,6 +76,17 @@ public enum GradientClipping {
                 for b in b0..<b1 { body(b, items[b].tensor, items[b].start, items[b].end) }
             }
         }
+
+        /// `value(elements, count)` of every block of `tensors` (the list this was built from), in block order.
+        func values<T>(_ tensors: [Tensor], initial: T, _ value: (UnsafePointer<Float>, Int) -> T) -> [T] {
+            let bases = tensors.map { UncheckedBox(UnsafePointer($0.data)) }
+            var out = [T](repeating: initial, count: items.count)
+            out.withUnsafeMutableBufferPointer { ob in
+                let o = SendablePointer(ob.baseAddress!)
+                inParallel { b, t, s, e in o.p[b] = value(bases[t].value + s, e - s) }
+            }
+            return out
+        }
     }
 
     /// Sums of squares of every tensor (in Double), each equal bit for bit to `sumOfSquares(_:)`
@@ -84,12 +95,7 @@ public enum GradientClipping {
     /// elements, a k_proj's 110k in 7 blocks) would otherwise enter one small region each.
     public static func sumsOfSquares(_ tensors: [Tensor]) -> [Double] {
         let blocks = Blocks(tensors)
-        let bases = tensors.map { UncheckedBox(UnsafePointer($0.data)) }
-        var partials = [Double](repeating: 0, count: blocks.items.count)
-        partials.withUnsafeMutableBufferPointer { pb in
-            let out = SendablePointer(pb.baseAddress!)
-            blocks.inParallel { b, t, s, e in out.p[b] = blockSumOfSquares(bases[t].value + s, e - s) }
-        }
+        let partials = blocks.values(tensors, initial: 0.0) { blockSumOfSquares($0, $1) }
         return tensors.indices.map { i in
             var total = 0.0
             for b in blocks.first[i]..<blocks.first[i + 1] { total += partials[b] }
@@ -139,13 +145,8 @@ public enum GradientClipping {
     /// finite: one parallel region over all their blocks.
     public static func firstNonFinite(_ tensors: [Tensor]) -> Int? {
         let blocks = Blocks(tensors)
-        let bases = tensors.map { UncheckedBox(UnsafePointer($0.data)) }
-        var bad = [Bool](repeating: false, count: blocks.items.count)
-        bad.withUnsafeMutableBufferPointer { bb in
-            let out = SendablePointer(bb.baseAddress!)
-            blocks.inParallel { b, t, s, e in out.p[b] = !isFinite(bases[t].value + s, e - s) }
-        }
-        return bad.firstIndex(of: true).map { blocks.items[$0].tensor }
+        let finite = blocks.values(tensors, initial: true) { isFinite($0, $1) }
+        return finite.firstIndex(of: false).map { blocks.items[$0].tensor }
     }
 
     /// Whether every element of `t` is finite (x*0 is 0 for finite x, NaN otherwise; the

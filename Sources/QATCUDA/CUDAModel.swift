@@ -353,6 +353,18 @@ public final class CUDAModel: @unchecked Sendable {
         return b.b16.ptr
     }
 
+    /// The forward's RMSNorm of x [n, C] (weight `norm`) before the Linears `ls` that read it: their shared
+    /// product input straight from x (`normalizedProductInput`), else the norm into `out` (and its bf16 copy into
+    /// `b.ln16`) then `sharedProductInput` (nil when the Linears make their own). `rstd` is written either way.
+    func normForward(
+        _ norm: Parameter, _ ls: [Linear], _ x: CUdeviceptr, out: CUdeviceptr, rstd: CUdeviceptr, n: Int, buffers b: Buffers
+    ) throws -> CUdeviceptr? {
+        if let made = try normalizedProductInput(norm, ls, x, rstd: rstd, n: n, buffers: b) { return made }
+        let c = config.hiddenSize, ln16 = b.ln16?.ptr
+        try device.rmsnorm(out: out, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: c, eps: config.rmsNormEps, out16: ln16 ?? 0)
+        return try sharedProductInput(ls, out, x16: ln16, n: n, buffers: b)
+    }
+
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
     /// when its producer wrote one (used when no quantizer changes x). `input`: the product
     /// input already made (`sharedProductInput`).
@@ -402,12 +414,7 @@ public final class CUDAModel: @unchecked Sendable {
     func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: CUdeviceptr, xout: CUdeviceptr, b: Buffers) throws {
         let c = config, C = c.hiddenSize, N = b.batch * b.seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim, eps = c.rmsNormEps
         let ln16 = b.ln16?.ptr
-        var qkv = try normalizedProductInput(L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, rstd: a.rstd1.ptr, n: N, buffers: b)
-        if qkv == nil {
-            try device.rmsnorm(
-                out: a.ln.ptr, rstd: a.rstd1.ptr, inp: xin, weight: tensor(L.inputNorm), n: N, c: C, eps: eps, out16: ln16 ?? 0)
-            qkv = try sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, x16: ln16, n: N, buffers: b)
-        }
+        let qkv = try normForward(L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, out: a.ln.ptr, rstd: a.rstd1.ptr, n: N, buffers: b)
         try linear(L.qProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)
         try linear(L.kProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
         try linear(L.vProj, a.ln.ptr, x16: ln16, input: qkv, out: a.vRaw.ptr, n: N, buffers: b)
@@ -427,13 +434,7 @@ public final class CUDAModel: @unchecked Sendable {
         guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
             throw QATError.internal("layer \(L.index) has no MLP")
         }
-        var gateUp = try normalizedProductInput(L.postNorm, [gate, up], a.mid.ptr, rstd: a.rstd2.ptr, n: N, buffers: b)
-        if gateUp == nil {
-            try device.rmsnorm(
-                out: a.ln2.ptr, rstd: a.rstd2.ptr, inp: a.mid.ptr, weight: tensor(L.postNorm), n: N, c: C, eps: eps,
-                out16: ln16 ?? 0)
-            gateUp = try sharedProductInput([gate, up], a.ln2.ptr, x16: ln16, n: N, buffers: b)
-        }
+        let gateUp = try normForward(L.postNorm, [gate, up], a.mid.ptr, out: a.ln2.ptr, rstd: a.rstd2.ptr, n: N, buffers: b)
         try linear(gate, a.ln2.ptr, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
         try linear(up, a.ln2.ptr, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
         if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy

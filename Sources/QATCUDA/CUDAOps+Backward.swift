@@ -43,9 +43,8 @@ extension CUDADevice {
         dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, rstd: CUdeviceptr, n: Int, c: Int,
         accumulate: Bool, dinp16: CUdeviceptr = 0
     ) throws {
-        let threads = c >= 1024 ? 256 : (c >= 256 ? 128 : (c > 32 ? 64 : 32))
         try kernels.launch(
-            "rmsnorm_backward", grid: (n, 1, 1), block: (threads, 1, 1),
+            "rmsnorm_backward", grid: (Self.rmsnormBlocks(n), 1, 1), block: (256, 1, 1),
             [.ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0), .ptr(dinp16)])
     }
 

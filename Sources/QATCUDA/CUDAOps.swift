@@ -35,19 +35,13 @@ extension CUDADevice {
         out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float,
         out16: CUdeviceptr = 0
     ) throws {
-        if c <= 256 && out16 == 0 {  // short rows (per-head q/k norms): a warp per row
-            try kernels.launch(
-                "rmsnorm_forward_warp", grid: ((n + 7) / 8, 1, 1), block: (256, 1, 1),
-                [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps)])
-            return
-        }
         try kernels.launch(
-            "rmsnorm_forward", grid: (n, 1, 1), block: (Self.rmsnormThreads(c), 1, 1),
+            "rmsnorm_forward", grid: (Self.rmsnormBlocks(n), 1, 1), block: (256, 1, 1),
             [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
     }
 
-    /// Threads per row of `rmsnorm_forward` (and `rmsnorm_nvfp4`, which must sum the squares in the same order).
-    static func rmsnormThreads(_ c: Int) -> Int { c >= 1024 ? 256 : (c >= 256 ? 128 : 64) }
+    /// Blocks of 256 threads for the RMSNorm kernels over n rows: a warp per row.
+    static func rmsnormBlocks(_ n: Int) -> Int { max(1, (n + 7) / 8) }
 
     /// bf16Out = bf16(NVFP4 fake quant of RMSNorm(inp)), in one pass: `rmsnorm` then `nvfp4FakeQuant(bf16Out:)`, bit
     /// for bit (the normalised rows are not stored); `rstd` (not 0) gets the rows' rstd as `rmsnorm` writes it. c % 16 == 0.
@@ -57,7 +51,7 @@ extension CUDADevice {
     ) throws {
         guard c % 16 == 0 else { throw QATError.internal("rmsnorm_nvfp4 needs rows of whole 16-blocks (c = \(c))") }
         try kernels.launch(
-            "rmsnorm_nvfp4", grid: (n, 1, 1), block: (Self.rmsnormThreads(c), 1, 1),
+            "rmsnorm_nvfp4", grid: (Self.rmsnormBlocks(n), 1, 1), block: (256, 1, 1),
             [
                 .ptr(bf16Out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .f32(globalAmax),
                 .i32(exportMode ? 1 : 0),
@@ -96,16 +90,19 @@ extension CUDADevice {
         exportMode: Bool
     ) throws {
         try kernels.launch1D(
-            "nvfp4_fake_quant", rows * ((cols + 15) / 16),
+            "nvfp4_fake_quant", Self.nvfp4Threads(rows: rows, cols: cols),
             [.ptr(x), .ptr(out), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
     }
+
+    /// Threads of the NVFP4 kernels' grid-stride loops: four per 16-block (a float4 each, `nvfp4_quad`).
+    static func nvfp4Threads(rows: Int, cols: Int) -> Int { 4 * rows * ((cols + 15) / 16) }
 
     /// bf16Out = bf16(NVFP4 fake quant of silu(gate)·up), in one pass: `swiglu` then `nvfp4FakeQuant(bf16Out:)`, bit for bit.
     func swigluNVFP4(gate: CUdeviceptr, up: CUdeviceptr, bf16Out: CUdeviceptr, rows: Int, cols: Int, globalAmax: Float, exportMode: Bool)
         throws
     {
         try kernels.launch1D(
-            "swiglu_nvfp4", rows * ((cols + 15) / 16),
+            "swiglu_nvfp4", Self.nvfp4Threads(rows: rows, cols: cols),
             [.ptr(gate), .ptr(up), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
     }
 

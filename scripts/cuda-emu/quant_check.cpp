@@ -2,7 +2,9 @@
 // C++ port of NVFP4.fakeQuant (Sources/QATQuant/NVFP4.swift: blockScale, fakeElem) and swiglu_nvfp4
 // against swiglu_forward then nvfp4_fake_quant, all bit for bit, and swiglu_backward's optional
 // outputs: `bash scripts/cuda-emu/quant.sh`.
-// Launch geometry as in Sources/QATCUDA/CUDAOps.swift (launch1D: 256 threads, one thread per block of 16).
+// Launch geometry as in Sources/QATCUDA/CUDAOps.swift (launch1D: 256 threads, four threads per block of 16;
+// RMSNorm: a warp per row). Each shape runs twice: the arrays 16-byte aligned (the float4 paths) and one float
+// off (the element-by-element paths).
 #include <cstring>
 #include <string>
 #include "kernels.cpp"  // written by quant.sh
@@ -61,6 +63,13 @@ static int differing(const std::vector<float> &a, const std::vector<float> &b) {
     for (size_t i = 0; i < a.size(); i++) d += bits(a[i]) != bits(b[i]);
     return d;
 }
+// x one element later in a vector one longer (its data() + 1 is 4 bytes off 16-byte alignment), and back.
+template <class T> static std::vector<T> offByOne(const std::vector<T> &x) {
+    std::vector<T> y(x.size() + 1);
+    std::copy(x.begin(), x.end(), y.begin() + 1);
+    return y;
+}
+template <class T> static std::vector<T> dropFirst(const std::vector<T> &y) { return std::vector<T>(y.begin() + 1, y.end()); }
 static void launch(long blocks, std::function<void()> body) { emu_launch({(unsigned)((blocks + 255) / 256), 1, 1}, 256, 0, body); }
 
 int main() {
@@ -68,7 +77,7 @@ int main() {
     for (Shape s : {Shape{33, 3072, 3}, Shape{7, 100, 1}, Shape{5, 102, 2}, Shape{3, 16, 1e-7f}, Shape{2, 15, 40}}) {
         int rows = s.rows, cols = s.cols;
         size_t n = (size_t)rows * cols;
-        long blocks = (long)rows * ((cols + 15) / 16);
+        long blocks = 4L * rows * ((cols + 15) / 16);   // (threads: CUDADevice.nvfp4Threads)
         std::vector<float> g(n), u(n);
         for (auto &v : g) v = gauss() * s.scale;
         for (auto &v : u) v = gauss() * 2;
@@ -87,6 +96,10 @@ int main() {
                 launch(blocks, [&] { nvfp4_fake_quant(g.data(), nullptr, got16.data(), rows, cols, a, mode); });
                 for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(ref[i]);
                 report("nvfp4_fake_quant bf16 " + tag + ": values differing from bf16(NVFP4.fakeQuant)", differing(ref16, got16), 0);
+                std::vector<float> in1 = offByOne(g), out1(n + 1);
+                launch(blocks, [&] { nvfp4_fake_quant(in1.data() + 1, out1.data() + 1, nullptr, rows, cols, a, mode); });
+                report("nvfp4_fake_quant fp32 " + tag + ", arrays one float off: values differing from NVFP4.fakeQuant",
+                       differing(ref, dropFirst(out1)), 0);
             }
             // swiglu_nvfp4 against swiglu_forward then nvfp4_fake_quant(bf16out).
             std::vector<float> h(n);
@@ -97,22 +110,39 @@ int main() {
             launch(blocks, [&] { nvfp4_fake_quant(h.data(), nullptr, two.data(), rows, cols, hmax, mode); });
             launch(blocks, [&] { swiglu_nvfp4(g.data(), u.data(), fused.data(), rows, cols, hmax, mode); });
             report("swiglu_nvfp4 " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, fused), 0);
+            std::vector<float> g1 = offByOne(g), u1 = offByOne(u);
+            std::vector<u16> fused1(n + 1);
+            launch(blocks, [&] { swiglu_nvfp4(g1.data() + 1, u1.data() + 1, fused1.data() + 1, rows, cols, hmax, mode); });
+            report("swiglu_nvfp4 " + tag + ", arrays one float off: values differing", differing(fused, dropFirst(fused1)), 0);
             // rmsnorm_nvfp4 against rmsnorm_forward then nvfp4_fake_quant(bf16out), rstd too (rows of whole 16-blocks).
             if (cols % 16 == 0) {
-                int threads = cols >= 1024 ? 256 : (cols >= 256 ? 128 : 64);   // CUDADevice.rmsnormThreads
                 std::vector<float> y(n), w(cols), rs1(rows), rs2(rows);
                 for (auto &v : w) v = 1 + 0.3f * gauss();
-                emu_launch({(unsigned)rows, 1, 1}, threads, 0,
+                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
                            [&] { rmsnorm_forward(y.data(), rs1.data(), g.data(), w.data(), rows, cols, 1e-6f, nullptr); });
                 float ymax = 0;
                 for (float v : y) ymax = std::max(ymax, fabsf(v));
                 std::vector<u16> ref2(n), fused2(n);
                 launch(blocks, [&] { nvfp4_fake_quant(y.data(), nullptr, ref2.data(), rows, cols, ymax, mode); });
-                emu_launch({(unsigned)rows, 1, 1}, threads, 0, [&] {
+                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0, [&] {
                     rmsnorm_nvfp4(fused2.data(), rs2.data(), g.data(), w.data(), rows, cols, 1e-6f, ymax, mode);
                 });
                 report("rmsnorm_nvfp4 " + tag + ": values differing from rmsnorm_forward + nvfp4_fake_quant",
                        differing(ref2, fused2) + differing(rs1, rs2), 0);
+                // One float off: the element-by-element paths of both kernels (their own order of the squares), again
+                // against each other.
+                std::vector<float> g1 = offByOne(g), y1(n + 1), rs3(rows), rs4(rows);
+                std::vector<u16> ref3(n), fused3(n + 1);
+                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
+                           [&] { rmsnorm_forward(y1.data() + 1, rs3.data(), g1.data() + 1, w.data(), rows, cols, 1e-6f, nullptr); });
+                launch(blocks, [&] { nvfp4_fake_quant(y1.data() + 1, nullptr, ref3.data(), rows, cols, ymax, mode); });
+                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0, [&] {
+                    rmsnorm_nvfp4(fused3.data() + 1, rs4.data(), g1.data() + 1, w.data(), rows, cols, 1e-6f, ymax, mode);
+                });
+                report("rmsnorm_nvfp4 " + tag + ", arrays one float off: values differing from rmsnorm_forward + nvfp4_fake_quant",
+                       differing(ref3, dropFirst(fused3)) + differing(rs3, rs4), 0);
+                report("rmsnorm_forward " + tag + ", one float off against aligned, max |diff|/max",
+                       relerr(y, dropFirst(y1)), 1e-6);
             }
         }
     }

@@ -67,12 +67,49 @@ __device__ float block_max(float v) {
     return m;
 }
 
-// 1/√(mean(x²) + eps) of one row of c floats over the block (RMSNorm.swift: the squares summed in
-// double, each thread its elements in order, then block_sum_d): every thread gets it. rmsnorm_forward
-// and rmsnorm_nvfp4 share it, so for the same block size they give the same bits.
+// 16- and 8-byte alignment of a pointer (null counts as aligned): the vector paths' condition.
+__device__ __forceinline__ bool aligned16(const void *p) { return (((unsigned long long)p) & 15) == 0; }
+__device__ __forceinline__ bool aligned8(const void *p) { return (((unsigned long long)p) & 7) == 0; }
+
+// Four floats as four bf16 (f32_to_bf16 each) in 8 bytes, lowest first.
+__device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
+    return make_uint2((u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16), (u32)f32_to_bf16(c) | ((u32)f32_to_bf16(d) << 16));
+}
+
+// SiLU(x)·u = x / (1 + e^-x) · u, in this order (SwiGLU.swift): swiglu_forward and swiglu_nvfp4.
+__device__ __forceinline__ float swiglu_one(float x, float u) { return x / (1.0f + expf(-x)) * u; }
+
+// The grid-stride loop of the element-wise kernels over n elements: when `vec` (every array 16-byte aligned),
+// f4(i) for each float4 i (elements 4i … 4i+3) and then f1(i) for the n mod 4 elements left; else f1(i) for every
+// element. The same arithmetic per element either way, so the same bits; float4 moves twice the bytes per
+// instruction, which these bandwidth-bound kernels need.
+template <typename F4, typename F1>
+__device__ __forceinline__ void elementwise_loop(long n, bool vec, F4 f4, F1 f1) {
+    long t = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x, head = vec ? n & ~3L : 0;
+    for (long i = t; i < (head >> 2); i += stride) f4(i);
+    for (long i = head + t; i < n; i += stride) f1(i);
+}
+
+// 1/√(mean(x²) + eps) of one row of c floats, by one warp (RMSNorm.swift: the squares summed in double): each
+// lane adds its squares in order (float4s lane, lane + 32, … when c % 4 == 0 and x is 16-byte aligned, else
+// elements lane, lane + 32, …), then warp_sum_d; every lane gets it. rmsnorm_forward and rmsnorm_nvfp4 share it,
+// so for the same input they give the same bits.
 __device__ float rmsnorm_row_rstd(const float *x, int c, float eps) {
+    int lane = threadIdx.x & 31;
     double s = 0;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) { float v = x[j]; s += (double)__fmul_rn(v, v); }
-    s = block_sum_d(s);
+    if ((c & 3) == 0 && aligned16(x)) {
+        const float4 *x4 = (const float4 *)x;
+#pragma unroll 4
+        for (int i = lane; i < c / 4; i += 32) {
+            float4 v = x4[i];
+            s += (double)__fmul_rn(v.x, v.x);
+            s += (double)__fmul_rn(v.y, v.y);
+            s += (double)__fmul_rn(v.z, v.z);
+            s += (double)__fmul_rn(v.w, v.w);
+        }
+    } else {
+        for (int j = lane; j < c; j += 32) { float v = x[j]; s += (double)__fmul_rn(v, v); }
+    }
+    s = warp_sum_d(s);
     return 1.0f / sqrtf((float)(s / (double)c) + eps);
 }

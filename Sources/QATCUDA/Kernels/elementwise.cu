@@ -12,24 +12,41 @@ extern "C" __global__ void embedding_forward(float *out, const int *tokens, cons
 
 // a += b
 extern "C" __global__ void add_inplace(float *a, const float *b, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        a[i] = __fadd_rn(a[i], b[i]);
+    elementwise_loop(
+        n, aligned16(a) && aligned16(b),
+        [&](long i) {
+            float4 x = ((float4 *)a)[i], y = ((const float4 *)b)[i];
+            ((float4 *)a)[i] = make_float4(__fadd_rn(x.x, y.x), __fadd_rn(x.y, y.y), __fadd_rn(x.z, y.z), __fadd_rn(x.w, y.w));
+        },
+        [&](long i) { a[i] = __fadd_rn(a[i], b[i]); });
 }
 
-// out = silu(gate) * up (and its bf16 copy in out16, when given)
+// out = silu(gate) * up (and its bf16 copy in out16, when given; out may be null when only the copy is used)
 extern "C" __global__ void swiglu_forward(float *out, const float *gate, const float *up, long n, u16 *out16) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float x = gate[i];
-        float y = x / (1.0f + expf(-x)) * up[i];
-        if (out) out[i] = y;  // (null: only the bf16 copy is used)
-        if (out16) out16[i] = f32_to_bf16(y);
-    }
+    elementwise_loop(
+        n, aligned16(out) && aligned16(gate) && aligned16(up) && aligned8(out16),
+        [&](long i) {
+            float4 x = ((const float4 *)gate)[i], u = ((const float4 *)up)[i];
+            float4 y = make_float4(swiglu_one(x.x, u.x), swiglu_one(x.y, u.y), swiglu_one(x.z, u.z), swiglu_one(x.w, u.w));
+            if (out) ((float4 *)out)[i] = y;
+            if (out16) ((uint2 *)out16)[i] = bf16x4(y.x, y.y, y.z, y.w);
+        },
+        [&](long i) {
+            float y = swiglu_one(gate[i], up[i]);
+            if (out) out[i] = y;
+            if (out16) out16[i] = f32_to_bf16(y);
+        });
 }
 
 // bf16 copy of an fp32 tensor (round to nearest even), the input of bf16 matrix products.
 extern "C" __global__ void to_bf16(u16 *out, const float *x, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = f32_to_bf16(x[i]);
+    elementwise_loop(
+        n, aligned16(x) && aligned8(out),
+        [&](long i) {
+            float4 v = ((const float4 *)x)[i];
+            ((uint2 *)out)[i] = bf16x4(v.x, v.y, v.z, v.w);
+        },
+        [&](long i) { out[i] = f32_to_bf16(x[i]); });
 }
 
 // out[i, :] += bias
@@ -45,16 +62,35 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
 // fp32 (dgate, dup) and/or the bf16 copies the bf16 products read (dgate16, dup16).
 extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n,
                                            u16 *dgate16, u16 *dup16) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float x = gate[i], dh = dout[i];
+    // (x, u, dh) -> (dgate, dup), as SwiGLU.backward rounds them
+    auto one = [](float x, float u, float dh, float *dg, float *du) {
         float s = 1.0f / (1.0f + expf(-x));
-        float du = __fmul_rn(__fmul_rn(dh, x), s);
-        float dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, up[i]), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
-        if (dup) dup[i] = du;
-        if (dgate) dgate[i] = dg;
-        if (dup16) dup16[i] = f32_to_bf16(du);
-        if (dgate16) dgate16[i] = f32_to_bf16(dg);
-    }
+        *du = __fmul_rn(__fmul_rn(dh, x), s);
+        *dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, u), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
+    };
+    elementwise_loop(
+        n,
+        aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up) && aligned8(dgate16) &&
+            aligned8(dup16),
+        [&](long i) {
+            float4 x = ((const float4 *)gate)[i], u = ((const float4 *)up)[i], h = ((const float4 *)dout)[i], dg, du;
+            one(x.x, u.x, h.x, &dg.x, &du.x);
+            one(x.y, u.y, h.y, &dg.y, &du.y);
+            one(x.z, u.z, h.z, &dg.z, &du.z);
+            one(x.w, u.w, h.w, &dg.w, &du.w);
+            if (dup) ((float4 *)dup)[i] = du;
+            if (dgate) ((float4 *)dgate)[i] = dg;
+            if (dup16) ((uint2 *)dup16)[i] = bf16x4(du.x, du.y, du.z, du.w);
+            if (dgate16) ((uint2 *)dgate16)[i] = bf16x4(dg.x, dg.y, dg.z, dg.w);
+        },
+        [&](long i) {
+            float dg, du;
+            one(gate[i], up[i], dout[i], &dg, &du);
+            if (dup) dup[i] = du;
+            if (dgate) dgate[i] = dg;
+            if (dup16) dup16[i] = f32_to_bf16(du);
+            if (dgate16) dgate16[i] = f32_to_bf16(dg);
+        });
 }
 
 // Embedding backward without atomics: the rows of dout are grouped by token on the host

@@ -45,9 +45,6 @@ __device__ __forceinline__ double to_block_max(float m, float *M) {
     return m == -INFINITY ? 0.0 : exp((double)m - (double)bm);
 }
 
-// A row's 16-byte alignment for float4 groups.
-__device__ __forceinline__ bool aligned16(const void *p) { return (((unsigned long long)p) & 15) == 0; }
-
 // Max and Σ exp(x − max) of one row over the block (every thread gets both): one pass.
 template <int N> __device__ void lse_stats(const float *x, int groups, float *maxOut, double *sumOut) {
     float m = -INFINITY;

@@ -75,19 +75,59 @@ __device__ __forceinline__ void load_block16(float v[16], const float *src, int 
     }
 }
 
-// The grid-stride loop over the 16-blocks of [rows, cols] (blocks along cols) of the NVFP4
-// kernels: `fill(v, offset, w, vec)` puts a block's values into v, which are then quantized into
-// out, or, when bf16out is given, as their bf16 rounding there. One thread per block.
-template <typename Fill>
-__device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAmax, int mode, float *out, u16 *bf16out, Fill fill) {
-    int nb = (cols + 15) / 16;
-    long total = rows * nb;
+// A 16-block held by four lanes of a warp (lanes 4j … 4j+3, 4 values each, in order): the block max over the
+// four by two shuffles, then each lane's values quantized as nvfp4_block does (the same scale from the same
+// max, the same element round trip) into dst (fp32, 16-byte aligned) or, when d16 is given, their bf16 rounding
+// there (8-byte aligned). Every lane of the warp calls it (the shuffles); `on`: this lane's values are real
+// (off lanes hold zeros and write nothing).
+__device__ __forceinline__ void nvfp4_quad(float v[4], bool on, float *dst, u16 *d16, float gs, int mode, float zeroFix) {
+    u32 m = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
+    m = max(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = max(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    if (!on) return;
+    float S = nvfp4_block_scale(__uint_as_float(m), gs, mode);
+    if (mode == 1 && S == 0) {
+        if (d16) *(uint2 *)d16 = make_uint2(0, 0); else *(float4 *)dst = make_float4(0, 0, 0, 0);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = nvfp4_elem(v[i], S, zeroFix);
+    if (d16) *(uint2 *)d16 = bf16x4(v[0], v[1], v[2], v[3]);
+    else *(float4 *)dst = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// The grid-stride loop over the 16-blocks of [rows, cols] (blocks along cols) of the NVFP4 kernels, quantized
+// into out, or, when bf16out is given, as their bf16 rounding there. When cols % 16 == 0 and the arrays are
+// aligned (`inputsAligned`: the inputs 16-byte; out 16-byte, bf16out 8-byte): four lanes per block, a float4 each (`fill4(v, o)` puts the
+// 4 values at element o into v), so that a warp reads and writes whole contiguous lines; the loop bound is
+// per warp (every lane takes part in nvfp4_quad's shuffles). Else one thread per block: `fill(v, offset, w,
+// vec)` puts a block's values into v. Either way the same bits.
+template <typename Fill4, typename Fill>
+__device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAmax, int mode, float *out, u16 *bf16out,
+                                             bool inputsAligned, Fill4 fill4, Fill fill) {
     float gs = __fdiv_rn(globalAmax, 2688.0f);
     float zeroFix = mode == 1 ? 0.0f : -0.0f;
-    for (long b = blockIdx.x * (long)blockDim.x + threadIdx.x; b < total; b += (long)gridDim.x * blockDim.x) {
+    long t = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x;
+    bool aligned = inputsAligned && aligned16(out) && aligned8(bf16out);
+    if (aligned && (cols & 15) == 0) {
+        long total4 = rows * (long)(cols / 4), lane = threadIdx.x & 31;
+        for (long base = t - lane; base < total4; base += stride) {   // (blockDim.x is a multiple of 32)
+            long i = base + lane;
+            bool on = i < total4;
+            float v[4] = {0, 0, 0, 0};
+            if (on) fill4(v, 4 * i);
+            nvfp4_quad(v, on, out ? out + 4 * i : 0, bf16out ? bf16out + 4 * i : 0, gs, mode, zeroFix);
+        }
+        return;
+    }
+    int nb = (cols + 15) / 16;
+    long total = rows * nb;
+    for (long b = t; b < total; b += stride) {
         long r = b / nb;
         int c0 = (int)(b - r * nb) * 16, w = min(16, cols - c0);
-        bool vec = w == 16 && (cols & 3) == 0;
+        bool vec = aligned && w == 16 && (cols & 3) == 0;
         long o = r * cols + c0;
         float v[16];
         fill(v, o, w, vec);
@@ -99,7 +139,13 @@ __device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAm
 // bf16 rounding there instead (the input of a bf16 product). gs = globalAmax / 2688.
 extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf16out, long rows, int cols, float globalAmax,
                                             int mode) {
-    nvfp4_blocks(rows, cols, globalAmax, mode, out, bf16out, [&](float *v, long o, int w, bool vec) { load_block16(v, x + o, w, vec); });
+    nvfp4_blocks(
+        rows, cols, globalAmax, mode, out, bf16out, aligned16(x),
+        [&](float *v, long o) {
+            float4 t = *(const float4 *)(x + o);
+            v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+        },
+        [&](float *v, long o, int w, bool vec) { load_block16(v, x + o, w, vec); });
 }
 
 // SwiGLU fused with the NVFP4 fake quant of its output, written as bf16 only (down_proj's product
@@ -107,38 +153,58 @@ extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf1
 // computes it, then nvfp4_fake_quant's blocks. Bit-identical to those two kernels in a row.
 extern "C" __global__ void swiglu_nvfp4(const float *gate, const float *up, u16 *bf16out, long rows, int cols, float globalAmax,
                                         int mode) {
-    nvfp4_blocks(rows, cols, globalAmax, mode, (float *)0, bf16out, [&](float *v, long o, int w, bool vec) {
-        float u[16];
-        load_block16(v, gate + o, w, vec);
-        load_block16(u, up + o, w, vec);
+    nvfp4_blocks(
+        rows, cols, globalAmax, mode, (float *)0, bf16out, aligned16(gate) && aligned16(up),
+        [&](float *v, long o) {
+            float4 g = *(const float4 *)(gate + o), u = *(const float4 *)(up + o);
+            v[0] = swiglu_one(g.x, u.x); v[1] = swiglu_one(g.y, u.y); v[2] = swiglu_one(g.z, u.z); v[3] = swiglu_one(g.w, u.w);
+        },
+        [&](float *v, long o, int w, bool vec) {
+            float u[16];
+            load_block16(v, gate + o, w, vec);
+            load_block16(u, up + o, w, vec);
 #pragma unroll
-        for (int i = 0; i < 16; i++) {
-            float x = v[i];
-            v[i] = i < w ? x / (1.0f + expf(-x)) * u[i] : 0.0f;
-        }
-    });
+            for (int i = 0; i < 16; i++) v[i] = i < w ? swiglu_one(v[i], u[i]) : 0.0f;
+        });
 }
 
 // RMSNorm fused with the NVFP4 fake quant of its output, written as bf16 only (the shared product input of the
 // Linears that read the norm; the normalised rows are not stored): rmsnorm_forward's rstd and values (the same
-// double sum of squares in the same order, for the same block size) then nvfp4_fake_quant's blocks, bit for bit
-// with those two kernels in a row. One block per row, c a multiple of 16; rstd (when not null) gets the row's rstd.
+// warp per row and the same double sum of squares in the same order) then nvfp4_fake_quant's blocks, bit for bit
+// with those two kernels in a row. c a multiple of 16; rstd (when not null) gets the row's rstd. Blocks of 4 lanes
+// (nvfp4_quad) when the rows are 16-byte aligned, else a lane per block.
 extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
                                          float globalAmax, int mode) {
-    long row = blockIdx.x;
-    if (row >= n) return;
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;   // (the whole warp)
+    int lane = threadIdx.x & 31;
     const float *x = inp + row * c;
     float rs = rmsnorm_row_rstd(x, c, eps);
-    if (threadIdx.x == 0 && rstd) rstd[row] = rs;
+    if (lane == 0 && rstd) rstd[row] = rs;
     float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
-    bool vec = (((unsigned long long)x | (unsigned long long)bf16out) & 15) == 0;   // (c % 16 == 0: every row alike)
-    for (int k = threadIdx.x; k < c / 16; k += blockDim.x) {
+    u16 *o16 = bf16out + row * c;
+    if (aligned16(x) && aligned16(w) && aligned8(o16)) {
+        const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
+        for (int base = 0; base < c / 4; base += 32) {   // (per warp: every lane takes part in the shuffles)
+            int i = base + lane;
+            bool on = i < c / 4;
+            float v[4] = {0, 0, 0, 0};
+            if (on) {
+                float4 t = x4[i], g = w4[i];
+                v[0] = __fmul_rn(g.x, __fmul_rn(t.x, rs)); v[1] = __fmul_rn(g.y, __fmul_rn(t.y, rs));
+                v[2] = __fmul_rn(g.z, __fmul_rn(t.z, rs)); v[3] = __fmul_rn(g.w, __fmul_rn(t.w, rs));
+            }
+            nvfp4_quad(v, on, (float *)0, o16 + 4 * i, gs, mode, zeroFix);
+        }
+        return;
+    }
+    for (int k = lane; k < c / 16; k += 32) {
         int c0 = 16 * k;
         float v[16];
-        load_block16(v, x + c0, 16, vec);
+        load_block16(v, x + c0, 16, false);
 #pragma unroll
         for (int i = 0; i < 16; i++) v[i] = __fmul_rn(w[c0 + i], __fmul_rn(v[i], rs));
-        nvfp4_block(v, 16, vec, (float *)0, bf16out + row * c + c0, gs, mode, zeroFix);
+        nvfp4_block(v, 16, false, (float *)0, o16 + c0, gs, mode, zeroFix);
     }
 }
 // Per-tensor FP8 E4M3 fake quant: e4m3(x * (448/amax)) / (448/amax); |x| < 2^-24 -> 0.

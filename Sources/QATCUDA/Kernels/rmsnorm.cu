@@ -1,66 +1,90 @@
-// RMSNorm forward (Sources/QATModels/Layers/RMSNorm.swift): the sum of squares accumulated in
-// double as on the CPU; rstd is kept for backward; out16 (optional) receives a bf16 copy of the
-// output, the input of the bf16 products that read it.
+// RMSNorm forward and backward (Sources/QATModels/Layers/RMSNorm.swift): one warp per row, 8 rows per block of
+// 256 threads, float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte aligned); the row sums are
+// accumulated in double as on the CPU.
+
+// Forward: rstd is kept for backward; out16 (optional) receives a bf16 copy of the output, the input of the
+// bf16 products that read it.
 extern "C" __global__ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
                                            u16 *out16) {
-    long row = blockIdx.x;
-    if (row >= n) return;
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;   // (the whole warp)
+    int lane = threadIdx.x & 31;
     const float *x = inp + row * c;
     float rs = rmsnorm_row_rstd(x, c, eps);
-    if (threadIdx.x == 0 && rstd) rstd[row] = rs;
-    float *o = out + row * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        float y = __fmul_rn(w[j], __fmul_rn(x[j], rs));
-        o[j] = y;
-        if (out16) out16[row * c + j] = f32_to_bf16(y);
-    }
-}
-
-// The same for short rows (c <= 256, the per-head q/k norms): one warp per row.
-extern "C" __global__ void rmsnorm_forward_warp(float *out, float *rstd, const float *inp, const float *w, int n, int c, float eps) {
-    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
-    if (row >= n) return;
-    const float *x = inp + row * c;
-    float v[8];
-    double s = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        int j = lane + 32 * i;
-        v[i] = j < c ? x[j] : 0.0f;
-        s += (double)__fmul_rn(v[i], v[i]);
-    }
-    s = warp_sum_d(s);
-    float rs = 1.0f / sqrtf((float)(s / (double)c) + eps);
     if (lane == 0 && rstd) rstd[row] = rs;
     float *o = out + row * c;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        int j = lane + 32 * i;
-        if (j < c) o[j] = __fmul_rn(w[j], __fmul_rn(v[i], rs));
+    u16 *o16 = out16 ? out16 + row * c : 0;
+    if ((c & 3) == 0 && aligned16(x) && aligned16(w) && aligned16(o) && aligned8(o16)) {
+        const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
+#pragma unroll 4
+        for (int i = lane; i < c / 4; i += 32) {
+            float4 v = x4[i], g = w4[i];
+            float4 y = make_float4(__fmul_rn(g.x, __fmul_rn(v.x, rs)), __fmul_rn(g.y, __fmul_rn(v.y, rs)),
+                                   __fmul_rn(g.z, __fmul_rn(v.z, rs)), __fmul_rn(g.w, __fmul_rn(v.w, rs)));
+            ((float4 *)o)[i] = y;
+            if (o16) ((uint2 *)o16)[i] = bf16x4(y.x, y.y, y.z, y.w);
+        }
+        return;
+    }
+    for (int j = lane; j < c; j += 32) {
+        float y = __fmul_rn(w[j], __fmul_rn(x[j], rs));
+        o[j] = y;
+        if (o16) o16[j] = f32_to_bf16(y);
     }
 }
 
-// RMSNorm backward (RMSNorm.backward): per row, k = (Σ w·g·x)·rs²/c and dx = rs·(w·g − x·k),
-// written to dinp or added to it (accumulate != 0); dinp may alias dout only when writing. One
-// block per row (a multiple of 32 threads). The weight gradient Σ_rows g·(x·rs) is a column
-// sum (colsum_partial with rowScale = rstd). dinp16 (when not null): dinp's new values rounded to
-// bf16 (the residual stream's gradient is the next bf16 product's dy).
+// Backward (RMSNorm.backward): per row, k = (Σ w·g·x)·rs²/c and dx = rs·(w·g − x·k), written to dinp or added to
+// it (accumulate != 0); dinp may alias dout only when writing (each lane rewrites only elements it has read, and
+// every lane's reads of the sum pass precede the warp's shuffles). The weight gradient Σ_rows g·(x·rs) is a column
+// sum (colsum_partial with rowScale = rstd). dinp16 (when not null): dinp's new values rounded to bf16 (the
+// residual stream's gradient is the next bf16 product's dy).
 extern "C" __global__ void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *w, const float *rstd,
                                             int n, int c, int accumulate, u16 *dinp16) {
-    long row = blockIdx.x;
-    if (row >= n) return;
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;   // (the whole warp)
+    int lane = threadIdx.x & 31;
     const float *x = inp + row * c, *g = dout + row * c;
     float *d = dinp + row * c;
+    u16 *d16 = dinp16 ? dinp16 + row * c : 0;
+    bool vec = (c & 3) == 0 && aligned16(x) && aligned16(g) && aligned16(d) && aligned16(w) && aligned8(d16);
+    const float4 *x4 = (const float4 *)x, *g4 = (const float4 *)g, *w4 = (const float4 *)w;
     double s = 0;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) s += (double)__fmul_rn(__fmul_rn(w[j], g[j]), x[j]);
-    s = block_sum_d(s);   // (synchronises: every read of g precedes the writes below)
+    if (vec) {
+#pragma unroll 4
+        for (int i = lane; i < c / 4; i += 32) {
+            float4 a = w4[i], b = g4[i], e = x4[i];
+            s += (double)__fmul_rn(__fmul_rn(a.x, b.x), e.x);
+            s += (double)__fmul_rn(__fmul_rn(a.y, b.y), e.y);
+            s += (double)__fmul_rn(__fmul_rn(a.z, b.z), e.z);
+            s += (double)__fmul_rn(__fmul_rn(a.w, b.w), e.w);
+        }
+    } else {
+        for (int j = lane; j < c; j += 32) s += (double)__fmul_rn(__fmul_rn(w[j], g[j]), x[j]);
+    }
+    s = warp_sum_d(s);
     float rs = rstd[row];
     float k = __fdiv_rn(__fmul_rn(__fmul_rn((float)s, rs), rs), (float)c);
-    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+    if (vec) {
+#pragma unroll 4
+        for (int i = lane; i < c / 4; i += 32) {
+            float4 a = w4[i], b = g4[i], e = x4[i];
+            float4 v = make_float4(__fmul_rn(rs, __fsub_rn(__fmul_rn(a.x, b.x), __fmul_rn(e.x, k))),
+                                   __fmul_rn(rs, __fsub_rn(__fmul_rn(a.y, b.y), __fmul_rn(e.y, k))),
+                                   __fmul_rn(rs, __fsub_rn(__fmul_rn(a.z, b.z), __fmul_rn(e.z, k))),
+                                   __fmul_rn(rs, __fsub_rn(__fmul_rn(a.w, b.w), __fmul_rn(e.w, k))));
+            if (accumulate) {
+                float4 o = ((const float4 *)d)[i];
+                v = make_float4(__fadd_rn(o.x, v.x), __fadd_rn(o.y, v.y), __fadd_rn(o.z, v.z), __fadd_rn(o.w, v.w));
+            }
+            ((float4 *)d)[i] = v;
+            if (d16) ((uint2 *)d16)[i] = bf16x4(v.x, v.y, v.z, v.w);
+        }
+        return;
+    }
+    for (int j = lane; j < c; j += 32) {
         float v = __fmul_rn(rs, __fsub_rn(__fmul_rn(w[j], g[j]), __fmul_rn(x[j], k)));
         v = accumulate ? __fadd_rn(d[j], v) : v;
         d[j] = v;
-        if (dinp16) dinp16[row * c + j] = f32_to_bf16(v);
+        if (d16) d16[j] = f32_to_bf16(v);
     }
 }

@@ -1,0 +1,127 @@
+// The element-wise kernels of elementwise.cu, rope.cu and rmsnorm.cu run by the CPU emulator of prelude.h, each
+// against its formula applied element by element in C++ (the same rounding steps, so bit for bit where the
+// kernel's order is the formula's), twice: on 16-byte aligned arrays (their float4 paths) and on arrays one
+// float off (their element-by-element paths), with sizes that are not multiples of 4: `bash scripts/cuda-emu/elementwise.sh`.
+// Launch geometry as in Sources/QATCUDA/CUDAOps.swift (launch1D: 256 threads, up to 16 blocks here; RMSNorm: a
+// warp per row, 8 rows per block).
+#include <cstring>
+#include <string>
+#include "kernels.cpp"  // written by elementwise.sh
+#include "check.h"
+
+static unsigned bitsOf(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+template <class T> static int differing(const T *a, const T *b, size_t n) {
+    int d = 0;
+    for (size_t i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof(T)) != 0;
+    return d;
+}
+static void launch1D(long n, std::function<void()> body) {
+    emu_launch({(unsigned)std::max(1L, std::min(16L, (n + 255) / 256)), 1, 1}, 256, 0, body);
+}
+// n floats at offset `off` of a fresh buffer (off 0: 16-byte aligned; 1: 4 bytes off).
+struct Buf {
+    std::vector<float> v;
+    int off;
+    Buf(size_t n, int off, float scale = 1) : v(n + 4), off(off) { for (size_t i = 0; i < n; i++) p()[i] = gauss() * scale; }
+    float *p() { return v.data() + off; }
+};
+struct Buf16 {
+    std::vector<u16> v;
+    int off;
+    Buf16(size_t n, int off) : v(n + 8, 0xffff), off(off) {}
+    u16 *p() { return v.data() + off; }
+};
+
+int main() {
+    for (int off : {0, 1}) {
+        std::string at = off ? " (one float off)" : " (aligned)";
+        for (size_t n : {(size_t)4096, (size_t)1003}) {
+            std::string tag = " n=" + std::to_string(n) + at;
+            Buf a(n, off), b(n, off), g(n, off, 3), u(n, off), dh(n, off);
+            std::vector<float> ref(n);
+            // add_inplace
+            for (size_t i = 0; i < n; i++) ref[i] = __fadd_rn(a.p()[i], b.p()[i]);
+            launch1D(n, [&] { add_inplace(a.p(), b.p(), (long)n); });
+            report("add_inplace" + tag + ": values differing", differing(ref.data(), a.p(), n), 0);
+            // to_bf16
+            Buf16 h16(n, off);
+            std::vector<u16> ref16(n);
+            for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(b.p()[i]);
+            launch1D(n, [&] { to_bf16(h16.p(), b.p(), (long)n); });
+            report("to_bf16" + tag + ": values differing", differing(ref16.data(), h16.p(), n), 0);
+            // swiglu_forward, fp32 and bf16 outputs
+            Buf h(n, off);
+            for (size_t i = 0; i < n; i++) ref[i] = g.p()[i] / (1.0f + expf(-g.p()[i])) * u.p()[i];
+            launch1D(n, [&] { swiglu_forward(h.p(), g.p(), u.p(), (long)n, h16.p()); });
+            for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(ref[i]);
+            report("swiglu_forward" + tag + ": values differing (fp32, bf16)",
+                   differing(ref.data(), h.p(), n) + differing(ref16.data(), h16.p(), n), 0);
+            // swiglu_backward, all four outputs
+            Buf dg(n, off), du(n, off);
+            Buf16 dg16(n, off), du16(n, off);
+            std::vector<float> rg(n), ru(n);
+            for (size_t i = 0; i < n; i++) {
+                float x = g.p()[i], s = 1.0f / (1.0f + expf(-x)), d = dh.p()[i];
+                ru[i] = __fmul_rn(__fmul_rn(d, x), s);
+                rg[i] = __fmul_rn(__fmul_rn(__fmul_rn(d, u.p()[i]), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
+            }
+            launch1D(n, [&] { swiglu_backward(dg.p(), du.p(), dh.p(), g.p(), u.p(), (long)n, dg16.p(), du16.p()); });
+            int d = differing(rg.data(), dg.p(), n) + differing(ru.data(), du.p(), n);
+            for (size_t i = 0; i < n; i++) d += (dg16.p()[i] != f32_to_bf16(rg[i])) + (du16.p()[i] != f32_to_bf16(ru[i]));
+            report("swiglu_backward" + tag + ": values differing (4 outputs)", d, 0);
+        }
+        // rope_apply forward then backward on [rows, heads, D], its bf16 copy too
+        for (int D : {64, 6}) {
+            int rows = 6, T = 3, heads = 3, half = D / 2;
+            size_t n = (size_t)rows * heads * D;
+            std::string tag = " D=" + std::to_string(D) + at;
+            Buf x(n, off), cosT(T * half, off), sinT(T * half, off);
+            Buf16 x16(n, off);
+            for (float sign : {1.0f, -1.0f}) {
+                std::vector<float> ref(x.p(), x.p() + n);
+                std::vector<u16> ref16(n);
+                for (int r = 0; r < rows; r++)
+                    for (int hh = 0; hh < heads; hh++)
+                        for (int i = 0; i < half; i++) {
+                            float *v = ref.data() + ((size_t)r * heads + hh) * D;
+                            int t = r % T;
+                            float a = v[i], bb = v[i + half], c = cosT.p()[t * half + i], s = sign * sinT.p()[t * half + i];
+                            v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(bb, s));
+                            v[i + half] = __fadd_rn(__fmul_rn(bb, c), __fmul_rn(a, s));
+                        }
+                for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(ref[i]);
+                launch1D(n / 2, [&] { rope_apply(x.p(), cosT.p(), sinT.p(), rows, T, heads, D, sign, x16.p()); });
+                report("rope_apply" + tag + (sign > 0 ? " forward" : " backward") + ": values differing (fp32, bf16)",
+                       differing(ref.data(), x.p(), n) + differing(ref16.data(), x16.p(), n), 0);
+            }
+        }
+        // rmsnorm_backward (accumulating) against its formula in double, and its bf16 copy
+        for (int c : {2048, 100, 33}) {
+            int rows = 11;
+            size_t n = (size_t)rows * c;
+            std::string tag = " c=" + std::to_string(c) + at;
+            Buf x(n, off), gr(n, off), w(c, off), rstd(rows, off), dx(n, off);
+            for (int r = 0; r < rows; r++) rstd.p()[r] = 0.5f + 0.1f * r;
+            std::vector<double> ref(n);
+            for (int r = 0; r < rows; r++) {
+                double s = 0, rs = rstd.p()[r];
+                for (int j = 0; j < c; j++) s += (double)w.p()[j] * gr.p()[(size_t)r * c + j] * x.p()[(size_t)r * c + j];
+                double k = s * rs * rs / c;
+                for (int j = 0; j < c; j++) {
+                    size_t i = (size_t)r * c + j;
+                    ref[i] = dx.p()[i] + rs * ((double)w.p()[j] * gr.p()[i] - x.p()[i] * k);
+                }
+            }
+            Buf16 d16(n, off);
+            emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
+                       [&] { rmsnorm_backward(dx.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, d16.p()); });
+            std::vector<float> got(dx.p(), dx.p() + n), reff(ref.begin(), ref.end());
+            report("rmsnorm_backward" + tag + ": against the formula in double, max |diff|/max", relerr(reff, got), 1e-6);
+            int d = 0;
+            for (size_t i = 0; i < n; i++) d += d16.p()[i] != f32_to_bf16(got[i]);
+            report("rmsnorm_backward" + tag + ": bf16 copy differing from bf16(fp32 output)", d, 0);
+        }
+    }
+    printf("%s: %d failed\n", fails ? "FAIL" : "ok", fails);
+    return fails ? 1 : 0;
+}

@@ -114,8 +114,11 @@ public final class CUDAModel: @unchecked Sendable {
         try uploadLoRA()
     }
 
-    /// Call after the host weights or any weight quantizer changed (calibration, a step).
-    public func markWeightsChanged() { for l in linears.values { l.stale = true } }
+    /// Call after the host weights or any weight quantizer changed (calibration, a step). `except`: Linears whose
+    /// product copies the change already rewrote (the optimizer step's `weightRefresh`).
+    public func markWeightsChanged(except current: Set<ObjectIdentifier> = []) {
+        for (id, l) in linears where !current.contains(id) { l.stale = true }
+    }
 
     func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
     /// The tokens of the last training forward (the embedding backward groups them).
@@ -289,6 +292,44 @@ public final class CUDAModel: @unchecked Sendable {
             try device.toBF16(out: dl.bf16!.ptr, source, count: count)
         }
         dl.stale = false
+    }
+
+    /// What the optimizer's kernel (`adamw_update`) writes besides the new fp32 weights of a Linear in bf16 precision:
+    /// its bf16 product copy (`w16`), as `prepare` would make it at the next use, in the same pass: the bf16 rounding
+    /// of the weights, or, with an NVFP4 weight quantizer that quantizes (`nvfp4`), of their fake quant.
+    public struct WeightRefresh {
+        let linearID: ObjectIdentifier
+        let w16: CUdeviceptr
+        let nvfp4: (amax: Float, export: Bool)?
+    }
+
+    /// The `WeightRefresh` of each Linear weight whose product copy the optimizer step can write (bf16 precision,
+    /// no other weight quantizer format, rows of whole 16-blocks for NVFP4, not an inference-only copy or QLoRA's
+    /// packed base), by parameter; the other Linears' copies are made by `prepare` at their next use, as before.
+    public func weightRefreshes() throws -> [ObjectIdentifier: WeightRefresh] {
+        guard precision == .bf16 else { return [:] }
+        var out: [ObjectIdentifier: WeightRefresh] = [:]
+        for (id, dl) in linears where !dl.frozen && dl.packed == nil {
+            let l = dl.linear, count = l.outFeatures * l.inFeatures
+            let nvfp4 = nvfp4Quantizing(l.weightQuantizer)
+            if nvfp4 == nil && l.weightQuantizer?.isQuantizing == true { continue }
+            if nvfp4 != nil && l.inFeatures % NVFP4.blockSize != 0 { continue }
+            if dl.bf16 == nil { dl.bf16 = try DeviceBuffer(device, bytes: count * 2) }
+            out[ObjectIdentifier(l.weight)] = WeightRefresh(
+                linearID: id, w16: dl.bf16!.ptr, nvfp4: nvfp4.map { (amax: $0.0, export: $0.1) })
+        }
+        return out
+    }
+
+    /// After the optimizer step wrote these refreshes: their Linears' copies are current (no fp32 fake-quant copy
+    /// is kept, as `prepare` keeps none in bf16), every other Linear's is stale.
+    public func weightsStepped(refreshed: [WeightRefresh]) {
+        let ids = Set(refreshed.map(\.linearID))
+        for id in ids {
+            linears[id]?.fakeQuant = nil
+            linears[id]?.stale = false
+        }
+        markWeightsChanged(except: ids)
     }
 
     /// (amax, export mode) of an NVFP4 quantizer that quantizes with a valid amax: its fake quant

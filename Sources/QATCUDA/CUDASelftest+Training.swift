@@ -161,6 +161,7 @@ extension CUDASelftest {
     /// reads the unclipped one times `CUDAStepBackend.clipCoefficient` in `adamw_update`). Three
     /// layouts: float4 only, float4 and a tail of 3, and arrays one float off 16-byte alignment (element by element).
     private mutating func adamwCheck() throws {
+        try adamwRefreshCheck()
         for (count, offset) in [(5000, 0), (5003, 0), (5001, 1)] {
             let value = Tensor(shape: [count], values: Self.random(count, seed: 41)), grad = Tensor(shape: [count])
             let cfg = OptimizerConfig(
@@ -197,6 +198,42 @@ extension CUDASelftest {
             add(
                 "AdamW 3 steps (weight decay, lr factor, clip \(clipped)), \(count) floats\(offset > 0 ? ", unaligned" : "")",
                 clipped < 1 ? mismatches : .nan, 0, "mismatches")
+        }
+    }
+
+    /// One AdamW step that also rewrites the weight's bf16 product copy (`CUDAModel.WeightRefresh`): the new fp32
+    /// weights bit for bit as the CPU optimizer's, and the copy as the bf16 rounding of those weights (a tail of 3
+    /// included) or of their NVFP4 fake quant on the CPU (`NVFP4.fakeQuant`, both modes, rows of 3 and 5 16-blocks).
+    private mutating func adamwRefreshCheck() throws {
+        let cases: [(rows: Int, cols: Int, nvfp4: NVFP4.FakeQuantMode?)] = [(61, 48, .modelOpt), (37, 80, .export), (1, 5003, nil)]
+        for (rows, cols, mode) in cases {
+            let count = rows * cols
+            let value = Tensor(shape: [count], values: Self.random(count, seed: 51)), grad = Tensor(shape: [count])
+            let cfg = OptimizerConfig(
+                defaults: AdamWHyperparameters(lr: 1e-2, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8),
+                selection: try ParameterSelection(trainable: nil, frozen: nil), lrConfig: nil)
+            let opt = try AdamW(parameters: [("w.weight", value, grad)], config: cfg)
+            let gv = Self.random(count, seed: 52, scale: 0.01)
+            for i in 0..<count { grad[i] = gv[i] }
+            let p = try gpu(Self.random(count, seed: 51)), gd = try gpu(gv)
+            let m = try DeviceBuffer(device, floats: count), v = try DeviceBuffer(device, floats: count),
+                w16 = try DeviceBuffer(device, bytes: count * 2)
+            try m.zero(); try v.zero()
+            opt.step(lrFactor: 1)
+            let c = AdamW.coefficients(opt.groups[0].hyper, lr: opt.groups[0].hyper.lr, step: 1)
+            let host = Array(UnsafeBufferPointer(start: value.data, count: count))
+            let amax = Reduce.absMax(host, count: count) * 0.8  // (some blocks saturate)
+            try device.adamw(
+                p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall, lerpWeight: c.lerpWeight,
+                beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps, negStepSize: c.negStepSize,
+                refresh: CUDAModel.WeightRefresh(
+                    linearID: ObjectIdentifier(value), w16: w16.ptr, nvfp4: mode.map { (amax: amax, export: $0 == .export) }))
+            var expected = host
+            if let mode { NVFP4.fakeQuant(host, &expected, rows: rows, cols: cols, globalAmax: amax, mode: mode) }
+            let what = mode.map { "NVFP4 \($0.rawValue) [\(rows)×\(cols)]" } ?? "bf16, \(count) floats"
+            add(
+                "AdamW step with the product copy refreshed (\(what)): weights, copy",
+                Self.bitMismatches(host, try p.floats(count)) + (try bf16Mismatches(w16, of: expected)), 0, "mismatches")
         }
     }
 }

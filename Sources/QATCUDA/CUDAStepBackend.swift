@@ -179,17 +179,24 @@ public final class CUDAStepBackend: StepBackend {
         let clip = pendingClip
         pendingClip = 1
         let byName = Dictionary(model.model.parameters.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        // The Linears' bf16 product copies are rewritten by the same kernel where it can (`weightRefreshes`).
+        let refreshes = try model.weightRefreshes()
+        var refreshed: [CUDAModel.WeightRefresh] = []
         try optimizer.step(lrFactor: lrFactor) { i, slot, c in
             guard let p = byName[slot.name], let g = model.gradient(p) else {
                 throw QATError.internal("optimizer slot \(slot.name) has no device gradient")
             }
-            let (m, v) = momentPointers(i)
+            let (m, v) = momentPointers(i), w = model.tensor(p)
+            let r = refreshes[ObjectIdentifier(p)].flatMap { r in
+                (w | g | m | v) % 16 == 0 && (r.nvfp4 == nil || p.count % 16 == 0) ? r : nil
+            }
             try model.device.adamw(
-                p: model.tensor(p), g: g, m: m, v: v, count: p.count, decay: c.decay, lerpSmall: c.lerpSmall,
+                p: w, g: g, m: m, v: v, count: p.count, decay: c.decay, lerpSmall: c.lerpSmall,
                 lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,
-                negStepSize: c.negStepSize, clip: clip)
+                negStepSize: c.negStepSize, clip: clip, refresh: r)
+            if let r { refreshed.append(r) }
         }
-        model.markWeightsChanged()
+        model.weightsStepped(refreshed: refreshed)
     }
 
     public func synchronizeHost(_ optimizer: AdamW) throws {

@@ -176,8 +176,8 @@ static void sumsqCase() {
     report("sumsq_chunks per tensor (chunk 4096, one tensor misaligned)", e, 1e-12);
 }
 
-// adamw_update's float4 path (aligned arrays, with and without a tail) and its element path (arrays off
-// 16-byte alignment) against adamw_one applied element by element: the same bits.
+// adamw_update's float4 path (aligned arrays, with and without a tail; the bf16 copy refreshed too) and its
+// element path (arrays off 16-byte alignment) against adamw_one applied element by element: the same bits.
 static void adamwCase(int n, int offset) {
     std::vector<float> p0(n + 8), g(n + 8), m0(n + 8), v0(n + 8);
     for (int i = 0; i < n + 8; i++) { p0[i] = gauss(); g[i] = 0.01f * gauss(); m0[i] = 0.001f * gauss(); v0[i] = 1e-5f * fabsf(gauss()); }
@@ -187,12 +187,16 @@ static void adamwCase(int n, int offset) {
                     clip = 0.37f;
         for (int i = offset; i < offset + n; i++)
             adamw_one(rp[i], g[i], rm[i], rv[i], decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
+        // With the bf16 copy refreshed in the same pass (refresh 0) where the arrays are aligned, as the host asks.
+        std::vector<u16> w16(n + 8, 0xffff);
+        u16 *copy = offset == 0 ? w16.data() : nullptr;
         emu_launch({3, 1, 1}, 64, 0, [&] {
             adamw_update(p.data() + offset, g.data() + offset, m.data() + offset, v.data() + offset, n, decay, lerpSmall, w, beta2,
-                         omb2, bc2, eps, negStep, clip);
+                         omb2, bc2, eps, negStep, clip, copy, 0, 0.0f, 0);
         });
         int differ = 0;
         for (int i = 0; i < n + 8; i++) differ += memcmp(&p[i], &rp[i], 4) || memcmp(&m[i], &rm[i], 4) || memcmp(&v[i], &rv[i], 4);
+        if (copy) for (int i = 0; i < n; i++) differ += w16[i] != f32_to_bf16(rp[i]);
         report("adamw_update n=" + std::to_string(n) + " offset " + std::to_string(offset) + " lerpSmall " + std::to_string(lerpSmall) +
                    " (elements differ)", differ, 0);
     }

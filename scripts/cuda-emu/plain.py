@@ -8,7 +8,5 @@ root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '../../Sources/Q
 src = '\n'.join(open(root + f).read() for f in ['common.cu'] + sys.argv[1:])
 src = re.sub(r'__shared__ (double|float) (\w+)\[32\];', r'static \1 \2[32];', src)
 assert 'asm' not in src and '__shared__' not in src
-extra = ('inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }\n'
-         'inline float __fsqrt_rn(float a) { volatile float r = sqrtf(a); return r; }\n'
-         'inline unsigned atomicMax(unsigned *p, unsigned v) { unsigned o = *p; if (v > o) *p = v; return o; }\n')
+extra = ('inline unsigned atomicMax(unsigned *p, unsigned v) { unsigned o = *p; if (v > o) *p = v; return o; }\n')
 open('kernels.cpp', 'w').write('#include "prelude.h"\n' + extra + src)

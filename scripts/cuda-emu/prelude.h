@@ -32,6 +32,8 @@ inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+inline float __fsqrt_rn(float a) { volatile float r = sqrtf(a); return r; }
 
 struct EmuFiber { ucontext_t ctx; std::vector<char> stack; dim3e tid; bool done; };
 struct EmuBar { int count = 0, gen = 0; };

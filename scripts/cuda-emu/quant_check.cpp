@@ -146,6 +146,28 @@ int main() {
             }
         }
     }
+    // adamw_update's NVFP4 refresh of the product copy (refresh 1) against the step then nvfp4_fake_quant(bf16out).
+    for (int mode = 0; mode < 2; mode++) {
+        int rows = 9, cols = 48;
+        size_t n = (size_t)rows * cols;
+        std::vector<float> p(n), g(n), m(n), v(n);
+        for (size_t i = 0; i < n; i++) { p[i] = gauss(); g[i] = 0.01f * gauss(); }
+        std::vector<float> p2 = p, m2 = m, v2 = v;
+        float amax = 2.5f;
+        std::vector<u16> fused(n, 0xffff), two(n, 0xfffe);
+        auto step = [&](std::vector<float> &pp, std::vector<float> &mm, std::vector<float> &vv, u16 *w16) {
+            launch(n / 4, [&] {
+                adamw_update(pp.data(), g.data(), mm.data(), vv.data(), (long)n, 0.999f, 0, 0.1f, 0.95f, 0.05f, 0.2236068f, 1e-8f, -1e-2f,
+                             1.0f, w16, 1, amax, mode);
+            });
+        };
+        step(p, m, v, fused.data());
+        step(p2, m2, v2, nullptr);
+        launch(n / 4, [&] { nvfp4_fake_quant(p2.data(), nullptr, two.data(), rows, cols, amax, mode); });
+        report(std::string("adamw_update NVFP4 refresh ") + (mode ? "export" : "modelopt") +
+                   ": copy differing from the step then nvfp4_fake_quant, weights differing",
+               differing(two, fused) + differing(p, p2), 0);
+    }
     // swiglu_backward's outputs each on its own (a null pointer writes nothing): the fp32 pair alone,
     // then the bf16 pair alone, which must be the bf16 rounding of the first run's values.
     for (size_t n : {(size_t)4096, (size_t)1001}) {

@@ -113,3 +113,55 @@ __device__ float rmsnorm_row_rstd(const float *x, int c, float eps) {
     s = warp_sum_d(s);
     return 1.0f / sqrtf((float)(s / (double)c) + eps);
 }
+
+// ---- NVFP4 fake quant (Sources/QATQuant/NVFP4.swift): quant.cu's kernels and the optimizer's weight refresh ----
+
+// NVFP4 dequantized block scale S for a block max: mode 0 = ModelOpt's Triton kernel,
+// mode 1 = export-exact (see NVFP4.swift's `blockScale`).
+__device__ __forceinline__ float nvfp4_block_scale(float bmax, float gs, int mode) {
+    if (mode == 0) {
+        float gsSafe = gs > 0 ? gs : 1e-12f;
+        float s = smin(__fdiv_rn(bmax, __fmul_rn(6.0f, gsSafe)), 448.0f);
+        float S = __fmul_rn(e4m3_round(s), gs);
+        return S >= 1e-5f ? S : 1.0f;
+    }
+    if (gs == 0) return 0;
+    float s = __fdiv_rn(bmax, __fmul_rn(6.0f, gs));
+    if (s == 0) s = 1;
+    s = smin(smax(s, 0.001953125f), 448.0f);
+    return __fmul_rn(e4m3_round(s), gs);
+}
+
+// One element's E2M1 round trip (NVFP4.swift's `fakeElem`).
+__device__ __forceinline__ float nvfp4_elem(float v, float S, float zeroFix) {
+    u32 bits = __float_as_uint(v);
+    float a = __fdiv_rn(__uint_as_float(bits & 0x7fffffffu), S);
+    float c = a < 6.0f ? a : 6.0f;
+    float magic = c < 2.0f ? 4194304.0f : (c < 4.0f ? 8388608.0f : 16777216.0f);
+    float r = __fmul_rn(__fsub_rn(__fadd_rn(c, magic), magic), S);
+    u32 neg = v < 0 ? 0x80000000u : 0u;
+    return __fadd_rn(__uint_as_float(__float_as_uint(r) ^ neg), zeroFix);
+}
+
+// A 16-block held by four lanes of a warp (lanes 4j … 4j+3, 4 values each, in order): the block max over the
+// four by two shuffles, then each lane's values quantized as nvfp4_block does (the same scale from the same
+// max, the same element round trip) into dst (fp32, 16-byte aligned) or, when d16 is given, their bf16 rounding
+// there (8-byte aligned). Every lane of the warp calls it (the shuffles); `on`: this lane's values are real
+// (off lanes hold zeros and write nothing).
+__device__ __forceinline__ void nvfp4_quad(float v[4], bool on, float *dst, u16 *d16, float gs, int mode, float zeroFix) {
+    u32 m = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) m = max(m, __float_as_uint(v[i]) & 0x7fffffffu);
+    m = max(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = max(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    if (!on) return;
+    float S = nvfp4_block_scale(__uint_as_float(m), gs, mode);
+    if (mode == 1 && S == 0) {
+        if (d16) *(uint2 *)d16 = make_uint2(0, 0); else *(float4 *)dst = make_float4(0, 0, 0, 0);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = nvfp4_elem(v[i], S, zeroFix);
+    if (d16) *(uint2 *)d16 = bf16x4(v[0], v[1], v[2], v[3]);
+    else *(float4 *)dst = make_float4(v[0], v[1], v[2], v[3]);
+}

@@ -21,24 +21,49 @@ __device__ __forceinline__ void adamw_one(float &p, float g, float &m, float &v,
 
 // Bandwidth-bound (28 bytes per element): when the four arrays are 16-byte aligned, the elements
 // move as float4 (the same arithmetic per element, so the same bits), the last n mod 4 one by one.
+//
+// w16 (when not null; the host passes it only with the four arrays 16-byte aligned, w16 8-byte aligned, and for
+// refresh 1 n a multiple of 16): the parameter's bf16 product copy refreshed from the new values in the same pass,
+// so no later pass reads the fp32 master weights again: refresh 0 = their bf16 rounding (to_bf16), 1 = the bf16
+// rounding of their NVFP4 fake quant along rows of 16-blocks (nvfp4_fake_quant's bits: four lanes per 16-block,
+// nvfp4_quad; globalAmax and mode as there).
 extern "C" __global__ void adamw_update(float *p, const float *g, float *m, float *v, long n, float decay, int lerpSmall, float w,
-                                        float beta2, float omb2, float bc2, float eps, float negStep, float clip) {
-    long stride = (long)gridDim.x * blockDim.x, head = 0;
-    if ((((unsigned long long)p | (unsigned long long)g | (unsigned long long)m | (unsigned long long)v) & 15) == 0) {
+                                        float beta2, float omb2, float bc2, float eps, float negStep, float clip, u16 *w16,
+                                        int refresh, float globalAmax, int mode) {
+    long t = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x, head = 0;
+    if (aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v)) {
         head = n & ~3L;
         float4 *p4 = (float4 *)p, *m4 = (float4 *)m, *v4 = (float4 *)v;
         const float4 *g4 = (const float4 *)g;
-        for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (head >> 2); i += stride) {
-            float4 pp = p4[i], gg = g4[i], mm = m4[i], vv = v4[i];
-            adamw_one(pp.x, gg.x, mm.x, vv.x, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
-            adamw_one(pp.y, gg.y, mm.y, vv.y, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
-            adamw_one(pp.z, gg.z, mm.z, vv.z, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
-            adamw_one(pp.w, gg.w, mm.w, vv.w, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
-            p4[i] = pp; m4[i] = mm; v4[i] = vv;
+        float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
+        long lane = threadIdx.x & 31;
+        // (per warp, so that every lane takes part in nvfp4_quad's shuffles; blockDim.x is a multiple of 32)
+        for (long base = t - lane; base < (head >> 2); base += stride) {
+            long i = base + lane;
+            bool on = i < (head >> 2);
+            float4 pp = make_float4(0, 0, 0, 0);
+            if (on) {
+                float4 gg = g4[i], mm = m4[i], vv = v4[i];
+                pp = p4[i];
+                adamw_one(pp.x, gg.x, mm.x, vv.x, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
+                adamw_one(pp.y, gg.y, mm.y, vv.y, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
+                adamw_one(pp.z, gg.z, mm.z, vv.z, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
+                adamw_one(pp.w, gg.w, mm.w, vv.w, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
+                p4[i] = pp; m4[i] = mm; v4[i] = vv;
+            }
+            if (!w16) continue;
+            if (refresh == 1) {
+                float q[4] = {pp.x, pp.y, pp.z, pp.w};
+                nvfp4_quad(q, on, (float *)0, w16 + 4 * i, gs, mode, zeroFix);
+            } else if (on) {
+                ((uint2 *)w16)[i] = bf16x4(pp.x, pp.y, pp.z, pp.w);
+            }
         }
     }
-    for (long i = head + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride)
+    for (long i = head + t; i < n; i += stride) {
         adamw_one(p[i], g[i], m[i], v[i], decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
+        if (w16) w16[i] = f32_to_bf16(p[i]);   // (refresh 0 only: refresh 1 comes with n % 16 == 0 and aligned arrays)
+    }
 }
 
 // Σ x² in double over a table of chunks, one block each: chunks[2c] is the address of chunk c's

@@ -13,6 +13,7 @@ extension CUDASelftest {
     mutating func parity() throws {
         try maskExtraVocabCheck()
         try trainerCheck()
+        try weightRefreshCheck()
         try nvfp4FlipDiagnostic()
     }
 
@@ -92,6 +93,49 @@ extension CUDASelftest {
         }
         log("      \(moved) of \(initial.count) tensors moved (one is frozen); CPU step losses \(cpu.losses), GPU \(gpu.losses)")
         add("trainer grad_accum 2 + lr_config: weights fp32", worst, 1e-3, "max |Δ|/move")
+    }
+
+    /// Two `Trainer` steps in bf16 with NVFP4 W4A4 on a model with a tied head: every Linear product copy the
+    /// optimizer step rewrote in its own pass (`CUDAModel.weightRefreshes`, current afterwards) equals the copy
+    /// `prepare` makes from the stepped weights, value for value, and there are such copies (the NVFP4 weights and
+    /// the tied head's plain bf16 one).
+    private mutating func weightRefreshCheck() throws {
+        let config = Self.modelConfigs[3].1  // qwen2: tied head
+        let (batch, seqLen) = (2, 32)
+        let model = try Self.selftestModel(config)
+        var g = SplitMix64(seed: 72)
+        let stream = (0..<(3 * batch * seqLen)).map { _ in Int32(g.next() % UInt64(config.vocabSize)) }
+        let set = QuantizerSet(model: model, config: try QuantConfig.preset("nvfp4_default-kv_fp8"))
+        try Calibration.run(
+            model: model, quantizers: set, sequences: [Array(stream.prefix(batch * seqLen))], seqLen: batch * seqLen, batchSize: 1)
+        var spec = Recipe.TrainSpec()
+        spec.mode = .qat; spec.steps = 2; spec.batchSize = batch; spec.lr = 1e-3; spec.evalEvery = 0; spec.saveEvery = 0
+        let dir = NSTemporaryDirectory() + "qat-selftest-refresh-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var options = Trainer.Options(outputDir: dir, checkpointDir: dir + "/checkpoints")
+        options.quiet = true; options.finalEvaluation = false
+        let gm = try CUDAModel(model: model, device: device, precision: .bf16)
+        options.backend = CUDAStepBackend(model: gm) { _ in throw QATError.internal("selftest: no teacher") }
+        let trainer = try Trainer(
+            model: model, spec: spec, seqLen: seqLen, trainStream: stream, validationStream: [], validationSequences: nil,
+            options: options)
+        _ = try trainer.run()
+        var current = 0, nvfp4 = 0, differ = 0
+        for dl in gm.linears.values where !dl.stale {
+            guard let b = dl.bf16 else { continue }
+            let count = dl.linear.outFeatures * dl.linear.inFeatures
+            var stepped = [UInt16](repeating: 0, count: count), prepared = stepped
+            try stepped.withUnsafeMutableBytes { try b.download($0.baseAddress!, bytes: $0.count) }
+            try gm.prepare(dl)
+            try prepared.withUnsafeMutableBytes { try dl.bf16!.download($0.baseAddress!, bytes: $0.count) }
+            current += 1
+            if gm.nvfp4Quantizing(dl.linear.weightQuantizer) != nil { nvfp4 += 1 }
+            differ += zip(stepped, prepared).filter { $0 != $1 }.count
+        }
+        for p in model.parameters { p.setRequiresGrad(false) }
+        add(
+            "bf16 NVFP4 trainer steps: product copies rewritten by AdamW (\(current), \(nvfp4) NVFP4) vs prepare's",
+            current > nvfp4 && nvfp4 > 0 ? Double(differ) : .nan, 0, "values differ")
     }
 
     /// Where fp32 NVFP4 runs of the GPU and the CPU part. Logits of the same fp32 model on both

@@ -201,3 +201,32 @@ extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float 
         nvfp4_block(v, 16, false, (float *)0, o16 + c0, gs, mode, zeroFix);
     }
 }
+
+// Per-tensor FP8 E4M3 fake quant: e4m3(x * (448/amax)) / (448/amax); |x| < 2^-24 -> 0.
+extern "C" __global__ void fp8_fake_quant(const float *x, float *out, long n, float amax) {
+    float scale = __fdiv_rn(448.0f, amax), tiny = 1.0f / 16777216.0f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        float q = __fdiv_rn(e4m3_round(__fmul_rn(v, scale)), scale);
+        out[i] = fabsf(v) < tiny ? 0.0f : q;
+    }
+}
+
+// Per-tensor symmetric INT8 fake quant: clamp(rint(x * 127/amax), -127, 127) / (127/amax).
+extern "C" __global__ void int8_fake_quant(const float *x, float *out, long n, float amax) {
+    float scale = __fdiv_rn(127.0f, amax);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float q = smin(smax(rintf(__fmul_rn(x[i], scale)), -127.0f), 127.0f);
+        out[i] = __fdiv_rn(q, scale);
+    }
+}
+
+// slot = max(slot, max |x|) over bit patterns of sign-cleared floats (NaN patterns sort above
+// +inf, so a NaN input stays visible), as Reduce.absMax on the CPU.
+extern "C" __global__ void absmax_reduce(const float *x, long n, u32 *slot) {
+    u32 m = 0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        m = max(m, __float_as_uint(x[i]) & 0x7fffffffu);
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0 && m) atomicMax(slot, m);
+}

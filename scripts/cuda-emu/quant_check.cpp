@@ -142,9 +142,9 @@ int main() {
                 });
                 report("rmsnorm_nvfp4 " + tag + ", arrays one float off: values differing from rmsnorm_forward + nvfp4_fake_quant",
                        differing(ref3, dropFirst(fused3)) + differing(rs3, rs4), 0);
-                // (every path adds the squares in one order: the same bits, rstd too)
-                report("rmsnorm_forward " + tag + ", one float off against aligned: values and rstd differing",
-                       differing(y, dropFirst(y1)) + differing(rs1, rs3), 0);
+                // (the float4 and the element paths add the squares in other orders: equal within round-off)
+                report("rmsnorm_forward " + tag + ", one float off against aligned, max |diff|/max",
+                       relerr(y, dropFirst(y1)), 1e-6);
             }
         }
     }

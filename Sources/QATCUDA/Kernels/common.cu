@@ -114,34 +114,6 @@ __device__ float rmsnorm_row_rstd(const float *x, int c, float eps) {
     return 1.0f / sqrtf((float)(s / (double)c) + eps);
 }
 
-// Float4s per lane when a warp holds a row of c floats in registers (c % 4 == 0): 1, 2, 4, 8 or 16 (rows of at most
-// 2,048), 0 when the row is longer (the kernels then loop over it twice).
-__device__ __forceinline__ int rmsnorm_regs(int c) {
-    int k = (c / 4 + 31) / 32;
-    return (c & 3) ? 0 : k <= 1 ? 1 : k <= 2 ? 2 : k <= 4 ? 4 : k <= 8 ? 8 : k <= 16 ? 16 : 0;
-}
-
-// rmsnorm_row_rstd with the row loaded into v (lane's float4s lane, lane + 32, …; zeros past c): the same
-// squares added in the same order, so the same bits. x 16-byte aligned, c % 4 == 0, c ≤ 128·K.
-template <int K>
-__device__ __forceinline__ float rmsnorm_row_rstd_regs(float4 (&v)[K], const float *x, int c, float eps) {
-    int lane = threadIdx.x & 31, c4 = c / 4;
-    const float4 *x4 = (const float4 *)x;
-#pragma unroll
-    for (int k = 0; k < K; k++) v[k] = lane + 32 * k < c4 ? x4[lane + 32 * k] : make_float4(0, 0, 0, 0);
-    double s = 0;
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        if (lane + 32 * k >= c4) break;
-        s += (double)__fmul_rn(v[k].x, v[k].x);
-        s += (double)__fmul_rn(v[k].y, v[k].y);
-        s += (double)__fmul_rn(v[k].z, v[k].z);
-        s += (double)__fmul_rn(v[k].w, v[k].w);
-    }
-    s = warp_sum_d(s);
-    return 1.0f / sqrtf((float)(s / (double)c) + eps);
-}
-
 // ---- NVFP4 fake quant (Sources/QATQuant/NVFP4.swift): quant.cu's kernels and the optimizer's weight refresh ----
 
 // NVFP4 dequantized block scale S for a block max: mode 0 = ModelOpt's Triton kernel,

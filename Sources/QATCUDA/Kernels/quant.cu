@@ -62,24 +62,13 @@ __device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAm
     long t = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x;
     bool aligned = inputsAligned && aligned16(out) && aligned8(bf16out);
     if (aligned && (cols & 15) == 0) {
-        // Four warp-wide steps per pass, their loads issued before any arithmetic (the bytes in flight that keep
-        // the memory busy: these kernels' arithmetic, two IEEE divisions per element, is not hidden otherwise).
         long total4 = rows * (long)(cols / 4), lane = threadIdx.x & 31;
-        for (long base = t - lane; base < total4; base += 4 * stride) {   // (blockDim.x is a multiple of 32)
-            float v[4][4];
-            bool on[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                long i = base + u * stride + lane;
-                on[u] = i < total4;
-                v[u][0] = v[u][1] = v[u][2] = v[u][3] = 0;
-                if (on[u]) fill4(v[u], 4 * i);
-            }
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                long i = base + u * stride + lane;
-                nvfp4_quad(v[u], on[u], out ? out + 4 * i : 0, bf16out ? bf16out + 4 * i : 0, gs, mode, zeroFix);
-            }
+        for (long base = t - lane; base < total4; base += stride) {   // (blockDim.x is a multiple of 32)
+            long i = base + lane;
+            bool on = i < total4;
+            float v[4] = {0, 0, 0, 0};
+            if (on) fill4(v, 4 * i);
+            nvfp4_quad(v, on, out ? out + 4 * i : 0, bf16out ? bf16out + 4 * i : 0, gs, mode, zeroFix);
         }
         return;
     }
@@ -133,50 +122,17 @@ extern "C" __global__ void swiglu_nvfp4(const float *gate, const float *up, u16 
 // Linears that read the norm; the normalised rows are not stored): rmsnorm_forward's rstd and values (the same
 // warp per row and the same double sum of squares in the same order) then nvfp4_fake_quant's blocks, bit for bit
 // with those two kernels in a row. c a multiple of 16; rstd (when not null) gets the row's rstd. Blocks of 4 lanes
-// (nvfp4_quad) when the rows are 16-byte aligned (rows of at most 2,048 held in registers), else a lane per block.
-template <int K>
-__device__ __forceinline__ void rmsnorm_nvfp4_row(u16 *o16, float *rstd, long row, const float *x, const float *w, int c, float eps,
-                                                  float gs, int mode, float zeroFix) {
-    int lane = threadIdx.x & 31, c4 = c / 4;
-    float4 v[K];
-    float rs = rmsnorm_row_rstd_regs<K>(v, x, c, eps);
-    if (lane == 0 && rstd) rstd[row] = rs;
-    const float4 *w4 = (const float4 *)w;
-#pragma unroll
-    for (int k = 0; k < K; k++) {   // (every lane: the shuffles of nvfp4_quad; c % 16 == 0 keeps each 16-block whole)
-        int i = lane + 32 * k;
-        bool on = i < c4;
-        float q[4] = {0, 0, 0, 0};
-        if (on) {
-            float4 g = w4[i];
-            q[0] = __fmul_rn(g.x, __fmul_rn(v[k].x, rs)); q[1] = __fmul_rn(g.y, __fmul_rn(v[k].y, rs));
-            q[2] = __fmul_rn(g.z, __fmul_rn(v[k].z, rs)); q[3] = __fmul_rn(g.w, __fmul_rn(v[k].w, rs));
-        }
-        if (32 * k < c4) nvfp4_quad(q, on, (float *)0, o16 + 4 * i, gs, mode, zeroFix);
-    }
-}
-
+// (nvfp4_quad) when the rows are 16-byte aligned, else a lane per block.
 extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
                                          float globalAmax, int mode) {
     long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n) return;   // (the whole warp)
     int lane = threadIdx.x & 31;
     const float *x = inp + row * c;
-    float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
-    u16 *o16 = bf16out + row * c;
-    if (aligned16(x) && aligned16(w) && aligned8(o16)) {
-        // The row in registers when it fits (the same squares in the same order as the loop below).
-        switch (rmsnorm_regs(c)) {
-        case 1: return rmsnorm_nvfp4_row<1>(o16, rstd, row, x, w, c, eps, gs, mode, zeroFix);
-        case 2: return rmsnorm_nvfp4_row<2>(o16, rstd, row, x, w, c, eps, gs, mode, zeroFix);
-        case 4: return rmsnorm_nvfp4_row<4>(o16, rstd, row, x, w, c, eps, gs, mode, zeroFix);
-        case 8: return rmsnorm_nvfp4_row<8>(o16, rstd, row, x, w, c, eps, gs, mode, zeroFix);
-        case 16: return rmsnorm_nvfp4_row<16>(o16, rstd, row, x, w, c, eps, gs, mode, zeroFix);
-        default: break;
-        }
-    }
     float rs = rmsnorm_row_rstd(x, c, eps);
     if (lane == 0 && rstd) rstd[row] = rs;
+    float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
+    u16 *o16 = bf16out + row * c;
     if (aligned16(x) && aligned16(w) && aligned8(o16)) {
         const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
         for (int base = 0; base < c / 4; base += 32) {   // (per warp: every lane takes part in the shuffles)
@@ -201,7 +157,6 @@ extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float 
         nvfp4_block(v, 16, false, (float *)0, o16 + c0, gs, mode, zeroFix);
     }
 }
-
 // Per-tensor FP8 E4M3 fake quant: e4m3(x * (448/amax)) / (448/amax); |x| < 2^-24 -> 0.
 extern "C" __global__ void fp8_fake_quant(const float *x, float *out, long n, float amax) {
     float scale = __fdiv_rn(448.0f, amax), tiny = 1.0f / 16777216.0f;

@@ -1,51 +1,20 @@
 // RMSNorm forward and backward (Sources/QATModels/Layers/RMSNorm.swift): one warp per row, 8 rows per block of
-// 256 threads, float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte aligned; the forward then
-// holds rows of up to 2,048 in registers, one read of each); the row sums are accumulated in double as on the CPU.
+// 256 threads, float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte aligned); the row sums are
+// accumulated in double as on the CPU.
 
 // Forward: rstd is kept for backward; out16 (optional) receives a bf16 copy of the output, the input of the
 // bf16 products that read it.
-template <int K>
-__device__ __forceinline__ void rmsnorm_forward_row(float *o, u16 *o16, float *rstd, long row, const float *x, const float *w, int c,
-                                                    float eps) {
-    int lane = threadIdx.x & 31, c4 = c / 4;
-    float4 v[K];
-    float rs = rmsnorm_row_rstd_regs<K>(v, x, c, eps);
-    if (lane == 0 && rstd) rstd[row] = rs;
-    const float4 *w4 = (const float4 *)w;
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        int i = lane + 32 * k;
-        if (i >= c4) break;
-        float4 g = w4[i];
-        float4 y = make_float4(__fmul_rn(g.x, __fmul_rn(v[k].x, rs)), __fmul_rn(g.y, __fmul_rn(v[k].y, rs)),
-                               __fmul_rn(g.z, __fmul_rn(v[k].z, rs)), __fmul_rn(g.w, __fmul_rn(v[k].w, rs)));
-        ((float4 *)o)[i] = y;
-        if (o16) ((uint2 *)o16)[i] = bf16x4(y.x, y.y, y.z, y.w);
-    }
-}
-
 extern "C" __global__ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
                                            u16 *out16) {
     long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n) return;   // (the whole warp)
     int lane = threadIdx.x & 31;
     const float *x = inp + row * c;
-    float *o = out + row * c;
-    u16 *o16 = out16 ? out16 + row * c : 0;
-    bool vec = (c & 3) == 0 && aligned16(x) && aligned16(w) && aligned16(o) && aligned8(o16);
-    if (vec) {   // the row in registers when it fits (the same squares in the same order as rmsnorm_row_rstd)
-        switch (rmsnorm_regs(c)) {
-        case 1: return rmsnorm_forward_row<1>(o, o16, rstd, row, x, w, c, eps);
-        case 2: return rmsnorm_forward_row<2>(o, o16, rstd, row, x, w, c, eps);
-        case 4: return rmsnorm_forward_row<4>(o, o16, rstd, row, x, w, c, eps);
-        case 8: return rmsnorm_forward_row<8>(o, o16, rstd, row, x, w, c, eps);
-        case 16: return rmsnorm_forward_row<16>(o, o16, rstd, row, x, w, c, eps);
-        default: break;
-        }
-    }
     float rs = rmsnorm_row_rstd(x, c, eps);
     if (lane == 0 && rstd) rstd[row] = rs;
-    if (vec) {
+    float *o = out + row * c;
+    u16 *o16 = out16 ? out16 + row * c : 0;
+    if ((c & 3) == 0 && aligned16(x) && aligned16(w) && aligned16(o) && aligned8(o16)) {
         const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
 #pragma unroll 4
         for (int i = lane; i < c / 4; i += 32) {

@@ -301,6 +301,12 @@ public final class CUDAModel: @unchecked Sendable {
         let linearID: ObjectIdentifier
         let w16: CUdeviceptr
         let nvfp4: (amax: Float, export: Bool)?
+
+        /// Whether `adamw_update` can write it for a parameter of `count` floats with these arrays (its contract:
+        /// the four arrays 16-byte aligned, the copy 8-byte aligned, whole 16-blocks for NVFP4).
+        func fits(p: CUdeviceptr, g: CUdeviceptr, m: CUdeviceptr, v: CUdeviceptr, count: Int) -> Bool {
+            (p | g | m | v) % 16 == 0 && w16 % 8 == 0 && (nvfp4 == nil || count % 16 == 0)
+        }
     }
 
     /// The `WeightRefresh` of each Linear weight whose product copy the optimizer step can write (bf16 precision,

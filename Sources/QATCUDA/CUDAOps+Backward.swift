@@ -153,10 +153,8 @@ extension CUDADevice {
         beta2: Float, oneMinusBeta2: Float, bc2Sqrt: Float, eps: Float, negStepSize: Float, clip: Float = 1,
         refresh: CUDAModel.WeightRefresh? = nil
     ) throws {
-        if let r = refresh {  // (the kernel's contract: it cannot say so itself)
-            guard (p | g | m | v) % 16 == 0, r.w16 % 8 == 0, r.nvfp4 == nil || count % 16 == 0 else {
-                throw QATError.internal("adamw_update: a weight refresh needs aligned arrays (and whole 16-blocks for NVFP4)")
-            }
+        if let r = refresh, !r.fits(p: p, g: g, m: m, v: v, count: count) {  // (the kernel cannot say so itself)
+            throw QATError.internal("adamw_update: a weight refresh needs aligned arrays (and whole 16-blocks for NVFP4)")
         }
         try kernels.launch1D(
             "adamw_update", (count + 3) / 4,  // (float4 elements per thread)

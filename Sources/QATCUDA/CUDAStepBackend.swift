@@ -187,9 +187,7 @@ public final class CUDAStepBackend: StepBackend {
                 throw QATError.internal("optimizer slot \(slot.name) has no device gradient")
             }
             let (m, v) = momentPointers(i), w = model.tensor(p)
-            let r = refreshes[ObjectIdentifier(p)].flatMap { r in
-                (w | g | m | v) % 16 == 0 && (r.nvfp4 == nil || p.count % 16 == 0) ? r : nil
-            }
+            let r = refreshes[ObjectIdentifier(p)].flatMap { $0.fits(p: w, g: g, m: m, v: v, count: p.count) ? $0 : nil }
             try model.device.adamw(
                 p: w, g: g, m: m, v: v, count: p.count, decay: c.decay, lerpSmall: c.lerpSmall,
                 lerpWeight: c.lerpWeight, beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps,

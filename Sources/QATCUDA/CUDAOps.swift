@@ -36,12 +36,15 @@ extension CUDADevice {
         out16: CUdeviceptr = 0
     ) throws {
         try kernels.launch(
-            "rmsnorm_forward", grid: (Self.rmsnormBlocks(n), 1, 1), block: (256, 1, 1),
+            "rmsnorm_forward", grid: (max(1, n), 1, 1), block: (Self.rmsnormForwardThreads, 1, 1),
             [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
     }
 
-    /// Blocks of 256 threads for the RMSNorm kernels over n rows: a warp per row.
+    /// Blocks of 256 threads for the RMSNorm backward over n rows: a warp per row.
     static func rmsnormBlocks(_ n: Int) -> Int { max(1, (n + 7) / 8) }
+
+    /// Threads of the RMSNorm forward kernels' block (one block per row): RMS_THREADS of common.cu.
+    static let rmsnormForwardThreads = 128
 
     /// bf16Out = bf16(NVFP4 fake quant of RMSNorm(inp)), in one pass: `rmsnorm` then `nvfp4FakeQuant(bf16Out:)`, bit
     /// for bit (the normalised rows are not stored); `rstd` (not 0) gets the rows' rstd as `rmsnorm` writes it. c % 16 == 0.
@@ -51,7 +54,7 @@ extension CUDADevice {
     ) throws {
         guard c % 16 == 0 else { throw QATError.internal("rmsnorm_nvfp4 needs rows of whole 16-blocks (c = \(c))") }
         try kernels.launch(
-            "rmsnorm_nvfp4", grid: (Self.rmsnormBlocks(n), 1, 1), block: (256, 1, 1),
+            "rmsnorm_nvfp4", grid: (max(1, n), 1, 1), block: (Self.rmsnormForwardThreads, 1, 1),
             [
                 .ptr(bf16Out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .f32(globalAmax),
                 .i32(exportMode ? 1 : 0),
@@ -90,19 +93,27 @@ extension CUDADevice {
         exportMode: Bool
     ) throws {
         try kernels.launch1D(
-            "nvfp4_fake_quant", Self.nvfp4Threads(rows: rows, cols: cols),
+            Self.nvfp4Quads(cols: cols, [x, out], bf16Out) ? "nvfp4_fake_quant_quads" : "nvfp4_fake_quant",
+            Self.nvfp4Threads(rows: rows, cols: cols),
             [.ptr(x), .ptr(out), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
     }
 
     /// Threads of the NVFP4 kernels' grid-stride loops: four per 16-block (a float4 each, `nvfp4_quad`).
     static func nvfp4Threads(rows: Int, cols: Int) -> Int { 4 * rows * ((cols + 15) / 16) }
 
+    /// Whether an NVFP4 kernel's `_quads` form applies (quant.cu): rows of whole 16-blocks, the fp32 arrays 16-byte
+    /// aligned and the bf16 one 8-byte aligned (a null pointer counts as aligned), as the kernel itself would check.
+    static func nvfp4Quads(cols: Int, _ fp32: [CUdeviceptr], _ bf16: CUdeviceptr) -> Bool {
+        cols % 16 == 0 && fp32.allSatisfy { $0 % 16 == 0 } && bf16 % 8 == 0
+    }
+
     /// bf16Out = bf16(NVFP4 fake quant of silu(gate)·up), in one pass: `swiglu` then `nvfp4FakeQuant(bf16Out:)`, bit for bit.
     func swigluNVFP4(gate: CUdeviceptr, up: CUdeviceptr, bf16Out: CUdeviceptr, rows: Int, cols: Int, globalAmax: Float, exportMode: Bool)
         throws
     {
         try kernels.launch1D(
-            "swiglu_nvfp4", Self.nvfp4Threads(rows: rows, cols: cols),
+            Self.nvfp4Quads(cols: cols, [gate, up], bf16Out) ? "swiglu_nvfp4_quads" : "swiglu_nvfp4",
+            Self.nvfp4Threads(rows: rows, cols: cols),
             [.ptr(gate), .ptr(up), .ptr(bf16Out), .i64(rows), .i32(cols), .f32(globalAmax), .i32(exportMode ? 1 : 0)])
     }
 

@@ -41,7 +41,7 @@ final class CUDABackendTests: XCTestCase {
         for k in [
             "embedding_forward", "add_inplace", "add_bias", "swiglu_forward", "to_bf16", "rmsnorm_forward", "rmsnorm_nvfp4",
             "rmsnorm_backward", "swiglu_nvfp4", "adamw_update", "rope_apply", "attention_forward", "attention_forward_bf16_d64",
-            "attention_forward_bf16_d128", "nvfp4_fake_quant",
+            "attention_forward_bf16_d128", "nvfp4_fake_quant", "nvfp4_fake_quant_quads", "swiglu_nvfp4_quads",
             "fp8_fake_quant", "int8_fake_quant", "absmax_reduce", "cross_entropy_rows",
         ] {
             XCTAssertTrue(seen.contains(k), "no kernel \(k)")

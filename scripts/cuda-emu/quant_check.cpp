@@ -3,7 +3,8 @@
 // against swiglu_forward then nvfp4_fake_quant, all bit for bit, and swiglu_backward's optional
 // outputs: `bash scripts/cuda-emu/quant.sh`.
 // Launch geometry as in Sources/QATCUDA/CUDAOps.swift (launch1D: 256 threads, four threads per block of 16;
-// RMSNorm: a warp per row). Each shape runs twice: the arrays 16-byte aligned (the float4 paths) and one float
+// RMSNorm: a block of 128 threads per row). The `_quads` kernels (aligned rows of whole 16-blocks) run beside
+// their general forms on the aligned arrays. Each shape runs twice: the arrays 16-byte aligned (the float4 paths) and one float
 // off (the element-by-element paths).
 #include <cstring>
 #include <string>
@@ -97,6 +98,14 @@ int main() {
                 launch(blocks, [&] { nvfp4_fake_quant(g.data(), nullptr, got16.data(), rows, cols, a, mode); });
                 for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(ref[i]);
                 report("nvfp4_fake_quant bf16 " + tag + ": values differing from bf16(NVFP4.fakeQuant)", differing(ref16, got16), 0);
+                if (cols % 16 == 0) {
+                    std::vector<float> gotq(n);
+                    std::vector<u16> gotq16(n);
+                    launch(blocks, [&] { nvfp4_fake_quant_quads(g.data(), gotq.data(), nullptr, rows, cols, a, mode); });
+                    launch(blocks, [&] { nvfp4_fake_quant_quads(g.data(), nullptr, gotq16.data(), rows, cols, a, mode); });
+                    report("nvfp4_fake_quant_quads fp32 and bf16 " + tag + ": values differing from NVFP4.fakeQuant",
+                           differing(ref, gotq) + differing(ref16, gotq16), 0);
+                }
                 std::vector<float> in1 = offByOne(g), out1(n + 1);
                 launch(blocks, [&] { nvfp4_fake_quant(in1.data() + 1, out1.data() + 1, nullptr, rows, cols, a, mode); });
                 report("nvfp4_fake_quant fp32 " + tag + ", arrays one float off: values differing from NVFP4.fakeQuant",
@@ -111,6 +120,11 @@ int main() {
             launch(blocks, [&] { nvfp4_fake_quant(h.data(), nullptr, two.data(), rows, cols, hmax, mode); });
             launch(blocks, [&] { swiglu_nvfp4(g.data(), u.data(), fused.data(), rows, cols, hmax, mode); });
             report("swiglu_nvfp4 " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, fused), 0);
+            if (cols % 16 == 0) {
+                std::vector<u16> quads(n);
+                launch(blocks, [&] { swiglu_nvfp4_quads(g.data(), u.data(), quads.data(), rows, cols, hmax, mode); });
+                report("swiglu_nvfp4_quads " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, quads), 0);
+            }
             std::vector<float> g1 = offByOne(g), u1 = offByOne(u);
             std::vector<u16> fused1(n + 1);
             launch(blocks, [&] { swiglu_nvfp4(g1.data() + 1, u1.data() + 1, fused1.data() + 1, rows, cols, hmax, mode); });
@@ -119,13 +133,25 @@ int main() {
             if (cols % 16 == 0) {
                 std::vector<float> y(n), w(cols), rs1(rows), rs2(rows);
                 for (auto &v : w) v = 1 + 0.3f * gauss();
-                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
+                emu_launch({(unsigned)rows, 1, 1}, 128, 0,
                            [&] { rmsnorm_forward(y.data(), rs1.data(), g.data(), w.data(), rows, cols, 1e-6f, nullptr); });
                 float ymax = 0;
                 for (float v : y) ymax = std::max(ymax, fabsf(v));
+                {   // rmsnorm_forward against its formula in double (every element, so each row's re-read tail too)
+                    std::vector<float> yd(n), rsd(rows);
+                    for (int r = 0; r < rows; r++) {
+                        double ss = 0;
+                        for (int j = 0; j < cols; j++) ss += (double)g[r * cols + j] * g[r * cols + j];
+                        double rr = 1 / sqrt(ss / cols + 1e-6);
+                        rsd[r] = (float)rr;
+                        for (int j = 0; j < cols; j++) yd[r * cols + j] = (float)(w[j] * (g[r * cols + j] * rr));
+                    }
+                    report("rmsnorm_forward " + tag + ": output and rstd against the formula in double, max |diff|/max",
+                           std::max(relerr(yd, y), relerr(rsd, rs1)), 1e-6);
+                }
                 std::vector<u16> ref2(n), fused2(n);
                 launch(blocks, [&] { nvfp4_fake_quant(y.data(), nullptr, ref2.data(), rows, cols, ymax, mode); });
-                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0, [&] {
+                emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] {
                     rmsnorm_nvfp4(fused2.data(), rs2.data(), g.data(), w.data(), rows, cols, 1e-6f, ymax, mode);
                 });
                 report("rmsnorm_nvfp4 " + tag + ": values differing from rmsnorm_forward + nvfp4_fake_quant",
@@ -134,10 +160,10 @@ int main() {
                 // against each other.
                 std::vector<float> g1 = offByOne(g), y1(n + 1), rs3(rows), rs4(rows);
                 std::vector<u16> ref3(n), fused3(n + 1);
-                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
+                emu_launch({(unsigned)rows, 1, 1}, 128, 0,
                            [&] { rmsnorm_forward(y1.data() + 1, rs3.data(), g1.data() + 1, w.data(), rows, cols, 1e-6f, nullptr); });
                 launch(blocks, [&] { nvfp4_fake_quant(y1.data() + 1, nullptr, ref3.data(), rows, cols, ymax, mode); });
-                emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0, [&] {
+                emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] {
                     rmsnorm_nvfp4(fused3.data() + 1, rs4.data(), g1.data() + 1, w.data(), rows, cols, 1e-6f, ymax, mode);
                 });
                 report("rmsnorm_nvfp4 " + tag + ", arrays one float off: values differing from rmsnorm_forward + nvfp4_fake_quant",

@@ -90,17 +90,39 @@ __device__ __forceinline__ void elementwise_loop(long n, bool vec, F4 f4, F1 f1)
     for (long i = head + t; i < n; i += stride) f1(i);
 }
 
-// 1/√(mean(x²) + eps) of one row of c floats, by one warp (RMSNorm.swift: the squares summed in double): each
-// lane adds its squares in order (float4s lane, lane + 32, … when c % 4 == 0 and x is 16-byte aligned, else
-// elements lane, lane + 32, …), then warp_sum_d; every lane gets it. rmsnorm_forward and rmsnorm_nvfp4 share it,
-// so for the same input they give the same bits.
-__device__ float rmsnorm_row_rstd(const float *x, int c, float eps) {
-    int lane = threadIdx.x & 31;
+// RMSNorm forward (rmsnorm_forward, rmsnorm_nvfp4): a block of RMS_THREADS threads per row. On the float4 path
+// (c % 4 == 0 and x 16-byte aligned) thread t reads the float4s t, t + RMS_THREADS, … of its row and keeps the
+// first RMS_HELD of them in registers (rows of up to 2048 floats are read from memory once; the rest of a longer
+// row is read again); else elements t, t + RMS_THREADS, … At Llama's [8192 × 2048] rmsnorm_nvfp4 takes 40 µs
+// this way against 56 for a warp per row reading the row twice (scripts/cuda-emu/gpu_bench_quant.cu, H200).
+#define RMS_THREADS 128
+#define RMS_HELD 4
+
+// 1/√(mean(x²) + eps) of one row of c floats (RMSNorm.swift: the squares summed in double): each thread adds its
+// squares in order (its float4s' x, y, z, w in turn on the float4 path), then warp_sum_d, then the warps' sums in
+// warp order; every thread gets it. `vec`: the float4 path, whose first RMS_HELD float4s are left in xv (zeros
+// past the row). rmsnorm_forward and rmsnorm_nvfp4 share it, so for the same input they give the same bits.
+// Uses a shared-memory array and one __syncthreads: call it once per kernel, from every thread of the block.
+__device__ float rmsnorm_block_rstd(const float *x, int c, float eps, bool vec, float4 (&xv)[RMS_HELD]) {
+    __shared__ double rmsPart[RMS_THREADS / 32];
+    int t = threadIdx.x;
     double s = 0;
-    if ((c & 3) == 0 && aligned16(x)) {
+    if (vec) {
         const float4 *x4 = (const float4 *)x;
-#pragma unroll 4
-        for (int i = lane; i < c / 4; i += 32) {
+        int c4 = c >> 2;
+#pragma unroll
+        for (int k = 0; k < RMS_HELD; k++) {
+            int i = t + RMS_THREADS * k;
+            xv[k] = i < c4 ? x4[i] : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int k = 0; k < RMS_HELD; k++) {   // (the zeros past the row add nothing)
+            s += (double)__fmul_rn(xv[k].x, xv[k].x);
+            s += (double)__fmul_rn(xv[k].y, xv[k].y);
+            s += (double)__fmul_rn(xv[k].z, xv[k].z);
+            s += (double)__fmul_rn(xv[k].w, xv[k].w);
+        }
+        for (int i = t + RMS_THREADS * RMS_HELD; i < c4; i += RMS_THREADS) {
             float4 v = x4[i];
             s += (double)__fmul_rn(v.x, v.x);
             s += (double)__fmul_rn(v.y, v.y);
@@ -108,10 +130,21 @@ __device__ float rmsnorm_row_rstd(const float *x, int c, float eps) {
             s += (double)__fmul_rn(v.w, v.w);
         }
     } else {
-        for (int j = lane; j < c; j += 32) { float v = x[j]; s += (double)__fmul_rn(v, v); }
+        for (int j = t; j < c; j += RMS_THREADS) { float v = x[j]; s += (double)__fmul_rn(v, v); }
     }
     s = warp_sum_d(s);
+    if ((t & 31) == 0) rmsPart[t >> 5] = s;
+    __syncthreads();
+    s = rmsPart[0];
+#pragma unroll
+    for (int w = 1; w < RMS_THREADS / 32; w++) s += rmsPart[w];
     return 1.0f / sqrtf((float)(s / (double)c) + eps);
+}
+
+// The normalised values w·(x·rs) of a float4 (RMSNorm.forward's rounding): rmsnorm_forward and rmsnorm_nvfp4.
+__device__ __forceinline__ float4 rms_apply4(float4 v, float4 g, float rs) {
+    return make_float4(__fmul_rn(g.x, __fmul_rn(v.x, rs)), __fmul_rn(g.y, __fmul_rn(v.y, rs)), __fmul_rn(g.z, __fmul_rn(v.z, rs)),
+                       __fmul_rn(g.w, __fmul_rn(v.w, rs)));
 }
 
 // ---- NVFP4 fake quant (Sources/QATQuant/NVFP4.swift): quant.cu's kernels and the optimizer's weight refresh ----

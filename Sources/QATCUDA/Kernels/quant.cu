@@ -53,15 +53,18 @@ __device__ __forceinline__ void load_block16(float v[16], const float *src, int 
 // aligned (`inputsAligned`: the inputs 16-byte; out 16-byte, bf16out 8-byte): four lanes per block, a float4 each (`fill4(v, o)` puts the
 // 4 values at element o into v), so that a warp reads and writes whole contiguous lines; the loop bound is
 // per warp (every lane takes part in nvfp4_quad's shuffles). Else one thread per block: `fill(v, offset, w,
-// vec)` puts a block's values into v. Either way the same bits.
-template <typename Fill4, typename Fill>
+// vec)` puts a block's values into v. Either way the same bits. QUADS: the caller guarantees the four-lane case
+// (the `_quads` kernels): without the one-thread-per-block path the kernel needs 32 registers, not 58–65, so
+// twice the warps fit on a multiprocessor (swiglu_nvfp4 at Llama's [8192 × 8192]: 258 → 185 µs on the H200,
+// scripts/cuda-emu/gpu_bench_quant.cu).
+template <bool QUADS, typename Fill4, typename Fill>
 __device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAmax, int mode, float *out, u16 *bf16out,
                                              bool inputsAligned, Fill4 fill4, Fill fill) {
     float gs = __fdiv_rn(globalAmax, 2688.0f);
     float zeroFix = mode == 1 ? 0.0f : -0.0f;
     long t = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x;
     bool aligned = inputsAligned && aligned16(out) && aligned8(bf16out);
-    if (aligned && (cols & 15) == 0) {
+    if (QUADS || (aligned && (cols & 15) == 0)) {
         long total4 = rows * (long)(cols / 4), lane = threadIdx.x & 31;
         for (long base = t - lane; base < total4; base += stride) {   // (blockDim.x is a multiple of 32)
             long i = base + lane;
@@ -86,10 +89,11 @@ __device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAm
 }
 
 // NVFP4 fake quant of x [rows, cols] into out (may alias x), or, when bf16out is given, into its
-// bf16 rounding there instead (the input of a bf16 product). gs = globalAmax / 2688.
-extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf16out, long rows, int cols, float globalAmax,
-                                            int mode) {
-    nvfp4_blocks(
+// bf16 rounding there instead (the input of a bf16 product). gs = globalAmax / 2688. `_quads`: only for
+// cols % 16 == 0 with x, out 16-byte and bf16out 8-byte aligned (CUDAOps.nvfp4Quads), the same bits.
+#define NVFP4_FAKE_QUANT_ARGS const float *x, float *out, u16 *bf16out, long rows, int cols, float globalAmax, int mode
+template <bool QUADS> __device__ __forceinline__ void nvfp4_fake_quant_impl(NVFP4_FAKE_QUANT_ARGS) {
+    nvfp4_blocks<QUADS>(
         rows, cols, globalAmax, mode, out, bf16out, aligned16(x),
         [&](float *v, long o) {
             float4 t = *(const float4 *)(x + o);
@@ -97,13 +101,20 @@ extern "C" __global__ void nvfp4_fake_quant(const float *x, float *out, u16 *bf1
         },
         [&](float *v, long o, int w, bool vec) { load_block16(v, x + o, w, vec); });
 }
+extern "C" __global__ void nvfp4_fake_quant(NVFP4_FAKE_QUANT_ARGS) {
+    nvfp4_fake_quant_impl<false>(x, out, bf16out, rows, cols, globalAmax, mode);
+}
+extern "C" __global__ void __launch_bounds__(256, 8) nvfp4_fake_quant_quads(NVFP4_FAKE_QUANT_ARGS) {
+    nvfp4_fake_quant_impl<true>(x, out, bf16out, rows, cols, globalAmax, mode);
+}
 
 // SwiGLU fused with the NVFP4 fake quant of its output, written as bf16 only (down_proj's product
 // input in bf16; h itself is not stored): h = gate / (1 + e^-gate) · up exactly as swiglu_forward
-// computes it, then nvfp4_fake_quant's blocks. Bit-identical to those two kernels in a row.
-extern "C" __global__ void swiglu_nvfp4(const float *gate, const float *up, u16 *bf16out, long rows, int cols, float globalAmax,
-                                        int mode) {
-    nvfp4_blocks(
+// computes it, then nvfp4_fake_quant's blocks. Bit-identical to those two kernels in a row. `_quads`: as for
+// nvfp4_fake_quant_quads (gate, up 16-byte aligned).
+#define SWIGLU_NVFP4_ARGS const float *gate, const float *up, u16 *bf16out, long rows, int cols, float globalAmax, int mode
+template <bool QUADS> __device__ __forceinline__ void swiglu_nvfp4_impl(SWIGLU_NVFP4_ARGS) {
+    nvfp4_blocks<QUADS>(
         rows, cols, globalAmax, mode, (float *)0, bf16out, aligned16(gate) && aligned16(up),
         [&](float *v, long o) {
             float4 g = *(const float4 *)(gate + o), u = *(const float4 *)(up + o);
@@ -117,38 +128,48 @@ extern "C" __global__ void swiglu_nvfp4(const float *gate, const float *up, u16 
             for (int i = 0; i < 16; i++) v[i] = i < w ? swiglu_one(v[i], u[i]) : 0.0f;
         });
 }
+extern "C" __global__ void swiglu_nvfp4(SWIGLU_NVFP4_ARGS) {
+    swiglu_nvfp4_impl<false>(gate, up, bf16out, rows, cols, globalAmax, mode);
+}
+extern "C" __global__ void __launch_bounds__(256, 8) swiglu_nvfp4_quads(SWIGLU_NVFP4_ARGS) {
+    swiglu_nvfp4_impl<true>(gate, up, bf16out, rows, cols, globalAmax, mode);
+}
 
 // RMSNorm fused with the NVFP4 fake quant of its output, written as bf16 only (the shared product input of the
 // Linears that read the norm; the normalised rows are not stored): rmsnorm_forward's rstd and values (the same
-// warp per row and the same double sum of squares in the same order) then nvfp4_fake_quant's blocks, bit for bit
-// with those two kernels in a row. c a multiple of 16; rstd (when not null) gets the row's rstd. Blocks of 4 lanes
-// (nvfp4_quad) when the rows are 16-byte aligned, else a lane per block.
-extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
-                                         float globalAmax, int mode) {
-    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= n) return;   // (the whole warp)
-    int lane = threadIdx.x & 31;
+// block per row, rmsnorm_block_rstd, rms_apply4) then nvfp4_fake_quant's blocks, bit for bit with those two kernels
+// in a row. c a multiple of 16; rstd (when not null) gets the row's rstd. Grid: one block of RMS_THREADS per row.
+// Blocks of 4 lanes (nvfp4_quad: float4s 4j … 4j+3 of a row are one 16-block, and RMS_THREADS is a multiple of 32,
+// so a warp's lanes are all in the row or all past it) when the rows are 16-byte aligned, else a thread per block.
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float *inp, const float *w,
+                                                                      int n, int c, float eps, float globalAmax, int mode) {
+    long row = blockIdx.x;
+    if (row >= n) return;   // (the whole block)
+    int t = threadIdx.x;
     const float *x = inp + row * c;
-    float rs = rmsnorm_row_rstd(x, c, eps);
-    if (lane == 0 && rstd) rstd[row] = rs;
+    float4 xv[RMS_HELD];
+    bool xvec = (c & 3) == 0 && aligned16(x);
+    float rs = rmsnorm_block_rstd(x, c, eps, xvec, xv);
+    if (t == 0 && rstd) rstd[row] = rs;
     float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
     u16 *o16 = bf16out + row * c;
-    if (aligned16(x) && aligned16(w) && aligned8(o16)) {
+    if (xvec && aligned16(w) && aligned8(o16)) {
         const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
-        for (int base = 0; base < c / 4; base += 32) {   // (per warp: every lane takes part in the shuffles)
-            int i = base + lane;
-            bool on = i < c / 4;
-            float v[4] = {0, 0, 0, 0};
-            if (on) {
-                float4 t = x4[i], g = w4[i];
-                v[0] = __fmul_rn(g.x, __fmul_rn(t.x, rs)); v[1] = __fmul_rn(g.y, __fmul_rn(t.y, rs));
-                v[2] = __fmul_rn(g.z, __fmul_rn(t.z, rs)); v[3] = __fmul_rn(g.w, __fmul_rn(t.w, rs));
+        int c4 = c >> 2;
+#pragma unroll
+        for (int k = 0; k < RMS_HELD + 1; k++) {   // k == RMS_HELD: the float4s past the held ones, read again
+            for (int base = RMS_THREADS * k; base < c4; base += RMS_THREADS) {   // (uniform per warp: the shuffles)
+                int i = base + t;
+                bool on = i < c4;
+                float4 y = on ? rms_apply4(k < RMS_HELD ? xv[k] : x4[i], w4[i], rs) : make_float4(0, 0, 0, 0);
+                float v[4] = {y.x, y.y, y.z, y.w};
+                nvfp4_quad(v, on, (float *)0, o16 + 4 * i, gs, mode, zeroFix);
+                if (k < RMS_HELD) break;
             }
-            nvfp4_quad(v, on, (float *)0, o16 + 4 * i, gs, mode, zeroFix);
         }
         return;
     }
-    for (int k = lane; k < c / 16; k += 32) {
+    for (int k = t; k < c / 16; k += RMS_THREADS) {
         int c0 = 16 * k;
         float v[16];
         load_block16(v, x + c0, 16, false);
@@ -157,6 +178,7 @@ extern "C" __global__ void rmsnorm_nvfp4(u16 *bf16out, float *rstd, const float 
         nvfp4_block(v, 16, false, (float *)0, o16 + c0, gs, mode, zeroFix);
     }
 }
+
 // Per-tensor FP8 E4M3 fake quant: e4m3(x * (448/amax)) / (448/amax); |x| < 2^-24 -> 0.
 extern "C" __global__ void fp8_fake_quant(const float *x, float *out, long n, float amax) {
     float scale = __fdiv_rn(448.0f, amax), tiny = 1.0f / 16777216.0f;

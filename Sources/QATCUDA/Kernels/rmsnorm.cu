@@ -1,32 +1,37 @@
-// RMSNorm forward and backward (Sources/QATModels/Layers/RMSNorm.swift): one warp per row, 8 rows per block of
-// 256 threads, float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte aligned); the row sums are
-// accumulated in double as on the CPU.
+// RMSNorm forward and backward (Sources/QATModels/Layers/RMSNorm.swift); the row sums are accumulated in double as
+// on the CPU. Forward: a block of RMS_THREADS threads per row (rmsnorm_block_rstd, common.cu). Backward: one warp
+// per row, 8 rows per block of 256 threads. float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte
+// aligned).
 
 // Forward: rstd is kept for backward; out16 (optional) receives a bf16 copy of the output, the input of the
-// bf16 products that read it.
-extern "C" __global__ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int n, int c, float eps,
-                                           u16 *out16) {
-    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= n) return;   // (the whole warp)
-    int lane = threadIdx.x & 31;
+// bf16 products that read it. Grid: one block per row.
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w,
+                                                                        int n, int c, float eps, u16 *out16) {
+    long row = blockIdx.x;
+    if (row >= n) return;   // (the whole block)
+    int t = threadIdx.x;
     const float *x = inp + row * c;
-    float rs = rmsnorm_row_rstd(x, c, eps);
-    if (lane == 0 && rstd) rstd[row] = rs;
+    float4 xv[RMS_HELD];
+    bool xvec = (c & 3) == 0 && aligned16(x);
+    float rs = rmsnorm_block_rstd(x, c, eps, xvec, xv);
+    if (t == 0 && rstd) rstd[row] = rs;
     float *o = out + row * c;
     u16 *o16 = out16 ? out16 + row * c : 0;
-    if ((c & 3) == 0 && aligned16(x) && aligned16(w) && aligned16(o) && aligned8(o16)) {
+    if (xvec && aligned16(w) && aligned16(o) && aligned8(o16)) {
         const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
-#pragma unroll 4
-        for (int i = lane; i < c / 4; i += 32) {
-            float4 v = x4[i], g = w4[i];
-            float4 y = make_float4(__fmul_rn(g.x, __fmul_rn(v.x, rs)), __fmul_rn(g.y, __fmul_rn(v.y, rs)),
-                                   __fmul_rn(g.z, __fmul_rn(v.z, rs)), __fmul_rn(g.w, __fmul_rn(v.w, rs)));
-            ((float4 *)o)[i] = y;
-            if (o16) ((uint2 *)o16)[i] = bf16x4(y.x, y.y, y.z, y.w);
+        int c4 = c >> 2;
+#pragma unroll
+        for (int k = 0; k < RMS_HELD + 1; k++) {   // k == RMS_HELD: the float4s past the held ones, read again
+            for (int i = t + RMS_THREADS * k; i < c4; i += RMS_THREADS) {
+                float4 y = rms_apply4(k < RMS_HELD ? xv[k] : x4[i], w4[i], rs);
+                ((float4 *)o)[i] = y;
+                if (o16) ((uint2 *)o16)[i] = bf16x4(y.x, y.y, y.z, y.w);
+                if (k < RMS_HELD) break;
+            }
         }
         return;
     }
-    for (int j = lane; j < c; j += 32) {
+    for (int j = t; j < c; j += RMS_THREADS) {
         float y = __fmul_rn(w[j], __fmul_rn(x[j], rs));
         o[j] = y;
         if (o16) o16[j] = f32_to_bf16(y);

@@ -1,0 +1,104 @@
+// The NVFP4 kernels (quant.cu, rmsnorm.cu) on a real GPU, outside qat (nvcc, no Swift), at the Llama-3.2-1B
+// shapes of a training step (8×1024 tokens): swiglu_nvfp4 [8192 × 8192], nvfp4_fake_quant and rmsnorm_nvfp4
+// [8192 × 2048]. Times (CUDA events, mean of 20 launches after 3 warm-ups; GB/s of the bytes each must move) and,
+// for the `_quads` forms and the fused norm, how many outputs differ from the general kernels', bit for bit.
+//   nvcc -O3 -arch=sm_90 --fmad=false -Xptxas -v -o gpu_bench_quant scripts/cuda-emu/gpu_bench_quant.cu && ./gpu_bench_quant
+// (`./gpu_bench_quant once` runs each kernel once, for ncu). Session 10 measured with it, before the `_quads`
+// kernels and the block-per-row RMSNorm existed, the variants that led to them (bench/gpu-h200-quant-kernels.txt):
+// the quad path alone in 32 registers, 258 → 185 µs (swiglu_nvfp4) and 46 → 39 µs (nvfp4_fake_quant); a block of
+// 128 threads per row holding it in registers, 56 → 40 µs (rmsnorm_nvfp4); a division through the block's
+// reciprocal with the exact division near rounding ties, slower (192 µs). Not part of the test suite.
+#include <cstdio>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#include "../../Sources/QATCUDA/Kernels/common.cu"
+#include "../../Sources/QATCUDA/Kernels/rmsnorm.cu"
+#include "../../Sources/QATCUDA/Kernels/quant.cu"
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } } while (0)
+
+static float *dev(size_t n, unsigned seed, float range) {
+    std::vector<float> h(n);
+    unsigned s = seed;
+    for (auto &x : h) { s = s * 1664525u + 1013904223u; x = ((s >> 8) / 16777216.0f - 0.5f) * range; }
+    float *p; CK(cudaMalloc(&p, n * 4)); CK(cudaMemcpy(p, h.data(), n * 4, cudaMemcpyHostToDevice));
+    return p;
+}
+template <class F> static float timeit(F f) {
+    for (int i = 0; i < 3; i++) f();
+    cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
+    cudaEventRecord(a);
+    for (int i = 0; i < 20; i++) f();
+    cudaEventRecord(b); CK(cudaEventSynchronize(b));
+    float ms; cudaEventElapsedTime(&ms, a, b);
+    CK(cudaGetLastError());
+    return ms / 20;
+}
+template <class T> static long diff(const T *a, const T *b, size_t n) {
+    CK(cudaDeviceSynchronize());
+    std::vector<T> x(n), y(n);
+    CK(cudaMemcpy(x.data(), a, n * sizeof(T), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(y.data(), b, n * sizeof(T), cudaMemcpyDeviceToHost));
+    long d = 0;
+    for (size_t i = 0; i < n; i++) d += memcmp(&x[i], &y[i], sizeof(T)) != 0;
+    return d;
+}
+static void report(const char *name, float ms, double bytes) {
+    printf("  %-34s %8.1f us %7.0f GB/s\n", name, ms * 1000, bytes / (ms * 1e-3) / 1e9);
+}
+int main(int argc, char **argv) {
+    bool once = argc > 1;   // for ncu: every kernel once, nothing timed
+    long R = 8192, sms = 132;
+    auto grid = [&](long threads) { return (unsigned)std::min<long>((threads + 255) / 256, sms * 16); };   // launch1D
+    for (int mode = 0; mode < 2; mode++) {
+        printf("mode %d\n", mode);
+        {   // swiglu_nvfp4 [8192 x 8192]
+            long C = 8192, n = R * C;
+            float *g = dev(n, 1, 8.0f), *u = dev(n, 2, 8.0f);
+            u16 *a, *b; CK(cudaMalloc(&a, n * 2)); CK(cudaMalloc(&b, n * 2));
+            unsigned bl = grid(4 * n / 16);
+            auto gen = [&] { swiglu_nvfp4<<<bl, 256>>>(g, u, a, R, (int)C, 16.0f, mode); };
+            auto quads = [&] { swiglu_nvfp4_quads<<<bl, 256>>>(g, u, b, R, (int)C, 16.0f, mode); };
+            if (once) { gen(); quads(); } else {
+                report("swiglu_nvfp4", timeit(gen), n * 10.0);
+                report("swiglu_nvfp4_quads", timeit(quads), n * 10.0);
+                printf("    quads: %ld values differ\n", diff(a, b, n));
+            }
+            cudaFree(g); cudaFree(u); cudaFree(a); cudaFree(b);
+        }
+        {   // nvfp4_fake_quant [8192 x 2048] -> bf16
+            long C = 2048, n = R * C;
+            float *x = dev(n, 3, 6.0f);
+            u16 *a, *b; CK(cudaMalloc(&a, n * 2)); CK(cudaMalloc(&b, n * 2));
+            unsigned bl = grid(4 * n / 16);
+            auto gen = [&] { nvfp4_fake_quant<<<bl, 256>>>(x, (float *)0, a, R, (int)C, 3.0f, mode); };
+            auto quads = [&] { nvfp4_fake_quant_quads<<<bl, 256>>>(x, (float *)0, b, R, (int)C, 3.0f, mode); };
+            if (once) { gen(); quads(); } else {
+                report("nvfp4_fake_quant", timeit(gen), n * 6.0);
+                report("nvfp4_fake_quant_quads", timeit(quads), n * 6.0);
+                printf("    quads: %ld values differ\n", diff(a, b, n));
+            }
+            cudaFree(x); cudaFree(a); cudaFree(b);
+        }
+        {   // rmsnorm_nvfp4 [8192 x 2048] against rmsnorm_forward then nvfp4_fake_quant_quads
+            int C = 2048; long n = R * C;
+            float *x = dev(n, 4, 4.0f), *w = dev(C, 5, 2.0f), *y, *rs1, *rs2;
+            u16 *a, *b; CK(cudaMalloc(&a, n * 2)); CK(cudaMalloc(&b, n * 2));
+            CK(cudaMalloc(&y, n * 4)); CK(cudaMalloc(&rs1, R * 4)); CK(cudaMalloc(&rs2, R * 4));
+            auto norm = [&] { rmsnorm_forward<<<(unsigned)R, RMS_THREADS>>>(y, rs1, x, w, (int)R, C, 1e-5f, (u16 *)0); };
+            auto fused = [&] { rmsnorm_nvfp4<<<(unsigned)R, RMS_THREADS>>>(b, rs2, x, w, (int)R, C, 1e-5f, 12.0f, mode); };
+            if (once) { norm(); fused(); } else {
+                report("rmsnorm_forward", timeit(norm), n * 8.0);
+                report("rmsnorm_nvfp4", timeit(fused), n * 6.0);
+                nvfp4_fake_quant_quads<<<grid(4 * n / 16), 256>>>(y, (float *)0, a, R, C, 12.0f, mode);
+                printf("    rmsnorm_nvfp4: %ld values and %ld rstd differ from rmsnorm_forward + nvfp4_fake_quant_quads\n",
+                       diff(a, b, n), diff(rs1, rs2, R));
+            }
+            cudaFree(x); cudaFree(w); cudaFree(y); cudaFree(a); cudaFree(b); cudaFree(rs1); cudaFree(rs2);
+        }
+    }
+    CK(cudaDeviceSynchronize());
+    return 0;
+}

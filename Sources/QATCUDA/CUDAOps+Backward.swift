@@ -44,7 +44,7 @@ extension CUDADevice {
         accumulate: Bool, dinp16: CUdeviceptr = 0
     ) throws {
         try kernels.launch(
-            "rmsnorm_backward", grid: (Self.rmsnormBlocks(n), 1, 1), block: (256, 1, 1),
+            "rmsnorm_backward", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1),
             [.ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0), .ptr(dinp16)])
     }
 

@@ -36,15 +36,12 @@ extension CUDADevice {
         out16: CUdeviceptr = 0
     ) throws {
         try kernels.launch(
-            "rmsnorm_forward", grid: (max(1, n), 1, 1), block: (Self.rmsnormForwardThreads, 1, 1),
+            "rmsnorm_forward", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1),
             [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
     }
 
-    /// Blocks of 256 threads for the RMSNorm backward over n rows: a warp per row.
-    static func rmsnormBlocks(_ n: Int) -> Int { max(1, (n + 7) / 8) }
-
-    /// Threads of the RMSNorm forward kernels' block (one block per row): RMS_THREADS of common.cu.
-    static let rmsnormForwardThreads = 128
+    /// Threads of the RMSNorm kernels' block (one block per row): RMS_THREADS of common.cu.
+    static let rmsnormThreads = 128
 
     /// bf16Out = bf16(NVFP4 fake quant of RMSNorm(inp)), in one pass: `rmsnorm` then `nvfp4FakeQuant(bf16Out:)`, bit
     /// for bit (the normalised rows are not stored); `rstd` (not 0) gets the rows' rstd as `rmsnorm` writes it. c % 16 == 0.
@@ -54,7 +51,7 @@ extension CUDADevice {
     ) throws {
         guard c % 16 == 0 else { throw QATError.internal("rmsnorm_nvfp4 needs rows of whole 16-blocks (c = \(c))") }
         try kernels.launch(
-            "rmsnorm_nvfp4", grid: (max(1, n), 1, 1), block: (Self.rmsnormForwardThreads, 1, 1),
+            "rmsnorm_nvfp4", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1),
             [
                 .ptr(bf16Out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .f32(globalAmax),
                 .i32(exportMode ? 1 : 0),

@@ -96,13 +96,13 @@ int main() {
             }
         }
         // rmsnorm_backward (accumulating) against its formula in double, and its bf16 copy
-        for (int c : {2048, 100, 33}) {
+        for (int c : {2100, 2048, 100, 33}) {   // (2100: past the float4s a thread holds)
             int rows = 11;
             size_t n = (size_t)rows * c;
             std::string tag = " c=" + std::to_string(c) + at;
             Buf x(n, off), gr(n, off), w(c, off), rstd(rows, off), dx(n, off);
             for (int r = 0; r < rows; r++) rstd.p()[r] = 0.5f + 0.1f * r;
-            std::vector<double> ref(n);
+            std::vector<double> ref(n), dx0(dx.p(), dx.p() + n);
             for (int r = 0; r < rows; r++) {
                 double s = 0, rs = rstd.p()[r];
                 for (int j = 0; j < c; j++) s += (double)w.p()[j] * gr.p()[(size_t)r * c + j] * x.p()[(size_t)r * c + j];
@@ -113,13 +113,19 @@ int main() {
                 }
             }
             Buf16 d16(n, off);
-            emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
+            emu_launch({(unsigned)rows, 1, 1}, 128, 0,   // (a block of RMS_THREADS per row)
                        [&] { rmsnorm_backward(dx.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, d16.p()); });
             std::vector<float> got(dx.p(), dx.p() + n), reff(ref.begin(), ref.end());
             report("rmsnorm_backward" + tag + ": against the formula in double, max |diff|/max", relerr(reff, got), 1e-6);
             int d = 0;
             for (size_t i = 0; i < n; i++) d += d16.p()[i] != f32_to_bf16(got[i]);
             report("rmsnorm_backward" + tag + ": bf16 copy differing from bf16(fp32 output)", d, 0);
+            // Written over its own dout (accumulate 0, dinp == dout), as the model may call it: the same values less dx.
+            std::vector<float> over(gr.p(), gr.p() + n);
+            emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_backward(gr.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 0, nullptr); });
+            std::vector<float> want(n);
+            for (size_t i = 0; i < n; i++) want[i] = (float)(ref[i] - dx0[i]);
+            report("rmsnorm_backward" + tag + ": written over dout, against the formula in double", relerr(want, std::vector<float>(gr.p(), gr.p() + n)), 1e-6);
         }
     }
     printf("%s: %d failed\n", fails ? "FAIL" : "ok", fails);

@@ -1,6 +1,6 @@
 // The NVFP4 kernels (quant.cu, rmsnorm.cu) on a real GPU, outside qat (nvcc, no Swift), at the Llama-3.2-1B
-// shapes of a training step (8×1024 tokens): swiglu_nvfp4 [8192 × 8192], nvfp4_fake_quant and rmsnorm_nvfp4
-// [8192 × 2048]. Times (CUDA events, mean of 20 launches after 3 warm-ups; GB/s of the bytes each must move) and,
+// shapes of a training step (8×1024 tokens): swiglu_nvfp4 [8192 × 8192], nvfp4_fake_quant, rmsnorm_nvfp4 and the RMSNorm
+// forward and backward [8192 × 2048]. Times (CUDA events, mean of 20 launches after 3 warm-ups; GB/s of the bytes each must move) and,
 // for the `_quads` forms and the fused norm, how many outputs differ from the general kernels', bit for bit.
 //   nvcc -O3 -arch=sm_90 --fmad=false -Xptxas -v -o gpu_bench_quant scripts/cuda-emu/gpu_bench_quant.cu && ./gpu_bench_quant
 // (`./gpu_bench_quant once` runs each kernel once, for ncu). Session 10 measured with it, before the `_quads`
@@ -92,6 +92,11 @@ int main(int argc, char **argv) {
             if (once) { norm(); fused(); } else {
                 report("rmsnorm_forward", timeit(norm), n * 8.0);
                 report("rmsnorm_nvfp4", timeit(fused), n * 6.0);
+                float *gr = dev(n, 6, 2.0f), *dx = dev(n, 7, 2.0f);
+                report("rmsnorm_backward (accumulate, bf16)", timeit([&] {
+                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, b);
+                }), n * 18.0);
+                cudaFree(gr); cudaFree(dx);
                 nvfp4_fake_quant_quads<<<grid(4 * n / 16), 256>>>(y, (float *)0, a, R, C, 12.0f, mode);
                 printf("    rmsnorm_nvfp4: %ld values and %ld rstd differ from rmsnorm_forward + nvfp4_fake_quant_quads\n",
                        diff(a, b, n), diff(rs1, rs2, R));

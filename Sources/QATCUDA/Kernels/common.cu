@@ -90,7 +90,7 @@ __device__ __forceinline__ void elementwise_loop(long n, bool vec, F4 f4, F1 f1)
     for (long i = head + t; i < n; i += stride) f1(i);
 }
 
-// RMSNorm forward (rmsnorm_forward, rmsnorm_nvfp4): a block of RMS_THREADS threads per row. On the float4 path
+// RMSNorm (rmsnorm_forward, rmsnorm_nvfp4, rmsnorm_backward): a block of RMS_THREADS threads per row. On the float4 path
 // (c % 4 == 0 and x 16-byte aligned) thread t reads the float4s t, t + RMS_THREADS, … of its row and keeps the
 // first RMS_HELD of them in registers (rows of up to 2048 floats are read from memory once; the rest of a longer
 // row is read again); else elements t, t + RMS_THREADS, … At Llama's [8192 × 2048] rmsnorm_nvfp4 takes 40 µs
@@ -98,13 +98,25 @@ __device__ __forceinline__ void elementwise_loop(long n, bool vec, F4 f4, F1 f1)
 #define RMS_THREADS 128
 #define RMS_HELD 4
 
-// 1/√(mean(x²) + eps) of one row of c floats (RMSNorm.swift: the squares summed in double): each thread adds its
-// squares in order (its float4s' x, y, z, w in turn on the float4 path), then warp_sum_d, then the warps' sums in
-// warp order; every thread gets it. `vec`: the float4 path, whose first RMS_HELD float4s are left in xv (zeros
-// past the row). rmsnorm_forward and rmsnorm_nvfp4 share it, so for the same input they give the same bits.
-// Uses a shared-memory array and one __syncthreads: call it once per kernel, from every thread of the block.
-__device__ float rmsnorm_block_rstd(const float *x, int c, float eps, bool vec, float4 (&xv)[RMS_HELD]) {
+// The sum of one double per thread over a block of RMS_THREADS threads: warp_sum_d, then the warps' sums in warp
+// order; every thread gets it. Uses a shared-memory array and one __syncthreads: call it once per kernel, from
+// every thread of the block.
+__device__ double rms_block_sum(double s) {
     __shared__ double rmsPart[RMS_THREADS / 32];
+    s = warp_sum_d(s);
+    if ((threadIdx.x & 31) == 0) rmsPart[threadIdx.x >> 5] = s;
+    __syncthreads();
+    s = rmsPart[0];
+#pragma unroll
+    for (int w = 1; w < RMS_THREADS / 32; w++) s += rmsPart[w];
+    return s;
+}
+
+// 1/√(mean(x²) + eps) of one row of c floats (RMSNorm.swift: the squares summed in double): each thread adds its
+// squares in order (its float4s' x, y, z, w in turn on the float4 path), then rms_block_sum; every thread gets it.
+// `vec`: the float4 path, whose first RMS_HELD float4s are left in xv (zeros past the row). rmsnorm_forward and
+// rmsnorm_nvfp4 share it, so for the same input they give the same bits. Once per kernel (rms_block_sum).
+__device__ float rmsnorm_block_rstd(const float *x, int c, float eps, bool vec, float4 (&xv)[RMS_HELD]) {
     int t = threadIdx.x;
     double s = 0;
     if (vec) {
@@ -132,12 +144,7 @@ __device__ float rmsnorm_block_rstd(const float *x, int c, float eps, bool vec, 
     } else {
         for (int j = t; j < c; j += RMS_THREADS) { float v = x[j]; s += (double)__fmul_rn(v, v); }
     }
-    s = warp_sum_d(s);
-    if ((t & 31) == 0) rmsPart[t >> 5] = s;
-    __syncthreads();
-    s = rmsPart[0];
-#pragma unroll
-    for (int w = 1; w < RMS_THREADS / 32; w++) s += rmsPart[w];
+    s = rms_block_sum(s);
     return 1.0f / sqrtf((float)(s / (double)c) + eps);
 }
 

@@ -1,7 +1,6 @@
 // RMSNorm forward and backward (Sources/QATModels/Layers/RMSNorm.swift); the row sums are accumulated in double as
-// on the CPU. Forward: a block of RMS_THREADS threads per row (rmsnorm_block_rstd, common.cu). Backward: one warp
-// per row, 8 rows per block of 256 threads. float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte
-// aligned).
+// on the CPU. A block of RMS_THREADS threads per row, which holds the row's first 4·RMS_HELD·RMS_THREADS floats in
+// registers (common.cu); float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte aligned).
 
 // Forward: rstd is kept for backward; out16 (optional) receives a bf16 copy of the output, the input of the
 // bf16 products that read it. Grid: one block per row.
@@ -39,54 +38,70 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
 }
 
 // Backward (RMSNorm.backward): per row, k = (Σ w·g·x)·rs²/c and dx = rs·(w·g − x·k), written to dinp or added to
-// it (accumulate != 0); dinp may alias dout only when writing (each lane rewrites only elements it has read, and
-// every lane's reads of the sum pass precede the warp's shuffles). The weight gradient Σ_rows g·(x·rs) is a column
-// sum (colsum_partial with rowScale = rstd). dinp16 (when not null): dinp's new values rounded to bf16 (the
-// residual stream's gradient is the next bf16 product's dy).
-extern "C" __global__ void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *w, const float *rstd,
-                                            int n, int c, int accumulate, u16 *dinp16) {
-    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= n) return;   // (the whole warp)
-    int lane = threadIdx.x & 31;
+// it (accumulate != 0). dinp may alias dout only when writing: each thread rewrites only elements it has read, and
+// the block's sum (rms_block_sum's barrier) comes after every read of the sum pass. The sum: each thread adds its
+// elements' w·g·x in order (float4s t, t + RMS_THREADS, …; elements on the scalar path), then rms_block_sum. The
+// weight gradient Σ_rows g·(x·rs) is a column sum (colsum_partial with rowScale = rstd). dinp16 (when not null):
+// dinp's new values rounded to bf16 (the residual stream's gradient is the next bf16 product's dy). Grid: a block
+// of RMS_THREADS per row; x and g are read from memory once for rows of up to 4·RMS_HELD·RMS_THREADS floats.
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float *dinp, const float *dout, const float *inp,
+                                                                         const float *w, const float *rstd, int n, int c,
+                                                                         int accumulate, u16 *dinp16) {
+    long row = blockIdx.x;
+    if (row >= n) return;   // (the whole block)
+    int t = threadIdx.x;
     const float *x = inp + row * c, *g = dout + row * c;
     float *d = dinp + row * c;
     u16 *d16 = dinp16 ? dinp16 + row * c : 0;
     bool vec = (c & 3) == 0 && aligned16(x) && aligned16(g) && aligned16(d) && aligned16(w) && aligned8(d16);
     const float4 *x4 = (const float4 *)x, *g4 = (const float4 *)g, *w4 = (const float4 *)w;
+    int c4 = c >> 2;
+    float4 xv[RMS_HELD], gv[RMS_HELD];
     double s = 0;
     if (vec) {
-#pragma unroll 4
-        for (int i = lane; i < c / 4; i += 32) {
-            float4 a = w4[i], b = g4[i], e = x4[i];
-            s += (double)__fmul_rn(__fmul_rn(a.x, b.x), e.x);
-            s += (double)__fmul_rn(__fmul_rn(a.y, b.y), e.y);
-            s += (double)__fmul_rn(__fmul_rn(a.z, b.z), e.z);
-            s += (double)__fmul_rn(__fmul_rn(a.w, b.w), e.w);
+#pragma unroll
+        for (int k = 0; k < RMS_HELD; k++) {
+            int i = t + RMS_THREADS * k;
+            if (i < c4) { xv[k] = x4[i]; gv[k] = g4[i]; }
+        }
+#pragma unroll
+        for (int k = 0; k < RMS_HELD + 1; k++) {   // k == RMS_HELD: the float4s past the held ones
+            for (int i = t + RMS_THREADS * k; i < c4; i += RMS_THREADS) {
+                float4 a = w4[i], b = k < RMS_HELD ? gv[k] : g4[i], e = k < RMS_HELD ? xv[k] : x4[i];
+                s += (double)__fmul_rn(__fmul_rn(a.x, b.x), e.x);
+                s += (double)__fmul_rn(__fmul_rn(a.y, b.y), e.y);
+                s += (double)__fmul_rn(__fmul_rn(a.z, b.z), e.z);
+                s += (double)__fmul_rn(__fmul_rn(a.w, b.w), e.w);
+                if (k < RMS_HELD) break;
+            }
         }
     } else {
-        for (int j = lane; j < c; j += 32) s += (double)__fmul_rn(__fmul_rn(w[j], g[j]), x[j]);
+        for (int j = t; j < c; j += RMS_THREADS) s += (double)__fmul_rn(__fmul_rn(w[j], g[j]), x[j]);
     }
-    s = warp_sum_d(s);
+    s = rms_block_sum(s);
     float rs = rstd[row];
     float k = __fdiv_rn(__fmul_rn(__fmul_rn((float)s, rs), rs), (float)c);
     if (vec) {
-#pragma unroll 4
-        for (int i = lane; i < c / 4; i += 32) {
-            float4 a = w4[i], b = g4[i], e = x4[i];
-            float4 v = make_float4(__fmul_rn(rs, __fsub_rn(__fmul_rn(a.x, b.x), __fmul_rn(e.x, k))),
-                                   __fmul_rn(rs, __fsub_rn(__fmul_rn(a.y, b.y), __fmul_rn(e.y, k))),
-                                   __fmul_rn(rs, __fsub_rn(__fmul_rn(a.z, b.z), __fmul_rn(e.z, k))),
-                                   __fmul_rn(rs, __fsub_rn(__fmul_rn(a.w, b.w), __fmul_rn(e.w, k))));
-            if (accumulate) {
-                float4 o = ((const float4 *)d)[i];
-                v = make_float4(__fadd_rn(o.x, v.x), __fadd_rn(o.y, v.y), __fadd_rn(o.z, v.z), __fadd_rn(o.w, v.w));
+#pragma unroll
+        for (int h = 0; h < RMS_HELD + 1; h++) {
+            for (int i = t + RMS_THREADS * h; i < c4; i += RMS_THREADS) {
+                float4 a = w4[i], b = h < RMS_HELD ? gv[h] : g4[i], e = h < RMS_HELD ? xv[h] : x4[i];
+                float4 v = make_float4(__fmul_rn(rs, __fsub_rn(__fmul_rn(a.x, b.x), __fmul_rn(e.x, k))),
+                                       __fmul_rn(rs, __fsub_rn(__fmul_rn(a.y, b.y), __fmul_rn(e.y, k))),
+                                       __fmul_rn(rs, __fsub_rn(__fmul_rn(a.z, b.z), __fmul_rn(e.z, k))),
+                                       __fmul_rn(rs, __fsub_rn(__fmul_rn(a.w, b.w), __fmul_rn(e.w, k))));
+                if (accumulate) {
+                    float4 o = ((const float4 *)d)[i];
+                    v = make_float4(__fadd_rn(o.x, v.x), __fadd_rn(o.y, v.y), __fadd_rn(o.z, v.z), __fadd_rn(o.w, v.w));
+                }
+                ((float4 *)d)[i] = v;
+                if (d16) ((uint2 *)d16)[i] = bf16x4(v.x, v.y, v.z, v.w);
+                if (h < RMS_HELD) break;
             }
-            ((float4 *)d)[i] = v;
-            if (d16) ((uint2 *)d16)[i] = bf16x4(v.x, v.y, v.z, v.w);
         }
         return;
     }
-    for (int j = lane; j < c; j += 32) {
+    for (int j = t; j < c; j += RMS_THREADS) {
         float v = __fmul_rn(rs, __fsub_rn(__fmul_rn(w[j], g[j]), __fmul_rn(x[j], k)));
         v = accumulate ? __fadd_rn(d[j], v) : v;
         d[j] = v;

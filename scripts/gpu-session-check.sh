@@ -12,7 +12,7 @@
 #   bash scripts/gpu-session-check.sh BUNDLE.tar.xz SITE.tar.xz PEER_SCRIPT OUT_DIR [SECONDS]
 # (BENCH_EXTRA: more flags for the bench, e.g. --profile; SHAPE_LIMIT: seconds per shape, default 330; PEER_MODES:
 # the peer's modes, default fwd,qat,qad; SCALING=1: also the SmolLM2 CPU scaling, 2 and all threads, after the selftest;
-# MULTIGPU=OMPI.tar.xz: scripts/multigpu-check.sh's data-parallel rank checks, to OUT/multigpu.txt.)
+# MULTIGPU=OMPI.tar.xz: scripts/multigpu-check.sh's data-parallel rank checks, to OUT/multigpu.txt; NO_FEATURES=1: no step 3.)
 set -uo pipefail
 bundle=$(readlink -f "$1") site=$(readlink -f "$2") peer=$(readlink -f "$3") out=$(mkdir -p "$4" && readlink -f "$4")
 budget=${5:-560}
@@ -59,7 +59,7 @@ for shape in ${SHAPES:-llama-3.2-1b qwen3-0.6b}; do
     --peer python3 --peer-script "$peer" --peer-modes "${PEER_MODES:-fwd,qat,qad}" >>"$out/bench.txt" 2>&1
   echo "bench $shape rc=$? at $((SECONDS - start)) s" | tee -a "$out/bench.txt"
 done
-if [ "$(left)" -gt 40 ]; then
+if [ -z "${NO_FEATURES:-}" ] && [ "$(left)" -gt 40 ]; then
   mkdir -p /tmp/features
   SKIP_SELFTEST=1 timeout $(($(left) - 10)) bash scripts/gpu-features-check.sh "$bundle" /tmp/features >/tmp/features/run.log 2>&1
 fi

@@ -92,14 +92,15 @@ int main(int argc, char **argv) {
             if (once) { norm(); fused(); } else {
                 report("rmsnorm_forward", timeit(norm), n * 8.0);
                 report("rmsnorm_nvfp4", timeit(fused), n * 6.0);
-                float *gr = dev(n, 6, 2.0f), *dx = dev(n, 7, 2.0f);
-                report("rmsnorm_backward (accumulate, bf16)", timeit([&] {
-                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, b);
-                }), n * 18.0);
-                cudaFree(gr); cudaFree(dx);
+
                 nvfp4_fake_quant_quads<<<grid(4 * n / 16), 256>>>(y, (float *)0, a, R, C, 12.0f, mode);
                 printf("    rmsnorm_nvfp4: %ld values and %ld rstd differ from rmsnorm_forward + nvfp4_fake_quant_quads\n",
                        diff(a, b, n), diff(rs1, rs2, R));
+                float *gr = dev(n, 6, 2.0f), *dx = dev(n, 7, 2.0f);   // (its bf16 copy into a: the check above is done)
+                report("rmsnorm_backward (accumulate, bf16)", timeit([&] {
+                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a);
+                }), n * 18.0);
+                cudaFree(gr); cudaFree(dx);
             }
             cudaFree(x); cudaFree(w); cudaFree(y); cudaFree(a); cudaFree(b); cudaFree(rs1); cudaFree(rs2);
         }

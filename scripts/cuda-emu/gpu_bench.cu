@@ -14,14 +14,8 @@
 #include "../../Sources/QATCUDA/Kernels/common.cu"
 #include "../../Sources/QATCUDA/Kernels/attention.cu"
 
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } } while (0)
-static float *dev(size_t n, unsigned seed) {
-    std::vector<float> h(n);
-    unsigned s = seed;
-    for (auto &x : h) { s = s * 1664525u + 1013904223u; x = ((s >> 8) / 16777216.0f - 0.5f) * 3.4f; }
-    float *p; CK(cudaMalloc(&p, n * 4)); CK(cudaMemcpy(p, h.data(), n * 4, cudaMemcpyHostToDevice));
-    return p;
-}
+#include "gpu_bench.h"
+
 static std::vector<float> host(const float *p, size_t n) {
     std::vector<float> h(n); CK(cudaMemcpy(h.data(), p, n * 4, cudaMemcpyDeviceToHost)); return h;
 }
@@ -29,15 +23,6 @@ static double rel(const std::vector<float> &r, const std::vector<float> &g) {
     double m = 0, d = 0;
     for (size_t i = 0; i < r.size(); i++) { m = std::max(m, (double)fabsf(r[i])); d = std::max(d, (double)fabsf(r[i] - g[i])); }
     return std::isnan(d) ? NAN : d / m;
-}
-template <class F> static float timeit(F f) {
-    for (int i = 0; i < 3; i++) f();
-    cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
-    cudaEventRecord(a);
-    for (int i = 0; i < 20; i++) f();
-    cudaEventRecord(b); CK(cudaEventSynchronize(b));
-    float ms; cudaEventElapsedTime(&ms, a, b);
-    return ms / 20;
 }
 int main() {
     struct S { const char *name; int B, T, H, Hkv, D; };

@@ -17,25 +17,8 @@
 #include "../../Sources/QATCUDA/Kernels/rmsnorm.cu"
 #include "../../Sources/QATCUDA/Kernels/quant.cu"
 
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } } while (0)
+#include "gpu_bench.h"
 
-static float *dev(size_t n, unsigned seed, float range) {
-    std::vector<float> h(n);
-    unsigned s = seed;
-    for (auto &x : h) { s = s * 1664525u + 1013904223u; x = ((s >> 8) / 16777216.0f - 0.5f) * range; }
-    float *p; CK(cudaMalloc(&p, n * 4)); CK(cudaMemcpy(p, h.data(), n * 4, cudaMemcpyHostToDevice));
-    return p;
-}
-template <class F> static float timeit(F f) {
-    for (int i = 0; i < 3; i++) f();
-    cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
-    cudaEventRecord(a);
-    for (int i = 0; i < 20; i++) f();
-    cudaEventRecord(b); CK(cudaEventSynchronize(b));
-    float ms; cudaEventElapsedTime(&ms, a, b);
-    CK(cudaGetLastError());
-    return ms / 20;
-}
 template <class T> static long diff(const T *a, const T *b, size_t n) {
     CK(cudaDeviceSynchronize());
     std::vector<T> x(n), y(n);

@@ -93,7 +93,7 @@ __device__ __forceinline__ void elementwise_loop(long n, bool vec, F4 f4, F1 f1)
 // RMSNorm (rmsnorm_forward, rmsnorm_nvfp4, rmsnorm_backward): a block of RMS_THREADS threads per row. On the float4 path
 // (c % 4 == 0 and x 16-byte aligned) thread t reads the float4s t, t + RMS_THREADS, … of its row and keeps the
 // first RMS_HELD of them in registers (rows of up to 2048 floats are read from memory once; the rest of a longer
-// row is read again); else elements t, t + RMS_THREADS, … At Llama's [8192 × 2048] rmsnorm_nvfp4 takes 40 µs
+// row is read again); else elements t, t + RMS_THREADS, … At Llama's [8192 × 2048] rmsnorm_nvfp4 takes 45 µs
 // this way against 56 for a warp per row reading the row twice (scripts/cuda-emu/gpu_bench_quant.cu, H200).
 #define RMS_THREADS 128
 #define RMS_HELD 4

@@ -55,7 +55,7 @@ __device__ __forceinline__ void load_block16(float v[16], const float *src, int 
 // per warp (every lane takes part in nvfp4_quad's shuffles). Else one thread per block: `fill(v, offset, w,
 // vec)` puts a block's values into v. Either way the same bits. QUADS: the caller guarantees the four-lane case
 // (the `_quads` kernels): without the one-thread-per-block path the kernel needs 32 registers, not 58–65, so
-// twice the warps fit on a multiprocessor (swiglu_nvfp4 at Llama's [8192 × 8192]: 258 → 185 µs on the H200,
+// twice the warps fit on a multiprocessor (swiglu_nvfp4 at Llama's [8192 × 8192]: 258 → 194 µs on the H200,
 // scripts/cuda-emu/gpu_bench_quant.cu).
 template <bool QUADS, typename Fill4, typename Fill>
 __device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAmax, int mode, float *out, u16 *bf16out,

@@ -156,6 +156,12 @@ __device__ __forceinline__ float4 rms_apply4(float4 v, float4 g, float rs) {
 
 // ---- NVFP4 fake quant (Sources/QATQuant/NVFP4.swift): quant.cu's kernels and the optimizer's weight refresh ----
 
+// The per-tensor constants of NVFP4 fake quant: the global scale gs = globalAmax / (6 · 448), and the zero the
+// element round trip adds (−0 for ModelOpt's kernel, mode 0; +0 for export, mode 1: NVFP4.swift's `fakeElem`).
+// nvfp4_blocks, rmsnorm_nvfp4 and adamw_update's refresh all take them from here.
+__device__ __forceinline__ float nvfp4_global_scale(float globalAmax) { return __fdiv_rn(globalAmax, 2688.0f); }
+__device__ __forceinline__ float nvfp4_zero_fix(int mode) { return mode == 1 ? 0.0f : -0.0f; }
+
 // NVFP4 dequantized block scale S for a block max: mode 0 = ModelOpt's Triton kernel,
 // mode 1 = export-exact (see NVFP4.swift's `blockScale`).
 __device__ __forceinline__ float nvfp4_block_scale(float bmax, float gs, int mode) {

@@ -35,7 +35,7 @@ extern "C" __global__ void adamw_update(float *p, const float *g, float *m, floa
         head = n & ~3L;
         float4 *p4 = (float4 *)p, *m4 = (float4 *)m, *v4 = (float4 *)v;
         const float4 *g4 = (const float4 *)g;
-        float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
+        float gs = nvfp4_global_scale(globalAmax), zeroFix = nvfp4_zero_fix(mode);
         long lane = threadIdx.x & 31;
         // (per warp, so that every lane takes part in nvfp4_quad's shuffles; blockDim.x is a multiple of 32)
         for (long base = t - lane; base < (head >> 2); base += stride) {

@@ -60,8 +60,7 @@ __device__ __forceinline__ void load_block16(float v[16], const float *src, int 
 template <bool QUADS, typename Fill4, typename Fill>
 __device__ __forceinline__ void nvfp4_blocks(long rows, int cols, float globalAmax, int mode, float *out, u16 *bf16out,
                                              bool inputsAligned, Fill4 fill4, Fill fill) {
-    float gs = __fdiv_rn(globalAmax, 2688.0f);
-    float zeroFix = mode == 1 ? 0.0f : -0.0f;
+    float gs = nvfp4_global_scale(globalAmax), zeroFix = nvfp4_zero_fix(mode);
     long t = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x;
     bool aligned = inputsAligned && aligned16(out) && aligned8(bf16out);
     if (QUADS || (aligned && (cols & 15) == 0)) {
@@ -151,7 +150,7 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_nvfp4(u16 *bf1
     bool xvec = (c & 3) == 0 && aligned16(x);
     float rs = rmsnorm_block_rstd(x, c, eps, xvec, xv);
     if (t == 0 && rstd) rstd[row] = rs;
-    float gs = __fdiv_rn(globalAmax, 2688.0f), zeroFix = mode == 1 ? 0.0f : -0.0f;
+    float gs = nvfp4_global_scale(globalAmax), zeroFix = nvfp4_zero_fix(mode);
     u16 *o16 = bf16out + row * c;
     if (xvec && aligned16(w) && aligned8(o16)) {
         const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;

@@ -121,7 +121,6 @@ int main() {
             for (size_t i = 0; i < n; i++) d += d16.p()[i] != f32_to_bf16(got[i]);
             report("rmsnorm_backward" + tag + ": bf16 copy differing from bf16(fp32 output)", d, 0);
             // Written over its own dout (accumulate 0, dinp == dout), as the model may call it: the same values less dx.
-            std::vector<float> over(gr.p(), gr.p() + n);
             emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_backward(gr.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 0, nullptr); });
             std::vector<float> want(n);
             for (size_t i = 0; i < n; i++) want[i] = (float)(ref[i] - dx0[i]);

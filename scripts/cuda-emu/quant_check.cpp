@@ -72,6 +72,8 @@ template <class T> static std::vector<T> offByOne(const std::vector<T> &x) {
 }
 template <class T> static std::vector<T> dropFirst(const std::vector<T> &y) { return std::vector<T>(y.begin() + 1, y.end()); }
 static void launch(long blocks, std::function<void()> body) { emu_launch({(unsigned)((blocks + 255) / 256), 1, 1}, 256, 0, body); }
+// The RMSNorm kernels' geometry: a block of RMS_THREADS per row.
+static void launchRows(int rows, std::function<void()> body) { emu_launch({(unsigned)rows, 1, 1}, RMS_THREADS, 0, body); }
 
 int main() {
     struct Shape { int rows, cols; float scale; };
@@ -133,7 +135,7 @@ int main() {
             if (cols % 16 == 0) {
                 std::vector<float> y(n), w(cols), rs1(rows), rs2(rows);
                 for (auto &v : w) v = 1 + 0.3f * gauss();
-                emu_launch({(unsigned)rows, 1, 1}, 128, 0,
+                launchRows(rows,
                            [&] { rmsnorm_forward(y.data(), rs1.data(), g.data(), w.data(), rows, cols, 1e-6f, nullptr); });
                 float ymax = 0;
                 for (float v : y) ymax = std::max(ymax, fabsf(v));
@@ -151,7 +153,7 @@ int main() {
                 }
                 std::vector<u16> ref2(n), fused2(n);
                 launch(blocks, [&] { nvfp4_fake_quant(y.data(), nullptr, ref2.data(), rows, cols, ymax, mode); });
-                emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] {
+                launchRows(rows, [&] {
                     rmsnorm_nvfp4(fused2.data(), rs2.data(), g.data(), w.data(), rows, cols, 1e-6f, ymax, mode);
                 });
                 report("rmsnorm_nvfp4 " + tag + ": values differing from rmsnorm_forward + nvfp4_fake_quant",
@@ -160,10 +162,10 @@ int main() {
                 // against each other.
                 std::vector<float> g1 = offByOne(g), y1(n + 1), rs3(rows), rs4(rows);
                 std::vector<u16> ref3(n), fused3(n + 1);
-                emu_launch({(unsigned)rows, 1, 1}, 128, 0,
+                launchRows(rows,
                            [&] { rmsnorm_forward(y1.data() + 1, rs3.data(), g1.data() + 1, w.data(), rows, cols, 1e-6f, nullptr); });
                 launch(blocks, [&] { nvfp4_fake_quant(y1.data() + 1, nullptr, ref3.data(), rows, cols, ymax, mode); });
-                emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] {
+                launchRows(rows, [&] {
                     rmsnorm_nvfp4(fused3.data() + 1, rs4.data(), g1.data() + 1, w.data(), rows, cols, 1e-6f, ymax, mode);
                 });
                 report("rmsnorm_nvfp4 " + tag + ", arrays one float off: values differing from rmsnorm_forward + nvfp4_fake_quant",

@@ -22,9 +22,8 @@ extension CUDAModel {
         try layerForward(model.layers[l], b.layers[0], xin: b.residuals[l].ptr, xout: b.residuals[l + 1].ptr, b: b)
     }
 
-    /// Device bytes of one decoder layer's activations at a batch shape: what checkpointing
-    /// saves per layer (all but one set), for logs and the selftest.
-    public func layerActivationBytes(batch: Int, seqLen: Int) -> Int {
-        LayerActivations.floats(n: batch * seqLen, batch: batch, seqLen: seqLen, c: config).reduce(0, +) * 4
-    }
+    /// Device bytes of one decoder layer's activations after the last forward (the buffers every layer has of its
+    /// own; the paths that forward took decide some): what checkpointing saves per layer (all but one set), for
+    /// logs and the selftest.
+    public var layerActivationBytes: Int { buffers?.layers.first?.bytes ?? 0 }
 }

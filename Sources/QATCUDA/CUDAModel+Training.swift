@@ -190,8 +190,8 @@ extension CUDAModel {
         let dres = g.dres.ptr
         // MLP: out = mid + down(silu(gate(ln2)) ∘ up(ln2))
         let I = c.intermediateSize
-        // h again (not kept per layer): its quantized bf16 copy in one pass when nothing else reads it.
-        let downInput = try fusedDownInput(dp, a, b)
+        // down_proj's input as the forward made it in one pass (`fusedDownInput`), else h again (not kept per layer).
+        let downInput = a.made(.downInput)
         let h = downInput == nil ? try hBuffer(b) : 0  // (with downInput nothing reads h)
         if downInput == nil { try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * I) }
         let bf = precision == .bf16, dres16 = bf ? g.dy16.ptr : 0  // (dres's bf16 copy, see `backward`)
@@ -203,14 +203,14 @@ extension CUDAModel {
         let dgate = fp32Grads ? try scratch("dgate32", bytes: N * I * 4) : 0, dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
         try device.swigluBackward(
             dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, dgate16: dgate16, dup16: dup16)
-        let gateUp =
-            try normalizedProductInput(L.postNorm, [gp, up], a.mid.ptr, rstd: 0, n: N, buffers: b)
-            ?? sharedProductInput([gp, up], a.ln2.ptr, n: N, buffers: b)
+        // (the products' input as the forward's `normForward` made it, or made again from its fp32 rows)
+        let ln2 = a.made(.ln2) ?? 0
+        let gateUp = try a.made(.gateUpInput) ?? sharedProductInput([gp, up], ln2, n: N, buffers: b)
         try linearBackward(
-            gp, dy: dgate, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
+            gp, dy: dgate, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
             dy16: bf ? dgate16 : nil, dy16Ready: bf, input: gateUp)
         try linearBackward(
-            up, dy: dup, x: a.ln2.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
+            up, dy: dup, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
             dy16: bf ? dup16 : nil, dy16Ready: bf, input: gateUp)
         try rmsnormBackward(
             L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true, dinp16: dres16)
@@ -219,7 +219,8 @@ extension CUDAModel {
         try device.attentionBackward(
             dq: g.dq.ptr, dk: g.dk.ptr, dv: g.dv.ptr, dout: g.dattn.ptr, out: a.attn.ptr, lse: a.lse.ptr,
             q: a.q.ptr, k: a.kUsed, v: a.vUsed, delta: g.delta.ptr, batch: b.batch, seqLen: b.seqLen, heads: H,
-            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b))
+            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b),
+            inputs16: try attentionInputs16(a, D))
         if a.kUsed != a.kRope.ptr, let amax = clipAmax(L.kQuantizer) {
             try device.steClip(out: g.dk.ptr, grad: g.dk.ptr, x: a.kRope.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
         }
@@ -246,12 +247,11 @@ extension CUDAModel {
                 try ropeBackward(d, heads: heads, x16: d16)
             }
             try linearBackward(
-                proj, dy: norm?.dRaw ?? d, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: accumulate, b: b, g: g, dy16Ready: bf,
+                proj, dy: norm?.dRaw ?? d, x: ln, n: N, dx: g.dln.ptr, accumulateDx: accumulate, b: b, g: g, dy16Ready: bf,
                 input: input)
         }
-        let qkv =
-            try normalizedProductInput(L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, rstd: 0, n: N, buffers: b)
-            ?? sharedProductInput([L.qProj, L.kProj, L.vProj], a.ln.ptr, n: N, buffers: b)
+        let ln = a.made(.ln) ?? 0
+        let qkv = try a.made(.qkvInput) ?? sharedProductInput([L.qProj, L.kProj, L.vProj], ln, n: N, buffers: b)
         if let qn = L.qNorm, let kn = L.kNorm {
             try projectionGradient(
                 L.qProj, d: g.dq.ptr, heads: H, norm: (qn, g.dqRaw.ptr, a.qRaw.ptr, a.qRstd.ptr), accumulate: false, input: qkv)
@@ -261,9 +261,18 @@ extension CUDAModel {
             try projectionGradient(L.qProj, d: g.dq.ptr, heads: H, norm: nil, accumulate: false, input: qkv)
             try projectionGradient(L.kProj, d: g.dk.ptr, heads: Hkv, norm: nil, accumulate: true, input: qkv)
         }
-        try linearBackward(L.vProj, dy: g.dv.ptr, x: a.ln.ptr, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
+        try linearBackward(L.vProj, dy: g.dv.ptr, x: ln, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
         try rmsnormBackward(
             L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true, dinp16: dres16)
+    }
+
+    /// The bf16 copies of q, k and v the forward kept for the tensor-core attention's backward (nil off the tensor cores).
+    private func attentionInputs16(_ a: LayerActivations, _ headDim: Int) throws -> (q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr)? {
+        guard CUDADevice.attentionOnTensorCores(bf16: precision == .bf16, headDim: headDim) else { return nil }
+        guard let q = a.made(.q16), let k = a.made(.k16), let v = a.made(.v16) else {
+            throw QATError.internal("attention backward: the forward kept no bf16 copies of q, k and v")
+        }
+        return (q, k, v)
     }
 
     // MARK: Loss heads

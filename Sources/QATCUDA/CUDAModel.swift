@@ -129,27 +129,93 @@ public final class CUDAModel: @unchecked Sendable {
     /// One decoder layer's activations: every layer keeps its own set in a training forward
     /// (backward reads them), an inference forward reuses one, and so does a training forward
     /// with activation checkpointing (backward recomputes each layer into it). The MLP's h is not
-    /// kept (`hBuffer`: backward recomputes it from gate and up), nor are qRaw/kRaw without q/k norms.
+    /// kept in fp32 (`hBuffer`: backward recomputes it from gate and up unless its quantized bf16 copy
+    /// is kept), nor are qRaw/kRaw without q/k norms.
     final class LayerActivations {
-        let ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq, vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up: DeviceBuffer
+        let rstd1, qRaw, qRstd, kRaw, kRope, kRstd, vRaw, attn, lse, mid, rstd2, gate, up: DeviceBuffer
+        /// Attention's fp32 inputs: q after RoPE and the quantized k/v. On the tensor-core path the backward reads
+        /// only their bf16 copies (`Slot.q16` …, kept per layer), so every layer shares one set (`Buffers`).
+        let q, kq, vq: DeviceBuffer
         /// What attention read: the quantized k/v, or kRope/vRaw when their quantizers are off.
         var kUsed: CUdeviceptr = 0, vUsed: CUdeviceptr = 0
-        init(_ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig) throws {
-            let f = try Self.floats(n: n, batch: batch, seqLen: seqLen, c: c).map { try DeviceBuffer(d, floats: $0) }
-            (ln, rstd1, qRaw, q, qRstd, kRaw, kRope, kRstd, kq) = (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8])
-            (vRaw, vq, attn, lse, mid, ln2, rstd2, gate, up) = (f[9], f[10], f[11], f[12], f[13], f[14], f[15], f[16], f[17])
-        }
 
-        /// The floats of each buffer, in the order of the stored properties (the one place
-        /// their sizes are written: `layerActivationBytes` sums them).
-        static func floats(n: Int, batch: Int, seqLen: Int, c: ModelConfig) -> [Int] {
-            let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
-            let raw = c.qkNorm ? n : 1  // qRaw, kRaw: one float without q/k norms
-            return [
-                n * C, n, raw * qd, n * qd, n * c.numHeads, raw * kd, n * kd, n * c.numKVHeads, n * kd,  // ln … kq
-                n * kd, n * kd, n * qd, batch * c.numHeads * seqLen, n * C, n * C, n, n * I, n * I,  // vRaw … up
+        /// Buffers that only some forward paths write, allocated at first use and then kept.
+        enum Slot: CaseIterable {
+            /// The fp32 normalised inputs of q/k/v and of gate/up (not written when a fused kernel makes the
+            /// products' input straight from the residual stream).
+            case ln, ln2
+            /// The product inputs the fused NVFP4 kernels make (bf16): q/k/v's (`rmsnorm_nvfp4`), gate/up's, and
+            /// down_proj's (`swiglu_nvfp4`), kept so that the backward does not make them again.
+            case qkvInput, gateUpInput, downInput
+            /// The tensor-core attention's bf16 inputs, kept for its backward.
+            case q16, k16, v16
+        }
+        private let device: CUDADevice
+        private let slotBytes: [Slot: Int]
+        private var slots: [Slot: DeviceBuffer] = [:]
+        /// The slots the current forward of this layer wrote.
+        private var written: Set<Slot> = []
+        private let fixedBytes: Int
+
+        init(
+            _ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig, shared: (q: DeviceBuffer, kq: DeviceBuffer, vq: DeviceBuffer)?
+        )
+            throws
+        {
+            let f = try Self.floats(n: n, batch: batch, seqLen: seqLen, c: c).map { try DeviceBuffer(d, floats: $0) }
+            (rstd1, qRaw, qRstd, kRaw, kRope, kRstd, vRaw) = (f[0], f[1], f[2], f[3], f[4], f[5], f[6])
+            (attn, lse, mid, rstd2, gate, up) = (f[7], f[8], f[9], f[10], f[11], f[12])
+            let own = try shared == nil ? Self.attentionInputs(d, n: n, c: c) : nil
+            (q, kq, vq) = shared ?? own!
+            fixedBytes = f.reduce(0) { $0 + $1.bytes } + (own.map { $0.q.bytes + $0.kq.bytes + $0.vq.bytes } ?? 0)
+            device = d
+            let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim
+            slotBytes = [
+                .ln: n * C * 4, .ln2: n * C * 4, .qkvInput: n * C * 2, .gateUpInput: n * C * 2, .downInput: n * c.intermediateSize * 2,
+                .q16: n * qd * 2, .k16: n * kd * 2, .v16: n * kd * 2,
             ]
         }
+
+        /// The floats of each fixed buffer but q/kq/vq, in the order of the stored properties.
+        static func floats(n: Int, batch: Int, seqLen: Int, c: ModelConfig) -> [Int] {
+            let qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim
+            let raw = c.qkNorm ? n : 1  // qRaw, kRaw: one float without q/k norms
+            return [
+                n, raw * qd, n * c.numHeads, raw * kd, n * kd, n * c.numKVHeads, n * kd,  // rstd1 … vRaw
+                n * qd, batch * c.numHeads * seqLen, n * c.hiddenSize, n, n * c.intermediateSize, n * c.intermediateSize,  // attn … up
+            ]
+        }
+
+        /// Attention's fp32 q, quantized k and v buffers.
+        static func attentionInputs(_ d: CUDADevice, n: Int, c: ModelConfig) throws -> (q: DeviceBuffer, kq: DeviceBuffer, vq: DeviceBuffer)
+        {
+            let kd = n * c.numKVHeads * c.headDim
+            return (
+                try DeviceBuffer(d, floats: n * c.numHeads * c.headDim), try DeviceBuffer(d, floats: kd), try DeviceBuffer(d, floats: kd)
+            )
+        }
+
+        /// A forward of this layer begins: no slot holds its values yet.
+        func beginForward() { written.removeAll() }
+
+        /// Slot `s`'s buffer for this forward to write (allocated at first use).
+        func write(_ s: Slot) throws -> CUdeviceptr {
+            if slots[s] == nil { slots[s] = try DeviceBuffer(device, bytes: slotBytes[s]!) }
+            written.insert(s)
+            return slots[s]!.ptr
+        }
+
+        /// Slot `s`'s buffer when the last forward of this layer wrote it.
+        func made(_ s: Slot) -> CUdeviceptr? { written.contains(s) ? slots[s]?.ptr : nil }
+
+        /// The buffer of a slot the last forward wrote (for readers that need it).
+        func buffer(_ s: Slot) throws -> DeviceBuffer {
+            guard written.contains(s), let b = slots[s] else { throw QATError.internal("layer activations: \(s) was not written") }
+            return b
+        }
+
+        /// Device bytes this set holds now (shared buffers not counted).
+        var bytes: Int { fixedBytes + slots.values.reduce(0) { $0 + $1.bytes } }
     }
 
     final class Buffers {
@@ -175,8 +241,12 @@ public final class CUDAModel: @unchecked Sendable {
             let n = batch * seqLen, C = c.hiddenSize, I = c.intermediateSize
             widest = max(C, c.numHeads * c.headDim, I)
             residuals = try (0..<(training ? L + 1 : 1)).map { _ in try DeviceBuffer(d, floats: n * C) }
+            // (the tensor-core attention's backward reads only the bf16 copies each layer keeps: one fp32 set for all)
+            let shared =
+                try CUDADevice.attentionOnTensorCores(bf16: bf16, headDim: c.headDim)
+                ? LayerActivations.attentionInputs(d, n: n, c: c) : nil
             layers = try (0..<(training && !checkpointed ? L : 1)).map { _ in
-                try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c)
+                try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c, shared: shared)
             }
             final = try DeviceBuffer(d, floats: n * C); finalRstd = try DeviceBuffer(d, floats: n)
             b16 = try DeviceBuffer(d, bytes: n * widest * 2)
@@ -378,38 +448,33 @@ public final class CUDAModel: @unchecked Sendable {
         return try productInput(ls[0], x, x16: x16, n: n, buffers: b)
     }
 
-    /// RMSNorm of x [n, C] (weight `norm`) straight into the shared NVFP4 product input of the Linears that read it
-    /// (`b.b16`, in one pass: `rmsnorm_nvfp4`, bit for bit the norm then `sharedProductInput`), when nothing else
-    /// reads the normalised rows: bf16 products, every input quantizer NVFP4 and quantizing alike, no LoRA adapter
-    /// and no clipped STE (both read them). Then the layer's fp32 ln / ln2 (and their bf16 copies) are not written:
-    /// forward and backward take this path alike. `rstd`: written (the forward) or 0 (backward, which keeps it).
-    /// nil otherwise (the caller runs the norm and `sharedProductInput`).
-    func normalizedProductInput(
-        _ norm: Parameter, _ ls: [Linear], _ x: CUdeviceptr, rstd: CUdeviceptr, n: Int, buffers b: Buffers
-    ) throws -> CUdeviceptr? {
-        guard precision == .bf16, config.hiddenSize % 16 == 0, let first = ls.first?.inputQuantizer,
-            let (amax, export) = nvfp4Quantizing(first),
+    /// The forward's RMSNorm of x [n, C] (weight `norm`) before the Linears `ls` that read it. When nothing else
+    /// reads the normalised rows (bf16 products, every input quantizer NVFP4 and quantizing alike, no LoRA adapter
+    /// and no clipped STE: both read them), straight into their shared product input (`rmsnorm_nvfp4`, bit for bit
+    /// the norm then `sharedProductInput`) in layer slot `fused`, which the backward reads again; the fp32 rows
+    /// are then not written. Otherwise the norm into slot `normalized` (and its bf16 copy into `b.ln16`), then
+    /// `sharedProductInput` (nil when the Linears make their own). `rstd` is written either way. Returns the
+    /// product input and the normalised rows (0 when not written).
+    func normForward(
+        _ norm: Parameter, _ ls: [Linear], _ x: CUdeviceptr, _ a: LayerActivations, normalized: LayerActivations.Slot,
+        fused: LayerActivations.Slot, rstd: CUdeviceptr, n: Int, buffers b: Buffers
+    ) throws -> (input: CUdeviceptr?, normalized: CUdeviceptr) {
+        let c = config.hiddenSize
+        if precision == .bf16, c % 16 == 0, let first = ls.first?.inputQuantizer, let (amax, export) = nvfp4Quantizing(first),
             ls.allSatisfy({
-                $0.inFeatures == config.hiddenSize && $0.inputQuantizer?.quantizesLike(first) == true && !hasAdapter($0)
+                $0.inFeatures == c && $0.inputQuantizer?.quantizesLike(first) == true && !hasAdapter($0)
                     && ($0.inputQuantizer as? TensorQuantizer)?.ste != .clipped
             })
-        else { return nil }
-        try device.rmsnormNVFP4(
-            bf16Out: b.b16.ptr, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: config.hiddenSize, eps: config.rmsNormEps,
-            globalAmax: amax, exportMode: export)
-        return b.b16.ptr
-    }
-
-    /// The forward's RMSNorm of x [n, C] (weight `norm`) before the Linears `ls` that read it: their shared
-    /// product input straight from x (`normalizedProductInput`), else the norm into `out` (and its bf16 copy into
-    /// `b.ln16`) then `sharedProductInput` (nil when the Linears make their own). `rstd` is written either way.
-    func normForward(
-        _ norm: Parameter, _ ls: [Linear], _ x: CUdeviceptr, out: CUdeviceptr, rstd: CUdeviceptr, n: Int, buffers b: Buffers
-    ) throws -> CUdeviceptr? {
-        if let made = try normalizedProductInput(norm, ls, x, rstd: rstd, n: n, buffers: b) { return made }
-        let c = config.hiddenSize, ln16 = b.ln16?.ptr
+        {
+            let out = try a.write(fused)
+            try device.rmsnormNVFP4(
+                bf16Out: out, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: c, eps: config.rmsNormEps, globalAmax: amax,
+                exportMode: export)
+            return (out, 0)
+        }
+        let out = try a.write(normalized), ln16 = b.ln16?.ptr
         try device.rmsnorm(out: out, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: c, eps: config.rmsNormEps, out16: ln16 ?? 0)
-        return try sharedProductInput(ls, out, x16: ln16, n: n, buffers: b)
+        return (try sharedProductInput(ls, out, x16: ln16, n: n, buffers: b), out)
     }
 
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
@@ -461,29 +526,37 @@ public final class CUDAModel: @unchecked Sendable {
     func layerForward(_ L: DecoderLayer, _ a: LayerActivations, xin: CUdeviceptr, xout: CUdeviceptr, b: Buffers) throws {
         let c = config, C = c.hiddenSize, N = b.batch * b.seqLen, H = c.numHeads, Hkv = c.numKVHeads, D = c.headDim, eps = c.rmsNormEps
         let ln16 = b.ln16?.ptr
-        let qkv = try normForward(L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, out: a.ln.ptr, rstd: a.rstd1.ptr, n: N, buffers: b)
-        try linear(L.qProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)
-        try linear(L.kProj, a.ln.ptr, x16: ln16, input: qkv, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
-        try linear(L.vProj, a.ln.ptr, x16: ln16, input: qkv, out: a.vRaw.ptr, n: N, buffers: b)
+        a.beginForward()
+        let (qkv, ln) = try normForward(
+            L.inputNorm, [L.qProj, L.kProj, L.vProj], xin, a, normalized: .ln, fused: .qkvInput, rstd: a.rstd1.ptr, n: N, buffers: b)
+        try linear(L.qProj, ln, x16: ln16, input: qkv, out: c.qkNorm ? a.qRaw.ptr : a.q.ptr, n: N, buffers: b)
+        try linear(L.kProj, ln, x16: ln16, input: qkv, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
+        try linear(L.vProj, ln, x16: ln16, input: qkv, out: a.vRaw.ptr, n: N, buffers: b)
         if let qn = L.qNorm, let kn = L.kNorm {
             try device.rmsnorm(out: a.q.ptr, rstd: a.qRstd.ptr, inp: a.qRaw.ptr, weight: tensor(qn), n: N * H, c: D, eps: eps)
             try device.rmsnorm(out: a.kRope.ptr, rstd: a.kRstd.ptr, inp: a.kRaw.ptr, weight: tensor(kn), n: N * Hkv, c: D, eps: eps)
         }
-        try device.rope(a.q.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: H, headDim: D)
+        // On the tensor cores the backward reads only q, k and v's bf16 copies: RoPE writes q's, attention k's and v's.
+        let tensorCores = CUDADevice.attentionOnTensorCores(bf16: precision == .bf16, headDim: D)
+        try device.rope(
+            a.q.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: H, headDim: D,
+            x16: tensorCores ? try a.write(.q16) : 0)
         try device.rope(a.kRope.ptr, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: Hkv, headDim: D)
         a.kUsed = try quantize(L.kQuantizer, a.kRope.ptr, into: a.kq.ptr, rows: N * Hkv, cols: D) ? a.kq.ptr : a.kRope.ptr
         a.vUsed = try quantize(L.vQuantizer, a.vRaw.ptr, into: a.vq.ptr, rows: N * Hkv, cols: D) ? a.vq.ptr : a.vRaw.ptr
         try device.attention(
             out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
-            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b))
+            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b),
+            kv16: tensorCores ? (try a.write(.k16), try a.write(.v16)) : nil)
         try linear(L.oProj, a.attn.ptr, out: a.mid.ptr, n: N, buffers: b)
         try device.add(a.mid.ptr, xin, count: N * C)  // mid = x + attn
         guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
             throw QATError.internal("layer \(L.index) has no MLP")
         }
-        let gateUp = try normForward(L.postNorm, [gate, up], a.mid.ptr, out: a.ln2.ptr, rstd: a.rstd2.ptr, n: N, buffers: b)
-        try linear(gate, a.ln2.ptr, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
-        try linear(up, a.ln2.ptr, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
+        let (gateUp, ln2) = try normForward(
+            L.postNorm, [gate, up], a.mid.ptr, a, normalized: .ln2, fused: .gateUpInput, rstd: a.rstd2.ptr, n: N, buffers: b)
+        try linear(gate, ln2, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
+        try linear(up, ln2, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
         if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy
             try linear(down, 0, input: downInput, out: xout, n: N, buffers: b)  // (h itself is not stored)
         } else {
@@ -512,17 +585,18 @@ public final class CUDAModel: @unchecked Sendable {
     }
     static let hScratch = "mlp-h"
 
-    /// down_proj's product input made by `swiglu_nvfp4` from gate and up in one pass (into `b.b16`),
-    /// when that is all anything reads of h: bf16 precision, an NVFP4 input quantizer that
-    /// quantizes, no LoRA adapter (it reads h), no clipped STE (its backward reads h). nil otherwise.
+    /// down_proj's product input made by `swiglu_nvfp4` from gate and up in one pass, into layer slot
+    /// `downInput` (the backward reads it again), when that is all anything reads of h: bf16 precision, an NVFP4
+    /// input quantizer that quantizes, no LoRA adapter (it reads h), no clipped STE (its backward reads h). nil otherwise.
     func fusedDownInput(_ down: Linear, _ a: LayerActivations, _ b: Buffers) throws -> CUdeviceptr? {
         guard precision == .bf16, let (amax, export) = nvfp4Quantizing(down.inputQuantizer), !hasAdapter(down),
             (down.inputQuantizer as? TensorQuantizer)?.ste != .clipped
         else { return nil }
+        let out = try a.write(.downInput)
         try device.swigluNVFP4(
-            gate: a.gate.ptr, up: a.up.ptr, bf16Out: b.b16.ptr, rows: b.batch * b.seqLen, cols: config.intermediateSize,
+            gate: a.gate.ptr, up: a.up.ptr, bf16Out: out, rows: b.batch * b.seqLen, cols: config.intermediateSize,
             globalAmax: amax, exportMode: export)
-        return b.b16.ptr
+        return out
     }
 
     /// The bf16 copies of the attention inputs (q, k, v, and dout in the backward) for the tensor-core kernels; 0 in fp32.

@@ -13,21 +13,23 @@ extension CUDADevice {
     /// head_dim 64 and 128; otherwise, and always in fp32, the fp32 kernel. `lse` (optional,
     /// [B, H, T]): the natural-log log-sum-exp of each row's scaled scores, for the backward.
     /// `scratch16`: `attentionScratchBytes` of device memory for the bf16 copies of k and v the
-    /// tensor-core kernel reads (0: allocated for this call).
+    /// tensor-core kernel reads (0: allocated for this call); `kv16`: where to write those copies instead
+    /// (the caller keeps them for the backward, `attentionBackward`'s `inputs16`).
     func attention(
         out: CUdeviceptr, lse: CUdeviceptr, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr,
         batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int, window: Int?, bf16: Bool = false,
-        scratch16: CUdeviceptr = 0
+        scratch16: CUdeviceptr = 0, kv16: (k: CUdeviceptr, v: CUdeviceptr)? = nil
     ) throws {
         try checkAttentionShape(heads: heads, kvHeads: kvHeads, headDim: headDim)
         let scale = 1 / Float(headDim).squareRoot()
-        if bf16 && (headDim == 64 || headDim == 128) {
+        if Self.attentionOnTensorCores(bf16: bf16, headDim: headDim) {
             guard batch > 0 && seqLen > 0 else { return }
             try checkAligned(["out": out, "q": q, "k": k, "v": v])
             let nq = batch * seqLen * heads * headDim, nk = batch * seqLen * kvHeads * headDim
-            let owned = try scratch16 == 0 ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
+            let owned = try scratch16 == 0 && kv16 == nil ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
             let base = owned?.ptr ?? scratch16
-            let k16 = base + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk)  // q is read as fp32 (once per block)
+            // (q is read as fp32, once per block)
+            let (k16, v16) = kv16 ?? (base + CUdeviceptr(2 * nq), base + CUdeviceptr(2 * nq + 2 * nk))
             try attentionInputsBF16([(k16, k, nk), (v16, v, nk)])
             let name = "attention_forward_bf16_d\(headDim)"
             let shared = Self.attentionForwardShared(headDim: headDim), rows = Self.attentionTiles(headDim: headDim).forwardRows
@@ -58,30 +60,34 @@ extension CUDADevice {
     /// query heads of each KV group. `delta`: scratch of B·H·T floats (rowsum(dout ∘ out)).
     /// bf16: tensor-core path for head_dim 64 and 128 (fp32 inputs/outputs, bf16 products, fp32 accumulation),
     /// otherwise (and always when bf16 is false) the fp32 path. `scratch16`: `attentionScratchBytes` of device memory
-    /// for the bf16 copies of q, k, v and dout the tensor-core kernels read (0: allocated for this call).
+    /// for the bf16 copies of q, k, v and dout the tensor-core kernels read (0: allocated for this call); `inputs16`:
+    /// the bf16 copies of q, k and v already made (the forward's `attention_to_bf16` / RoPE output), so only dout's
+    /// is written (into `scratch16`).
     ///
     /// Deterministic (no atomics): dK/dV by one kernel per (batch, kv head, key tile) looping over the group's
     /// query heads and query tiles in order, dQ by another per (batch, head, query tile) looping over key tiles.
     func attentionBackward(
         dq: CUdeviceptr, dk: CUdeviceptr, dv: CUdeviceptr, dout: CUdeviceptr, out: CUdeviceptr, lse: CUdeviceptr,
         q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr, delta: CUdeviceptr, batch: Int, seqLen: Int, heads: Int,
-        kvHeads: Int, headDim: Int, window: Int?, bf16: Bool, scratch16: CUdeviceptr = 0
+        kvHeads: Int, headDim: Int, window: Int?, bf16: Bool, scratch16: CUdeviceptr = 0,
+        inputs16: (q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr)? = nil
     ) throws {
         try checkAttentionShape(heads: heads, kvHeads: kvHeads, headDim: headDim)
         guard batch > 0 && seqLen > 0 else { return }
         let scale = 1 / Float(headDim).squareRoot(), win = window ?? 0
         let rows = batch * seqLen * heads
-        let tensorCores = bf16 && (headDim == 64 || headDim == 128)
+        let tensorCores = Self.attentionOnTensorCores(bf16: bf16, headDim: headDim)
         let nq = batch * seqLen * heads * headDim, nk = batch * seqLen * kvHeads * headDim
         let owned = try tensorCores && scratch16 == 0 ? DeviceBuffer(self, bytes: Self.attentionScratchBytes(nq: nq, nk: nk)) : nil
-        let q16 = owned?.ptr ?? scratch16, k16 = q16 + CUdeviceptr(2 * nq), v16 = k16 + CUdeviceptr(2 * nk), g16 = v16 + CUdeviceptr(2 * nk)
+        let base = owned?.ptr ?? scratch16, g16 = base + CUdeviceptr(2 * (nq + 2 * nk))
+        let (q16, k16, v16) = inputs16 ?? (base, base + CUdeviceptr(2 * nq), base + CUdeviceptr(2 * (nq + nk)))
         // (tensor cores: dout's bf16 copy written by the same pass)
         try kernels.launch(
             "attention_backward_delta", grid: ((rows + 7) / 8, 1, 1), block: (256, 1, 1),
             [.ptr(delta), .ptr(dout), .ptr(out), .i32(batch), .i32(seqLen), .i32(heads), .i32(headDim), .ptr(tensorCores ? g16 : 0)])
         if tensorCores {
             try checkAligned(["dq": dq, "dk": dk, "dv": dv, "dout": dout, "q": q, "k": k, "v": v])
-            try attentionInputsBF16([(q16, q, nq), (k16, k, nk), (v16, v, nk)])
+            if inputs16 == nil { try attentionInputsBF16([(q16, q, nq), (k16, k, nk), (v16, v, nk)]) }
             let dkdv = "attention_backward_dkdv_bf16_d\(headDim)", dqName = "attention_backward_dq_bf16_d\(headDim)"
             let (dkdvShared, dqShared) = Self.attentionBackwardShared(headDim: headDim)
             if dkdvShared > 48 * 1024 { try kernels.allowSharedMemory(dkdv, bytes: dkdvShared) }
@@ -120,6 +126,9 @@ extension CUDADevice {
                 .i32(heads), .i32(kvHeads), .i32(headDim), .i32(win), .f32(scale),
             ])
     }
+
+    /// Whether `attention` / `attentionBackward` run on the tensor cores (bf16, head_dim 64 or 128).
+    public static func attentionOnTensorCores(bf16: Bool, headDim: Int) -> Bool { bf16 && (headDim == 64 || headDim == 128) }
 
     /// Bytes of the bf16 copies of the tensor-core attention's inputs, forward (q, k, v) and backward (q, k, v, dout):
     /// `nq` = B·T·H·D and `nk` = B·T·Hkv·D elements.

@@ -59,7 +59,7 @@ extension CUDASelftest {
                             }
                             grads += dg
                         }
-                        layerBytes = gm.layerActivationBytes(batch: batch, seqLen: seqLen)
+                        layerBytes = gm.layerActivationBytes
                     }
                     runs.append((grads, loss, device.peakBytes - before))
                 }

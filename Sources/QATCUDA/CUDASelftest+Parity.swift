@@ -184,7 +184,7 @@ extension CUDASelftest {
         // (the last layer's h: each layer's is written to this scratch in turn)
         guard let h = gm.scratchBuffers[CUDAModel.hScratch] else { throw QATError.internal("selftest: no fp32 h after an fp32 forward") }
         let gpuInputs = [
-            try b.layers[0].ln.floats(n * config.hiddenSize), try b.layers[0].attn.floats(n * config.numHeads * config.headDim),
+            try b.layers[0].buffer(.ln).floats(n * config.hiddenSize), try b.layers[0].attn.floats(n * config.numHeads * config.headDim),
             try h.floats(n * config.intermediateSize),
         ]
         for (i, (l, r)) in zip(probes, recorders).enumerated() {

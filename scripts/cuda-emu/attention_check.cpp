@@ -96,6 +96,26 @@ int main(int argc, char **argv) {
             emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, 0,
                        [&] { attention_backward_delta(pde, pg, po, B, T, H, D, bf ? d16.data() : nullptr); });
             if (bf) report(("backward delta's dout copy (values differ) " + l).c_str(), d16 == g16 ? 0.0 : 1.0, 0);
+            {   // delta's bits: lane l adds d = l, l+32, … in fp32, then warp_sum's xor tree (offsets 16 … 1)
+                size_t differ = 0;
+                for (int r = 0; r < rows; r++) {
+                    float lanes[32];
+                    for (int ln = 0; ln < 32; ln++) {
+                        float s = 0;
+                        for (int d = ln; d < D; d += 32) s = s + go[(size_t)r * D + d] * dout[(size_t)r * D + d];
+                        lanes[ln] = s;
+                    }
+                    for (int o = 16; o > 0; o >>= 1) {
+                        float next[32];
+                        for (int ln = 0; ln < 32; ln++) next[ln] = lanes[ln] + lanes[ln ^ o];
+                        std::copy(next, next + 32, lanes);
+                    }
+                    int b = r / (T * H), t = (r / H) % T, h = r % H;
+                    float got = delta[((size_t)b * H + h) * T + t];
+                    if (memcmp(&got, &lanes[0], 4) != 0) differ++;
+                }
+                report(("backward delta (bits differ) " + l).c_str(), (double)differ, 0);
+            }
             if (bf) {
                 int tile = D == 64 ? 64 : 32, QS = D + 8;
                 size_t s1 = (2 * 64 * QS + 4 * tile * QS) * 2 + 4 * tile * 4, s2 = (2 * 64 * QS + 4 * tile * QS) * 2;

@@ -404,8 +404,31 @@ extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_bf16_d128
 // (batch, head, query tile) that loops over the key tiles. Masked and out-of-range entries give
 // exactly P = dS = 0.
 
-// delta[b, h, t] = Σ_d dout[b, t, h, d] · out[b, t, h, d]: a warp per (b, t, h) row, fp32.
-// dout16 (when not null): dout's bf16 copy too (the tensor-core kernels' input), from the same read.
+// delta[b, h, t] = Σ_d dout[b, t, h, d] · out[b, t, h, d]: a warp per (b, t, h) row, fp32; lane l adds
+// d = l, l+32, … in order, then warp_sum. dout16 (when not null): dout's bf16 copy too (the tensor-core
+// kernels' input), from the same read. DN > 0: D = 32·DN, every load of the row issued before the first add
+// (the same order of operations, so the same bits).
+template <int DN> __device__ __forceinline__ float delta_lane(const float *o, const float *g, u16 *g16, int D, int lane) {
+    float s = 0;
+    if constexpr (DN > 0) {
+        float gv[DN], ov[DN];
+#pragma unroll
+        for (int i = 0; i < DN; i++) gv[i] = g[lane + 32 * i], ov[i] = o[lane + 32 * i];
+#pragma unroll
+        for (int i = 0; i < DN; i++) {
+            s = __fadd_rn(s, __fmul_rn(ov[i], gv[i]));
+            if (g16) g16[lane + 32 * i] = f32_to_bf16(gv[i]);
+        }
+    } else {
+        for (int d = lane; d < D; d += 32) {
+            float gd = g[d];
+            s = __fadd_rn(s, __fmul_rn(o[d], gd));
+            if (g16) g16[d] = f32_to_bf16(gd);
+        }
+    }
+    return s;
+}
+
 extern "C" __global__ void attention_backward_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int D,
                                                     u16 *dout16) {
     long rows = (long)B * T * H;
@@ -413,12 +436,10 @@ extern "C" __global__ void attention_backward_delta(float *delta, const float *d
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const float *o = out + row * D, *g = dout + row * D;
-    float s = 0;
-    for (int d = lane; d < D; d += 32) {
-        float gd = g[d];
-        s = __fadd_rn(s, __fmul_rn(o[d], gd));
-        if (dout16) dout16[row * D + d] = f32_to_bf16(gd);
-    }
+    u16 *g16 = dout16 ? dout16 + row * D : nullptr;
+    float s = D == 64    ? delta_lane<2>(o, g, g16, D, lane)
+              : D == 128 ? delta_lane<4>(o, g, g16, D, lane)
+                         : delta_lane<0>(o, g, g16, D, lane);
     s = warp_sum(s);
     long b = row / ((long)T * H), rest = row - b * T * H;
     int t = (int)(rest / H), h = (int)(rest - (long)t * H);

@@ -150,13 +150,10 @@ extension CUDAModel {
         _ weight: Parameter, dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, rstd: CUdeviceptr,
         n: Int, c: Int, accumulate: Bool, dinp16: CUdeviceptr = 0
     ) throws {
-        if let gw = gradient(weight) {
-            try device.columnSum(
-                out: gw, a: dout, b: inp, rowScale: rstd, n: n, c: c,
-                scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: c) * 4))
-        }
+        let dw = try gradient(weight).map { ($0, try scratch("colsum", bytes: CUDADevice.rmsnormBackwardScratch(n: n, c: c) * 4)) }
         try device.rmsnormBackward(
-            dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16)
+            dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16,
+            weightGradient: dw)
     }
 
     // MARK: Backward

@@ -37,15 +37,40 @@ extension CUDADevice {
         if kernels.syncEachLaunch { try synchronize() }
     }
 
-    /// RMSNorm backward: dinp (+)= dx (the weight gradient is `columnSum(a: dout, b: inp, rowScale: rstd)`);
-    /// `dinp16` (not 0): dinp's new values in bf16 too.
+    /// RMSNorm backward: dinp (+)= dx; `dinp16` (not 0): dinp's new values in bf16 too. `weightGradient`: the weight's
+    /// gradient accumulated too (Σ_rows dout·(inp·rstd)) through `scratch` (`rmsnormBackwardScratch` floats): in the
+    /// same pass over the rows (`rmsnorm_backward_dw`) on the float4 path with rows of up to 4·RMS_HELD·RMS_THREADS =
+    /// 2048 floats, else by `columnSum` before the backward (which may write over dout).
     func rmsnormBackward(
         dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, rstd: CUdeviceptr, n: Int, c: Int,
-        accumulate: Bool, dinp16: CUdeviceptr = 0
+        accumulate: Bool, dinp16: CUdeviceptr = 0, weightGradient: (out: CUdeviceptr, scratch: CUdeviceptr)? = nil
     ) throws {
-        try kernels.launch(
-            "rmsnorm_backward", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1),
-            [.ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0), .ptr(dinp16)])
+        let args: [KernelArg] = [
+            .ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0), .ptr(dinp16),
+        ]
+        if let (out, scratch) = weightGradient {
+            let float4Path =
+                c % 4 == 0 && c <= 4 * Self.rmsnormHeld * Self.rmsnormThreads && [dinp, dout, inp, weight].allSatisfy { $0 % 16 == 0 }
+            guard float4Path && dinp16 % 8 == 0 && n > 0 else {
+                try columnSum(out: out, a: dout, b: inp, rowScale: rstd, n: n, c: c, scratch: scratch)
+                return try rmsnormBackward(
+                    dinp: dinp, dout: dout, inp: inp, weight: weight, rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16)
+            }
+            let rows = Self.rmsnormWeightGradientRows(n), blocks = (n + rows - 1) / rows
+            try kernels.launch(
+                "rmsnorm_backward_dw", grid: (blocks, 1, 1), block: (Self.rmsnormThreads, 1, 1), args + [.ptr(scratch), .i32(rows)])
+            return try columnSumFinish(out: out, partials: scratch, blocks: blocks, c: c)
+        }
+        try kernels.launch("rmsnorm_backward", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1), args)
+    }
+
+    /// Rows per block of `rmsnorm_backward_dw`: at most 512 blocks (about four per SM), each summing its rows' weight
+    /// gradient terms in registers.
+    static func rmsnormWeightGradientRows(_ n: Int) -> Int { max(1, (n + 511) / 512) }
+
+    /// Floats of scratch `rmsnormBackward` needs for a weight gradient of [n, c] rows.
+    static func rmsnormBackwardScratch(n: Int, c: Int) -> Int {
+        max(columnSumScratch(n: n, c: c), (n + rmsnormWeightGradientRows(n) - 1) / rmsnormWeightGradientRows(n) * c)
     }
 
     /// Floats of scratch `columnSum` needs for an [n, c] matrix.
@@ -61,9 +86,14 @@ extension CUDADevice {
         try kernels.launch(
             "colsum_partial", grid: ((c + 127) / 128, blocks, 1), block: (128, 1, 1),
             [.ptr(scratch), .ptr(a), .ptr(b), .ptr(rowScale), .i32(n), .i32(c), .i32(rows)])
+        try columnSumFinish(out: out, partials: scratch, blocks: blocks, c: c)
+    }
+
+    /// out[j] += Σ_b partials[b, j] over `blocks` rows of partial sums (`colsum_finish`).
+    private func columnSumFinish(out: CUdeviceptr, partials: CUdeviceptr, blocks: Int, c: Int) throws {
         try kernels.launch(
-            "colsum_finish", grid: ((c + 127) / 128, 1, 1), block: (128, 1, 1),
-            [.ptr(out), .ptr(scratch), .i32(blocks), .i32(c)])
+            "colsum_finish", grid: ((c + 31) / 32, 1, 1), block: (256, 1, 1),  // (32 columns × COLSUM_SLICES = 8 per block)
+            [.ptr(out), .ptr(partials), .i32(blocks), .i32(c)])
     }
 
     /// Writes the fp32 gradients (dgate, dup) and/or their bf16 copies (dgate16, dup16): each where its pointer is not 0.

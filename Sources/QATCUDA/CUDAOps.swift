@@ -40,8 +40,9 @@ extension CUDADevice {
             [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
     }
 
-    /// Threads of the RMSNorm kernels' block (one block per row): RMS_THREADS of common.cu.
-    static let rmsnormThreads = 128
+    /// Threads of the RMSNorm kernels' block (one block per row): RMS_THREADS of common.cu; and the float4s of its
+    /// row each thread holds in registers (RMS_HELD).
+    static let rmsnormThreads = 128, rmsnormHeld = 4
 
     /// bf16Out = bf16(NVFP4 fake quant of RMSNorm(inp)), in one pass: `rmsnorm` then `nvfp4FakeQuant(bf16Out:)`, bit
     /// for bit (the normalised rows are not stored); `rstd` (not 0) gets the rows' rstd as `rmsnorm` writes it. c % 16 == 0.

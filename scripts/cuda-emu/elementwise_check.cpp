@@ -126,6 +126,41 @@ int main() {
             for (size_t i = 0; i < n; i++) want[i] = (float)(ref[i] - dx0[i]);
             report("rmsnorm_backward" + tag + ": written over dout, against the formula in double", relerr(want, std::vector<float>(gr.p(), gr.p() + n)), 1e-6);
         }
+        // rmsnorm_backward_dw (the float4 path, rows of up to 2048 floats: aligned arrays only, as the host launches it):
+        // dinp and its bf16 copy bit for bit rmsnorm_backward's, the partials colsum_partial's for the same rows per
+        // block, then colsum_finish against the sum in double and bit for bit its slice order.
+        if (off == 0) for (int c : {2048, 100, 12}) for (int rows : {37, 1}) {
+            int R = 5, blocks = (rows + R - 1) / R;
+            size_t n = (size_t)rows * c;
+            std::string tag = " c=" + std::to_string(c) + " rows=" + std::to_string(rows);
+            Buf x(n, 0), gr(n, 0), w(c, 0), rstd(rows, 0), dx(n, 0), part(blocks * (size_t)c, 0), ref(blocks * (size_t)c, 0), out(c, 0);
+            for (int r = 0; r < rows; r++) rstd.p()[r] = 0.5f + 0.1f * r;
+            std::vector<float> dxA(dx.p(), dx.p() + n), dxB = dxA;
+            Buf16 a16(n, 0), b16(n, 0);
+            emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_backward(dxA.data(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, a16.p()); });
+            emu_launch({(unsigned)blocks, 1, 1}, 128, 0,
+                       [&] { rmsnorm_backward_dw(dxB.data(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, b16.p(), part.p(), R); });
+            report("rmsnorm_backward_dw" + tag + ": dinp and its bf16 copy, values differing from rmsnorm_backward's",
+                   differing(dxA.data(), dxB.data(), n) + differing(a16.p(), b16.p(), n), 0);
+            emu_launch({(unsigned)((c + 127) / 128), (unsigned)blocks, 1}, 128, 0,
+                       [&] { colsum_partial(ref.p(), gr.p(), x.p(), rstd.p(), rows, c, R); });
+            report("rmsnorm_backward_dw" + tag + ": partials differing from colsum_partial's", differing(ref.p(), part.p(), blocks * (size_t)c), 0);
+            std::vector<float> out0(out.p(), out.p() + c), want(c);
+            std::vector<double> exact(c);
+            for (int j = 0; j < c; j++) {
+                float sl[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (int b = 0; b < blocks; b++) sl[b % 8] = __fadd_rn(sl[b % 8], part.p()[(size_t)b * c + j]);
+                float s = out0[j];
+                for (int i = 0; i < 8; i++) s = __fadd_rn(s, sl[i]);
+                want[j] = s;
+                exact[j] = out0[j];
+                for (int r = 0; r < rows; r++) exact[j] += (double)gr.p()[(size_t)r * c + j] * x.p()[(size_t)r * c + j] * rstd.p()[r];
+            }
+            emu_launch({(unsigned)((c + 31) / 32), 1, 1}, 256, 0, [&] { colsum_finish(out.p(), part.p(), blocks, c); });
+            report("colsum_finish" + tag + ": values differing from its slice order", differing(want.data(), out.p(), c), 0);
+            std::vector<float> got(out.p(), out.p() + c);
+            report("colsum_finish" + tag + ": the weight gradient against the sum in double, max |diff|/max", relerr(std::vector<float>(exact.begin(), exact.end()), got), 1e-5);
+        }
     }
     printf("%s: %d failed\n", fails ? "FAIL" : "ok", fails);
     return fails ? 1 : 0;

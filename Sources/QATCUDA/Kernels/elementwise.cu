@@ -127,7 +127,7 @@ extern "C" __global__ void scale_inplace(float *x, float s, long n) {
 // Column sums of a [n, c] matrix in two deterministic passes (no atomics): block (bx, by) sums
 // rows [by·rowsPerBlock, …) of columns bx·blockDim.x + threadIdx.x, of a (times b, times
 // rowScale[r], when given: a·(b·rowScale) as RMSNorm's weight gradient), into partials[by, col];
-// colsum_finish adds the partials to out in block order.
+// colsum_finish adds the partials to out.
 extern "C" __global__ void colsum_partial(float *partials, const float *a, const float *b, const float *rowScale, int n, int c,
                                           int rowsPerBlock) {
     int col = blockIdx.x * blockDim.x + threadIdx.x;
@@ -142,10 +142,23 @@ extern "C" __global__ void colsum_partial(float *partials, const float *a, const
     partials[(long)blockIdx.y * c + col] = acc;
 }
 
-extern "C" __global__ void colsum_finish(float *out, const float *partials, int blocks, int c) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= c) return;
-    float acc = out[col];
-    for (int b = 0; b < blocks; b++) acc = __fadd_rn(acc, partials[(long)b * c + col]);
-    out[col] = acc;
+// out[col] += Σ_b partials[b, col] (b < blocks), deterministic: blocks of 32·COLSUM_SLICES threads, warp y (lane x)
+// adds partials y, y + COLSUM_SLICES, … of column blockIdx.x·32 + x in order, then warp 0 adds the slices' sums to
+// out[col] in slice order. (colsum_partial's and rmsnorm_backward_dw's partials.)
+#define COLSUM_SLICES 8
+extern "C" __global__ void __launch_bounds__(32 * COLSUM_SLICES) colsum_finish(float *out, const float *partials, int blocks, int c) {
+    __shared__ float slice[COLSUM_SLICES * 32];
+    int x = threadIdx.x & 31, y = threadIdx.x >> 5, col = blockIdx.x * 32 + x;
+    float acc = 0;
+    if (col < c) {
+#pragma unroll 8
+        for (int b = y; b < blocks; b += COLSUM_SLICES) acc = __fadd_rn(acc, partials[(long)b * c + col]);
+    }
+    slice[threadIdx.x] = acc;
+    __syncthreads();
+    if (y != 0 || col >= c) return;
+    float s = out[col];
+#pragma unroll
+    for (int i = 0; i < COLSUM_SLICES; i++) s = __fadd_rn(s, slice[32 * i + x]);
+    out[col] = s;
 }

@@ -44,11 +44,13 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
 // weight gradient Σ_rows g·(x·rs) is a column sum (colsum_partial with rowScale = rstd). dinp16 (when not null):
 // dinp's new values rounded to bf16 (the residual stream's gradient is the next bf16 product's dy). Grid: a block
 // of RMS_THREADS per row; x and g are read from memory once for rows of up to 4·RMS_HELD·RMS_THREADS floats.
-extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float *dinp, const float *dout, const float *inp,
-                                                                         const float *w, const float *rstd, int n, int c,
-                                                                         int accumulate, u16 *dinp16) {
-    long row = blockIdx.x;
-    if (row >= n) return;   // (the whole block)
+//
+// DW: the row's weight-gradient terms g·(x·rs) are added to dw (this thread's float4s t + RMS_THREADS·k, k < RMS_HELD,
+// as colsum_partial adds them: __fmul_rn(g, __fmul_rn(x, rs)), then __fadd_rn); only on the float4 path with
+// c <= 4·RMS_HELD·RMS_THREADS (rmsnorm_backward_dw's host checks both).
+template <bool DW>
+__device__ __forceinline__ void rmsnorm_backward_row(long row, float *dinp, const float *dout, const float *inp, const float *w,
+                                                     const float *rstd, int c, int accumulate, u16 *dinp16, float4 (&dw)[RMS_HELD]) {
     int t = threadIdx.x;
     const float *x = inp + row * c, *g = dout + row * c;
     float *d = dinp + row * c;
@@ -81,6 +83,17 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float
     s = rms_block_sum(s);
     float rs = rstd[row];
     float k = __fdiv_rn(__fmul_rn(__fmul_rn((float)s, rs), rs), (float)c);
+    if constexpr (DW) {
+#pragma unroll
+        for (int h = 0; h < RMS_HELD; h++) {
+            if (t + RMS_THREADS * h >= c4) break;
+            float4 b = gv[h], e = xv[h];
+            dw[h].x = __fadd_rn(dw[h].x, __fmul_rn(b.x, __fmul_rn(e.x, rs)));
+            dw[h].y = __fadd_rn(dw[h].y, __fmul_rn(b.y, __fmul_rn(e.y, rs)));
+            dw[h].z = __fadd_rn(dw[h].z, __fmul_rn(b.z, __fmul_rn(e.z, rs)));
+            dw[h].w = __fadd_rn(dw[h].w, __fmul_rn(b.w, __fmul_rn(e.w, rs)));
+        }
+    }
     if (vec) {
 #pragma unroll
         for (int h = 0; h < RMS_HELD + 1; h++) {
@@ -107,4 +120,37 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float
         d[j] = v;
         if (d16) d16[j] = f32_to_bf16(v);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float *dinp, const float *dout, const float *inp,
+                                                                         const float *w, const float *rstd, int n, int c,
+                                                                         int accumulate, u16 *dinp16) {
+    long row = blockIdx.x;
+    if (row >= n) return;   // (the whole block)
+    float4 unused[RMS_HELD];
+    rmsnorm_backward_row<false>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, unused);
+}
+
+// rmsnorm_backward and RMSNorm's weight gradient in one pass: block b runs rows b·R ..< min(n, (b+1)·R) (R =
+// rowsPerBlock) in order, each as rmsnorm_backward does, adding their terms g·(x·rs) to per-column sums held in
+// registers (colsum_partial's order and bits for the same rowsPerBlock), then writes its sums to partials[b, 0 ..< c];
+// colsum_finish adds them to the gradient. Only on the float4 path (c % 4 == 0, every array 16-byte aligned, dinp16
+// 8-byte aligned) with c <= 4·RMS_HELD·RMS_THREADS: the host checks. Grid: ceil(n / R) blocks of RMS_THREADS.
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward_dw(float *dinp, const float *dout, const float *inp,
+                                                                            const float *w, const float *rstd, int n, int c,
+                                                                            int accumulate, u16 *dinp16, float *partials,
+                                                                            int rowsPerBlock) {
+    long r0 = (long)blockIdx.x * rowsPerBlock, r1 = min((long)n, r0 + rowsPerBlock);
+    float4 dw[RMS_HELD];
+#pragma unroll
+    for (int h = 0; h < RMS_HELD; h++) dw[h] = make_float4(0, 0, 0, 0);
+    for (long row = r0; row < r1; row++) {
+        if (row > r0) __syncthreads();   // every warp has read the last row's rms_block_sum before it is reused
+        rmsnorm_backward_row<true>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, dw);
+    }
+    int t = threadIdx.x, c4 = c >> 2;
+    float4 *p4 = (float4 *)(partials + (long)blockIdx.x * c);
+#pragma unroll
+    for (int h = 0; h < RMS_HELD; h++)
+        if (t + RMS_THREADS * h < c4) p4[t + RMS_THREADS * h] = dw[h];
 }

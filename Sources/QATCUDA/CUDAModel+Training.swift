@@ -212,7 +212,9 @@ extension CUDAModel {
         try rmsnormBackward(
             L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true, dinp16: dres16)
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
-        try linearBackward(L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf)
+        try linearBackward(
+            L.oProj, dy: dres, x: a.attn.ptr, n: N, dx: g.dattn.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf,
+            input: a.made(.oInput))
         try device.attentionBackward(
             dq: g.dq.ptr, dk: g.dk.ptr, dv: g.dv.ptr, dout: g.dattn.ptr, out: a.attn.ptr, lse: a.lse.ptr,
             q: a.q.ptr, k: a.kUsed, v: a.vUsed, delta: g.delta.ptr, batch: b.batch, seqLen: b.seqLen, heads: H,

@@ -147,6 +147,8 @@ public final class CUDAModel: @unchecked Sendable {
             /// The product inputs the fused NVFP4 kernels make (bf16): q/k/v's (`rmsnorm_nvfp4`), gate/up's, and
             /// down_proj's (`swiglu_nvfp4`), kept so that the backward does not make them again.
             case qkvInput, gateUpInput, downInput
+            /// o_proj's product input with an NVFP4 input quantizer (bf16), kept for its weight gradient.
+            case oInput
             /// The tensor-core attention's bf16 inputs, kept for its backward.
             case q16, k16, v16
         }
@@ -172,7 +174,7 @@ public final class CUDAModel: @unchecked Sendable {
             let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim
             slotBytes = [
                 .ln: n * C * 4, .ln2: n * C * 4, .qkvInput: n * C * 2, .gateUpInput: n * C * 2, .downInput: n * c.intermediateSize * 2,
-                .q16: n * qd * 2, .k16: n * kd * 2, .v16: n * kd * 2,
+                .oInput: n * qd * 2, .q16: n * qd * 2, .k16: n * kd * 2, .v16: n * kd * 2,
             ]
         }
 
@@ -548,7 +550,7 @@ public final class CUDAModel: @unchecked Sendable {
             out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
             kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b),
             kv16: tensorCores ? (try a.write(.k16), try a.write(.v16)) : nil)
-        try linear(L.oProj, a.attn.ptr, out: a.mid.ptr, n: N, buffers: b)
+        try linear(L.oProj, a.attn.ptr, input: try keptNVFP4Input(L.oProj, a.attn.ptr, a, .oInput, n: N), out: a.mid.ptr, n: N, buffers: b)
         try device.add(a.mid.ptr, xin, count: N * C)  // mid = x + attn
         guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
             throw QATError.internal("layer \(L.index) has no MLP")
@@ -596,6 +598,17 @@ public final class CUDAModel: @unchecked Sendable {
         try device.swigluNVFP4(
             gate: a.gate.ptr, up: a.up.ptr, bf16Out: out, rows: b.batch * b.seqLen, cols: config.intermediateSize,
             globalAmax: amax, exportMode: export)
+        return out
+    }
+
+    /// A Linear's product input in bf16 precision with an NVFP4 input quantizer that quantizes (`nvfp4_fake_quant` of x
+    /// [n, in]), written into layer slot `slot` for the backward's weight gradient to read again; nil otherwise.
+    func keptNVFP4Input(_ l: Linear, _ x: CUdeviceptr, _ a: LayerActivations, _ slot: LayerActivations.Slot, n: Int) throws
+        -> CUdeviceptr?
+    {
+        guard precision == .bf16, let (amax, export) = nvfp4Quantizing(l.inputQuantizer) else { return nil }
+        let out = try a.write(slot)
+        try device.nvfp4FakeQuant(x, out: 0, bf16Out: out, rows: n, cols: l.inFeatures, globalAmax: amax, exportMode: export)
         return out
     }
 

@@ -7,7 +7,9 @@
 // kernels and the block-per-row RMSNorm existed, the variants that led to them (bench/gpu-h200-quant-kernels.txt):
 // the quad path alone in 32 registers, 258 → 185 µs (swiglu_nvfp4) and 46 → 39 µs (nvfp4_fake_quant); a block of
 // 128 threads per row holding it in registers, 56 → 40 µs (rmsnorm_nvfp4); a division through the block's
-// reciprocal with the exact division near rounding ties, slower (192 µs). Not part of the test suite.
+// reciprocal with the exact division near rounding ties, slower (192 µs). Session 11 added RMSNorm's backward with its
+// weight gradient (rmsnorm_backward_dw + colsum_finish against colsum_partial + colsum_finish + rmsnorm_backward) and
+// adamw_update at grid sizes around launch1D's (132·16 blocks of 256). Not part of the test suite.
 #include <cstdio>
 #include <cmath>
 #include <cstring>
@@ -16,6 +18,8 @@
 #include "../../Sources/QATCUDA/Kernels/common.cu"
 #include "../../Sources/QATCUDA/Kernels/rmsnorm.cu"
 #include "../../Sources/QATCUDA/Kernels/quant.cu"
+#include "../../Sources/QATCUDA/Kernels/elementwise.cu"
+#include "../../Sources/QATCUDA/Kernels/optim.cu"
 
 #include "gpu_bench.h"
 
@@ -83,10 +87,38 @@ int main(int argc, char **argv) {
                 report("rmsnorm_backward (accumulate, bf16)", timeit([&] {
                     rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a);
                 }), n * 18.0);
-                cudaFree(gr); cudaFree(dx);
+                // with the weight gradient: rmsnorm_backward_dw (512 blocks of 16 rows) + colsum_finish against
+                // colsum_partial (128 blocks of 64 rows) + colsum_finish + rmsnorm_backward, as CUDAOps+Backward.swift
+                float *part, *dw; CK(cudaMalloc(&part, 512 * C * 4)); CK(cudaMalloc(&dw, C * 4));
+                report("rmsnorm_backward_dw + finish", timeit([&] {
+                    rmsnorm_backward_dw<<<512, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a, part, 16);
+                    colsum_finish<<<C / 32, 256>>>(dw, part, 512, C);
+                }), n * 18.0);
+                report("colsum (partial + finish) + rmsnorm_backward", timeit([&] {
+                    colsum_partial<<<dim3(C / 128, 128), 128>>>(part, gr, x, rs1, (int)R, C, 64);
+                    colsum_finish<<<C / 32, 256>>>(dw, part, 128, C);
+                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a);
+                }), n * 18.0);
+                cudaFree(gr); cudaFree(dx); cudaFree(part); cudaFree(dw);
             }
             cudaFree(x); cudaFree(w); cudaFree(y); cudaFree(a); cudaFree(b); cudaFree(rs1); cudaFree(rs2);
         }
+    }
+    if (!once) {   // adamw_update over an embedding-sized [128256 × 2048] parameter: 30 bytes per element with w16
+        long n = 128256L * 2048;
+        float *p = dev(n, 8, 0.1f), *g = dev(n, 9, 0.01f), *m = dev(n, 10, 0.001f), *v = dev(n, 11, 0.0f);
+        CK(cudaMemset(v, 0, n * 4));
+        u16 *w16; CK(cudaMalloc(&w16, n * 2));
+        for (int refresh = 0; refresh < 2; refresh++)
+            for (long blocks : {sms * 4, sms * 8, sms * 16, sms * 32, (n / 4 + 255) / 256}) {
+                char name[64];
+                snprintf(name, sizeof name, "adamw_update refresh %d, %ld blocks", refresh, blocks);
+                report(name, timeit([&] {
+                    adamw_update<<<(unsigned)blocks, 256>>>(p, g, m, v, n, 0.99999f, 1, 0.1f, 0.999f, 0.001f, 0.03f, 1e-8f, -1e-6f,
+                                                            1.0f, w16, refresh, 0.05f, 0);
+                }), n * 30.0);
+            }
+        cudaFree(p); cudaFree(g); cudaFree(m); cudaFree(v); cudaFree(w16);
     }
     CK(cudaDeviceSynchronize());
     return 0;

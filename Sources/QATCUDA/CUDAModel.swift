@@ -140,7 +140,7 @@ public final class CUDAModel: @unchecked Sendable {
         var kUsed: CUdeviceptr = 0, vUsed: CUdeviceptr = 0
 
         /// Buffers that only some forward paths write, allocated at first use and then kept.
-        enum Slot: CaseIterable {
+        enum Slot {
             /// The fp32 normalised inputs of q/k/v and of gate/up (not written when a fused kernel makes the
             /// products' input straight from the residual stream).
             case ln, ln2

@@ -181,7 +181,8 @@ static void sumsqCase() {
 static void adamwCase(int n, int offset) {
     std::vector<float> p0(n + 8), g(n + 8), m0(n + 8), v0(n + 8);
     for (int i = 0; i < n + 8; i++) { p0[i] = gauss(); g[i] = 0.01f * gauss(); m0[i] = 0.001f * gauss(); v0[i] = 1e-5f * fabsf(gauss()); }
-    for (int lerpSmall = 0; lerpSmall < 2; lerpSmall++) {
+    for (int lerpSmall = 0; lerpSmall < 2; lerpSmall++) for (int hostGrid = 0; hostGrid < 2; hostGrid++) {
+        // hostGrid 0: 3 blocks of 64 (the grid-stride loop); 1: the host's launch, one float4 per thread in blocks of 256
         std::vector<float> p = p0, m = m0, v = v0, rp = p0, rm = m0, rv = v0;
         const float decay = 0.9999f, w = 0.1f, beta2 = 0.95f, omb2 = 0.05f, bc2 = 0.2236068f, eps = 1e-8f, negStep = -1e-3f,
                     clip = 0.37f;
@@ -190,14 +191,14 @@ static void adamwCase(int n, int offset) {
         // With the bf16 copy refreshed in the same pass (refresh 0) where the arrays are aligned, as the host asks.
         std::vector<u16> w16(n + 8, 0xffff);
         u16 *copy = offset == 0 ? w16.data() : nullptr;
-        emu_launch({3, 1, 1}, 64, 0, [&] {
+        emu_launch({hostGrid ? (unsigned)(((n + 3) / 4 + 255) / 256) : 3u, 1, 1}, hostGrid ? 256 : 64, 0, [&] {
             adamw_update(p.data() + offset, g.data() + offset, m.data() + offset, v.data() + offset, n, decay, lerpSmall, w, beta2,
                          omb2, bc2, eps, negStep, clip, copy, 0, 0.0f, 0);
         });
         int differ = 0;
         for (int i = 0; i < n + 8; i++) differ += memcmp(&p[i], &rp[i], 4) || memcmp(&m[i], &rm[i], 4) || memcmp(&v[i], &rv[i], 4);
         if (copy) for (int i = 0; i < n; i++) differ += w16[i] != f32_to_bf16(rp[i]);
-        report("adamw_update n=" + std::to_string(n) + " offset " + std::to_string(offset) + " lerpSmall " + std::to_string(lerpSmall) +
+        report("adamw_update n=" + std::to_string(n) + " offset " + std::to_string(offset) + (hostGrid ? " host grid" : "") + " lerpSmall " + std::to_string(lerpSmall) +
                    " (elements differ)", differ, 0);
     }
 }

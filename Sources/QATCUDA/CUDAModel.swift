@@ -474,9 +474,19 @@ public final class CUDAModel: @unchecked Sendable {
                 exportMode: export)
             return (out, 0)
         }
-        let out = try a.write(normalized), ln16 = b.ln16?.ptr
+        // (an inference forward whose Linears read only the bf16 copy writes no fp32 rows: no input quantizer at work,
+        // no adapter; training keeps them, its weight gradients read them)
+        let ln16 = b.ln16?.ptr
+        let bf16Only = !b.training && ln16 != nil && ls.allSatisfy { readsOnlyBF16Input($0) }
+        let out = bf16Only ? 0 : try a.write(normalized)
         try device.rmsnorm(out: out, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: c, eps: config.rmsNormEps, out16: ln16 ?? 0)
-        return (try sharedProductInput(ls, out, x16: ln16, n: n, buffers: b), out)
+        return (bf16Only ? nil : try sharedProductInput(ls, out, x16: ln16, n: n, buffers: b), out)
+    }
+
+    /// Whether a bf16 Linear's forward reads only its input's bf16 copy: no input quantizer enabled (one that
+    /// calibrates or quantizes reads the fp32 values) and no LoRA adapter.
+    func readsOnlyBF16Input(_ l: Linear) -> Bool {
+        precision == .bf16 && (l.inputQuantizer.map { ($0 as? TensorQuantizer)?.enabled == false } ?? true) && !hasAdapter(l)
     }
 
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
@@ -484,13 +494,17 @@ public final class CUDAModel: @unchecked Sendable {
     /// input already made (`sharedProductInput`).
     func linear(
         _ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, input made: CUdeviceptr? = nil, out: CUdeviceptr, n: Int,
-        buffers b: Buffers
+        buffers b: Buffers, accumulate: Bool = false
     ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
         let input = try made ?? productInput(l, x, x16: x16, n: n, buffers: b)
         let w = precision == .bf16 ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
-        try device.gemmXWt(n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16)
+        if accumulate && (dl.bias != nil || hasAdapter(l)) {  // (both are added after the product: another order of sums)
+            throw QATError.internal("\(l.name): an accumulating product with a bias or an adapter")
+        }
+        try device.gemmXWt(
+            n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16, beta: accumulate ? 1 : 0)
         if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
         if let ad = lora?.adapters[ObjectIdentifier(l)] { try adapterForward(ad, x: x, x16: x16, out: out, n: n, training: b.training) }
     }
@@ -550,17 +564,23 @@ public final class CUDAModel: @unchecked Sendable {
             out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
             kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b),
             kv16: tensorCores ? (try a.write(.k16), try a.write(.v16)) : nil)
-        try linear(L.oProj, a.attn.ptr, input: try keptNVFP4Input(L.oProj, a.attn.ptr, a, .oInput, n: N), out: a.mid.ptr, n: N, buffers: b)
-        try device.add(a.mid.ptr, xin, count: N * C)  // mid = x + attn
         guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
             throw QATError.internal("layer \(L.index) has no MLP")
         }
+        // An inference forward updates its one residual buffer in place: o_proj and down_proj add their products to it
+        // (cuBLAS's beta = 1: the fp32 sum `add` makes) when nothing is added to their outputs after the product.
+        let inPlace = !b.training && xin == xout && [L.oProj, down].allSatisfy { $0.bias == nil && !hasAdapter($0) }
+        let mid = inPlace ? xin : a.mid.ptr
+        try linear(
+            L.oProj, a.attn.ptr, input: try keptNVFP4Input(L.oProj, a.attn.ptr, a, .oInput, n: N), out: mid, n: N, buffers: b,
+            accumulate: inPlace)
+        if !inPlace { try device.add(a.mid.ptr, xin, count: N * C) }  // mid = x + attn
         let (gateUp, ln2) = try normForward(
-            L.postNorm, [gate, up], a.mid.ptr, a, normalized: .ln2, fused: .gateUpInput, rstd: a.rstd2.ptr, n: N, buffers: b)
+            L.postNorm, [gate, up], mid, a, normalized: .ln2, fused: .gateUpInput, rstd: a.rstd2.ptr, n: N, buffers: b)
         try linear(gate, ln2, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
         try linear(up, ln2, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
         if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy
-            try linear(down, 0, input: downInput, out: xout, n: N, buffers: b)  // (h itself is not stored)
+            try linear(down, 0, input: downInput, out: xout, n: N, buffers: b, accumulate: inPlace)  // (h itself is not stored)
         } else {
             // fp32 h only when something reads it (an input quantizer, a LoRA adapter, the fp32 product);
             // its bf16 copy only when the product reads h unchanged.
@@ -568,9 +588,9 @@ public final class CUDAModel: @unchecked Sendable {
             let h32 = precision == .fp32 || quantizes || hasAdapter(down), h16 = quantizes ? nil : b.h16?.ptr
             let h = h32 ? try hBuffer(b) : 0
             try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: h16 ?? 0)
-            try linear(down, h, x16: h16, out: xout, n: N, buffers: b)
+            try linear(down, h, x16: h16, out: xout, n: N, buffers: b, accumulate: inPlace)
         }
-        try device.add(xout, a.mid.ptr, count: N * C)  // out = mid + mlp
+        if !inPlace { try device.add(xout, a.mid.ptr, count: N * C) }  // out = mid + mlp
     }
 
     /// The fp32 products' quantized input [n, widest] (fp32 precision, and quantizers other than

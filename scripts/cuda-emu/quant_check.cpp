@@ -158,6 +158,14 @@ int main() {
                 });
                 report("rmsnorm_nvfp4 " + tag + ": values differing from rmsnorm_forward + nvfp4_fake_quant",
                        differing(ref2, fused2) + differing(rs1, rs2), 0);
+                {   // rmsnorm_forward with only the bf16 copy (out null), as an inference forward asks: bf16(y), rstd
+                    std::vector<u16> y16(n), want16(n);
+                    std::vector<float> rs5(rows);
+                    for (int i = 0; i < n; i++) want16[i] = f32_to_bf16(y[i]);
+                    launchRows(rows, [&] { rmsnorm_forward(nullptr, rs5.data(), g.data(), w.data(), rows, cols, 1e-6f, y16.data()); });
+                    report("rmsnorm_forward " + tag + ", bf16 copy only: values differing from bf16(its fp32 output)",
+                           differing(want16, y16) + differing(rs1, rs5), 0);
+                }
                 // One float off: the element-by-element paths of both kernels (their own order of the squares), again
                 // against each other.
                 std::vector<float> g1 = offByOne(g), y1(n + 1), rs3(rows), rs4(rows);

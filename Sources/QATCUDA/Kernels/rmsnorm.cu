@@ -3,7 +3,7 @@
 // registers (common.cu); float4 loads and stores when the rows allow them (c % 4 == 0, 16-byte aligned).
 
 // Forward: rstd is kept for backward; out16 (optional) receives a bf16 copy of the output, the input of the
-// bf16 products that read it. Grid: one block per row.
+// bf16 products that read it; out may be null when only that copy is read. Grid: one block per row.
 extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w,
                                                                         int n, int c, float eps, u16 *out16) {
     long row = blockIdx.x;
@@ -14,7 +14,7 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
     bool xvec = (c & 3) == 0 && aligned16(x);
     float rs = rmsnorm_block_rstd(x, c, eps, xvec, xv);
     if (t == 0 && rstd) rstd[row] = rs;
-    float *o = out + row * c;
+    float *o = out ? out + row * c : 0;
     u16 *o16 = out16 ? out16 + row * c : 0;
     if (xvec && aligned16(w) && aligned16(o) && aligned8(o16)) {
         const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
@@ -23,7 +23,7 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
         for (int k = 0; k < RMS_HELD + 1; k++) {   // k == RMS_HELD: the float4s past the held ones, read again
             for (int i = t + RMS_THREADS * k; i < c4; i += RMS_THREADS) {
                 float4 y = rms_apply4(k < RMS_HELD ? xv[k] : x4[i], w4[i], rs);
-                ((float4 *)o)[i] = y;
+                if (o) ((float4 *)o)[i] = y;
                 if (o16) ((uint2 *)o16)[i] = bf16x4(y.x, y.y, y.z, y.w);
                 if (k < RMS_HELD) break;
             }
@@ -32,7 +32,7 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
     }
     for (int j = t; j < c; j += RMS_THREADS) {
         float y = __fmul_rn(w[j], __fmul_rn(x[j], rs));
-        o[j] = y;
+        if (o) o[j] = y;
         if (o16) o16[j] = f32_to_bf16(y);
     }
 }

@@ -562,8 +562,8 @@ public final class CUDAModel: @unchecked Sendable {
         a.vUsed = try quantize(L.vQuantizer, a.vRaw.ptr, into: a.vq.ptr, rows: N * Hkv, cols: D) ? a.vq.ptr : a.vRaw.ptr
         try device.attention(
             out: a.attn.ptr, lse: a.lse.ptr, q: a.q.ptr, k: a.kUsed, v: a.vUsed, batch: b.batch, seqLen: b.seqLen, heads: H,
-            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16, scratch16: try attentionScratch16(b),
-            kv16: tensorCores ? (try a.write(.k16), try a.write(.v16)) : nil)
+            kvHeads: Hkv, headDim: D, window: c.slidingWindow, bf16: precision == .bf16,
+            kv16: tensorCores ? (try a.write(.k16), try a.write(.v16)) : nil)  // (no scratch: the copies go to the layer)
         guard let gate = L.gateProj, let up = L.upProj, let down = L.downProj else {
             throw QATError.internal("layer \(L.index) has no MLP")
         }
@@ -632,7 +632,8 @@ public final class CUDAModel: @unchecked Sendable {
         return out
     }
 
-    /// The bf16 copies of the attention inputs (q, k, v, and dout in the backward) for the tensor-core kernels; 0 in fp32.
+    /// The attention backward's scratch for the tensor-core kernels' bf16 inputs; 0 in fp32. (The model's forward writes
+    /// q, k and v's copies into layer slots, which the backward reads, so of this scratch only dout's part is written.)
     func attentionScratch16(_ b: Buffers) throws -> CUdeviceptr {
         guard precision == .bf16 else { return 0 }
         let c = config, n = b.batch * b.seqLen * c.headDim

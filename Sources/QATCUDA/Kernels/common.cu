@@ -99,8 +99,8 @@ __device__ __forceinline__ void elementwise_loop(long n, bool vec, F4 f4, F1 f1)
 #define RMS_HELD 4
 
 // The sum of one double per thread over a block of RMS_THREADS threads: warp_sum_d, then the warps' sums in warp
-// order; every thread gets it. Uses a shared-memory array and one __syncthreads: call it once per kernel, from
-// every thread of the block.
+// order; every thread gets it. Uses a shared-memory array and one __syncthreads: call it from every thread of the
+// block, and once per kernel unless a __syncthreads separates the calls (rmsnorm_backward_dw's rows).
 __device__ double rms_block_sum(double s) {
     __shared__ double rmsPart[RMS_THREADS / 32];
     s = warp_sum_d(s);

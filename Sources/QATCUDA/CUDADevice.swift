@@ -152,16 +152,28 @@ public final class CUDADevice: @unchecked Sendable {
     public func synchronize() throws { try check(api.cuCtxSynchronize(), "cuCtxSynchronize") }
 }
 
-/// A device allocation, freed when the last reference goes.
+/// A device allocation, freed when the last reference goes; or a view of part of one (which keeps it alive).
 public final class DeviceBuffer: @unchecked Sendable {
     public let device: CUDADevice
     public let ptr: CUdeviceptr
     public let bytes: Int
+    /// The allocation a view is part of (nil: this buffer owns its memory).
+    private let owner: DeviceBuffer?
 
     public init(_ device: CUDADevice, bytes: Int) throws {
         self.device = device
         self.bytes = bytes
         ptr = try device.allocate(bytes)
+        owner = nil
+    }
+
+    /// Bytes offset ..< offset + bytes of `parent`.
+    public init(viewOf parent: DeviceBuffer, offset: Int, bytes: Int) {
+        precondition(offset >= 0 && bytes >= 0 && offset + bytes <= parent.bytes, "a view past the end of a device buffer")
+        device = parent.device
+        ptr = parent.ptr + CUdeviceptr(offset)
+        self.bytes = bytes
+        owner = parent
     }
 
     /// fp32 values of `count` floats.
@@ -185,7 +197,7 @@ public final class DeviceBuffer: @unchecked Sendable {
         try ints.withUnsafeBytes { try upload($0.baseAddress!, bytes: $0.count) }
     }
 
-    deinit { device.free(ptr, bytes: bytes) }
+    deinit { if owner == nil { device.free(ptr, bytes: bytes) } }
 
     public func upload(_ host: UnsafeRawPointer, bytes n: Int, offset: Int = 0) throws {
         precondition(offset + n <= bytes, "upload past the end of a device buffer")

@@ -148,12 +148,63 @@ extension CUDAModel {
     /// RMSNorm backward with its weight gradient (when trainable).
     private func rmsnormBackward(
         _ weight: Parameter, dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, rstd: CUdeviceptr,
-        n: Int, c: Int, accumulate: Bool, dinp16: CUdeviceptr = 0
+        n: Int, c: Int, accumulate: Bool, dinp16: CUdeviceptr = 0, dinp16Rows: (group: Int, stride: Int)? = nil
     ) throws {
         let dw = try gradient(weight).map { ($0, try scratch("colsum", bytes: CUDADevice.rmsnormBackwardScratch(n: n, c: c) * 4)) }
         try device.rmsnormBackward(
             dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16,
-            weightGradient: dw)
+            dinp16Rows: dinp16Rows, weightGradient: dw)
+    }
+
+    /// Linears that read one product input (a layer's q, k and v) and whose backward products can run as one.
+    struct FusedProjections {
+        let linears: [Linear]
+        /// Their bf16 product copies, adjacent in order (`adjacentProductCopies`): one [Σ out, in] weight.
+        let w16: CUdeviceptr
+        /// Their weights' gradients, adjacent in order in the arena: one [Σ out, in] gradient.
+        let gradient: CUdeviceptr
+        /// The shared product input (`sharedProductInput`).
+        let input: CUdeviceptr
+        var width: Int { linears.reduce(0) { $0 + $1.outFeatures } }
+    }
+
+    /// `ls` as one `FusedProjections`, nil when their products must run one by one (`linearBackward`): not bf16, a
+    /// frozen weight, product copies or gradients not adjacent (QLoRA's shared decode, a bias between the weights in
+    /// the arena), an adapter, a clipped STE (each changes its own products), or no product input common to all:
+    /// `shared` (`sharedProductInput`'s), else, when no input quantizer quantizes, x's bf16 copy made once here.
+    func fusedProjections(_ ls: [Linear], shared: CUdeviceptr?, x: CUdeviceptr, n: Int, buffers b: Buffers) throws -> FusedProjections? {
+        guard precision == .bf16, let first = ls.first else { return nil }
+        guard shared != nil || (x != 0 && ls.allSatisfy { $0.inputQuantizer?.isQuantizing != true }) else { return nil }
+        var w16 = CUdeviceptr(0), grad = CUdeviceptr(0)
+        for (i, l) in ls.enumerated() {
+            guard let dl = linears[ObjectIdentifier(l)], dl.packed == nil, !dl.frozen, !hasAdapter(l), l.inFeatures == first.inFeatures,
+                clipAmax(l.inputQuantizer) == nil, clipAmax(l.weightQuantizer) == nil, let gw = gradient(l.weight)
+            else { return nil }
+            if dl.stale { try prepare(dl) }
+            guard let copy = dl.bf16, i == 0 || (copy.ptr == w16 && gw == grad) else { return nil }
+            if i == 0 { (w16, grad) = (copy.ptr, gw) }
+            let count = CUdeviceptr(l.outFeatures * l.inFeatures)
+            (w16, grad) = (w16 + 2 * count, grad + 4 * count)
+        }
+        let input = try shared ?? productInput(first, x, n: n, buffers: b)
+        return FusedProjections(
+            linears: ls, w16: linears[ObjectIdentifier(first)]!.bf16!.ptr, gradient: gradient(first.weight)!, input: input)
+    }
+
+    /// The backward of `f` as `linearBackward` of each, with its products as one: dW += dyᵀ·x_used over the Linears'
+    /// rows together ([Σ out, in]), db += Σ dy per bias, then dx = dy·W over K = Σ out (written, not added).
+    /// `dy`: the fp32 dys in order (the biases read them); `dy16`: their bf16 copies as the rows of one [n, Σ out] matrix.
+    func fusedProjectionBackward(_ f: FusedProjections, dy: [CUdeviceptr], dy16: CUdeviceptr, n: Int, dx: CUdeviceptr) throws {
+        let width = f.width, inp = f.linears[0].inFeatures
+        try device.gemm(
+            transA: true, m: width, n: inp, k: n, a: dy16, lda: width, b: f.input, ldb: inp, c: f.gradient, ldc: inp, beta: 1, bf16: true)
+        for (l, d) in zip(f.linears, dy) {
+            guard let bias = l.bias, let gb = gradient(bias) else { continue }
+            let out = l.outFeatures
+            try device.columnSum(
+                out: gb, a: d, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
+        }
+        try device.gemm(m: n, n: inp, k: width, a: dy16, lda: width, b: f.w16, ldb: inp, c: dx, ldc: inp, bf16: true)
     }
 
     // MARK: Backward
@@ -196,19 +247,29 @@ extension CUDAModel {
         // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
         // the fp32 ones only when a bias or an adapter reads them.
         let fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }
-        let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
         let dgate = fp32Grads ? try scratch("dgate32", bytes: N * I * 4) : 0, dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
-        try device.swigluBackward(
-            dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, dgate16: dgate16, dup16: dup16)
         // (the products' input as the forward's `normForward` made it, or made again from its fp32 rows)
         let ln2 = a.made(.ln2) ?? 0
         let gateUp = try a.made(.gateUpInput) ?? sharedProductInput([gp, up], ln2, n: N, buffers: b)
-        try linearBackward(
-            gp, dy: dgate, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
-            dy16: bf ? dgate16 : nil, dy16Ready: bf, input: gateUp)
-        try linearBackward(
-            up, dy: dup, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
-            dy16: bf ? dup16 : nil, dy16Ready: bf, input: gateUp)
+        if let fused = try fusedProjections([gp, up], shared: gateUp, x: ln2, n: N, buffers: b) {
+            // the bf16 copies as the rows [dgate | dup] of the fused products' dy
+            let d16 = try scratch("dgateup16", bytes: N * 2 * I * 2)
+            try device.swigluBackward(
+                dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: d16,
+                dup16: d16 + CUdeviceptr(I * 2), stride16: 2 * I)
+            try fusedProjectionBackward(fused, dy: [dgate, dup], dy16: d16, n: N, dx: g.dln.ptr)
+        } else {
+            let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
+            try device.swigluBackward(
+                dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: dgate16,
+                dup16: dup16)
+            try linearBackward(
+                gp, dy: dgate, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
+                dy16: bf ? dgate16 : nil, dy16Ready: bf, input: gateUp)
+            try linearBackward(
+                up, dy: dup, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g,
+                dy16: bf ? dup16 : nil, dy16Ready: bf, input: gateUp)
+        }
         try rmsnormBackward(
             L.postNorm, dinp: dres, dout: g.dln.ptr, inp: a.mid.ptr, rstd: a.rstd2.ptr, n: N, c: C, accumulate: true, dinp16: dres16)
         // Attention: mid = x + o(attn(rope(q), kq(rope(k)), vq(v)))
@@ -227,40 +288,49 @@ extension CUDAModel {
             try device.steClip(out: g.dv.ptr, grad: g.dv.ptr, x: a.vRaw.ptr, amax: amax, count: N * Hkv * D, accumulate: false)
         }
         // dq, dk: the rope backward, then (Qwen3) the q/k norms' backward. In bf16 the last of these kernels before
-        // each product also writes its bf16 copy into g.dy16, which that product reads as dy (so q's chain runs,
-        // then q's product, then k's chain and product: no to_bf16 pass).
-        func ropeBackward(_ x: CUdeviceptr, heads: Int, x16: CUdeviceptr = 0) throws {
-            try device.rope(
-                x, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: heads, headDim: D, sign: -1, x16: x16)
-        }
-        /// norm: the per-head norm's weight, its input's gradient buffer, its input and rstd.
-        func projectionGradient(
-            _ proj: Linear, d: CUdeviceptr, heads: Int, norm: (Parameter, dRaw: CUdeviceptr, raw: CUdeviceptr, rstd: CUdeviceptr)?,
-            accumulate: Bool, input: CUdeviceptr?
-        ) throws {
-            let d16 = bf ? g.dy16.ptr : 0
-            if let (weight, dRaw, raw, rstd) = norm {
-                try ropeBackward(d, heads: heads)
-                try rmsnormBackward(weight, dinp: dRaw, dout: d, inp: raw, rstd: rstd, n: N * heads, c: D, accumulate: false, dinp16: d16)
-            } else {
-                try ropeBackward(d, heads: heads, x16: d16)
+        // each product also writes its bf16 copy (so no to_bf16 pass): into g.dy16, which that product reads as dy
+        // (q's chain runs, then q's product, then k's chain and product), or into the rows of the fused products'
+        // dy (`fusedProjectionBackward`).
+        /// The chain of q or k from d (the attention's gradient): returns the product's fp32 dy (d, or the norm's
+        /// dRaw); its bf16 copy goes to d16 (rows `stride` elements apart). norm: the per-head norm's weight, its
+        /// input's gradient buffer, its input and rstd.
+        func chain(
+            _ d: CUdeviceptr, heads: Int, norm: (Parameter, dRaw: CUdeviceptr, raw: CUdeviceptr, rstd: CUdeviceptr)?,
+            d16: CUdeviceptr, stride: Int
+        ) throws -> CUdeviceptr {
+            guard let (weight, dRaw, raw, rstd) = norm else {
+                try device.rope(
+                    d, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: heads, headDim: D, sign: -1, x16: d16,
+                    x16Stride: stride)
+                return d
             }
-            try linearBackward(
-                proj, dy: norm?.dRaw ?? d, x: ln, n: N, dx: g.dln.ptr, accumulateDx: accumulate, b: b, g: g, dy16Ready: bf,
-                input: input)
+            try device.rope(d, cos: cosTable.ptr, sin: sinTable.ptr, rows: N, seqLen: b.seqLen, heads: heads, headDim: D, sign: -1)
+            try rmsnormBackward(
+                weight, dinp: dRaw, dout: d, inp: raw, rstd: rstd, n: N * heads, c: D, accumulate: false, dinp16: d16,
+                dinp16Rows: (heads, stride))
+            return dRaw
         }
+        let qNorm = L.qNorm.map { ($0, dRaw: g.dqRaw.ptr, raw: a.qRaw.ptr, rstd: a.qRstd.ptr) }
+        let kNorm = L.kNorm.map { ($0, dRaw: g.dkRaw.ptr, raw: a.kRaw.ptr, rstd: a.kRstd.ptr) }
         let ln = a.made(.ln) ?? 0
         let qkv = try a.made(.qkvInput) ?? sharedProductInput([L.qProj, L.kProj, L.vProj], ln, n: N, buffers: b)
-        if let qn = L.qNorm, let kn = L.kNorm {
-            try projectionGradient(
-                L.qProj, d: g.dq.ptr, heads: H, norm: (qn, g.dqRaw.ptr, a.qRaw.ptr, a.qRstd.ptr), accumulate: false, input: qkv)
-            try projectionGradient(
-                L.kProj, d: g.dk.ptr, heads: Hkv, norm: (kn, g.dkRaw.ptr, a.kRaw.ptr, a.kRstd.ptr), accumulate: true, input: qkv)
+        if let fused = try fusedProjections([L.qProj, L.kProj, L.vProj], shared: qkv, x: ln, n: N, buffers: b) {
+            // (in g.dy16 when it is wide enough: o_proj has read dres's copy there, the input norm writes the next)
+            let ld = H * D + 2 * Hkv * D, d16 = g.dy16.bytes >= N * ld * 2 ? g.dy16.ptr : try scratch("dqkv16", bytes: N * ld * 2)
+            let dys = [
+                try chain(g.dq.ptr, heads: H, norm: qNorm, d16: d16, stride: ld),
+                try chain(g.dk.ptr, heads: Hkv, norm: kNorm, d16: d16 + CUdeviceptr(H * D * 2), stride: ld), g.dv.ptr,
+            ]
+            try device.toBF16(out: d16 + CUdeviceptr((H + Hkv) * D * 2), stride: ld, g.dv.ptr, rows: N, cols: Hkv * D)
+            try fusedProjectionBackward(fused, dy: dys, dy16: d16, n: N, dx: g.dln.ptr)
         } else {
-            try projectionGradient(L.qProj, d: g.dq.ptr, heads: H, norm: nil, accumulate: false, input: qkv)
-            try projectionGradient(L.kProj, d: g.dk.ptr, heads: Hkv, norm: nil, accumulate: true, input: qkv)
+            let d16 = bf ? g.dy16.ptr : 0
+            let dq = try chain(g.dq.ptr, heads: H, norm: qNorm, d16: d16, stride: H * D)
+            try linearBackward(L.qProj, dy: dq, x: ln, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf, input: qkv)
+            let dk = try chain(g.dk.ptr, heads: Hkv, norm: kNorm, d16: d16, stride: Hkv * D)
+            try linearBackward(L.kProj, dy: dk, x: ln, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, dy16Ready: bf, input: qkv)
+            try linearBackward(L.vProj, dy: g.dv.ptr, x: ln, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
         }
-        try linearBackward(L.vProj, dy: g.dv.ptr, x: ln, n: N, dx: g.dln.ptr, accumulateDx: true, b: b, g: g, input: qkv)
         try rmsnormBackward(
             L.inputNorm, dinp: dres, dout: g.dln.ptr, inp: xin, rstd: a.rstd1.ptr, n: N, c: C, accumulate: true, dinp16: dres16)
     }

@@ -109,9 +109,30 @@ public final class CUDAModel: @unchecked Sendable {
             dls[ObjectIdentifier(l)] = DeviceLinear(linear: l, weight: w, bias: b)
         }
         try device.synchronize()  // (the staging buffer is released here)
+        if precision == .bf16 && !inferenceOnly {
+            for layer in model.layers {
+                try Self.adjacentProductCopies([layer.qProj, layer.kProj, layer.vProj], dls, device)
+                if let gate = layer.gateProj, let up = layer.upProj { try Self.adjacentProductCopies([gate, up], dls, device) }
+            }
+        }
         tensors = uploaded
         linears = dls
         try uploadLoRA()
+    }
+
+    /// The bf16 product copies of Linears that read the same input (a layer's q, k and v; gate and up) as one allocation, in
+    /// order, so that the training backward can multiply them as one weight of their rows together
+    /// (`fusedProjectionBackward`); every copy is still its own Linear's (`prepare` and the optimizer write it).
+    private static func adjacentProductCopies(_ group: [Linear], _ dls: [ObjectIdentifier: DeviceLinear], _ device: CUDADevice) throws {
+        let members = group.compactMap { dls[ObjectIdentifier($0)] }
+        guard members.count == group.count, members.allSatisfy({ $0.bf16 == nil && !$0.frozen }) else { return }
+        let counts = group.map { $0.outFeatures * $0.inFeatures }
+        let whole = try DeviceBuffer(device, bytes: counts.reduce(0, +) * 2)
+        var offset = 0
+        for (dl, count) in zip(members, counts) {
+            dl.bf16 = DeviceBuffer(viewOf: whole, offset: offset, bytes: count * 2)
+            offset += count * 2
+        }
     }
 
     /// Call after the host weights or any weight quantizer changed (calibration, a step). `except`: Linears whose

@@ -37,24 +37,28 @@ extension CUDADevice {
         if kernels.syncEachLaunch { try synchronize() }
     }
 
-    /// RMSNorm backward: dinp (+)= dx; `dinp16` (not 0): dinp's new values in bf16 too. `weightGradient`: the weight's
+    /// RMSNorm backward: dinp (+)= dx; `dinp16` (not 0): dinp's new values in bf16 too, row r at (r / group)·stride +
+    /// (r % group)·c when `dinp16Rows` is given (else contiguous). `weightGradient`: the weight's
     /// gradient accumulated too (Σ_rows dout·(inp·rstd)) through `scratch` (`rmsnormBackwardScratch` floats): in the
     /// same pass over the rows (`rmsnorm_backward_dw`) on the float4 path with rows of up to 4·RMS_HELD·RMS_THREADS =
     /// 2048 floats, else by `columnSum` before the backward (which may write over dout).
     func rmsnormBackward(
         dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, rstd: CUdeviceptr, n: Int, c: Int,
-        accumulate: Bool, dinp16: CUdeviceptr = 0, weightGradient: (out: CUdeviceptr, scratch: CUdeviceptr)? = nil
+        accumulate: Bool, dinp16: CUdeviceptr = 0, dinp16Rows: (group: Int, stride: Int)? = nil,
+        weightGradient: (out: CUdeviceptr, scratch: CUdeviceptr)? = nil
     ) throws {
         let args: [KernelArg] = [
             .ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0), .ptr(dinp16),
+            .i32(dinp16Rows?.group ?? 1), .i64(dinp16Rows?.stride ?? c),
         ]
         if let (out, scratch) = weightGradient {
             let float4Path =
                 c % 4 == 0 && c <= 4 * Self.rmsnormHeld * Self.rmsnormThreads && [dinp, dout, inp, weight].allSatisfy { $0 % 16 == 0 }
-            guard float4Path && dinp16 % 8 == 0 && n > 0 else {
+            guard float4Path && dinp16 % 8 == 0 && (dinp16Rows?.stride ?? c) % 4 == 0 && n > 0 else {
                 try columnSum(out: out, a: dout, b: inp, rowScale: rstd, n: n, c: c, scratch: scratch)
                 return try rmsnormBackward(
-                    dinp: dinp, dout: dout, inp: inp, weight: weight, rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16)
+                    dinp: dinp, dout: dout, inp: inp, weight: weight, rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16,
+                    dinp16Rows: dinp16Rows)
             }
             let rows = Self.rmsnormWeightGradientRows(n), blocks = (n + rows - 1) / rows
             try kernels.launch(
@@ -97,13 +101,17 @@ extension CUDADevice {
     }
 
     /// Writes the fp32 gradients (dgate, dup) and/or their bf16 copies (dgate16, dup16): each where its pointer is not 0.
+    /// The tensors are [count / cols, cols]; the bf16 copies' rows are `stride16` elements apart (nil: cols).
     func swigluBackward(
-        dgate: CUdeviceptr, dup: CUdeviceptr, dout: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int,
-        dgate16: CUdeviceptr = 0, dup16: CUdeviceptr = 0
+        dgate: CUdeviceptr, dup: CUdeviceptr, dout: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int, cols: Int,
+        dgate16: CUdeviceptr = 0, dup16: CUdeviceptr = 0, stride16: Int? = nil
     ) throws {
         try kernels.launch1D(
             "swiglu_backward", count,
-            [.ptr(dgate), .ptr(dup), .ptr(dout), .ptr(gate), .ptr(up), .i64(count), .ptr(dgate16), .ptr(dup16)])
+            [
+                .ptr(dgate), .ptr(dup), .ptr(dout), .ptr(gate), .ptr(up), .i64(count), .ptr(dgate16), .ptr(dup16), .i32(cols),
+                .i64(stride16 ?? cols),
+            ])
     }
 
     /// dtable rows += the dout rows of their positions (`order`/`starts`/`ids` from `EmbeddingGroups`).

@@ -60,13 +60,17 @@ extension CUDADevice {
     }
 
     /// RoPE in place (sign -1: its backward); `x16` (not 0): the result's bf16 copy too.
+    /// `x16Stride`: elements from one row of the bf16 copy to the next (nil: heads·headDim, contiguous).
     func rope(
         _ x: CUdeviceptr, cos: CUdeviceptr, sin: CUdeviceptr, rows: Int, seqLen: Int, heads: Int, headDim: Int, sign: Float = 1,
-        x16: CUdeviceptr = 0
+        x16: CUdeviceptr = 0, x16Stride: Int? = nil
     ) throws {
         try kernels.launch1D(
             "rope_apply", rows * heads * headDim / 2,
-            [.ptr(x), .ptr(cos), .ptr(sin), .i32(rows), .i32(seqLen), .i32(heads), .i32(headDim), .f32(sign), .ptr(x16)])
+            [
+                .ptr(x), .ptr(cos), .ptr(sin), .i32(rows), .i32(seqLen), .i32(heads), .i32(headDim), .f32(sign), .ptr(x16),
+                .i64(x16Stride ?? heads * headDim),
+            ])
     }
 
     func add(_ a: CUdeviceptr, _ b: CUdeviceptr, count: Int) throws {
@@ -83,6 +87,11 @@ extension CUDADevice {
 
     func toBF16(out: CUdeviceptr, _ x: CUdeviceptr, count: Int) throws {
         try kernels.launch1D("to_bf16", count, [.ptr(out), .ptr(x), .i64(count)])
+    }
+
+    /// The bf16 copy of an fp32 [rows, cols] matrix into rows `stride` elements apart.
+    func toBF16(out: CUdeviceptr, stride: Int, _ x: CUdeviceptr, rows: Int, cols: Int) throws {
+        try kernels.launch1D("to_bf16_rows", rows * cols, [.ptr(out), .ptr(x), .i64(rows), .i32(cols), .i64(stride)])
     }
 
     /// NVFP4 fake quant into `out` (fp32), or with `bf16Out` into its bf16 rounding instead.

@@ -209,7 +209,8 @@ public struct CUDASelftest {
             let dhd = try gpu(dh), dgd = try DeviceBuffer(d, floats: n), dud = try DeviceBuffer(d, floats: n)
             let dg16 = try DeviceBuffer(d, bytes: n * 2), du16 = try DeviceBuffer(d, bytes: n * 2)
             try d.swigluBackward(
-                dgate: dgd.ptr, dup: dud.ptr, dout: dhd.ptr, gate: xd.ptr, up: ud.ptr, count: n, dgate16: dg16.ptr, dup16: du16.ptr)
+                dgate: dgd.ptr, dup: dud.ptr, dout: dhd.ptr, gate: xd.ptr, up: ud.ptr, count: n, cols: n, dgate16: dg16.ptr, dup16: du16.ptr
+            )
             let gpuG = try dgd.floats(n), gpuU = try dud.floats(n)
             let scale = Double(max(dg.map { abs($0) }.max()!, du.map { abs($0) }.max()!))
             add("swiglu backward, relative", max(Self.maxAbsDiff(dg, gpuG), Self.maxAbsDiff(du, gpuU)) / scale, 1e-5, "max |Δ|/max")

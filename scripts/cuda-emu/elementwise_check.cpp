@@ -49,6 +49,19 @@ int main() {
             for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(b.p()[i]);
             launch1D(n, [&] { to_bf16(h16.p(), b.p(), (long)n); });
             report("to_bf16" + tag + ": values differing", differing(ref16.data(), h16.p(), n), 0);
+            // to_bf16_rows: [rows, cols] into rows ld apart (cols 8: the float4 path when aligned; 7: one by one), gaps kept
+            for (int cols : {8, 7}) {
+                int rows = 5, ld = cols + 4;
+                Buf src(rows * (size_t)cols, off);
+                Buf16 dst(rows * (size_t)ld, off);
+                for (size_t i = 0; i < rows * (size_t)ld; i++) dst.p()[i] = 0x1234;
+                launch1D(rows * cols, [&] { to_bf16_rows(dst.p(), src.p(), rows, cols, ld); });
+                int bad = 0;
+                for (int r = 0; r < rows; r++)
+                    for (int j = 0; j < ld; j++)
+                        bad += dst.p()[(size_t)r * ld + j] != (j < cols ? f32_to_bf16(src.p()[(size_t)r * cols + j]) : (u16)0x1234);
+                report("to_bf16_rows cols=" + std::to_string(cols) + tag + ": values differing (gaps included)", bad, 0);
+            }
             // swiglu_forward, fp32 and bf16 outputs
             Buf h(n, off);
             for (size_t i = 0; i < n; i++) ref[i] = g.p()[i] / (1.0f + expf(-g.p()[i])) * u.p()[i];
@@ -65,10 +78,23 @@ int main() {
                 ru[i] = __fmul_rn(__fmul_rn(d, x), s);
                 rg[i] = __fmul_rn(__fmul_rn(__fmul_rn(d, u.p()[i]), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
             }
-            launch1D(n, [&] { swiglu_backward(dg.p(), du.p(), dh.p(), g.p(), u.p(), (long)n, dg16.p(), du16.p()); });
+            launch1D(n, [&] { swiglu_backward(dg.p(), du.p(), dh.p(), g.p(), u.p(), (long)n, dg16.p(), du16.p(), (int)n, (long)n); });
             int d = differing(rg.data(), dg.p(), n) + differing(ru.data(), du.p(), n);
             for (size_t i = 0; i < n; i++) d += (dg16.p()[i] != f32_to_bf16(rg[i])) + (du16.p()[i] != f32_to_bf16(ru[i]));
             report("swiglu_backward" + tag + ": values differing (4 outputs)", d, 0);
+            // the bf16 copies as rows of [dgate | dup] (cols = n / rows, rows 2·cols apart), no fp32 outputs
+            for (int rows : {4, 17}) {   // (1003 = 17 · 59: the element path)
+                if (n % rows) continue;
+                int cols = (int)(n / rows);
+                Buf16 both(2 * n, off);
+                launch1D(n, [&] { swiglu_backward(nullptr, nullptr, dh.p(), g.p(), u.p(), (long)n, both.p(), both.p() + cols, cols, 2L * cols); });
+                int bad = 0;
+                for (size_t i = 0; i < n; i++) {
+                    size_t r = i / cols, j = i % cols;
+                    bad += (both.p()[r * 2 * cols + j] != f32_to_bf16(rg[i])) + (both.p()[r * 2 * cols + cols + j] != f32_to_bf16(ru[i]));
+                }
+                report("swiglu_backward" + tag + " rows=" + std::to_string(rows) + ": [dgate | dup] bf16 rows, values differing", bad, 0);
+            }
         }
         // rope_apply forward then backward on [rows, heads, D], its bf16 copy too
         for (int D : {64, 6}) {
@@ -90,9 +116,20 @@ int main() {
                             v[i + half] = __fadd_rn(__fmul_rn(bb, c), __fmul_rn(a, s));
                         }
                 for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(ref[i]);
-                launch1D(n / 2, [&] { rope_apply(x.p(), cosT.p(), sinT.p(), rows, T, heads, D, sign, x16.p()); });
+                std::vector<float> x0(x.p(), x.p() + n);
+                launch1D(n / 2, [&] { rope_apply(x.p(), cosT.p(), sinT.p(), rows, T, heads, D, sign, x16.p(), (long)heads * D); });
                 report("rope_apply" + tag + (sign > 0 ? " forward" : " backward") + ": values differing (fp32, bf16)",
                        differing(ref.data(), x.p(), n) + differing(ref16.data(), x16.p(), n), 0);
+                // the bf16 copy into rows of ld > heads·D (the fused q/k/v products' dy), from the same input
+                int ld = heads * D + 8;
+                std::vector<float> xs(x0);
+                Buf16 w16((size_t)rows * ld, off);
+                launch1D(n / 2, [&] { rope_apply(xs.data(), cosT.p(), sinT.p(), rows, T, heads, D, sign, w16.p(), (long)ld); });
+                int bad = 0;
+                for (int r = 0; r < rows; r++)
+                    for (int j = 0; j < heads * D; j++) bad += w16.p()[(size_t)r * ld + j] != ref16[(size_t)r * heads * D + j];
+                report("rope_apply" + tag + (sign > 0 ? " forward" : " backward") + ": bf16 rows " + std::to_string(ld) +
+                       " apart, values differing", bad, 0);
             }
         }
         // rmsnorm_backward (accumulating) against its formula in double, and its bf16 copy
@@ -114,14 +151,14 @@ int main() {
             }
             Buf16 d16(n, off);
             emu_launch({(unsigned)rows, 1, 1}, 128, 0,   // (a block of RMS_THREADS per row)
-                       [&] { rmsnorm_backward(dx.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, d16.p()); });
+                       [&] { rmsnorm_backward(dx.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, d16.p(), 1, (long)c); });
             std::vector<float> got(dx.p(), dx.p() + n), reff(ref.begin(), ref.end());
             report("rmsnorm_backward" + tag + ": against the formula in double, max |diff|/max", relerr(reff, got), 1e-6);
             int d = 0;
             for (size_t i = 0; i < n; i++) d += d16.p()[i] != f32_to_bf16(got[i]);
             report("rmsnorm_backward" + tag + ": bf16 copy differing from bf16(fp32 output)", d, 0);
             // Written over its own dout (accumulate 0, dinp == dout), as the model may call it: the same values less dx.
-            emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_backward(gr.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 0, nullptr); });
+            emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_backward(gr.p(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 0, nullptr, 1, (long)c); });
             std::vector<float> want(n);
             for (size_t i = 0; i < n; i++) want[i] = (float)(ref[i] - dx0[i]);
             report("rmsnorm_backward" + tag + ": written over dout, against the formula in double", relerr(want, std::vector<float>(gr.p(), gr.p() + n)), 1e-6);
@@ -137,11 +174,25 @@ int main() {
             for (int r = 0; r < rows; r++) rstd.p()[r] = 0.5f + 0.1f * r;
             std::vector<float> dxA(dx.p(), dx.p() + n), dxB = dxA;
             Buf16 a16(n, 0), b16(n, 0);
-            emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_backward(dxA.data(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, a16.p()); });
+            std::vector<float> dxC = dxA;
+            emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_backward(dxA.data(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, a16.p(), 1, (long)c); });
             emu_launch({(unsigned)blocks, 1, 1}, 128, 0,
-                       [&] { rmsnorm_backward_dw(dxB.data(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, b16.p(), part.p(), R); });
+                       [&] { rmsnorm_backward_dw(dxB.data(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, b16.p(), 1, (long)c, part.p(), R); });
             report("rmsnorm_backward_dw" + tag + ": dinp and its bf16 copy, values differing from rmsnorm_backward's",
                    differing(dxA.data(), dxB.data(), n) + differing(a16.p(), b16.p(), n), 0);
+            // the bf16 copy as groups of 3 rows into rows ld apart (a q/k norm's heads into the fused products' dy)
+            {
+                int G = 3, groups = (rows + G - 1) / G;
+                long ld = (long)G * c + 4;
+                Buf16 g16((size_t)groups * ld, 0);
+                Buf partC(blocks * (size_t)c, 0);
+                emu_launch({(unsigned)blocks, 1, 1}, 128, 0,
+                           [&] { rmsnorm_backward_dw(dxC.data(), gr.p(), x.p(), w.p(), rstd.p(), rows, c, 1, g16.p(), G, ld, partC.p(), R); });
+                int bad = differing(dxA.data(), dxC.data(), n);
+                for (int r = 0; r < rows; r++)
+                    for (int j = 0; j < c; j++) bad += g16.p()[(r / G) * ld + (r % G) * (long)c + j] != a16.p()[(size_t)r * c + j];
+                report("rmsnorm_backward_dw" + tag + ": grouped bf16 rows, values differing from rmsnorm_backward's", bad, 0);
+            }
             emu_launch({(unsigned)((c + 127) / 128), (unsigned)blocks, 1}, 128, 0,
                        [&] { colsum_partial(ref.p(), gr.p(), x.p(), rstd.p(), rows, c, R); });
             report("rmsnorm_backward_dw" + tag + ": partials differing from colsum_partial's", differing(ref.p(), part.p(), blocks * (size_t)c), 0);

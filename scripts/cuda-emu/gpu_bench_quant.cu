@@ -85,19 +85,19 @@ int main(int argc, char **argv) {
                        diff(a, b, n), diff(rs1, rs2, R));
                 float *gr = dev(n, 6, 2.0f), *dx = dev(n, 7, 2.0f);   // (its bf16 copy into a: the check above is done)
                 report("rmsnorm_backward (accumulate, bf16)", timeit([&] {
-                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a);
+                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a, 1, (long)C);
                 }), n * 18.0);
                 // with the weight gradient: rmsnorm_backward_dw (512 blocks of 16 rows) + colsum_finish against
                 // colsum_partial (128 blocks of 64 rows) + colsum_finish + rmsnorm_backward, as CUDAOps+Backward.swift
                 float *part, *dw; CK(cudaMalloc(&part, 512 * C * 4)); CK(cudaMalloc(&dw, C * 4));
                 report("rmsnorm_backward_dw + finish", timeit([&] {
-                    rmsnorm_backward_dw<<<512, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a, part, 16);
+                    rmsnorm_backward_dw<<<512, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a, 1, (long)C, part, 16);
                     colsum_finish<<<C / 32, 256>>>(dw, part, 512, C);
                 }), n * 18.0);
                 report("colsum (partial + finish) + rmsnorm_backward", timeit([&] {
                     colsum_partial<<<dim3(C / 128, 128), 128>>>(part, gr, x, rs1, (int)R, C, 64);
                     colsum_finish<<<C / 32, 256>>>(dw, part, 128, C);
-                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a);
+                    rmsnorm_backward<<<(unsigned)R, RMS_THREADS>>>(dx, gr, x, w, rs1, (int)R, C, 1, a, 1, (long)C);
                 }), n * 18.0);
                 cudaFree(gr); cudaFree(dx); cudaFree(part); cudaFree(dw);
             }

@@ -49,6 +49,22 @@ extern "C" __global__ void to_bf16(u16 *out, const float *x, long n) {
         [&](long i) { out[i] = f32_to_bf16(x[i]); });
 }
 
+// The same copy of an fp32 [rows, cols] matrix into rows of ld elements (ld ≥ cols): the v slice of the fused
+// q/k/v products' dy (CUDAModel+Training.swift).
+extern "C" __global__ void to_bf16_rows(u16 *out, const float *x, long rows, int cols, long ld) {
+    elementwise_loop(
+        rows * cols, (cols & 3) == 0 && (ld & 3) == 0 && aligned16(x) && aligned8(out),
+        [&](long i) {   // (cols % 4 == 0: the four elements of float4 i are in one row)
+            long r = 4 * i / cols;
+            float4 v = ((const float4 *)x)[i];
+            *(uint2 *)(out + r * ld + (4 * i - r * cols)) = bf16x4(v.x, v.y, v.z, v.w);
+        },
+        [&](long i) {
+            long r = i / cols;
+            out[r * ld + (i - r * cols)] = f32_to_bf16(x[i]);
+        });
+}
+
 // out[i, :] += bias
 extern "C" __global__ void add_bias(float *out, const float *bias, long n, int cols) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
@@ -59,20 +75,28 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
 
 // SwiGLU backward (SwiGLU.backward): with s = sigmoid(gate), dup = dh·gate·s and
 // dgate = dh·up·s·(1 + gate·(1 − s)). Each output is written where its pointer is not null:
-// fp32 (dgate, dup) and/or the bf16 copies the bf16 products read (dgate16, dup16).
+// fp32 (dgate, dup) and/or the bf16 copies the bf16 products read (dgate16, dup16). The tensors are
+// [n / cols, cols]; the bf16 copies' rows are ld16 elements apart (ld16 = cols: contiguous; 2·cols with
+// dup16 = dgate16 + cols: the rows of the fused gate/up products' dy, CUDAModel+Training.swift).
 extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n,
-                                           u16 *dgate16, u16 *dup16) {
+                                           u16 *dgate16, u16 *dup16, int cols, long ld16) {
     // (x, u, dh) -> (dgate, dup), as SwiGLU.backward rounds them
     auto one = [](float x, float u, float dh, float *dg, float *du) {
         float s = 1.0f / (1.0f + expf(-x));
         *du = __fmul_rn(__fmul_rn(dh, x), s);
         *dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, u), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
     };
+    // element i's place in the bf16 copies
+    auto at16 = [&](long i) -> long {
+        if (ld16 == cols) return i;
+        long r = i / cols;
+        return r * ld16 + (i - r * cols);
+    };
     elementwise_loop(
         n,
         aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up) && aligned8(dgate16) &&
-            aligned8(dup16),
-        [&](long i) {
+            aligned8(dup16) && (cols & 3) == 0 && (ld16 & 3) == 0,
+        [&](long i) {   // (cols % 4 == 0: the four elements of float4 i are in one row)
             float4 x = ((const float4 *)gate)[i], u = ((const float4 *)up)[i], h = ((const float4 *)dout)[i], dg, du;
             one(x.x, u.x, h.x, &dg.x, &du.x);
             one(x.y, u.y, h.y, &dg.y, &du.y);
@@ -80,16 +104,18 @@ extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float
             one(x.w, u.w, h.w, &dg.w, &du.w);
             if (dup) ((float4 *)dup)[i] = du;
             if (dgate) ((float4 *)dgate)[i] = dg;
-            if (dup16) ((uint2 *)dup16)[i] = bf16x4(du.x, du.y, du.z, du.w);
-            if (dgate16) ((uint2 *)dgate16)[i] = bf16x4(dg.x, dg.y, dg.z, dg.w);
+            long j = at16(4 * i);
+            if (dup16) *(uint2 *)(dup16 + j) = bf16x4(du.x, du.y, du.z, du.w);
+            if (dgate16) *(uint2 *)(dgate16 + j) = bf16x4(dg.x, dg.y, dg.z, dg.w);
         },
         [&](long i) {
             float dg, du;
             one(gate[i], up[i], dout[i], &dg, &du);
             if (dup) dup[i] = du;
             if (dgate) dgate[i] = dg;
-            if (dup16) dup16[i] = f32_to_bf16(du);
-            if (dgate16) dgate16[i] = f32_to_bf16(dg);
+            long j = at16(i);
+            if (dup16) dup16[j] = f32_to_bf16(du);
+            if (dgate16) dgate16[j] = f32_to_bf16(dg);
         });
 }
 

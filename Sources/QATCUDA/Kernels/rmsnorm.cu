@@ -42,7 +42,9 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
 // the block's sum (rms_block_sum's barrier) comes after every read of the sum pass. The sum: each thread adds its
 // elements' w·g·x in order (float4s t, t + RMS_THREADS, …; elements on the scalar path), then rms_block_sum. The
 // weight gradient Σ_rows g·(x·rs) is a column sum (colsum_partial with rowScale = rstd). dinp16 (when not null):
-// dinp's new values rounded to bf16 (the residual stream's gradient is the next bf16 product's dy). Grid: a block
+// dinp's new values rounded to bf16 (the residual stream's gradient is the next bf16 product's dy), row r at
+// dinp16 + (r / group16)·ld16 + (r % group16)·c (group16 = 1, ld16 = c: contiguous; a per-head q/k norm's rows,
+// group16 = heads, into the wider rows of the fused q/k/v products' dy). Grid: a block
 // of RMS_THREADS per row; x and g are read from memory once for rows of up to 4·RMS_HELD·RMS_THREADS floats.
 //
 // DW: the row's weight-gradient terms g·(x·rs) are added to dw (this thread's float4s t + RMS_THREADS·k, k < RMS_HELD,
@@ -50,11 +52,12 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
 // c <= 4·RMS_HELD·RMS_THREADS (rmsnorm_backward_dw's host checks both).
 template <bool DW>
 __device__ __forceinline__ void rmsnorm_backward_row(long row, float *dinp, const float *dout, const float *inp, const float *w,
-                                                     const float *rstd, int c, int accumulate, u16 *dinp16, float4 (&dw)[RMS_HELD]) {
+                                                     const float *rstd, int c, int accumulate, u16 *dinp16, int group16, long ld16,
+                                                     float4 (&dw)[RMS_HELD]) {
     int t = threadIdx.x;
     const float *x = inp + row * c, *g = dout + row * c;
     float *d = dinp + row * c;
-    u16 *d16 = dinp16 ? dinp16 + row * c : 0;
+    u16 *d16 = dinp16 ? dinp16 + (row / group16) * ld16 + (row % group16) * c : 0;
     bool vec = (c & 3) == 0 && aligned16(x) && aligned16(g) && aligned16(d) && aligned16(w) && aligned8(d16);
     const float4 *x4 = (const float4 *)x, *g4 = (const float4 *)g, *w4 = (const float4 *)w;
     int c4 = c >> 2;
@@ -124,11 +127,11 @@ __device__ __forceinline__ void rmsnorm_backward_row(long row, float *dinp, cons
 
 extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float *dinp, const float *dout, const float *inp,
                                                                          const float *w, const float *rstd, int n, int c,
-                                                                         int accumulate, u16 *dinp16) {
+                                                                         int accumulate, u16 *dinp16, int group16, long ld16) {
     long row = blockIdx.x;
     if (row >= n) return;   // (the whole block)
     float4 unused[RMS_HELD];
-    rmsnorm_backward_row<false>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, unused);
+    rmsnorm_backward_row<false>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, group16, ld16, unused);
 }
 
 // rmsnorm_backward and RMSNorm's weight gradient in one pass: block b runs rows b·R ..< min(n, (b+1)·R) (R =
@@ -138,15 +141,15 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float
 // 8-byte aligned) with c <= 4·RMS_HELD·RMS_THREADS: the host checks. Grid: ceil(n / R) blocks of RMS_THREADS.
 extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward_dw(float *dinp, const float *dout, const float *inp,
                                                                             const float *w, const float *rstd, int n, int c,
-                                                                            int accumulate, u16 *dinp16, float *partials,
-                                                                            int rowsPerBlock) {
+                                                                            int accumulate, u16 *dinp16, int group16, long ld16,
+                                                                            float *partials, int rowsPerBlock) {
     long r0 = (long)blockIdx.x * rowsPerBlock, r1 = min((long)n, r0 + rowsPerBlock);
     float4 dw[RMS_HELD];
 #pragma unroll
     for (int h = 0; h < RMS_HELD; h++) dw[h] = make_float4(0, 0, 0, 0);
     for (long row = r0; row < r1; row++) {
         if (row > r0) __syncthreads();   // every warp has read the last row's rms_block_sum before it is reused
-        rmsnorm_backward_row<true>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, dw);
+        rmsnorm_backward_row<true>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, group16, ld16, dw);
     }
     int t = threadIdx.x, c4 = c >> 2;
     float4 *p4 = (float4 *)(partials + (long)blockIdx.x * c);

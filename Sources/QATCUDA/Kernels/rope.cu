@@ -1,18 +1,19 @@
 // Rotary embedding in HF's rotate-half layout (Sources/QATModels/Layers/RoPE.swift), in place on
 // x [rows = B·T, heads, D]; cos/sin are the CPU's tables [maxPositions, D/2] (every RoPE variant
 // is folded into them). sign = 1 forward, -1 backward. x16 (when not null): the result rounded to
-// bf16 too (the backward's dq/dk as the q/k products' dy). Four pairs per thread (float4) when D/2 % 4 == 0
-// and the arrays are aligned, else one.
+// bf16 too (the backward's dq/dk as the q/k products' dy), row r's heads at x16 + r·ld16 (ld16 = heads·D:
+// contiguous; wider: the rows of the fused q/k/v products' dy, CUDAModel+Training.swift). Four pairs per
+// thread (float4) when D/2 % 4 == 0 and the arrays are aligned, else one.
 __device__ __forceinline__ void rope_pair(float a, float b, float c, float s, float *r0, float *r1) {
     *r0 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
     *r1 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
 }
 
 extern "C" __global__ void rope_apply(float *x, const float *cosT, const float *sinT, int rows, int seqLen, int heads,
-                                      int d, float sign, u16 *x16) {
+                                      int d, float sign, u16 *x16, long ld16) {
     int half = d / 2;
     long pairs = (long)rows * heads * half;
-    bool vec = (half & 3) == 0 && aligned16(x) && aligned16(cosT) && aligned16(sinT) && aligned8(x16);
+    bool vec = (half & 3) == 0 && aligned16(x) && aligned16(cosT) && aligned16(sinT) && aligned8(x16) && (ld16 & 3) == 0;
     long t0 = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x;
     if (vec) {
         for (long q = t0; q < pairs / 4; q += stride) {   // pairs 4q … 4q+3: one row and head, positions i … i+3
@@ -31,8 +32,9 @@ extern "C" __global__ void rope_apply(float *x, const float *cosT, const float *
             *(float4 *)(v + i) = r0;
             *(float4 *)(v + i + half) = r1;
             if (x16) {
-                *(uint2 *)(x16 + rh * d + i) = bf16x4(r0.x, r0.y, r0.z, r0.w);
-                *(uint2 *)(x16 + rh * d + i + half) = bf16x4(r1.x, r1.y, r1.z, r1.w);
+                u16 *o = x16 + (rh / heads) * ld16 + (rh % heads) * d;
+                *(uint2 *)(o + i) = bf16x4(r0.x, r0.y, r0.z, r0.w);
+                *(uint2 *)(o + i + half) = bf16x4(r1.x, r1.y, r1.z, r1.w);
             }
         }
         return;
@@ -47,8 +49,9 @@ extern "C" __global__ void rope_apply(float *x, const float *cosT, const float *
         v[i] = r0;
         v[i + half] = r1;
         if (x16) {
-            x16[rh * d + i] = f32_to_bf16(r0);
-            x16[rh * d + i + half] = f32_to_bf16(r1);
+            u16 *o = x16 + (rh / heads) * ld16 + (rh % heads) * d;
+            o[i] = f32_to_bf16(r0);
+            o[i + half] = f32_to_bf16(r1);
         }
     }
 }

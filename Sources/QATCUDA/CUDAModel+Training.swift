@@ -156,14 +156,15 @@ extension CUDAModel {
             dinp16Rows: dinp16Rows, weightGradient: dw)
     }
 
-    /// Linears that read one product input (a layer's q, k and v) and whose backward products can run as one.
+    /// Linears that read one product input (a layer's q, k and v; its gate and up) and whose backward products
+    /// can run as one.
     struct FusedProjections {
         let linears: [Linear]
         /// Their bf16 product copies, adjacent in order (`adjacentProductCopies`): one [Σ out, in] weight.
         let w16: CUdeviceptr
         /// Their weights' gradients, adjacent in order in the arena: one [Σ out, in] gradient.
         let gradient: CUdeviceptr
-        /// The shared product input (`sharedProductInput`).
+        /// The product input they share (`sharedProductInput`'s, or x's bf16 copy).
         let input: CUdeviceptr
         var width: Int { linears.reduce(0) { $0 + $1.outFeatures } }
     }
@@ -175,20 +176,21 @@ extension CUDAModel {
     func fusedProjections(_ ls: [Linear], shared: CUdeviceptr?, x: CUdeviceptr, n: Int, buffers b: Buffers) throws -> FusedProjections? {
         guard precision == .bf16, let first = ls.first else { return nil }
         guard shared != nil || (x != 0 && ls.allSatisfy { $0.inputQuantizer?.isQuantizing != true }) else { return nil }
-        var w16 = CUdeviceptr(0), grad = CUdeviceptr(0)
-        for (i, l) in ls.enumerated() {
+        var starts: (w16: CUdeviceptr, gradient: CUdeviceptr)? = nil
+        var next: (w16: CUdeviceptr, gradient: CUdeviceptr) = (0, 0)  // where the next Linear's copy and gradient must start
+        for l in ls {
             guard let dl = linears[ObjectIdentifier(l)], dl.packed == nil, !dl.frozen, !hasAdapter(l), l.inFeatures == first.inFeatures,
                 clipAmax(l.inputQuantizer) == nil, clipAmax(l.weightQuantizer) == nil, let gw = gradient(l.weight)
             else { return nil }
             if dl.stale { try prepare(dl) }
-            guard let copy = dl.bf16, i == 0 || (copy.ptr == w16 && gw == grad) else { return nil }
-            if i == 0 { (w16, grad) = (copy.ptr, gw) }
+            guard let copy = dl.bf16, starts == nil || (copy.ptr == next.w16 && gw == next.gradient) else { return nil }
+            if starts == nil { starts = (copy.ptr, gw) }
             let count = CUdeviceptr(l.outFeatures * l.inFeatures)
-            (w16, grad) = (w16 + 2 * count, grad + 4 * count)
+            next = (copy.ptr + 2 * count, gw + 4 * count)
         }
+        guard let starts else { return nil }
         let input = try shared ?? productInput(first, x, n: n, buffers: b)
-        return FusedProjections(
-            linears: ls, w16: linears[ObjectIdentifier(first)]!.bf16!.ptr, gradient: gradient(first.weight)!, input: input)
+        return FusedProjections(linears: ls, w16: starts.w16, gradient: starts.gradient, input: input)
     }
 
     /// The backward of `f` as `linearBackward` of each, with its products as one: dW += dyᵀ·x_used over the Linears'

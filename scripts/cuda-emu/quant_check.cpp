@@ -213,8 +213,8 @@ int main() {
         for (size_t i = 0; i < n; i++) { dh[i] = gauss(); g[i] = gauss() * 3; u[i] = gauss(); }
         std::vector<u16> dg16(n, 0xffff), du16(n, 0xffff);
         dim3e grid{(unsigned)((n + 255) / 256), 1, 1};
-        emu_launch(grid, 256, 0, [&] { swiglu_backward(dg.data(), du.data(), dh.data(), g.data(), u.data(), (long)n, nullptr, nullptr); });
-        emu_launch(grid, 256, 0, [&] { swiglu_backward(nullptr, nullptr, dh.data(), g.data(), u.data(), (long)n, dg16.data(), du16.data()); });
+        emu_launch(grid, 256, 0, [&] { swiglu_backward(dg.data(), du.data(), dh.data(), g.data(), u.data(), (long)n, nullptr, nullptr, (int)n, (long)n); });
+        emu_launch(grid, 256, 0, [&] { swiglu_backward(nullptr, nullptr, dh.data(), g.data(), u.data(), (long)n, dg16.data(), du16.data(), (int)n, (long)n); });
         int d = 0;
         for (size_t i = 0; i < n; i++) d += (dg16[i] != f32_to_bf16(dg[i])) + (du16[i] != f32_to_bf16(du[i]));
         report("swiglu_backward n=" + std::to_string(n) + ": bf16 outputs differing from bf16(fp32 outputs)", d, 0);

@@ -170,9 +170,11 @@ extension CUDAModel {
     }
 
     /// `ls` as one `FusedProjections`, nil when their products must run one by one (`linearBackward`): not bf16, a
-    /// frozen weight, product copies or gradients not adjacent (QLoRA's shared decode, a bias between the weights in
-    /// the arena), an adapter, a clipped STE (each changes its own products), or no product input common to all:
-    /// `shared` (`sharedProductInput`'s), else, when no input quantizer quantizes, x's bf16 copy made once here.
+    /// frozen weight, a trainable bias (its sum of the fp32 dy stays with `linearBackward`; the arena holds it right
+    /// after its weight, so a layer whose Linears all have one has no adjacent gradients anyway), product copies or
+    /// gradients not adjacent (QLoRA's shared decode), an adapter, a clipped STE (each changes its own products), or
+    /// no product input common to all: `shared` (`sharedProductInput`'s), else, when no input quantizer quantizes,
+    /// x's bf16 copy made once here.
     func fusedProjections(_ ls: [Linear], shared: CUdeviceptr?, x: CUdeviceptr, n: Int, buffers b: Buffers) throws -> FusedProjections? {
         guard precision == .bf16, let first = ls.first else { return nil }
         guard shared != nil || (x != 0 && ls.allSatisfy { $0.inputQuantizer?.isQuantizing != true }) else { return nil }
@@ -180,7 +182,8 @@ extension CUDAModel {
         var next: (w16: CUdeviceptr, gradient: CUdeviceptr) = (0, 0)  // where the next Linear's copy and gradient must start
         for l in ls {
             guard let dl = linears[ObjectIdentifier(l)], dl.packed == nil, !dl.frozen, !hasAdapter(l), l.inFeatures == first.inFeatures,
-                clipAmax(l.inputQuantizer) == nil, clipAmax(l.weightQuantizer) == nil, let gw = gradient(l.weight)
+                clipAmax(l.inputQuantizer) == nil, clipAmax(l.weightQuantizer) == nil, l.bias.flatMap(gradient) == nil,
+                let gw = gradient(l.weight)
             else { return nil }
             if dl.stale { try prepare(dl) }
             guard let copy = dl.bf16, starts == nil || (copy.ptr == next.w16 && gw == next.gradient) else { return nil }
@@ -193,19 +196,13 @@ extension CUDAModel {
         return FusedProjections(linears: ls, w16: starts.w16, gradient: starts.gradient, input: input)
     }
 
-    /// The backward of `f` as `linearBackward` of each, with its products as one: dW += dyᵀ·x_used over the Linears'
-    /// rows together ([Σ out, in]), db += Σ dy per bias, then dx = dy·W over K = Σ out (written, not added).
-    /// `dy`: the fp32 dys in order (the biases read them); `dy16`: their bf16 copies as the rows of one [n, Σ out] matrix.
-    func fusedProjectionBackward(_ f: FusedProjections, dy: [CUdeviceptr], dy16: CUdeviceptr, n: Int, dx: CUdeviceptr) throws {
+    /// The backward of `f` as `linearBackward` of each (no bias gradient: `fusedProjections`), with its products as
+    /// one: dW += dyᵀ·x_used over the Linears' rows together ([Σ out, in]), then dx = dy·W over K = Σ out (written,
+    /// not added). `dy16`: the Linears' bf16 dys as the rows of one [n, Σ out] matrix.
+    func fusedProjectionBackward(_ f: FusedProjections, dy16: CUdeviceptr, n: Int, dx: CUdeviceptr) throws {
         let width = f.width, inp = f.linears[0].inFeatures
         try device.gemm(
             transA: true, m: width, n: inp, k: n, a: dy16, lda: width, b: f.input, ldb: inp, c: f.gradient, ldc: inp, beta: 1, bf16: true)
-        for (l, d) in zip(f.linears, dy) {
-            guard let bias = l.bias, let gb = gradient(bias) else { continue }
-            let out = l.outFeatures
-            try device.columnSum(
-                out: gb, a: d, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
-        }
         try device.gemm(m: n, n: inp, k: width, a: dy16, lda: width, b: f.w16, ldb: inp, c: dx, ldc: inp, bf16: true)
     }
 
@@ -246,21 +243,22 @@ extension CUDAModel {
         if downInput == nil { try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * I) }
         let bf = precision == .bf16, dres16 = bf ? g.dy16.ptr : 0  // (dres's bf16 copy, see `backward`)
         try linearBackward(dp, dy: dres, x: h, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf, input: downInput)
-        // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
-        // the fp32 ones only when a bias or an adapter reads them.
-        let fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }
-        let dgate = fp32Grads ? try scratch("dgate32", bytes: N * I * 4) : 0, dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
         // (the products' input as the forward's `normForward` made it, or made again from its fp32 rows)
         let ln2 = a.made(.ln2) ?? 0
         let gateUp = try a.made(.gateUpInput) ?? sharedProductInput([gp, up], ln2, n: N, buffers: b)
         if let fused = try fusedProjections([gp, up], shared: gateUp, x: ln2, n: N, buffers: b) {
-            // the bf16 copies as the rows [dgate | dup] of the fused products' dy
+            // only the bf16 copies, as the rows [dgate | dup] of the fused products' dy (nothing reads fp32 ones)
             let d16 = try scratch("dgateup16", bytes: N * 2 * I * 2)
             try device.swigluBackward(
-                dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: d16,
+                dgate: 0, dup: 0, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: d16,
                 dup16: d16 + CUdeviceptr(I * 2), stride16: 2 * I)
-            try fusedProjectionBackward(fused, dy: [dgate, dup], dy16: d16, n: N, dx: g.dln.ptr)
+            try fusedProjectionBackward(fused, dy16: d16, n: N, dx: g.dln.ptr)
         } else {
+            // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
+            // the fp32 ones only when a bias or an adapter reads them.
+            let fp32Grads = !bf || [gp, up].contains { $0.bias != nil || hasAdapter($0) }
+            let dgate = fp32Grads ? try scratch("dgate32", bytes: N * I * 4) : 0
+            let dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
             let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
             try device.swigluBackward(
                 dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: dgate16,
@@ -319,12 +317,10 @@ extension CUDAModel {
         if let fused = try fusedProjections([L.qProj, L.kProj, L.vProj], shared: qkv, x: ln, n: N, buffers: b) {
             // (in g.dy16 when it is wide enough: o_proj has read dres's copy there, the input norm writes the next)
             let ld = H * D + 2 * Hkv * D, d16 = g.dy16.bytes >= N * ld * 2 ? g.dy16.ptr : try scratch("dqkv16", bytes: N * ld * 2)
-            let dys = [
-                try chain(g.dq.ptr, heads: H, norm: qNorm, d16: d16, stride: ld),
-                try chain(g.dk.ptr, heads: Hkv, norm: kNorm, d16: d16 + CUdeviceptr(H * D * 2), stride: ld), g.dv.ptr,
-            ]
+            _ = try chain(g.dq.ptr, heads: H, norm: qNorm, d16: d16, stride: ld)
+            _ = try chain(g.dk.ptr, heads: Hkv, norm: kNorm, d16: d16 + CUdeviceptr(H * D * 2), stride: ld)
             try device.toBF16(out: d16 + CUdeviceptr((H + Hkv) * D * 2), stride: ld, g.dv.ptr, rows: N, cols: Hkv * D)
-            try fusedProjectionBackward(fused, dy: dys, dy16: d16, n: N, dx: g.dln.ptr)
+            try fusedProjectionBackward(fused, dy16: d16, n: N, dx: g.dln.ptr)
         } else {
             let d16 = bf ? g.dy16.ptr : 0
             let dq = try chain(g.dq.ptr, heads: H, norm: qNorm, d16: d16, stride: H * D)

@@ -152,7 +152,7 @@ extension CUDAModel {
     ) throws {
         let dw = try gradient(weight).map { ($0, try scratch("colsum", bytes: CUDADevice.rmsnormBackwardScratch(n: n, c: c) * 4)) }
         try device.rmsnormBackward(
-            dinp: dinp, dout: dout, inp: inp, weight: tensor(weight), rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16,
+            dinp: dinp, dout: dout, inp: inp, weight: try read(weight), rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16,
             dinp16Rows: dinp16Rows, weightGradient: dw)
     }
 

@@ -36,6 +36,11 @@ public final class CUDAModel: @unchecked Sendable {
 
     var linears: [ObjectIdentifier: DeviceLinear] = [:]
     var tensors: [ObjectIdentifier: DeviceBuffer] = [:]  // by Parameter
+    /// The bf16 roundings (fp32) that norm weights and biases are read from, by Parameter, and those not current
+    /// (`readStoredDType`, CUDAModel+StoredDType.swift); whether the embedding lookup rounds the same way.
+    var rounded: [ObjectIdentifier: DeviceBuffer] = [:]
+    var roundedStale = Set<ObjectIdentifier>()
+    var embeddingRounded = false
     let cosTable, sinTable: DeviceBuffer
     private let maxPositions: Int
 
@@ -135,10 +140,10 @@ public final class CUDAModel: @unchecked Sendable {
         }
     }
 
-    /// Call after the host weights or any weight quantizer changed (calibration, a step). `except`: Linears whose
-    /// product copies the change already rewrote (the optimizer step's `weightRefresh`).
-    public func markWeightsChanged(except current: Set<ObjectIdentifier> = []) {
-        for (id, l) in linears where !current.contains(id) { l.stale = true }
+    /// Call after the host weights or any weight quantizer changed (calibration, a step).
+    public func markWeightsChanged() {
+        for l in linears.values { l.stale = true }
+        roundedStale = Set(rounded.keys)
     }
 
     func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
@@ -387,24 +392,30 @@ public final class CUDAModel: @unchecked Sendable {
         dl.stale = false
     }
 
-    /// What the optimizer's kernel (`adamw_update`) writes besides the new fp32 weights of a Linear in bf16 precision:
-    /// its bf16 product copy (`w16`), as `prepare` would make it at the next use, in the same pass: the bf16 rounding
-    /// of the weights, or, with an NVFP4 weight quantizer that quantizes (`nvfp4`), of their fake quant.
+    /// What the optimizer's kernel (`adamw_update`) writes besides the new fp32 values of a parameter, in the same
+    /// pass, in bf16 precision: a Linear weight's bf16 product copy (`w16`), as `prepare` would make it at the next use
+    /// (the bf16 rounding of the weights, or, with an NVFP4 weight quantizer that quantizes (`nvfp4`), of their fake
+    /// quant); or the bf16 rounding (fp32) a norm weight or a bias is read from (`roundedID`, `readStoredDType`).
     public struct WeightRefresh {
-        let linearID: ObjectIdentifier
+        let linearID: ObjectIdentifier?
+        let roundedID: ObjectIdentifier?
         let w16: CUdeviceptr
         let nvfp4: (amax: Float, export: Bool)?
 
+        /// `adamw_update`'s refresh code: 0 the bf16 copy, 1 the bf16 copy of the NVFP4 fake quant, 2 the fp32 rounding.
+        var code: Int { roundedID != nil ? 2 : nvfp4 == nil ? 0 : 1 }
+
         /// Whether `adamw_update` can write it for a parameter of `count` floats with these arrays (its contract:
-        /// the four arrays 16-byte aligned, the copy 8-byte aligned, whole 16-blocks for NVFP4).
+        /// the four arrays 16-byte aligned, the copy 8-byte aligned (16 for the fp32 rounding), whole 16-blocks for NVFP4).
         func fits(p: CUdeviceptr, g: CUdeviceptr, m: CUdeviceptr, v: CUdeviceptr, count: Int) -> Bool {
-            (p | g | m | v) % 16 == 0 && w16 % 8 == 0 && (nvfp4 == nil || count % 16 == 0)
+            (p | g | m | v) % 16 == 0 && w16 % (roundedID == nil ? 8 : 16) == 0 && (nvfp4 == nil || count % 16 == 0)
         }
     }
 
-    /// The `WeightRefresh` of each Linear weight whose product copy the optimizer step can write (bf16 precision,
-    /// no other weight quantizer format, rows of whole 16-blocks for NVFP4, not an inference-only copy or QLoRA's
-    /// packed base), by parameter; the other Linears' copies are made by `prepare` at their next use, as before.
+    /// The `WeightRefresh` of each parameter whose copy the optimizer step can write, by parameter: the Linear weights'
+    /// product copies (bf16 precision, no other weight quantizer format, rows of whole 16-blocks for NVFP4, not an
+    /// inference-only copy or QLoRA's packed base) and the roundings `readStoredDType` keeps; the other Linears' copies
+    /// are made by `prepare`, and the other roundings by `read`, at their next use.
     public func weightRefreshes() throws -> [ObjectIdentifier: WeightRefresh] {
         guard precision == .bf16 else { return [:] }
         var out: [ObjectIdentifier: WeightRefresh] = [:]
@@ -415,20 +426,28 @@ public final class CUDAModel: @unchecked Sendable {
             if nvfp4 != nil && l.inFeatures % NVFP4.blockSize != 0 { continue }
             if dl.bf16 == nil { dl.bf16 = try DeviceBuffer(device, bytes: count * 2) }
             out[ObjectIdentifier(l.weight)] = WeightRefresh(
-                linearID: id, w16: dl.bf16!.ptr, nvfp4: nvfp4.map { (amax: $0.0, export: $0.1) })
+                linearID: id, roundedID: nil, w16: dl.bf16!.ptr, nvfp4: nvfp4.map { (amax: $0.0, export: $0.1) })
         }
+        for (id, r) in rounded { out[id] = WeightRefresh(linearID: nil, roundedID: id, w16: r.ptr, nvfp4: nil) }
         return out
     }
 
-    /// After the optimizer step wrote these refreshes: their Linears' copies are current (no fp32 fake-quant copy
-    /// is kept, as `prepare` keeps none in bf16), every other Linear's is stale.
+    /// After the optimizer step wrote these refreshes: their copies are current (no fp32 fake-quant copy is kept, as
+    /// `prepare` keeps none in bf16); every other Linear's is stale, and so is the rounding of every other parameter
+    /// the step updated (one with a gradient).
     public func weightsStepped(refreshed: [WeightRefresh]) {
-        let ids = Set(refreshed.map(\.linearID))
-        for id in ids {
-            linears[id]?.fakeQuant = nil
-            linears[id]?.stale = false
+        let ids = Set(refreshed.compactMap(\.linearID)), roundedIDs = Set(refreshed.compactMap(\.roundedID))
+        for (id, l) in linears {
+            l.stale = !ids.contains(id)
+            if ids.contains(id) { l.fakeQuant = nil }
         }
-        markWeightsChanged(except: ids)
+        for p in model.parameters where rounded[ObjectIdentifier(p)] != nil && gradient(p) != nil {
+            if roundedIDs.contains(ObjectIdentifier(p)) {
+                roundedStale.remove(ObjectIdentifier(p))
+            } else {
+                roundedStale.insert(ObjectIdentifier(p))
+            }
+        }
     }
 
     /// (amax, export mode) of an NVFP4 quantizer that quantizes with a valid amax: its fake quant
@@ -491,7 +510,7 @@ public final class CUDAModel: @unchecked Sendable {
         {
             let out = try a.write(fused)
             try device.rmsnormNVFP4(
-                bf16Out: out, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: c, eps: config.rmsNormEps, globalAmax: amax,
+                bf16Out: out, rstd: rstd, inp: x, weight: try read(norm), n: n, c: c, eps: config.rmsNormEps, globalAmax: amax,
                 exportMode: export)
             return (out, 0)
         }
@@ -500,7 +519,7 @@ public final class CUDAModel: @unchecked Sendable {
         let ln16 = b.ln16?.ptr
         let bf16Only = !b.training && ln16 != nil && ls.allSatisfy { readsOnlyBF16Input($0) }
         let out = bf16Only ? 0 : try a.write(normalized)
-        try device.rmsnorm(out: out, rstd: rstd, inp: x, weight: tensor(norm), n: n, c: c, eps: config.rmsNormEps, out16: ln16 ?? 0)
+        try device.rmsnorm(out: out, rstd: rstd, inp: x, weight: try read(norm), n: n, c: c, eps: config.rmsNormEps, out16: ln16 ?? 0)
         return (bf16Only ? nil : try sharedProductInput(ls, out, x16: ln16, n: n, buffers: b), out)
     }
 
@@ -526,7 +545,7 @@ public final class CUDAModel: @unchecked Sendable {
         }
         try device.gemmXWt(
             n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16, beta: accumulate ? 1 : 0)
-        if let bias = dl.bias { try device.addBias(out, bias: bias.ptr, rows: n, cols: l.outFeatures) }
+        if let bias = dl.bias, let p = l.bias { try device.addBias(out, bias: try read(p, master: bias.ptr), rows: n, cols: l.outFeatures) }
         if let ad = lora?.adapters[ObjectIdentifier(l)] { try adapterForward(ad, x: x, x16: x16, out: out, n: n, training: b.training) }
     }
 
@@ -545,7 +564,8 @@ public final class CUDAModel: @unchecked Sendable {
         let b = try ensureBuffers(batch: batch, seqLen: seqLen, training: saveForBackward)
         try tokens.withUnsafeBytes { try b.tokens.upload($0.baseAddress!, bytes: $0.count) }
         if saveForBackward { lastTokens = tokens }
-        try device.embedding(out: b.residuals[0].ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C)
+        try device.embedding(
+            out: b.residuals[0].ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C, roundBF16: embeddingRounded)
         for (l, L) in model.layers.enumerated() {
             let a = b.layers[saveForBackward && !b.checkpointed ? l : 0]
             let xin = b.residuals[saveForBackward ? l : 0].ptr, xout = b.residuals[saveForBackward ? l + 1 : 0].ptr
@@ -553,7 +573,7 @@ public final class CUDAModel: @unchecked Sendable {
         }
         let last = b.residuals[saveForBackward ? model.layers.count : 0].ptr
         try device.rmsnorm(
-            out: b.final.ptr, rstd: b.finalRstd.ptr, inp: last, weight: tensor(model.finalNorm), n: N, c: C, eps: c.rmsNormEps,
+            out: b.final.ptr, rstd: b.finalRstd.ptr, inp: last, weight: try read(model.finalNorm), n: N, c: C, eps: c.rmsNormEps,
             out16: b.final16?.ptr ?? 0)
         try flushCalibration()
         return b.final.ptr
@@ -570,8 +590,8 @@ public final class CUDAModel: @unchecked Sendable {
         try linear(L.kProj, ln, x16: ln16, input: qkv, out: c.qkNorm ? a.kRaw.ptr : a.kRope.ptr, n: N, buffers: b)
         try linear(L.vProj, ln, x16: ln16, input: qkv, out: a.vRaw.ptr, n: N, buffers: b)
         if let qn = L.qNorm, let kn = L.kNorm {
-            try device.rmsnorm(out: a.q.ptr, rstd: a.qRstd.ptr, inp: a.qRaw.ptr, weight: tensor(qn), n: N * H, c: D, eps: eps)
-            try device.rmsnorm(out: a.kRope.ptr, rstd: a.kRstd.ptr, inp: a.kRaw.ptr, weight: tensor(kn), n: N * Hkv, c: D, eps: eps)
+            try device.rmsnorm(out: a.q.ptr, rstd: a.qRstd.ptr, inp: a.qRaw.ptr, weight: try read(qn), n: N * H, c: D, eps: eps)
+            try device.rmsnorm(out: a.kRope.ptr, rstd: a.kRstd.ptr, inp: a.kRaw.ptr, weight: try read(kn), n: N * Hkv, c: D, eps: eps)
         }
         // On the tensor cores the backward reads only q, k and v's bf16 copies: RoPE writes q's, attention k's and v's.
         let tensorCores = CUDADevice.attentionOnTensorCores(bf16: precision == .bf16, headDim: D)

@@ -184,8 +184,8 @@ extension CUDADevice {
 
     /// AdamW over one parameter (scalars as `AdamW.Coefficients`), the gradient read as g·clip
     /// (gradient clipping's fp32 coefficient, `CUDAStepBackend.clipCoefficient`; 1: unclipped).
-    /// `refresh` (`CUDAModel.weightRefresh`): the parameter's bf16 product copy rewritten from the new values in
-    /// the same pass (their bf16 rounding, or that of their NVFP4 fake quant).
+    /// `refresh` (`CUDAModel.WeightRefresh`): the parameter's bf16 product copy rewritten from the new values in
+    /// the same pass (their bf16 rounding, or that of their NVFP4 fake quant), or the fp32 rounding it is read from.
     func adamw(
         p: CUdeviceptr, g: CUdeviceptr, m: CUdeviceptr, v: CUdeviceptr, count: Int, decay: Float, lerpSmall: Bool, lerpWeight: Float,
         beta2: Float, oneMinusBeta2: Float, bc2Sqrt: Float, eps: Float, negStepSize: Float, clip: Float = 1,
@@ -201,7 +201,7 @@ extension CUDADevice {
             [
                 .ptr(p), .ptr(g), .ptr(m), .ptr(v), .i64(count), .f32(decay), .i32(lerpSmall ? 1 : 0), .f32(lerpWeight),
                 .f32(beta2), .f32(oneMinusBeta2), .f32(bc2Sqrt), .f32(eps), .f32(negStepSize), .f32(clip),
-                .ptr(refresh?.w16 ?? 0), .i32(refresh?.nvfp4 == nil ? 0 : 1), .f32(refresh?.nvfp4?.amax ?? 0),
+                .ptr(refresh?.w16 ?? 0), .i32(refresh?.code ?? 0), .f32(refresh?.nvfp4?.amax ?? 0),
                 .i32(refresh?.nvfp4?.export == true ? 1 : 0),
             ])
     }

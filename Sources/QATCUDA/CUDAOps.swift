@@ -24,10 +24,16 @@ extension CUDADevice {
         if kernels.syncEachLaunch { try synchronize() }
     }
 
-    func embedding(out: CUdeviceptr, tokens: CUdeviceptr, table: CUdeviceptr, n: Int, c: Int) throws {
+    /// `roundBF16`: the rows' bf16 rounding (as fp32).
+    func embedding(out: CUdeviceptr, tokens: CUdeviceptr, table: CUdeviceptr, n: Int, c: Int, roundBF16: Bool = false) throws {
         try kernels.launch(
             "embedding_forward", grid: (n, 1, 1), block: (min(256, max(32, c)), 1, 1),
-            [.ptr(out), .ptr(tokens), .ptr(table), .i32(n), .i32(c)])
+            [.ptr(out), .ptr(tokens), .ptr(table), .i32(n), .i32(c), .i32(roundBF16 ? 1 : 0)])
+    }
+
+    /// out = the bf16 rounding of x (fp32, count floats; out may be x).
+    func roundBF16(out: CUdeviceptr, _ x: CUdeviceptr, count: Int) throws {
+        try kernels.launch1D("round_bf16", count, [.ptr(out), .ptr(x), .i64(count)])
     }
 
     /// `out16`: also write the output's bf16 copy there (the input of bf16 products).

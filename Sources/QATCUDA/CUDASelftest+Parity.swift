@@ -14,6 +14,7 @@ extension CUDASelftest {
         try maskExtraVocabCheck()
         try trainerCheck()
         try weightRefreshCheck()
+        try storedDTypeCheck()
         try nvfp4FlipDiagnostic()
     }
 
@@ -115,6 +116,7 @@ extension CUDASelftest {
         var options = Trainer.Options(outputDir: dir, checkpointDir: dir + "/checkpoints")
         options.quiet = true; options.finalEvaluation = false
         let gm = try CUDAModel(model: model, device: device, precision: .bf16)
+        try gm.readStoredDType(bf16: Set(model.parameters.map(\.name)))
         options.backend = CUDAStepBackend(model: gm) { _ in throw QATError.internal("selftest: no teacher") }
         let trainer = try Trainer(
             model: model, spec: spec, seqLen: seqLen, trainStream: stream, validationStream: [], validationSequences: nil,
@@ -132,10 +134,22 @@ extension CUDASelftest {
             if gm.nvfp4Quantizing(dl.linear.weightQuantizer) != nil { nvfp4 += 1 }
             differ += zip(stepped, prepared).filter { $0 != $1 }.count
         }
+        // The norm weights' and biases' roundings (`readStoredDType`): current after the step, each the bf16 rounding
+        // of its new master.
+        var rounded = 0, roundedDiffer = 0.0
+        for p in model.parameters {
+            guard let r = gm.rounded[ObjectIdentifier(p)], !gm.roundedStale.contains(ObjectIdentifier(p)) else { continue }
+            let master = try gm.tensors[ObjectIdentifier(p)]!.floats(p.count)
+            roundedDiffer += Self.bitMismatches(master.map { bf16ToFloat(floatToBF16($0)) }, try r.floats(p.count))
+            rounded += 1
+        }
         for p in model.parameters { p.setRequiresGrad(false) }
         add(
             "bf16 NVFP4 trainer steps: product copies rewritten by AdamW (\(current), \(nvfp4) NVFP4) vs prepare's",
             current > nvfp4 && nvfp4 > 0 ? Double(differ) : .nan, 0, "values differ")
+        add(
+            "bf16 NVFP4 trainer steps: roundings of norm weights and biases rewritten by AdamW (\(rounded) of \(gm.rounded.count))",
+            rounded == gm.rounded.count && rounded > 0 ? roundedDiffer : .nan, 0, "values differ")
     }
 
     /// Where fp32 NVFP4 runs of the GPU and the CPU part. Logits of the same fp32 model on both

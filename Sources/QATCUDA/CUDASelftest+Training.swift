@@ -135,7 +135,7 @@ extension CUDASelftest {
     }
 
     /// Every parameter's device gradient (an empty array where the model has none).
-    private func deviceGradients(_ gm: CUDAModel, _ model: CausalLM) throws -> [[Float]] {
+    func deviceGradients(_ gm: CUDAModel, _ model: CausalLM) throws -> [[Float]] {
         try model.parameters.map { p in
             guard let ptr = gm.gradient(p) else { return [] }
             var dg = [Float](repeating: 0, count: p.count)
@@ -203,10 +203,13 @@ extension CUDASelftest {
 
     /// One AdamW step that also rewrites the weight's bf16 product copy (`CUDAModel.WeightRefresh`): the new fp32
     /// weights bit for bit as the CPU optimizer's, and the copy as the bf16 rounding of those weights (a tail of 3
-    /// included) or of their NVFP4 fake quant on the CPU (`NVFP4.fakeQuant`, both modes, rows of 3 and 5 16-blocks).
+    /// included) or of their NVFP4 fake quant on the CPU (`NVFP4.fakeQuant`, both modes, rows of 3 and 5 16-blocks),
+    /// or, for a norm weight or bias read as stored (`readStoredDType`), the fp32 value of that bf16 rounding.
     private mutating func adamwRefreshCheck() throws {
-        let cases: [(rows: Int, cols: Int, nvfp4: NVFP4.FakeQuantMode?)] = [(61, 48, .modelOpt), (37, 80, .export), (1, 5003, nil)]
-        for (rows, cols, mode) in cases {
+        let cases: [(rows: Int, cols: Int, nvfp4: NVFP4.FakeQuantMode?, rounded: Bool)] = [
+            (61, 48, .modelOpt, false), (37, 80, .export, false), (1, 5003, nil, false), (1, 2051, nil, true),
+        ]
+        for (rows, cols, mode, roundedCopy) in cases {
             let count = rows * cols
             let value = Tensor(shape: [count], values: Self.random(count, seed: 51)), grad = Tensor(shape: [count])
             let cfg = OptimizerConfig(
@@ -217,7 +220,7 @@ extension CUDASelftest {
             for i in 0..<count { grad[i] = gv[i] }
             let p = try gpu(Self.random(count, seed: 51)), gd = try gpu(gv)
             let m = try DeviceBuffer(device, floats: count), v = try DeviceBuffer(device, floats: count),
-                w16 = try DeviceBuffer(device, bytes: count * 2)
+                w16 = try DeviceBuffer(device, bytes: count * (roundedCopy ? 4 : 2))
             try m.zero(); try v.zero()
             opt.step(lrFactor: 1)
             let c = AdamW.coefficients(opt.groups[0].hyper, lr: opt.groups[0].hyper.lr, step: 1)
@@ -227,13 +230,18 @@ extension CUDASelftest {
                 p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall, lerpWeight: c.lerpWeight,
                 beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps, negStepSize: c.negStepSize,
                 refresh: CUDAModel.WeightRefresh(
-                    linearID: ObjectIdentifier(value), w16: w16.ptr, nvfp4: mode.map { (amax: amax, export: $0 == .export) }))
+                    linearID: roundedCopy ? nil : ObjectIdentifier(value), roundedID: roundedCopy ? ObjectIdentifier(value) : nil,
+                    w16: w16.ptr, nvfp4: mode.map { (amax: amax, export: $0 == .export) }))
             var expected = host
             if let mode { NVFP4.fakeQuant(host, &expected, rows: rows, cols: cols, globalAmax: amax, mode: mode) }
-            let what = mode.map { "NVFP4 \($0.rawValue) [\(rows)×\(cols)]" } ?? "bf16, \(count) floats"
+            let what = mode.map { "NVFP4 \($0.rawValue) [\(rows)×\(cols)]" } ?? "bf16\(roundedCopy ? " as fp32" : ""), \(count) floats"
+            let copyMismatches =
+                roundedCopy
+                ? Self.bitMismatches(expected.map { bf16ToFloat(floatToBF16($0)) }, try w16.floats(count))
+                : try bf16Mismatches(w16, of: expected)
             add(
                 "AdamW step with the product copy refreshed (\(what)): weights, copy",
-                Self.bitMismatches(host, try p.floats(count)) + (try bf16Mismatches(w16, of: expected)), 0, "mismatches")
+                Self.bitMismatches(host, try p.floats(count)) + copyMismatches, 0, "mismatches")
         }
     }
 }

@@ -112,14 +112,7 @@ public enum Exporter {
         }
         let plan = try ExportPlan.make(model: model, quantizers: quantizers)
 
-        // Source dtypes (used when no save dtype is given).
-        let source = try? ModelWeights(path: src)
-        let configDType = model.config.dtype.flatMap { DType(torchName: $0) } ?? .f32
-        func dtype(for name: String) -> DType {
-            if let d = options.saveDtype { return d }
-            if let d = source?.info(name)?.dtype, d == .f32 || d == .f16 || d == .bf16 { return d }
-            return configDType
-        }
+        let dtype = storedDType(saveDtype: options.saveDtype, sourceDirectory: src, config: model.config)
 
         // Tensors, in model order.
         var writer = SafeTensorsWriter()
@@ -130,7 +123,7 @@ public enum Exporter {
         let kvByLayer = Dictionary(uniqueKeysWithValues: plan.kvCache.map { ($0.layer, $0) })
         for p in model.parameters {
             guard let l = quantizedWeights[p.name], let e = entries[l.name] else {
-                try writer.add(name: p.name, tensor: p.value, as: dtype(for: p.name))
+                try writer.add(name: p.name, tensor: p.value, as: dtype(p.name))
                 continue
             }
             let n = try writeQuantized(l, e, into: &writer)
@@ -206,6 +199,18 @@ public enum Exporter {
             directory: out, plan: plan, files: files, tensorBytes: writer.totalBytes, totalBytes: total,
             weightMismatches: mismatches, hfQuantConfig: hf, quantizationConfig: qc,
             unrecoverableScales: unrecoverableScales(quantizers))
+    }
+
+    /// The dtype the export stores an unquantized tensor in, by name: the save dtype when one is given, else the
+    /// tensor's dtype in the source checkpoint (fp32, fp16 or bf16), else config.json's dtype (fp32 without one).
+    public static func storedDType(saveDtype: DType?, sourceDirectory: String, config: ModelConfig) -> (String) -> DType {
+        if let d = saveDtype { return { _ in d } }
+        let source = try? ModelWeights(path: sourceDirectory)
+        let configDType = config.dtype.flatMap { DType(torchName: $0) } ?? .f32
+        return { name in
+            if let d = source?.info(name)?.dtype, d == .f32 || d == .f16 || d == .bf16 { return d }
+            return configDType
+        }
     }
 
     /// Gives every enabled NVFP4/FP8 quantizer the amax the export stores exactly (see

@@ -123,7 +123,11 @@ final class ApplyRun {
     /// refused by `checkDeviceSupport`, before any work.
     func openDevice() throws {
         guard recipe.device.isCUDA else { return }
-        device = try DeviceRunner(try rankDevice(), precision: recipe.precision)
+        var config: ModelConfig?
+        if recipe.train.mode != .none { config = try ModelConfig.load(directory: recipe.model) }
+        device = try DeviceRunner(
+            try rankDevice(), precision: recipe.precision,
+            storedDType: config.map { Exporter.storedDType(saveDtype: recipe.export.saveDtype, sourceDirectory: recipe.model, config: $0) })
     }
 
     /// The GPU of this rank: the recipe's device alone, or under mpirun GPU (N + local rank)

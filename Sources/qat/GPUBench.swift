@@ -181,6 +181,8 @@ struct GPUBench {
         let before = gpu.bytesInUse
         gpu.resetPeak()
         let gm = try CUDAModel(model: model, device: gpu, precision: .bf16)
+        // As `qat apply` trains a bf16 checkpoint for a bf16 export (ModelOpt's side is a bf16 model too).
+        try gm.readStoredDType(bf16: Set(model.parameters.map(\.name)))
         var spec = Recipe.TrainSpec()
         // With --profile one more step runs, every launch timed (synchronised), outside the median.
         spec.mode = mode; spec.steps = repeats + (profile ? 3 : 2); spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"

@@ -81,10 +81,15 @@ final class DeviceRunner {
     let gpu: CUDADevice?
     let precision: Precision
     private var copies: [ObjectIdentifier: CUDAModel] = [:]
+    /// The dtype the export will store each unquantized parameter in (`Exporter.storedDType`), when the models are
+    /// trained for one: in bf16 precision the copies that can train then read the parameters it stores in bf16 as
+    /// their bf16 rounding (`CUDAModel.readStoredDType`).
+    let storedDType: ((String) -> DType)?
 
-    init(_ device: ComputeDevice, precision: Precision) throws {
+    init(_ device: ComputeDevice, precision: Precision, storedDType: ((String) -> DType)? = nil) throws {
         gpu = device.isCUDA ? try GPU.open(device) : nil
         self.precision = precision
+        self.storedDType = storedDType
     }
 
     /// The device copy of `m` (made once; `inferenceOnly`: see `CUDAModel.init`), nil on the CPU.
@@ -92,6 +97,9 @@ final class DeviceRunner {
         guard let gpu else { return nil }
         if let c = copies[ObjectIdentifier(m)] { return c }
         let c = try CUDAModel(model: m, device: gpu, precision: precision, inferenceOnly: inferenceOnly)
+        if let storedDType, !inferenceOnly {
+            try c.readStoredDType(bf16: Set(m.parameters.map(\.name).filter { storedDType($0) == .bf16 }))
+        }
         copies[ObjectIdentifier(m)] = c
         return c
     }

@@ -33,6 +33,24 @@ struct Buf16 {
 };
 
 int main() {
+    // embedding_forward: rows of the table, as they are and as their bf16 rounding
+    {
+        const int V = 37, c = 19, n = 11;
+        Buf table(V * c, 0);
+        std::vector<int> tokens(n);
+        for (int i = 0; i < n; i++) tokens[i] = (i * 7 + 3) % V;
+        for (int round = 0; round < 2; round++) {
+            std::vector<float> out(n * c, -1), want(n * c);
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < c; j++) {
+                    float x = table.p()[tokens[i] * c + j];
+                    want[i * c + j] = round ? bf16_to_f32(f32_to_bf16(x)) : x;
+                }
+            emu_launch({(unsigned)n, 1, 1}, 32, 0, [&] { embedding_forward(out.data(), tokens.data(), table.p(), n, c, round); });
+            report(std::string("embedding_forward") + (round ? " rounded to bf16" : "") + ": values differing",
+                   differing(want.data(), out.data(), out.size()), 0);
+        }
+    }
     for (int off : {0, 1}) {
         std::string at = off ? " (one float off)" : " (aligned)";
         for (size_t n : {(size_t)4096, (size_t)1003}) {
@@ -49,6 +67,17 @@ int main() {
             for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(b.p()[i]);
             launch1D(n, [&] { to_bf16(h16.p(), b.p(), (long)n); });
             report("to_bf16" + tag + ": values differing", differing(ref16.data(), h16.p(), n), 0);
+            // round_bf16 (into another array, then in place)
+            {
+                std::vector<float> want(n), out(n);
+                for (size_t i = 0; i < n; i++) want[i] = bf16_to_f32(ref16[i]);
+                launch1D(n, [&] { round_bf16(out.data(), b.p(), (long)n); });
+                Buf c(n, off);
+                memcpy(c.p(), b.p(), n * 4);
+                launch1D(n, [&] { round_bf16(c.p(), c.p(), (long)n); });
+                report("round_bf16" + tag + ": values differing (out of place, in place)",
+                       differing(want.data(), out.data(), n) + differing(want.data(), c.p(), n), 0);
+            }
             // to_bf16_rows: [rows, cols] into rows ld apart (cols 8: the float4 path when aligned; 7: one by one), gaps kept
             for (int cols : {8, 7}) {
                 int rows = 5, ld = cols + 4;

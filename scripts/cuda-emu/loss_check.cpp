@@ -200,6 +200,21 @@ static void adamwCase(int n, int offset) {
         if (copy) for (int i = 0; i < n; i++) differ += w16[i] != f32_to_bf16(rp[i]);
         report("adamw_update n=" + std::to_string(n) + " offset " + std::to_string(offset) + (hostGrid ? " host grid" : "") + " lerpSmall " + std::to_string(lerpSmall) +
                    " (elements differ)", differ, 0);
+        if (offset != 0) continue;
+        // refresh 2: the fp32 value of the bf16 rounding (a norm weight's or a bias's read copy), tail included.
+        std::vector<float> p2 = p0, m2 = m0, v2 = v0, r2(n + 8, -1.0f);
+        emu_launch({hostGrid ? (unsigned)(((n + 3) / 4 + 255) / 256) : 3u, 1, 1}, hostGrid ? 256 : 64, 0, [&] {
+            adamw_update(p2.data(), g.data(), m2.data(), v2.data(), n, decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip,
+                         (u16 *)r2.data(), 2, 0.0f, 0);
+        });
+        differ = 0;
+        for (int i = 0; i < n; i++) {
+            float want = bf16_to_f32(f32_to_bf16(rp[i]));
+            differ += memcmp(&p2[i], &rp[i], 4) || memcmp(&r2[i], &want, 4);
+        }
+        for (int i = n; i < n + 8; i++) differ += r2[i] != -1.0f;
+        report("adamw_update refresh 2 (fp32 rounding) n=" + std::to_string(n) + (hostGrid ? " host grid" : "") + " lerpSmall " +
+                   std::to_string(lerpSmall) + " (elements differ)", differ, 0);
     }
 }
 

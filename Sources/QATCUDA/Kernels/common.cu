@@ -17,6 +17,8 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(u >> 16);
 }
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+// x rounded to the nearest bf16 (f32_to_bf16), as fp32.
+__device__ __forceinline__ float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 
 // Round to the nearest E4M3FN value (round half to even, saturate to ±448, NaN stays NaN,
 // sign of zero kept): `e4m3Round` of Sources/QATCore/FP8.swift.

@@ -1,13 +1,18 @@
 // Embedding, residual add, SwiGLU and dtype conversion: forward (and, later, backward) of the
 // element-wise layers (Sources/QATModels/Layers/{Embedding,SwiGLU,Kernels}.swift).
 
-// out[i, :] = table[tokens[i], :]
-extern "C" __global__ void embedding_forward(float *out, const int *tokens, const float *table, int n, int c) {
+// out[i, :] = table[tokens[i], :], or with roundBF16 its bf16 rounding (the table as a bf16 export stores it).
+extern "C" __global__ void embedding_forward(float *out, const int *tokens, const float *table, int n, int c, int roundBF16) {
     long i = blockIdx.x;
     if (i >= n) return;
     const float *src = table + (long)tokens[i] * c;
     float *dst = out + i * (long)c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = roundBF16 ? bf16_round(src[j]) : src[j];
+}
+
+// out = the bf16 rounding of x, as fp32 (out may be x)
+extern "C" __global__ void round_bf16(float *out, const float *x, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) out[i] = bf16_round(x[i]);
 }
 
 // a += b

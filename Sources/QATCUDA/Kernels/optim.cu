@@ -26,7 +26,8 @@ __device__ __forceinline__ void adamw_one(float &p, float g, float &m, float &v,
 // refresh 1 n a multiple of 16): the parameter's bf16 product copy refreshed from the new values in the same pass,
 // so no later pass reads the fp32 master weights again: refresh 0 = their bf16 rounding (to_bf16), 1 = the bf16
 // rounding of their NVFP4 fake quant along rows of 16-blocks (nvfp4_fake_quant's bits: four lanes per 16-block,
-// nvfp4_quad; globalAmax and mode as there).
+// nvfp4_quad; globalAmax and mode as there), 2 = their bf16 rounding as fp32 (round_bf16): w16 then points to n floats
+// (16-byte aligned), the copy a norm weight or a bias is read from when a bf16 export will store it.
 extern "C" __global__ void adamw_update(float *p, const float *g, float *m, float *v, long n, float decay, int lerpSmall, float w,
                                         float beta2, float omb2, float bc2, float eps, float negStep, float clip, u16 *w16,
                                         int refresh, float globalAmax, int mode) {
@@ -55,6 +56,8 @@ extern "C" __global__ void adamw_update(float *p, const float *g, float *m, floa
             if (refresh == 1) {
                 float q[4] = {pp.x, pp.y, pp.z, pp.w};
                 nvfp4_quad(q, on, (float *)0, w16 + 4 * i, gs, mode, zeroFix);
+            } else if (refresh == 2) {
+                if (on) ((float4 *)w16)[i] = make_float4(bf16_round(pp.x), bf16_round(pp.y), bf16_round(pp.z), bf16_round(pp.w));
             } else if (on) {
                 ((uint2 *)w16)[i] = bf16x4(pp.x, pp.y, pp.z, pp.w);
             }
@@ -62,7 +65,9 @@ extern "C" __global__ void adamw_update(float *p, const float *g, float *m, floa
     }
     for (long i = head + t; i < n; i += stride) {
         adamw_one(p[i], g[i], m[i], v[i], decay, lerpSmall, w, beta2, omb2, bc2, eps, negStep, clip);
-        if (w16) w16[i] = f32_to_bf16(p[i]);   // (refresh 0 only: refresh 1 comes with n % 16 == 0 and aligned arrays)
+        // (refresh 1 comes with n % 16 == 0 and aligned arrays: no tail)
+        if (w16 && refresh == 2) ((float *)w16)[i] = bf16_round(p[i]);
+        else if (w16) w16[i] = f32_to_bf16(p[i]);
     }
 }
 

@@ -1,0 +1,44 @@
+import CCUDA
+import QATCore
+import QATModels
+
+/// Training in bf16 for a bf16 export: the model the forward computes is the model the export writes.
+///
+/// A Linear's product already reads its weight's bf16 copy (or that of its NVFP4 fake quant, which the export stores
+/// exactly). The other parameters — the embedding table, the RMSNorm weights, the Linears' biases — were read as
+/// their fp32 masters, and the export rounds them to bf16: a trained model the training never saw. On fortune-lm's
+/// QAD recipe that rounding moved the validation loss by up to 0.0012 (the norm weights alone; their steps are below
+/// a bf16 ulp of weights near 1, so rounding takes most of them back), about 4% of the PTQ gap the training closes.
+/// With `readStoredDType` those parameters are read as their bf16 rounding while the optimizer updates their fp32
+/// masters (a straight-through rounding, as a bf16 model with fp32 master weights trains), so the validation loss
+/// after training is the export's.
+extension CUDAModel {
+    /// Reads the parameters named in `bf16` that are not Linear weights as their bf16 rounding (bf16 precision only;
+    /// a no-op in fp32). `bf16`: the names of the parameters the export stores in bf16 (`Exporter.storedDType`).
+    public func readStoredDType(bf16 names: Set<String>) throws {
+        guard precision == .bf16 else { return }
+        let linearWeights = Set(model.linears.map { ObjectIdentifier($0.weight) })
+        embeddingRounded = names.contains(model.embed.name)
+        for p in model.parameters where names.contains(p.name) && p !== model.embed {
+            let id = ObjectIdentifier(p)
+            guard !linearWeights.contains(id), rounded[id] == nil else { continue }
+            guard tensors[id] != nil || linears.values.contains(where: { $0.linear.bias === p }) else { continue }
+            rounded[id] = try DeviceBuffer(device, floats: p.count)
+            roundedStale.insert(id)
+        }
+    }
+
+    /// The device values the forward and backward read for a norm weight or a bias: its bf16 rounding when
+    /// `readStoredDType` asked for it (made again here when the master changed since), else `master` (by default
+    /// the parameter's fp32 device tensor).
+    func read(_ p: Parameter, master: CUdeviceptr? = nil) throws -> CUdeviceptr {
+        let id = ObjectIdentifier(p)
+        let source = master ?? tensor(p)
+        guard let r = rounded[id] else { return source }
+        if roundedStale.contains(id) {
+            try device.roundBF16(out: r.ptr, source, count: p.count)
+            roundedStale.remove(id)
+        }
+        return r.ptr
+    }
+}

@@ -13,16 +13,24 @@ import QATModels
 /// masters (a straight-through rounding, as a bf16 model with fp32 master weights trains), so the validation loss
 /// after training is the export's.
 extension CUDAModel {
-    /// Reads the parameters named in `bf16` that are not Linear weights as their bf16 rounding (bf16 precision only;
-    /// a no-op in fp32). `bf16`: the names of the parameters the export stores in bf16 (`Exporter.storedDType`).
+    /// The parameters `readStoredDType` can read as stored: the embedding table, every RMSNorm weight and every
+    /// Linear's bias (not LoRA adapters, which the export merges or writes in their own dtype).
+    public static func storedDTypeParameters(_ model: CausalLM) -> [Parameter] {
+        let norms = model.layers.flatMap { [$0.inputNorm, $0.postNorm] + [$0.qNorm, $0.kNorm].compactMap { $0 } }
+        return [model.embed, model.finalNorm] + norms + model.linears.compactMap(\.bias)
+    }
+
+    /// Reads those of `storedDTypeParameters` named in `bf16` as their bf16 rounding (bf16 precision only; a no-op in
+    /// fp32). `bf16`: the names of the parameters the export stores in bf16 (`Exporter.storedDType`).
     public func readStoredDType(bf16 names: Set<String>) throws {
         guard precision == .bf16 else { return }
-        let linearWeights = Set(model.linears.map { ObjectIdentifier($0.weight) })
-        embeddingRounded = names.contains(model.embed.name)
-        for p in model.parameters where names.contains(p.name) && p !== model.embed {
+        for p in Self.storedDTypeParameters(model) where names.contains(p.name) {
+            if p === model.embed {
+                embeddingRounded = true
+                continue
+            }
             let id = ObjectIdentifier(p)
-            guard !linearWeights.contains(id), rounded[id] == nil else { continue }
-            guard tensors[id] != nil || linears.values.contains(where: { $0.linear.bias === p }) else { continue }
+            guard rounded[id] == nil else { continue }
             rounded[id] = try DeviceBuffer(device, floats: p.count)
             roundedStale.insert(id)
         }

@@ -17,9 +17,8 @@ extension CUDASelftest {
         for index in [1, 3] {
             let (name, config) = Self.modelConfigs[index]
             let model = try Self.selftestModel(config), copy = try Self.selftestModel(config)
-            let linearWeights = Set(copy.linears.map { ObjectIdentifier($0.weight) })
             var names = Set<String>()
-            for p in copy.parameters where !linearWeights.contains(ObjectIdentifier(p)) || p === copy.embed {
+            for p in CUDAModel.storedDTypeParameters(copy) {
                 for i in 0..<p.count { p.value[i] = bf16ToFloat(floatToBF16(p.value[i])) }
                 names.insert(p.name)
             }

@@ -159,10 +159,7 @@ final class ApplyRun {
         try openDevice()
         model = try CausalLM(directory: recipe.model, layerRange: pipeline?.layout.range)
         if let stored = device?.storedDType, recipe.precision == .bf16 {
-            let linearWeights = Set(model.linears.map { ObjectIdentifier($0.weight) })
-            let read = model.parameters.filter {
-                ($0 === model.embed || !linearWeights.contains(ObjectIdentifier($0))) && stored($0.name) == .bf16
-            }
+            let read = CUDAModel.storedDTypeParameters(model).filter { stored($0.name) == .bf16 }
             if !read.isEmpty {
                 log(
                     "bf16: the embedding, norm weights and biases (\(read.count) tensors) are read as their bf16 rounding, "

@@ -98,7 +98,7 @@ final class DeviceRunner {
         if let c = copies[ObjectIdentifier(m)] { return c }
         let c = try CUDAModel(model: m, device: gpu, precision: precision, inferenceOnly: inferenceOnly)
         if let storedDType, !inferenceOnly {
-            try c.readStoredDType(bf16: Set(m.parameters.map(\.name).filter { storedDType($0) == .bf16 }))
+            try c.readStoredDType(bf16: Set(CUDAModel.storedDTypeParameters(m).map(\.name).filter { storedDType($0) == .bf16 }))
         }
         copies[ObjectIdentifier(m)] = c
         return c

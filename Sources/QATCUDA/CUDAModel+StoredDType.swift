@@ -37,14 +37,12 @@ extension CUDAModel {
     }
 
     /// The device values the forward and backward read for a norm weight or a bias: its bf16 rounding when
-    /// `readStoredDType` asked for it (made again here when the master changed since), else `master` (by default
-    /// the parameter's fp32 device tensor).
-    func read(_ p: Parameter, master: CUdeviceptr? = nil) throws -> CUdeviceptr {
+    /// `readStoredDType` asked for it (made again here when the master changed since), else its fp32 device tensor.
+    func read(_ p: Parameter) throws -> CUdeviceptr {
         let id = ObjectIdentifier(p)
-        let source = master ?? tensor(p)
-        guard let r = rounded[id] else { return source }
+        guard let r = rounded[id] else { return tensor(p) }
         if roundedStale.contains(id) {
-            try device.roundBF16(out: r.ptr, source, count: p.count)
+            try device.roundBF16(out: r.ptr, tensor(p), count: p.count)
             roundedStale.remove(id)
         }
         return r.ptr

@@ -397,10 +397,18 @@ public final class CUDAModel: @unchecked Sendable {
     /// (the bf16 rounding of the weights, or, with an NVFP4 weight quantizer that quantizes (`nvfp4`), of their fake
     /// quant); or the bf16 rounding (fp32) a norm weight or a bias is read from (`roundedID`, `readStoredDType`).
     public struct WeightRefresh {
-        let linearID: ObjectIdentifier?
-        let roundedID: ObjectIdentifier?
+        /// What the kernel writes: a Linear's bf16 product copy (of its NVFP4 fake quant when `nvfp4` is given), or
+        /// the fp32 rounding of a norm weight or bias (`rounded`, by parameter).
+        enum Copy {
+            case product(linear: ObjectIdentifier, nvfp4: (amax: Float, export: Bool)?)
+            case rounded(ObjectIdentifier)
+        }
+        let copy: Copy
         let w16: CUdeviceptr
-        let nvfp4: (amax: Float, export: Bool)?
+
+        var linearID: ObjectIdentifier? { if case .product(let id, _) = copy { return id } else { return nil } }
+        var roundedID: ObjectIdentifier? { if case .rounded(let id) = copy { return id } else { return nil } }
+        var nvfp4: (amax: Float, export: Bool)? { if case .product(_, let q) = copy { return q } else { return nil } }
 
         /// `adamw_update`'s refresh code: 0 the bf16 copy, 1 the bf16 copy of the NVFP4 fake quant, 2 the fp32 rounding.
         var code: Int { roundedID != nil ? 2 : nvfp4 == nil ? 0 : 1 }
@@ -426,9 +434,9 @@ public final class CUDAModel: @unchecked Sendable {
             if nvfp4 != nil && l.inFeatures % NVFP4.blockSize != 0 { continue }
             if dl.bf16 == nil { dl.bf16 = try DeviceBuffer(device, bytes: count * 2) }
             out[ObjectIdentifier(l.weight)] = WeightRefresh(
-                linearID: id, roundedID: nil, w16: dl.bf16!.ptr, nvfp4: nvfp4.map { (amax: $0.0, export: $0.1) })
+                copy: .product(linear: id, nvfp4: nvfp4.map { (amax: $0.0, export: $0.1) }), w16: dl.bf16!.ptr)
         }
-        for (id, r) in rounded { out[id] = WeightRefresh(linearID: nil, roundedID: id, w16: r.ptr, nvfp4: nil) }
+        for (id, r) in rounded { out[id] = WeightRefresh(copy: .rounded(id), w16: r.ptr) }
         return out
     }
 
@@ -545,7 +553,7 @@ public final class CUDAModel: @unchecked Sendable {
         }
         try device.gemmXWt(
             n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16, beta: accumulate ? 1 : 0)
-        if let bias = dl.bias, let p = l.bias { try device.addBias(out, bias: try read(p, master: bias.ptr), rows: n, cols: l.outFeatures) }
+        if let bias = l.bias { try device.addBias(out, bias: try read(bias), rows: n, cols: l.outFeatures) }
         if let ad = lora?.adapters[ObjectIdentifier(l)] { try adapterForward(ad, x: x, x16: x16, out: out, n: n, training: b.training) }
     }
 

@@ -230,8 +230,10 @@ extension CUDASelftest {
                 p: p.ptr, g: gd.ptr, m: m.ptr, v: v.ptr, count: count, decay: c.decay, lerpSmall: c.lerpSmall, lerpWeight: c.lerpWeight,
                 beta2: c.beta2, oneMinusBeta2: c.oneMinusBeta2, bc2Sqrt: c.bc2Sqrt, eps: c.eps, negStepSize: c.negStepSize,
                 refresh: CUDAModel.WeightRefresh(
-                    linearID: roundedCopy ? nil : ObjectIdentifier(value), roundedID: roundedCopy ? ObjectIdentifier(value) : nil,
-                    w16: w16.ptr, nvfp4: mode.map { (amax: amax, export: $0 == .export) }))
+                    copy: roundedCopy
+                        ? .rounded(ObjectIdentifier(value))
+                        : .product(linear: ObjectIdentifier(value), nvfp4: mode.map { (amax: amax, export: $0 == .export) }),
+                    w16: w16.ptr))
             var expected = host
             if let mode { NVFP4.fakeQuant(host, &expected, rows: rows, cols: cols, globalAmax: amax, mode: mode) }
             let what = mode.map { "NVFP4 \($0.rawValue) [\(rows)×\(cols)]" } ?? "bf16\(roundedCopy ? " as fp32" : ""), \(count) floats"

@@ -158,8 +158,8 @@ final class ApplyRun {
     func loadModelAndData() throws {
         try openDevice()
         model = try CausalLM(directory: recipe.model, layerRange: pipeline?.layout.range)
-        if let stored = device?.storedDType, recipe.precision == .bf16 {
-            let read = CUDAModel.storedDTypeParameters(model).filter { stored($0.name) == .bf16 }
+        if let device, recipe.precision == .bf16 {
+            let read = device.readAsStored(model)
             if !read.isEmpty {
                 log(
                     "bf16: the embedding, norm weights and biases (\(read.count) tensors) are read as their bf16 rounding, "

@@ -97,11 +97,16 @@ final class DeviceRunner {
         guard let gpu else { return nil }
         if let c = copies[ObjectIdentifier(m)] { return c }
         let c = try CUDAModel(model: m, device: gpu, precision: precision, inferenceOnly: inferenceOnly)
-        if let storedDType, !inferenceOnly {
-            try c.readStoredDType(bf16: Set(CUDAModel.storedDTypeParameters(m).map(\.name).filter { storedDType($0) == .bf16 }))
-        }
+        if !inferenceOnly { try c.readStoredDType(bf16: Set(readAsStored(m).map(\.name))) }
         copies[ObjectIdentifier(m)] = c
         return c
+    }
+
+    /// The parameters of `m` that its training copy reads as their bf16 rounding: those of
+    /// `CUDAModel.storedDTypeParameters` the export stores in bf16 (none without `storedDType`).
+    func readAsStored(_ m: CausalLM) -> [Parameter] {
+        guard let storedDType else { return [] }
+        return CUDAModel.storedDTypeParameters(m).filter { storedDType($0.name) == .bf16 }
     }
 
     /// Drops the copy of `m` (its host weights are about to change: verification re-rounds them).

@@ -86,6 +86,13 @@ int qat_cuda_load(QATCudaAPI *api, char *err, size_t errlen) {
     SYM(h, cuFuncSetAttribute, "cuFuncSetAttribute");
     SYM(h, cuLaunchKernel, "cuLaunchKernel");
     SYM(h, cuGetErrorString, "cuGetErrorString");
+    // optional: the profiler's events (cuEventElapsedTime_v2 from CUDA 12.8 on, the same signature)
+    *(void **)(&api->cuEventCreate) = dlsym(h, "cuEventCreate");
+    *(void **)(&api->cuEventRecord) = dlsym(h, "cuEventRecord");
+    *(void **)(&api->cuEventSynchronize) = dlsym(h, "cuEventSynchronize");
+    *(void **)(&api->cuEventElapsedTime) = dlsym(h, "cuEventElapsedTime_v2");
+    if (!api->cuEventElapsedTime) *(void **)(&api->cuEventElapsedTime) = dlsym(h, "cuEventElapsedTime");
+    *(void **)(&api->cuEventDestroy) = dlsym(h, "cuEventDestroy_v2");
     lib = "cuBLAS";
     const char *lt_names[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so", NULL};
     (void)open_any(lt_names);  // so that libcublas finds its dependency by soname

@@ -21,30 +21,25 @@ public final class CUDADevice: @unchecked Sendable {
     public private(set) var bytesInUse = 0
     public private(set) var peakBytes = 0
     lazy var kernels = KernelLibrary(device: self)
-    /// Per-operation device time (synchronising around every launch: for `qat bench --profile`
-    /// only, as it removes all overlap). nil: off.
-    public var profile: [String: (count: Int, seconds: Double, flops: Double)]?
+    /// `qat bench --profile`'s per-launch device times (`startProfile` … `profileReport`); nil: off.
+    var profiler: DeviceProfiler?
 
     /// Runs `body` (one launch), timing it when profiling under `name` (made only then);
     /// `flops`: the launch's floating-point operations (products), for the report's TFLOP/s.
     func timed(_ name: @autoclosure () -> String, flops: Double = 0, _ body: () throws -> Void) throws {
-        guard profile != nil else { return try body() }
-        try synchronize()
-        let t = DispatchTime.now().uptimeNanoseconds
-        try body()
-        try synchronize()
-        let key = name(), e = profile![key, default: (0, 0, 0)]
-        profile![key] = (e.count + 1, e.seconds + Double(DispatchTime.now().uptimeNanoseconds - t) * 1e-9, e.flops + flops)
+        guard let p = profiler else { return try body() }
+        try p.time(name(), flops: flops, sync: synchronize, body)
     }
 
-    /// The profile as lines, most expensive first (products with their TFLOP/s).
-    public func profileReport() -> [String] {
-        let total = profile?.values.reduce(0) { $0 + $1.seconds } ?? 0
-        return (profile ?? [:]).sorted { $0.value.seconds > $1.value.seconds }.map { k, v in
-            String(
-                format: "  %-44@ %6d calls %9.2f ms %5.1f%%", k as NSString, v.count, v.seconds * 1e3, 100 * v.seconds / max(total, 1e-12))
-                + (v.flops > 0 ? String(format: " %6.0f TFLOP/s", v.flops / v.seconds * 1e-12) : "")
-        }
+    /// Times every launch from here until `profileReport`.
+    public func startProfile() { profiler = DeviceProfiler(api: api) }
+
+    /// Ends the profile: a headline naming `what` and its `limit` most expensive operations, one line each.
+    public func profileReport(_ what: String, limit: Int) throws -> [String] {
+        guard let p = profiler else { return [] }
+        profiler = nil
+        try p.finish()
+        return p.report(what, limit: limit)
     }
 
     nonisolated(unsafe) private static var opened: [Int: CUDADevice] = [:]
@@ -103,6 +98,7 @@ public final class CUDADevice: @unchecked Sendable {
         context = ctx
         blas = handle
     }
+
     static func describe(_ api: QATCudaAPI, _ r: CUresult) -> String {
         var s: UnsafePointer<CChar>? = nil
         _ = api.cuGetErrorString(r, &s)

@@ -226,7 +226,7 @@ extension CUDAModel {
             try layerBackward(model.layers[l], b.layers[b.checkpointed ? 0 : l], xin: b.residuals[l].ptr, b: b, g: g)
         }
         if let de = gradient(model.embed) {
-            let groups = try EmbeddingGroups(device, tokens: lastTokens)
+            guard let groups = embeddingGroups else { throw QATError.internal("embedding backward before a training forward") }
             try device.embeddingBackward(dtable: de, dout: g.dres.ptr, groups: groups, c: C)
         }
     }

@@ -97,13 +97,22 @@ public final class CUDAModel: @unchecked Sendable {
             inferenceOnly && precision == .bf16 && $0.weightSource == nil && $0.weightQuantizer == nil && $0.weight !== model.embed
         }
         let staging = try bf16Only.map(\.weight.count).max().map { try DeviceBuffer(device, floats: $0) }
+        // A layer's gate and up copies in one allocation (as `adjacentProductCopies` makes them for the others).
+        var pairedCopies: [ObjectIdentifier: DeviceBuffer] = [:]
+        for layer in model.layers {
+            guard let gate = layer.gateProj, let up = layer.upProj, [gate, up].allSatisfy({ l in bf16Only.contains { $0 === l } })
+            else { continue }
+            let whole = try DeviceBuffer(device, bytes: (gate.weight.count + up.weight.count) * 2)
+            pairedCopies[ObjectIdentifier(gate)] = DeviceBuffer(viewOf: whole, offset: 0, bytes: gate.weight.count * 2)
+            pairedCopies[ObjectIdentifier(up)] = DeviceBuffer(viewOf: whole, offset: gate.weight.count * 2, bytes: up.weight.count * 2)
+        }
         for l in model.linears where l.weightSource == nil {  // (QLoRA's packed bases: `uploadLoRA`)
             let b = try l.bias.map { try upload($0) }
             if let staging, bf16Only.contains(where: { $0 === l }) {
                 let count = l.weight.count
                 try staging.upload(l.weight.value.data, bytes: count * 4)  // (after the last conversion: one stream)
                 let dl = DeviceLinear(linear: l, weight: try DeviceBuffer(device, floats: 1), bias: b)
-                dl.bf16 = try DeviceBuffer(device, bytes: count * 2)
+                dl.bf16 = try pairedCopies[ObjectIdentifier(l)] ?? DeviceBuffer(device, bytes: count * 2)
                 try device.toBF16(out: dl.bf16!.ptr, staging.ptr, count: count)
                 dl.stale = false
                 dl.frozen = true
@@ -114,7 +123,7 @@ public final class CUDAModel: @unchecked Sendable {
             dls[ObjectIdentifier(l)] = DeviceLinear(linear: l, weight: w, bias: b)
         }
         try device.synchronize()  // (the staging buffer is released here)
-        if precision == .bf16 && !inferenceOnly {
+        if precision == .bf16 {
             for layer in model.layers {
                 try Self.adjacentProductCopies([layer.qProj, layer.kProj, layer.vProj], dls, device)
                 if let gate = layer.gateProj, let up = layer.upProj { try Self.adjacentProductCopies([gate, up], dls, device) }
@@ -147,8 +156,10 @@ public final class CUDAModel: @unchecked Sendable {
     }
 
     func tensor(_ p: Parameter) -> CUdeviceptr { tensors[ObjectIdentifier(p)]!.ptr }
-    /// The tokens of the last training forward (the embedding backward groups them).
-    var lastTokens: [Int32] = []
+    /// The positions of the last training forward grouped by token (the embedding backward's plan), uploaded at the
+    /// forward's start beside its tokens: an upload in the backward (a synchronous copy) would hold the host until
+    /// the device drained, and the device would then wait for the host's next launches.
+    var embeddingGroups: EmbeddingGroups?
 
     // MARK: Buffers
 
@@ -190,12 +201,17 @@ public final class CUDAModel: @unchecked Sendable {
         )
             throws
         {
-            let f = try Self.floats(n: n, batch: batch, seqLen: seqLen, c: c).map { try DeviceBuffer(d, floats: $0) }
+            let sizes = Self.floats(n: n, batch: batch, seqLen: seqLen, c: c)
+            let f = try sizes.dropLast(2).map { try DeviceBuffer(d, floats: $0) }
             (rstd1, qRaw, qRstd, kRaw, kRope, kRstd, vRaw) = (f[0], f[1], f[2], f[3], f[4], f[5], f[6])
-            (attn, lse, mid, rstd2, gate, up) = (f[7], f[8], f[9], f[10], f[11], f[12])
+            (attn, lse, mid, rstd2) = (f[7], f[8], f[9], f[10])
+            // gate and up in one allocation, up right after gate: `linearPair`'s batched product writes both.
+            let gateUp = try DeviceBuffer(d, floats: sizes[11] + sizes[12])
+            gate = DeviceBuffer(viewOf: gateUp, offset: 0, bytes: sizes[11] * 4)
+            up = DeviceBuffer(viewOf: gateUp, offset: sizes[11] * 4, bytes: sizes[12] * 4)
             let own = try shared == nil ? Self.attentionInputs(d, n: n, c: c) : nil
             (q, kq, vq) = shared ?? own!
-            fixedBytes = f.reduce(0) { $0 + $1.bytes } + (own.map { $0.q.bytes + $0.kq.bytes + $0.vq.bytes } ?? 0)
+            fixedBytes = f.reduce(0) { $0 + $1.bytes } + gateUp.bytes + (own.map { $0.q.bytes + $0.kq.bytes + $0.vq.bytes } ?? 0)
             device = d
             let C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim
             slotBytes = [
@@ -557,6 +573,32 @@ public final class CUDAModel: @unchecked Sendable {
         if let ad = lora?.adapters[ObjectIdentifier(l)] { try adapterForward(ad, x: x, x16: x16, out: out, n: n, training: b.training) }
     }
 
+    /// Two Linears of one input and shape (a layer's gate and up): `linear` of each, or, when nothing but the bf16
+    /// product makes their outputs (bf16, no bias, no adapter, one product input: the shared NVFP4 one or x16 with no
+    /// input quantizer at work) and both their weight copies and their outputs lie one after the other, one strided
+    /// batched product. Every model takes the same path for the same Linears (bf16 models keep gate and up adjacent,
+    /// `adjacentProductCopies`, and `LayerActivations` their outputs), so a verify's two sides compute alike.
+    func linearPair(
+        _ l0: Linear, _ l1: Linear, _ x: CUdeviceptr, x16: CUdeviceptr?, input made: CUdeviceptr?, outs: (CUdeviceptr, CUdeviceptr),
+        n: Int, buffers b: Buffers
+    ) throws {
+        if precision == .bf16, l0.inFeatures == l1.inFeatures, l0.outFeatures == l1.outFeatures,
+            [l0, l1].allSatisfy({ $0.bias == nil && !hasAdapter($0) }),
+            let input = made ?? (x16.flatMap { [l0, l1].allSatisfy(readsOnlyBF16Input) ? $0 : nil }),
+            let d0 = linears[ObjectIdentifier(l0)], let d1 = linears[ObjectIdentifier(l1)]
+        {
+            if d0.stale { try prepare(d0) }
+            if d1.stale { try prepare(d1) }
+            let count = l0.outFeatures * l0.inFeatures, outCount = n * l0.outFeatures
+            if let w0 = d0.bf16?.ptr, d1.bf16?.ptr == w0 + CUdeviceptr(count * 2), outs.1 == outs.0 + CUdeviceptr(outCount * 4) {
+                return try device.gemmXWtBatched(
+                    n: n, out: l0.outFeatures, k: l0.inFeatures, x: input, w: w0, wStride: count, c: outs.0, cStride: outCount, count: 2)
+            }
+        }
+        try linear(l0, x, x16: x16, input: made, out: outs.0, n: n, buffers: b)
+        try linear(l1, x, x16: x16, input: made, out: outs.1, n: n, buffers: b)
+    }
+
     /// tokens [B, T] → the final normalised hidden states [B·T, C] on the device (valid until
     /// the next forward). `saveForBackward`: every layer keeps its activations (training), or,
     /// with the host model's `activationCheckpointing`, only its input (backward recomputes).
@@ -571,7 +613,7 @@ public final class CUDAModel: @unchecked Sendable {
         }
         let b = try ensureBuffers(batch: batch, seqLen: seqLen, training: saveForBackward)
         try tokens.withUnsafeBytes { try b.tokens.upload($0.baseAddress!, bytes: $0.count) }
-        if saveForBackward { lastTokens = tokens }
+        if saveForBackward { embeddingGroups = try EmbeddingGroups(device, tokens: tokens, reusing: embeddingGroups) }
         try device.embedding(
             out: b.residuals[0].ptr, tokens: b.tokens.ptr, table: tensor(model.embed), n: N, c: C, roundBF16: embeddingRounded)
         for (l, L) in model.layers.enumerated() {
@@ -626,8 +668,7 @@ public final class CUDAModel: @unchecked Sendable {
         if !inPlace { try device.add(a.mid.ptr, xin, count: N * C) }  // mid = x + attn
         let (gateUp, ln2) = try normForward(
             L.postNorm, [gate, up], mid, a, normalized: .ln2, fused: .gateUpInput, rstd: a.rstd2.ptr, n: N, buffers: b)
-        try linear(gate, ln2, x16: ln16, input: gateUp, out: a.gate.ptr, n: N, buffers: b)
-        try linear(up, ln2, x16: ln16, input: gateUp, out: a.up.ptr, n: N, buffers: b)
+        try linearPair(gate, up, ln2, x16: ln16, input: gateUp, outs: (a.gate.ptr, a.up.ptr), n: N, buffers: b)
         if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy
             try linear(down, 0, input: downInput, out: xout, n: N, buffers: b, accumulate: inPlace)  // (h itself is not stored)
         } else {
@@ -697,7 +738,9 @@ public final class CUDAModel: @unchecked Sendable {
     var rowLoss: DeviceBuffer?
     var targetsBuffer: DeviceBuffer?
 
-    /// Rows of logits per lm_head chunk: about 256 MiB of fp32 logits at most.
+    /// Rows of logits per lm_head chunk: about 256 MiB of fp32 logits at most. (Rounded down to a multiple of 128,
+    /// 512 rows at Llama-3.2-1B's vocabulary rather than 523, the lm_head products ran slower on the H200:
+    /// `bench/gpu-h200-bench-s14-call2.txt`.)
     func chunkRows(_ n: Int) -> Int { max(1, min(n, lossChunkRows ?? (256 << 20) / (4 * config.vocabSize))) }
 
     /// Cross-entropy sum and valid-target count over `n` rows of final hidden states, through a

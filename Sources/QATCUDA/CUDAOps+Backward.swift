@@ -220,11 +220,20 @@ extension CUDADevice {
 public final class EmbeddingGroups {
     let order, starts, ids: DeviceBuffer
     let count: Int
-    init(_ device: CUDADevice, tokens: [Int32]) throws {
+    /// The plan of `tokens` on the device, in `previous`'s buffers when they hold it (one training batch after another).
+    init(_ device: CUDADevice, tokens: [Int32], reusing previous: EmbeddingGroups? = nil) throws {
         let g = EmbeddingGroups.plan(tokens)
-        order = try DeviceBuffer(device, ints: g.order)
-        starts = try DeviceBuffer(device, ints: g.starts)
-        ids = try DeviceBuffer(device, ints: g.ids)
+        let n = tokens.count + 1
+        if let p = previous, p.order.bytes >= n * 4 {
+            (order, starts, ids) = (p.order, p.starts, p.ids)
+        } else {
+            (order, starts, ids) = (
+                try DeviceBuffer(device, bytes: n * 4), try DeviceBuffer(device, bytes: n * 4), try DeviceBuffer(device, bytes: n * 4)
+            )
+        }
+        for (buffer, values) in [(order, g.order), (starts, g.starts), (ids, g.ids)] where !values.isEmpty {
+            try values.withUnsafeBytes { try buffer.upload($0.baseAddress!, bytes: $0.count) }
+        }
         count = g.ids.count
     }
 

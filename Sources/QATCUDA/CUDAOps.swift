@@ -24,6 +24,25 @@ extension CUDADevice {
         if kernels.syncEachLaunch { try synchronize() }
     }
 
+    /// `count` bf16 products of one x [n, k] with weights w_i [out, k] at w + i·wStride (elements): c_i [n, out] fp32
+    /// at c + i·cStride (cuBLAS strided batched; x read with stride 0).
+    func gemmXWtBatched(n: Int, out: Int, k: Int, x: CUdeviceptr, w: CUdeviceptr, wStride: Int, c: CUdeviceptr, cStride: Int, count: Int)
+        throws
+    {
+        var alpha: Float = 1, beta: Float = 0
+        var s: Int32 = 0
+        try timed("gemm bf16 [\(n)x\(k)]x[\(out)x\(k)] ×\(count)", flops: 2 * Double(n) * Double(out) * Double(k) * Double(count)) {
+            s = api.cublasGemmStridedBatchedEx(
+                blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
+                &alpha, UnsafeRawPointer(bitPattern: UInt(w)), Int32(QAT_CUDA_R_16BF), Int32(k), Int64(wStride),
+                UnsafeRawPointer(bitPattern: UInt(x)), Int32(QAT_CUDA_R_16BF), Int32(k), 0, &beta,
+                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(out), Int64(cStride), Int32(count),
+                Int32(QAT_CUBLAS_COMPUTE_32F), Int32(QAT_CUBLAS_GEMM_DEFAULT))
+        }
+        if s != 0 { throw QATError("cuBLAS: batched gemm \(count)×[\(n)×\(k)]·[\(out)×\(k)]ᵀ failed (status \(s))") }
+        if kernels.syncEachLaunch { try synchronize() }
+    }
+
     /// `roundBF16`: the rows' bf16 rounding (as fp32).
     func embedding(out: CUdeviceptr, tokens: CUdeviceptr, table: CUdeviceptr, n: Int, c: Int, roundBF16: Bool = false) throws {
         try kernels.launch(

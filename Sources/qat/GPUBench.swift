@@ -138,11 +138,10 @@ struct GPUBench {
                         let gm = try CUDAModel(model: model, device: gpu, precision: precision)
                         _ = try gm.lossSums(
                             hidden: try gm.forward(tokens: tokens, batch: batch, seqLen: seq), targets: targets, n: batch * seq)
-                        gpu.profile = [:]
+                        gpu.startProfile()
                         let hidden = try gm.forward(tokens: tokens, batch: batch, seqLen: seq)
                         _ = try gm.lossSums(hidden: hidden, targets: targets, n: batch * seq)
-                        for line in gpu.profileReport().prefix(20) { emit(line) }
-                        gpu.profile = nil
+                        for line in try gpu.profileReport("one forward", limit: 20) { emit(line) }
                     }
                 }
             }
@@ -184,7 +183,7 @@ struct GPUBench {
         // As `qat apply` trains a bf16 checkpoint for a bf16 export (ModelOpt's side is a bf16 model too).
         try gm.readStoredDType(bf16: Set(model.parameters.map(\.name)))
         var spec = Recipe.TrainSpec()
-        // With --profile one more step runs, every launch timed (synchronised), outside the median.
+        // With --profile one more step runs, every launch timed (DeviceProfiler), outside the median.
         spec.mode = mode; spec.steps = repeats + (profile ? 3 : 2); spec.batchSize = batch; spec.lr = 1e-5; spec.schedule = "constant"
         spec.evalEvery = 0; spec.saveEvery = 0; spec.maxGradNorm = 1; spec.activationCheckpointing = checkpointing
         var g = SplitMix64(seed: 9)
@@ -207,7 +206,7 @@ struct GPUBench {
             if m.step > 2 && !profiled { times.append(Double(batch * seq) / m.tokensPerSecond) }
             loss = m.loss
             if profile && m.step == steps - 1 {
-                gpu.profile = [:]
+                gpu.startProfile()
                 profiled = true
             }
         }
@@ -221,12 +220,7 @@ struct GPUBench {
         }
         _ = try trainer.run()
         try gpu.synchronize()
-        if let p = gpu.profile {
-            let total = p.values.reduce(0) { $0 + $1.seconds }
-            emit(String(format: "  profile of one %@ step (every launch synchronised): %.1f ms of device work", mode.rawValue, total * 1e3))
-            for line in gpu.profileReport().prefix(36) { emit(line) }
-            gpu.profile = nil
-        }
+        for line in try gpu.profileReport("one \(mode.rawValue) step", limit: 36) { emit(line) }
         times.sort()
         let med = times[times.count / 2]
         return String(

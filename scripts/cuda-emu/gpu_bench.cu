@@ -81,6 +81,12 @@ int main() {
         CK(cudaGetLastError());
         printf("  to_bf16 k,v %.3f ms | forward %.3f ms %.0f TFLOP/s | dkdv %.3f ms %.0f TFLOP/s | dq %.3f ms %.0f TFLOP/s\n", tc,
                tf, flops / tf / 1e9, tk, 2 * flops / tk / 1e9, tq, 1.5 * flops / tq / 1e9);
+        // L2 cold (timecold): as inside a training step, where other work ran in between.
+        printf("  L2 cold: forward %.3f ms | dkdv %.3f ms | dq %.3f ms | delta %.3f ms\n",
+               timecold([&] { fwd<<<fg, 128, fsh>>>(o2, l2, q, k16, v16, T, H, Hkv, 0, scale); }),
+               timecold([&] { bkv<<<kg, 128, s1>>>(dk2, dv2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); }),
+               timecold([&] { bq<<<bg, 128, s2>>>(dq2, g16, l2, delta, q16, k16, v16, T, H, Hkv, 0, scale); }),
+               timecold([&] { attention_backward_delta<<<(B * T * H + 7) / 8, 256>>>(delta, g, o2, B, T, H, D, g16); }));
         for (float *p : {q, k, v, g, o, l, o2, l2, dq, dk, dv, dq2, dk2, dv2, delta}) cudaFree(p);
         for (u16 *p : {q16, k16, v16, g16}) cudaFree(p);
     }

@@ -26,3 +26,28 @@ template <class F> static float timeit(F f) {
     CK(cudaGetLastError());
     return ms / 20;
 }
+
+// Reads n float4s (L2 allocates lines for loads; a memset's stores may not evict what L2 holds).
+__global__ void flush_read(const float4 *x, long n, float *sink) {
+    float s = 0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) s += x[i].x;
+    if (s == 12345.0f) *sink = s;
+}
+
+// Milliseconds per call of f with L2 cold, as inside a training step (other work ran in between): 20 calls,
+// each after reading 256 MiB and timed alone between two events, after one warm-up.
+template <class F> static float timecold(F f) {
+    static float *flush = nullptr;
+    const size_t bytes = 256u << 20;
+    if (!flush) { CK(cudaMalloc(&flush, bytes + 16)); CK(cudaMemset(flush, 0, bytes + 16)); }
+    f();
+    cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
+    float total = 0;
+    for (int i = 0; i < 20; i++) {
+        flush_read<<<132 * 8, 256>>>((const float4 *)flush, (long)(bytes / 16), flush + bytes / 4);
+        cudaEventRecord(a); f(); cudaEventRecord(b); CK(cudaEventSynchronize(b));
+        float ms; cudaEventElapsedTime(&ms, a, b); total += ms;
+    }
+    CK(cudaGetLastError());
+    return total / 20;
+}

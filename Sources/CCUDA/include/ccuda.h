@@ -12,6 +12,7 @@ typedef void *CUcontext;
 typedef void *CUmodule;
 typedef void *CUfunction;
 typedef void *CUstream;
+typedef void *CUevent;
 typedef unsigned long long CUdeviceptr;
 typedef void *nvrtcProgram;
 typedef int nvrtcResult;         // 0 = NVRTC_SUCCESS
@@ -54,6 +55,12 @@ typedef struct {
     CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                                unsigned, CUstream, void **, void **);
     CUresult (*cuGetErrorString)(CUresult, const char **);
+    // events (`qat bench --profile` only; null when the driver lacks them)
+    CUresult (*cuEventCreate)(CUevent *, unsigned int);
+    CUresult (*cuEventRecord)(CUevent, CUstream);
+    CUresult (*cuEventSynchronize)(CUevent);
+    CUresult (*cuEventElapsedTime)(float *, CUevent, CUevent);
+    CUresult (*cuEventDestroy)(CUevent);
     // cuBLAS (libcublas.so.13 / .12)
     cublasStatus_t (*cublasCreate)(cublasHandle_t *);
     cublasStatus_t (*cublasSetMathMode)(cublasHandle_t, int);

@@ -65,7 +65,11 @@ struct Bench: ParsableCommand {
     @Option(name: .long, help: "cpu, or cuda / cuda:N for the GPU forward benchmark (GPUBench.swift).")
     var device: String = "cpu"
 
-    @Flag(help: "Time every phase of the model's forward and backward (StepProfiler) over the QAT and QAD steps; printed per shape.")
+    @Flag(
+        help: """
+            Time every phase of the model's forward and backward (StepProfiler) over the QAT and QAD steps; printed per shape. \
+            With --device cuda: every kernel and product of one step, between CUDA events.
+            """)
     var profile = false
 
     @Option(help: "Sequences per step.")

@@ -738,8 +738,8 @@ public final class CUDAModel: @unchecked Sendable {
     var rowLoss: DeviceBuffer?
     var targetsBuffer: DeviceBuffer?
 
-    /// Rows of logits per lm_head chunk: about 256 MiB of fp32 logits at most. (Rounded down to a multiple of 128,
-    /// 512 rows at Llama-3.2-1B's vocabulary rather than 523, the lm_head products ran slower on the H200:
+    /// Rows of logits per lm_head chunk: about 256 MiB of fp32 logits at most. (Rounding them down to a multiple of
+    /// 128, 512 rather than 523 at Llama-3.2-1B's vocabulary, made the lm_head products slower on the H200:
     /// `bench/gpu-h200-bench-s14-call2.txt`.)
     func chunkRows(_ n: Int) -> Int { max(1, min(n, lossChunkRows ?? (256 << 20) / (4 * config.vocabSize))) }
 

@@ -72,6 +72,11 @@ __device__ float block_max(float v) {
 // 16- and 8-byte alignment of a pointer (null counts as aligned): the vector paths' condition.
 __device__ __forceinline__ bool aligned16(const void *p) { return (((unsigned long long)p) & 15) == 0; }
 __device__ __forceinline__ bool aligned8(const void *p) { return (((unsigned long long)p) & 7) == 0; }
+// Where element i of a row-major [·, cols] matrix lies when its rows are ld elements apart.
+__device__ __forceinline__ long row_strided(long i, int cols, long ld) {
+    long r = i / cols;
+    return r * ld + (i - r * cols);
+}
 
 // Four floats as four bf16 (f32_to_bf16 each) in 8 bytes, lowest first.
 __device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {

@@ -60,14 +60,10 @@ extern "C" __global__ void to_bf16_rows(u16 *out, const float *x, long rows, int
     elementwise_loop(
         rows * cols, (cols & 3) == 0 && (ld & 3) == 0 && aligned16(x) && aligned8(out),
         [&](long i) {   // (cols % 4 == 0: the four elements of float4 i are in one row)
-            long r = 4 * i / cols;
             float4 v = ((const float4 *)x)[i];
-            *(uint2 *)(out + r * ld + (4 * i - r * cols)) = bf16x4(v.x, v.y, v.z, v.w);
+            *(uint2 *)(out + row_strided(4 * i, cols, ld)) = bf16x4(v.x, v.y, v.z, v.w);
         },
-        [&](long i) {
-            long r = i / cols;
-            out[r * ld + (i - r * cols)] = f32_to_bf16(x[i]);
-        });
+        [&](long i) { out[row_strided(i, cols, ld)] = f32_to_bf16(x[i]); });
 }
 
 // out[i, :] += bias
@@ -92,11 +88,7 @@ extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float
         *dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, u), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
     };
     // element i's place in the bf16 copies
-    auto at16 = [&](long i) -> long {
-        if (ld16 == cols) return i;
-        long r = i / cols;
-        return r * ld16 + (i - r * cols);
-    };
+    auto at16 = [&](long i) -> long { return ld16 == cols ? i : row_strided(i, cols, ld16); };
     elementwise_loop(
         n,
         aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up) && aligned8(dgate16) &&

@@ -13,11 +13,11 @@ final class DeviceProfiler {
     private var pool: [CUevent?] = []
     private var used = 0
     private var pending: [Pending] = []
-    private(set) var totals: [String: (count: Int, seconds: Double, flops: Double)] = [:]
-    /// Seconds from the first launch's start to the last one's end (events only), and the launches' sum.
-    private(set) var span = 0.0
+    private var totals: [String: (count: Int, seconds: Double, flops: Double)] = [:]
+    /// Seconds from the first launch's start to the last one's end (events only).
+    private var span = 0.0
     /// Waits of more than 20 µs between consecutive launches, by the pair of launches around them.
-    private(set) var gaps: [String: (count: Int, seconds: Double)] = [:]
+    private var gaps: [String: (count: Int, seconds: Double)] = [:]
     var usesEvents: Bool { api.cuEventRecord != nil && api.cuEventElapsedTime != nil && api.cuEventCreate != nil }
 
     init(api: QATCudaAPI) { self.api = api }
@@ -74,8 +74,11 @@ final class DeviceProfiler {
         for p in pending {
             add(p.name, seconds: try ms(p.start, p.end), flops: p.flops)
             if let q = previous {  // the device's wait between two launches: where the host held it up
-                let gap = try ms(q.end, p.start)
-                if gap > 20e-6 { gaps["\(q.name) → \(p.name)", default: (0, 0)].count += 1; gaps["\(q.name) → \(p.name)"]!.seconds += gap }
+                let gap = try ms(q.end, p.start), key = "\(q.name) → \(p.name)"
+                if gap > 20e-6 {
+                    let e = gaps[key, default: (0, 0)]
+                    gaps[key] = (e.count + 1, e.seconds + gap)
+                }
             }
             previous = p
         }
@@ -84,12 +87,10 @@ final class DeviceProfiler {
         used = 0
     }
 
-    var launchSeconds: Double { totals.values.reduce(0) { $0 + $1.seconds } }
-
     /// The headline (launches' sum, and with events the span and the idle time) and one line per name, most
     /// expensive first (products with their TFLOP/s).
     func report(_ what: String, limit: Int) -> [String] {
-        let total = launchSeconds
+        let total = totals.values.reduce(0) { $0 + $1.seconds }
         var head = String(format: "  profile of %@: %.1f ms in launches", what as NSString, total * 1e3)
         if usesEvents {
             head += String(

@@ -94,10 +94,11 @@ extension CUDAModel {
     /// `input`: x_used already made (`sharedProductInput`). `dy16Ready`: `dy16` already holds
     /// dy's bf16 copy (its producer wrote it); dy itself may then be 0 unless a bias or an adapter reads it.
     /// `weightGradient: false`: no dW here (the caller makes it later over more rows, `weightGradientProduct`).
+    /// `dx16`: dx is written in bf16 (bf16 products; nothing adds to it: no adapter, no clipped STE, not accumulated).
     func linearBackward(
         _ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, n: Int, dx: CUdeviceptr?, accumulateDx: Bool, b: Buffers,
         g: BackwardBuffers, dy16 dy16Buffer: CUdeviceptr? = nil, dy16Ready: Bool = false, tmp tmpBuffer: CUdeviceptr? = nil,
-        input made: CUdeviceptr? = nil, weightGradient: Bool = true
+        input made: CUdeviceptr? = nil, weightGradient: Bool = true, dx16: Bool = false
     ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
@@ -116,12 +117,16 @@ extension CUDAModel {
         }
         guard let dx else { return try adapterBackward(l, dy: dy, dy16: bf ? dyIn : nil, x: x, n: n, dx: nil) }
         let w = bf ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
+        if dx16 && (!bf || accumulateDx || hasAdapter(l) || clipAmax(l.inputQuantizer) != nil) {
+            throw QATError.internal("\(l.name): a bf16 dx that something adds to")
+        }
         if let a = clipAmax(l.inputQuantizer) {
             let t = tmpBuffer ?? g.tmp.ptr
             try device.gemm(m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: t, ldc: inp, bf16: bf)
             try device.steClip(out: dx, grad: t, x: x, amax: a, count: n * inp, accumulate: accumulateDx)
         } else {
-            try device.gemm(m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: dx, ldc: inp, beta: accumulateDx ? 1 : 0, bf16: bf)
+            try device.gemm(
+                m: n, n: inp, k: out, a: dyIn, lda: out, b: w, ldb: inp, c: dx, ldc: inp, beta: accumulateDx ? 1 : 0, bf16: bf, c16: dx16)
         }
         try adapterBackward(l, dy: dy, dy16: bf ? dyIn : nil, x: x, n: n, dx: dx)  // after dx is written, as `Linear.backward`
     }
@@ -240,9 +245,13 @@ extension CUDAModel {
         // down_proj's input as the forward made it in one pass (`fusedDownInput`), else h again (not kept per layer).
         let downInput = a.made(.downInput)
         let h = downInput == nil ? try hBuffer(b) : 0  // (with downInput nothing reads h)
-        if downInput == nil { try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * I) }
+        if downInput == nil { try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * I, in16: a.gateUp16) }
         let bf = precision == .bf16, dres16 = bf ? g.dy16.ptr : 0  // (dres's bf16 copy, see `backward`)
-        try linearBackward(dp, dy: dres, x: h, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf, input: downInput)
+        // dh in bf16 (the product's sums rounded: what the SwiGLU backward reads, half the bytes) with bf16 gate and up,
+        // unless something adds to the product's dx (an adapter, the clipped STE)
+        let dh16 = a.gateUp16 && !hasAdapter(dp) && clipAmax(dp.inputQuantizer) == nil
+        try linearBackward(
+            dp, dy: dres, x: h, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf, input: downInput, dx16: dh16)
         // (the products' input as the forward's `normForward` made it, or made again from its fp32 rows)
         let ln2 = a.made(.ln2) ?? 0
         let gateUp = try a.made(.gateUpInput) ?? sharedProductInput([gp, up], ln2, n: N, buffers: b)
@@ -251,7 +260,7 @@ extension CUDAModel {
             let d16 = try scratch("dgateup16", bytes: N * 2 * I * 2)
             try device.swigluBackward(
                 dgate: 0, dup: 0, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: d16,
-                dup16: d16 + CUdeviceptr(I * 2), stride16: 2 * I)
+                dup16: d16 + CUdeviceptr(I * 2), stride16: 2 * I, in16: a.gateUp16, dout16: dh16)
             try fusedProjectionBackward(fused, dy16: d16, n: N, dx: g.dln.ptr)
         } else {
             // bf16: the products read dgate/dup's bf16 copies, written by the backward kernel itself;
@@ -262,7 +271,7 @@ extension CUDAModel {
             let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
             try device.swigluBackward(
                 dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: dgate16,
-                dup16: dup16)
+                dup16: dup16, in16: a.gateUp16, dout16: dh16)
             try linearBackward(
                 gp, dy: dgate, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,
                 dy16: bf ? dgate16 : nil, dy16Ready: bf, input: gateUp)

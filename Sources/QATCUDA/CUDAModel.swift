@@ -167,9 +167,12 @@ public final class CUDAModel: @unchecked Sendable {
     /// (backward reads them), an inference forward reuses one, and so does a training forward
     /// with activation checkpointing (backward recomputes each layer into it). The MLP's h is not
     /// kept in fp32 (`hBuffer`: backward recomputes it from gate and up unless its quantized bf16 copy
-    /// is kept), nor are qRaw/kRaw without q/k norms.
+    /// is kept), nor are qRaw/kRaw without q/k norms. gate and up are bf16 in bf16 precision (`gateUp16`: the
+    /// products' fp32 sums rounded, as PyTorch's bf16 products give them; half the bytes for the SwiGLU kernels to
+    /// read), fp32 otherwise.
     final class LayerActivations {
         let rstd1, qRaw, qRstd, kRaw, kRope, kRstd, vRaw, attn, lse, mid, rstd2, gate, up: DeviceBuffer
+        let gateUp16: Bool
         /// Attention's fp32 inputs: q after RoPE and the quantized k/v. On the tensor-core path the backward reads
         /// only their bf16 copies (`Slot.q16` …, kept per layer), so every layer shares one set (`Buffers`).
         let q, kq, vq: DeviceBuffer
@@ -197,7 +200,8 @@ public final class CUDAModel: @unchecked Sendable {
         private let fixedBytes: Int
 
         init(
-            _ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig, shared: (q: DeviceBuffer, kq: DeviceBuffer, vq: DeviceBuffer)?
+            _ d: CUDADevice, n: Int, batch: Int, seqLen: Int, c: ModelConfig, gateUp16: Bool,
+            shared: (q: DeviceBuffer, kq: DeviceBuffer, vq: DeviceBuffer)?
         )
             throws
         {
@@ -206,9 +210,11 @@ public final class CUDAModel: @unchecked Sendable {
             (rstd1, qRaw, qRstd, kRaw, kRope, kRstd, vRaw) = (f[0], f[1], f[2], f[3], f[4], f[5], f[6])
             (attn, lse, mid, rstd2) = (f[7], f[8], f[9], f[10])
             // gate and up in one allocation, up right after gate: `linearPair`'s batched product writes both.
-            let gateUp = try DeviceBuffer(d, floats: sizes[11] + sizes[12])
-            gate = DeviceBuffer(viewOf: gateUp, offset: 0, bytes: sizes[11] * 4)
-            up = DeviceBuffer(viewOf: gateUp, offset: sizes[11] * 4, bytes: sizes[12] * 4)
+            let e = gateUp16 ? 2 : 4
+            let gateUp = try DeviceBuffer(d, bytes: (sizes[11] + sizes[12]) * e)
+            gate = DeviceBuffer(viewOf: gateUp, offset: 0, bytes: sizes[11] * e)
+            up = DeviceBuffer(viewOf: gateUp, offset: sizes[11] * e, bytes: sizes[12] * e)
+            self.gateUp16 = gateUp16
             let own = try shared == nil ? Self.attentionInputs(d, n: n, c: c) : nil
             (q, kq, vq) = shared ?? own!
             fixedBytes = f.reduce(0) { $0 + $1.bytes } + gateUp.bytes + (own.map { $0.q.bytes + $0.kq.bytes + $0.vq.bytes } ?? 0)
@@ -290,7 +296,7 @@ public final class CUDAModel: @unchecked Sendable {
                 try CUDADevice.attentionOnTensorCores(bf16: bf16, headDim: c.headDim)
                 ? LayerActivations.attentionInputs(d, n: n, c: c) : nil
             layers = try (0..<(training && !checkpointed ? L : 1)).map { _ in
-                try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c, shared: shared)
+                try LayerActivations(d, n: n, batch: batch, seqLen: seqLen, c: c, gateUp16: bf16, shared: shared)
             }
             final = try DeviceBuffer(d, floats: n * C); finalRstd = try DeviceBuffer(d, floats: n)
             b16 = try DeviceBuffer(d, bytes: n * widest * 2)
@@ -578,9 +584,11 @@ public final class CUDAModel: @unchecked Sendable {
     /// input quantizer at work) and both their weight copies and their outputs lie one after the other, one strided
     /// batched product. Every model takes the same path for the same Linears (bf16 models keep gate and up adjacent,
     /// `adjacentProductCopies`, and `LayerActivations` their outputs), so a verify's two sides compute alike.
+    /// `outs16`: the outputs are bf16 (`LayerActivations.gateUp16`): the batched product rounds its sums; the one by
+    /// one path writes fp32 (a bias or an adapter adds to it) into scratch and rounds that.
     func linearPair(
         _ l0: Linear, _ l1: Linear, _ x: CUdeviceptr, x16: CUdeviceptr?, input made: CUdeviceptr?, outs: (CUdeviceptr, CUdeviceptr),
-        n: Int, buffers b: Buffers
+        outs16: Bool, n: Int, buffers b: Buffers
     ) throws {
         if precision == .bf16, l0.inFeatures == l1.inFeatures, l0.outFeatures == l1.outFeatures,
             [l0, l1].allSatisfy({ $0.bias == nil && !hasAdapter($0) }),
@@ -590,13 +598,19 @@ public final class CUDAModel: @unchecked Sendable {
             if d0.stale { try prepare(d0) }
             if d1.stale { try prepare(d1) }
             let count = l0.outFeatures * l0.inFeatures, outCount = n * l0.outFeatures
-            if let w0 = d0.bf16?.ptr, d1.bf16?.ptr == w0 + CUdeviceptr(count * 2), outs.1 == outs.0 + CUdeviceptr(outCount * 4) {
+            if let w0 = d0.bf16?.ptr, d1.bf16?.ptr == w0 + CUdeviceptr(count * 2),
+                outs.1 == outs.0 + CUdeviceptr(outCount * (outs16 ? 2 : 4))
+            {
                 return try device.gemmXWtBatched(
-                    n: n, out: l0.outFeatures, k: l0.inFeatures, x: input, w: w0, wStride: count, c: outs.0, cStride: outCount, count: 2)
+                    n: n, out: l0.outFeatures, k: l0.inFeatures, x: input, w: w0, wStride: count, c: outs.0, cStride: outCount, count: 2,
+                    c16: outs16)
             }
         }
-        try linear(l0, x, x16: x16, input: made, out: outs.0, n: n, buffers: b)
-        try linear(l1, x, x16: x16, input: made, out: outs.1, n: n, buffers: b)
+        for (l, out) in [(l0, outs.0), (l1, outs.1)] {
+            let out32 = outs16 ? try scratch("pair-out32", bytes: n * l.outFeatures * 4) : out
+            try linear(l, x, x16: x16, input: made, out: out32, n: n, buffers: b)
+            if outs16 { try device.toBF16(out: out, out32, count: n * l.outFeatures) }
+        }
     }
 
     /// tokens [B, T] → the final normalised hidden states [B·T, C] on the device (valid until
@@ -668,7 +682,7 @@ public final class CUDAModel: @unchecked Sendable {
         if !inPlace { try device.add(a.mid.ptr, xin, count: N * C) }  // mid = x + attn
         let (gateUp, ln2) = try normForward(
             L.postNorm, [gate, up], mid, a, normalized: .ln2, fused: .gateUpInput, rstd: a.rstd2.ptr, n: N, buffers: b)
-        try linearPair(gate, up, ln2, x16: ln16, input: gateUp, outs: (a.gate.ptr, a.up.ptr), n: N, buffers: b)
+        try linearPair(gate, up, ln2, x16: ln16, input: gateUp, outs: (a.gate.ptr, a.up.ptr), outs16: a.gateUp16, n: N, buffers: b)
         if let downInput = try fusedDownInput(down, a, b) {  // bf16 + NVFP4: h straight into its quantized bf16 copy
             try linear(down, 0, input: downInput, out: xout, n: N, buffers: b, accumulate: inPlace)  // (h itself is not stored)
         } else {
@@ -677,7 +691,7 @@ public final class CUDAModel: @unchecked Sendable {
             let quantizes = down.inputQuantizer.map { $0.isQuantizing || $0.isCalibrating } == true
             let h32 = precision == .fp32 || quantizes || hasAdapter(down), h16 = quantizes ? nil : b.h16?.ptr
             let h = h32 ? try hBuffer(b) : 0
-            try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: h16 ?? 0)
+            try device.swiglu(out: h, gate: a.gate.ptr, up: a.up.ptr, count: N * c.intermediateSize, out16: h16 ?? 0, in16: a.gateUp16)
             try linear(down, h, x16: h16, out: xout, n: N, buffers: b, accumulate: inPlace)
         }
         if !inPlace { try device.add(xout, a.mid.ptr, count: N * C) }  // out = mid + mlp
@@ -698,10 +712,10 @@ public final class CUDAModel: @unchecked Sendable {
     static let hScratch = "mlp-h"
 
     /// down_proj's product input made by `swiglu_nvfp4` from gate and up in one pass, into layer slot
-    /// `downInput` (the backward reads it again), when that is all anything reads of h: bf16 precision, an NVFP4
+    /// `downInput` (the backward reads it again), when that is all anything reads of h: bf16 precision (bf16 gate and up), an NVFP4
     /// input quantizer that quantizes, no LoRA adapter (it reads h), no clipped STE (its backward reads h). nil otherwise.
     func fusedDownInput(_ down: Linear, _ a: LayerActivations, _ b: Buffers) throws -> CUdeviceptr? {
-        guard precision == .bf16, let (amax, export) = nvfp4Quantizing(down.inputQuantizer), !hasAdapter(down),
+        guard a.gateUp16, let (amax, export) = nvfp4Quantizing(down.inputQuantizer), !hasAdapter(down),
             (down.inputQuantizer as? TensorQuantizer)?.ste != .clipped
         else { return nil }
         let out = try a.write(.downInput)

@@ -7,11 +7,12 @@ import QATModels
 extension CUDADevice {
     /// Row-major C[m, n] = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ when trans. A is [m, k]
     /// (or [k, m] with transA), B is [k, n] (or [n, k]); lda/ldb/ldc are row strides. bf16: A and
-    /// B are bf16, accumulation and C fp32; otherwise fp32 without TF32.
+    /// B are bf16, accumulation and C fp32 (C bf16 when `c16`: the fp32 sums rounded); otherwise fp32 without TF32.
     func gemm(
         transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, a: CUdeviceptr, lda: Int, b: CUdeviceptr, ldb: Int,
-        c: CUdeviceptr, ldc: Int, alpha: Float = 1, beta: Float = 0, bf16: Bool
+        c: CUdeviceptr, ldc: Int, alpha: Float = 1, beta: Float = 0, bf16: Bool, c16: Bool = false
     ) throws {
+        if c16 && !bf16 { throw QATError.internal("gemm: a bf16 output needs bf16 operands") }
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major X is its
         // column-major transpose: so cuBLAS gets (B, A) with the same transpose flags.
         var al = alpha, be = beta
@@ -22,7 +23,8 @@ extension CUDADevice {
         let flops = 2 * Double(m) * Double(n) * Double(k)
         try timed(
             bf16
-                ? "gemm bf16 bwd [\(m)x\(n)] k=\(k) A\(transA ? "ᵀ" : "")B\(transB ? "ᵀ" : "")\(beta != 0 ? " +C" : "")"
+                ? "gemm bf16 bwd [\(m)x\(n)] k=\(k) A\(transA ? "ᵀ" : "")B\(transB ? "ᵀ" : "")"
+                    + "\(beta != 0 ? " +C" : "")\(c16 ? " →bf16" : "")"
                 : "gemm fp32 (backward)",
             flops: flops
         ) {
@@ -30,7 +32,7 @@ extension CUDADevice {
                 blas, Int32(transB ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N), Int32(transA ? QAT_CUBLAS_OP_T : QAT_CUBLAS_OP_N),
                 Int32(n), Int32(m), Int32(k), &al, UnsafeRawPointer(bitPattern: UInt(b)), type, Int32(ldb),
                 UnsafeRawPointer(bitPattern: UInt(a)), type, Int32(lda), &be,
-                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(ldc), compute,
+                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(c16 ? QAT_CUDA_R_16BF : QAT_CUDA_R_32F), Int32(ldc), compute,
                 Int32(QAT_CUBLAS_GEMM_DEFAULT))
         }
         if s != 0 { throw QATError("cuBLAS: gemm [\(m)×\(k)]·[\(k)×\(n)] (transA \(transA), transB \(transB)) failed (status \(s))") }
@@ -101,16 +103,17 @@ extension CUDADevice {
     }
 
     /// Writes the fp32 gradients (dgate, dup) and/or their bf16 copies (dgate16, dup16): each where its pointer is not 0.
-    /// The tensors are [count / cols, cols]; the bf16 copies' rows are `stride16` elements apart (nil: cols).
+    /// The tensors are [count / cols, cols]; the bf16 copies' rows are `stride16` elements apart (nil: cols). `in16`:
+    /// gate and up are bf16; `dout16`: dout is bf16.
     func swigluBackward(
         dgate: CUdeviceptr, dup: CUdeviceptr, dout: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int, cols: Int,
-        dgate16: CUdeviceptr = 0, dup16: CUdeviceptr = 0, stride16: Int? = nil
+        dgate16: CUdeviceptr = 0, dup16: CUdeviceptr = 0, stride16: Int? = nil, in16: Bool, dout16: Bool
     ) throws {
         try kernels.launch1D(
             "swiglu_backward", count,
             [
                 .ptr(dgate), .ptr(dup), .ptr(dout), .ptr(gate), .ptr(up), .i64(count), .ptr(dgate16), .ptr(dup16), .i32(cols),
-                .i64(stride16 ?? cols),
+                .i64(stride16 ?? cols), .i32(in16 ? 1 : 0), .i32(dout16 ? 1 : 0),
             ])
     }
 

@@ -24,19 +24,23 @@ extension CUDADevice {
         if kernels.syncEachLaunch { try synchronize() }
     }
 
-    /// `count` bf16 products of one x [n, k] with weights w_i [out, k] at w + i·wStride (elements): c_i [n, out] fp32
-    /// at c + i·cStride (cuBLAS strided batched; x read with stride 0).
-    func gemmXWtBatched(n: Int, out: Int, k: Int, x: CUdeviceptr, w: CUdeviceptr, wStride: Int, c: CUdeviceptr, cStride: Int, count: Int)
-        throws
-    {
+    /// `count` bf16 products of one x [n, k] with weights w_i [out, k] at w + i·wStride (elements): c_i [n, out] at
+    /// c + i·cStride (cuBLAS strided batched; x read with stride 0), fp32, or bf16 (the fp32 sums rounded) when `c16`.
+    func gemmXWtBatched(
+        n: Int, out: Int, k: Int, x: CUdeviceptr, w: CUdeviceptr, wStride: Int, c: CUdeviceptr, cStride: Int, count: Int, c16: Bool
+    ) throws {
         var alpha: Float = 1, beta: Float = 0
         var s: Int32 = 0
-        try timed("gemm bf16 [\(n)x\(k)]x[\(out)x\(k)] ×\(count)", flops: 2 * Double(n) * Double(out) * Double(k) * Double(count)) {
+        try timed(
+            "gemm bf16 [\(n)x\(k)]x[\(out)x\(k)] ×\(count)\(c16 ? " →bf16" : "")",
+            flops: 2 * Double(n) * Double(out) * Double(k) * Double(count)
+        ) {
             s = api.cublasGemmStridedBatchedEx(
                 blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
                 &alpha, UnsafeRawPointer(bitPattern: UInt(w)), Int32(QAT_CUDA_R_16BF), Int32(k), Int64(wStride),
                 UnsafeRawPointer(bitPattern: UInt(x)), Int32(QAT_CUDA_R_16BF), Int32(k), 0, &beta,
-                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(out), Int64(cStride), Int32(count),
+                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(c16 ? QAT_CUDA_R_16BF : QAT_CUDA_R_32F), Int32(out), Int64(cStride),
+                Int32(count),
                 Int32(QAT_CUBLAS_COMPUTE_32F), Int32(QAT_CUBLAS_GEMM_DEFAULT))
         }
         if s != 0 { throw QATError("cuBLAS: batched gemm \(count)×[\(n)×\(k)]·[\(out)×\(k)]ᵀ failed (status \(s))") }
@@ -106,8 +110,10 @@ extension CUDADevice {
         try kernels.launch1D("add_bias", rows * cols, [.ptr(out), .ptr(bias), .i64(rows * cols), .i32(cols)])
     }
 
-    func swiglu(out: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int, out16: CUdeviceptr = 0) throws {
-        try kernels.launch1D("swiglu_forward", count, [.ptr(out), .ptr(gate), .ptr(up), .i64(count), .ptr(out16)])
+    /// out (fp32, when not 0) and/or out16 (its bf16 copy) = silu(gate)·up; `in16`: gate and up are bf16.
+    func swiglu(out: CUdeviceptr, gate: CUdeviceptr, up: CUdeviceptr, count: Int, out16: CUdeviceptr = 0, in16: Bool) throws {
+        try kernels.launch1D(
+            "swiglu_forward", count, [.ptr(out), .ptr(gate), .ptr(up), .i64(count), .ptr(out16), .i32(in16 ? 1 : 0)])
     }
 
     func toBF16(out: CUdeviceptr, _ x: CUdeviceptr, count: Int) throws {
@@ -139,7 +145,8 @@ extension CUDADevice {
         cols % 16 == 0 && fp32.allSatisfy { $0 % 16 == 0 } && bf16 % 8 == 0
     }
 
-    /// bf16Out = bf16(NVFP4 fake quant of silu(gate)·up), in one pass: `swiglu` then `nvfp4FakeQuant(bf16Out:)`, bit for bit.
+    /// bf16Out = bf16(NVFP4 fake quant of silu(gate)·up) from bf16 gate and up, in one pass: `swiglu(in16: true)` then
+    /// `nvfp4FakeQuant(bf16Out:)`, bit for bit.
     func swigluNVFP4(gate: CUdeviceptr, up: CUdeviceptr, bf16Out: CUdeviceptr, rows: Int, cols: Int, globalAmax: Float, exportMode: Bool)
         throws
     {

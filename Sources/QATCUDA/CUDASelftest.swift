@@ -95,6 +95,14 @@ public struct CUDASelftest {
     }
 
     func gpu(_ x: [Float]) throws -> DeviceBuffer { try DeviceBuffer(device, floats: x) }
+    /// x's bf16 rounding (`floatToBF16`) on the device.
+    func gpu16(_ x: [Float]) throws -> DeviceBuffer {
+        let h = x.map(floatToBF16), b = try DeviceBuffer(device, bytes: x.count * 2)
+        try h.withUnsafeBytes { try b.upload($0.baseAddress!, bytes: $0.count) }
+        return b
+    }
+    /// x rounded to bf16, as floats.
+    static func roundedBF16(_ x: [Float]) -> [Float] { x.map { bf16ToFloat(floatToBF16($0)) } }
 
     /// Elements of the bf16 buffer `copy` that are not `values` rounded to nearest even (`floatToBF16`).
     func bf16Mismatches(_ copy: DeviceBuffer, of values: [Float]) throws -> Double {
@@ -200,8 +208,21 @@ public struct CUDASelftest {
         var h = [Float](repeating: 0, count: rows * c)
         SwiGLU.forward(out: &h, gate: x, up: up, n: rows * c)
         let ud = try gpu(up)
-        try d.swiglu(out: od.ptr, gate: xd.ptr, up: ud.ptr, count: rows * c)
-        add("swiglu forward", Self.maxAbsDiff(h, try od.floats(rows * c)), 1e-5)
+        try d.swiglu(out: od.ptr, gate: xd.ptr, up: ud.ptr, count: rows * c, in16: false)
+        let gpuH = try od.floats(rows * c)
+        add("swiglu forward", Self.maxAbsDiff(h, gpuH), 1e-5)
+        // bf16 gate and up (bf16 precision's): the fp32 kernel's bits on their bf16 roundings, aligned and one element off
+        for off in [0, 1] {
+            let n = rows * c - off
+            let x16 = try gpu16(Array(x[off...])), u16 = try gpu16(Array(up[off...]))
+            let xr = try gpu(Self.roundedBF16(Array(x[off...]))), ur = try gpu(Self.roundedBF16(Array(up[off...])))
+            let ref = try DeviceBuffer(d, floats: n), out = try DeviceBuffer(d, floats: n + 1)
+            try d.swiglu(out: ref.ptr, gate: xr.ptr, up: ur.ptr, count: n, in16: false)
+            try d.swiglu(out: out.ptr + CUdeviceptr(4 * off), gate: x16.ptr, up: u16.ptr, count: n, in16: true)
+            add(
+                "swiglu forward, bf16 gate/up (offset \(off)) vs fp32 of their values",
+                Self.bitMismatches(try ref.floats(n), Array(try out.floats(n + off)[off...])), 0, "bits ≠")
+        }
         do {  // backward: fp32 against the CPU, and the bf16 copies are the bf16 rounding of the fp32 outputs
             let n = rows * c, dh = Self.random(n, seed: 17)
             var dg = [Float](repeating: 0, count: n), du = dg
@@ -209,21 +230,36 @@ public struct CUDASelftest {
             let dhd = try gpu(dh), dgd = try DeviceBuffer(d, floats: n), dud = try DeviceBuffer(d, floats: n)
             let dg16 = try DeviceBuffer(d, bytes: n * 2), du16 = try DeviceBuffer(d, bytes: n * 2)
             try d.swigluBackward(
-                dgate: dgd.ptr, dup: dud.ptr, dout: dhd.ptr, gate: xd.ptr, up: ud.ptr, count: n, cols: n, dgate16: dg16.ptr, dup16: du16.ptr
-            )
+                dgate: dgd.ptr, dup: dud.ptr, dout: dhd.ptr, gate: xd.ptr, up: ud.ptr, count: n, cols: n, dgate16: dg16.ptr,
+                dup16: du16.ptr,
+                in16: false, dout16: false)
             let gpuG = try dgd.floats(n), gpuU = try dud.floats(n)
             let scale = Double(max(dg.map { abs($0) }.max()!, du.map { abs($0) }.max()!))
             add("swiglu backward, relative", max(Self.maxAbsDiff(dg, gpuG), Self.maxAbsDiff(du, gpuU)) / scale, 1e-5, "max |Δ|/max")
             let differ = try bf16Mismatches(dg16, of: gpuG) + bf16Mismatches(du16, of: gpuU)
             add("swiglu backward bf16 copies vs bf16(fp32 outputs)", differ, 0, "values differ")
+            // bf16 gate/up, and bf16 dh too: the fp32 kernel's bits on the bf16 roundings
+            let xr = try gpu(Self.roundedBF16(x)), ur = try gpu(Self.roundedBF16(up)), dhr = try gpu(Self.roundedBF16(dh))
+            try d.swigluBackward(
+                dgate: dgd.ptr, dup: dud.ptr, dout: dhr.ptr, gate: xr.ptr, up: ur.ptr, count: n, cols: n, in16: false, dout16: false)
+            let refG = try dgd.floats(n), refU = try dud.floats(n)
+            let x16 = try gpu16(x), u16 = try gpu16(up), dh16 = try gpu16(dh)
+            for dout16 in [false, true] {
+                try d.swigluBackward(
+                    dgate: dgd.ptr, dup: dud.ptr, dout: dout16 ? dh16.ptr : dhr.ptr, gate: x16.ptr, up: u16.ptr, count: n, cols: n,
+                    in16: true, dout16: dout16)
+                add(
+                    "swiglu backward, bf16 gate/up\(dout16 ? " and dh" : "") vs fp32 of their values",
+                    Self.bitMismatches(refG, try dgd.floats(n)) + Self.bitMismatches(refU, try dud.floats(n)), 0, "bits ≠")
+            }
         }
-        // swiglu_nvfp4 (down_proj's quantized bf16 input in one pass) against swiglu_forward then
+        // swiglu_nvfp4 (down_proj's quantized bf16 input in one pass, from bf16 gate and up) against swiglu_forward then
         // nvfp4_fake_quant(bf16Out): bit for bit, both modes, whole blocks, a partial one, cols not a multiple of 4.
         for (r, cols) in [(33, 3072), (7, 100), (5, 102)] {
             let g = Self.random(r * cols, seed: 18, scale: 3), u = Self.random(r * cols, seed: 19, scale: 2)
-            let gd = try gpu(g), upd = try gpu(u), hd = try DeviceBuffer(d, floats: r * cols)
+            let gd = try gpu16(g), upd = try gpu16(u), hd = try DeviceBuffer(d, floats: r * cols)
             let ref16 = try DeviceBuffer(d, bytes: r * cols * 2), fused16 = try DeviceBuffer(d, bytes: r * cols * 2)
-            try d.swiglu(out: hd.ptr, gate: gd.ptr, up: upd.ptr, count: r * cols)
+            try d.swiglu(out: hd.ptr, gate: gd.ptr, up: upd.ptr, count: r * cols, in16: true)
             let amax = NVFP4.absMax(try hd.floats(r * cols), count: r * cols)
             for export in [false, true] {
                 try d.nvfp4FakeQuant(hd.ptr, out: 0, bf16Out: ref16.ptr, rows: r, cols: cols, globalAmax: amax, exportMode: export)

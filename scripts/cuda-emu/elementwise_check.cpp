@@ -94,10 +94,24 @@ int main() {
             // swiglu_forward, fp32 and bf16 outputs
             Buf h(n, off);
             for (size_t i = 0; i < n; i++) ref[i] = g.p()[i] / (1.0f + expf(-g.p()[i])) * u.p()[i];
-            launch1D(n, [&] { swiglu_forward(h.p(), g.p(), u.p(), (long)n, h16.p()); });
+            launch1D(n, [&] { swiglu_forward(h.p(), g.p(), u.p(), (long)n, h16.p(), 0); });
             for (size_t i = 0; i < n; i++) ref16[i] = f32_to_bf16(ref[i]);
             report("swiglu_forward" + tag + ": values differing (fp32, bf16)",
                    differing(ref.data(), h.p(), n) + differing(ref16.data(), h16.p(), n), 0);
+            // bf16 gate and up (and dh, below): the formulas on their values
+            Buf16 g16(n, off), u16b(n, off), dh16(n, off);
+            for (size_t i = 0; i < n; i++) {
+                g16.p()[i] = f32_to_bf16(g.p()[i]); u16b.p()[i] = f32_to_bf16(u.p()[i]); dh16.p()[i] = f32_to_bf16(dh.p()[i]);
+            }
+            {
+                std::vector<float> r16(n);
+                for (size_t i = 0; i < n; i++) {
+                    float x = bf16_to_f32(g16.p()[i]);
+                    r16[i] = x / (1.0f + expf(-x)) * bf16_to_f32(u16b.p()[i]);
+                }
+                launch1D(n, [&] { swiglu_forward(h.p(), g16.p(), u16b.p(), (long)n, nullptr, 1); });
+                report("swiglu_forward" + tag + ", bf16 gate/up: values differing", differing(r16.data(), h.p(), n), 0);
+            }
             // swiglu_backward, all four outputs
             Buf dg(n, off), du(n, off);
             Buf16 dg16(n, off), du16(n, off);
@@ -107,16 +121,31 @@ int main() {
                 ru[i] = __fmul_rn(__fmul_rn(d, x), s);
                 rg[i] = __fmul_rn(__fmul_rn(__fmul_rn(d, u.p()[i]), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
             }
-            launch1D(n, [&] { swiglu_backward(dg.p(), du.p(), dh.p(), g.p(), u.p(), (long)n, dg16.p(), du16.p(), (int)n, (long)n); });
+            launch1D(n, [&] { swiglu_backward(dg.p(), du.p(), dh.p(), g.p(), u.p(), (long)n, dg16.p(), du16.p(), (int)n, (long)n, 0, 0); });
             int d = differing(rg.data(), dg.p(), n) + differing(ru.data(), du.p(), n);
             for (size_t i = 0; i < n; i++) d += (dg16.p()[i] != f32_to_bf16(rg[i])) + (du16.p()[i] != f32_to_bf16(ru[i]));
             report("swiglu_backward" + tag + ": values differing (4 outputs)", d, 0);
+            for (int dout16 : {0, 1}) {   // bf16 gate/up, dh fp32 (its bf16 values) or bf16
+                std::vector<float> rg16(n), ru16(n);
+                for (size_t i = 0; i < n; i++) {
+                    float x = bf16_to_f32(g16.p()[i]), s = 1.0f / (1.0f + expf(-x)), dd = bf16_to_f32(dh16.p()[i]);
+                    ru16[i] = __fmul_rn(__fmul_rn(dd, x), s);
+                    rg16[i] = __fmul_rn(__fmul_rn(__fmul_rn(dd, bf16_to_f32(u16b.p()[i])), s), __fadd_rn(1.0f, __fmul_rn(x, __fsub_rn(1.0f, s))));
+                }
+                Buf dhr(n, off);
+                for (size_t i = 0; i < n; i++) dhr.p()[i] = bf16_to_f32(dh16.p()[i]);
+                const void *dout = dout16 ? (const void *)dh16.p() : (const void *)dhr.p();
+                launch1D(n, [&] { swiglu_backward(dg.p(), du.p(), dout, g16.p(), u16b.p(), (long)n, dg16.p(), du16.p(), (int)n, (long)n, 1, dout16); });
+                int e = differing(rg16.data(), dg.p(), n) + differing(ru16.data(), du.p(), n);
+                for (size_t i = 0; i < n; i++) e += (dg16.p()[i] != f32_to_bf16(rg16[i])) + (du16.p()[i] != f32_to_bf16(ru16[i]));
+                report("swiglu_backward" + tag + ", bf16 gate/up" + (dout16 ? " and dh" : "") + ": values differing (4 outputs)", e, 0);
+            }
             // the bf16 copies as rows of [dgate | dup] (cols = n / rows, rows 2·cols apart), no fp32 outputs
             for (int rows : {4, 17}) {   // (1003 = 17 · 59: the element path)
                 if (n % rows) continue;
                 int cols = (int)(n / rows);
                 Buf16 both(2 * n, off);
-                launch1D(n, [&] { swiglu_backward(nullptr, nullptr, dh.p(), g.p(), u.p(), (long)n, both.p(), both.p() + cols, cols, 2L * cols); });
+                launch1D(n, [&] { swiglu_backward(nullptr, nullptr, dh.p(), g.p(), u.p(), (long)n, both.p(), both.p() + cols, cols, 2L * cols, 0, 0); });
                 int bad = 0;
                 for (size_t i = 0; i < n; i++) {
                     size_t r = i / cols, j = i % cols;

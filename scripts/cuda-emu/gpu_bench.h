@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } } while (0)
@@ -12,6 +13,19 @@ static float *dev(size_t n, unsigned seed, float range = 3.4f) {
     unsigned s = seed;
     for (auto &x : h) { s = s * 1664525u + 1013904223u; x = ((s >> 8) / 16777216.0f - 0.5f) * range; }
     float *p; CK(cudaMalloc(&p, n * 4)); CK(cudaMemcpy(p, h.data(), n * 4, cudaMemcpyHostToDevice));
+    return p;
+}
+
+// The same values as dev's, as bf16 (truncated: a bench input, not a rounding check).
+static unsigned short *dev16(size_t n, unsigned seed, float range = 3.4f) {
+    std::vector<unsigned short> h(n);
+    unsigned s = seed;
+    for (auto &x : h) {
+        s = s * 1664525u + 1013904223u;
+        float f = ((s >> 8) / 16777216.0f - 0.5f) * range;
+        unsigned u; memcpy(&u, &f, 4); x = (unsigned short)(u >> 16);
+    }
+    unsigned short *p; CK(cudaMalloc(&p, n * 2)); CK(cudaMemcpy(p, h.data(), n * 2, cudaMemcpyHostToDevice));
     return p;
 }
 

@@ -41,9 +41,9 @@ int main(int argc, char **argv) {
     auto grid = [&](long threads) { return (unsigned)std::min<long>((threads + 255) / 256, sms * 16); };   // launch1D
     for (int mode = 0; mode < 2; mode++) {
         printf("mode %d\n", mode);
-        {   // swiglu_nvfp4 [8192 x 8192]
+        {   // swiglu_nvfp4 [8192 x 8192], bf16 gate and up
             long C = 8192, n = R * C;
-            float *g = dev(n, 1, 8.0f), *u = dev(n, 2, 8.0f);
+            u16 *g = dev16(n, 1, 8.0f), *u = dev16(n, 2, 8.0f);
             u16 *a, *b; CK(cudaMalloc(&a, n * 2)); CK(cudaMalloc(&b, n * 2));
             unsigned bl = grid(4 * n / 16);
             auto gen = [&] { swiglu_nvfp4<<<bl, 256>>>(g, u, a, R, (int)C, 16.0f, mode); };

@@ -113,24 +113,27 @@ int main() {
                 report("nvfp4_fake_quant fp32 " + tag + ", arrays one float off: values differing from NVFP4.fakeQuant",
                        differing(ref, dropFirst(out1)), 0);
             }
-            // swiglu_nvfp4 against swiglu_forward then nvfp4_fake_quant(bf16out).
+            // swiglu_nvfp4 (bf16 gate and up) against swiglu_forward then nvfp4_fake_quant(bf16out).
             std::vector<float> h(n);
-            emu_launch({(unsigned)((n + 255) / 256), 1, 1}, 256, 0, [&] { swiglu_forward(h.data(), g.data(), u.data(), (long)n, nullptr); });
+            std::vector<u16> g16(n), u16v(n);
+            for (size_t i = 0; i < n; i++) { g16[i] = f32_to_bf16(g[i]); u16v[i] = f32_to_bf16(u[i]); }
+            emu_launch({(unsigned)((n + 255) / 256), 1, 1}, 256, 0, [&] { swiglu_forward(h.data(), g16.data(), u16v.data(), (long)n, nullptr, 1); });
             float hmax = 0;
             for (float v : h) hmax = std::max(hmax, fabsf(v));
             std::vector<u16> two(n), fused(n);
             launch(blocks, [&] { nvfp4_fake_quant(h.data(), nullptr, two.data(), rows, cols, hmax, mode); });
-            launch(blocks, [&] { swiglu_nvfp4(g.data(), u.data(), fused.data(), rows, cols, hmax, mode); });
+            launch(blocks, [&] { swiglu_nvfp4(g16.data(), u16v.data(), fused.data(), rows, cols, hmax, mode); });
             report("swiglu_nvfp4 " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, fused), 0);
             if (cols % 16 == 0) {
                 std::vector<u16> quads(n);
-                launch(blocks, [&] { swiglu_nvfp4_quads(g.data(), u.data(), quads.data(), rows, cols, hmax, mode); });
+                launch(blocks, [&] { swiglu_nvfp4_quads(g16.data(), u16v.data(), quads.data(), rows, cols, hmax, mode); });
                 report("swiglu_nvfp4_quads " + tag + ": values differing from swiglu_forward + nvfp4_fake_quant", differing(two, quads), 0);
             }
-            std::vector<float> g1 = offByOne(g), u1 = offByOne(u);
-            std::vector<u16> fused1(n + 1);
+            std::vector<u16> g1(n + 1), u1(n + 1), fused1(n + 1);   // one bf16 off (2 bytes: the element path)
+            std::copy(g16.begin(), g16.end(), g1.begin() + 1);
+            std::copy(u16v.begin(), u16v.end(), u1.begin() + 1);
             launch(blocks, [&] { swiglu_nvfp4(g1.data() + 1, u1.data() + 1, fused1.data() + 1, rows, cols, hmax, mode); });
-            report("swiglu_nvfp4 " + tag + ", arrays one float off: values differing", differing(fused, dropFirst(fused1)), 0);
+            report("swiglu_nvfp4 " + tag + ", arrays one bf16 off: values differing", differing(fused, dropFirst(fused1)), 0);
             // rmsnorm_nvfp4 against rmsnorm_forward then nvfp4_fake_quant(bf16out), rstd too (rows of whole 16-blocks).
             if (cols % 16 == 0) {
                 std::vector<float> y(n), w(cols), rs1(rows), rs2(rows);
@@ -213,8 +216,8 @@ int main() {
         for (size_t i = 0; i < n; i++) { dh[i] = gauss(); g[i] = gauss() * 3; u[i] = gauss(); }
         std::vector<u16> dg16(n, 0xffff), du16(n, 0xffff);
         dim3e grid{(unsigned)((n + 255) / 256), 1, 1};
-        emu_launch(grid, 256, 0, [&] { swiglu_backward(dg.data(), du.data(), dh.data(), g.data(), u.data(), (long)n, nullptr, nullptr, (int)n, (long)n); });
-        emu_launch(grid, 256, 0, [&] { swiglu_backward(nullptr, nullptr, dh.data(), g.data(), u.data(), (long)n, dg16.data(), du16.data(), (int)n, (long)n); });
+        emu_launch(grid, 256, 0, [&] { swiglu_backward(dg.data(), du.data(), dh.data(), g.data(), u.data(), (long)n, nullptr, nullptr, (int)n, (long)n, 0, 0); });
+        emu_launch(grid, 256, 0, [&] { swiglu_backward(nullptr, nullptr, dh.data(), g.data(), u.data(), (long)n, dg16.data(), du16.data(), (int)n, (long)n, 0, 0); });
         int d = 0;
         for (size_t i = 0; i < n; i++) d += (dg16[i] != f32_to_bf16(dg[i])) + (du16[i] != f32_to_bf16(du[i]));
         report("swiglu_backward n=" + std::to_string(n) + ": bf16 outputs differing from bf16(fp32 outputs)", d, 0);

@@ -83,6 +83,23 @@ __device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
     return make_uint2((u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16), (u32)f32_to_bf16(c) | ((u32)f32_to_bf16(d) << 16));
 }
 
+// Four bf16 (8 bytes, lowest first) as four floats: bf16x4's inverse.
+__device__ __forceinline__ float4 f32x4(uint2 w) {
+    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                       __uint_as_float(w.y & 0xffff0000u));
+}
+// Elements 4i … 4i+3 (load4: the array 16-byte aligned as fp32, 8-byte as bf16) or element i (load1) of an array of
+// floats or, when bf16, of bf16 values, as floats: the kernels whose inputs are fp32 in one precision and bf16 in the
+// other (the MLP's gate and up, SwiGLU's output gradient).
+__device__ __forceinline__ float4 load4(const void *p, long i, bool bf16) {
+    return bf16 ? f32x4(((const uint2 *)p)[i]) : ((const float4 *)p)[i];
+}
+__device__ __forceinline__ float load1(const void *p, long i, bool bf16) {
+    return bf16 ? bf16_to_f32(((const u16 *)p)[i]) : ((const float *)p)[i];
+}
+// The alignment load4 needs.
+__device__ __forceinline__ bool aligned_for4(const void *p, bool bf16) { return bf16 ? aligned8(p) : aligned16(p); }
+
 // SiLU(x)·u = x / (1 + e^-x) · u, in this order (SwiGLU.swift): swiglu_forward and swiglu_nvfp4.
 __device__ __forceinline__ float swiglu_one(float x, float u) { return x / (1.0f + expf(-x)) * u; }
 

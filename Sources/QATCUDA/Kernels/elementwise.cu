@@ -26,18 +26,19 @@ extern "C" __global__ void add_inplace(float *a, const float *b, long n) {
         [&](long i) { a[i] = __fadd_rn(a[i], b[i]); });
 }
 
-// out = silu(gate) * up (and its bf16 copy in out16, when given; out may be null when only the copy is used)
-extern "C" __global__ void swiglu_forward(float *out, const float *gate, const float *up, long n, u16 *out16) {
+// out = silu(gate) * up (and its bf16 copy in out16, when given; out may be null when only the copy is used).
+// in16: gate and up are bf16 (bf16 precision keeps them so, CUDAModel.LayerActivations), else fp32.
+extern "C" __global__ void swiglu_forward(float *out, const void *gate, const void *up, long n, u16 *out16, int in16) {
     elementwise_loop(
-        n, aligned16(out) && aligned16(gate) && aligned16(up) && aligned8(out16),
+        n, aligned16(out) && aligned_for4(gate, in16) && aligned_for4(up, in16) && aligned8(out16),
         [&](long i) {
-            float4 x = ((const float4 *)gate)[i], u = ((const float4 *)up)[i];
+            float4 x = load4(gate, i, in16), u = load4(up, i, in16);
             float4 y = make_float4(swiglu_one(x.x, u.x), swiglu_one(x.y, u.y), swiglu_one(x.z, u.z), swiglu_one(x.w, u.w));
             if (out) ((float4 *)out)[i] = y;
             if (out16) ((uint2 *)out16)[i] = bf16x4(y.x, y.y, y.z, y.w);
         },
         [&](long i) {
-            float y = swiglu_one(gate[i], up[i]);
+            float y = swiglu_one(load1(gate, i, in16), load1(up, i, in16));
             if (out) out[i] = y;
             if (out16) out16[i] = f32_to_bf16(y);
         });
@@ -79,8 +80,9 @@ extern "C" __global__ void add_bias(float *out, const float *bias, long n, int c
 // fp32 (dgate, dup) and/or the bf16 copies the bf16 products read (dgate16, dup16). The tensors are
 // [n / cols, cols]; the bf16 copies' rows are ld16 elements apart (ld16 = cols: contiguous; 2·cols with
 // dup16 = dgate16 + cols: the rows of the fused gate/up products' dy, CUDAModel+Training.swift).
-extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n,
-                                           u16 *dgate16, u16 *dup16, int cols, long ld16) {
+// in16: gate and up are bf16; dout16: dout (dh) is bf16 (down_proj's dx product wrote it so); else fp32.
+extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const void *dout, const void *gate, const void *up, long n,
+                                           u16 *dgate16, u16 *dup16, int cols, long ld16, int in16, int dout16) {
     // (x, u, dh) -> (dgate, dup), as SwiGLU.backward rounds them
     auto one = [](float x, float u, float dh, float *dg, float *du) {
         float s = 1.0f / (1.0f + expf(-x));
@@ -91,10 +93,10 @@ extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float
     auto at16 = [&](long i) -> long { return ld16 == cols ? i : row_strided(i, cols, ld16); };
     elementwise_loop(
         n,
-        aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up) && aligned8(dgate16) &&
-            aligned8(dup16) && (cols & 3) == 0 && (ld16 & 3) == 0,
+        aligned16(dgate) && aligned16(dup) && aligned_for4(dout, dout16) && aligned_for4(gate, in16) && aligned_for4(up, in16) &&
+            aligned8(dgate16) && aligned8(dup16) && (cols & 3) == 0 && (ld16 & 3) == 0,
         [&](long i) {   // (cols % 4 == 0: the four elements of float4 i are in one row)
-            float4 x = ((const float4 *)gate)[i], u = ((const float4 *)up)[i], h = ((const float4 *)dout)[i], dg, du;
+            float4 x = load4(gate, i, in16), u = load4(up, i, in16), h = load4(dout, i, dout16), dg, du;
             one(x.x, u.x, h.x, &dg.x, &du.x);
             one(x.y, u.y, h.y, &dg.y, &du.y);
             one(x.z, u.z, h.z, &dg.z, &du.z);
@@ -107,7 +109,7 @@ extern "C" __global__ void swiglu_backward(float *dgate, float *dup, const float
         },
         [&](long i) {
             float dg, du;
-            one(gate[i], up[i], dout[i], &dg, &du);
+            one(load1(gate, i, in16), load1(up, i, in16), load1(dout, i, dout16), &dg, &du);
             if (dup) dup[i] = du;
             if (dgate) dgate[i] = dg;
             long j = at16(i);

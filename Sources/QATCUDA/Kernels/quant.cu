@@ -109,22 +109,20 @@ extern "C" __global__ void __launch_bounds__(256, 8) nvfp4_fake_quant_quads(NVFP
 
 // SwiGLU fused with the NVFP4 fake quant of its output, written as bf16 only (down_proj's product
 // input in bf16; h itself is not stored): h = gate / (1 + e^-gate) · up exactly as swiglu_forward
-// computes it, then nvfp4_fake_quant's blocks. Bit-identical to those two kernels in a row. `_quads`: as for
-// nvfp4_fake_quant_quads (gate, up 16-byte aligned).
-#define SWIGLU_NVFP4_ARGS const float *gate, const float *up, u16 *bf16out, long rows, int cols, float globalAmax, int mode
+// computes it from the bf16 gate and up that bf16 precision keeps (CUDAModel.LayerActivations), then
+// nvfp4_fake_quant's blocks. Bit-identical to those two kernels in a row. `_quads`: as for
+// nvfp4_fake_quant_quads (gate, up 8-byte aligned).
+#define SWIGLU_NVFP4_ARGS const u16 *gate, const u16 *up, u16 *bf16out, long rows, int cols, float globalAmax, int mode
 template <bool QUADS> __device__ __forceinline__ void swiglu_nvfp4_impl(SWIGLU_NVFP4_ARGS) {
     nvfp4_blocks<QUADS>(
-        rows, cols, globalAmax, mode, (float *)0, bf16out, aligned16(gate) && aligned16(up),
+        rows, cols, globalAmax, mode, (float *)0, bf16out, aligned8(gate) && aligned8(up),
         [&](float *v, long o) {
-            float4 g = *(const float4 *)(gate + o), u = *(const float4 *)(up + o);
+            float4 g = f32x4(*(const uint2 *)(gate + o)), u = f32x4(*(const uint2 *)(up + o));
             v[0] = swiglu_one(g.x, u.x); v[1] = swiglu_one(g.y, u.y); v[2] = swiglu_one(g.z, u.z); v[3] = swiglu_one(g.w, u.w);
         },
         [&](float *v, long o, int w, bool vec) {
-            float u[16];
-            load_block16(v, gate + o, w, vec);
-            load_block16(u, up + o, w, vec);
 #pragma unroll
-            for (int i = 0; i < 16; i++) v[i] = i < w ? swiglu_one(v[i], u[i]) : 0.0f;
+            for (int i = 0; i < 16; i++) v[i] = i < w ? swiglu_one(bf16_to_f32(gate[o + i]), bf16_to_f32(up[o + i])) : 0.0f;
         });
 }
 extern "C" __global__ void swiglu_nvfp4(SWIGLU_NVFP4_ARGS) {

@@ -188,7 +188,7 @@ extension CUDAModel {
         guard let h = ad.h, h.bytes >= n * r * 4 else { throw QATError.internal("LoRA backward of \(l.name) without its training forward") }
         var dyIn = dy
         if bf { dyIn = try dy16 ?? operand(dy, count: n * out, "lora-dy16") }
-        let gA = gradient(a.A), gB = gradient(a.B)
+        let gA = try gradient(a.A), gB = try gradient(a.B)
         if let gB {
             let h16 = try operand(h.ptr, count: n * r, "lora-h16")
             try device.gemm(transA: true, m: out, n: r, k: n, a: dyIn, lda: out, b: h16, ldb: r, c: gB, ldc: r, alpha: s, beta: 1, bf16: bf)

@@ -9,9 +9,15 @@ import QATQuant
 /// The optimizer's device state lives in `CUDAOptimizer`.
 extension CUDAModel {
     /// Device gradients of the trainable parameters (host `Parameter.grad != nil`), one arena.
+    /// `zeroGradients` zeroes nothing: it marks every gradient pending, and a pending gradient reads as zero. The
+    /// first product that writes a whole gradient writes it (cuBLAS's beta = 0, `gradientToWrite`), every other
+    /// writer zeroes it first (`gradient`), and what reads the arena as a whole settles the rest (`gradientList`):
+    /// so a step neither clears ~4.9 GB (Llama-3.2-1B's fp32 gradients) nor reads them back in its dW products.
     final class Gradients {
         let arena: DeviceBuffer
         let offsets: [ObjectIdentifier: (offset: Int, count: Int)]
+        /// The gradients that read as zero but hold stale values (or none).
+        var pending: Set<ObjectIdentifier> = []
         init(_ d: CUDADevice, parameters: [Parameter]) throws {
             var offsets: [ObjectIdentifier: (Int, Int)] = [:]
             var total = 0
@@ -45,8 +51,22 @@ extension CUDAModel {
         }
     }
 
-    /// The device gradient of `p`, nil when it is frozen.
-    func gradient(_ p: Parameter) -> CUdeviceptr? { training?.gradients.pointer(p) }
+    /// The device gradient of `p` for a kernel that adds to it (zeroed first when pending), nil when `p` is frozen.
+    func gradient(_ p: Parameter) throws -> CUdeviceptr? {
+        guard let t = training, let ptr = t.gradients.pointer(p) else { return nil }
+        if t.gradients.pending.remove(ObjectIdentifier(p)) != nil { try device.zero(ptr, bytes: p.count * 4) }
+        return ptr
+    }
+
+    /// The device gradient of `p` for a product that writes all of it, with the product's beta: 0 when the gradient
+    /// is pending (it is written, not added to: it is no longer pending), else 1. nil when `p` is frozen.
+    func gradientToWrite(_ p: Parameter) -> (ptr: CUdeviceptr, beta: Float)? {
+        guard let t = training, let ptr = t.gradients.pointer(p) else { return nil }
+        return (ptr, t.gradients.pending.remove(ObjectIdentifier(p)) != nil ? 0 : 1)
+    }
+
+    /// Whether `p` has a device gradient (is trainable).
+    func hasGradient(_ p: Parameter) -> Bool { training?.gradients.pointer(p) != nil }
 
     /// A scratch buffer of at least `bytes`, kept by name and grown on demand.
     func scratch(_ key: String, bytes: Int) throws -> CUdeviceptr {
@@ -62,12 +82,23 @@ extension CUDAModel {
         if training == nil { training = TrainingState(gradients: try Gradients(device, parameters: model.parameters)) }
     }
 
-    public func zeroGradients() throws { if let t = training { try t.gradients.arena.zero() } }
+    /// Every gradient reads as zero from here (pending: nothing is cleared until it is written or read).
+    public func zeroGradients() throws {
+        guard let t = training else { return }
+        t.gradients.pending = Set(t.gradients.offsets.keys)
+    }
 
-    /// The trainable parameters' device gradients, by name (host parameter order).
+    /// The trainable parameters' device gradients, by name (host parameter order), every pending one zeroed first
+    /// (what reads them all: the norm, the all-reduce, the checks).
     var gradientList: [(name: String, ptr: CUdeviceptr, count: Int)] {
-        guard let t = training else { return [] }
-        return model.parameters.compactMap { p in t.gradients.pointer(p).map { (p.name, $0, p.count) } }
+        get throws {
+            guard let t = training else { return [] }
+            if t.gradients.pending.count == t.gradients.offsets.count {
+                try t.gradients.arena.zero()
+                t.gradients.pending = []
+            }
+            return try model.parameters.compactMap { p in try gradient(p).map { (p.name, $0, p.count) } }
+        }
     }
 
     private func backwardBuffers(_ b: Buffers) throws -> BackwardBuffers {
@@ -111,7 +142,7 @@ extension CUDAModel {
             dyIn = d16
         }
         if weightGradient { try weightGradientProduct(l, dy: dyIn, x: x, n: n, b: b, input: made) }
-        if let bias = l.bias, let gb = gradient(bias) {
+        if let bias = l.bias, let gb = try gradient(bias) {
             try device.columnSum(
                 out: gb, a: dy, n: n, c: out, scratch: try scratch("colsum", bytes: CUDADevice.columnSumScratch(n: n, c: out) * 4))
         }
@@ -137,16 +168,16 @@ extension CUDAModel {
     func weightGradientProduct(
         _ l: Linear, dy: CUdeviceptr, x: CUdeviceptr, x16: CUdeviceptr? = nil, n: Int, b: Buffers, input made: CUdeviceptr? = nil
     ) throws {
-        guard let gw = gradient(l.weight) else { return }
+        guard let (gw, beta) = gradientToWrite(l.weight) else { return }
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError.internal("\(l.name) has no device weights") }
         let bf = precision == .bf16, out = l.outFeatures, inp = l.inFeatures
         let xu = try made ?? productInput(l, x, x16: x16, n: n, buffers: b)
         if let a = clipAmax(l.weightQuantizer) {
             let t = try scratch("weight-ste", bytes: out * inp * 4)
             try device.gemm(transA: true, m: out, n: inp, k: n, a: dy, lda: out, b: xu, ldb: inp, c: t, ldc: inp, bf16: bf)
-            try device.steClip(out: gw, grad: t, x: dl.weight.ptr, amax: a, count: out * inp, accumulate: true)
+            try device.steClip(out: gw, grad: t, x: dl.weight.ptr, amax: a, count: out * inp, accumulate: beta != 0)
         } else {
-            try device.gemm(transA: true, m: out, n: inp, k: n, a: dy, lda: out, b: xu, ldb: inp, c: gw, ldc: inp, beta: 1, bf16: bf)
+            try device.gemm(transA: true, m: out, n: inp, k: n, a: dy, lda: out, b: xu, ldb: inp, c: gw, ldc: inp, beta: beta, bf16: bf)
         }
     }
 
@@ -187,8 +218,8 @@ extension CUDAModel {
         var next: (w16: CUdeviceptr, gradient: CUdeviceptr) = (0, 0)  // where the next Linear's copy and gradient must start
         for l in ls {
             guard let dl = linears[ObjectIdentifier(l)], dl.packed == nil, !dl.frozen, !hasAdapter(l), l.inFeatures == first.inFeatures,
-                clipAmax(l.inputQuantizer) == nil, clipAmax(l.weightQuantizer) == nil, l.bias.flatMap(gradient) == nil,
-                let gw = gradient(l.weight)
+                clipAmax(l.inputQuantizer) == nil, clipAmax(l.weightQuantizer) == nil, !(l.bias.map(hasGradient) ?? false),
+                let gw = training?.gradients.pointer(l.weight)
             else { return nil }
             if dl.stale { try prepare(dl) }
             guard let copy = dl.bf16, starts == nil || (copy.ptr == next.w16 && gw == next.gradient) else { return nil }
@@ -204,10 +235,17 @@ extension CUDAModel {
     /// The backward of `f` as `linearBackward` of each (no bias gradient: `fusedProjections`), with its products as
     /// one: dW += dyᵀ·x_used over the Linears' rows together ([Σ out, in]), then dx = dy·W over K = Σ out (written,
     /// not added). `dy16`: the Linears' bf16 dys as the rows of one [n, Σ out] matrix.
+    /// The gradient is written (beta 0) when every Linear's is pending, else added to (the pending ones zeroed first).
     func fusedProjectionBackward(_ f: FusedProjections, dy16: CUdeviceptr, n: Int, dx: CUdeviceptr) throws {
         let width = f.width, inp = f.linears[0].inFeatures
+        let pending = f.linears.filter { training?.gradients.pending.contains(ObjectIdentifier($0.weight)) == true }
+        let beta: Float = pending.count == f.linears.count ? 0 : 1
+        for l in pending {
+            if beta == 0 { _ = gradientToWrite(l.weight) } else { _ = try gradient(l.weight) }
+        }
         try device.gemm(
-            transA: true, m: width, n: inp, k: n, a: dy16, lda: width, b: f.input, ldb: inp, c: f.gradient, ldc: inp, beta: 1, bf16: true)
+            transA: true, m: width, n: inp, k: n, a: dy16, lda: width, b: f.input, ldb: inp, c: f.gradient, ldc: inp, beta: beta,
+            bf16: true)
         try device.gemm(m: n, n: inp, k: width, a: dy16, lda: width, b: f.w16, ldb: inp, c: dx, ldc: inp, bf16: true)
     }
 
@@ -230,7 +268,7 @@ extension CUDAModel {
             if b.checkpointed { try recomputeLayer(l, b) }
             try layerBackward(model.layers[l], b.layers[b.checkpointed ? 0 : l], xin: b.residuals[l].ptr, b: b, g: g)
         }
-        if let de = gradient(model.embed) {
+        if let de = try gradient(model.embed) {
             guard let groups = embeddingGroups else { throw QATError.internal("embedding backward before a training forward") }
             try device.embeddingBackward(dtable: de, dout: g.dres.ptr, groups: groups, c: C)
         }
@@ -380,7 +418,7 @@ extension CUDAModel {
         // bf16 dlogits kept meanwhile), not one per chunk: each such product reads and writes the whole
         // fp32 [V × C] gradient (1 GiB at Llama-3.2-1B's shape), which at k ≈ 500 costs more than its arithmetic.
         let bf = precision == .bf16
-        let group = bf && gradient(model.lmHead.weight) != nil ? Self.lmHeadGroup(rows: rows, n: n) : 1
+        let group = bf && hasGradient(model.lmHead.weight) ? Self.lmHeadGroup(rows: rows, n: n) : 1
         let dy16 = bf ? try scratch("logits-bf16", bytes: group * rows * V * 2) : nil
         // The fp32 dlogits are written only when something reads them besides the bf16 products (a bias, an adapter).
         let keepFP32 = !bf || model.lmHead.bias != nil || hasAdapter(model.lmHead)

@@ -471,7 +471,7 @@ public final class CUDAModel: @unchecked Sendable {
             l.stale = !ids.contains(id)
             if ids.contains(id) { l.fakeQuant = nil }
         }
-        for p in model.parameters where rounded[ObjectIdentifier(p)] != nil && gradient(p) != nil {
+        for p in model.parameters where rounded[ObjectIdentifier(p)] != nil && hasGradient(p) {
             if roundedIDs.contains(ObjectIdentifier(p)) {
                 roundedStale.remove(ObjectIdentifier(p))
             } else {

@@ -52,7 +52,7 @@ extension CUDASelftest {
                             loss += r.ce
                         }
                         for p in model.parameters {
-                            guard let ptr = gm.gradient(p) else { continue }
+                            guard let ptr = try gm.gradient(p) else { continue }
                             var dg = [Float](repeating: 0, count: p.count)
                             try dg.withUnsafeMutableBytes {
                                 try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH")

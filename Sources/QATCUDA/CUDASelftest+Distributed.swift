@@ -81,7 +81,7 @@ extension CUDASelftest {
             let parts = try backend.forwardBackward(batches: [micro], loss: loss, gradScale: 1 / Float(v), optimizer: optimizer)
             let norm = try backend.clipGradients(optimizer, maxNorm: nil)
             var grads: [Float] = []
-            for e in gm.gradientList {
+            for e in try gm.gradientList {
                 var h = [Float](repeating: 0, count: e.count)
                 try h.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, e.ptr, $0.count), "cuMemcpyDtoH") }
                 grads += h

@@ -166,7 +166,7 @@ extension CUDASelftest {
             add("train \(label): loss \(tag)", abs(r.ce - cpu.ce) / Double(valid), precision == .fp32 ? 1e-5 : 2e-2, "|Δ| mean")
             var worst = 0.0, worstName = ""
             for (p, cg) in zip(trainable, cpuGrads) {
-                guard let ptr = gm.gradient(p) else { worst = .nan; worstName = p.name + " (none)"; break }
+                guard let ptr = try gm.gradient(p) else { worst = .nan; worstName = p.name + " (none)"; break }
                 var dg = [Float](repeating: 0, count: p.count)
                 try dg.withUnsafeMutableBytes {
                     try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH")
@@ -179,7 +179,7 @@ extension CUDASelftest {
             add(
                 "train \(label): A/B gradients \(tag) (worst \(worstName.isEmpty ? "-" : worstName))", worst,
                 precision == .fp32 ? 2e-3 : 1e-1, "max |Δ|/max")
-            let extra = gm.gradientList.filter { e in !LoRA.trainableGlobs.contains { Glob.matches($0, e.name) } }.count
+            let extra = try gm.gradientList.filter { e in !LoRA.trainableGlobs.contains { Glob.matches($0, e.name) } }.count
             let packedWeights = lora.model.linears.filter { lora.base?.tensors[$0.name] != nil }
             let resident = packedWeights.filter { gm.tensors[ObjectIdentifier($0.weight)] != nil }.count
             add(

@@ -113,6 +113,23 @@ extension CUDASelftest {
             add(
                 "train \(label): gradients \(tag) (worst \(worstName.isEmpty ? "-" : worstName))", worst,
                 precision == .fp32 ? 2e-3 : 1e-1, "max |Δ|/max")
+            if precision == .fp32 {
+                // zeroGradients clears nothing (`CUDAModel.Gradients`): the same step after it must give the same gradients
+                // bit for bit over the stale ones, and once more without it twice them (every writer adds then; to fp32
+                // round-off: the embedding's rows add their tokens' gradients one by one onto what is there).
+                var steps: [[[Float]]] = []
+                for zero in [true, false] {
+                    if zero { try gm.zeroGradients() }
+                    _ = try gm.forward(tokens: tokens, batch: batch, seqLen: seqLen, saveForBackward: true)
+                    try gm.backward(dHidden: try gm.lossBackward(head, targets: targets, gradScale: scale).dHidden)
+                    steps.append(try deviceGradients(gm, model))
+                }
+                let doubled = gpuGrads.map { $0.map { 2 * $0 } }
+                let (again, againName) = Self.worstRelative(gpuGrads, steps[0], model)
+                let (twice, twiceName) = Self.worstRelative(doubled, steps[1], model)
+                add("train \(label): the step again after zeroGradients (worst \(againName.isEmpty ? "-" : againName))", again, 0)
+                add("train \(label): the step again without zeroGradients = 2× (worst \(twiceName.isEmpty ? "-" : twiceName))", twice, 1e-6)
+            }
             guard precision == .bf16 else { continue }
             // The same step with the loss in chunks of 7 rows: 12 chunks, the lm_head's weight gradient one product
             // per group of 8 (the last group 4 chunks, its last chunk 3 rows). The losses must be equal. The
@@ -137,7 +154,7 @@ extension CUDASelftest {
     /// Every parameter's device gradient (an empty array where the model has none).
     func deviceGradients(_ gm: CUDAModel, _ model: CausalLM) throws -> [[Float]] {
         try model.parameters.map { p in
-            guard let ptr = gm.gradient(p) else { return [] }
+            guard let ptr = try gm.gradient(p) else { return [] }
             var dg = [Float](repeating: 0, count: p.count)
             try dg.withUnsafeMutableBytes { try device.check(device.api.cuMemcpyDtoH($0.baseAddress!, ptr, p.count * 4), "cuMemcpyDtoH") }
             return dg

@@ -101,7 +101,7 @@ public final class CUDAStepBackend: StepBackend {
     /// arena, shared by the non-finite check and the norm).
     private func gradientSquares() throws -> [Double] {
         if let s = squares { return s }
-        let list = model.gradientList
+        let list = try model.gradientList
         let plan = GradientChunks(list.map { (UInt64($0.ptr), $0.count) })
         if chunks?.plan != plan {
             let table = try DeviceBuffer(model.device, bytes: max(1, plan.table.count) * 8)
@@ -121,7 +121,7 @@ public final class CUDAStepBackend: StepBackend {
 
     public func firstNonFiniteGradient(_ optimizer: AdamW) throws -> String? {
         let s = try gradientSquares()
-        return zip(model.gradientList, s).first { !$0.1.isFinite }?.0.name
+        return zip(try model.gradientList, s).first { !$0.1.isFinite }?.0.name
     }
 
     /// The norm; the scaling itself is left to `optimizerStep` (`pendingClip`).
@@ -183,7 +183,7 @@ public final class CUDAStepBackend: StepBackend {
         let refreshes = try model.weightRefreshes()
         var refreshed: [CUDAModel.WeightRefresh] = []
         try optimizer.step(lrFactor: lrFactor) { i, slot, c in
-            guard let p = byName[slot.name], let g = model.gradient(p) else {
+            guard let p = byName[slot.name], let g = try model.gradient(p) else {
                 throw QATError.internal("optimizer slot \(slot.name) has no device gradient")
             }
             let (m, v) = momentPointers(i), w = model.tensor(p)

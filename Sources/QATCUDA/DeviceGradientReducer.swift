@@ -58,7 +58,7 @@ public final class DeviceGradientReducer {
     /// Sums `model`'s trainable gradients over the ranks, in place.
     public func reduce(_ model: CUDAModel) throws {
         guard control.isDistributed, let arena = model.training?.gradients.arena else { return }
-        let tensors = model.gradientList.map { (offset: Int($0.ptr - arena.ptr) / 4, count: $0.count) }
+        let tensors = try model.gradientList.map { (offset: Int($0.ptr - arena.ptr) / 4, count: $0.count) }
         let key = tensors.flatMap { [$0.offset, $0.count] }
         if plan?.key != key { plan = (key, GradientBuckets(tensors: tensors, bucketElements: bucketElements)) }
         try reduce(base: arena.ptr, buckets: plan!.buckets)

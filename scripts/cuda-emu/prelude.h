@@ -143,10 +143,12 @@ inline void emu_ldsm(unsigned *r, int nmat, bool trans, unsigned addr) {
 #define emu_ldsm_x4(b0, b1, b2, b3, addr) emu_ldsm_x4_(b0, b1, b2, b3, addr, false)
 #define emu_ldsm_x4_trans(b0, b1, b2, b3, addr) emu_ldsm_x4_(b0, b1, b2, b3, addr, true)
 // cp.async: copied at once (EMU_CP_ASYNC unset: a buffer overwritten while another warp still reads it shows),
-// or, with EMU_CP_ASYNC=late, only when the issuing thread waits (cp.async.wait_group 0: a tile read before its
-// wait shows). run.sh runs both.
+// or, with EMU_CP_ASYNC=late, only when the issuing thread's wait covers its group (cp.async.wait_group N: every
+// committed group but the N most recent; copies not yet committed are not waited for): a tile read before its
+// wait shows. run.sh runs both.
 struct EmuCopy { unsigned s; const void *src; int size, n; };
-extern std::vector<EmuCopy> emu_pending[1024];
+extern std::vector<EmuCopy> emu_pending[1024];               // issued, not committed
+extern std::vector<std::vector<EmuCopy>> emu_groups[1024];   // committed groups, oldest first
 extern bool emu_late;
 inline void emu_cp_do(const EmuCopy &c) {
     memset(emu_smem + c.s, 0, c.size);
@@ -156,7 +158,14 @@ inline void emu_cp_async(unsigned s, const void *src, int size, int n) {
     if (emu_late) emu_pending[threadIdx.x].push_back({s, src, size, n});
     else emu_cp_do({s, src, size, n});
 }
-inline void emu_cp_async_wait() {
-    for (auto &c : emu_pending[threadIdx.x]) emu_cp_do(c);
+inline void emu_cp_commit() {
+    emu_groups[threadIdx.x].push_back(std::move(emu_pending[threadIdx.x]));
     emu_pending[threadIdx.x].clear();
+}
+inline void emu_cp_async_wait(int n = 0) {
+    auto &g = emu_groups[threadIdx.x];
+    while ((int)g.size() > n) {
+        for (auto &c : g.front()) emu_cp_do(c);
+        g.erase(g.begin());
+    }
 }

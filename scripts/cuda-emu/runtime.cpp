@@ -7,6 +7,7 @@ EmuBar emu_blockbar, emu_warpbar[32];
 int emu_nthreads;
 uint64_t emu_xchg[32][32][8];
 std::vector<EmuCopy> emu_pending[1024];
+std::vector<std::vector<EmuCopy>> emu_groups[1024];
 bool emu_late = getenv("EMU_CP_ASYNC") && !strcmp(getenv("EMU_CP_ASYNC"), "late");
 static std::function<void()> *emu_body;
 static void emu_entry() { (*emu_body)(); emu_cur->done = true; }
@@ -21,6 +22,7 @@ void emu_launch(dim3e grid, int threads, size_t smem, std::function<void()> body
         emu_smem = sm.data();
         emu_blockbar = EmuBar();
         for (auto &p : emu_pending) p.clear();
+        for (auto &g : emu_groups) g.clear();
         for (auto &w : emu_warpbar) w = EmuBar();
         for (int t = 0; t < threads; t++) {
             f[t].stack.resize(1 << 17);

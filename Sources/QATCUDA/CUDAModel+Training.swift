@@ -37,10 +37,11 @@ extension CUDAModel {
     /// Backward scratch of one batch shape.
     final class BackwardBuffers {
         let dres, dln, dh, dattn, dq, dqRaw, dk, dkRaw, dv, delta, dHidden, dy16, tmp: DeviceBuffer
-        init(_ d: CUDADevice, b: Buffers, c: ModelConfig) throws {
+        init(_ d: CUDADevice, b: Buffers, c: ModelConfig, precision: Precision) throws {
             let n = b.batch * b.seqLen, C = c.hiddenSize, qd = c.numHeads * c.headDim, kd = c.numKVHeads * c.headDim, I = c.intermediateSize
             dres = try DeviceBuffer(d, floats: n * C); dln = try DeviceBuffer(d, floats: n * C)
-            dh = try DeviceBuffer(d, floats: n * I)  // (dgate/dup in fp32: scratch, only when read, `layerBackward`)
+            // dh: bf16 in bf16 precision (an fp32 dh there goes to scratch), dgate/dup in fp32 only when read (`layerBackward`)
+            dh = try DeviceBuffer(d, bytes: n * I * (precision == .bf16 ? 2 : 4))
             dattn = try DeviceBuffer(d, floats: n * qd); dq = try DeviceBuffer(d, floats: n * qd);
             dqRaw = try DeviceBuffer(d, floats: n * qd)
             dk = try DeviceBuffer(d, floats: n * kd); dkRaw = try DeviceBuffer(d, floats: n * kd); dv = try DeviceBuffer(d, floats: n * kd)
@@ -105,7 +106,7 @@ extension CUDAModel {
         guard let t = training else { throw QATError.internal("backward before prepareTraining") }
         if let g = t.backward, g.dres.bytes == b.batch * b.seqLen * config.hiddenSize * 4 { return g }
         t.backward = nil
-        let g = try BackwardBuffers(device, b: b, c: config)
+        let g = try BackwardBuffers(device, b: b, c: config, precision: precision)
         t.backward = g
         return g
     }
@@ -288,8 +289,9 @@ extension CUDAModel {
         // dh in bf16 (the product's sums rounded: what the SwiGLU backward reads, half the bytes) with bf16 gate and up,
         // unless something adds to the product's dx (an adapter, the clipped STE)
         let dh16 = a.gateUp16 && !hasAdapter(dp) && clipAmax(dp.inputQuantizer) == nil
+        let dh = bf && !dh16 ? try scratch("dh32", bytes: N * I * 4) : g.dh.ptr  // (g.dh holds bf16 in bf16 precision)
         try linearBackward(
-            dp, dy: dres, x: h, n: N, dx: g.dh.ptr, accumulateDx: false, b: b, g: g, dy16Ready: bf, input: downInput, dx16: dh16)
+            dp, dy: dres, x: h, n: N, dx: dh, accumulateDx: false, b: b, g: g, dy16Ready: bf, input: downInput, dx16: dh16)
         // (the products' input as the forward's `normForward` made it, or made again from its fp32 rows)
         let ln2 = a.made(.ln2) ?? 0
         let gateUp = try a.made(.gateUpInput) ?? sharedProductInput([gp, up], ln2, n: N, buffers: b)
@@ -297,7 +299,7 @@ extension CUDAModel {
             // only the bf16 copies, as the rows [dgate | dup] of the fused products' dy (nothing reads fp32 ones)
             let d16 = try scratch("dgateup16", bytes: N * 2 * I * 2)
             try device.swigluBackward(
-                dgate: 0, dup: 0, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: d16,
+                dgate: 0, dup: 0, dout: dh, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: d16,
                 dup16: d16 + CUdeviceptr(I * 2), stride16: 2 * I, in16: a.gateUp16, dout16: dh16)
             try fusedProjectionBackward(fused, dy16: d16, n: N, dx: g.dln.ptr)
         } else {
@@ -308,7 +310,7 @@ extension CUDAModel {
             let dup = fp32Grads ? try scratch("dup32", bytes: N * I * 4) : 0
             let dgate16 = bf ? g.dy16.ptr : 0, dup16 = bf ? try scratch("dup16", bytes: N * I * 2) : 0
             try device.swigluBackward(
-                dgate: dgate, dup: dup, dout: g.dh.ptr, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: dgate16,
+                dgate: dgate, dup: dup, dout: dh, gate: a.gate.ptr, up: a.up.ptr, count: N * I, cols: I, dgate16: dgate16,
                 dup16: dup16, in16: a.gateUp16, dout16: dh16)
             try linearBackward(
                 gp, dy: dgate, x: ln2, n: N, dx: g.dln.ptr, accumulateDx: false, b: b, g: g,

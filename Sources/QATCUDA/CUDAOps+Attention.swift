@@ -138,15 +138,14 @@ extension CUDADevice {
     /// step): the forward's query rows and key tile per block (FA_BQ, FA_BK); the dK/dV kernel's keys per block and
     /// query rows per step (BQ); the dQ kernel's query rows per block and key tile (BK). (Session 8 timed 2 key
     /// tiles per dK/dV warp, 2 row tiles per dQ warp and other forward tiles: all slower on the H200.)
-    /// `backwardStages`: the backward kernels' pipeline stages of streamed tiles (ATT_BWD_STAGES_D64/_D128).
     public struct AttentionTiles: Equatable, Sendable {
-        public let forwardRows, forwardKeys, dkdvKeys, dkdvRows, dqRows, dqKeys, backwardStages: Int
+        public let forwardRows, forwardKeys, dkdvKeys, dkdvRows, dqRows, dqKeys: Int
     }
 
     public static func attentionTiles(headDim: Int) -> AttentionTiles {
         headDim == 64
-            ? AttentionTiles(forwardRows: 128, forwardKeys: 64, dkdvKeys: 64, dkdvRows: 64, dqRows: 64, dqKeys: 64, backwardStages: 3)
-            : AttentionTiles(forwardRows: 128, forwardKeys: 64, dkdvKeys: 64, dkdvRows: 32, dqRows: 64, dqKeys: 32, backwardStages: 2)
+            ? AttentionTiles(forwardRows: 128, forwardKeys: 64, dkdvKeys: 64, dkdvRows: 64, dqRows: 64, dqKeys: 64)
+            : AttentionTiles(forwardRows: 128, forwardKeys: 64, dkdvKeys: 64, dkdvRows: 32, dqRows: 64, dqKeys: 32)
     }
 
     /// Dynamic shared memory of the bf16 forward: Q [BQ][D+8] and two stages of K and V tiles [BK][D+8] bf16.
@@ -156,12 +155,11 @@ extension CUDADevice {
     }
 
     /// Dynamic shared memory of the bf16 backward kernels (dK/dV, dQ): the block's own K, V (dK/dV) or Q, dO (dQ)
-    /// rows [·][D+8] bf16, `backwardStages` stages of the streamed [tile][D+8] pairs and (dK/dV) of lse, delta.
+    /// rows [·][D+8] bf16, two stages of the streamed [tile][D+8] pairs, and (dK/dV) two stages of lse, delta.
     public static func attentionBackwardShared(headDim: Int) -> (dkdv: Int, dq: Int) {
-        let t = attentionTiles(headDim: headDim), rows = headDim + 8, s = t.backwardStages
+        let t = attentionTiles(headDim: headDim), rows = headDim + 8
         return (
-            (2 * t.dkdvKeys * rows + 2 * s * t.dkdvRows * rows) * 2 + 2 * s * t.dkdvRows * 4,
-            (2 * t.dqRows * rows + 2 * s * t.dqKeys * rows) * 2
+            (2 * t.dkdvKeys * rows + 4 * t.dkdvRows * rows) * 2 + 4 * t.dkdvRows * 4, (2 * t.dqRows * rows + 4 * t.dqKeys * rows) * 2
         )
     }
 

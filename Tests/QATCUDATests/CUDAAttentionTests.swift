@@ -18,19 +18,17 @@ final class CUDAAttentionTests: XCTestCase {
     }
 
     /// The bf16 kernels' shared memory on a 228 KiB Hopper multiprocessor (1 KiB reserved per block): the forward fits
-    /// two blocks (its launch bounds), the backward kernels three (D=64 with three pipeline stages, D=128 with two).
+    /// two blocks (its launch bounds), the D=128 backward kernels three and the D=64 ones four.
     func testBF16AttentionSharedMemoryFitsTheLaunchBounds() {
         XCTAssertEqual(CUDADevice.attentionForwardShared(headDim: 128), (128 + 256) * 136 * 2)
         XCTAssertEqual(CUDADevice.attentionForwardShared(headDim: 64), (128 + 256) * 72 * 2)
         func fits(_ bytes: Int, _ blocks: Int) -> Bool { blocks * (bytes + 1024) <= 228 * 1024 }
-        for (d, blocks) in [(128, 3), (64, 3)] {
+        for (d, blocks) in [(128, 3), (64, 4)] {
             XCTAssertTrue(fits(CUDADevice.attentionForwardShared(headDim: d), 2), "forward D=\(d)")
             let (dkdv, dq) = CUDADevice.attentionBackwardShared(headDim: d)
             XCTAssertTrue(fits(dkdv, blocks) && fits(dq, blocks), "backward D=\(d): \(dkdv), \(dq) bytes")
         }
         XCTAssertEqual(CUDADevice.attentionBackwardShared(headDim: 128).dkdv, (128 * 136 + 128 * 136) * 2 + 512)
-        XCTAssertEqual(CUDADevice.attentionBackwardShared(headDim: 64).dkdv, (128 * 72 + 384 * 72) * 2 + 1536)
-        XCTAssertEqual(CUDADevice.attentionBackwardShared(headDim: 64).dq, (128 * 72 + 384 * 72) * 2)
         // q and dout [B,T,H,D], k and v [B,T,Hkv,D] as bf16.
         XCTAssertEqual(CUDADevice.attentionScratchBytes(nq: 1000, nk: 10), 2 * 2020)
     }

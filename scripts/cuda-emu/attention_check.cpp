@@ -118,8 +118,7 @@ int main(int argc, char **argv) {
             }
             if (bf) {
                 int tile = D == 64 ? 64 : 32, QS = D + 8;
-                int st = D == 64 ? ATT_BWD_STAGES_D64 : ATT_BWD_STAGES_D128;
-                size_t s1 = (2 * 64 * QS + 2 * st * tile * QS) * 2 + 2 * st * tile * 4, s2 = (2 * 64 * QS + 2 * st * tile * QS) * 2;
+                size_t s1 = (2 * 64 * QS + 4 * tile * QS) * 2 + 4 * tile * 4, s2 = (2 * 64 * QS + 4 * tile * QS) * 2;
                 emu_launch({(unsigned)(B * Hkv), qTiles, 1}, 128, s1, [&] {
                     if (D == 64) attention_backward_dkdv_bf16_d64(pdk, pdv, pg16, pl, pde, pq16, pk16, pv16, T, H, Hkv, W, scale);
                     else attention_backward_dkdv_bf16_d128(pdk, pdv, pg16, pl, pde, pq16, pk16, pv16, T, H, Hkv, W, scale);

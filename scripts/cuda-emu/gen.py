@@ -20,7 +20,6 @@ src = re.sub(r'asm volatile\("cp\.async\.c[ag]\.shared\.global \[%0\], \[%1\], (
              r'emu_cp_async(s, src, \1, n);', src)
 src = re.sub(r'asm volatile\("cp\.async\.commit_group;\\n" ::\);', 'emu_cp_commit();', src)
 src = re.sub(r'asm volatile\("cp\.async\.wait_group 0;\\n" ::: "memory"\);', 'emu_cp_async_wait();', src)
-src = re.sub(r'asm volatile\("cp\.async\.wait_group %0;\\n" ::"n"\((\w+)\) : "memory"\);', r'emu_cp_async_wait(\1);', src)
 src = re.sub(r'__shared__ (double|float) (\w+)\[32\];', r'static \1 \2[32];', src)
 src = re.sub(r'(?<!extern )__shared__ ', 'static ', src)
 assert 'asm' not in src, [l for l in src.split('\n') if 'asm' in l]

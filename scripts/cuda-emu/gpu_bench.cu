@@ -43,8 +43,7 @@ int main() {
         dim3 fg(B * H, (T + FA_BQ - 1) / FA_BQ), bg(B * H, (T + 63) / 64);
         size_t fsh = (FA_BQ + 4 * 64) * QS * 2;
         int tile = D == 64 ? 64 : 32;
-        int st = D == 64 ? ATT_BWD_STAGES_D64 : ATT_BWD_STAGES_D128;
-        size_t s1 = (2 * 64 * QS + 2 * st * tile * QS) * 2 + 2 * st * tile * 4, s2 = (2 * 64 * QS + 2 * st * tile * QS) * 2;
+        size_t s1 = (2 * 64 * QS + 4 * tile * QS) * 2 + 4 * tile * 4, s2 = (2 * 64 * QS + 4 * tile * QS) * 2;
         auto fwd = D == 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128;
         auto bkv = D == 64 ? attention_backward_dkdv_bf16_d64 : attention_backward_dkdv_bf16_d128;
         auto bq = D == 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128;

@@ -160,8 +160,6 @@ __device__ __forceinline__ void cp_async4(void *dst, const void *src, bool ok) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// Waits for every committed group of this thread but the N most recent.
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // Starts copying rows first ..< first+ROWS of a [*, stride] bf16 matrix into dst [ROWS][D+8] (zeros
 // at and past T), 16 bytes per cp.async, 128 threads. The caller commits, waits and synchronises.
@@ -645,15 +643,14 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dq(float *d
 // fragments), then dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ, dSᵀ as A fragments straight from the
 // accumulators, dO and Q through ldmatrix.trans). Grid: (B*Hkv, ceil(T / 64)); the first key
 // tiles (the most causal rows) start first. The (query head, query tile) steps run in a fixed order.
-// Shared memory: K, V [64][D+8] bf16; STAGES stages of Q, dO [BQ][D+8] bf16 and lse, delta [BQ] fp32: the
-// steps' copies run STAGES − 1 steps ahead of the step computed (one cp.async group per step, empty past the last).
-template <int D, int BQ, int STAGES>
+// Shared memory: K, V [64][D+8] bf16; two stages of Q, dO [BQ][D+8] bf16 and lse, delta [BQ] fp32.
+template <int D, int BQ>
 __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const u16 *dout, const float *lse, const float *delta, const u16 *q,
                                          const u16 *k, const u16 *v, int T, int H, int Hkv, int window, float scale) {
     extern __shared__ u16 bsm16[];
     const int QS = D + 8, QT = BQ * QS;
     u16 *Ks = bsm16, *Vs = Ks + 64 * QS, *St = Vs + 64 * QS;   // stage s: Q at St + 2s·QT, dO after it
-    float *LD = (float *)(St + 2 * STAGES * QT);                 // stage s: lse at LD + 2s·BQ, delta after it
+    float *LD = (float *)(St + 4 * QT);                          // stage s: lse at LD + 2s·BQ, delta after it
     int bg = blockIdx.x, b = bg / Hkv, g = bg - b * Hkv, group = H / Hkv;
     int k0 = blockIdx.y * 64;   // the first key tiles (most rows) first
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
@@ -668,7 +665,7 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const u16 *dout, 
     // Step i: query head g*group + i / tiles, rows k0 + (i % tiles)·BQ ..< +BQ (rEnd > k0: tiles >= 1).
     int tiles = (rEnd - k0 + BQ - 1) / BQ, steps = group * tiles;
     auto stage = [&](int i) {
-        int hs = g * group + i / tiles, rs = k0 + (i % tiles) * BQ, s = i % STAGES;
+        int hs = g * group + i / tiles, rs = k0 + (i % tiles) * BQ, s = i & 1;
         long qo = (long)b * T * qStride + (long)hs * D, lo = ((long)b * H + hs) * T;
         load_tile16<BQ, D>(St + 2 * s * QT, q + qo, qStride, rs, T);
         load_tile16<BQ, D>(St + (2 * s + 1) * QT, dout + qo, qStride, rs, T);
@@ -682,11 +679,6 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const u16 *dout, 
     load_tile16<64, D>(Vs, v + (long)b * T * kStride + (long)g * D, kStride, k0, T);
     stage(0);
     cp_async_commit();
-#pragma unroll
-    for (int i = 1; i < STAGES - 1; i++) {
-        if (i < steps) stage(i);
-        cp_async_commit();
-    }
     // A fragments of K and V (rows wk+0..15; lanes 16-31 at column +8), B fragments of Q and dO rows (two query
     // groups per x4), .trans B fragments of dO and Q (lanes 0-15: the 16 rows of a step, lanes 16-31 at dims +8).
     const u32 aOff = ((wk + (lane & 15)) * QS + (lane >> 4) * 8) * 2;
@@ -694,11 +686,13 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const u16 *dout, 
     const u32 tOff = ((lane & 15) * QS + (lane >> 4) * 8) * 2;
     const u32 kAddr = smem_addr(Ks) + aOff, vAddr = smem_addr(Vs) + aOff;
     for (int it = 0; it < steps; it++) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();   // step it landed for every thread; every warp is done with step it-1, whose stage is refilled
-        if (it + STAGES - 1 < steps) stage(it + STAGES - 1);
-        cp_async_commit();
-        int r0 = k0 + (it % tiles) * BQ, s = it % STAGES;
+        cp_async_wait_all();
+        __syncthreads();   // step it landed for every thread; every warp is done with step it-1
+        if (it + 1 < steps) {
+            stage(it + 1);
+            cp_async_commit();
+        }
+        int r0 = k0 + (it % tiles) * BQ, s = it & 1;
         if (wKeyFirst >= T || wKeyFirst > r0 + BQ - 1) continue;   // every row is before the warp's keys
         if (window > 0 && r0 - wKeyLast >= window) continue;      // every row is past the window of its keys
         const u16 *Qs = St + 2 * s * QT;
@@ -772,8 +766,8 @@ __device__ void flash_backward_dkdv_bf16(float *dk, float *dv, const u16 *dout, 
 // dQ of rows r0 ..< r0+64 of head h: warp w owns rows r0+16w ..< r0+16w+16 (Q and dO as A
 // fragments in registers), computes S = Q Kᵀ and dP = dO Vᵀ for key tiles of BK, then
 // dQ += dS K (K through ldmatrix.trans). Grid: (B*H, ceil(T / 64)), the longest rows first.
-// Shared memory: Q, dO [64][D+8]; STAGES stages of K, V [BK][D+8] bf16 (as in the dK/dV kernel).
-template <int D, int BK, int STAGES>
+// Shared memory: Q, dO [64][D+8]; two stages of K, V [BK][D+8] bf16.
+template <int D, int BK>
 __device__ void flash_backward_dq_bf16(float *dq, const u16 *dout, const float *lse, const float *delta, const u16 *q, const u16 *k,
                                        const u16 *v, int T, int H, int Hkv, int window, float scale) {
     extern __shared__ u16 bsm16[];
@@ -789,26 +783,17 @@ __device__ void flash_backward_dq_bf16(float *dq, const u16 *dout, const float *
     int kFirst = window > 0 ? max(0, r0 - window + 1) : 0;
     kFirst = (kFirst / BK) * BK;
     int tiles = (rLast - kFirst) / BK + 1;
-    auto stage = [&](int j) {
-        u16 *st = KV + (j % STAGES) * 2 * TILE;
-        load_tile16<BK, D>(st, kb, kStride, kFirst + j * BK, T);
-        load_tile16<BK, D>(st + TILE, vb, kStride, kFirst + j * BK, T);
-    };
     load_tile16<64, D>(Qs, q + qo, qStride, r0, T);
     load_tile16<64, D>(Gs, dout + qo, qStride, r0, T);
-    stage(0);
+    load_tile16<BK, D>(KV, kb, kStride, kFirst, T);
+    load_tile16<BK, D>(KV + TILE, vb, kStride, kFirst, T);
     cp_async_commit();
-#pragma unroll
-    for (int j = 1; j < STAGES - 1; j++) {
-        if (j < tiles) stage(j);
-        cp_async_commit();
-    }
     int wr = warp * 16;
     int row0 = r0 + wr + gq, row1 = row0 + 8;
     const float *lrow = lse + ((long)b * H + h) * T, *drow = delta + ((long)b * H + h) * T;
     float L0 = row0 < T ? lrow[row0] * 1.4426950408889634f : 0.0f, L1 = row1 < T ? lrow[row1] * 1.4426950408889634f : 0.0f;
     float D0 = row0 < T ? drow[row0] : 0.0f, D1 = row1 < T ? drow[row1] : 0.0f;
-    cp_async_wait<STAGES - 2>();   // Q, dO and the first tile
+    cp_async_wait_all();
     __syncthreads();
     u32 qf[D / 16][4], gf[D / 16][4];
     const u32 aOff = ((wr + (lane & 15)) * QS + (lane >> 4) * 8) * 2;
@@ -827,13 +812,17 @@ __device__ void flash_backward_dq_bf16(float *dq, const u16 *dout, const float *
     int wFirst = r0 + wr, wLast = min(T - 1, wFirst + 15);
     for (int j = 0; j < tiles; j++) {
         int t0 = kFirst + j * BK;
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();   // tile j landed for every thread; every warp is done with tile j-1, whose stage is refilled
-        if (j + STAGES - 1 < tiles) stage(j + STAGES - 1);
-        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();   // tile j landed for every thread; every warp is done with tile j-1
+        if (j + 1 < tiles) {
+            u16 *next = KV + ((j + 1) & 1) * 2 * TILE;
+            load_tile16<BK, D>(next, kb, kStride, t0 + BK, T);
+            load_tile16<BK, D>(next + TILE, vb, kStride, t0 + BK, T);
+            cp_async_commit();
+        }
         if (wFirst >= T || t0 > wLast) continue;                             // every key is after the warp's rows
         if (window > 0 && t0 + BK - 1 < wFirst - window + 1) continue;       // every key is before the warp's windows
-        const u32 ka0 = base + (j % STAGES) * 2 * TILE * 2, va0 = ka0 + TILE * 2;
+        const u32 ka0 = base + (j & 1) * 2 * TILE * 2, va0 = ka0 + TILE * 2;
         float s[BK / 8][4], dp[BK / 8][4];
 #pragma unroll
         for (int n = 0; n < BK / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0;
@@ -885,24 +874,21 @@ __device__ void flash_backward_dq_bf16(float *dq, const u16 *dout, const float *
 }
 
 // Query tile of the dK/dV kernel and key tile of the dQ kernel: 64 for D=64, 32 for D=128 (two 16×D fp32
-// accumulators per warp). Their pipelines' stages (CUDADevice.attentionTiles: keep the two in step): 3 for D=64
-// (the copies two steps ahead), 2 for D=128, whose dK/dV blocks would no longer fit 3 to a multiprocessor. Written out, not by a macro: KernelLibrary finds kernels by their declared names.
+// accumulators per warp). Written out, not by a macro: KernelLibrary finds kernels by their declared names.
 // q16, dout16: [B, T, H, D], k16, v16: [B, T, Hkv, D] bf16 (attention_to_bf16); lse, delta fp32 [B, H, T].
-#define ATT_BWD_STAGES_D64 3
-#define ATT_BWD_STAGES_D128 2
 #define ATT_BWD_DKDV_ARGS float *dk, float *dv, const u16 *dout16, const float *lse, const float *delta, const u16 *q16, \
                           const u16 *k16, const u16 *v16, int T, int H, int Hkv, int window, float scale
 #define ATT_BWD_DQ_ARGS float *dq, const u16 *dout16, const float *lse, const float *delta, const u16 *q16, const u16 *k16, \
                         const u16 *v16, int T, int H, int Hkv, int window, float scale
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_bf16_d64(ATT_BWD_DKDV_ARGS) {
-    flash_backward_dkdv_bf16<64, 64, ATT_BWD_STAGES_D64>(dk, dv, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
+    flash_backward_dkdv_bf16<64, 64>(dk, dv, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dkdv_bf16_d128(ATT_BWD_DKDV_ARGS) {
-    flash_backward_dkdv_bf16<128, 32, ATT_BWD_STAGES_D128>(dk, dv, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
+    flash_backward_dkdv_bf16<128, 32>(dk, dv, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dq_bf16_d64(ATT_BWD_DQ_ARGS) {
-    flash_backward_dq_bf16<64, 64, ATT_BWD_STAGES_D64>(dq, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
+    flash_backward_dq_bf16<64, 64>(dq, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_bf16_d128(ATT_BWD_DQ_ARGS) {
-    flash_backward_dq_bf16<128, 32, ATT_BWD_STAGES_D128>(dq, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
+    flash_backward_dq_bf16<128, 32>(dq, dout16, lse, delta, q16, k16, v16, T, H, Hkv, window, scale);
 }

@@ -37,6 +37,15 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
     }
 }
 
+// Thread t's held float4s (t + RMS_THREADS·k, k < RMS_HELD) of a row of x and of g (the float4 path).
+__device__ __forceinline__ void rms_held_load(const float *x, const float *g, int c4, float4 (&xv)[RMS_HELD], float4 (&gv)[RMS_HELD]) {
+#pragma unroll
+    for (int k = 0; k < RMS_HELD; k++) {
+        int i = threadIdx.x + RMS_THREADS * k;
+        if (i < c4) { xv[k] = ((const float4 *)x)[i]; gv[k] = ((const float4 *)g)[i]; }
+    }
+}
+
 // Backward (RMSNorm.backward): per row, k = (Σ w·g·x)·rs²/c and dx = rs·(w·g − x·k), written to dinp or added to
 // it (accumulate != 0). dinp may alias dout only when writing: each thread rewrites only elements it has read, and
 // the block's sum (rms_block_sum's barrier) comes after every read of the sum pass. The sum: each thread adds its
@@ -49,11 +58,12 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward(float 
 //
 // DW: the row's weight-gradient terms g·(x·rs) are added to dw (this thread's float4s t + RMS_THREADS·k, k < RMS_HELD,
 // as colsum_partial adds them: __fmul_rn(g, __fmul_rn(x, rs)), then __fadd_rn); only on the float4 path with
-// c <= 4·RMS_HELD·RMS_THREADS (rmsnorm_backward_dw's host checks both).
+// c <= 4·RMS_HELD·RMS_THREADS (rmsnorm_backward_dw's host checks both), where xv, gv already hold the row's float4s
+// (rms_held_load: the caller loads the next row's while this one is summed and written).
 template <bool DW>
 __device__ __forceinline__ void rmsnorm_backward_row(long row, float *dinp, const float *dout, const float *inp, const float *w,
                                                      const float *rstd, int c, int accumulate, u16 *dinp16, int group16, long ld16,
-                                                     float4 (&dw)[RMS_HELD]) {
+                                                     float4 (&dw)[RMS_HELD], float4 (&xv)[RMS_HELD], float4 (&gv)[RMS_HELD]) {
     int t = threadIdx.x;
     const float *x = inp + row * c, *g = dout + row * c;
     float *d = dinp + row * c;
@@ -61,14 +71,9 @@ __device__ __forceinline__ void rmsnorm_backward_row(long row, float *dinp, cons
     bool vec = (c & 3) == 0 && aligned16(x) && aligned16(g) && aligned16(d) && aligned16(w) && aligned8(d16);
     const float4 *x4 = (const float4 *)x, *g4 = (const float4 *)g, *w4 = (const float4 *)w;
     int c4 = c >> 2;
-    float4 xv[RMS_HELD], gv[RMS_HELD];
     double s = 0;
     if (vec) {
-#pragma unroll
-        for (int k = 0; k < RMS_HELD; k++) {
-            int i = t + RMS_THREADS * k;
-            if (i < c4) { xv[k] = x4[i]; gv[k] = g4[i]; }
-        }
+        if constexpr (!DW) rms_held_load(x, g, c4, xv, gv);
 #pragma unroll
         for (int k = 0; k < RMS_HELD + 1; k++) {   // k == RMS_HELD: the float4s past the held ones
             for (int i = t + RMS_THREADS * k; i < c4; i += RMS_THREADS) {
@@ -130,8 +135,8 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward(float
                                                                          int accumulate, u16 *dinp16, int group16, long ld16) {
     long row = blockIdx.x;
     if (row >= n) return;   // (the whole block)
-    float4 unused[RMS_HELD];
-    rmsnorm_backward_row<false>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, group16, ld16, unused);
+    float4 unused[RMS_HELD], xv[RMS_HELD], gv[RMS_HELD];
+    rmsnorm_backward_row<false>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, group16, ld16, unused, xv, gv);
 }
 
 // rmsnorm_backward and RMSNorm's weight gradient in one pass: block b runs rows b·R ..< min(n, (b+1)·R) (R =
@@ -147,11 +152,19 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward_dw(fl
     float4 dw[RMS_HELD];
 #pragma unroll
     for (int h = 0; h < RMS_HELD; h++) dw[h] = make_float4(0, 0, 0, 0);
+    int c4 = c >> 2;
+    float4 xv[RMS_HELD], gv[RMS_HELD];
+    if (r0 < r1) rms_held_load(inp + r0 * c, dout + r0 * c, c4, xv, gv);
     for (long row = r0; row < r1; row++) {
         if (row > r0) __syncthreads();   // every warp has read the last row's rms_block_sum before it is reused
-        rmsnorm_backward_row<true>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, group16, ld16, dw);
+        // the next row's float4s in flight while this row is summed and written (its dinp is another row's memory)
+        float4 nx[RMS_HELD], ng[RMS_HELD];
+        if (row + 1 < r1) rms_held_load(inp + (row + 1) * c, dout + (row + 1) * c, c4, nx, ng);
+        rmsnorm_backward_row<true>(row, dinp, dout, inp, w, rstd, c, accumulate, dinp16, group16, ld16, dw, xv, gv);
+#pragma unroll
+        for (int h = 0; h < RMS_HELD; h++) { xv[h] = nx[h]; gv[h] = ng[h]; }
     }
-    int t = threadIdx.x, c4 = c >> 2;
+    int t = threadIdx.x;
     float4 *p4 = (float4 *)(partials + (long)blockIdx.x * c);
 #pragma unroll
     for (int h = 0; h < RMS_HELD; h++)

@@ -140,7 +140,7 @@ extension CUDASelftest {
         for p in model.parameters {
             guard let r = gm.rounded[ObjectIdentifier(p)], !gm.roundedStale.contains(ObjectIdentifier(p)) else { continue }
             let master = try gm.tensors[ObjectIdentifier(p)]!.floats(p.count)
-            roundedDiffer += Self.bitMismatches(master.map { bf16ToFloat(floatToBF16($0)) }, try r.floats(p.count))
+            roundedDiffer += Self.bitMismatches(Self.roundedBF16(master), try r.floats(p.count))
             rounded += 1
         }
         for p in model.parameters { p.setRequiresGrad(false) }

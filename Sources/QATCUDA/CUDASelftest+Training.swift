@@ -256,7 +256,7 @@ extension CUDASelftest {
             let what = mode.map { "NVFP4 \($0.rawValue) [\(rows)×\(cols)]" } ?? "bf16\(roundedCopy ? " as fp32" : ""), \(count) floats"
             let copyMismatches =
                 roundedCopy
-                ? Self.bitMismatches(expected.map { bf16ToFloat(floatToBF16($0)) }, try w16.floats(count))
+                ? Self.bitMismatches(Self.roundedBF16(expected), try w16.floats(count))
                 : try bf16Mismatches(w16, of: expected)
             add(
                 "AdamW step with the product copy refreshed (\(what)): weights, copy",

@@ -415,7 +415,6 @@ extension CUDAModel {
         let g = try backwardBuffers(b)
         let n = b.batch * b.seqLen, V = config.vocabSize, C = config.hiddenSize, rows = chunkRows(n)
         guard targets.count == n else { throw QATError("loss: \(targets.count) targets for \(n) rows") }
-        let logits = try scratch("logits", bytes: rows * V * 4)
         // bf16: the lm_head's weight gradient is one product per `group` chunks (k = group·rows, their
         // bf16 dlogits kept meanwhile), not one per chunk: each such product reads and writes the whole
         // fp32 [V × C] gradient (1 GiB at Llama-3.2-1B's shape), which at k ≈ 500 costs more than its arithmetic.
@@ -424,6 +423,18 @@ extension CUDAModel {
         let dy16 = bf ? try scratch("logits-bf16", bytes: group * rows * V * 2) : nil
         // The fp32 dlogits are written only when something reads them besides the bf16 products (a bias, an adapter).
         let keepFP32 = !bf || model.lmHead.bias != nil || hasAdapter(model.lmHead)
+        // Otherwise the logits themselves are bf16, as a bf16 model in transformers computes them (so are the
+        // teacher's, when its lm_head is such a product too): the lm_head product writes them into this chunk's
+        // slot of dy16, where the loss row kernel reads them and writes their gradient (`_bf16` kernels, loss.cu).
+        let logits16: Bool
+        switch head {
+        case .crossEntropy: logits16 = !keepFP32
+        case .distillation(let teacher, _, _, _, _, _):
+            logits16 =
+                !keepFP32 && teacher.precision == .bf16 && teacher.model.lmHead.bias == nil && !teacher.hasAdapter(teacher.model.lmHead)
+        case .topK: logits16 = false
+        }
+        let logits = logits16 ? 0 : try scratch("logits", bytes: rows * V * 4)
         var groupStart = 0
         // Per-row results of every chunk (CE: a float per row, distillation: two doubles), read back once after the
         // loop, so the host does not wait for the device between chunks.
@@ -435,11 +446,19 @@ extension CUDAModel {
         while start < n {
             let r = min(rows, n - start)
             let h = b.final.ptr + CUdeviceptr(start * C * 4), h16 = b.final16.map { $0.ptr + CUdeviceptr(start * C * 2) }
-            try linear(model.lmHead, h, x16: h16, out: logits, n: r, buffers: b)
             let t = targetBuffer + CUdeviceptr(start * 4)
             let slot = dy16.map { $0 + CUdeviceptr((start - groupStart) * V * 2) }  // this chunk's bf16 dlogits
+            if logits16, let slot {
+                try linear(model.lmHead, h, x16: h16, out: slot, n: r, buffers: b, out16: true)
+            } else {
+                try linear(model.lmHead, h, x16: h16, out: logits, n: r, buffers: b)
+            }
             var slotReady = false
             switch head {
+            case .crossEntropy where logits16:
+                try device.crossEntropyBackwardBF16(
+                    rowLoss: rowOut + CUdeviceptr(start * 4), logits16: slot ?? 0, targets: t, rows: r, vocab: V, gradScale: gradScale)
+                slotReady = true
             case .crossEntropy:
                 try device.crossEntropyBackward(
                     rowLoss: rowOut + CUdeviceptr(start * 4), logits: logits, targets: t, rows: r, vocab: V, gradScale: gradScale,
@@ -447,17 +466,26 @@ extension CUDAModel {
                 slotReady = slot != nil
             case .distillation(let teacher, let teacherHidden, let kind, let beta, let T, let kdRatio):
                 let Vt = teacher.config.vocabSize, Ct = teacher.config.hiddenSize
-                let tl = try scratch("teacher-logits", bytes: rows * Vt * 4)
+                let tl = try scratch(logits16 ? "teacher-logits16" : "teacher-logits", bytes: rows * Vt * (logits16 ? 2 : 4))
                 guard let tb = teacher.buffers else { throw QATError.internal("teacher forward missing") }
                 let th16 = teacherHidden == tb.final.ptr ? tb.final16.map { $0.ptr + CUdeviceptr(start * Ct * 2) } : nil
-                try teacher.linear(teacher.model.lmHead, teacherHidden + CUdeviceptr(start * Ct * 4), x16: th16, out: tl, n: r, buffers: tb)
+                try teacher.linear(
+                    teacher.model.lmHead, teacherHidden + CUdeviceptr(start * Ct * 4), x16: th16, out: tl, n: r, buffers: tb,
+                    out16: logits16)
+                let invT = Float(1 / T), cKD = Float(kdRatio * Double(gradScale) * T), cCE = Float((1 - kdRatio) * Double(gradScale))
+                slotReady = slot != nil
+                if logits16 {
+                    try device.distillationRowsBF16(
+                        rowOut: rowOut + CUdeviceptr(start * 16), student16: slot ?? 0, teacher16: tl, teacherStride: Vt, targets: t,
+                        rows: r,
+                        vocab: V, kind: kind, beta: beta, invT: invT, cKD: cKD, cCE: cCE, computeCE: kdRatio < 1)
+                    break
+                }
                 try device.distillationRows(
                     rowOut: rowOut + CUdeviceptr(start * 16), student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r,
                     vocab: V,
-                    kind: kind, beta: beta, invT: Float(1 / T), cKD: Float(kdRatio * Double(gradScale) * T),
-                    cCE: Float((1 - kdRatio) * Double(gradScale)), computeCE: kdRatio < 1, student16: slot ?? 0,
-                    keepFP32: keepFP32)
-                slotReady = slot != nil
+                    kind: kind, beta: beta, invT: invT, cKD: cKD, cCE: cCE, computeCE: kdRatio < 1, student16: slot ?? 0, keepFP32: keepFP32
+                )
             case .topK(let teacher):
                 let p = try topKChunk(
                     teacher, logits: logits, targets: t, hostTargets: targets, start: start, rows: r, gradScale: gradScale, rowOut: rowOut)

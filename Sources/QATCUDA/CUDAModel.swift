@@ -561,20 +561,21 @@ public final class CUDAModel: @unchecked Sendable {
 
     /// out [n, out] = x [n, in] · Wᵀ (+ b), through the input quantizer. `x16`: x's bf16 copy,
     /// when its producer wrote one (used when no quantizer changes x). `input`: the product
-    /// input already made (`sharedProductInput`).
+    /// input already made (`sharedProductInput`). `out16`: out is bf16 (bf16 products without bias or adapter).
     func linear(
         _ l: Linear, _ x: CUdeviceptr, x16: CUdeviceptr? = nil, input made: CUdeviceptr? = nil, out: CUdeviceptr, n: Int,
-        buffers b: Buffers, accumulate: Bool = false
+        buffers b: Buffers, accumulate: Bool = false, out16: Bool = false
     ) throws {
         guard let dl = linears[ObjectIdentifier(l)] else { throw QATError("internal: \(l.name) has no device weights") }
         if dl.stale { try prepare(dl) }
         let input = try made ?? productInput(l, x, x16: x16, n: n, buffers: b)
         let w = precision == .bf16 ? dl.bf16!.ptr : (dl.fakeQuant ?? dl.weight).ptr
-        if accumulate && (dl.bias != nil || hasAdapter(l)) {  // (both are added after the product: another order of sums)
-            throw QATError.internal("\(l.name): an accumulating product with a bias or an adapter")
+        if (accumulate || out16) && (dl.bias != nil || hasAdapter(l)) {  // (both are added after the product: another order of sums)
+            throw QATError.internal("\(l.name): an accumulating or bf16 product with a bias or an adapter")
         }
         try device.gemmXWt(
-            n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16, beta: accumulate ? 1 : 0)
+            n: n, out: l.outFeatures, k: l.inFeatures, x: input, w: w, c: out, bf16: precision == .bf16, beta: accumulate ? 1 : 0,
+            c16: out16)
         if let bias = l.bias { try device.addBias(out, bias: try read(bias), rows: n, cols: l.outFeatures) }
         if let ad = lora?.adapters[ObjectIdentifier(l)] { try adapterForward(ad, x: x, x16: x16, out: out, n: n, training: b.training) }
     }

@@ -156,6 +156,17 @@ extension CUDADevice {
             ])
     }
 
+    /// `crossEntropyBackward` over bf16 logits (`cross_entropy_backward_bf16`): the gradient is written over them, in bf16.
+    func crossEntropyBackwardBF16(
+        rowLoss: CUdeviceptr, logits16: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float
+    )
+        throws
+    {
+        try kernels.launch(
+            "cross_entropy_backward_bf16", grid: (rows, 1, 1), block: (512, 1, 1),
+            [.ptr(rowLoss), .ptr(logits16), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale)])
+    }
+
     /// Distillation rows (`kd_rows` in loss.cu): rowOut gets (CE, KD) per row as doubles;
     /// `student16` (not 0): the gradient's bf16 copy too, and the fp32 gradient only when `keepFP32`.
     func distillationRows(
@@ -169,6 +180,20 @@ extension CUDADevice {
                 .ptr(rowOut), .ptr(student), .ptr(teacher), .ptr(targets), .i32(rows), .i32(vocab), .i64(teacherStride),
                 .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0), .ptr(student16),
                 .i32(keepFP32 ? 1 : 0),
+            ])
+    }
+
+    /// `distillationRows` over bf16 logits, the student's and the teacher's (`kd_rows_bf16`): the gradient is written
+    /// over the student's, in bf16.
+    func distillationRowsBF16(
+        rowOut: CUdeviceptr, student16: CUdeviceptr, teacher16: CUdeviceptr, teacherStride: Int, targets: CUdeviceptr,
+        rows: Int, vocab: Int, kind: Int, beta: Float, invT: Float, cKD: Float, cCE: Float, computeCE: Bool
+    ) throws {
+        try kernels.launch(
+            "kd_rows_bf16", grid: (rows, 1, 1), block: (512, 1, 1),
+            [
+                .ptr(rowOut), .ptr(student16), .ptr(teacher16), .ptr(targets), .i32(rows), .i32(vocab), .i64(teacherStride),
+                .i32(kind), .f32(beta), .f32(invT), .f32(cKD), .f32(cCE), .i32(computeCE ? 1 : 0),
             ])
     }
 

@@ -6,18 +6,23 @@ import QATCore
 extension CUDADevice {
     /// C[n, out] = X[n, k] · W[out, k]ᵀ (+ beta · C): row-major, as `BLAS.gemm(transB: true)`.
     /// fp32: fp32 inputs, pedantic fp32 compute (no TF32). bf16: X and W are bf16 copies,
-    /// accumulation and C are fp32.
-    func gemmXWt(n: Int, out: Int, k: Int, x: CUdeviceptr, w: CUdeviceptr, c: CUdeviceptr, bf16: Bool, beta: Float = 0) throws {
+    /// accumulation fp32, C fp32, or bf16 (the fp32 sums rounded) when `c16`.
+    func gemmXWt(
+        n: Int, out: Int, k: Int, x: CUdeviceptr, w: CUdeviceptr, c: CUdeviceptr, bf16: Bool, beta: Float = 0, c16: Bool = false
+    ) throws {
+        guard bf16 || !c16 else { throw QATError.internal("gemmXWt: a bf16 output of an fp32 product") }
         var alpha: Float = 1, b = beta
         let type = bf16 ? Int32(QAT_CUDA_R_16BF) : Int32(QAT_CUDA_R_32F)
         let compute = bf16 ? Int32(QAT_CUBLAS_COMPUTE_32F) : Int32(QAT_CUBLAS_COMPUTE_32F_PEDANTIC)
         var s: Int32 = 0
-        try timed(bf16 ? "gemm bf16 [\(n)x\(k)]x[\(out)x\(k)]" : "gemm fp32", flops: 2 * Double(n) * Double(out) * Double(k)) {
+        try timed(
+            bf16 ? "gemm bf16 [\(n)x\(k)]x[\(out)x\(k)]\(c16 ? " →bf16" : "")" : "gemm fp32", flops: 2 * Double(n) * Double(out) * Double(k)
+        ) {
             s = api.cublasGemmEx(
                 blas, Int32(QAT_CUBLAS_OP_T), Int32(QAT_CUBLAS_OP_N), Int32(out), Int32(n), Int32(k),
                 &alpha, UnsafeRawPointer(bitPattern: UInt(w)), type, Int32(k),
                 UnsafeRawPointer(bitPattern: UInt(x)), type, Int32(k), &b,
-                UnsafeMutableRawPointer(bitPattern: UInt(c)), Int32(QAT_CUDA_R_32F), Int32(out), compute,
+                UnsafeMutableRawPointer(bitPattern: UInt(c)), c16 ? type : Int32(QAT_CUDA_R_32F), Int32(out), compute,
                 Int32(QAT_CUBLAS_GEMM_DEFAULT))
         }
         if s != 0 { throw QATError("cuBLAS: gemm [\(n)×\(k)]·[\(out)×\(k)]ᵀ failed (status \(s))") }

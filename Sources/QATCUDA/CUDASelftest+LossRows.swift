@@ -68,6 +68,17 @@ extension CUDASelftest {
             rowLoss: rl.ptr, logits: ld2.ptr, targets: td.ptr, rows: r, vocab: V, gradScale: scale, logits16: g16b.ptr, keepFP32: false)
         add("cross_entropy_backward V=\(V) bf16 only: the copy", try bf16Mismatches(g16b, of: gradient), 0, "values differ")
         add("cross_entropy_backward V=\(V) bf16 only: logits kept", Self.maxAbsDiff(logits, try ld2.floats(r * V)), 0, "max |Δ|")
+        // bf16 logits (`cross_entropy_backward_bf16`, the bf16 lm_head's path): against this kernel on the same values
+        // (the logits rounded to bf16, as fp32), the same losses and bf16 gradient, bit for bit.
+        let want = try gpu(Self.roundedBF16(logits)), want16 = try DeviceBuffer(device, bytes: r * V * 2)
+        let got16 = try gpu16(logits), rl16 = try DeviceBuffer(device, floats: r)
+        try device.crossEntropyBackward(
+            rowLoss: rl.ptr, logits: want.ptr, targets: td.ptr, rows: r, vocab: V, gradScale: scale, logits16: want16.ptr, keepFP32: false)
+        try device.crossEntropyBackwardBF16(rowLoss: rl16.ptr, logits16: got16.ptr, targets: td.ptr, rows: r, vocab: V, gradScale: scale)
+        let differ =
+            zip(try bits16(want16, count: r * V), try bits16(got16, count: r * V)).filter { $0 != $1 }.count
+            + zip(try rl.floats(r), try rl16.floats(r)).filter { $0.bitPattern != $1.bitPattern }.count
+        add("cross_entropy_backward_bf16 V=\(V) vs the fp32 kernel on its values: losses, gradient", Double(differ), 0, "values differ")
     }
 
     /// kd_rows against DistillationKernels.fullRow: Σ CE and Σ T²·KD over the valid rows, and the gradient.
@@ -123,6 +134,26 @@ extension CUDASelftest {
             add("\(label) bf16 only: the copy", try bf16Mismatches(s16b, of: gradient), 0, "values differ")
             add("\(label) bf16 only: logits kept", Self.maxAbsDiff(student, try sd2.floats(r * V)), 0, "max |Δ|")
         }
+        // bf16 logits, student's and teacher's (`kd_rows_bf16`, the bf16 lm_heads' path): against kd_rows on the same
+        // values (both rounded to bf16, as fp32), the same row results and bf16 gradient, bit for bit.
+        let want = try gpu(Self.roundedBF16(student)), want16 = try DeviceBuffer(device, bytes: r * V * 2)
+        let got16 = try gpu16(student), teacher16 = try gpu16(teacher), out16 = try DeviceBuffer(device, bytes: r * 16)
+        let invT = Float(1 / T), cKD = Float(kdRatio * Double(scale) * T), cCE = Float((1 - kdRatio) * Double(scale))
+        try device.distillationRows(
+            rowOut: out.ptr, student: want.ptr, teacher: try gpu(Self.roundedBF16(teacher)).ptr, teacherStride: teacherStride,
+            targets: td.ptr,
+            rows: r, vocab: V, kind: kind, beta: b, invT: invT, cKD: cKD, cCE: cCE, computeCE: k.computeCE, student16: want16.ptr,
+            keepFP32: false)
+        try device.distillationRowsBF16(
+            rowOut: out16.ptr, student16: got16.ptr, teacher16: teacher16.ptr, teacherStride: teacherStride, targets: td.ptr, rows: r,
+            vocab: V, kind: kind, beta: b, invT: invT, cKD: cKD, cCE: cCE, computeCE: k.computeCE)
+        var rows32 = [Double](repeating: 0, count: 2 * r), rows16 = rows32
+        try rows32.withUnsafeMutableBytes { try out.download($0.baseAddress!, bytes: $0.count) }
+        try rows16.withUnsafeMutableBytes { try out16.download($0.baseAddress!, bytes: $0.count) }
+        let differ =
+            zip(try bits16(want16, count: r * V), try bits16(got16, count: r * V)).filter { $0 != $1 }.count
+            + zip(rows32, rows16).filter { $0.bitPattern != $1.bitPattern }.count
+        add("kd_rows_bf16 \(loss.rawValue) V=\(V) stride \(teacherStride) vs kd_rows on its values", Double(differ), 0, "values differ")
     }
 
     /// sumsq_chunks over tensors of awkward sizes (one not 16-byte aligned, so read element by

@@ -104,6 +104,13 @@ public struct CUDASelftest {
     /// x rounded to bf16, as floats.
     static func roundedBF16(_ x: [Float]) -> [Float] { x.map { bf16ToFloat(floatToBF16($0)) } }
 
+    /// The first `count` bf16 values of a device buffer, as their bits.
+    func bits16(_ b: DeviceBuffer, count: Int) throws -> [UInt16] {
+        var h = [UInt16](repeating: 0, count: count)
+        try h.withUnsafeMutableBytes { try b.download($0.baseAddress!, bytes: $0.count) }
+        return h
+    }
+
     /// Elements of the bf16 buffer `copy` that are not `values` rounded to nearest even (`floatToBF16`).
     func bf16Mismatches(_ copy: DeviceBuffer, of values: [Float]) throws -> Double {
         var h16 = [UInt16](repeating: 0, count: values.count)

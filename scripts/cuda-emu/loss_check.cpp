@@ -87,6 +87,48 @@ static int bf16Differ(const std::vector<float> &x, const std::vector<u16> &x16) 
     return differ;
 }
 
+// x rounded to bf16 in place, and those bf16 values.
+static std::vector<u16> toBF16(std::vector<float> &x) {
+    std::vector<u16> h(x.size());
+    for (size_t i = 0; i < x.size(); i++) { h[i] = f32_to_bf16(x[i]); x[i] = bf16_to_f32(h[i]); }
+    return h;
+}
+
+// The `_bf16` row kernels (bf16 logits in, the gradient written over them) against the fp32 kernels on the same
+// values (the logits rounded to bf16, as fp32): the same losses and the same bf16 gradient, bit for bit.
+static void bf16Case(int rows, int V, int stride, const Consts *k) {
+    std::vector<float> s, u; std::vector<int> t;
+    inputs(rows, V, stride, s, u, t);
+    int valid = 0; for (int x : t) valid += x >= 0;
+    float gradScale = 1.0f / valid;
+    std::vector<u16> s16 = toBF16(s), u16v = toBF16(u), want((size_t)rows * V, 0x1234);
+    std::vector<double> out(2 * rows, -1), out16(2 * rows, -1);
+    std::vector<float> rl(rows, -1), rl16(rows, -1);
+    char name[200];
+    if (k) {
+        float invT = (float)(1 / k->T), cKD = (float)(k->kdRatio * (double)gradScale * k->T);
+        float cCE = (float)((1 - k->kdRatio) * (double)gradScale);
+        emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] {
+            kd_rows(out.data(), s.data(), u.data(), t.data(), rows, V, stride, k->kind, (float)k->beta, invT, cKD, cCE, k->computeCE,
+                    want.data(), 0);
+        });
+        emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] {
+            kd_rows_bf16(out16.data(), s16.data(), u16v.data(), t.data(), rows, V, stride, k->kind, (float)k->beta, invT, cKD, cCE,
+                         k->computeCE);
+        });
+        snprintf(name, sizeof name, "kd_rows_bf16 kind %d V=%d stride %d T=%.1f kd_ratio %.2f", k->kind, V, stride, k->T, k->kdRatio);
+    } else {
+        emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] {
+            cross_entropy_backward(rl.data(), s.data(), t.data(), rows, V, gradScale, want.data(), 0);
+        });
+        emu_launch({(unsigned)rows, 1, 1}, 512, 0, [&] { cross_entropy_backward_bf16(rl16.data(), s16.data(), t.data(), rows, V, gradScale); });
+        snprintf(name, sizeof name, "cross_entropy_backward_bf16 V=%d", V);
+    }
+    double differ = memcmp(out.data(), out16.data(), out.size() * 8) != 0 || memcmp(rl.data(), rl16.data(), rl.size() * 4) != 0;
+    for (size_t i = 0; i < want.size(); i++) differ += want[i] != s16[i];
+    report(std::string(name) + " vs the fp32 kernel on the same values: losses and gradient (values differ)", differ, 0);
+}
+
 static void kdCase(int rows, int V, int stride, Consts k) {
     std::vector<float> s, u; std::vector<int> t;
     inputs(rows, V, stride, s, u, t);
@@ -229,6 +271,13 @@ int main(int argc, char **argv) {
     }
     kdCase(2, 151936, 151936, Consts{0, 0, 2, 0.5, true});
     kdCase(2, 151936, 151936, Consts{2, 0.7, 1, 0.5, true});
+    for (int V : {1000, 1003}) bf16Case(24, V, V, nullptr);
+    for (int kind = 0; kind < 3; kind++) {
+        double beta = kind == 2 ? 0.3 : kind;
+        Consts a{kind, beta, 2, 0.5, true}, b{kind, beta, 1, 1, false};
+        bf16Case(24, 1000, 1008, &a);
+        bf16Case(24, 1003, 1003, &b);
+    }
     sumsqCase();
     for (int n : {1000, 1003, 1}) adamwCase(n, 0);
     adamwCase(1001, 1);

@@ -2,21 +2,33 @@
 // distillation row (QAD). One block of up to 512 threads per row; every kernel reads a row once to
 // get its statistics (an online max and Σ exp in one pass: a thread's sums are rescaled by
 // exp(old max − new max) when its running maximum grows, then brought to the block maximum) and,
-// for a gradient, once more to write it. Rows are read as float4 groups when V (and the teacher's
-// stride) are multiples of 4 and the rows 16-byte aligned, else element by element. The four
-// terms of a group are added in fp32, every sum over the row in double, in a fixed order (each
+// for a gradient, once more to write it. Rows are read as groups of four when V (and the teacher's
+// stride) are multiples of 4 and the rows 16-byte aligned (8-byte for the bf16 logits of the `_bf16` kernels), else
+// element by element. The four terms of a group are added in fp32, every sum over the row in double, in a fixed order (each
 // thread its own elements in order, then the fixed block reductions of common.cu): the results
 // do not depend on the launch.
 
 #define LOSS_THREADS 512
 
-// Group g of a row: N = 4, the float4 at 4g; N = 1, element g.
+// Element i of a row of logits, fp32 or bf16, as a float.
+__device__ __forceinline__ float logit(const float *x, long i) { return x[i]; }
+__device__ __forceinline__ float logit(const u16 *x, long i) { return bf16_to_f32(x[i]); }
+
+// Group g of a row: N = 4, the four elements at 4g (a float4, or 8 bytes of bf16); N = 1, element g.
 template <int N> __device__ __forceinline__ void load_group(const float *x, int g, float (&v)[N]) {
     if constexpr (N == 4) {
         float4 q = *(const float4 *)(x + 4 * g);
         v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
     } else {
         v[0] = x[g];
+    }
+}
+template <int N> __device__ __forceinline__ void load_group(const u16 *x, int g, float (&v)[N]) {
+    if constexpr (N == 4) {
+        float4 q = f32x4(*(const uint2 *)(x + 4 * g));
+        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+    } else {
+        v[0] = bf16_to_f32(x[g]);
     }
 }
 template <int N> __device__ __forceinline__ void store_group(float *x, int g, const float (&v)[N]) {
@@ -26,6 +38,17 @@ template <int N> __device__ __forceinline__ void store_group(float *x, int g, co
         x[g] = v[0];
     }
 }
+// (bf16: each value rounded, f32_to_bf16)
+template <int N> __device__ __forceinline__ void store_group(u16 *x, int g, const float (&v)[N]) {
+    if constexpr (N == 4) {
+        *(uint2 *)(x + 4 * g) = bf16x4(v[0], v[1], v[2], v[3]);
+    } else {
+        x[g] = f32_to_bf16(v[0]);
+    }
+}
+// The vector path's condition for a row array of this element type.
+__device__ __forceinline__ bool vec_aligned(const float *p) { return aligned16(p); }
+__device__ __forceinline__ bool vec_aligned(const u16 *p) { return aligned8(p); }
 
 // A group maximum gm above the running maximum m: m becomes gm and the returned factor
 // exp(m − gm) (0 from m = −∞) rescales the sums tied to m; otherwise the factor is 1.
@@ -46,7 +69,7 @@ __device__ __forceinline__ double to_block_max(float m, float *M) {
 }
 
 // Max and Σ exp(x − max) of one row over the block (every thread gets both): one pass.
-template <int N> __device__ void lse_stats(const float *x, int groups, float *maxOut, double *sumOut) {
+template <int N, typename T> __device__ void lse_stats(const T *x, int groups, float *maxOut, double *sumOut) {
     float m = -INFINITY;
     double s = 0;
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
@@ -86,7 +109,8 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_rows
 // The gradient pass of cross-entropy: z ← expf(z − m)·k, k·gradScale subtracted at the target;
 // z16 (when not null): the same values rounded to bf16 (the input of the lm_head's bf16 products);
 // then z itself is written only when keep32 (a bias or an adapter of the lm_head reads the fp32 gradient).
-template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, float m, float k, float gradScale, bool keep32) {
+// (z bf16: the gradient is written there rounded, in place of the logits; z16 is null then.)
+template <int N, typename T> __device__ void ce_grad(T *z, u16 *z16, int groups, int t, float m, float k, float gradScale, bool keep32) {
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float v[N];
         load_group<N>(z, g, v);
@@ -103,6 +127,34 @@ template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, 
     }
 }
 
+// cross_entropy_backward's row r over logits z (fp32, or bf16 in cross_entropy_backward_bf16).
+template <typename T> __device__ void ce_backward_row(float *rowLoss, T *logits, const int *targets, int r, int V, float gradScale,
+                                                      u16 *logits16, int keep32) {
+    int t = targets[r];
+    T *z = logits + (long)r * V;
+    u16 *z16 = logits16 ? logits16 + (long)r * V : nullptr;
+    bool k32 = !z16 || keep32;
+    if (t < 0) {
+        float zero[1] = {0.0f};
+        for (int j = threadIdx.x; j < V; j += blockDim.x) {
+            if (k32) store_group<1>(z, j, zero);
+            if (z16) z16[j] = 0;
+        }
+        if (threadIdx.x == 0) rowLoss[r] = 0.0f;
+        return;
+    }
+    float zt = logit(z, t);   // read before the block reductions below, so before any thread writes z
+    bool vec = (V & 3) == 0 && vec_aligned(logits);
+    float m;
+    double s;
+    if (vec) lse_stats<4>(z, V >> 2, &m, &s);
+    else lse_stats<1>(z, V, &m, &s);
+    float k = (float)((double)gradScale / s);
+    if (vec) ce_grad<4>(z, z16, V >> 2, t, m, k, gradScale, k32);
+    else ce_grad<1>(z, z16, V, t, m, k, gradScale, k32);
+    if (threadIdx.x == 0) rowLoss[r] = (float)((double)m + log(s) - (double)zt);
+}
+
 // Cross-entropy forward and backward of one chunk (CrossEntropy.row with gradScale): per row
 // the loss logsumexp(z) − z[t] to rowLoss, and z replaced in place by
 // gradScale·(softmax(z) − onehot(t)); an ignored row (t < 0) gives 0 and a zero gradient.
@@ -112,30 +164,15 @@ template <int N> __device__ void ce_grad(float *z, u16 *z16, int groups, int t, 
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_backward(float *rowLoss, float *logits,
                                                                                       const int *targets, int rows, int V,
                                                                                       float gradScale, u16 *logits16, int keep32) {
-    int r = blockIdx.x;
-    if (r >= rows) return;
-    int t = targets[r];
-    float *z = logits + (long)r * V;
-    u16 *z16 = logits16 ? logits16 + (long)r * V : nullptr;
-    bool k32 = !z16 || keep32;
-    if (t < 0) {
-        for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            if (k32) z[j] = 0.0f;
-            if (z16) z16[j] = 0;
-        }
-        if (threadIdx.x == 0) rowLoss[r] = 0.0f;
-        return;
-    }
-    float zt = z[t];   // read before the block reductions below, so before any thread writes z
-    bool vec = (V & 3) == 0 && aligned16(logits);
-    float m;
-    double s;
-    if (vec) lse_stats<4>(z, V >> 2, &m, &s);
-    else lse_stats<1>(z, V, &m, &s);
-    float k = (float)((double)gradScale / s);
-    if (vec) ce_grad<4>(z, z16, V >> 2, t, m, k, gradScale, k32);
-    else ce_grad<1>(z, z16, V, t, m, k, gradScale, k32);
-    if (threadIdx.x == 0) rowLoss[r] = (float)((double)m + log(s) - (double)zt);
+    if (blockIdx.x < rows) ce_backward_row(rowLoss, logits, targets, blockIdx.x, V, gradScale, logits16, keep32);
+}
+
+// cross_entropy_backward over bf16 logits (the bf16 lm_head product's output, as HF's bf16 models compute them):
+// the same arithmetic on their fp32 values, the gradient written over them in bf16.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_backward_bf16(float *rowLoss, u16 *logits,
+                                                                                           const int *targets, int rows,
+                                                                                           int V, float gradScale) {
+    if (blockIdx.x < rows) ce_backward_row(rowLoss, logits, targets, blockIdx.x, V, gradScale, (u16 *)nullptr, 1);
 }
 
 // Per-thread running statistics of a distillation row: maxima of s/T (A), u/T (B) and s (S, CE
@@ -147,7 +184,7 @@ struct KDStats {
 };
 
 // The statistics pass of kd_rows over this thread's groups.
-template <int N> __device__ void kd_stats(const float *sr, const float *ur, int groups, float invT, bool ceSeparate, KDStats &st) {
+template <int N, typename T> __device__ void kd_stats(const T *sr, const T *ur, int groups, float invT, bool ceSeparate, KDStats &st) {
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float x[N], y[N], a[N], b[N];
         load_group<N>(sr, g, x);
@@ -197,7 +234,7 @@ struct KDRow {
 
 // The generalized JSD pass (kind 2): Σ over the row of β·p·(log p − log m) + (1−β)·q·(log q − log m)
 // and of q·(log q − log m) (thread partials).
-template <int N> __device__ void kd_jsd(const float *sr, const float *ur, int groups, const KDRow &c, double *j2, double *klQM) {
+template <int N, typename T> __device__ void kd_jsd(const T *sr, const T *ur, int groups, const KDRow &c, double *j2, double *klQM) {
     double betaD = c.beta, invTD = c.invT;
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float x[N], y[N];
@@ -219,7 +256,7 @@ template <int N> __device__ void kd_jsd(const float *sr, const float *ur, int gr
 
 // The gradient pass of kd_rows: s ← d(loss·gradScale)/ds (DistillationKernels.fullRow's fp32 and
 // double steps); s16 (when not null): the same values rounded to bf16, and s itself only when keep32.
-template <int N> __device__ void kd_grad(float *sr, u16 *s16, const float *ur, int groups, const KDRow &c, bool keep32) {
+template <int N, typename T> __device__ void kd_grad(T *sr, u16 *s16, const T *ur, int groups, const KDRow &c, bool keep32) {
     double invTD = c.invT;
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         float x[N], y[N];
@@ -253,35 +290,25 @@ template <int N> __device__ void kd_grad(float *sr, u16 *s16, const float *ur, i
     }
 }
 
-// Distillation over full vocabulary rows (DistillationKernels.fullRow; DistillationConstants
-// for the conventions): s = student logits [rows, V] (replaced by d(loss·gradScale)/ds),
-// u = teacher logits (row stride teacherStride ≥ V: a larger teacher vocabulary is cut to V).
-// kind 0 forward KL(p‖q), 1 reverse KL(q‖p), 2 generalized JSD(beta). rowOut[2r] = CE at T = 1
-// (0 without CE), rowOut[2r+1] = KD (before T²). cKD = kd_ratio·gradScale·T,
-// cCE = (1 − kd_ratio)·gradScale. Ignored rows: zeros. One block per row; two passes over the
-// row (statistics with the dot products folded in, then the gradient), three for JSD.
-// s16 (when not null, [rows, V] bf16): the gradient's bf16 copy too, written in the same pass; s then
-// keeps the logits unless keep32 (only the bf16 copy is read when the lm_head has no bias or adapter).
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *rowOut, float *s, const float *u, const int *targets,
-                                                                       int rows, int V, long teacherStride, int kind, float beta,
-                                                                       float invT, float cKD, float cCE, int computeCE, u16 *s16,
-                                                                       int keep32) {
-    int r = blockIdx.x;
-    if (r >= rows) return;
+// kd_rows's row r over student logits s and teacher logits u, both fp32, or both bf16 (kd_rows_bf16).
+template <typename T> __device__ void kd_row(double *rowOut, T *s, const T *u, const int *targets, int r, int V, long teacherStride,
+                                             int kind, float beta, float invT, float cKD, float cCE, int computeCE, u16 *s16,
+                                             int keep32) {
     int t = targets[r];
-    float *sr = s + (long)r * V;
-    const float *ur = u + (long)r * teacherStride;
+    T *sr = s + (long)r * V;
+    const T *ur = u + (long)r * teacherStride;
     bool k32 = !s16 || keep32;
     if (t < 0) {
+        float zero[1] = {0.0f};
         for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            if (k32) sr[j] = 0.0f;
+            if (k32) store_group<1>(sr, j, zero);
             if (s16) s16[(long)r * V + j] = 0;
         }
         if (threadIdx.x == 0) { rowOut[2 * r] = 0; rowOut[2 * r + 1] = 0; }
         return;
     }
-    float zt = sr[t];   // read before the block reductions below, so before any thread writes s
-    bool vec = (V & 3) == 0 && (teacherStride & 3) == 0 && aligned16(s) && aligned16(u);
+    float zt = logit(sr, t);   // read before the block reductions below, so before any thread writes s
+    bool vec = (V & 3) == 0 && (teacherStride & 3) == 0 && vec_aligned(s) && vec_aligned(u);
     int groups = vec ? V >> 2 : V;
     KDRow c;
     c.kind = kind; c.t = t; c.computeCE = computeCE; c.ceSeparate = computeCE && invT != 1.0f;
@@ -326,4 +353,31 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *ro
     if (vec) kd_grad<4>(sr, sr16, ur, groups, c, k32);
     else kd_grad<1>(sr, sr16, ur, groups, c, k32);
     if (threadIdx.x == 0) { rowOut[2 * r] = ce; rowOut[2 * r + 1] = kd; }
+}
+
+// Distillation over full vocabulary rows (DistillationKernels.fullRow; DistillationConstants
+// for the conventions): s = student logits [rows, V] (replaced by d(loss·gradScale)/ds),
+// u = teacher logits (row stride teacherStride ≥ V: a larger teacher vocabulary is cut to V).
+// kind 0 forward KL(p‖q), 1 reverse KL(q‖p), 2 generalized JSD(beta). rowOut[2r] = CE at T = 1
+// (0 without CE), rowOut[2r+1] = KD (before T²). cKD = kd_ratio·gradScale·T,
+// cCE = (1 − kd_ratio)·gradScale. Ignored rows: zeros. One block per row; two passes over the
+// row (statistics with the dot products folded in, then the gradient), three for JSD.
+// s16 (when not null, [rows, V] bf16): the gradient's bf16 copy too, written in the same pass; s then
+// keeps the logits unless keep32 (only the bf16 copy is read when the lm_head has no bias or adapter).
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows(double *rowOut, float *s, const float *u, const int *targets,
+                                                                       int rows, int V, long teacherStride, int kind, float beta,
+                                                                       float invT, float cKD, float cCE, int computeCE, u16 *s16,
+                                                                       int keep32) {
+    if (blockIdx.x < rows)
+        kd_row(rowOut, s, u, targets, blockIdx.x, V, teacherStride, kind, beta, invT, cKD, cCE, computeCE, s16, keep32);
+}
+
+// kd_rows over bf16 logits, student's and teacher's (the bf16 lm_head products' outputs, as HF's bf16 models
+// compute them): the same arithmetic on their fp32 values, the gradient written over the student's in bf16.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) kd_rows_bf16(double *rowOut, u16 *s, const u16 *u,
+                                                                            const int *targets, int rows, int V,
+                                                                            long teacherStride, int kind, float beta, float invT,
+                                                                            float cKD, float cCE, int computeCE) {
+    if (blockIdx.x < rows)
+        kd_row(rowOut, s, u, targets, blockIdx.x, V, teacherStride, kind, beta, invT, cKD, cCE, computeCE, (u16 *)nullptr, 1);
 }

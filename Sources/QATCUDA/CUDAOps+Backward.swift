@@ -43,16 +43,20 @@ extension CUDADevice {
     /// (r % group)·c when `dinp16Rows` is given (else contiguous). `weightGradient`: the weight's
     /// gradient accumulated too (Σ_rows dout·(inp·rstd)) through `scratch` (`rmsnormBackwardScratch` floats): in the
     /// same pass over the rows (`rmsnorm_backward_dw`) on the float4 path with rows of up to 4·RMS_HELD·RMS_THREADS =
-    /// 2048 floats, else by `columnSum` before the backward (which may write over dout).
+    /// 2048 floats, else by `columnSum` before the backward (which may write over dout). Short rows run a warp per row
+    /// (`rmsnormWarpRows`) unless `warps` is false: the same dinp bits; the weight gradient's partial sums then cover
+    /// `rmsnormWarpGradientRows` rows each.
     func rmsnormBackward(
         dinp: CUdeviceptr, dout: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, rstd: CUdeviceptr, n: Int, c: Int,
         accumulate: Bool, dinp16: CUdeviceptr = 0, dinp16Rows: (group: Int, stride: Int)? = nil,
-        weightGradient: (out: CUdeviceptr, scratch: CUdeviceptr)? = nil
+        weightGradient: (out: CUdeviceptr, scratch: CUdeviceptr)? = nil, warps: Bool = true
     ) throws {
         let args: [KernelArg] = [
             .ptr(dinp), .ptr(dout), .ptr(inp), .ptr(weight), .ptr(rstd), .i32(n), .i32(c), .i32(accumulate ? 1 : 0), .ptr(dinp16),
             .i32(dinp16Rows?.group ?? 1), .i64(dinp16Rows?.stride ?? c),
         ]
+        let warpRows = warps && Self.rmsnormWarpRows(c: c, [dinp, dout, inp, weight], bf16: dinp16, bf16Stride: dinp16Rows?.stride)
+        let block = (Self.rmsnormThreads, 1, 1)
         if let (out, scratch) = weightGradient {
             let float4Path =
                 c % 4 == 0 && c <= 4 * Self.rmsnormHeld * Self.rmsnormThreads && [dinp, dout, inp, weight].allSatisfy { $0 % 16 == 0 }
@@ -60,23 +64,35 @@ extension CUDADevice {
                 try columnSum(out: out, a: dout, b: inp, rowScale: rstd, n: n, c: c, scratch: scratch)
                 return try rmsnormBackward(
                     dinp: dinp, dout: dout, inp: inp, weight: weight, rstd: rstd, n: n, c: c, accumulate: accumulate, dinp16: dinp16,
-                    dinp16Rows: dinp16Rows)
+                    dinp16Rows: dinp16Rows, warps: warps)
+            }
+            if warpRows {
+                let rows = Self.rmsnormWarpGradientRows(n), runs = (n + rows - 1) / rows
+                try kernels.launch(
+                    "rmsnorm_backward_dw_warps", grid: (Self.rmsnormWarpBlocks(runs), 1, 1), block: block,
+                    args + [.ptr(scratch), .i32(rows)])
+                return try columnSumFinish(out: out, partials: scratch, blocks: runs, c: c)
             }
             let rows = Self.rmsnormWeightGradientRows(n), blocks = (n + rows - 1) / rows
-            try kernels.launch(
-                "rmsnorm_backward_dw", grid: (blocks, 1, 1), block: (Self.rmsnormThreads, 1, 1), args + [.ptr(scratch), .i32(rows)])
+            try kernels.launch("rmsnorm_backward_dw", grid: (blocks, 1, 1), block: block, args + [.ptr(scratch), .i32(rows)])
             return try columnSumFinish(out: out, partials: scratch, blocks: blocks, c: c)
         }
-        try kernels.launch("rmsnorm_backward", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1), args)
+        if warpRows { return try kernels.launch("rmsnorm_backward_warps", grid: (Self.rmsnormWarpBlocks(n), 1, 1), block: block, args) }
+        try kernels.launch("rmsnorm_backward", grid: (max(1, n), 1, 1), block: block, args)
     }
 
     /// Rows per block of `rmsnorm_backward_dw`: at most 512 blocks (about four per SM), each summing its rows' weight
     /// gradient terms in registers.
     static func rmsnormWeightGradientRows(_ n: Int) -> Int { max(1, (n + 511) / 512) }
+    /// Rows per warp of `rmsnorm_backward_dw_warps`: at most 2,048 runs (about 16 warps per SM; at a Qwen3 q norm's
+    /// 131,072 rows, 64 rows each), whose partial sums colsum_finish adds.
+    static func rmsnormWarpGradientRows(_ n: Int) -> Int { max(1, (n + 2047) / 2048) }
 
     /// Floats of scratch `rmsnormBackward` needs for a weight gradient of [n, c] rows.
     static func rmsnormBackwardScratch(n: Int, c: Int) -> Int {
-        max(columnSumScratch(n: n, c: c), (n + rmsnormWeightGradientRows(n) - 1) / rmsnormWeightGradientRows(n) * c)
+        let blockRuns = (n + rmsnormWeightGradientRows(n) - 1) / rmsnormWeightGradientRows(n)
+        let warpRuns = (n + rmsnormWarpGradientRows(n) - 1) / rmsnormWarpGradientRows(n)
+        return max(columnSumScratch(n: n, c: c), max(blockRuns, warpRuns) * c)
     }
 
     /// Floats of scratch `columnSum` needs for an [n, c] matrix.

@@ -64,19 +64,35 @@ extension CUDADevice {
         try kernels.launch1D("round_bf16", count, [.ptr(out), .ptr(x), .i64(count)])
     }
 
-    /// `out16`: also write the output's bf16 copy there (the input of bf16 products).
+    /// `out16`: also write the output's bf16 copy there (the input of bf16 products). `warps`: short rows may run a
+    /// warp per row (`rmsnormWarpRows`; false: the block kernel, which gives the same bits).
     func rmsnorm(
         out: CUdeviceptr, rstd: CUdeviceptr, inp: CUdeviceptr, weight: CUdeviceptr, n: Int, c: Int, eps: Float,
-        out16: CUdeviceptr = 0
+        out16: CUdeviceptr = 0, warps: Bool = true
     ) throws {
-        try kernels.launch(
-            "rmsnorm_forward", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1),
-            [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)])
+        let args: [KernelArg] = [.ptr(out), .ptr(rstd), .ptr(inp), .ptr(weight), .i32(n), .i32(c), .f32(eps), .ptr(out16)]
+        if warps && Self.rmsnormWarpRows(c: c, [out, inp, weight], bf16: out16) {
+            return try kernels.launch(
+                "rmsnorm_forward_warps", grid: (Self.rmsnormWarpBlocks(n), 1, 1), block: (Self.rmsnormThreads, 1, 1), args)
+        }
+        try kernels.launch("rmsnorm_forward", grid: (max(1, n), 1, 1), block: (Self.rmsnormThreads, 1, 1), args)
     }
 
     /// Threads of the RMSNorm kernels' block (one block per row): RMS_THREADS of common.cu; and the float4s of its
     /// row each thread holds in registers (RMS_HELD).
     static let rmsnormThreads = 128, rmsnormHeld = 4
+    /// The longest row the RMSNorm kernels run a warp per row (`_warps` in rmsnorm.cu): 32 lanes of a float4.
+    public static let rmsnormWarpRow = 128
+
+    /// Whether RMSNorm rows of c floats run a warp per row (the `_warps` kernels): rows of at most `rmsnormWarpRow`
+    /// floats (a Qwen3 head's q/k norm) on the float4 path: c % 4 == 0, the fp32 arrays 16-byte aligned, the bf16
+    /// copy 8-byte aligned with rows `bf16Stride` elements apart (a multiple of 4).
+    public static func rmsnormWarpRows(c: Int, _ arrays: [CUdeviceptr], bf16: CUdeviceptr = 0, bf16Stride: Int? = nil) -> Bool {
+        c > 0 && c % 4 == 0 && c <= rmsnormWarpRow && arrays.allSatisfy { $0 % 16 == 0 } && bf16 % 8 == 0 && (bf16Stride ?? c) % 4 == 0
+    }
+
+    /// Blocks of the `_warps` kernels for n rows (or runs of rows): a warp each, RMS_THREADS / 32 per block.
+    static func rmsnormWarpBlocks(_ n: Int) -> Int { max(1, (n + rmsnormThreads / 32 - 1) / (rmsnormThreads / 32)) }
 
     /// bf16Out = bf16(NVFP4 fake quant of RMSNorm(inp)), in one pass: `rmsnorm` then `nvfp4FakeQuant(bf16Out:)`, bit
     /// for bit (the normalised rows are not stored); `rstd` (not 0) gets the rows' rstd as `rmsnorm` writes it. c % 16 == 0.

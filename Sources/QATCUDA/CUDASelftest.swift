@@ -118,6 +118,66 @@ public struct CUDASelftest {
         return Double(zip(h16, values).filter { $0.0 != floatToBF16($0.1) }.count)
     }
 
+    /// The warp-per-row RMSNorm kernels of short rows (a Qwen3 head's q/k norm; `rmsnormWarpRows`) against the block
+    /// kernels on the same rows, bit for bit (forward output, rstd and bf16 copy; backward dinp, accumulating, and its
+    /// bf16 copy into grouped rows), and with the weight gradient against RMSNorm.backward's: 1,029 rows (runs of 1
+    /// row per warp) and 5,000 (runs of 3, the last 2), at c = 128, 64 and 4.
+    mutating func rmsnormWarpsCheck() throws {
+        let d = device
+        for c in [128, 64, 4] {
+            for rows in [1029, 5000] {
+                let n = rows * c, tag = "[\(rows)×\(c)]"
+                guard CUDADevice.rmsnormWarpRows(c: c, []) else { add("rmsnorm warps \(tag): not taken", .nan, 0); continue }
+                let x = Self.random(n, seed: 61, scale: 2), g = Self.random(c, seed: 62), dy = Self.random(n, seed: 63)
+                let d0 = Self.random(n, seed: 64)
+                let xd = try gpu(x), gd = try gpu(g), dyd = try gpu(dy)
+                let o = [try DeviceBuffer(d, floats: n), try DeviceBuffer(d, floats: n)]
+                let r = [try DeviceBuffer(d, floats: rows), try DeviceBuffer(d, floats: rows)]
+                let o16 = [try DeviceBuffer(d, bytes: n * 2), try DeviceBuffer(d, bytes: n * 2)]
+                for (i, warps) in [false, true].enumerated() {
+                    try d.rmsnorm(
+                        out: o[i].ptr, rstd: r[i].ptr, inp: xd.ptr, weight: gd.ptr, n: rows, c: c, eps: 1e-6, out16: o16[i].ptr,
+                        warps: warps)
+                }
+                let forward =
+                    Self.bitMismatches(try o[0].floats(n), try o[1].floats(n))
+                    + Self.bitMismatches(try r[0].floats(rows), try r[1].floats(rows))
+                    + Double(zip(try bits16(o16[0], count: n), try bits16(o16[1], count: n)).filter { $0 != $1 }.count)
+                add("rmsnorm_forward_warps \(tag) vs rmsnorm_forward: output, rstd, bf16 copy", forward, 0, "values differ")
+                // backward, accumulating, the bf16 copy as groups of 3 rows into rows 3c + 4 apart; then with the weight gradient
+                let group = 3, ld = group * c + 4, copyCount = (rows + group - 1) / group * ld
+                var dinp: [[Float]] = [], copies: [[UInt16]] = [], dw: [[Float]] = []
+                for warps in [false, true] {
+                    for weightGradient in [false, true] {
+                        let dd = try gpu(d0), c16 = try DeviceBuffer(d, bytes: copyCount * 2), gw = try DeviceBuffer(d, floats: c)
+                        try c16.zero(); try gw.zero()
+                        let scratch = try DeviceBuffer(d, floats: CUDADevice.rmsnormBackwardScratch(n: rows, c: c))
+                        try d.rmsnormBackward(
+                            dinp: dd.ptr, dout: dyd.ptr, inp: xd.ptr, weight: gd.ptr, rstd: r[0].ptr, n: rows, c: c, accumulate: true,
+                            dinp16: c16.ptr, dinp16Rows: (group, ld), weightGradient: weightGradient ? (gw.ptr, scratch.ptr) : nil,
+                            warps: warps)
+                        dinp.append(try dd.floats(n)); copies.append(try bits16(c16, count: copyCount))
+                        if weightGradient { dw.append(try gw.floats(c)) }
+                    }
+                }
+                let backward = (1..<4).reduce(0.0) { e, i in
+                    e + Self.bitMismatches(dinp[0], dinp[i]) + Double(zip(copies[0], copies[i]).filter { $0 != $1 }.count)
+                }
+                add("rmsnorm_backward(_dw)_warps \(tag) vs rmsnorm_backward: dinp, grouped bf16 copy", backward, 0, "values differ")
+                var cpuDx = d0, cpuDw = [Float](repeating: 0, count: c), rs = [Float](repeating: 0, count: rows)
+                var out = [Float](repeating: 0, count: n)
+                RMSNorm.forward(out: &out, rstd: &rs, inp: x, weight: g, n: rows, c: c, eps: 1e-6)
+                RMSNorm.backward(dinp: &cpuDx, dweight: &cpuDw, dout: dy, inp: x, weight: g, rstd: rs, n: rows, c: c, accumulate: true)
+                let m = Double(cpuDw.map { abs($0) }.max()!)
+                add(
+                    "rmsnorm_backward_dw_warps \(tag): weight gradient vs RMSNorm.backward, relative", Self.maxAbsDiff(cpuDw, dw[1]) / m,
+                    1e-5,
+                    "max |Δ|/max")
+            }
+        }
+    }
+
+    // MARK: Kernels
     // MARK: Kernels
 
     mutating func kernels() throws {
@@ -209,6 +269,7 @@ public struct CUDASelftest {
             )
             add("rmsnorm backward bf16 copy", try bf16Mismatches(dx16, of: gdx), 0, "values differ")
         }
+        try rmsnormWarpsCheck()
 
         // SwiGLU and residual add.
         let up = Self.random(rows * c, seed: 5)

@@ -42,10 +42,23 @@ final class CUDABackendTests: XCTestCase {
             "embedding_forward", "add_inplace", "add_bias", "swiglu_forward", "to_bf16", "rmsnorm_forward", "rmsnorm_nvfp4",
             "rmsnorm_backward", "swiglu_nvfp4", "adamw_update", "rope_apply", "attention_forward", "attention_forward_bf16_d64",
             "attention_forward_bf16_d128", "nvfp4_fake_quant", "nvfp4_fake_quant_quads", "swiglu_nvfp4_quads",
-            "fp8_fake_quant", "int8_fake_quant", "absmax_reduce", "cross_entropy_rows",
+            "fp8_fake_quant", "int8_fake_quant", "absmax_reduce", "cross_entropy_rows", "cross_entropy_backward_bf16", "kd_rows_bf16",
+            "rmsnorm_forward_warps", "rmsnorm_backward_warps", "rmsnorm_backward_dw_warps",
         ] {
             XCTAssertTrue(seen.contains(k), "no kernel \(k)")
         }
+    }
+
+    /// Which RMSNorm rows run a warp per row: float4 rows of at most 128 floats, aligned arrays, a bf16 copy 8-byte
+    /// aligned in rows a multiple of 4 apart; anything else the block kernels.
+    func testRMSNormWarpRowsCondition() {
+        XCTAssertEqual(CUDADevice.rmsnormWarpRow, 128)
+        for c in [4, 64, 100, 128] { XCTAssertTrue(CUDADevice.rmsnormWarpRows(c: c, [0, 256, 4096]), "c = \(c)") }
+        for c in [0, 2, 126, 132, 2048] { XCTAssertFalse(CUDADevice.rmsnormWarpRows(c: c, [256]), "c = \(c)") }
+        XCTAssertFalse(CUDADevice.rmsnormWarpRows(c: 128, [256, 260]))  // one array off 16 bytes
+        XCTAssertTrue(CUDADevice.rmsnormWarpRows(c: 128, [256], bf16: 8, bf16Stride: 3 * 128 + 4))
+        XCTAssertFalse(CUDADevice.rmsnormWarpRows(c: 128, [256], bf16: 4))
+        XCTAssertFalse(CUDADevice.rmsnormWarpRows(c: 128, [256], bf16: 8, bf16Stride: 3 * 128 + 2))
     }
 
     func testKernelNameParserSkipsLaunchBounds() {

@@ -3,7 +3,7 @@
 // kernel's order is the formula's), twice: on 16-byte aligned arrays (their float4 paths) and on arrays one
 // float off (their element-by-element paths), with sizes that are not multiples of 4: `bash scripts/cuda-emu/elementwise.sh`.
 // Launch geometry as in Sources/QATCUDA/CUDAOps.swift (launch1D: 256 threads, up to 16 blocks here; RMSNorm: a
-// warp per row, 8 rows per block).
+// block of 128 threads per row, or 4 rows per block, a warp each, in the `_warps` kernels).
 #include <cstring>
 #include <string>
 #include "kernels.cpp"  // written by elementwise.sh
@@ -269,6 +269,41 @@ int main() {
             report("colsum_finish" + tag + ": values differing from its slice order", differing(want.data(), out.p(), c), 0);
             std::vector<float> got(out.p(), out.p() + c);
             report("colsum_finish" + tag + ": the weight gradient against the sum in double, max |diff|/max", relerr(std::vector<float>(exact.begin(), exact.end()), got), 1e-5);
+        }
+        // The warp-per-row kernels of short rows (c ≤ 128, the float4 path: aligned arrays, as the host launches them)
+        // against the block kernels on the same rows, bit for bit: rmsnorm_forward (output, rstd, bf16 copy),
+        // rmsnorm_backward (accumulating, the bf16 copy into grouped rows), rmsnorm_backward_dw (dinp, its copy, and
+        // the partials of R rows per warp against the block kernel's for R rows per block). 4 rows per block.
+        if (off == 0) for (int c : {128, 100, 64, 4}) for (int rows : {37, 1}) {
+            size_t n = (size_t)rows * c;
+            std::string tag = " c=" + std::to_string(c) + " rows=" + std::to_string(rows);
+            unsigned wblocks = (rows + 3) / 4;
+            Buf x(n, 0, 2), w(c, 0), o1(n, 0), o2(n, 0), rs1(rows, 0), rs2(rows, 0), gr(n, 0), d0(n, 0);
+            Buf16 a16(n, 0), b16(n, 0);
+            emu_launch({(unsigned)rows, 1, 1}, 128, 0, [&] { rmsnorm_forward(o1.p(), rs1.p(), x.p(), w.p(), rows, c, 1e-6f, a16.p()); });
+            emu_launch({wblocks, 1, 1}, 128, 0, [&] { rmsnorm_forward_warps(o2.p(), rs2.p(), x.p(), w.p(), rows, c, 1e-6f, b16.p()); });
+            report("rmsnorm_forward_warps" + tag + ": output, rstd, bf16 copy, values differing from rmsnorm_forward's",
+                   differing(o1.p(), o2.p(), n) + differing(rs1.p(), rs2.p(), rows) + differing(a16.p(), b16.p(), n), 0);
+            int G = 3, groups = (rows + G - 1) / G;
+            long ld = (long)G * c + 4;
+            std::vector<float> dA(d0.p(), d0.p() + n), dB = dA;
+            Buf16 g1((size_t)groups * ld, 0), g2((size_t)groups * ld, 0);
+            emu_launch({(unsigned)rows, 1, 1}, 128, 0,
+                       [&] { rmsnorm_backward(dA.data(), gr.p(), x.p(), w.p(), rs1.p(), rows, c, 1, g1.p(), G, ld); });
+            emu_launch({wblocks, 1, 1}, 128, 0,
+                       [&] { rmsnorm_backward_warps(dB.data(), gr.p(), x.p(), w.p(), rs1.p(), rows, c, 1, g2.p(), G, ld); });
+            report("rmsnorm_backward_warps" + tag + ": dinp, grouped bf16 rows, values differing from rmsnorm_backward's",
+                   differing(dA.data(), dB.data(), n) + differing(g1.p(), g2.p(), (size_t)groups * ld), 0);
+            int R = 5, parts = (rows + R - 1) / R;
+            std::vector<float> dC(d0.p(), d0.p() + n), dD = dC;
+            Buf16 c16(n, 0), e16(n, 0);
+            Buf p1((size_t)parts * c, 0), p2((size_t)parts * c, 0);
+            emu_launch({(unsigned)parts, 1, 1}, 128, 0,
+                       [&] { rmsnorm_backward_dw(dC.data(), gr.p(), x.p(), w.p(), rs1.p(), rows, c, 0, c16.p(), 1, (long)c, p1.p(), R); });
+            emu_launch({(unsigned)((parts + 3) / 4), 1, 1}, 128, 0,
+                       [&] { rmsnorm_backward_dw_warps(dD.data(), gr.p(), x.p(), w.p(), rs1.p(), rows, c, 0, e16.p(), 1, (long)c, p2.p(), R); });
+            report("rmsnorm_backward_dw_warps" + tag + ": dinp, bf16 copy, partials, values differing from rmsnorm_backward_dw's",
+                   differing(dC.data(), dD.data(), n) + differing(c16.p(), e16.p(), n) + differing(p1.p(), p2.p(), (size_t)parts * c), 0);
         }
     }
     printf("%s: %d failed\n", fails ? "FAIL" : "ok", fails);

@@ -170,3 +170,111 @@ extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward_dw(fl
     for (int h = 0; h < RMS_HELD; h++)
         if (t + RMS_THREADS * h < c4) p4[t + RMS_THREADS * h] = dw[h];
 }
+
+// ---- Short rows: a warp per row ----
+// A Qwen3 per-head q/k norm's rows (c = head_dim ≤ 128 floats): a block of RMS_THREADS per row would keep 3 of its 4
+// warps idle. The `_warps` kernels run RMS_THREADS / 32 rows per block, a warp per row, lane l holding float4 l
+// (c % 4 == 0, c ≤ 128, every array 16-byte aligned, a bf16 copy 8-byte: the host checks, `rmsnormWarpRows`). Each
+// lane adds its float4's terms in the order the block kernels' thread l does and the warp's sum is rms_warp_sum: the
+// block kernels' sums over the same values (their other threads and warps add +0), so the same bits.
+#define RMS_WARP_ROWS (RMS_THREADS / 32)
+
+// rms_block_sum of a block whose threads past the first warp hold 0: warp_sum_d, then + 0.0 (−0 becomes +0 there too).
+__device__ __forceinline__ double rms_warp_sum(double s) { return warp_sum_d(s) + 0.0; }
+
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_forward_warps(float *out, float *rstd, const float *inp,
+                                                                              const float *w, int n, int c, float eps, u16 *out16) {
+    long row = (long)blockIdx.x * RMS_WARP_ROWS + (threadIdx.x >> 5);
+    if (row >= n) return;   // (the whole warp)
+    int l = threadIdx.x & 31;
+    bool on = l < (c >> 2);
+    float4 v = on ? ((const float4 *)(inp + row * c))[l] : make_float4(0, 0, 0, 0);
+    double s = 0;
+    s += (double)__fmul_rn(v.x, v.x);
+    s += (double)__fmul_rn(v.y, v.y);
+    s += (double)__fmul_rn(v.z, v.z);
+    s += (double)__fmul_rn(v.w, v.w);
+    s = rms_warp_sum(s);
+    float rs = 1.0f / sqrtf((float)(s / (double)c) + eps);
+    if (l == 0 && rstd) rstd[row] = rs;
+    if (!on) return;
+    float4 y = rms_apply4(v, ((const float4 *)w)[l], rs);
+    if (out) ((float4 *)(out + row * c))[l] = y;
+    if (out16) ((uint2 *)(out16 + row * c))[l] = bf16x4(y.x, y.y, y.z, y.w);
+}
+
+// rmsnorm_backward_row on a warp: row `row` from lane l's float4s xv (inp), gv (dout) and wv (the weight); with DW,
+// its weight-gradient terms g·(x·rs) added to dw as rmsnorm_backward_row adds them.
+template <bool DW>
+__device__ __forceinline__ void rms_warp_backward_row(long row, float *dinp, float4 xv, float4 gv, float4 wv, const float *rstd, int c,
+                                                      int accumulate, u16 *dinp16, int group16, long ld16, float4 &dw) {
+    int l = threadIdx.x & 31;
+    bool on = l < (c >> 2);
+    double s = 0;
+    if (on) {
+        s += (double)__fmul_rn(__fmul_rn(wv.x, gv.x), xv.x);
+        s += (double)__fmul_rn(__fmul_rn(wv.y, gv.y), xv.y);
+        s += (double)__fmul_rn(__fmul_rn(wv.z, gv.z), xv.z);
+        s += (double)__fmul_rn(__fmul_rn(wv.w, gv.w), xv.w);
+    }
+    s = rms_warp_sum(s);
+    float rs = rstd[row];
+    float k = __fdiv_rn(__fmul_rn(__fmul_rn((float)s, rs), rs), (float)c);
+    if (!on) return;
+    if constexpr (DW) {
+        dw.x = __fadd_rn(dw.x, __fmul_rn(gv.x, __fmul_rn(xv.x, rs)));
+        dw.y = __fadd_rn(dw.y, __fmul_rn(gv.y, __fmul_rn(xv.y, rs)));
+        dw.z = __fadd_rn(dw.z, __fmul_rn(gv.z, __fmul_rn(xv.z, rs)));
+        dw.w = __fadd_rn(dw.w, __fmul_rn(gv.w, __fmul_rn(xv.w, rs)));
+    }
+    float4 v = make_float4(__fmul_rn(rs, __fsub_rn(__fmul_rn(wv.x, gv.x), __fmul_rn(xv.x, k))),
+                           __fmul_rn(rs, __fsub_rn(__fmul_rn(wv.y, gv.y), __fmul_rn(xv.y, k))),
+                           __fmul_rn(rs, __fsub_rn(__fmul_rn(wv.z, gv.z), __fmul_rn(xv.z, k))),
+                           __fmul_rn(rs, __fsub_rn(__fmul_rn(wv.w, gv.w), __fmul_rn(xv.w, k))));
+    float4 *d = (float4 *)(dinp + row * c) + l;
+    if (accumulate) {
+        float4 o = *d;
+        v = make_float4(__fadd_rn(o.x, v.x), __fadd_rn(o.y, v.y), __fadd_rn(o.z, v.z), __fadd_rn(o.w, v.w));
+    }
+    *d = v;
+    if (dinp16) ((uint2 *)(dinp16 + (row / group16) * ld16 + (row % group16) * c))[l] = bf16x4(v.x, v.y, v.z, v.w);
+}
+
+// Lane l's float4 of row `row` of a (zeros past the row's c/4 float4s).
+__device__ __forceinline__ float4 rms_lane4(const float *a, long row, int c) {
+    int l = threadIdx.x & 31;
+    return l < (c >> 2) ? ((const float4 *)(a + row * c))[l] : make_float4(0, 0, 0, 0);
+}
+
+// rmsnorm_backward with a warp per row (dinp may alias dout, as there: a lane rewrites only its own float4s).
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward_warps(float *dinp, const float *dout, const float *inp,
+                                                                               const float *w, const float *rstd, int n, int c,
+                                                                               int accumulate, u16 *dinp16, int group16, long ld16) {
+    long row = (long)blockIdx.x * RMS_WARP_ROWS + (threadIdx.x >> 5);
+    if (row >= n) return;   // (the whole warp)
+    float4 unused;
+    rms_warp_backward_row<false>(row, dinp, rms_lane4(inp, row, c), rms_lane4(dout, row, c), rms_lane4(w, 0, c), rstd, c, accumulate,
+                                 dinp16, group16, ld16, unused);
+}
+
+// rmsnorm_backward_dw with a warp per run of rows: warp v (of the grid, blockIdx.x·RMS_WARP_ROWS + its index) runs rows
+// v·R ..< min(n, (v+1)·R) (R = rowsPerWarp) in order, the next row's float4s loaded while this one is summed and
+// written, and writes its column sums to partials[v, 0 ..< c]: rmsnorm_backward_dw's bits for a block per R rows
+// (colsum_partial's), which colsum_finish adds to the gradient. Grid: ceil(ceil(n / R) / RMS_WARP_ROWS) blocks.
+extern "C" __global__ void __launch_bounds__(RMS_THREADS) rmsnorm_backward_dw_warps(float *dinp, const float *dout, const float *inp,
+                                                                                  const float *w, const float *rstd, int n, int c,
+                                                                                  int accumulate, u16 *dinp16, int group16, long ld16,
+                                                                                  float *partials, int rowsPerWarp) {
+    long v = (long)blockIdx.x * RMS_WARP_ROWS + (threadIdx.x >> 5), r0 = v * rowsPerWarp, r1 = min((long)n, r0 + rowsPerWarp);
+    if (r0 >= r1) return;   // (the whole warp)
+    float4 dw = make_float4(0, 0, 0, 0), wv = rms_lane4(w, 0, c);
+    float4 xv = rms_lane4(inp, r0, c), gv = rms_lane4(dout, r0, c);
+    for (long row = r0; row < r1; row++) {
+        float4 nx = xv, ng = gv;
+        if (row + 1 < r1) { nx = rms_lane4(inp, row + 1, c); ng = rms_lane4(dout, row + 1, c); }
+        rms_warp_backward_row<true>(row, dinp, xv, gv, wv, rstd, c, accumulate, dinp16, group16, ld16, dw);
+        xv = nx; gv = ng;
+    }
+    int l = threadIdx.x & 31;
+    if (l < (c >> 2)) ((float4 *)(partials + v * c))[l] = dw;
+}

@@ -139,8 +139,9 @@ extension CUDASelftest {
         let want = try gpu(Self.roundedBF16(student)), want16 = try DeviceBuffer(device, bytes: r * V * 2)
         let got16 = try gpu16(student), teacher16 = try gpu16(teacher), out16 = try DeviceBuffer(device, bytes: r * 16)
         let invT = Float(1 / T), cKD = Float(kdRatio * Double(scale) * T), cCE = Float((1 - kdRatio) * Double(scale))
+        let teacherRounded = try gpu(Self.roundedBF16(teacher))  // (held here: a temporary buffer is freed before the launch)
         try device.distillationRows(
-            rowOut: out.ptr, student: want.ptr, teacher: try gpu(Self.roundedBF16(teacher)).ptr, teacherStride: teacherStride,
+            rowOut: out.ptr, student: want.ptr, teacher: teacherRounded.ptr, teacherStride: teacherStride,
             targets: td.ptr,
             rows: r, vocab: V, kind: kind, beta: b, invT: invT, cKD: cKD, cCE: cCE, computeCE: k.computeCE, student16: want16.ptr,
             keepFP32: false)

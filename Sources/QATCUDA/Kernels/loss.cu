@@ -10,6 +10,17 @@
 
 #define LOSS_THREADS 512
 
+// e^x in the loss rows (x ≤ 0 there: a logit less its row's maximum, or scaled ones): ex2.approx of x·log2(e) on the
+// special-function unit, about 2 ulp plus the rounding of x·log2(e) (1e-6 relative at x = −20; results under 2^−126
+// flushed to 0). expf's accurate sequence is several times the instructions, and these passes do little else: up to
+// five exponentials per logit in the distillation rows, which bound them (not memory).
+__device__ __forceinline__ float loss_exp(float x) {
+    float y;
+    x = __fmul_rn(x, 1.44269504f);
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Element i of a row of logits, fp32 or bf16, as a float.
 __device__ __forceinline__ float logit(const float *x, long i) { return x[i]; }
 __device__ __forceinline__ float logit(const u16 *x, long i) { return bf16_to_f32(x[i]); }
@@ -82,7 +93,7 @@ template <int N, typename T> __device__ void lse_stats(const T *x, int groups, f
         if (f != 1.0) s *= f;
         float e = 0;
 #pragma unroll
-        for (int k = 0; k < N; k++) e += expf(v[k] - m);
+        for (int k = 0; k < N; k++) e += loss_exp(v[k] - m);
         s += (double)e;
     }
     double f = to_block_max(m, maxOut);
@@ -106,7 +117,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) cross_entropy_rows
     if (threadIdx.x == 0) rowLoss[r] = t < 0 ? 0.0f : (float)((double)m + log(s) - (double)x[t]);
 }
 
-// The gradient pass of cross-entropy: z ← expf(z − m)·k, k·gradScale subtracted at the target;
+// The gradient pass of cross-entropy: z ← e^(z − m)·k, k·gradScale subtracted at the target;
 // z16 (when not null): the same values rounded to bf16 (the input of the lm_head's bf16 products);
 // then z itself is written only when keep32 (a bias or an adapter of the lm_head reads the fp32 gradient).
 // (z bf16: the gradient is written there rounded, in place of the logits; z16 is null then.)
@@ -116,7 +127,7 @@ template <int N, typename T> __device__ void ce_grad(T *z, u16 *z16, int groups,
         load_group<N>(z, g, v);
 #pragma unroll
         for (int i = 0; i < N; i++) {
-            float e = __fmul_rn(expf(v[i] - m), k);
+            float e = __fmul_rn(loss_exp(v[i] - m), k);
             v[i] = N * g + i == t ? __fsub_rn(e, gradScale) : e;
         }
         if (keep32) store_group<N>(z, g, v);
@@ -205,7 +216,7 @@ template <int N, typename T> __device__ void kd_stats(const T *sr, const T *ur, 
         float ea = 0, eb = 0, pd = 0, qd = 0, es = 0;
 #pragma unroll
         for (int k = 0; k < N; k++) {
-            float e1 = expf(a[k] - st.mA), e2 = expf(b[k] - st.mB), d = y[k] - x[k];
+            float e1 = loss_exp(a[k] - st.mA), e2 = loss_exp(b[k] - st.mB), d = y[k] - x[k];
             ea += e1;
             eb += e2;
             pd += e2 * d;
@@ -215,7 +226,7 @@ template <int N, typename T> __device__ void kd_stats(const T *sr, const T *ur, 
             f = raise_max(st.mS, gs);
             if (f != 1.0) st.sS *= f;
 #pragma unroll
-            for (int k = 0; k < N; k++) es += expf(x[k] - st.mS);
+            for (int k = 0; k < N; k++) es += loss_exp(x[k] - st.mS);
             st.sS += (double)es;
         }
         st.sA += (double)ea;
@@ -242,7 +253,7 @@ template <int N, typename T> __device__ void kd_jsd(const T *sr, const T *ur, in
         load_group<N>(ur, g, y);
 #pragma unroll
         for (int k = 0; k < N; k++) {
-            float p = expf(y[k] * c.invT - c.maxB) * c.iB, q = expf(x[k] * c.invT - c.maxA) * c.iA;
+            float p = loss_exp(y[k] * c.invT - c.maxB) * c.iB, q = loss_exp(x[k] * c.invT - c.maxA) * c.iA;
             float mm = c.beta * p + (1.0f - c.beta) * q;
             if (!(mm > 0)) continue;
             double logm = (double)logf(mm);
@@ -264,19 +275,19 @@ template <int N, typename T> __device__ void kd_grad(T *sr, u16 *s16, const T *u
         load_group<N>(ur, g, y);
 #pragma unroll
         for (int k = 0; k < N; k++) {
-            float ea = expf(x[k] * c.invT - c.maxA), q = ea * c.iA, gk;
+            float ea = loss_exp(x[k] * c.invT - c.maxA), q = ea * c.iA, gk;
             if (c.kind == 0) {
-                gk = c.cKD * (q - expf(y[k] * c.invT - c.maxB) * c.iB);
+                gk = c.cKD * (q - loss_exp(y[k] * c.invT - c.maxB) * c.iB);
             } else if (c.kind == 1) {
                 gk = c.cKD * q * (float)(((double)x[k] - (double)y[k]) * invTD + c.shift);
             } else {
-                float p = expf(y[k] * c.invT - c.maxB) * c.iB;
+                float p = loss_exp(y[k] * c.invT - c.maxB) * c.iB;
                 float mm = c.beta * p + (1.0f - c.beta) * q;
                 float lm = mm > 0 ? logf(mm) : 0.0f;
                 gk = q > 0 ? c.w * q * (float)((double)x[k] * invTD - c.lseA - (double)lm - c.klQM) : 0.0f;
             }
             if (c.computeCE) {
-                float e = c.ceSeparate ? expf(x[k] - c.maxS) : ea;
+                float e = c.ceSeparate ? loss_exp(x[k] - c.maxS) : ea;
                 gk += c.cCE * e * c.iS;
                 if (N * g + k == c.t) gk -= c.cCE;
             }

@@ -476,16 +476,14 @@ extension CUDAModel {
                 slotReady = slot != nil
                 if logits16 {
                     try device.distillationRowsBF16(
-                        rowOut: rowOut + CUdeviceptr(start * 16), student16: slot ?? 0, teacher16: tl, teacherStride: Vt, targets: t,
-                        rows: r,
-                        vocab: V, kind: kind, beta: beta, invT: invT, cKD: cKD, cCE: cCE, computeCE: kdRatio < 1)
+                        rowOut: rowOut + CUdeviceptr(start * 16), student16: slot ?? 0, teacher16: tl, teacherStride: Vt,
+                        targets: t, rows: r, vocab: V, kind: kind, beta: beta, invT: invT, cKD: cKD, cCE: cCE, computeCE: kdRatio < 1)
                     break
                 }
                 try device.distillationRows(
                     rowOut: rowOut + CUdeviceptr(start * 16), student: logits, teacher: tl, teacherStride: Vt, targets: t, rows: r,
-                    vocab: V,
-                    kind: kind, beta: beta, invT: invT, cKD: cKD, cCE: cCE, computeCE: kdRatio < 1, student16: slot ?? 0, keepFP32: keepFP32
-                )
+                    vocab: V, kind: kind, beta: beta, invT: invT, cKD: cKD, cCE: cCE, computeCE: kdRatio < 1, student16: slot ?? 0,
+                    keepFP32: keepFP32)
             case .topK(let teacher):
                 let p = try topKChunk(
                     teacher, logits: logits, targets: t, hostTargets: targets, start: start, rows: r, gradScale: gradScale, rowOut: rowOut)

@@ -175,9 +175,7 @@ extension CUDADevice {
     /// `crossEntropyBackward` over bf16 logits (`cross_entropy_backward_bf16`): the gradient is written over them, in bf16.
     func crossEntropyBackwardBF16(
         rowLoss: CUdeviceptr, logits16: CUdeviceptr, targets: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float
-    )
-        throws
-    {
+    ) throws {
         try kernels.launch(
             "cross_entropy_backward_bf16", grid: (rows, 1, 1), block: (512, 1, 1),
             [.ptr(rowLoss), .ptr(logits16), .ptr(targets), .i32(rows), .i32(vocab), .f32(gradScale)])

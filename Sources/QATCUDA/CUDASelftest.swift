@@ -500,7 +500,8 @@ public struct CUDASelftest {
     // MARK: Whole models
 
     /// Model shapes covering every family feature: the tiny-llama and tiny-qwen3 fixtures'
-    /// configurations, Mistral's sliding window, Qwen2's q/k/v biases and Llama 3's RoPE scaling.
+    /// configurations, Mistral's sliding window, Qwen2's q/k/v biases and Llama 3's RoPE scaling (with a vocabulary
+    /// of 257, not a multiple of 4: the loss rows' element-by-element path, and bf16 logits rows 2-byte aligned).
     public static let modelConfigs: [(String, ModelConfig)] = [
         (
             "tiny-llama",
@@ -531,7 +532,7 @@ public struct CUDASelftest {
         (
             "llama3 RoPE scaling",
             ModelConfig(
-                family: .llama, vocabSize: 256, hiddenSize: 64, intermediateSize: 128, numLayers: 1,
+                family: .llama, vocabSize: 257, hiddenSize: 64, intermediateSize: 128, numLayers: 1,
                 numHeads: 2, numKVHeads: 1, ropeTheta: 5e5,
                 ropeScaling: .llama3(factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64),
                 maxPositionEmbeddings: 128)

@@ -141,8 +141,7 @@ extension CUDASelftest {
         let invT = Float(1 / T), cKD = Float(kdRatio * Double(scale) * T), cCE = Float((1 - kdRatio) * Double(scale))
         let teacherRounded = try gpu(Self.roundedBF16(teacher))  // (held here: a temporary buffer is freed before the launch)
         try device.distillationRows(
-            rowOut: out.ptr, student: want.ptr, teacher: teacherRounded.ptr, teacherStride: teacherStride,
-            targets: td.ptr,
+            rowOut: out.ptr, student: want.ptr, teacher: teacherRounded.ptr, teacherStride: teacherStride, targets: td.ptr,
             rows: r, vocab: V, kind: kind, beta: b, invT: invT, cKD: cKD, cCE: cCE, computeCE: k.computeCE, student16: want16.ptr,
             keepFP32: false)
         try device.distillationRowsBF16(

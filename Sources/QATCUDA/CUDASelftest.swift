@@ -113,10 +113,10 @@ public struct CUDASelftest {
 
     /// Elements of the bf16 buffer `copy` that are not `values` rounded to nearest even (`floatToBF16`).
     func bf16Mismatches(_ copy: DeviceBuffer, of values: [Float]) throws -> Double {
-        var h16 = [UInt16](repeating: 0, count: values.count)
-        try h16.withUnsafeMutableBytes { try copy.download($0.baseAddress!, bytes: $0.count) }
-        return Double(zip(h16, values).filter { $0.0 != floatToBF16($0.1) }.count)
+        Double(zip(try bits16(copy, count: values.count), values).filter { $0.0 != floatToBF16($0.1) }.count)
     }
+
+    // MARK: Kernels
 
     /// The warp-per-row RMSNorm kernels of short rows (a Qwen3 head's q/k norm; `rmsnormWarpRows`) against the block
     /// kernels on the same rows, bit for bit (forward output, rstd and bf16 copy; backward dinp, accumulating, and its
@@ -170,15 +170,11 @@ public struct CUDASelftest {
                 RMSNorm.backward(dinp: &cpuDx, dweight: &cpuDw, dout: dy, inp: x, weight: g, rstd: rs, n: rows, c: c, accumulate: true)
                 let m = Double(cpuDw.map { abs($0) }.max()!)
                 add(
-                    "rmsnorm_backward_dw_warps \(tag): weight gradient vs RMSNorm.backward, relative", Self.maxAbsDiff(cpuDw, dw[1]) / m,
-                    1e-5,
-                    "max |Δ|/max")
+                    "rmsnorm_backward_dw_warps \(tag): weight gradient vs RMSNorm.backward, relative",
+                    Self.maxAbsDiff(cpuDw, dw[1]) / m, 1e-5, "max |Δ|/max")
             }
         }
     }
-
-    // MARK: Kernels
-    // MARK: Kernels
 
     mutating func kernels() throws {
         let d = device
